@@ -1,0 +1,254 @@
+"""Synthetic Miniscapes: plausible street scenes written in the exact Miniscapes layout.
+
+A pinhole camera 1.5 m above a flat road looks down the street. Ground depth follows the
+ground-plane geometry, facades are planes beside the sidewalks, cars/persons/poles stand on the
+ground at a depth consistent with where they touch it, and a z-buffer resolves occlusions, so
+depth is consistent with class and position. Colours and textures correlate with the class.
+Sky and the ego-vehicle hood are invalid depth; the hood is labelled 255 (ignore).
+
+    python -m data_prep.synthesize --out DIR --train 200 --val 40 --test 40 --size 256x512
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from mtl.data.miniscapes import (
+    IGNORE_INDEX, MODALITIES, SPLITS, encode_depth_png, encode_rgb_jpeg, encode_semseg_png,
+)
+
+# class ids (torchvision's Cityscapes eval order)
+ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEG, TERRAIN, SKY, PERSON, RIDER, CAR, TRUCK, BUS = range(16)
+BICYCLE = 18
+
+# Per-class base colour and texture strength: correlated with the class, not equal to the palette.
+_COLOUR = {
+    ROAD: (90, 88, 95), SIDEWALK: (165, 150, 160), BUILDING: (120, 105, 95), WALL: (150, 140, 120),
+    FENCE: (130, 120, 100), POLE: (80, 80, 80), LIGHT: (200, 150, 40), SIGN: (210, 200, 40),
+    VEG: (60, 120, 40), TERRAIN: (130, 160, 90), SKY: (140, 180, 230), PERSON: (170, 60, 70),
+    RIDER: (200, 40, 40), CAR: (40, 50, 130), TRUCK: (50, 60, 80), BUS: (40, 90, 110), BICYCLE: (120, 30, 50),
+}
+_TEXTURE = {ROAD: 10, SIDEWALK: 14, BUILDING: 18, VEG: 30, TERRAIN: 22, SKY: 4, CAR: 12}
+
+CAM_HEIGHT_M = 1.5
+DEPTH_CLIP_M = 300.0
+
+
+@dataclass(frozen=True)
+class Scene:
+    labels: np.ndarray  # HxW uint8
+    depth: np.ndarray  # HxW float32 metres, 0 = invalid
+    rgb: np.ndarray  # HxWx3 uint8
+
+
+def render_scene(h: int, w: int, rng: np.random.Generator) -> Scene:
+    f = 0.8 * w  # focal length in pixels
+    y_h = h * rng.uniform(0.36, 0.5)  # horizon row
+    vx = w * rng.uniform(0.4, 0.6)  # vanishing point column
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
+
+    labels = np.full((h, w), SKY, np.uint8)
+    zbuf = np.full((h, w), np.inf, np.float32)
+
+    # ground plane: depth from the row, lateral offset from the column
+    below = yy > y_h + 0.5
+    z_ground = np.where(below, f * CAM_HEIGHT_M / np.maximum(yy - y_h, 0.5), np.inf).astype(np.float32)
+    lateral = (xx - vx) * CAM_HEIGHT_M / np.maximum(yy - y_h, 0.5)
+    road_half = rng.uniform(3.5, 7.0)
+    walk = rng.uniform(2.0, 4.0)
+    ground_cls = np.where(np.abs(lateral) < road_half, ROAD, np.where(np.abs(lateral) < road_half + walk, SIDEWALK, TERRAIN))
+    labels = np.where(below, ground_cls, labels).astype(np.uint8)
+    zbuf = np.where(below, z_ground, zbuf)
+
+    # facades beside the sidewalks: planes at lateral distance xb, blocks of varying height
+    for side in (-1.0, 1.0):
+        xb = road_half + walk + rng.uniform(0.0, 1.5)
+        dx = (xx - vx) * side
+        z_fac = np.where(dx > 1.0, f * xb / np.maximum(dx, 1.0), np.inf).astype(np.float32)
+        block = (np.minimum(z_fac, 1e4) / rng.uniform(10, 25)).astype(np.int64) % 64
+        heights = rng.uniform(6.0, 30.0, size=64).astype(np.float32)
+        is_tree = rng.random(64) < 0.3
+        top = y_h - f * (heights[block] - CAM_HEIGHT_M) / z_fac
+        facade = (yy >= top) & (z_fac < zbuf) & (z_fac < DEPTH_CLIP_M)
+        cls = np.where(is_tree[block], VEG, BUILDING)
+        labels = np.where(facade, cls, labels).astype(np.uint8)
+        zbuf = np.where(facade, z_fac, zbuf)
+
+    # objects standing on the ground, drawn with a z-buffer
+    objects = []
+    for _ in range(rng.integers(2, 7)):  # cars on the road
+        objects.append((CAR, rng.uniform(6, 70), rng.uniform(-road_half + 1, road_half - 1), 1.8, 1.5))
+    for _ in range(rng.integers(0, 5)):  # persons on the sidewalk
+        objects.append((PERSON, rng.uniform(5, 45), rng.choice([-1, 1]) * (road_half + rng.uniform(0.3, walk)), 0.6, 1.75))
+    for _ in range(rng.integers(1, 4)):  # poles with a sign at the curb
+        x_p = rng.choice([-1, 1]) * (road_half + 0.3)
+        z_p = rng.uniform(6, 60)
+        objects.append((POLE, z_p, x_p, 0.25, 5.0))
+        objects.append((SIGN, z_p - 0.05, x_p, 0.8, 0.8, 4.2))
+    for obj in objects:
+        cls, z, xl, ow, oh = obj[:5]
+        lift = obj[5] if len(obj) > 5 else 0.0
+        bottom = y_h + f * (CAM_HEIGHT_M - lift) / z
+        top, left, right = bottom - f * oh / z, vx + f * (xl - ow / 2) / z, vx + f * (xl + ow / 2) / z
+        r0, r1 = int(max(0, np.floor(top))), int(min(h, np.ceil(bottom)))
+        c0, c1 = int(max(0, np.floor(left))), int(min(w, np.ceil(right)))
+        if r1 <= r0 or c1 <= c0:
+            continue
+        zb = zbuf[r0:r1, c0:c1]
+        hit = zb > z
+        labels[r0:r1, c0:c1][hit] = cls
+        zb[hit] = z
+
+    depth = np.where(np.isfinite(zbuf), np.minimum(zbuf, DEPTH_CLIP_M), 0.0).astype(np.float32)
+    depth[depth < 4.0] = 0.0  # closer than the stereo range: invalid
+    depth[rng.random((h, w)) < 0.01] = 0.0  # sparse stereo holes
+
+    # ego-vehicle hood: ignore label, invalid depth
+    if rng.random() < 0.5:
+        hood = yy >= h * rng.uniform(0.9, 0.96) + 0.02 * h * np.cos((xx - vx) / w * np.pi)
+        labels[np.broadcast_to(hood, labels.shape)] = IGNORE_INDEX
+        depth[np.broadcast_to(hood, depth.shape)] = 0.0
+
+    return Scene(labels=labels, depth=depth, rgb=_paint(labels, zbuf, yy, xx, rng))
+
+
+def _paint(labels: np.ndarray, zbuf: np.ndarray, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = labels.shape
+    lut = np.zeros((256, 3), np.float32)
+    tex = np.zeros(256, np.float32)
+    for c, col in _COLOUR.items():
+        lut[c] = np.clip(np.array(col) * rng.uniform(0.85, 1.15, 3), 0, 255)
+        tex[c] = _TEXTURE.get(c, 10)
+    lut[IGNORE_INDEX] = (30, 30, 35)
+    img = lut[labels]
+    noise = rng.standard_normal((h, w), dtype=np.float32)
+    img += (tex[labels] * noise)[..., None]
+    # class-specific patterns: windows on buildings, dashed lane marks on roads, sky gradient
+    windows = (labels == BUILDING) & ((xx.astype(np.int32) // 7 + yy.astype(np.int32) // 9) % 3 == 0)
+    img[windows] *= 0.6
+    z = np.where(np.isfinite(zbuf), zbuf, 1e3)
+    lane = (labels == ROAD) & (np.abs((xx - w / 2) / np.maximum(yy - h / 3, 1)) < 0.02) & ((z // 4) % 2 == 0)
+    img[lane] = 235
+    sky = labels == SKY
+    img[sky] *= (0.8 + 0.4 * (yy / h))[..., None].repeat(w, 1)[sky]
+    img *= rng.uniform(0.75, 1.2)  # global exposure
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------ writing
+
+def _write_chunk(args: tuple[str, str, int, int, int, int, int]) -> int:
+    root, split, start, stop, h, w, seed = args
+    split_id = SPLITS.index(split)
+    for i in range(start, stop):
+        sc = render_scene(h, w, np.random.default_rng([seed, split_id, i]))
+        files = {
+            "rgb": encode_rgb_jpeg(sc.rgb),
+            "semseg": encode_semseg_png(sc.labels),
+            "depth": encode_depth_png(sc.depth, sc.depth > 0),
+        }
+        for mod, data in files.items():
+            with open(os.path.join(root, split, mod, f"{i}.{MODALITIES[mod]}"), "wb") as fh:
+                fh.write(data)
+    return stop - start
+
+
+def synthesize(out: str, counts: dict[str, int], size: tuple[int, int] = (256, 512), seed: int = 0,
+               workers: int | None = None, overwrite: bool = False, progress: bool = False) -> str:
+    """Write a synthetic Miniscapes dataset to the local folder ``out``.
+
+    The dataset is built in a sibling temporary folder and renamed into place at the end, so an
+    interrupted run never leaves a folder that looks complete. Deterministic given ``seed``.
+    """
+    h, w = size
+    if h < 16 or w < 16:
+        raise ValueError(f"--size must be at least 16x16, got {h}x{w}")
+    for split, n in counts.items():
+        if split not in SPLITS or n < 0:
+            raise ValueError(f"bad sample count {split}={n}")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and os.listdir(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    for split in counts:
+        for mod in MODALITIES:
+            os.makedirs(os.path.join(tmp, split, mod))
+    workers = workers or min(os.cpu_count() or 1, 8)
+    jobs = [(tmp, split, s, min(s + 16, n), h, w, seed) for split, n in counts.items() for s in range(0, n, 16)]
+    try:
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                done = pool.map(_write_chunk, jobs)
+                _track(done, sum(counts.values()), progress)
+        else:
+            _track(map(_write_chunk, jobs), sum(counts.values()), progress)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _track(done, total: int, progress: bool) -> None:
+    if not progress:
+        for _ in done:
+            pass
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = (TextColumn("synthesizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn())
+    with Progress(*cols) as bar:
+        task = bar.add_task("synth", total=total, rate="-")
+        t0 = time.perf_counter()
+        for n in done:
+            bar.advance(task, n)
+            rate = bar.tasks[0].completed / max(time.perf_counter() - t0, 1e-6)
+            bar.update(task, rate=f"{rate:.0f}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like HxW (e.g. 256x512), got {text!r}") from None
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--train", type=int, default=200)
+    p.add_argument("--val", type=int, default=40)
+    p.add_argument("--test", type=int, default=40)
+    p.add_argument("--size", type=parse_size, default=(256, 512), help="HxW, default 256x512")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    counts = {"train": a.train, "val": a.val, "test": a.test}
+    try:
+        out = synthesize(a.out, counts, a.size, a.seed, a.workers, a.overwrite, progress=sys.stderr.isatty())
+    except (ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(counts.values())
+    dt = time.perf_counter() - t0
+    print(f"wrote {n} samples ({a.size[0]}x{a.size[1]}) to {out} in {dt:.1f}s ({n / dt:.0f} samples/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""One typed configuration tree, from the CLI through Ray to the train loop.
+
+`ExperimentConfig` is a frozen dataclass tree. It is printed at start, saved inside every
+checkpoint, and rebuilt from JSON (`from_dict`) on resume or in a Ray worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ARCHS = ("deeplabv3p", "branched", "distillation", "branched_vortex")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None  # Miniscapes folder (path or fsspec URL); None = cached synthetic set
+    shards: str | None = None  # WebDataset shard set (manifest URL or prefix); overrides root when given
+    synthetic_size: tuple[int, int] = (128, 256)  # HxW of the auto-generated synthetic set
+    synthetic_counts: tuple[int, int, int] = (400, 80, 80)  # train/val/test
+    scale_min: float = 1.0
+    scale_max: float = 1.25
+    crop: tuple[int, int] | None = None  # None = crop back to the input size after scaling
+    hflip: bool = True
+    augment: bool = True
+    workers: int = 2
+    prefetch: int = 4
+
+    def validate(self) -> None:
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"--scale-min/--scale-max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}")
+        if self.crop is not None and min(self.crop) <= 0:
+            raise ValueError(f"--crop must be positive, got {self.crop}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "deeplabv3p"
+    encoder: str = "resnet34"
+    pretrained: str | None = None  # torchvision-format weights, local path or s3://
+    output_stride: int | None = None  # 8/16/32; None = the architecture's default
+    aspp_rates: tuple[int, ...] | None = None  # None = (6,12,18) at OS16, (12,24,36) at OS8
+    vortex_rates: tuple[int, ...] = (1, 3, 9, 27)
+    semseg_context: str | None = None  # aspp | vortex | none; None = the architecture's default
+    depth_context: str | None = None
+    semseg_decoder: str | None = None  # skip | double_skip
+    depth_decoder: str | None = None
+    depth_space: Literal["log", "linear"] = "log"  # what the depth head predicts (normalised)
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.output_stride not in (None, 8, 16, 32):
+            raise ValueError(f"--output-stride must be 8, 16 or 32, got {self.output_stride}")
+        if self.depth_space not in ("log", "linear"):
+            raise ValueError(f"--depth-space must be log or linear, got {self.depth_space!r}")
+        for name in ("aspp_rates", "vortex_rates"):
+            rates = getattr(self, name)
+            if rates is not None and (not rates or min(rates) < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be positive integers, got {rates}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-4 * 4  # the report's best Adam LR (1e-4 at batch 4), scaled to batch 16
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    warmup_steps: int = 0
+    semseg_weight: float = 0.5  # loss = w * CE + (1 - w) * depth
+    grad_clip: float | None = None
+
+    def validate(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 <= self.semseg_weight <= 1.0:
+            raise ValueError(f"--semseg-weight must lie in [0, 1], got {self.semseg_weight}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("--weight-decay and --warmup-steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 16
+    batch_size: int = 16  # per worker
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # autocast on CUDA; ignored on CPU
+    channels_last: bool = True
+    compile: bool = False
+    out: str = "runs"  # where runs live: a local folder or s3:// prefix
+    name: str | None = None  # run name; None = a descriptive name from the config
+    resume: bool = False
+    keep_last: int = 2
+    log_every: int = 10
+    max_steps_per_epoch: int | None = None  # debug: cut epochs short
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("--epochs, --batch-size and --grad-accum must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        for part in (self.data, self.model, self.optim, self.train):
+            part.validate()
+        return self
+
+    def run_name(self) -> str:
+        """mmsegmentation-style descriptive name, e.g. branched_resnet34_os16_adam-lr4e-4_w0.5_bs16_e16."""
+        if self.train.name:
+            return self.train.name
+        from mtl.models.architectures import resolve  # the model zoo fills in per-arch defaults
+
+        m, o, t = resolve(self.model), self.optim, self.train
+        return f"{m.arch}_{m.encoder}_os{m.output_stride}_{o.optimizer}-lr{o.lr:.0e}_w{o.semseg_weight:g}_bs{t.batch_size}_e{t.epochs}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v, tp = d[f.name], hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            v = _from_dict(tp, v)
+        elif isinstance(v, list):
+            v = tuple(v)  # JSON turns tuples into lists
+        kwargs[f.name] = v
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- CLI <-> config
+
+def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse (type, extra kwargs) for a dataclass field type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _parser_type(inner[0])
+    if origin is Literal:
+        return type(args[0]), {"choices": list(args)}
+    if origin is tuple:
+        return args[0], {"nargs": "+"}
+    if tp is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    return tp, {}
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type = ExperimentConfig) -> None:
+    """One flag per leaf field (``--lr``, ``--batch-size``, ``--no-hflip``...)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            group = parser.add_argument_group(f.name)
+            _add_leaf_args(group, tp)
+
+
+def _add_leaf_args(group: Any, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        typ, extra = _parser_type(hints[f.name])
+        kw: dict[str, Any] = {"default": None, "dest": f"{cls.__name__}.{f.name}", **extra}
+        if typ is not None:
+            kw["type"] = typ
+        kw["help"] = f"default: {getattr(defaults, f.name)}"
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_from_args(args: argparse.Namespace, base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """Apply the flags that were given on top of ``base`` (defaults when None); validate."""
+    base = base or ExperimentConfig()
+    parts = {}
+    for f in dataclasses.fields(ExperimentConfig):
+        sub = getattr(base, f.name)
+        changes = {}
+        for g in dataclasses.fields(sub):
+            v = getattr(args, f"{type(sub).__name__}.{g.name}", None)
+            if v is not None:
+                changes[g.name] = tuple(v) if isinstance(v, list) else v
+        parts[f.name] = dataclasses.replace(sub, **changes)
+    return ExperimentConfig(**parts).validate()

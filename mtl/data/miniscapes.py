@@ -1,0 +1,147 @@
+"""The Miniscapes format: class table, colour palette and the exact file encodings.
+
+Layout: ``root/{train,val,test}/{rgb,semseg,depth}/<index>.{jpg,png,png}``.
+  * rgb:    JPEG, 3 channels.
+  * semseg: PNG (mode P or L), 0..18 = Cityscapes eval classes (torchvision order), 255 = ignore.
+  * depth:  uint8 PNG of disparity; 0 = invalid; v > 0 maps linearly onto 1/300 .. 1/4 1/m.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+MODALITIES = {"rgb": "jpg", "semseg": "png", "depth": "png"}
+
+CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IGNORE_INDEX = 255
+
+# Cityscapes colours of the 19 eval classes, in the order above.
+PALETTE = np.array(
+    [
+        (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+        (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+        (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+        (0, 80, 100), (0, 0, 230), (119, 11, 32),
+    ],
+    dtype=np.uint8,
+)
+
+DEPTH_MIN_M = 4.0
+DEPTH_MAX_M = 300.0
+_DISP_MIN = 1.0 / DEPTH_MAX_M
+_DISP_MAX = 1.0 / DEPTH_MIN_M
+
+
+def disparity_png_to_metres(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 disparity codes -> (depth in metres as float32, validity mask). Invalid pixels get 0 m."""
+    v = np.asarray(v)
+    valid = v > 0
+    disp = (_DISP_MAX - _DISP_MIN) * (v.astype(np.float32) - 1.0) / 254.0 + _DISP_MIN
+    depth = np.where(valid, 1.0 / disp, 0.0).astype(np.float32)
+    return depth, valid
+
+
+def metres_to_disparity_png(depth: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Depth in metres -> uint8 disparity codes (the inverse of `disparity_png_to_metres`).
+
+    Depth is clamped to 4..300 m; pixels outside ``valid`` (or with depth <= 0 / non-finite) become 0.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    if valid is None:
+        valid = np.isfinite(depth) & (depth > 0)
+    disp = 1.0 / np.clip(np.where(valid, depth, DEPTH_MAX_M), DEPTH_MIN_M, DEPTH_MAX_M)
+    code = np.rint((disp - _DISP_MIN) / (_DISP_MAX - _DISP_MIN) * 254.0) + 1.0
+    return np.where(valid, np.clip(code, 1, 255), 0).astype(np.uint8)
+
+
+def palette_flat() -> list[int]:
+    """The 256-entry palette for mode-P semseg PNGs (ignore = black)."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[:NUM_CLASSES] = PALETTE
+    return pal.reshape(-1).tolist()
+
+
+def colorize_semseg(labels: np.ndarray) -> np.ndarray:
+    """HxW class ids -> HxWx3 uint8 Cityscapes colours (ignore = black)."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[:NUM_CLASSES] = PALETTE
+    return pal[np.asarray(labels, dtype=np.uint8)]
+
+
+# ---------------------------------------------------------------- raw byte codecs
+# Labels and disparities are decoded straight from the PNG's pixel values: a generic image
+# decoder (RGB conversion, palette expansion, scaling to float) would change them.
+
+def decode_rgb(data: bytes, name: str = "rgb") -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", img.size)  # no downscaled JPEG decode, but skips needless work
+        return np.array(img.convert("RGB"))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise ValueError(f"{name}: cannot decode RGB JPEG ({e})") from e
+
+
+def _decode_png_raw(data: bytes, name: str) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{name}: cannot decode PNG ({e})") from e
+    if img.mode not in ("P", "L"):
+        raise ValueError(f"{name}: expected a single-channel PNG (mode P or L), got mode {img.mode}")
+    return np.array(img)  # mode P gives palette indices, mode L gray values: both raw
+
+
+def decode_semseg(data: bytes, name: str = "semseg") -> np.ndarray:
+    labels = _decode_png_raw(data, name)
+    bad = (labels >= NUM_CLASSES) & (labels != IGNORE_INDEX)
+    if bad.any():
+        values = sorted(set(np.unique(labels[bad]).tolist()))[:8]
+        raise ValueError(f"{name}: labels outside 0..{NUM_CLASSES - 1}/255: {values}")
+    return labels
+
+
+def decode_depth(data: bytes, name: str = "depth") -> tuple[np.ndarray, np.ndarray]:
+    return disparity_png_to_metres(_decode_png_raw(data, name))
+
+
+def encode_semseg_png(labels: np.ndarray, compress_level: int = 1) -> bytes:
+    img = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
+    img.putpalette(palette_flat())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_depth_png(depth: np.ndarray, valid: np.ndarray | None = None, compress_level: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(metres_to_disparity_png(depth, valid), mode="L").save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_rgb_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8), mode="RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_sample(rgb: bytes, semseg: bytes, depth: bytes, key: str) -> dict[str, np.ndarray]:
+    """Decode the three files of one sample and check that their sizes agree."""
+    img = decode_rgb(rgb, f"{key}/rgb.jpg")
+    labels = decode_semseg(semseg, f"{key}/semseg.png")
+    depth_m, valid = decode_depth(depth, f"{key}/depth.png")
+    if not (img.shape[:2] == labels.shape == depth_m.shape):
+        raise ValueError(
+            f"{key}: image sizes disagree: rgb {img.shape[1]}x{img.shape[0]}, "
+            f"semseg {labels.shape[1]}x{labels.shape[0]}, depth {depth_m.shape[1]}x{depth_m.shape[0]}"
+        )
+    return {"rgb": img, "semseg": labels, "depth": depth_m, "valid": valid}

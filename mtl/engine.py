@@ -1,0 +1,243 @@
+"""The train step, the evaluation loop and the epoch loop, shared by every mode.
+
+Local mode, Ray/DDP and DeepSpeed differ only in the `Runtime` they pass to `fit`: how the
+model is wrapped, how metric states are summed across ranks and where checkpoints go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mtl.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state, write_bytes_atomic
+from mtl.config import ExperimentConfig
+from mtl.data import build_datasets
+from mtl.data.loader import make_loader
+from mtl.losses import DepthCodec, multitask_loss
+from mtl.metrics import MultiTaskMetrics
+from mtl.models import build_model, resolve
+from mtl.schedule import PolyLR
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaler needed); full fp32 on the CPU."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if channels_last:
+        out["rgb"] = out["rgb"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    # fused kernels on CUDA: one launch for all parameters instead of one per tensor
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if o.optimizer == "adam":
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, **fast)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fast)
+
+
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], codec: DepthCodec, semseg_weight: float,
+               amp: contextlib.AbstractContextManager, grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Forward + backward of one micro-batch. Returns detached loss tensors (no host sync)."""
+    with amp:
+        out = model(batch["rgb"])
+    loss, parts = multitask_loss(out, batch, codec, semseg_weight)
+    (loss * grad_scale).backward()
+    return {"loss": loss.detach(), **parts}
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, grad_clip: float | None) -> None:
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, rgb: torch.Tensor, codec: DepthCodec, amp: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final predictions: class ids (B x H x W) and depth in metres (B x H x W)."""
+    with amp:
+        out = model(rgb)
+    return out["semseg"][-1].argmax(1), codec.decode(out["depth"][-1][:, 0])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, amp: contextlib.AbstractContextManager,
+             channels_last: bool = True, progress: Callable[[], None] | None = None) -> MultiTaskMetrics:
+    """Metric state of this rank's share of a split (sum states across ranks before `compute`)."""
+    was_training = model.training
+    model.eval()
+    metrics = MultiTaskMetrics(device=device)
+    for batch in loader:
+        batch = to_device(batch, device, channels_last)
+        labels, depth_m = predict(model, batch["rgb"], codec, amp)
+        metrics.update(labels, depth_m, batch)
+        if progress:
+            progress()
+    model.train(was_training)
+    return metrics
+
+
+# ------------------------------------------------------------------------------ the epoch loop
+
+@dataclass
+class Runtime:
+    """What differs between local, DDP and DeepSpeed runs."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    save: Callable[[dict[str, Any], str, bool, dict[str, float]], None] | None = None  # (state, tag, is_best, metrics)
+    load_latest: Callable[[], dict[str, Any] | None] | None = None
+    log: Callable[[str], None] = print
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def local_runtime(cfg: ExperimentConfig) -> Runtime:
+    """One process, one device; checkpoints and metrics in ``<out>/<run name>/``."""
+    from rich.console import Console
+
+    run_url = f"{cfg.train.out.rstrip('/')}/{cfg.run_name()}"
+    ckpts = CheckpointDir(run_url, cfg.train.keep_last)
+    console = Console()
+
+    def save(state: dict[str, Any], tag: str, is_best: bool, metrics: dict[str, float]) -> None:
+        ckpts.save(state, tag, is_best)
+        write_bytes_atomic(f"{run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
+
+    def load_latest() -> dict[str, Any] | None:
+        url = ckpts.latest()
+        return load_checkpoint(url) if url else None
+
+    return Runtime(device=resolve_device(cfg.train.device), save=save, load_latest=load_latest, log=console.print)
+
+
+@dataclass
+class FitResult:
+    metrics: list[dict[str, float]]  # one entry per validation (epoch)
+    lrs: list[float]  # the LR used at every optimizer step of this call
+    model: nn.Module
+    best_grader: float
+
+
+def check_resumable(state: dict[str, Any], cfg: ExperimentConfig) -> None:
+    saved = ExperimentConfig.from_dict(state["config"])
+    if resolve(saved.model) != resolve(cfg.model):
+        raise ValueError(
+            f"checkpoint {state.get('url', '')} is from another model ({saved.model.arch}/{saved.model.encoder}) "
+            f"than the one configured ({cfg.model.arch}/{cfg.model.encoder})"
+        )
+
+
+def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+    cfg.validate()
+    t, device = cfg.train, rt.device
+    torch.manual_seed(t.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_set, val_set = build_datasets(cfg, rt.is_main)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, t.batch_size, True, t.seed, cfg.data.workers, cfg.data.prefetch, rt.rank, rt.world, True, pin)
+    val_loader = make_loader(val_set, t.batch_size, False, t.seed, cfg.data.workers, cfg.data.prefetch, rt.rank, rt.world, False, pin)
+    steps_per_epoch = len(train_loader) // t.grad_accum
+    if t.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(f"the train split ({len(train_set)} samples over {rt.world} ranks) is smaller than one batch "
+                         f"({t.batch_size} x {t.grad_accum} accumulation)")
+    schedule = PolyLR(cfg.optim.lr, t.epochs * steps_per_epoch, cfg.optim.poly_power, cfg.optim.warmup_steps)
+
+    model = build_model(cfg.model).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg, device)
+    epoch, step, best = 0, 0, float("-inf")
+    state = rt.load_latest() if (t.resume and rt.load_latest) else None
+    if state is not None:
+        check_resumable(state, cfg)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, step, best = state["epoch"], state["step"], state["best_grader"]
+        set_rng_state(state["rng"])
+        rt.log(f"resumed from {state.get('url', 'checkpoint')}: epoch {epoch}, step {step}, next LR {schedule(step):.3g}")
+    train_model = rt.wrap_model(model)
+    if t.compile:
+        train_model = torch.compile(train_model)
+    codec = DepthCodec(resolve(cfg.model).depth_space)
+    amp = autocast(device, t.bf16)
+    if rt.is_main:
+        rt.log(f"[bold]{cfg.run_name()}[/] on {device} x{rt.world}: {sum(p.numel() for p in model.parameters()):,} params, "
+               f"{len(train_set)} train / {len(val_set)} val samples, global batch {t.batch_size * t.grad_accum * rt.world}, "
+               f"{steps_per_epoch} steps/epoch, LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power})")
+
+    history, lrs = [], []
+    from mtl.progress import TrainProgress
+
+    with TrainProgress(enabled=rt.is_main) as bar:
+        while epoch < t.epochs:
+            train_model.train()
+            train_loader.sampler.set_epoch(epoch)
+            bar.start_epoch(epoch, t.epochs, steps_per_epoch)
+            running = torch.zeros(3, device=device)
+            t0, n_img = time.perf_counter(), 0
+            it = iter(train_loader)
+            for s in range(steps_per_epoch):
+                lrs.append(schedule.apply(optimizer, step))
+                for _ in range(t.grad_accum):
+                    batch = to_device(next(it), device, t.channels_last)
+                    parts = train_step(train_model, batch, codec, cfg.optim.semseg_weight, amp, 1.0 / t.grad_accum)
+                    running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
+                    n_img += batch["rgb"].shape[0]
+                optimizer_step(optimizer, train_model, cfg.optim.grad_clip)
+                step += 1
+                if (s + 1) % t.log_every == 0 or s + 1 == steps_per_epoch:  # the only host sync in the loop
+                    loss = (running / (s + 1)).tolist()
+                    bar.update(s + 1, loss=loss[0], ips=n_img * rt.world / (time.perf_counter() - t0), lr=lrs[-1])
+            del it
+            epoch += 1
+            metrics = rt_evaluate(train_model, val_loader, codec, rt, amp, t.channels_last)
+            metrics.update({"epoch": epoch, "step": step, "lr": lrs[-1], "train_loss": loss[0], "train_loss_semseg": loss[1],
+                            "train_loss_depth": loss[2], "train_images_per_s": n_img * rt.world / (time.perf_counter() - t0)})
+            is_best = metrics["grader"] > best
+            best = max(best, metrics["grader"])
+            history.append(metrics)
+            if rt.is_main:
+                bar.metrics_table(metrics)
+            if rt.save:
+                state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch, "step": step, "best_grader": best, "rng": rng_state(), "metrics": metrics}
+                rt.save(state, f"epoch-{epoch:04d}", is_best, metrics)
+            if on_epoch_end:
+                on_epoch_end(epoch, metrics)
+    return FitResult(history, lrs, model, best)
+
+
+def rt_evaluate(model: nn.Module, loader, codec: DepthCodec, rt: Runtime, amp, channels_last: bool) -> dict[str, float]:
+    m = evaluate(model, loader, codec, rt.device, amp, channels_last)
+    m.state = rt.all_reduce_sum(m.state)
+    return m.compute()

@@ -1,0 +1,52 @@
+"""Task-weighted multi-task loss and the depth target codec.
+
+The dataset hands out depth in metres only. The codec maps it to the normalised space the depth
+head predicts in (log or linear) for the loss, and maps predictions back to metres for metrics;
+ground truth is never round-tripped through the codec (the report's validation pitfall, §5.5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mtl.data.miniscapes import IGNORE_INDEX
+
+# Rough street-scene statistics; they only condition the regression target.
+LOG_MEAN, LOG_STD = math.log(20.0), 0.9
+LIN_MEAN, LIN_STD = 25.0, 25.0
+
+
+@dataclass(frozen=True)
+class DepthCodec:
+    space: str = "log"
+
+    def encode(self, metres: torch.Tensor) -> torch.Tensor:
+        if self.space == "log":
+            return (torch.log(metres.clamp(min=1e-3)) - LOG_MEAN) / LOG_STD
+        return (metres - LIN_MEAN) / LIN_STD
+
+    def decode(self, pred: torch.Tensor) -> torch.Tensor:
+        """Network output -> metres (float32)."""
+        pred = pred.float()
+        if self.space == "log":
+            return torch.exp((pred * LOG_STD + LOG_MEAN).clamp(max=math.log(1e4)))
+        return pred * LIN_STD + LIN_MEAN
+
+
+def multitask_loss(out: dict[str, list[torch.Tensor]], batch: dict[str, torch.Tensor], codec: DepthCodec,
+                   semseg_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """w * CE(ignore 255) + (1 - w) * L1 on valid depth, summed over deep-supervision outputs.
+
+    Returns the total and the detached per-task parts (tensors: no host sync here).
+    """
+    target = codec.encode(batch["depth"])
+    valid = batch["valid"]
+    n_valid = valid.sum().clamp(min=1)
+    seg = sum(F.cross_entropy(o.float(), batch["semseg"], ignore_index=IGNORE_INDEX) for o in out["semseg"])
+    dep = sum(((o[:, 0].float() - target).abs() * valid).sum() / n_valid for o in out["depth"])
+    total = semseg_weight * seg + (1.0 - semseg_weight) * dep
+    return total, {"loss_semseg": seg.detach(), "loss_depth": dep.detach()}

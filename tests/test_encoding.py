@@ -1,0 +1,67 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtl.data.miniscapes import (
+    IGNORE_INDEX, decode_depth, decode_rgb, decode_sample, decode_semseg, disparity_png_to_metres, encode_depth_png,
+    encode_rgb_jpeg, encode_semseg_png, metres_to_disparity_png,
+)
+
+
+def test_depth_round_trip_within_quantisation():
+    depth = np.geomspace(4.0, 300.0, 1000).astype(np.float32).reshape(10, 100)
+    back, valid = decode_depth(encode_depth_png(depth))
+    assert valid.all()
+    # one disparity step is (1/4 - 1/300) / 254; half a step is the worst rounding error
+    half_step = (1 / 4 - 1 / 300) / 254 / 2
+    assert np.all(np.abs(1 / back - 1 / depth) <= half_step + 1e-7)
+    assert back.min() == pytest.approx(4.0, rel=1e-5) and back.max() == pytest.approx(300.0, rel=1e-5)
+
+
+def test_depth_codes_match_the_spec():
+    codes = np.array([[0, 1, 128, 255]], np.uint8)
+    depth, valid = disparity_png_to_metres(codes)
+    assert valid.tolist() == [[False, True, True, True]]
+    assert depth[0, 0] == 0
+    expected = 1 / ((1 / 4 - 1 / 300) * (128 - 1) / 254 + 1 / 300)
+    assert depth[0, 2] == pytest.approx(expected, rel=1e-6)
+    assert metres_to_disparity_png(depth, valid).tolist() == codes.tolist()
+
+
+def test_invalid_depth_stays_invalid():
+    depth = np.array([[10.0, 0.0, np.nan, 1000.0, 1.0]], np.float32)
+    codes = metres_to_disparity_png(depth)
+    assert codes[0, 1] == 0 and codes[0, 2] == 0
+    assert codes[0, 3] == 1 and codes[0, 4] == 255  # clamped to 300 m and 4 m
+
+
+def test_labels_keep_ignore_and_palette_indices():
+    labels = np.array([[0, 5, 18, IGNORE_INDEX]], np.uint8)
+    assert decode_semseg(encode_semseg_png(labels)).tolist() == labels.tolist()
+
+
+def test_labels_outside_range_are_rejected():
+    with pytest.raises(ValueError, match=r"x/semseg.png: labels outside 0..18/255: \[19, 200\]"):
+        decode_semseg(encode_semseg_png(np.array([[0, 19, 200]], np.uint8)), "x/semseg.png")
+
+
+def test_rgb_label_png_is_rejected():
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    with pytest.raises(ValueError, match="s.png: expected a single-channel PNG"):
+        decode_semseg(buf.getvalue(), "s.png")
+
+
+def test_size_mismatch_names_the_sample():
+    rgb = encode_rgb_jpeg(np.zeros((8, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"train/7: image sizes disagree: rgb 16x8, semseg 16x8, depth 8x8"):
+        decode_sample(rgb, encode_semseg_png(np.zeros((8, 16), np.uint8)), encode_depth_png(np.full((8, 8), 10.0)), "train/7")
+
+
+def test_corrupt_file_is_named():
+    with pytest.raises(ValueError, match="a/rgb.jpg: cannot decode RGB JPEG"):
+        decode_rgb(b"junk", "a/rgb.jpg")
+    with pytest.raises(ValueError, match="a/depth.png: cannot decode PNG"):
+        decode_depth(b"junk", "a/depth.png")

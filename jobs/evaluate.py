@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtl.models import build_model, resolve
     from mtl.progress import metrics_table
 
-    console = Console()
+    console, errors = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     try:
         state = load_checkpoint(a.checkpoint)
         cfg = ExperimentConfig.from_dict(state["config"])
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"checkpoint {state['url']} does not fit architecture {cfg.model.arch}: {e}") from e
         dataset = MiniscapesFolder(a.data or data_root(cfg), a.split)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
+        errors.print(f"[red]error:[/] {e}")
         return 2
     device = resolve_device(a.device)
     model.to(device)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             n = export_predictions(model, dataset, a.export, codec, device, amp, a.batch_size, a.viz, a.overwrite)
         except FileExistsError as e:
-            console.print(f"[red]error:[/] {e}")
+            errors.print(f"[red]error:[/] {e}")
             return 2
         console.print(f"exported {n} predictions to {a.export} (semseg/, depth/, viz/)")
     return 0

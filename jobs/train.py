@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rt = local_runtime(cfg)
     rt.log(cfg.to_json())
-    result = fit(cfg, rt)
+    try:
+        result = fit(cfg, rt)
+    except (FileNotFoundError, ValueError) as e:  # bad data, flags or checkpoints: say which, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     last = result.metrics[-1]
     rt.log(f"done: mIoU {last['miou']:.2f}  SI-logRMSE {last['si_log_rmse']:.2f}  grader {last['grader']:.2f} "
            f"(best {result.best_grader:.2f}); run folder {cfg.train.out.rstrip('/')}/{cfg.run_name()}")

@@ -124,7 +124,7 @@ def local_runtime(cfg: ExperimentConfig) -> Runtime:
 
     run_url = f"{cfg.train.out.rstrip('/')}/{cfg.run_name()}"
     ckpts = CheckpointDir(run_url, cfg.train.keep_last)
-    console = Console()
+    console = Console(soft_wrap=True)
 
     def save(state: dict[str, Any], tag: str, is_best: bool, metrics: dict[str, float]) -> None:
         ckpts.save(state, tag, is_best)

@@ -2,7 +2,9 @@
 
 Randomness comes from a generator the caller seeds with (seed, epoch, sample index), so an
 augmented sample is a pure function of those three numbers: reproducible across worker
-counts, ranks and resumes.
+counts, ranks and resumes. Resampling is done on the uint8/float arrays with PIL and index
+arithmetic (not torch kernels, whose rounding depends on the thread count), before the
+float conversion, which also keeps it cheap.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 from mtl.data.miniscapes import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN_RGB_U8 = tuple(round(255 * m) for m in IMAGENET_MEAN)  # pads to ~0 after normalisation
+
+Sample = dict[str, np.ndarray]  # rgb HxWx3 uint8, semseg HxW uint8, depth HxW float32 m, valid HxW bool
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,9 @@ class Augment:
             raise ValueError(f"crop must be two positive sizes (h, w), got {self.crop}")
 
 
-def to_tensors(sample: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Decoded numpy sample -> tensors: rgb 3xHxW float (ImageNet-normalised), semseg HxW int64,
-    depth HxW float32 metres (0 where invalid), valid HxW bool."""
+def to_tensors(sample: Sample) -> dict[str, torch.Tensor]:
+    """rgb 3xHxW float (ImageNet-normalised), semseg HxW int64, depth HxW float32 metres (0 where
+    invalid), valid HxW bool."""
     rgb = torch.from_numpy(np.ascontiguousarray(sample["rgb"])).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -49,46 +54,51 @@ def to_tensors(sample: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     }
 
 
-def augment(t: dict[str, torch.Tensor], aug: Augment, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def augment(s: Sample, aug: Augment, rng: np.random.Generator) -> Sample:
     """Apply the same scale/crop/flip to rgb, labels and depth.
 
-    Labels and depth are resized with nearest neighbour: interpolating class ids or mixing
-    valid with invalid depth would invent values. Zooming an image does not change metric depth.
+    Labels, depth and validity use nearest neighbour through one shared index map:
+    interpolating class ids or mixing valid with invalid depth would invent values. Zooming an
+    image does not change metric depth.
     """
-    h, w = t["semseg"].shape
-    s = float(rng.uniform(aug.scale_min, aug.scale_max))
+    h, w = s["semseg"].shape
+    scale = float(rng.uniform(aug.scale_min, aug.scale_max))
     ch, cw = aug.crop if aug.crop is not None else (h, w)
-    if s != 1.0:
-        size = (max(1, round(h * s)), max(1, round(w * s)))
-        t = {
-            "rgb": F.interpolate(t["rgb"][None], size=size, mode="bilinear", align_corners=False)[0],
-            "semseg": F.interpolate(t["semseg"][None, None].float(), size=size, mode="nearest")[0, 0].long(),
-            "depth": F.interpolate(t["depth"][None, None], size=size, mode="nearest")[0, 0],
-            "valid": F.interpolate(t["valid"][None, None].float(), size=size, mode="nearest")[0, 0].bool(),
+    if scale != 1.0:
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        rows = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
+        cols = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
+        near = np.ix_(rows, cols)
+        s = {
+            "rgb": np.array(Image.fromarray(s["rgb"]).resize((nw, nh), Image.BILINEAR)),
+            "semseg": s["semseg"][near], "depth": s["depth"][near], "valid": s["valid"][near],
         }
-        h, w = size
+        h, w = nh, nw
     if (h, w) != (ch, cw):
-        t = _pad_to(t, max(h, ch), max(w, cw))
-        h, w = t["semseg"].shape
+        s = _pad_to(s, max(h, ch), max(w, cw))
+        h, w = s["semseg"].shape
         y = int(rng.integers(0, h - ch + 1))
         x = int(rng.integers(0, w - cw + 1))
-        t = {k: v[..., y:y + ch, x:x + cw] for k, v in t.items()}
+        s = {k: v[y:y + ch, x:x + cw] for k, v in s.items()}
     if aug.hflip and rng.random() < 0.5:
-        t = {k: v.flip(-1) for k, v in t.items()}
-    return {k: v.contiguous() for k, v in t.items()}
+        s = {k: v[:, ::-1] for k, v in s.items()}
+    return s
 
 
-def _pad_to(t: dict[str, torch.Tensor], h: int, w: int) -> dict[str, torch.Tensor]:
-    """Pad bottom/right so a crop fits: rgb 0 (the mean colour), labels ignore, depth invalid."""
-    ph, pw = h - t["semseg"].shape[0], w - t["semseg"].shape[1]
+def _pad_to(s: Sample, h: int, w: int) -> Sample:
+    """Pad bottom/right so a crop fits: rgb the mean colour, labels ignore, depth invalid."""
+    ph, pw = h - s["semseg"].shape[0], w - s["semseg"].shape[1]
     if ph == 0 and pw == 0:
-        return t
-    pad = (0, pw, 0, ph)
+        return s
+    rgb = np.empty((h, w, 3), np.uint8)
+    rgb[:] = _MEAN_RGB_U8
+    rgb[: h - ph, : w - pw] = s["rgb"]
+    pad = ((0, ph), (0, pw))
     return {
-        "rgb": F.pad(t["rgb"], pad, value=0.0),
-        "semseg": F.pad(t["semseg"], pad, value=IGNORE_INDEX),
-        "depth": F.pad(t["depth"], pad, value=0.0),
-        "valid": F.pad(t["valid"], pad, value=False),
+        "rgb": rgb,
+        "semseg": np.pad(s["semseg"], pad, constant_values=IGNORE_INDEX),
+        "depth": np.pad(s["depth"], pad, constant_values=0.0),
+        "valid": np.pad(s["valid"], pad, constant_values=False),
     }
 
 
@@ -96,10 +106,9 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def prepare(sample: dict[str, np.ndarray], aug: Augment | None, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+def prepare(sample: Sample, aug: Augment | None, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
     """Decoded sample -> training/eval tensors (augmented when ``aug`` is given)."""
-    t = to_tensors(sample)
     if aug is not None:
         assert rng is not None
-        t = augment(t, aug, rng)
-    return t
+        sample = augment(sample, aug, rng)
+    return to_tensors(sample)

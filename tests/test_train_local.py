@@ -1,0 +1,151 @@
+"""Local training as a user runs it: it learns, it resumes exactly, it exports."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mtl.checkpoint import load_checkpoint
+from mtl.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
+from mtl.data.folder import MiniscapesFolder
+from mtl.data.miniscapes import decode_depth, decode_semseg
+from mtl.engine import fit, local_runtime
+from mtl.metrics import MultiTaskMetrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_cfg(root: str, out: str, **train) -> ExperimentConfig:
+    return ExperimentConfig(
+        data=DataConfig(root=root, workers=0),
+        model=ModelConfig(arch="deeplabv3p", encoder="resnet18"),
+        optim=OptimConfig(lr=1e-3),
+        train=TrainConfig(**{"epochs": 5, "batch_size": 8, "out": out, "device": "cpu", "log_every": 100, **train}),
+    ).validate()
+
+
+def baselines(root: str) -> dict[str, float]:
+    """Majority class for segmentation, the train set's median depth for depth, on val."""
+    train, val = MiniscapesFolder(root, "train"), MiniscapesFolder(root, "val")
+    counts = np.zeros(256, np.int64)
+    depths = []
+    for i in range(len(train)):
+        s = train[i]
+        counts += np.bincount(s["semseg"].flatten().numpy(), minlength=256)
+        depths.append(s["depth"][s["valid"]])
+    majority, median = int(counts[:19].argmax()), float(torch.cat(depths).median())
+    m = MultiTaskMetrics()
+    for i in range(len(val)):
+        s = val[i]
+        b = {k: v[None] for k, v in s.items()}
+        m.update(torch.full_like(b["semseg"], majority), torch.full_like(b["depth"], median), b)
+    return m.compute()
+
+
+@pytest.mark.slow
+def test_short_training_beats_trivial_baselines(tiny_root, tmp_path):
+    base = baselines(tiny_root)
+    result = fit(tiny_cfg(tiny_root, str(tmp_path)), local_runtime(tiny_cfg(tiny_root, str(tmp_path))))
+    final = result.metrics[-1]
+    # thresholds: mIoU at least 3x the majority-class mIoU (and > 25 points); SI-logRMSE at most
+    # 60% of the constant-depth one (a constant has no relative structure at all)
+    assert final["miou"] > max(3 * base["miou"], 25.0), (final["miou"], base["miou"])
+    assert final["si_log_rmse"] < 0.6 * base["si_log_rmse"], (final["si_log_rmse"], base["si_log_rmse"])
+    assert final["grader"] > base["grader"] + 30
+    assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_lr_and_weights_exactly(tiny_root, tmp_path):
+    kw = dict(epochs=4, batch_size=4, max_steps_per_epoch=3, seed=3)
+    straight_cfg = tiny_cfg(tiny_root, str(tmp_path / "a"), **kw)
+    straight = fit(straight_cfg, local_runtime(straight_cfg))
+
+    cfg = tiny_cfg(tiny_root, str(tmp_path / "b"), **kw)
+
+    def stop_after_two(epoch, metrics):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(cfg, local_runtime(cfg), on_epoch_end=stop_after_two)
+    # the resumed half uses loader workers: the augmentation must not depend on them
+    resumed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True),
+                                      data=dataclasses.replace(cfg.data, workers=2))
+    resumed = fit(resumed_cfg, local_runtime(resumed_cfg))
+
+    assert len(straight.lrs) == 12 and len(resumed.lrs) == 6
+    assert resumed.lrs == straight.lrs[6:]
+    assert straight.lrs[0] == pytest.approx(1e-3) and straight.lrs[-1] < straight.lrs[5]
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [m["epoch"] for m in resumed.metrics] == [3, 4]
+    assert resumed.metrics[-1]["grader"] == pytest.approx(straight.metrics[-1]["grader"])
+
+
+def test_resume_refuses_another_architecture(tiny_root, tmp_path):
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=1, batch_size=8, max_steps_per_epoch=1, name="run")
+    fit(cfg, local_runtime(cfg))
+    other = dataclasses.replace(cfg, model=ModelConfig(arch="branched", encoder="resnet18"),
+                                train=dataclasses.replace(cfg.train, resume=True, epochs=2))
+    with pytest.raises(ValueError, match="checkpoint .*epoch-0001.pt is from another model"):
+        fit(other, local_runtime(other))
+
+
+def test_cli_train_evaluate_export(tiny_root, tmp_path):
+    run = [sys.executable, "jobs/train.py", "--local", "--arch", "branched", "--encoder", "resnet18", "--root", tiny_root,
+           "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(tmp_path),
+           "--name", "cli"]
+    r = subprocess.run(run, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "validation after epoch 1" in r.stdout
+    ckpt = tmp_path / "cli" / "checkpoints"
+    assert sorted(os.listdir(ckpt)) == ["best.pt", "epoch-0001.pt", "latest.json"]
+
+    out = tmp_path / "export"
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "cli"), "--split", "test",
+                        "--export", str(out), "--viz", "2", "--json", str(tmp_path / "m.json")], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(os.listdir(out / "semseg")) == sorted(f"{i}.png" for i in range(16))
+    assert len(os.listdir(out / "viz")) == 2
+
+    # the exported files decode back to the model's predictions
+    from mtl.engine import autocast, predict
+    from mtl.losses import DepthCodec
+    from mtl.models import build_model
+    state = load_checkpoint(str(ckpt / "best.pt"))
+    model = build_model(ExperimentConfig.from_dict(state["config"]).model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    s = MiniscapesFolder(tiny_root, "test")[4]
+    labels, depth = predict(model, s["rgb"][None], DepthCodec("log"), autocast(torch.device("cpu"), False))
+    got_l = decode_semseg((out / "semseg/4.png").read_bytes())
+    got_d, valid = decode_depth((out / "depth/4.png").read_bytes())
+    assert np.array_equal(got_l, labels[0].numpy())
+    assert valid.all()
+    want = depth[0].clamp(4, 300).numpy()
+    half_step = (1 / 4 - 1 / 300) / 254 / 2
+    assert np.abs(1 / got_d - 1 / want).max() <= half_step + 1e-6
+
+
+def test_cli_bad_inputs_are_named(tmp_path):
+    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "nope"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--arch must be one of" in r.stderr
+    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--semseg-weight", "1.5"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--semseg-weight must lie in [0, 1]" in r.stderr
+    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--root", str(tmp_path / "none"), "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "Miniscapes folder missing" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(bad)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.pt is unreadable or corrupt" in r.stderr
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "missing.pt")], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr

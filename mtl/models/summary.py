@@ -1,0 +1,52 @@
+"""Parameters and forward GFLOPs of every architecture, next to the report's numbers.
+
+    python -m mtl.models.summary [--encoder resnet34] [--size 256x512]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mtl.config import ARCHS, ModelConfig
+from mtl.models import build_model
+
+# The report's parameter counts (ResNet34, 19 classes) and its best validation numbers per model.
+REPORT = {
+    "deeplabv3p": dict(params=26_166_708, result="IoU 84.42, SI-log 20.09, grader 64.34 (Table 8)"),
+    "branched": dict(params=31_002_644, result="IoU 84.76, SI-log 18.12, grader 66.64 (Table 8)"),
+    "distillation": dict(params=34_588_712, result="IoU 85.33, grader 68.07 (Table 9)"),
+    "branched_vortex": dict(params=32_070_180, result="final model; test score 76.51 after long training (§5.6)"),
+}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_gflops(model: torch.nn.Module, size: tuple[int, int]) -> float:
+    """Forward FLOPs of one image (multiply-add = 2 FLOPs), counted by torch's flop counter."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, *size))
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--encoder", default="resnet34")
+    p.add_argument("--size", default="256x512")
+    a = p.parse_args()
+    size = tuple(int(v) for v in a.size.split("x"))
+    print(f"| architecture | parameters ({a.encoder}) | report | GFLOPs/image at {a.size} | report's result |")
+    print("|---|---:|---:|---:|---|")
+    for arch in ARCHS:
+        m = build_model(ModelConfig(arch=arch, encoder=a.encoder))
+        r = REPORT.get(arch, {})
+        print(f"| `{arch}` | {count_params(m):,} | {r.get('params', 0):,} | {forward_gflops(m, size):.1f} | {r.get('result', '')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The model zoo: every architecture of the report, by name, with its options."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from mtl.config import ARCHS, ModelConfig
+from mtl.data.miniscapes import NUM_CLASSES
+from mtl.losses import DepthCodec, multitask_loss
+from mtl.models import build_model, resolve
+from mtl.models.summary import REPORT, count_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEP_SUPERVISION = {"distillation": 2}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parameter_counts_match_the_report(arch):
+    n = count_params(build_model(ModelConfig(arch=arch, encoder="resnet34")))
+    assert abs(n - REPORT[arch]["params"]) <= 0.03 * REPORT[arch]["params"], n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_odd_size_full_resolution(arch):
+    model = build_model(ModelConfig(arch=arch, encoder="resnet18")).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 250, 500))
+    assert len(out["semseg"]) == len(out["depth"]) == DEEP_SUPERVISION.get(arch, 1)
+    for y in out["semseg"]:
+        assert y.shape == (1, NUM_CLASSES, 250, 500)
+    for y in out["depth"]:
+        assert y.shape == (1, 1, 250, 500)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backward_channels_last_bf16(arch):
+    model = build_model(ModelConfig(arch=arch, encoder="resnet18")).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 97, 131).contiguous(memory_format=torch.channels_last)
+    batch = {"semseg": torch.randint(0, NUM_CLASSES, (2, 97, 131)), "depth": torch.rand(2, 97, 131) * 50 + 4,
+             "valid": torch.ones(2, 97, 131, dtype=torch.bool)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out["semseg"][-1].shape == (2, NUM_CLASSES, 97, 131)
+    loss, _ = multitask_loss(out, batch, DepthCodec("log"), 0.5)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.encoder.stem[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_overfits_a_tiny_batch(arch):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, encoder="resnet18"))
+    x = torch.randn(2, 3, 64, 64)
+    yy = torch.arange(64).view(1, 64, 1).expand(2, 64, 64)
+    batch = {"semseg": (yy // 16 + torch.arange(2).view(2, 1, 1) * 4).long(),  # bands of 4+ classes
+             "depth": (yy.float() + 5.0), "valid": torch.ones(2, 64, 64, dtype=torch.bool)}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    codec = DepthCodec("log")
+    losses = []
+    for _ in range(40):
+        loss, _ = multitask_loss(model(x), batch, codec, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_architecture_defaults_and_options():
+    v = resolve(ModelConfig(arch="branched_vortex"))
+    assert (v.output_stride, v.aspp_rates, v.semseg_context, v.semseg_decoder, v.depth_context) == (8, (12, 24, 36), "vortex", "double_skip", "aspp")
+    assert resolve(ModelConfig(arch="branched")).aspp_rates == (6, 12, 18)
+    assert resolve(ModelConfig(arch="branched", output_stride=8)).aspp_rates == (12, 24, 36)
+    m = build_model(ModelConfig(arch="branched", encoder="resnet50", output_stride=32, aspp_rates=(3, 6), depth_context="none"))
+    assert m.encoder.output_stride == 32 and len(m.branches["semseg"].context.branches) == 3
+    with torch.no_grad():
+        feats = m.encoder(torch.zeros(1, 3, 64, 64))
+    assert feats["out"].shape[-1] == 2 and feats["4x"].shape[1] == 256
+    with pytest.raises(ValueError, match="unknown encoder 'vgg'"):
+        build_model(ModelConfig(encoder="vgg"))
+    with pytest.raises(ValueError, match="--output-stride must be 8, 16 or 32"):
+        build_model(ModelConfig(output_stride=4))
+
+
+@pytest.mark.parametrize("os_", [8, 16, 32])
+def test_dilation_keeps_resolution_and_parameters(os_):
+    m = build_model(ModelConfig(arch="deeplabv3p", encoder="resnet34", output_stride=os_))
+    with torch.no_grad():
+        f = m.encoder(torch.zeros(1, 3, 128, 128))
+    assert f["out"].shape[-1] == 128 // os_
+    assert count_params(m) == REPORT["deeplabv3p"]["params"]
+
+
+def test_pretrained_weights_from_a_file(tmp_path):
+    ref = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(ref.conv1.weight, 0.125)
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    m = build_model(ModelConfig(encoder="resnet18", pretrained=str(path)))
+    assert torch.all(m.encoder.stem[0].weight == 0.125)
+    with pytest.raises(ValueError, match=r"r18.pth do not fit this encoder"):
+        build_model(ModelConfig(encoder="resnet34", pretrained=str(path)))
+    with pytest.raises(FileNotFoundError, match="pretrained encoder weights not found: .*nope.pth"):
+        build_model(ModelConfig(encoder="resnet18", pretrained=str(tmp_path / "nope.pth")))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pth: cannot be read"):
+        build_model(ModelConfig(encoder="resnet18", pretrained=str(tmp_path / "junk.pth")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_cli_runs_every_architecture(arch, tiny_root, tmp_path):
+    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", arch, "--encoder", "resnet18", "--root", tiny_root,
+                        "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "2", "--workers", "1",
+                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "validation after epoch 1" in r.stdout and "done: mIoU" in r.stdout

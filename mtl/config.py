@@ -20,7 +20,7 @@ ARCHS = ("deeplabv3p", "branched", "distillation", "branched_vortex")
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None  # Miniscapes folder (path or fsspec URL); None = cached synthetic set
-    shards: str | None = None  # WebDataset shard set (manifest URL or prefix); overrides root when given
+    shards: str | None = None  # WebDataset shard set (prefix or manifest URL, e.g. s3://b/p); overrides root
     synthetic_size: tuple[int, int] = (128, 256)  # HxW of the auto-generated synthetic set
     synthetic_counts: tuple[int, int, int] = (400, 80, 80)  # train/val/test
     scale_min: float = 1.0
@@ -28,8 +28,9 @@ class DataConfig:
     crop: tuple[int, int] | None = None  # None = crop back to the input size after scaling
     hflip: bool = True
     augment: bool = True
-    workers: int = 2
-    prefetch: int = 4
+    workers: int = 2  # loader processes per training process
+    prefetch: int = 4  # batches each loader worker keeps ready
+    shuffle_buffer: int = 256  # samples (shard streaming)
 
     def validate(self) -> None:
         if not 0 < self.scale_min <= self.scale_max:

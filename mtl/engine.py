@@ -17,8 +17,7 @@ from torch import nn
 
 from mtl.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state, write_bytes_atomic
 from mtl.config import ExperimentConfig
-from mtl.data import build_datasets
-from mtl.data.loader import make_loader
+from mtl.data import build_loaders
 from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
@@ -160,17 +159,15 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     torch.manual_seed(t.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    train_set, val_set = build_datasets(cfg, rt.is_main)
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_set, t.batch_size, True, t.seed, cfg.data.workers, cfg.data.prefetch, rt.rank, rt.world, True, pin)
-    val_loader = make_loader(val_set, t.batch_size, False, t.seed, cfg.data.workers, cfg.data.prefetch, rt.rank, rt.world, False, pin)
+    data = build_loaders(cfg, rt.rank, rt.world, pin_memory=device.type == "cuda")
+    train_loader, val_loader = data.train, data.val
     steps_per_epoch = len(train_loader) // t.grad_accum
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
     if steps_per_epoch < 1:
-        raise ValueError(f"the train split ({len(train_set)} samples over {rt.world} ranks) is smaller than one batch "
-                         f"({t.batch_size} x {t.grad_accum} accumulation)")
-    schedule = PolyLR(cfg.optim.lr, t.epochs * steps_per_epoch, cfg.optim.poly_power, cfg.optim.warmup_steps)
+        raise ValueError(f"the train split ({data.num_train} samples over {rt.world} ranks) is smaller than one batch "
+                         f"({t.batch_size} x {t.grad_accum} accumulation) per rank")
+    total_steps = t.epochs * steps_per_epoch
 
     model = build_model(cfg.model).to(device)
     if t.channels_last:
@@ -184,7 +181,12 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
         optimizer.load_state_dict(state["optimizer"])
         epoch, step, best = state["epoch"], state["step"], state["best_grader"]
         set_rng_state(state["rng"])
-        rt.log(f"resumed from {state.get('url', 'checkpoint')}: epoch {epoch}, step {step}, next LR {schedule(step):.3g}")
+        if state["total_steps"] != total_steps and state["epochs"] == t.epochs:
+            # same plan, other steps/epoch (world size, loader workers): keep the LR curve continuous
+            total_steps = state["total_steps"]
+    schedule = PolyLR(cfg.optim.lr, total_steps, cfg.optim.poly_power, cfg.optim.warmup_steps)
+    if state is not None:
+        rt.log(f"resumed from {state.get('url', 'checkpoint')}: epoch {epoch}, step {step}/{total_steps}, next LR {schedule(step):.3g}")
     train_model = rt.wrap_model(model)
     if t.compile:
         train_model = torch.compile(train_model)
@@ -192,7 +194,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     amp = autocast(device, t.bf16)
     if rt.is_main:
         rt.log(f"[bold]{cfg.run_name()}[/] on {device} x{rt.world}: {sum(p.numel() for p in model.parameters()):,} params, "
-               f"{len(train_set)} train / {len(val_set)} val samples, global batch {t.batch_size * t.grad_accum * rt.world}, "
+               f"{data.num_train} train / {data.num_val} val samples from {data.source}, global batch {t.batch_size * t.grad_accum * rt.world}, "
                f"{steps_per_epoch} steps/epoch, LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power})")
 
     history, lrs = [], []
@@ -201,7 +203,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     with TrainProgress(enabled=rt.is_main) as bar:
         while epoch < t.epochs:
             train_model.train()
-            train_loader.sampler.set_epoch(epoch)
+            train_loader.set_epoch(epoch)
             bar.start_epoch(epoch, t.epochs, steps_per_epoch)
             running = torch.zeros(3, device=device)
             t0, n_img = time.perf_counter(), 0
@@ -230,7 +232,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
                 bar.metrics_table(metrics)
             if rt.save:
                 state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "step": step, "best_grader": best, "rng": rng_state(), "metrics": metrics}
+                         "epoch": epoch, "step": step, "epochs": t.epochs, "total_steps": total_steps, "best_grader": best, "rng": rng_state(), "metrics": metrics}
                 rt.save(state, f"epoch-{epoch:04d}", is_best, metrics)
             if on_epoch_end:
                 on_epoch_end(epoch, metrics)

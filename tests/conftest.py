@@ -21,3 +21,58 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     """64x128 synthetic Miniscapes: 96 train / 24 val / 16 test."""
     return synthesize(str(tmp_path_factory.mktemp("data") / "miniscapes"), {"train": 96, "val": 24, "test": 16}, (64, 128), seed=1, workers=2)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint on loopback (moto server), exported through the standard AWS variables
+    so that boto3, s3fs, the aws CLI and subprocesses (Ray workers included) all use it."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="streetmtl")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_prefix(s3_endpoint, request) -> str:
+    """A fresh s3:// prefix per test."""
+    import uuid
+
+    return f"s3://streetmtl/{request.node.name[:40]}-{uuid.uuid4().hex[:6]}"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
 from mtl.config import ExperimentConfig
 from mtl.data.folder import MiniscapesFolder
+from mtl.data.loader import make_loader
+from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, num_samples, read_manifest
 from mtl.data.transforms import Augment
 
 
@@ -36,7 +39,47 @@ def train_augment(cfg: ExperimentConfig) -> Augment | None:
     return Augment(d.scale_min, d.scale_max, d.crop, d.hflip) if d.augment else None
 
 
-def build_datasets(cfg: ExperimentConfig, is_main: bool = True) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets for the configured source."""
+class FolderLoader:
+    """A DataLoader over a map-style dataset with the `set_epoch` / `len` interface of ShardLoader."""
+
+    def __init__(self, dataset: Dataset, loader) -> None:
+        self.dataset, self.loader = dataset, loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+@dataclass
+class Loaders:
+    train: FolderLoader | ShardLoader
+    val: FolderLoader | ShardLoader
+    num_train: int
+    num_val: int
+    source: str
+
+
+def build_loaders(cfg: ExperimentConfig, rank: int = 0, world: int = 1, pin_memory: bool = False) -> Loaders:
+    """Train/val loaders for this rank: WebDataset shards when ``data.shards`` is set, else a
+    Miniscapes folder (``data.root``, or the cached synthetic set)."""
+    d, t = cfg.data, cfg.train
+    if d.shards:
+        manifest = read_manifest(d.shards)
+        tr = ShardStream(ShardSplit.from_manifest(manifest, "train"), train_augment(cfg), t.seed, True, rank, world, d.shuffle_buffer)
+        va = ShardStream(ShardSplit.from_manifest(manifest, "val"), None, t.seed, False, rank, world)
+        return Loaders(ShardLoader(tr, t.batch_size, d.workers, d.prefetch, True, pin_memory),
+                       ShardLoader(va, t.batch_size, d.workers, d.prefetch, False, pin_memory),
+                       num_samples(manifest, "train"), num_samples(manifest, "val"), manifest["base_url"])
     root = data_root(cfg)
-    return (MiniscapesFolder(root, "train", train_augment(cfg), cfg.train.seed), MiniscapesFolder(root, "val"))
+    train_set = MiniscapesFolder(root, "train", train_augment(cfg), t.seed)
+    val_set = MiniscapesFolder(root, "val")
+    return Loaders(
+        FolderLoader(train_set, make_loader(train_set, t.batch_size, True, t.seed, d.workers, d.prefetch, rank, world, True, pin_memory)),
+        FolderLoader(val_set, make_loader(val_set, t.batch_size, False, t.seed, d.workers, d.prefetch, rank, world, False, pin_memory)),
+        len(train_set), len(val_set), root,
+    )

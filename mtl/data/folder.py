@@ -12,32 +12,42 @@ from mtl.data.miniscapes import MODALITIES, SPLITS, decode_sample
 from mtl.data.transforms import Augment, prepare, sample_rng
 
 
+def scan_split(root: str, split: str) -> tuple[list[tuple[str, dict[str, int]]], list[str]]:
+    """List one split: ``([(stem, {modality: file size})] for complete samples, [missing files])``.
+
+    Raises FileNotFoundError naming a missing modality folder.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    fs, base = fsspec.core.url_to_fs(root)
+    sizes: dict[str, dict[str, int]] = {}
+    for mod, ext in MODALITIES.items():
+        folder = f"{base.rstrip('/')}/{split}/{mod}"
+        if not fs.isdir(folder):
+            raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, mod)}")
+        sizes[mod] = {}
+        for entry in fs.ls(folder, detail=True):
+            name = os.path.basename(entry["name"].rstrip("/"))
+            if name.endswith("." + ext):
+                sizes[mod][name[: -len(ext) - 1]] = int(entry.get("size") or 0)
+    everything = sorted(set().union(*(set(v) for v in sizes.values())), key=_index_key)
+    complete = [(s, {m: sizes[m][s] for m in MODALITIES}) for s in everything if all(s in sizes[m] for m in MODALITIES)]
+    missing = [_join(root, split, m, f"{s}.{MODALITIES[m]}") for s in everything for m in MODALITIES if s not in sizes[m]]
+    return complete, missing
+
+
 def list_split(root: str, split: str) -> list[str]:
     """Sample indices of one split, after checking that every sample has its three files.
 
     Raises FileNotFoundError naming the missing folder or files.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    fs, base = fsspec.core.url_to_fs(root)
-    stems: dict[str, set[str]] = {}
-    for mod, ext in MODALITIES.items():
-        folder = f"{base.rstrip('/')}/{split}/{mod}"
-        if not fs.isdir(folder):
-            raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, mod)}")
-        names = [os.path.basename(p) for p in fs.ls(folder, detail=False)]
-        stems[mod] = {n[: -len(ext) - 1] for n in names if n.endswith("." + ext)}
-    everything = set().union(*stems.values())
-    problems = [
-        _join(root, split, mod, f"{s}.{MODALITIES[mod]}")
-        for mod in MODALITIES for s in sorted(everything - stems[mod], key=_index_key)
-    ]
-    if problems:
-        shown = ", ".join(problems[:10]) + (f" ... ({len(problems)} in all)" if len(problems) > 10 else "")
+    complete, missing = scan_split(root, split)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
         raise FileNotFoundError(f"Miniscapes {split}: samples with a missing file: {shown}")
-    if not everything:
+    if not complete:
         raise FileNotFoundError(f"Miniscapes {split}: no samples in {_join(root, split)}")
-    return sorted(everything, key=_index_key)
+    return [stem for stem, _ in complete]
 
 
 def _index_key(stem: str) -> tuple[int, str]:
@@ -53,7 +63,8 @@ class MiniscapesFolder(Dataset):
     plus ``index`` (the file stem as int when numeric).
 
     The sampler may pass ``(epoch, i)`` instead of ``i``: augmentation is then seeded by
-    (seed, epoch, i), which makes every epoch reproducible regardless of workers or resumes.
+    (seed, epoch, sample index), which makes every epoch reproducible regardless of workers,
+    resumes or whether the sample comes from this folder or from a shard.
     """
 
     def __init__(self, root: str, split: str, augment: Augment | None = None, seed: int = 0) -> None:
@@ -80,7 +91,8 @@ class MiniscapesFolder(Dataset):
         raw = self.read_bytes(i)
         stem = self.indices[i]
         sample = decode_sample(raw["rgb"], raw["semseg"], raw["depth"], key=_join(self.root, self.split, stem))
-        rng = sample_rng(self.seed, epoch, i) if self.augment is not None else None
+        index = int(stem) if stem.isdigit() else i
+        rng = sample_rng(self.seed, epoch, index) if self.augment is not None else None
         out = prepare(sample, self.augment, rng)
-        out["index"] = torch.tensor(int(stem) if stem.isdigit() else i)
+        out["index"] = torch.tensor(index)
         return out

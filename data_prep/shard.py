@@ -1,0 +1,282 @@
+"""Miniscapes folder -> WebDataset tar shards (+ manifest.json) on any fsspec URL.
+
+    python -m data_prep.shard --src data/miniscapes --dst s3://bucket/miniscapes-shards --shard-size 256MB
+    python -m data_prep.shard --src s3://bucket/miniscapes --dst /mnt/shards --shard-size 1000   # samples/shard
+
+Each split becomes ``<split>-000000.tar`` ...; a sample is keyed by its index and holds
+``rgb.jpg``, ``semseg.png`` and ``depth.png`` as the original bytes. Every sample is validated
+(three files, sizes agree, labels in 0..18/255) while it is written. ``manifest.json`` is written
+last: readers trust only shards listed there, so an interrupted run never looks complete.
+Re-running resumes: shards finished by an earlier run of the same plan are kept, not rewritten.
+S3 endpoint and credentials come from the usual AWS environment (``AWS_ENDPOINT_URL``...) or
+``--endpoint-url``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+
+from mtl import __version__
+from mtl.data.folder import scan_split
+from mtl.data.miniscapes import MODALITIES, SPLITS, decode_sample
+
+FORMAT = "streetmtl-shards-v1"
+MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
+
+
+@dataclass
+class ShardJob:
+    split: str
+    name: str
+    src: str
+    dst: str
+    stems: list[str]
+    plan_hash: str
+    skip_bad: bool
+
+
+@dataclass
+class ShardResult:
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    plan_hash: str
+    image_sizes: list[list[int]] = field(default_factory=list)
+    bad: list[dict[str, str]] = field(default_factory=list)
+    reused: bool = False
+
+
+class _HashingWriter(io.RawIOBase):
+    """Counts and hashes the bytes of the tar stream on their way to the (remote) file."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.sha, self.n = fh, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        self.fh.write(b)
+        return len(b)
+
+
+def parse_shard_size(text: str) -> tuple[str, int]:
+    """'256MB' -> ('bytes', 268435456); '1000' -> ('samples', 1000)."""
+    t = text.strip().upper()
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
+    for u, mult in units.items():
+        if t.endswith(u) and t[: -len(u)].replace(".", "", 1).isdigit():
+            n = int(float(t[: -len(u)]) * mult)
+            if n <= 0:
+                break
+            return "bytes", n
+    if t.isdigit() and int(t) > 0:
+        return "samples", int(t)
+    raise argparse.ArgumentTypeError(f"--shard-size must be a sample count (e.g. 1000) or a size (e.g. 256MB), got {text!r}")
+
+
+def plan_shards(samples: list[tuple[str, dict[str, int]]], kind: str, limit: int) -> list[list[str]]:
+    """Cut the index-ordered samples into shards by sample count or by bytes (file sizes)."""
+    shards, cur, cur_bytes = [], [], 0
+    for stem, sizes in samples:
+        size = sum(sizes.values()) + 3 * 1024  # tar headers and padding
+        full = len(cur) >= limit if kind == "samples" else (cur and cur_bytes + size > limit)
+        if full:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(stem)
+        cur_bytes += size
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "streetmtl", "streetmtl"
+    return info  # fixed metadata: the same input gives byte-identical shards
+
+
+def write_shard(job: ShardJob) -> ShardResult:
+    """Write one shard (validating each sample) and a small progress record beside it."""
+    src_fs, src_base = fsspec.core.url_to_fs(job.src)
+    dst_fs, dst_base = fsspec.core.url_to_fs(job.dst)
+    path = f"{dst_base.rstrip('/')}/{job.name}"
+    record = f"{dst_base.rstrip('/')}/_progress/{job.name}.json"
+    if dst_fs.exists(record) and dst_fs.exists(path):  # finished by an earlier run of the same plan?
+        prev = ShardResult(**json.loads(dst_fs.cat_file(record)))
+        if prev.plan_hash == job.plan_hash and dst_fs.size(path) == prev.num_bytes:
+            prev.reused = True
+            return prev
+    sizes, bad, n = set(), [], 0
+    with dst_fs.open(path, "wb") as raw:
+        hw = _HashingWriter(raw)
+        with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for stem in job.stems:
+                files = {}
+                for mod, ext in MODALITIES.items():
+                    files[mod] = src_fs.cat_file(f"{src_base.rstrip('/')}/{job.split}/{mod}/{stem}.{ext}")
+                try:
+                    sample = decode_sample(files["rgb"], files["semseg"], files["depth"], key=f"{job.split}/{stem}")
+                except ValueError as e:
+                    bad.append({"key": f"{job.split}/{stem}", "reason": str(e)})
+                    continue
+                sizes.add(sample["semseg"].shape)
+                for mod, data in files.items():
+                    tar.addfile(_tarinfo(f"{stem}.{MEMBERS[mod]}", len(data)), io.BytesIO(data))
+                n += 1
+    result = ShardResult(job.name, n, hw.n, hw.sha.hexdigest(), job.plan_hash, sorted([list(s) for s in sizes]), bad)
+    if bad and not job.skip_bad:
+        dst_fs.rm(path)  # this run will fail: leave no shard with missing samples behind
+        return result
+    with dst_fs.open(record, "w") as fh:
+        json.dump(asdict(result), fh)
+    return result
+
+
+def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[str, ...] = SPLITS,
+                  workers: int | None = None, skip_bad: bool = False, progress: bool = False) -> dict:
+    """Shard ``src`` into ``dst``; returns the manifest (also written to ``dst/manifest.json``).
+
+    Raises ValueError listing bad samples (unless ``skip_bad``); no manifest is written then.
+    """
+    kind, limit = parse_shard_size(shard_size)
+    dst_fs, dst_base = fsspec.core.url_to_fs(dst)
+    dst_base = dst_base.rstrip("/")
+    try:
+        dst_fs.makedirs(f"{dst_base}/_progress", exist_ok=True)
+        manifest_path = f"{dst_base}/manifest.json"
+        if dst_fs.exists(manifest_path):
+            dst_fs.rm(manifest_path)  # shards are about to change: the old manifest no longer holds
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+        raise OSError(f"cannot write to destination {dst}: {e}") from e
+
+    jobs, problems, skipped, plans = [], [], {}, {}
+    for split in splits:
+        samples, missing = scan_split(src, split)
+        skipped[split] = [{"key": m, "reason": "missing file"} for m in missing]
+        if missing and not skip_bad:
+            problems += [f"missing file: {m}" for m in missing]
+        plan = plan_shards(samples, kind, limit)
+        plan_hash = hashlib.sha256(json.dumps([src, split, plan]).encode()).hexdigest()[:16]
+        plans[split] = (plan, sum(sum(s.values()) for _, s in samples))
+        jobs += [ShardJob(split, f"{split}-{i:06d}.tar", src, dst, stems, plan_hash, skip_bad) for i, stems in enumerate(plan)]
+    if problems:
+        raise ValueError(_problem_text(problems))
+
+    results = _run(jobs, workers, progress, sum(len(j.stems) for j in jobs), sum(p[1] for p in plans.values()))
+    for r in results.values():
+        problems += [f"{b['key']}: {b['reason']}" for b in r.bad] if not skip_bad else []
+    if problems:
+        raise ValueError(_problem_text(problems))
+
+    manifest = {"format": FORMAT, "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source": src, "shard_size": shard_size, "splits": {}}
+    for split in splits:
+        shards = [results[j.name] for j in jobs if j.split == split]
+        image_sizes = sorted({tuple(s) for r in shards for s in r.image_sizes})
+        manifest["splits"][split] = {
+            "num_samples": sum(r.num_samples for r in shards),
+            "num_bytes": sum(r.num_bytes for r in shards),
+            "image_size": list(image_sizes[0]) if len(image_sizes) == 1 else None,
+            "image_sizes": [list(s) for s in image_sizes],
+            "shards": [{"name": r.name, "num_samples": r.num_samples, "num_bytes": r.num_bytes, "sha256": r.sha256} for r in shards],
+            "skipped": skipped[split] + [b for r in shards for b in r.bad],
+        }
+    with dst_fs.open(manifest_path, "w") as fh:  # last: from here on the shard set is complete
+        json.dump(manifest, fh, indent=1)
+    if dst_fs.exists(f"{dst_base}/_progress"):
+        dst_fs.rm(f"{dst_base}/_progress", recursive=True)
+    listed = {s["name"] for sp in manifest["splits"].values() for s in sp["shards"]}
+    for path in dst_fs.ls(dst_base, detail=False):  # shards of an earlier, different plan
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(".tar") and name.split("-")[0] in splits and name not in listed:
+            dst_fs.rm(path)
+    return manifest
+
+
+def _problem_text(problems: list[str]) -> str:
+    shown = "\n  ".join(problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return f"{len(problems)} bad sample(s); nothing was published (rerun with --skip-bad to leave them out):\n  {shown}{more}"
+
+
+def _run(jobs: list[ShardJob], workers: int | None, progress: bool, total_samples: int, total_bytes: int) -> dict[str, ShardResult]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    results: dict[str, ShardResult] = {}
+    cols = (TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"), TimeRemainingColumn())
+    t0, done_bytes = time.perf_counter(), 0
+    with Progress(*cols, disable=not progress) as bar, ProcessPoolExecutor(workers) as pool:
+        task = bar.add_task("shard", total=total_samples, speed="")
+        pending = {pool.submit(write_shard, j) for j in jobs}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                r = fut.result()  # an I/O error stops the run here; no manifest is written
+                results[r.name] = r
+                done_bytes += r.num_bytes
+                dt = max(time.perf_counter() - t0, 1e-6)
+                bar.update(task, advance=r.num_samples + len(r.bad),
+                           speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes / dt / 1e6:.1f} MB/s")
+    return results
+
+
+def summary_table(manifest: dict, seconds: float):
+    from rich.table import Table
+
+    t = Table(title=f"shards written in {seconds:.1f}s")
+    for c in ("split", "shards", "samples", "skipped", "MB", "image size"):
+        t.add_column(c, justify="right")
+    for split, s in manifest["splits"].items():
+        size = "x".join(map(str, s["image_size"])) if s["image_size"] else f"{len(s['image_sizes'])} sizes"
+        t.add_row(split, str(len(s["shards"])), str(s["num_samples"]), str(len(s["skipped"])), f"{s['num_bytes'] / 1e6:.1f}", size)
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="Miniscapes root: local folder or fsspec URL")
+    p.add_argument("--dst", required=True, help="destination prefix: local folder or fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--shard-size", default="256MB", type=str, help="samples per shard (1000) or bytes (256MB); default 256MB")
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count)")
+    p.add_argument("--skip-bad", action="store_true", help="leave bad samples out (counted in the manifest) instead of failing")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (MinIO, moto...); default $AWS_ENDPOINT_URL")
+    a = p.parse_args(argv)
+    try:
+        parse_shard_size(a.shard_size)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    if a.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = a.endpoint_url  # inherited by the worker processes
+    from rich.console import Console
+
+    t0 = time.perf_counter()
+    try:
+        manifest = shard_dataset(a.src, a.dst, a.shard_size, tuple(a.splits), a.workers, a.skip_bad, progress=True)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Console(soft_wrap=True).print(summary_table(manifest, time.perf_counter() - t0))
+    print(f"manifest: {a.dst.rstrip('/')}/manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Streaming WebDataset shards (local or s3://...) listed in a manifest written by data_prep.shard.
+
+The split's shards are dealt out to ranks, then to each rank's loader workers (balanced by
+sample count), so that every sample is read exactly once per epoch across the whole job; each
+consumer reads its shards in an order drawn from (seed, epoch). Samples are shuffled through a buffer, decoded raw (labels and disparities keep their
+exact values) and augmented by the same code as the folder dataset, seeded by (seed, epoch,
+sample index). Sample counts per consumer are known from the manifest, so every rank can agree
+on the number of training steps without talking to the others.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mtl.data.miniscapes import decode_sample
+from mtl.data.transforms import Augment, prepare, sample_rng
+
+FORMAT = "streetmtl-shards-v1"
+RETRIES = 4
+
+
+def manifest_url(url: str) -> str:
+    return url if url.endswith(".json") else url.rstrip("/") + "/manifest.json"
+
+
+def read_manifest(url: str) -> dict[str, Any]:
+    """The manifest at ``url`` (a manifest file or the shard prefix). Clear errors when absent."""
+    murl = manifest_url(url)
+    try:
+        with fsspec.open(murl, "r") as fh:
+            m = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard manifest at {murl} (sharding not run, or interrupted before it finished)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"shard manifest {murl} is corrupt ({e})") from e
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{murl} is not a {FORMAT} manifest")
+    m["base_url"] = murl.rsplit("/", 1)[0]
+    return m
+
+
+def _open_with_retries(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
+    """webdataset opener for fsspec URLs (s3://, gs://, ...) with retries on transient errors."""
+    for attempt in range(RETRIES):
+        try:
+            return fsspec.open(url, mode).open()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard missing: {url}") from None
+        except (OSError, TimeoutError) as e:
+            if attempt == RETRIES - 1:
+                raise OSError(f"cannot read shard {url} after {RETRIES} attempts: {e}") from e
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def register_fsspec_schemes() -> None:
+    """webdataset has no s3:// handler: route remote schemes through fsspec. Call in every
+    process that reads shards (done by ShardStream itself, so spawned workers get it too)."""
+    for scheme in ("s3", "gs", "gcs", "az", "abfs", "http", "https", "memory"):
+        wds.gopen_schemes[scheme] = _open_with_retries
+
+
+def _reraise_with_context(exn: Exception) -> bool:
+    if isinstance(exn, FileNotFoundError):
+        raise FileNotFoundError(f"shard missing: {exn}") from exn
+    raise ValueError(f"corrupt or unreadable shard: {exn}") from exn
+
+
+@dataclass(frozen=True)
+class ShardSplit:
+    """One split of a shard set: shard URLs and per-shard sample counts."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], split: str) -> "ShardSplit":
+        if split not in manifest["splits"]:
+            raise ValueError(f"split {split!r} not in shard manifest {manifest['base_url']} (has {sorted(manifest['splits'])})")
+        shards = manifest["splits"][split]["shards"]
+        return cls(tuple(f"{manifest['base_url']}/{s['name']}" for s in shards), tuple(s["num_samples"] for s in shards))
+
+    def assignment(self, world: int, workers: int) -> list[list[list[int]]]:
+        """Shard ids for [rank][worker]: a fixed, count-balanced deal (largest shard first to the
+        consumer with the fewest samples). Fixed, so that the number of batches per epoch, and
+        with it the LR plan, is the same every epoch; the order within a consumer is shuffled
+        per epoch instead."""
+        workers = max(workers, 1)
+        load = [[0] * workers for _ in range(world)]
+        plan: list[list[list[int]]] = [[[] for _ in range(workers)] for _ in range(world)]
+        for i in sorted(range(len(self.counts)), key=lambda i: (-self.counts[i], i)):
+            r = min(range(world), key=lambda r: (sum(load[r]), r))
+            w = min(range(workers), key=lambda w: (load[r][w], w))
+            plan[r][w].append(i)
+            load[r][w] += self.counts[i]
+        return plan
+
+    def batches_per_rank(self, world: int, workers: int, batch: int, drop_last: bool = True) -> list[int]:
+        """Batches each rank yields per epoch (each loader worker batches its own samples)."""
+        per = [[sum(self.counts[i] for i in ws) for ws in rank] for rank in self.assignment(world, workers)]
+        return [sum(n // batch if drop_last else -(-n // batch) for n in rank) for rank in per]
+
+
+class ShardStream(IterableDataset):
+    """This rank's stream of one split. Call `set_epoch` before each epoch's iterator."""
+
+    def __init__(self, split: ShardSplit, augment: Augment | None, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1, shuffle_buffer: int = 256) -> None:
+        if len(split.urls) < world:
+            raise ValueError(f"{len(split.urls)} shard(s) cannot feed {world} ranks: reshard with a smaller --shard-size "
+                             f"(several shards per rank and loader worker keep them all busy)")
+        self.split, self.augment, self.seed, self.shuffle = split, augment, seed, shuffle
+        self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        register_fsspec_schemes()
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        mine = list(self.split.assignment(self.world, workers)[self.rank][wid])
+        rng = random.Random(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 1009 + wid)
+        if self.shuffle:
+            rng.shuffle(mine)
+        samples = wds.tarfile_to_samples(handler=_reraise_with_context)([{"url": self.split.urls[i]} for i in mine])
+        if self.shuffle and self.shuffle_buffer > 1:
+            samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
+        for s in samples:
+            yield self._decode(s)
+
+    def _decode(self, s: dict[str, Any]) -> dict[str, torch.Tensor]:
+        key = s["__key__"]
+        where = f"{s.get('__url__', '?')}:{key}"
+        missing = [m for m in ("rgb.jpg", "semseg.png", "depth.png") if m not in s]
+        if missing:
+            raise ValueError(f"shard sample {where} lacks {missing}")
+        sample = decode_sample(s["rgb.jpg"], s["semseg.png"], s["depth.png"], key=where)
+        index = int(key) if key.isdigit() else abs(hash(key)) % (1 << 31)
+        rng = sample_rng(self.seed, self.epoch, index) if self.augment is not None else None
+        out = prepare(sample, self.augment, rng)
+        out["index"] = torch.tensor(index)
+        return out
+
+
+def _buffer_shuffle(it, size: int, rng: random.Random):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= size:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardLoader:
+    """DataLoader over a ShardStream with a known number of batches per epoch.
+
+    For training (``drop_last``), every rank yields exactly ``steps`` batches: the minimum over
+    ranks, computed from the manifest, so no rank waits on a collective the others never reach.
+    """
+
+    def __init__(self, stream: ShardStream, batch_size: int, workers: int, prefetch: int, drop_last: bool, pin_memory: bool) -> None:
+        self.stream, self.batch_size, self.drop_last = stream, batch_size, drop_last
+        self.workers = workers
+        self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=drop_last, pin_memory=pin_memory,
+                                 prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)  # non-persistent workers are forked per epoch and see it
+
+    def __len__(self) -> int:
+        s = self.stream
+        per_rank = s.split.batches_per_rank(s.world, self.workers, self.batch_size, self.drop_last)
+        return min(per_rank) if self.drop_last else per_rank[s.rank]
+
+    def __iter__(self):
+        n = len(self) if self.drop_last else None
+        for i, batch in enumerate(self.loader):
+            if n is not None and i >= n:
+                break
+            yield batch
+
+
+def num_samples(manifest: dict[str, Any], split: str) -> int:
+    return int(manifest["splits"][split]["num_samples"])

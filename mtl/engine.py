@@ -18,6 +18,7 @@ from torch import nn
 from mtl.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state, write_bytes_atomic
 from mtl.config import ExperimentConfig
 from mtl.data import build_loaders
+from mtl.data.batch import to_model_batch
 from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
@@ -37,13 +38,6 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if channels_last:
-        out["rgb"] = out["rgb"].contiguous(memory_format=torch.channels_last)
-    return out
 
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -88,7 +82,7 @@ def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, 
     model.eval()
     metrics = MultiTaskMetrics(device=device)
     for batch in loader:
-        batch = to_device(batch, device, channels_last)
+        batch = to_model_batch(batch, device, channels_last)
         labels, depth_m = predict(model, batch["rgb"], codec, amp)
         metrics.update(labels, depth_m, batch)
         if progress:
@@ -211,7 +205,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
             for s in range(steps_per_epoch):
                 lrs.append(schedule.apply(optimizer, step))
                 for _ in range(t.grad_accum):
-                    batch = to_device(next(it), device, t.channels_last)
+                    batch = to_model_batch(next(it), device, t.channels_last)
                     parts = train_step(train_model, batch, codec, cfg.optim.semseg_weight, amp, 1.0 / t.grad_accum)
                     running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
                     n_img += batch["rgb"].shape[0]

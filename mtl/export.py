@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtl.data.miniscapes import encode_depth_png, encode_semseg_png
-from mtl.engine import predict, to_device
+from mtl.data.batch import to_model_batch
+from mtl.engine import predict
 from mtl.losses import DepthCodec
 from mtl.viz import denormalize_rgb, side_by_side
 
@@ -40,7 +41,7 @@ def export_predictions(model: nn.Module, dataset: Dataset, out_dir: str, codec: 
     n = 0
     try:
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-            batch = to_device(batch, device, channels_last=False)
+            batch = to_model_batch(batch, device, channels_last=False)
             labels, depth_m = predict(model, batch["rgb"], codec, amp)
             for j in range(labels.shape[0]):
                 idx = int(batch["index"][j])

@@ -78,7 +78,7 @@ def test_every_sample_exactly_once_and_equal_to_the_folder(s3_shards, tiny_root,
             for j, idx in enumerate(batch["index"].tolist()):
                 seen.append(idx)
                 ref = folder[(3, idx)]  # same (seed, epoch, index) -> same augmentation
-                for k in ("rgb", "semseg", "depth", "valid"):
+                for k in ("rgb", "semseg", "disparity"):
                     assert torch.equal(batch[k][j], ref[k]), (idx, k)
         assert n == len(loader)
         batches.append(n)

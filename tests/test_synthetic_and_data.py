@@ -12,7 +12,8 @@ import torch
 from data_prep.synthesize import synthesize
 from mtl.data.folder import MiniscapesFolder, list_split
 from mtl.data.miniscapes import IGNORE_INDEX, NUM_CLASSES, decode_depth, decode_semseg
-from mtl.data.transforms import Augment, augment, sample_rng, to_tensors
+from mtl.data.batch import to_model_batch
+from mtl.data.transforms import Augment, augment, sample_rng
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,12 +79,19 @@ def test_folder_dataset_decodes_all_three(tiny_root):
     ds = MiniscapesFolder(tiny_root, "val")
     assert len(ds) == 24
     s = ds[3]
-    assert s["rgb"].shape == (3, 64, 128) and s["rgb"].dtype == torch.float32
-    assert s["semseg"].dtype == torch.int64 and s["depth"].dtype == torch.float32 and s["valid"].dtype == torch.bool
+    assert s["rgb"].shape == (64, 128, 3) and s["rgb"].dtype == torch.uint8  # compact: converted on the device
     lab = decode_semseg(open(f"{tiny_root}/val/semseg/3.png", "rb").read())
-    assert torch.equal(s["semseg"], torch.from_numpy(lab).long())
-    assert (s["depth"][s["valid"]] >= 4 - 1e-3).all() and (s["depth"][~s["valid"]] == 0).all()
+    depth_m, valid = decode_depth(open(f"{tiny_root}/val/depth/3.png", "rb").read())
+    assert torch.equal(s["semseg"], torch.from_numpy(lab))
     assert int(s["index"]) == 3
+    b = to_model_batch({k: v[None] for k, v in s.items()}, torch.device("cpu"))
+    assert b["rgb"].shape == (1, 3, 64, 128) and b["rgb"].is_contiguous(memory_format=torch.channels_last)
+    assert b["semseg"].dtype == torch.int64 and torch.equal(b["semseg"][0], torch.from_numpy(lab).long())
+    assert torch.equal(b["valid"][0], torch.from_numpy(valid))
+    assert torch.allclose(b["depth"][0], torch.from_numpy(depth_m), rtol=1e-5)
+    assert (b["depth"][0][~b["valid"][0]] == 0).all() and (b["depth"][b["valid"]] >= 4 - 1e-3).all()
+    mean_colour = b["rgb"][0].mean((1, 2))
+    assert mean_colour.abs().max() < 3  # ImageNet-normalised
 
 
 def test_missing_folder_and_file_are_named(tiny_root, tmp_path):
@@ -106,36 +114,48 @@ def test_bad_labels_are_named(tiny_root, tmp_path):
 
 
 def test_augmentation_is_joint_and_consistent():
-    """A synthetic sample whose label equals a function of its rgb and depth: after augmentation the
-    relation must still hold pixel by pixel."""
+    """A synthetic sample whose label, disparity code and colour are one function of the column:
+    after augmentation the relation must still hold pixel by pixel."""
     h, w = 40, 60
     labels = np.tile((np.arange(w) // 6 % 19).astype(np.uint8), (h, 1))
-    depth = (labels.astype(np.float32) + 5.0)
-    valid = np.ones((h, w), bool)
+    codes = labels + 10
     labels[:5] = IGNORE_INDEX
-    valid[:5] = False
-    depth[:5] = 0
-    rgb = np.repeat((labels.astype(np.uint8) * 10)[..., None], 3, axis=2)
-    t = {"rgb": rgb, "semseg": labels, "depth": depth, "valid": valid}
+    codes[:5] = 0
+    rgb = np.repeat((labels * 10)[..., None], 3, axis=2).astype(np.uint8)
+    s = {"rgb": rgb, "semseg": labels, "disparity": codes}
     aug = Augment(1.0, 1.25, (32, 48), True)
+    flips = 0
     for i in range(20):
-        a = to_tensors(augment(t, aug, sample_rng(0, 0, i)))
-        assert a["semseg"].shape == (32, 48) and a["rgb"].shape == (3, 32, 48)
-        lab, dep, val = a["semseg"], a["depth"], a["valid"]
-        ok = lab != IGNORE_INDEX
-        assert torch.equal(dep[ok], lab[ok].float() + 5.0)  # nearest resampling keeps depth tied to labels
-        assert torch.equal(val, ok)  # ignore and invalid stay together
-        assert (dep[~val] == 0).all()
-    # reproducible from (seed, epoch, index)
-    assert np.array_equal(augment(t, aug, sample_rng(0, 3, 9))["rgb"], augment(t, aug, sample_rng(0, 3, 9))["rgb"])
+        a = augment(s, aug, sample_rng(0, 0, i))
+        assert a["semseg"].shape == a["disparity"].shape == (32, 48) and a["rgb"].shape == (32, 48, 3)
+        ok = a["semseg"] != IGNORE_INDEX
+        assert np.array_equal(a["disparity"][ok], a["semseg"][ok] + 10)  # one index map for both
+        assert np.array_equal(a["disparity"] > 0, ok)  # ignore and invalid stay together
+        flips += int(a["semseg"][-1, 0] > a["semseg"][-1, -1])
+    assert 0 < flips < 20
+    # the same (seed, epoch, index) gives the same sample
+    assert np.array_equal(augment(s, aug, sample_rng(0, 3, 9))["rgb"], augment(s, aug, sample_rng(0, 3, 9))["rgb"])
+
+
+def test_zoom_matches_resize_then_crop():
+    """Resampling straight into the crop window equals zooming the whole image, then cropping."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    s = {"rgb": rgb, "semseg": np.zeros((40, 60), np.uint8), "disparity": np.ones((40, 60), np.uint8)}
+    a = augment(s, Augment(1.25, 1.25, (40, 60), False), sample_rng(0, 0, 1))
+    full = np.asarray(Image.fromarray(rgb).resize((75, 50), Image.BILINEAR)).astype(int)
+    best = min(np.abs(full[y:y + 40, x:x + 60] - a["rgb"]).max() for y in range(11) for x in range(16))
+    assert best <= 2
 
 
 def test_crop_larger_than_image_pads_with_ignore():
-    t = {"rgb": np.zeros((10, 10, 3), np.uint8), "semseg": np.zeros((10, 10), np.uint8),
-         "depth": np.full((10, 10), 7.0, np.float32), "valid": np.ones((10, 10), bool)}
-    a = to_tensors(augment(t, Augment(1.0, 1.0, (16, 16), False), sample_rng(0, 0, 0)))
+    s = {"rgb": np.zeros((10, 10, 3), np.uint8), "semseg": np.zeros((10, 10), np.uint8), "disparity": np.full((10, 10), 7, np.uint8)}
+    a = augment(s, Augment(1.0, 1.0, (16, 16), False), sample_rng(0, 0, 0))
     assert a["semseg"].shape == (16, 16)
-    assert (a["semseg"] == IGNORE_INDEX).sum() == 16 * 16 - 100 and (~a["valid"]).sum() == 16 * 16 - 100
+    assert (a["semseg"] == IGNORE_INDEX).sum() == 16 * 16 - 100 and (a["disparity"] == 0).sum() == 16 * 16 - 100
+    b = to_model_batch({k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in a.items()}, torch.device("cpu"))
+    assert b["rgb"][0, :, 12, 12].abs().max() < 0.02  # padded with the mean colour
 
 
 def test_bad_augment_settings():

@@ -11,6 +11,7 @@ import torch
 
 from mtl.checkpoint import load_checkpoint
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
+from mtl.data.batch import to_model_batch
 from mtl.data.folder import MiniscapesFolder
 from mtl.data.miniscapes import decode_depth, decode_semseg
 from mtl.engine import fit, local_runtime
@@ -33,15 +34,15 @@ def baselines(root: str) -> dict[str, float]:
     train, val = MiniscapesFolder(root, "train"), MiniscapesFolder(root, "val")
     counts = np.zeros(256, np.int64)
     depths = []
+    cpu = torch.device("cpu")
     for i in range(len(train)):
-        s = train[i]
+        s = to_model_batch({k: v[None] for k, v in train[i].items()}, cpu)
         counts += np.bincount(s["semseg"].flatten().numpy(), minlength=256)
         depths.append(s["depth"][s["valid"]])
     majority, median = int(counts[:19].argmax()), float(torch.cat(depths).median())
     m = MultiTaskMetrics()
     for i in range(len(val)):
-        s = val[i]
-        b = {k: v[None] for k, v in s.items()}
+        b = to_model_batch({k: v[None] for k, v in val[i].items()}, cpu)
         m.update(torch.full_like(b["semseg"], majority), torch.full_like(b["depth"], median), b)
     return m.compute()
 
@@ -124,8 +125,8 @@ def test_cli_train_evaluate_export(tiny_root, tmp_path):
     model = build_model(ExperimentConfig.from_dict(state["config"]).model)
     model.load_state_dict(state["model"])
     model.eval()
-    s = MiniscapesFolder(tiny_root, "test")[4]
-    labels, depth = predict(model, s["rgb"][None], DepthCodec("log"), autocast(torch.device("cpu"), False))
+    s = to_model_batch({k: v[None] for k, v in MiniscapesFolder(tiny_root, "test")[4].items()}, torch.device("cpu"))
+    labels, depth = predict(model, s["rgb"], DepthCodec("log"), autocast(torch.device("cpu"), False))
     got_l = decode_semseg((out / "semseg/4.png").read_bytes())
     got_d, valid = decode_depth((out / "depth/4.png").read_bytes())
     assert np.array_equal(got_l, labels[0].numpy())

@@ -59,8 +59,9 @@ def _join(root: str, *parts: str) -> str:
 
 
 class MiniscapesFolder(Dataset):
-    """One split of a Miniscapes folder. Items are dicts of tensors (see `transforms.to_tensors`)
-    plus ``index`` (the file stem as int when numeric).
+    """One split of a Miniscapes folder. Items are compact uint8 tensors (rgb HxWx3, semseg,
+    disparity codes; see `mtl.data.batch` for the conversion on the device) plus ``index``
+    (the file stem as int when numeric).
 
     The sampler may pass ``(epoch, i)`` instead of ``i``: augmentation is then seeded by
     (seed, epoch, sample index), which makes every epoch reproducible regardless of workers,

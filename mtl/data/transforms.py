@@ -1,10 +1,11 @@
-"""Joint augmentation and tensor conversion: one code path for folder and shard datasets.
+"""Joint augmentation on compact uint8 samples: one code path for folder and shard datasets.
 
 Randomness comes from a generator the caller seeds with (seed, epoch, sample index), so an
-augmented sample is a pure function of those three numbers: reproducible across worker
-counts, ranks and resumes. Resampling is done on the uint8/float arrays with PIL and index
-arithmetic (not torch kernels, whose rounding depends on the thread count), before the
-float conversion, which also keeps it cheap.
+augmented sample is a pure function of those three numbers: reproducible across worker counts,
+ranks and resumes. Resampling uses PIL (bilinear, rgb) and index arithmetic (nearest, labels and
+disparity codes) rather than torch kernels, whose rounding depends on the thread count; the
+zoom is resampled straight into the crop window (PIL's ``box``), so no pixel outside the crop is
+ever computed. Float conversion and normalisation happen on the device (`mtl.data.batch`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_RGB_U8 = tuple(round(255 * m) for m in IMAGENET_MEAN)  # pads to ~0 after normalisation
 
-Sample = dict[str, np.ndarray]  # rgb HxWx3 uint8, semseg HxW uint8, depth HxW float32 m, valid HxW bool
+Sample = dict[str, np.ndarray]  # rgb HxWx3 uint8, semseg HxW uint8, disparity HxW uint8 codes (0 = invalid)
 
 
 @dataclass(frozen=True)
@@ -40,66 +41,49 @@ class Augment:
             raise ValueError(f"crop must be two positive sizes (h, w), got {self.crop}")
 
 
-def to_tensors(sample: Sample) -> dict[str, torch.Tensor]:
-    """rgb 3xHxW float (ImageNet-normalised), semseg HxW int64, depth HxW float32 metres (0 where
-    invalid), valid HxW bool."""
-    rgb = torch.from_numpy(np.ascontiguousarray(sample["rgb"])).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return {
-        "rgb": rgb.sub_(mean).div_(std),
-        "semseg": torch.from_numpy(np.ascontiguousarray(sample["semseg"])).long(),
-        "depth": torch.from_numpy(np.ascontiguousarray(sample["depth"])).float(),
-        "valid": torch.from_numpy(np.ascontiguousarray(sample["valid"])).bool(),
-    }
-
-
 def augment(s: Sample, aug: Augment, rng: np.random.Generator) -> Sample:
-    """Apply the same scale/crop/flip to rgb, labels and depth.
-
-    Labels, depth and validity use nearest neighbour through one shared index map:
-    interpolating class ids or mixing valid with invalid depth would invent values. Zooming an
-    image does not change metric depth.
-    """
+    """Zoom by a random factor, take a random crop (padding where the zoomed image is smaller),
+    flip; the same geometry for rgb, labels and disparity. Labels and disparity use nearest
+    neighbour through one shared index map: interpolating class ids or mixing valid with invalid
+    depth would invent values. Zooming an image does not change metric depth."""
     h, w = s["semseg"].shape
     scale = float(rng.uniform(aug.scale_min, aug.scale_max))
     ch, cw = aug.crop if aug.crop is not None else (h, w)
-    if scale != 1.0:
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        rows = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
-        cols = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
-        near = np.ix_(rows, cols)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    y = int(rng.integers(0, max(nh - ch, 0) + 1))
+    x = int(rng.integers(0, max(nw - cw, 0) + 1))
+    oh, ow = min(ch, nh), min(cw, nw)  # the part of the crop the zoomed image covers
+    if (nh, nw, oh, ow) != (h, w, h, w):
+        sy, sx = nh / h, nw / w
+        box = (x / sx, y / sy, (x + ow) / sx, (y + oh) / sy)
+        rows = np.minimum(((y + np.arange(oh) + 0.5) / sy).astype(np.intp), h - 1)
+        cols = np.minimum(((x + np.arange(ow) + 0.5) / sx).astype(np.intp), w - 1)
         s = {
-            "rgb": np.array(Image.fromarray(s["rgb"]).resize((nw, nh), Image.BILINEAR)),
-            "semseg": s["semseg"][near], "depth": s["depth"][near], "valid": s["valid"][near],
+            "rgb": np.asarray(Image.fromarray(s["rgb"]).resize((ow, oh), Image.BILINEAR, box=box)),
+            "semseg": s["semseg"][rows][:, cols],
+            "disparity": s["disparity"][rows][:, cols],
         }
-        h, w = nh, nw
-    if (h, w) != (ch, cw):
-        s = _pad_to(s, max(h, ch), max(w, cw))
-        h, w = s["semseg"].shape
-        y = int(rng.integers(0, h - ch + 1))
-        x = int(rng.integers(0, w - cw + 1))
-        s = {k: v[y:y + ch, x:x + cw] for k, v in s.items()}
+    if (oh, ow) != (ch, cw):
+        s = _pad_to(s, ch, cw)
     if aug.hflip and rng.random() < 0.5:
         s = {k: v[:, ::-1] for k, v in s.items()}
     return s
 
 
 def _pad_to(s: Sample, h: int, w: int) -> Sample:
-    """Pad bottom/right so a crop fits: rgb the mean colour, labels ignore, depth invalid."""
-    ph, pw = h - s["semseg"].shape[0], w - s["semseg"].shape[1]
-    if ph == 0 and pw == 0:
-        return s
+    """Pad bottom/right: rgb with the mean colour, labels with ignore, disparity with invalid (0)."""
+    sh, sw = s["semseg"].shape
     rgb = np.empty((h, w, 3), np.uint8)
     rgb[:] = _MEAN_RGB_U8
-    rgb[: h - ph, : w - pw] = s["rgb"]
-    pad = ((0, ph), (0, pw))
-    return {
-        "rgb": rgb,
-        "semseg": np.pad(s["semseg"], pad, constant_values=IGNORE_INDEX),
-        "depth": np.pad(s["depth"], pad, constant_values=0.0),
-        "valid": np.pad(s["valid"], pad, constant_values=False),
-    }
+    rgb[:sh, :sw] = s["rgb"]
+    pad = ((0, h - sh), (0, w - sw))
+    return {"rgb": rgb, "semseg": np.pad(s["semseg"], pad, constant_values=IGNORE_INDEX),
+            "disparity": np.pad(s["disparity"], pad, constant_values=0)}
+
+
+def to_tensors(sample: Sample) -> dict[str, torch.Tensor]:
+    """uint8 tensors, no conversion: rgb HxWx3, semseg HxW, disparity HxW."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sample.items()}
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -107,7 +91,7 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def prepare(sample: Sample, aug: Augment | None, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
-    """Decoded sample -> training/eval tensors (augmented when ``aug`` is given)."""
+    """Decoded sample -> compact tensors (augmented when ``aug`` is given)."""
     if aug is not None:
         assert rng is not None
         sample = augment(sample, aug, rng)

@@ -1,0 +1,40 @@
+"""Compact loader batches -> model-ready tensors, on the device.
+
+Loaders move uint8 only (5 bytes a pixel instead of 21): rgb NHWC, class ids, disparity codes.
+Here, after the host-to-device copy, rgb becomes a normalised float NCHW tensor (NHWC memory
+order is channels_last for free), labels int64, and disparity codes metric depth in metres with
+a validity mask, by the Miniscapes formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtl.data.miniscapes import DEPTH_MAX_M, DEPTH_MIN_M
+from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def codes_to_metres(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 disparity codes -> (depth in metres, float32; 0 where invalid), valid mask."""
+    valid = codes > 0
+    disp = (1 / DEPTH_MIN_M - 1 / DEPTH_MAX_M) * (codes.float() - 1.0) / 254.0 + 1 / DEPTH_MAX_M
+    return torch.where(valid, 1.0 / disp, torch.zeros_like(disp)), valid
+
+
+def normalize_rgb(rgb_u8_nhwc: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=rgb_u8_nhwc.device).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=rgb_u8_nhwc.device).view(1, 3, 1, 1) * 255.0)
+    x = (rgb_u8_nhwc.permute(0, 3, 1, 2).float() - mean) * inv_std  # stays in NHWC memory order
+    return x if channels_last else x.contiguous()
+
+
+def to_model_batch(raw: dict[str, torch.Tensor], device: torch.device, channels_last: bool = True) -> dict[str, torch.Tensor]:
+    """{rgb, semseg, disparity[, index]} uint8 -> {rgb float NCHW, semseg int64, depth m, valid, index}."""
+    rgb = raw["rgb"].to(device, non_blocking=True)
+    semseg = raw["semseg"].to(device, non_blocking=True)
+    codes = raw["disparity"].to(device, non_blocking=True)
+    depth, valid = codes_to_metres(codes)
+    out = {"rgb": normalize_rgb(rgb, channels_last), "semseg": semseg.long(), "depth": depth, "valid": valid}
+    if "index" in raw:
+        out["index"] = raw["index"]
+    return out

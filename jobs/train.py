@@ -32,8 +32,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, "object"]:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(argv)
     if not args.local:
-        print("error: only --local is available in this version (Ray Train comes with the distributed layer)", file=sys.stderr)
-        return 2
+        return run_on_ray(cfg)
     from mtl.engine import fit, local_runtime
 
     rt = local_runtime(cfg)
@@ -46,6 +45,34 @@ def main(argv: list[str] | None = None) -> int:
     last = result.metrics[-1]
     rt.log(f"done: mIoU {last['miou']:.2f}  SI-logRMSE {last['si_log_rmse']:.2f}  grader {last['grader']:.2f} "
            f"(best {result.best_grader:.2f}); run folder {cfg.train.out.rstrip('/')}/{cfg.run_name()}")
+    return 0
+
+
+def run_on_ray(cfg) -> int:
+    import json
+
+    from rich.console import Console
+
+    from mtl.checkpoint import write_bytes_atomic
+    from mtl.distributed.ray_train import run_ray, run_url
+
+    console = Console(soft_wrap=True)
+    console.print(cfg.to_json())
+    try:
+        result = run_ray(cfg)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    url = run_url(cfg)
+    summary = {"run": url, "final_metrics": result.metrics, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "best_model": f"{url}/best.pt", "final_model": f"{url}/final.pt"}
+    write_bytes_atomic(f"{url}/summary.json", json.dumps(summary, indent=1, default=str).encode())
+    m = result.metrics or {}
+    console.print(f"done: mIoU {m.get('miou', float('nan')):.2f}  SI-logRMSE {m.get('si_log_rmse', float('nan')):.2f}  "
+                  f"grader {m.get('grader', float('nan')):.2f}; run {url} (best.pt, final.pt, summary.json)")
     return 0
 
 

@@ -35,6 +35,12 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             fh.write(data)
 
 
+def checkpoint_bytes(state: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    return buf.getvalue()
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -56,9 +62,7 @@ class CheckpointDir:
         self.keep_last = keep_last
 
     def save(self, state: dict[str, Any], tag: str, is_best: bool = False) -> str:
-        buf = io.BytesIO()
-        torch.save({"format": FORMAT, **state}, buf)
-        data = buf.getvalue()
+        data = checkpoint_bytes(state)
         url = f"{self.url}/{tag}.pt"
         write_bytes_atomic(url, data)
         if is_best:

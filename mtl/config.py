@@ -115,14 +115,41 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    """Ray Train settings (ignored by --local). Checkpoints go to ``train.out`` (use s3:// or
+    another storage all nodes share)."""
+
+    address: str | None = None  # Ray cluster address; None = $RAY_ADDRESS or the cluster of a submitted job
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None = yes if the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 1
+    max_failures: int = 3  # worker/node failures survived by restarting from the last checkpoint
+    start_timeout_s: float = 300.0  # fail (clear error) if the worker group cannot start within this
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"--num-workers must be >= 1, got {self.num_workers}")
+        if self.strategy not in ("ddp", "deepspeed"):
+            raise ValueError(f"--strategy must be ddp or deepspeed, got {self.strategy!r}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"--zero-stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < 0 or self.start_timeout_s <= 0:
+            raise ValueError("--cpus-per-worker and --start-timeout-s must be > 0; --gpus-per-worker and --max-failures >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> "ExperimentConfig":
-        for part in (self.data, self.model, self.optim, self.train):
+        for part in (self.data, self.model, self.optim, self.train, self.dist):
             part.validate()
         return self
 

@@ -1,7 +1,8 @@
 """The train step, the evaluation loop and the epoch loop, shared by every mode.
 
-Local mode, Ray/DDP and DeepSpeed differ only in the `Runtime` they pass to `fit`: how the
-model is wrapped, how metric states are summed across ranks and where checkpoints go.
+Local mode, Ray/DDP and DeepSpeed differ only in the `Runtime` they pass to `fit`: the
+gradient strategy (plain, DDP, DeepSpeed), how metric states are summed across ranks and where
+checkpoints go.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -22,7 +23,9 @@ from mtl.data.batch import to_model_batch
 from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
+from mtl.progress import TrainProgress
 from mtl.schedule import PolyLR
+from mtl.strategy import PlainStrategy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,21 +52,17 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig, device: torch.devic
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fast)
 
 
-def train_step(model: nn.Module, batch: dict[str, torch.Tensor], codec: DepthCodec, semseg_weight: float,
-               amp: contextlib.AbstractContextManager, grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Forward + backward of one micro-batch. Returns detached loss tensors (no host sync)."""
-    with amp:
-        out = model(batch["rgb"])
-    loss, parts = multitask_loss(out, batch, codec, semseg_weight)
-    (loss * grad_scale).backward()
+def train_step(strategy: PlainStrategy, batch: dict[str, torch.Tensor], codec: DepthCodec, semseg_weight: float,
+               amp: contextlib.AbstractContextManager, last_micro_batch: bool = True) -> dict[str, torch.Tensor]:
+    """Forward + backward of one micro-batch (+ the update after the last one).
+    Returns detached loss tensors: no host sync."""
+    with strategy.sync_context(last_micro_batch):
+        with amp:
+            out = strategy.model(batch["rgb"])
+        loss, parts = multitask_loss(out, batch, codec, semseg_weight)
+        strategy.backward(loss)
+    strategy.micro_batch_done(last_micro_batch)
     return {"loss": loss.detach(), **parts}
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, grad_clip: float | None) -> None:
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -93,6 +92,12 @@ def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, 
 
 # ------------------------------------------------------------------------------ the epoch loop
 
+class Checkpointer(Protocol):
+    def save(self, meta: dict[str, Any], strategy: PlainStrategy, tag: str, is_best: bool, metrics: dict[str, float]) -> None: ...
+
+    def restore(self, strategy: PlainStrategy, cfg: ExperimentConfig) -> dict[str, Any] | None: ...
+
+
 @dataclass
 class Runtime:
     """What differs between local, DDP and DeepSpeed runs."""
@@ -100,42 +105,15 @@ class Runtime:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    make_strategy: Callable[[nn.Module, torch.optim.Optimizer, ExperimentConfig], PlainStrategy] = (
+        lambda m, o, cfg: PlainStrategy(m, o, cfg.train.grad_accum, cfg.optim.grad_clip))
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-    save: Callable[[dict[str, Any], str, bool, dict[str, float]], None] | None = None  # (state, tag, is_best, metrics)
-    load_latest: Callable[[], dict[str, Any] | None] | None = None
+    checkpoints: Checkpointer | None = None
     log: Callable[[str], None] = print
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def local_runtime(cfg: ExperimentConfig) -> Runtime:
-    """One process, one device; checkpoints and metrics in ``<out>/<run name>/``."""
-    from rich.console import Console
-
-    run_url = f"{cfg.train.out.rstrip('/')}/{cfg.run_name()}"
-    ckpts = CheckpointDir(run_url, cfg.train.keep_last)
-    console = Console(soft_wrap=True)
-
-    def save(state: dict[str, Any], tag: str, is_best: bool, metrics: dict[str, float]) -> None:
-        ckpts.save(state, tag, is_best)
-        write_bytes_atomic(f"{run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
-
-    def load_latest() -> dict[str, Any] | None:
-        url = ckpts.latest()
-        return load_checkpoint(url) if url else None
-
-    return Runtime(device=resolve_device(cfg.train.device), save=save, load_latest=load_latest, log=console.print)
-
-
-@dataclass
-class FitResult:
-    metrics: list[dict[str, float]]  # one entry per validation (epoch)
-    lrs: list[float]  # the LR used at every optimizer step of this call
-    model: nn.Module
-    best_grader: float
 
 
 def check_resumable(state: dict[str, Any], cfg: ExperimentConfig) -> None:
@@ -147,6 +125,43 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig) -> None:
         )
 
 
+class LocalCheckpointer:
+    """``<out>/<run>/checkpoints/`` (local folder or s3://) with the last K epochs and best.pt."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.run_url = f"{cfg.train.out.rstrip('/')}/{cfg.run_name()}"
+        self.dir = CheckpointDir(self.run_url, cfg.train.keep_last)
+        self.resume = cfg.train.resume
+
+    def save(self, meta: dict[str, Any], strategy: PlainStrategy, tag: str, is_best: bool, metrics: dict[str, float]) -> None:
+        self.dir.save({**meta, **strategy.state_dict()}, tag, is_best)
+        write_bytes_atomic(f"{self.run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
+
+    def restore(self, strategy: PlainStrategy, cfg: ExperimentConfig) -> dict[str, Any] | None:
+        url = self.dir.latest() if self.resume else None
+        if url is None:
+            return None
+        state = load_checkpoint(url)
+        check_resumable(state, cfg)
+        strategy.load_state_dict(state)
+        return state
+
+
+def local_runtime(cfg: ExperimentConfig) -> Runtime:
+    """One process, one device; checkpoints and metrics in ``<out>/<run name>/``."""
+    from rich.console import Console
+
+    return Runtime(device=resolve_device(cfg.train.device), checkpoints=LocalCheckpointer(cfg), log=Console(soft_wrap=True).print)
+
+
+@dataclass
+class FitResult:
+    metrics: list[dict[str, float]]  # one entry per validation (epoch)
+    lrs: list[float]  # the LR used at every optimizer step of this call
+    model: nn.Module
+    best_grader: float
+
+
 def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
     cfg.validate()
     t, device = cfg.train, rt.device
@@ -154,8 +169,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = build_loaders(cfg, rt.rank, rt.world, pin_memory=device.type == "cuda")
-    train_loader, val_loader = data.train, data.val
-    steps_per_epoch = len(train_loader) // t.grad_accum
+    steps_per_epoch = len(data.train) // t.grad_accum
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
     if steps_per_epoch < 1:
@@ -166,71 +180,68 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     model = build_model(cfg.model).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg, device)
-    epoch, step, best = 0, 0, float("-inf")
-    state = rt.load_latest() if (t.resume and rt.load_latest) else None
-    if state is not None:
-        check_resumable(state, cfg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, best = state["epoch"], state["step"], state["best_grader"]
-        set_rng_state(state["rng"])
-        if state["total_steps"] != total_steps and state["epochs"] == t.epochs:
+    strategy = rt.make_strategy(model, build_optimizer(model, cfg, device), cfg)
+    epoch, step, best, restarts = 0, 0, float("-inf"), 0
+    meta = rt.checkpoints.restore(strategy, cfg) if rt.checkpoints else None
+    if meta is not None:
+        epoch, step, best = meta["epoch"], meta["step"], meta["best_grader"]
+        restarts = meta.get("restarts", 0) + 1
+        set_rng_state(meta["rng"])
+        if meta["total_steps"] != total_steps and meta["epochs"] == t.epochs:
             # same plan, other steps/epoch (world size, loader workers): keep the LR curve continuous
-            total_steps = state["total_steps"]
+            total_steps = meta["total_steps"]
     schedule = PolyLR(cfg.optim.lr, total_steps, cfg.optim.poly_power, cfg.optim.warmup_steps)
-    if state is not None:
-        rt.log(f"resumed from {state.get('url', 'checkpoint')}: epoch {epoch}, step {step}/{total_steps}, next LR {schedule(step):.3g}")
-    train_model = rt.wrap_model(model)
+    if meta is not None:
+        rt.log(f"resumed from {meta.get('url', 'checkpoint')}: epoch {epoch}, step {step}/{total_steps}, next LR {schedule(step):.3g}")
     if t.compile:
-        train_model = torch.compile(train_model)
+        strategy.model = torch.compile(strategy.model)
     codec = DepthCodec(resolve(cfg.model).depth_space)
     amp = autocast(device, t.bf16)
     if rt.is_main:
         rt.log(f"[bold]{cfg.run_name()}[/] on {device} x{rt.world}: {sum(p.numel() for p in model.parameters()):,} params, "
-               f"{data.num_train} train / {data.num_val} val samples from {data.source}, global batch {t.batch_size * t.grad_accum * rt.world}, "
-               f"{steps_per_epoch} steps/epoch, LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power})")
+               f"{data.num_train} train / {data.num_val} val samples from {data.source}, global batch "
+               f"{t.batch_size * t.grad_accum * rt.world}, {steps_per_epoch} steps/epoch, LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power})")
 
     history, lrs = [], []
-    from mtl.progress import TrainProgress
-
     with TrainProgress(enabled=rt.is_main) as bar:
         while epoch < t.epochs:
-            train_model.train()
-            train_loader.set_epoch(epoch)
+            strategy.model.train()
+            data.train.set_epoch(epoch)
             bar.start_epoch(epoch, t.epochs, steps_per_epoch)
             running = torch.zeros(3, device=device)
             t0, n_img = time.perf_counter(), 0
-            it = iter(train_loader)
+            it = iter(data.train)
+            first_lr = len(lrs)
             for s in range(steps_per_epoch):
-                lrs.append(schedule.apply(optimizer, step))
-                for _ in range(t.grad_accum):
+                lrs.append(schedule.apply(strategy.optimizer, step))
+                for k in range(t.grad_accum):
                     batch = to_model_batch(next(it), device, t.channels_last)
-                    parts = train_step(train_model, batch, codec, cfg.optim.semseg_weight, amp, 1.0 / t.grad_accum)
+                    parts = train_step(strategy, batch, codec, cfg.optim.semseg_weight, amp, last_micro_batch=k == t.grad_accum - 1)
                     running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
                     n_img += batch["rgb"].shape[0]
-                optimizer_step(optimizer, train_model, cfg.optim.grad_clip)
                 step += 1
                 if (s + 1) % t.log_every == 0 or s + 1 == steps_per_epoch:  # the only host sync in the loop
                     loss = (running / (s + 1)).tolist()
                     bar.update(s + 1, loss=loss[0], ips=n_img * rt.world / (time.perf_counter() - t0), lr=lrs[-1])
             del it
             epoch += 1
-            metrics = rt_evaluate(train_model, val_loader, codec, rt, amp, t.channels_last)
+            ips = n_img * rt.world / (time.perf_counter() - t0)
+            metrics = rt_evaluate(strategy.model, data.val, codec, rt, amp, t.channels_last)
             metrics.update({"epoch": epoch, "step": step, "lr": lrs[-1], "train_loss": loss[0], "train_loss_semseg": loss[1],
-                            "train_loss_depth": loss[2], "train_images_per_s": n_img * rt.world / (time.perf_counter() - t0)})
+                            "train_loss_depth": loss[2], "train_images_per_s": ips, "restarts": restarts,
+                            "epoch_lrs": lrs[first_lr:]})
             is_best = metrics["grader"] > best
             best = max(best, metrics["grader"])
             history.append(metrics)
             if rt.is_main:
                 bar.metrics_table(metrics)
-            if rt.save:
-                state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "step": step, "epochs": t.epochs, "total_steps": total_steps, "best_grader": best, "rng": rng_state(), "metrics": metrics}
-                rt.save(state, f"epoch-{epoch:04d}", is_best, metrics)
+            if rt.checkpoints:
+                meta = {"config": cfg.to_dict(), "epoch": epoch, "step": step, "epochs": t.epochs, "total_steps": total_steps,
+                        "best_grader": best, "restarts": restarts, "rng": rng_state(), "metrics": metrics}
+                rt.checkpoints.save(meta, strategy, f"epoch-{epoch:04d}", is_best, metrics)
             if on_epoch_end:
                 on_epoch_end(epoch, metrics)
-    return FitResult(history, lrs, model, best)
+    return FitResult(history, lrs, strategy.module, best)
 
 
 def rt_evaluate(model: nn.Module, loader, codec: DepthCodec, rt: Runtime, amp, channels_last: bool) -> dict[str, float]:

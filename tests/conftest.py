@@ -15,12 +15,16 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["STREETMTL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    # DeepSpeed JIT-compiles a small op once (~1 min); keep the build for the whole session
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions"))
 
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     """64x128 synthetic Miniscapes: 96 train / 24 val / 16 test."""
-    return synthesize(str(tmp_path_factory.mktemp("data") / "miniscapes"), {"train": 96, "val": 24, "test": 16}, (64, 128), seed=1, workers=2)
+    root = synthesize(str(tmp_path_factory.mktemp("data") / "miniscapes"), {"train": 96, "val": 24, "test": 16}, (64, 128), seed=1, workers=2)
+    os.environ["STREETMTL_TINY_ROOT"] = root
+    return root
 
 
 def _free_port() -> int:
@@ -76,3 +80,53 @@ def s3_prefix(s3_endpoint, request) -> str:
     import uuid
 
     return f"s3://streetmtl/{request.node.name[:40]}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session")
+def s3_shards(tiny_root, s3_endpoint) -> str:
+    """The tiny set sharded onto S3 through the CLI, 8 samples per shard (12 train shards)."""
+    import subprocess
+    import sys
+
+    url = "s3://streetmtl/tiny-shards"
+    r = subprocess.run([sys.executable, "-m", "data_prep.shard", "--src", tiny_root, "--dst", url, "--shard-size", "8",
+                        "--workers", "2"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"manifest: {url}/manifest.json" in r.stdout
+    return url
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RayCluster:
+    """Several Ray nodes on this machine (ray.cluster_utils.Cluster), connected; shut down after."""
+
+    def __init__(self, worker_cpus: list[int], head_cpus: int = 0) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": True})
+        self.nodes = [self.cluster.add_node(num_cpus=c) for c in worker_cpus]
+        ray.init(address=self.cluster.address)
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+@pytest.fixture
+def ray_cluster():
+    """Factory: ``ray_cluster([1, 1])`` starts a head (0 CPUs) plus two 1-CPU nodes."""
+    made = []
+
+    def make(worker_cpus: list[int], head_cpus: int = 0) -> RayCluster:
+        c = RayCluster(worker_cpus, head_cpus)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()

@@ -27,16 +27,6 @@ def _shard_cli(*args, env=None, **kw):
                           env=env or os.environ.copy(), **kw)
 
 
-@pytest.fixture(scope="module")
-def s3_shards(tiny_root, s3_endpoint):
-    """The tiny set sharded onto S3 through the CLI, 8 samples per shard (12 train shards)."""
-    url = "s3://streetmtl/tiny-shards"
-    r = _shard_cli("--src", tiny_root, "--dst", url, "--shard-size", "8", "--workers", "2")
-    assert r.returncode == 0, r.stderr
-    assert "manifest: s3://streetmtl/tiny-shards/manifest.json" in r.stdout
-    return url
-
-
 def test_manifest_describes_the_shards(s3_shards, tiny_root):
     m = read_manifest(s3_shards)
     fs = fsspec.filesystem("s3")

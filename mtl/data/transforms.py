@@ -59,7 +59,7 @@ def augment(s: Sample, aug: Augment, rng: np.random.Generator) -> Sample:
         rows = np.minimum(((y + np.arange(oh) + 0.5) / sy).astype(np.intp), h - 1)
         cols = np.minimum(((x + np.arange(ow) + 0.5) / sx).astype(np.intp), w - 1)
         s = {
-            "rgb": np.asarray(Image.fromarray(s["rgb"]).resize((ow, oh), Image.BILINEAR, box=box)),
+            "rgb": np.array(Image.fromarray(s["rgb"]).resize((ow, oh), Image.BILINEAR, box=box)),
             "semseg": s["semseg"][rows][:, cols],
             "disparity": s["disparity"][rows][:, cols],
         }

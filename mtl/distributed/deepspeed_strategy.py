@@ -1,0 +1,66 @@
+"""DeepSpeed ZeRO (stage 0/1/2) as a gradient strategy for the shared train loop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mtl.config import ExperimentConfig
+from mtl.strategy import PlainStrategy
+
+
+def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip or 0.0,
+        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        # precision: torch.autocast(bf16) around the forward, as in every other mode; the
+        # master weights stay fp32 (no loss scaling needed for bf16)
+        "bf16": {"enabled": False},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedStrategy(PlainStrategy):
+    """The project's optimizer wrapped by a DeepSpeed engine: ZeRO shards its state across ranks.
+    DeepSpeed accumulates gradients itself (it steps only at the accumulation boundary)."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: ExperimentConfig) -> None:
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
+        super().__init__(module, ds_optimizer, cfg.train.grad_accum, cfg.optim.grad_clip, train_model=engine)
+        self.engine = engine
+
+    def sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/grad_accum itself
+
+    def micro_batch_done(self, last: bool) -> None:
+        self.engine.step()  # a no-op until the accumulation boundary; clips, steps, zeroes there
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict()}  # full weights on every rank under ZeRO 1/2
+
+    def save_dir(self, path: str, meta: dict[str, Any], rank: int) -> bool:
+        """Every rank writes its ZeRO partition; rank 0 adds the metadata."""
+        self.engine.save_checkpoint(path, tag="deepspeed", client_state={"epoch": meta["epoch"], "step": meta["step"]})
+        if rank == 0:
+            torch.save(meta, os.path.join(path, "meta.pt"))
+        return True
+
+    def load_dir(self, path: str, check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        meta = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=False)
+        check(meta)
+        load_path, _ = self.engine.load_checkpoint(path, tag="deepspeed")
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
+        return meta

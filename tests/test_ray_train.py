@@ -1,0 +1,114 @@
+"""Ray Train on real Ray processes (several nodes on this machine), CPU only."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import fsspec
+import pytest
+
+from mtl.config import DataConfig, DistConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
+from mtl.schedule import PolyLR
+
+pytestmark = pytest.mark.slow
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ray_cfg(out: str, name: str, *, root=None, shards=None, epochs=2, steps=3, workers=2, **dist) -> ExperimentConfig:
+    return ExperimentConfig(
+        data=DataConfig(root=root, shards=shards, workers=0),
+        model=ModelConfig(arch="deeplabv3p", encoder="resnet18"),
+        optim=OptimConfig(lr=1e-3),
+        train=TrainConfig(epochs=epochs, batch_size=4, max_steps_per_epoch=steps, out=out, name=name, device="cpu"),
+        dist=DistConfig(num_workers=workers, max_failures=2, start_timeout_s=60, **dist),
+    ).validate()
+
+
+def read_metrics(run_url: str) -> list[dict]:
+    fs, path = fsspec.core.url_to_fs(run_url)
+    files = sorted(fs.glob(f"{path}/metrics/epoch-*.json"))
+    return [json.loads(fs.cat_file(f)) for f in files]
+
+
+def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster, s3_shards, tmp_path):
+    from mtl.distributed.ray_train import run_ray, run_url
+
+    ray_cluster([1, 1, 1])
+    cfg = ray_cfg("s3://streetmtl/ray-runs", "ddp-s3", shards=s3_shards, workers=3)
+    result = run_ray(cfg)
+    assert result.error is None
+    assert result.checkpoint is not None and result.checkpoint.path.endswith("ddp-s3/epoch-0002")
+    fs = fsspec.filesystem("s3")
+    for f in ("epoch-0002/state.pt", "best.pt", "final.pt", "metrics/epoch-0001.json"):
+        assert fs.exists(f"streetmtl/ray-runs/ddp-s3/{f}"), f
+    metrics = read_metrics(run_url(cfg))
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(m["num_depth_images"] == 24 for m in metrics)  # val reduced across the 3 ranks: every image once
+    # the best checkpoint exports with the evaluation tool, straight from S3
+    out = tmp_path / "export"
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", "s3://streetmtl/ray-runs/ddp-s3/best.pt",
+                        "--data", os.environ["STREETMTL_TINY_ROOT"], "--split", "test", "--export", str(out), "--viz", "1"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(os.listdir(out / "depth")) == 16
+
+
+def test_deepspeed_zero2_trains_and_resumes(ray_cluster, tiny_root, tmp_path):
+    from mtl.distributed.ray_train import run_ray, run_url
+
+    ray_cluster([1, 1])
+    cfg = ray_cfg(str(tmp_path), "ds", root=tiny_root, epochs=1, strategy="deepspeed", zero_stage=2)
+    assert run_ray(cfg).error is None
+    first = read_metrics(run_url(cfg))
+    assert [m["epoch"] for m in first] == [1] and first[0]["restarts"] == 0
+    assert os.path.exists(tmp_path / "ds/epoch-0001/deepspeed")  # every rank's ZeRO partition
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
+    assert run_ray(longer).error is None
+    metrics = read_metrics(run_url(cfg))
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[1]["restarts"] == 1  # the second fit() continued from the first's checkpoint
+
+
+def test_node_failure_resumes_with_the_same_lr_schedule(ray_cluster, tiny_root, tmp_path):
+    from mtl.distributed.ray_train import run_ray, run_url
+
+    c = ray_cluster([1, 1])
+    cfg = ray_cfg(str(tmp_path), "failover", root=tiny_root, epochs=4, steps=3)
+    holder = {}
+    thread = threading.Thread(target=lambda: holder.update(result=run_ray(cfg)))
+    thread.start()
+    first_ckpt = tmp_path / "failover/epoch-0001/state.pt"
+    deadline = time.time() + 240
+    while not first_ckpt.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert first_ckpt.exists(), "training never checkpointed"
+    killed_at = time.time()
+    c.cluster.remove_node(c.nodes[1], allow_graceful=False)
+    c.cluster.add_node(num_cpus=1)  # a replacement node joins
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert holder["result"].error is None
+    metrics = read_metrics(run_url(cfg))
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["restarts"] >= 1  # it really was restarted from a checkpoint
+    expected = PolyLR(1e-3, 4 * 3, 0.9)
+    for m in metrics:  # every step's LR equals the uninterrupted schedule's
+        first_step = (m["epoch"] - 1) * 3
+        assert m["epoch_lrs"] == pytest.approx([expected(s) for s in range(first_step, first_step + 3)])
+    print(f"finished {time.time() - killed_at:.1f}s after the node was killed")
+
+
+def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_root, tmp_path):
+    from mtl.distributed.ray_train import run_ray
+
+    ray_cluster([1, 1])
+    cfg = ray_cfg(str(tmp_path), "toobig", root=tiny_root, workers=3)
+    cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, start_timeout_s=5))
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=r"could not start 3 training worker\(s\) needing \{'CPU': 3.0\}.*the cluster has"):
+        run_ray(cfg)
+    assert time.time() - t0 < 60

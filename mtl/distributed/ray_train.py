@@ -51,8 +51,9 @@ class RayCheckpointer:
         with tempfile.TemporaryDirectory() as d:
             wrote = strategy.save_dir(d, meta, self.rank)
             checkpoint = ray.train.Checkpoint.from_directory(d) if wrote else None
-            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=checkpoint,
-                             checkpoint_dir_name=tag)
+            # headline scalars to Ray (per-class IoUs and LR lists go to metrics/<tag>.json)
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
+            ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=tag)
         if self.rank == 0:
             write_bytes_atomic(f"{self.run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
             if is_best:

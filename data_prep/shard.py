@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if a.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = a.endpoint_url  # inherited by the worker processes
-    from rich.console import Console
+    from mtl.progress import wide_console
 
     t0 = time.perf_counter()
     try:
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    Console(soft_wrap=True).print(summary_table(manifest, time.perf_counter() - t0))
+    wide_console().print(summary_table(manifest, time.perf_counter() - t0))
     print(f"manifest: {a.dst.rstrip('/')}/manifest.json")
     return 0
 

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     lo.add_argument("--json", default=None)
     a = p.parse_args(argv)
     a.size = tuple(int(v) for v in a.size.split("x"))
-    from rich.console import Console
+    from mtl.progress import wide_console
     from rich.table import Table
 
     results = bench_loader(a)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_column("vs bare read+decode", justify="right")
     for k, v in results.items():
         t.add_row(k, f"{v:.0f}", f"{v / bare:.2f}")
-    Console().print(t)
+    wide_console().print(t)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"mode": a.mode, "size": a.size, "results": results}, fh, indent=1)

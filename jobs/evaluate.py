@@ -31,8 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
 
-    import torch
-    from rich.console import Console
 
     from mtl.checkpoint import load_checkpoint
     from mtl.config import ExperimentConfig
@@ -43,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     from mtl.export import export_predictions
     from mtl.losses import DepthCodec
     from mtl.models import build_model, resolve
-    from mtl.progress import metrics_table
+    from mtl.progress import metrics_table, wide_console
 
-    console, errors = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+    console, errors = wide_console(), wide_console(stderr=True)
     try:
         state = load_checkpoint(a.checkpoint)
         cfg = ExperimentConfig.from_dict(state["config"])

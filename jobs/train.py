@@ -51,12 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_on_ray(cfg) -> int:
     import json
 
-    from rich.console import Console
-
     from mtl.checkpoint import write_bytes_atomic
     from mtl.distributed.ray_train import run_ray, run_url
+    from mtl.progress import wide_console
 
-    console = Console(soft_wrap=True)
+    console = wide_console()
     console.print(cfg.to_json())
     try:
         result = run_ray(cfg)

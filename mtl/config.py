@@ -202,10 +202,18 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     if origin is Literal:
         return type(args[0]), {"choices": list(args)}
     if origin is tuple:
-        return args[0], {"nargs": "+"}
+        return (_str2bool if args[0] is bool else args[0]), {"nargs": "+"}
     if tp is bool:
         return None, {"action": argparse.BooleanOptionalAction}
     return tp, {}
+
+
+def _str2bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type = ExperimentConfig) -> None:
@@ -216,6 +224,21 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type = ExperimentConfi
         if dataclasses.is_dataclass(tp):
             group = parser.add_argument_group(f.name)
             _add_leaf_args(group, tp)
+
+
+def add_leaf_args(group: Any, cls: type) -> None:
+    """Flags for the fields of one flat dataclass (e.g. a sweep config)."""
+    _add_leaf_args(group, cls)
+
+
+def leaf_from_args(args: argparse.Namespace, cls: type) -> Any:
+    """Build a flat dataclass from the flags `add_leaf_args` added (defaults where not given)."""
+    changes = {}
+    for g in dataclasses.fields(cls):
+        v = getattr(args, f"{cls.__name__}.{g.name}", None)
+        if v is not None:
+            changes[g.name] = tuple(v) if isinstance(v, list) else v
+    return cls(**changes)
 
 
 def _add_leaf_args(group: Any, cls: type) -> None:
@@ -236,10 +259,8 @@ def config_from_args(args: argparse.Namespace, base: ExperimentConfig | None = N
     parts = {}
     for f in dataclasses.fields(ExperimentConfig):
         sub = getattr(base, f.name)
-        changes = {}
-        for g in dataclasses.fields(sub):
-            v = getattr(args, f"{type(sub).__name__}.{g.name}", None)
-            if v is not None:
-                changes[g.name] = tuple(v) if isinstance(v, list) else v
+        given = leaf_from_args(args, type(sub))
+        changes = {g.name: getattr(given, g.name) for g in dataclasses.fields(sub)
+                   if getattr(args, f"{type(sub).__name__}.{g.name}", None) is not None}
         parts[f.name] = dataclasses.replace(sub, **changes)
     return ExperimentConfig(**parts).validate()

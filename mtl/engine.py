@@ -23,7 +23,7 @@ from mtl.data.batch import to_model_batch
 from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
-from mtl.progress import TrainProgress
+from mtl.progress import TrainProgress, wide_console
 from mtl.schedule import PolyLR
 from mtl.strategy import PlainStrategy
 
@@ -149,9 +149,7 @@ class LocalCheckpointer:
 
 def local_runtime(cfg: ExperimentConfig) -> Runtime:
     """One process, one device; checkpoints and metrics in ``<out>/<run name>/``."""
-    from rich.console import Console
-
-    return Runtime(device=resolve_device(cfg.train.device), checkpoints=LocalCheckpointer(cfg), log=Console(soft_wrap=True).print)
+    return Runtime(device=resolve_device(cfg.train.device), checkpoints=LocalCheckpointer(cfg), log=wide_console().print)
 
 
 @dataclass

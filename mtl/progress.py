@@ -10,6 +10,12 @@ MAIN_KEYS = {"miou": "mIoU", "si_log_rmse": "SI-log", "grader": "grader", "mae":
              "abs_rel": "absRel", "delta1": "δ1 %", "train_loss": "loss", "train_images_per_s": "img/s"}
 
 
+def wide_console(stderr: bool = False) -> Console:
+    """A console for logs: soft-wrapped, and wide enough for tables when output is not a terminal."""
+    c = Console(soft_wrap=True, stderr=stderr)
+    return c if c.is_terminal else Console(soft_wrap=True, stderr=stderr, width=220)
+
+
 def metrics_table(metrics: dict[str, float], title: str) -> Table:
     table = Table(title=title, show_header=True)
     for label in MAIN_KEYS.values():
@@ -21,7 +27,7 @@ def metrics_table(metrics: dict[str, float], title: str) -> Table:
 class TrainProgress:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.console = Console()
+        self.console = wide_console()
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]} | {task.fields[ips]} img/s | lr {task.fields[lr]}"),

@@ -102,52 +102,72 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             return DDPStrategy(module, optimizer, device, c.train.grad_accum, c.optim.grad_clip)
         return PlainStrategy(module, optimizer, c.train.grad_accum, c.optim.grad_clip)
 
-    from rich.console import Console
+    from mtl.progress import wide_console
 
     checkpoints = RayCheckpointer(cfg, rank)
-    console = Console(soft_wrap=True)
+    console = wide_console()
     rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,
                  all_reduce_sum=_all_reduce_sum if world > 1 else (lambda t: t), checkpoints=checkpoints,
                  log=console.print if rank == 0 else (lambda msg: None))
     result = fit(cfg, rt)
-    if rank == 0:
+    if rank == 0 and result.metrics:  # (a restart after the last epoch trains nothing and keeps final.pt)
         final = result.metrics[-1] if result.metrics else {}
         checkpoints.save_model({"config": cfg.to_dict(), "epoch": final.get("epoch"), "metrics": final}, result.model, "final.pt")
 
 
-def run_ray(cfg: ExperimentConfig):
-    """Train on the Ray cluster; returns Ray's Result. Raises RuntimeError with a clear message
-    when the worker group cannot be started (too few CPUs/GPUs) within ``dist.start_timeout_s``."""
-    d = cfg.dist
-    # read by Ray Train's controller: give up on an unplaceable worker group instead of waiting for ever
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(d.start_timeout_s)
+def make_trainer(cfg: ExperimentConfig, callbacks: list | None = None):
+    """The TorchTrainer for this config: workers sized by ``cfg.dist``, checkpoints in
+    ``<train.out>/<run name>``, failures survived up to ``dist.max_failures``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=d.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    resources = ray.cluster_resources()
-    use_gpu = d.use_gpu if d.use_gpu is not None else resources.get("GPU", 0) > 0
-    per_worker = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if use_gpu else {})}
+    d = cfg.dist
+    use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict()},
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu)),
         run_config=RunConfig(
             name=cfg.run_name(), storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=d.max_failures, controller_failure_limit=1),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
             worker_runtime_env={"env_vars": env},
+            callbacks=callbacks,
         ),
     )
+
+
+def worker_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
+    return {"CPU": cfg.dist.cpus_per_worker, **({"GPU": cfg.dist.gpus_per_worker} if use_gpu else {})}
+
+
+def connect(cfg: ExperimentConfig) -> None:
+    """Join the cluster (``dist.address``, $RAY_ADDRESS, a submitted job's) or start a local one.
+    Sets the worker-group start timeout first: an unplaceable group then fails instead of hanging."""
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.dist.start_timeout_s)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.dist.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def run_ray(cfg: ExperimentConfig):
+    """Train on the Ray cluster; returns Ray's Result. Raises RuntimeError with a clear message
+    when the worker group cannot be started (too few CPUs/GPUs) within ``dist.start_timeout_s``."""
+    import ray
+
+    connect(cfg)
+    trainer = make_trainer(cfg)
     try:
         return trainer.fit()
     except ray.train.ControllerError as e:
-        need = {k: v * d.num_workers for k, v in per_worker.items()}
+        d = cfg.dist
+        use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        need = {k: v * d.num_workers for k, v in worker_resources(cfg, use_gpu).items()}
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         raise RuntimeError(
             f"could not start {d.num_workers} training worker(s) needing {need} in total within {d.start_timeout_s:g}s; "
-            f"the cluster has {({k: v for k, v in ray.cluster_resources().items() if k in ('CPU', 'GPU')})}. "
-            f"Lower --num-workers/--cpus-per-worker/--gpus-per-worker or add nodes. ({e})"
+            f"the cluster has {have}. Lower --num-workers/--cpus-per-worker/--gpus-per-worker or add nodes. ({e})"
         ) from e

@@ -1,0 +1,119 @@
+"""cluster/: the launcher config validates against Ray's own schema; the KubeRay manifests
+against the CRD fields we rely on; the runtime env and the commands in them point at real things."""
+
+import copy
+import os
+import shlex
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(rel: str):
+    with open(os.path.join(REPO, rel)) as fh:
+        return yaml.safe_load(fh)
+
+
+def validate_launcher(cfg: dict) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cfg)))  # what `ray up` runs before anything else
+
+
+def test_aws_launcher_config_validates_against_rays_schema():
+    cfg = load("cluster/aws.yaml")
+    validate_launcher(cfg)
+    types = cfg["available_node_types"]
+    assert types[cfg["head_node_type"]]["resources"]["CPU"] == 0  # no training on the head
+    assert any(t.get("resources", {}).get("GPU", 0) > 0 for t in types.values())
+    assert any("pip install" in c and "[cluster]" in c for c in cfg["setup_commands"])
+    assert any("--dashboard-host=0.0.0.0" in c for c in cfg["head_start_ray_commands"])
+    bad = copy.deepcopy(cfg)
+    bad["available_node_types"]["gpu_a10g"]["max_workers"] = "many"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_launcher(bad)
+
+
+# The parts of the RayCluster / RayJob CRDs (ray.io/v1, KubeRay 1.x) these manifests use. KubeRay
+# wants rayStartParams values as strings and replicas within [minReplicas, maxReplicas].
+QUANTITY = {"type": ["string", "integer"]}
+CONTAINER = {
+    "type": "object", "required": ["name", "image"],
+    "properties": {
+        "name": {"type": "string"}, "image": {"type": "string"},
+        "resources": {"type": "object", "properties": {
+            "requests": {"type": "object", "additionalProperties": QUANTITY},
+            "limits": {"type": "object", "additionalProperties": QUANTITY}}, "additionalProperties": False},
+        "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}},
+    },
+}
+POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"spec": {
+    "type": "object", "required": ["containers"],
+    "properties": {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}}}}
+START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
+CLUSTER_SPEC = {
+    "type": "object", "required": ["headGroupSpec", "workerGroupSpecs"],
+    "properties": {
+        "rayVersion": {"type": "string"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "headGroupSpec": {"type": "object", "required": ["rayStartParams", "template"],
+                          "properties": {"rayStartParams": START_PARAMS, "template": POD_TEMPLATE}},
+        "workerGroupSpecs": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["groupName", "rayStartParams", "template", "minReplicas", "maxReplicas"],
+            "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer"}, "minReplicas": {"type": "integer"},
+                           "maxReplicas": {"type": "integer"}, "rayStartParams": START_PARAMS, "template": POD_TEMPLATE}}},
+    },
+}
+RAYCLUSTER = {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+              "properties": {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayCluster"}, "spec": CLUSTER_SPEC}}
+RAYJOB = {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+          "properties": {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayJob"}, "spec": {
+              "type": "object", "required": ["entrypoint", "rayClusterSpec"],
+              "properties": {"entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"},
+                             "shutdownAfterJobFinishes": {"type": "boolean"}, "rayClusterSpec": CLUSTER_SPEC}}}}
+
+
+def check_cluster_spec(spec: dict) -> None:
+    ray_version = spec["rayVersion"]
+    import ray
+    assert ray_version == ray.__version__  # image and client agree
+    for g in spec["workerGroupSpecs"]:
+        assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], g["groupName"]
+        res = g["template"]["spec"]["containers"][0]["resources"]
+        assert res["requests"].get("nvidia.com/gpu") == res["limits"].get("nvidia.com/gpu")  # GPUs: requests == limits
+
+
+def test_kuberay_raycluster_manifest():
+    m = load("cluster/kuberay/raycluster.yaml")
+    jsonschema.validate(m, RAYCLUSTER)
+    check_cluster_spec(m["spec"])
+    assert m["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_kuberay_rayjob_manifest_runs_our_train_job():
+    m = load("cluster/kuberay/rayjob.yaml")
+    jsonschema.validate(m, RAYJOB)
+    check_cluster_spec(m["spec"]["rayClusterSpec"])
+    yaml.safe_load(m["spec"]["runtimeEnvYAML"])
+    argv = shlex.split(m["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/train.py"] and os.path.exists(os.path.join(REPO, argv[1]))
+    from jobs.train import parse
+    _, cfg = parse(argv[2:])  # the flags in the manifest are flags the job accepts
+    assert cfg.model.arch == "distillation" and cfg.dist.num_workers == 4
+
+
+def test_schema_rejects_a_broken_manifest():
+    m = load("cluster/kuberay/raycluster.yaml")
+    m["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # KubeRay wants strings
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(m, RAYCLUSTER)
+
+
+def test_runtime_env_recipe():
+    env = load("cluster/runtime_env.yaml")
+    assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    from ray.runtime_env import RuntimeEnv
+    RuntimeEnv(**env)  # Ray accepts it

@@ -41,9 +41,11 @@ case "$cmd" in
     fi
     ray start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --dashboard-host=127.0.0.1 \
       --dashboard-port="$DASHBOARD_PORT" --num-cpus="$head_cpus" --disable-usage-stats >/dev/null
-    for _ in $(seq 1 "$workers"); do
+    for i in $(seq 1 "$workers"); do
+      # a temp dir per node, as on separate machines: nodes sharing one would unpack (and clean
+      # up) each job's working_dir in the same place, under each other's feet
       ray start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus="$cpus" \
-        --disable-usage-stats >/dev/null
+        --temp-dir="${TMPDIR:-/tmp}/ray-node-$RAY_PORT-$i" --disable-usage-stats >/dev/null
     done
     # wait until the dashboard (job server) answers and every node has joined
     for _ in $(seq 1 60); do
@@ -70,6 +72,7 @@ PY
     ray stop --force >/dev/null 2>&1 || true
     for _ in $(seq 1 30); do
       if ! pgrep -f "ray/core/src/ray/raylet/raylet|gcs_server" >/dev/null; then
+        rm -rf "${TMPDIR:-/tmp}/ray-node-$RAY_PORT-"*
         echo "Ray cluster stopped"
         exit 0
       fi

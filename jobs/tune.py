@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_sweep(base, sweep, resume=base.train.resume)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
+        if isinstance(e, OSError) and not e.filename and e.errno:  # not one of ours: show where it came from
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = rows_from_results(results, base.train.epochs)

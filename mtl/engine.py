@@ -224,7 +224,9 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
             del it
             epoch += 1
             ips = n_img * rt.world / (time.perf_counter() - t0)
-            metrics = rt_evaluate(strategy.model, data.val, codec, rt, amp, t.channels_last)
+            # the bare module: a DDP wrapper would sync buffers per forward, and ranks may hold
+            # unequal shares of the validation split
+            metrics = rt_evaluate(strategy.module, data.val, codec, rt, amp, t.channels_last)
             metrics.update({"epoch": epoch, "step": step, "lr": lrs[-1], "train_loss": loss[0], "train_loss_semseg": loss[1],
                             "train_loss_depth": loss[2], "train_images_per_s": ips, "restarts": restarts,
                             "epoch_lrs": lrs[first_lr:]})

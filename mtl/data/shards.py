@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -146,7 +147,7 @@ class ShardStream(IterableDataset):
         if missing:
             raise ValueError(f"shard sample {where} lacks {missing}")
         sample = decode_sample(s["rgb.jpg"], s["semseg.png"], s["depth.png"], key=where)
-        index = int(key) if key.isdigit() else abs(hash(key)) % (1 << 31)
+        index = int(key) if key.isdigit() else zlib.crc32(key.encode()) & 0x7FFFFFFF  # stable across processes
         rng = sample_rng(self.seed, self.epoch, index) if self.augment is not None else None
         out = prepare(sample, self.augment, rng)
         out["index"] = torch.tensor(index)

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from mtl.atomic import atomic_dir
 from mtl.data.miniscapes import (
     IGNORE_INDEX, MODALITIES, SPLITS, encode_depth_png, encode_rgb_jpeg, encode_semseg_png,
 )
@@ -176,29 +175,18 @@ def synthesize(out: str, counts: dict[str, int], size: tuple[int, int] = (256, 5
     for split, n in counts.items():
         if split not in SPLITS or n < 0:
             raise ValueError(f"bad sample count {split}={n}")
-    out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
-    for split in counts:
-        for mod in MODALITIES:
-            os.makedirs(os.path.join(tmp, split, mod))
     workers = workers or min(os.cpu_count() or 1, 8)
-    jobs = [(tmp, split, s, min(s + 16, n), h, w, seed) for split, n in counts.items() for s in range(0, n, 16)]
-    try:
+    with atomic_dir(out, overwrite) as tmp:
+        for split in counts:
+            for mod in MODALITIES:
+                os.makedirs(os.path.join(tmp, split, mod))
+        jobs = [(tmp, split, s, min(s + 16, n), h, w, seed) for split, n in counts.items() for s in range(0, n, 16)]
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(workers) as pool:
-                done = pool.map(_write_chunk, jobs)
-                _track(done, sum(counts.values()), progress)
+                _track(pool.map(_write_chunk, jobs), sum(counts.values()), progress)
         else:
             _track(map(_write_chunk, jobs), sum(counts.values()), progress)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return os.path.abspath(out)
 
 
 def _track(done, total: int, progress: bool) -> None:

@@ -220,7 +220,7 @@ def bench_train(a: argparse.Namespace) -> list[dict]:
                 "peak_mem_gib": mem, "gflop_per_img": flops / bs / 1e9, "tflops": flops / pure_s / 1e12,
                 "mfu": flops / pure_s / 1e12 / peak, "peak_tflops": peak,
             })
-            del model, opt, strategy, loader, it
+            model = opt = strategy = loader = it = fwd = None  # free the device memory before the next config
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import uuid
 
 import numpy as np
 import torch
@@ -18,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtl.data.miniscapes import encode_depth_png, encode_semseg_png
+from mtl.atomic import atomic_dir
 from mtl.data.batch import to_model_batch
 from mtl.engine import predict
 from mtl.losses import DepthCodec
@@ -31,15 +30,11 @@ def export_predictions(model: nn.Module, dataset: Dataset, out_dir: str, codec: 
 
     Files go to a temporary sibling folder first, renamed into place when complete.
     """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite)")
-    tmp = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    for sub in ("semseg", "depth", "viz"):
-        os.makedirs(os.path.join(tmp, sub))
     model.eval()
     n = 0
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
+        for sub in ("semseg", "depth", "viz"):
+            os.makedirs(os.path.join(tmp, sub))
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
             batch = to_model_batch(batch, device, channels_last=False)
             labels, depth_m = predict(model, batch["rgb"], codec, amp)
@@ -53,11 +48,6 @@ def export_predictions(model: nn.Module, dataset: Dataset, out_dir: str, codec: 
                                        batch["semseg"][j].cpu().numpy(), batch["depth"][j].cpu().numpy(), batch["valid"][j].cpu().numpy())
                     Image.fromarray(pic).save(os.path.join(tmp, "viz", f"{idx}.png"))
                 n += 1
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return n
 
 

@@ -11,20 +11,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 class EpochSampler(Sampler):
     """Yields ``(epoch, index)`` for this rank: a per-epoch permutation from (seed, epoch), split
-    across ranks with padding so every rank gets the same count (no DDP hang), optionally
-    skipping the first ``skip`` samples (mid-epoch resume)."""
+    across ranks, padded (for training) so every rank gets the same count: no DDP hang."""
 
     def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, pad: bool = True) -> None:
         self.n, self.shuffle, self.seed, self.rank, self.world, self.pad = n, shuffle, seed, rank, world, pad
-        self.epoch, self.skip = 0, 0
+        self.epoch = 0
         # evaluation does not pad: a duplicated sample would be counted twice in the metrics
         self.per_rank = math.ceil(n / world) if pad else len(range(rank, n, world))
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.per_rank - self.skip
+        return self.per_rank
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
@@ -34,7 +33,7 @@ class EpochSampler(Sampler):
             order = list(range(self.n))
         if self.pad:
             order += order[: self.per_rank * self.world - self.n]  # equal shares for every rank
-        mine = order[self.rank :: self.world][self.skip :]
+        mine = order[self.rank :: self.world]
         return iter([(self.epoch, i) for i in mine])
 
 

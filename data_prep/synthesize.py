@@ -110,7 +110,7 @@ def render_scene(h: int, w: int, rng: np.random.Generator) -> Scene:
 
     depth = np.where(np.isfinite(zbuf), np.minimum(zbuf, DEPTH_CLIP_M), 0.0).astype(np.float32)
     depth[depth < 4.0] = 0.0  # closer than the stereo range: invalid
-    depth[rng.random((h, w)) < 0.01] = 0.0  # sparse stereo holes
+    depth[_noise(h, w, rng) > 2.33] = 0.0  # sparse stereo holes (~1 % of pixels)
 
     # ego-vehicle hood: ignore label, invalid depth
     if rng.random() < 0.5:
@@ -121,27 +121,42 @@ def render_scene(h: int, w: int, rng: np.random.Generator) -> Scene:
     return Scene(labels=labels, depth=depth, rgb=_paint(labels, zbuf, yy, xx, rng))
 
 
+_NOISE_TILES: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _noise(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """A random HxW window of a fixed per-size noise tile: per-pixel texture without drawing
+    H*W normal variates for every image (deterministic: the tile has a fixed seed)."""
+    tile = _NOISE_TILES.get((h, w))
+    if tile is None:
+        tile = _NOISE_TILES[(h, w)] = np.random.default_rng(12345).standard_normal((2 * h, 2 * w), dtype=np.float32)
+    y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+    return tile[y:y + h, x:x + w]
+
+
 def _paint(labels: np.ndarray, zbuf: np.ndarray, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = labels.shape
     lut = np.zeros((256, 3), np.float32)
     tex = np.zeros(256, np.float32)
     for c, col in _COLOUR.items():
         lut[c] = np.clip(np.array(col) * rng.uniform(0.85, 1.15, 3), 0, 255)
-        tex[c] = _TEXTURE.get(c, 10)
+        tex[c] = _TEXTURE.get(c, 10) / 110.0
     lut[IGNORE_INDEX] = (30, 30, 35)
+    # one brightness factor per pixel: texture noise, windows on buildings, the sky's gradient
+    shade = tex[labels] * _noise(h, w, rng)
+    shade += 1.0
+    yi, xi = yy.astype(np.int32), xx.astype(np.int32)
+    shade[(labels == BUILDING) & ((xi // 7 + yi // 9) % 3 == 0)] *= 0.6
+    sky = labels == SKY
+    shade *= np.where(sky, 0.8 + 0.4 * (yy / h), 1.0)
+    shade *= rng.uniform(0.75, 1.2)  # global exposure
     img = lut[labels]
-    noise = rng.standard_normal((h, w), dtype=np.float32)
-    img += (tex[labels] * noise)[..., None]
-    # class-specific patterns: windows on buildings, dashed lane marks on roads, sky gradient
-    windows = (labels == BUILDING) & ((xx.astype(np.int32) // 7 + yy.astype(np.int32) // 9) % 3 == 0)
-    img[windows] *= 0.6
+    img *= shade[..., None]
     z = np.where(np.isfinite(zbuf), zbuf, 1e3)
     lane = (labels == ROAD) & (np.abs((xx - w / 2) / np.maximum(yy - h / 3, 1)) < 0.02) & ((z // 4) % 2 == 0)
-    img[lane] = 235
-    sky = labels == SKY
-    img[sky] *= (0.8 + 0.4 * (yy / h))[..., None].repeat(w, 1)[sky]
-    img *= rng.uniform(0.75, 1.2)  # global exposure
-    return np.clip(img, 0, 255).astype(np.uint8)
+    img[lane] = 235  # dashed lane marks
+    np.clip(img, 0, 255, out=img)
+    return img.astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------ writing

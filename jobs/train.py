@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:  # bad data, flags or checkpoints: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not result.metrics:
+        rt.log(f"nothing to train: the run had already finished all {cfg.train.epochs} epochs (raise --epochs to continue)")
+        return 0
     last = result.metrics[-1]
     rt.log(f"done: mIoU {last['miou']:.2f}  SI-logRMSE {last['si_log_rmse']:.2f}  grader {last['grader']:.2f} "
            f"(best {result.best_grader:.2f}); run folder {cfg.train.out.rstrip('/')}/{cfg.run_name()}")

@@ -109,6 +109,8 @@ def test_cli_train_evaluate_export(tiny_root, tmp_path):
     assert "validation after epoch 1" in r.stdout
     ckpt = tmp_path / "cli" / "checkpoints"
     assert sorted(os.listdir(ckpt)) == ["best.pt", "epoch-0001.pt", "latest.json"]
+    again = subprocess.run(run + ["--resume"], cwd=REPO, capture_output=True, text=True)  # a finished run stays finished
+    assert again.returncode == 0 and "nothing to train" in again.stdout, again.stdout + again.stderr
 
     out = tmp_path / "export"
     r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "cli"), "--split", "test",

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ray.tune import Callback
+
 from mtl.checkpoint import write_bytes_atomic
 from mtl.config import ExperimentConfig
 
@@ -278,13 +280,7 @@ def score_plot(rows: list[TrialRow], title: str) -> bytes:
     return buf.getvalue()
 
 
-def _callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class LeaderboardCallback(_callback_base()):
+class LeaderboardCallback(Callback):
     """Prints the leaderboard whenever a trial finishes (the terminal view during the sweep)."""
 
     def __init__(self, max_epochs: int) -> None:

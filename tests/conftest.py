@@ -36,6 +36,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def free_port():
+    """A function returning a free TCP port on loopback."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 endpoint on loopback (moto server), exported through the standard AWS variables
     so that boto3, s3fs, the aws CLI and subprocesses (Ray workers included) all use it."""

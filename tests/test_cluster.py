@@ -4,7 +4,6 @@ sweep), a sweep whose driver dies and is resumed, cluster/local.sh down with not
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,10 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def local_cluster():
+def local_cluster(free_port):
     """cluster/local.sh up: a head (0 CPUs) and two 1-CPU worker nodes; down (checked) at the end."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_PORT": str(_port()), "RAY_DASHBOARD_PORT": str(_port())}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port())}
     up = subprocess.run(["cluster/local.sh", "up", "--workers", "2", "--cpus-per-node", "1"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=180)
     assert up.returncode == 0, up.stdout + up.stderr

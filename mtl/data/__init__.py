@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from torch.utils.data import Dataset
-
 from mtl.config import ExperimentConfig
 from mtl.data.folder import MiniscapesFolder
 from mtl.data.loader import make_loader
@@ -42,8 +40,8 @@ def train_augment(cfg: ExperimentConfig) -> Augment | None:
 class FolderLoader:
     """A DataLoader over a map-style dataset with the `set_epoch` / `len` interface of ShardLoader."""
 
-    def __init__(self, dataset: Dataset, loader) -> None:
-        self.dataset, self.loader = dataset, loader
+    def __init__(self, loader) -> None:
+        self.loader = loader
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.sampler.set_epoch(epoch)
@@ -79,7 +77,7 @@ def build_loaders(cfg: ExperimentConfig, rank: int = 0, world: int = 1, pin_memo
     train_set = MiniscapesFolder(root, "train", train_augment(cfg), t.seed)
     val_set = MiniscapesFolder(root, "val")
     return Loaders(
-        FolderLoader(train_set, make_loader(train_set, t.batch_size, True, t.seed, d.workers, d.prefetch, rank, world, True, pin_memory)),
-        FolderLoader(val_set, make_loader(val_set, t.batch_size, False, t.seed, d.workers, d.prefetch, rank, world, False, pin_memory)),
+        FolderLoader(make_loader(train_set, t.batch_size, True, t.seed, d.workers, d.prefetch, rank, world, True, pin_memory)),
+        FolderLoader(make_loader(val_set, t.batch_size, False, t.seed, d.workers, d.prefetch, rank, world, False, pin_memory)),
         len(train_set), len(val_set), root,
     )

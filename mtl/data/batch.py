@@ -8,6 +8,8 @@ a validity mask, by the Miniscapes formula.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mtl.data.miniscapes import DEPTH_MAX_M, DEPTH_MIN_M
@@ -21,9 +23,17 @@ def codes_to_metres(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, 1.0 / disp, torch.zeros_like(disp)), valid
 
 
+@functools.lru_cache(maxsize=None)
+def _rgb_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and 1/std in uint8 units, made once per device: building them every step
+    would be a blocking host-to-device copy on the hot path."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0)
+    return mean, inv_std
+
+
 def normalize_rgb(rgb_u8_nhwc: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=rgb_u8_nhwc.device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=rgb_u8_nhwc.device).view(1, 3, 1, 1) * 255.0)
+    mean, inv_std = _rgb_stats(rgb_u8_nhwc.device)
     x = (rgb_u8_nhwc.permute(0, 3, 1, 2).float() - mean) * inv_std  # stays in NHWC memory order
     return x if channels_last else x.contiguous()
 

@@ -1,9 +1,11 @@
 """Benchmarks that print numbers (and write JSON).
 
-Training throughput, per architecture and batch size: images/s, step time split into data wait
-and compute, peak GPU memory, model TFLOP/s and MFU, for (1) pure compute: synthetic tensors
-already on the device and a plainly written model + loss + optimizer step, and (2) the project's
-full path: decoded samples from the loader with augmentation, the project's train step:
+Training throughput, per architecture and batch size: images/s, step time, the host's share of
+it (time to queue a step) and the time spent waiting for data, host syncs per step, peak GPU
+memory, model TFLOP/s and MFU, for (1) pure compute: synthetic tensors already on the device and
+a plainly written model + loss + optimizer step, and (2) the project's full path: decoded,
+augmented samples from the loader (folder, or --shards), the project's train step in a 1-rank
+DDP wrapper as on Ray. Steps are queued back to back with one sync at the end, as in training:
 
     python jobs/benchmark.py train --archs branched distillation --batch-sizes 16 32 64 [--compile]
 
@@ -129,6 +131,72 @@ def train_step_flops(model, x, batch, codec, w) -> float:
     return float(counter.get_total_flops())
 
 
+def seconds_per_step(step, n: int, device) -> float:
+    """Wall time per step over n steps queued back to back (one sync at the end), as in training."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def host_seconds_per_step(step, n: int, device) -> float:
+    """CPU time to queue one step from an idle device: when it is close to the step time the
+    step is launch-bound (a case for --compile / CUDA graphs), not GPU-bound."""
+    total = 0.0
+    for _ in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        total += time.perf_counter() - t0
+    _sync(device)
+    return total / n
+
+
+def sync_check(step, device) -> tuple[int, dict[str, int], str]:
+    """(ATen ops in one step, host-sync ops among them, CUDA's own verdict on synchronising calls)."""
+    import torch
+
+    from mtl.opcount import OpRecorder
+
+    with OpRecorder() as rec:
+        step()
+    verdict = "n/a (not CUDA)"
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+            verdict = "none"
+        except RuntimeError as e:
+            verdict = f"synchronising call: {str(e).splitlines()[0]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return rec.total, rec.host_syncs(), verdict
+
+
+class OneRankDDP:
+    """A one-process DDP group (gloo on CPU, NCCL on CUDA): the full path runs the train step
+    wrapped exactly as a Ray Train worker runs it."""
+
+    def __init__(self, device) -> None:
+        import tempfile
+
+        import torch.distributed as dist
+
+        self.tmp = tempfile.mkdtemp(prefix="bench-ddp-")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{self.tmp}/store", rank=0, world_size=1)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        import shutil
+
+        dist.destroy_process_group()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def bench_train(a: argparse.Namespace) -> list[dict]:
     import torch
 
@@ -138,7 +206,7 @@ def bench_train(a: argparse.Namespace) -> list[dict]:
     from mtl.engine import autocast, build_optimizer, resolve_device, train_step
     from mtl.losses import DepthCodec, multitask_loss
     from mtl.models import build_model
-    from mtl.strategy import PlainStrategy
+    from mtl.strategy import DDPStrategy, PlainStrategy
 
     device = resolve_device(a.device)
     if device.type == "cuda":
@@ -146,23 +214,25 @@ def bench_train(a: argparse.Namespace) -> list[dict]:
     h, w = a.size
     peak = a.peak_tflops or matmul_peak_tflops(device)
     codec, amp = DepthCodec("log"), autocast(device, True)
+    group = OneRankDDP(device) if a.strategy == "ddp" else None
     rows = []
     for arch in a.archs:
         for bs in a.batch_sizes:
             cfg = ExperimentConfig(
-                data=DataConfig(synthetic_size=(h, w), synthetic_counts=(max(a.samples, bs * 4), 8, 8), workers=a.workers, prefetch=4),
+                data=DataConfig(shards=a.shards, synthetic_size=(h, w), synthetic_counts=(max(a.samples, bs * 4), 8, 8),
+                                workers=a.workers, prefetch=4),
                 model=ModelConfig(arch=arch, encoder=a.encoder), train=TrainConfig(batch_size=bs, device=a.device, compile=a.compile),
             ).validate()
             torch.manual_seed(0)
             model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            # (1) pure compute, written plainly
+            # (1) pure compute, written plainly: tensors already on the device, no wrappers
             x = torch.randn(bs, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
             batch = {"semseg": torch.randint(0, 19, (bs, h, w), device=device), "depth": torch.rand(bs, h, w, device=device) * 50 + 4,
                      "valid": torch.ones(bs, h, w, dtype=torch.bool, device=device)}
             flops = train_step_flops(model, x, batch, codec, 0.5)
-            opt = build_optimizer(model, cfg, device)
+            opt = build_optimizer(model, cfg)
             fwd = torch.compile(model) if a.compile else model
 
             def pure_step() -> None:
@@ -175,54 +245,59 @@ def bench_train(a: argparse.Namespace) -> list[dict]:
 
             for _ in range(a.warmup):
                 pure_step()
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                pure_step()
-            _sync(device)
-            pure_s = (time.perf_counter() - t0) / a.steps
+            pure_s = seconds_per_step(pure_step, a.steps, device)
+            host_s = host_seconds_per_step(pure_step, min(a.steps, 10), device)
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
-            # (2) the project's full path: loader -> device batch -> train step
-            loader = build_loaders(cfg, pin_memory=device.type == "cuda").train
-            strategy = PlainStrategy(model, opt)
+            # (2) the project's full path: loader (decode + augmentation in worker processes) ->
+            # pinned uint8 batch -> device-side normalisation -> the train step with its wrapper
+            data = build_loaders(cfg, pin_memory=device.type == "cuda")
+            strategy = DDPStrategy(model, opt, device) if group else PlainStrategy(model, opt)
             if a.compile:
-                strategy.model = fwd
-            wait = comp = 0.0
-            n = 0
-            epoch = 0
-            it = None
-            total = a.warmup + a.steps
-            while n < total:
-                if it is None:
-                    loader.set_epoch(epoch)
-                    it = iter(loader)
-                _sync(device)
+                strategy.model = torch.compile(strategy.model)
+            running = torch.zeros(3, device=device)
+            state = {"it": None, "epoch": 0, "wait": 0.0}
+
+            def next_batch():
+                while True:
+                    if state["it"] is None:
+                        data.train.set_epoch(state["epoch"])
+                        state["it"] = iter(data.train)
+                    try:
+                        return next(state["it"])
+                    except StopIteration:  # epoch boundaries (worker restarts, refills) are part of the cost
+                        state["it"], state["epoch"] = None, state["epoch"] + 1
+
+            def full_step() -> None:
+                nonlocal running
                 t0 = time.perf_counter()
-                try:
-                    raw = next(it)
-                except StopIteration:
-                    it, epoch = None, epoch + 1
-                    continue
-                t1 = time.perf_counter()
-                b = to_model_batch(raw, device, True)
-                train_step(strategy, b, codec, 0.5, amp)
-                _sync(device)
-                t2 = time.perf_counter()
-                if n >= a.warmup:
-                    wait += t1 - t0
-                    comp += t2 - t1
-                n += 1
-            full_s = (wait + comp) / a.steps
+                raw = next_batch()
+                state["wait"] += time.perf_counter() - t0
+                parts = train_step(strategy, to_model_batch(raw, device, True), codec, 0.5, amp)
+                running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
+
+            for _ in range(a.warmup):
+                full_step()
+            ops_full, syncs, cuda_verdict = sync_check(full_step, device)
+            state["wait"] = 0.0
+            full_s = seconds_per_step(full_step, a.steps, device)
+            wait_s = state["wait"] / a.steps
             rows.append({
-                "arch": arch, "batch": bs, "device": str(device), "pure_img_s": bs / pure_s, "full_img_s": bs / full_s,
-                "full_over_pure": pure_s / full_s, "data_wait_ms": 1e3 * wait / a.steps, "compute_ms": 1e3 * comp / a.steps,
+                "arch": arch, "batch": bs, "device": str(device), "strategy": a.strategy, "compile": a.compile,
+                "source": "shards" if a.shards else "folder",
+                "pure_img_s": bs / pure_s, "full_img_s": bs / full_s, "full_over_pure": pure_s / full_s,
+                "pure_step_ms": 1e3 * pure_s, "host_ms": 1e3 * host_s, "full_step_ms": 1e3 * full_s, "data_wait_ms": 1e3 * wait_s,
+                "ops_per_step": ops_full, "host_syncs": sum(syncs.values()), "host_sync_ops": syncs, "cuda_sync_check": cuda_verdict,
                 "peak_mem_gib": mem, "gflop_per_img": flops / bs / 1e9, "tflops": flops / pure_s / 1e12,
                 "mfu": flops / pure_s / 1e12 / peak, "peak_tflops": peak,
+                "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
             })
-            model = opt = strategy = loader = it = fwd = None  # free the device memory before the next config
+            del data, state["it"]
+            model = opt = strategy = fwd = None  # free the device memory before the next config
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if group:
+        group.close()
     return rows
 
 
@@ -246,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--workers", type=int, default=8, help="loader processes")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--compile", action="store_true")
+    tr.add_argument("--strategy", choices=["ddp", "plain"], default="ddp", help="full path: 1-rank DDP (as on Ray) or no wrapper")
+    tr.add_argument("--shards", default=None, help="full path reads these WebDataset shards (manifest URL) instead of a folder")
     tr.add_argument("--peak-tflops", type=float, default=None, help="for MFU; default: a measured bf16 matmul peak")
     tr.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -259,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         t = Table(title=f"training throughput at {a.size[0]}x{a.size[1]}, {a.encoder}, bf16 autocast on CUDA"
                         f"{', torch.compile' if a.compile else ''} (peak {rows[0]['peak_tflops']:.0f} TFLOP/s for MFU)")
         cols = [("arch", "{}"), ("batch", "{}"), ("pure_img_s", "{:.1f}"), ("full_img_s", "{:.1f}"), ("full_over_pure", "{:.1%}"),
-                ("data_wait_ms", "{:.1f}"), ("compute_ms", "{:.1f}"), ("peak_mem_gib", "{:.1f}"), ("gflop_per_img", "{:.0f}"),
-                ("tflops", "{:.1f}"), ("mfu", "{:.1%}")]
+                ("pure_step_ms", "{:.1f}"), ("host_ms", "{:.1f}"), ("data_wait_ms", "{:.1f}"), ("host_syncs", "{}"),
+                ("peak_mem_gib", "{:.1f}"), ("gflop_per_img", "{:.0f}"), ("tflops", "{:.1f}"), ("mfu", "{:.1%}")]
         for c, _ in cols:
             t.add_column(c, justify="right")
         for r in rows:

@@ -43,13 +43,14 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def build_optimizer(model: nn.Module, cfg: ExperimentConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
     o = cfg.optim
-    # fused kernels on CUDA: one launch for all parameters instead of one per tensor
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # Fused kernels (CUDA and CPU): a few launches for all parameters, and the step counters stay
+    # tensors — the foreach path reads each one with .item(), a host sync per parameter on a GPU.
+    # On the CPU fused AdamW is also ~5x faster than foreach (ResNet34 branched: 21 vs 106 ms).
     if o.optimizer == "adam":
-        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, **fast)
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fast)
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=True)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=True)
 
 
 def train_step(strategy: PlainStrategy, batch: dict[str, torch.Tensor], codec: DepthCodec, semseg_weight: float,
@@ -178,7 +179,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     model = build_model(cfg.model).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    strategy = rt.make_strategy(model, build_optimizer(model, cfg, device), cfg)
+    strategy = rt.make_strategy(model, build_optimizer(model, cfg), cfg)
     epoch, step, best, restarts = 0, 0, float("-inf"), 0
     meta = rt.checkpoints.restore(strategy, cfg) if rt.checkpoints else None
     if meta is not None:
@@ -201,14 +202,13 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
                f"{t.batch_size * t.grad_accum * rt.world}, {steps_per_epoch} steps/epoch, LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power})")
 
     history, lrs = [], []
+    it = start_epoch(data.train, epoch) if epoch < t.epochs else None
     with TrainProgress(enabled=rt.is_main) as bar:
         while epoch < t.epochs:
             strategy.model.train()
-            data.train.set_epoch(epoch)
             bar.start_epoch(epoch, t.epochs, steps_per_epoch)
             running = torch.zeros(3, device=device)
             t0, n_img = time.perf_counter(), 0
-            it = iter(data.train)
             first_lr = len(lrs)
             for s in range(steps_per_epoch):
                 lrs.append(schedule.apply(strategy.optimizer, step))
@@ -221,9 +221,11 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
                 if (s + 1) % t.log_every == 0 or s + 1 == steps_per_epoch:  # the only host sync in the loop
                     loss = (running / (s + 1)).tolist()
                     bar.update(s + 1, loss=loss[0], ips=n_img * rt.world / (time.perf_counter() - t0), lr=lrs[-1])
-            del it
             epoch += 1
             ips = n_img * rt.world / (time.perf_counter() - t0)
+            # the next epoch's loader workers start (and fill their prefetch queues) during
+            # validation and checkpointing instead of stalling its first step
+            it = start_epoch(data.train, epoch) if epoch < t.epochs else None
             # the bare module: a DDP wrapper would sync buffers per forward, and ranks may hold
             # unequal shares of the validation split
             metrics = rt_evaluate(strategy.module, data.val, codec, rt, amp, t.channels_last)
@@ -242,6 +244,11 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
             if on_epoch_end:
                 on_epoch_end(epoch, metrics)
     return FitResult(history, lrs, strategy.module, best)
+
+
+def start_epoch(loader, epoch: int):
+    loader.set_epoch(epoch)
+    return iter(loader)
 
 
 def rt_evaluate(model: nn.Module, loader, codec: DepthCodec, rt: Runtime, amp, channels_last: bool) -> dict[str, float]:

@@ -20,10 +20,17 @@ PRED_MIN_M = 0.01  # predictions are clamped to this before the log, as the grad
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """C x C counts, rows = ground truth, columns = prediction; ignore pixels are skipped."""
-    keep = target != IGNORE_INDEX
-    idx = target[keep].long() * num_classes + pred[keep].long().clamp(0, num_classes - 1)
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    """C x C counts, rows = ground truth, columns = prediction; ignore pixels are skipped.
+
+    Ignored pixels go to an overflow bin instead of being filtered out, and the counts are
+    scattered, not ``bincount``-ed: both a boolean mask and ``bincount`` read the device on the
+    host (a sync per validation batch on a GPU).
+    """
+    c2 = num_classes * num_classes
+    idx = target.long() * num_classes + pred.long().clamp(0, num_classes - 1)
+    idx = torch.where(target == IGNORE_INDEX, c2, idx).flatten()
+    counts = torch.zeros(c2 + 1, dtype=torch.int64, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+    return counts[:c2].view(num_classes, num_classes)
 
 
 def iou_from_confusion(conf: torch.Tensor) -> torch.Tensor:
@@ -34,17 +41,20 @@ def iou_from_confusion(conf: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
-def depth_errors_per_image(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """B x len(DEPTH_KEYS) errors for each image with at least one valid pixel (others dropped).
+def depth_errors_per_image(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B x len(DEPTH_KEYS) errors, B bool: the image has valid depth). Rows of images without
+    a valid pixel are zeros and must be left out of the averages (`MultiTaskMetrics` does).
 
     ``pred`` and ``gt`` are depth in metres (B x H x W); ``valid`` marks usable ground truth.
+    Images are weighted, not dropped by boolean indexing, so no host sync is needed.
     """
     pred = pred.double().clamp(min=PRED_MIN_M)
     gt = gt.double()
     valid = valid & (gt > 0)
-    n = valid.flatten(1).sum(1).double()
-    keep = n > 0
-    pred, gt, valid, n = pred[keep], gt[keep], valid[keep].double(), n[keep]
+    n_valid = valid.flatten(1).sum(1)
+    has_depth = n_valid > 0
+    n = n_valid.clamp(min=1).double()
+    valid = valid.double()
 
     def mean(x: torch.Tensor) -> torch.Tensor:
         return (x * valid).flatten(1).sum(1) / n
@@ -61,7 +71,7 @@ def depth_errors_per_image(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Te
         mean(err.abs() / safe_gt),
         *(100.0 * mean((ratio < 1.25**k).double()) for k in (1, 2, 3)),
     ]
-    return torch.stack(out, dim=1)
+    return torch.stack(out, dim=1) * has_depth[:, None], has_depth
 
 
 class MultiTaskMetrics:
@@ -77,8 +87,8 @@ class MultiTaskMetrics:
         """``semseg_pred``: B x H x W class ids; ``depth_pred_m``: B x H x W metres."""
         c2 = self.num_classes**2
         self.state[:c2] += confusion_matrix(semseg_pred, batch["semseg"], self.num_classes).flatten().to(self.state)
-        errs = depth_errors_per_image(depth_pred_m, batch["depth"], batch["valid"])
-        self.state[c2] += errs.shape[0]
+        errs, has_depth = depth_errors_per_image(depth_pred_m, batch["depth"], batch["valid"])
+        self.state[c2] += has_depth.sum()
         self.state[c2 + 1:] += errs.sum(0).to(self.state)
 
     def merge(self, other_state: torch.Tensor) -> None:

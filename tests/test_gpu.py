@@ -19,7 +19,7 @@ def test_bf16_channels_last_train_step_on_cuda(arch):
 
     device = torch.device("cuda")
     model = build_model(ModelConfig(arch=arch, encoder="resnet34")).to(device).to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, ExperimentConfig(), device)
+    opt = build_optimizer(model, ExperimentConfig())
     assert opt.defaults.get("fused")  # fused Adam on CUDA
     batch = {"rgb": torch.randn(4, 3, 256, 512, device=device).contiguous(memory_format=torch.channels_last),
              "semseg": torch.randint(0, NUM_CLASSES, (4, 256, 512), device=device),

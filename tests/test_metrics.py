@@ -38,7 +38,8 @@ def test_constant_prediction_hand_computed():
     # one image, valid gt 2 and 8 (and an invalid pixel), constant prediction 4
     gt = torch.tensor([[[2.0, 8.0, 0.0]]])
     pred = torch.full_like(gt, 4.0)
-    e = depth_errors_per_image(pred, gt, gt > 0)[0]
+    errs, _ = depth_errors_per_image(pred, gt, gt > 0)
+    e = errs[0]
     d = torch.log(torch.tensor([2.0, 8.0])) - math.log(4.0)  # [-ln2, ln2]
     si = 100 * math.sqrt(float((d**2).mean() - d.mean() ** 2))
     assert e[0].item() == pytest.approx(si)  # 100 * ln 2
@@ -51,20 +52,21 @@ def test_constant_prediction_hand_computed():
 
 def test_delta_thresholds():
     gt = torch.full((1, 1, 3), 10.0)
-    e = depth_errors_per_image(torch.tensor([[[11.0, 14.0, 19.0]]]), gt, gt > 0)[0]  # ratios 1.1, 1.4, 1.9
+    errs, _ = depth_errors_per_image(torch.tensor([[[11.0, 14.0, 19.0]]]), gt, gt > 0)  # ratios 1.1, 1.4, 1.9
+    e = errs[0]
     assert e[5:].tolist() == pytest.approx([100 / 3, 200 / 3, 100.0])
 
 
 def test_scale_shifted_depth_has_zero_si_log():
     gt = torch.rand(2, 8, 8) * 50 + 5
-    e = depth_errors_per_image(gt * 3.7, gt, torch.ones_like(gt, dtype=torch.bool))
+    e, _ = depth_errors_per_image(gt * 3.7, gt, torch.ones_like(gt, dtype=torch.bool))
     assert e[:, 0].abs().max().item() < 1e-4
     assert e[:, 2].min().item() > 1.0  # but MAE sees the scale error
 
 
 def test_predictions_are_clamped_before_log():
     gt = torch.tensor([[[10.0, 10.0]]])
-    e = depth_errors_per_image(torch.tensor([[[-5.0, 0.0]]]), gt, gt > 0)
+    e, _ = depth_errors_per_image(torch.tensor([[[-5.0, 0.0]]]), gt, gt > 0)
     assert torch.isfinite(e).all()
     assert e[0, 1].item() == pytest.approx(math.log(10 / 0.01))
 
@@ -78,8 +80,14 @@ def test_depth_is_averaged_per_image_not_per_pixel():
 
 
 def test_images_without_valid_depth_are_skipped():
-    gt = torch.zeros(1, 2, 2)
-    assert depth_errors_per_image(torch.ones(1, 2, 2), gt, gt > 0).shape == (0, 8)
+    gt = torch.tensor([[[0.0, 0.0]], [[10.0, 10.0]]])
+    pred = torch.tensor([[[1.0, 1.0]], [[20.0, 20.0]]])
+    errs, has_depth = depth_errors_per_image(pred, gt, gt > 0)
+    assert has_depth.tolist() == [False, True] and errs[0].abs().sum() == 0 and torch.isfinite(errs).all()
+    m = MultiTaskMetrics()
+    m.update(torch.zeros(2, 1, 2, dtype=torch.long), pred, _batch(torch.zeros(2, 1, 2, dtype=torch.long), gt))
+    r = m.compute()
+    assert r["num_depth_images"] == 1 and r["mae"] == pytest.approx(10.0)  # the empty image counts for nothing
 
 
 def test_states_sum_across_ranks():

@@ -1,0 +1,71 @@
+"""The training and validation hot paths never make the host wait for the device.
+
+On a GPU a host read of a device value (``.item()``, boolean indexing, ...) stalls the CPU until
+the queue drains, so the next step cannot be queued behind the current one. These checks run on
+the CPU: `OpRecorder` records every ATen op the step dispatches, and a sync-type op fails them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtl.config import ExperimentConfig, ModelConfig, OptimConfig
+from mtl.data.batch import to_model_batch
+from mtl.engine import autocast, build_optimizer, predict, train_step
+from mtl.losses import DepthCodec
+from mtl.metrics import MultiTaskMetrics
+from mtl.models import build_model
+from mtl.opcount import OpRecorder
+from mtl.strategy import PlainStrategy
+
+
+def loader_batch(n: int = 2, h: int = 64, w: int = 128) -> dict[str, torch.Tensor]:
+    """What the loaders yield: uint8 rgb NHWC, class ids (255 = ignore), disparity codes (0 = invalid)."""
+    g = torch.Generator().manual_seed(0)
+    semseg = torch.randint(0, 19, (n, h, w), generator=g, dtype=torch.uint8)
+    semseg[:, -4:] = 255
+    codes = torch.randint(0, 256, (n, h, w), generator=g, dtype=torch.uint8)
+    return {"rgb": torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8), "semseg": semseg, "disparity": codes}
+
+
+@pytest.mark.parametrize("arch,optimizer,grad_accum", [("branched", "adam", 1), ("distillation", "sgd", 2)])
+def test_train_steps_queue_without_host_syncs(arch, optimizer, grad_accum):
+    cfg = ExperimentConfig(model=ModelConfig(arch=arch, encoder="resnet18"), optim=OptimConfig(optimizer=optimizer, grad_clip=1.0))
+    cpu = torch.device("cpu")
+    model = build_model(cfg.model).to(memory_format=torch.channels_last)
+    strategy = PlainStrategy(model, build_optimizer(model, cfg), grad_accum, cfg.optim.grad_clip)
+    running = torch.zeros(3)
+    params_before = [p.detach().clone() for p in model.parameters()]
+    for step in range(2):  # the second step runs with optimizer state (Adam's step counters)
+        with OpRecorder() as rec:
+            for k in range(grad_accum):  # what `fit` does per optimizer step
+                batch = to_model_batch(loader_batch(), cpu, channels_last=True)
+                parts = train_step(strategy, batch, DepthCodec("log"), 0.5, autocast(cpu, True), last_micro_batch=k == grad_accum - 1)
+                running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / grad_accum
+        assert rec.host_syncs() == {}, f"step {step} reads device values on the host: {rec.host_syncs()}"
+        assert rec.total > 100  # the recorder saw the whole step
+    assert any(not torch.equal(a, b) for a, b in zip(params_before, model.parameters()))  # and it did update
+    assert torch.isfinite(running).all()
+
+
+def test_recorder_catches_a_host_read():
+    """The check can fail: a per-step ``.item()`` (the classic logging mistake) is caught."""
+    with OpRecorder() as rec:
+        loss = torch.ones(3).sum()
+        float(loss)
+    assert rec.host_syncs() == {"aten._local_scalar_dense": 1}
+
+
+def test_validation_batches_queue_without_host_syncs():
+    cfg = ExperimentConfig(model=ModelConfig(arch="deeplabv3p", encoder="resnet18"))
+    cpu = torch.device("cpu")
+    model = build_model(cfg.model).eval()
+    raw = loader_batch()
+    raw["disparity"][0] = 0  # an image without valid depth: skipped by weighting, not by indexing
+    with OpRecorder() as rec:
+        metrics = MultiTaskMetrics()
+        batch = to_model_batch(raw, cpu)
+        metrics.update(*predict(model, batch["rgb"], DepthCodec("log"), autocast(cpu, True)), batch)
+    assert rec.host_syncs() == {}, rec.host_syncs()
+    assert metrics.compute()["num_depth_images"] == 1

@@ -29,6 +29,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
 def _rate(n: int, seconds: float) -> float:
     return n / max(seconds, 1e-9)
 
@@ -176,6 +183,28 @@ def sync_check(step, device) -> tuple[int, dict[str, int], str]:
     return rec.total, rec.host_syncs(), verdict
 
 
+class Feed:
+    """Train batches across epoch boundaries (worker restarts and refills are part of the cost),
+    timing how long the host waits for them."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.epoch, self.it, self.wait = loader, 0, None, 0.0
+
+    def next(self):
+        t0 = time.perf_counter()
+        while True:
+            if self.it is None:
+                self.loader.set_epoch(self.epoch)
+                self.it = iter(self.loader)
+            try:
+                batch = next(self.it)
+                break
+            except StopIteration:
+                self.it, self.epoch = None, self.epoch + 1
+        self.wait += time.perf_counter() - t0
+        return batch
+
+
 class OneRankDDP:
     """A one-process DDP group (gloo on CPU, NCCL on CUDA): the full path runs the train step
     wrapped exactly as a Ray Train worker runs it."""
@@ -197,7 +226,8 @@ class OneRankDDP:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def bench_train(a: argparse.Namespace) -> list[dict]:
+def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
+    """One row per (arch, batch size); ``on_row(rows)`` after each, so a run cut short keeps its rows."""
     import torch
 
     from mtl.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
@@ -255,33 +285,19 @@ def bench_train(a: argparse.Namespace) -> list[dict]:
             strategy = DDPStrategy(model, opt, device) if group else PlainStrategy(model, opt)
             if a.compile:
                 strategy.model = torch.compile(strategy.model)
-            running = torch.zeros(3, device=device)
-            state = {"it": None, "epoch": 0, "wait": 0.0}
-
-            def next_batch():
-                while True:
-                    if state["it"] is None:
-                        data.train.set_epoch(state["epoch"])
-                        state["it"] = iter(data.train)
-                    try:
-                        return next(state["it"])
-                    except StopIteration:  # epoch boundaries (worker restarts, refills) are part of the cost
-                        state["it"], state["epoch"] = None, state["epoch"] + 1
+            feed, running = Feed(data.train), torch.zeros(3, device=device)
 
             def full_step() -> None:
                 nonlocal running
-                t0 = time.perf_counter()
-                raw = next_batch()
-                state["wait"] += time.perf_counter() - t0
-                parts = train_step(strategy, to_model_batch(raw, device, True), codec, 0.5, amp)
+                parts = train_step(strategy, to_model_batch(feed.next(), device, True), codec, 0.5, amp)
                 running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
 
             for _ in range(a.warmup):
                 full_step()
             ops_full, syncs, cuda_verdict = sync_check(full_step, device)
-            state["wait"] = 0.0
+            feed.wait = 0.0
             full_s = seconds_per_step(full_step, a.steps, device)
-            wait_s = state["wait"] / a.steps
+            wait_s = feed.wait / a.steps
             rows.append({
                 "arch": arch, "batch": bs, "device": str(device), "strategy": a.strategy, "compile": a.compile,
                 "source": "shards" if a.shards else "folder",
@@ -292,8 +308,9 @@ def bench_train(a: argparse.Namespace) -> list[dict]:
                 "mfu": flops / pure_s / 1e12 / peak, "peak_tflops": peak,
                 "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
             })
-            del data, state["it"]
-            model = opt = strategy = fwd = None  # free the device memory before the next config
+            if on_row:
+                on_row(rows)
+            model = opt = strategy = fwd = data = feed = None  # free the device memory and workers before the next config
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if group:
@@ -325,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--shards", default=None, help="full path reads these WebDataset shards (manifest URL) instead of a folder")
     tr.add_argument("--peak-tflops", type=float, default=None, help="for MFU; default: a measured bf16 matmul peak")
     tr.add_argument("--json", default=None)
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     a.size = tuple(int(v) for v in a.size.split("x"))
     from rich.table import Table
@@ -332,9 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     from mtl.progress import wide_console
 
     if a.mode == "train":
-        rows = bench_train(a)
-        t = Table(title=f"training throughput at {a.size[0]}x{a.size[1]}, {a.encoder}, bf16 autocast on CUDA"
-                        f"{', torch.compile' if a.compile else ''} (peak {rows[0]['peak_tflops']:.0f} TFLOP/s for MFU)")
+        def save(rows: list[dict]) -> None:
+            r = rows[-1]
+            print(f"{r['arch']} batch {r['batch']}: pure {r['pure_img_s']:.1f} img/s, full {r['full_img_s']:.1f} img/s "
+                  f"({r['full_over_pure']:.1%}), MFU {r['mfu']:.1%}, {r['peak_mem_gib']:.1f} GiB", flush=True)
+            if a.json:
+                write_json(a.json, {"mode": "train", "size": a.size, "argv": argv, "rows": rows})
+
+        rows = bench_train(a, save)
+        t = Table(title=f"training throughput at {a.size[0]}x{a.size[1]}, {a.encoder}, bf16 autocast (CUDA only)"
+                        f"{', torch.compile' if a.compile else ''} (peak {rows[0]['peak_tflops']:.3g} TFLOP/s for MFU)")
         cols = [("arch", "{}"), ("batch", "{}"), ("pure_img_s", "{:.1f}"), ("full_img_s", "{:.1f}"), ("full_over_pure", "{:.1%}"),
                 ("pure_step_ms", "{:.1f}"), ("host_ms", "{:.1f}"), ("data_wait_ms", "{:.1f}"), ("host_syncs", "{}"),
                 ("peak_mem_gib", "{:.1f}"), ("gflop_per_img", "{:.0f}"), ("tflops", "{:.1f}"), ("mfu", "{:.1%}")]
@@ -343,9 +368,6 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             t.add_row(*(f.format(r[c]) for c, f in cols))
         wide_console().print(t)
-        if a.json:
-            with open(a.json, "w") as fh:
-                json.dump({"mode": "train", "size": a.size, "rows": rows}, fh, indent=1)
         return 0
 
     results = bench_loader(a)
@@ -358,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         t.add_row(k, f"{v:.0f}", f"{v / bare:.2f}")
     wide_console().print(t)
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"mode": a.mode, "size": a.size, "results": results}, fh, indent=1)
+        write_json(a.json, {"mode": a.mode, "size": a.size, "argv": argv, "results": results})
     return 0
 
 

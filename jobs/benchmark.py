@@ -81,6 +81,21 @@ def bench_loader(a: argparse.Namespace) -> dict:
     results["folder loader, no augmentation"] = run(make_loader(MiniscapesFolder(root, "train"), 16, True, 0, 0, 2, drop_last=False), len(ds))
     results["folder loader + augmentation"] = run(make_loader(ds, 16, True, 0, 0, 2, drop_last=False), len(ds))
 
+    # the other half of augmentation: resampling the batch by its crop vectors, where training does it
+    from mtl.data.batch import to_model_batch
+    from mtl.engine import resolve_device
+
+    device = resolve_device("auto")
+    batch = next(iter(make_loader(ds, 16, True, 0, 0, 2)))
+    for _ in range(3):
+        to_model_batch(batch, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        to_model_batch(batch, device)
+    _sync(device)
+    results[f"batch to model input on {device.type} (zoom/crop/flip + normalise, 1 thread on CPU)"] = _rate(160, time.perf_counter() - t0)
+
     local = os.path.join(cache_dir(), f"bench-shards-{h}x{w}-{a.samples}")
     if not os.path.exists(os.path.join(local, "manifest.json")):
         shard_dataset(root, local, "64", splits=("train",), workers=os.cpu_count())

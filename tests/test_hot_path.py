@@ -12,6 +12,7 @@ import torch
 
 from mtl.config import ExperimentConfig, ModelConfig, OptimConfig
 from mtl.data.batch import to_model_batch
+from mtl.data.transforms import CROP_KEYS, Augment, draw_crop, sample_rng
 from mtl.engine import autocast, build_optimizer, predict, train_step
 from mtl.losses import DepthCodec
 from mtl.metrics import MultiTaskMetrics
@@ -20,13 +21,18 @@ from mtl.opcount import OpRecorder
 from mtl.strategy import PlainStrategy
 
 
-def loader_batch(n: int = 2, h: int = 64, w: int = 128) -> dict[str, torch.Tensor]:
-    """What the loaders yield: uint8 rgb NHWC, class ids (255 = ignore), disparity codes (0 = invalid)."""
+def loader_batch(n: int = 2, h: int = 64, w: int = 128, augment: bool = True) -> dict[str, torch.Tensor]:
+    """What the loaders yield: uint8 rgb NHWC, class ids (255 = ignore), disparity codes (0 = invalid)
+    and, for training, each sample's crop vectors."""
     g = torch.Generator().manual_seed(0)
     semseg = torch.randint(0, 19, (n, h, w), generator=g, dtype=torch.uint8)
     semseg[:, -4:] = 255
     codes = torch.randint(0, 256, (n, h, w), generator=g, dtype=torch.uint8)
-    return {"rgb": torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8), "semseg": semseg, "disparity": codes}
+    batch = {"rgb": torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8), "semseg": semseg, "disparity": codes}
+    if augment:
+        crops = [draw_crop(h, w, Augment(0.8, 1.25, None, True), sample_rng(0, 0, i)) for i in range(n)]
+        batch.update({k: torch.stack([c[k] for c in crops]) for k in CROP_KEYS})
+    return batch
 
 
 @pytest.mark.parametrize("arch,optimizer,grad_accum", [("branched", "adam", 1), ("distillation", "sgd", 2)])
@@ -61,7 +67,7 @@ def test_validation_batches_queue_without_host_syncs():
     cfg = ExperimentConfig(model=ModelConfig(arch="deeplabv3p", encoder="resnet18"))
     cpu = torch.device("cpu")
     model = build_model(cfg.model).eval()
-    raw = loader_batch()
+    raw = loader_batch(augment=False)
     raw["disparity"][0] = 0  # an image without valid depth: skipped by weighting, not by indexing
     with OpRecorder() as rec:
         metrics = MultiTaskMetrics()

@@ -17,7 +17,7 @@ from data_prep.shard import shard_dataset
 from mtl.data.folder import MiniscapesFolder
 from mtl.data.miniscapes import encode_semseg_png
 from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, read_manifest
-from mtl.data.transforms import Augment
+from mtl.data.transforms import CROP_KEYS, Augment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +68,7 @@ def test_every_sample_exactly_once_and_equal_to_the_folder(s3_shards, tiny_root,
             for j, idx in enumerate(batch["index"].tolist()):
                 seen.append(idx)
                 ref = folder[(3, idx)]  # same (seed, epoch, index) -> same augmentation
-                for k in ("rgb", "semseg", "disparity"):
+                for k in ("rgb", "semseg", "disparity", *CROP_KEYS):
                     assert torch.equal(batch[k][j], ref[k]), (idx, k)
         assert n == len(loader)
         batches.append(n)

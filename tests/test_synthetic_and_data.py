@@ -158,6 +158,24 @@ def test_crop_larger_than_image_pads_with_ignore():
     assert b["rgb"][0, :, 12, 12].abs().max() < 0.02  # padded with the mean colour
 
 
+def test_training_batches_are_augmented_on_the_device_like_single_samples(tiny_root):
+    """The loader ships untouched samples + crop vectors; `to_model_batch` resamples the batch.
+    Each sample of the batch equals that sample augmented alone (labels and depth exactly)."""
+    folder = MiniscapesFolder(tiny_root, "train", Augment(0.9, 1.3, (48, 96), True), seed=2)
+    plain = MiniscapesFolder(tiny_root, "train")
+    items = [folder[(1, i)] for i in range(6)]
+    raw = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    assert raw["rgb"].shape == (6, 64, 128, 3) and raw["aug_rows"].shape == (6, 48)  # nothing resampled yet
+    b = to_model_batch(raw, torch.device("cpu"))
+    assert b["rgb"].shape == (6, 3, 48, 96) and b["rgb"].is_contiguous(memory_format=torch.channels_last)
+    for i in range(6):
+        s = {k: v.numpy() for k, v in plain[i].items() if k != "index"}
+        alone = augment(s, folder.augment, sample_rng(2, 1, i))
+        one = to_model_batch({k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in alone.items()}, torch.device("cpu"))
+        assert torch.equal(b["semseg"][i], one["semseg"][0]) and torch.equal(b["depth"][i], one["depth"][0])
+        assert (b["rgb"][i] - one["rgb"][0]).abs().max() < 0.03  # alone, rgb was rounded to uint8 once more
+
+
 def test_bad_augment_settings():
     with pytest.raises(ValueError, match="scale range"):
         Augment(1.5, 1.0)

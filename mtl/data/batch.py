@@ -1,9 +1,10 @@
 """Compact loader batches -> model-ready tensors, on the device.
 
-Loaders move uint8 only (5 bytes a pixel instead of 21): rgb NHWC, class ids, disparity codes.
-Here, after the host-to-device copy, rgb becomes a normalised float NCHW tensor (NHWC memory
-order is channels_last for free), labels int64, and disparity codes metric depth in metres with
-a validity mask, by the Miniscapes formula.
+Loaders move uint8 only (5 bytes a pixel instead of 21): rgb NHWC, class ids, disparity codes,
+plus, for training, each sample's crop vectors. Here, after the host-to-device copy, the batch is
+zoomed/cropped/flipped (`apply_crop`), rgb becomes a normalised float NCHW tensor (NHWC memory
+order is channels_last), labels int64, and disparity codes metric depth in metres with a
+validity mask, by the Miniscapes formula.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 import torch
 
 from mtl.data.miniscapes import DEPTH_MAX_M, DEPTH_MIN_M
-from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mtl.data.transforms import CROP_KEYS, IMAGENET_MEAN, IMAGENET_STD, apply_crop
 
 
 def codes_to_metres(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,12 +40,18 @@ def normalize_rgb(rgb_u8_nhwc: torch.Tensor, channels_last: bool = True) -> torc
 
 
 def to_model_batch(raw: dict[str, torch.Tensor], device: torch.device, channels_last: bool = True) -> dict[str, torch.Tensor]:
-    """{rgb, semseg, disparity[, index]} uint8 -> {rgb float NCHW, semseg int64, depth m, valid, index}."""
-    rgb = raw["rgb"].to(device, non_blocking=True)
+    """{rgb, semseg, disparity[, aug_*][, index]} uint8 -> {rgb float NCHW, semseg int64, depth m, valid, index};
+    a batch with crop vectors (`mtl.data.transforms.draw_crop`) is zoomed, cropped and flipped here."""
+    rgb = normalize_rgb(raw["rgb"].to(device, non_blocking=True), channels_last)
     semseg = raw["semseg"].to(device, non_blocking=True)
     codes = raw["disparity"].to(device, non_blocking=True)
+    if "aug_rows" in raw:
+        crop = {k: raw[k].to(device, non_blocking=True) for k in CROP_KEYS}
+        rgb, semseg, codes = apply_crop(rgb, semseg, codes, crop)
+        if channels_last:
+            rgb = rgb.contiguous(memory_format=torch.channels_last)
     depth, valid = codes_to_metres(codes)
-    out = {"rgb": normalize_rgb(rgb, channels_last), "semseg": semseg.long(), "depth": depth, "valid": valid}
+    out = {"rgb": rgb, "semseg": semseg.long(), "depth": depth, "valid": valid}
     if "index" in raw:
         out["index"] = raw["index"]
     return out

@@ -176,20 +176,23 @@ def host_seconds_per_step(step, n: int, device) -> float:
     return total / n
 
 
-def sync_check(step, device) -> tuple[int, dict[str, int], str]:
-    """(ATen ops in one step, host-sync ops among them, CUDA's own verdict on synchronising calls)."""
+def sync_check(step, make_input, device) -> tuple[int, dict[str, int], str]:
+    """(ATen ops in one step, host-sync ops among them, CUDA's own verdict on synchronising
+    calls) for ``step(make_input())``; the input is fetched outside the checks (loader threads)."""
     import torch
 
     from mtl.opcount import OpRecorder
 
+    x = make_input()
     with OpRecorder() as rec:
-        step()
+        step(x)
     verdict = "n/a (not CUDA)"
     if device.type == "cuda":
+        x = make_input()
         _sync(device)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            step()
+            step(x)
             verdict = "none"
         except RuntimeError as e:
             verdict = f"synchronising call: {str(e).splitlines()[0]}"
@@ -302,14 +305,17 @@ def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
                 strategy.model = torch.compile(strategy.model)
             feed, running = Feed(data.train), torch.zeros(3, device=device)
 
-            def full_step() -> None:
+            def device_step(raw) -> None:
                 nonlocal running
-                parts = train_step(strategy, to_model_batch(feed.next(), device, True), codec, 0.5, amp)
+                parts = train_step(strategy, to_model_batch(raw, device, True), codec, 0.5, amp)
                 running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
+
+            def full_step() -> None:
+                device_step(feed.next())
 
             for _ in range(a.warmup):
                 full_step()
-            ops_full, syncs, cuda_verdict = sync_check(full_step, device)
+            ops_full, syncs, cuda_verdict = sync_check(device_step, feed.next, device)
             feed.wait = 0.0
             full_s = seconds_per_step(full_step, a.steps, device)
             wait_s = feed.wait / a.steps

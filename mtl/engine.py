@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -246,7 +246,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     return FitResult(history, lrs, strategy.module, best)
 
 
-def start_epoch(loader, epoch: int):
+def start_epoch(loader, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
     loader.set_epoch(epoch)
     return iter(loader)
 

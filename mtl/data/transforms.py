@@ -20,7 +20,7 @@ from mtl.data.miniscapes import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_MEAN_RGB_U8 = tuple(round(255 * m) for m in IMAGENET_MEAN)  # pads to ~0 after normalisation
+_MEAN_RGB_U8 = tuple(round(255 * m) for m in IMAGENET_MEAN)  # `augment` pads with it (0 once normalised)
 
 CROP_KEYS = ("aug_rows", "aug_cols", "aug_y", "aug_x")  # what `draw_crop` adds to a sample
 Sample = dict[str, np.ndarray]  # rgb HxWx3 uint8, semseg HxW uint8, disparity HxW uint8 codes (0 = invalid)

@@ -176,23 +176,20 @@ def host_seconds_per_step(step, n: int, device) -> float:
     return total / n
 
 
-def sync_check(step, make_input, device) -> tuple[int, dict[str, int], str]:
-    """(ATen ops in one step, host-sync ops among them, CUDA's own verdict on synchronising
-    calls) for ``step(make_input())``; the input is fetched outside the checks (loader threads)."""
+def sync_check(step, device) -> tuple[int, dict[str, int], str]:
+    """(ATen ops in one step, host-sync ops among them, CUDA's own verdict on synchronising calls)."""
     import torch
 
     from mtl.opcount import OpRecorder
 
-    x = make_input()
     with OpRecorder() as rec:
-        step(x)
+        step()
     verdict = "n/a (not CUDA)"
     if device.type == "cuda":
-        x = make_input()
         _sync(device)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            step(x)
+            step()
             verdict = "none"
         except RuntimeError as e:
             verdict = f"synchronising call: {str(e).splitlines()[0]}"
@@ -202,18 +199,22 @@ def sync_check(step, make_input, device) -> tuple[int, dict[str, int], str]:
 
 
 class Feed:
-    """Train batches across epoch boundaries (worker restarts and refills are part of the cost),
-    timing how long the host waits for them."""
+    """Model batches across epoch boundaries (worker restarts and refills are part of the cost)
+    through the train loop's own device prefetcher, timing how long the host spends on them."""
 
-    def __init__(self, loader) -> None:
-        self.loader, self.epoch, self.it, self.wait = loader, 0, None, 0.0
+    def __init__(self, loader, device) -> None:
+        self.loader, self.device, self.epoch, self.it, self.wait = loader, device, 0, None, 0.0
+
+    def restart(self) -> None:
+        self.it = None  # e.g. after an error raised inside the loader's pipeline
 
     def next(self):
+        from mtl.engine import start_epoch
+
         t0 = time.perf_counter()
         while True:
             if self.it is None:
-                self.loader.set_epoch(self.epoch)
-                self.it = iter(self.loader)
+                self.it = start_epoch(self.loader, self.epoch, self.device, True)
             try:
                 batch = next(self.it)
                 break
@@ -250,7 +251,6 @@ def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
 
     from mtl.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
     from mtl.data import build_loaders
-    from mtl.data.batch import to_model_batch
     from mtl.engine import autocast, build_optimizer, resolve_device, train_step
     from mtl.losses import DepthCodec, multitask_loss
     from mtl.models import build_model
@@ -303,19 +303,19 @@ def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
             strategy = DDPStrategy(model, opt, device) if group else PlainStrategy(model, opt)
             if a.compile:
                 strategy.model = torch.compile(strategy.model)
-            feed, running = Feed(data.train), torch.zeros(3, device=device)
-
-            def device_step(raw) -> None:
-                nonlocal running
-                parts = train_step(strategy, to_model_batch(raw, device, True), codec, 0.5, amp)
-                running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
+            feed, running = Feed(data.train, device), torch.zeros(3, device=device)
 
             def full_step() -> None:
-                device_step(feed.next())
+                nonlocal running
+                parts = train_step(strategy, feed.next(), codec, 0.5, amp)
+                running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
 
             for _ in range(a.warmup):
                 full_step()
-            ops_full, syncs, cuda_verdict = sync_check(device_step, feed.next, device)
+            ops_full, syncs, cuda_verdict = sync_check(full_step, device)
+            feed.restart()
+            for _ in range(2):
+                full_step()
             feed.wait = 0.0
             full_s = seconds_per_step(full_step, a.steps, device)
             wait_s = feed.wait / a.steps

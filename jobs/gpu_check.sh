@@ -8,11 +8,11 @@
 # Phases, each under its own time limit so a slow one cannot eat the others' time, each writing
 # its results as soon as it has them (a cut-off run still leaves what it measured):
 #   env      GPU, driver, torch/CUDA/cuDNN versions            -> env.txt
-#   tests    pytest -m gpu (bf16 + channels_last step per arch) -> pytest-gpu.txt
+#   tests    pytest -m gpu (train step per arch, prefetcher, fit)  -> pytest-gpu.txt
 #   eager    benchmark: branched, distillation x batch 16/32/64 -> bench-eager.json/.txt
 #   loader   loader benchmark (img/s per core)                   -> bench-loader.json/.txt
 #   compile  benchmark with --compile: branched x batch 16       -> bench-compile.json/.txt
-# The default limits add up to 570 s: one call of a 600 s device command.
+# The default limits add up to 580 s: one call of a 600 s device command.
 #
 # Small pure-Python packages missing there (webdataset, braceexpand, pytest, ...) come from wheels
 # in .whl/, installed into a private folder; fetch them beforehand on a machine with an index:
@@ -22,7 +22,7 @@
 # Knobs (environment): PHASES (default "env tests eager loader compile"), SIZE (256x512),
 # BATCHES ("16 32 64"), COMPILE_BATCHES ("16"), ARCHS ("branched distillation"), ENCODER
 # (resnet34), STEPS (30), WARMUP (10), SAMPLES (512), WORKERS (12), and per-phase limits in seconds
-# T_TESTS (90), T_EAGER (240), T_LOADER (60), T_COMPILE (180).
+# T_TESTS (120), T_EAGER (220), T_LOADER (60), T_COMPILE (180).
 set -uo pipefail
 
 OUT_DIR=${1:-${OUT:-runs/gpu-check}}
@@ -68,10 +68,10 @@ for p in $PHASES; do
           nproc; free -g; } >"$OUT_DIR/env.txt" 2>&1
         cat "$OUT_DIR/env.txt" ;;
     tests)
-        phase tests "${T_TESTS:-90}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
+        phase tests "${T_TESTS:-120}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
     eager)
         # shellcheck disable=SC2086
-        phase eager "${T_EAGER:-240}" bench-eager.txt "$PY" jobs/benchmark.py train --archs $ARCHS --encoder "$ENCODER" \
+        phase eager "${T_EAGER:-220}" bench-eager.txt "$PY" jobs/benchmark.py train --archs $ARCHS --encoder "$ENCODER" \
             --batch-sizes $BATCHES --size "$SIZE" --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" --workers "$WORKERS" \
             --json "$OUT_DIR/bench-eager.json" ;;
     compile)

@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 from mtl.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state, write_bytes_atomic
 from mtl.config import ExperimentConfig
 from mtl.data import build_loaders
-from mtl.data.batch import to_model_batch
+from mtl.data.batch import DeviceBatches, to_model_batch
 from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
@@ -202,7 +202,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
                f"{t.batch_size * t.grad_accum * rt.world}, {steps_per_epoch} steps/epoch, LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power})")
 
     history, lrs = [], []
-    it = start_epoch(data.train, epoch) if epoch < t.epochs else None
+    it = start_epoch(data.train, epoch, device, t.channels_last) if epoch < t.epochs else None
     with TrainProgress(enabled=rt.is_main) as bar:
         while epoch < t.epochs:
             strategy.model.train()
@@ -213,7 +213,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
             for s in range(steps_per_epoch):
                 lrs.append(schedule.apply(strategy.optimizer, step))
                 for k in range(t.grad_accum):
-                    batch = to_model_batch(next(it), device, t.channels_last)
+                    batch = next(it)
                     parts = train_step(strategy, batch, codec, cfg.optim.semseg_weight, amp, last_micro_batch=k == t.grad_accum - 1)
                     running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
                     n_img += batch["rgb"].shape[0]
@@ -225,7 +225,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
             ips = n_img * rt.world / (time.perf_counter() - t0)
             # the next epoch's loader workers start (and fill their prefetch queues) during
             # validation and checkpointing instead of stalling its first step
-            it = start_epoch(data.train, epoch) if epoch < t.epochs else None
+            it = start_epoch(data.train, epoch, device, t.channels_last) if epoch < t.epochs else None
             # the bare module: a DDP wrapper would sync buffers per forward, and ranks may hold
             # unequal shares of the validation split
             metrics = rt_evaluate(strategy.module, data.val, codec, rt, amp, t.channels_last)
@@ -246,9 +246,11 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     return FitResult(history, lrs, strategy.module, best)
 
 
-def start_epoch(loader, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+def start_epoch(loader, epoch: int, device: torch.device, channels_last: bool) -> DeviceBatches:
+    """The epoch's model batches; the loader's workers start now, the first batch is fetched on
+    the first ``next()``."""
     loader.set_epoch(epoch)
-    return iter(loader)
+    return DeviceBatches(iter(loader), device, channels_last)
 
 
 def rt_evaluate(model: nn.Module, loader, codec: DepthCodec, rt: Runtime, amp, channels_last: bool) -> dict[str, float]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mtl.config import ExperimentConfig, ModelConfig, OptimConfig
-from mtl.data.batch import to_model_batch
+from mtl.data.batch import DeviceBatches, to_model_batch
 from mtl.data.transforms import CROP_KEYS, Augment, draw_crop, sample_rng
 from mtl.engine import autocast, build_optimizer, predict, train_step
 from mtl.losses import DepthCodec
@@ -75,3 +75,21 @@ def test_validation_batches_queue_without_host_syncs():
         metrics.update(*predict(model, batch["rgb"], DepthCodec("log"), autocast(cpu, True)), batch)
     assert rec.host_syncs() == {}, rec.host_syncs()
     assert metrics.compute()["num_depth_images"] == 1
+
+
+def test_device_batches_start_lazily_and_convert_every_loader_batch():
+    """The train loop's prefetcher: creating it pulls nothing from the loader (so the next
+    epoch's iterator can be made before validation), then it yields every batch, converted."""
+    pulled = []
+
+    def loader():
+        for i in range(3):
+            pulled.append(i)
+            yield loader_batch()
+
+    batches = DeviceBatches(loader(), torch.device("cpu"))
+    assert pulled == []
+    out = list(batches)
+    assert pulled == [0, 1, 2] and len(out) == 3
+    ref = to_model_batch(loader_batch(), torch.device("cpu"))
+    assert all(torch.equal(out[0][k], ref[k]) for k in ref)

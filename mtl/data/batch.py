@@ -10,6 +10,7 @@ validity mask, by the Miniscapes formula.
 from __future__ import annotations
 
 import functools
+from typing import Iterator
 
 import torch
 
@@ -55,3 +56,47 @@ def to_model_batch(raw: dict[str, torch.Tensor], device: torch.device, channels_
     if "index" in raw:
         out["index"] = raw["index"]
     return out
+
+
+class DeviceBatches:
+    """Model batches from an iterator of loader batches, one batch ahead: on CUDA, batch i+1 is
+    copied to the device and augmented on a side stream while step i computes, so the copy and
+    the resampling kernels leave the compute stream's critical path. On the CPU: a plain map.
+
+    The first batch is fetched on the first ``next()``, not at construction, so creating the
+    iterator early (before validation) never waits for the loader.
+    """
+
+    def __init__(self, raw_batches: Iterator[dict[str, torch.Tensor]], device: torch.device, channels_last: bool = True) -> None:
+        self.raw, self.device, self.channels_last = raw_batches, device, channels_last
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead: dict[str, torch.Tensor] | None = None
+        self.started = False
+
+    def _fetch(self) -> dict[str, torch.Tensor] | None:
+        raw = next(self.raw, None)
+        if raw is None:
+            return None
+        if self.stream is None:
+            return to_model_batch(raw, self.device, self.channels_last)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # reuse of freed memory is ordered
+        with torch.cuda.stream(self.stream):
+            return to_model_batch(raw, self.device, self.channels_last)
+
+    def __iter__(self) -> DeviceBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if not self.started:
+            self.ahead, self.started = self._fetch(), True
+        batch = self.ahead
+        if batch is None:
+            raise StopIteration
+        if self.stream is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.stream)
+            for t in batch.values():
+                if t.device.type == "cuda":
+                    t.record_stream(main)  # made on the side stream, used and freed on the main one
+        self.ahead = self._fetch()
+        return batch

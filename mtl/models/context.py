@@ -18,8 +18,11 @@ class _GlobalPool(nn.Module):
         self.conv = ConvBnRelu(cin, cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(F.adaptive_avg_pool2d(x, 1))
-        return y.expand(-1, -1, x.shape[2], x.shape[3])
+        y = self.conv(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, x.shape[2], x.shape[3])
+        # A broadcast view has no memory format of its own: concatenated with channels_last
+        # branches it would turn the whole concat (and the projection conv's input) into NCHW.
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y.contiguous(memory_format=fmt)
 
 
 class ASPP(nn.Module):

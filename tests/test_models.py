@@ -52,6 +52,20 @@ def test_backward_channels_last_bf16(arch):
     assert model.encoder.stem[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("arch", ["branched", "branched_vortex"])
+def test_every_conv_sees_channels_last_input(arch):
+    """A conv fed NCHW in a channels_last model costs a layout copy (and slower kernels) on a
+    GPU; the image-pooling branch once turned the context modules' concat into NCHW."""
+    model = build_model(ModelConfig(arch=arch, encoder="resnet18")).to(memory_format=torch.channels_last)
+    nchw = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(lambda mod, inp, name=name: None if inp[0].is_contiguous(
+                memory_format=torch.channels_last) else nchw.append(name))
+    model(torch.randn(2, 3, 64, 128).contiguous(memory_format=torch.channels_last))
+    assert nchw == []
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_overfits_a_tiny_batch(arch):
     torch.manual_seed(0)

@@ -297,8 +297,9 @@ def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
             host_s = host_seconds_per_step(pure_step, min(a.steps, 10), device)
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
-            # (2) the project's full path: loader (decode + augmentation in worker processes) ->
-            # pinned uint8 batch -> device-side normalisation -> the train step with its wrapper
+            # (2) the project's full path: loader workers (decode, crop vectors) -> pinned uint8
+            # batch -> the train loop's prefetcher (copy, zoom/crop/flip, normalise on a side
+            # stream) -> the train step with its wrapper
             data = build_loaders(cfg, pin_memory=device.type == "cuda")
             strategy = DDPStrategy(model, opt, device) if group else PlainStrategy(model, opt)
             if a.compile:

@@ -19,7 +19,7 @@ from torch import nn
 from mtl.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state, write_bytes_atomic
 from mtl.config import ExperimentConfig
 from mtl.data import build_loaders
-from mtl.data.batch import DeviceBatches, to_model_batch
+from mtl.data.batch import DeviceBatches
 from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
@@ -81,8 +81,7 @@ def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, 
     was_training = model.training
     model.eval()
     metrics = MultiTaskMetrics(device=device)
-    for batch in loader:
-        batch = to_model_batch(batch, device, channels_last)
+    for batch in DeviceBatches(iter(loader), device, channels_last):
         labels, depth_m = predict(model, batch["rgb"], codec, amp)
         metrics.update(labels, depth_m, batch)
         if progress:

@@ -28,7 +28,7 @@ class DataConfig:
     crop: tuple[int, int] | None = None  # None = crop back to the input size after scaling
     hflip: bool = True
     augment: bool = True
-    workers: int = 2  # loader processes per training process
+    workers: int | None = None  # loader processes per training process; None = auto (`mtl.data.auto_workers`)
     prefetch: int = 4  # batches each loader worker keeps ready
     shuffle_buffer: int = 256  # samples (shard streaming)
 
@@ -37,7 +37,7 @@ class DataConfig:
             raise ValueError(f"--scale-min/--scale-max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}")
         if self.crop is not None and min(self.crop) <= 0:
             raise ValueError(f"--crop must be positive, got {self.crop}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
 
 

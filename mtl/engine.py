@@ -110,6 +110,7 @@ class Runtime:
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     checkpoints: Checkpointer | None = None
     log: Callable[[str], None] = print
+    cpus: int | None = None  # CPUs reserved for this process (sizes the loader); None = what it may run on
 
     @property
     def is_main(self) -> bool:
@@ -166,7 +167,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     torch.manual_seed(t.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = build_loaders(cfg, rt.rank, rt.world, pin_memory=device.type == "cuda")
+    data = build_loaders(cfg, rt.rank, rt.world, pin_memory=device.type == "cuda", cpus=rt.cpus)
     steps_per_epoch = len(data.train) // t.grad_accum
     if t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
@@ -197,7 +198,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     amp = autocast(device, t.bf16)
     if rt.is_main:
         rt.log(f"[bold]{cfg.run_name()}[/] on {device} x{rt.world}: {sum(p.numel() for p in model.parameters()):,} params, "
-               f"{data.num_train} train / {data.num_val} val samples from {data.source}, global batch "
+               f"{data.num_train} train / {data.num_val} val samples from {data.source} ({data.workers} loader workers), global batch "
                f"{t.batch_size * t.grad_accum * rt.world}, {steps_per_epoch} steps/epoch, LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power})")
 
     history, lrs = [], []

@@ -179,3 +179,16 @@ def test_training_batches_are_augmented_on_the_device_like_single_samples(tiny_r
 def test_bad_augment_settings():
     with pytest.raises(ValueError, match="scale range"):
         Augment(1.5, 1.0)
+
+
+def test_loader_workers_follow_the_cpus_reserved_for_training(tiny_root):
+    from mtl.config import DataConfig, ExperimentConfig
+    from mtl.data import auto_workers, build_loaders
+
+    assert auto_workers(on_gpu=True, cpus=12) == 8  # 11 spare CPUs, capped
+    assert auto_workers(on_gpu=True, cpus=4) == 3 and auto_workers(on_gpu=True, cpus=1) == 1
+    assert auto_workers(on_gpu=False, cpus=16) == 2 and auto_workers(on_gpu=False, cpus=1) == 0
+    auto = build_loaders(ExperimentConfig(data=DataConfig(root=tiny_root)), pin_memory=True, cpus=3)
+    assert auto.workers == 2 and auto.train.loader.num_workers == 2
+    fixed = build_loaders(ExperimentConfig(data=DataConfig(root=tiny_root, workers=0)), pin_memory=True, cpus=3)
+    assert fixed.workers == 0

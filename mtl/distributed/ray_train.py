@@ -108,7 +108,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     console = wide_console()
     rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,
                  all_reduce_sum=_all_reduce_sum if world > 1 else (lambda t: t), checkpoints=checkpoints,
-                 log=console.print if rank == 0 else (lambda msg: None))
+                 log=console.print if rank == 0 else (lambda msg: None), cpus=int(cfg.dist.cpus_per_worker))
     result = fit(cfg, rt)
     if rank == 0 and result.metrics:  # (a restart after the last epoch trains nothing and keeps final.pt)
         final = result.metrics[-1] if result.metrics else {}

@@ -198,7 +198,7 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     amp = autocast(device, t.bf16)
     if rt.is_main:
         rt.log(f"[bold]{cfg.run_name()}[/] on {device} x{rt.world}: {sum(p.numel() for p in model.parameters()):,} params, "
-               f"{data.num_train} train / {data.num_val} val samples from {data.source} ({data.workers} loader workers), global batch "
+               f"{data.num_train} train / {data.num_val} val samples from {data.source} ({data.workers} loader worker{'s' if data.workers != 1 else ''}), global batch "
                f"{t.batch_size * t.grad_accum * rt.world}, {steps_per_epoch} steps/epoch, LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power})")
 
     history, lrs = [], []

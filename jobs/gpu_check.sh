@@ -8,10 +8,11 @@
 # Phases, each under its own time limit so a slow one cannot eat the others' time, each writing
 # its results as soon as it has them (a cut-off run still leaves what it measured):
 #   env      GPU, driver, torch/CUDA/cuDNN versions            -> env.txt
-#   tests    pytest -m gpu (train step per arch, prefetcher, fit)  -> pytest-gpu.txt
+#   tests    pytest -m gpu (train steps, prefetcher, local fit)  -> pytest-gpu.txt
 #   eager    benchmark: branched, distillation x batch 16/32/64 -> bench-eager.json/.txt
+#   plain    branched x batch 16 without the DDP wrapper         -> bench-plain.json/.txt
 #   loader   loader benchmark (img/s per core)                   -> bench-loader.json/.txt
-#   compile  benchmark with --compile: branched x batch 16       -> bench-compile.json/.txt
+#   compile  as plain, with --compile (vs plain: the default?)   -> bench-compile.json/.txt
 # The default limits add up to 580 s: one call of a 600 s device command.
 #
 # Small pure-Python packages missing there (webdataset, braceexpand, pytest, ...) come from wheels
@@ -19,15 +20,15 @@
 #   pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .whl webdataset==1.0.2 braceexpand pyyaml pytest pluggy iniconfig packaging pygments
 #
-# Knobs (environment): PHASES (default "env tests eager loader compile"), SIZE (256x512),
+# Knobs (environment): PHASES (default "env tests eager plain loader compile"), SIZE (256x512),
 # BATCHES ("16 32 64"), COMPILE_BATCHES ("16"), ARCHS ("branched distillation"), ENCODER
 # (resnet34), STEPS (30), WARMUP (10), SAMPLES (512), WORKERS (12), and per-phase limits in seconds
-# T_TESTS (120), T_EAGER (220), T_LOADER (60), T_COMPILE (180).
+# T_TESTS (120), T_EAGER (200), T_PLAIN (40), T_LOADER (50), T_COMPILE (170).
 set -uo pipefail
 
 OUT_DIR=${1:-${OUT:-runs/gpu-check}}
 mkdir -p "$OUT_DIR"
-PHASES=${PHASES:-env tests eager loader compile}
+PHASES=${PHASES:-env tests eager plain loader compile}
 SIZE=${SIZE:-256x512}
 BATCHES=${BATCHES:-16 32 64}
 COMPILE_BATCHES=${COMPILE_BATCHES:-16}
@@ -71,19 +72,24 @@ for p in $PHASES; do
         phase tests "${T_TESTS:-120}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
     eager)
         # shellcheck disable=SC2086
-        phase eager "${T_EAGER:-220}" bench-eager.txt "$PY" jobs/benchmark.py train --archs $ARCHS --encoder "$ENCODER" \
+        phase eager "${T_EAGER:-200}" bench-eager.txt "$PY" jobs/benchmark.py train --archs $ARCHS --encoder "$ENCODER" \
             --batch-sizes $BATCHES --size "$SIZE" --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" --workers "$WORKERS" \
             --json "$OUT_DIR/bench-eager.json" ;;
+    plain)
+        # shellcheck disable=SC2086
+        phase plain "${T_PLAIN:-40}" bench-plain.txt "$PY" jobs/benchmark.py train --archs branched --encoder "$ENCODER" \
+            --batch-sizes $COMPILE_BATCHES --size "$SIZE" --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" \
+            --workers "$WORKERS" --strategy plain --json "$OUT_DIR/bench-plain.json" ;;
     compile)
         # shellcheck disable=SC2086
-        phase compile "${T_COMPILE:-180}" bench-compile.txt "$PY" jobs/benchmark.py train --archs branched --encoder "$ENCODER" \
+        phase compile "${T_COMPILE:-170}" bench-compile.txt "$PY" jobs/benchmark.py train --archs branched --encoder "$ENCODER" \
             --batch-sizes $COMPILE_BATCHES --size "$SIZE" --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" \
-            --workers "$WORKERS" --compile --json "$OUT_DIR/bench-compile.json" ;;
+            --workers "$WORKERS" --strategy plain --compile --json "$OUT_DIR/bench-compile.json" ;;
     loader)
-        phase loader "${T_LOADER:-60}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples 400 \
+        phase loader "${T_LOADER:-50}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples 400 \
             --workers "$WORKERS" --json "$OUT_DIR/bench-loader.json" ;;
     *)
-        echo "unknown phase '$p' (known: env tests eager compile loader)" >&2
+        echo "unknown phase '$p' (known: env tests eager plain loader compile)" >&2
         exit 2 ;;
     esac
 done

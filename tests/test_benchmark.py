@@ -33,13 +33,15 @@ def test_loader_benchmark_smoke(tmp_path):
 def test_gpu_check_script_runs_its_phases(tmp_path):
     """`jobs/gpu_check.sh`, the one command a GPU session runs, at tiny sizes on the CPU."""
     out = tmp_path / "gpu-check"
-    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "env tests eager", "SIZE": "64x128", "BATCHES": "2",
+    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "env tests eager plain", "SIZE": "64x128", "BATCHES": "2", "COMPILE_BATCHES": "2",
            "ARCHS": "branched", "ENCODER": "resnet18", "STEPS": "2", "WARMUP": "1", "SAMPLES": "16", "WORKERS": "1"}
     r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     phases = (out / "phases.txt").read_text().splitlines()
-    assert [p.split(":")[0] for p in phases] == ["== tests", "== eager"] and all("exit 0" in p for p in phases)
+    assert [p.split(":")[0] for p in phases] == ["== tests", "== eager", "== plain"] and all("exit 0" in p for p in phases)
     assert "torch" in (out / "env.txt").read_text()
     assert "skipped" in (out / "pytest-gpu.txt").read_text()  # no GPU here: skipped, never passed
     rows = json.loads((out / "bench-eager.json").read_text())["rows"]
-    assert [(x["arch"], x["batch"], x["host_syncs"]) for x in rows] == [("branched", 2, 0)]
+    assert [(x["arch"], x["batch"], x["host_syncs"], x["strategy"]) for x in rows] == [("branched", 2, 0, "ddp")]
+    plain = json.loads((out / "bench-plain.json").read_text())["rows"]
+    assert [(x["arch"], x["strategy"]) for x in plain] == [("branched", "plain")]

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -205,9 +207,6 @@ class Feed:
     def __init__(self, loader, device) -> None:
         self.loader, self.device, self.epoch, self.it, self.wait = loader, device, 0, None, 0.0
 
-    def restart(self) -> None:
-        self.it = None  # e.g. after an error raised inside the loader's pipeline
-
     def next(self):
         from mtl.engine import start_epoch
 
@@ -229,8 +228,6 @@ class OneRankDDP:
     wrapped exactly as a Ray Train worker runs it."""
 
     def __init__(self, device) -> None:
-        import tempfile
-
         import torch.distributed as dist
 
         self.tmp = tempfile.mkdtemp(prefix="bench-ddp-")
@@ -238,8 +235,6 @@ class OneRankDDP:
 
     def close(self) -> None:
         import torch.distributed as dist
-
-        import shutil
 
         dist.destroy_process_group()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -295,7 +290,6 @@ def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
                 pure_step()
             pure_s = seconds_per_step(pure_step, a.steps, device)
             host_s = host_seconds_per_step(pure_step, min(a.steps, 10), device)
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
             # (2) the project's full path: loader workers (decode, crop vectors) -> pinned uint8
             # batch -> the train loop's prefetcher (copy, zoom/crop/flip, normalise on a side
@@ -313,13 +307,12 @@ def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
 
             for _ in range(a.warmup):
                 full_step()
-            ops_full, syncs, cuda_verdict = sync_check(full_step, device)
-            feed.restart()
-            for _ in range(2):
-                full_step()
             feed.wait = 0.0
             full_s = seconds_per_step(full_step, a.steps, device)
             wait_s = feed.wait / a.steps
+            # last: a step stopped midway by CUDA's sync check would leave DDP mid-reduction
+            ops_full, syncs, cuda_verdict = sync_check(full_step, device)
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")  # either path
             rows.append({
                 "arch": arch, "batch": bs, "device": str(device), "strategy": a.strategy, "compile": a.compile,
                 "source": "shards" if a.shards else "folder",

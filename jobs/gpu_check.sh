@@ -22,8 +22,9 @@
 #
 # Knobs (environment): PHASES (default "env tests eager plain loader compile"), SIZE (256x512),
 # BATCHES ("16 32 64"), COMPILE_BATCHES ("16"), ARCHS ("branched distillation"), ENCODER
-# (resnet34), STEPS (30), WARMUP (10), SAMPLES (512), WORKERS (12), and per-phase limits in seconds
-# T_TESTS (120), T_EAGER (200), T_PLAIN (40), T_LOADER (50), T_COMPILE (170).
+# (resnet34), STEPS (30), WARMUP (10), SAMPLES (2048 synthetic train samples: few epoch
+# restarts), WORKERS (12), and per-phase limits in seconds: T_TESTS (120), T_EAGER (200),
+# T_PLAIN (40), T_LOADER (50), T_COMPILE (170).
 set -uo pipefail
 
 OUT_DIR=${1:-${OUT:-runs/gpu-check}}
@@ -36,7 +37,7 @@ ARCHS=${ARCHS:-branched distillation}
 ENCODER=${ENCODER:-resnet34}
 STEPS=${STEPS:-30}
 WARMUP=${WARMUP:-10}
-SAMPLES=${SAMPLES:-512}
+SAMPLES=${SAMPLES:-2048}
 WORKERS=${WORKERS:-12}
 PY=${PYTHON:-python3}
 export STREETMTL_CACHE=${STREETMTL_CACHE:-/tmp/streetmtl-cache}

@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
 
-
     from mtl.checkpoint import load_checkpoint
     from mtl.config import ExperimentConfig
     from mtl.data import data_root

@@ -62,6 +62,13 @@ phase() {  # phase NAME LIMIT_S LOG CMD...: run, keep the output, never stop the
     [ "$rc" -eq 0 ] || status=1
 }
 
+train_bench() {  # train_bench NAME LIMIT_S ARGS...: jobs/benchmark.py train with the shared knobs
+    local name=$1 limit=$2
+    shift 2
+    phase "$name" "$limit" "bench-$name.txt" "$PY" jobs/benchmark.py train --encoder "$ENCODER" --size "$SIZE" \
+        --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" --workers "$WORKERS" --json "$OUT_DIR/bench-$name.json" "$@"
+}
+
 for p in $PHASES; do
     case $p in
     env)
@@ -73,19 +80,13 @@ for p in $PHASES; do
         phase tests "${T_TESTS:-120}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
     eager)
         # shellcheck disable=SC2086
-        phase eager "${T_EAGER:-200}" bench-eager.txt "$PY" jobs/benchmark.py train --archs $ARCHS --encoder "$ENCODER" \
-            --batch-sizes $BATCHES --size "$SIZE" --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" --workers "$WORKERS" \
-            --json "$OUT_DIR/bench-eager.json" ;;
+        train_bench eager "${T_EAGER:-200}" --archs $ARCHS --batch-sizes $BATCHES ;;
     plain)
         # shellcheck disable=SC2086
-        phase plain "${T_PLAIN:-40}" bench-plain.txt "$PY" jobs/benchmark.py train --archs branched --encoder "$ENCODER" \
-            --batch-sizes $COMPILE_BATCHES --size "$SIZE" --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" \
-            --workers "$WORKERS" --strategy plain --json "$OUT_DIR/bench-plain.json" ;;
+        train_bench plain "${T_PLAIN:-40}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain ;;
     compile)
         # shellcheck disable=SC2086
-        phase compile "${T_COMPILE:-170}" bench-compile.txt "$PY" jobs/benchmark.py train --archs branched --encoder "$ENCODER" \
-            --batch-sizes $COMPILE_BATCHES --size "$SIZE" --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" \
-            --workers "$WORKERS" --strategy plain --compile --json "$OUT_DIR/bench-compile.json" ;;
+        train_bench compile "${T_COMPILE:-170}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain --compile ;;
     loader)
         phase loader "${T_LOADER:-50}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples 400 \
             --workers "$WORKERS" --json "$OUT_DIR/bench-loader.json" ;;

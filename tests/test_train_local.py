@@ -152,3 +152,16 @@ def test_cli_bad_inputs_are_named(tmp_path):
     assert r.returncode == 2 and "bad.pt is unreadable or corrupt" in r.stderr
     r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "missing.pt")], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def test_next_epoch_loader_starts_before_validation(tiny_root, tmp_path, monkeypatch):
+    """The next epoch's loader workers start (and fill their queues) while validation runs."""
+    import mtl.engine as engine
+
+    events = []
+    start, evaluate = engine.start_epoch, engine.rt_evaluate
+    monkeypatch.setattr(engine, "start_epoch", lambda loader, epoch, *a: events.append(f"start {epoch}") or start(loader, epoch, *a))
+    monkeypatch.setattr(engine, "rt_evaluate", lambda *a: events.append("validate") or evaluate(*a))
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=3, batch_size=8, max_steps_per_epoch=1)
+    fit(cfg, local_runtime(cfg))
+    assert events == ["start 0", "start 1", "validate", "start 2", "validate", "validate"]

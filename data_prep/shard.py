@@ -4,8 +4,11 @@
     python -m data_prep.shard --src s3://bucket/miniscapes --dst /mnt/shards --shard-size 1000   # samples/shard
 
 Each split becomes ``<split>-000000.tar`` ...; a sample is keyed by its index and holds
-``rgb.jpg``, ``semseg.png`` and ``depth.png`` as the original bytes. Every sample is validated
-(three files, sizes agree, labels in 0..18/255) while it is written. ``manifest.json`` is written
+``rgb.jpg``, ``semseg.png`` and ``depth.png`` as the original bytes; a split without labels (a
+real test split: ``rgb/`` only) holds ``rgb.jpg`` only, and the manifest lists each split's
+``modalities``. Every sample is validated (all files present, sizes agree, labels in
+0..18/255) while it is written; problems name the files as ``<split>/<modality>/<index>.<ext>``
+under the source. ``manifest.json`` is written
 last: readers trust only shards listed there, so an interrupted run never looks complete.
 Re-running resumes: shards finished by an earlier run of the same plan are kept, not rewritten.
 S3 endpoint and credentials come from the usual AWS environment (``AWS_ENDPOINT_URL``...) or
@@ -25,11 +28,10 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
-import fsspec
-
 from mtl import __version__
-from mtl.data.folder import scan_split
+from mtl.data.folder import scan_split, split_modalities
 from mtl.data.miniscapes import MODALITIES, SPLITS, decode_sample
+from mtl.storage import storage_errors, url_to_fs
 
 FORMAT = "streetmtl-shards-v1"
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
@@ -44,6 +46,7 @@ class ShardJob:
     stems: list[str]
     plan_hash: str
     skip_bad: bool
+    modalities: tuple[str, ...] = tuple(MODALITIES)  # ("rgb",) for a split without labels
 
 
 @dataclass
@@ -113,39 +116,54 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def write_shard(job: ShardJob) -> ShardResult:
     """Write one shard (validating each sample) and a small progress record beside it."""
-    src_fs, src_base = fsspec.core.url_to_fs(job.src)
-    dst_fs, dst_base = fsspec.core.url_to_fs(job.dst)
-    path = f"{dst_base.rstrip('/')}/{job.name}"
-    record = f"{dst_base.rstrip('/')}/_progress/{job.name}.json"
-    if dst_fs.exists(record) and dst_fs.exists(path):  # finished by an earlier run of the same plan?
-        prev = ShardResult(**json.loads(dst_fs.cat_file(record)))
-        if prev.plan_hash == job.plan_hash and dst_fs.size(path) == prev.num_bytes:
-            prev.reused = True
-            return prev
-    sizes, bad, n = set(), [], 0
-    with dst_fs.open(path, "wb") as raw:
-        hw = _HashingWriter(raw)
-        with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-            for stem in job.stems:
-                files = {}
-                for mod, ext in MODALITIES.items():
-                    files[mod] = src_fs.cat_file(f"{src_base.rstrip('/')}/{job.split}/{mod}/{stem}.{ext}")
-                try:
-                    sample = decode_sample(files["rgb"], files["semseg"], files["depth"], key=f"{job.split}/{stem}")
-                except ValueError as e:
-                    bad.append({"key": f"{job.split}/{stem}", "reason": str(e)})
-                    continue
-                sizes.add(sample["semseg"].shape)
-                for mod, data in files.items():
-                    tar.addfile(_tarinfo(f"{stem}.{MEMBERS[mod]}", len(data)), io.BytesIO(data))
-                n += 1
-    result = ShardResult(job.name, n, hw.n, hw.sha.hexdigest(), job.plan_hash, sorted([list(s) for s in sizes]), bad)
-    if bad and not job.skip_bad:
-        dst_fs.rm(path)  # this run will fail: leave no shard with missing samples behind
-        return result
-    with dst_fs.open(record, "w") as fh:
-        json.dump(asdict(result), fh)
+    with storage_errors(job.dst):
+        dst_fs, dst_base = url_to_fs(job.dst)
+        path = f"{dst_base.rstrip('/')}/{job.name}"
+        record = f"{dst_base.rstrip('/')}/_progress/{job.name}.json"
+        if dst_fs.exists(record) and dst_fs.exists(path):  # finished by an earlier run of the same plan?
+            prev = ShardResult(**json.loads(dst_fs.cat_file(record)))
+            if prev.plan_hash == job.plan_hash and dst_fs.size(path) == prev.num_bytes:
+                prev.reused = True
+                return prev
+        sizes, bad, n = set(), [], 0
+        with dst_fs.open(path, "wb") as raw:
+            hw = _HashingWriter(raw)
+            with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+                for stem in job.stems:
+                    files, shape, problem = _read_sample(job, stem)
+                    if problem:
+                        bad.append({"key": f"{job.split}/{stem}", "reason": problem})
+                        continue
+                    sizes.add(shape)
+                    for mod, data in files.items():
+                        tar.addfile(_tarinfo(f"{stem}.{MEMBERS[mod]}", len(data)), io.BytesIO(data))
+                    n += 1
+        result = ShardResult(job.name, n, hw.n, hw.sha.hexdigest(), job.plan_hash, sorted([list(s) for s in sizes]), bad)
+        if bad and not job.skip_bad:
+            dst_fs.rm(path)  # this run will fail: leave no shard with missing samples behind
+            return result
+        with dst_fs.open(record, "w") as fh:
+            json.dump(asdict(result), fh)
     return result
+
+
+def _read_sample(job: ShardJob, stem: str) -> tuple[dict[str, bytes], tuple[int, int], str | None]:
+    """One sample's files, its image size, and what is wrong with it (None when it is fine).
+    Problems name the file by its real path under the source (``train/rgb/7.jpg``)."""
+    src_fs, src_base = url_to_fs(job.src)
+    rel = {m: f"{job.split}/{m}/{stem}.{MODALITIES[m]}" for m in job.modalities}
+    files = {}
+    with storage_errors(job.src):
+        for mod, name in rel.items():
+            try:
+                files[mod] = src_fs.cat_file(f"{src_base.rstrip('/')}/{name}")
+            except FileNotFoundError:
+                return files, (0, 0), f"{name}: missing file"
+    try:
+        sample = decode_sample(files["rgb"], files.get("semseg"), files.get("depth"), key=f"{job.split}/{stem}", names=rel)
+    except ValueError as e:
+        return files, (0, 0), str(e)
+    return files, tuple(sample["rgb"].shape[:2]), None
 
 
 def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[str, ...] = SPLITS,
@@ -155,30 +173,12 @@ def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[s
     Raises ValueError listing bad samples (unless ``skip_bad``); no manifest is written then.
     """
     kind, limit = parse_shard_size(shard_size)
-    dst_fs, dst_base = fsspec.core.url_to_fs(dst)
-    dst_base = dst_base.rstrip("/")
-    try:
-        dst_fs.makedirs(f"{dst_base}/_progress", exist_ok=True)
-        manifest_path = f"{dst_base}/manifest.json"
-        if dst_fs.exists(manifest_path):
-            dst_fs.rm(manifest_path)  # shards are about to change: the old manifest no longer holds
-    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
-        raise OSError(f"cannot write to destination {dst}: {e}") from e
-
-    jobs, problems, skipped, plans = [], [], {}, {}
-    for split in splits:
-        samples, missing = scan_split(src, split)
-        skipped[split] = [{"key": m, "reason": "missing file"} for m in missing]
-        if missing and not skip_bad:
-            problems += [f"missing file: {m}" for m in missing]
-        plan = plan_shards(samples, kind, limit)
-        plan_hash = hashlib.sha256(json.dumps([src, split, plan]).encode()).hexdigest()[:16]
-        plans[split] = (plan, sum(sum(s.values()) for _, s in samples))
-        jobs += [ShardJob(split, f"{split}-{i:06d}.tar", src, dst, stems, plan_hash, skip_bad) for i, stems in enumerate(plan)]
+    dst_fs, dst_base = _open_destination(dst)
+    jobs, skipped, total_bytes, problems = _plan_jobs(src, dst, splits, kind, limit, skip_bad)
     if problems:
         raise ValueError(_problem_text(problems))
 
-    results = _run(jobs, workers, progress, sum(len(j.stems) for j in jobs), sum(p[1] for p in plans.values()))
+    results = _run(jobs, workers, progress, sum(len(j.stems) for j in jobs), total_bytes)
     for r in results.values():
         problems += [f"{b['key']}: {b['reason']}" for b in r.bad] if not skip_bad else []
     if problems:
@@ -187,26 +187,74 @@ def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[s
     manifest = {"format": FORMAT, "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": src, "shard_size": shard_size, "splits": {}}
     for split in splits:
-        shards = [results[j.name] for j in jobs if j.split == split]
-        image_sizes = sorted({tuple(s) for r in shards for s in r.image_sizes})
-        manifest["splits"][split] = {
-            "num_samples": sum(r.num_samples for r in shards),
-            "num_bytes": sum(r.num_bytes for r in shards),
-            "image_size": list(image_sizes[0]) if len(image_sizes) == 1 else None,
-            "image_sizes": [list(s) for s in image_sizes],
-            "shards": [{"name": r.name, "num_samples": r.num_samples, "num_bytes": r.num_bytes, "sha256": r.sha256} for r in shards],
-            "skipped": skipped[split] + [b for r in shards for b in r.bad],
-        }
-    with dst_fs.open(manifest_path, "w") as fh:  # last: from here on the shard set is complete
-        json.dump(manifest, fh, indent=1)
+        split_jobs = [j for j in jobs if j.split == split]
+        mods = split_jobs[0].modalities if split_jobs else split_modalities(src, split)
+        manifest["splits"][split] = _split_entry([results[j.name] for j in split_jobs], mods, skipped[split])
+    with storage_errors(dst):
+        with dst_fs.open(f"{dst_base}/manifest.json", "w") as fh:  # last: from here on the shard set is complete
+            json.dump(manifest, fh, indent=1)
+        _clean_up(dst_fs, dst_base, manifest, splits)
+    return manifest
+
+
+def _open_destination(dst: str):
+    """The destination's filesystem and path, with the old manifest gone (the shards are about
+    to change, so it no longer holds). OSError naming ``dst`` when it cannot be written."""
+    try:
+        with storage_errors(dst):
+            dst_fs, dst_base = url_to_fs(dst)
+            dst_base = dst_base.rstrip("/")
+            dst_fs.makedirs(f"{dst_base}/_progress", exist_ok=True)
+            if dst_fs.exists(f"{dst_base}/manifest.json"):
+                dst_fs.rm(f"{dst_base}/manifest.json")
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+        raise OSError(f"cannot write to destination {dst}: {e}") from e
+    return dst_fs, dst_base
+
+
+def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: int,
+               skip_bad: bool) -> tuple[list[ShardJob], dict[str, list[dict[str, str]]], int, list[str]]:
+    """Shard jobs of every split, the samples left out for a missing file (per split), the
+    bytes to copy, and the problems that stop the run (missing files unless ``skip_bad``)."""
+    jobs, problems, skipped, total_bytes = [], [], {}, 0
+    for split in splits:
+        mods = split_modalities(src, split)
+        samples, missing = scan_split(src, split)
+        rel = [m[len(src.rstrip("/")) + 1:] for m in missing]  # train/rgb/7.jpg: a path under --src
+        skipped[split] = [{"key": f"{split}/{os.path.splitext(os.path.basename(r))[0]}", "reason": f"{r}: missing file"} for r in rel]
+        if not skip_bad:
+            problems += [f"missing file: {r}" for r in rel]
+        plan = plan_shards(samples, kind, limit)
+        # the label-less case joined the hash later: plans of labelled splits keep their hash (and resume)
+        what = [src, split, plan] if mods == tuple(MODALITIES) else [src, split, plan, list(mods)]
+        plan_hash = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+        total_bytes += sum(sum(s.values()) for _, s in samples)
+        jobs += [ShardJob(split, f"{split}-{i:06d}.tar", src, dst, stems, plan_hash, skip_bad, mods) for i, stems in enumerate(plan)]
+    return jobs, skipped, total_bytes, problems
+
+
+def _split_entry(shards: list[ShardResult], mods: tuple[str, ...], skipped: list[dict[str, str]]) -> dict:
+    image_sizes = sorted({tuple(s) for r in shards for s in r.image_sizes})
+    return {
+        "num_samples": sum(r.num_samples for r in shards),
+        "num_bytes": sum(r.num_bytes for r in shards),
+        "modalities": list(mods),  # ["rgb"]: a split without labels (readers: absent = all three)
+        "image_size": list(image_sizes[0]) if len(image_sizes) == 1 else None,
+        "image_sizes": [list(s) for s in image_sizes],
+        "shards": [{"name": r.name, "num_samples": r.num_samples, "num_bytes": r.num_bytes, "sha256": r.sha256} for r in shards],
+        "skipped": skipped + [b for r in shards for b in r.bad],
+    }
+
+
+def _clean_up(dst_fs, dst_base: str, manifest: dict, splits: tuple[str, ...]) -> None:
+    """Progress records, and shards of an earlier, different plan, once the manifest is out."""
     if dst_fs.exists(f"{dst_base}/_progress"):
         dst_fs.rm(f"{dst_base}/_progress", recursive=True)
     listed = {s["name"] for sp in manifest["splits"].values() for s in sp["shards"]}
-    for path in dst_fs.ls(dst_base, detail=False):  # shards of an earlier, different plan
+    for path in dst_fs.ls(dst_base, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if name.endswith(".tar") and name.split("-")[0] in splits and name not in listed:
             dst_fs.rm(path)
-    return manifest
 
 
 def _problem_text(problems: list[str]) -> str:

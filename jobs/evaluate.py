@@ -3,8 +3,11 @@
     python jobs/evaluate.py --checkpoint runs/<run>                 # metrics on val
     python jobs/evaluate.py --checkpoint runs/<run>/checkpoints/best.pt --split test --export out/test-preds
 
-``--checkpoint`` takes a checkpoint file or a run folder (its latest checkpoint). ``--data``
-defaults to the dataset the checkpoint was trained on.
+``--checkpoint`` takes a checkpoint file or a run folder (its latest checkpoint). The data
+defaults to what the checkpoint was trained on (its shards, else its folder, else the cached
+synthetic set); ``--data`` names another: a Miniscapes folder or a shard set (a prefix holding
+manifest.json, or the manifest's URL). A split without labels (a real test split, rgb only) is
+exported without metrics.
 """
 
 from __future__ import annotations
@@ -17,62 +20,58 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder (local or s3://)")
-    p.add_argument("--data", default=None, help="Miniscapes root (default: the checkpoint's)")
+    p.add_argument("--data", default=None, help="Miniscapes folder or shard set, path or URL (default: the checkpoint's)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--export", default=None, help="write submission PNGs + visualisations to this folder")
     p.add_argument("--viz", type=int, default=8, help="number of side-by-side PNGs with --export")
-    p.add_argument("--no-metrics", action="store_true", help="skip metrics (e.g. a test split without labels)")
+    p.add_argument("--no-metrics", action="store_true", help="skip metrics (a split without labels gets none anyway)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=0, help="loader processes for the metrics pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    from mtl.checkpoint import load_checkpoint
-    from mtl.config import ExperimentConfig
-    from mtl.data import data_root
-    from mtl.data.folder import MiniscapesFolder
-    from mtl.data.loader import make_loader
-    from mtl.engine import autocast, evaluate, resolve_device
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    from mtl.errors import USER_ERRORS, one_line
+
+    try:
+        return run(a)
+    except USER_ERRORS as e:  # a bad checkpoint, data, flag or output folder: one line naming it
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def run(a: argparse.Namespace) -> int:
+    from mtl.data import open_split, resolve_source
+    from mtl.engine import evaluate, resolve_device
     from mtl.export import export_predictions
-    from mtl.losses import DepthCodec
-    from mtl.models import build_model, resolve
+    from mtl.predict import load_model
     from mtl.progress import metrics_table, wide_console
 
-    console, errors = wide_console(), wide_console(stderr=True)
-    try:
-        state = load_checkpoint(a.checkpoint)
-        cfg = ExperimentConfig.from_dict(state["config"])
-        model = build_model(cfg.model)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint {state['url']} does not fit architecture {cfg.model.arch}: {e}") from e
-        dataset = MiniscapesFolder(a.data or data_root(cfg), a.split)
-    except (FileNotFoundError, ValueError) as e:
-        errors.print(f"[red]error:[/] {e}")
-        return 2
     device = resolve_device(a.device)
-    model.to(device)
-    codec, amp = DepthCodec(resolve(cfg.model).depth_space), autocast(device, cfg.train.bf16)
-    console.print(f"{state['url']}: {cfg.model.arch}, epoch {state['epoch']}, {len(dataset)} {a.split} samples")
-    if not a.no_metrics:
-        loader = make_loader(dataset, a.batch_size, False, 0, 0, 2, drop_last=False)
-        metrics = evaluate(model, loader, codec, device, amp, channels_last=False).compute()
-        console.print(metrics_table(metrics, f"{a.split} metrics"))
+    m = load_model(a.checkpoint, device)
+    data = open_split(resolve_source(m.cfg, a.data), a.split)
+    print(f"{m.url}: {m.cfg.model.arch}, epoch {m.epoch}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
+    if a.no_metrics:
+        pass
+    elif not data.has_labels:
+        print(f"no metrics computed: {data.where} has no labels (rgb only)", flush=True)
+    else:
+        loader = data.loader(a.batch_size, a.workers, pin_memory=device.type == "cuda")
+        metrics = evaluate(m.model, loader, m.codec, device, m.amp(), channels_last=False).compute()
+        wide_console().print(metrics_table(metrics, f"{a.split} metrics"))
         if a.json:
             with open(a.json, "w") as fh:
                 json.dump(metrics, fh, indent=1)
     if a.export:
-        try:
-            n = export_predictions(model, dataset, a.export, codec, device, amp, a.batch_size, a.viz, a.overwrite)
-        except FileExistsError as e:
-            errors.print(f"[red]error:[/] {e}")
-            return 2
-        console.print(f"exported {n} predictions to {a.export} (semseg/, depth/, viz/)")
+        n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, a.viz, a.overwrite)
+        print(f"exported {n} predictions to {a.export} (semseg/, depth/, viz/)")
     return 0
 
 

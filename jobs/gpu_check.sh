@@ -1,35 +1,75 @@
 #!/usr/bin/env bash
 # The GPU measurements for docs/performance.md in one run, on a machine that has torch (>= 2.11),
-# torchvision, numpy, Pillow, fsspec and rich but none of the cluster extras (no Ray, DeepSpeed,
-# s3fs). Run from the repository root:
+# torchvision, numpy, Pillow, fsspec and rich; Ray, DeepSpeed and the other missing packages come
+# from the bundle that `bash jobs/gpu_bundle.sh` makes (see below). Run from the repository root:
 #
-#   bash jobs/gpu_check.sh [OUT_DIR]          # default: $OUT, else runs/gpu-check
+#   bash jobs/gpu_check.sh [OUT_DIR]     # default: runs/gpu-check
+#
+# On the device machine ($OUT set, and no OUT_DIR or OUT_DIR = $OUT) the results are written to
+# /tmp/streetmtl-gpu-check/results and, after every phase, packed into $OUT: phases.txt,
+# bundle.txt, env.txt, ray.json, deepspeed.json and gpu-check.tar.gz (all results): at most 8
+# files, no checkpoints. PACK_TO=DIR does the same packing for any OUT_DIR.
 #
 # Phases, each under its own time limit so a slow one cannot eat the others' time, each writing
 # its results as soon as it has them (a cut-off run still leaves what it measured):
-#   env      GPU, driver, torch/CUDA/cuDNN versions            -> env.txt
-#   tests    pytest -m gpu (train steps, prefetcher, local fit)  -> pytest-gpu.txt
-#   eager    benchmark: branched, distillation x batch 16/32/64 -> bench-eager.json/.txt
-#   plain    branched x batch 16 without the DDP wrapper         -> bench-plain.json/.txt
-#   loader   loader benchmark (img/s per core)                   -> bench-loader.json/.txt
-#   compile  as plain, with --compile (vs plain: the default?)   -> bench-compile.json/.txt
-# The default limits add up to 580 s: one call of a 600 s device command.
+#   env       GPU, driver, torch/CUDA/cuDNN versions, pip list     -> env.txt
+#   tests     pytest -m gpu (train steps, prefetcher, local fit)    -> pytest-gpu.txt
+#   ray       jobs/train.py through Ray Train (run_ray on a Ray instance of this machine, one
+#             TorchTrainer worker with the GPU): 2 epochs with checkpoints, then --resume to a
+#             third; checks the device and the resume                -> ray.json, ray.txt, ray/
+#   deepspeed the same with --strategy deepspeed --zero-stage 2     -> deepspeed.json, deepspeed.txt, deepspeed/
+#   eager     benchmark: branched, distillation x batch 16/32/64    -> bench-eager.json/.txt
+#   plain     branched x batch 16 without the DDP wrapper           -> bench-plain.json/.txt
+#   loader    loader benchmark (img/s per core)                     -> bench-loader.json/.txt
+#   compile   as plain, with --compile (vs plain: the default?)     -> bench-compile.json/.txt
+# The default limits add up to 570 s and no phase runs past DEADLINE (585 s after the start,
+# the bundle's installation included: a phase's limit is cut to end 15 s before it, the grace
+# between SIGINT and SIGKILL; a phase left with under 10 s is recorded as skipped): one call of a
+# 600 s device command. The benchmark phases had longer limits before the train phases
+# came; for those, give them a call of their own: PHASES="env tests eager plain loader compile"
+# T_TESTS=120 T_EAGER=200 T_PLAIN=40 T_LOADER=50 T_COMPILE=170.
 #
-# Small pure-Python packages missing there (webdataset, braceexpand, pytest, ...) come from wheels
-# in .whl/, installed into a private folder; fetch them beforehand on a machine with an index:
-#   pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d .whl webdataset==1.0.2 braceexpand pyyaml pytest pluggy iniconfig packaging pygments
+# The bundle: folder BUNDLE (default .gpu-bundle, made by jobs/gpu_bundle.sh on a machine with a
+# package index, for one Python version) holds Ray slimmed to a tar.xz and wheels of everything
+# else the machine lacks. When it is there it is installed into SITE (/tmp/streetmtl-site), first
+# on PYTHONPATH; Ray's dashboard packages into SITE-dashboard, used only if all of the dashboard's
+# modules import with them (else Ray's minimal dashboard; bundle.txt says which). BUNDLE= (empty)
+# uses what the Python has installed (e.g. the project's venv).
 #
-# Knobs (environment): PHASES (default "env tests eager plain loader compile"), SIZE (256x512),
-# BATCHES ("16 32 64"), COMPILE_BATCHES ("16"), ARCHS ("branched distillation"), ENCODER
-# (resnet34), STEPS (30), WARMUP (10), SAMPLES (2048 synthetic train samples: few epoch
-# restarts), WORKERS (12), and per-phase limits in seconds: T_TESTS (120), T_EAGER (200),
-# T_PLAIN (40), T_LOADER (50), T_COMPILE (170).
+# A train phase (ray, deepspeed) runs `python jobs/train.py $RAY_FLAGS <phase's flags>
+# --num-workers 1 --out $RUNS/<phase> --name ray-gpu|ds-gpu --epochs 2` on a Ray instance of its
+# own (never one some `ray start` left running), then the same with `--epochs 3 --resume`. It
+# fails unless both exit 0, both logs have rank 0's start line "<run> on <device> x<world>: ..."
+# (mtl/engine.py) with EXPECT_DEVICE, the second says "resumed from ...: epoch 2" and epoch 3's
+# metrics come from the resumed run; for deepspeed, the last checkpoint's ZeRO optimizer states
+# must say stage 2. <phase>.json: img/s of every epoch (metrics/epoch-NNNN.json's
+# train_images_per_s), the checks, seconds per run. The run folder (checkpoints) stays in RUNS;
+# its metrics, summary.json, train.log and the two runs' output are copied to OUT_DIR/<phase>/.
+#
+# Knobs (environment): PHASES (default "env tests ray deepspeed eager plain loader compile"),
+# SIZE (256x512), BATCHES ("16 32 64"), COMPILE_BATCHES ("16"), ARCHS ("branched distillation"),
+# ENCODER (resnet34), STEPS (30), WARMUP (10), SAMPLES (2048 synthetic train samples: few epoch
+# restarts), WORKERS (12); for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
+# 256x512 set of 1024/64/16, batch 16, 60 steps per epoch, 12 CPUs for the Ray worker, i.e. 8
+# loader workers, no retries), EXPECT_DEVICE (cuda; cpu for a check on the CPU), RUNS
+# (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE, SITE, PACK_TO, DEADLINE
+# (585), and per-phase limits in seconds: T_TESTS (90), T_RAY (110), T_DEEPSPEED (120),
+# T_EAGER (110), T_PLAIN (30), T_LOADER (30), T_COMPILE (80).
 set -uo pipefail
 
-OUT_DIR=${1:-${OUT:-runs/gpu-check}}
-mkdir -p "$OUT_DIR"
-PHASES=${PHASES:-env tests eager plain loader compile}
+WORK=/tmp/streetmtl-gpu-check
+if [ -n "${OUT:-}" ] && { [ $# -eq 0 ] || [ "$(realpath -m "$1")" = "$(realpath -m "$OUT")" ]; }; then
+    OUT_DIR=$WORK/results  # the device machine: full results here, packed into $OUT
+    PACK_TO=${PACK_TO:-$OUT}
+    rm -rf "$OUT_DIR"
+else
+    OUT_DIR=${1:-runs/gpu-check}
+    PACK_TO=${PACK_TO:-}
+fi
+mkdir -p "$OUT_DIR" || exit 2
+OUT_DIR=$(realpath "$OUT_DIR")
+: >"$OUT_DIR/phases.txt"
+PHASES=${PHASES:-env tests ray deepspeed eager plain loader compile}
 SIZE=${SIZE:-256x512}
 BATCHES=${BATCHES:-16 32 64}
 COMPILE_BATCHES=${COMPILE_BATCHES:-16}
@@ -39,27 +79,104 @@ STEPS=${STEPS:-30}
 WARMUP=${WARMUP:-10}
 SAMPLES=${SAMPLES:-2048}
 WORKERS=${WORKERS:-12}
+# (--max-failures 0: a failure is reported at once, not retried 3 times within the phase's time;
+# --start-timeout-s 60: a worker group that cannot be placed fails instead of waiting 900 s)
+RAY_FLAGS=${RAY_FLAGS:---arch branched --encoder resnet34 --synthetic-size 256 512 --synthetic-counts 1024 64 16 --batch-size 16 --max-steps-per-epoch 60 --cpus-per-worker 12 --max-failures 0 --start-timeout-s 60}
+EXPECT_DEVICE=${EXPECT_DEVICE:-cuda}
+RUNS=${RUNS:-$WORK/runs}
+BUNDLE=${BUNDLE-.gpu-bundle}
+SITE=${SITE:-/tmp/streetmtl-site}
+DEADLINE=${DEADLINE:-585}
 PY=${PYTHON:-python3}
 export STREETMTL_CACHE=${STREETMTL_CACHE:-/tmp/streetmtl-cache}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/streetmtl-torch-extensions}  # DeepSpeed's JIT-built ops
+export RAY_USAGE_STATS_ENABLED=0  # no usage report (and no attempt to reach the internet)
+export RAY_AUTH_MODE=disabled     # a private cluster of this machine: no token (see stack facts: token auth)
+export RAY_TMPDIR=${RAY_TMPDIR:-/tmp/sgc-ray}  # Ray's sessions (short: socket paths), no other cluster's address file
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-    SITE=/tmp/streetmtl-site
-    "$PY" -m pip install --quiet --no-deps --no-index --target "$SITE" .whl/*.whl || exit 1
-    export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The bundle, if any: Ray untarred and the wheels installed into SITE, first on PYTHONPATH (Ray's
+# worker processes inherit it); the dashboard's wheels into SITE-dashboard, put on PYTHONPATH only
+# if every module of Ray's dashboard imports with them (as the full dashboard does at its start:
+# one that fails there takes ray.init down), else Ray runs its minimal dashboard.
+DASHBOARD_CHECK='
+import importlib, pkgutil
+import ray.dashboard.optional_deps  # what Ray checks to choose the full dashboard
+import ray.dashboard.modules
+for _, name, _ in pkgutil.walk_packages(ray.dashboard.modules.__path__, "ray.dashboard.modules."):
+    importlib.import_module(name)  # what the full dashboard imports at its start
+print("every dashboard module imports")'
+if [ -n "$BUNDLE" ] && [ -d "$BUNDLE" ]; then
+    want=$(cat "$BUNDLE/PYTHON" 2>/dev/null)
+    have=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    if [ "$want" != "$have" ]; then
+        echo "$BUNDLE was made for Python ${want:-?}, $PY is $have: PYVER=$have bash jobs/gpu_bundle.sh, or BUNDLE= to use the installed packages" >&2
+        exit 2
+    fi
+    {
+        echo "== bundle: $BUNDLE -> $SITE"
+        rm -rf "$SITE" "$SITE-dashboard" && mkdir -p "$SITE" || exit 2
+        for t in "$BUNDLE"/ray-*-slim.tar.xz; do
+            [ -e "$t" ] || continue
+            tar -C "$SITE" -xJf "$t" || exit 2
+        done
+        pip_target() {  # pip_target DIR WHEEL...: offline, no dependency resolution, no bytecode
+            local dir=$1
+            shift
+            "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --no-index --no-compile --target "$dir" "$@"
+        }
+        if compgen -G "$BUNDLE/wheels/*.whl" >/dev/null; then
+            pip_target "$SITE" "$BUNDLE"/wheels/*.whl || exit 2
+        fi
+        if compgen -G "$BUNDLE/wheels/dashboard/*.whl" >/dev/null; then
+            pip_target "$SITE-dashboard" "$BUNDLE"/wheels/dashboard/*.whl || exit 2
+            if PYTHONPATH="$SITE-dashboard:$SITE" "$PY" -c "$DASHBOARD_CHECK" 2>&1 | tail -3; then
+                echo "Ray dashboard: full"
+            else
+                echo "Ray dashboard: minimal (the error above: its packages do not fit this machine)"
+            fi
+        fi
+        echo "== bundle installed after ${SECONDS}s"
+    } 2>&1 | tee "$OUT_DIR/bundle.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+    DASH=  # (the block above ran in a subshell: its verdict is read back from bundle.txt)
+    grep -q "^Ray dashboard: full" "$OUT_DIR/bundle.txt" && DASH="$SITE-dashboard:"
+    export PYTHONPATH="$DASH$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    export PATH="$SITE/bin:$PATH"  # the wheels' commands: ninja, which DeepSpeed's JIT builds run
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+
+pack() {  # with PACK_TO: the small files, and all of OUT_DIR as one tar.gz (replaced atomically)
+    [ -n "$PACK_TO" ] || return 0
+    mkdir -p "$PACK_TO"
+    tar -C "$(dirname "$OUT_DIR")" -czf "$PACK_TO/gpu-check.tar.gz.part" "$(basename "$OUT_DIR")" &&
+        mv -f "$PACK_TO/gpu-check.tar.gz.part" "$PACK_TO/gpu-check.tar.gz"
+    local f
+    for f in phases.txt bundle.txt env.txt ray.json deepspeed.json; do
+        [ -f "$OUT_DIR/$f" ] && cp -f "$OUT_DIR/$f" "$PACK_TO/"
+    done
+    return 0
+}
+trap pack EXIT
 
 status=0
 phase() {  # phase NAME LIMIT_S LOG CMD...: run, keep the output, never stop the script
     local name=$1 limit=$2 log=$3
     shift 3
+    local left=$((DEADLINE - SECONDS - 15))  # 15 s: the grace between SIGINT and SIGKILL below
+    if [ "$left" -lt 10 ]; then
+        echo "== $name: skipped, ${left}s left before the deadline (${DEADLINE}s) ==" | tee -a "$OUT_DIR/phases.txt"
+        status=1
+        return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     echo "== $name (limit ${limit}s) =="
     local t0=$SECONDS
-    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$log"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$log"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - t0))s ==" | tee -a "$OUT_DIR/phases.txt"
     [ "$rc" -eq 0 ] || status=1
+    pack
 }
 
 train_bench() {  # train_bench NAME LIMIT_S ARGS...: jobs/benchmark.py train with the shared knobs
@@ -69,29 +186,138 @@ train_bench() {  # train_bench NAME LIMIT_S ARGS...: jobs/benchmark.py train wit
         --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" --workers "$WORKERS" --json "$OUT_DIR/bench-$name.json" "$@"
 }
 
+train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs through Ray Train, then --resume to 3; checks; results
+    # (runs in a child bash under the phase's time limit: uses only exported variables)
+    local phase=$1 name=$2 zero=$3 rc1 rc2 t
+    shift 3
+    local runs=$RUNS/$phase dest=$OUT_DIR/$phase
+    rm -rf "${RUNS:?}/$phase" "${OUT_DIR:?}/$phase" "$OUT_DIR/$phase.json" && mkdir -p "$runs" "$dest" || return 2
+    # RAY_FLAGS first: the fixed flags after them win. No RAY_ADDRESS and a Ray temp folder of
+    # its own: the run starts a Ray instance of this machine (GPUs auto-detected), never joins
+    # one that some `ray start` left running.
+    # shellcheck disable=SC2086
+    local cmd=("$PY" jobs/train.py $RAY_FLAGS "$@" --num-workers 1 --out "$runs" --name "$name")
+    echo "-- $phase: ${cmd[*]} --epochs 2"
+    t=$SECONDS
+    env -u RAY_ADDRESS "${cmd[@]}" --epochs 2 2>&1 | tee "$dest/run1.log"
+    rc1=${PIPESTATUS[0]}
+    echo "-- $phase: exit $rc1 after $((SECONDS - t))s"
+    echo "$((SECONDS - t))" >"$dest/run1.seconds"
+    if [ "$rc1" -eq 0 ]; then
+        echo "-- $phase: resume: --epochs 3 --resume"
+        t=$SECONDS
+        env -u RAY_ADDRESS "${cmd[@]}" --epochs 3 --resume 2>&1 | tee "$dest/run2.log"
+        rc2=${PIPESTATUS[0]}
+        echo "-- $phase: exit $rc2 after $((SECONDS - t))s"
+        echo "$((SECONDS - t))" >"$dest/run2.seconds"
+    else
+        rc2=-  # nothing to resume: the phase fails on run 1's exit code
+        echo "(run 1 failed: no resume)" >"$dest/run2.log"
+        echo 0 >"$dest/run2.seconds"
+    fi
+    # the run's small files (no checkpoints): metrics per epoch, summary.json
+    cp -r "$runs/$name/metrics" "$dest/" 2>/dev/null
+    cp "$runs/$name/summary.json" "$runs/$name/train.log" "$dest/" 2>/dev/null
+    "$PY" - "$phase" "$dest" "$EXPECT_DEVICE" "$rc1" "$rc2" "$OUT_DIR/$phase.json" "$runs/$name" "$zero" <<'EOF'
+"""Checks of one train phase, and its result file (img/s per epoch)."""
+import glob
+import json
+import os
+import re
+import sys
+
+phase, dest, device, rc1, rc2, out, run_dir, want_zero = sys.argv[1:]
+logs = [open(os.path.join(dest, f"run{i}.log"), errors="replace").read() for i in (1, 2)]
+seconds = [int(open(os.path.join(dest, f"run{i}.seconds")).read()) for i in (1, 2)]
+# rank 0's start line in mtl/engine.py: fit, "<run name> on <device> x<world>: ..."
+start = re.compile(r"\S+ on (\S+) x(\d+): [\d,]+ params")
+problems = []
+if rc1 != "0" or rc2 != "0":
+    problems.append(f"exit codes {rc1}, {rc2} (want 0, 0)")
+devices = []
+for i, log in enumerate(logs, 1):
+    m = start.search(log)
+    devices.append(m.group(0) if m else None)
+    if not m:
+        problems.append(f"run {i}: no start line '<run> on <device> x<world>: ...' in its log")
+    elif m.group(1).split(":")[0] != device:
+        problems.append(f"run {i} ran on {m.group(1)}, expected {device}")
+resumed = re.search(r"resumed from .*?: epoch (\d+), step \d+/\d+.*", logs[1])
+if not resumed:
+    problems.append("run 2 (--resume): no 'resumed from ...' in its log")
+elif resumed.group(1) != "2":
+    problems.append(f"run 2 resumed from epoch {resumed.group(1)}, expected 2")
+epochs = []
+for f in sorted(glob.glob(os.path.join(dest, "metrics", "epoch-*.json"))):
+    m = json.load(open(f))
+    epochs.append({k: m.get(k) for k in ("epoch", "step", "train_images_per_s", "restarts", "train_loss", "miou", "si_log_rmse", "grader")})
+if [e["epoch"] for e in epochs] != [1, 2, 3]:
+    problems.append(f"metrics for epochs {[e['epoch'] for e in epochs]}, expected [1, 2, 3]")
+elif not epochs[2]["restarts"]:
+    problems.append("epoch 3's metrics say restarts=0: it was not trained by the resumed run")
+zero = ds_version = None
+if want_zero != "-":  # DeepSpeed's own record in the last checkpoint: its ZeRO optimizer's stage
+    states = sorted(glob.glob(os.path.join(run_dir, "**", "*optim_states.pt"), recursive=True))
+    if not states:
+        problems.append(f"no DeepSpeed optimizer states (*optim_states.pt) in {run_dir}")
+    else:
+        import torch
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        try:  # no arbitrary unpickling: tensors, plain data and the DeepSpeed classes ZeRO 1/2 state holds
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                sd = torch.load(states[-1], map_location="cpu", weights_only=True)
+            zero, ds_version = int(sd["optimizer_state_dict"]["zero_stage"]), sd.get("ds_version")
+        except Exception as e:  # noqa: BLE001 - reported as the phase's problem
+            problems.append(f"{states[-1]}: cannot read its ZeRO stage: {type(e).__name__}: {e}")
+        else:
+            if zero != int(want_zero):
+                problems.append(f"{states[-1]}: ZeRO stage {zero}, expected {want_zero}")
+result = {"phase": phase, "ok": not problems, "problems": problems, "start_lines": devices,
+          "resumed": resumed.group(0) if resumed else None, "zero_stage": zero, "deepspeed_version": ds_version,
+          "seconds": {"run1": seconds[0], "run2_resume": seconds[1]}, "epochs": epochs}
+with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+print(json.dumps({k: result[k] for k in ("phase", "ok", "problems")}))
+for e in epochs:
+    print(f"   epoch {e['epoch']}: {e['train_images_per_s'] or float('nan'):.1f} img/s (restarts {e['restarts']})")
+sys.exit(0 if not problems else 1)
+EOF
+}
+export -f train_phase
+export OUT_DIR RUNS RAY_FLAGS EXPECT_DEVICE PY
+
 for p in $PHASES; do
     case $p in
     env)
         { nvidia-smi || true; "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
 "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
-          nproc; free -g; } >"$OUT_DIR/env.txt" 2>&1
-        cat "$OUT_DIR/env.txt" ;;
+          nproc; free -g; "$PY" -m pip list --disable-pip-version-check 2>/dev/null; } >"$OUT_DIR/env.txt" 2>&1
+        cat "$OUT_DIR/env.txt"
+        pack ;;
     tests)
-        phase tests "${T_TESTS:-120}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
+        phase tests "${T_TESTS:-90}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
+    ray)
+        phase ray "${T_RAY:-110}" ray.txt bash -c 'train_phase "$@"' train_phase ray ray-gpu - ;;
+    deepspeed)
+        phase deepspeed "${T_DEEPSPEED:-120}" deepspeed.txt bash -c 'train_phase "$@"' train_phase deepspeed ds-gpu 2 \
+            --strategy deepspeed --zero-stage 2 ;;
     eager)
         # shellcheck disable=SC2086
-        train_bench eager "${T_EAGER:-200}" --archs $ARCHS --batch-sizes $BATCHES ;;
+        train_bench eager "${T_EAGER:-110}" --archs $ARCHS --batch-sizes $BATCHES ;;
     plain)
         # shellcheck disable=SC2086
-        train_bench plain "${T_PLAIN:-40}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain ;;
+        train_bench plain "${T_PLAIN:-30}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain ;;
     compile)
         # shellcheck disable=SC2086
-        train_bench compile "${T_COMPILE:-170}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain --compile ;;
+        train_bench compile "${T_COMPILE:-80}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain --compile ;;
     loader)
-        phase loader "${T_LOADER:-50}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples 400 \
+        phase loader "${T_LOADER:-30}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples 400 \
             --workers "$WORKERS" --json "$OUT_DIR/bench-loader.json" ;;
     *)
-        echo "unknown phase '$p' (known: env tests eager plain loader compile)" >&2
+        echo "unknown phase '$p' (known: env tests ray deepspeed eager plain loader compile)" >&2
         exit 2 ;;
     esac
 done

@@ -1,29 +1,37 @@
 """Train a multi-task model.
 
 Local debug mode (one process, GPU if present, else CPU; no cluster):
-    python jobs/train.py --local --arch distillation
-On a Ray cluster (see README "Running on a cluster"):
-    ray job submit -- python jobs/train.py --arch distillation --num-workers 4
+    python jobs/train.py --local --quick --arch distillation --encoder resnet18
+On a Ray cluster (see README "Running on a cluster"; workers use GPUs unless --no-use-gpu):
+    ray job submit --working-dir . -- python jobs/train.py --arch distillation --num-workers 4
+
+A run lives in <out>/<name>/ (name: descriptive + a hash of the training config): config.json,
+train.log, checkpoints, metrics. An existing run folder is only reused with --resume, and only
+for the same training configuration. --print-config shows the resolved configuration and exits.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import json
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from a checkout
-
-from mtl.config import add_config_args, config_from_args  # noqa: E402
+from mtl.config import PRESETS, ExperimentConfig, add_config_args, config_from_args
 
 
-def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, "object"]:
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, ExperimentConfig]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local", action="store_true", help="single-process debug mode, no Ray")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a first run that finishes in minutes on a laptop CPU: {PRESETS['quick'][1]} (flags given override it)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and the run folder, then exit")
     add_config_args(p)
     args = p.parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, PRESETS["quick"][0] if args.quick else None)
+        if args.local and (cfg.dist.num_workers != 1 or cfg.dist.strategy != "ddp"):
+            raise ValueError("--local trains one process: --num-workers and --strategy deepspeed need Ray (drop --local)")
     except ValueError as e:
         p.error(str(e))
     return args, cfg
@@ -31,42 +39,63 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, "object"]:
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(argv)
-    if not args.local:
-        return run_on_ray(cfg)
-    from mtl.engine import fit, local_runtime
-
-    rt = local_runtime(cfg)
-    rt.log(cfg.to_json())
-    try:
-        result = fit(cfg, rt)
-    except (FileNotFoundError, ValueError) as e:  # bad data, flags or checkpoints: say which, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not result.metrics:
-        rt.log(f"nothing to train: the run had already finished all {cfg.train.epochs} epochs (raise --epochs to continue)")
-        return 0
-    last = result.metrics[-1]
-    rt.log(f"done: mIoU {last['miou']:.2f}  SI-logRMSE {last['si_log_rmse']:.2f}  grader {last['grader']:.2f} "
-           f"(best {result.best_grader:.2f}); run folder {cfg.train.out.rstrip('/')}/{cfg.run_name()}")
-    return 0
-
-
-def run_on_ray(cfg) -> int:
-    import json
-
-    from mtl.checkpoint import write_bytes_atomic
-    from mtl.distributed.ray_train import run_ray, run_url
+    from mtl.errors import USER_ERRORS, one_line
     from mtl.progress import wide_console
 
     console = wide_console()
-    console.print(cfg.to_json())
     try:
-        result = run_ray(cfg)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.print_config:
+            return print_config(cfg, args.local, console)
+        return run_local(cfg, console) if args.local else run_on_ray(cfg, console)
+    except USER_ERRORS as e:  # bad data, flags, checkpoints, storage, cluster: say which, no traceback
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def print_config(cfg: ExperimentConfig, local: bool, console) -> int:
+    """The configuration a run would use, with defaults resolved (GPU decision included where it
+    can be made without connecting to Ray), and its run folder."""
+    import torch
+
+    from mtl.distributed.capacity import cluster_address
+    from mtl.runs import resolve_config, run_url
+
+    if not local and cfg.dist.use_gpu is None:
+        joined = cluster_address(cfg.dist.address) is not None
+        cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, use_gpu=joined or torch.cuda.is_available()))
+    cfg = resolve_config(cfg)
+    console.print_json(cfg.to_json())
+    console.print(f"run folder: {run_url(cfg)}")
+    return 0
+
+
+def run_local(cfg: ExperimentConfig, console) -> int:
+    from mtl.engine import Runtime, fit, local_runtime
+    from mtl.runs import prepare_run, run_url
+
+    cfg = prepare_run(cfg, console.print)
+    console.print_json(cfg.to_json())  # the resolved configuration, as saved in the run folder
+    rt: Runtime = dataclasses.replace(local_runtime(cfg), console=console)
+    result = fit(cfg, rt)
+    if not result.metrics:
+        console.print(f"nothing to train: the run had already finished all {cfg.train.epochs} epochs (raise --epochs to continue)")
+        return 0
+    last = result.metrics[-1]
+    console.print(f"done: mIoU {last['miou']:.2f}  SI-logRMSE {last['si_log_rmse']:.2f}  grader {last['grader']:.2f} "
+                  f"(best {result.best_grader:.2f}); run folder {run_url(cfg)}")
+    return 0
+
+
+def run_on_ray(cfg: ExperimentConfig, console) -> int:
+    from mtl.distributed.ray_train import run_ray
+    from mtl.runs import run_url
+    from mtl.storage import write_bytes_atomic
+
+    result, cfg = run_ray(cfg, console.print)
     if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+        from mtl.errors import one_line
+
+        print(f"error: training failed: {one_line(result.error)}", file=sys.stderr)
         return 1
     url = run_url(cfg)
     summary = {"run": url, "final_metrics": result.metrics, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -74,7 +103,7 @@ def run_on_ray(cfg) -> int:
     write_bytes_atomic(f"{url}/summary.json", json.dumps(summary, indent=1, default=str).encode())
     m = result.metrics or {}
     console.print(f"done: mIoU {m.get('miou', float('nan')):.2f}  SI-logRMSE {m.get('si_log_rmse', float('nan')):.2f}  "
-                  f"grader {m.get('grader', float('nan')):.2f}; run {url} (best.pt, final.pt, summary.json)")
+                  f"grader {m.get('grader', float('nan')):.2f}; run {url} (best.pt, final.pt, summary.json, train.log)")
     return 0
 
 

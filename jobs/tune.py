@@ -14,12 +14,9 @@ plus scores.png in <out>/<sweep-name>/.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mtl.config import add_config_args, add_leaf_args, config_from_args, leaf_from_args  # noqa: E402
+from mtl.config import add_config_args, add_leaf_args, config_from_args, leaf_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,24 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))  # bad search space: stop before any trial starts
 
-    from mtl.distributed.ray_train import storage_path
     from mtl.distributed.tune import leaderboard_table, rows_from_results, run_sweep, write_reports
+    from mtl.errors import USER_ERRORS, one_line
     from mtl.progress import wide_console
+    from mtl.runs import out_root
 
     console = wide_console()
     try:
         results = run_sweep(base, sweep, resume=base.train.resume)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        if isinstance(e, OSError) and not e.filename and e.errno:  # not one of ours: show where it came from
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     rows = rows_from_results(results, base.train.epochs)
     title = f"sweep {sweep.sweep_name}: {base.model.arch}, {len(rows)} trials, ASHA over {base.train.epochs} epochs"
     console.print(leaderboard_table(rows, title))
-    out = f"{storage_path(base)}/{sweep.sweep_name}"
+    out = f"{out_root(base.train.out)}/{sweep.sweep_name}"
     paths = write_reports(rows, out, title)
     console.print("reports: " + ", ".join(paths.values()))
     if rows and rows[0].best_model:

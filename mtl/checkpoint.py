@@ -1,38 +1,30 @@
 """Checkpoints on any fsspec URL (local folder, s3://...), written so a crash never leaves a
 half-written one that looks valid: the data file first (atomically renamed where the filesystem
-allows), then the small ``latest.json`` pointer that readers trust."""
+allows), then the small ``latest.json`` pointer that readers trust.
+
+A checkpoint holds tensors and plain data only (dicts, lists, tuples, numbers, strings) and is
+read with ``torch.load(weights_only=True)``: a file from a shared bucket cannot run code in the
+process that evaluates or resumes from it, and one that tries is refused with a clear error.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import pickle
 import random
-import uuid
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
+
+from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-checkpoint-v1"
 
 
 def _fs(url: str):
-    return fsspec.core.url_to_fs(url)
-
-
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    fs, path = _fs(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or "file" in fs.protocol:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        fs.mv(tmp, path)
-    else:  # object stores: a PUT is atomic per object
-        with fs.open(path, "wb") as fh:
-            fh.write(data)
+    return url_to_fs(url)
 
 
 def checkpoint_bytes(state: dict[str, Any]) -> bytes:
@@ -41,14 +33,35 @@ def checkpoint_bytes(state: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def load_safely(data: bytes | io.IOBase, name: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` restricted to tensors and plain data; anything else (a pickled object,
+    possibly one that runs code when loaded) is refused with an error naming ``name``."""
+    try:
+        return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else type(e).__name__)
+        if "GLOBAL" not in detail:  # not a forbidden class: bytes that are no pickle at all
+            raise ValueError(f"checkpoint {name} is unreadable or corrupt ({detail})") from None
+        raise ValueError(f"checkpoint {name} holds Python objects besides tensors and plain data; refused, since loading "
+                         f"it could run code ({detail})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise ValueError(f"checkpoint {name} is unreadable or corrupt ({e})") from e
+
+
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG the run uses, as tensors and plain data (numpy's state as its key tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -76,33 +89,32 @@ class CheckpointDir:
         write_bytes_atomic(f"{self.url}/latest.json", json.dumps({"latest": tag, "history": history}).encode())
         return url
 
+    def _pointer(self) -> dict[str, Any] | None:
+        data = read_bytes(f"{self.url}/latest.json")
+        return None if data is None else json.loads(data)
+
     def _history(self) -> list[str]:
-        fs, path = _fs(f"{self.url}/latest.json")
-        if not fs.exists(path):
-            return []
-        return json.loads(fs.cat_file(path))["history"]
+        pointer = self._pointer()
+        return [] if pointer is None else pointer["history"]
 
     def latest(self) -> str | None:
-        fs, path = _fs(f"{self.url}/latest.json")
-        if not fs.exists(path):
-            return None
-        return f"{self.url}/{json.loads(fs.cat_file(path))['latest']}.pt"
+        pointer = self._pointer()
+        return None if pointer is None else f"{self.url}/{pointer['latest']}.pt"
 
 
 def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint file, or the latest one of a run folder. Errors name the file."""
-    fs, path = _fs(url)
-    if fs.isdir(path):
-        latest = CheckpointDir(url).latest()
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {url} (no checkpoints/latest.json)")
-        url, (fs, path) = latest, _fs(latest)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {url}")
-    try:
-        state = torch.load(io.BytesIO(fs.cat_file(path)), map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise ValueError(f"checkpoint {url} is unreadable or corrupt ({e})") from e
+    with storage_errors(url):
+        fs, path = _fs(url)
+        if fs.isdir(path):
+            latest = CheckpointDir(url).latest()
+            if latest is None:
+                raise FileNotFoundError(f"no checkpoint in {url} (no checkpoints/latest.json)")
+            url, (fs, path) = latest, _fs(latest)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {url}")
+        data = fs.cat_file(path)
+    state = load_safely(data, url, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{url} is not a streetmtl checkpoint")
     state["url"] = url

@@ -1,7 +1,12 @@
 """One typed configuration tree, from the CLI through Ray to the train loop.
 
-`ExperimentConfig` is a frozen dataclass tree. It is printed at start, saved inside every
-checkpoint, and rebuilt from JSON (`from_dict`) on resume or in a Ray worker.
+`ExperimentConfig` is a frozen dataclass tree. Resolved (`mtl.runs.resolve_config`), it is
+printed at start, saved as ``config.json`` in the run folder and inside every checkpoint, and
+rebuilt from JSON (`from_dict`) on resume or in a Ray worker.
+
+Fields made with `operational` say where and how a run executes (loader processes, output
+folder, logging, Ray resources) rather than what it trains: they are left out of the run's
+identity (`mtl.runs.identity`), so they may differ between a run and its resume.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from typing import Any, Literal
 ARCHS = ("deeplabv3p", "branched", "distillation", "branched_vortex")
 
 
+def operational(default: Any = None, **kw: Any) -> Any:
+    """A field that does not change what is trained (see the module docstring)."""
+    return field(default=default, metadata={"operational": True}, **kw)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None  # Miniscapes folder (path or fsspec URL); None = cached synthetic set
@@ -28,11 +38,13 @@ class DataConfig:
     crop: tuple[int, int] | None = None  # None = crop back to the input size after scaling
     hflip: bool = True
     augment: bool = True
-    workers: int | None = None  # loader processes per training process; None = auto (`mtl.data.auto_workers`)
-    prefetch: int = 4  # batches each loader worker keeps ready
+    workers: int | None = operational(None)  # loader processes per training process; None = auto (`mtl.data.auto_workers`)
+    prefetch: int = operational(4)  # batches each loader worker keeps ready
     shuffle_buffer: int = 256  # samples (shard streaming)
 
     def validate(self) -> None:
+        if self.root and self.shards:
+            raise ValueError(f"--root {self.root} and --shards {self.shards} both name the training data: give one")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"--scale-min/--scale-max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}")
         if self.crop is not None and min(self.crop) <= 0:
@@ -96,15 +108,16 @@ class TrainConfig:
     batch_size: int = 16  # per worker
     grad_accum: int = 1
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = operational("auto")  # auto | cpu | cuda
     bf16: bool = True  # autocast on CUDA; ignored on CPU
-    channels_last: bool = True
-    compile: bool = False
-    out: str = "runs"  # where runs live: a local folder or s3:// prefix
-    name: str | None = None  # run name; None = a descriptive name from the config
-    resume: bool = False
-    keep_last: int = 2
-    log_every: int = 10
+    channels_last: bool = operational(True)
+    compile: bool = operational(False)
+    out: str = operational("runs")  # where runs live: a local folder or s3:// prefix
+    name: str | None = operational(None)  # run name; None = descriptive name + hash of the training config
+    resume: bool = operational(False)  # continue the run in <out>/<name> (required to reuse an existing run folder)
+    keep_last: int = operational(2)
+    log_every: int = operational(10)  # steps between loss readouts (the loop's only host sync)
+    log_interval_s: float = operational(30.0)  # seconds between plain progress lines when stdout is not a terminal
     max_steps_per_epoch: int | None = None  # debug: cut epochs short
 
     def validate(self) -> None:
@@ -112,22 +125,29 @@ class TrainConfig:
             raise ValueError("--epochs, --batch-size and --grad-accum must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.log_every < 1 or self.log_interval_s < 0:
+            raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
 
 
 @dataclass(frozen=True)
 class DistConfig:
-    """Ray Train settings (ignored by --local). Checkpoints go to ``train.out`` (use s3:// or
-    another storage all nodes share)."""
+    """Ray Train settings (--local trains one process and refuses --num-workers > 1 and
+    --strategy deepspeed). Checkpoints go to ``train.out`` (use s3:// or another storage all
+    nodes share)."""
 
-    address: str | None = None  # Ray cluster address; None = $RAY_ADDRESS or the cluster of a submitted job
+    address: str | None = operational(None)  # Ray cluster address; None = $RAY_ADDRESS or the cluster of a submitted job
     num_workers: int = 1
-    use_gpu: bool | None = None  # None = yes if the cluster has GPUs
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
+    # None = GPUs on a cluster the run joins (address, $RAY_ADDRESS, `ray job submit`); on a Ray
+    # instance the run starts itself, GPUs if this machine has any
+    use_gpu: bool | None = operational(None)
+    cpus_per_worker: float = operational(1.0)
+    gpus_per_worker: float = operational(1.0)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = 1
-    max_failures: int = 3  # worker/node failures survived by restarting from the last checkpoint
-    start_timeout_s: float = 300.0  # fail (clear error) if the worker group cannot start within this
+    max_failures: int = operational(3)  # worker/node failures survived by restarting from the last checkpoint
+    # how long the worker group may wait to be placed (nodes booting: 10+ minutes is normal for
+    # cloud GPUs); a request the cluster can never hold fails at once instead
+    start_timeout_s: float = operational(900.0)
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -153,15 +173,6 @@ class ExperimentConfig:
             part.validate()
         return self
 
-    def run_name(self) -> str:
-        """mmsegmentation-style descriptive name, e.g. branched_resnet34_os16_adam-lr4e-4_w0.5_bs16_e16."""
-        if self.train.name:
-            return self.train.name
-        from mtl.models.architectures import resolve  # the model zoo fills in per-arch defaults
-
-        m, o, t = resolve(self.model), self.optim, self.train
-        return f"{m.arch}_{m.encoder}_os{m.output_stride}_{o.optimizer}-lr{o.lr:.0e}_w{o.semseg_weight:g}_bs{t.batch_size}_e{t.epochs}"
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -171,6 +182,16 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
         return _from_dict(cls, d)
+
+
+# Named starting points for `jobs/train.py` (flags given on the command line override them).
+# quick: a first local run that shows the model learn in about 3 minutes on a 2-core CPU
+# (README quick start; the full-size synthetic set is for GPUs).
+PRESETS: dict[str, tuple[ExperimentConfig, str]] = {
+    "quick": (ExperimentConfig(data=DataConfig(synthetic_size=(64, 128), synthetic_counts=(160, 48, 48)),
+                               train=TrainConfig(epochs=4, batch_size=8)),
+              "synthetic set at 64x128 (160 train / 48 val / 48 test), batch 8, 4 epochs"),
+}
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:

@@ -16,15 +16,17 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from mtl.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state, write_bytes_atomic
+from mtl.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state
 from mtl.config import ExperimentConfig
-from mtl.data import build_loaders
+from mtl.data import Loaders, build_loaders
 from mtl.data.batch import DeviceBatches
 from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
-from mtl.progress import TrainProgress, wide_console
+from mtl.progress import RunLog, TrainProgress
+from mtl.runs import RunFolder, check_same_training, resolve_config, run_name, run_url
 from mtl.schedule import PolyLR
+from mtl.storage import write_bytes_atomic
 from mtl.strategy import PlainStrategy
 
 
@@ -109,7 +111,7 @@ class Runtime:
         lambda m, o, cfg: PlainStrategy(m, o, cfg.train.grad_accum, cfg.optim.grad_clip))
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     checkpoints: Checkpointer | None = None
-    log: Callable[[str], None] = print
+    console: Any = None  # rich Console of rank 0 (None: the default console)
     cpus: int | None = None  # CPUs reserved for this process (sizes the loader); None = what it may run on
 
     @property
@@ -118,19 +120,15 @@ class Runtime:
 
 
 def check_resumable(state: dict[str, Any], cfg: ExperimentConfig) -> None:
-    saved = ExperimentConfig.from_dict(state["config"])
-    if resolve(saved.model) != resolve(cfg.model):
-        raise ValueError(
-            f"checkpoint {state.get('url', '')} is from another model ({saved.model.arch}/{saved.model.encoder}) "
-            f"than the one configured ({cfg.model.arch}/{cfg.model.encoder})"
-        )
+    """A checkpoint may only continue the training it belongs to (fields listed otherwise)."""
+    check_same_training(ExperimentConfig.from_dict(state["config"]), cfg, f"checkpoint {state.get('url', '')}")
 
 
 class LocalCheckpointer:
-    """``<out>/<run>/checkpoints/`` (local folder or s3://) with the last K epochs and best.pt."""
+    """``<run>/checkpoints/`` (local folder or s3://) with the last K epochs and best.pt."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        self.run_url = f"{cfg.train.out.rstrip('/')}/{cfg.run_name()}"
+        self.run_url = run_url(cfg)
         self.dir = CheckpointDir(self.run_url, cfg.train.keep_last)
         self.resume = cfg.train.resume
 
@@ -150,7 +148,7 @@ class LocalCheckpointer:
 
 def local_runtime(cfg: ExperimentConfig) -> Runtime:
     """One process, one device; checkpoints and metrics in ``<out>/<run name>/``."""
-    return Runtime(device=resolve_device(cfg.train.device), checkpoints=LocalCheckpointer(cfg), log=wide_console().print)
+    return Runtime(device=resolve_device(cfg.train.device), checkpoints=LocalCheckpointer(cfg))
 
 
 @dataclass
@@ -161,89 +159,150 @@ class FitResult:
     best_grader: float
 
 
-def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
-    cfg.validate()
-    t, device = cfg.train, rt.device
-    torch.manual_seed(t.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    data = build_loaders(cfg, rt.rank, rt.world, pin_memory=device.type == "cuda", cpus=rt.cpus)
-    steps_per_epoch = len(data.train) // t.grad_accum
-    if t.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ValueError(f"the train split ({data.num_train} samples over {rt.world} ranks) is smaller than one batch "
-                         f"({t.batch_size} x {t.grad_accum} accumulation) per rank")
-    total_steps = t.epochs * steps_per_epoch
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint's metadata restores."""
 
-    model = build_model(cfg.model).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    strategy = rt.make_strategy(model, build_optimizer(model, cfg), cfg)
-    epoch, step, best, restarts = 0, 0, float("-inf"), 0
-    meta = rt.checkpoints.restore(strategy, cfg) if rt.checkpoints else None
-    if meta is not None:
-        epoch, step, best = meta["epoch"], meta["step"], meta["best_grader"]
-        restarts = meta.get("restarts", 0) + 1
+    epoch: int = 0
+    step: int = 0
+    best: float = float("-inf")
+    restarts: int = 0
+
+
+class Trainer:
+    """One training run on one rank: data, model, strategy and LR plan built from the config,
+    restored from the latest checkpoint when there is one, then epochs of train steps, each
+    followed by validation (reduced across ranks) and a checkpoint."""
+
+    def __init__(self, cfg: ExperimentConfig, rt: Runtime) -> None:
+        self.cfg = cfg = resolve_config(cfg)
+        self.rt, t, self.device = rt, cfg.train, rt.device
+        torch.manual_seed(t.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.data: Loaders = build_loaders(cfg, rt.rank, rt.world, pin_memory=self.device.type == "cuda", cpus=rt.cpus)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = t.epochs * self.steps_per_epoch
+        model = build_model(cfg.model).to(self.device)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.strategy = rt.make_strategy(model, build_optimizer(model, cfg), cfg)
+        self.codec, self.amp = DepthCodec(resolve(cfg.model).depth_space), autocast(self.device, t.bf16)
+        self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
+        self.state, self.input_size = TrainState(), None
+        self.schedule = self._restore()
+        if rt.is_main:  # data found, checkpoint accepted: the run folder gets (or updates) its configuration
+            RunFolder(run_url(cfg)).write_config(cfg)
+        if t.compile:
+            self.strategy.model = torch.compile(self.strategy.model)
+
+    def _steps_per_epoch(self) -> int:
+        t = self.cfg.train
+        steps = len(self.data.train) // t.grad_accum
+        if t.max_steps_per_epoch:
+            steps = min(steps, t.max_steps_per_epoch)
+        if steps < 1:
+            raise ValueError(f"the train split ({self.data.num_train} samples over {self.rt.world} ranks) is smaller than one "
+                             f"batch ({t.batch_size} x {t.grad_accum} accumulation) per rank")
+        return steps
+
+    def _restore(self) -> PolyLR:
+        """Continue from the latest checkpoint, if any; the LR plan is a function of the step."""
+        o = self.cfg.optim
+        meta = self.rt.checkpoints.restore(self.strategy, self.cfg) if self.rt.checkpoints else None
+        if meta is None:
+            return PolyLR(o.lr, self.total_steps, o.poly_power, o.warmup_steps)
+        self.state = TrainState(meta["epoch"], meta["step"], meta["best_grader"], meta.get("restarts", 0) + 1)
+        self.input_size = meta.get("input_size")
         set_rng_state(meta["rng"])
-        if meta["total_steps"] != total_steps and meta["epochs"] == t.epochs:
+        if meta["total_steps"] != self.total_steps and meta["epochs"] == self.cfg.train.epochs:
             # same plan, other steps/epoch (world size, loader workers): keep the LR curve continuous
-            total_steps = meta["total_steps"]
-    schedule = PolyLR(cfg.optim.lr, total_steps, cfg.optim.poly_power, cfg.optim.warmup_steps)
-    if meta is not None:
-        rt.log(f"resumed from {meta.get('url', 'checkpoint')}: epoch {epoch}, step {step}/{total_steps}, next LR {schedule(step):.3g}")
-    if t.compile:
-        strategy.model = torch.compile(strategy.model)
-    codec = DepthCodec(resolve(cfg.model).depth_space)
-    amp = autocast(device, t.bf16)
-    if rt.is_main:
-        rt.log(f"[bold]{cfg.run_name()}[/] on {device} x{rt.world}: {sum(p.numel() for p in model.parameters()):,} params, "
-               f"{data.num_train} train / {data.num_val} val samples from {data.source} ({data.workers} loader worker{'s' if data.workers != 1 else ''}), global batch "
-               f"{t.batch_size * t.grad_accum * rt.world}, {steps_per_epoch} steps/epoch, LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power})")
+            self.total_steps = meta["total_steps"]
+        schedule = PolyLR(o.lr, self.total_steps, o.poly_power, o.warmup_steps)
+        self.log(f"resumed from {meta.get('url', 'checkpoint')}: epoch {self.state.epoch}, step {self.state.step}/"
+                 f"{self.total_steps}, next LR {schedule(self.state.step):.3g}")
+        return schedule
 
-    history, lrs = [], []
-    it = start_epoch(data.train, epoch, device, t.channels_last) if epoch < t.epochs else None
-    with TrainProgress(enabled=rt.is_main) as bar:
-        while epoch < t.epochs:
-            strategy.model.train()
-            bar.start_epoch(epoch, t.epochs, steps_per_epoch)
-            running = torch.zeros(3, device=device)
-            t0, n_img = time.perf_counter(), 0
-            first_lr = len(lrs)
-            for s in range(steps_per_epoch):
-                lrs.append(schedule.apply(strategy.optimizer, step))
-                for k in range(t.grad_accum):
-                    batch = next(it)
-                    parts = train_step(strategy, batch, codec, cfg.optim.semseg_weight, amp, last_micro_batch=k == t.grad_accum - 1)
-                    running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
-                    n_img += batch["rgb"].shape[0]
-                step += 1
-                if (s + 1) % t.log_every == 0 or s + 1 == steps_per_epoch:  # the only host sync in the loop
-                    loss = (running / (s + 1)).tolist()
-                    bar.update(s + 1, loss=loss[0], ips=n_img * rt.world / (time.perf_counter() - t0), lr=lrs[-1])
-            epoch += 1
-            ips = n_img * rt.world / (time.perf_counter() - t0)
-            # the next epoch's loader workers start (and fill their prefetch queues) during
-            # validation and checkpointing instead of stalling its first step
-            it = start_epoch(data.train, epoch, device, t.channels_last) if epoch < t.epochs else None
-            # the bare module: a DDP wrapper would sync buffers per forward, and ranks may hold
-            # unequal shares of the validation split
-            metrics = rt_evaluate(strategy.module, data.val, codec, rt, amp, t.channels_last)
-            metrics.update({"epoch": epoch, "step": step, "lr": lrs[-1], "train_loss": loss[0], "train_loss_semseg": loss[1],
-                            "train_loss_depth": loss[2], "train_images_per_s": ips, "restarts": restarts,
-                            "epoch_lrs": lrs[first_lr:]})
-            is_best = metrics["grader"] > best
-            best = max(best, metrics["grader"])
-            history.append(metrics)
-            if rt.is_main:
-                bar.metrics_table(metrics)
-            if rt.checkpoints:
-                meta = {"config": cfg.to_dict(), "epoch": epoch, "step": step, "epochs": t.epochs, "total_steps": total_steps,
-                        "best_grader": best, "restarts": restarts, "rng": rng_state(), "metrics": metrics}
-                rt.checkpoints.save(meta, strategy, f"epoch-{epoch:04d}", is_best, metrics)
-            if on_epoch_end:
-                on_epoch_end(epoch, metrics)
-    return FitResult(history, lrs, strategy.module, best)
+    def announce(self) -> None:
+        cfg, rt, d, t = self.cfg, self.rt, self.data, self.cfg.train
+        n_params = sum(p.numel() for p in self.strategy.module.parameters())
+        self.log(f"[bold]{run_name(cfg)}[/] on {self.device} x{rt.world}: {n_params:,} params, {d.num_train} train / "
+                 f"{d.num_val} val samples from {d.source} ({d.workers} loader worker{'s' if d.workers != 1 else ''}), "
+                 f"global batch {t.batch_size * t.grad_accum * rt.world}, {self.steps_per_epoch} steps/epoch, "
+                 f"LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power}); run folder {run_url(cfg)}")
+
+    def fit(self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+        t = self.cfg.train
+        if self.rt.is_main:
+            self.announce()
+        history, lrs = [], []
+        it = start_epoch(self.data.train, self.state.epoch, self.device, t.channels_last) if self.state.epoch < t.epochs else None
+        try:
+            with TrainProgress(self.log, enabled=self.rt.is_main, interval_s=t.log_interval_s) as bar:
+                while self.state.epoch < t.epochs:
+                    first_lr = len(lrs)
+                    loss, ips = self.train_epoch(it, bar, lrs)
+                    self.state.epoch += 1
+                    # the next epoch's loader workers start (and fill their prefetch queues) during
+                    # validation and checkpointing instead of stalling its first step
+                    it = start_epoch(self.data.train, self.state.epoch, self.device, t.channels_last) if self.state.epoch < t.epochs else None
+                    metrics = self.end_epoch(loss, ips, lrs[first_lr:], bar)
+                    history.append(metrics)
+                    if on_epoch_end:
+                        on_epoch_end(self.state.epoch, metrics)
+        finally:
+            self.log.flush()
+        return FitResult(history, lrs, self.strategy.module, self.state.best)
+
+    def train_epoch(self, it: DeviceBatches, bar: TrainProgress, lrs: list[float]) -> tuple[list[float], float]:
+        """One epoch of optimizer steps; returns the mean losses [total, semseg, depth] and img/s.
+        Losses stay on the device: the host reads them every ``log_every`` steps, or sooner
+        when ``log_interval_s`` has passed (the time check itself reads nothing)."""
+        t, s_, strategy = self.cfg.train, self.state, self.strategy
+        strategy.model.train()
+        bar.start_epoch(s_.epoch, t.epochs, self.steps_per_epoch, self.total_steps - s_.step)
+        running = torch.zeros(3, device=self.device)
+        t0 = last_read = time.perf_counter()
+        n_img, loss = 0, [float("nan")] * 3
+        for s in range(self.steps_per_epoch):
+            lrs.append(self.schedule.apply(strategy.optimizer, s_.step))
+            for k in range(t.grad_accum):
+                batch = next(it)
+                parts = train_step(strategy, batch, self.codec, self.cfg.optim.semseg_weight, self.amp, last_micro_batch=k == t.grad_accum - 1)
+                running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
+                n_img += batch["rgb"].shape[0]
+            if self.input_size is None:
+                self.input_size = list(batch["rgb"].shape[-2:])
+            s_.step += 1
+            now = time.perf_counter()
+            if (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch or now - last_read >= t.log_interval_s > 0:
+                loss, last_read = (running / (s + 1)).tolist(), now  # the only host sync in the loop
+                bar.update(s + 1, loss, n_img * self.rt.world / (now - t0), lrs[-1])
+        return loss, n_img * self.rt.world / (time.perf_counter() - t0)
+
+    def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:
+        """Validation (the bare module: a DDP wrapper would sync buffers per forward, and ranks
+        may hold unequal shares of the validation split), the metrics table, the checkpoint."""
+        s_, t = self.state, self.cfg.train
+        metrics = rt_evaluate(self.strategy.module, self.data.val, self.codec, self.rt, self.amp, t.channels_last)
+        metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": epoch_lrs[-1], "train_loss": loss[0],
+                        "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips,
+                        "restarts": s_.restarts, "epoch_lrs": epoch_lrs})
+        is_best = metrics["grader"] > s_.best
+        s_.best = max(s_.best, metrics["grader"])
+        bar.metrics_table(metrics)
+        if self.rt.checkpoints:
+            meta = {"config": self.cfg.to_dict(), "epoch": s_.epoch, "step": s_.step, "epochs": t.epochs,
+                    "total_steps": self.total_steps, "best_grader": s_.best, "restarts": s_.restarts, "rng": rng_state(),
+                    "input_size": self.input_size, "metrics": metrics}
+            self.rt.checkpoints.save(meta, self.strategy, f"epoch-{s_.epoch:04d}", is_best, metrics)
+        self.log.flush()
+        return metrics
+
+
+def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+    """Train ``cfg`` on this rank (see `Trainer`)."""
+    return Trainer(cfg, rt).fit(on_epoch_end)
 
 
 def start_epoch(loader, epoch: int, device: torch.device, channels_last: bool) -> DeviceBatches:

@@ -1,7 +1,8 @@
 """Test predictions in the submission format, plus side-by-side visualisations.
 
 ``<out>/semseg/<index>.png``: palette PNG of class ids; ``<out>/depth/<index>.png``: uint8
-disparity PNG (the dataset encoding's inverse); ``<out>/viz/<index>.png`` for people.
+disparity PNG (the dataset encoding's inverse); ``<out>/viz/<index>.png`` for people. The same
+writer serves `mtl.predict` (arbitrary images, named by file stem).
 """
 
 from __future__ import annotations
@@ -13,42 +14,72 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from mtl.data.miniscapes import encode_depth_png, encode_semseg_png
 from mtl.atomic import atomic_dir
 from mtl.data.batch import to_model_batch
+from mtl.data.miniscapes import encode_depth_png, encode_semseg_png
 from mtl.engine import predict
 from mtl.losses import DepthCodec
-from mtl.viz import denormalize_rgb, side_by_side
+from mtl.viz import colorize_depth, colorize_semseg, denormalize_rgb, side_by_side
+
+OUTPUT_FOLDERS = ("semseg", "depth", "viz")
 
 
-def export_predictions(model: nn.Module, dataset: Dataset, out_dir: str, codec: DepthCodec, device: torch.device,
-                       amp: contextlib.AbstractContextManager, batch_size: int = 8, viz: int = 8,
+def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out_dir: str, codec: DepthCodec,
+                       device: torch.device, amp: contextlib.AbstractContextManager, batch_size: int = 8, viz: int = 8,
                        overwrite: bool = False) -> int:
-    """Write predictions for every sample of ``dataset``; returns the count.
+    """Write predictions for every sample of ``dataset`` (a map-style folder split or a shard
+    stream, with or without labels); returns the count. Pictures show the ground truth where
+    the split has it.
 
-    Files go to a temporary sibling folder first, renamed into place when complete.
+    Files go to a temporary sibling folder first, renamed into place when complete: an error
+    half-way (a corrupt image) leaves no folder that looks like a finished export.
     """
+    if getattr(dataset, "augment", None) is not None:
+        raise ValueError("export needs the samples as they are: open the split without augmentation")
     model.eval()
     n = 0
     with atomic_dir(out_dir, overwrite) as tmp:
-        for sub in ("semseg", "depth", "viz"):
-            os.makedirs(os.path.join(tmp, sub))
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-            batch = to_model_batch(batch, device, channels_last=False)
+        make_output_folders(tmp)
+        for raw in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+            batch = to_model_batch(raw, device, channels_last=False)
             labels, depth_m = predict(model, batch["rgb"], codec, amp)
             for j in range(labels.shape[0]):
-                idx = int(batch["index"][j])
-                lab, dep = labels[j].cpu().numpy().astype(np.uint8), depth_m[j].float().cpu().numpy()
-                _write(os.path.join(tmp, "semseg", f"{idx}.png"), encode_semseg_png(lab))
-                _write(os.path.join(tmp, "depth", f"{idx}.png"), encode_depth_png(dep, np.ones_like(dep, bool)))
-                if n < viz:
-                    pic = side_by_side(denormalize_rgb(batch["rgb"][j].float().cpu().numpy()), lab, dep,
-                                       batch["semseg"][j].cpu().numpy(), batch["depth"][j].cpu().numpy(), batch["valid"][j].cpu().numpy())
-                    Image.fromarray(pic).save(os.path.join(tmp, "viz", f"{idx}.png"))
+                rgb = denormalize_rgb(batch["rgb"][j].float().cpu().numpy()) if n < viz else None
+                gt = None
+                if rgb is not None and "semseg" in batch:
+                    gt = tuple(batch[k][j].cpu().numpy() for k in ("semseg", "depth", "valid"))
+                write_prediction(tmp, str(int(batch["index"][j])), labels[j].cpu().numpy(), depth_m[j].float().cpu().numpy(), rgb, gt)
                 n += 1
     return n
+
+
+def make_output_folders(folder: str) -> None:
+    for sub in OUTPUT_FOLDERS:
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+
+
+def write_prediction(folder: str, stem: str, labels: np.ndarray, depth_m: np.ndarray, rgb: np.ndarray | None = None,
+                     gt: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+    """``folder/semseg/<stem>.png`` and ``folder/depth/<stem>.png``; with ``rgb`` (HxWx3 uint8)
+    also ``folder/viz/<stem>.png`` (`picture`; ``gt`` = (labels, depth m, valid) when known)."""
+    _write(os.path.join(folder, "semseg", f"{stem}.png"), encode_semseg_png(np.asarray(labels, np.uint8)))
+    _write(os.path.join(folder, "depth", f"{stem}.png"), encode_depth_png(depth_m, np.ones(depth_m.shape, bool)))
+    if rgb is not None:
+        Image.fromarray(picture(rgb, labels, depth_m, gt)).save(os.path.join(folder, "viz", f"{stem}.png"))
+
+
+def picture(rgb: np.ndarray, labels: np.ndarray, depth_m: np.ndarray,
+            gt: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """With ground truth: `mtl.viz.side_by_side` (rgb | GT | prediction, semseg over depth).
+    Without (a test split, a user's photo): rgb | prediction, semseg over depth: black panels
+    standing for labels nobody has would only waste a third of the picture."""
+    if gt is not None:
+        return side_by_side(rgb, labels, depth_m, *gt)
+    top = np.concatenate([rgb, colorize_semseg(labels)], axis=1)
+    bottom = np.concatenate([rgb, colorize_depth(depth_m)], axis=1)
+    return np.concatenate([top, bottom], axis=0)
 
 
 def _write(path: str, data: bytes) -> None:

@@ -1,10 +1,23 @@
-"""Rich progress bar and metric tables for the train loop (rank 0 only)."""
+"""What a run shows while it trains (rank 0 only), on a terminal and in logs.
+
+On a terminal: a rich progress bar and a metrics table per epoch. When stdout is not a terminal
+(``ray job logs``, a batch system, ``| tee``), a live bar would print nothing until the epoch
+ends, so plain progress lines are printed instead, one per ``--log-interval-s`` seconds at most.
+Everything shown — start lines, progress lines, tables — is also kept as plain text in the run
+folder's ``train.log`` (`RunLog`).
+"""
 
 from __future__ import annotations
+
+import io
+import time
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from mtl.storage import is_local, read_bytes, url_to_fs, write_bytes_atomic
 
 MAIN_KEYS = {"miou": "mIoU", "si_log_rmse": "SI-log", "grader": "grader", "mae": "MAE m", "rmse": "RMSE m",
              "abs_rel": "absRel", "delta1": "δ1 %", "train_loss": "loss", "train_images_per_s": "img/s"}
@@ -24,16 +37,69 @@ def metrics_table(metrics: dict[str, float], title: str) -> Table:
     return table
 
 
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class RunLog:
+    """Prints to the console and keeps a plain-text copy in ``url`` (``<run>/train.log``).
+
+    A local file is appended to line by line (``tail -f`` works); on object stores, where a file
+    cannot be appended to, the whole log is rewritten at every `flush` (epoch ends and the end of
+    the run). A resumed run continues the same file.
+    """
+
+    def __init__(self, url: str | None, console: Console | None = None, echo: bool = True) -> None:
+        self.url, self.echo = url, echo
+        self.console = console or wide_console()
+        self._plain = Console(file=io.StringIO(), width=160, color_system=None, soft_wrap=True)
+        self._remote_text = ""
+        if url is not None and is_local(url):
+            fs, path = url_to_fs(url)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        elif url is not None:
+            self._remote_text = (read_bytes(url) or b"").decode()
+
+    def __call__(self, renderable: Any) -> None:
+        """Show ``renderable`` (rich markup, a table...) and record it."""
+        if self.echo:
+            self.console.print(renderable)
+        self.record(renderable)
+
+    def record(self, renderable: Any) -> None:
+        """Record without showing (e.g. progress lines while a live bar is on the terminal)."""
+        if self.url is None:
+            return
+        self._plain.file = io.StringIO()
+        self._plain.print(renderable)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        text = "".join(f"{stamp} {ln}\n" for ln in self._plain.file.getvalue().rstrip("\n").splitlines())
+        if is_local(self.url):
+            with open(url_to_fs(self.url)[1], "a") as fh:
+                fh.write(text)
+        else:
+            self._remote_text += text
+
+    def flush(self) -> None:
+        if self.url is not None and not is_local(self.url):
+            write_bytes_atomic(self.url, self._remote_text.encode())
+
+
 class TrainProgress:
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.console = wide_console()
+    """The progress display of the train loop: a live bar on a terminal, plain lines otherwise
+    (and always into the run log)."""
+
+    def __init__(self, log: RunLog, enabled: bool = True, interval_s: float = 30.0) -> None:
+        self.log, self.enabled, self.interval_s = log, enabled, interval_s
+        self.live = enabled and log.echo and log.console.is_terminal
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]} | {task.fields[ips]} img/s | lr {task.fields[lr]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=not enabled,
+            TimeElapsedColumn(), TimeRemainingColumn(), console=log.console, disable=not self.live,
         )
         self.task = None
+        self.last_line = float("-inf")
 
     def __enter__(self) -> "TrainProgress":
         self.progress.__enter__()
@@ -42,14 +108,32 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int, steps: int, steps_left_in_run: int) -> None:
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task("train", total=steps, epoch=f"{epoch + 1}/{epochs}", loss="-", ips="-", lr="-")
+        self.epoch, self.epochs, self.steps, self.run_left = epoch, epochs, steps, steps_left_in_run
+        self.t0 = time.monotonic()
 
-    def update(self, completed: int, loss: float, ips: float, lr: float) -> None:
-        self.progress.update(self.task, completed=completed, loss=f"{loss:.4f}", ips=f"{ips:.1f}", lr=f"{lr:.3g}")
+    def update(self, done: int, loss: list[float], ips: float, lr: float) -> None:
+        """``loss``: [total, semseg, depth] running means; ``done``: steps of this epoch."""
+        if not self.enabled:
+            return
+        self.progress.update(self.task, completed=done, loss=f"{loss[0]:.4f}", ips=f"{ips:.1f}", lr=f"{lr:.3g}")
+        now = time.monotonic()
+        if now - self.last_line < self.interval_s and done < self.steps:
+            return
+        self.last_line = now
+        per_step = (now - self.t0) / max(done, 1)
+        line = (f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps} ({100 * done / self.steps:.0f}%) | "
+                f"loss {loss[0]:.4f} (semseg {loss[1]:.4f}, depth {loss[2]:.4f}) | {ips:.1f} img/s | lr {lr:.3g} | "
+                f"elapsed {_hms(now - self.t0)} | ETA epoch {_hms((self.steps - done) * per_step)}, "
+                f"run {_hms((self.run_left - done) * per_step)}")
+        if self.live:
+            self.log.record(line)  # the bar shows it on the terminal
+        else:
+            self.log(line)
 
     def metrics_table(self, metrics: dict[str, float]) -> None:
         if self.enabled:
-            self.progress.console.print(metrics_table(metrics, f"validation after epoch {metrics['epoch']}"))
+            self.log(metrics_table(metrics, f"validation after epoch {metrics['epoch']}"))

@@ -2,8 +2,14 @@
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tarfile
+import tempfile
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,8 +40,12 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
     """`jobs/gpu_check.sh`, the one command a GPU session runs, at tiny sizes on the CPU."""
     out = tmp_path / "gpu-check"
     env = {**os.environ, "PYTHON": sys.executable, "PHASES": "env tests eager plain", "SIZE": "64x128", "BATCHES": "2", "COMPILE_BATCHES": "2",
-           "ARCHS": "branched", "ENCODER": "resnet18", "STEPS": "2", "WARMUP": "1", "SAMPLES": "16", "WORKERS": "1"}
-    r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+           "ARCHS": "branched", "ENCODER": "resnet18", "STEPS": "2", "WARMUP": "1", "SAMPLES": "16", "WORKERS": "1",
+           "BUNDLE": "",  # this venv's packages, not a .gpu-bundle/ made for the GPU machine's Python
+           # the default limits are the GPU machine's (one 600 s call); a shared 2-core CPU needs more
+           "T_TESTS": "300", "T_EAGER": "300", "T_PLAIN": "300", "DEADLINE": "1000"}
+    env.pop("OUT", None)
+    r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     phases = (out / "phases.txt").read_text().splitlines()
     assert [p.split(":")[0] for p in phases] == ["== tests", "== eager", "== plain"] and all("exit 0" in p for p in phases)
@@ -45,3 +55,111 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
     assert [(x["arch"], x["batch"], x["host_syncs"], x["strategy"]) for x in rows] == [("branched", 2, 0, "ddp")]
     plain = json.loads((out / "bench-plain.json").read_text())["rows"]
     assert [(x["arch"], x["strategy"]) for x in plain] == [("branched", "plain")]
+
+
+# the train phases at tiny size on the CPU: 64x128 synthetic set of 8/4/2, one step per epoch,
+# one 1-CPU Ray worker without loader processes; failures not retried
+TINY_RAY_FLAGS = ("--arch deeplabv3p --encoder resnet18 --synthetic-size 64 128 --synthetic-counts 8 4 2 --batch-size 2 "
+                  "--max-steps-per-epoch 1 --cpus-per-worker 1 --workers 0 --no-use-gpu --max-failures 0 --start-timeout-s 120")
+
+
+@pytest.mark.slow
+def test_gpu_check_ray_and_deepspeed_phases_on_cpu(tmp_path):
+    """The GPU check's Ray Train and DeepSpeed ZeRO-2 phases (two epochs, checkpoint, --resume to
+    a third; each starts Ray twice) at tiny size on the CPU, with the CPU as the expected device."""
+    out, packed = tmp_path / "gpu-check", tmp_path / "packed"
+    ray_tmp = tempfile.mkdtemp(prefix="gcr", dir="/tmp")  # short: Ray's socket paths live below it
+    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "ray deepspeed", "BUNDLE": "", "EXPECT_DEVICE": "cpu",
+           "RAY_FLAGS": TINY_RAY_FLAGS, "RUNS": str(tmp_path / "runs"), "RAY_TMPDIR": ray_tmp, "PACK_TO": str(packed),
+           "T_RAY": "600", "T_DEEPSPEED": "600", "DEADLINE": "1300"}  # shared 2-core machines: generous limits
+    for k in ("OUT", "RAY_ADDRESS"):
+        env.pop(k, None)
+    try:
+        r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1400)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
+    phases = (out / "phases.txt").read_text().splitlines()
+    assert [p.split(":")[0] for p in phases] == ["== ray", "== deepspeed"] and all("exit 0" in p for p in phases), phases
+    for phase, run in (("ray", "ray-gpu"), ("deepspeed", "ds-gpu")):
+        res = json.loads((out / f"{phase}.json").read_text())
+        assert res["ok"] and not res["problems"], res
+        assert all(f"{run} on cpu x1: " in line for line in res["start_lines"]), res["start_lines"]
+        assert ": epoch 2, step 2/3" in res["resumed"]  # the resume continued after epoch 2 ...
+        assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3]
+        assert [e["restarts"] for e in res["epochs"]] == [0, 0, 1]  # ... and trained epoch 3
+        assert all(e["train_images_per_s"] > 0 for e in res["epochs"])
+        # only small files came out: the run's metrics, summary and logs; checkpoints stay in RUNS
+        kept = {p.relative_to(out / phase).as_posix() for p in (out / phase).rglob("*") if p.is_file()}
+        assert {"run1.log", "run2.log", "summary.json", "metrics/epoch-0003.json"} <= kept, kept
+        assert not any(k.endswith((".pt", ".ckpt")) or "checkpoint" in k for k in kept), kept
+    assert json.loads((out / "deepspeed.json").read_text())["zero_stage"] == 2  # DeepSpeed's own record in the checkpoint
+    assert json.loads((out / "ray.json").read_text())["zero_stage"] is None
+    # the device machine's copy: a few files, everything else in one archive
+    names = sorted(p.name for p in packed.iterdir())
+    assert names == ["deepspeed.json", "gpu-check.tar.gz", "phases.txt", "ray.json"], names
+    with tarfile.open(packed / "gpu-check.tar.gz") as tar:
+        assert "gpu-check/deepspeed/metrics/epoch-0003.json" in tar.getnames()
+
+
+def _fake_ray_wheel(root):
+    """An unpacked Ray wheel in miniature: the parts the slimming removes and the parts it keeps."""
+    files = ["ray/__init__.py", "ray/_raylet.so", "ray/jars/ray_dist.jar", "ray/rllib/__init__.py", "ray/serve/__init__.py",
+             "ray/llm/__init__.py", "ray/train/__init__.py", "ray/train/torch/__init__.py", "ray/tune/__init__.py",
+             "ray/data/__init__.py", "ray/dashboard/dashboard.py", "ray/dashboard/client/build/index.html",
+             "ray/dashboard/client/build/static/js/main.1234.js", "ray/dashboard/client/build/static/js/main.1234.js.map",
+             "ray/dashboard/client/build/static/css/main.css.map", "ray/core/src/ray/raylet/raylet",
+             "ray/__pycache__/__init__.cpython-311.pyc", "ray-2.60.0.dist-info/METADATA", "ray-2.60.0.dist-info/RECORD", "stray.txt"]
+    for f in files:
+        p = root / f
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"# {f}\n")
+    (root / "ray/core/src/ray/raylet/raylet").chmod(0o755)
+
+
+def test_gpu_bundle_slims_ray(tmp_path):
+    """`jobs/gpu_bundle.sh slim ROOT OUT`, the step that makes Ray's wheel fit a device call, on a
+    copy of a fake unpacked wheel: what is removed, what is kept, executables stay executable."""
+    fake, work, out = tmp_path / "fake", tmp_path / "work", tmp_path / "ray-slim.tar.xz"
+    _fake_ray_wheel(fake)
+    shutil.copytree(fake, work)
+    r = subprocess.run(["bash", "jobs/gpu_bundle.sh", "slim", str(work), str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (fake / "ray/jars/ray_dist.jar").exists()  # only the copy it was given changed
+    with tarfile.open(out) as tar:  # an xz archive
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+    assert set(members) == {"ray/__init__.py", "ray/_raylet.so", "ray/train/__init__.py", "ray/train/torch/__init__.py",
+                            "ray/tune/__init__.py", "ray/data/__init__.py", "ray/dashboard/dashboard.py",
+                            "ray/dashboard/client/build/index.html", "ray/dashboard/client/build/static/js/main.1234.js",
+                            "ray/core/src/ray/raylet/raylet", "ray-2.60.0.dist-info/METADATA", "ray-2.60.0.dist-info/RECORD"}
+    assert members["ray/core/src/ray/raylet/raylet"].mode & stat.S_IXUSR
+    assert not (work / "ray/jars").exists() and not (work / "ray/dashboard/client/build/static/js/main.1234.js.map").exists()
+
+    # a folder that is not an unpacked Ray wheel: refused, nothing written
+    r = subprocess.run(["bash", "jobs/gpu_bundle.sh", "slim", str(tmp_path / "fake" / "ray"), str(tmp_path / "x.tar.xz")],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no ray/ package folder" in r.stderr
+    assert not (tmp_path / "x.tar.xz").exists()
+
+
+def test_gpu_check_installs_a_bundle_for_its_python_only(tmp_path):
+    """gpu_check.sh untars the slimmed Ray of a bundle into SITE (no phases run); a bundle made
+    for another Python is refused before anything is installed."""
+    bundle, site = tmp_path / "bundle", tmp_path / "site"
+    _fake_ray_wheel(tmp_path / "wheel")
+    bundle.mkdir()
+    r = subprocess.run(["bash", "jobs/gpu_bundle.sh", "slim", str(tmp_path / "wheel"), str(bundle / "ray-2.60.0-cp3x-slim.tar.xz")],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "PYTHON": sys.executable, "PHASES": " ", "BUNDLE": str(bundle), "SITE": str(site)}
+    env.pop("OUT", None)
+
+    (bundle / "PYTHON").write_text("2.7\n")
+    r = subprocess.run(["bash", "jobs/gpu_check.sh", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "made for Python 2.7" in r.stderr and not site.exists()
+
+    (bundle / "PYTHON").write_text("%d.%d\n" % sys.version_info[:2])
+    r = subprocess.run(["bash", "jobs/gpu_check.sh", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (site / "ray/train/torch/__init__.py").exists() and (site / "ray-2.60.0.dist-info/METADATA").exists()
+    assert "== bundle installed after" in (tmp_path / "out" / "bundle.txt").read_text()

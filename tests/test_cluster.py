@@ -34,7 +34,7 @@ def submit(env: dict, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-TINY = ("--encoder", "resnet18", "--batch-size", "4", "--workers", "0")
+TINY = ("--encoder", "resnet18", "--batch-size", "4", "--workers", "0", "--no-use-gpu")  # this cluster has CPUs only
 SWEEP = ("--arch", "deeplabv3p", *TINY, "--epochs", "4", "--max-steps-per-epoch", "2", "--batch-sizes", "4", "--num-samples", "6",
          "--num-workers", "1", "--cpus-per-worker", "0.9", "--lr-min", "1e-4", "--lr-max", "3e-3")
 

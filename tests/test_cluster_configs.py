@@ -112,8 +112,21 @@ def test_schema_rejects_a_broken_manifest():
         jsonschema.validate(m, RAYCLUSTER)
 
 
+def test_kuberay_pods_get_credentials_from_kubernetes_and_may_read_their_raycluster():
+    rbac = {item["kind"]: item for item in load("cluster/kuberay/rbac.yaml")["items"]}
+    account = rbac["ServiceAccount"]["metadata"]["name"]
+    assert rbac["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    assert {"apiGroups": ["ray.io"], "resources": ["rayclusters"], "verbs": ["get"]} in rbac["Role"]["rules"]
+    for spec in (load("cluster/kuberay/raycluster.yaml")["spec"], load("cluster/kuberay/rayjob.yaml")["spec"]["rayClusterSpec"]):
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            pod = group["template"]["spec"]
+            assert pod["serviceAccountName"] == account
+            assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "streetmtl-s3", "optional": True}}]
+
+
 def test_runtime_env_recipe():
     env = load("cluster/runtime_env.yaml")
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    assert not any("SECRET" in k or "KEY" in k or "TOKEN" in k for k in env.get("env_vars", {}))  # no credentials through Ray
     from ray.runtime_env import RuntimeEnv
     RuntimeEnv(**env)  # Ray accepts it

@@ -61,4 +61,6 @@ def test_local_training_on_cuda_end_to_end(tiny_root, tmp_path):
     last = result.metrics[-1]
     assert len(result.metrics) == 2 and torch.isfinite(torch.tensor([last["train_loss"], last["miou"], last["si_log_rmse"]])).all()
     assert last["num_depth_images"] == 24 and last["train_images_per_s"] > 0
-    assert (tmp_path / cfg.run_name() / "checkpoints").is_dir()
+    from mtl.runs import run_name
+
+    assert (tmp_path / run_name(cfg) / "checkpoints").is_dir()

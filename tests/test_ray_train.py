@@ -24,7 +24,7 @@ def ray_cfg(out: str, name: str, *, root=None, shards=None, epochs=2, steps=3, w
         model=ModelConfig(arch="deeplabv3p", encoder="resnet18"),
         optim=OptimConfig(lr=1e-3),
         train=TrainConfig(epochs=epochs, batch_size=4, max_steps_per_epoch=steps, out=out, name=name, device="cpu"),
-        dist=DistConfig(num_workers=workers, max_failures=2, start_timeout_s=60, **dist),
+        dist=DistConfig(**{"num_workers": workers, "max_failures": 2, "start_timeout_s": 60, "use_gpu": False, **dist}),
     ).validate()
 
 
@@ -35,15 +35,16 @@ def read_metrics(run_url: str) -> list[dict]:
 
 
 def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster, s3_shards, tmp_path):
-    from mtl.distributed.ray_train import run_ray, run_url
+    from mtl.distributed.ray_train import run_ray
+    from mtl.runs import run_url
 
     ray_cluster([1, 1, 1])
     cfg = ray_cfg("s3://streetmtl/ray-runs", "ddp-s3", shards=s3_shards, workers=3)
-    result = run_ray(cfg)
+    result, _ = run_ray(cfg)
     assert result.error is None
     assert result.checkpoint is not None and result.checkpoint.path.endswith("ddp-s3/epoch-0002")
     fs = fsspec.filesystem("s3")
-    for f in ("epoch-0002/state.pt", "best.pt", "final.pt", "metrics/epoch-0001.json"):
+    for f in ("epoch-0002/state.pt", "best.pt", "final.pt", "metrics/epoch-0001.json", "config.json", "train.log"):
         assert fs.exists(f"streetmtl/ray-runs/ddp-s3/{f}"), f
     metrics = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in metrics] == [1, 2]
@@ -58,28 +59,33 @@ def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster,
 
 
 def test_deepspeed_zero2_trains_and_resumes(ray_cluster, tiny_root, tmp_path):
-    from mtl.distributed.ray_train import run_ray, run_url
+    from mtl.distributed.ray_train import run_ray
+    from mtl.runs import RunConflict, run_url
 
     ray_cluster([1, 1])
     cfg = ray_cfg(str(tmp_path), "ds", root=tiny_root, epochs=1, strategy="deepspeed", zero_stage=2)
-    assert run_ray(cfg).error is None
+    assert run_ray(cfg)[0].error is None
     first = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in first] == [1] and first[0]["restarts"] == 0
     assert os.path.exists(tmp_path / "ds/epoch-0001/deepspeed")  # every rank's ZeRO partition
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
-    assert run_ray(longer).error is None
+    with pytest.raises(RunConflict, match="already holds a run: pass --resume"):  # as locally: no silent reuse
+        run_ray(longer)
+    longer = dataclasses.replace(longer, train=dataclasses.replace(longer.train, resume=True))
+    assert run_ray(longer)[0].error is None
     metrics = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert metrics[1]["restarts"] == 1  # the second fit() continued from the first's checkpoint
 
 
 def test_node_failure_resumes_with_the_same_lr_schedule(ray_cluster, tiny_root, tmp_path):
-    from mtl.distributed.ray_train import run_ray, run_url
+    from mtl.distributed.ray_train import run_ray
+    from mtl.runs import run_url
 
     c = ray_cluster([1, 1])
     cfg = ray_cfg(str(tmp_path), "failover", root=tiny_root, epochs=4, steps=3)
     holder = {}
-    thread = threading.Thread(target=lambda: holder.update(result=run_ray(cfg)))
+    thread = threading.Thread(target=lambda: holder.update(result=run_ray(cfg)[0]))
     thread.start()
     # wait for the second checkpoint: the latest one may not be registered yet when a node dies
     # (then Ray resumes from the one before, which is just as correct)
@@ -105,12 +111,41 @@ def test_node_failure_resumes_with_the_same_lr_schedule(ray_cluster, tiny_root, 
 
 
 def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_root, tmp_path):
+    """A fixed cluster (no autoscaler config) that can never hold the group: an error at once,
+    not a wait for --start-timeout-s (900 s by default)."""
+    from mtl.distributed.capacity import InfeasibleCluster
     from mtl.distributed.ray_train import run_ray
 
     ray_cluster([1, 1])
-    cfg = ray_cfg(str(tmp_path), "toobig", root=tiny_root, workers=3)
-    cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, start_timeout_s=5))
+    cfg = ray_cfg(str(tmp_path), "toobig", root=tiny_root, workers=3, start_timeout_s=900)
     t0 = time.time()
-    with pytest.raises(RuntimeError, match=r"could not start 3 training worker\(s\) needing \{'CPU': 3.0\}.*the cluster has"):
+    with pytest.raises(InfeasibleCluster, match=r"can never hold 3 worker\(s\) x \{CPU: 1\}: nodes now: CPU 2, GPU 0.*"
+                                                 r"a fixed cluster.*Lower --num-workers"):
         run_ray(cfg)
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 30
+    assert not (tmp_path / "toobig").exists()  # nothing written
+
+
+def test_no_secret_reaches_rays_metadata_or_the_run_folder(ray_cluster, tiny_root, tmp_path, monkeypatch):
+    """Keys in the environment of the nodes (as `ray start` after `export AWS_...`) are what the
+    workers use; none is copied into Ray's actor metadata, which the dashboard and
+    `ray list actors --detail` show to anyone who can reach them."""
+    import uuid
+
+    from mtl.distributed.ray_train import run_ray
+
+    secret = f"dummy-secret-{uuid.uuid4().hex}"
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(k, f"{secret}-{k}")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")  # a non-secret setting: forwarded
+    c = ray_cluster([1])
+    result, _ = run_ray(ray_cfg(str(tmp_path), "secret", root=tiny_root, epochs=1, steps=1, workers=1))
+    assert result.error is None
+    r = subprocess.run(["ray", "list", "actors", "--detail", "--limit", "1000", "--address", c.cluster.address],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "RayTrainWorker" in r.stdout and "eu-west-3" in r.stdout  # the listing does show the workers' env vars
+    assert secret not in r.stdout
+    for f in (tmp_path / "secret").rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".log", ".txt"):
+            assert secret not in f.read_text(errors="replace"), f

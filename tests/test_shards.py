@@ -33,6 +33,7 @@ def test_manifest_describes_the_shards(s3_shards, tiny_root):
     for split, n in (("train", 96), ("val", 24), ("test", 16)):
         s = m["splits"][split]
         assert s["num_samples"] == n and s["image_size"] == [64, 128] and s["skipped"] == []
+        assert s["modalities"] == ["rgb", "semseg", "depth"]
         assert [x["name"] for x in s["shards"]] == [f"{split}-{i:06d}.tar" for i in range(-(-n // 8))]
         for x in s["shards"]:
             assert fs.size(f"streetmtl/tiny-shards/{x['name']}") == x["num_bytes"]
@@ -131,7 +132,8 @@ def test_bad_samples_stop_the_run_with_a_list(tiny_root, tmp_path, s3_prefix):
     os.rename(bad / "val/depth/3.png", tmp_path / "y.png")  # val/3 now simply absent
     r = _shard_cli("--src", str(bad), "--dst", s3_prefix, "--shard-size", "8")
     assert r.returncode == 2
-    assert "train/7/semseg.png: labels outside 0..18/255: [77]" in r.stderr and "train/9/depth.png: cannot decode PNG" in r.stderr
+    # real paths under --src, as a user can go and look at them
+    assert "train/semseg/7.png: labels outside 0..18/255: [77]" in r.stderr and "train/depth/9.png: cannot decode PNG" in r.stderr
     assert not fsspec.filesystem("s3").exists(s3_prefix.removeprefix("s3://") + "/manifest.json")
 
     r = _shard_cli("--src", str(bad), "--dst", s3_prefix, "--shard-size", "8", "--skip-bad")
@@ -177,3 +179,62 @@ def test_local_training_streams_shards_from_s3(s3_shards, tmp_path):
     assert "96 train / 24 val samples from s3://streetmtl/tiny-shards" in r.stdout
     metrics = json.loads((tmp_path / "s3/metrics/epoch-0001.json").read_text())
     assert metrics["num_depth_images"] == 24  # the whole val split was evaluated
+
+
+def test_a_split_without_labels_shards_and_streams_back(tiny_root, tmp_path):
+    """A real Miniscapes test split has rgb/ only: it shards to <index>.rgb.jpg members, the
+    manifest says so, and the stream yields rgb + index; labelled splits are unchanged."""
+    import tarfile
+
+    src = tmp_path / "src"
+    shutil.copytree(f"{tiny_root}/val", src / "val")
+    (src / "test").mkdir()
+    shutil.copytree(f"{tiny_root}/test/rgb", src / "test" / "rgb")
+    dst = tmp_path / "shards"
+    m = shard_dataset(str(src), str(dst), "5", splits=("val", "test"), workers=1)
+    assert m["splits"]["test"]["modalities"] == ["rgb"] and m["splits"]["val"]["modalities"] == ["rgb", "semseg", "depth"]
+    assert m["splits"]["test"]["num_samples"] == 16 and m["splits"]["test"]["image_size"] == [64, 128]
+    with tarfile.open(dst / "test-000000.tar") as tar:
+        assert tar.getnames() == [f"{i}.rgb.jpg" for i in range(5)]
+    m = read_manifest(str(dst))
+    test = ShardSplit.from_manifest(m, "test")
+    assert not test.has_labels and ShardSplit.from_manifest(m, "val").has_labels
+    folder = MiniscapesFolder(str(src), "test")
+    samples = list(ShardStream(test, None, shuffle=False))
+    assert sorted(int(x["index"]) for x in samples) == list(range(16))
+    for x in samples:
+        assert sorted(x) == ["index", "rgb"] and torch.equal(x["rgb"], folder[int(x["index"])]["rgb"])
+    with pytest.raises(ValueError, match="no labels.*cannot be augmented"):
+        ShardStream(test, Augment())
+    # re-running keeps every shard (resume) and writes the same manifest entries
+    again = shard_dataset(str(src), str(dst), "5", splits=("val", "test"), workers=1)
+    assert again["splits"]["test"]["shards"] == m["splits"]["test"]["shards"]
+    # a manifest from before the key existed: all three modalities
+    del m["splits"]["val"]["modalities"]
+    assert ShardSplit.from_manifest(m, "val").modalities == ("rgb", "semseg", "depth")
+
+
+def test_corrupt_jpeg_in_a_shard_is_named_by_url_and_member(s3_prefix):
+    """The shard URL and the tar member, not a made-up path: `aws s3 cp` and `tar x` find it."""
+    import io
+    import tarfile
+
+    from mtl.data.miniscapes import encode_depth_png, encode_rgb_jpeg
+
+    buf = io.BytesIO()
+    good = encode_rgb_jpeg(np.zeros((8, 16, 3), np.uint8))
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        members = (("41.rgb.jpg", good), ("42.rgb.jpg", good[:40]),  # 42: truncated
+                   ("42.semseg.png", encode_semseg_png(np.zeros((8, 16), np.uint8))), ("42.depth.png", encode_depth_png(np.full((8, 16), 10.0))))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    url = f"{s3_prefix}/train-000003.tar"
+    with fsspec.open(url, "wb") as fh:
+        fh.write(buf.getvalue())
+    split = ShardSplit((url,), (2,), ("rgb",))
+    with pytest.raises(ValueError, match=rf"^{url}:42.rgb.jpg: cannot decode RGB JPEG"):
+        list(ShardStream(split, None, shuffle=False))
+    with pytest.raises(ValueError, match=rf"^shard sample {url}:41 lacks \['41.semseg.png', '41.depth.png'\]"):
+        list(ShardStream(ShardSplit((url,), (2,)), None, shuffle=False))

@@ -109,8 +109,70 @@ def test_bad_labels_are_named(tiny_root, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_root, broken)
     (broken / "val/semseg/2.png").write_bytes(encode_semseg_png(np.full((64, 128), 40, np.uint8)))
-    with pytest.raises(ValueError, match=r"val/2/semseg.png: labels outside 0..18/255: \[40\]"):
+    with pytest.raises(ValueError, match=rf"^{broken}/val/semseg/2.png: labels outside 0..18/255: \[40\]"):
         MiniscapesFolder(str(broken), "val")[2]
+
+
+def test_corrupt_jpeg_is_reported_with_its_real_path(tiny_root, tmp_path):
+    """The message names the file as it is on disk (<root>/train/rgb/5.jpg), also when the
+    error comes back from a loader worker process (the CLIs print `one_line` of it)."""
+    from torch.utils.data import DataLoader
+
+    from mtl.errors import one_line
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_root, broken)
+    (broken / "train/rgb/5.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ValueError, match=rf"^{broken}/train/rgb/5.jpg: cannot decode RGB JPEG"):
+        MiniscapesFolder(str(broken), "train")[5]
+    loader = DataLoader(MiniscapesFolder(str(broken), "train"), batch_size=4, num_workers=1)
+    with pytest.raises(Exception) as info:
+        list(loader)
+    assert one_line(info.value).startswith(f"{broken}/train/rgb/5.jpg: cannot decode RGB JPEG")
+
+
+def _rgb_only_split(tiny_root, tmp_path, split="test", n=6):
+    root = tmp_path / "rgb-only"
+    (root / split / "rgb").mkdir(parents=True)
+    for i in range(n):
+        shutil.copy(f"{tiny_root}/test/rgb/{i}.jpg", root / split / "rgb" / f"{i}.jpg")
+    return root
+
+
+def test_a_split_without_labels_reads_rgb_only(tiny_root, tmp_path):
+    root = _rgb_only_split(tiny_root, tmp_path)
+    assert list_split(str(root), "test") == [str(i) for i in range(6)]
+    ds = MiniscapesFolder(str(root), "test")
+    assert not ds.has_labels and MiniscapesFolder(tiny_root, "test").has_labels and len(ds) == 6
+    s = ds[4]
+    assert sorted(s) == ["index", "rgb"] and int(s["index"]) == 4
+    assert torch.equal(s["rgb"], MiniscapesFolder(tiny_root, "test")[4]["rgb"])
+    raw = {k: torch.stack([ds[i][k] for i in range(3)]) for k in s}
+    b = to_model_batch(raw, torch.device("cpu"))
+    assert sorted(b) == ["index", "rgb"] and b["rgb"].shape == (3, 3, 64, 128) and b["index"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="no labels.*cannot be augmented"):
+        MiniscapesFolder(str(root), "test", Augment())
+
+
+def test_half_a_label_set_is_an_error_naming_the_missing_folder(tiny_root, tmp_path):
+    root = _rgb_only_split(tiny_root, tmp_path)
+    shutil.copytree(f"{tiny_root}/test/semseg", root / "test" / "semseg")
+    with pytest.raises(FileNotFoundError, match=rf"Miniscapes folder missing: {root}/test/depth \({root}/test/semseg is there"):
+        MiniscapesFolder(str(root), "test")
+    shutil.rmtree(root / "test" / "semseg")
+    shutil.copytree(f"{tiny_root}/test/depth", root / "test" / "depth")
+    with pytest.raises(FileNotFoundError, match=rf"Miniscapes folder missing: {root}/test/semseg"):
+        list_split(str(root), "test")
+
+
+def test_training_on_a_split_without_labels_is_refused_by_name(tiny_root, tmp_path):
+    from mtl.config import DataConfig, ExperimentConfig
+    from mtl.data import build_loaders
+
+    root = _rgb_only_split(tiny_root, tmp_path, split="train")
+    os.symlink(f"{tiny_root}/val", root / "val")
+    with pytest.raises(ValueError, match=rf"cannot train on {root}/train: it has no labels"):
+        build_loaders(ExperimentConfig(data=DataConfig(root=str(root), workers=0, augment=False)))
 
 
 def test_augmentation_is_joint_and_consistent():

@@ -96,7 +96,8 @@ def test_resume_refuses_another_architecture(tiny_root, tmp_path):
     fit(cfg, local_runtime(cfg))
     other = dataclasses.replace(cfg, model=ModelConfig(arch="branched", encoder="resnet18"),
                                 train=dataclasses.replace(cfg.train, resume=True, epochs=2))
-    with pytest.raises(ValueError, match="checkpoint .*epoch-0001.pt is from another model"):
+    with pytest.raises(ValueError, match=r"resume refused: checkpoint .*epoch-0001.pt was trained with another configuration: "
+                                         r"model.arch 'deeplabv3p' -> 'branched'"):
         fit(other, local_runtime(other))
 
 

@@ -42,8 +42,13 @@ def normalize_rgb(rgb_u8_nhwc: torch.Tensor, channels_last: bool = True) -> torc
 
 def to_model_batch(raw: dict[str, torch.Tensor], device: torch.device, channels_last: bool = True) -> dict[str, torch.Tensor]:
     """{rgb, semseg, disparity[, aug_*][, index]} uint8 -> {rgb float NCHW, semseg int64, depth m, valid, index};
-    a batch with crop vectors (`mtl.data.transforms.draw_crop`) is zoomed, cropped and flipped here."""
+    a batch with crop vectors (`mtl.data.transforms.draw_crop`) is zoomed, cropped and flipped here.
+    A batch of a split without labels ({rgb[, index]}) gives {rgb[, index]}: prediction needs no more."""
     rgb = normalize_rgb(raw["rgb"].to(device, non_blocking=True), channels_last)
+    if "semseg" not in raw:
+        if "aug_rows" in raw:
+            raise ValueError("a batch without labels cannot carry crop vectors: augmentation is for training only")
+        return {"rgb": rgb, **({"index": raw["index"]} if "index" in raw else {})}
     semseg = raw["semseg"].to(device, non_blocking=True)
     codes = raw["disparity"].to(device, non_blocking=True)
     if "aug_rows" in raw:

@@ -1,43 +1,68 @@
-"""Map-style reader of a Miniscapes folder on a local disk or any fsspec URL (s3://, gs://, ...)."""
+"""Map-style reader of a Miniscapes folder on a local disk or any fsspec URL (s3://, gs://, ...).
+
+A split has ``rgb/``, ``semseg/`` and ``depth/``, or only ``rgb/`` (a real test split, whose
+labels are withheld): items of such a split carry ``rgb`` and ``index`` only.
+"""
 
 from __future__ import annotations
 
 import os
 
-import fsspec
 import torch
 from torch.utils.data import Dataset
 
-from mtl.data.miniscapes import MODALITIES, SPLITS, decode_sample
+from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, SPLITS, decode_sample
 from mtl.data.transforms import Augment, prepare, sample_rng
+from mtl.storage import storage_errors, url_to_fs
+
+
+def split_modalities(root: str, split: str) -> tuple[str, ...]:
+    """The modality folders of one split: all three, or ``("rgb",)`` for a split without labels.
+
+    Raises FileNotFoundError naming the missing folder: ``rgb/`` always; ``semseg/`` or
+    ``depth/`` when the split has the other one (half a label set is a broken copy, not a
+    test split).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    with storage_errors(root):
+        fs, base = url_to_fs(root)
+        present = {m for m in MODALITIES if fs.isdir(f"{base.rstrip('/')}/{split}/{m}")}
+    if "rgb" not in present:
+        raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, 'rgb')}")
+    labels = present & set(LABEL_MODALITIES)
+    if labels and labels != set(LABEL_MODALITIES):
+        (missing,) = set(LABEL_MODALITIES) - labels
+        raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, missing)} "
+                                f"({_join(root, split, *labels)} is there; a split without labels has rgb/ only)")
+    return tuple(m for m in MODALITIES if m in present)
 
 
 def scan_split(root: str, split: str) -> tuple[list[tuple[str, dict[str, int]]], list[str]]:
     """List one split: ``([(stem, {modality: file size})] for complete samples, [missing files])``.
 
-    Raises FileNotFoundError naming a missing modality folder.
+    The size dicts hold the split's modalities (`split_modalities`): rgb only for a split
+    without labels. Raises FileNotFoundError naming a missing modality folder.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    fs, base = fsspec.core.url_to_fs(root)
+    mods = split_modalities(root, split)
     sizes: dict[str, dict[str, int]] = {}
-    for mod, ext in MODALITIES.items():
-        folder = f"{base.rstrip('/')}/{split}/{mod}"
-        if not fs.isdir(folder):
-            raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, mod)}")
-        sizes[mod] = {}
-        for entry in fs.ls(folder, detail=True):
-            name = os.path.basename(entry["name"].rstrip("/"))
-            if name.endswith("." + ext):
-                sizes[mod][name[: -len(ext) - 1]] = int(entry.get("size") or 0)
+    with storage_errors(root):
+        fs, base = url_to_fs(root)
+        for mod in mods:
+            ext = MODALITIES[mod]
+            sizes[mod] = {}
+            for entry in fs.ls(f"{base.rstrip('/')}/{split}/{mod}", detail=True):
+                name = os.path.basename(entry["name"].rstrip("/"))
+                if name.endswith("." + ext):
+                    sizes[mod][name[: -len(ext) - 1]] = int(entry.get("size") or 0)
     everything = sorted(set().union(*(set(v) for v in sizes.values())), key=_index_key)
-    complete = [(s, {m: sizes[m][s] for m in MODALITIES}) for s in everything if all(s in sizes[m] for m in MODALITIES)]
-    missing = [_join(root, split, m, f"{s}.{MODALITIES[m]}") for s in everything for m in MODALITIES if s not in sizes[m]]
+    complete = [(s, {m: sizes[m][s] for m in mods}) for s in everything if all(s in sizes[m] for m in mods)]
+    missing = [_join(root, split, m, f"{s}.{MODALITIES[m]}") for s in everything for m in mods if s not in sizes[m]]
     return complete, missing
 
 
 def list_split(root: str, split: str) -> list[str]:
-    """Sample indices of one split, after checking that every sample has its three files.
+    """Sample indices of one split, after checking that every sample has all of the split's files.
 
     Raises FileNotFoundError naming the missing folder or files.
     """
@@ -61,7 +86,8 @@ def _join(root: str, *parts: str) -> str:
 class MiniscapesFolder(Dataset):
     """One split of a Miniscapes folder. Items are compact uint8 tensors (rgb HxWx3, semseg,
     disparity codes; see `mtl.data.batch` for the conversion on the device) plus ``index``
-    (the file stem as int when numeric).
+    (the file stem as int when numeric). A split without labels (``has_labels`` False) gives
+    ``rgb`` and ``index`` only.
 
     The sampler may pass ``(epoch, i)`` instead of ``i``: augmentation is then seeded by
     (seed, epoch, sample index), which makes every epoch reproducible regardless of workers,
@@ -70,28 +96,42 @@ class MiniscapesFolder(Dataset):
 
     def __init__(self, root: str, split: str, augment: Augment | None = None, seed: int = 0) -> None:
         self.root, self.split, self.augment, self.seed = root, split, augment, seed
+        self.modalities = split_modalities(root, split)
+        if augment is not None and not self.has_labels:
+            raise ValueError(f"{_join(root, split)} has no labels (rgb/ only): it cannot be augmented for training")
         self.indices = list_split(root, split)
-        self.fs, self._base = fsspec.core.url_to_fs(root)
+        self.fs, self._base = url_to_fs(root)
+
+    @property
+    def has_labels(self) -> bool:
+        return set(LABEL_MODALITIES) <= set(self.modalities)
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def file_url(self, mod: str, stem: str) -> str:
+        """The real location of one file, as errors should show it."""
+        return _join(self.root, self.split, mod, f"{stem}.{MODALITIES[mod]}")
+
     def read_bytes(self, i: int) -> dict[str, bytes]:
         stem = self.indices[i]
         out = {}
-        for mod, ext in MODALITIES.items():
-            path = f"{self._base.rstrip('/')}/{self.split}/{mod}/{stem}.{ext}"
+        for mod in self.modalities:
+            path = f"{self._base.rstrip('/')}/{self.split}/{mod}/{stem}.{MODALITIES[mod]}"
             try:
-                out[mod] = self.fs.cat_file(path)
+                with storage_errors(self.root):
+                    out[mod] = self.fs.cat_file(path)
             except FileNotFoundError as e:
-                raise FileNotFoundError(f"Miniscapes file missing: {_join(self.root, self.split, mod, stem + '.' + ext)}") from e
+                raise FileNotFoundError(f"Miniscapes file missing: {self.file_url(mod, stem)}") from e
         return out
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, i = item if isinstance(item, tuple) else (0, item)
         raw = self.read_bytes(i)
         stem = self.indices[i]
-        sample = decode_sample(raw["rgb"], raw["semseg"], raw["depth"], key=_join(self.root, self.split, stem))
+        names = {m: self.file_url(m, stem) for m in self.modalities}
+        sample = decode_sample(raw["rgb"], raw.get("semseg"), raw.get("depth"), key=f"{_join(self.root, self.split)} sample {stem}",
+                               names=names)
         index = int(stem) if stem.isdigit() else i
         rng = sample_rng(self.seed, epoch, index) if self.augment is not None else None
         out = prepare(sample, self.augment, rng)

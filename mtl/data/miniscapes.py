@@ -15,6 +15,7 @@ from PIL import Image
 
 SPLITS = ("train", "val", "test")
 MODALITIES = {"rgb": "jpg", "semseg": "png", "depth": "png"}
+LABEL_MODALITIES = ("semseg", "depth")  # a split has both or neither (a test split: rgb only)
 
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -134,17 +135,31 @@ def encode_rgb_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def decode_sample(rgb: bytes, semseg: bytes, depth: bytes, key: str) -> dict[str, np.ndarray]:
-    """Decode the three files of one sample (checking their sizes agree) into compact arrays:
+def decode_sample(rgb: bytes, semseg: bytes | None = None, depth: bytes | None = None, key: str = "sample",
+                  names: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Decode the files of one sample (checking their sizes agree) into compact arrays:
     ``rgb`` HxWx3 uint8, ``semseg`` HxW uint8 class ids, ``disparity`` HxW uint8 codes (0 =
     invalid). Codes, not metres: 4x smaller to move around, exact under nearest-neighbour
-    resampling, and turned into metres on the device (`mtl.data.batch`)."""
-    img = decode_rgb(rgb, f"{key}/rgb.jpg")
-    labels = decode_semseg(semseg, f"{key}/semseg.png")
-    codes = _decode_png_raw(depth, f"{key}/depth.png")
+    resampling, and turned into metres on the device (`mtl.data.batch`).
+
+    A sample without labels (a test split: ``semseg`` and ``depth`` both None) gives ``rgb``
+    only. ``names`` maps each modality to the name an error should show: the real file (a path,
+    or ``<shard url>:<member>``), so that a user can go and look at it; without it, errors say
+    ``<key>/<modality>.<ext>``.
+    """
+    if (semseg is None) != (depth is None):
+        raise ValueError(f"{key}: a sample has both labels (semseg and depth) or neither, got only "
+                         f"{'semseg' if depth is None else 'depth'}")
+    name = {m: (names or {}).get(m, f"{key}/{m}.{ext}") for m, ext in MODALITIES.items()}
+    img = decode_rgb(rgb, name["rgb"])
+    if semseg is None:
+        return {"rgb": img}
+    labels = decode_semseg(semseg, name["semseg"])
+    codes = _decode_png_raw(depth, name["depth"])
     if not (img.shape[:2] == labels.shape == codes.shape):
+        shown = {m: name[m] if names else m for m in MODALITIES}
         raise ValueError(
-            f"{key}: image sizes disagree: rgb {img.shape[1]}x{img.shape[0]}, "
-            f"semseg {labels.shape[1]}x{labels.shape[0]}, depth {codes.shape[1]}x{codes.shape[0]}"
+            f"{key}: image sizes disagree: {shown['rgb']} {img.shape[1]}x{img.shape[0]}, "
+            f"{shown['semseg']} {labels.shape[1]}x{labels.shape[0]}, {shown['depth']} {codes.shape[1]}x{codes.shape[0]}"
         )
     return {"rgb": img, "semseg": labels.astype(np.uint8, copy=False), "disparity": codes.astype(np.uint8, copy=False)}

@@ -6,6 +6,10 @@ consumer reads its shards in an order drawn from (seed, epoch). Samples are shuf
 exact values) and augmented by the same code as the folder dataset, seeded by (seed, epoch,
 sample index). Sample counts per consumer are known from the manifest, so every rank can agree
 on the number of training steps without talking to the others.
+
+A split's manifest entry lists its ``modalities``: ``["rgb"]`` for a split without labels (a
+real test split; its samples carry ``rgb`` and ``index`` only), all three otherwise (also when
+the key is absent: manifests written before it existed always had all three).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtl.data.miniscapes import decode_sample
+from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, decode_sample
 from mtl.data.transforms import Augment, prepare, sample_rng
+from mtl.storage import storage_errors, url_to_fs
 
 FORMAT = "streetmtl-shards-v1"
 RETRIES = 4
@@ -37,8 +42,9 @@ def read_manifest(url: str) -> dict[str, Any]:
     """The manifest at ``url`` (a manifest file or the shard prefix). Clear errors when absent."""
     murl = manifest_url(url)
     try:
-        with fsspec.open(murl, "r") as fh:
-            m = json.load(fh)
+        with storage_errors(murl):
+            fs, path = url_to_fs(murl)
+            m = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"no shard manifest at {murl} (sharding not run, or interrupted before it finished)") from None
     except json.JSONDecodeError as e:
@@ -82,13 +88,27 @@ class ShardSplit:
 
     urls: tuple[str, ...]
     counts: tuple[int, ...]
+    modalities: tuple[str, ...] = tuple(MODALITIES)  # ("rgb",) for a split without labels
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], split: str) -> "ShardSplit":
         if split not in manifest["splits"]:
             raise ValueError(f"split {split!r} not in shard manifest {manifest['base_url']} (has {sorted(manifest['splits'])})")
-        shards = manifest["splits"][split]["shards"]
-        return cls(tuple(f"{manifest['base_url']}/{s['name']}" for s in shards), tuple(s["num_samples"] for s in shards))
+        entry = manifest["splits"][split]
+        mods = tuple(entry.get("modalities", MODALITIES))
+        if mods not in (("rgb",), tuple(MODALITIES)):
+            raise ValueError(f"shard manifest {manifest['base_url']}: split {split!r} has modalities {list(mods)}; "
+                             f"expected {['rgb']} or {list(MODALITIES)}")
+        shards = entry["shards"]
+        return cls(tuple(f"{manifest['base_url']}/{s['name']}" for s in shards), tuple(s["num_samples"] for s in shards), mods)
+
+    @property
+    def has_labels(self) -> bool:
+        return set(LABEL_MODALITIES) <= set(self.modalities)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
 
     def assignment(self, world: int, workers: int) -> list[list[list[int]]]:
         """Shard ids for [rank][worker]: a fixed, count-balanced deal (largest shard first to the
@@ -119,9 +139,16 @@ class ShardStream(IterableDataset):
         if len(split.urls) < world:
             raise ValueError(f"{len(split.urls)} shard(s) cannot feed {world} ranks: reshard with a smaller --shard-size "
                              f"(several shards per rank and loader worker keep them all busy)")
+        if augment is not None and not split.has_labels:
+            where = split.urls[0].rsplit("/", 1)[0] if split.urls else "this shard set"
+            raise ValueError(f"the split's shards in {where} have no labels (rgb only): they cannot be augmented for training")
         self.split, self.augment, self.seed, self.shuffle = split, augment, seed, shuffle
         self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
         self.epoch = 0
+
+    @property
+    def has_labels(self) -> bool:
+        return self.split.has_labels
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -142,11 +169,14 @@ class ShardStream(IterableDataset):
 
     def _decode(self, s: dict[str, Any]) -> dict[str, torch.Tensor]:
         key = s["__key__"]
-        where = f"{s.get('__url__', '?')}:{key}"
-        missing = [m for m in ("rgb.jpg", "semseg.png", "depth.png") if m not in s]
+        url = s.get("__url__", "?")
+        members = {m: f"{m}.{MODALITIES[m]}" for m in self.split.modalities}
+        missing = [f"{key}.{x}" for x in members.values() if x not in s]
         if missing:
-            raise ValueError(f"shard sample {where} lacks {missing}")
-        sample = decode_sample(s["rgb.jpg"], s["semseg.png"], s["depth.png"], key=where)
+            raise ValueError(f"shard sample {url}:{key} lacks {missing}")
+        names = {m: f"{url}:{key}.{x}" for m, x in members.items()}  # the real tar member, as a user can find it
+        labels = (s["semseg.png"], s["depth.png"]) if self.split.has_labels else (None, None)
+        sample = decode_sample(s["rgb.jpg"], *labels, key=f"{url}:{key}", names=names)
         index = int(key) if key.isdigit() else zlib.crc32(key.encode()) & 0x7FFFFFFF  # stable across processes
         rng = sample_rng(self.seed, self.epoch, index) if self.augment is not None else None
         out = prepare(sample, self.augment, rng)

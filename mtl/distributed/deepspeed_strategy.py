@@ -1,4 +1,9 @@
-"""DeepSpeed ZeRO (stage 0/1/2) as a gradient strategy for the shared train loop."""
+"""DeepSpeed ZeRO (stage 0/1/2) as a gradient strategy for the shared train loop.
+
+DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which runs
+whatever a pickle asks for. Every file it loads goes through `safe_deepspeed_load` instead:
+tensors and plain data, plus the three DeepSpeed classes its ZeRO optimizer state holds.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,26 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from mtl.checkpoint import checkpoint_bytes, load_checkpoint, load_safely
 from mtl.config import ExperimentConfig
 from mtl.strategy import PlainStrategy
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed 0.19's ZeRO 1/2 checkpoints pickle (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on a saved checkpoint)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_deepspeed_load(path: str, map_location: Any = None) -> Any:
+    """What DeepSpeed's checkpoint engine's ``load`` does, restricted to safe content."""
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        with open(path, "rb") as fh:
+            return load_safely(fh, path, map_location)
 
 
 def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -37,6 +60,7 @@ class DeepSpeedStrategy(PlainStrategy):
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
         super().__init__(module, ds_optimizer, cfg.train.grad_accum, cfg.optim.grad_clip, train_model=engine)
         self.engine = engine
+        engine.checkpoint_engine.load = safe_deepspeed_load  # every file DeepSpeed reads goes through it
 
     def sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -54,11 +78,12 @@ class DeepSpeedStrategy(PlainStrategy):
         """Every rank writes its ZeRO partition; rank 0 adds the metadata."""
         self.engine.save_checkpoint(path, tag="deepspeed", client_state={"epoch": meta["epoch"], "step": meta["step"]})
         if rank == 0:
-            torch.save(meta, os.path.join(path, "meta.pt"))
+            with open(os.path.join(path, "meta.pt"), "wb") as fh:
+                fh.write(checkpoint_bytes(meta))
         return True
 
     def load_dir(self, path: str, check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        meta = torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=False)
+        meta = load_checkpoint(os.path.join(path, "meta.pt"))
         check(meta)
         load_path, _ = self.engine.load_checkpoint(path, tag="deepspeed")
         if load_path is None:

@@ -1,15 +1,22 @@
 """Ray Train: the shared train loop on every worker of a Ray cluster, with DDP or DeepSpeed,
 checkpoints in (S3) storage, and restarts after worker or node failures.
 
-Resume is Ray Train V2's: calling `run_ray` again with the same run name and storage continues
-from the latest reported checkpoint, and so does the worker group Ray restarts after a failure.
-A checkpoint holds epoch and step; the LR is a function of the step and data order a function
-of (seed, epoch), so resuming from a checkpoint one report older than the failure is exactly
-right, just a little later.
+Resume is Ray Train V2's: the worker group Ray restarts after a failure continues from the
+latest reported checkpoint, and so does a later `run_ray` of the same run with ``--resume`` (the
+driver checks the run folder first, as local mode does: `mtl.runs.prepare_run`). A checkpoint
+holds epoch and step; the LR is a function of the step and data order a function of (seed,
+epoch), so resuming from a checkpoint one report older than the failure is exactly right, just a
+little later.
+
+Workers get no secrets from the driver: Ray keeps every actor's runtime environment in its state
+API (dashboard, ``ray list actors --detail``), so object-store credentials must reach the nodes
+the way each platform intends (instance profile / IAM role, a Kubernetes secret on the pods, the
+AWS config or environment of the node's ``ray start``). Only non-secret settings are forwarded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -17,25 +24,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.json import JSON
 from torch import nn
 
-from mtl.checkpoint import checkpoint_bytes, write_bytes_atomic
+from mtl.checkpoint import checkpoint_bytes
 from mtl.config import ExperimentConfig
+from mtl.distributed.capacity import WorkerPlan, cluster_address, plan_workers, read_capacity
 from mtl.engine import Runtime, check_resumable, fit
+from mtl.runs import out_root, prepare_run, run_name, run_url
+from mtl.storage import write_bytes_atomic
 from mtl.strategy import DDPStrategy, PlainStrategy
 
-# environment forwarded to every worker (object-store credentials and endpoints, our cache)
-FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-               "AWS_REGION", "AWS_PROFILE", "STREETMTL_CACHE", "TORCH_EXTENSIONS_DIR")
-
-
-def run_url(cfg: ExperimentConfig) -> str:
-    return f"{storage_path(cfg)}/{cfg.run_name()}"
-
-
-def storage_path(cfg: ExperimentConfig) -> str:
-    out = cfg.train.out.rstrip("/")
-    return out if "://" in out else os.path.abspath(out)
+# environment forwarded to every worker: endpoints, region and profile *names*, our cache; never
+# keys or tokens (see the module docstring)
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+               "STREETMTL_CACHE", "TORCH_EXTENSIONS_DIR")
 
 
 class RayCheckpointer:
@@ -81,17 +84,31 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _worker_device():
+    """This worker's device; a worker Ray gave GPUs to must see them (a CPU-only torch build or
+    a missing driver on a GPU node would otherwise train on the CPU, unnoticed)."""
+    import ray
+    import ray.train.torch
+
+    gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    if gpus and not torch.cuda.is_available():
+        raise RuntimeError(f"Ray assigned GPU(s) {gpus} to this worker on node {ray.util.get_node_ip_address()}, but torch "
+                           f"{torch.__version__} sees no CUDA device there (CPU-only torch build, or no NVIDIA driver on "
+                           f"that node). Fix the node's image, or train on CPUs with --no-use-gpu.")
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point: rebuild the typed config, then the shared loop."""
     import ray.train
-    import ray.train.torch
 
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = _worker_device()
 
     def make_strategy(module: nn.Module, optimizer: torch.optim.Optimizer, c: ExperimentConfig) -> PlainStrategy:
         if c.dist.strategy == "deepspeed":
@@ -102,35 +119,30 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             return DDPStrategy(module, optimizer, device, c.train.grad_accum, c.optim.grad_clip)
         return PlainStrategy(module, optimizer, c.train.grad_accum, c.optim.grad_clip)
 
-    from mtl.progress import wide_console
-
     checkpoints = RayCheckpointer(cfg, rank)
-    console = wide_console()
     rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,
                  all_reduce_sum=_all_reduce_sum if world > 1 else (lambda t: t), checkpoints=checkpoints,
-                 log=console.print if rank == 0 else (lambda msg: None), cpus=int(cfg.dist.cpus_per_worker))
+                 cpus=int(cfg.dist.cpus_per_worker))
     result = fit(cfg, rt)
     if rank == 0 and result.metrics:  # (a restart after the last epoch trains nothing and keeps final.pt)
         final = result.metrics[-1] if result.metrics else {}
         checkpoints.save_model({"config": cfg.to_dict(), "epoch": final.get("epoch"), "metrics": final}, result.model, "final.pt")
 
 
-def make_trainer(cfg: ExperimentConfig, callbacks: list | None = None):
-    """The TorchTrainer for this config: workers sized by ``cfg.dist``, checkpoints in
-    ``<train.out>/<run name>``, failures survived up to ``dist.max_failures``."""
-    import ray
+def make_trainer(cfg: ExperimentConfig, use_gpu: bool, callbacks: list | None = None):
+    """The TorchTrainer for this (resolved) config: workers sized by ``cfg.dist``, checkpoints
+    in ``<train.out>/<run name>``, failures survived up to ``dist.max_failures``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     d = cfg.dist
-    use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu)),
         run_config=RunConfig(
-            name=cfg.run_name(), storage_path=storage_path(cfg),
+            name=run_name(cfg), storage_path=out_root(cfg.train.out),
             failure_config=FailureConfig(max_failures=d.max_failures, controller_failure_limit=1),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
             worker_runtime_env={"env_vars": env},
@@ -143,31 +155,61 @@ def worker_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
     return {"CPU": cfg.dist.cpus_per_worker, **({"GPU": cfg.dist.gpus_per_worker} if use_gpu else {})}
 
 
-def connect(cfg: ExperimentConfig) -> None:
-    """Join the cluster (``dist.address``, $RAY_ADDRESS, a submitted job's) or start a local one.
-    Sets the worker-group start timeout first: an unplaceable group then fails instead of hanging."""
+def connect(cfg: ExperimentConfig) -> bool:
+    """Join the cluster (``dist.address``, $RAY_ADDRESS, a submitted job's) or start a local
+    one; True when it joined an existing cluster. Sets the worker-group start timeout first: an
+    unplaceable group then fails instead of hanging."""
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.dist.start_timeout_s)
     import ray
 
+    address = cluster_address(cfg.dist.address)
+    joined = address is not None or ray.is_initialized()
     if not ray.is_initialized():
-        ray.init(address=cfg.dist.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        ray.init(address=address or "local", log_to_driver=True)
+    return joined
 
 
-def run_ray(cfg: ExperimentConfig):
-    """Train on the Ray cluster; returns Ray's Result. Raises RuntimeError with a clear message
-    when the worker group cannot be started (too few CPUs/GPUs) within ``dist.start_timeout_s``."""
+def plan(cfg: ExperimentConfig, joined: bool) -> WorkerPlan:
+    """GPU or CPU workers, and whether the cluster can ever hold them (`mtl.distributed.capacity`)."""
+    d = cfg.dist
+    return plan_workers(d.num_workers, d.cpus_per_worker, d.gpus_per_worker, d.use_gpu, joined, read_capacity(),
+                        d.start_timeout_s)
+
+
+def run_ray(cfg: ExperimentConfig, log=print):
+    """Train on the Ray cluster; returns Ray's Result and the resolved config. Raises
+    `InfeasibleCluster` at once when the cluster can never hold the workers, `RunConflict` when
+    the run folder does not allow the run (see `mtl.runs`), RuntimeError when the worker group
+    could not be placed within ``dist.start_timeout_s``."""
     import ray
 
-    connect(cfg)
-    trainer = make_trainer(cfg)
+    joined = connect(cfg)
+    workers = plan(cfg, joined)
+    why = ("as --use-gpu/--no-use-gpu says" if cfg.dist.use_gpu is not None else
+           "the default on a cluster this run joins; --no-use-gpu trains on CPUs" if joined else
+           "the default on a Ray instance started by this run: the GPUs of this machine")
+    log(f"training workers on {'GPUs' if workers.use_gpu else 'CPUs'} ({why}); {workers.note}")
+    cfg = prepare_run(dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, use_gpu=workers.use_gpu)), log)
+    log(JSON(cfg.to_json()))
+    trainer = make_trainer(cfg, workers.use_gpu)
     try:
-        return trainer.fit()
+        return trainer.fit(), cfg
     except ray.train.ControllerError as e:
-        d = cfg.dist
-        use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-        need = {k: v * d.num_workers for k, v in worker_resources(cfg, use_gpu).items()}
+        raise RuntimeError(_controller_failure_message(e.controller_failure, cfg, workers)) from e
+
+
+def _controller_failure_message(failure: Exception, cfg: ExperimentConfig, workers: WorkerPlan) -> str:
+    """A worker group that never started: placement timed out, or its setup failed on the nodes."""
+    import ray
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    if isinstance(failure, WorkerGroupStartupTimeoutError):
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        raise RuntimeError(
-            f"could not start {d.num_workers} training worker(s) needing {need} in total within {d.start_timeout_s:g}s; "
-            f"the cluster has {have}. Lower --num-workers/--cpus-per-worker/--gpus-per-worker or add nodes. ({e})"
-        ) from e
+        return (f"could not place {cfg.dist.num_workers} training worker(s) x {workers.bundle} within "
+                f"{cfg.dist.start_timeout_s:g}s (--start-timeout-s); the cluster has {have} now. Other jobs may hold "
+                f"the resources, or nodes did not come up.")
+    last = [ln.strip() for ln in str(failure).splitlines() if ln.strip()][-1:] or [type(failure).__name__]
+    hint = (" The workers were given GPUs, but torch sees none on their node: a CPU-only torch build or no NVIDIA "
+            "driver there. Fix the node's image, or train on CPUs with --no-use-gpu."
+            if workers.use_gpu and "GPU" in last[0] else "")
+    return f"the training workers failed to start: {last[0]}.{hint}"

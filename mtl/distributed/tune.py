@@ -7,15 +7,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
 
-from mtl.checkpoint import write_bytes_atomic
 from mtl.config import ExperimentConfig
+from mtl.storage import write_bytes_atomic
 
 HYPERPARAMS = ("lr", "optimizer", "semseg_weight", "scale_max", "hflip", "batch_size")
 
@@ -74,13 +73,14 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
     }
 
 
-def trial_config(base: ExperimentConfig, hp: dict[str, Any], name: str, trials_url: str) -> ExperimentConfig:
-    """The base config with one trial's hyperparameters; its Train run lives in ``trials_url/name``."""
+def trial_config(base: ExperimentConfig, hp: dict[str, Any], name: str, trials_url: str, resume: bool = False) -> ExperimentConfig:
+    """The base config with one trial's hyperparameters; its Train run lives in ``trials_url/name``
+    (``resume``: continue it — a trial restarted by ``Tuner.restore``)."""
     return dataclasses.replace(
         base,
         optim=dataclasses.replace(base.optim, lr=float(hp["lr"]), optimizer=hp["optimizer"], semseg_weight=float(hp["semseg_weight"])),
         data=dataclasses.replace(base.data, scale_max=float(hp["scale_max"]), hflip=bool(hp["hflip"])),
-        train=dataclasses.replace(base.train, batch_size=int(hp["batch_size"]), out=trials_url, name=name, resume=False),
+        train=dataclasses.replace(base.train, batch_size=int(hp["batch_size"]), out=trials_url, name=name, resume=resume),
     ).validate()
 
 
@@ -97,26 +97,23 @@ def _trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mtl.distributed.ray_train import make_trainer
+    from mtl.runs import RunFolder, prepare_run
 
     base = ExperimentConfig.from_dict(config["base"])
     name = ray.tune.get_context().get_trial_name()  # stable across Tuner.restore: the Train run resumes
-    cfg = trial_config(base, config, name, config["trials_url"])
-    result = make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    started = RunFolder(f"{config['trials_url']}/{name}").holds_a_run()
+    cfg = prepare_run(trial_config(base, config, name, config["trials_url"], resume=started))
+    result = make_trainer(cfg, bool(cfg.dist.use_gpu), callbacks=[TuneReportCallback()]).fit()
     if result.error:
         raise result.error
 
 
-def max_concurrent_trials(base: ExperimentConfig, sweep: SweepConfig) -> int:
-    import ray
+def max_concurrent_trials(base: ExperimentConfig, sweep: SweepConfig, bundle: dict[str, float]) -> int:
+    """``--max-concurrent``, else as many trials as the cluster holds once the autoscaler has
+    added what its config allows (what it holds now when that cannot be known)."""
+    from mtl.distributed.capacity import max_concurrent, read_capacity
 
-    if sweep.max_concurrent:
-        return sweep.max_concurrent
-    res = ray.cluster_resources()
-    use_gpu = base.dist.use_gpu if base.dist.use_gpu is not None else res.get("GPU", 0) > 0
-    limits = [res.get("CPU", 0) / (base.dist.num_workers * base.dist.cpus_per_worker)]
-    if use_gpu and base.dist.gpus_per_worker > 0:
-        limits.append(res.get("GPU", 0) / (base.dist.num_workers * base.dist.gpus_per_worker))
-    return max(1, math.floor(min(limits) + 1e-9))
+    return sweep.max_concurrent or max_concurrent(base.dist.num_workers, bundle, read_capacity())
 
 
 def _search_alg(sweep: SweepConfig):
@@ -139,11 +136,13 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, resume: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from mtl.distributed.ray_train import connect, storage_path
+    from mtl.distributed.ray_train import connect, plan
+    from mtl.runs import out_root
 
     sweep.validate()
-    connect(base)
-    storage = storage_path(base)
+    workers = plan(base, connect(base))  # the GPU decision, once for every trial; fails fast if never placeable
+    base = dataclasses.replace(base, dist=dataclasses.replace(base.dist, use_gpu=workers.use_gpu))
+    storage = out_root(base.train.out)
     sweep_url = f"{storage}/{sweep.sweep_name}"
     trainable = tune.with_resources(_trial, {"CPU": 0.01})  # the trial itself only waits; Train workers hold the resources
     if resume:
@@ -159,7 +158,7 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, resume: bool = False):
             tune_config=tune.TuneConfig(
                 metric="grader", mode="max", num_samples=sweep.num_samples, search_alg=_search_alg(sweep),
                 scheduler=ASHAScheduler(max_t=base.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor),
-                max_concurrent_trials=max_concurrent_trials(base, sweep),
+                max_concurrent_trials=max_concurrent_trials(base, sweep, workers.bundle),
                 trial_name_creator=lambda t: trial_name(arch, t.config, t.trial_id),
                 trial_dirname_creator=lambda t: trial_name(arch, t.config, t.trial_id),
             ),

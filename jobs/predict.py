@@ -1,0 +1,65 @@
+"""Predict semantic segmentation and depth for your own RGB images (any size; jpg, jpeg, png).
+
+    python jobs/predict.py --checkpoint runs/<run> --images photos/ --out out/photos
+    python jobs/predict.py --checkpoint s3://b/runs/<run>/best.pt --images s3://b/photos --out out/p --size 256x512
+
+Writes ``OUT/semseg/<stem>.png`` (palette PNG of the 19 Cityscapes class ids),
+``OUT/depth/<stem>.png`` (uint8 disparity, the Miniscapes encoding) and, for the first
+``--viz`` images, ``OUT/viz/<stem>.png`` (rgb | prediction); every output has its image's own
+size. The network sees each image at the size it was trained at (recorded in the checkpoint;
+``--size HxW`` for checkpoints that do not record it). OUT appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder (local or s3://)")
+    p.add_argument("--images", required=True, help="an image, or a folder of them (local or any fsspec URL)")
+    p.add_argument("--out", required=True, help="output folder (semseg/, depth/, viz/)")
+    p.add_argument("--size", default=None, help="network input size HxW, for checkpoints that do not record it")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--viz", type=int, default=8, help="side-by-side pictures for the first N images")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    from mtl.errors import USER_ERRORS, one_line
+
+    try:
+        return run(a)
+    except USER_ERRORS as e:  # no images, an unreadable one, a bad flag or checkpoint: one line naming it
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def run(a: argparse.Namespace) -> int:
+    from mtl.engine import resolve_device
+    from mtl.predict import find_images, load_model, model_input_size, parse_size, predict_to_folder
+
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {a.batch_size}")
+    size = parse_size(a.size) if a.size else None
+    images = find_images(a.images)  # before the checkpoint: a typo in --images fails fast
+    model = load_model(a.checkpoint, resolve_device(a.device))
+    hw = model_input_size(model, size)
+    if size and size != hw:
+        print(f"note: --size {a.size} ignored: the checkpoint was trained at {hw[0]}x{hw[1]}")
+    n = predict_to_folder(model, images, a.out, hw, a.batch_size, viz=a.viz, overwrite=a.overwrite)
+    print(f"wrote {n} predictions of {model.url} ({model.cfg.model.arch}, input size {hw[0]}x{hw[1]}) to {a.out} "
+          f"(semseg/, depth/, viz/ for {min(n, max(a.viz, 0))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

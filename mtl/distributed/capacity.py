@@ -1,0 +1,198 @@
+"""What a Ray cluster has now and what it can grow to, and the decision that follows: GPU or CPU
+workers, wait for the autoscaler, or fail at once.
+
+The rule (README "Running on a cluster"):
+  * A run that joins an existing cluster (``--address``, ``$RAY_ADDRESS``, ``ray job submit``)
+    trains on GPUs unless told ``--no-use-gpu``: the autoscaler only adds GPU nodes when someone
+    asks for GPUs, so looking at the GPUs present at submit time would put the first run of a
+    freshly started cluster (GPU workers scaled to zero) on CPUs.
+  * A Ray instance the run starts itself (local debugging) uses GPUs if this machine has any.
+  * If the worker group fits now, or once the autoscaler adds the nodes its config allows, the
+    run starts (waiting up to ``--start-timeout-s`` for nodes to boot). If it can never fit —
+    no GPU anywhere and no GPU node type, too few CPUs on a fixed cluster — it fails at once
+    with a message naming the flags that change that.
+
+What the autoscaler can add is read from, in this order: Ray's cluster config in the GCS (what
+Ray Train itself checks; published by autoscalers that report it), the cluster launcher's
+``~/ray_bootstrap_config.yaml`` on the head node (`ray up`; jobs run on the head; Ray Tune
+reads the same file), and on KubeRay the RayCluster resource (read the way KubeRay's autoscaler
+reads it; the head pod's service account needs ``get`` on ``rayclusters``). None of them: a
+fixed cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+RESOURCES = ("CPU", "GPU")
+
+
+class InfeasibleCluster(RuntimeError):
+    """The worker group can never be placed on this cluster."""
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    resources: dict[str, float]
+    max_count: int  # how many more of these the autoscaler may add (an upper bound)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Alive nodes' resources now, and the node types an autoscaler may add (None: it has some,
+    but they could not be read)."""
+
+    nodes: list[dict[str, float]]
+    node_types: list[NodeType] | None
+    source: str
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def max_fit(self, bundle: dict[str, float]) -> int | None:
+        """How many ``bundle``s fit once the cluster has grown as far as it can (None: unknown)."""
+        if self.node_types is None:
+            return None
+        return fits(self.nodes, bundle) + sum(fits([t.resources], bundle) * t.max_count for t in self.node_types)
+
+    def can_add(self, resource: str) -> bool | None:
+        if self.node_types is None:
+            return None
+        return any(t.resources.get(resource, 0) > 0 and t.max_count > 0 for t in self.node_types)
+
+    def describe(self) -> str:
+        now = ", ".join(f"{k} {self.totals.get(k, 0):g}" for k in RESOURCES)
+        if self.node_types is None:
+            return f"nodes now: {now}; {self.source}"
+        types = "; ".join(f"{t.name} x{t.max_count} {_res(t.resources)}" for t in self.node_types) or "none"
+        return f"nodes now: {now}; node types the autoscaler may add ({self.source}): {types}"
+
+
+def _res(r: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {r[k]:g}" for k in RESOURCES if r.get(k)) + "}"
+
+
+def fits(nodes: list[dict[str, float]], bundle: dict[str, float]) -> int:
+    """Bundles that fit on these nodes, each bundle on one node."""
+    total = 0
+    for node in nodes:
+        per = [math.floor(node.get(k, 0) / v + 1e-9) for k, v in bundle.items() if v > 0]
+        total += min(per) if per else 0
+    return total
+
+
+def node_types_from_autoscaler_config(config: dict[str, Any]) -> list[NodeType]:
+    """Worker node types of a Ray autoscaler config (the cluster launcher's YAML format)."""
+    head = config.get("head_node_type")
+    default_max = config.get("max_workers", 0)
+    return [NodeType(name, {k: float(v) for k, v in (t.get("resources") or {}).items() if k in RESOURCES},
+                     int(t.get("max_workers", default_max)))
+            for name, t in (config.get("available_node_types") or {}).items() if name != head]
+
+
+def _from_gcs() -> list[NodeType] | None:
+    import ray
+
+    config = ray._private.state.state.get_cluster_config()  # what Ray Train's own resource check reads
+    if config is None or not config.node_group_configs:
+        return None
+    return [NodeType(g.name, {k: float(g.resources.get(k, 0)) for k in RESOURCES}, g.max_count if g.max_count >= 0 else 1 << 20)
+            for g in config.node_group_configs]
+
+
+def _from_bootstrap_file() -> list[NodeType] | None:
+    path = os.path.expanduser(BOOTSTRAP_CONFIG)
+    if not os.path.exists(path):
+        return None
+    import yaml
+
+    with open(path) as fh:
+        return node_types_from_autoscaler_config(yaml.safe_load(fh) or {})
+
+
+def _from_kuberay() -> list[NodeType] | None:
+    name, namespace = os.environ.get("RAY_CLUSTER_NAME"), os.environ.get("RAY_CLUSTER_NAMESPACE")
+    if not (name and namespace):
+        return None
+    from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
+
+    return node_types_from_autoscaler_config(AutoscalingConfigProducer(name, namespace)())
+
+
+SOURCES: list[tuple[str, Callable[[], list[NodeType] | None]]] = [
+    ("Ray's cluster config", _from_gcs), (BOOTSTRAP_CONFIG, _from_bootstrap_file), ("the KubeRay RayCluster", _from_kuberay)]
+
+
+def read_capacity() -> Capacity:
+    """The connected cluster's capacity (call after ``ray.init``)."""
+    import ray
+
+    nodes = [{k: float(n["Resources"].get(k, 0)) for k in RESOURCES} for n in ray.nodes() if n.get("Alive")]
+    totals = {k: sum(n[k] for n in nodes) for k in RESOURCES}
+    for name, source in SOURCES:
+        try:
+            types = source()
+        except Exception as e:  # noqa: BLE001 - an autoscaler exists but its config could not be read
+            return Capacity(nodes, None, f"{name} could not be read ({type(e).__name__}: {e})", totals)
+        if types is not None:
+            return Capacity(nodes, types, name, totals)
+    return Capacity(nodes, [], "no autoscaler config found: a fixed cluster", totals)
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The existing cluster a run joins: ``--address``, else ``$RAY_ADDRESS`` (set by ``ray job
+    submit`` too); None when it starts a Ray instance of its own ("local" asks for that)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return None if address in (None, "", "local") else address
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    use_gpu: bool
+    bundle: dict[str, float]  # one worker's resources
+    fits_now: bool
+    note: str  # what the run is about to do, for the log
+
+
+def plan_workers(num_workers: int, cpus: float, gpus: float, use_gpu: bool | None, joined: bool,
+                 capacity: Capacity, start_timeout_s: float) -> WorkerPlan:
+    """The GPU decision and the feasibility check (see the module docstring). Raises
+    `InfeasibleCluster` with a message naming the flags when the group can never be placed."""
+    insisted = use_gpu is True  # --use-gpu: GPUs will come, even if this run cannot see how
+    if use_gpu is None:
+        use_gpu = joined or capacity.totals.get("GPU", 0) > 0
+    bundle = {"CPU": cpus, **({"GPU": gpus} if use_gpu and gpus > 0 else {})}
+    need = f"{num_workers} worker(s) x {_res(bundle)}"
+    if fits(capacity.nodes, bundle) >= num_workers:
+        return WorkerPlan(use_gpu, bundle, True, f"{need}: the cluster has room now")
+    most = capacity.max_fit(bundle)
+    if most is not None and most < num_workers and not insisted:
+        raise InfeasibleCluster(_infeasible_message(need, use_gpu, bundle, capacity))
+    how = ("the autoscaler can add them" if most is not None and most >= num_workers else
+           "--use-gpu says they will come" if insisted else
+           "this run cannot see what the autoscaler may add, so it waits for it")
+    return WorkerPlan(use_gpu, bundle, False, f"{need}: not on the cluster now; {how} — waiting up to "
+                      f"{start_timeout_s:g}s for the nodes (--start-timeout-s). {capacity.describe()}")
+
+
+def _infeasible_message(need: str, use_gpu: bool, bundle: dict[str, float], capacity: Capacity) -> str:
+    lines = [f"this Ray cluster can never hold {need}: {capacity.describe()}."]
+    if use_gpu and "GPU" in bundle and not capacity.totals.get("GPU") and not capacity.can_add("GPU"):
+        lines.append("It has no GPU and cannot get one: train on CPUs with --no-use-gpu, or give the cluster a GPU node "
+                     "type (cluster/aws.yaml, cluster/kuberay/raycluster.yaml). If GPU nodes will join by other means, "
+                     "pass --use-gpu to wait for them.")
+    else:
+        lines.append("Lower --num-workers/--cpus-per-worker/--gpus-per-worker, or add nodes (or node types).")
+    return " ".join(lines)
+
+
+def max_concurrent(per_trial_workers: int, bundle: dict[str, float], capacity: Capacity) -> int:
+    """Trials of ``per_trial_workers`` workers each that the cluster can run at once when grown
+    as far as it can (as it is now when that cannot be known); at least 1."""
+    most = capacity.max_fit(bundle)
+    if most is None:
+        most = fits(capacity.nodes, bundle)
+    return max(1, most // per_trial_workers)

@@ -1,0 +1,38 @@
+"""How the command-line tools report a bad input: one line that names the thing that is wrong."""
+
+from __future__ import annotations
+
+from mtl.storage import StorageError, _connection_error, unreachable_message
+
+# exception types that mean "the user's input is wrong" (files, flags, checkpoints, storage)
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, OSError, RuntimeError)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` as one line.
+
+    An error raised in a DataLoader worker arrives re-raised by torch with the worker's whole
+    traceback in its message ("Caught ValueError in DataLoader worker process 0. Original
+    Traceback ..."); the last line of that is the original message. Connection failures of a
+    storage client (botocore, aiohttp) become "cannot reach <url> ...".
+    """
+    for err in _chain(e):
+        if isinstance(err, StorageError):
+            return str(err)
+        if _connection_error(err):  # raised outside `storage_errors`: the client's URL is all there is
+            url = getattr(err, "kwargs", {}).get("endpoint_url") or "the storage endpoint"
+            return unreachable_message(url, err, None)
+    text = str(e).strip() or type(e).__name__
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+        name, sep, rest = last.partition(": ")
+        text = rest if sep and name.replace(".", "").replace("_", "").isalnum() else last
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)

@@ -1,0 +1,170 @@
+"""Run identity and the run folder: the one owner of run names, run URLs and ``config.json``.
+
+A run lives in ``<out>/<name>/`` (a local folder or an s3:// prefix) in every mode. Its name is
+descriptive and ends with a short hash of everything that changes what is trained (the
+*identity*: the resolved config without its `operational` fields), so two configurations never
+share a folder by accident — 4e-4 and 4.4e-4 are different runs even where the readable part
+rounds. ``config.json`` (the resolved config) is written by the trainer's rank 0 once the data
+is found, before the first step.
+
+A folder that already holds a run is only reused with ``--resume``, and only when the stored
+configuration agrees with the requested one in every identity field except those in
+`RESUMABLE_CHANGES`; otherwise the refusal lists the fields that differ. Local runs and Ray runs
+follow the same rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Callable
+
+from mtl.config import ExperimentConfig
+from mtl.models import resolve
+from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+
+CONFIG_FILE = "config.json"
+# identity fields a resume may change: more (or fewer) epochs extend the run; the LR plan is
+# then recomputed for the new length, and the resume says so
+RESUMABLE_CHANGES = frozenset({"train.epochs"})
+
+
+class RunConflict(ValueError):
+    """A run folder that cannot be used for the requested run (exists, missing, or differs)."""
+
+
+def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Defaults filled in: the architecture's model defaults and the run name."""
+    cfg = dataclasses.replace(cfg.validate(), model=resolve(cfg.model))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=run_name(cfg)))
+
+
+def identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``{"optim.lr": 0.0004, ...}``: every field of the resolved config that changes training."""
+    cfg = dataclasses.replace(cfg, model=resolve(cfg.model))
+    flat: dict[str, Any] = {}
+    for part in dataclasses.fields(cfg):
+        sub = getattr(cfg, part.name)
+        for f in dataclasses.fields(sub):
+            if not f.metadata.get("operational"):
+                v = getattr(sub, f.name)
+                flat[f"{part.name}.{f.name}"] = list(v) if isinstance(v, tuple) else v
+    if cfg.data.root or cfg.data.shards:  # the synthetic set's settings only matter when it is used
+        flat.pop("data.synthetic_size")
+        flat.pop("data.synthetic_counts")
+    return flat
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _short_float(x: float) -> str:
+    """4e-4 -> '4e-4', 4.4e-4 -> '4.4e-4', 0.01 -> '1e-2'."""
+    mantissa, exp = f"{x:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """``--name``, else e.g. ``branched_resnet34_os16_adam-lr4e-4_w0.5_bs16_e16-3f2a1c9d``."""
+    if cfg.train.name:
+        return cfg.train.name
+    m, o, t = resolve(cfg.model), cfg.optim, cfg.train
+    return (f"{m.arch}_{m.encoder}_os{m.output_stride}_{o.optimizer}-lr{_short_float(o.lr)}_w{o.semseg_weight:g}_"
+            f"bs{t.batch_size}_e{t.epochs}-{config_hash(cfg)}")
+
+
+def out_root(out: str) -> str:
+    """Where runs live, as an absolute URL (Ray's storage needs absolute local paths)."""
+    out = out.rstrip("/")
+    return out if "://" in out else os.path.abspath(out)
+
+
+def run_url(cfg: ExperimentConfig) -> str:
+    return f"{out_root(cfg.train.out)}/{run_name(cfg)}"
+
+
+def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Identity fields that differ, as ``"optim.lr 0.0004 -> 0.00044"``."""
+    a, b = identity(old), identity(new)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+
+
+class RunFolder:
+    """``<out>/<name>/``: whether it holds a run, and its ``config.json``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def holds_a_run(self) -> bool:
+        with storage_errors(self.url):
+            fs, path = url_to_fs(self.url)
+            return fs.isdir(path) and bool(fs.ls(path, detail=False))
+
+    def read_config(self) -> ExperimentConfig | None:
+        data = read_bytes(f"{self.url}/{CONFIG_FILE}")
+        if data is None:
+            return None
+        try:
+            return ExperimentConfig.from_dict(json.loads(data))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{self.url}/{CONFIG_FILE} is not a streetmtl config ({e})") from e
+
+    def write_config(self, cfg: ExperimentConfig) -> None:
+        write_bytes_atomic(f"{self.url}/{CONFIG_FILE}", (cfg.to_json() + "\n").encode())
+
+
+def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> ExperimentConfig:
+    """Check that the run folder may be used as asked (a new run, or a matching ``--resume``);
+    returns the resolved config. Raises `RunConflict` otherwise. Writes nothing: a run that
+    fails on its data leaves no folder behind."""
+    cfg = resolve_config(cfg)
+    folder = RunFolder(run_url(cfg))
+    if folder.holds_a_run():
+        stored = folder.read_config()
+        if not cfg.train.resume:
+            raise RunConflict(f"run folder {folder.url} already holds a run: pass --resume to continue it, "
+                              f"or choose another --name/--out for a new run")
+        if stored is not None:
+            check_same_training(stored, cfg, f"run {folder.url}")
+            changed = config_diff(stored, cfg)
+            if changed:
+                log(f"resuming with changed {', '.join(changed)}: the LR plan is recomputed for the new length")
+    elif cfg.train.resume:
+        raise RunConflict(f"nothing to resume at {folder.url}" + _similar_runs_hint(cfg))
+    return cfg
+
+
+def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, what: str) -> None:
+    """Refuse (listing the fields) when ``requested`` trains something else than ``stored``."""
+    differ = config_diff(stored, requested, ignore=RESUMABLE_CHANGES)
+    if differ:
+        raise RunConflict(f"resume refused: {what} was trained with another configuration: {'; '.join(differ)}")
+
+
+def _similar_runs_hint(cfg: ExperimentConfig, limit: int = 3) -> str:
+    """Runs beside the requested one with the same architecture, and how they differ: a changed
+    flag changes the run name, so "nothing to resume" usually means "you changed something"."""
+    root = out_root(cfg.train.out)
+    try:
+        with storage_errors(root):
+            fs, path = url_to_fs(root)
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
+    except (OSError, ValueError):
+        return ""
+    found = []
+    for name in sorted(names)[:200]:
+        try:
+            other = RunFolder(f"{root}/{name}").read_config()
+        except (OSError, ValueError):
+            continue
+        if other is not None and other.model.arch == cfg.model.arch:
+            found.append((len(config_diff(other, cfg)), name, config_diff(other, cfg)))
+    found.sort()
+    if not found:
+        return ""
+    lines = [f"{name} (differs in {'; '.join(d) or 'nothing but operational settings'})" for _, name, d in found[:limit]]
+    return (". Runs of the same architecture there: " + " | ".join(lines)
+            + ". To continue one of them, pass its --name with --resume (only --epochs may differ)")

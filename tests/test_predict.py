@@ -1,0 +1,256 @@
+"""Evaluation and prediction as a user meets them: jobs/evaluate.py on the checkpoint's own data
+(folder or shards) and on --data, export of a test split without labels, and jobs/predict.py /
+mtl.predict on arbitrary images."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs import evaluate as evaluate_cli
+from jobs import predict as predict_cli
+from mtl.checkpoint import CheckpointDir
+from mtl.config import DataConfig, ExperimentConfig, ModelConfig
+from mtl.data import DataSource, data_root, resolve_source
+from mtl.data.miniscapes import decode_depth, decode_semseg, disparity_png_to_metres, metres_to_disparity_png
+from mtl.data.batch import normalize_rgb
+from mtl.engine import predict
+from mtl.losses import DepthCodec
+from mtl.predict import load_model, predict_images, predict_to_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = ModelConfig(arch="deeplabv3p", encoder="resnet18", output_stride=32)  # the cheapest model: CPU tests stay fast
+
+
+@pytest.fixture(scope="module")
+def weights():
+    torch.manual_seed(0)
+    from mtl.models import build_model
+
+    return build_model(MODEL).state_dict()
+
+
+@pytest.fixture
+def make_run(weights, tmp_path):
+    """A run folder holding one checkpoint as the trainer writes it (config, model, epoch,
+    ``input_size`` unless None), for the given data config."""
+
+    def make(data: DataConfig, input_size=(64, 128), name="run") -> str:
+        cfg = ExperimentConfig(data=data, model=MODEL)
+        state = {"config": cfg.to_dict(), "model": weights, "epoch": 1}
+        if input_size is not None:
+            state["input_size"] = list(input_size)
+        run = str(tmp_path / name)
+        CheckpointDir(run).save(state, "epoch-0001")
+        return run
+
+    return make
+
+
+def _label_less_root(tiny_root, tmp_path, n=5) -> str:
+    """A Miniscapes folder whose train/val are tiny_root's and whose test split has rgb/ only,
+    like the real Miniscapes download."""
+    root = tmp_path / "miniscapes"
+    (root / "test" / "rgb").mkdir(parents=True)
+    for split in ("train", "val"):
+        os.symlink(os.path.join(tiny_root, split), root / split)
+    for i in range(n):
+        shutil.copy(os.path.join(tiny_root, "test", "rgb", f"{i}.jpg"), root / "test" / "rgb" / f"{i}.jpg")
+    return str(root)
+
+
+def _evaluate(capsys, *args) -> tuple[int, str, str]:
+    rc = evaluate_cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_label_less_test_split_exports_without_extra_flags(tiny_root, tmp_path, make_run, capsys):
+    root = _label_less_root(tiny_root, tmp_path)
+    run = make_run(DataConfig(root=root))
+    out = tmp_path / "export"
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--split", "test", "--export", out, "--viz", "2")
+    assert rc == 0, err
+    assert f"5 test samples from {root}/test" in stdout
+    assert f"no metrics computed: {root}/test has no labels" in stdout and "mIoU" not in stdout
+    assert sorted(os.listdir(out / "semseg")) == sorted(os.listdir(out / "depth")) == [f"{i}.png" for i in range(5)]
+    assert len(os.listdir(out / "viz")) == 2
+    assert decode_semseg((out / "semseg/3.png").read_bytes()).shape == (64, 128)
+    assert Image.open(out / "viz/0.png").size == (2 * 128, 2 * 64)  # rgb | prediction: no empty ground-truth panels
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    # --no-metrics still works (and then says nothing about labels)
+    rc, stdout, _ = _evaluate(capsys, "--checkpoint", run, "--split", "test", "--no-metrics")
+    assert rc == 0 and "no metrics computed" not in stdout
+
+
+def test_evaluate_reads_the_shards_the_checkpoint_was_trained_on(s3_shards, tmp_path, make_run, capsys):
+    run = make_run(DataConfig(shards=s3_shards))
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--json", tmp_path / "m.json", "--batch-size", "12")
+    assert rc == 0, err
+    assert f"24 val samples from {s3_shards} (val split)" in stdout
+    assert json.loads((tmp_path / "m.json").read_text())["num_depth_images"] == 24  # the whole split was streamed
+    cache = os.environ["STREETMTL_CACHE"]
+    assert not [p for p in os.listdir(cache) if p.startswith("synthetic")]  # the old fallback: never touched
+
+
+def test_data_flag_overrides_with_a_folder_or_a_shard_set(s3_shards, tiny_root, make_run, capsys):
+    on_shards, on_folder = make_run(DataConfig(shards=s3_shards), name="a"), make_run(DataConfig(root=tiny_root), name="b")
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", on_shards, "--data", tiny_root, "--split", "test", "--no-metrics")
+    assert rc == 0 and f"16 test samples from {tiny_root}/test" in stdout, err
+    for data in (s3_shards, s3_shards + "/manifest.json"):
+        rc, stdout, err = _evaluate(capsys, "--checkpoint", on_folder, "--data", data, "--no-metrics")
+        assert rc == 0 and f"24 val samples from {s3_shards} (val split)" in stdout, err
+    rc, _, err = _evaluate(capsys, "--checkpoint", on_folder, "--data", "/nowhere/at/all", "--no-metrics")
+    assert rc == 2 and err.strip() == "error: Miniscapes folder missing: /nowhere/at/all/val/rgb"
+
+
+def test_which_data_a_config_means(s3_shards, tiny_root):
+    shards = ExperimentConfig(data=DataConfig(shards=s3_shards))
+    assert resolve_source(shards) == DataSource("shards", s3_shards)
+    assert resolve_source(shards, tiny_root) == DataSource("folder", tiny_root)
+    assert resolve_source(ExperimentConfig(), "s3://b/p/manifest.json").is_shards  # named, not looked up
+    assert resolve_source(ExperimentConfig(data=DataConfig(root=tiny_root))) == DataSource("folder", tiny_root)
+    assert data_root(ExperimentConfig(data=DataConfig(root=tiny_root))) == tiny_root
+    with pytest.raises(ValueError, match="reads the shard set s3://streetmtl/tiny-shards"):
+        data_root(shards)  # once silently the synthetic set
+
+
+# ------------------------------------------------------------------------------ prediction
+
+def _odd_images(folder) -> dict[str, tuple[int, int]]:
+    """Images of several sizes, formats and modes; returns name -> (H, W)."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (37, 91, 3), dtype=np.uint8)).save(os.path.join(folder, "odd.png"))
+    Image.fromarray(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)).save(os.path.join(folder, "photo.jpg"), quality=90)
+    Image.fromarray(rng.integers(0, 255, (48, 60, 4), dtype=np.uint8), "RGBA").save(os.path.join(folder, "alpha.png"))
+    Image.fromarray(rng.integers(0, 255, (30, 41), dtype=np.uint8), "L").save(os.path.join(folder, "grey.JPEG"))
+    with open(os.path.join(folder, "notes.txt"), "w") as fh:
+        fh.write("not an image")
+    return {"odd": (37, 91), "photo": (150, 200), "alpha": (48, 60), "grey": (30, 41)}
+
+
+def test_predictions_have_each_images_size_and_files_match(tmp_path, make_run):
+    sizes = _odd_images(tmp_path / "imgs")
+    model = load_model(make_run(DataConfig()), "cpu")
+    out = tmp_path / "pred"
+    assert predict_to_folder(model, str(tmp_path / "imgs"), str(out), viz=1) == 4
+    order = ["alpha", "grey", "odd", "photo"]  # natural order of the stems
+    results = predict_images(model, [str(tmp_path / "imgs" / f) for f in ("alpha.png", "grey.JPEG", "odd.png", "photo.jpg")])
+    assert sorted(os.listdir(out / "viz")) == ["alpha.png"]
+    for stem, (labels, depth_m) in zip(order, results):
+        assert labels.shape == depth_m.shape == sizes[stem] and labels.dtype == np.uint8 and depth_m.dtype == np.float32
+        assert labels.max() < 19 and (depth_m > 0).all()
+        assert np.array_equal(decode_semseg((out / "semseg" / f"{stem}.png").read_bytes()), labels)
+        codes = np.array(Image.open(out / "depth" / f"{stem}.png"))
+        assert np.array_equal(codes, metres_to_disparity_png(depth_m))
+        assert np.array_equal(decode_depth((out / "depth" / f"{stem}.png").read_bytes())[0], disparity_png_to_metres(codes)[0])
+
+
+def test_at_the_models_own_size_prediction_is_the_plain_forward_pass(tiny_root, make_run):
+    """No resizing when an image already has the input size: the outputs equal the network's
+    (the same normalisation as training and evaluation)."""
+    model = load_model(make_run(DataConfig()), "cpu")
+    rgb = np.array(Image.open(os.path.join(tiny_root, "val/rgb/0.jpg")).convert("RGB"))
+    [(labels, depth_m)] = predict_images(model, [rgb])
+    ref_labels, ref_depth = predict(model.model, normalize_rgb(torch.from_numpy(rgb)[None], False), model.codec, model.amp())
+    assert np.array_equal(labels, ref_labels[0].numpy()) and np.allclose(depth_m, ref_depth[0].numpy(), rtol=1e-5)
+    # a bare module works too, given its codec and size; without a size it says which flag to pass
+    bare = predict_images(model.model, [rgb], size=(64, 128), codec=DepthCodec("log"))
+    assert np.array_equal(bare[0][0], labels)
+    with pytest.raises(ValueError, match="--size"):
+        predict_images(model.model, [rgb], codec=DepthCodec("log"))
+
+
+def _predict(capsys, *args) -> tuple[int, str, str]:
+    rc = predict_cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_predict_cli_and_its_errors(tmp_path, make_run, capsys):
+    _odd_images(tmp_path / "imgs")
+    run, old = make_run(DataConfig(), name="new"), make_run(DataConfig(), input_size=None, name="old")
+    out = tmp_path / "out"
+    rc, stdout, err = _predict(capsys, "--checkpoint", run, "--images", tmp_path / "imgs", "--out", out, "--viz", "3",
+                               "--device", "cpu")
+    assert rc == 0, err
+    assert "wrote 4 predictions" in stdout and "input size 64x128" in stdout
+    assert [len(os.listdir(out / d)) for d in ("semseg", "depth", "viz")] == [4, 4, 3]
+    rc, _, err = _predict(capsys, "--checkpoint", run, "--images", tmp_path / "imgs/odd.png", "--out", out)
+    assert rc == 2 and "exists and is not empty" in err
+
+    def fails(*args) -> str:
+        target = tmp_path / "failed"
+        rc, _, err = _predict(capsys, "--checkpoint", args[0], "--images", args[1], "--out", target, *args[2:])
+        assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert not os.path.exists(target) and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # nothing half-written
+        return err
+
+    (tmp_path / "empty").mkdir()
+    assert "no images (.jpg, .jpeg, .png) in" in fails(run, tmp_path / "empty")
+    (tmp_path / "imgs" / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert f"{tmp_path}/imgs/zz-broken.jpg: cannot decode image" in fails(run, tmp_path / "imgs", "--batch-size", "2")
+    os.remove(tmp_path / "imgs" / "zz-broken.jpg")
+    assert "does not record the input size it was trained at: pass --size HxW" in fails(old, tmp_path / "imgs")
+    assert "--size must be HxW" in fails(old, tmp_path / "imgs", "--size", "64by128")
+    assert "checkpoint not found" in fails(tmp_path / "nope.pt", tmp_path / "imgs")
+    rc, _, err = _predict(capsys, "--checkpoint", old, "--images", tmp_path / "imgs", "--out", tmp_path / "o2", "--size", "64x128")
+    assert rc == 0, err
+
+
+def test_unreachable_storage_is_one_error_naming_the_url(monkeypatch):
+    import s3fs
+
+    from mtl.predict import find_images
+    from mtl.storage import StorageError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(StorageError, match="cannot reach s3://streetmtl/photos at endpoint http://127.0.0.1:9"):
+            find_images("s3://streetmtl/photos")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.slow
+def test_a_real_run_on_shards_evaluates_and_predicts(s3_shards, tmp_path, capsys):
+    """End to end: train one step on the S3 shards, then evaluate and predict from the run folder
+    with no data flags: the trainer's checkpoint carries what both need."""
+    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "deeplabv3p", "--encoder", "resnet18",
+                        "--output-stride", "32", "--shards", s3_shards, "--epochs", "1", "--batch-size", "4",
+                        "--max-steps-per-epoch", "1", "--workers", "0", "--out", str(tmp_path), "--name", "x"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = str(tmp_path / "x")
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--split", "test", "--export", tmp_path / "e",
+                                "--viz", "0")
+    assert rc == 0 and f"16 test samples from {s3_shards} (test split)" in stdout, err
+    assert len(os.listdir(tmp_path / "e" / "semseg")) == 16
+    img = tmp_path / "one.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(img)
+    [(labels, depth_m)] = predict_images(run, str(img), device="cpu")  # input size from the checkpoint
+    assert labels.shape == depth_m.shape == (40, 50)
+
+
+def test_arrays_and_paths_mix_and_bad_ones_are_named(tmp_path, make_run):
+    from mtl.predict import read_image
+
+    model = load_model(make_run(DataConfig()), "cpu")
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    got = predict_images(model, [np.full((10, 12, 3), 90, np.uint8), str(tmp_path / "a.png")])
+    assert [g[0].shape for g in got] == [(10, 12), (20, 30)]
+    with pytest.raises(ValueError, match=r"image 1: expected an HxWx3 uint8 array, got shape \(10, 12\) uint8"):
+        predict_images(model, [np.zeros((4, 4, 3), np.uint8), np.zeros((10, 12), np.uint8)])
+    with pytest.raises(FileNotFoundError, match="image not found: /no/such.png"):
+        read_image("/no/such.png")

@@ -1,0 +1,144 @@
+"""Run identity as a user meets it: names that cannot collide, config.json, resume rules, logs."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mtl.config import DataConfig, DistConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
+from mtl.runs import RunConflict, RunFolder, config_hash, prepare_run, resolve_config, run_name
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg_with(**parts) -> ExperimentConfig:
+    base = ExperimentConfig(model=ModelConfig(arch="branched", encoder="resnet18"))
+    return dataclasses.replace(base, **{k: dataclasses.replace(getattr(base, k), **v) for k, v in parts.items()})
+
+
+def test_names_differ_for_every_change_that_changes_training():
+    base = cfg_with()
+    for change in ({"optim": {"lr": 4.4e-4}}, {"train": {"seed": 1}}, {"data": {"root": "s3://b/miniscapes"}},
+                   {"data": {"scale_max": 1.5}}, {"data": {"hflip": False}}, {"optim": {"semseg_weight": 0.55}},
+                   {"dist": {"num_workers": 4}}):
+        assert run_name(cfg_with(**change)) != run_name(base), change
+    assert run_name(base).startswith("branched_resnet18_os16_adam-lr4e-4_w0.5_bs16_e16-")
+    assert "lr4.4e-4" in run_name(cfg_with(optim={"lr": 4.4e-4}))
+
+
+def test_operational_settings_and_spelled_out_defaults_keep_the_name():
+    base = cfg_with()
+    same = cfg_with(data={"workers": 7, "prefetch": 2}, train={"out": "elsewhere", "log_every": 3, "device": "cpu"},
+                    dist={"cpus_per_worker": 10, "max_failures": 9, "use_gpu": True}, model={"output_stride": 16})
+    assert run_name(same) == run_name(base) and config_hash(same) == config_hash(base)
+    # the synthetic set's settings only matter when no data is given
+    assert run_name(cfg_with(data={"root": "/d", "synthetic_size": (64, 128)})) == run_name(cfg_with(data={"root": "/d"}))
+
+
+def test_resolved_config_round_trips_through_config_json(tmp_path):
+    cfg = resolve_config(cfg_with(train={"out": str(tmp_path)}, data={"crop": (32, 64)}))
+    assert cfg.model.output_stride == 16 and cfg.model.aspp_rates == (6, 12, 18) and cfg.train.name == run_name(cfg)
+    folder = RunFolder(f"{tmp_path}/{cfg.train.name}")
+    folder.write_config(cfg)
+    assert folder.read_config() == cfg
+    (tmp_path / cfg.train.name / "config.json").write_text("{\"model\": {\"nope\": 1}}")
+    with pytest.raises(ValueError, match="config.json is not a streetmtl config"):
+        folder.read_config()
+
+
+def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
+    cfg = resolve_config(cfg_with(train={"out": str(tmp_path), "name": "r"}))
+    with pytest.raises(RunConflict, match=r"nothing to resume at .*/r$"):
+        prepare_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True)))
+    prepare_run(cfg)  # a new run: fine, and it writes nothing
+    assert not (tmp_path / "r").exists()
+    RunFolder(f"{tmp_path}/r").write_config(cfg)
+    with pytest.raises(RunConflict, match="already holds a run: pass --resume"):
+        prepare_run(cfg)
+    resume = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True, epochs=20, log_every=1),
+                                 data=dataclasses.replace(cfg.data, workers=4))
+    said = []
+    assert prepare_run(resume, said.append).train.epochs == 20  # epochs may change; operational fields too
+    assert said == ["resuming with changed train.epochs 16 -> 20: the LR plan is recomputed for the new length"]
+    changed = dataclasses.replace(resume, optim=dataclasses.replace(resume.optim, lr=4.4e-4), train=dataclasses.replace(resume.train, seed=3))
+    with pytest.raises(RunConflict, match=r"resume refused: run .*/r was trained with another configuration: "
+                                          r"optim.lr 0.0004 -> 0.00044; train.seed 0 -> 3"):
+        prepare_run(changed)
+
+
+def test_nothing_to_resume_points_at_the_runs_that_differ(tmp_path):
+    old = resolve_config(cfg_with(train={"out": str(tmp_path)}))
+    RunFolder(f"{tmp_path}/{old.train.name}").write_config(old)
+    new = cfg_with(train={"out": str(tmp_path), "resume": True}, optim={"lr": 4.4e-4})
+    with pytest.raises(RunConflict, match=rf"nothing to resume at .*Runs of the same architecture there: {old.train.name} "
+                                          r"\(differs in optim.lr 0.0004 -> 0.00044\)"):
+        prepare_run(new)
+
+
+def train_cli(tiny_root, out, *extra, **kw):
+    return subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "deeplabv3p", "--encoder", "resnet18", "--root", tiny_root,
+                           "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, **kw)
+
+
+def test_cli_run_writes_config_and_log_and_follows_the_resume_rules(tiny_root, tmp_path):
+    r = train_cli(tiny_root, tmp_path, "--log-every", "1", "--log-interval-s", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = os.listdir(tmp_path)
+    assert run.startswith("deeplabv3p_resnet18_os16_adam-lr4e-4_w0.5_bs4_e1-")
+    saved = json.loads((tmp_path / run / "config.json").read_text())
+    assert saved["model"]["output_stride"] == 16 and saved["train"]["name"] == run  # resolved, not null
+    assert ExperimentConfig.from_dict(saved).validate() == resolve_config(ExperimentConfig.from_dict(saved))
+    # not a terminal: plain progress lines, and train.log holds what was shown
+    assert "epoch 1/1 step 1/2 (50%) | loss " in r.stdout and "img/s | lr 0.0004 | elapsed 0:00:" in r.stdout
+    log = (tmp_path / run / "train.log").read_text()
+    assert "epoch 1/1 step 2/2 (100%)" in log and "validation after epoch 1" in log and "mIoU" in log
+    assert f"run folder {tmp_path}/{run}" in log
+
+    again = train_cli(tiny_root, tmp_path)  # same configuration, no --resume: refused, nothing touched
+    assert again.returncode == 2 and "already holds a run: pass --resume" in again.stderr and "Traceback" not in again.stderr
+    other = train_cli(tiny_root, tmp_path, "--lr", "4.4e-4", "--name", run, "--resume")
+    assert other.returncode == 2 and "resume refused" in other.stderr and "optim.lr 0.0004 -> 0.00044" in other.stderr
+    assert sorted(os.listdir(tmp_path)) == [run]
+
+
+def test_print_config_shows_the_resolved_config_and_starts_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "branched_vortex", "--out", str(tmp_path), "--print-config"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout[: r.stdout.index("run folder:")])
+    assert printed["model"]["output_stride"] == 8 and printed["model"]["semseg_context"] == "vortex"
+    assert f"run folder: {tmp_path}/branched_vortex_resnet34_os8_" in r.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_local_mode_refuses_cluster_only_settings():
+    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--num-workers", "2"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--local trains one process" in r.stderr
+    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--root", "/a", "--shards", "/b"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--root /a and --shards /b both name the training data" in r.stderr
+
+
+def test_quick_preset_is_small_and_flags_override_it():
+    from jobs.train import parse
+
+    _, cfg = parse(["--local", "--quick"])
+    assert cfg.data.synthetic_size == (64, 128) and cfg.train.epochs == 4
+    _, cfg = parse(["--local", "--quick", "--epochs", "2", "--batch-size", "4"])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.data.synthetic_size) == (2, 4, (64, 128))
+    assert DataConfig() != cfg.data and TrainConfig().epochs == 16 and DistConfig().use_gpu is None and OptimConfig().lr == 4e-4
+
+
+@pytest.mark.parametrize("flag", ["--root", "--shards", "--out"])
+def test_an_unreachable_storage_endpoint_is_one_line_naming_the_url(flag, tmp_path):
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "2", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "y"}
+    args = [flag, "s3://streetmtl/nowhere"] + ([] if flag == "--out" else ["--out", str(tmp_path)])
+    r = subprocess.run([sys.executable, "jobs/train.py", "--local", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach s3://streetmtl/nowhere") and "at endpoint http://127.0.0.1:9" in line
+    assert "(gave up after 2 attempts in " in line and "AWS_MAX_ATTEMPTS and AWS_RETRY_MODE, now legacy, set the retries)" in line

@@ -28,8 +28,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def write_json(path: str, obj: dict) -> None:
     tmp = f"{path}.tmp"

@@ -91,7 +91,7 @@ PY=${PYTHON:-python3}
 export STREETMTL_CACHE=${STREETMTL_CACHE:-/tmp/streetmtl-cache}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/streetmtl-torch-extensions}  # DeepSpeed's JIT-built ops
 export RAY_USAGE_STATS_ENABLED=0  # no usage report (and no attempt to reach the internet)
-export RAY_AUTH_MODE=disabled     # a private cluster of this machine: no token (see stack facts: token auth)
+export RAY_AUTH_MODE=disabled     # a private cluster of this machine: no token (else the first ray.init turns token auth on)
 export RAY_TMPDIR=${RAY_TMPDIR:-/tmp/sgc-ray}  # Ray's sessions (short: socket paths), no other cluster's address file
 
 # The bundle, if any: Ray untarred and the wheels installed into SITE, first on PYTHONPATH (Ray's
@@ -261,14 +261,10 @@ if want_zero != "-":  # DeepSpeed's own record in the last checkpoint: its ZeRO 
     if not states:
         problems.append(f"no DeepSpeed optimizer states (*optim_states.pt) in {run_dir}")
     else:
-        import torch
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
+        from mtl.distributed.deepspeed_strategy import safe_deepspeed_load
 
-        try:  # no arbitrary unpickling: tensors, plain data and the DeepSpeed classes ZeRO 1/2 state holds
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-                sd = torch.load(states[-1], map_location="cpu", weights_only=True)
+        try:  # the trainer's own safe reader: tensors, plain data and the classes ZeRO 1/2 state holds
+            sd = safe_deepspeed_load(states[-1], map_location="cpu")
             zero, ds_version = int(sd["optimizer_state_dict"]["zero_stage"]), sd.get("ds_version")
         except Exception as e:  # noqa: BLE001 - reported as the phase's problem
             problems.append(f"{states[-1]}: cannot read its ZeRO stage: {type(e).__name__}: {e}")

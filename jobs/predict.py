@@ -13,10 +13,7 @@ size. The network sees each image at the size it was trained at (recorded in the
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

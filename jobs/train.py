@@ -17,19 +17,20 @@ import dataclasses
 import json
 import sys
 
-from mtl.config import PRESETS, ExperimentConfig, add_config_args, config_from_args
+from mtl.config import PRESETS, ExperimentConfig, add_config_args, changed_fields, config_from_args
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, ExperimentConfig]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local", action="store_true", help="single-process debug mode, no Ray")
+    quick = ", ".join(f"{k} {v}" for k, v in changed_fields(PRESETS["quick"]).items())
     p.add_argument("--quick", action="store_true",
-                   help=f"a first run that finishes in minutes on a laptop CPU: {PRESETS['quick'][1]} (flags given override it)")
+                   help=f"a first run that finishes in about 3 minutes on a laptop CPU: {quick} (flags given override it)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and the run folder, then exit")
     add_config_args(p)
     args = p.parse_args(argv)
     try:
-        cfg = config_from_args(args, PRESETS["quick"][0] if args.quick else None)
+        cfg = config_from_args(args, PRESETS["quick"] if args.quick else None)
         if args.local and (cfg.dist.num_workers != 1 or cfg.dist.strategy != "ddp"):
             raise ValueError("--local trains one process: --num-workers and --strategy deepspeed need Ray (drop --local)")
     except ValueError as e:
@@ -57,12 +58,12 @@ def print_config(cfg: ExperimentConfig, local: bool, console) -> int:
     can be made without connecting to Ray), and its run folder."""
     import torch
 
-    from mtl.distributed.capacity import cluster_address
+    from mtl.distributed.capacity import cluster_address, default_use_gpu
     from mtl.runs import resolve_config, run_url
 
-    if not local and cfg.dist.use_gpu is None:
-        joined = cluster_address(cfg.dist.address) is not None
-        cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, use_gpu=joined or torch.cuda.is_available()))
+    if not local and cfg.dist.use_gpu is None:  # as on the cluster, without connecting (this machine's GPUs)
+        use_gpu = default_use_gpu(cluster_address(cfg.dist.address) is not None, torch.cuda.device_count())
+        cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, use_gpu=use_gpu))
     cfg = resolve_config(cfg)
     console.print_json(cfg.to_json())
     console.print(f"run folder: {run_url(cfg)}")
@@ -78,7 +79,8 @@ def run_local(cfg: ExperimentConfig, console) -> int:
     rt: Runtime = dataclasses.replace(local_runtime(cfg), console=console)
     result = fit(cfg, rt)
     if not result.metrics:
-        console.print(f"nothing to train: the run had already finished all {cfg.train.epochs} epochs (raise --epochs to continue)")
+        console.print(f"nothing to train: the run had already finished all {cfg.train.epochs} epochs (to train it longer: "
+                      f"--resume --name {cfg.train.name} --epochs N)")
         return 0
     last = result.metrics[-1]
     console.print(f"done: mIoU {last['miou']:.2f}  SI-logRMSE {last['si_log_rmse']:.2f}  grader {last['grader']:.2f} "
@@ -95,7 +97,7 @@ def run_on_ray(cfg: ExperimentConfig, console) -> int:
     if result.error:
         from mtl.errors import one_line
 
-        print(f"error: training failed: {one_line(result.error)}", file=sys.stderr)
+        print(f"error: training failed: {one_line(result.error)} (traceback above and in `ray job logs`)", file=sys.stderr)
         return 1
     url = run_url(cfg)
     summary = {"run": url, "final_metrics": result.metrics, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,

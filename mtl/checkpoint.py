@@ -21,6 +21,15 @@ import torch
 from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-checkpoint-v1"
+STATE_FILE = "state.pt"  # inside a checkpoint folder reported to Ray (`mtl.strategy.PlainStrategy.save_dir`)
+
+
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array needs: checkpoints written before the RNG state was stored as
+    tensors hold numpy's MT19937 key array. Rebuilding an array runs no user code (torch's own
+    recipe for numpy arrays under ``weights_only``)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _fs(url: str):
@@ -37,7 +46,8 @@ def load_safely(data: bytes | io.IOBase, name: str, map_location: str | torch.de
     """``torch.load`` restricted to tensors and plain data; anything else (a pickled object,
     possibly one that runs code when loaded) is refused with an error naming ``name``."""
     try:
-        return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else type(e).__name__)
@@ -61,7 +71,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # (older checkpoints: numpy's own tuple)
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -103,14 +115,13 @@ class CheckpointDir:
 
 
 def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file, or the latest one of a run folder. Errors name the file."""
+    """Load a checkpoint file, or the latest one of a run folder (`checkpoint_in_folder`).
+    Errors name the file."""
     with storage_errors(url):
         fs, path = _fs(url)
         if fs.isdir(path):
-            latest = CheckpointDir(url).latest()
-            if latest is None:
-                raise FileNotFoundError(f"no checkpoint in {url} (no checkpoints/latest.json)")
-            url, (fs, path) = latest, _fs(latest)
+            url = checkpoint_in_folder(url)
+            fs, path = _fs(url)
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {url}")
         data = fs.cat_file(path)
@@ -119,3 +130,20 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[
         raise ValueError(f"{url} is not a streetmtl checkpoint")
     state["url"] = url
     return state
+
+
+def checkpoint_in_folder(url: str) -> str:
+    """The latest checkpoint with model weights in a run folder: ``checkpoints/latest.json``'s
+    (local runs), the newest ``epoch-NNNN/state.pt`` (DDP on Ray), else ``final.pt`` or ``best.pt``
+    (DeepSpeed on Ray keeps sharded states in its epoch folders)."""
+    url = url.rstrip("/")
+    latest = CheckpointDir(url).latest()
+    if latest is not None:
+        return latest
+    fs, path = _fs(url)
+    epochs = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)
+    for name in [f"{e}/{STATE_FILE}" for e in epochs if e.startswith("epoch-")] + ["final.pt", "best.pt"]:
+        if fs.exists(f"{path}/{name}"):
+            return f"{url}/{name}"
+    raise FileNotFoundError(f"no checkpoint in {url} (looked for checkpoints/latest.json, epoch-NNNN/{STATE_FILE}, final.pt "
+                            f"and best.pt)")

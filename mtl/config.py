@@ -187,11 +187,18 @@ class ExperimentConfig:
 # Named starting points for `jobs/train.py` (flags given on the command line override them).
 # quick: a first local run that shows the model learn in about 3 minutes on a 2-core CPU
 # (README quick start; the full-size synthetic set is for GPUs).
-PRESETS: dict[str, tuple[ExperimentConfig, str]] = {
-    "quick": (ExperimentConfig(data=DataConfig(synthetic_size=(64, 128), synthetic_counts=(160, 48, 48)),
-                               train=TrainConfig(epochs=4, batch_size=8)),
-              "synthetic set at 64x128 (160 train / 48 val / 48 test), batch 8, 4 epochs"),
+PRESETS: dict[str, ExperimentConfig] = {
+    "quick": ExperimentConfig(data=DataConfig(synthetic_size=(64, 128), synthetic_counts=(160, 48, 48)),
+                              train=TrainConfig(epochs=4, batch_size=8)),
 }
+
+
+def changed_fields(cfg: ExperimentConfig, base: ExperimentConfig | None = None) -> dict[str, Any]:
+    """``{"train.epochs": 4, ...}``: the fields where ``cfg`` differs from ``base`` (defaults)."""
+    base = base or ExperimentConfig()
+    return {f"{part.name}.{f.name}": getattr(getattr(cfg, part.name), f.name)
+            for part in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, part.name))
+            if getattr(getattr(cfg, part.name), f.name) != getattr(getattr(base, part.name), f.name)}
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:

@@ -34,7 +34,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but no CUDA GPU is visible")
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is visible")
     return torch.device(name)
 
 
@@ -157,6 +157,7 @@ class FitResult:
     lrs: list[float]  # the LR used at every optimizer step of this call
     model: nn.Module
     best_grader: float
+    input_size: list[int] | None = None  # (H, W) the model was trained for (see `Loaders.image_size`)
 
 
 @dataclass
@@ -189,7 +190,7 @@ class Trainer:
         self.strategy = rt.make_strategy(model, build_optimizer(model, cfg), cfg)
         self.codec, self.amp = DepthCodec(resolve(cfg.model).depth_space), autocast(self.device, t.bf16)
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
-        self.state, self.input_size = TrainState(), None
+        self.state, self.input_size = TrainState(), list(self.data.image_size) if self.data.image_size else None
         self.schedule = self._restore()
         if rt.is_main:  # data found, checkpoint accepted: the run folder gets (or updates) its configuration
             RunFolder(run_url(cfg)).write_config(cfg)
@@ -213,10 +214,10 @@ class Trainer:
         if meta is None:
             return PolyLR(o.lr, self.total_steps, o.poly_power, o.warmup_steps)
         self.state = TrainState(meta["epoch"], meta["step"], meta["best_grader"], meta.get("restarts", 0) + 1)
-        self.input_size = meta.get("input_size")
         set_rng_state(meta["rng"])
         if meta["total_steps"] != self.total_steps and meta["epochs"] == self.cfg.train.epochs:
-            # same plan, other steps/epoch (world size, loader workers): keep the LR curve continuous
+            # same plan, other steps per epoch (e.g. shards dealt to another number of loader
+            # workers): keep the LR curve continuous
             self.total_steps = meta["total_steps"]
         schedule = PolyLR(o.lr, self.total_steps, o.poly_power, o.warmup_steps)
         self.log(f"resumed from {meta.get('url', 'checkpoint')}: epoch {self.state.epoch}, step {self.state.step}/"
@@ -252,7 +253,7 @@ class Trainer:
                         on_epoch_end(self.state.epoch, metrics)
         finally:
             self.log.flush()
-        return FitResult(history, lrs, self.strategy.module, self.state.best)
+        return FitResult(history, lrs, self.strategy.module, self.state.best, self.input_size)
 
     def train_epoch(self, it: DeviceBatches, bar: TrainProgress, lrs: list[float]) -> tuple[list[float], float]:
         """One epoch of optimizer steps; returns the mean losses [total, semseg, depth] and img/s.
@@ -271,7 +272,7 @@ class Trainer:
                 parts = train_step(strategy, batch, self.codec, self.cfg.optim.semseg_weight, self.amp, last_micro_batch=k == t.grad_accum - 1)
                 running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
                 n_img += batch["rgb"].shape[0]
-            if self.input_size is None:
+            if self.input_size is None:  # validation images of varying size: the training crops'
                 self.input_size = list(batch["rgb"].shape[-2:])
             s_.step += 1
             now = time.perf_counter()

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from mtl.storage import StorageError, _connection_error, unreachable_message
+from mtl.storage import StorageError, is_connection_error, unreachable_message
 
-# exception types that mean "the user's input is wrong" (files, flags, checkpoints, storage)
-USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, OSError, RuntimeError)
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run the request as given: it can never hold the workers, or they
+    did not start on it."""
+
+
+# what the tools report as one line (exit code 2): wrong files, flags, checkpoints, run folders,
+# unreachable storage, a cluster that cannot run the request. Anything else (a CUDA error, a bug)
+# keeps its traceback.
+USER_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
+               StorageError, ClusterError)
 
 
 def one_line(e: BaseException) -> str:
@@ -13,17 +22,18 @@ def one_line(e: BaseException) -> str:
 
     An error raised in a DataLoader worker arrives re-raised by torch with the worker's whole
     traceback in its message ("Caught ValueError in DataLoader worker process 0. Original
-    Traceback ..."); the last line of that is the original message. Connection failures of a
-    storage client (botocore, aiohttp) become "cannot reach <url> ...".
+    Traceback ..."), and a failed Ray worker's error holds its traceback too: the last line of
+    that is the original message. Connection failures of a storage client (botocore, aiohttp)
+    become "cannot reach <url> ...".
     """
     for err in _chain(e):
         if isinstance(err, StorageError):
             return str(err)
-        if _connection_error(err):  # raised outside `storage_errors`: the client's URL is all there is
+        if is_connection_error(err):  # raised outside `storage_errors`: the client's URL is all there is
             url = getattr(err, "kwargs", {}).get("endpoint_url") or "the storage endpoint"
             return unreachable_message(url, err, None)
     text = str(e).strip() or type(e).__name__
-    if "Original Traceback" in text:
+    if "Traceback (most recent call last)" in text:
         last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
         name, sep, rest = last.partition(": ")
         text = rest if sep and name.replace(".", "").replace("_", "").isalnum() else last

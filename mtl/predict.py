@@ -227,9 +227,8 @@ def predict_images(model_or_checkpoint: LoadedModel | nn.Module | str, images: s
     hw = model_input_size(loaded, size)
     items = find_images(images) if isinstance(images, str) else list(images)
     results: list[Prediction] = []
-    for start in range(0, len(items), max(1, batch_size)):
-        chunk = items[start:start + max(1, batch_size)]
-        results += predict_arrays(loaded, [_as_rgb(x, start + j) for j, x in enumerate(chunk)], hw)
+    for chunk in _batches(list(enumerate(items)), batch_size):
+        results += predict_arrays(loaded, [_as_rgb(x, i) for i, x in chunk], hw)
     return results
 
 

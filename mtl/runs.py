@@ -21,13 +21,16 @@ import json
 import os
 from typing import Any, Callable
 
+from mtl.checkpoint import CheckpointDir
 from mtl.config import ExperimentConfig
 from mtl.models import resolve
 from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 CONFIG_FILE = "config.json"
 # identity fields a resume may change: more (or fewer) epochs extend the run; the LR plan is
-# then recomputed for the new length, and the resume says so
+# then recomputed for the new length, and the resume says so. They stay in the run's name and
+# hash (a 16-epoch run is another recipe than an 8-epoch one), so extending a run names it:
+# --resume --name <run> --epochs N
 RESUMABLE_CHANGES = frozenset({"train.epochs"})
 
 
@@ -93,15 +96,22 @@ def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[
 
 
 class RunFolder:
-    """``<out>/<name>/``: whether it holds a run, and its ``config.json``."""
+    """``<out>/<name>/``: what it holds (``config.json``, checkpoints of either layout)."""
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
 
-    def holds_a_run(self) -> bool:
+    def entries(self) -> list[str]:
         with storage_errors(self.url):
             fs, path = url_to_fs(self.url)
-            return fs.isdir(path) and bool(fs.ls(path, detail=False))
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
+
+    def has_checkpoint(self) -> bool:
+        """A checkpoint to continue from: ``checkpoints/latest.json`` (local mode) or an
+        ``epoch-NNNN/`` reported to Ray (both layouts: `mtl.checkpoint.load_checkpoint`)."""
+        entries = self.entries()
+        return any(e.startswith("epoch-") for e in entries) or (
+            "checkpoints" in entries and CheckpointDir(self.url).latest() is not None)
 
     def read_config(self) -> ExperimentConfig | None:
         data = read_bytes(f"{self.url}/{CONFIG_FILE}")
@@ -117,23 +127,33 @@ class RunFolder:
 
 
 def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> ExperimentConfig:
-    """Check that the run folder may be used as asked (a new run, or a matching ``--resume``);
-    returns the resolved config. Raises `RunConflict` otherwise. Writes nothing: a run that
-    fails on its data leaves no folder behind."""
+    """Check that the run folder may be used as asked; returns the resolved config. Raises
+    `RunConflict` otherwise. Writes nothing (the trainer writes ``config.json`` once the data
+    is found).
+
+    * no folder: a new run (``--resume``: nothing to resume, with a hint at similar runs);
+    * a folder with a checkpoint: only ``--resume`` continues it;
+    * a folder without one (the run stopped before its first epoch ended): it starts over.
+    In the last two cases the stored configuration must match (`check_same_training`).
+    """
     cfg = resolve_config(cfg)
     folder = RunFolder(run_url(cfg))
-    if folder.holds_a_run():
-        stored = folder.read_config()
-        if not cfg.train.resume:
-            raise RunConflict(f"run folder {folder.url} already holds a run: pass --resume to continue it, "
-                              f"or choose another --name/--out for a new run")
-        if stored is not None:
-            check_same_training(stored, cfg, f"run {folder.url}")
-            changed = config_diff(stored, cfg)
-            if changed:
-                log(f"resuming with changed {', '.join(changed)}: the LR plan is recomputed for the new length")
-    elif cfg.train.resume:
-        raise RunConflict(f"nothing to resume at {folder.url}" + _similar_runs_hint(cfg))
+    if not folder.entries():
+        if cfg.train.resume:
+            raise RunConflict(f"nothing to resume at {folder.url}" + _similar_runs_hint(cfg))
+        return cfg
+    stored = folder.read_config()
+    if stored is not None:
+        check_same_training(stored, cfg, f"run {folder.url}")
+    if not folder.has_checkpoint():
+        log(f"run folder {folder.url} has no checkpoint yet (it stopped before its first epoch ended): starting it over")
+        return cfg
+    if not cfg.train.resume:
+        raise RunConflict(f"run folder {folder.url} already holds a run with checkpoints: pass --resume to continue it, "
+                          f"or choose another --name/--out for a new run")
+    changed = config_diff(stored, cfg) if stored is not None else []
+    if changed:
+        log(f"resuming with changed {', '.join(changed)}: the LR plan is recomputed for the new length")
     return cfg
 
 
@@ -144,27 +164,26 @@ def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, w
         raise RunConflict(f"resume refused: {what} was trained with another configuration: {'; '.join(differ)}")
 
 
-def _similar_runs_hint(cfg: ExperimentConfig, limit: int = 3) -> str:
+def _similar_runs_hint(cfg: ExperimentConfig, limit: int = 3, reads: int = 50) -> str:
     """Runs beside the requested one with the same architecture, and how they differ: a changed
-    flag changes the run name, so "nothing to resume" usually means "you changed something"."""
+    flag changes the run name, so "nothing to resume" usually means "you changed something".
+    Only folders named like this architecture's runs are read (at most ``reads``)."""
     root = out_root(cfg.train.out)
     try:
-        with storage_errors(root):
-            fs, path = url_to_fs(root)
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
+        names = [n for n in RunFolder(root).entries() if n.startswith(f"{cfg.model.arch}_")]
     except (OSError, ValueError):
         return ""
     found = []
-    for name in sorted(names)[:200]:
+    for name in sorted(names)[:reads]:
         try:
             other = RunFolder(f"{root}/{name}").read_config()
         except (OSError, ValueError):
             continue
-        if other is not None and other.model.arch == cfg.model.arch:
-            found.append((len(config_diff(other, cfg)), name, config_diff(other, cfg)))
-    found.sort()
+        if other is not None:
+            diff = config_diff(other, cfg)
+            found.append((len(diff), name, diff))
     if not found:
         return ""
-    lines = [f"{name} (differs in {'; '.join(d) or 'nothing but operational settings'})" for _, name, d in found[:limit]]
+    lines = [f"{name} (differs in {'; '.join(d) or 'nothing but operational settings'})" for _, name, d in sorted(found)[:limit]]
     return (". Runs of the same architecture there: " + " | ".join(lines)
-            + ". To continue one of them, pass its --name with --resume (only --epochs may differ)")
+            + ". To continue one of them, pass its --name with --resume (only --epochs may differ: that extends it)")

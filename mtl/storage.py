@@ -30,7 +30,7 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-def _connection_error(e: BaseException) -> bool:
+def is_connection_error(e: BaseException) -> bool:
     """botocore/aiohttp/urllib3 failures to connect, without importing those packages here."""
     for cls in type(e).__mro__:
         name, module = cls.__name__, cls.__module__
@@ -66,7 +66,7 @@ def storage_errors(url: str) -> Iterator[None]:
     except StorageError:
         raise
     except Exception as e:  # noqa: BLE001 - only connection failures are translated
-        if _connection_error(e):
+        if is_connection_error(e):
             raise StorageError(unreachable_message(url, e, time.monotonic() - t0)) from None
         raise
 

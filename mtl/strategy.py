@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mtl.checkpoint import checkpoint_bytes, load_checkpoint
+from mtl.checkpoint import STATE_FILE, checkpoint_bytes, load_checkpoint
 
 
 class PlainStrategy:
@@ -54,13 +54,13 @@ class PlainStrategy:
         ``state.pt`` is a regular streetmtl checkpoint (`jobs/evaluate.py` reads it)."""
         if rank != 0:
             return False
-        with open(os.path.join(path, "state.pt"), "wb") as fh:
+        with open(os.path.join(path, STATE_FILE), "wb") as fh:
             fh.write(checkpoint_bytes({**meta, **self.state_dict()}))
         return True
 
     def load_dir(self, path: str, check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Restore from a checkpoint folder; ``check`` vets its metadata before any weight is loaded."""
-        state = load_checkpoint(os.path.join(path, "state.pt"))
+        state = load_checkpoint(os.path.join(path, STATE_FILE))
         check(state)
         self.load_state_dict(state)
         return state

@@ -10,15 +10,15 @@ import time
 import pytest
 import yaml
 
-from mtl.distributed.capacity import (Capacity, InfeasibleCluster, NodeType, max_concurrent, node_types_from_autoscaler_config,
+from mtl.distributed.capacity import (Autoscaling, Capacity, InfeasibleCluster, NodeType, autoscaling_from_config, max_concurrent,
                                       plan_workers)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_ONLY_NOW = [{"CPU": 0, "GPU": 0}, {"CPU": 8, "GPU": 0}]
 
 
-def cap(node_types, nodes=CPU_ONLY_NOW, source="test"):
-    return Capacity(nodes, node_types, source, {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")})
+def cap(node_types, nodes=CPU_ONLY_NOW, source="test", max_nodes=None):
+    return Capacity(nodes, None if node_types is None else Autoscaling(node_types, max_nodes), source)
 
 
 def test_a_joined_cluster_that_can_add_gpu_nodes_trains_on_gpus_and_waits():
@@ -48,18 +48,51 @@ def test_unknown_autoscaler_or_explicit_use_gpu_waits():
 
 def test_shipped_cluster_configs_can_grow_gpus():
     with open(os.path.join(REPO, "cluster/aws.yaml")) as fh:
-        aws = node_types_from_autoscaler_config(yaml.safe_load(fh))
-    assert [(t.name, t.resources, t.max_count) for t in aws] == [("gpu_a10g", {"CPU": 48.0, "GPU": 4.0}, 8)]
+        aws = autoscaling_from_config(yaml.safe_load(fh))
+    assert [(t.name, t.resources, t.max_count) for t in aws.node_types] == [("gpu_a10g", {"CPU": 48.0, "GPU": 4.0}, 8)]
+    assert aws.max_nodes == 8
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
     with open(os.path.join(REPO, "cluster/kuberay/raycluster.yaml")) as fh:
         cr = yaml.safe_load(fh)
     cr["metadata"]["namespace"] = "default"  # the API server fills it in
-    kuberay = node_types_from_autoscaler_config(_derive_autoscaling_config_from_ray_cr(cr))
-    assert [(t.name, t.resources.get("GPU"), t.max_count) for t in kuberay] == [("gpu", 1.0, 8)]
-    # sweeps size their concurrency from what the cluster can grow to, not what it has at submit time
-    assert max_concurrent(2, {"CPU": 10, "GPU": 1}, cap(aws)) == 16
-    assert max_concurrent(2, {"CPU": 10, "GPU": 1}, cap(None)) == 1
+    kuberay = autoscaling_from_config(_derive_autoscaling_config_from_ray_cr(cr))
+    assert [(t.name, t.resources.get("GPU"), t.max_count) for t in kuberay.node_types] == [("gpu", 1.0, 8)]
+
+
+def test_what_a_cluster_can_grow_to_counts_each_node_once():
+    gpu = NodeType("gpu", {"CPU": 48, "GPU": 4}, 8)
+    head = {"CPU": 0, "GPU": 0}
+    bundle = {"CPU": 10, "GPU": 1}
+    assert Capacity([head], Autoscaling([gpu], 8), "t").max_fit(bundle) == 32  # 8 nodes x 4 GPUs
+    grown = Capacity([head] + [{"CPU": 48, "GPU": 4}] * 8, Autoscaling([gpu], 8), "t")
+    assert grown.max_fit(bundle) == 32  # the 8 nodes that are up are the type's 8, not 8 more
+    # the cluster-wide cap holds over several types (e.g. aws.yaml's block copied for p4d)
+    p4d = NodeType("p4d", {"CPU": 96, "GPU": 8}, 8)
+    assert Capacity([head], Autoscaling([gpu, p4d], 8), "t").max_fit(bundle) == 8 * 8
+    # sweeps size their concurrency from what the cluster can grow to, not what it has at submit
+    # time, and never above the number of trials
+    assert max_concurrent(2, bundle, cap([gpu], max_nodes=8), 64) == 16
+    assert max_concurrent(2, bundle, cap([gpu], max_nodes=8), 6) == 6
+    assert max_concurrent(2, bundle, cap(None), 6) == 1
+
+
+def test_a_source_that_cannot_be_read_does_not_hide_the_next(monkeypatch):
+    import ray
+
+    from mtl.distributed import capacity
+
+    def broken():
+        raise RuntimeError("API changed")
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(capacity, "SOURCES", [("first", broken), ("second", lambda: Autoscaling([NodeType("g", {"GPU": 1}, 2)]))])
+    assert capacity.read_capacity().source == "second"
+    monkeypatch.setattr(capacity, "SOURCES", [("first", broken), ("second", lambda: None)])
+    unknown = capacity.read_capacity()
+    assert unknown.autoscaling is None and unknown.source == "first could not be read (RuntimeError: API changed)"
+    monkeypatch.setattr(capacity, "SOURCES", [("first", lambda: None)])
+    assert capacity.read_capacity().max_fit({"CPU": 1}) == 2  # fixed: what is there
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from jobs import evaluate as evaluate_cli
 from jobs import predict as predict_cli
 from mtl.checkpoint import CheckpointDir
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig
-from mtl.data import DataSource, data_root, resolve_source
+from mtl.data import DataSource, resolve_source
 from mtl.data.miniscapes import decode_depth, decode_semseg, disparity_png_to_metres, metres_to_disparity_png
 from mtl.data.batch import normalize_rgb
 from mtl.engine import predict
@@ -89,14 +89,14 @@ def test_label_less_test_split_exports_without_extra_flags(tiny_root, tmp_path, 
     assert rc == 0 and "no metrics computed" not in stdout
 
 
-def test_evaluate_reads_the_shards_the_checkpoint_was_trained_on(s3_shards, tmp_path, make_run, capsys):
+def test_evaluate_reads_the_shards_the_checkpoint_was_trained_on(s3_shards, tmp_path, make_run, capsys, monkeypatch):
+    monkeypatch.setenv("STREETMTL_CACHE", str(tmp_path / "cache"))  # where the old fallback would have made a set
     run = make_run(DataConfig(shards=s3_shards))
     rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--json", tmp_path / "m.json", "--batch-size", "12")
     assert rc == 0, err
     assert f"24 val samples from {s3_shards} (val split)" in stdout
     assert json.loads((tmp_path / "m.json").read_text())["num_depth_images"] == 24  # the whole split was streamed
-    cache = os.environ["STREETMTL_CACHE"]
-    assert not [p for p in os.listdir(cache) if p.startswith("synthetic")]  # the old fallback: never touched
+    assert not (tmp_path / "cache").exists()  # the old fallback (the cached synthetic set): never touched
 
 
 def test_data_flag_overrides_with_a_folder_or_a_shard_set(s3_shards, tiny_root, make_run, capsys):
@@ -116,9 +116,6 @@ def test_which_data_a_config_means(s3_shards, tiny_root):
     assert resolve_source(shards, tiny_root) == DataSource("folder", tiny_root)
     assert resolve_source(ExperimentConfig(), "s3://b/p/manifest.json").is_shards  # named, not looked up
     assert resolve_source(ExperimentConfig(data=DataConfig(root=tiny_root))) == DataSource("folder", tiny_root)
-    assert data_root(ExperimentConfig(data=DataConfig(root=tiny_root))) == tiny_root
-    with pytest.raises(ValueError, match="reads the shard set s3://streetmtl/tiny-shards"):
-        data_root(shards)  # once silently the synthetic set
 
 
 # ------------------------------------------------------------------------------ prediction

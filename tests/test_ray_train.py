@@ -34,11 +34,19 @@ def read_metrics(run_url: str) -> list[dict]:
     return [json.loads(fs.cat_file(f)) for f in files]
 
 
-def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster, s3_shards, tmp_path):
+def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster, s3_shards, tmp_path, monkeypatch):
+    """Also: the S3 keys in the environment of the nodes (as `ray start` after `export AWS_...`)
+    are what the workers use; none is copied into Ray's actor metadata, which the dashboard and
+    `ray list actors --detail` show to anyone who can reach them."""
+    import uuid
+
     from mtl.distributed.ray_train import run_ray
     from mtl.runs import run_url
 
-    ray_cluster([1, 1, 1])
+    secret = f"dummy-secret-{uuid.uuid4().hex}"  # moto takes any key
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(k, f"{secret}-{k}")
+    c = ray_cluster([1, 1, 1])
     cfg = ray_cfg("s3://streetmtl/ray-runs", "ddp-s3", shards=s3_shards, workers=3)
     result, _ = run_ray(cfg)
     assert result.error is None
@@ -49,13 +57,23 @@ def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster,
     metrics = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert all(m["num_depth_images"] == 24 for m in metrics)  # val reduced across the 3 ranks: every image once
-    # the best checkpoint exports with the evaluation tool, straight from S3
+    # the run folder exports with the evaluation tool (its latest epoch-NNNN/state.pt), straight from S3
     out = tmp_path / "export"
-    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", "s3://streetmtl/ray-runs/ddp-s3/best.pt",
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", "s3://streetmtl/ray-runs/ddp-s3",
                         "--data", os.environ["STREETMTL_TINY_ROOT"], "--split", "test", "--export", str(out), "--viz", "1"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert "s3://streetmtl/ray-runs/ddp-s3/epoch-0002/state.pt" in r.stdout
     assert len(os.listdir(out / "depth")) == 16
+    # no secret in Ray's metadata (a non-secret setting, AWS_REGION, is forwarded and shows) or the run folder
+    r = subprocess.run(["ray", "list", "actors", "--detail", "--limit", "1000", "--address", c.cluster.address],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "RayTrainWorker" in r.stdout and os.environ["AWS_REGION"] in r.stdout
+    assert secret not in r.stdout
+    for f in fs.find("streetmtl/ray-runs/ddp-s3"):
+        if f.endswith((".json", ".log", ".txt")):
+            assert secret not in fs.cat_file(f).decode(errors="replace"), f
 
 
 def test_deepspeed_zero2_trains_and_resumes(ray_cluster, tiny_root, tmp_path):
@@ -69,7 +87,7 @@ def test_deepspeed_zero2_trains_and_resumes(ray_cluster, tiny_root, tmp_path):
     assert [m["epoch"] for m in first] == [1] and first[0]["restarts"] == 0
     assert os.path.exists(tmp_path / "ds/epoch-0001/deepspeed")  # every rank's ZeRO partition
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
-    with pytest.raises(RunConflict, match="already holds a run: pass --resume"):  # as locally: no silent reuse
+    with pytest.raises(RunConflict, match="already holds a run with checkpoints: pass --resume"):  # as locally: no silent reuse
         run_ray(longer)
     longer = dataclasses.replace(longer, train=dataclasses.replace(longer.train, resume=True))
     assert run_ray(longer)[0].error is None
@@ -124,28 +142,3 @@ def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_roo
         run_ray(cfg)
     assert time.time() - t0 < 30
     assert not (tmp_path / "toobig").exists()  # nothing written
-
-
-def test_no_secret_reaches_rays_metadata_or_the_run_folder(ray_cluster, tiny_root, tmp_path, monkeypatch):
-    """Keys in the environment of the nodes (as `ray start` after `export AWS_...`) are what the
-    workers use; none is copied into Ray's actor metadata, which the dashboard and
-    `ray list actors --detail` show to anyone who can reach them."""
-    import uuid
-
-    from mtl.distributed.ray_train import run_ray
-
-    secret = f"dummy-secret-{uuid.uuid4().hex}"
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(k, f"{secret}-{k}")
-    monkeypatch.setenv("AWS_REGION", "eu-west-3")  # a non-secret setting: forwarded
-    c = ray_cluster([1])
-    result, _ = run_ray(ray_cfg(str(tmp_path), "secret", root=tiny_root, epochs=1, steps=1, workers=1))
-    assert result.error is None
-    r = subprocess.run(["ray", "list", "actors", "--detail", "--limit", "1000", "--address", c.cluster.address],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "RayTrainWorker" in r.stdout and "eu-west-3" in r.stdout  # the listing does show the workers' env vars
-    assert secret not in r.stdout
-    for f in (tmp_path / "secret").rglob("*"):
-        if f.is_file() and f.suffix in (".json", ".log", ".txt"):
-            assert secret not in f.read_text(errors="replace"), f

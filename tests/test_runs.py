@@ -50,13 +50,21 @@ def test_resolved_config_round_trips_through_config_json(tmp_path):
 
 
 def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
+    from mtl.checkpoint import CheckpointDir
+
     cfg = resolve_config(cfg_with(train={"out": str(tmp_path), "name": "r"}))
     with pytest.raises(RunConflict, match=r"nothing to resume at .*/r$"):
         prepare_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True)))
     prepare_run(cfg)  # a new run: fine, and it writes nothing
     assert not (tmp_path / "r").exists()
     RunFolder(f"{tmp_path}/r").write_config(cfg)
-    with pytest.raises(RunConflict, match="already holds a run: pass --resume"):
+    said = []
+    prepare_run(cfg, said.append)  # stopped before its first checkpoint: the same run starts over
+    assert said == [f"run folder {tmp_path}/r has no checkpoint yet (it stopped before its first epoch ended): starting it over"]
+    with pytest.raises(RunConflict, match=r"resume refused: .*optim.lr 0.0004 -> 0.001"):  # ... but not another one
+        prepare_run(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3)))
+    CheckpointDir(f"{tmp_path}/r").save({"epoch": 1}, "epoch-0001")
+    with pytest.raises(RunConflict, match="already holds a run with checkpoints: pass --resume"):
         prepare_run(cfg)
     resume = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True, epochs=20, log_every=1),
                                  data=dataclasses.replace(cfg.data, workers=4))
@@ -99,10 +107,17 @@ def test_cli_run_writes_config_and_log_and_follows_the_resume_rules(tiny_root, t
     assert f"run folder {tmp_path}/{run}" in log
 
     again = train_cli(tiny_root, tmp_path)  # same configuration, no --resume: refused, nothing touched
-    assert again.returncode == 2 and "already holds a run: pass --resume" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "already holds a run with checkpoints: pass --resume" in again.stderr
+    assert "Traceback" not in again.stderr
     other = train_cli(tiny_root, tmp_path, "--lr", "4.4e-4", "--name", run, "--resume")
     assert other.returncode == 2 and "resume refused" in other.stderr and "optim.lr 0.0004 -> 0.00044" in other.stderr
     assert sorted(os.listdir(tmp_path)) == [run]
+    done = train_cli(tiny_root, tmp_path, "--resume")  # finished: it says how to train it longer
+    assert done.returncode == 0 and f"to train it longer: --resume --name {run} --epochs N" in done.stdout
+    longer = train_cli(tiny_root, tmp_path, "--resume", "--name", run, "--epochs", "2")
+    assert longer.returncode == 0, longer.stderr
+    assert "resuming with changed train.epochs 1 -> 2" in longer.stdout and ": epoch 1, step 2/4, next LR" in longer.stdout
+    assert json.loads((tmp_path / run / "config.json").read_text())["train"]["epochs"] == 2
 
 
 def test_print_config_shows_the_resolved_config_and_starts_nothing(tmp_path):
@@ -126,7 +141,7 @@ def test_quick_preset_is_small_and_flags_override_it():
     from jobs.train import parse
 
     _, cfg = parse(["--local", "--quick"])
-    assert cfg.data.synthetic_size == (64, 128) and cfg.train.epochs == 4
+    assert cfg.data.synthetic_size == (64, 128) and cfg.train.epochs == 4 and cfg.data.synthetic_counts == (160, 48, 48)
     _, cfg = parse(["--local", "--quick", "--epochs", "2", "--batch-size", "4"])
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.data.synthetic_size) == (2, 4, (64, 128))
     assert DataConfig() != cfg.data and TrainConfig().epochs == 16 and DistConfig().use_gpu is None and OptimConfig().lr == 4e-4

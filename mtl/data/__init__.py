@@ -69,19 +69,6 @@ def resolve_source(cfg: ExperimentConfig, override: str | None = None) -> DataSo
     return DataSource("folder", synthetic_root(d.synthetic_size, d.synthetic_counts))
 
 
-def data_root(cfg: ExperimentConfig) -> str:
-    """The Miniscapes folder a config reads (``data.root`` or the cached synthetic set).
-
-    Raises ValueError for a config that reads shards: it has no folder, and answering with the
-    synthetic set (as this once did) made evaluation silently score the wrong data. Use
-    `resolve_source` / `open_split`, which handle both.
-    """
-    source = resolve_source(cfg)
-    if source.is_shards:
-        raise ValueError(f"this configuration reads the shard set {source.url}, not a Miniscapes folder "
-                         f"(use mtl.data.open_split or resolve_source)")
-    return source.url
-
 def train_augment(cfg: ExperimentConfig) -> Augment | None:
     d = cfg.data
     return Augment(d.scale_min, d.scale_max, d.crop, d.hflip) if d.augment else None
@@ -111,6 +98,9 @@ class Loaders:
     num_val: int
     source: str
     workers: int  # loader processes (per loader)
+    # (H, W) of the validation images: what the model sees outside training, and what prediction
+    # resizes photos to (recorded in checkpoints); None when they vary
+    image_size: tuple[int, int] | None = None
 
 
 def auto_workers(on_gpu: bool, cpus: int | None = None) -> int:
@@ -194,7 +184,8 @@ def _shard_loaders(cfg: ExperimentConfig, d: DataConfig, source: DataSource, ran
     va = ShardStream(val, None, t.seed, False, rank, world)
     return Loaders(ShardLoader(tr, t.batch_size, d.workers, d.prefetch, True, pin_memory),
                    ShardLoader(va, t.batch_size, d.workers, d.prefetch, False, pin_memory),
-                   num_samples(manifest, "train"), num_samples(manifest, "val"), manifest["base_url"], d.workers)
+                   num_samples(manifest, "train"), num_samples(manifest, "val"), manifest["base_url"], d.workers,
+                   _size(manifest["splits"]["val"].get("image_size")))
 
 
 def _folder_loaders(cfg: ExperimentConfig, d: DataConfig, source: DataSource, rank: int, world: int, pin_memory: bool) -> Loaders:
@@ -206,5 +197,9 @@ def _folder_loaders(cfg: ExperimentConfig, d: DataConfig, source: DataSource, ra
     return Loaders(
         FolderLoader(make_loader(train_set, t.batch_size, True, t.seed, d.workers, d.prefetch, rank, world, True, pin_memory)),
         FolderLoader(make_loader(val_set, t.batch_size, False, t.seed, d.workers, d.prefetch, rank, world, False, pin_memory)),
-        len(train_set), len(val_set), root, d.workers,
+        len(train_set), len(val_set), root, d.workers, _size(val_set[0]["rgb"].shape[:2]) if len(val_set) else None,
     )
+
+
+def _size(hw) -> tuple[int, int] | None:
+    return None if hw is None else (int(hw[0]), int(hw[1]))

@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
+
+from mtl.errors import ClusterError
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 RESOURCES = ("CPU", "GPU")
+UNBOUNDED = 1 << 20
+NO_CUDA_HINT = ("a CPU-only torch build or no NVIDIA driver on that node. Fix the node's image, or train on CPUs "
+                "with --no-use-gpu.")
 
 
-class InfeasibleCluster(RuntimeError):
+class InfeasibleCluster(ClusterError):
     """The worker group can never be placed on this cluster."""
 
 
@@ -39,36 +44,59 @@ class InfeasibleCluster(RuntimeError):
 class NodeType:
     name: str
     resources: dict[str, float]
-    max_count: int  # how many more of these the autoscaler may add (an upper bound)
+    max_count: int  # the most nodes of this type the autoscaler keeps (its max_workers)
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """What an autoscaler config allows: worker node types, and the cap on worker nodes overall."""
+
+    node_types: list[NodeType]
+    max_nodes: int | None = None
 
 
 @dataclass(frozen=True)
 class Capacity:
-    """Alive nodes' resources now, and the node types an autoscaler may add (None: it has some,
-    but they could not be read)."""
+    """Alive nodes' resources now, and what an autoscaler may grow the cluster to (None: there
+    is one, but its config could not be read; no node types: a fixed cluster)."""
 
     nodes: list[dict[str, float]]
-    node_types: list[NodeType] | None
+    autoscaling: Autoscaling | None
     source: str
-    totals: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def totals(self) -> dict[str, float]:
+        return {k: sum(n.get(k, 0) for n in self.nodes) for k in RESOURCES}
 
     def max_fit(self, bundle: dict[str, float]) -> int | None:
-        """How many ``bundle``s fit once the cluster has grown as far as it can (None: unknown)."""
-        if self.node_types is None:
+        """How many ``bundle``s fit once the cluster has grown as far as its config allows (an
+        upper bound; None: unknown). Alive nodes that look like a worker type count within that
+        type's maximum, not on top of it."""
+        if self.autoscaling is None:
             return None
-        return fits(self.nodes, bundle) + sum(fits([t.resources], bundle) * t.max_count for t in self.node_types)
+        types, budget = self.autoscaling.node_types, self.autoscaling.max_nodes
+        others = [n for n in self.nodes if not any(_is_of_type(n, t) for t in types)]
+        total, budget = fits(others, bundle), UNBOUNDED if budget is None else budget
+        for per_node, count in sorted(((fits([t.resources], bundle), t.max_count) for t in types), reverse=True):
+            take = min(count, budget)
+            total, budget = total + per_node * take, budget - take
+        return max(total, fits(self.nodes, bundle))
 
     def can_add(self, resource: str) -> bool | None:
-        if self.node_types is None:
+        if self.autoscaling is None:
             return None
-        return any(t.resources.get(resource, 0) > 0 and t.max_count > 0 for t in self.node_types)
+        return any(t.resources.get(resource, 0) > 0 and t.max_count > 0 for t in self.autoscaling.node_types)
 
     def describe(self) -> str:
         now = ", ".join(f"{k} {self.totals.get(k, 0):g}" for k in RESOURCES)
-        if self.node_types is None:
+        if self.autoscaling is None:
             return f"nodes now: {now}; {self.source}"
-        types = "; ".join(f"{t.name} x{t.max_count} {_res(t.resources)}" for t in self.node_types) or "none"
+        types = "; ".join(f"{t.name} x{t.max_count} {_res(t.resources)}" for t in self.autoscaling.node_types) or "none"
         return f"nodes now: {now}; node types the autoscaler may add ({self.source}): {types}"
+
+
+def _is_of_type(node: dict[str, float], t: NodeType) -> bool:
+    return all(node.get(k, 0) == t.resources.get(k, 0) for k in RESOURCES)
 
 
 def _res(r: dict[str, float]) -> str:
@@ -84,62 +112,68 @@ def fits(nodes: list[dict[str, float]], bundle: dict[str, float]) -> int:
     return total
 
 
-def node_types_from_autoscaler_config(config: dict[str, Any]) -> list[NodeType]:
-    """Worker node types of a Ray autoscaler config (the cluster launcher's YAML format)."""
+def autoscaling_from_config(config: dict[str, Any]) -> Autoscaling:
+    """Worker node types and the node cap of a Ray autoscaler config (the cluster launcher's
+    YAML format; KubeRay's RayCluster is translated into it by Ray's own code)."""
     head = config.get("head_node_type")
-    default_max = config.get("max_workers", 0)
-    return [NodeType(name, {k: float(v) for k, v in (t.get("resources") or {}).items() if k in RESOURCES},
-                     int(t.get("max_workers", default_max)))
-            for name, t in (config.get("available_node_types") or {}).items() if name != head]
+    cap = config.get("max_workers")
+    types = [NodeType(name, {k: float(v) for k, v in (t.get("resources") or {}).items() if k in RESOURCES},
+                      int(t.get("max_workers", cap or 0)))
+             for name, t in (config.get("available_node_types") or {}).items() if name != head]
+    return Autoscaling(types, None if cap is None else int(cap))
 
 
-def _from_gcs() -> list[NodeType] | None:
+def _from_gcs() -> Autoscaling | None:
     import ray
 
     config = ray._private.state.state.get_cluster_config()  # what Ray Train's own resource check reads
     if config is None or not config.node_group_configs:
         return None
-    return [NodeType(g.name, {k: float(g.resources.get(k, 0)) for k in RESOURCES}, g.max_count if g.max_count >= 0 else 1 << 20)
-            for g in config.node_group_configs]
+    return Autoscaling([NodeType(g.name, {k: float(g.resources.get(k, 0)) for k in RESOURCES},
+                                 g.max_count if g.max_count >= 0 else UNBOUNDED) for g in config.node_group_configs])
 
 
-def _from_bootstrap_file() -> list[NodeType] | None:
+def _from_bootstrap_file() -> Autoscaling | None:
     path = os.path.expanduser(BOOTSTRAP_CONFIG)
     if not os.path.exists(path):
         return None
     import yaml
 
     with open(path) as fh:
-        return node_types_from_autoscaler_config(yaml.safe_load(fh) or {})
+        return autoscaling_from_config(yaml.safe_load(fh) or {})
 
 
-def _from_kuberay() -> list[NodeType] | None:
+def _from_kuberay() -> Autoscaling | None:
     name, namespace = os.environ.get("RAY_CLUSTER_NAME"), os.environ.get("RAY_CLUSTER_NAMESPACE")
     if not (name and namespace):
         return None
     from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
 
-    return node_types_from_autoscaler_config(AutoscalingConfigProducer(name, namespace)())
+    return autoscaling_from_config(AutoscalingConfigProducer(name, namespace)())
 
 
-SOURCES: list[tuple[str, Callable[[], list[NodeType] | None]]] = [
+SOURCES: list[tuple[str, Callable[[], Autoscaling | None]]] = [
     ("Ray's cluster config", _from_gcs), (BOOTSTRAP_CONFIG, _from_bootstrap_file), ("the KubeRay RayCluster", _from_kuberay)]
 
 
 def read_capacity() -> Capacity:
-    """The connected cluster's capacity (call after ``ray.init``)."""
+    """The connected cluster's capacity (call after ``ray.init``): the first source that answers;
+    one that fails to read is noted and the next one tried."""
     import ray
 
     nodes = [{k: float(n["Resources"].get(k, 0)) for k in RESOURCES} for n in ray.nodes() if n.get("Alive")]
-    totals = {k: sum(n[k] for n in nodes) for k in RESOURCES}
+    failed = []
     for name, source in SOURCES:
         try:
-            types = source()
-        except Exception as e:  # noqa: BLE001 - an autoscaler exists but its config could not be read
-            return Capacity(nodes, None, f"{name} could not be read ({type(e).__name__}: {e})", totals)
-        if types is not None:
-            return Capacity(nodes, types, name, totals)
-    return Capacity(nodes, [], "no autoscaler config found: a fixed cluster", totals)
+            autoscaling = source()
+        except Exception as e:  # noqa: BLE001 - there is an autoscaler, but its config could not be read
+            failed.append(f"{name} could not be read ({type(e).__name__}: {e})")
+            continue
+        if autoscaling is not None:
+            return Capacity(nodes, autoscaling, name)
+    if failed:
+        return Capacity(nodes, None, "; ".join(failed))
+    return Capacity(nodes, Autoscaling([]), "no autoscaler config found: a fixed cluster")
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -147,6 +181,17 @@ def cluster_address(address: str | None) -> str | None:
     submit`` too); None when it starts a Ray instance of its own ("local" asks for that)."""
     address = address or os.environ.get("RAY_ADDRESS")
     return None if address in (None, "", "local") else address
+
+
+def default_use_gpu(joined: bool, gpus_here: float) -> bool:
+    """GPUs on a cluster the run joins (its autoscaler adds GPU nodes only when asked for them);
+    on a Ray instance the run starts itself, the GPUs it has."""
+    return joined or gpus_here > 0
+
+
+def worker_bundle(cpus: float, gpus: float, use_gpu: bool) -> dict[str, float]:
+    """One training worker's resources, as Ray is asked for them."""
+    return {"CPU": cpus, **({"GPU": gpus} if use_gpu and gpus > 0 else {})}
 
 
 @dataclass(frozen=True)
@@ -163,8 +208,8 @@ def plan_workers(num_workers: int, cpus: float, gpus: float, use_gpu: bool | Non
     `InfeasibleCluster` with a message naming the flags when the group can never be placed."""
     insisted = use_gpu is True  # --use-gpu: GPUs will come, even if this run cannot see how
     if use_gpu is None:
-        use_gpu = joined or capacity.totals.get("GPU", 0) > 0
-    bundle = {"CPU": cpus, **({"GPU": gpus} if use_gpu and gpus > 0 else {})}
+        use_gpu = default_use_gpu(joined, capacity.totals["GPU"])
+    bundle = worker_bundle(cpus, gpus, use_gpu)
     need = f"{num_workers} worker(s) x {_res(bundle)}"
     if fits(capacity.nodes, bundle) >= num_workers:
         return WorkerPlan(use_gpu, bundle, True, f"{need}: the cluster has room now")
@@ -180,7 +225,7 @@ def plan_workers(num_workers: int, cpus: float, gpus: float, use_gpu: bool | Non
 
 def _infeasible_message(need: str, use_gpu: bool, bundle: dict[str, float], capacity: Capacity) -> str:
     lines = [f"this Ray cluster can never hold {need}: {capacity.describe()}."]
-    if use_gpu and "GPU" in bundle and not capacity.totals.get("GPU") and not capacity.can_add("GPU"):
+    if use_gpu and "GPU" in bundle and not capacity.totals["GPU"] and not capacity.can_add("GPU"):
         lines.append("It has no GPU and cannot get one: train on CPUs with --no-use-gpu, or give the cluster a GPU node "
                      "type (cluster/aws.yaml, cluster/kuberay/raycluster.yaml). If GPU nodes will join by other means, "
                      "pass --use-gpu to wait for them.")
@@ -189,10 +234,10 @@ def _infeasible_message(need: str, use_gpu: bool, bundle: dict[str, float], capa
     return " ".join(lines)
 
 
-def max_concurrent(per_trial_workers: int, bundle: dict[str, float], capacity: Capacity) -> int:
-    """Trials of ``per_trial_workers`` workers each that the cluster can run at once when grown
-    as far as it can (as it is now when that cannot be known); at least 1."""
+def max_concurrent(per_trial_workers: int, bundle: dict[str, float], capacity: Capacity, trials: int) -> int:
+    """Of ``trials`` trials of ``per_trial_workers`` workers each, how many the cluster can run at
+    once when grown as far as it can (as it is now when that cannot be known); at least 1."""
     most = capacity.max_fit(bundle)
     if most is None:
         most = fits(capacity.nodes, bundle)
-    return max(1, most // per_trial_workers)
+    return max(1, min(trials, most // per_trial_workers))

@@ -29,8 +29,9 @@ from torch import nn
 
 from mtl.checkpoint import checkpoint_bytes
 from mtl.config import ExperimentConfig
-from mtl.distributed.capacity import WorkerPlan, cluster_address, plan_workers, read_capacity
+from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
 from mtl.engine import Runtime, check_resumable, fit
+from mtl.errors import ClusterError
 from mtl.runs import out_root, prepare_run, run_name, run_url
 from mtl.storage import write_bytes_atomic
 from mtl.strategy import DDPStrategy, PlainStrategy
@@ -92,9 +93,8 @@ def _worker_device():
 
     gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     if gpus and not torch.cuda.is_available():
-        raise RuntimeError(f"Ray assigned GPU(s) {gpus} to this worker on node {ray.util.get_node_ip_address()}, but torch "
-                           f"{torch.__version__} sees no CUDA device there (CPU-only torch build, or no NVIDIA driver on "
-                           f"that node). Fix the node's image, or train on CPUs with --no-use-gpu.")
+        raise ClusterError(f"Ray assigned GPU(s) {gpus} to this worker on node {ray.util.get_node_ip_address()}, but torch "
+                           f"{torch.__version__} sees no CUDA device there: {NO_CUDA_HINT}")
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -126,12 +126,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     result = fit(cfg, rt)
     if rank == 0 and result.metrics:  # (a restart after the last epoch trains nothing and keeps final.pt)
         final = result.metrics[-1] if result.metrics else {}
-        checkpoints.save_model({"config": cfg.to_dict(), "epoch": final.get("epoch"), "metrics": final}, result.model, "final.pt")
+        checkpoints.save_model({"config": cfg.to_dict(), "epoch": final.get("epoch"), "input_size": result.input_size,
+                                "metrics": final}, result.model, "final.pt")
 
 
-def make_trainer(cfg: ExperimentConfig, use_gpu: bool, callbacks: list | None = None):
-    """The TorchTrainer for this (resolved) config: workers sized by ``cfg.dist``, checkpoints
-    in ``<train.out>/<run name>``, failures survived up to ``dist.max_failures``."""
+def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: list | None = None):
+    """The TorchTrainer for this (resolved) config: ``dist.num_workers`` workers of ``bundle``
+    (`mtl.distributed.capacity.worker_bundle`), checkpoints in ``<train.out>/<run name>``,
+    failures survived up to ``dist.max_failures``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -140,7 +142,7 @@ def make_trainer(cfg: ExperimentConfig, use_gpu: bool, callbacks: list | None = 
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict()},
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu)),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu="GPU" in bundle, resources_per_worker=bundle),
         run_config=RunConfig(
             name=run_name(cfg), storage_path=out_root(cfg.train.out),
             failure_config=FailureConfig(max_failures=d.max_failures, controller_failure_limit=1),
@@ -149,10 +151,6 @@ def make_trainer(cfg: ExperimentConfig, use_gpu: bool, callbacks: list | None = 
             callbacks=callbacks,
         ),
     )
-
-
-def worker_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
-    return {"CPU": cfg.dist.cpus_per_worker, **({"GPU": cfg.dist.gpus_per_worker} if use_gpu else {})}
 
 
 def connect(cfg: ExperimentConfig) -> bool:
@@ -179,8 +177,8 @@ def plan(cfg: ExperimentConfig, joined: bool) -> WorkerPlan:
 def run_ray(cfg: ExperimentConfig, log=print):
     """Train on the Ray cluster; returns Ray's Result and the resolved config. Raises
     `InfeasibleCluster` at once when the cluster can never hold the workers, `RunConflict` when
-    the run folder does not allow the run (see `mtl.runs`), RuntimeError when the worker group
-    could not be placed within ``dist.start_timeout_s``."""
+    the run folder does not allow the run (see `mtl.runs`), `ClusterError` when the worker group
+    was not placed within ``dist.start_timeout_s`` or failed to start."""
     import ray
 
     joined = connect(cfg)
@@ -191,11 +189,11 @@ def run_ray(cfg: ExperimentConfig, log=print):
     log(f"training workers on {'GPUs' if workers.use_gpu else 'CPUs'} ({why}); {workers.note}")
     cfg = prepare_run(dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, use_gpu=workers.use_gpu)), log)
     log(JSON(cfg.to_json()))
-    trainer = make_trainer(cfg, workers.use_gpu)
+    trainer = make_trainer(cfg, workers.bundle)
     try:
         return trainer.fit(), cfg
     except ray.train.ControllerError as e:
-        raise RuntimeError(_controller_failure_message(e.controller_failure, cfg, workers)) from e
+        raise ClusterError(_controller_failure_message(e.controller_failure, cfg, workers)) from e
 
 
 def _controller_failure_message(failure: Exception, cfg: ExperimentConfig, workers: WorkerPlan) -> str:
@@ -209,7 +207,5 @@ def _controller_failure_message(failure: Exception, cfg: ExperimentConfig, worke
                 f"{cfg.dist.start_timeout_s:g}s (--start-timeout-s); the cluster has {have} now. Other jobs may hold "
                 f"the resources, or nodes did not come up.")
     last = [ln.strip() for ln in str(failure).splitlines() if ln.strip()][-1:] or [type(failure).__name__]
-    hint = (" The workers were given GPUs, but torch sees none on their node: a CPU-only torch build or no NVIDIA "
-            "driver there. Fix the node's image, or train on CPUs with --no-use-gpu."
-            if workers.use_gpu and "GPU" in last[0] else "")
+    hint = f" The workers were given GPUs, but torch sees none on their node: {NO_CUDA_HINT}" if workers.use_gpu and "GPU" in last[0] else ""
     return f"the training workers failed to start: {last[0]}.{hint}"

@@ -96,14 +96,16 @@ def _trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from mtl.distributed.capacity import worker_bundle
     from mtl.distributed.ray_train import make_trainer
     from mtl.runs import RunFolder, prepare_run
 
     base = ExperimentConfig.from_dict(config["base"])
     name = ray.tune.get_context().get_trial_name()  # stable across Tuner.restore: the Train run resumes
-    started = RunFolder(f"{config['trials_url']}/{name}").holds_a_run()
+    started = RunFolder(f"{config['trials_url']}/{name}").has_checkpoint()
     cfg = prepare_run(trial_config(base, config, name, config["trials_url"], resume=started))
-    result = make_trainer(cfg, bool(cfg.dist.use_gpu), callbacks=[TuneReportCallback()]).fit()
+    bundle = worker_bundle(cfg.dist.cpus_per_worker, cfg.dist.gpus_per_worker, bool(cfg.dist.use_gpu))
+    result = make_trainer(cfg, bundle, callbacks=[TuneReportCallback()]).fit()
     if result.error:
         raise result.error
 
@@ -113,7 +115,7 @@ def max_concurrent_trials(base: ExperimentConfig, sweep: SweepConfig, bundle: di
     added what its config allows (what it holds now when that cannot be known)."""
     from mtl.distributed.capacity import max_concurrent, read_capacity
 
-    return sweep.max_concurrent or max_concurrent(base.dist.num_workers, bundle, read_capacity())
+    return sweep.max_concurrent or max_concurrent(base.dist.num_workers, bundle, read_capacity(), sweep.num_samples)
 
 
 def _search_alg(sweep: SweepConfig):

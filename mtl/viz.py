@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtl.data.miniscapes import DEPTH_MAX_M, DEPTH_MIN_M, colorize_semseg
+from mtl.data.miniscapes import DEPTH_MAX_M, DEPTH_MIN_M, colorize_semseg, disparity_to_unit
 from mtl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # anchors of a perceptually ordered colour map (magma-like), far = dark, near = bright
@@ -17,7 +17,7 @@ def colorize_depth(depth_m: np.ndarray, valid: np.ndarray | None = None) -> np.n
     if valid is None:
         valid = depth_m > 0
     disp = 1.0 / np.clip(np.where(valid, depth_m, DEPTH_MAX_M), DEPTH_MIN_M, DEPTH_MAX_M)
-    t = (disp - 1 / DEPTH_MAX_M) / (1 / DEPTH_MIN_M - 1 / DEPTH_MAX_M)
+    t = disparity_to_unit(disp)
     t = np.sqrt(t) * (len(_ANCHORS) - 1)  # sqrt spreads the far range, where most pixels are
     lo = np.clip(np.floor(t).astype(int), 0, len(_ANCHORS) - 2)
     frac = (t - lo)[..., None]

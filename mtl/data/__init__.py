@@ -15,6 +15,7 @@ from mtl.data.folder import MiniscapesFolder, split_modalities
 from mtl.data.loader import make_loader
 from mtl.data.miniscapes import LABEL_MODALITIES
 from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, manifest_url, num_samples, read_manifest
+from mtl.data.synthetic import synthesize
 from mtl.data.transforms import Augment
 from mtl.storage import exists
 
@@ -25,8 +26,6 @@ def cache_dir() -> str:
 
 def synthetic_root(size: tuple[int, int], counts: tuple[int, int, int], seed: int = 0) -> str:
     """The synthetic Miniscapes set for these settings, generated once into the cache folder."""
-    from data_prep.synthesize import synthesize
-
     h, w = size
     root = os.path.join(cache_dir(), f"synthetic-miniscapes-{h}x{w}-{'-'.join(map(str, counts))}-s{seed}")
     if not os.path.isdir(root):

@@ -14,14 +14,14 @@ from typing import Iterator
 
 import torch
 
-from mtl.data.miniscapes import DEPTH_MAX_M, DEPTH_MIN_M
+from mtl.data.miniscapes import code_to_disparity
 from mtl.data.transforms import CROP_KEYS, IMAGENET_MEAN, IMAGENET_STD, apply_crop
 
 
 def codes_to_metres(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 disparity codes -> (depth in metres, float32; 0 where invalid), valid mask."""
     valid = codes > 0
-    disp = (1 / DEPTH_MIN_M - 1 / DEPTH_MAX_M) * (codes.float() - 1.0) / 254.0 + 1 / DEPTH_MAX_M
+    disp = code_to_disparity(codes.float())
     return torch.where(valid, 1.0 / disp, torch.zeros_like(disp)), valid
 
 

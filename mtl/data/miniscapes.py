@@ -42,11 +42,23 @@ _DISP_MIN = 1.0 / DEPTH_MAX_M
 _DISP_MAX = 1.0 / DEPTH_MIN_M
 
 
+def code_to_disparity(code):
+    """The Miniscapes formula, the one copy of it: disparity codes 1..255 (a float numpy array
+    or torch tensor) -> disparity in 1/m, linear from 1/300 to 1/4. Code 0 (invalid) is the
+    caller's to mask."""
+    return (_DISP_MAX - _DISP_MIN) * (code - 1.0) / 254.0 + _DISP_MIN
+
+
+def disparity_to_unit(disp):
+    """Disparity in 1/m -> 0..1 over the encodable range (0 at 300 m, 1 at 4 m)."""
+    return (disp - _DISP_MIN) / (_DISP_MAX - _DISP_MIN)
+
+
 def disparity_png_to_metres(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 disparity codes -> (depth in metres as float32, validity mask). Invalid pixels get 0 m."""
     v = np.asarray(v)
     valid = v > 0
-    disp = (_DISP_MAX - _DISP_MIN) * (v.astype(np.float32) - 1.0) / 254.0 + _DISP_MIN
+    disp = code_to_disparity(v.astype(np.float32))
     depth = np.where(valid, 1.0 / disp, 0.0).astype(np.float32)
     return depth, valid
 
@@ -60,7 +72,7 @@ def metres_to_disparity_png(depth: np.ndarray, valid: np.ndarray | None = None) 
     if valid is None:
         valid = np.isfinite(depth) & (depth > 0)
     disp = 1.0 / np.clip(np.where(valid, depth, DEPTH_MAX_M), DEPTH_MIN_M, DEPTH_MAX_M)
-    code = np.rint((disp - _DISP_MIN) / (_DISP_MAX - _DISP_MIN) * 254.0) + 1.0
+    code = np.rint(disparity_to_unit(disp) * 254.0) + 1.0
     return np.where(valid, np.clip(code, 1, 255), 0).astype(np.uint8)
 
 

@@ -43,11 +43,9 @@ def _rate(n: int, seconds: float) -> float:
 def bench_loader(a: argparse.Namespace) -> dict:
     import torch
 
-    from data_prep.shard import shard_dataset
-    from mtl.data import cache_dir, synthetic_root
+    from mtl.data import synthetic_root
     from mtl.data.folder import MiniscapesFolder
     from mtl.data.loader import make_loader
-    from mtl.data.miniscapes import decode_sample
     from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, read_manifest
     from mtl.data.transforms import Augment
 
@@ -55,9 +53,33 @@ def bench_loader(a: argparse.Namespace) -> dict:
     h, w = a.size
     root = synthetic_root((h, w), (a.samples, 8, 8), seed=0)
     aug = Augment(1.0, 1.25, None, True)
-    results: dict[str, float] = {}
-
     ds = MiniscapesFolder(root, "train", aug)
+    results = _bare_decode(ds)
+
+    def run(loader, n_expected: int) -> float:
+        t0, n = time.perf_counter(), 0
+        for batch in loader:
+            n += batch["rgb"].shape[0]
+        assert n > 0.9 * n_expected, (n, n_expected)
+        return _rate(n, time.perf_counter() - t0)
+
+    results["folder loader, no augmentation"] = run(make_loader(MiniscapesFolder(root, "train"), 16, True, 0, 0, 2, drop_last=False), len(ds))
+    results["folder loader + augmentation"] = run(make_loader(ds, 16, True, 0, 0, 2, drop_last=False), len(ds))
+    results.update(_batch_to_model(next(iter(make_loader(ds, 16, True, 0, 0, 2)))))
+    for name, url in _shard_sources(a, root).items():
+        split = ShardSplit.from_manifest(read_manifest(url), "train")
+        results[f"{name} loader, no augmentation"] = run(ShardLoader(ShardStream(split, None), 16, 0, 4, False, False), a.samples)
+        results[f"{name} loader + augmentation"] = run(ShardLoader(ShardStream(split, aug), 16, 0, 4, False, False), a.samples)
+        results[f"{name} loader + augmentation, {a.workers} workers (total img/s)"] = run(
+            ShardLoader(ShardStream(split, aug), 16, a.workers, 4, False, False), a.samples)
+    return results
+
+
+def _bare_decode(ds) -> dict[str, float]:
+    """The floor under every loader: decoding the files, from memory and from disk."""
+    from mtl.data.miniscapes import decode_sample
+
+    results = {}
     files = [ds.read_bytes(i) for i in range(len(ds))]  # warm the page cache
     for f in files[:32]:  # and the decoders
         decode_sample(f["rgb"], f["semseg"], f["depth"], "x")
@@ -70,23 +92,15 @@ def bench_loader(a: argparse.Namespace) -> dict:
         f = ds.read_bytes(i)
         decode_sample(f["rgb"], f["semseg"], f["depth"], "x")
     results["bare read + decode"] = _rate(len(ds), time.perf_counter() - t0)
+    return results
 
-    def run(loader, n_expected: int) -> float:
-        t0, n = time.perf_counter(), 0
-        for batch in loader:
-            n += batch["rgb"].shape[0]
-        assert n > 0.9 * n_expected, (n, n_expected)
-        return _rate(n, time.perf_counter() - t0)
 
-    results["folder loader, no augmentation"] = run(make_loader(MiniscapesFolder(root, "train"), 16, True, 0, 0, 2, drop_last=False), len(ds))
-    results["folder loader + augmentation"] = run(make_loader(ds, 16, True, 0, 0, 2, drop_last=False), len(ds))
-
-    # the other half of augmentation: resampling the batch by its crop vectors, where training does it
+def _batch_to_model(batch: dict) -> dict[str, float]:
+    """The other half of augmentation: resampling the batch by its crop vectors, where training does it."""
     from mtl.data.batch import to_model_batch
     from mtl.engine import resolve_device
 
     device = resolve_device("auto")
-    batch = next(iter(make_loader(ds, 16, True, 0, 0, 2)))
     for _ in range(3):
         to_model_batch(batch, device)
     _sync(device)
@@ -94,9 +108,18 @@ def bench_loader(a: argparse.Namespace) -> dict:
     for _ in range(10):
         to_model_batch(batch, device)
     _sync(device)
-    results[f"batch to model input on {device.type} (zoom/crop/flip + normalise, 1 thread on CPU)"] = _rate(160, time.perf_counter() - t0)
+    n = 10 * batch["rgb"].shape[0]
+    return {f"batch to model input on {device.type} (zoom/crop/flip + normalise, 1 thread on CPU)": _rate(n, time.perf_counter() - t0)}
 
-    local = os.path.join(cache_dir(), f"bench-shards-{h}x{w}-{a.samples}")
+
+def _shard_sources(a: argparse.Namespace, root: str) -> dict[str, str]:
+    """Shard sets of the synthetic train split: a cached local one, and ``--s3`` when given
+    (written there unless a manifest is already there)."""
+    from data_prep.shard import shard_dataset
+    from mtl.data import cache_dir
+    from mtl.data.shards import read_manifest
+
+    local = os.path.join(cache_dir(), f"bench-shards-{a.size[0]}x{a.size[1]}-{a.samples}")
     if not os.path.exists(os.path.join(local, "manifest.json")):
         shard_dataset(root, local, "64", splits=("train",), workers=os.cpu_count())
     sources = {"local shards": local}
@@ -106,13 +129,7 @@ def bench_loader(a: argparse.Namespace) -> dict:
         except FileNotFoundError:
             shard_dataset(root, a.s3, "64", splits=("train",), workers=os.cpu_count())
         sources["S3 shards"] = a.s3
-    for name, url in sources.items():
-        split = ShardSplit.from_manifest(read_manifest(url), "train")
-        results[f"{name} loader, no augmentation"] = run(ShardLoader(ShardStream(split, None), 16, 0, 4, False, False), a.samples)
-        results[f"{name} loader + augmentation"] = run(ShardLoader(ShardStream(split, aug), 16, 0, 4, False, False), a.samples)
-        results[f"{name} loader + augmentation, {a.workers} workers (total img/s)"] = run(
-            ShardLoader(ShardStream(split, aug), 16, a.workers, 4, False, False), a.samples)
-    return results
+    return sources
 
 
 def _sync(device) -> None:
@@ -242,96 +259,125 @@ def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
     """One row per (arch, batch size); ``on_row(rows)`` after each, so a run cut short keeps its rows."""
     import torch
 
-    from mtl.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-    from mtl.data import build_loaders
-    from mtl.engine import autocast, build_optimizer, resolve_device, train_step
-    from mtl.losses import DepthCodec, multitask_loss
-    from mtl.models import build_model
-    from mtl.strategy import DDPStrategy, PlainStrategy
+    from mtl.engine import resolve_device
 
     device = resolve_device(a.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    h, w = a.size
     peak = a.peak_tflops or matmul_peak_tflops(device)
-    codec, amp = DepthCodec("log"), autocast(device, True)
     group = OneRankDDP(device) if a.strategy == "ddp" else None
     rows = []
     for arch in a.archs:
         for bs in a.batch_sizes:
-            cfg = ExperimentConfig(
-                data=DataConfig(shards=a.shards, synthetic_size=(h, w), synthetic_counts=(max(a.samples, bs * 4), 8, 8),
-                                workers=a.workers, prefetch=4),
-                model=ModelConfig(arch=arch, encoder=a.encoder), train=TrainConfig(batch_size=bs, device=a.device, compile=a.compile),
-            ).validate()
-            torch.manual_seed(0)
-            model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # (1) pure compute, written plainly: tensors already on the device, no wrappers
-            x = torch.randn(bs, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
-            batch = {"semseg": torch.randint(0, 19, (bs, h, w), device=device), "depth": torch.rand(bs, h, w, device=device) * 50 + 4,
-                     "valid": torch.ones(bs, h, w, dtype=torch.bool, device=device)}
-            flops = train_step_flops(model, x, batch, codec, 0.5)
-            opt = build_optimizer(model, cfg)
-            fwd = torch.compile(model) if a.compile else model
-
-            def pure_step() -> None:
-                with amp:
-                    out = fwd(x)
-                loss, _ = multitask_loss(out, batch, codec, 0.5)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            for _ in range(a.warmup):
-                pure_step()
-            pure_s = seconds_per_step(pure_step, a.steps, device)
-            host_s = host_seconds_per_step(pure_step, min(a.steps, 10), device)
-
-            # (2) the project's full path: loader workers (decode, crop vectors) -> pinned uint8
-            # batch -> the train loop's prefetcher (copy, zoom/crop/flip, normalise on a side
-            # stream) -> the train step with its wrapper
-            data = build_loaders(cfg, pin_memory=device.type == "cuda")
-            strategy = DDPStrategy(model, opt, device) if group else PlainStrategy(model, opt)
-            if a.compile:
-                strategy.model = torch.compile(strategy.model)
-            feed, running = Feed(data.train, device), torch.zeros(3, device=device)
-
-            def full_step() -> None:
-                nonlocal running
-                parts = train_step(strategy, feed.next(), codec, 0.5, amp)
-                running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
-
-            for _ in range(a.warmup):
-                full_step()
-            feed.wait = 0.0
-            full_s = seconds_per_step(full_step, a.steps, device)
-            wait_s = feed.wait / a.steps
-            # last: a step stopped midway by CUDA's sync check would leave DDP mid-reduction
-            ops_full, syncs, cuda_verdict = sync_check(full_step, device)
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")  # either path
-            rows.append({
-                "arch": arch, "batch": bs, "device": str(device), "strategy": a.strategy, "compile": a.compile,
-                "source": "shards" if a.shards else "folder",
-                "pure_img_s": bs / pure_s, "full_img_s": bs / full_s, "full_over_pure": pure_s / full_s,
-                "pure_step_ms": 1e3 * pure_s, "host_ms": 1e3 * host_s, "full_step_ms": 1e3 * full_s, "data_wait_ms": 1e3 * wait_s,
-                "ops_per_step": ops_full, "host_syncs": sum(syncs.values()), "host_sync_ops": syncs, "cuda_sync_check": cuda_verdict,
-                "peak_mem_gib": mem, "gflop_per_img": flops / bs / 1e9, "tflops": flops / pure_s / 1e12,
-                "mfu": flops / pure_s / 1e12 / peak, "peak_tflops": peak,
-                "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
-            })
+            rows.append(_bench_one(a, arch, bs, device, peak))
             if on_row:
                 on_row(rows)
-            model = opt = strategy = fwd = data = feed = None  # free the device memory and workers before the next config
-            if device.type == "cuda":
+            if device.type == "cuda":  # the last config's model and workers are gone: free their memory
                 torch.cuda.empty_cache()
     if group:
         group.close()
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def _bench_one(a: argparse.Namespace, arch: str, bs: int, device, peak: float) -> dict:
+    """Both paths for one (arch, batch size), on one model and optimizer."""
+    import torch
+
+    from mtl.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+    from mtl.engine import build_optimizer
+    from mtl.models import build_model
+
+    h, w = a.size
+    cfg = ExperimentConfig(
+        data=DataConfig(shards=a.shards, synthetic_size=(h, w), synthetic_counts=(max(a.samples, bs * 4), 8, 8),
+                        workers=a.workers, prefetch=4),
+        model=ModelConfig(arch=arch, encoder=a.encoder), train=TrainConfig(batch_size=bs, device=a.device, compile=a.compile),
+    ).validate()
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    pure = _pure_path(a, model, opt, bs, device)
+    full = _full_path(a, cfg, model, opt, device)
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")  # either path
+    pure_s, full_s, flops = pure["step_s"], full["step_s"], pure["flops"]
+    return {
+        "arch": arch, "batch": bs, "device": str(device), "strategy": a.strategy, "compile": a.compile,
+        "source": "shards" if a.shards else "folder",
+        "pure_img_s": bs / pure_s, "full_img_s": bs / full_s, "full_over_pure": pure_s / full_s,
+        "pure_step_ms": 1e3 * pure_s, "host_ms": 1e3 * pure["host_s"], "full_step_ms": 1e3 * full_s,
+        "data_wait_ms": 1e3 * full["wait_s"], "ops_per_step": full["ops"], "host_syncs": sum(full["syncs"].values()),
+        "host_sync_ops": full["syncs"], "cuda_sync_check": full["cuda_verdict"],
+        "peak_mem_gib": mem, "gflop_per_img": flops / bs / 1e9, "tflops": flops / pure_s / 1e12,
+        "mfu": flops / pure_s / 1e12 / peak, "peak_tflops": peak,
+        "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
+    }
+
+
+def _pure_path(a: argparse.Namespace, model, opt, bs: int, device) -> dict:
+    """Pure compute, written plainly: tensors already on the device, no wrappers."""
+    import torch
+
+    from mtl.engine import autocast
+    from mtl.losses import DepthCodec, multitask_loss
+
+    h, w = a.size
+    codec, amp = DepthCodec("log"), autocast(device, True)
+    x = torch.randn(bs, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    batch = {"semseg": torch.randint(0, 19, (bs, h, w), device=device), "depth": torch.rand(bs, h, w, device=device) * 50 + 4,
+             "valid": torch.ones(bs, h, w, dtype=torch.bool, device=device)}
+    flops = train_step_flops(model, x, batch, codec, 0.5)
+    fwd = torch.compile(model) if a.compile else model
+
+    def pure_step() -> None:
+        with amp:
+            out = fwd(x)
+        loss, _ = multitask_loss(out, batch, codec, 0.5)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(a.warmup):
+        pure_step()
+    return {"step_s": seconds_per_step(pure_step, a.steps, device), "flops": flops,
+            "host_s": host_seconds_per_step(pure_step, min(a.steps, 10), device)}
+
+
+def _full_path(a: argparse.Namespace, cfg, model, opt, device) -> dict:
+    """The project's full path: loader workers (decode, crop vectors) -> pinned uint8 batch ->
+    the train loop's prefetcher (copy, zoom/crop/flip, normalise on a side stream) -> the train
+    step with its wrapper (1-rank DDP, as on Ray, or none)."""
+    import torch
+
+    from mtl.data import build_loaders
+    from mtl.engine import autocast, train_step
+    from mtl.losses import DepthCodec
+    from mtl.strategy import DDPStrategy, PlainStrategy
+
+    codec, amp = DepthCodec("log"), autocast(device, True)
+    data = build_loaders(cfg, pin_memory=device.type == "cuda")
+    strategy = DDPStrategy(model, opt, device) if a.strategy == "ddp" else PlainStrategy(model, opt)
+    if a.compile:
+        strategy.model = torch.compile(strategy.model)
+    feed, running = Feed(data.train, device), torch.zeros(3, device=device)
+
+    def full_step() -> None:
+        nonlocal running
+        parts = train_step(strategy, feed.next(), codec, 0.5, amp)
+        running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
+
+    for _ in range(a.warmup):
+        full_step()
+    feed.wait = 0.0
+    step_s = seconds_per_step(full_step, a.steps, device)
+    wait_s = feed.wait / a.steps
+    # last: a step stopped midway by CUDA's sync check would leave DDP mid-reduction
+    ops, syncs, verdict = sync_check(full_step, device)
+    return {"step_s": step_s, "wait_s": wait_s, "ops": ops, "syncs": syncs, "cuda_verdict": verdict}
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
     lo = sub.add_parser("loader", help="data loader throughput per CPU core")
@@ -355,33 +401,46 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--shards", default=None, help="full path reads these WebDataset shards (manifest URL) instead of a folder")
     tr.add_argument("--peak-tflops", type=float, default=None, help="for MFU; default: a measured bf16 matmul peak")
     tr.add_argument("--json", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    a = p.parse_args(argv)
+    a = parser().parse_args(argv)
     a.size = tuple(int(v) for v in a.size.split("x"))
+    return train_main(a, argv) if a.mode == "train" else loader_main(a, argv)
+
+
+def train_main(a: argparse.Namespace, argv: list[str]) -> int:
     from rich.table import Table
 
     from mtl.progress import wide_console
 
-    if a.mode == "train":
-        def save(rows: list[dict]) -> None:
-            r = rows[-1]
-            print(f"{r['arch']} batch {r['batch']}: pure {r['pure_img_s']:.1f} img/s, full {r['full_img_s']:.1f} img/s "
-                  f"({r['full_over_pure']:.1%}), MFU {r['mfu']:.1%}, {r['peak_mem_gib']:.1f} GiB", flush=True)
-            if a.json:
-                write_json(a.json, {"mode": "train", "size": a.size, "argv": argv, "rows": rows})
+    def save(rows: list[dict]) -> None:
+        r = rows[-1]
+        print(f"{r['arch']} batch {r['batch']}: pure {r['pure_img_s']:.1f} img/s, full {r['full_img_s']:.1f} img/s "
+              f"({r['full_over_pure']:.1%}), MFU {r['mfu']:.1%}, {r['peak_mem_gib']:.1f} GiB", flush=True)
+        if a.json:
+            write_json(a.json, {"mode": "train", "size": a.size, "argv": argv, "rows": rows})
 
-        rows = bench_train(a, save)
-        t = Table(title=f"training throughput at {a.size[0]}x{a.size[1]}, {a.encoder}, bf16 autocast (CUDA only)"
-                        f"{', torch.compile' if a.compile else ''} (peak {rows[0]['peak_tflops']:.3g} TFLOP/s for MFU)")
-        cols = [("arch", "{}"), ("batch", "{}"), ("pure_img_s", "{:.1f}"), ("full_img_s", "{:.1f}"), ("full_over_pure", "{:.1%}"),
-                ("pure_step_ms", "{:.1f}"), ("host_ms", "{:.1f}"), ("data_wait_ms", "{:.1f}"), ("host_syncs", "{}"),
-                ("peak_mem_gib", "{:.1f}"), ("gflop_per_img", "{:.0f}"), ("tflops", "{:.1f}"), ("mfu", "{:.1%}")]
-        for c, _ in cols:
-            t.add_column(c, justify="right")
-        for r in rows:
-            t.add_row(*(f.format(r[c]) for c, f in cols))
-        wide_console().print(t)
-        return 0
+    rows = bench_train(a, save)
+    t = Table(title=f"training throughput at {a.size[0]}x{a.size[1]}, {a.encoder}, bf16 autocast (CUDA only)"
+                    f"{', torch.compile' if a.compile else ''} (peak {rows[0]['peak_tflops']:.3g} TFLOP/s for MFU)")
+    cols = [("arch", "{}"), ("batch", "{}"), ("pure_img_s", "{:.1f}"), ("full_img_s", "{:.1f}"), ("full_over_pure", "{:.1%}"),
+            ("pure_step_ms", "{:.1f}"), ("host_ms", "{:.1f}"), ("data_wait_ms", "{:.1f}"), ("host_syncs", "{}"),
+            ("peak_mem_gib", "{:.1f}"), ("gflop_per_img", "{:.0f}"), ("tflops", "{:.1f}"), ("mfu", "{:.1%}")]
+    for c, _ in cols:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*(f.format(r[c]) for c, f in cols))
+    wide_console().print(t)
+    return 0
+
+
+def loader_main(a: argparse.Namespace, argv: list[str]) -> int:
+    from rich.table import Table
+
+    from mtl.progress import wide_console
 
     results = bench_loader(a)
     bare = results["bare read + decode"]

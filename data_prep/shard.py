@@ -126,11 +126,12 @@ def write_shard(job: ShardJob) -> ShardResult:
                 prev.reused = True
                 return prev
         sizes, bad, n = set(), [], 0
+        src = url_to_fs(job.src)
         with dst_fs.open(path, "wb") as raw:
             hw = _HashingWriter(raw)
             with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
                 for stem in job.stems:
-                    files, shape, problem = _read_sample(job, stem)
+                    files, shape, problem = _read_sample(job, src, stem)
                     if problem:
                         bad.append({"key": f"{job.split}/{stem}", "reason": problem})
                         continue
@@ -147,10 +148,11 @@ def write_shard(job: ShardJob) -> ShardResult:
     return result
 
 
-def _read_sample(job: ShardJob, stem: str) -> tuple[dict[str, bytes], tuple[int, int], str | None]:
-    """One sample's files, its image size, and what is wrong with it (None when it is fine).
-    Problems name the file by its real path under the source (``train/rgb/7.jpg``)."""
-    src_fs, src_base = url_to_fs(job.src)
+def _read_sample(job: ShardJob, src: tuple, stem: str) -> tuple[dict[str, bytes], tuple[int, int], str | None]:
+    """One sample's files (``src``: the source's filesystem and path), its image size, and what
+    is wrong with it (None when it is fine). Problems name the file by its real path under the
+    source (``train/rgb/7.jpg``)."""
+    src_fs, src_base = src
     rel = {m: f"{job.split}/{m}/{stem}.{MODALITIES[m]}" for m in job.modalities}
     files = {}
     with storage_errors(job.src):

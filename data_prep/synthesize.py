@@ -9,17 +9,10 @@ import argparse
 import sys
 import time
 
+from mtl.config import size_arg
 from mtl.data.synthetic import render_scene, synthesize  # noqa: F401 - this tool's library, re-exported
 
-__all__ = ["main", "parse_size", "render_scene", "synthesize"]
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like HxW (e.g. 256x512), got {text!r}") from None
-    return h, w
+__all__ = ["main", "render_scene", "synthesize"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=200)
     p.add_argument("--val", type=int, default=40)
     p.add_argument("--test", type=int, default=40)
-    p.add_argument("--size", type=parse_size, default=(256, 512), help="HxW, default 256x512")
+    p.add_argument("--size", type=size_arg, default=(256, 512), help="HxW, default 256x512")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--overwrite", action="store_true")

@@ -378,10 +378,12 @@ def _full_path(a: argparse.Namespace, cfg, model, opt, device) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
+    from mtl.config import size_arg
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
     lo = sub.add_parser("loader", help="data loader throughput per CPU core")
-    lo.add_argument("--size", default="256x512")
+    lo.add_argument("--size", type=size_arg, default=(256, 512), help="HxW")
     lo.add_argument("--samples", type=int, default=400)
     lo.add_argument("--workers", type=int, default=2)
     lo.add_argument("--s3", default=None, help="also shard to / stream from this s3:// prefix")
@@ -390,7 +392,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--archs", nargs="+", default=["branched", "distillation"])
     tr.add_argument("--encoder", default="resnet34")
     tr.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
-    tr.add_argument("--size", default="256x512")
+    tr.add_argument("--size", type=size_arg, default=(256, 512), help="HxW")
     tr.add_argument("--steps", type=int, default=30)
     tr.add_argument("--warmup", type=int, default=10)
     tr.add_argument("--samples", type=int, default=512, help="synthetic train samples for the full path")
@@ -407,7 +409,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parser().parse_args(argv)
-    a.size = tuple(int(v) for v in a.size.split("x"))
     return train_main(a, argv) if a.mode == "train" else loader_main(a, argv)
 
 

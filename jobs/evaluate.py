@@ -55,11 +55,9 @@ def run(a: argparse.Namespace) -> int:
     m = load_model(a.checkpoint, device)
     data = open_split(resolve_source(m.cfg, a.data), a.split)
     print(f"{m.url}: {m.cfg.model.arch}, epoch {m.epoch}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
-    if a.no_metrics:
-        pass
-    elif not data.has_labels:
+    if not a.no_metrics and not data.has_labels:
         print(f"no metrics computed: {data.where} has no labels (rgb only)", flush=True)
-    else:
+    elif not a.no_metrics:
         loader = data.loader(a.batch_size, a.workers, pin_memory=device.type == "cuda")
         metrics = evaluate(m.model, loader, m.codec, device, m.amp(), channels_last=False).compute()
         wide_console().print(metrics_table(metrics, f"{a.split} metrics"))

@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a: argparse.Namespace) -> int:
+    from mtl.config import parse_size
     from mtl.engine import resolve_device
-    from mtl.predict import find_images, load_model, model_input_size, parse_size, predict_to_folder
+    from mtl.predict import find_images, load_model, model_input_size, predict_to_folder
 
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {a.batch_size}")

@@ -32,10 +32,6 @@ def _numpy_array_globals() -> list:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def _fs(url: str):
-    return url_to_fs(url)
-
-
 def checkpoint_bytes(state: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
@@ -94,7 +90,7 @@ class CheckpointDir:
             write_bytes_atomic(f"{self.url}/best.pt", data)
         history = self._history() + [tag]
         for old in history[: -self.keep_last] if self.keep_last > 0 else []:
-            fs, path = _fs(f"{self.url}/{old}.pt")
+            fs, path = url_to_fs(f"{self.url}/{old}.pt")
             if fs.exists(path):
                 fs.rm(path)
         history = history[-self.keep_last:] if self.keep_last > 0 else history
@@ -118,10 +114,10 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[
     """Load a checkpoint file, or the latest one of a run folder (`checkpoint_in_folder`).
     Errors name the file."""
     with storage_errors(url):
-        fs, path = _fs(url)
+        fs, path = url_to_fs(url)
         if fs.isdir(path):
             url = checkpoint_in_folder(url)
-            fs, path = _fs(url)
+            fs, path = url_to_fs(url)
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {url}")
         data = fs.cat_file(path)
@@ -140,7 +136,7 @@ def checkpoint_in_folder(url: str) -> str:
     latest = CheckpointDir(url).latest()
     if latest is not None:
         return latest
-    fs, path = _fs(url)
+    fs, path = url_to_fs(url)
     epochs = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)
     for name in [f"{e}/{STATE_FILE}" for e in epochs if e.startswith("epoch-")] + ["final.pt", "best.pt"]:
         if fs.exists(f"{path}/{name}"):

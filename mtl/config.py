@@ -236,6 +236,23 @@ def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     return tp, {}
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'256x512' -> (256, 512): the one reader of ``--size HxW`` flags. ValueError naming
+    ``--size`` otherwise."""
+    h, sep, w = text.strip().lower().partition("x")
+    if not (sep and h.isdigit() and w.isdigit() and int(h) >= 8 and int(w) >= 8):
+        raise ValueError(f"--size must be HxW with integers of at least 8 (e.g. 256x512), got {text!r}")
+    return int(h), int(w)
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """`parse_size` as an argparse ``type`` (its message shown as the usage error)."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _str2bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True

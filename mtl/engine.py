@@ -272,13 +272,13 @@ class Trainer:
                 parts = train_step(strategy, batch, self.codec, self.cfg.optim.semseg_weight, self.amp, last_micro_batch=k == t.grad_accum - 1)
                 running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
                 n_img += batch["rgb"].shape[0]
-            if self.input_size is None:  # validation images of varying size: the training crops'
-                self.input_size = list(batch["rgb"].shape[-2:])
             s_.step += 1
             now = time.perf_counter()
             if (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch or now - last_read >= t.log_interval_s > 0:
                 loss, last_read = (running / (s + 1)).tolist(), now  # the only host sync in the loop
                 bar.update(s + 1, loss, n_img * self.rt.world / (now - t0), lrs[-1])
+        if self.input_size is None:  # validation images of varying size: the training crops'
+            self.input_size = list(batch["rgb"].shape[-2:])
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
 
     def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from mtl.atomic import atomic_dir
 from mtl.checkpoint import load_checkpoint
-from mtl.config import ExperimentConfig
+from mtl.config import ExperimentConfig, parse_size
 from mtl.data.batch import normalize_rgb
 from mtl.engine import autocast, resolve_device
 from mtl.export import make_output_folders, write_prediction
@@ -84,14 +84,6 @@ def load_model(checkpoint: str, device: torch.device | str = "cpu") -> LoadedMod
     device = resolve_device(device) if isinstance(device, str) else device
     return LoadedModel(model.to(device).eval(), DepthCodec(resolve(cfg.model).depth_space), url, cfg, state.get("epoch"),
                        (int(size[0]), int(size[1])) if size else None)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'256x512' -> (256, 512). ValueError naming ``--size`` otherwise."""
-    h, sep, w = text.strip().lower().partition("x")
-    if not (sep and h.isdigit() and w.isdigit() and int(h) >= 8 and int(w) >= 8):
-        raise ValueError(f"--size must be HxW with integers of at least 8 (e.g. 256x512), got {text!r}")
-    return int(h), int(w)
 
 
 def model_input_size(loaded: LoadedModel, size: tuple[int, int] | str | None = None) -> tuple[int, int]:

@@ -106,10 +106,11 @@ class RunFolder:
             fs, path = url_to_fs(self.url)
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
 
-    def has_checkpoint(self) -> bool:
+    def has_checkpoint(self, entries: list[str] | None = None) -> bool:
         """A checkpoint to continue from: ``checkpoints/latest.json`` (local mode) or an
-        ``epoch-NNNN/`` reported to Ray (both layouts: `mtl.checkpoint.load_checkpoint`)."""
-        entries = self.entries()
+        ``epoch-NNNN/`` reported to Ray (both layouts: `mtl.checkpoint.load_checkpoint`).
+        ``entries``: the folder's listing when the caller has it already."""
+        entries = self.entries() if entries is None else entries
         return any(e.startswith("epoch-") for e in entries) or (
             "checkpoints" in entries and CheckpointDir(self.url).latest() is not None)
 
@@ -138,14 +139,15 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Ex
     """
     cfg = resolve_config(cfg)
     folder = RunFolder(run_url(cfg))
-    if not folder.entries():
+    entries = folder.entries()
+    if not entries:
         if cfg.train.resume:
             raise RunConflict(f"nothing to resume at {folder.url}" + _similar_runs_hint(cfg))
         return cfg
     stored = folder.read_config()
     if stored is not None:
         check_same_training(stored, cfg, f"run {folder.url}")
-    if not folder.has_checkpoint():
+    if not folder.has_checkpoint(entries):
         log(f"run folder {folder.url} has no checkpoint yet (it stopped before its first epoch ended): starting it over")
         return cfg
     if not cfg.train.resume:

@@ -125,7 +125,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                  cpus=int(cfg.dist.cpus_per_worker))
     result = fit(cfg, rt)
     if rank == 0 and result.metrics:  # (a restart after the last epoch trains nothing and keeps final.pt)
-        final = result.metrics[-1] if result.metrics else {}
+        final = result.metrics[-1]
         checkpoints.save_model({"config": cfg.to_dict(), "epoch": final.get("epoch"), "input_size": result.input_size,
                                 "metrics": final}, result.model, "final.pt")
 

@@ -10,7 +10,7 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mtl.config import ARCHS, ModelConfig
+from mtl.config import ARCHS, ModelConfig, size_arg
 from mtl.models import build_model
 
 # The report's parameter counts (ResNet34, 19 classes) and its best validation numbers per model.
@@ -37,10 +37,10 @@ def forward_gflops(model: torch.nn.Module, size: tuple[int, int]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--encoder", default="resnet34")
-    p.add_argument("--size", default="256x512")
+    p.add_argument("--size", type=size_arg, default=(256, 512), help="HxW")
     a = p.parse_args()
-    size = tuple(int(v) for v in a.size.split("x"))
-    print(f"| architecture | parameters ({a.encoder}) | report | GFLOPs/image at {a.size} | report's result |")
+    size = a.size
+    print(f"| architecture | parameters ({a.encoder}) | report | GFLOPs/image at {size[0]}x{size[1]} | report's result |")
     print("|---|---:|---:|---:|---|")
     for arch in ARCHS:
         m = build_model(ModelConfig(arch=arch, encoder=a.encoder))

@@ -1,7 +1,7 @@
 """Miniscapes folder -> WebDataset tar shards (+ manifest.json) on any fsspec URL.
 
-    python -m data_prep.shard --src data/miniscapes --dst s3://bucket/miniscapes-shards --shard-size 256MB
-    python -m data_prep.shard --src s3://bucket/miniscapes --dst /mnt/shards --shard-size 1000   # samples/shard
+    python -m data_prep.shard --root data/miniscapes --shards s3://bucket/miniscapes-shards --shard-size 256MB
+    python -m data_prep.shard --root s3://bucket/miniscapes --shards /mnt/shards --shard-size 1000   # samples/shard
 
 Each split becomes ``<split>-000000.tar`` ...; a sample is keyed by its index and holds
 ``rgb.jpg``, ``semseg.png`` and ``depth.png`` as the original bytes; a split without labels (a
@@ -17,7 +17,6 @@ S3 endpoint and credentials come from the usual AWS environment (``AWS_ENDPOINT_
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -27,10 +26,14 @@ import tarfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
+
+import tyro
 
 from mtl import __version__
+from mtl.cli import parse
 from mtl.data.folder import scan_split, split_modalities
-from mtl.data.miniscapes import MODALITIES, SPLITS, decode_sample
+from mtl.data.miniscapes import MODALITIES, SPLITS, Split, decode_sample
 from mtl.storage import storage_errors, url_to_fs
 
 FORMAT = "streetmtl-shards-v1"
@@ -89,7 +92,7 @@ def parse_shard_size(text: str) -> tuple[str, int]:
             return "bytes", n
     if t.isdigit() and int(t) > 0:
         return "samples", int(t)
-    raise argparse.ArgumentTypeError(f"--shard-size must be a sample count (e.g. 1000) or a size (e.g. 256MB), got {text!r}")
+    raise ValueError(f"--shard-size must be a sample count (e.g. 1000) or a size (e.g. 256MB), got {text!r}")
 
 
 def plan_shards(samples: list[tuple[str, dict[str, int]]], kind: str, limit: int) -> list[list[str]]:
@@ -299,32 +302,32 @@ def summary_table(manifest: dict, seconds: float):
     return t
 
 
+@dataclass(frozen=True)
+class ShardCommand:
+    root: Annotated[str, tyro.conf.arg(aliases=("--src",))]  # the Miniscapes folder to shard (local or fsspec URL), as training's --root
+    #: where the shard set goes (local folder or fsspec URL, e.g. s3://bucket/prefix): what training's --shards then reads
+    shards: Annotated[str, tyro.conf.arg(aliases=("--dst",))]
+    shard_size: str = "256MB"  # samples per shard (1000) or bytes per shard (256MB)
+    splits: tuple[Split, ...] = SPLITS  # the splits to shard
+    workers: int | None = None  # parallel processes; default: the CPU count
+    skip_bad: bool = False  # leave bad samples out (counted in the manifest) instead of failing
+    endpoint_url: str | None = None  # S3 endpoint (MinIO, moto...); default: $AWS_ENDPOINT_URL
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="Miniscapes root: local folder or fsspec URL")
-    p.add_argument("--dst", required=True, help="destination prefix: local folder or fsspec URL (s3://bucket/prefix)")
-    p.add_argument("--shard-size", default="256MB", type=str, help="samples per shard (1000) or bytes (256MB); default 256MB")
-    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count)")
-    p.add_argument("--skip-bad", action="store_true", help="leave bad samples out (counted in the manifest) instead of failing")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (MinIO, moto...); default $AWS_ENDPOINT_URL")
-    a = p.parse_args(argv)
-    try:
-        parse_shard_size(a.shard_size)
-    except argparse.ArgumentTypeError as e:
-        p.error(str(e))
+    a = parse(ShardCommand, argv, description=__doc__, check=lambda a: parse_shard_size(a.shard_size))
     if a.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = a.endpoint_url  # inherited by the worker processes
     from mtl.progress import wide_console
 
     t0 = time.perf_counter()
     try:
-        manifest = shard_dataset(a.src, a.dst, a.shard_size, tuple(a.splits), a.workers, a.skip_bad, progress=True)
+        manifest = shard_dataset(a.root, a.shards, a.shard_size, tuple(a.splits), a.workers, a.skip_bad, progress=True)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     wide_console().print(summary_table(manifest, time.perf_counter() - t0))
-    print(f"manifest: {a.dst.rstrip('/')}/manifest.json")
+    print(f"manifest: {a.shards.rstrip('/')}/manifest.json")
     return 0
 
 

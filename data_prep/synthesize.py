@@ -5,27 +5,31 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 
-from mtl.config import size_arg
+from mtl.cli import parse
+from mtl.config import Size
 from mtl.data.synthetic import render_scene, synthesize  # noqa: F401 - this tool's library, re-exported
 
 __all__ = ["main", "render_scene", "synthesize"]
 
 
+@dataclass(frozen=True)
+class SynthesizeCommand:
+    out: str  # output folder (created)
+    train: int = 200  # train samples
+    val: int = 40  # val samples
+    test: int = 40  # test samples
+    size: Size = (256, 512)  # image size HxW
+    seed: int = 0  # the same seed makes the same bytes
+    workers: int | None = None  # processes; default: the CPU count
+    overwrite: bool = False  # replace a non-empty --out
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--train", type=int, default=200)
-    p.add_argument("--val", type=int, default=40)
-    p.add_argument("--test", type=int, default=40)
-    p.add_argument("--size", type=size_arg, default=(256, 512), help="HxW, default 256x512")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
+    a = parse(SynthesizeCommand, argv, description=__doc__)
     t0 = time.perf_counter()
     counts = {"train": a.train, "val": a.val, "test": a.test}
     try:

@@ -20,13 +20,19 @@ measures streaming from there.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
+
+import tyro
+
+from mtl.config import Device, Size
+from mtl.zoo_names import Arch, Encoder
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -40,7 +46,7 @@ def _rate(n: int, seconds: float) -> float:
     return n / max(seconds, 1e-9)
 
 
-def bench_loader(a: argparse.Namespace) -> dict:
+def bench_loader(a: LoaderBench) -> dict:
     import torch
 
     from mtl.data import synthetic_root
@@ -112,7 +118,7 @@ def _batch_to_model(batch: dict) -> dict[str, float]:
     return {f"batch to model input on {device.type} (zoom/crop/flip + normalise, 1 thread on CPU)": _rate(n, time.perf_counter() - t0)}
 
 
-def _shard_sources(a: argparse.Namespace, root: str) -> dict[str, str]:
+def _shard_sources(a: LoaderBench, root: str) -> dict[str, str]:
     """Shard sets of the synthetic train split: a cached local one, and ``--s3`` when given
     (written there unless a manifest is already there)."""
     from data_prep.shard import shard_dataset
@@ -255,7 +261,7 @@ class OneRankDDP:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
+def bench_train(a: TrainBench, on_row=None) -> list[dict]:
     """One row per (arch, batch size); ``on_row(rows)`` after each, so a run cut short keeps its rows."""
     import torch
 
@@ -279,7 +285,7 @@ def bench_train(a: argparse.Namespace, on_row=None) -> list[dict]:
     return rows
 
 
-def _bench_one(a: argparse.Namespace, arch: str, bs: int, device, peak: float) -> dict:
+def _bench_one(a: TrainBench, arch: str, bs: int, device, peak: float) -> dict:
     """Both paths for one (arch, batch size), on one model and optimizer."""
     import torch
 
@@ -315,7 +321,7 @@ def _bench_one(a: argparse.Namespace, arch: str, bs: int, device, peak: float) -
     }
 
 
-def _pure_path(a: argparse.Namespace, model, opt, bs: int, device) -> dict:
+def _pure_path(a: TrainBench, model, opt, bs: int, device) -> dict:
     """Pure compute, written plainly: tensors already on the device, no wrappers."""
     import torch
 
@@ -344,7 +350,7 @@ def _pure_path(a: argparse.Namespace, model, opt, bs: int, device) -> dict:
             "host_s": host_seconds_per_step(pure_step, min(a.steps, 10), device)}
 
 
-def _full_path(a: argparse.Namespace, cfg, model, opt, device) -> dict:
+def _full_path(a: TrainBench, cfg, model, opt, device) -> dict:
     """The project's full path: loader workers (decode, crop vectors) -> pinned uint8 batch ->
     the train loop's prefetcher (copy, zoom/crop/flip, normalise on a side stream) -> the train
     step with its wrapper (1-rank DDP, as on Ray, or none)."""
@@ -377,42 +383,49 @@ def _full_path(a: argparse.Namespace, cfg, model, opt, device) -> dict:
     return {"step_s": step_s, "wait_s": wait_s, "ops": ops, "syncs": syncs, "cuda_verdict": verdict}
 
 
-def parser() -> argparse.ArgumentParser:
-    from mtl.config import size_arg
+@dataclass(frozen=True)
+class LoaderBench:
+    """data loader throughput per CPU core"""
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="mode", required=True)
-    lo = sub.add_parser("loader", help="data loader throughput per CPU core")
-    lo.add_argument("--size", type=size_arg, default=(256, 512), help="HxW")
-    lo.add_argument("--samples", type=int, default=400)
-    lo.add_argument("--workers", type=int, default=2)
-    lo.add_argument("--s3", default=None, help="also shard to / stream from this s3:// prefix")
-    lo.add_argument("--json", default=None)
-    tr = sub.add_parser("train", help="train-step throughput: pure compute vs the full path")
-    tr.add_argument("--archs", nargs="+", default=["branched", "distillation"])
-    tr.add_argument("--encoder", default="resnet34")
-    tr.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
-    tr.add_argument("--size", type=size_arg, default=(256, 512), help="HxW")
-    tr.add_argument("--steps", type=int, default=30)
-    tr.add_argument("--warmup", type=int, default=10)
-    tr.add_argument("--samples", type=int, default=512, help="synthetic train samples for the full path")
-    tr.add_argument("--workers", type=int, default=8, help="loader processes")
-    tr.add_argument("--device", default="auto")
-    tr.add_argument("--compile", action="store_true")
-    tr.add_argument("--strategy", choices=["ddp", "plain"], default="ddp", help="full path: 1-rank DDP (as on Ray) or no wrapper")
-    tr.add_argument("--shards", default=None, help="full path reads these WebDataset shards (manifest URL) instead of a folder")
-    tr.add_argument("--peak-tflops", type=float, default=None, help="for MFU; default: a measured bf16 matmul peak")
-    tr.add_argument("--json", default=None)
-    return p
+    size: Size = (256, 512)  # image size HxW
+    samples: int = 400  # synthetic train samples
+    workers: int = 2  # loader processes of the multi-process shard row
+    s3: str | None = None  # also shard to this s3:// prefix and stream from it
+    json: str | None = None  # also write the results to this JSON file
+
+
+@dataclass(frozen=True)
+class TrainBench:
+    """train-step throughput: pure compute vs the full path"""
+
+    archs: tuple[Arch, ...] = ("branched", "distillation")  # architectures to measure
+    encoder: Encoder = "resnet34"
+    batch_sizes: tuple[int, ...] = (16, 32, 64)  # batch sizes to measure, each with every architecture
+    size: Size = (256, 512)  # image size HxW
+    steps: int = 30  # timed steps per measurement
+    warmup: int = 10  # untimed steps before them
+    samples: int = 512  # synthetic train samples for the full path
+    workers: int = 8  # loader processes of the full path
+    device: Device = "auto"  # auto: the GPU if there is one
+    compile: bool = False  # torch.compile the model
+    strategy: Literal["ddp", "plain"] = "ddp"  # full path: a 1-rank DDP wrapper (as on Ray) or none
+    shards: str | None = None  # the full path reads these WebDataset shards (prefix or manifest URL) instead of a folder
+    peak_tflops: float | None = None  # for MFU; default: a measured bf16 matmul peak
+    json: str | None = None  # also write the rows to this JSON file
+
+
+Command = Union[Annotated[LoaderBench, tyro.conf.subcommand("loader")], Annotated[TrainBench, tyro.conf.subcommand("train")]]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mtl.cli import parse
+
     argv = sys.argv[1:] if argv is None else argv
-    a = parser().parse_args(argv)
-    return train_main(a, argv) if a.mode == "train" else loader_main(a, argv)
+    a = parse(Command, argv, description=__doc__)
+    return train_main(a, argv) if isinstance(a, TrainBench) else loader_main(a, argv)
 
 
-def train_main(a: argparse.Namespace, argv: list[str]) -> int:
+def train_main(a: TrainBench, argv: list[str]) -> int:
     from rich.table import Table
 
     from mtl.progress import wide_console
@@ -438,7 +451,7 @@ def train_main(a: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def loader_main(a: argparse.Namespace, argv: list[str]) -> int:
+def loader_main(a: LoaderBench, argv: list[str]) -> int:
     from rich.table import Table
 
     from mtl.progress import wide_console
@@ -453,7 +466,7 @@ def loader_main(a: argparse.Namespace, argv: list[str]) -> int:
         t.add_row(k, f"{v:.0f}", f"{v / bare:.2f}")
     wide_console().print(t)
     if a.json:
-        write_json(a.json, {"mode": a.mode, "size": a.size, "argv": argv, "results": results})
+        write_json(a.json, {"mode": "loader", "size": a.size, "argv": argv, "results": results})
     return 0
 
 

@@ -54,8 +54,8 @@ WHEELS=(
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 tensorboardX==2.6.5
     # DeepSpeed's requirements (pydantic above; ninja and py-cpuinfo for its JIT-built ops)
     einops==0.8.2 hjson==3.1.0 ninja==1.13.2 psutil==7.2.2 py-cpuinfo==9.0.0 tqdm==4.70.1
-    # this project
-    webdataset==1.0.2 braceexpand==0.1.7
+    # this project (tyro: every command line; it needs docstring-parser and typeguard)
+    webdataset==1.0.2 braceexpand==0.1.7 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1
 )
 # Ray's full dashboard (wheels/dashboard/, optional): ray.init starts it when these import, and
 # the State API that Ray Train's placement-group cleaner polls lives there. Exactly what its

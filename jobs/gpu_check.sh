@@ -81,7 +81,7 @@ SAMPLES=${SAMPLES:-2048}
 WORKERS=${WORKERS:-12}
 # (--max-failures 0: a failure is reported at once, not retried 3 times within the phase's time;
 # --start-timeout-s 60: a worker group that cannot be placed fails instead of waiting 900 s)
-RAY_FLAGS=${RAY_FLAGS:---arch branched --encoder resnet34 --synthetic-size 256 512 --synthetic-counts 1024 64 16 --batch-size 16 --max-steps-per-epoch 60 --cpus-per-worker 12 --max-failures 0 --start-timeout-s 60}
+RAY_FLAGS=${RAY_FLAGS:---arch branched --encoder resnet34 --synthetic-size 256x512 --synthetic-counts 1024 64 16 --batch-size 16 --max-steps-per-epoch 60 --cpus-per-worker 12 --max-failures 0 --start-timeout-s 60}
 EXPECT_DEVICE=${EXPECT_DEVICE:-cuda}
 RUNS=${RUNS:-$WORK/runs}
 BUNDLE=${BUNDLE-.gpu-bundle}

@@ -12,25 +12,30 @@ size. The network sees each image at the size it was trained at (recorded in the
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
+from typing import Annotated
+
+import tyro
+
+from mtl.cli import parse
+from mtl.config import Device
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder (local or s3://)")
-    p.add_argument("--images", required=True, help="an image, or a folder of them (local or any fsspec URL)")
-    p.add_argument("--out", required=True, help="output folder (semseg/, depth/, viz/)")
-    p.add_argument("--size", default=None, help="network input size HxW, for checkpoints that do not record it")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--viz", type=int, default=8, help="side-by-side pictures for the first N images")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class PredictCommand:
+    checkpoint: str  # checkpoint file or run folder (local or s3://)
+    images: str  # an image, or a folder of them (local or any fsspec URL)
+    out: str  # output folder (semseg/, depth/, viz/)
+    size: Annotated[str | None, tyro.conf.arg(metavar="HxW")] = None  # network input size, for checkpoints that do not record it
+    batch_size: int = 4  # images per forward pass
+    device: Device = "auto"  # auto: the GPU if there is one
+    viz: int = 8  # side-by-side pictures for the first N images
+    overwrite: bool = False  # replace a non-empty --out
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(argv)
+    a = parse(PredictCommand, argv, description=__doc__)
     from mtl.errors import USER_ERRORS, one_line
 
     try:
@@ -40,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def run(a: argparse.Namespace) -> int:
+def run(a: PredictCommand) -> int:
     from mtl.config import parse_size
     from mtl.engine import resolve_device
     from mtl.predict import find_images, load_model, model_input_size, predict_to_folder
 
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {a.batch_size}")
-    size = parse_size(a.size) if a.size else None
+    size = parse_size(a.size) if a.size else None  # read here: a bad one is a one-line error (rc 2) like the others
     images = find_images(a.images)  # before the checkpoint: a typo in --images fails fast
     model = load_model(a.checkpoint, resolve_device(a.device))
     hw = model_input_size(model, size)

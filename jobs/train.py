@@ -2,40 +2,50 @@
 
 Local debug mode (one process, GPU if present, else CPU; no cluster):
     python jobs/train.py --local --quick --arch distillation --encoder resnet18
+
 On a Ray cluster (see README "Running on a cluster"; workers use GPUs unless --no-use-gpu):
     ray job submit --working-dir . -- python jobs/train.py --arch distillation --num-workers 4
 
 A run lives in <out>/<name>/ (name: descriptive + a hash of the training config): config.json,
 train.log, checkpoints, metrics. An existing run folder is only reused with --resume, and only
-for the same training configuration. --print-config shows the resolved configuration and exits.
+for the same training configuration. With --print-config the tool shows the resolved
+configuration and exits; with --config FILE it starts from a saved one (a run's config.json
+and --resume continue that run).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass, field
+from typing import Annotated
 
-from mtl.config import PRESETS, ExperimentConfig, add_config_args, changed_fields, config_from_args
+import tyro
+
+from mtl.cli import CONFIG_HELP, FlatExperiment, parse_experiment, preset_help
+from mtl.config import PRESETS, ExperimentConfig
 
 
-def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, ExperimentConfig]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--local", action="store_true", help="single-process debug mode, no Ray")
-    quick = ", ".join(f"{k} {v}" for k, v in changed_fields(PRESETS["quick"]).items())
-    p.add_argument("--quick", action="store_true",
-                   help=f"a first run that finishes in about 3 minutes on a laptop CPU: {quick} (flags given override it)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and the run folder, then exit")
-    add_config_args(p)
-    args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args, PRESETS["quick"] if args.quick else None)
-        if args.local and (cfg.dist.num_workers != 1 or cfg.dist.strategy != "ddp"):
-            raise ValueError("--local trains one process: --num-workers and --strategy deepspeed need Ray (drop --local)")
-    except ValueError as e:
-        p.error(str(e))
-    return args, cfg
+@dataclass(frozen=True)
+class TrainCommand:
+    experiment: FlatExperiment = field(default_factory=ExperimentConfig)
+    config: Annotated[str | None, tyro.conf.arg(help=CONFIG_HELP)] = None
+    quick: Annotated[bool, tyro.conf.arg(help="a first run that finishes in about 3 minutes on a laptop CPU: "
+                                              f"{preset_help(PRESETS['quick'])}; flags given override it")] = False
+    local: bool = False  # single-process debug mode, no Ray
+    print_config: bool = False  # print the resolved configuration and the run folder, then exit
+
+
+def _local_fits(cmd: TrainCommand) -> None:
+    d = cmd.experiment.dist
+    if cmd.local and (d.num_workers != 1 or d.strategy != "ddp"):
+        raise ValueError("--local trains one process: --num-workers and --strategy deepspeed need Ray (drop --local)")
+
+
+def parse(argv: list[str] | None = None) -> tuple[TrainCommand, ExperimentConfig]:
+    cmd = parse_experiment(TrainCommand, argv, description=__doc__, presets={"quick": PRESETS["quick"]}, check=_local_fits)
+    return cmd, cmd.experiment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,11 +111,11 @@ def run_on_ray(cfg: ExperimentConfig, console) -> int:
         return 1
     url = run_url(cfg)
     summary = {"run": url, "final_metrics": result.metrics, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
-               "best_model": f"{url}/best.pt", "final_model": f"{url}/final.pt"}
+               "best_model": f"{url}/best.pt"}
     write_bytes_atomic(f"{url}/summary.json", json.dumps(summary, indent=1, default=str).encode())
     m = result.metrics or {}
     console.print(f"done: mIoU {m.get('miou', float('nan')):.2f}  SI-logRMSE {m.get('si_log_rmse', float('nan')):.2f}  "
-                  f"grader {m.get('grader', float('nan')):.2f}; run {url} (best.pt, final.pt, summary.json, train.log)")
+                  f"grader {m.get('grader', float('nan')):.2f}; run {url} (checkpoints/, best.pt, summary.json, train.log)")
     return 0
 
 

@@ -1,38 +1,49 @@
-"""Hyperparameter sweeps with Ray Tune + ASHA; every trial is a full Ray Train run.
+r"""Hyperparameter sweeps with Ray Tune + ASHA; every trial is a full Ray Train run.
 
     ray job submit -- python jobs/tune.py --arch branched --num-samples 32 --epochs 16 \
         --lr-min 1e-5 --lr-max 1e-3 --out s3://bucket/sweeps --sweep-name branched-lr-w
     python jobs/tune.py ... --sweep-name branched-lr-w --resume      # continue after the driver died
 
-The search space: LR log-uniform in [--lr-min, --lr-max], --optimizers, segmentation weight w
-uniform in [--semseg-weight-min, --semseg-weight-max] (depth gets 1 - w), zoom --scale-max-choices,
---hflip-choices, --batch-sizes. Every other flag is the training config shared by all trials
-(--num-workers etc. size each trial). Results: a leaderboard in the terminal and results.{md,tex,csv}
-plus scores.png in <out>/<sweep-name>/.
+The search space (mtl.distributed.sweep_space): LR log-uniform in [--lr-min, --lr-max], the
+optimizers in --optimizers, segmentation weight w uniform in [--semseg-weight-min,
+--semseg-weight-max] with depth getting 1 - w, zoom factors in --scale-max-choices, flips in
+--hflip-choices, batch sizes in --batch-sizes. Every other flag is the training config shared
+by all trials (--num-workers etc. size each trial; --config FILE starts from a saved one).
+Results: a leaderboard in the terminal and results.{md,tex,csv} plus scores.png in
+<out>/<sweep-name>/.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
+from typing import Annotated
 
-from mtl.config import add_config_args, add_leaf_args, config_from_args, leaf_from_args
+import tyro
+
+from mtl.cli import CONFIG_HELP, FlatExperiment, parse_experiment
+from mtl.config import ExperimentConfig
+from mtl.distributed.sweep_space import SweepConfig, check_space, space
+
+
+@dataclass(frozen=True)
+class TuneCommand:
+    experiment: FlatExperiment = field(default_factory=ExperimentConfig)
+    sweep: Annotated[SweepConfig, tyro.conf.arg(name="")] = field(default_factory=SweepConfig)
+    config: Annotated[str | None, tyro.conf.arg(help=CONFIG_HELP)] = None
+
+
+def _check_sweep(cmd: TuneCommand) -> None:
+    """A bad search space stops the sweep before Ray or any trial starts."""
+    check_space(space(cmd.sweep.validate()), cmd.experiment)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtl.distributed.tune import SweepConfig
+    cmd = parse_experiment(TuneCommand, argv, description=__doc__, check=_check_sweep)
+    base, sweep = cmd.experiment, cmd.sweep
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_leaf_args(p.add_argument_group("sweep"), SweepConfig)
-    add_config_args(p)
-    args = p.parse_args(argv)
-    try:
-        base = config_from_args(args)
-        sweep = leaf_from_args(args, SweepConfig).validate()
-    except ValueError as e:
-        p.error(str(e))  # bad search space: stop before any trial starts
-
-    from mtl.distributed.tune import leaderboard_table, rows_from_results, run_sweep, write_reports
+    from mtl.distributed.sweep_report import leaderboard_table, rows_from_results, write_reports
+    from mtl.distributed.tune import run_sweep
     from mtl.errors import USER_ERRORS, one_line
     from mtl.progress import wide_console
     from mtl.runs import out_root
@@ -46,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_from_results(results, base.train.epochs)
     title = f"sweep {sweep.sweep_name}: {base.model.arch}, {len(rows)} trials, ASHA over {base.train.epochs} epochs"
     console.print(leaderboard_table(rows, title))
-    out = f"{out_root(base.train.out)}/{sweep.sweep_name}"
-    paths = write_reports(rows, out, title)
+    paths = write_reports(rows, f"{out_root(base.train.out)}/{sweep.sweep_name}", title)
     console.print("reports: " + ", ".join(paths.values()))
     if rows and rows[0].best_model:
         console.print(f"best trial: {rows[0].name} (grader {rows[0].grader:.2f}); checkpoint {rows[0].best_model}")

@@ -1,27 +1,53 @@
-"""Checkpoints on any fsspec URL (local folder, s3://...), written so a crash never leaves a
-half-written one that looks valid: the data file first (atomically renamed where the filesystem
-allows), then the small ``latest.json`` pointer that readers trust.
+"""Checkpoints: one layout in every mode, written by one checkpointer through a storage backend.
 
-A checkpoint holds tensors and plain data only (dicts, lists, tuples, numbers, strings) and is
-read with ``torch.load(weights_only=True)``: a file from a shared bucket cannot run code in the
-process that evaluates or resumes from it, and one that tries is refused with a clear error.
+A run folder (`mtl.runs`) holds::
+
+    checkpoints/<tag>/state.pt     rank 0's part: config, train state, RNG, metrics, model (+ optimizer)
+    checkpoints/<tag>/shards/      every rank's own files, for sharded strategies (DeepSpeed's ZeRO)
+    checkpoints/latest.json        {"latest": <tag>, "history": [...]}, written once the checkpoint is whole
+    best.pt                        the best epoch's model (no optimizer): what one evaluates or ships
+    metrics/<tag>.json             the validation metrics of that checkpoint
+
+locally, on S3, and on Ray alike. `Checkpointer` saves and restores the run's stateful parts
+(torchtitan's ``CheckpointManager`` over ``Stateful`` parts): the strategy's model and
+optimizer, the `TrainState` and the RNGs. Where the folder goes is the storage backend's job: an
+fsspec folder (`FolderStorage`) or Ray Train's ``report`` (`mtl.distributed.ray_train`), which
+uploads the same folder to the same place. Readers (`load_checkpoint`: evaluation, prediction,
+resume) never need to know which mode wrote a run.
+
+A checkpoint is written so that a crash never leaves a half-written one that looks valid: the
+folder first, then the small ``latest.json`` pointer that readers trust. It holds tensors and
+plain data only (dicts, lists, tuples, numbers, strings) and is read with
+``torch.load(weights_only=True)``: a file from a shared bucket cannot run code in the process
+that evaluates or resumes from it, and one that tries is refused with a clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
+import os
 import pickle
 import random
-from typing import Any
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
-from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import is_local, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.strategy import Strategy
 
-FORMAT = "streetmtl-checkpoint-v1"
-STATE_FILE = "state.pt"  # inside a checkpoint folder reported to Ray (`mtl.strategy.PlainStrategy.save_dir`)
+FORMAT = "streetmtl-checkpoint-v2"
+READABLE_FORMATS = ("streetmtl-checkpoint-v1", FORMAT)  # v1: train state as top-level keys
+CHECKPOINTS = "checkpoints"  # the run folder's sub-folder of checkpoints
+STATE_FILE = "state.pt"
+SHARDS_DIR = "shards"
+POINTER = "latest.json"
+BEST_FILE = "best.pt"
 
 
 def _numpy_array_globals() -> list:
@@ -75,44 +101,218 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class CheckpointDir:
-    """``<run>/checkpoints/``: epoch files, ``latest.json`` and ``best.pt``; keeps the last K."""
 
-    def __init__(self, run_url: str, keep_last: int = 2) -> None:
-        self.url = run_url.rstrip("/") + "/checkpoints"
-        self.keep_last = keep_last
 
-    def save(self, state: dict[str, Any], tag: str, is_best: bool = False) -> str:
-        data = checkpoint_bytes(state)
-        url = f"{self.url}/{tag}.pt"
-        write_bytes_atomic(url, data)
-        if is_best:
-            write_bytes_atomic(f"{self.url}/best.pt", data)
-        history = self._history() + [tag]
-        for old in history[: -self.keep_last] if self.keep_last > 0 else []:
-            fs, path = url_to_fs(f"{self.url}/{old}.pt")
-            if fs.exists(path):
-                fs.rm(path)
-        history = history[-self.keep_last:] if self.keep_last > 0 else history
-        write_bytes_atomic(f"{self.url}/latest.json", json.dumps({"latest": tag, "history": history}).encode())
-        return url
+# ------------------------------------------------------------------------ the stateful parts
 
-    def _pointer(self) -> dict[str, Any] | None:
-        data = read_bytes(f"{self.url}/latest.json")
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Where training stands, saved in every checkpoint and restored on resume. The LR plan is a
+    function of (``step``, ``total_steps``) and the data order of (seed, ``epoch``), so these
+    numbers are all a resume needs besides weights, optimizer and RNGs."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    epochs: int = 0  # epochs planned
+    total_steps: int = 0  # optimizer steps planned: the LR plan's length
+    best: float = float("-inf")  # best validation grader score so far
+    restarts: int = 0  # how often this run was resumed
+    input_size: list[int] | None = None  # (H, W) the model trains at (`mtl.data.Loaders.image_size`)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        known = {f.name for f in dataclasses.fields(self)}
+        for k, v in state.items():
+            if k in known:
+                setattr(self, k, list(v) if isinstance(v, tuple) else v)
+
+    @classmethod
+    def of(cls, checkpoint: dict[str, Any]) -> "TrainState":
+        """The train state of a loaded checkpoint (`load_checkpoint` output)."""
+        state = cls()
+        state.load_state_dict(checkpoint.get("train_state") or {})
+        return state
+
+
+class RNGState:
+    """Every RNG of this process as a stateful part (see `rng_state`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
+# ------------------------------------------------------------------------- storage backends
+
+class CheckpointIndex:
+    """``<run>/checkpoints/latest.json``: the newest complete checkpoint and the ones kept."""
+
+    def __init__(self, run_url: str) -> None:
+        self.url = f"{run_url.rstrip('/')}/{CHECKPOINTS}"
+
+    def read(self) -> dict[str, Any] | None:
+        data = read_bytes(f"{self.url}/{POINTER}")
         return None if data is None else json.loads(data)
 
-    def _history(self) -> list[str]:
-        pointer = self._pointer()
-        return [] if pointer is None else pointer["history"]
+    def latest_tag(self) -> str | None:
+        pointer = self.read()
+        return None if pointer is None else pointer["latest"]
 
-    def latest(self) -> str | None:
-        pointer = self._pointer()
-        return None if pointer is None else f"{self.url}/{pointer['latest']}.pt"
+    def commit(self, tag: str, keep_last: int = 0) -> list[str]:
+        """Point at ``tag``; returns the tags that fall out of the last ``keep_last`` (0: keep all,
+        e.g. when Ray's own retention deletes them)."""
+        history = [t for t in (self.read() or {}).get("history", []) if t != tag] + [tag]
+        dropped = history[:-keep_last] if keep_last > 0 else []
+        history = history[len(dropped):]
+        write_bytes_atomic(f"{self.url}/{POINTER}", json.dumps({"latest": tag, "history": history}).encode())
+        return dropped
+
+
+class CheckpointStorage(Protocol):
+    """Where checkpoint folders go. ``publish`` is called on every rank with the local folder
+    that rank wrote (its shards; rank 0 also ``state.pt``), ``commit`` on rank 0 once all ranks
+    published; ``latest`` yields ``(local folder, URL)`` of the checkpoint to resume, or None."""
+
+    def publish(self, folder: str, tag: str, metrics: dict[str, Any]) -> None: ...
+
+    def commit(self, tag: str) -> None: ...
+
+    def latest(self) -> contextlib.AbstractContextManager[tuple[str, str] | None]: ...
+
+
+class FolderStorage:
+    """Checkpoints in ``<run>/checkpoints/`` of any fsspec URL, the last ``keep_last`` kept."""
+
+    def __init__(self, run_url: str, keep_last: int = 2) -> None:
+        self.run_url, self.keep_last = run_url.rstrip("/"), keep_last
+        self.index = CheckpointIndex(self.run_url)
+
+    def publish(self, folder: str, tag: str, metrics: dict[str, Any]) -> None:
+        for root, _, files in os.walk(folder):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                with open(os.path.join(root, name), "rb") as fh:
+                    write_bytes_atomic(f"{self.index.url}/{tag}/{rel}", fh.read())
+
+    def commit(self, tag: str) -> None:
+        for old in self.index.commit(tag, self.keep_last):
+            with storage_errors(self.index.url):
+                fs, path = url_to_fs(f"{self.index.url}/{old}")
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[tuple[str, str] | None]:
+        tag = self.index.latest_tag()
+        if tag is None:
+            yield None
+            return
+        url = f"{self.index.url}/{tag}"
+        with local_copy(url) as folder:
+            yield folder, url
+
+
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """A checkpoint folder on this machine: itself when local, else downloaded to a temporary one."""
+    if is_local(url):
+        yield url_to_fs(url)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="streetmtl-restore-") as d, storage_errors(url):
+        fs, path = url_to_fs(url)
+        fs.get(path.rstrip("/") + "/", d, recursive=True)
+        yield d
+
+
+# ------------------------------------------------------------------------- the checkpointer
+
+class Checkpointer:
+    """Saves and restores a run's stateful parts, the same way in every mode.
+
+    ``states`` (e.g. ``{"train_state": TrainState, "rng": RNGState()}``) and the strategy's
+    ``state_dict`` (model, optimizer) go into rank 0's ``state.pt``; a sharded strategy's files
+    into ``shards/`` on every rank; rank 0 also writes ``metrics/<tag>.json`` and, for a new best
+    score, ``best.pt``. Then the storage publishes the folder; once every rank has (a barrier),
+    rank 0 commits the pointer."""
+
+    def __init__(self, storage: CheckpointStorage, run_url: str, strategy: Strategy, states: dict[str, Stateful],
+                 rank: int = 0) -> None:
+        self.storage, self.run_url, self.strategy, self.states, self.rank = storage, run_url.rstrip("/"), strategy, states, rank
+
+    def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool) -> None:
+        with tempfile.TemporaryDirectory(prefix="streetmtl-ckpt-") as d:
+            if self.strategy.sharded:
+                self.strategy.save_shards(os.path.join(d, SHARDS_DIR))
+            if self.rank == 0:
+                self._write_main(d, tag, config, metrics, is_best)
+            self.storage.publish(d, tag, metrics)
+        self.strategy.barrier()  # every rank's files are in place before the pointer moves
+        if self.rank == 0:
+            self.storage.commit(tag)
+
+    def _write_main(self, folder: str, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool) -> None:
+        """Rank 0: ``state.pt`` into the folder to publish; the metrics file and ``best.pt`` at
+        once, before the checkpoint exists: a failure in between resumes from the checkpoint
+        before, which trains this epoch again and writes both again."""
+        state = {"config": config, "metrics": metrics, **{k: s.state_dict() for k, s in self.states.items()},
+                 **self.strategy.state_dict()}
+        with open(os.path.join(folder, STATE_FILE), "wb") as fh:
+            fh.write(checkpoint_bytes(state))
+        write_bytes_atomic(f"{self.run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
+        if is_best:
+            best = {k: v for k, v in state.items() if k in ("config", "metrics", "train_state", "model")}
+            write_bytes_atomic(f"{self.run_url}/{BEST_FILE}", checkpoint_bytes(best))
+
+    def restore(self, check: Callable[[dict[str, Any]], None] = lambda state: None) -> dict[str, Any] | None:
+        """Load the latest checkpoint into every part; ``check`` vets it (e.g. that it belongs to
+        this configuration) before any part changes. Returns the loaded state, None if none."""
+        with self.storage.latest() as found:
+            if found is None:
+                return None
+            folder, url = found
+            state = _read(os.path.join(folder, STATE_FILE), f"{url}/{STATE_FILE}")
+            check(state)
+            for key, part in self.states.items():
+                part.load_state_dict(state[key])
+            self.strategy.load_state_dict(state)
+            if self.strategy.sharded:
+                self.strategy.load_shards(os.path.join(folder, SHARDS_DIR))
+        return state
+
+
+# ---------------------------------------------------------------------------------- readers
+
+def _read(path: str, url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        return _checked(load_safely(fh, url, map_location), url)
+
+
+def _checked(state: Any, url: str) -> dict[str, Any]:
+    """A loaded file as a current checkpoint (v1's top-level train state moved into place)."""
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{url} is not a streetmtl checkpoint")
+    if state["format"] != FORMAT:
+        old = {k: state.pop(k) for k in ("epoch", "step", "epochs", "total_steps", "restarts", "input_size") if k in state}
+        if "best_grader" in state:
+            old["best"] = state.pop("best_grader")
+        state["train_state"] = old
+    state["url"] = url
+    return state
 
 
 def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file, or the latest one of a run folder (`checkpoint_in_folder`).
-    Errors name the file."""
+    """Load a checkpoint: a ``state.pt`` or ``best.pt`` file, a checkpoint folder, or a run
+    folder (its latest checkpoint: `checkpoint_in_folder`). Errors name the file."""
     with storage_errors(url):
         fs, path = url_to_fs(url)
         if fs.isdir(path):
@@ -121,25 +321,21 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {url}")
         data = fs.cat_file(path)
-    state = load_safely(data, url, map_location)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{url} is not a streetmtl checkpoint")
-    state["url"] = url
-    return state
+    return _checked(load_safely(data, url, map_location), url)
 
 
 def checkpoint_in_folder(url: str) -> str:
-    """The latest checkpoint with model weights in a run folder: ``checkpoints/latest.json``'s
-    (local runs), the newest ``epoch-NNNN/state.pt`` (DDP on Ray), else ``final.pt`` or ``best.pt``
-    (DeepSpeed on Ray keeps sharded states in its epoch folders)."""
+    """The checkpoint file a folder stands for: a checkpoint folder's ``state.pt``; a run
+    folder's latest checkpoint (``checkpoints/latest.json``), else its ``best.pt``. Run folders
+    written before the one layout are read too (``checkpoints/<tag>.pt``; Ray's
+    ``epoch-NNNN/state.pt`` and ``final.pt``)."""
     url = url.rstrip("/")
-    latest = CheckpointDir(url).latest()
-    if latest is not None:
-        return latest
     fs, path = url_to_fs(url)
+    tag = CheckpointIndex(url).latest_tag()
+    candidates = [STATE_FILE] + ([f"{CHECKPOINTS}/{tag}/{STATE_FILE}", f"{CHECKPOINTS}/{tag}.pt"] if tag else [])
     epochs = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)
-    for name in [f"{e}/{STATE_FILE}" for e in epochs if e.startswith("epoch-")] + ["final.pt", "best.pt"]:
+    candidates += [f"{e}/{STATE_FILE}" for e in epochs if e.startswith("epoch-")] + ["final.pt", BEST_FILE]
+    for name in candidates:
         if fs.exists(f"{path}/{name}"):
             return f"{url}/{name}"
-    raise FileNotFoundError(f"no checkpoint in {url} (looked for checkpoints/latest.json, epoch-NNNN/{STATE_FILE}, final.pt "
-                            f"and best.pt)")
+    raise FileNotFoundError(f"no checkpoint in {url} (looked for {CHECKPOINTS}/{POINTER}, {STATE_FILE} and {BEST_FILE})")

@@ -7,11 +7,15 @@ rebuilt from JSON (`from_dict`) on resume or in a Ray worker.
 Fields made with `operational` say where and how a run executes (loader processes, output
 folder, logging, Ray resources) rather than what it trains: they are left out of the run's
 identity (`mtl.runs.identity`), so they may differ between a run and its resume.
+
+The command lines are made from these classes (`mtl.cli`): every leaf field is a flag of the
+same name (``batch_size`` -> ``--batch-size``), its comment is the flag's help (write it for
+the user), a Literal type lists the choices, and `validate` is the one place that checks values
+(its messages name the flags).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import types
@@ -19,7 +23,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ARCHS = ("deeplabv3p", "branched", "distillation", "branched_vortex")
+from mtl.zoo_names import Arch, Context, Decoder, Encoder
+
+# (height, width) of images. On every command line an HxW value (``--crop 224x448``): `mtl.cli`
+# reads every ``tuple[int, int]`` field with `parse_size`.
+Size = tuple[int, int]
+Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when there is a GPU, else the CPU
+Optimizer = Literal["adam", "sgd"]
 
 
 def operational(default: Any = None, **kw: Any) -> Any:
@@ -27,22 +37,35 @@ def operational(default: Any = None, **kw: Any) -> Any:
     return field(default=default, metadata={"operational": True}, **kw)
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    root: str | None = None  # Miniscapes folder (path or fsspec URL); None = cached synthetic set
-    shards: str | None = None  # WebDataset shard set (prefix or manifest URL, e.g. s3://b/p); overrides root
-    synthetic_size: tuple[int, int] = (128, 256)  # HxW of the auto-generated synthetic set
-    synthetic_counts: tuple[int, int, int] = (400, 80, 80)  # train/val/test
-    scale_min: float = 1.0
-    scale_max: float = 1.25
-    crop: tuple[int, int] | None = None  # None = crop back to the input size after scaling
-    hflip: bool = True
-    augment: bool = True
-    workers: int | None = operational(None)  # loader processes per training process; None = auto (`mtl.data.auto_workers`)
-    prefetch: int = operational(4)  # batches each loader worker keeps ready
-    shuffle_buffer: int = 256  # samples (shard streaming)
+class _Part:
+    """A part of the config. `validate` checks that every Literal-typed field holds one of its
+    values (`check_choices`: a config read from a file is not type-checked otherwise), then the
+    part's own rules (`_rules`); messages name the flags."""
 
     def validate(self) -> None:
+        check_choices(self)
+        self._rules()
+
+    def _rules(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class DataConfig(_Part):
+    root: str | None = None  # Miniscapes folder (path or fsspec URL); default: the cached synthetic set
+    shards: str | None = None  # WebDataset shard set (prefix holding manifest.json, or its URL; e.g. s3://b/p), instead of --root
+    synthetic_size: Size = (128, 256)  # HxW of the synthetic set used when neither --root nor --shards is given
+    synthetic_counts: tuple[int, int, int] = (400, 80, 80)  # train, val and test samples of that synthetic set
+    scale_min: float = 1.0  # random zoom: smallest factor
+    scale_max: float = 1.25  # random zoom: largest factor
+    crop: Size | None = None  # HxW random crop after zooming; default: the input size
+    hflip: bool = True  # random horizontal flips
+    augment: bool = True  # any augmentation at all (zoom, crop, flip)
+    workers: int | None = operational(None)  # loader processes per training process; default: from the CPUs (mtl.data.auto_workers)
+    prefetch: int = operational(4)  # batches each loader process keeps ready
+    shuffle_buffer: int = 256  # samples in the shuffle buffer when streaming shards
+
+    def _rules(self) -> None:
         if self.root and self.shards:
             raise ValueError(f"--root {self.root} and --shards {self.shards} both name the training data: give one")
         if not 0 < self.scale_min <= self.scale_max:
@@ -54,26 +77,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    arch: str = "deeplabv3p"
-    encoder: str = "resnet34"
-    pretrained: str | None = None  # torchvision-format weights, local path or s3://
-    output_stride: int | None = None  # 8/16/32; None = the architecture's default
-    aspp_rates: tuple[int, ...] | None = None  # None = (6,12,18) at OS16, (12,24,36) at OS8
-    vortex_rates: tuple[int, ...] = (1, 3, 9, 27)
-    semseg_context: str | None = None  # aspp | vortex | none; None = the architecture's default
-    depth_context: str | None = None
-    semseg_decoder: str | None = None  # skip | double_skip
-    depth_decoder: str | None = None
+class ModelConfig(_Part):
+    arch: Arch = "deeplabv3p"  # the architecture (README "Model zoo")
+    encoder: Encoder = "resnet34"  # the backbone
+    pretrained: str | None = None  # torchvision-format ImageNet weights for the encoder: a local path or s3:// URL
+    output_stride: Literal[8, 16, 32] | None = None  # encoder output stride (dilation below 32); default: the architecture's
+    aspp_rates: tuple[int, ...] | None = None  # ASPP dilation rates; default: 6 12 18 at output stride 16, 12 24 36 at 8
+    vortex_rates: tuple[int, ...] = (1, 3, 9, 27)  # vortex pooling rates
+    semseg_context: Context | None = None  # segmentation branch's context module; default: the architecture's
+    depth_context: Context | None = None  # depth branch's context module; default: the architecture's
+    semseg_decoder: Decoder | None = None  # segmentation branch's decoder; default: the architecture's
+    depth_decoder: Decoder | None = None  # depth branch's decoder; default: the architecture's
     depth_space: Literal["log", "linear"] = "log"  # what the depth head predicts (normalised)
 
-    def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"--arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.output_stride not in (None, 8, 16, 32):
-            raise ValueError(f"--output-stride must be 8, 16 or 32, got {self.output_stride}")
-        if self.depth_space not in ("log", "linear"):
-            raise ValueError(f"--depth-space must be log or linear, got {self.depth_space!r}")
+    def _rules(self) -> None:
         for name in ("aspp_rates", "vortex_rates"):
             rates = getattr(self, name)
             if rates is not None and (not rates or min(rates) < 1):
@@ -81,19 +98,17 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-4 * 4  # the report's best Adam LR (1e-4 at batch 4), scaled to batch 16
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    poly_power: float = 0.9
-    warmup_steps: int = 0
-    semseg_weight: float = 0.5  # loss = w * CE + (1 - w) * depth
-    grad_clip: float | None = None
+class OptimConfig(_Part):
+    optimizer: Optimizer = "adam"  # Adam, or SGD with momentum
+    lr: float = 1e-4 * 4  # peak learning rate; the default is the report's best Adam LR (1e-4 at batch 4) scaled to batch 16
+    weight_decay: float = 1e-4  # L2 penalty on the weights
+    momentum: float = 0.9  # SGD momentum
+    poly_power: float = 0.9  # the LR decays as (1 - step/steps) ** poly_power
+    warmup_steps: int = 0  # linear LR warmup
+    semseg_weight: float = 0.5  # loss = w * cross-entropy + (1 - w) * depth loss
+    grad_clip: float | None = None  # clip the gradient norm to this; default: no clipping
 
-    def validate(self) -> None:
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")
+    def _rules(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if not 0.0 <= self.semseg_weight <= 1.0:
@@ -103,59 +118,53 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 16
-    batch_size: int = 16  # per worker
-    grad_accum: int = 1
-    seed: int = 0
-    device: str = operational("auto")  # auto | cpu | cuda
-    bf16: bool = True  # autocast on CUDA; ignored on CPU
-    channels_last: bool = operational(True)
-    compile: bool = operational(False)
+class TrainConfig(_Part):
+    epochs: int = 16  # passes over the training set (part of the run's name: another length is another recipe)
+    batch_size: int = 16  # per training process
+    grad_accum: int = 1  # batches per optimizer step
+    seed: int = 0  # initialisation, data order and augmentation
+    device: Device = operational("auto")  # local mode; on Ray, --use-gpu decides
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    channels_last: bool = operational(True)  # channels_last memory format on CUDA
+    compile: bool = operational(False)  # torch.compile the model
     out: str = operational("runs")  # where runs live: a local folder or s3:// prefix
-    name: str | None = operational(None)  # run name; None = descriptive name + hash of the training config
+    name: str | None = operational(None)  # run name; default: descriptive + a hash of the training config
     resume: bool = operational(False)  # continue the run in <out>/<name> (required to reuse an existing run folder)
-    keep_last: int = operational(2)
+    keep_last: int = operational(2)  # epoch checkpoints kept (best.pt is kept apart)
     log_every: int = operational(10)  # steps between loss readouts (the loop's only host sync)
-    log_interval_s: float = operational(30.0)  # seconds between plain progress lines when stdout is not a terminal
+    log_interval_s: float = operational(30.0)  # seconds between plain progress lines when output is not a terminal
     max_steps_per_epoch: int | None = None  # debug: cut epochs short
 
-    def validate(self) -> None:
+    def _rules(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--epochs, --batch-size and --grad-accum must be >= 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.log_every < 1 or self.log_interval_s < 0:
             raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
 
 
 @dataclass(frozen=True)
-class DistConfig:
+class DistConfig(_Part):
     """Ray Train settings (--local trains one process and refuses --num-workers > 1 and
     --strategy deepspeed). Checkpoints go to ``train.out`` (use s3:// or another storage all
     nodes share)."""
 
-    address: str | None = operational(None)  # Ray cluster address; None = $RAY_ADDRESS or the cluster of a submitted job
-    num_workers: int = 1
-    # None = GPUs on a cluster the run joins (address, $RAY_ADDRESS, `ray job submit`); on a Ray
-    # instance the run starts itself, GPUs if this machine has any
+    address: str | None = operational(None)  # Ray cluster address; default: $RAY_ADDRESS, or the cluster of a submitted job
+    num_workers: int = 1  # training processes (one GPU each with GPUs)
+    #: default: GPUs on a cluster the run joins (--address, $RAY_ADDRESS, `ray job submit`); on a
+    #: Ray instance the run starts itself, GPUs if this machine has any
     use_gpu: bool | None = operational(None)
-    cpus_per_worker: float = operational(1.0)
-    gpus_per_worker: float = operational(1.0)
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = 1
+    cpus_per_worker: float = operational(1.0)  # CPUs Ray reserves per training process (its loader processes run on them)
+    gpus_per_worker: float = operational(1.0)  # GPUs per training process when on GPUs
+    strategy: Literal["ddp", "deepspeed"] = "ddp"  # PyTorch DDP, or DeepSpeed ZeRO (--zero-stage)
+    zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed ZeRO stage
     max_failures: int = operational(3)  # worker/node failures survived by restarting from the last checkpoint
-    # how long the worker group may wait to be placed (nodes booting: 10+ minutes is normal for
-    # cloud GPUs); a request the cluster can never hold fails at once instead
+    #: how long the worker group may wait to be placed (nodes booting: 10+ minutes is normal for
+    #: cloud GPUs); a request the cluster can never hold fails at once instead
     start_timeout_s: float = operational(900.0)
 
-    def validate(self) -> None:
+    def _rules(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"--num-workers must be >= 1, got {self.num_workers}")
-        if self.strategy not in ("ddp", "deepspeed"):
-            raise ValueError(f"--strategy must be ddp or deepspeed, got {self.strategy!r}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"--zero-stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < 0 or self.start_timeout_s <= 0:
             raise ValueError("--cpus-per-worker and --start-timeout-s must be > 0; --gpus-per-worker and --max-failures >= 0")
 
@@ -182,6 +191,58 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
         return _from_dict(cls, d)
+
+    def with_values(self, values: dict[str, Any]) -> "ExperimentConfig":
+        """A copy with ``{"optim.lr": 3e-4, ...}`` set, each value converted to its field's type
+        (a search library's numpy scalars become the int/float/bool the config holds). Not
+        validated."""
+        parts: dict[str, dict[str, Any]] = {}
+        for path, value in values.items():
+            part, _, name = path.partition(".")
+            hints = typing.get_type_hints(type(getattr(self, part)))
+            if name not in hints:
+                raise ValueError(f"no config field {path!r}")
+            parts.setdefault(part, {})[name] = _as_type(hints[name], value)
+        return dataclasses.replace(self, **{p: dataclasses.replace(getattr(self, p), **kw) for p, kw in parts.items()})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def choices(tp: Any) -> tuple | None:
+    """The values a field of type ``tp`` may take when it is a Literal (optional or a tuple of
+    them), else None."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return args
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return choices(inner[0]) if len(inner) == 1 else None
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return choices(args[0])
+    return None
+
+
+def check_choices(part: Any) -> None:
+    """Every Literal-typed field of the dataclass ``part`` holds one of its values (a config
+    read from a file is not type-checked otherwise). ValueError naming the flag."""
+    for name, tp in typing.get_type_hints(type(part)).items():
+        allowed, value = choices(tp), getattr(part, name)
+        if allowed is None or value is None:
+            continue
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if v not in allowed:
+                raise ValueError(f"{flag(name)} must be one of {', '.join(map(str, allowed))}; got {v!r}")
+
+
+def _as_type(tp: Any, value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalar
+        value = value.item()
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp(value) if tp in (int, float, bool) and value is not None else value
 
 
 # Named starting points for `jobs/train.py` (flags given on the command line override them).
@@ -219,93 +280,10 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-# --------------------------------------------------------------------------- CLI <-> config
-
-def _parser_type(tp: Any) -> tuple[Any, dict[str, Any]]:
-    """argparse (type, extra kwargs) for a dataclass field type."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return _parser_type(inner[0])
-    if origin is Literal:
-        return type(args[0]), {"choices": list(args)}
-    if origin is tuple:
-        return (_str2bool if args[0] is bool else args[0]), {"nargs": "+"}
-    if tp is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
-    return tp, {}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'256x512' -> (256, 512): the one reader of ``--size HxW`` flags. ValueError naming
-    ``--size`` otherwise."""
+def parse_size(text: str, what: str = "--size") -> tuple[int, int]:
+    """'256x512' -> (256, 512): the one reader of HxW values (``--size``, ``--crop``...).
+    ValueError naming ``what`` otherwise (a flag; "" for none)."""
     h, sep, w = text.strip().lower().partition("x")
     if not (sep and h.isdigit() and w.isdigit() and int(h) >= 8 and int(w) >= 8):
-        raise ValueError(f"--size must be HxW with integers of at least 8 (e.g. 256x512), got {text!r}")
+        raise ValueError(f"{what} must be HxW with integers of at least 8 (e.g. 256x512), got {text!r}".strip())
     return int(h), int(w)
-
-
-def size_arg(text: str) -> tuple[int, int]:
-    """`parse_size` as an argparse ``type`` (its message shown as the usage error)."""
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _str2bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls: type = ExperimentConfig) -> None:
-    """One flag per leaf field (``--lr``, ``--batch-size``, ``--no-hflip``...)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            group = parser.add_argument_group(f.name)
-            _add_leaf_args(group, tp)
-
-
-def add_leaf_args(group: Any, cls: type) -> None:
-    """Flags for the fields of one flat dataclass (e.g. a sweep config)."""
-    _add_leaf_args(group, cls)
-
-
-def leaf_from_args(args: argparse.Namespace, cls: type) -> Any:
-    """Build a flat dataclass from the flags `add_leaf_args` added (defaults where not given)."""
-    changes = {}
-    for g in dataclasses.fields(cls):
-        v = getattr(args, f"{cls.__name__}.{g.name}", None)
-        if v is not None:
-            changes[g.name] = tuple(v) if isinstance(v, list) else v
-    return cls(**changes)
-
-
-def _add_leaf_args(group: Any, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        typ, extra = _parser_type(hints[f.name])
-        kw: dict[str, Any] = {"default": None, "dest": f"{cls.__name__}.{f.name}", **extra}
-        if typ is not None:
-            kw["type"] = typ
-        kw["help"] = f"default: {getattr(defaults, f.name)}"
-        group.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def config_from_args(args: argparse.Namespace, base: ExperimentConfig | None = None) -> ExperimentConfig:
-    """Apply the flags that were given on top of ``base`` (defaults when None); validate."""
-    base = base or ExperimentConfig()
-    parts = {}
-    for f in dataclasses.fields(ExperimentConfig):
-        sub = getattr(base, f.name)
-        given = leaf_from_args(args, type(sub))
-        changes = {g.name: getattr(given, g.name) for g in dataclasses.fields(sub)
-                   if getattr(args, f"{type(sub).__name__}.{g.name}", None) is not None}
-        parts[f.name] = dataclasses.replace(sub, **changes)
-    return ExperimentConfig(**parts).validate()

@@ -1,22 +1,22 @@
 """The train step, the evaluation loop and the epoch loop, shared by every mode.
 
 Local mode, Ray/DDP and DeepSpeed differ only in the `Runtime` they pass to `fit`: the
-gradient strategy (plain, DDP, DeepSpeed), how metric states are summed across ranks and where
-checkpoints go.
+gradient strategy (`mtl.strategy`: plain, DDP, DeepSpeed; it also sums metric states across
+ranks) and the storage the one checkpointer writes through (`mtl.checkpoint`: an fsspec folder,
+or Ray Train's report). The checkpoint layout is the same in every mode.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from mtl.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state
+from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState
 from mtl.config import ExperimentConfig
 from mtl.data import Loaders, build_loaders
 from mtl.data.batch import DeviceBatches
@@ -26,8 +26,7 @@ from mtl.models import build_model, resolve
 from mtl.progress import RunLog, TrainProgress
 from mtl.runs import RunFolder, check_same_training, resolve_config, run_name, run_url
 from mtl.schedule import PolyLR
-from mtl.storage import write_bytes_atomic
-from mtl.strategy import PlainStrategy
+from mtl.strategy import PlainStrategy, Strategy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +54,7 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Opti
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=True)
 
 
-def train_step(strategy: PlainStrategy, batch: dict[str, torch.Tensor], codec: DepthCodec, semseg_weight: float,
+def train_step(strategy: Strategy, batch: dict[str, torch.Tensor], codec: DepthCodec, semseg_weight: float,
                amp: contextlib.AbstractContextManager, last_micro_batch: bool = True) -> dict[str, torch.Tensor]:
     """Forward + backward of one micro-batch (+ the update after the last one).
     Returns detached loss tensors: no host sync."""
@@ -64,7 +63,7 @@ def train_step(strategy: PlainStrategy, batch: dict[str, torch.Tensor], codec: D
             out = strategy.model(batch["rgb"])
         loss, parts = multitask_loss(out, batch, codec, semseg_weight)
         strategy.backward(loss)
-    strategy.micro_batch_done(last_micro_batch)
+    strategy.step(last_micro_batch)
     return {"loss": loss.detach(), **parts}
 
 
@@ -94,23 +93,17 @@ def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, 
 
 # ------------------------------------------------------------------------------ the epoch loop
 
-class Checkpointer(Protocol):
-    def save(self, meta: dict[str, Any], strategy: PlainStrategy, tag: str, is_best: bool, metrics: dict[str, float]) -> None: ...
-
-    def restore(self, strategy: PlainStrategy, cfg: ExperimentConfig) -> dict[str, Any] | None: ...
-
-
 @dataclass
 class Runtime:
-    """What differs between local, DDP and DeepSpeed runs."""
+    """What differs between local, DDP and DeepSpeed runs: the rank, the device, how the
+    strategy is made and where checkpoints are stored."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    make_strategy: Callable[[nn.Module, torch.optim.Optimizer, ExperimentConfig], PlainStrategy] = (
+    make_strategy: Callable[[nn.Module, torch.optim.Optimizer, ExperimentConfig], Strategy] = (
         lambda m, o, cfg: PlainStrategy(m, o, cfg.train.grad_accum, cfg.optim.grad_clip))
-    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-    checkpoints: Checkpointer | None = None
+    storage: CheckpointStorage | None = None  # None: no checkpoints (benchmarks, tests)
     console: Any = None  # rich Console of rank 0 (None: the default console)
     cpus: int | None = None  # CPUs reserved for this process (sizes the loader); None = what it may run on
 
@@ -124,31 +117,9 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig) -> None:
     check_same_training(ExperimentConfig.from_dict(state["config"]), cfg, f"checkpoint {state.get('url', '')}")
 
 
-class LocalCheckpointer:
-    """``<run>/checkpoints/`` (local folder or s3://) with the last K epochs and best.pt."""
-
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.run_url = run_url(cfg)
-        self.dir = CheckpointDir(self.run_url, cfg.train.keep_last)
-        self.resume = cfg.train.resume
-
-    def save(self, meta: dict[str, Any], strategy: PlainStrategy, tag: str, is_best: bool, metrics: dict[str, float]) -> None:
-        self.dir.save({**meta, **strategy.state_dict()}, tag, is_best)
-        write_bytes_atomic(f"{self.run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
-
-    def restore(self, strategy: PlainStrategy, cfg: ExperimentConfig) -> dict[str, Any] | None:
-        url = self.dir.latest() if self.resume else None
-        if url is None:
-            return None
-        state = load_checkpoint(url)
-        check_resumable(state, cfg)
-        strategy.load_state_dict(state)
-        return state
-
-
 def local_runtime(cfg: ExperimentConfig) -> Runtime:
-    """One process, one device; checkpoints and metrics in ``<out>/<run name>/``."""
-    return Runtime(device=resolve_device(cfg.train.device), checkpoints=LocalCheckpointer(cfg))
+    """One process, one device; the run folder ``<out>/<run name>/`` (local or s3://)."""
+    return Runtime(device=resolve_device(cfg.train.device), storage=FolderStorage(run_url(cfg), cfg.train.keep_last))
 
 
 @dataclass
@@ -160,20 +131,14 @@ class FitResult:
     input_size: list[int] | None = None  # (H, W) the model was trained for (see `Loaders.image_size`)
 
 
-@dataclass
-class TrainState:
-    """Where training stands: what a checkpoint's metadata restores."""
-
-    epoch: int = 0
-    step: int = 0
-    best: float = float("-inf")
-    restarts: int = 0
-
-
 class Trainer:
     """One training run on one rank: data, model, strategy and LR plan built from the config,
     restored from the latest checkpoint when there is one, then epochs of train steps, each
-    followed by validation (reduced across ranks) and a checkpoint."""
+    followed by validation (reduced across ranks) and a checkpoint.
+
+    Its stateful parts — the strategy (model, optimizer), the `TrainState` (epoch, step, LR plan
+    length, best score) and the RNGs — are handed to one `Checkpointer`; the LR plan is a
+    function of the train state, the data order one of (seed, epoch)."""
 
     def __init__(self, cfg: ExperimentConfig, rt: Runtime) -> None:
         self.cfg = cfg = resolve_config(cfg)
@@ -183,14 +148,16 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.data: Loaders = build_loaders(cfg, rt.rank, rt.world, pin_memory=self.device.type == "cuda", cpus=rt.cpus)
         self.steps_per_epoch = self._steps_per_epoch()
-        self.total_steps = t.epochs * self.steps_per_epoch
         model = build_model(cfg.model).to(self.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.strategy = rt.make_strategy(model, build_optimizer(model, cfg), cfg)
         self.codec, self.amp = DepthCodec(resolve(cfg.model).depth_space), autocast(self.device, t.bf16)
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
-        self.state, self.input_size = TrainState(), list(self.data.image_size) if self.data.image_size else None
+        self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self.steps_per_epoch,
+                                input_size=list(self.data.image_size) if self.data.image_size else None)
+        self.checkpointer = Checkpointer(rt.storage, run_url(cfg), self.strategy, {"train_state": self.state, "rng": RNGState()},
+                                         rt.rank) if rt.storage else None
         self.schedule = self._restore()
         if rt.is_main:  # data found, checkpoint accepted: the run folder gets (or updates) its configuration
             RunFolder(run_url(cfg)).write_config(cfg)
@@ -209,19 +176,18 @@ class Trainer:
 
     def _restore(self) -> PolyLR:
         """Continue from the latest checkpoint, if any; the LR plan is a function of the step."""
-        o = self.cfg.optim
-        meta = self.rt.checkpoints.restore(self.strategy, self.cfg) if self.rt.checkpoints else None
-        if meta is None:
-            return PolyLR(o.lr, self.total_steps, o.poly_power, o.warmup_steps)
-        self.state = TrainState(meta["epoch"], meta["step"], meta["best_grader"], meta.get("restarts", 0) + 1)
-        set_rng_state(meta["rng"])
-        if meta["total_steps"] != self.total_steps and meta["epochs"] == self.cfg.train.epochs:
-            # same plan, other steps per epoch (e.g. shards dealt to another number of loader
-            # workers): keep the LR curve continuous
-            self.total_steps = meta["total_steps"]
-        schedule = PolyLR(o.lr, self.total_steps, o.poly_power, o.warmup_steps)
-        self.log(f"resumed from {meta.get('url', 'checkpoint')}: epoch {self.state.epoch}, step {self.state.step}/"
-                 f"{self.total_steps}, next LR {schedule(self.state.step):.3g}")
+        o, s = self.cfg.optim, self.state
+        planned = s.total_steps
+        loaded = self.checkpointer.restore(lambda state: check_resumable(state, self.cfg)) if self.checkpointer else None
+        if loaded is None:
+            return PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
+        s.restarts += 1
+        if s.epochs != self.cfg.train.epochs:  # --resume --epochs N: the plan is recomputed for the new length
+            s.epochs, s.total_steps = self.cfg.train.epochs, planned
+        # else the same plan, perhaps with other steps per epoch now (shards dealt to another
+        # number of loader workers): the stored length keeps the LR curve continuous
+        schedule = PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
+        self.log(f"resumed from {loaded['url']}: epoch {s.epoch}, step {s.step}/{s.total_steps}, next LR {schedule(s.step):.3g}")
         return schedule
 
     def announce(self) -> None:
@@ -253,7 +219,7 @@ class Trainer:
                         on_epoch_end(self.state.epoch, metrics)
         finally:
             self.log.flush()
-        return FitResult(history, lrs, self.strategy.module, self.state.best, self.input_size)
+        return FitResult(history, lrs, self.strategy.module, self.state.best, self.state.input_size)
 
     def train_epoch(self, it: DeviceBatches, bar: TrainProgress, lrs: list[float]) -> tuple[list[float], float]:
         """One epoch of optimizer steps; returns the mean losses [total, semseg, depth] and img/s.
@@ -261,7 +227,7 @@ class Trainer:
         when ``log_interval_s`` has passed (the time check itself reads nothing)."""
         t, s_, strategy = self.cfg.train, self.state, self.strategy
         strategy.model.train()
-        bar.start_epoch(s_.epoch, t.epochs, self.steps_per_epoch, self.total_steps - s_.step)
+        bar.start_epoch(s_.epoch, t.epochs, self.steps_per_epoch, s_.total_steps - s_.step)
         running = torch.zeros(3, device=self.device)
         t0 = last_read = time.perf_counter()
         n_img, loss = 0, [float("nan")] * 3
@@ -277,26 +243,23 @@ class Trainer:
             if (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch or now - last_read >= t.log_interval_s > 0:
                 loss, last_read = (running / (s + 1)).tolist(), now  # the only host sync in the loop
                 bar.update(s + 1, loss, n_img * self.rt.world / (now - t0), lrs[-1])
-        if self.input_size is None:  # validation images of varying size: the training crops'
-            self.input_size = list(batch["rgb"].shape[-2:])
+        if s_.input_size is None:  # validation images of varying size: the training crops'
+            s_.input_size = list(batch["rgb"].shape[-2:])
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
 
     def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:
         """Validation (the bare module: a DDP wrapper would sync buffers per forward, and ranks
         may hold unequal shares of the validation split), the metrics table, the checkpoint."""
         s_, t = self.state, self.cfg.train
-        metrics = rt_evaluate(self.strategy.module, self.data.val, self.codec, self.rt, self.amp, t.channels_last)
+        metrics = rt_evaluate(self.strategy, self.data.val, self.codec, self.device, self.amp, t.channels_last)
         metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": epoch_lrs[-1], "train_loss": loss[0],
                         "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips,
                         "restarts": s_.restarts, "epoch_lrs": epoch_lrs})
         is_best = metrics["grader"] > s_.best
         s_.best = max(s_.best, metrics["grader"])
         bar.metrics_table(metrics)
-        if self.rt.checkpoints:
-            meta = {"config": self.cfg.to_dict(), "epoch": s_.epoch, "step": s_.step, "epochs": t.epochs,
-                    "total_steps": self.total_steps, "best_grader": s_.best, "restarts": s_.restarts, "rng": rng_state(),
-                    "input_size": self.input_size, "metrics": metrics}
-            self.rt.checkpoints.save(meta, self.strategy, f"epoch-{s_.epoch:04d}", is_best, metrics)
+        if self.checkpointer:
+            self.checkpointer.save(f"epoch-{s_.epoch:04d}", self.cfg.to_dict(), metrics, is_best)
         self.log.flush()
         return metrics
 
@@ -313,7 +276,8 @@ def start_epoch(loader, epoch: int, device: torch.device, channels_last: bool) -
     return DeviceBatches(iter(loader), device, channels_last)
 
 
-def rt_evaluate(model: nn.Module, loader, codec: DepthCodec, rt: Runtime, amp, channels_last: bool) -> dict[str, float]:
-    m = evaluate(model, loader, codec, rt.device, amp, channels_last)
-    m.state = rt.all_reduce_sum(m.state)
+def rt_evaluate(strategy: Strategy, loader, codec: DepthCodec, device: torch.device, amp, channels_last: bool) -> dict[str, float]:
+    """The metrics of a split whose shares the ranks hold, summed over ranks (`Strategy.all_reduce_sum`)."""
+    m = evaluate(strategy.module, loader, codec, device, amp, channels_last)
+    m.state = strategy.all_reduce_sum(m.state)
     return m.compute()

@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from mtl.atomic import atomic_dir
-from mtl.checkpoint import load_checkpoint
+from mtl.checkpoint import TrainState, load_checkpoint
 from mtl.config import ExperimentConfig, parse_size
 from mtl.data.batch import normalize_rgb
 from mtl.engine import autocast, resolve_device
@@ -80,9 +80,10 @@ def load_model(checkpoint: str, device: torch.device | str = "cpu") -> LoadedMod
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {url} does not fit architecture {cfg.model.arch}: {e}") from e
-    size = state.get("input_size")
+    trained = TrainState.of(state)
+    size = trained.input_size
     device = resolve_device(device) if isinstance(device, str) else device
-    return LoadedModel(model.to(device).eval(), DepthCodec(resolve(cfg.model).depth_space), url, cfg, state.get("epoch"),
+    return LoadedModel(model.to(device).eval(), DepthCodec(resolve(cfg.model).depth_space), url, cfg, trained.epoch or None,
                        (int(size[0]), int(size[1])) if size else None)
 
 

@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any, Callable
 
-from mtl.checkpoint import CheckpointDir
+from mtl.checkpoint import CHECKPOINTS, CheckpointIndex
 from mtl.config import ExperimentConfig
 from mtl.models import resolve
 from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
@@ -107,12 +107,15 @@ class RunFolder:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
 
     def has_checkpoint(self, entries: list[str] | None = None) -> bool:
-        """A checkpoint to continue from: ``checkpoints/latest.json`` (local mode) or an
-        ``epoch-NNNN/`` reported to Ray (both layouts: `mtl.checkpoint.load_checkpoint`).
+        """A checkpoint to continue from (``checkpoints/latest.json``, in every mode).
         ``entries``: the folder's listing when the caller has it already."""
         entries = self.entries() if entries is None else entries
-        return any(e.startswith("epoch-") for e in entries) or (
-            "checkpoints" in entries and CheckpointDir(self.url).latest() is not None)
+        return CHECKPOINTS in entries and CheckpointIndex(self.url).latest_tag() is not None
+
+    def has_old_layout(self, entries: list[str]) -> bool:
+        """Checkpoints as Ray runs wrote them before the one layout (``epoch-NNNN/``, ``final.pt``):
+        `mtl.checkpoint.load_checkpoint` reads them, a resume cannot continue them."""
+        return any(e.startswith("epoch-") for e in entries) or "final.pt" in entries
 
     def read_config(self) -> ExperimentConfig | None:
         data = read_bytes(f"{self.url}/{CONFIG_FILE}")
@@ -147,6 +150,9 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Ex
     stored = folder.read_config()
     if stored is not None:
         check_same_training(stored, cfg, f"run {folder.url}")
+    if folder.has_old_layout(entries):
+        raise RunConflict(f"run folder {folder.url} holds checkpoints in the layout of earlier versions (epoch-NNNN/ at its "
+                          f"top): jobs/evaluate.py reads them, but a run cannot continue them; choose another --name/--out")
     if not folder.has_checkpoint(entries):
         log(f"run folder {folder.url} has no checkpoint yet (it stopped before its first epoch ended): starting it over")
         return cfg

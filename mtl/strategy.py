@@ -1,47 +1,97 @@
-"""How gradients become updates: plain (one process), DDP, or DeepSpeed (mtl.distributed).
+"""How gradients become updates: one device, DDP, or DeepSpeed (`mtl.distributed`).
 
-The train loop only calls ``backward(loss)`` per micro-batch and ``micro_batch_done(last)``
-after it; the strategy decides about gradient sync, clipping, stepping and what a checkpoint
-holds. That keeps one train step for every mode.
+The train loop only calls ``backward(loss)`` per micro-batch inside ``sync_context(last)``,
+then ``step(last)``; the strategy decides about gradient sync, clipping and stepping, sums
+metric states across ranks, and says what a checkpoint holds: ``state_dict`` is what rank 0
+writes into the checkpoint's ``state.pt``, and a *sharded* strategy (DeepSpeed's ZeRO) also
+writes every rank's own files with ``save_shards``. Where those files go, when, and how they
+are published is the checkpointer's business (`mtl.checkpoint.Checkpointer`), never the
+strategy's. That keeps one train step and one checkpoint layout for every mode.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Any, Callable
+from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from mtl.checkpoint import STATE_FILE, checkpoint_bytes, load_checkpoint
+
+class Strategy(ABC):
+    """The interface every mode implements (see the module docstring).
+
+    ``module`` is the bare model (what checkpoints and validation use), ``model`` what the train
+    step calls (a DDP or DeepSpeed wrapper, or the module itself), ``optimizer`` the optimizer
+    whose ``param_groups`` the LR plan sets."""
+
+    module: nn.Module
+    model: nn.Module
+    optimizer: Any
+    sharded: bool = False  # every rank writes files of its own into a checkpoint
+
+    def sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Around forward + backward: gradients are synchronised only on the last micro-batch."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self, last_micro_batch: bool) -> None:
+        """After each micro-batch's backward: the update (clip, step, zero) after the last one."""
+
+    # --- collectives: identity on one process
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over all ranks (a new tensor; ``t`` is left alone)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    # --- what a checkpoint holds
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Rank 0's part of a checkpoint: at least ``{"model": <full weights>}``."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def save_shards(self, folder: str) -> None:
+        """Write this rank's own files into local ``folder`` (sharded strategies only)."""
+
+    def load_shards(self, folder: str) -> None:
+        """Read this rank's own files back from local ``folder`` (sharded strategies only)."""
 
 
-class PlainStrategy:
-    """One optimizer over one (possibly DDP-wrapped) model."""
+class PlainStrategy(Strategy):
+    """One optimizer over one model on one device; checkpoints hold model + optimizer."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int = 1,
                  grad_clip: float | None = None, train_model: nn.Module | None = None) -> None:
-        self.module = module  # the bare model: what checkpoints hold
-        self.model = train_model or module  # what the train step calls
+        self.module = module
+        self.model = train_model or module
         self.optimizer = optimizer
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
-
-    def sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 
-    def micro_batch_done(self, last: bool) -> None:
-        if not last:
+    def step(self, last_micro_batch: bool) -> None:
+        if not last_micro_batch:
             return
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    # --- checkpoints: one file with model + optimizer, written by rank 0
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
 
@@ -49,25 +99,10 @@ class PlainStrategy:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def save_dir(self, path: str, meta: dict[str, Any], rank: int) -> bool:
-        """Write this rank's part of a checkpoint into local folder ``path``; True if it wrote.
-        ``state.pt`` is a regular streetmtl checkpoint (`jobs/evaluate.py` reads it)."""
-        if rank != 0:
-            return False
-        with open(os.path.join(path, STATE_FILE), "wb") as fh:
-            fh.write(checkpoint_bytes({**meta, **self.state_dict()}))
-        return True
-
-    def load_dir(self, path: str, check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """Restore from a checkpoint folder; ``check`` vets its metadata before any weight is loaded."""
-        state = load_checkpoint(os.path.join(path, STATE_FILE))
-        check(state)
-        self.load_state_dict(state)
-        return state
-
 
 class DDPStrategy(PlainStrategy):
-    """DistributedDataParallel; gradients are all-reduced only on the last micro-batch."""
+    """DistributedDataParallel; gradients are all-reduced only on the last micro-batch. Rank 0
+    holds the same weights and optimizer state as every other rank, so its checkpoint is whole."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  grad_accum: int = 1, grad_clip: float | None = None) -> None:

@@ -138,6 +138,33 @@ def ray_cluster():
         c.close()
 
 
+def check_run_layout(run_url: str, epochs: int, sharded: bool = False) -> list[str]:
+    """The one run-folder layout every mode writes (`mtl.checkpoint`): config.json, train.log,
+    metrics/epoch-NNNN.json per epoch, best.pt, checkpoints/latest.json pointing at the last
+    epoch's checkpoints/epoch-NNNN/state.pt (+ shards/ under DeepSpeed), and nothing of the
+    earlier layouts. Returns the run folder's listing."""
+    import json
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_url)
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    assert {"config.json", "train.log", "metrics", "best.pt", "checkpoints"} <= set(names), names
+    assert not [n for n in names if n.startswith("epoch-") or n == "final.pt"], names
+    last = f"epoch-{epochs:04d}"
+    assert json.loads(fs.cat_file(f"{path}/checkpoints/latest.json"))["latest"] == last
+    assert fs.exists(f"{path}/checkpoints/{last}/state.pt")
+    assert bool(fs.glob(f"{path}/checkpoints/{last}/shards/**/*optim_states.pt")) == sharded
+    assert fs.exists(f"{path}/metrics/{last}.json")
+    return names
+
+
+@pytest.fixture(scope="session")
+def run_layout():
+    """`check_run_layout` as a fixture."""
+    return check_run_layout
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests are skipped, visibly, where there is no CUDA device: never passed vacuously."""
     import torch

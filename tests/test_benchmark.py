@@ -59,7 +59,7 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
 
 # the train phases at tiny size on the CPU: 64x128 synthetic set of 8/4/2, one step per epoch,
 # one 1-CPU Ray worker without loader processes; failures not retried
-TINY_RAY_FLAGS = ("--arch deeplabv3p --encoder resnet18 --synthetic-size 64 128 --synthetic-counts 8 4 2 --batch-size 2 "
+TINY_RAY_FLAGS = ("--arch deeplabv3p --encoder resnet18 --synthetic-size 64x128 --synthetic-counts 8 4 2 --batch-size 2 "
                   "--max-steps-per-epoch 1 --cpus-per-worker 1 --workers 0 --no-use-gpu --max-failures 0 --start-timeout-s 120")
 
 

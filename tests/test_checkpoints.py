@@ -1,5 +1,6 @@
 """Checkpoints hold tensors and plain data only: a file that carries code is refused, not run."""
 
+import io
 import os
 import subprocess
 import sys
@@ -66,21 +67,86 @@ def test_checkpoints_of_earlier_versions_still_load(tmp_path):
     assert np.array_equal(np.random.rand(3), expected)
 
 
-def test_a_ray_run_folder_opens_at_its_latest_checkpoint(tmp_path):
-    """Local runs keep checkpoints/latest.json; Ray runs epoch-NNNN/state.pt (DDP) or only
-    final.pt/best.pt with model weights (DeepSpeed): each opens by its run folder."""
-    from mtl.checkpoint import checkpoint_in_folder
+def test_a_run_folder_opens_at_its_latest_checkpoint_in_either_layout(tmp_path):
+    """Every mode writes checkpoints/<tag>/state.pt + latest.json; run folders of earlier
+    versions (checkpoints/<tag>.pt locally; epoch-NNNN/state.pt or only final.pt/best.pt on Ray)
+    open too, by their run folder."""
+    from mtl.checkpoint import CheckpointIndex, checkpoint_in_folder
+
+    for epoch in (1, 2):
+        (tmp_path / "run" / "checkpoints" / f"epoch-000{epoch}").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / f"epoch-000{epoch}" / "state.pt").write_bytes(
+            checkpoint_bytes({"train_state": {"epoch": epoch}}))
+    CheckpointIndex(str(tmp_path / "run")).commit("epoch-0001")
+    assert load_checkpoint(str(tmp_path / "run"))["train_state"]["epoch"] == 1  # the pointer, not the newest folder
+    assert load_checkpoint(str(tmp_path / "run/checkpoints/epoch-0002"))["train_state"]["epoch"] == 2
+
+    def v1(epoch):  # the train state as top-level keys
+        buf = io.BytesIO()
+        torch.save({"format": "streetmtl-checkpoint-v1", "epoch": epoch, "best_grader": 3.0}, buf)
+        return buf.getvalue()
 
     for epoch in (1, 2):
         (tmp_path / "ddp" / f"epoch-000{epoch}").mkdir(parents=True)
-        (tmp_path / "ddp" / f"epoch-000{epoch}" / "state.pt").write_bytes(checkpoint_bytes({"epoch": epoch}))
-    assert load_checkpoint(str(tmp_path / "ddp"))["epoch"] == 2
+        (tmp_path / "ddp" / f"epoch-000{epoch}" / "state.pt").write_bytes(v1(epoch))
+    assert load_checkpoint(str(tmp_path / "ddp"))["train_state"] == {"epoch": 2, "best": 3.0}
     (tmp_path / "ds" / "epoch-0001").mkdir(parents=True)
-    (tmp_path / "ds" / "best.pt").write_bytes(checkpoint_bytes({"epoch": 1}))
+    (tmp_path / "ds" / "best.pt").write_bytes(v1(1))
     assert checkpoint_in_folder(str(tmp_path / "ds")).endswith("ds/best.pt")
+    (tmp_path / "local" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "local" / "checkpoints" / "epoch-0003.pt").write_bytes(v1(3))
+    (tmp_path / "local" / "checkpoints" / "latest.json").write_text('{"latest": "epoch-0003", "history": ["epoch-0003"]}')
+    assert load_checkpoint(str(tmp_path / "local"))["train_state"]["epoch"] == 3
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*empty \(looked for checkpoints/latest.json, epoch-NNNN/state.pt"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*empty \(looked for checkpoints/latest.json, state.pt and best.pt"):
         load_checkpoint(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_checkpointer_keeps_the_last_k_and_restores_every_part(where, tmp_path, request):
+    """Folder storage on a local disk and on S3: checkpoints/<tag>/state.pt, the pointer,
+    retention, best.pt, and a restore that vets the checkpoint before any part changes."""
+    import fsspec
+    from torch import nn
+
+    from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
+    from mtl.strategy import PlainStrategy
+
+    run = str(tmp_path) if where == "local" else request.getfixturevalue("s3_prefix")
+    fs, path = fsspec.core.url_to_fs(run)
+    ls = lambda sub: sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{path}/{sub}", detail=False))  # noqa: E731
+
+    def parts(seed):
+        torch.manual_seed(seed)
+        model = nn.Linear(3, 2)
+        return PlainStrategy(model, torch.optim.AdamW(model.parameters())), TrainState()
+
+    strategy, state = parts(0)
+    strategy.backward(strategy.model(torch.ones(4, 3)).sum())
+    strategy.step(last_micro_batch=True)
+    ckpt = Checkpointer(FolderStorage(run, keep_last=2), run, strategy, {"train_state": state})
+    for epoch in (1, 2, 3):
+        state.epoch, state.best = epoch, float(epoch)
+        ckpt.save(f"epoch-000{epoch}", {"cfg": 1}, {"grader": float(epoch)}, is_best=epoch == 2)
+    fs.invalidate_cache()
+    assert ls("checkpoints") == ["epoch-0002", "epoch-0003", "latest.json"]
+    assert ls("checkpoints/epoch-0003") == ["state.pt"]
+    assert load_checkpoint(f"{run}/best.pt")["train_state"]["epoch"] == 2
+    assert "optimizer" not in load_checkpoint(f"{run}/best.pt")
+    assert ls("metrics") == ["epoch-0001.json", "epoch-0002.json", "epoch-0003.json"]
+
+    other, other_state = parts(1)
+    again = Checkpointer(FolderStorage(run), run, other, {"train_state": other_state})
+
+    def refuse(loaded):
+        raise ValueError("not this one")
+
+    with pytest.raises(ValueError, match="not this one"):
+        again.restore(refuse)
+    assert other_state.epoch == 0 and not torch.equal(other.module.weight, strategy.module.weight)  # nothing changed
+    assert again.restore()["url"] == f"{run}/checkpoints/epoch-0003/state.pt"
+    assert other_state.epoch == 3 and torch.equal(other.module.weight, strategy.module.weight)
+    assert torch.equal(other.optimizer.state_dict()["state"][0]["exp_avg"], strategy.optimizer.state_dict()["state"][0]["exp_avg"])
 
 
 DEEPSPEED_RESUME = """
@@ -99,8 +165,10 @@ def strategy():
 if sys.argv[3] == "save":
     s = strategy()
     assert s.engine.checkpoint_engine.load is safe_deepspeed_load  # every file DeepSpeed reads goes through it
-    s.save_dir(sys.argv[1], {"epoch": 1, "step": 2, "config": cfg.to_dict()}, 0)
-print("restored epoch", strategy().load_dir(sys.argv[1], lambda meta: None)["epoch"])
+    s.save_shards(sys.argv[1])
+s = strategy()
+s.load_shards(sys.argv[1])
+print("restored step", s.engine.global_steps)
 """
 
 
@@ -113,8 +181,8 @@ def test_deepspeed_resumes_through_the_safe_reader_and_refuses_a_planted_file(tm
     run = lambda mode: subprocess.run([sys.executable, "-c", DEEPSPEED_RESUME, str(ckpt), str(free_port()), mode],  # noqa: E731
                                       cwd=REPO, capture_output=True, text=True, timeout=600)
     r = run("save")
-    assert r.returncode == 0 and "restored epoch 1" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
-    (optim,) = ckpt.glob("deepspeed/*optim_states.pt")
+    assert r.returncode == 0 and "restored step 0" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    (optim,) = ckpt.glob("zero/*optim_states.pt")
     torch.save({"optimizer_state_dict": RunsCode(str(marker))}, optim)
     r = run("load")
     assert r.returncode != 0 and f"checkpoint {optim} holds Python objects besides tensors and plain data; refused" in r.stderr

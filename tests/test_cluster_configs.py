@@ -29,7 +29,7 @@ def test_aws_launcher_config_validates_against_rays_schema():
     types = cfg["available_node_types"]
     assert types[cfg["head_node_type"]]["resources"]["CPU"] == 0  # no training on the head
     assert any(t.get("resources", {}).get("GPU", 0) > 0 for t in types.values())
-    assert any("pip install" in c and "[cluster]" in c for c in cfg["setup_commands"])
+    assert any("pip install" in c and "[aws]" in c for c in cfg["setup_commands"])  # [cluster] + boto3: the autoscaler needs it
     assert any("--dashboard-host=0.0.0.0" in c for c in cfg["head_start_ray_commands"])
     bad = copy.deepcopy(cfg)
     bad["available_node_types"]["gpu_a10g"]["max_workers"] = "many"

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from mtl.config import ARCHS, ModelConfig
+from mtl.config import ModelConfig
 from mtl.data.miniscapes import NUM_CLASSES
 from mtl.engine import autocast, build_optimizer, train_step
 from mtl.losses import DepthCodec
-from mtl.models import build_model
+from mtl.models import ARCHITECTURES, build_model
 from mtl.strategy import PlainStrategy
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES.names)
 def test_bf16_channels_last_train_step_on_cuda(arch):
     from mtl.config import ExperimentConfig
 

@@ -8,23 +8,23 @@ import pytest
 import torch
 import torchvision
 
-from mtl.config import ARCHS, ModelConfig
+from mtl.config import ModelConfig
 from mtl.data.miniscapes import NUM_CLASSES
 from mtl.losses import DepthCodec, multitask_loss
-from mtl.models import build_model, resolve
+from mtl.models import ARCHITECTURES, build_model, resolve
 from mtl.models.summary import REPORT, count_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEP_SUPERVISION = {"distillation": 2}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES.names)
 def test_parameter_counts_match_the_report(arch):
     n = count_params(build_model(ModelConfig(arch=arch, encoder="resnet34")))
     assert abs(n - REPORT[arch]["params"]) <= 0.03 * REPORT[arch]["params"], n
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES.names)
 def test_forward_odd_size_full_resolution(arch):
     model = build_model(ModelConfig(arch=arch, encoder="resnet18")).eval()
     with torch.no_grad():
@@ -36,7 +36,7 @@ def test_forward_odd_size_full_resolution(arch):
         assert y.shape == (1, 1, 250, 500)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES.names)
 def test_backward_channels_last_bf16(arch):
     model = build_model(ModelConfig(arch=arch, encoder="resnet18")).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 97, 131).contiguous(memory_format=torch.channels_last)
@@ -66,7 +66,7 @@ def test_every_conv_sees_channels_last_input(arch):
     assert nchw == []
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES.names)
 def test_overfits_a_tiny_batch(arch):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, encoder="resnet18"))
@@ -96,9 +96,9 @@ def test_architecture_defaults_and_options():
     with torch.no_grad():
         feats = m.encoder(torch.zeros(1, 3, 64, 64))
     assert feats["out"].shape[-1] == 2 and feats["4x"].shape[1] == 256
-    with pytest.raises(ValueError, match="unknown encoder 'vgg'"):
+    with pytest.raises(ValueError, match="--encoder must be one of resnet18, resnet34, resnet50; got 'vgg'"):
         build_model(ModelConfig(encoder="vgg"))
-    with pytest.raises(ValueError, match="--output-stride must be 8, 16 or 32"):
+    with pytest.raises(ValueError, match="--output-stride must be one of 8, 16, 32; got 4"):
         build_model(ModelConfig(output_stride=4))
 
 
@@ -128,7 +128,7 @@ def test_pretrained_weights_from_a_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES.names)
 def test_train_cli_runs_every_architecture(arch, tiny_root, tmp_path):
     r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", arch, "--encoder", "resnet18", "--root", tiny_root,
                         "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "2", "--workers", "1",

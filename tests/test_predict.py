@@ -15,14 +15,16 @@ from PIL import Image
 
 from jobs import evaluate as evaluate_cli
 from jobs import predict as predict_cli
-from mtl.checkpoint import CheckpointDir
+from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig
 from mtl.data import DataSource, resolve_source
 from mtl.data.miniscapes import decode_depth, decode_semseg, disparity_png_to_metres, metres_to_disparity_png
 from mtl.data.batch import normalize_rgb
 from mtl.engine import predict
 from mtl.losses import DepthCodec
+from mtl.models import build_model
 from mtl.predict import load_model, predict_images, predict_to_folder
+from mtl.strategy import PlainStrategy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ModelConfig(arch="deeplabv3p", encoder="resnet18", output_stride=32)  # the cheapest model: CPU tests stay fast
@@ -43,11 +45,12 @@ def make_run(weights, tmp_path):
 
     def make(data: DataConfig, input_size=(64, 128), name="run") -> str:
         cfg = ExperimentConfig(data=data, model=MODEL)
-        state = {"config": cfg.to_dict(), "model": weights, "epoch": 1}
-        if input_size is not None:
-            state["input_size"] = list(input_size)
+        model = build_model(MODEL)
+        model.load_state_dict(weights)
         run = str(tmp_path / name)
-        CheckpointDir(run).save(state, "epoch-0001")
+        state = TrainState(epoch=1, input_size=list(input_size) if input_size is not None else None)
+        strategy = PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        Checkpointer(FolderStorage(run), run, strategy, {"train_state": state}).save("epoch-0001", cfg.to_dict(), {}, False)
         return run
 
     return make

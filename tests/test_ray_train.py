@@ -34,7 +34,7 @@ def read_metrics(run_url: str) -> list[dict]:
     return [json.loads(fs.cat_file(f)) for f in files]
 
 
-def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster, s3_shards, tmp_path, monkeypatch):
+def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster, s3_shards, tmp_path, monkeypatch, run_layout):
     """Also: the S3 keys in the environment of the nodes (as `ray start` after `export AWS_...`)
     are what the workers use; none is copied into Ray's actor metadata, which the dashboard and
     `ray list actors --detail` show to anyone who can reach them."""
@@ -50,20 +50,19 @@ def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster,
     cfg = ray_cfg("s3://streetmtl/ray-runs", "ddp-s3", shards=s3_shards, workers=3)
     result, _ = run_ray(cfg)
     assert result.error is None
-    assert result.checkpoint is not None and result.checkpoint.path.endswith("ddp-s3/epoch-0002")
+    assert result.checkpoint is not None and result.checkpoint.path.endswith("ddp-s3/checkpoints/epoch-0002")
     fs = fsspec.filesystem("s3")
-    for f in ("epoch-0002/state.pt", "best.pt", "final.pt", "metrics/epoch-0001.json", "config.json", "train.log"):
-        assert fs.exists(f"streetmtl/ray-runs/ddp-s3/{f}"), f
+    run_layout("s3://streetmtl/ray-runs/ddp-s3", epochs=2)
     metrics = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert all(m["num_depth_images"] == 24 for m in metrics)  # val reduced across the 3 ranks: every image once
-    # the run folder exports with the evaluation tool (its latest epoch-NNNN/state.pt), straight from S3
+    # the run folder exports with the evaluation tool (its latest checkpoint), straight from S3
     out = tmp_path / "export"
     r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", "s3://streetmtl/ray-runs/ddp-s3",
                         "--data", os.environ["STREETMTL_TINY_ROOT"], "--split", "test", "--export", str(out), "--viz", "1"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "s3://streetmtl/ray-runs/ddp-s3/epoch-0002/state.pt" in r.stdout
+    assert "s3://streetmtl/ray-runs/ddp-s3/checkpoints/epoch-0002/state.pt" in r.stdout
     assert len(os.listdir(out / "depth")) == 16
     # no secret in Ray's metadata (a non-secret setting, AWS_REGION, is forwarded and shows) or the run folder
     r = subprocess.run(["ray", "list", "actors", "--detail", "--limit", "1000", "--address", c.cluster.address],
@@ -76,7 +75,9 @@ def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster,
             assert secret not in fs.cat_file(f).decode(errors="replace"), f
 
 
-def test_deepspeed_zero2_trains_and_resumes(ray_cluster, tiny_root, tmp_path):
+def test_deepspeed_zero2_trains_and_resumes(ray_cluster, tiny_root, tmp_path, run_layout):
+    """The same run-folder layout as every mode, every rank's ZeRO partition in shards/; the
+    evaluation tool reads it like any other; the next run continues it."""
     from mtl.distributed.ray_train import run_ray
     from mtl.runs import RunConflict, run_url
 
@@ -85,7 +86,11 @@ def test_deepspeed_zero2_trains_and_resumes(ray_cluster, tiny_root, tmp_path):
     assert run_ray(cfg)[0].error is None
     first = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in first] == [1] and first[0]["restarts"] == 0
-    assert os.path.exists(tmp_path / "ds/epoch-0001/deepspeed")  # every rank's ZeRO partition
+    run_layout(str(tmp_path / "ds"), epochs=1, sharded=True)
+    assert len(list((tmp_path / "ds/checkpoints/epoch-0001/shards").glob("zero/*optim_states.pt"))) == 2  # one per rank
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "ds"), "--split", "val"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "ds/checkpoints/epoch-0001/state.pt" in r.stdout, r.stdout + r.stderr
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
     with pytest.raises(RunConflict, match="already holds a run with checkpoints: pass --resume"):  # as locally: no silent reuse
         run_ray(longer)
@@ -107,7 +112,7 @@ def test_node_failure_resumes_with_the_same_lr_schedule(ray_cluster, tiny_root, 
     thread.start()
     # wait for the second checkpoint: the latest one may not be registered yet when a node dies
     # (then Ray resumes from the one before, which is just as correct)
-    second = tmp_path / "failover/epoch-0002/state.pt"
+    second = tmp_path / "failover/checkpoints/epoch-0002/state.pt"
     deadline = time.time() + 240
     while not second.exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -126,6 +131,28 @@ def test_node_failure_resumes_with_the_same_lr_schedule(ray_cluster, tiny_root, 
         first_step = (m["epoch"] - 1) * 3
         assert m["epoch_lrs"] == pytest.approx([expected(s) for s in range(first_step, first_step + 3)])
     print(f"finished {time.time() - killed_at:.1f}s after the node was killed")
+
+
+def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path, run_layout):
+    """One layout, one checkpointer: a run begun in local mode continues on a Ray worker (Ray has
+    no record of it: the run folder's pointer is what it resumes from), and local mode continues
+    what Ray wrote."""
+    from mtl.distributed.ray_train import run_ray
+    from mtl.engine import fit, local_runtime
+    from mtl.runs import run_url
+
+    def cfg_for(epochs: int, resume: bool) -> ExperimentConfig:
+        cfg = ray_cfg(str(tmp_path), "moves", root=tiny_root, epochs=epochs, steps=2, workers=1)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=resume))
+
+    fit(cfg_for(1, False), local_runtime(cfg_for(1, False)))
+    ray_cluster([1])
+    assert run_ray(cfg_for(2, True))[0].error is None
+    run_layout(str(tmp_path / "moves"), epochs=2)
+    fit(cfg_for(3, True), local_runtime(cfg_for(3, True)))
+    metrics = read_metrics(run_url(cfg_for(3, True)))
+    assert [(m["epoch"], m["step"], m["restarts"]) for m in metrics] == [(1, 2, 0), (2, 4, 1), (3, 6, 2)]
+    run_layout(str(tmp_path / "moves"), epochs=3)
 
 
 def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_root, tmp_path):

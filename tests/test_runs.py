@@ -50,7 +50,7 @@ def test_resolved_config_round_trips_through_config_json(tmp_path):
 
 
 def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
-    from mtl.checkpoint import CheckpointDir
+    from mtl.checkpoint import CheckpointIndex
 
     cfg = resolve_config(cfg_with(train={"out": str(tmp_path), "name": "r"}))
     with pytest.raises(RunConflict, match=r"nothing to resume at .*/r$"):
@@ -63,7 +63,7 @@ def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
     assert said == [f"run folder {tmp_path}/r has no checkpoint yet (it stopped before its first epoch ended): starting it over"]
     with pytest.raises(RunConflict, match=r"resume refused: .*optim.lr 0.0004 -> 0.001"):  # ... but not another one
         prepare_run(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3)))
-    CheckpointDir(f"{tmp_path}/r").save({"epoch": 1}, "epoch-0001")
+    CheckpointIndex(f"{tmp_path}/r").commit("epoch-0001")
     with pytest.raises(RunConflict, match="already holds a run with checkpoints: pass --resume"):
         prepare_run(cfg)
     resume = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True, epochs=20, log_every=1),

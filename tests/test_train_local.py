@@ -96,20 +96,19 @@ def test_resume_refuses_another_architecture(tiny_root, tmp_path):
     fit(cfg, local_runtime(cfg))
     other = dataclasses.replace(cfg, model=ModelConfig(arch="branched", encoder="resnet18"),
                                 train=dataclasses.replace(cfg.train, resume=True, epochs=2))
-    with pytest.raises(ValueError, match=r"resume refused: checkpoint .*epoch-0001.pt was trained with another configuration: "
+    with pytest.raises(ValueError, match=r"resume refused: checkpoint .*checkpoints/epoch-0001/state.pt was trained with another configuration: "
                                          r"model.arch 'deeplabv3p' -> 'branched'"):
         fit(other, local_runtime(other))
 
 
-def test_cli_train_evaluate_export(tiny_root, tmp_path):
+def test_cli_train_evaluate_export(tiny_root, tmp_path, run_layout):
     run = [sys.executable, "jobs/train.py", "--local", "--arch", "branched", "--encoder", "resnet18", "--root", tiny_root,
            "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(tmp_path),
            "--name", "cli"]
     r = subprocess.run(run, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "validation after epoch 1" in r.stdout
-    ckpt = tmp_path / "cli" / "checkpoints"
-    assert sorted(os.listdir(ckpt)) == ["best.pt", "epoch-0001.pt", "latest.json"]
+    run_layout(str(tmp_path / "cli"), epochs=1)
     again = subprocess.run(run + ["--resume"], cwd=REPO, capture_output=True, text=True)  # a finished run stays finished
     assert again.returncode == 0 and "nothing to train" in again.stdout, again.stdout + again.stderr
 
@@ -124,7 +123,7 @@ def test_cli_train_evaluate_export(tiny_root, tmp_path):
     from mtl.engine import autocast, predict
     from mtl.losses import DepthCodec
     from mtl.models import build_model
-    state = load_checkpoint(str(ckpt / "best.pt"))
+    state = load_checkpoint(str(tmp_path / "cli" / "best.pt"))
     model = build_model(ExperimentConfig.from_dict(state["config"]).model)
     model.load_state_dict(state["model"])
     model.eval()

@@ -9,11 +9,13 @@ Layout: ``root/{train,val,test}/{rgb,semseg,depth}/<index>.{jpg,png,png}``.
 from __future__ import annotations
 
 import io
+import typing
 
 import numpy as np
 from PIL import Image
 
-SPLITS = ("train", "val", "test")
+Split = typing.Literal["train", "val", "test"]  # a command line's --split/--splits choices
+SPLITS: tuple[str, ...] = typing.get_args(Split)
 MODALITIES = {"rgb": "jpg", "semseg": "png", "depth": "png"}
 LABEL_MODALITIES = ("semseg", "depth")  # a split has both or neither (a test split: rgb only)
 

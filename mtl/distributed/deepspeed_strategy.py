@@ -7,16 +7,14 @@ tensors and plain data, plus the three DeepSpeed classes its ZeRO optimizer stat
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from mtl.checkpoint import checkpoint_bytes, load_checkpoint, load_safely
+from mtl.checkpoint import load_safely
 from mtl.config import ExperimentConfig
-from mtl.strategy import PlainStrategy
+from mtl.strategy import Strategy
 
 
 def _deepspeed_globals() -> list:
@@ -50,42 +48,39 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-class DeepSpeedStrategy(PlainStrategy):
+class DeepSpeedStrategy(Strategy):
     """The project's optimizer wrapped by a DeepSpeed engine: ZeRO shards its state across ranks.
-    DeepSpeed accumulates gradients itself (it steps only at the accumulation boundary)."""
+    DeepSpeed accumulates gradients and clips itself (it steps only at the accumulation
+    boundary). Under ZeRO 1/2 every rank holds the full weights, so rank 0's ``state.pt`` is a
+    complete model for evaluation; the optimizer state lives only in the ranks' shards."""
+
+    sharded = True
+    TAG = "zero"  # DeepSpeed's own sub-folder of the shards folder
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: ExperimentConfig) -> None:
         import deepspeed
 
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
-        super().__init__(module, ds_optimizer, cfg.train.grad_accum, cfg.optim.grad_clip, train_model=engine)
-        self.engine = engine
+        self.module, self.model, self.optimizer, self.engine = module, engine, ds_optimizer, engine
         engine.checkpoint_engine.load = safe_deepspeed_load  # every file DeepSpeed reads goes through it
-
-    def sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scales by 1/grad_accum itself
 
-    def micro_batch_done(self, last: bool) -> None:
+    def step(self, last_micro_batch: bool) -> None:
         self.engine.step()  # a no-op until the accumulation boundary; clips, steps, zeroes there
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict()}  # full weights on every rank under ZeRO 1/2
+        return {"model": self.module.state_dict()}
 
-    def save_dir(self, path: str, meta: dict[str, Any], rank: int) -> bool:
-        """Every rank writes its ZeRO partition; rank 0 adds the metadata."""
-        self.engine.save_checkpoint(path, tag="deepspeed", client_state={"epoch": meta["epoch"], "step": meta["step"]})
-        if rank == 0:
-            with open(os.path.join(path, "meta.pt"), "wb") as fh:
-                fh.write(checkpoint_bytes(meta))
-        return True
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to do: `load_shards` restores weights and optimizer together, as DeepSpeed
+        keeps them (the weights in ``state`` are the same as in the shards)."""
 
-    def load_dir(self, path: str, check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        meta = load_checkpoint(os.path.join(path, "meta.pt"))
-        check(meta)
-        load_path, _ = self.engine.load_checkpoint(path, tag="deepspeed")
+    def save_shards(self, folder: str) -> None:
+        self.engine.save_checkpoint(folder, tag=self.TAG)
+
+    def load_shards(self, folder: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(folder, tag=self.TAG)
         if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
-        return meta
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")

@@ -1,12 +1,16 @@
 """Ray Train: the shared train loop on every worker of a Ray cluster, with DDP or DeepSpeed,
 checkpoints in (S3) storage, and restarts after worker or node failures.
 
-Resume is Ray Train V2's: the worker group Ray restarts after a failure continues from the
-latest reported checkpoint, and so does a later `run_ray` of the same run with ``--resume`` (the
-driver checks the run folder first, as local mode does: `mtl.runs.prepare_run`). A checkpoint
-holds epoch and step; the LR is a function of the step and data order a function of (seed,
-epoch), so resuming from a checkpoint one report older than the failure is exactly right, just a
-little later.
+Checkpoints take the run folder layout of every mode (`mtl.checkpoint`): `RayStorage` hands the
+checkpointer's folder to ``ray.train.report``, which uploads it to ``checkpoints/<tag>/``. Resume
+is Ray Train V2's: the worker group Ray restarts after a failure continues from the latest
+reported checkpoint, and so does a later `run_ray` of the same run with ``--resume`` (the driver
+checks the run folder first, as local mode does: `mtl.runs.prepare_run`); a run folder whose
+``latest.json`` names a newer checkpoint than Ray knows of (a run begun in local mode, or a
+report Ray had not registered when its driver died) continues from that one. A checkpoint holds
+epoch and step; the LR is a function of the step and data order a function of (seed, epoch), so
+resuming from a checkpoint one report older than the failure is exactly right, just a little
+later.
 
 Workers get no secrets from the driver: Ray keeps every actor's runtime environment in its state
 API (dashboard, ``ray list actors --detail``), so object-store credentials must reach the nodes
@@ -16,25 +20,22 @@ AWS config or environment of the node's ``ray start``). Only non-secret settings
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
-import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 from rich.json import JSON
 from torch import nn
 
-from mtl.checkpoint import checkpoint_bytes
+from mtl.checkpoint import CHECKPOINTS, FolderStorage
 from mtl.config import ExperimentConfig
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
-from mtl.engine import Runtime, check_resumable, fit
+from mtl.engine import Runtime, fit
 from mtl.errors import ClusterError
 from mtl.runs import out_root, prepare_run, run_name, run_url
-from mtl.storage import write_bytes_atomic
-from mtl.strategy import DDPStrategy, PlainStrategy
+from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 
 # environment forwarded to every worker: endpoints, region and profile *names*, our cache; never
 # keys or tokens (see the module docstring)
@@ -42,47 +43,40 @@ FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROF
                "STREETMTL_CACHE", "TORCH_EXTENSIONS_DIR")
 
 
-class RayCheckpointer:
-    """Checkpoints reported to Ray Train (uploaded to the run's storage), plus ``best.pt`` and
-    ``final.pt`` beside them in the run folder."""
+class RayStorage:
+    """Checkpoint folders published through ``ray.train.report`` into the run folder's
+    ``checkpoints/<tag>/`` (the same layout as `mtl.checkpoint.FolderStorage`; Ray uploads each
+    rank's files and keeps the last ``keep_last``), so Ray's restarts resume from them and
+    every reader finds them through the same ``latest.json``."""
 
-    def __init__(self, cfg: ExperimentConfig, rank: int) -> None:
-        self.rank, self.run_url = rank, run_url(cfg)
+    def __init__(self, run_url: str) -> None:
+        self.folder = FolderStorage(run_url, keep_last=0)  # retention is Ray's (CheckpointConfig)
 
-    def save(self, meta: dict[str, Any], strategy: PlainStrategy, tag: str, is_best: bool, metrics: dict[str, float]) -> None:
+    def publish(self, folder: str, tag: str, metrics: dict[str, Any]) -> None:
         import ray.train
 
-        with tempfile.TemporaryDirectory() as d:
-            wrote = strategy.save_dir(d, meta, self.rank)
-            checkpoint = ray.train.Checkpoint.from_directory(d) if wrote else None
-            # headline scalars to Ray (per-class IoUs and LR lists go to metrics/<tag>.json)
-            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
-            ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=tag)
-        if self.rank == 0:
-            write_bytes_atomic(f"{self.run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
-            if is_best:
-                self.save_model(meta, strategy.module, "best.pt")
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
+        # headline scalars to Ray (per-class IoUs and LR lists are in metrics/<tag>.json)
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
+        ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINTS}/{tag}")
 
-    def save_model(self, meta: dict[str, Any], module: nn.Module, name: str) -> None:
-        state = {k: v for k, v in meta.items() if k != "rng"}
-        write_bytes_atomic(f"{self.run_url}/{name}", checkpoint_bytes({**state, "model": module.state_dict()}))
+    def commit(self, tag: str) -> None:
+        self.folder.index.commit(tag)
 
-    def restore(self, strategy: PlainStrategy, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[tuple[str, str] | None]:
+        """Ray's latest registered checkpoint, or the pointer's when that is newer: a run begun
+        outside Ray (or whose Ray snapshot missed the last report before its driver died)
+        continues from the newest complete checkpoint in the run folder."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
+        checkpoint, tag = ray.train.get_checkpoint(), self.folder.index.latest_tag()
+        if checkpoint is None or (tag is not None and tag > checkpoint.path.rstrip("/").rsplit("/", 1)[-1]):
+            with self.folder.latest() as found:
+                yield found
+            return
         with checkpoint.as_directory() as d:
-            meta = strategy.load_dir(d, lambda m: check_resumable(m, cfg))
-        meta["url"] = checkpoint.path
-        return meta
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    dist.all_reduce(t)
-    return t
+            yield d, checkpoint.path
 
 
 def _worker_device():
@@ -110,7 +104,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _worker_device()
 
-    def make_strategy(module: nn.Module, optimizer: torch.optim.Optimizer, c: ExperimentConfig) -> PlainStrategy:
+    def make_strategy(module: nn.Module, optimizer: torch.optim.Optimizer, c: ExperimentConfig) -> Strategy:
         if c.dist.strategy == "deepspeed":
             from mtl.distributed.deepspeed_strategy import DeepSpeedStrategy
 
@@ -119,15 +113,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             return DDPStrategy(module, optimizer, device, c.train.grad_accum, c.optim.grad_clip)
         return PlainStrategy(module, optimizer, c.train.grad_accum, c.optim.grad_clip)
 
-    checkpoints = RayCheckpointer(cfg, rank)
-    rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,
-                 all_reduce_sum=_all_reduce_sum if world > 1 else (lambda t: t), checkpoints=checkpoints,
+    rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy, storage=RayStorage(run_url(cfg)),
                  cpus=int(cfg.dist.cpus_per_worker))
-    result = fit(cfg, rt)
-    if rank == 0 and result.metrics:  # (a restart after the last epoch trains nothing and keeps final.pt)
-        final = result.metrics[-1]
-        checkpoints.save_model({"config": cfg.to_dict(), "epoch": final.get("epoch"), "input_size": result.input_size,
-                                "metrics": final}, result.model, "final.pt")
+    fit(cfg, rt)
 
 
 def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: list | None = None):

@@ -41,16 +41,16 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     cfg = resolve(cfg)
-    return lookup(ARCHITECTURES, cfg.arch, "architecture")(cfg)
+    return lookup(ARCHITECTURES, cfg.arch)(cfg)
 
 
 def _encoder(cfg: ModelConfig) -> nn.Module:
-    return lookup(ENCODERS, cfg.encoder, "encoder")(output_stride=cfg.output_stride, pretrained=cfg.pretrained)
+    return lookup(ENCODERS, cfg.encoder)(output_stride=cfg.output_stride, pretrained=cfg.pretrained)
 
 
 def _context(cfg: ModelConfig, kind: str, cin: int) -> nn.Module:
     rates = cfg.vortex_rates if kind == "vortex" else cfg.aspp_rates
-    return lookup(CONTEXTS, kind, "context module")(cin, 256, tuple(rates))
+    return lookup(CONTEXTS, kind)(cin, 256, tuple(rates))
 
 
 class Branch(nn.Module):
@@ -67,7 +67,7 @@ class Branch(nn.Module):
 def _branch(cfg: ModelConfig, task: str, enc: nn.Module, tasks: dict[str, int]) -> Branch:
     ch = enc.channels
     context = _context(cfg, getattr(cfg, f"{task}_context"), ch["out"])
-    decoder = lookup(DECODERS, getattr(cfg, f"{task}_decoder"), "decoder")(256, ch)
+    decoder = lookup(DECODERS, getattr(cfg, f"{task}_decoder"))(256, ch)
     return Branch(context, decoder, TaskHead(decoder.out_ch, tasks))
 
 

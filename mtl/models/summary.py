@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mtl.config import ARCHS, ModelConfig, size_arg
-from mtl.models import build_model
+from mtl.config import ModelConfig, Size
+from mtl.models import ARCHITECTURES, build_model
+from mtl.zoo_names import Encoder
 
 # The report's parameter counts (ResNet34, 19 classes) and its best validation numbers per model.
 REPORT = {
@@ -34,15 +35,20 @@ def forward_gflops(model: torch.nn.Module, size: tuple[int, int]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--encoder", default="resnet34")
-    p.add_argument("--size", type=size_arg, default=(256, 512), help="HxW")
-    a = p.parse_args()
+@dataclass(frozen=True)
+class SummaryCommand:
+    encoder: Encoder = "resnet34"  # the backbone of every architecture
+    size: Size = (256, 512)  # image size HxW for the FLOP count
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mtl.cli import parse
+
+    a = parse(SummaryCommand, argv, description=__doc__)
     size = a.size
     print(f"| architecture | parameters ({a.encoder}) | report | GFLOPs/image at {size[0]}x{size[1]} | report's result |")
     print("|---|---:|---:|---:|---|")
-    for arch in ARCHS:
+    for arch in ARCHITECTURES.names:
         m = build_model(ModelConfig(arch=arch, encoder=a.encoder))
         r = REPORT.get(arch, {})
         print(f"| `{arch}` | {count_params(m):,} | {r.get('params', 0):,} | {forward_gflops(m, size):.1f} | {r.get('result', '')} |")

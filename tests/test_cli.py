@@ -1,0 +1,147 @@
+"""The command lines (mtl.cli over tyro): help from the config's comments and choices from the
+registries, config files with flags on top, a run's config.json fed back, HxW sizes, and bad
+flags as one usage line naming the flag."""
+
+import json
+import os
+import subprocess
+import sys
+from typing import Literal
+
+import pytest
+
+from jobs.evaluate import EvaluateCommand
+from jobs.train import parse
+from mtl.cli import parse as parse_command
+from mtl.config import ExperimentConfig
+from mtl.models import ARCHITECTURES, CONTEXTS, DECODERS, ENCODERS
+from mtl.models.registry import Registry, register
+from mtl.runs import resolve_config, run_name
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _help(capsys, monkeypatch, argv=("--help",)) -> str:
+    monkeypatch.setenv("COLUMNS", "250")  # no wrapping inside tyro's boxes
+    with pytest.raises(SystemExit) as e:
+        parse(list(argv))
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def _usage_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    usage, error = err.strip().splitlines()  # argparse's two lines: usage, then the error
+    assert usage.startswith("usage: ") and ": error: " in error
+    return error
+
+
+def test_help_shows_the_field_comments_and_the_registries_choices(capsys, monkeypatch):
+    text = _help(capsys, monkeypatch)
+    assert "peak learning rate" in text and "loss = w * cross-entropy + (1 - w) * depth loss" in text
+    assert "DATACONFIG" not in text and "--lr FLOAT" in text and "--batch-size INT" in text
+    for flag, names in (("--arch", ARCHITECTURES.names), ("--encoder", ENCODERS.names), ("--semseg-context", CONTEXTS.names),
+                        ("--depth-decoder", DECODERS.names), ("--device", ("auto", "cpu", "cuda")),
+                        ("--optimizer", ("adam", "sgd")), ("--strategy", ("ddp", "deepspeed")), ("--depth-space", ("log", "linear"))):
+        assert f"{flag} {{{','.join(names)}}}" in text, flag
+    for flag in ("--synthetic-size HxW", "--crop HxW", "--use-gpu, --no-use-gpu", "--hflip, --no-hflip", "--config STR", "--quick"):
+        assert flag in text, flag
+
+
+def test_the_registries_hold_exactly_the_listed_names():
+    for table in (ARCHITECTURES, ENCODERS, CONTEXTS, DECODERS):
+        assert tuple(table) and set(table) == set(table.names)
+    table = Registry("architecture", Literal["listed"])
+    register(table, "listed")(object)
+    with pytest.raises(KeyError, match="'mine' is not listed in mtl.zoo_names"):
+        register(table, "mine")(object)
+    with pytest.raises(KeyError, match="registered twice"):
+        register(table, "listed")(object)
+
+
+def test_flags_keep_their_names_and_sizes_are_hxw():
+    _, cfg = parse(["--lr", "1e-3", "--batch-size", "4", "--epochs", "2", "--arch", "branched", "--no-hflip", "--num-workers", "3",
+                    "--synthetic-size", "64x128", "--crop", "48x96", "--no-use-gpu", "--aspp-rates", "3", "6", "9"])
+    assert (cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs, cfg.model.arch) == (1e-3, 4, 2, "branched")
+    assert (cfg.data.hflip, cfg.dist.num_workers, cfg.dist.use_gpu, cfg.model.aspp_rates) == (False, 3, False, (3, 6, 9))
+    assert (cfg.data.synthetic_size, cfg.data.crop) == ((64, 128), (48, 96))
+    assert parse([])[1] == ExperimentConfig()  # nothing given: the defaults, None left None (use_gpu, crop, workers...)
+    assert parse(["--use-gpu"])[1].dist.use_gpu is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "nope"], "--arch must be one of deeplabv3p, branched, distillation, branched_vortex; got 'nope'"),
+    (["--output-stride", "7"], "--output-stride must be one of 8, 16, 32; got '7'"),
+    (["--lr", "abc"], "--lr: could not convert string to float: 'abc'"),
+    (["--crop", "48by96"], "--crop must be HxW"),
+    (["--synthetic-size", "64", "128"], "unrecognized arguments: 128"),  # the old two-number form
+    (["--semseg-weight", "1.5"], "--semseg-weight must lie in [0, 1], got 1.5"),  # ExperimentConfig.validate
+    (["--local", "--num-workers", "2"], "--local trains one process"),
+    (["--quick", "--config", "x.json"], "--config and --quick both give a starting configuration"),
+    (["--epochs"], "--epochs expects a value"),
+])
+def test_a_bad_flag_is_one_usage_line_naming_it(capsys, argv, message):
+    assert message in _usage_error(capsys, argv)
+
+
+def test_a_config_file_is_the_starting_point_and_flags_override_it(tmp_path, capsys):
+    f = tmp_path / "exp.json"
+    f.write_text(json.dumps({"model": {"arch": "branched"}, "optim": {"lr": 1e-3}, "data": {"crop": [48, 96]}}))
+    _, cfg = parse(["--config", str(f), "--lr", "2e-3"])
+    assert (cfg.model.arch, cfg.optim.lr, cfg.data.crop, cfg.train.epochs) == ("branched", 2e-3, (48, 96), 16)
+    y = tmp_path / "exp.yaml"
+    y.write_text("model:\n  arch: distillation\ntrain:\n  epochs: 3\n")
+    _, cfg = parse(["--config", str(y), "--epochs", "5"])
+    assert (cfg.model.arch, cfg.train.epochs) == ("distillation", 5)
+    f.write_text(json.dumps({"model": {"arch": "zzz"}}))
+    assert f"--config {f}: not a valid streetmtl config: --arch must be one of" in _usage_error(capsys, ["--config", str(f)])
+    f.write_text(json.dumps({"modle": {}}))
+    assert "unknown config keys" in _usage_error(capsys, ["--config", str(f)])
+    assert "no such file" in _usage_error(capsys, ["--config", str(tmp_path / "none.json")])
+
+
+def test_a_runs_config_json_fed_back_is_the_same_run(tmp_path):
+    _, cfg = parse(["--arch", "branched", "--lr", "3e-4", "--synthetic-size", "64x128", "--out", str(tmp_path)])
+    saved = resolve_config(cfg)  # what the run folder's config.json holds
+    path = tmp_path / "config.json"
+    path.write_text(saved.to_json())
+    _, again = parse(["--config", str(path)])
+    assert resolve_config(again) == saved and run_name(again) == saved.train.name
+    _, resumed = parse(["--config", str(path), "--resume", "--workers", "3"])  # operational flags may differ
+    assert run_name(resumed) == saved.train.name and resumed.train.resume
+    _, other = parse(["--config", str(path), "--lr", "1e-3"])  # another recipe: another run, not the old folder
+    assert run_name(other) != saved.train.name and "lr1e-3" in run_name(other)
+    named = resolve_config(parse(["--name", "mine", "--out", str(tmp_path)])[1])
+    path.write_text(named.to_json())
+    assert run_name(parse(["--config", str(path), "--lr", "1e-3"])[1]) == "mine"  # a chosen name stays
+
+
+def test_quick_preset_is_overridden_by_flags():
+    _, cfg = parse(["--quick", "--epochs", "2"])
+    assert cfg.data.synthetic_size == (64, 128) and cfg.train.epochs == 2 and cfg.train.batch_size == 8
+
+
+def test_data_flags_have_the_same_names_in_every_tool(capsys):
+    for flag in ("--root", "--shards", "--data"):
+        a = parse_command(EvaluateCommand, ["--checkpoint", "c", flag, "/d"])
+        assert a.data == "/d"
+    with pytest.raises(SystemExit):
+        parse_command(EvaluateCommand, ["--split", "val"])
+    assert "the following arguments are required: --checkpoint" in capsys.readouterr().err
+
+
+def test_cli_from_a_shell(tmp_path):
+    """As a user runs it: the print-config path with a config file, and a bad flag's two lines."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {"arch": "branched_vortex"}}))
+    r = subprocess.run([sys.executable, "jobs/train.py", "--config", str(cfg), "--out", str(tmp_path), "--local", "--print-config"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"run folder: {tmp_path}/branched_vortex_resnet34_os8_" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "data_prep.synthesize", "--out", str(tmp_path / "x"), "--size", "64"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        "synthesize.py: error: --size must be HxW with integers of at least 8 (e.g. 256x512), got '64'")

@@ -49,7 +49,7 @@ def _rate(n: int, seconds: float) -> float:
 def bench_loader(a: LoaderBench) -> dict:
     import torch
 
-    from mtl.data import synthetic_root
+    from mtl.data.build import synthetic_root
     from mtl.data.folder import MiniscapesFolder
     from mtl.data.loader import make_loader
     from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, read_manifest
@@ -122,7 +122,7 @@ def _shard_sources(a: LoaderBench, root: str) -> dict[str, str]:
     """Shard sets of the synthetic train split: a cached local one, and ``--s3`` when given
     (written there unless a manifest is already there)."""
     from data_prep.shard import shard_dataset
-    from mtl.data import cache_dir
+    from mtl.data.build import cache_dir
     from mtl.data.shards import read_manifest
 
     local = os.path.join(cache_dir(), f"bench-shards-{a.size[0]}x{a.size[1]}-{a.samples}")
@@ -356,7 +356,7 @@ def _full_path(a: TrainBench, cfg, model, opt, device) -> dict:
     step with its wrapper (1-rank DDP, as on Ray, or none)."""
     import torch
 
-    from mtl.data import build_loaders
+    from mtl.data.build import build_loaders
     from mtl.engine import autocast, train_step
     from mtl.losses import DepthCodec
     from mtl.strategy import DDPStrategy, PlainStrategy

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a: EvaluateCommand) -> int:
-    from mtl.data import open_split, resolve_source
+    from mtl.data.build import open_split, resolve_source
     from mtl.engine import evaluate, resolve_device
     from mtl.export import export_predictions
     from mtl.predict import load_model

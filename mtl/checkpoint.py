@@ -123,7 +123,7 @@ class TrainState:
     total_steps: int = 0  # optimizer steps planned: the LR plan's length
     best: float = float("-inf")  # best validation grader score so far
     restarts: int = 0  # how often this run was resumed
-    input_size: list[int] | None = None  # (H, W) the model trains at (`mtl.data.Loaders.image_size`)
+    input_size: list[int] | None = None  # (H, W) the model trains at (`mtl.data.build.Loaders.image_size`)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -61,7 +61,7 @@ class DataConfig(_Part):
     crop: Size | None = None  # HxW random crop after zooming; default: the input size
     hflip: bool = True  # random horizontal flips
     augment: bool = True  # any augmentation at all (zoom, crop, flip)
-    workers: int | None = operational(None)  # loader processes per training process; default: from the CPUs (mtl.data.auto_workers)
+    workers: int | None = operational(None)  # loader processes per training process; default: from the CPUs (mtl.data.build.auto_workers)
     prefetch: int = operational(4)  # batches each loader process keeps ready
     shuffle_buffer: int = 256  # samples in the shuffle buffer when streaming shards
 

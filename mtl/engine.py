@@ -18,7 +18,7 @@ from torch import nn
 
 from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState
 from mtl.config import ExperimentConfig
-from mtl.data import Loaders, build_loaders
+from mtl.data.build import Loaders, build_loaders
 from mtl.data.batch import DeviceBatches
 from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics

@@ -17,7 +17,7 @@ from jobs import evaluate as evaluate_cli
 from jobs import predict as predict_cli
 from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig
-from mtl.data import DataSource, resolve_source
+from mtl.data.build import DataSource, resolve_source
 from mtl.data.miniscapes import decode_depth, decode_semseg, disparity_png_to_metres, metres_to_disparity_png
 from mtl.data.batch import normalize_rgb
 from mtl.engine import predict

@@ -97,3 +97,15 @@ def test_the_library_never_imports_the_tools():
     wrong = {m: sorted(d for d in deps if d.split(".")[0] in ("data_prep", "jobs"))
              for m, deps in graph.items() if m.split(".")[0] == "mtl"}
     assert {m: d for m, d in wrong.items() if d} == {}
+
+
+def test_the_codec_and_config_import_without_the_io_stack():
+    """Package ``__init__`` files hold no logic: importing the Miniscapes codec or the config
+    does not start fsspec, webdataset, Ray or DeepSpeed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mtl.data.miniscapes, mtl.data.transforms, mtl.config; "
+            "print(sorted(m for m in ('fsspec', 'webdataset', 'ray', 'deepspeed') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -167,7 +167,7 @@ def test_half_a_label_set_is_an_error_naming_the_missing_folder(tiny_root, tmp_p
 
 def test_training_on_a_split_without_labels_is_refused_by_name(tiny_root, tmp_path):
     from mtl.config import DataConfig, ExperimentConfig
-    from mtl.data import build_loaders
+    from mtl.data.build import build_loaders
 
     root = _rgb_only_split(tiny_root, tmp_path, split="train")
     os.symlink(f"{tiny_root}/val", root / "val")
@@ -245,7 +245,7 @@ def test_bad_augment_settings():
 
 def test_loader_workers_follow_the_cpus_reserved_for_training(tiny_root):
     from mtl.config import DataConfig, ExperimentConfig
-    from mtl.data import auto_workers, build_loaders
+    from mtl.data.build import auto_workers, build_loaders
 
     assert auto_workers(on_gpu=True, cpus=12) == 8  # 11 spare CPUs, capped
     assert auto_workers(on_gpu=True, cpus=4) == 3 and auto_workers(on_gpu=True, cpus=1) == 1

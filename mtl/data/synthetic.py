@@ -7,7 +7,7 @@ depth is consistent with class and position. Colours and textures correlate with
 Sky and the ego-vehicle hood are invalid depth; the hood is labelled 255 (ignore).
 
 Part of the library (not of ``data_prep``): the synthetic set is a data source training falls
-back to (`mtl.data.synthetic_root` caches it). The command line is ``python -m
+back to (`mtl.data.build.synthetic_root` caches it). The command line is ``python -m
 data_prep.synthesize``.
 """
 

@@ -1,0 +1,204 @@
+"""Which data a run means, opened: Miniscapes folders, WebDataset shards, the cached synthetic set.
+
+The one place that decides which data a configuration or a ``--data`` flag means
+(`resolve_source`) and opens it: `build_loaders` for training (train + val, sharded across
+ranks), `open_split` for evaluation, export and prediction (one split, in order).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from mtl.config import DataConfig, ExperimentConfig
+from mtl.data.folder import MiniscapesFolder, split_modalities
+from mtl.data.loader import make_loader
+from mtl.data.miniscapes import LABEL_MODALITIES
+from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, manifest_url, num_samples, read_manifest
+from mtl.data.synthetic import synthesize
+from mtl.data.transforms import Augment
+from mtl.storage import exists
+
+
+def cache_dir() -> str:
+    return os.environ.get("STREETMTL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "streetmtl"))
+
+
+def synthetic_root(size: tuple[int, int], counts: tuple[int, int, int], seed: int = 0) -> str:
+    """The synthetic Miniscapes set for these settings, generated once into the cache folder."""
+    h, w = size
+    root = os.path.join(cache_dir(), f"synthetic-miniscapes-{h}x{w}-{'-'.join(map(str, counts))}-s{seed}")
+    if not os.path.isdir(root):
+        synthesize(root, dict(zip(("train", "val", "test"), counts)), (h, w), seed, overwrite=True)
+    return root
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where samples come from: a WebDataset shard set (``kind="shards"``, ``url`` its prefix or
+    manifest) or a Miniscapes folder (``kind="folder"``, ``url`` its root). Training and
+    evaluation both ask `resolve_source`, so a checkpoint is evaluated on the data it was
+    trained on unless told otherwise."""
+
+    kind: str
+    url: str
+
+    @property
+    def is_shards(self) -> bool:
+        return self.kind == "shards"
+
+
+def is_shard_set(url: str) -> bool:
+    """A URL naming a manifest (``.../manifest.json``), or a prefix holding one."""
+    if url.rstrip("/").endswith(".json"):
+        return True
+    return exists(manifest_url(url))
+
+
+def resolve_source(cfg: ExperimentConfig, override: str | None = None) -> DataSource:
+    """The data a config means: ``override`` (a ``--data`` flag: shard set or folder, told apart
+    by `is_shard_set`), else ``data.shards``, else ``data.root``, else the cached synthetic set."""
+    if override:
+        return DataSource("shards" if is_shard_set(override) else "folder", override)
+    d = cfg.data
+    if d.shards:
+        return DataSource("shards", d.shards)
+    if d.root:
+        return DataSource("folder", d.root)
+    return DataSource("folder", synthetic_root(d.synthetic_size, d.synthetic_counts))
+
+
+def train_augment(cfg: ExperimentConfig) -> Augment | None:
+    d = cfg.data
+    return Augment(d.scale_min, d.scale_max, d.crop, d.hflip) if d.augment else None
+
+
+class FolderLoader:
+    """A DataLoader over a map-style dataset with the `set_epoch` / `len` interface of ShardLoader."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+@dataclass
+class Loaders:
+    train: FolderLoader | ShardLoader
+    val: FolderLoader | ShardLoader
+    num_train: int
+    num_val: int
+    source: str
+    workers: int  # loader processes (per loader)
+    # (H, W) of the validation images: what the model sees outside training, and what prediction
+    # resizes photos to (recorded in checkpoints); None when they vary
+    image_size: tuple[int, int] | None = None
+
+
+def auto_workers(on_gpu: bool, cpus: int | None = None) -> int:
+    """Loader processes when ``--workers`` is not given, from the CPUs this training process may
+    use (``cpus``: Ray's ``--cpus-per-worker``; locally, the CPUs this process may run on).
+
+    On a GPU: all of them but one (the train loop's), at most 8 — at ~300 img/s per worker
+    (256x512 with augmentation, docs/performance.md) that feeds well over 1000 img/s. On the
+    CPU: at most 2, since the model's own compute wants the cores.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus - 1)) if on_gpu else max(0, min(2, cpus - 1))
+
+
+@dataclass
+class SplitData:
+    """One split of a source, read in order, once, by one process: what evaluation, export and
+    prediction need. ``dataset`` is map-style (a folder) or a stream (shards)."""
+
+    dataset: MiniscapesFolder | ShardStream
+    source: DataSource
+    split: str
+    num_samples: int
+    where: str  # the split's location, for messages
+
+    @property
+    def has_labels(self) -> bool:
+        return self.dataset.has_labels
+
+    def loader(self, batch_size: int, workers: int = 0, prefetch: int = 2, pin_memory: bool = False) -> FolderLoader | ShardLoader:
+        """Every sample once, in order; the last batch is kept even if short (every sample counts)."""
+        if isinstance(self.dataset, ShardStream):
+            return ShardLoader(self.dataset, batch_size, workers, prefetch, False, pin_memory)
+        return FolderLoader(make_loader(self.dataset, batch_size, False, 0, workers, prefetch, drop_last=False, pin_memory=pin_memory))
+
+
+def open_split(source: DataSource, split: str) -> SplitData:
+    """One split of ``source`` for evaluation or export: no augmentation, no shuffling, all of
+    it on this process. A split without labels opens too (``has_labels`` False)."""
+    if not source.is_shards:
+        folder = MiniscapesFolder(source.url, split)
+        return SplitData(folder, source, split, len(folder), f"{source.url.rstrip('/')}/{split}")
+    manifest = read_manifest(source.url)
+    shards = ShardSplit.from_manifest(manifest, split)
+    where = f"{manifest['base_url']} ({split} split)"
+    if shards.num_samples == 0:
+        raise FileNotFoundError(f"shard set {where} has no samples")
+    stream = ShardStream(shards, None, seed=0, shuffle=False, rank=0, world=1)
+    return SplitData(stream, source, split, shards.num_samples, where)
+
+
+def _require_labels(has_labels: bool, where: str) -> None:
+    if not has_labels:
+        raise ValueError(f"cannot train on {where}: it has no labels (rgb only, like a test split); "
+                         f"training and validation need semseg and depth")
+
+
+def build_loaders(cfg: ExperimentConfig, rank: int = 0, world: int = 1, pin_memory: bool = False,
+                  cpus: int | None = None) -> Loaders:
+    """Train/val loaders for this rank from `resolve_source`: WebDataset shards when
+    ``data.shards`` is set, else a Miniscapes folder (``data.root``, or the cached synthetic
+    set). ``pin_memory`` means the batches go to a GPU; ``cpus`` sizes the automatic worker
+    count (`auto_workers`). Both splits must have labels."""
+    d = cfg.data
+    if d.workers is None:
+        d = replace(d, workers=auto_workers(pin_memory, cpus))
+    source = resolve_source(cfg)
+    if source.is_shards:
+        return _shard_loaders(cfg, d, source, rank, world, pin_memory)
+    return _folder_loaders(cfg, d, source, rank, world, pin_memory)
+
+
+def _shard_loaders(cfg: ExperimentConfig, d: DataConfig, source: DataSource, rank: int, world: int, pin_memory: bool) -> Loaders:
+    t = cfg.train
+    manifest = read_manifest(source.url)
+    train, val = (ShardSplit.from_manifest(manifest, s) for s in ("train", "val"))
+    for split, name in ((train, "train"), (val, "val")):
+        _require_labels(split.has_labels, f"{manifest['base_url']} ({name} split)")
+    tr = ShardStream(train, train_augment(cfg), t.seed, True, rank, world, d.shuffle_buffer)
+    va = ShardStream(val, None, t.seed, False, rank, world)
+    return Loaders(ShardLoader(tr, t.batch_size, d.workers, d.prefetch, True, pin_memory),
+                   ShardLoader(va, t.batch_size, d.workers, d.prefetch, False, pin_memory),
+                   num_samples(manifest, "train"), num_samples(manifest, "val"), manifest["base_url"], d.workers,
+                   _size(manifest["splits"]["val"].get("image_size")))
+
+
+def _folder_loaders(cfg: ExperimentConfig, d: DataConfig, source: DataSource, rank: int, world: int, pin_memory: bool) -> Loaders:
+    t, root = cfg.train, source.url
+    for split in ("train", "val"):
+        _require_labels(set(LABEL_MODALITIES) <= set(split_modalities(root, split)), f"{root.rstrip('/')}/{split}")
+    train_set = MiniscapesFolder(root, "train", train_augment(cfg), t.seed)
+    val_set = MiniscapesFolder(root, "val")
+    return Loaders(
+        FolderLoader(make_loader(train_set, t.batch_size, True, t.seed, d.workers, d.prefetch, rank, world, True, pin_memory)),
+        FolderLoader(make_loader(val_set, t.batch_size, False, t.seed, d.workers, d.prefetch, rank, world, False, pin_memory)),
+        len(train_set), len(val_set), root, d.workers, _size(val_set[0]["rgb"].shape[:2]) if len(val_set) else None,
+    )
+
+
+def _size(hw) -> tuple[int, int] | None:
+    return None if hw is None else (int(hw[0]), int(hw[1]))

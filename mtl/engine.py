@@ -24,7 +24,7 @@ from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
 from mtl.progress import RunLog, TrainProgress
-from mtl.runs import RunFolder, check_same_training, resolve_config, run_name, run_url
+from mtl.runs import RunConflict, RunFolder, check_same_training, resolve_config, run_name, run_url
 from mtl.schedule import PolyLR
 from mtl.strategy import PlainStrategy, Strategy
 
@@ -104,6 +104,9 @@ class Runtime:
     make_strategy: Callable[[nn.Module, torch.optim.Optimizer, ExperimentConfig], Strategy] = (
         lambda m, o, cfg: PlainStrategy(m, o, cfg.train.grad_accum, cfg.optim.grad_clip))
     storage: CheckpointStorage | None = None  # None: no checkpoints (benchmarks, tests)
+    # continue from a checkpoint found even without --resume: Ray's restart of a failed worker
+    # group (its driver checked the run folder before the first start, `mtl.runs.prepare_run`)
+    always_resume: bool = False
     console: Any = None  # rich Console of rank 0 (None: the default console)
     cpus: int | None = None  # CPUs reserved for this process (sizes the loader); None = what it may run on
 
@@ -112,8 +115,12 @@ class Runtime:
         return self.rank == 0
 
 
-def check_resumable(state: dict[str, Any], cfg: ExperimentConfig) -> None:
-    """A checkpoint may only continue the training it belongs to (fields listed otherwise)."""
+def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume: bool = False) -> None:
+    """A checkpoint may only continue the training it belongs to (fields listed otherwise), and
+    only when asked to (``--resume``, or a `Runtime` that always resumes): never silently."""
+    if not (cfg.train.resume or always_resume):
+        raise RunConflict(f"{state.get('url', 'a checkpoint')} exists: pass --resume to continue that run, or choose another "
+                          f"--name/--out for a new run")
     check_same_training(ExperimentConfig.from_dict(state["config"]), cfg, f"checkpoint {state.get('url', '')}")
 
 
@@ -178,7 +185,8 @@ class Trainer:
         """Continue from the latest checkpoint, if any; the LR plan is a function of the step."""
         o, s = self.cfg.optim, self.state
         planned = s.total_steps
-        loaded = self.checkpointer.restore(lambda state: check_resumable(state, self.cfg)) if self.checkpointer else None
+        check = lambda state: check_resumable(state, self.cfg, self.rt.always_resume)  # noqa: E731
+        loaded = self.checkpointer.restore(check) if self.checkpointer else None
         if loaded is None:
             return PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
         s.restarts += 1

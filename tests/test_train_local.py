@@ -94,6 +94,8 @@ def test_resume_continues_lr_and_weights_exactly(tiny_root, tmp_path):
 def test_resume_refuses_another_architecture(tiny_root, tmp_path):
     cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=1, batch_size=8, max_steps_per_epoch=1, name="run")
     fit(cfg, local_runtime(cfg))
+    with pytest.raises(ValueError, match=r"checkpoints/epoch-0001/state.pt exists: pass --resume to continue that run"):
+        fit(cfg, local_runtime(cfg))  # the library, like the CLI, never continues (or overwrites) a run unasked
     other = dataclasses.replace(cfg, model=ModelConfig(arch="branched", encoder="resnet18"),
                                 train=dataclasses.replace(cfg.train, resume=True, epochs=2))
     with pytest.raises(ValueError, match=r"resume refused: checkpoint .*checkpoints/epoch-0001/state.pt was trained with another configuration: "

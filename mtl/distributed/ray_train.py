@@ -65,18 +65,20 @@ class RayStorage:
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[tuple[str, str] | None]:
-        """Ray's latest registered checkpoint, or the pointer's when that is newer: a run begun
-        outside Ray (or whose Ray snapshot missed the last report before its driver died)
-        continues from the newest complete checkpoint in the run folder."""
+        """Ray's latest registered checkpoint, or the pointer's when that is newer (tags sort in
+        the order they are written: ``epoch-NNNN``): a run begun outside Ray, or whose Ray
+        snapshot missed the last report before its driver died, continues from the newest
+        complete checkpoint in the run folder."""
         import ray.train
 
         checkpoint, tag = ray.train.get_checkpoint(), self.folder.index.latest_tag()
-        if checkpoint is None or (tag is not None and tag > checkpoint.path.rstrip("/").rsplit("/", 1)[-1]):
+        ray_tag = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else None
+        if ray_tag is None or (tag is not None and tag > ray_tag):
             with self.folder.latest() as found:
                 yield found
             return
         with checkpoint.as_directory() as d:
-            yield d, checkpoint.path
+            yield d, f"{self.folder.index.url}/{ray_tag}"  # as a URL, like every other checkpoint's
 
 
 def _worker_device():
@@ -114,7 +116,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         return PlainStrategy(module, optimizer, c.train.grad_accum, c.optim.grad_clip)
 
     rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy, storage=RayStorage(run_url(cfg)),
-                 cpus=int(cfg.dist.cpus_per_worker))
+                 always_resume=True, cpus=int(cfg.dist.cpus_per_worker))
     fit(cfg, rt)
 
 

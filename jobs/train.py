@@ -99,6 +99,7 @@ def run_local(cfg: ExperimentConfig, console) -> int:
 
 
 def run_on_ray(cfg: ExperimentConfig, console) -> int:
+    from mtl.checkpoint import BEST_FILE
     from mtl.distributed.ray_train import run_ray
     from mtl.runs import run_url
     from mtl.storage import write_bytes_atomic
@@ -111,7 +112,7 @@ def run_on_ray(cfg: ExperimentConfig, console) -> int:
         return 1
     url = run_url(cfg)
     summary = {"run": url, "final_metrics": result.metrics, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
-               "best_model": f"{url}/best.pt"}
+               "best_model": f"{url}/{BEST_FILE}"}
     write_bytes_atomic(f"{url}/summary.json", json.dumps(summary, indent=1, default=str).encode())
     m = result.metrics or {}
     console.print(f"done: mIoU {m.get('miou', float('nan')):.2f}  SI-logRMSE {m.get('si_log_rmse', float('nan')):.2f}  "

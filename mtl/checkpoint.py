@@ -331,11 +331,16 @@ def checkpoint_in_folder(url: str) -> str:
     ``epoch-NNNN/state.pt`` and ``final.pt``)."""
     url = url.rstrip("/")
     fs, path = url_to_fs(url)
-    tag = CheckpointIndex(url).latest_tag()
-    candidates = [STATE_FILE] + ([f"{CHECKPOINTS}/{tag}/{STATE_FILE}", f"{CHECKPOINTS}/{tag}.pt"] if tag else [])
-    epochs = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)
-    candidates += [f"{e}/{STATE_FILE}" for e in epochs if e.startswith("epoch-")] + ["final.pt", BEST_FILE]
-    for name in candidates:
+
+    def candidates() -> Iterator[str]:  # in order of preference; the folder is listed only if needed
+        yield STATE_FILE
+        tag = CheckpointIndex(url).latest_tag()
+        if tag:
+            yield from (f"{CHECKPOINTS}/{tag}/{STATE_FILE}", f"{CHECKPOINTS}/{tag}.pt")
+        entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)
+        yield from [f"{e}/{STATE_FILE}" for e in entries if e.startswith("epoch-")] + ["final.pt", BEST_FILE]
+
+    for name in candidates():
         if fs.exists(f"{path}/{name}"):
             return f"{url}/{name}"
     raise FileNotFoundError(f"no checkpoint in {url} (looked for {CHECKPOINTS}/{POINTER}, {STATE_FILE} and {BEST_FILE})")

@@ -126,6 +126,9 @@ def test_node_failure_resumes_with_the_same_lr_schedule(ray_cluster, tiny_root, 
     metrics = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[-1]["restarts"] >= 1  # it really was restarted from a checkpoint
+    pointer = json.loads((tmp_path / "failover/checkpoints/latest.json").read_text())
+    assert pointer == {"latest": "epoch-0004", "history": ["epoch-0003", "epoch-0004"]}  # what Ray keeps (--keep-last 2)
+    assert all((tmp_path / "failover/checkpoints" / t / "state.pt").exists() for t in pointer["history"])
     expected = PolyLR(1e-3, 4 * 3, 0.9)
     for m in metrics:  # every step's LR equals the uninterrupted schedule's
         first_step = (m["epoch"] - 1) * 3

@@ -49,8 +49,8 @@ class RayStorage:
     rank's files and keeps the last ``keep_last``), so Ray's restarts resume from them and
     every reader finds them through the same ``latest.json``."""
 
-    def __init__(self, run_url: str) -> None:
-        self.folder = FolderStorage(run_url, keep_last=0)  # retention is Ray's (CheckpointConfig)
+    def __init__(self, run_url: str, keep_last: int) -> None:
+        self.folder, self.keep_last = FolderStorage(run_url, keep_last=0), keep_last
 
     def publish(self, folder: str, tag: str, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -61,7 +61,9 @@ class RayStorage:
         ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINTS}/{tag}")
 
     def commit(self, tag: str) -> None:
-        self.folder.index.commit(tag)
+        """The pointer's history lists what Ray keeps (CheckpointConfig's num_to_keep); Ray
+        deletes the older folders itself."""
+        self.folder.index.commit(tag, self.keep_last)
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[tuple[str, str] | None]:
@@ -115,7 +117,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             return DDPStrategy(module, optimizer, device, c.train.grad_accum, c.optim.grad_clip)
         return PlainStrategy(module, optimizer, c.train.grad_accum, c.optim.grad_clip)
 
-    rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy, storage=RayStorage(run_url(cfg)),
+    rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,
+                 storage=RayStorage(run_url(cfg), cfg.train.keep_last),
                  always_resume=True, cpus=int(cfg.dist.cpus_per_worker))
     fit(cfg, rt)
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mtl.checkpoint import BEST_FILE
 from mtl.distributed.sweep_space import KNOBS
 from mtl.storage import write_bytes_atomic
 
@@ -52,7 +53,7 @@ def _row(r, max_epochs: int) -> TrialRow:
     b = max(range(len(hist)), key=hist.__getitem__)
     status = "error" if r.error else ("stopped early" if len(hist) < max_epochs else "completed")
     return TrialRow(name, hp, len(hist), b + 1, float(df["miou"].iloc[b]), float(df["si_log_rmse"].iloc[b]), hist[b], hist,
-                    status, f"{r.config.get('trials_url', '')}/{name}/best.pt")
+                    status, f"{r.config.get('trials_url', '')}/{name}/{BEST_FILE}")
 
 
 def _cells(i: int, r: TrialRow) -> list[str]:

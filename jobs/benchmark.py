@@ -72,12 +72,46 @@ def bench_loader(a: LoaderBench) -> dict:
     results["folder loader, no augmentation"] = run(make_loader(MiniscapesFolder(root, "train"), 16, True, 0, 0, 2, drop_last=False), len(ds))
     results["folder loader + augmentation"] = run(make_loader(ds, 16, True, 0, 0, 2, drop_last=False), len(ds))
     results.update(_batch_to_model(next(iter(make_loader(ds, 16, True, 0, 0, 2)))))
+    results.update(_worker_scaling(ds, a.scaling))
     for name, url in _shard_sources(a, root).items():
         split = ShardSplit.from_manifest(read_manifest(url), "train")
         results[f"{name} loader, no augmentation"] = run(ShardLoader(ShardStream(split, None), 16, 0, 4, False, False), a.samples)
         results[f"{name} loader + augmentation"] = run(ShardLoader(ShardStream(split, aug), 16, 0, 4, False, False), a.samples)
         results[f"{name} loader + augmentation, {a.workers} workers (total img/s)"] = run(
             ShardLoader(ShardStream(split, aug), 16, a.workers, 4, False, False), a.samples)
+    return results
+
+
+def _worker_scaling(ds, counts: tuple[int, ...]) -> dict[str, float]:
+    """The training loader (folder + augmentation, batch 16, pinned on CUDA) with N worker
+    processes: total img/s from its first batch on (the workers' start is left out), over
+    ~128 samples per worker so that every count runs about as long."""
+    import torch
+
+    from mtl.data.loader import make_loader
+
+    class First(torch.utils.data.Dataset):  # the first k samples (items are (epoch, index), not Subset's ints)
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        def __len__(self) -> int:
+            return self.k
+
+        def __getitem__(self, item):
+            return ds[item]
+
+    results = {}
+    for n in counts:
+        sub = First(min(len(ds), 128 * n + 64))
+        loader = make_loader(sub, 16, True, 0, n, 4, pin_memory=torch.cuda.is_available())
+        it = iter(loader)
+        got = next(it)["rgb"].shape[0]
+        t0, seen = time.perf_counter(), 0
+        for batch in it:
+            seen += batch["rgb"].shape[0]
+        results[f"folder loader + augmentation, {n} workers (total img/s after the first batch)"] = _rate(seen, time.perf_counter() - t0)
+        assert got + seen >= len(sub) - 16, (got, seen, len(sub))
+        del it, loader
     return results
 
 
@@ -222,16 +256,23 @@ def sync_check(step, device) -> tuple[int, dict[str, int], str]:
 
 
 class Feed:
-    """Model batches across epoch boundaries (worker restarts and refills are part of the cost)
-    through the train loop's own device prefetcher, timing how long the host spends on them."""
+    """Model batches across epoch boundaries through the train loop's own device prefetcher,
+    timing how long the host waits for them: in all (``wait``), and in the calls that crossed an
+    epoch boundary (``boundary_wait``, ``boundaries``). Back to back, as here, the next epoch's
+    workers refill their queues while the step waits; in training that refill overlaps
+    validation (`mtl.engine.Trainer.fit` starts the next epoch's loader before it)."""
 
     def __init__(self, loader, device) -> None:
-        self.loader, self.device, self.epoch, self.it, self.wait = loader, device, 0, None, 0.0
+        self.loader, self.device, self.epoch, self.it = loader, device, 0, None
+        self.reset()
+
+    def reset(self) -> None:
+        self.wait, self.boundary_wait, self.boundaries = 0.0, 0.0, 0
 
     def next(self):
         from mtl.engine import start_epoch
 
-        t0 = time.perf_counter()
+        t0, crossed = time.perf_counter(), False
         while True:
             if self.it is None:
                 self.it = start_epoch(self.loader, self.epoch, self.device, True)
@@ -239,8 +280,11 @@ class Feed:
                 batch = next(self.it)
                 break
             except StopIteration:
-                self.it, self.epoch = None, self.epoch + 1
-        self.wait += time.perf_counter() - t0
+                self.it, self.epoch, crossed = None, self.epoch + 1, True
+        waited = time.perf_counter() - t0
+        self.wait += waited
+        if crossed:
+            self.boundary_wait, self.boundaries = self.boundary_wait + waited, self.boundaries + 1
         return batch
 
 
@@ -286,10 +330,12 @@ def bench_train(a: TrainBench, on_row=None) -> list[dict]:
 
 
 def _bench_one(a: TrainBench, arch: str, bs: int, device, peak: float) -> dict:
-    """Both paths for one (arch, batch size), on one model and optimizer."""
+    """Both paths for one (arch, batch size): eager, then (CUDA, ``--cuda-graph``) the same two
+    paths with the step captured as a CUDA graph; the loader is shared, not the model."""
     import torch
 
     from mtl.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+    from mtl.data.build import build_loaders
     from mtl.engine import build_optimizer
     from mtl.models import build_model
 
@@ -299,88 +345,136 @@ def _bench_one(a: TrainBench, arch: str, bs: int, device, peak: float) -> dict:
                         workers=a.workers, prefetch=4),
         model=ModelConfig(arch=arch, encoder=a.encoder), train=TrainConfig(batch_size=bs, device=a.device, compile=a.compile),
     ).validate()
-    torch.manual_seed(0)
-    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, cfg)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    pure = _pure_path(a, model, opt, bs, device)
-    full = _full_path(a, cfg, model, opt, device)
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")  # either path
-    pure_s, full_s, flops = pure["step_s"], full["step_s"], pure["flops"]
-    return {
-        "arch": arch, "batch": bs, "device": str(device), "strategy": a.strategy, "compile": a.compile,
-        "source": "shards" if a.shards else "folder",
-        "pure_img_s": bs / pure_s, "full_img_s": bs / full_s, "full_over_pure": pure_s / full_s,
-        "pure_step_ms": 1e3 * pure_s, "host_ms": 1e3 * pure["host_s"], "full_step_ms": 1e3 * full_s,
-        "data_wait_ms": 1e3 * full["wait_s"], "ops_per_step": full["ops"], "host_syncs": sum(full["syncs"].values()),
-        "host_sync_ops": full["syncs"], "cuda_sync_check": full["cuda_verdict"],
-        "peak_mem_gib": mem, "gflop_per_img": flops / bs / 1e9, "tflops": flops / pure_s / 1e12,
-        "mfu": flops / pure_s / 1e12 / peak, "peak_tflops": peak,
-        "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
-    }
+    feed = Feed(build_loaders(cfg, pin_memory=device.type == "cuda").train, device)
+    row = {"arch": arch, "batch": bs, "device": str(device), "strategy": a.strategy, "compile": a.compile,
+           "source": "shards" if a.shards else "folder", "peak_tflops": peak,
+           "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none"}
+    modes = ["eager"] + (["graph"] if a.cuda_graph and device.type == "cuda" else [])
+    flops = 0.0
+    for mode in modes:  # each mode with its own model, optimizer and wrapper, as a run has them
+        torch.manual_seed(0)
+        model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+        opt = build_optimizer(model, cfg)
+        fwd = torch.compile(model) if a.compile else model
+        strategy = _strategy(a, model, fwd, opt, device, mode == "graph")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        pure = _pure_path(a, fwd, opt, bs, device, mode == "graph")
+        flops = pure["flops"] = pure["flops"] or flops  # counted on the eager step
+        full = _full_path(a, strategy, feed, device, mode == "graph")
+        row.update(_row_part("" if mode == "eager" else "graph_", bs, pure, full, peak, device))
+        del model, opt, fwd, strategy
+    return row
 
 
-def _pure_path(a: TrainBench, model, opt, bs: int, device) -> dict:
-    """Pure compute, written plainly: tensors already on the device, no wrappers."""
+def _row_part(prefix: str, bs: int, pure: dict, full: dict, peak: float, device) -> dict:
     import torch
 
+    pure_s, full_s, flops = pure["step_s"], full["step_s"], pure["flops"]
+    part = {
+        "pure_img_s": bs / pure_s, "full_img_s": bs / full_s, "full_over_pure": pure_s / full_s,
+        "pure_step_ms": 1e3 * pure_s, "host_ms": 1e3 * pure["host_s"], "full_step_ms": 1e3 * full_s,
+        "full_host_ms": 1e3 * full["host_s"], "data_wait_ms": 1e3 * full["wait_s"],
+        # the wait per step away from epoch boundaries, and per boundary crossed in the timed steps
+        "steady_wait_ms": 1e3 * full["steady_wait_s"], "boundary_wait_ms": 1e3 * full["boundary_wait_s"],
+        "epoch_boundaries": full["boundaries"], "ops_per_step": full["ops"],
+        "host_syncs": sum(full["syncs"].values()), "host_sync_ops": full["syncs"], "cuda_sync_check": full["cuda_verdict"],
+        # either path; a graph's memory pool holds a step's activations for good
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+        "gflop_per_img": flops / bs / 1e9, "tflops": flops / pure_s / 1e12, "mfu": flops / pure_s / 1e12 / peak,
+    }
+    return {prefix + k: v for k, v in part.items()}
+
+
+def _strategy(a: TrainBench, model, fwd, opt, device, for_capture: bool):
+    """The full path's strategy: a 1-rank DDP wrapper, as on Ray, or none."""
+    import torch
+
+    from mtl.strategy import DDPStrategy, PlainStrategy
+
+    strategy = DDPStrategy(model, opt, device, for_capture=for_capture) if a.strategy == "ddp" else PlainStrategy(model, opt)
+    if a.compile:  # (no DDP: the pure path's compiled model, compiled once)
+        strategy.model = torch.compile(strategy.model) if a.strategy == "ddp" else fwd
+    return strategy
+
+
+def _captured(step, opt, device, warmup: int):
+    """``step(batch, last)`` captured as a CUDA graph the way training does it (errors raised)."""
+    from mtl.cuda_graph import CapturedStep
+
+    return CapturedStep(step, opt, device, warmup=warmup, strict=True, log=lambda m: None)
+
+
+def _pure_path(a: TrainBench, fwd, opt, bs: int, device, graph: bool) -> dict:
+    """Pure compute, written plainly: tensors already on the device, no wrappers (``graph``: the
+    same step captured, the batch copied into the graph's buffers each step, as training does)."""
+    import torch
+
+    from mtl.cuda_graph import WARMUP_PLAIN
     from mtl.engine import autocast
     from mtl.losses import DepthCodec, multitask_loss
 
     h, w = a.size
     codec, amp = DepthCodec("log"), autocast(device, True)
-    x = torch.randn(bs, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
-    batch = {"semseg": torch.randint(0, 19, (bs, h, w), device=device), "depth": torch.rand(bs, h, w, device=device) * 50 + 4,
+    batch = {"rgb": torch.randn(bs, 3, h, w, device=device).contiguous(memory_format=torch.channels_last),
+             "semseg": torch.randint(0, 19, (bs, h, w), device=device), "depth": torch.rand(bs, h, w, device=device) * 50 + 4,
              "valid": torch.ones(bs, h, w, dtype=torch.bool, device=device)}
-    flops = train_step_flops(model, x, batch, codec, 0.5)
-    fwd = torch.compile(model) if a.compile else model
 
-    def pure_step() -> None:
+    def step(b, last=True):
         with amp:
-            out = fwd(x)
-        loss, _ = multitask_loss(out, batch, codec, 0.5)
+            out = fwd(b["rgb"])
+        loss, parts = multitask_loss(out, b, codec, 0.5)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach(), **parts}
 
+    flops = train_step_flops(fwd, batch["rgb"], batch, codec, 0.5) if not graph else 0.0
+    run = _captured(step, opt, device, WARMUP_PLAIN) if graph else step
     for _ in range(a.warmup):
-        pure_step()
+        run(batch)
+    pure_step = lambda: run(batch)  # noqa: E731
     return {"step_s": seconds_per_step(pure_step, a.steps, device), "flops": flops,
             "host_s": host_seconds_per_step(pure_step, min(a.steps, 10), device)}
 
 
-def _full_path(a: TrainBench, cfg, model, opt, device) -> dict:
+def _full_path(a: TrainBench, strategy, feed: Feed, device, graph: bool) -> dict:
     """The project's full path: loader workers (decode, crop vectors) -> pinned uint8 batch ->
     the train loop's prefetcher (copy, zoom/crop/flip, normalise on a side stream) -> the train
-    step with its wrapper (1-rank DDP, as on Ray, or none)."""
+    step with its wrapper (1-rank DDP, as on Ray, or none), eager or captured."""
     import torch
 
-    from mtl.data.build import build_loaders
+    from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN
     from mtl.engine import autocast, train_step
     from mtl.losses import DepthCodec
-    from mtl.strategy import DDPStrategy, PlainStrategy
+    from mtl.strategy import DDPStrategy
 
     codec, amp = DepthCodec("log"), autocast(device, True)
-    data = build_loaders(cfg, pin_memory=device.type == "cuda")
-    strategy = DDPStrategy(model, opt, device) if a.strategy == "ddp" else PlainStrategy(model, opt)
-    if a.compile:
-        strategy.model = torch.compile(strategy.model)
-    feed, running = Feed(data.train, device), torch.zeros(3, device=device)
+    running = torch.zeros(3, device=device)
+
+    def eager(b, last=True):
+        return train_step(strategy, b, codec, 0.5, amp, last)
+
+    warmup = WARMUP_DDP if isinstance(strategy, DDPStrategy) else WARMUP_PLAIN
+    step = _captured(eager, strategy.optimizer, device, warmup) if graph else eager
 
     def full_step() -> None:
         nonlocal running
-        parts = train_step(strategy, feed.next(), codec, 0.5, amp)
+        parts = step(feed.next())
         running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
 
-    for _ in range(a.warmup):
+    for _ in range(max(a.warmup, warmup + 2) if graph else a.warmup):
         full_step()
-    feed.wait = 0.0
+    feed.reset()
     step_s = seconds_per_step(full_step, a.steps, device)
-    wait_s = feed.wait / a.steps
+    wait_s, boundary_s, boundaries = feed.wait / a.steps, feed.boundary_wait, feed.boundaries
+    steady_s = (feed.wait - feed.boundary_wait) / max(a.steps - boundaries, 1)
+    host_s = host_seconds_per_step(full_step, min(a.steps, 10), device)
     # last: a step stopped midway by CUDA's sync check would leave DDP mid-reduction
     ops, syncs, verdict = sync_check(full_step, device)
-    return {"step_s": step_s, "wait_s": wait_s, "ops": ops, "syncs": syncs, "cuda_verdict": verdict}
+    return {"step_s": step_s, "wait_s": wait_s, "steady_wait_s": steady_s, "boundary_wait_s": boundary_s / max(boundaries, 1),
+            "boundaries": boundaries, "host_s": host_s, "ops": ops, "syncs": syncs, "cuda_verdict": verdict}
 
 
 @dataclass(frozen=True)
@@ -390,6 +484,7 @@ class LoaderBench:
     size: Size = (256, 512)  # image size HxW
     samples: int = 400  # synthetic train samples
     workers: int = 2  # loader processes of the multi-process shard row
+    scaling: tuple[int, ...] = ()  # also the training loader with each of these numbers of worker processes (e.g. 1 4 8 12)
     s3: str | None = None  # also shard to this s3:// prefix and stream from it
     json: str | None = None  # also write the results to this JSON file
 
@@ -409,6 +504,7 @@ class TrainBench:
     device: Device = "auto"  # auto: the GPU if there is one
     compile: bool = False  # torch.compile the model
     strategy: Literal["ddp", "plain"] = "ddp"  # full path: a 1-rank DDP wrapper (as on Ray) or none
+    cuda_graph: bool = True  # also measure both paths with the step captured as a CUDA graph (CUDA only)
     shards: str | None = None  # the full path reads these WebDataset shards (prefix or manifest URL) instead of a folder
     peak_tflops: float | None = None  # for MFU; default: a measured bf16 matmul peak
     json: str | None = None  # also write the rows to this JSON file
@@ -432,21 +528,26 @@ def train_main(a: TrainBench, argv: list[str]) -> int:
 
     def save(rows: list[dict]) -> None:
         r = rows[-1]
-        print(f"{r['arch']} batch {r['batch']}: pure {r['pure_img_s']:.1f} img/s, full {r['full_img_s']:.1f} img/s "
-              f"({r['full_over_pure']:.1%}), MFU {r['mfu']:.1%}, {r['peak_mem_gib']:.1f} GiB", flush=True)
+        for p in ("", "graph_") if "graph_pure_img_s" in r else ("",):
+            print(f"{r['arch']} batch {r['batch']} {'captured' if p else 'eager'}: pure {r[p + 'pure_img_s']:.1f} img/s, "
+                  f"full {r[p + 'full_img_s']:.1f} img/s ({r[p + 'full_over_pure']:.1%}), host {r[p + 'full_host_ms']:.1f} ms/step "
+                  f"(GPU {r[p + 'full_step_ms']:.1f}), MFU {r[p + 'mfu']:.1%}, {r[p + 'peak_mem_gib']:.1f} GiB", flush=True)
         if a.json:
             write_json(a.json, {"mode": "train", "size": a.size, "argv": argv, "rows": rows})
 
     rows = bench_train(a, save)
     t = Table(title=f"training throughput at {a.size[0]}x{a.size[1]}, {a.encoder}, bf16 autocast (CUDA only)"
                     f"{', torch.compile' if a.compile else ''} (peak {rows[0]['peak_tflops']:.3g} TFLOP/s for MFU)")
-    cols = [("arch", "{}"), ("batch", "{}"), ("pure_img_s", "{:.1f}"), ("full_img_s", "{:.1f}"), ("full_over_pure", "{:.1%}"),
-            ("pure_step_ms", "{:.1f}"), ("host_ms", "{:.1f}"), ("data_wait_ms", "{:.1f}"), ("host_syncs", "{}"),
-            ("peak_mem_gib", "{:.1f}"), ("gflop_per_img", "{:.0f}"), ("tflops", "{:.1f}"), ("mfu", "{:.1%}")]
+    cols = [("step", "{}"), ("arch", "{}"), ("batch", "{}"), ("pure_img_s", "{:.1f}"), ("full_img_s", "{:.1f}"),
+            ("full_over_pure", "{:.1%}"), ("full_step_ms", "{:.1f}"), ("host_ms", "{:.1f}"), ("full_host_ms", "{:.1f}"),
+            ("data_wait_ms", "{:.1f}"), ("steady_wait_ms", "{:.1f}"), ("boundary_wait_ms", "{:.0f}"), ("ops_per_step", "{}"), ("host_syncs", "{}"), ("peak_mem_gib", "{:.1f}"),
+            ("gflop_per_img", "{:.0f}"), ("mfu", "{:.1%}")]
     for c, _ in cols:
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(*(f.format(r[c]) for c, f in cols))
+        for p in ("", "graph_") if "graph_pure_img_s" in r else ("",):
+            v = {**r, **{k[len(p):]: x for k, x in r.items() if p and k.startswith(p)}, "step": "captured" if p else "eager"}
+            t.add_row(*(f.format(v[c]) for c, f in cols))
     wide_console().print(t)
     return 0
 

@@ -5,6 +5,10 @@
 #
 #   bash jobs/gpu_bundle.sh [DIR]              # default .gpu-bundle; prints the size, fails over LIMIT_MIB
 #   bash jobs/gpu_bundle.sh slim ROOT OUT      # only the slimming step (see slim_ray below)
+#   bash jobs/gpu_bundle.sh min FULL MIN       # from bundle FULL, a bundle MIN of only what the GPU
+#                                              # tests and benchmarks need (no Ray, no DeepSpeed;
+#                                              # < 1 MiB): PHASES="env tests eager plain compile"
+#                                              # BUNDLE=MIN bash jobs/gpu_check.sh
 #
 # DIR is not tracked by git; keep it out of `git status` once per checkout (not in .gitignore):
 #   echo /.gpu-bundle/ >> .git/info/exclude
@@ -68,7 +72,23 @@ DASHBOARD_WHEELS=(
     opentelemetry-semantic-conventions==0.66b2 opentelemetry-exporter-prometheus==0.66b2 opentelemetry-proto==1.45.2
 )
 
+# what the core (tests, benchmarks) needs beyond the machine's torch: `min` copies these
+MIN_NAMES="webdataset braceexpand tyro docstring-parser typeguard typing_extensions"
+
 die() { echo "gpu_bundle: $*" >&2; exit 1; }
+
+make_min() {  # make_min FULL MIN: MIN gets FULL's wheels of MIN_NAMES and its PYTHON file
+    local full=$1 min=$2 name f
+    [ -s "$full/PYTHON" ] || die "$full is not a bundle (no PYTHON file): run bash jobs/gpu_bundle.sh $full first"
+    rm -rf "$min" && mkdir -p "$min/wheels" || die "cannot create $min"
+    for name in $MIN_NAMES; do
+        f=$(compgen -G "$full/wheels/${name//-/_}-*.whl" | head -1)
+        [ -n "$f" ] || die "$full/wheels holds no wheel of $name"
+        cp "$f" "$min/wheels/" || die "cannot copy $f"
+    done
+    cp "$full/PYTHON" "$min/"
+    echo "== $min: $(ls "$min/wheels" | wc -l) wheels, $(du -sh "$min" | cut -f1)"
+}
 
 slim_ray() {  # slim_ray ROOT OUT.tar.xz
     # ROOT is an unpacked Ray wheel (it holds ray/ and ray-*.dist-info/); it is slimmed IN PLACE
@@ -92,6 +112,11 @@ slim_ray() {  # slim_ray ROOT OUT.tar.xz
     mv "$out.part" "$out"
 }
 
+if [ "${1:-}" = min ]; then
+    [ $# -eq 3 ] || die "usage: $0 min FULL_BUNDLE MIN_BUNDLE"
+    make_min "$2" "$3"
+    exit 0
+fi
 if [ "${1:-}" = slim ]; then
     [ $# -eq 3 ] || die "usage: $0 slim ROOT OUT.tar.xz"
     slim_ray "$2" "$3"

@@ -18,16 +18,20 @@
 #             TorchTrainer worker with the GPU): 2 epochs with checkpoints, then --resume to a
 #             third; checks the device and the resume                -> ray.json, ray.txt, ray/
 #   deepspeed the same with --strategy deepspeed --zero-stage 2     -> deepspeed.json, deepspeed.txt, deepspeed/
-#   eager     benchmark: branched, distillation x batch 16/32/64    -> bench-eager.json/.txt
-#   plain     branched x batch 16 without the DDP wrapper           -> bench-plain.json/.txt
-#   loader    loader benchmark (img/s per core)                     -> bench-loader.json/.txt
-#   compile   as plain, with --compile (vs plain: the default?)     -> bench-compile.json/.txt
+#   eager     benchmark: branched, distillation x batch 16/32/64, 1-rank DDP; each row measures
+#             the eager step and the step captured as a CUDA graph (pure, full, host ms, memory)
+#                                                                   -> bench-eager.json/.txt
+#   plain     branched x COMPILE_BATCHES without the DDP wrapper (eager and captured)
+#                                                                   -> bench-plain.json/.txt
+#   loader    loader benchmark (img/s per core; img/s by worker count) -> bench-loader.json/.txt
+#   compile   as plain, with --compile (eager and captured)         -> bench-compile.json/.txt
 # The default limits add up to 570 s and no phase runs past DEADLINE (585 s after the start,
 # the bundle's installation included: a phase's limit is cut to end 15 s before it, the grace
 # between SIGINT and SIGKILL; a phase left with under 10 s is recorded as skipped): one call of a
-# 600 s device command. The benchmark phases had longer limits before the train phases
-# came; for those, give them a call of their own: PHASES="env tests eager plain loader compile"
-# T_TESTS=120 T_EAGER=200 T_PLAIN=40 T_LOADER=50 T_COMPILE=170.
+# 600 s device command. The benchmark phases and the GPU tests need no Ray and no DeepSpeed: with
+# a bundle of the six wheels they need (`bash jobs/gpu_bundle.sh min .gpu-bundle .gpu-min`) they
+# run in a call of their own, with longer limits: PHASES="env tests eager plain loader compile"
+# BUNDLE=.gpu-min BATCHES="16 32 64" T_TESTS=100 T_EAGER=220 T_PLAIN=60 T_LOADER=100 T_COMPILE=100.
 #
 # The bundle: folder BUNDLE (default .gpu-bundle, made by jobs/gpu_bundle.sh on a machine with a
 # package index, for one Python version) holds Ray slimmed to a tar.xz and wheels of everything
@@ -47,14 +51,15 @@
 # its metrics, summary.json, train.log and the two runs' output are copied to OUT_DIR/<phase>/.
 #
 # Knobs (environment): PHASES (default "env tests ray deepspeed eager plain loader compile"),
-# SIZE (256x512), BATCHES ("16 32 64"), COMPILE_BATCHES ("16"), ARCHS ("branched distillation"),
+# SIZE (256x512), BATCHES ("16 64"), COMPILE_BATCHES ("16"), ARCHS ("branched distillation"),
 # ENCODER (resnet34), STEPS (30), WARMUP (10), SAMPLES (2048 synthetic train samples: few epoch
-# restarts), WORKERS (12); for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
+# restarts), WORKERS (12); for the loader phase LOADER_SAMPLES (1024) and SCALING ("1 4 8 12 15":
+# the training loader's img/s with each of these numbers of worker processes); for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
 # 256x512 set of 1024/64/16, batch 16, 60 steps per epoch, 12 CPUs for the Ray worker, i.e. 8
 # loader workers, no retries), EXPECT_DEVICE (cuda; cpu for a check on the CPU), RUNS
 # (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE, SITE, PACK_TO, DEADLINE
-# (585), and per-phase limits in seconds: T_TESTS (90), T_RAY (110), T_DEEPSPEED (120),
-# T_EAGER (110), T_PLAIN (30), T_LOADER (30), T_COMPILE (80).
+# (585), and per-phase limits in seconds: T_TESTS (70), T_RAY (100), T_DEEPSPEED (110),
+# T_EAGER (130), T_PLAIN (40), T_LOADER (60), T_COMPILE (60).
 set -uo pipefail
 
 WORK=/tmp/streetmtl-gpu-check
@@ -71,7 +76,7 @@ OUT_DIR=$(realpath "$OUT_DIR")
 : >"$OUT_DIR/phases.txt"
 PHASES=${PHASES:-env tests ray deepspeed eager plain loader compile}
 SIZE=${SIZE:-256x512}
-BATCHES=${BATCHES:-16 32 64}
+BATCHES=${BATCHES:-16 64}
 COMPILE_BATCHES=${COMPILE_BATCHES:-16}
 ARCHS=${ARCHS:-branched distillation}
 ENCODER=${ENCODER:-resnet34}
@@ -79,6 +84,8 @@ STEPS=${STEPS:-30}
 WARMUP=${WARMUP:-10}
 SAMPLES=${SAMPLES:-2048}
 WORKERS=${WORKERS:-12}
+LOADER_SAMPLES=${LOADER_SAMPLES:-1024}
+SCALING=${SCALING:-1 4 8 12 15}
 # (--max-failures 0: a failure is reported at once, not retried 3 times within the phase's time;
 # --start-timeout-s 60: a worker group that cannot be placed fails instead of waiting 900 s)
 RAY_FLAGS=${RAY_FLAGS:---arch branched --encoder resnet34 --synthetic-size 256x512 --synthetic-counts 1024 64 16 --batch-size 16 --max-steps-per-epoch 60 --cpus-per-worker 12 --max-failures 0 --start-timeout-s 60}
@@ -294,24 +301,25 @@ for p in $PHASES; do
         cat "$OUT_DIR/env.txt"
         pack ;;
     tests)
-        phase tests "${T_TESTS:-90}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
+        phase tests "${T_TESTS:-70}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
     ray)
-        phase ray "${T_RAY:-110}" ray.txt bash -c 'train_phase "$@"' train_phase ray ray-gpu - ;;
+        phase ray "${T_RAY:-100}" ray.txt bash -c 'train_phase "$@"' train_phase ray ray-gpu - ;;
     deepspeed)
-        phase deepspeed "${T_DEEPSPEED:-120}" deepspeed.txt bash -c 'train_phase "$@"' train_phase deepspeed ds-gpu 2 \
+        phase deepspeed "${T_DEEPSPEED:-110}" deepspeed.txt bash -c 'train_phase "$@"' train_phase deepspeed ds-gpu 2 \
             --strategy deepspeed --zero-stage 2 ;;
     eager)
         # shellcheck disable=SC2086
-        train_bench eager "${T_EAGER:-110}" --archs $ARCHS --batch-sizes $BATCHES ;;
+        train_bench eager "${T_EAGER:-130}" --archs $ARCHS --batch-sizes $BATCHES ;;
     plain)
         # shellcheck disable=SC2086
-        train_bench plain "${T_PLAIN:-30}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain ;;
+        train_bench plain "${T_PLAIN:-40}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain ;;
     compile)
         # shellcheck disable=SC2086
-        train_bench compile "${T_COMPILE:-80}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain --compile ;;
+        train_bench compile "${T_COMPILE:-60}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain --compile ;;
     loader)
-        phase loader "${T_LOADER:-30}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples 400 \
-            --workers "$WORKERS" --json "$OUT_DIR/bench-loader.json" ;;
+        # shellcheck disable=SC2086
+        phase loader "${T_LOADER:-60}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples "$LOADER_SAMPLES" \
+            --workers "$WORKERS" --scaling $SCALING --json "$OUT_DIR/bench-loader.json" ;;
     *)
         echo "unknown phase '$p' (known: env tests ray deepspeed eager plain loader compile)" >&2
         exit 2 ;;

@@ -127,6 +127,10 @@ class TrainConfig(_Part):
     bf16: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     channels_last: bool = operational(True)  # channels_last memory format on CUDA
     compile: bool = operational(False)  # torch.compile the model
+    #: capture the whole train step (forward, loss, backward, update) as one CUDA graph and replay
+    #: it: auto = on a GPU with --grad-accum 1 and DDP or one process (not DeepSpeed), with a
+    #: logged fallback to the eager step if the capture fails; on = that or an error; off = eager
+    cuda_graph: Literal["auto", "on", "off"] = operational("auto")
     out: str = operational("runs")  # where runs live: a local folder or s3:// prefix
     name: str | None = operational(None)  # run name; default: descriptive + a hash of the training config
     resume: bool = operational(False)  # continue the run in <out>/<name> (required to reuse an existing run folder)
@@ -138,6 +142,8 @@ class TrainConfig(_Part):
     def _rules(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--epochs, --batch-size and --grad-accum must be >= 1")
+        if self.cuda_graph == "on" and self.grad_accum > 1:
+            raise ValueError("--cuda-graph on captures whole optimizer steps: it needs --grad-accum 1 (or --cuda-graph auto/off)")
         if self.log_every < 1 or self.log_interval_s < 0:
             raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState
 from mtl.config import ExperimentConfig
+from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN, CapturedStep, StepFn
 from mtl.data.build import Loaders, build_loaders
 from mtl.data.batch import DeviceBatches
 from mtl.losses import DepthCodec, multitask_loss
@@ -26,7 +27,7 @@ from mtl.models import build_model, resolve
 from mtl.progress import RunLog, TrainProgress
 from mtl.runs import RunConflict, RunFolder, check_same_training, resolve_config, run_name, run_url
 from mtl.schedule import PolyLR
-from mtl.strategy import PlainStrategy, Strategy
+from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,6 +66,44 @@ def train_step(strategy: Strategy, batch: dict[str, torch.Tensor], codec: DepthC
         strategy.backward(loss)
     strategy.step(last_micro_batch)
     return {"loss": loss.detach(), **parts}
+
+
+def may_capture(cfg: ExperimentConfig) -> bool:
+    """Whether the config lets the train step be captured as a CUDA graph (`make_step` still
+    checks the device and the strategy): what a strategy needs to know before it is built."""
+    return cfg.train.cuda_graph != "off" and cfg.train.grad_accum == 1
+
+
+def graph_obstacle(cfg: ExperimentConfig, strategy: Strategy, device: torch.device) -> str | None:
+    """Why this run's train step cannot be captured as a CUDA graph (None: it can)."""
+    if device.type != "cuda":
+        return f"a CUDA graph needs a GPU (the device is {device})"
+    if not strategy.graph_capturable:
+        return f"the {type(strategy).__name__} step cannot be captured"
+    if cfg.train.grad_accum > 1:
+        return "--grad-accum > 1 (a captured step is a whole optimizer step)"
+    return None
+
+
+def make_step(cfg: ExperimentConfig, strategy: Strategy, codec: DepthCodec, amp: contextlib.AbstractContextManager,
+              device: torch.device, world: int = 1, log: Callable[[str], None] = print) -> StepFn:
+    """The train step function per ``--cuda-graph``: `train_step` itself, or the same captured
+    as one CUDA graph after a few eager steps (`mtl.cuda_graph.CapturedStep`)."""
+    w = cfg.optim.semseg_weight
+
+    def eager(batch: dict[str, torch.Tensor], last_micro_batch: bool = True) -> dict[str, torch.Tensor]:
+        return train_step(strategy, batch, codec, w, amp, last_micro_batch)
+
+    mode = cfg.train.cuda_graph
+    why_not = graph_obstacle(cfg, strategy, device) if mode != "off" else "--cuda-graph off"
+    if why_not:
+        if mode == "on":
+            raise ValueError(f"--cuda-graph on: {why_not}")
+        if mode == "auto" and device.type == "cuda":
+            log(f"eager train step: {why_not}")
+        return eager
+    warmup = WARMUP_DDP if isinstance(strategy, DDPStrategy) else WARMUP_PLAIN
+    return CapturedStep(eager, strategy.optimizer, device, warmup, log=log, strict=mode == "on", distributed=world > 1)
 
 
 @torch.no_grad()
@@ -170,6 +209,7 @@ class Trainer:
             RunFolder(run_url(cfg)).write_config(cfg)
         if t.compile:
             self.strategy.model = torch.compile(self.strategy.model)
+        self.step = make_step(cfg, self.strategy, self.codec, self.amp, self.device, rt.world, self.log)
 
     def _steps_per_epoch(self) -> int:
         t = self.cfg.train
@@ -243,7 +283,7 @@ class Trainer:
             lrs.append(self.schedule.apply(strategy.optimizer, s_.step))
             for k in range(t.grad_accum):
                 batch = next(it)
-                parts = train_step(strategy, batch, self.codec, self.cfg.optim.semseg_weight, self.amp, last_micro_batch=k == t.grad_accum - 1)
+                parts = self.step(batch, k == t.grad_accum - 1)
                 running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
                 n_img += batch["rgb"].shape[0]
             s_.step += 1

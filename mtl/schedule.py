@@ -25,7 +25,13 @@ class PolyLR:
         return self.base_lr * (1.0 - frac) ** self.power
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set the LR of ``step`` on every group; a group whose LR is a tensor (a captured optimizer
+        step reads it there, `mtl.cuda_graph.prepare_optimizer`) gets it filled in place: one
+        host-to-device write, no sync."""
         lr = self(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr

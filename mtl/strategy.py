@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mtl.cuda_graph import on_capture_stream
+
 
 class Strategy(ABC):
     """The interface every mode implements (see the module docstring).
@@ -31,6 +33,9 @@ class Strategy(ABC):
     model: nn.Module
     optimizer: Any
     sharded: bool = False  # every rank writes files of its own into a checkpoint
+    # its whole step (forward, backward, sync, update) can be captured as one CUDA graph
+    # (`mtl.cuda_graph`): it makes no host syncs and keeps its tensors' storage across steps
+    graph_capturable: bool = False
 
     def sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
         """Around forward + backward: gradients are synchronised only on the last micro-batch."""
@@ -74,6 +79,8 @@ class Strategy(ABC):
 class PlainStrategy(Strategy):
     """One optimizer over one model on one device; checkpoints hold model + optimizer."""
 
+    graph_capturable = True
+
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int = 1,
                  grad_clip: float | None = None, train_model: nn.Module | None = None) -> None:
         self.module = module
@@ -93,7 +100,11 @@ class PlainStrategy(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        optimizer = self.optimizer.state_dict()
+        for group in optimizer["param_groups"]:  # (copies) a captured step's LR tensor is stored as the number it holds
+            if isinstance(group.get("lr"), torch.Tensor):
+                group["lr"] = float(group["lr"])
+        return {"model": self.module.state_dict(), "optimizer": optimizer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
@@ -105,10 +116,15 @@ class DDPStrategy(PlainStrategy):
     holds the same weights and optimizer state as every other rank, so its checkpoint is whole."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 grad_accum: int = 1, grad_clip: float | None = None) -> None:
+                 grad_accum: int = 1, grad_clip: float | None = None, for_capture: bool = False) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        # DDP keeps the parameters' AccumulateGrad nodes, which remember the stream they were made
+        # on: the stream forwards will run on (`mtl.cuda_graph.capture_stream` when the step is to
+        # be captured: else the capture breaks; the current one otherwise: else every eager
+        # backward syncs the two streams)
+        with on_capture_stream(device) if for_capture else contextlib.nullcontext():
+            ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         super().__init__(module, optimizer, grad_accum, grad_clip, train_model=ddp)
 
     def sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:

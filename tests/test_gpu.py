@@ -64,3 +64,112 @@ def test_local_training_on_cuda_end_to_end(tiny_root, tmp_path):
     from mtl.runs import run_name
 
     assert (tmp_path / run_name(cfg) / "checkpoints").is_dir()
+
+
+# ------------------------------------------------------------------ the captured train step (mtl.cuda_graph)
+
+def _captured_vs_eager(make_strategy, steps: int, warmup: int):
+    """The same model trained ``steps`` steps eagerly (twice: the noise floor) and with the
+    captured step, from the same initial weights, on the same batches, with the same LR plan.
+    Returns [(losses, weights, initial weights, step, strategy)] for eager, eager, captured."""
+    from mtl.config import ExperimentConfig
+    from mtl.cuda_graph import CapturedStep, prepare_optimizer
+    from mtl.schedule import PolyLR
+
+    device, cfg = torch.device("cuda"), ExperimentConfig(model=ModelConfig(arch="branched", encoder="resnet18"))
+    codec, amp, plan = DepthCodec("log"), autocast(device, True), PolyLR(3e-4, steps, warmup_steps=2)
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [{"rgb": torch.randn(4, 3, 128, 256, device=device, generator=g).contiguous(memory_format=torch.channels_last),
+                "semseg": torch.randint(0, NUM_CLASSES, (4, 128, 256), device=device, generator=g),
+                "depth": torch.rand(4, 128, 256, device=device, generator=g) * 50 + 4,
+                "valid": torch.rand(4, 128, 256, device=device, generator=g) > 0.1} for _ in range(steps)]
+    runs = []
+    for captured in (False, False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+        w0 = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+        opt = build_optimizer(model, cfg)
+        for group in opt.param_groups:
+            # Adam's update is about sign(gradient) * LR where gradients are far below eps: the
+            # last-bit noise of bf16 and atomic adds flips such signs, and the runs part by whole
+            # LR steps. A larger eps keeps the update proportional to the gradient, so the
+            # comparison measures the step, not that chaos.
+            group["eps"] = 1e-2
+        strategy = make_strategy(model, opt, captured)
+        prepare_optimizer(strategy.optimizer, device)  # all: the LR as a float32 tensor from the first step
+
+        def eager(b, last=True, s=strategy):
+            return train_step(s, b, codec, 0.5, amp, last)
+
+        step = CapturedStep(eager, strategy.optimizer, device, warmup=warmup, strict=True) if captured else eager
+        losses = []
+        for i, b in enumerate(batches):
+            plan.apply(strategy.optimizer, i)
+            losses.append(step(b)["loss"].clone())
+        w = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+        runs.append((torch.stack(losses).cpu(), w, w0, step, strategy))
+    return runs
+
+
+def _check_same_training(runs, steps: int, warmup: int):
+    """Tolerance: the captured run is as close to the eager run as a second eager run is (x3),
+    or within 2 % of how far training moved the weights, whichever is larger; losses to 1 %."""
+    (l_e, w_e, w0, _, _), (_, w_e2, _, _, _), (l_c, w_c, _, step, strategy) = runs
+    assert step.state() == {"captured": True, "failed": False, "eager_steps": warmup, "replays": steps - warmup}
+    assert torch.isfinite(l_c).all() and torch.allclose(l_c, l_e, rtol=1e-2), (l_c, l_e)
+    moved, noise, off = (w_e - w0).norm(), (w_e2 - w_e).norm(), (w_c - w_e).norm()
+    assert moved > 0 and off <= max(3 * noise, 0.02 * moved), (float(off), float(noise), float(moved))
+    # the graph reads its LR from the tensor the plan fills: with LR 0 a replay leaves the weights alone
+    for group in strategy.optimizer.param_groups:
+        group["lr"].fill_(0.0)
+    before = [p.detach().clone() for p in strategy.module.parameters()]
+    step(step.static)
+    assert all(torch.equal(a, b) for a, b in zip(before, strategy.module.parameters()))
+
+
+def test_the_captured_step_trains_like_the_eager_step_on_cuda():
+    runs = _captured_vs_eager(lambda m, o, captured: PlainStrategy(m, o), steps=8, warmup=3)
+    _check_same_training(runs, 8, 3)
+
+
+def test_the_captured_step_under_one_rank_ddp_on_cuda(tmp_path):
+    """DDP (NCCL) built on the capture stream, 11 eager warm-up steps, then the all-reduce is
+    part of the graph."""
+    import torch.distributed as dist
+
+    from mtl.strategy import DDPStrategy
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        runs = _captured_vs_eager(lambda m, o, captured: DDPStrategy(m, o, torch.device("cuda", 0), for_capture=captured),
+                                  steps=14, warmup=11)
+        _check_same_training(runs, 14, 11)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_captured_training_survives_a_checkpoint_and_resume(tiny_root, tmp_path):
+    """Two epochs with the captured step, checkpointed; a new Trainer resumes for a third (the
+    checkpoint is restored before its capture): it trains on like one run of three epochs."""
+    from mtl.config import DataConfig, ExperimentConfig, TrainConfig
+    from mtl.cuda_graph import CapturedStep
+    from mtl.engine import Trainer, local_runtime
+
+    def run(out, epochs, resume=False):
+        cfg = ExperimentConfig(data=DataConfig(root=tiny_root, workers=2), model=ModelConfig(arch="branched", encoder="resnet18"),
+                               train=TrainConfig(epochs=epochs, batch_size=8, max_steps_per_epoch=6, out=str(out), device="cuda",
+                                                 cuda_graph="on", resume=resume, name="g")).validate()
+        trainer = Trainer(cfg, local_runtime(cfg))
+        result = trainer.fit()
+        assert isinstance(trainer.step, CapturedStep) and trainer.step.state()["captured"]
+        adam_steps = {int(s["step"]) for s in trainer.strategy.optimizer.state.values()}
+        return result, adam_steps
+
+    straight, steps_straight = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 2)
+    resumed, steps_resumed = run(tmp_path / "b", 3, resume=True)
+    assert steps_straight == steps_resumed == {18}  # the optimizer state went through the checkpoint
+    (a,), (b,) = straight.metrics[-1:], resumed.metrics
+    assert b["epoch"] == 3 and b["restarts"] == 1
+    for k in ("train_loss", "miou", "si_log_rmse"):
+        assert abs(a[k] - b[k]) <= 0.1 * abs(a[k]) + 1.0, (k, a[k], b[k])  # GPU atomics: not bit-equal

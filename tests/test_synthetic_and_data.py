@@ -247,7 +247,7 @@ def test_loader_workers_follow_the_cpus_reserved_for_training(tiny_root):
     from mtl.config import DataConfig, ExperimentConfig
     from mtl.data.build import auto_workers, build_loaders
 
-    assert auto_workers(on_gpu=True, cpus=12) == 8  # 11 spare CPUs, capped
+    assert auto_workers(on_gpu=True, cpus=12) == 11 and auto_workers(on_gpu=True, cpus=32) == 12  # capped
     assert auto_workers(on_gpu=True, cpus=4) == 3 and auto_workers(on_gpu=True, cpus=1) == 1
     assert auto_workers(on_gpu=False, cpus=16) == 2 and auto_workers(on_gpu=False, cpus=1) == 0
     auto = build_loaders(ExperimentConfig(data=DataConfig(root=tiny_root)), pin_memory=True, cpus=3)

@@ -32,7 +32,7 @@ from torch import nn
 from mtl.checkpoint import CHECKPOINTS, FolderStorage
 from mtl.config import ExperimentConfig
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
-from mtl.engine import Runtime, fit
+from mtl.engine import Runtime, fit, may_capture
 from mtl.errors import ClusterError
 from mtl.runs import out_root, prepare_run, run_name, run_url
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
@@ -114,7 +114,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
             return DeepSpeedStrategy(module, optimizer, c)
         if world > 1:
-            return DDPStrategy(module, optimizer, device, c.train.grad_accum, c.optim.grad_clip)
+            return DDPStrategy(module, optimizer, device, c.train.grad_accum, c.optim.grad_clip, for_capture=may_capture(c))
         return PlainStrategy(module, optimizer, c.train.grad_accum, c.optim.grad_clip)
 
     rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,

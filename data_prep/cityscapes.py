@@ -42,7 +42,7 @@ after ``index.csv`` is written, so ``<out>`` appears whole or not at all (`mtl.a
 does the same with a throw-away folder; this one keeps a stable name so that it can be resumed).
 On an fsspec URL (rename is a copy on object stores) the files go straight to ``<out>`` and
 ``index.csv`` is written last: it is the completion marker, and ``<out>`` without it is an
-unfinished conversion. A re-run of the same conversion (same sample list, size and quality)
+unfinished conversion, which the project's readers refuse (`mtl.data.folder.split_modalities`). A re-run of the same conversion (same sample list, size and quality)
 resumes: every file is written whole (temporary file + rename locally, one PUT on object
 stores), samples with all their files are kept, the others are converted again (the output is a
 deterministic function of the input). A re-run of a complete conversion does nothing; a folder
@@ -69,13 +69,12 @@ from PIL import Image
 
 from mtl.cli import parse
 from mtl.config import Size
-from mtl.data.miniscapes import (MODALITIES, SPLITS, Split, decode_sample, encode_depth_png, encode_rgb_jpeg,
+from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, decode_sample, encode_depth_png, encode_rgb_jpeg,
                                  encode_semseg_png)
 from mtl.storage import is_local, storage_errors, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-cityscapes-v1"
-INDEX = "index.csv"  # written last: its presence means the conversion is complete
-PLAN = "conversion.json"
+INDEX, PLAN = CONVERSION_INDEX, CONVERSION_PLAN  # written last (the completion marker) and first
 LABELLED = ("train", "val")
 
 # kind -> (package folder, file suffix after the stem, the download that holds it)

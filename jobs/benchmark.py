@@ -448,10 +448,11 @@ def _full_path(a: TrainBench, strategy, feed: Feed, device, graph: bool) -> dict
     from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN
     from mtl.engine import autocast, train_step
     from mtl.losses import DepthCodec
+    from mtl.schedule import PolyLR
     from mtl.strategy import DDPStrategy
 
     codec, amp = DepthCodec("log"), autocast(device, True)
-    running = torch.zeros(3, device=device)
+    running, plan, steps = torch.zeros(3, device=device), PolyLR(1e-4, 10**6), 0
 
     def eager(b, last=True):
         return train_step(strategy, b, codec, 0.5, amp, last)
@@ -459,8 +460,10 @@ def _full_path(a: TrainBench, strategy, feed: Feed, device, graph: bool) -> dict
     warmup = WARMUP_DDP if isinstance(strategy, DDPStrategy) else WARMUP_PLAIN
     step = _captured(eager, strategy.optimizer, device, warmup) if graph else eager
 
-    def full_step() -> None:
-        nonlocal running
+    def full_step() -> None:  # as `Trainer.train_epoch`: the LR, the step, the running losses
+        nonlocal running, steps
+        plan.apply(strategy.optimizer, steps)
+        steps += 1
         parts = step(feed.next())
         running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
 

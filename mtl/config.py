@@ -80,7 +80,9 @@ class DataConfig(_Part):
 class ModelConfig(_Part):
     arch: Arch = "deeplabv3p"  # the architecture (README "Model zoo")
     encoder: Encoder = "resnet34"  # the backbone
-    pretrained: str | None = None  # torchvision-format ImageNet weights for the encoder: a local path or s3:// URL
+    #: ImageNet weights for the encoder: "imagenet" (torchvision's, from torch hub's cache; fetched once), or a
+    #: torchvision-format file at a local path or URL (a mirror: jobs/pretrained.py)
+    pretrained: str | None = None
     output_stride: Literal[8, 16, 32] | None = None  # encoder output stride (dilation below 32); default: the architecture's
     aspp_rates: tuple[int, ...] | None = None  # ASPP dilation rates; default: 6 12 18 at output stride 16, 12 24 36 at 8
     vortex_rates: tuple[int, ...] = (1, 3, 9, 27)  # vortex pooling rates
@@ -128,8 +130,9 @@ class TrainConfig(_Part):
     channels_last: bool = operational(True)  # channels_last memory format on CUDA
     compile: bool = operational(False)  # torch.compile the model
     #: capture the whole train step (forward, loss, backward, update) as one CUDA graph and replay
-    #: it: auto = on a GPU with --grad-accum 1 and DDP or one process (not DeepSpeed), with a
-    #: logged fallback to the eager step if the capture fails; on = that or an error; off = eager
+    #: it: auto = on a GPU with --grad-accum 1 and DDP or one process (not DeepSpeed); if the
+    #: capture fails, one process goes on eagerly (logged), several ranks stop with the error;
+    #: on = captured or an error; off = eager
     cuda_graph: Literal["auto", "on", "off"] = operational("auto")
     out: str = operational("runs")  # where runs live: a local folder or s3:// prefix
     name: str | None = operational(None)  # run name; default: descriptive + a hash of the training config
@@ -142,8 +145,6 @@ class TrainConfig(_Part):
     def _rules(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--epochs, --batch-size and --grad-accum must be >= 1")
-        if self.cuda_graph == "on" and self.grad_accum > 1:
-            raise ValueError("--cuda-graph on captures whole optimizer steps: it needs --grad-accum 1 (or --cuda-graph auto/off)")
         if self.log_every < 1 or self.log_interval_s < 0:
             raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
 
@@ -186,7 +187,18 @@ class ExperimentConfig:
     def validate(self) -> "ExperimentConfig":
         for part in (self.data, self.model, self.optim, self.train, self.dist):
             part.validate()
+        if self.train.cuda_graph == "on" and self.graph_obstacle():
+            raise ValueError(f"--cuda-graph on: {self.graph_obstacle()} (or --cuda-graph auto/off)")
         return self
+
+    def graph_obstacle(self) -> str | None:
+        """What in this config keeps the train step from being captured as a CUDA graph
+        (`mtl.cuda_graph`; the device and the strategy are checked where they are known)."""
+        if self.train.grad_accum > 1:
+            return "a captured step is a whole optimizer step: it needs --grad-accum 1"
+        if self.dist.strategy == "deepspeed":
+            return "DeepSpeed's step cannot be captured"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

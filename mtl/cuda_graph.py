@@ -42,11 +42,23 @@ STEP_KEYS = ("rgb", "semseg", "depth", "valid")
 WARMUP_PLAIN, WARMUP_DDP = 3, 11
 
 
-@functools.lru_cache(maxsize=None)
+def indexed(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: one name per GPU, for keys and comparisons."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one side stream of a device on which DDP is built, warm-up steps run and the step is
-    captured: objects that remember a stream (DDP's AccumulateGrad hooks, library handles) must
-    all see the capture's."""
+    """The one side stream of a GPU on which DDP is built, warm-up steps run and the step is
+    captured: objects that remember a stream (DDP's AccumulateGrad nodes, library handles)
+    should see the one their forwards and the capture run on (PyTorch warns of extra syncs
+    otherwise and names it a cause of failed captures)."""
+    return _stream(indexed(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
@@ -66,9 +78,12 @@ def on_capture_stream(device: torch.device) -> Iterator[None]:
 def cuda_capture(fn: Callable[[], Batch], device: torch.device) -> tuple[Callable[[], None], Batch]:
     """Capture ``fn()`` (nothing runs); returns (replay, its static outputs). Thread-local capture
     mode: the loader's pin-memory thread may allocate pinned memory meanwhile."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=capture_stream(device), capture_error_mode="thread_local"):
-        out = fn()
+    graph, before = torch.cuda.CUDAGraph(), torch.cuda.current_stream(device)
+    try:
+        with torch.cuda.graph(graph, stream=capture_stream(device), capture_error_mode="thread_local"):
+            out = fn()
+    finally:  # a failed capture raises before the context puts the current stream back
+        torch.cuda.set_stream(before)
     return graph.replay, out
 
 
@@ -76,6 +91,7 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) ->
     """What a captured ``optimizer.step()`` needs: each group's LR as a float32 tensor on the
     device (a Python float would be baked into the graph; the LR plan fills the tensor) and
     ``capturable`` groups (Adam refuses to be captured otherwise)."""
+    device = indexed(device)
     for group in optimizer.param_groups:
         lr = group["lr"]
         if not (isinstance(lr, torch.Tensor) and lr.device == device and lr.dtype == torch.float32):
@@ -87,17 +103,23 @@ def prepare_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) ->
 class CapturedStep:
     """A `StepFn` that runs ``eager`` for ``warmup`` steps, then captures it once and replays it
     (see the module docstring). ``capture`` is `cuda_capture` on a GPU; tests pass a stand-in.
+
     A failed capture is raised when ``strict``, else logged, and the eager step runs for the rest
-    of the run. ``distributed``: refuse batches of another shape instead of running them eagerly."""
+    of the run. Several ranks (``agree``: True when every rank's capture succeeded, one
+    all-reduce) go on only together: a rank running eagerly beside ranks that replay their
+    captured all-reduce would hang the group, so if any rank's capture failed every rank raises.
+    They also refuse a batch of another shape instead of running it eagerly."""
 
     def __init__(self, eager: StepFn, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = WARMUP_PLAIN,
                  capture: Callable[[Callable[[], Batch], torch.device], tuple[Callable[[], None], Batch]] = cuda_capture,
-                 log: Callable[[str], None] = print, strict: bool = False, distributed: bool = False) -> None:
+                 log: Callable[[str], None] = print, strict: bool = False,
+                 agree: Callable[[bool], bool] | None = None) -> None:
         self.eager, self.optimizer, self.device, self.warmup = eager, optimizer, device, warmup
-        self.capture, self.log, self.strict, self.distributed = capture, log, strict, distributed
+        self.capture, self.log, self.strict, self.agree = capture, log, strict or agree is not None, agree
         self.static: Batch | None = None  # the graph's input buffers
         self.out: Batch | None = None  # its output tensors
         self.replay: Callable[[], None] | None = None
+        self.lrs: list[torch.Tensor] = []  # the LR tensors the graph reads
         self.failed = False
         self.eager_steps = self.replays = 0
 
@@ -105,6 +127,7 @@ class CapturedStep:
         if not last_micro_batch:
             raise ValueError("a captured train step is a whole optimizer step: it needs --grad-accum 1")
         if self.replay is not None and self._fits(batch):
+            self._check_lrs()
             for k, buf in self.static.items():
                 buf.copy_(batch[k], non_blocking=True)
             self.replay()
@@ -112,7 +135,7 @@ class CapturedStep:
             return self.out
         if self.replay is None and not self.failed and self.eager_steps >= self.warmup:
             return self._capture_and_run(batch)
-        if self.replay is not None and self.distributed:
+        if self.replay is not None and self.agree is not None:
             shapes = {k: tuple(batch[k].shape) for k in STEP_KEYS}
             raise RuntimeError(f"a batch of shapes {shapes} does not fit the captured train step "
                                f"({ {k: tuple(v.shape) for k, v in self.static.items()} }): under DDP every rank must replay")
@@ -123,6 +146,15 @@ class CapturedStep:
     def _fits(self, batch: Batch) -> bool:
         return all(batch[k].shape == buf.shape and batch[k].dtype == buf.dtype for k, buf in self.static.items())
 
+    def _check_lrs(self) -> None:
+        """The graph reads the LR tensors it was captured with; an optimizer whose groups or LR
+        were replaced since (``load_state_dict``, a float LR) would train on with a frozen LR."""
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.lrs) or any(g["lr"] is not t for g, t in zip(groups, self.lrs)):
+            raise RuntimeError("the optimizer's param groups or LR tensors were replaced after the train step was captured "
+                               "as a CUDA graph, which would keep reading the old ones: restore state before the first "
+                               "step, or build a new CapturedStep after loading it")
+
     def _capture_and_run(self, batch: Batch) -> Batch:
         prepare_optimizer(self.optimizer, self.device)
         # clone keeps each tensor's memory format (rgb stays channels_last)
@@ -130,21 +162,30 @@ class CapturedStep:
         # gradients made inside the capture live in the graph's memory: each replay's backward
         # writes them afresh, its optimizer step reads them
         self.optimizer.zero_grad(set_to_none=True)
+        error = None
         try:
             replay, out = self.capture(lambda: self.eager(static, True), self.device)
         except Exception as e:  # noqa: BLE001 - raised when strict, else reported, then eager
-            if self.strict:
-                raise
-            self.failed = True
-            self.optimizer.zero_grad(set_to_none=True)
-            self.log(f"capturing the train step as a CUDA graph failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         f"training goes on with the eager step (--cuda-graph off says so up front)")
-            return self(batch)
+            error = e
+        if self.agree is not None and not self.agree(error is None) and error is None:
+            error = RuntimeError("another rank's capture failed (its log says why)")
+        if error is not None:
+            return self._failed(error, batch)
         self.static, self.out, self.replay = static, out, replay
+        self.lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.log(f"train step captured as a CUDA graph after {self.eager_steps} eager steps; replayed from now on")
         replay()  # the capture recorded the step without running it: this runs it for this batch
         self.replays += 1
         return out
+
+    def _failed(self, e: Exception, batch: Batch) -> Batch:
+        what = f"capturing the train step as a CUDA graph failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if self.strict:
+            raise RuntimeError(f"{what}; --cuda-graph off trains with the eager step") from e
+        self.failed = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.log(f"{what}; training goes on with the eager step (--cuda-graph off says so up front)")
+        return self(batch)
 
     def state(self) -> dict[str, Any]:
         """How the steps ran so far (for logs and tests)."""

@@ -24,6 +24,7 @@ from mtl.data.batch import DeviceBatches
 from mtl.losses import DepthCodec, multitask_loss
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
+from mtl.models.encoders import describe_pretrained
 from mtl.progress import RunLog, TrainProgress
 from mtl.runs import RunConflict, RunFolder, check_same_training, resolve_config, run_name, run_url
 from mtl.schedule import PolyLR
@@ -71,7 +72,7 @@ def train_step(strategy: Strategy, batch: dict[str, torch.Tensor], codec: DepthC
 def may_capture(cfg: ExperimentConfig) -> bool:
     """Whether the config lets the train step be captured as a CUDA graph (`make_step` still
     checks the device and the strategy): what a strategy needs to know before it is built."""
-    return cfg.train.cuda_graph != "off" and cfg.train.grad_accum == 1
+    return cfg.train.cuda_graph != "off" and cfg.graph_obstacle() is None
 
 
 def graph_obstacle(cfg: ExperimentConfig, strategy: Strategy, device: torch.device) -> str | None:
@@ -79,10 +80,8 @@ def graph_obstacle(cfg: ExperimentConfig, strategy: Strategy, device: torch.devi
     if device.type != "cuda":
         return f"a CUDA graph needs a GPU (the device is {device})"
     if not strategy.graph_capturable:
-        return f"the {type(strategy).__name__} step cannot be captured"
-    if cfg.train.grad_accum > 1:
-        return "--grad-accum > 1 (a captured step is a whole optimizer step)"
-    return None
+        return f"the {type(strategy).__name__} step cannot be captured (a DDP wrapper: unless built for it)"
+    return cfg.graph_obstacle()
 
 
 def make_step(cfg: ExperimentConfig, strategy: Strategy, codec: DepthCodec, amp: contextlib.AbstractContextManager,
@@ -103,7 +102,12 @@ def make_step(cfg: ExperimentConfig, strategy: Strategy, codec: DepthCodec, amp:
             log(f"eager train step: {why_not}")
         return eager
     warmup = WARMUP_DDP if isinstance(strategy, DDPStrategy) else WARMUP_PLAIN
-    return CapturedStep(eager, strategy.optimizer, device, warmup, log=log, strict=mode == "on", distributed=world > 1)
+
+    def agree(ok: bool) -> bool:  # several ranks: whether every rank's capture succeeded (once, one sync)
+        return int(strategy.all_reduce_sum(torch.tensor([0 if ok else 1], device=device))[0]) == 0
+
+    return CapturedStep(eager, strategy.optimizer, device, warmup, log=log, strict=mode == "on",
+                        agree=agree if world > 1 else None)
 
 
 @torch.no_grad()
@@ -245,6 +249,9 @@ class Trainer:
                  f"{d.num_val} val samples from {d.source} ({d.workers} loader worker{'s' if d.workers != 1 else ''}), "
                  f"global batch {t.batch_size * t.grad_accum * rt.world}, {self.steps_per_epoch} steps/epoch, "
                  f"LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power}); run folder {run_url(cfg)}")
+        pretrained = describe_pretrained(self.strategy.module)
+        if pretrained:
+            self.log(pretrained)
 
     def fit(self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
         t = self.cfg.train

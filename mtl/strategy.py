@@ -101,9 +101,11 @@ class PlainStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         optimizer = self.optimizer.state_dict()
-        for group in optimizer["param_groups"]:  # (copies) a captured step's LR tensor is stored as the number it holds
-            if isinstance(group.get("lr"), torch.Tensor):
+        for group in optimizer["param_groups"]:  # (copies) what a captured step changed is stored as an eager run has it:
+            if isinstance(group.get("lr"), torch.Tensor):  # the LR tensor as the number it holds
                 group["lr"] = float(group["lr"])
+            if group.get("capturable"):
+                group["capturable"] = False
         return {"model": self.module.state_dict(), "optimizer": optimizer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -120,12 +122,13 @@ class DDPStrategy(PlainStrategy):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # DDP keeps the parameters' AccumulateGrad nodes, which remember the stream they were made
-        # on: the stream forwards will run on (`mtl.cuda_graph.capture_stream` when the step is to
-        # be captured: else the capture breaks; the current one otherwise: else every eager
-        # backward syncs the two streams)
+        # on: make them on the stream forwards will run on (`mtl.cuda_graph.capture_stream` when
+        # the step is to be captured, the current one otherwise), else every backward syncs the
+        # two streams (PyTorch's warning, which also names it a cause of failed captures)
         with on_capture_stream(device) if for_capture else contextlib.nullcontext():
             ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         super().__init__(module, optimizer, grad_accum, grad_clip, train_model=ddp)
+        self.graph_capturable = for_capture
 
     def sync_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last_micro_batch else self.model.no_sync()

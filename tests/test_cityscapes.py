@@ -188,6 +188,8 @@ def test_fsspec_destination_marks_completion_last(converted):
     assert mem.exists("/cs-out/index.csv") and len(MiniscapesFolder("memory://cs-out", "train")) == 2
     mem.rm("/cs-out/index.csv")  # as if the run had stopped before its last write
     mem.rm("/cs-out/val/depth/0.png")
+    with pytest.raises(ValueError, match="memory://cs-out is an unfinished conversion .*run the conversion command again"):
+        MiniscapesFolder("memory://cs-out", "train")  # the project's readers refuse it
     summary = convert(src, "memory://cs-out", OUT_HW, splits=("train", "val"), workers=1)
     assert (summary["state"], summary["converted"], summary["kept"]) == ("resumed", 1, 2)
     assert mem.cat_file("/cs-out/val/depth/0.png") == open(f"{converted[1]}/val/depth/0.png", "rb").read()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtl.config import ExperimentConfig, ModelConfig, TrainConfig
+from mtl.config import DistConfig, ExperimentConfig, ModelConfig, TrainConfig
 from mtl.cuda_graph import CapturedStep, prepare_optimizer
 from mtl.engine import autocast, build_optimizer, make_step
 from mtl.losses import DepthCodec
@@ -102,7 +102,7 @@ def test_a_batch_that_does_not_fit_runs_eagerly_but_not_under_ddp():
         step(batch(i))
     step(batch(9, n=3))  # a batch of another size: eager, the graph stays
     assert step.state() == {"captured": True, "failed": False, "eager_steps": 2, "replays": 2}
-    ddp_like = CapturedStep(eager, cap.optimizer, CPU, warmup=1, capture=rerun_capture, log=lambda m: None, distributed=True)
+    ddp_like = CapturedStep(eager, cap.optimizer, CPU, warmup=1, capture=rerun_capture, log=lambda m: None, agree=lambda ok: ok)
     for i in range(2):
         ddp_like(batch(i))
     with pytest.raises(RuntimeError, match="does not fit the captured train step"):
@@ -116,7 +116,7 @@ def test_a_failed_capture_is_raised_when_strict_else_reported_and_eager_goes_on(
     strategy, eager = strategy_and_eager(CFG)
     strict = CapturedStep(eager, strategy.optimizer, CPU, warmup=1, capture=broken, strict=True)
     strict(batch(0))
-    with pytest.raises(RuntimeError, match="not permitted"):
+    with pytest.raises(RuntimeError, match="CUDA graph failed .*not permitted.*--cuda-graph off"):
         strict(batch(1))
     logs: list[str] = []
     lenient = CapturedStep(eager, strategy.optimizer, CPU, warmup=1, capture=broken, log=logs.append)
@@ -131,6 +131,34 @@ def test_a_failed_capture_is_raised_when_strict_else_reported_and_eager_goes_on(
         lenient(batch(0), last_micro_batch=False)
 
 
+def test_ranks_go_on_only_together_and_a_replaced_lr_is_refused():
+    """Several ranks agree on the capture (one all-reduce): if any rank's capture failed, every
+    rank raises, even under auto (a rank running eagerly beside ranks replaying their captured
+    all-reduce would hang the group). After the capture, an optimizer whose LR tensor was
+    replaced (a later load_state_dict) is refused: the graph would keep reading the old one."""
+    def broken(fn, device):
+        raise RuntimeError("out of memory")
+
+    _, eager = strategy_and_eager(CFG)
+    cap, _ = strategy_and_eager(CFG)
+    failed_here = CapturedStep(eager, cap.optimizer, CPU, warmup=1, capture=broken, agree=lambda ok: ok)
+    failed_here(batch(0))
+    with pytest.raises(RuntimeError, match="CUDA graph failed .*out of memory.*--cuda-graph off"):
+        failed_here(batch(1))
+    failed_elsewhere = CapturedStep(eager, cap.optimizer, CPU, warmup=1, capture=rerun_capture, agree=lambda ok: False)
+    failed_elsewhere(batch(0))
+    with pytest.raises(RuntimeError, match="another rank's capture failed"):
+        failed_elsewhere(batch(1))
+
+    step = CapturedStep(eager, cap.optimizer, CPU, warmup=1, capture=rerun_capture, log=lambda m: None)
+    for i in range(3):
+        step(batch(i))
+    cap.optimizer.load_state_dict(cap.state_dict()["optimizer"])  # LR back to a float, groups rebuilt
+    with pytest.raises(RuntimeError, match="LR tensors were replaced after the train step was captured"):
+        step(batch(3))
+    assert cap.state_dict()["optimizer"]["param_groups"][0]["capturable"] is False  # as an eager run stores it
+
+
 def test_cuda_graph_flag_picks_the_step():
     """auto: captured where it can be (a GPU, one process or DDP, --grad-accum 1), else eager;
     on: captured or an error that says why; --grad-accum > 1 with on is refused up front."""
@@ -140,5 +168,7 @@ def test_cuda_graph_flag_picks_the_step():
     assert not isinstance(auto, CapturedStep)  # the CPU: eager, and nothing to say about it
     with pytest.raises(ValueError, match="--cuda-graph on: a CUDA graph needs a GPU"):
         make_step(ExperimentConfig(model=CFG.model, train=TrainConfig(cuda_graph="on")), strategy, codec, amp, CPU)
-    with pytest.raises(ValueError, match="--cuda-graph on .* --grad-accum 1"):
+    with pytest.raises(ValueError, match="--cuda-graph on: .* --grad-accum 1"):
         ExperimentConfig(train=TrainConfig(cuda_graph="on", grad_accum=2)).validate()
+    with pytest.raises(ValueError, match="--cuda-graph on: DeepSpeed"):
+        ExperimentConfig(train=TrainConfig(cuda_graph="on"), dist=DistConfig(strategy="deepspeed")).validate()

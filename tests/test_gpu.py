@@ -173,3 +173,32 @@ def test_captured_training_survives_a_checkpoint_and_resume(tiny_root, tmp_path)
     assert b["epoch"] == 3 and b["restarts"] == 1
     for k in ("train_loss", "miou", "si_log_rmse"):
         assert abs(a[k] - b[k]) <= 0.1 * abs(a[k]) + 1.0, (k, a[k], b[k])  # GPU atomics: not bit-equal
+
+
+def test_a_failed_capture_puts_the_stream_back_and_training_goes_on():
+    """A step that reads a device value on the host cannot be captured: under auto the failure is
+    logged, the current stream is the one from before the capture, and the eager step trains on."""
+    from mtl.config import ExperimentConfig
+    from mtl.cuda_graph import CapturedStep
+
+    device, cfg = torch.device("cuda"), ExperimentConfig(model=ModelConfig(arch="deeplabv3p", encoder="resnet18"))
+    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    strategy = PlainStrategy(model, build_optimizer(model, cfg))
+    codec, amp = DepthCodec("log"), autocast(device, True)
+    batch = {"rgb": torch.randn(2, 3, 64, 128, device=device).contiguous(memory_format=torch.channels_last),
+             "semseg": torch.randint(0, NUM_CLASSES, (2, 64, 128), device=device),
+             "depth": torch.rand(2, 64, 128, device=device) * 50 + 4, "valid": torch.ones(2, 64, 128, dtype=torch.bool, device=device)}
+
+    def syncing(b, last=True):
+        parts = train_step(strategy, b, codec, 0.5, amp, last)
+        float(parts["loss"])  # a host read: forbidden while capturing
+        return parts
+
+    logs: list[str] = []
+    step = CapturedStep(syncing, strategy.optimizer, device, warmup=2, log=logs.append)
+    main = torch.cuda.current_stream()
+    losses = [float(step(batch)["loss"]) for _ in range(5)]
+    assert step.state() == {"captured": False, "failed": True, "eager_steps": 5, "replays": 0}
+    assert len(logs) == 1 and "CUDA graph failed" in logs[0]
+    assert torch.cuda.current_stream() == main
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

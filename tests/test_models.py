@@ -127,6 +127,57 @@ def test_pretrained_weights_from_a_file(tmp_path):
         build_model(ModelConfig(encoder="resnet18", pretrained=str(tmp_path / "junk.pth")))
 
 
+def test_pretrained_imagenet_comes_from_torchvisions_cache(tmp_path, monkeypatch):
+    """--pretrained imagenet reads torchvision's default ImageNet weights where torch hub's cache
+    keeps them (placed there by hand: no network here) and says what it loaded; a broken file
+    there is an error naming it; no file and no network, an error that says what to do."""
+    import torch.hub
+
+    from mtl.models.encoders import describe_pretrained, imagenet_cache_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = imagenet_cache_path("resnet18")
+    assert path == str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")  # torchvision's file name
+    ref = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(ref.conv1.weight, 0.25)
+    os.makedirs(os.path.dirname(path))
+    # as torchvision's files: no BatchNorm num_batches_tracked, a classifier the encoder drops
+    torch.save({k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    m = build_model(ModelConfig(arch="branched", encoder="resnet18", pretrained="imagenet"))
+    assert torch.all(m.encoder.stem[0].weight == 0.25)
+    line = describe_pretrained(m)
+    assert line.startswith(f"encoder weights from {path}: 100 tensors loaded, the whole encoder"), line
+    assert "branches.depth.context" in line and "branches.semseg.head" in line  # ASPP, decoders, heads: from scratch
+    assert describe_pretrained(build_model(ModelConfig(arch="branched", encoder="resnet18"))) is None
+    with open(path, "wb") as fh:
+        fh.write(b"not a state dict")
+    with pytest.raises(ValueError, match=f"{path}: cannot be read"):
+        build_model(ModelConfig(encoder="resnet18", pretrained="imagenet"))
+    os.remove(path)
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FileNotFoundError, match=r"not in torch hub's cache .*resnet18-f37072fd.pth.*Network is unreachable.*jobs/pretrained.py"):
+        build_model(ModelConfig(encoder="resnet18", pretrained="imagenet"))
+
+
+def test_pretrained_weights_go_to_a_mirror_in_one_command(tmp_path, monkeypatch):
+    """jobs/pretrained.py copies the cached file to a mirror (here a folder; s3:// alike) and
+    prints the --pretrained URL, which then loads."""
+    from jobs.pretrained import main
+    from mtl.models.encoders import imagenet_cache_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    os.makedirs(os.path.dirname(imagenet_cache_path("resnet18")))
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), imagenet_cache_path("resnet18"))
+    assert main(["--to", str(tmp_path / "mirror"), "resnet18"]) == 0
+    mirrored = tmp_path / "mirror" / "resnet18-f37072fd.pth"
+    assert mirrored.read_bytes() == open(imagenet_cache_path("resnet18"), "rb").read()
+    build_model(ModelConfig(encoder="resnet18", pretrained=str(mirrored)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHITECTURES.names)
 def test_train_cli_runs_every_architecture(arch, tiny_root, tmp_path):

@@ -11,7 +11,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, SPLITS, decode_sample
+from mtl.data.miniscapes import CONVERSION_INDEX, CONVERSION_PLAN, LABEL_MODALITIES, MODALITIES, SPLITS, decode_sample
 from mtl.data.transforms import Augment, prepare, sample_rng
 from mtl.storage import storage_errors, url_to_fs
 
@@ -19,7 +19,8 @@ from mtl.storage import storage_errors, url_to_fs
 def split_modalities(root: str, split: str) -> tuple[str, ...]:
     """The modality folders of one split: all three, or ``("rgb",)`` for a split without labels.
 
-    Raises FileNotFoundError naming the missing folder: ``rgb/`` always; ``semseg/`` or
+    Raises ValueError for an unfinished conversion (`CONVERSION_PLAN` without `CONVERSION_INDEX`)
+    and FileNotFoundError naming the missing folder: ``rgb/`` always; ``semseg/`` or
     ``depth/`` when the split has the other one (half a label set is a broken copy, not a
     test split).
     """
@@ -28,6 +29,10 @@ def split_modalities(root: str, split: str) -> tuple[str, ...]:
     with storage_errors(root):
         fs, base = url_to_fs(root)
         present = {m for m in MODALITIES if fs.isdir(f"{base.rstrip('/')}/{split}/{m}")}
+        unfinished = fs.exists(_join(base, CONVERSION_PLAN)) and not fs.exists(_join(base, CONVERSION_INDEX))
+    if unfinished:
+        raise ValueError(f"{root} is an unfinished conversion ({CONVERSION_PLAN} without {CONVERSION_INDEX}): run the "
+                         f"conversion command again to finish it")
     if "rgb" not in present:
         raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, 'rgb')}")
     labels = present & set(LABEL_MODALITIES)

@@ -16,6 +16,10 @@ from PIL import Image
 
 Split = typing.Literal["train", "val", "test"]  # a command line's --split/--splits choices
 SPLITS: tuple[str, ...] = typing.get_args(Split)
+# A conversion into a Miniscapes folder (data_prep.cityscapes) writes CONVERSION_PLAN first and
+# CONVERSION_INDEX last: a folder with the plan and no index is an unfinished conversion (on an
+# object store, where the converter writes in place), and readers refuse it.
+CONVERSION_PLAN, CONVERSION_INDEX = "conversion.json", "index.csv"
 MODALITIES = {"rgb": "jpg", "semseg": "png", "depth": "png"}
 LABEL_MODALITIES = ("semseg", "depth")  # a split has both or neither (a test split: rgb only)
 

@@ -1,8 +1,12 @@
-"""ResNet encoders (torchvision definitions) with dilation instead of striding in the last stages."""
+"""ResNet encoders (torchvision definitions) with dilation instead of striding in the last stages,
+optionally starting from ImageNet weights: ``imagenet`` (torchvision's own weights, through its
+weights API and torch hub's cache) or a file at any fsspec URL (a mirror for clusters without
+internet: `jobs/pretrained.py` puts torchvision's files there)."""
 
 from __future__ import annotations
 
 import io
+import os
 
 import fsspec
 import torch
@@ -24,8 +28,11 @@ class ResNetEncoder(nn.Module):
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         net = getattr(torchvision.models, name)(weights=None, zero_init_residual=True)
+        # (source, tensors loaded) when the weights came from ImageNet: `describe_pretrained`
+        self.pretrained: tuple[str, int] | None = None
         if pretrained:
-            load_pretrained(net, pretrained)
+            source = imagenet_file(name) if pretrained == IMAGENET else pretrained
+            self.pretrained = (source, load_pretrained(net, source))
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
         self.pool = net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -56,8 +63,42 @@ def _dilate(layer: nn.Sequential, dilation: int) -> None:
                 m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
 
 
-def load_pretrained(net: nn.Module, path: str) -> None:
-    """Load torchvision-format ImageNet weights from a local path or fsspec URL (e.g. s3://).
+IMAGENET = "imagenet"  # --pretrained imagenet: torchvision's default ImageNet weights of the encoder
+
+
+def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
+    """torchvision's default ImageNet weights of encoder ``name`` (its weights API: URL, file name, metrics)."""
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def imagenet_cache_path(name: str) -> str:
+    """Where torch hub's cache keeps that file (``$TORCH_HOME/hub/checkpoints/<file>``), as
+    torchvision's own ``weights.get_state_dict()`` does."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(imagenet_weights(name).url))
+
+
+def imagenet_file(name: str) -> str:
+    """The cached file of encoder ``name``'s ImageNet weights, downloaded once (its hash checked
+    against the file name, as torch hub does) when it is not there yet."""
+    path, url = imagenet_cache_path(name), imagenet_weights(name).url
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(os.path.basename(path))
+    try:  # (writes a temporary file and renames it: never a half file in the cache)
+        torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None, progress=False)
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad download: one message
+        raise FileNotFoundError(
+            f"--pretrained imagenet: {imagenet_weights(name)} is not in torch hub's cache ({path}) and could not be "
+            f"downloaded from {url} ({type(e).__name__}: {e}). Without internet, copy that file there, or put it on a "
+            f"mirror all nodes read (python jobs/pretrained.py --to s3://bucket/weights {name}) and pass its URL to "
+            f"--pretrained") from e
+    return path
+
+
+def load_pretrained(net: nn.Module, path: str) -> int:
+    """Load torchvision-format ImageNet weights from a local path or fsspec URL (e.g. s3://);
+    returns how many tensors were loaded.
 
     The classifier (fc.*) is ignored; anything else that does not fit is an error naming the file.
     """
@@ -74,7 +115,8 @@ def load_pretrained(net: nn.Module, path: str) -> None:
         raise ValueError(f"pretrained encoder weights {path}: expected a state dict, got {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(own) - set(state))
+    # (torchvision's ImageNet files predate BatchNorm's num_batches_tracked; it starts at 0 anyway)
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
@@ -84,6 +126,20 @@ def load_pretrained(net: nn.Module, path: str) -> None:
         ]))
         raise ValueError(f"pretrained encoder weights {path} do not fit this encoder: {detail}")
     net.load_state_dict(state, strict=False)
+    return len(state)
+
+
+def describe_pretrained(model: nn.Module) -> str | None:
+    """One line for the run log: which tensors came from ImageNet weights and which start from
+    scratch (context modules, decoders, heads). None when nothing was pretrained."""
+    loaded = [m.pretrained for m in model.modules() if isinstance(m, ResNetEncoder) and m.pretrained]
+    if not loaded:
+        return None
+    # (BatchNorm's step counters are not weights: left out of both counts)
+    fresh = [k for k in model.state_dict() if not k.startswith("encoder.") and not k.endswith("num_batches_tracked")]
+    parts = sorted({".".join(k.split(".")[:3]) for k in fresh})
+    return (f"encoder weights from {loaded[0][0]}: {sum(n for _, n in loaded)} tensors loaded, the whole encoder (the "
+            f"file's classifier dropped); {len(fresh)} tensors start from scratch ({', '.join(parts) or 'none'})")
 
 
 for _name in CHANNELS:

@@ -114,7 +114,8 @@ class Stateful(Protocol):
 @dataclass
 class TrainState:
     """Where training stands, saved in every checkpoint and restored on resume. The LR plan is a
-    function of (``step``, ``total_steps``) and the data order of (seed, ``epoch``), so these
+    function of (``step``, ``total_steps``) and the data order of (seed, ``epoch``), and a
+    checkpoint inside an epoch records how far into it the ranks got (``epoch_step``): these
     numbers are all a resume needs besides weights, optimizer and RNGs."""
 
     epoch: int = 0  # epochs completed
@@ -124,6 +125,10 @@ class TrainState:
     best: float = float("-inf")  # best validation grader score so far
     restarts: int = 0  # how often this run was resumed
     input_size: list[int] | None = None  # (H, W) the model trains at (`mtl.data.build.Loaders.image_size`)
+    # inside an unfinished epoch (a step checkpoint, `--checkpoint-every`): the data position
+    epoch_step: int = 0  # optimizer steps of epoch ``epoch`` done (its first batches, per rank)
+    epoch_loss: list[float] | None = None  # their summed losses [total, semseg, depth]
+    world: int = 1  # ranks that consumed them (another number of ranks cannot continue exactly)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -249,18 +254,21 @@ class Checkpointer:
                  rank: int = 0) -> None:
         self.storage, self.run_url, self.strategy, self.states, self.rank = storage, run_url.rstrip("/"), strategy, states, rank
 
-    def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool) -> None:
+    def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool = True) -> None:
+        """Every rank: checkpoint ``tag``. ``metrics_file``: also ``metrics/<tag>.json`` (an
+        epoch's validation; a step checkpoint inside an epoch has none)."""
         with tempfile.TemporaryDirectory(prefix="streetmtl-ckpt-") as d:
             if self.strategy.sharded:
                 self.strategy.save_shards(os.path.join(d, SHARDS_DIR))
             if self.rank == 0:
-                self._write_main(d, tag, config, metrics, is_best)
+                self._write_main(d, tag, config, metrics, is_best, metrics_file)
             self.storage.publish(d, tag, metrics)
         self.strategy.barrier()  # every rank's files are in place before the pointer moves
         if self.rank == 0:
             self.storage.commit(tag)
 
-    def _write_main(self, folder: str, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool) -> None:
+    def _write_main(self, folder: str, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool,
+                    metrics_file: bool) -> None:
         """Rank 0: ``state.pt`` into the folder to publish; the metrics file and ``best.pt`` at
         once, before the checkpoint exists: a failure in between resumes from the checkpoint
         before, which trains this epoch again and writes both again."""
@@ -268,7 +276,8 @@ class Checkpointer:
                  **self.strategy.state_dict()}
         with open(os.path.join(folder, STATE_FILE), "wb") as fh:
             fh.write(checkpoint_bytes(state))
-        write_bytes_atomic(f"{self.run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
+        if metrics_file:
+            write_bytes_atomic(f"{self.run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
         if is_best:
             best = {k: v for k, v in state.items() if k in ("config", "metrics", "train_state", "model")}
             write_bytes_atomic(f"{self.run_url}/{BEST_FILE}", checkpoint_bytes(best))

@@ -137,7 +137,14 @@ class TrainConfig(_Part):
     out: str = operational("runs")  # where runs live: a local folder or s3:// prefix
     name: str | None = operational(None)  # run name; default: descriptive + a hash of the training config
     resume: bool = operational(False)  # continue the run in <out>/<name> (required to reuse an existing run folder)
-    keep_last: int = operational(2)  # epoch checkpoints kept (best.pt is kept apart)
+    keep_last: int = operational(2)  # checkpoints kept, epoch and step ones alike (best.pt is kept apart)
+    #: also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only): a failure
+    #: then loses at most N steps, and the resumed run goes on with the very batch that came next
+    checkpoint_every: int = operational(0)
+    #: on Ray: steps between polls for a node's preemption notice (a spot reclaim; one collective
+    #: call, a few ms); from a notice on, a checkpoint at every poll until the node goes, so its
+    #: loss costs at most this many steps; 0: never poll
+    preemption_poll_every: int = operational(20)
     log_every: int = operational(10)  # steps between loss readouts (the loop's only host sync)
     log_interval_s: float = operational(30.0)  # seconds between plain progress lines when output is not a terminal
     max_steps_per_epoch: int | None = None  # debug: cut epochs short
@@ -145,6 +152,8 @@ class TrainConfig(_Part):
     def _rules(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--epochs, --batch-size and --grad-accum must be >= 1")
+        if self.checkpoint_every < 0 or self.preemption_poll_every < 0:
+            raise ValueError("--checkpoint-every and --preemption-poll-every must be >= 0 (0: never)")
         if self.log_every < 1 or self.log_interval_s < 0:
             raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
 

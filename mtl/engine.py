@@ -150,6 +150,9 @@ class Runtime:
     # continue from a checkpoint found even without --resume: Ray's restart of a failed worker
     # group (its driver checked the run folder before the first start, `mtl.runs.prepare_run`)
     always_resume: bool = False
+    # on Ray: ray.train.get_preemption_info (a collective: every rank polls at the same steps);
+    # returns None, or the notice of a node about to be reclaimed
+    preemption: Callable[[], Any] | None = None
     console: Any = None  # rich Console of rank 0 (None: the default console)
     cpus: int | None = None  # CPUs reserved for this process (sizes the loader); None = what it may run on
 
@@ -204,7 +207,7 @@ class Trainer:
         self.strategy = rt.make_strategy(model, build_optimizer(model, cfg), cfg)
         self.codec, self.amp = DepthCodec(resolve(cfg.model).depth_space), autocast(self.device, t.bf16)
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
-        self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self.steps_per_epoch,
+        self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self.steps_per_epoch, world=rt.world,
                                 input_size=list(self.data.image_size) if self.data.image_size else None)
         self.checkpointer = Checkpointer(rt.storage, run_url(cfg), self.strategy, {"train_state": self.state, "rng": RNGState()},
                                          rt.rank) if rt.storage else None
@@ -214,6 +217,7 @@ class Trainer:
         if t.compile:
             self.strategy.model = torch.compile(self.strategy.model)
         self.step = make_step(cfg, self.strategy, self.codec, self.amp, self.device, rt.world, self.log)
+        self.preempted = False  # a preemption notice was seen (and answered with a checkpoint)
 
     def _steps_per_epoch(self) -> int:
         t = self.cfg.train
@@ -239,8 +243,26 @@ class Trainer:
         # else the same plan, perhaps with other steps per epoch now (shards dealt to another
         # number of loader workers): the stored length keeps the LR curve continuous
         schedule = PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
-        self.log(f"resumed from {loaded['url']}: epoch {s.epoch}, step {s.step}/{s.total_steps}, next LR {schedule(s.step):.3g}")
+        inside = f" ({s.epoch_step} steps into epoch {s.epoch + 1})" if s.epoch_step else ""
+        self.log(f"resumed from {loaded['url']}: epoch {s.epoch}, step {s.step}/{s.total_steps}{inside}, next LR {schedule(s.step):.3g}")
+        self._continue_inside_epoch()
         return schedule
+
+    def _continue_inside_epoch(self) -> None:
+        """A checkpoint from inside an epoch continues it at the same data position. Written by
+        another number of ranks, whose shares of the epoch differ, it goes on after the same
+        number of samples in all, which some ranks may have seen and some not (logged)."""
+        s, world = self.state, self.rt.world
+        if s.epoch_step and s.world != world:
+            steps = min(s.epoch_step * s.world // world, self.steps_per_epoch)
+            self.log(f"the checkpoint was written {s.epoch_step} steps into epoch {s.epoch + 1} by {s.world} ranks and this "
+                     f"run has {world}: the epoch goes on after {steps} steps per rank (the same number of samples in all); "
+                     f"the ranks' shares differ, so samples of this epoch may be seen twice or skipped")
+            if s.epoch_loss and steps:
+                s.epoch_loss = [v * steps / s.epoch_step for v in s.epoch_loss]
+            s.epoch_step = steps
+        s.epoch_step = min(s.epoch_step, self.steps_per_epoch)
+        s.world = world
 
     def announce(self) -> None:
         cfg, rt, d, t = self.cfg, self.rt, self.data, self.cfg.train
@@ -257,43 +279,51 @@ class Trainer:
         t = self.cfg.train
         if self.rt.is_main:
             self.announce()
-        history, lrs = [], []
-        it = start_epoch(self.data.train, self.state.epoch, self.device, t.channels_last) if self.state.epoch < t.epochs else None
+        history, lrs, s_ = [], [], self.state
+        it = self._batches(s_.epoch, s_.epoch_step) if s_.epoch < t.epochs else None
         try:
             with TrainProgress(self.log, enabled=self.rt.is_main, interval_s=t.log_interval_s) as bar:
-                while self.state.epoch < t.epochs:
+                while s_.epoch < t.epochs:
                     first_lr = len(lrs)
                     loss, ips = self.train_epoch(it, bar, lrs)
-                    self.state.epoch += 1
+                    s_.epoch, s_.epoch_step, s_.epoch_loss = s_.epoch + 1, 0, None
                     # the next epoch's loader workers start (and fill their prefetch queues) during
                     # validation and checkpointing instead of stalling its first step
-                    it = start_epoch(self.data.train, self.state.epoch, self.device, t.channels_last) if self.state.epoch < t.epochs else None
+                    it = self._batches(s_.epoch) if s_.epoch < t.epochs else None
                     metrics = self.end_epoch(loss, ips, lrs[first_lr:], bar)
                     history.append(metrics)
                     if on_epoch_end:
-                        on_epoch_end(self.state.epoch, metrics)
+                        on_epoch_end(s_.epoch, metrics)
         finally:
             self.log.flush()
         return FitResult(history, lrs, self.strategy.module, self.state.best, self.state.input_size)
 
+    def _batches(self, epoch: int, skip_steps: int = 0) -> DeviceBatches:
+        """Epoch ``epoch``'s model batches, from optimizer step ``skip_steps`` of it on."""
+        return start_epoch(self.data.train, epoch, self.device, self.cfg.train.channels_last, skip_steps * self.cfg.train.grad_accum)
+
     def train_epoch(self, it: DeviceBatches, bar: TrainProgress, lrs: list[float]) -> tuple[list[float], float]:
-        """One epoch of optimizer steps; returns the mean losses [total, semseg, depth] and img/s.
-        Losses stay on the device: the host reads them every ``log_every`` steps, or sooner
-        when ``log_interval_s`` has passed (the time check itself reads nothing)."""
+        """The epoch's optimizer steps (those after ``epoch_step``, when resumed inside it);
+        returns the mean losses [total, semseg, depth] over the whole epoch and img/s. Losses
+        stay on the device: the host reads them every ``log_every`` steps, or sooner when
+        ``log_interval_s`` has passed (the time check itself reads nothing), and at step
+        checkpoints (``--checkpoint-every``)."""
         t, s_, strategy = self.cfg.train, self.state, self.strategy
         strategy.model.train()
         bar.start_epoch(s_.epoch, t.epochs, self.steps_per_epoch, s_.total_steps - s_.step)
-        running = torch.zeros(3, device=self.device)
+        running = torch.tensor(s_.epoch_loss or [0.0] * 3, device=self.device)
         t0 = last_read = time.perf_counter()
         n_img, loss = 0, [float("nan")] * 3
-        for s in range(self.steps_per_epoch):
+        for s in range(s_.epoch_step, self.steps_per_epoch):
             lrs.append(self.schedule.apply(strategy.optimizer, s_.step))
             for k in range(t.grad_accum):
                 batch = next(it)
                 parts = self.step(batch, k == t.grad_accum - 1)
                 running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
                 n_img += batch["rgb"].shape[0]
-            s_.step += 1
+            s_.step, s_.epoch_step = s_.step + 1, s + 1
+            if self._checkpoint_due(s):
+                self._save_inside_epoch(running, lrs[-1])
             now = time.perf_counter()
             if (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch or now - last_read >= t.log_interval_s > 0:
                 loss, last_read = (running / (s + 1)).tolist(), now  # the only host sync in the loop
@@ -301,6 +331,39 @@ class Trainer:
         if s_.input_size is None:  # validation images of varying size: the training crops'
             s_.input_size = list(batch["rgb"].shape[-2:])
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
+
+    def _checkpoint_due(self, s: int) -> bool:
+        """A step checkpoint after step ``s`` of the epoch: every ``--checkpoint-every`` steps,
+        and, once a poll (every ``--preemption-poll-every`` steps, on Ray) has brought a
+        preemption notice, at every poll until the node goes. Not at an epoch's last step: the
+        epoch's checkpoint follows. Every rank decides alike (same steps; rank 0's notice)."""
+        t, s_ = self.cfg.train, self.state
+        if not self.checkpointer or s + 1 >= self.steps_per_epoch:
+            return False
+        due = bool(t.checkpoint_every) and s_.step % t.checkpoint_every == 0
+        if self.rt.preemption and t.preemption_poll_every and s_.step % t.preemption_poll_every == 0:
+            if not self.preempted:
+                notice = self.rt.preemption()
+                self.preempted = notice is not None
+                if notice is not None:
+                    left = f", {notice.deadline_ms / 1e3 - time.time():.0f} s left" if getattr(notice, "deadline_ms", None) else ""
+                    self.log(f"preemption notice at step {s_.step} (nodes {getattr(notice, 'preempted_node_ids', '?')}{left}): "
+                             f"a checkpoint now and at every poll until the node goes")
+            due = due or self.preempted
+        return due
+
+    def _save_inside_epoch(self, running: torch.Tensor, lr: float) -> None:
+        """A step checkpoint (``--checkpoint-every``): the train state holds the data position
+        and the epoch's loss sums; no validation, no metrics file. Its tag sorts between the
+        epoch checkpoints around it."""
+        s_ = self.state
+        s_.epoch_loss = running.tolist()  # (a host sync: only here)
+        mean = [v / s_.epoch_step for v in s_.epoch_loss]
+        tag = f"epoch-{s_.epoch:04d}-step-{s_.step:08d}"
+        metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],
+                   "train_loss_semseg": mean[1], "train_loss_depth": mean[2], "restarts": s_.restarts}
+        self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best=False, metrics_file=False)
+        self.log(f"step checkpoint {tag}")
 
     def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:
         """Validation (the bare module: a DDP wrapper would sync buffers per forward, and ranks
@@ -324,10 +387,10 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     return Trainer(cfg, rt).fit(on_epoch_end)
 
 
-def start_epoch(loader, epoch: int, device: torch.device, channels_last: bool) -> DeviceBatches:
-    """The epoch's model batches; the loader's workers start now, the first batch is fetched on
-    the first ``next()``."""
-    loader.set_epoch(epoch)
+def start_epoch(loader, epoch: int, device: torch.device, channels_last: bool, skip_batches: int = 0) -> DeviceBatches:
+    """The epoch's model batches (from batch ``skip_batches`` on); the loader's workers start
+    now, the first batch is fetched on the first ``next()``."""
+    loader.set_epoch(epoch, skip_batches)
     return DeviceBatches(iter(loader), device, channels_last)
 
 

@@ -172,3 +172,49 @@ def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_roo
         run_ray(cfg)
     assert time.time() - t0 < 30
     assert not (tmp_path / "toobig").exists()  # nothing written
+
+
+def test_a_preemption_notice_brings_checkpoints_and_the_restart_loses_at_most_a_poll(ray_cluster, tiny_root, tmp_path):
+    """A spot reclaim as Ray's own tests make one: the training worker's node is drained with
+    the preemption reason and a deadline. Ray Train's watcher passes the notice on; the next
+    poll (every 2 steps here) writes a checkpoint, and so does every poll after it; at the
+    deadline Ray restarts the worker group on the other node, which resumes from the last of
+    them: at most one poll interval of training is lost."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+    from ray.util.state import list_actors
+
+    from mtl.distributed.ray_train import run_ray
+    from mtl.runs import run_url
+
+    c = ray_cluster([1, 1])
+    cfg = ray_cfg(str(tmp_path), "spot", root=tiny_root, epochs=2, steps=24, workers=1, max_failures=0)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=8, preemption_poll_every=2)).validate()
+    holder = {}
+    thread = threading.Thread(target=lambda: holder.update(result=run_ray(cfg)[0]))
+    thread.start()
+    log = tmp_path / "spot" / "train.log"
+    deadline = time.time() + 240
+    while not (log.exists() and "step checkpoint epoch-0000-step-00000008" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert log.exists() and "step checkpoint" in log.read_text(), "training never checkpointed"
+    (worker,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "RayTrainWorker"]
+    accepted, why = GcsClient(address=c.cluster.address).drain_node(
+        worker.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)",
+        int(time.time() * 1000) + 15_000)
+    assert accepted, why
+    thread.join(timeout=400)
+    assert not thread.is_alive() and holder["result"].error is None
+    text = log.read_text()
+    assert "preemption notice at step" in text, text
+    notice_step = int(text.split("preemption notice at step ")[1].split()[0])
+    after = [int(line.split("-step-")[1]) for line in text.splitlines()
+             if "step checkpoint" in line and "-step-" in line]
+    saved = [s for s in after if s >= notice_step]
+    assert saved[0] == notice_step and len(saved) >= 2, saved  # a checkpoint at the notice's poll, and at polls after it
+    resumed = text.split("resumed from ")[1].split(":")[0] if "resumed from " in text else ""
+    assert "-step-" in resumed, text  # the restart went on from a step checkpoint ...
+    resumed_step = int(resumed.split("-step-")[1].split("/")[0])
+    assert resumed_step == max(s for s in saved if s <= resumed_step) and resumed_step >= notice_step  # ... the last one
+    metrics = read_metrics(run_url(cfg))
+    assert [m["epoch"] for m in metrics] == [1, 2] and metrics[-1]["restarts"] >= 1

@@ -79,11 +79,15 @@ class FolderLoader:
     def __init__(self, loader) -> None:
         self.loader = loader
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The next iterator yields ``epoch``'s batches from batch ``skip_batches`` on (the
+        sampler leaves the samples out: nothing is read for them)."""
+        self.loader.sampler.set_epoch(epoch, skip_batches * self.loader.batch_size)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        """Batches in a whole epoch (a skip does not count), as `ShardLoader`'s."""
+        n, bs = self.loader.sampler.per_rank, self.loader.batch_size
+        return n // bs if self.loader.drop_last else -(-n // bs)
 
     def __iter__(self):
         return iter(self.loader)

@@ -15,15 +15,17 @@ class EpochSampler(Sampler):
 
     def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, pad: bool = True) -> None:
         self.n, self.shuffle, self.seed, self.rank, self.world, self.pad = n, shuffle, seed, rank, world, pad
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         # evaluation does not pad: a duplicated sample would be counted twice in the metrics
         self.per_rank = math.ceil(n / world) if pad else len(range(rank, n, world))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next iterator yields ``epoch``'s order without its first ``skip`` items: a run
+        resumed inside an epoch goes on exactly where the interrupted one stopped."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.per_rank
+        return max(0, self.per_rank - self.skip)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
@@ -33,7 +35,7 @@ class EpochSampler(Sampler):
             order = list(range(self.n))
         if self.pad:
             order += order[: self.per_rank * self.world - self.n]  # equal shares for every rank
-        mine = order[self.rank :: self.world]
+        mine = order[self.rank :: self.world][self.skip:]
         return iter([(self.epoch, i) for i in mine])
 
 

@@ -208,10 +208,13 @@ class ShardLoader:
         self.workers = workers
         self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=drop_last, pin_memory=pin_memory,
                                  prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False)
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The next iterator yields ``epoch``'s batches from batch ``skip_batches`` on. The stream
+        is a function of (seed, epoch, rank, loader workers), so the batches before are read and
+        dropped: exact, at the cost of decoding them once more."""
+        self.epoch, self.skip = epoch, skip_batches
         self.stream.set_epoch(epoch)  # non-persistent workers are forked per epoch and see it
 
     def __len__(self) -> int:
@@ -224,7 +227,8 @@ class ShardLoader:
         for i, batch in enumerate(self.loader):
             if n is not None and i >= n:
                 break
-            yield batch
+            if i >= self.skip:
+                yield batch
 
 
 def num_samples(manifest: dict[str, Any], split: str) -> int:

@@ -118,7 +118,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         return PlainStrategy(module, optimizer, c.train.grad_accum, c.optim.grad_clip)
 
     rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,
-                 storage=RayStorage(run_url(cfg), cfg.train.keep_last),
+                 storage=RayStorage(run_url(cfg), cfg.train.keep_last), preemption=ray.train.get_preemption_info,
                  always_resume=True, cpus=int(cfg.dist.cpus_per_worker))
     fit(cfg, rt)
 

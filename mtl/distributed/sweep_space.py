@@ -88,6 +88,9 @@ def space(sweep: SweepConfig) -> dict[Knob, tuple]:
 def check_space(knobs: dict[Knob, tuple], base: ExperimentConfig) -> None:
     """Every value a trial may draw makes a valid training config (`ExperimentConfig.validate`
     owns what valid means); ValueError naming the sweep's flag otherwise. Runs before any trial."""
+    if base.train.checkpoint_every:  # each report is a Tune result: ASHA's rungs count them as epochs
+        raise ValueError("--checkpoint-every: sweeps checkpoint at epoch ends only (every checkpoint is a result that "
+                         "ASHA counts as an epoch)")
     for knob, values in knobs.items():
         flags = [flag(f) for f in knob.fields]
         if not values:

@@ -1,0 +1,145 @@
+"""Losing at most a few steps: step checkpoints (--checkpoint-every) and the exact resume inside
+an epoch, for the folder source and for shards, with several loader workers.
+
+A run is interrupted by a read error in the middle of its second epoch (the failure kind
+"exception in a loader worker"); the same command with --resume continues from the last step
+checkpoint. It must train exactly what the uninterrupted run trained: the same batches from
+that step on (checked sample for sample on the loaders), the same LR at every step, and the same
+weights and metrics at the end (the CPU is deterministic here: equal to float rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtl.checkpoint import CheckpointIndex
+from mtl.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
+from mtl.data.build import build_loaders
+from mtl.data.folder import MiniscapesFolder
+from mtl.data.shards import ShardStream
+from mtl.engine import fit, local_runtime
+from mtl.runs import run_url
+
+EPOCHS, STEPS, EVERY, BATCH = 2, 8, 3, 4
+# the read error hits the first sample of the second epoch's 6th batch (global step 14): the
+# last step checkpoint before it is step 12's, so steps 13.. are trained again
+FAIL_EPOCH, FAIL_BATCH, LAST_CHECKPOINT = 1, 5, "epoch-0001-step-00000012"
+
+
+def config(data: DataConfig, out, resume: bool = False) -> ExperimentConfig:
+    return ExperimentConfig(
+        data=data, model=ModelConfig(arch="deeplabv3p", encoder="resnet18"), optim=OptimConfig(lr=1e-3),
+        train=TrainConfig(epochs=EPOCHS, batch_size=BATCH, max_steps_per_epoch=STEPS, checkpoint_every=EVERY, out=str(out),
+                          name="run", device="cpu", log_every=100, resume=resume),
+    ).validate()
+
+
+def epoch_indices(cfg: ExperimentConfig, epoch: int, skip: int = 0) -> list[list[int]]:
+    """The sample indices of each train batch of ``epoch`` from batch ``skip`` on, as the loader deals them."""
+    loader = build_loaders(cfg).train
+    loader.set_epoch(epoch, skip)
+    return [b["index"].tolist() for _, b in zip(range(STEPS - skip), loader)]
+
+
+def interrupted_then_resumed(cfg_of, tmp_path, break_reading):
+    """Run A straight through; run B broken by ``break_reading(index)`` (a context manager making
+    the read of sample ``index`` fail), then resumed. Returns (A's result, B's resumed result, B's folder)."""
+    straight = fit(cfg_of(tmp_path / "a"), local_runtime(cfg_of(tmp_path / "a")))
+    target = epoch_indices(cfg_of(tmp_path / "probe"), FAIL_EPOCH)[FAIL_BATCH][0]
+    broken = cfg_of(tmp_path / "b")
+    with break_reading(target), pytest.raises(OSError, match="simulated read error"):
+        fit(broken, local_runtime(broken))
+    assert CheckpointIndex(run_url(broken)).latest_tag() == LAST_CHECKPOINT
+    again = cfg_of(tmp_path / "b", resume=True)
+    return straight, fit(again, local_runtime(again)), again
+
+
+def check_same_training(straight, resumed) -> None:
+    assert [m["epoch"] for m in resumed.metrics] == [2] and resumed.metrics[0]["restarts"] == 1
+    assert resumed.lrs == straight.lrs[-(STEPS - FAIL_BATCH + 1):]  # LR for LR, from step 13 on
+    a, b = straight.metrics[-1], resumed.metrics[-1]
+    for k in ("train_loss", "train_loss_semseg", "train_loss_depth", "miou", "si_log_rmse", "grader"):
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k  # the epoch's mean loss includes the steps before the break
+    for (name, x), y in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_a_loader_skipped_into_an_epoch_deals_the_same_batches(tiny_root):
+    """Sample for sample: the batches from batch k on equal the tail of the whole epoch's, with
+    2 loader workers (folder: the sampler leaves the first samples out)."""
+    cfg = config(DataConfig(root=tiny_root, workers=2), "unused")
+    whole = epoch_indices(cfg, 1)
+    assert epoch_indices(cfg, 1, skip=5) == whole[5:]
+    assert len(build_loaders(cfg).train) == 96 // BATCH  # the epoch's length does not change with a skip
+
+
+def test_folder_run_resumed_inside_an_epoch_trains_exactly_the_same(tiny_root, tmp_path, monkeypatch):
+    import contextlib
+
+    @contextlib.contextmanager
+    def break_reading(index):
+        read = MiniscapesFolder.__getitem__
+
+        def failing(self, item):  # (the loader workers are forked with it)
+            if item == (FAIL_EPOCH, index):
+                raise OSError(f"simulated read error at sample {index}")
+            return read(self, item)
+
+        with monkeypatch.context() as m:
+            m.setattr(MiniscapesFolder, "__getitem__", failing)
+            yield
+
+    straight, resumed, cfg = interrupted_then_resumed(
+        lambda out, resume=False: config(DataConfig(root=tiny_root, workers=2), out, resume), tmp_path, break_reading)
+    check_same_training(straight, resumed)
+    log = open(f"{run_url(cfg)}/train.log").read()
+    assert f"resumed from {run_url(cfg)}/checkpoints/{LAST_CHECKPOINT}/state.pt: epoch 1, step 12/16 (4 steps into epoch 2)" in log
+
+
+def test_shard_run_resumed_inside_an_epoch_trains_exactly_the_same(tiny_root, tmp_path, monkeypatch):
+    """The same with WebDataset shards and 2 loader workers: the stream is a function of (seed,
+    epoch, rank, workers), so the resumed run reads the batches before the position again and
+    drops them."""
+    import contextlib
+
+    from data_prep.shard import shard_dataset
+
+    shards = str(tmp_path / "shards")
+    shard_dataset(tiny_root, shards, "12", splits=("train", "val"), workers=2)
+    cfg_of = lambda out, resume=False: config(DataConfig(shards=shards, workers=2), out, resume)  # noqa: E731
+    whole = epoch_indices(cfg_of(tmp_path / "p"), 1)
+    assert epoch_indices(cfg_of(tmp_path / "p"), 1, skip=5) == whole[5:]
+
+    @contextlib.contextmanager
+    def break_reading(index):
+        decode = ShardStream._decode
+
+        def failing(self, s):
+            out = decode(self, s)
+            if self.epoch == FAIL_EPOCH and int(out["index"]) == index:
+                raise OSError(f"simulated read error at sample {index}")
+            return out
+
+        with monkeypatch.context() as m:
+            m.setattr(ShardStream, "_decode", failing)
+            yield
+
+    straight, resumed, _ = interrupted_then_resumed(cfg_of, tmp_path, break_reading)
+    check_same_training(straight, resumed)
+
+
+def test_step_checkpoints_are_kept_like_epoch_ones_and_sweeps_refuse_them(tiny_root, tmp_path):
+    """--keep-last counts step and epoch checkpoints alike; tags sort in the order they were
+    written; a step checkpoint writes no metrics file (no validation ran)."""
+    from mtl.distributed.sweep_space import check_space
+
+    cfg = config(DataConfig(root=tiny_root, workers=0), tmp_path)
+    fit(cfg, local_runtime(cfg))
+    index = CheckpointIndex(run_url(cfg))
+    history = index.read()["history"]
+    assert history == sorted(history) and history[-1] == "epoch-0002"
+    assert history == ["epoch-0001-step-00000015", "epoch-0002"]  # --keep-last 2
+    assert sorted(p.name for p in (tmp_path / "run" / "metrics").iterdir()) == ["epoch-0001.json", "epoch-0002.json"]
+    with pytest.raises(ValueError, match="--checkpoint-every: sweeps checkpoint at epoch ends only"):
+        check_space({}, cfg)

@@ -326,9 +326,9 @@ class Trainer:
                 self._save_inside_epoch(running, lrs[-1])
             now = time.perf_counter()
             if (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch or now - last_read >= t.log_interval_s > 0:
-                loss, last_read = (running / (s + 1)).tolist(), now  # the only host sync in the loop
+                loss, last_read = (running / (s + 1)).tolist(), now  # a host sync (besides: step checkpoints, preemption polls)
                 bar.update(s + 1, loss, n_img * self.rt.world / (now - t0), lrs[-1])
-        if s_.input_size is None:  # validation images of varying size: the training crops'
+        if s_.input_size is None and n_img:  # validation images of varying size: the training crops'
             s_.input_size = list(batch["rgb"].shape[-2:])
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
 

@@ -362,7 +362,7 @@ def _bench_one(a: TrainBench, arch: str, bs: int, device, peak: float) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         pure = _pure_path(a, fwd, opt, bs, device, mode == "graph")
         flops = pure["flops"] = pure["flops"] or flops  # counted on the eager step
-        full = _full_path(a, strategy, feed, device, mode == "graph")
+        full = _full_path(a, cfg, strategy, feed, device, mode == "graph")
         row.update(_row_part("" if mode == "eager" else "graph_", bs, pure, full, peak, device))
         del model, opt, fwd, strategy
     return row
@@ -399,19 +399,12 @@ def _strategy(a: TrainBench, model, fwd, opt, device, for_capture: bool):
     return strategy
 
 
-def _captured(step, opt, device, warmup: int):
-    """``step(batch, last)`` captured as a CUDA graph the way training does it (errors raised)."""
-    from mtl.cuda_graph import CapturedStep
-
-    return CapturedStep(step, opt, device, warmup=warmup, strict=True, log=lambda m: None)
-
-
 def _pure_path(a: TrainBench, fwd, opt, bs: int, device, graph: bool) -> dict:
     """Pure compute, written plainly: tensors already on the device, no wrappers (``graph``: the
     same step captured, the batch copied into the graph's buffers each step, as training does)."""
     import torch
 
-    from mtl.cuda_graph import WARMUP_PLAIN
+    from mtl.cuda_graph import CapturedStep
     from mtl.engine import autocast
     from mtl.losses import DepthCodec, multitask_loss
 
@@ -431,7 +424,7 @@ def _pure_path(a: TrainBench, fwd, opt, bs: int, device, graph: bool) -> dict:
         return {"loss": loss.detach(), **parts}
 
     flops = train_step_flops(fwd, batch["rgb"], batch, codec, 0.5) if not graph else 0.0
-    run = _captured(step, opt, device, WARMUP_PLAIN) if graph else step
+    run = CapturedStep(step, opt, device, strict=True, log=lambda m: None) if graph else step  # (errors raised)
     for _ in range(a.warmup):
         run(batch)
     pure_step = lambda: run(batch)  # noqa: E731
@@ -439,26 +432,23 @@ def _pure_path(a: TrainBench, fwd, opt, bs: int, device, graph: bool) -> dict:
             "host_s": host_seconds_per_step(pure_step, min(a.steps, 10), device)}
 
 
-def _full_path(a: TrainBench, strategy, feed: Feed, device, graph: bool) -> dict:
+def _full_path(a: TrainBench, cfg, strategy, feed: Feed, device, graph: bool) -> dict:
     """The project's full path: loader workers (decode, crop vectors) -> pinned uint8 batch ->
     the train loop's prefetcher (copy, zoom/crop/flip, normalise on a side stream) -> the train
-    step with its wrapper (1-rank DDP, as on Ray, or none), eager or captured."""
+    step with its wrapper (1-rank DDP, as on Ray, or none), eager or captured, made as training
+    makes it (`mtl.engine.make_step`)."""
     import torch
 
-    from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN
-    from mtl.engine import autocast, train_step
+    from mtl.cuda_graph import CapturedStep
+    from mtl.engine import autocast, make_step
     from mtl.losses import DepthCodec
     from mtl.schedule import PolyLR
-    from mtl.strategy import DDPStrategy
 
     codec, amp = DepthCodec("log"), autocast(device, True)
     running, plan, steps = torch.zeros(3, device=device), PolyLR(1e-4, 10**6), 0
-
-    def eager(b, last=True):
-        return train_step(strategy, b, codec, 0.5, amp, last)
-
-    warmup = WARMUP_DDP if isinstance(strategy, DDPStrategy) else WARMUP_PLAIN
-    step = _captured(eager, strategy.optimizer, device, warmup) if graph else eager
+    step = make_step(cfg.with_values({"train.cuda_graph": "on" if graph else "off"}), strategy, codec, amp, device,
+                     log=lambda m: None)
+    warmup = step.warmup if isinstance(step, CapturedStep) else 0
 
     def full_step() -> None:  # as `Trainer.train_epoch`: the LR, the step, the running losses
         nonlocal running, steps
@@ -467,7 +457,7 @@ def _full_path(a: TrainBench, strategy, feed: Feed, device, graph: bool) -> dict
         parts = step(feed.next())
         running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]])  # as `fit` logs
 
-    for _ in range(max(a.warmup, warmup + 2) if graph else a.warmup):
+    for _ in range(max(a.warmup, warmup + 2)):
         full_step()
     feed.reset()
     step_s = seconds_per_step(full_step, a.steps, device)

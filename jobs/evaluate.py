@@ -2,6 +2,7 @@
 
     python jobs/evaluate.py --checkpoint runs/<run>                 # metrics on val
     python jobs/evaluate.py --checkpoint runs/<run>/best.pt --split test --export out/test-preds
+    python jobs/evaluate.py --checkpoint runs/<mtl run> --baselines runs/<semseg-only run> runs/<depth-only run>  # + Δm
 
 ``--checkpoint`` takes a checkpoint file or a run folder (its latest checkpoint). The data
 defaults to what the checkpoint was trained on (its shards, else its folder, else the cached
@@ -38,6 +39,9 @@ class EvaluateCommand:
     workers: int = 0  # loader processes for the metrics pass
     device: Device = "auto"  # auto: the GPU if there is one
     json: str | None = None  # also write the metrics to this JSON file
+    #: single-task baseline run folders (one trained with --tasks semseg, one with --tasks depth): also
+    #: report Δm, the mean relative change against them in percent (lower is better; mtl.multitask)
+    baselines: tuple[str, ...] = ()
     overwrite: bool = False  # replace a non-empty --export folder
 
 
@@ -57,18 +61,30 @@ def run(a: EvaluateCommand) -> int:
     from mtl.engine import evaluate, resolve_device
     from mtl.export import export_predictions
     from mtl.predict import load_model
-    from mtl.progress import metrics_table, wide_console
+    from mtl.multitask import delta_m, read_baselines, task_metrics
+    from mtl.progress import class_iou_table, metrics_table, wide_console
 
     device = resolve_device(a.device)
     m = load_model(a.checkpoint, device)
+    baselines = read_baselines(a.baselines) if a.baselines else None  # (checked before the long pass)
+    if baselines and len(m.cfg.optim.tasks) < 2:
+        raise ValueError(f"--baselines: Δm compares a multi-task model with its baselines; {a.checkpoint} is itself single-task")
     data = open_split(resolve_source(m.cfg, a.data), a.split)
     print(f"{m.url}: {m.cfg.model.arch}, epoch {m.epoch}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
     if a.metrics and not data.has_labels:
         print(f"no metrics computed: {data.where} has no labels (rgb only)", flush=True)
     elif a.metrics:
         loader = data.loader(a.batch_size, a.workers, pin_memory=device.type == "cuda")
-        metrics = evaluate(m.model, loader, m.codec, device, m.amp(), channels_last=False).compute()
-        wide_console().print(metrics_table(metrics, f"{a.split} metrics"))
+        metrics = task_metrics(evaluate(m.model, loader, m.codec, device, m.amp(), channels_last=False).compute(), m.cfg.optim.tasks)
+        if baselines:
+            metrics["delta_m"] = delta_m(metrics, baselines)
+        console = wide_console()
+        console.print(metrics_table(metrics, f"{a.split} metrics"))
+        classes = class_iou_table(metrics, f"{a.split} IoU per class")
+        if classes:
+            console.print(classes)
+        if baselines:
+            console.print(f"Δm {metrics['delta_m']:+.2f} % against the single-task baselines {', '.join(a.baselines)} (lower is better)")
         if a.json:
             with open(a.json, "w") as fh:
                 json.dump(metrics, fh, indent=1)

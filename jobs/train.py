@@ -92,10 +92,14 @@ def run_local(cfg: ExperimentConfig, console) -> int:
         console.print(f"nothing to train: the run had already finished all {cfg.train.epochs} epochs (to train it longer: "
                       f"--resume --name {cfg.train.name} --epochs N)")
         return 0
-    last = result.metrics[-1]
-    console.print(f"done: mIoU {last['miou']:.2f}  SI-logRMSE {last['si_log_rmse']:.2f}  grader {last['grader']:.2f} "
-                  f"(best {result.best_grader:.2f}); run folder {run_url(cfg)}")
+    console.print(f"done: {result_line(result.metrics[-1])} (best score {result.best_score:.2f}); run folder {run_url(cfg)}")
     return 0
+
+
+def result_line(m: dict) -> str:
+    """The last validation's main numbers (a single-task run has only its task's)."""
+    shown = {"miou": "mIoU", "si_log_rmse": "SI-logRMSE", "grader": "grader"}
+    return "  ".join(f"{label} {m[k]:.2f}" for k, label in shown.items() if k in m) or "no validation metrics"
 
 
 def run_on_ray(cfg: ExperimentConfig, console) -> int:
@@ -114,9 +118,7 @@ def run_on_ray(cfg: ExperimentConfig, console) -> int:
     summary = {"run": url, "final_metrics": result.metrics, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
                "best_model": f"{url}/{BEST_FILE}"}
     write_bytes_atomic(f"{url}/summary.json", json.dumps(summary, indent=1, default=str).encode())
-    m = result.metrics or {}
-    console.print(f"done: mIoU {m.get('miou', float('nan')):.2f}  SI-logRMSE {m.get('si_log_rmse', float('nan')):.2f}  "
-                  f"grader {m.get('grader', float('nan')):.2f}; run {url} (checkpoints/, best.pt, summary.json, train.log)")
+    console.print(f"done: {result_line(result.metrics or {})}; run {url} (checkpoints/, best.pt, summary.json, train.log)")
     return 0
 
 

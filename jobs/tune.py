@@ -1,20 +1,45 @@
-r"""Hyperparameter sweeps with Ray Tune + ASHA; every trial is a full Ray Train run.
+r"""Hyperparameter sweeps with Ray Tune (ASHA or population-based training); every trial is a
+full Ray Train run.
 
     ray job submit -- python jobs/tune.py --arch branched --num-samples 32 --epochs 16 \
-        --lr-min 1e-5 --lr-max 1e-3 --out s3://bucket/sweeps --sweep-name branched-lr-w
-    python jobs/tune.py ... --sweep-name branched-lr-w --resume      # continue after the driver died
+        --space lr=loguniform:1e-5:1e-3 --space task_weighting=choice:fixed,uncertainty,dwa,famo \
+        --out s3://bucket/sweeps --sweep-name branched-lr-tw
+    python jobs/tune.py ... --sweep-name branched-lr-tw --resume      # continue after the driver died
 
-The search space (mtl.distributed.sweep_space): LR log-uniform in [--lr-min, --lr-max], the
-optimizers in --optimizers, segmentation weight w uniform in [--semseg-weight-min,
---semseg-weight-max] with depth getting 1 - w, zoom factors in --scale-max-choices, flips in
---hflip-choices, batch sizes in --batch-sizes. Every other flag is the training config shared
-by all trials (--num-workers etc. size each trial; --config FILE starts from a saved one).
-Results: a leaderboard in the terminal and results.{md,tex,csv} plus scores.png in
-<out>/<sweep-name>/.
+The search space: one --space per swept config field, FIELD=loguniform:LOW:HIGH,
+FIELD=uniform:LOW:HIGH or FIELD=choice:A,B,... (a field by its name, flag or path: lr, --lr,
+optim.lr; tuple values joined with +, sizes as HxW). Values are read with the field's type and
+checked against the config's rules before Ray starts.
+
+Fixed and swept: every other flag is the training config every trial shares (--num-workers etc.
+size each trial; --config FILE starts from a saved one). A flag given for a field that --space
+sweeps is an error naming both. Without --space the sweep varies lr (log-uniform 1e-5..1e-3),
+semseg_weight (uniform 0.3..0.7), scale_max (1.0, 1.25, 1.5) and hflip, less any of them whose
+flag is given: --lr 3e-4 fixes lr for every trial and sweeps the other three (the sweep says so).
+Values from a --config file are a starting point, not flags: the space overrides them. Random
+draws are seeded (--search-seed). --resume takes the command that started the sweep: another
+space, objective or training config is refused.
+
+Objective: --metric grader (mIoU - SI-logRMSE, the default), score (the run's selection score:
+the grader, or a single-task run's own metric) or delta_m (Δm in percent against the single-task
+runs given by --baselines, minimised). With --baselines, every report has a delta_m column.
+
+Scheduler: --scheduler asha (default) stops weak trials early; --scheduler pbt perturbs every
+--perturbation-interval epochs: a trial in the bottom --quantile-fraction continues from the
+latest checkpoint of one in the top fraction with that trial's values perturbed (x0.8/x1.2 or
+redrawn, clipped to the range; a choice moves to a neighbour). PBT changes lr, semseg_weight,
+grad_clip, scale_min, scale_max, hflip and augment only: other swept fields (the encoder, the
+batch size...) cannot change in the middle of a trial, and PBT refuses them.
+
+Trials at once: as many as the cluster holds (its GPUs, once its autoscaler has added what its
+config allows), or --max-concurrent. With MLFLOW_TRACKING_URI set, every trial is an MLflow run
+of the experiment named after the sweep (pip install mlflow). Results: a leaderboard in the
+terminal and results.{md,tex,csv} plus scores.png in <out>/<sweep-name>/.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -23,7 +48,7 @@ import tyro
 
 from mtl.cli import CONFIG_HELP, FlatExperiment, parse_experiment
 from mtl.config import ExperimentConfig
-from mtl.distributed.sweep_space import SweepConfig, check_space, space
+from mtl.distributed.sweep_space import SweepConfig, SweepSpec, explicit_fields, plan_sweep
 
 
 @dataclass(frozen=True)
@@ -33,34 +58,73 @@ class TuneCommand:
     config: Annotated[str | None, tyro.conf.arg(help=CONFIG_HELP)] = None
 
 
-def _check_sweep(cmd: TuneCommand) -> None:
-    """A bad search space stops the sweep before Ray or any trial starts."""
-    check_space(space(cmd.sweep.validate()), cmd.experiment)
+def read_baselines(urls: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """The baselines' best metrics by task (`mtl.multitask.read_baselines`); both tasks needed."""
+    from mtl.multitask import DELTA_M_METRICS, delta_m
+    from mtl.multitask import read_baselines as read
+
+    if not urls:
+        return {}
+    found = read(urls)
+    missing = [t for t in DELTA_M_METRICS if t not in found]
+    if missing:
+        raise ValueError(f"--baselines: Δm needs a single-task run of each task; none of {' '.join(urls)} trained "
+                         f"{' or '.join(missing)} (a run of --tasks {missing[0]})")
+    for task, keys in DELTA_M_METRICS.items():  # every value Δm compares against is there
+        absent = [k for k, _ in keys if k not in found[task]]
+        if absent:
+            raise ValueError(f"--baselines: the {task} run's best epoch has no {', '.join(absent)} (Δm compares them)")
+    delta_m({k: v for metrics in found.values() for k, v in metrics.items()}, found)  # a zero or NaN: ValueError
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
-    cmd = parse_experiment(TuneCommand, argv, description=__doc__, check=_check_sweep)
-    base, sweep = cmd.experiment, cmd.sweep
+    argv = sys.argv[1:] if argv is None else list(argv)
+    planned: dict[str, SweepSpec] = {}
 
-    from mtl.distributed.sweep_report import leaderboard_table, rows_from_results, write_reports
-    from mtl.distributed.tune import run_sweep
+    def check(cmd: TuneCommand) -> None:
+        """A bad sweep stops before Ray or any trial starts."""
+        planned["spec"] = plan_sweep(cmd.sweep, cmd.experiment, explicit_fields(argv))
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # set, but mlflow is missing: an error now
+            from mtl.tracking import mlflow_tracking_uri
+
+            mlflow_tracking_uri()
+
+    cmd = parse_experiment(TuneCommand, argv, description=__doc__, check=check)
+    base, sweep, spec = cmd.experiment, cmd.sweep, planned["spec"]
+
     from mtl.errors import USER_ERRORS, one_line
-    from mtl.progress import wide_console
-    from mtl.runs import out_root
 
-    console = wide_console()
     try:
-        results = run_sweep(base, sweep, resume=base.train.resume)
+        baselines = read_baselines(spec.baselines)  # before Ray starts: a bad folder is one line
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    rows = rows_from_results(results, base.train.epochs)
-    title = f"sweep {sweep.sweep_name}: {base.model.arch}, {len(rows)} trials, ASHA over {base.train.epochs} epochs"
-    console.print(leaderboard_table(rows, title))
-    paths = write_reports(rows, f"{out_root(base.train.out)}/{sweep.sweep_name}", title)
+
+    from mtl.distributed.sweep_report import SweepReport
+    from mtl.distributed.tune import check_resume, run_sweep, sweep_url
+    from mtl.progress import wide_console
+
+    console = wide_console()
+    for note in spec.notes:
+        console.print(note)
+    console.print("sweeping " + "; ".join(d.text for d in spec.space))
+    try:
+        if base.train.resume:
+            check_resume(base, sweep, spec)
+        results = run_sweep(base, sweep, spec, baselines, resume=base.train.resume)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    report = SweepReport(spec, base.optim.tasks)
+    rows = report.rows(results, base.train.epochs)
+    how = f"PBT every {spec.perturbation_interval} epochs" if spec.pbt else "ASHA"
+    title = f"sweep {sweep.sweep_name}: {base.model.arch}, {len(rows)} trials, {how} over {base.train.epochs} epochs, {spec.metric}"
+    console.print(report.table(rows, title))
+    paths = report.write(rows, sweep_url(base, sweep), title)
     console.print("reports: " + ", ".join(paths.values()))
     if rows and rows[0].best_model:
-        console.print(f"best trial: {rows[0].name} (grader {rows[0].grader:.2f}); checkpoint {rows[0].best_model}")
+        console.print(f"best trial: {rows[0].name} ({spec.metric} {rows[0].objective:.2f}); checkpoint {rows[0].best_model}")
         console.print(f"export it: python jobs/evaluate.py --checkpoint {rows[0].best_model} --split test --export <dir>")
     errored = [r for r in rows if r.status == "error"]
     return 1 if errored and len(errored) == len(rows) else 0

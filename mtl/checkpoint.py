@@ -31,6 +31,7 @@ import json
 import os
 import pickle
 import random
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -48,6 +49,8 @@ STATE_FILE = "state.pt"
 SHARDS_DIR = "shards"
 POINTER = "latest.json"
 BEST_FILE = "best.pt"
+METRICS_DIR = "metrics"  # metrics/<tag>.json: an epoch's validation (step checkpoints have none)
+_EPOCH_FILE = re.compile(r"epoch-(\d+)\.json")  # not a step checkpoint's tag (epoch-NNNN-step-NNNNNNNN)
 
 
 def _numpy_array_globals() -> list:
@@ -122,13 +125,18 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     epochs: int = 0  # epochs planned
     total_steps: int = 0  # optimizer steps planned: the LR plan's length
-    best: float = float("-inf")  # best validation grader score so far
+    best: float = float("-inf")  # best validation score so far (`mtl.multitask.selection_score`)
     restarts: int = 0  # how often this run was resumed
     input_size: list[int] | None = None  # (H, W) the model trains at (`mtl.data.build.Loaders.image_size`)
     # inside an unfinished epoch (a step checkpoint, `--checkpoint-every`): the data position
     epoch_step: int = 0  # optimizer steps of epoch ``epoch`` done (its first batches, per rank)
     epoch_loss: list[float] | None = None  # their summed losses [total, semseg, depth]
-    world: int = 1  # ranks that consumed them (another number of ranks cannot continue exactly)
+    world: int = 1  # ranks that consumed them
+    # samples trained on over all ranks, in the run and in epoch ``epoch`` (the data position
+    # that ranks of another world size continue from; the LR plan runs over samples); None in
+    # checkpoints of earlier versions (then: step and epoch_step times the planned global batch)
+    samples: int | None = None
+    epoch_samples: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -277,7 +285,7 @@ class Checkpointer:
         with open(os.path.join(folder, STATE_FILE), "wb") as fh:
             fh.write(checkpoint_bytes(state))
         if metrics_file:
-            write_bytes_atomic(f"{self.run_url}/metrics/{tag}.json", json.dumps(metrics, indent=1).encode())
+            write_bytes_atomic(f"{self.run_url}/{METRICS_DIR}/{tag}.json", json.dumps(metrics, indent=1).encode())
         if is_best:
             best = {k: v for k, v in state.items() if k in ("config", "metrics", "train_state", "model")}
             write_bytes_atomic(f"{self.run_url}/{BEST_FILE}", checkpoint_bytes(best))
@@ -353,3 +361,28 @@ def checkpoint_in_folder(url: str) -> str:
         if fs.exists(f"{path}/{name}"):
             return f"{url}/{name}"
     raise FileNotFoundError(f"no checkpoint in {url} (looked for {CHECKPOINTS}/{POINTER}, {STATE_FILE} and {BEST_FILE})")
+
+
+def epoch_metrics(run_url: str, cache: dict[str, dict[str, Any]] | None = None,
+                  before: int | None = None) -> dict[int, dict[str, Any]]:
+    """Every validated epoch's metrics (those before epoch ``before``, if given), by epoch number,
+    from ``<run>/metrics/epoch-NNNN.json``: a resumed run's earlier attempts included. ``cache``
+    (file -> metrics) spares re-reading files this process has read: an epoch's file is written
+    once per attempt."""
+    cache = {} if cache is None else cache
+    url = f"{run_url.rstrip('/')}/{METRICS_DIR}"
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        fs.invalidate_cache(path)
+        try:
+            files = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for file in files:
+            m = _EPOCH_FILE.fullmatch(file.rstrip("/").rsplit("/", 1)[-1])
+            if m and (before is None or int(m.group(1)) < before):
+                if file not in cache:
+                    cache[file] = json.loads(fs.cat_file(file))
+                out[int(m.group(1))] = cache[file]
+    return out

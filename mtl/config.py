@@ -30,6 +30,8 @@ from mtl.zoo_names import Arch, Context, Decoder, Encoder
 Size = tuple[int, int]
 Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when there is a GPU, else the CPU
 Optimizer = Literal["adam", "sgd"]
+Task = Literal["semseg", "depth"]
+TaskWeighting = Literal["fixed", "uncertainty", "dwa", "famo"]  # `mtl.weighting`
 
 
 def operational(default: Any = None, **kw: Any) -> Any:
@@ -107,7 +109,16 @@ class OptimConfig(_Part):
     momentum: float = 0.9  # SGD momentum
     poly_power: float = 0.9  # the LR decays as (1 - step/steps) ** poly_power
     warmup_steps: int = 0  # linear LR warmup
-    semseg_weight: float = 0.5  # loss = w * cross-entropy + (1 - w) * depth loss
+    #: the tasks trained: both (multi-task), or one for a single-task baseline (the same network, the
+    #: other task's loss weighted 0; its metrics are not reported; the best epoch is the task's own)
+    tasks: tuple[Task, ...] = ("semseg", "depth")
+    #: how the two task losses are weighed: fixed = --semseg-weight; uncertainty = learned log-variances
+    #: (Kendall et al. 2018); dwa = Dynamic Weight Average over epoch losses (Liu et al. 2019); famo =
+    #: Fast Adaptive Multitask Optimization (Liu et al. 2023): every task's loss decreases at the same rate
+    task_weighting: TaskWeighting = "fixed"
+    semseg_weight: float = 0.5  # loss = w * cross-entropy + (1 - w) * depth loss (--task-weighting fixed; the other methods start there)
+    weighting_lr: float = 0.025  # Adam step size of learned task weights (uncertainty, famo); constant over the run
+    dwa_temperature: float = 2.0  # DWA's softmax temperature (higher: weights closer to equal)
     grad_clip: float | None = None  # clip the gradient norm to this; default: no clipping
 
     def _rules(self) -> None:
@@ -117,6 +128,12 @@ class OptimConfig(_Part):
             raise ValueError(f"--semseg-weight must lie in [0, 1], got {self.semseg_weight}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("--weight-decay and --warmup-steps must be >= 0")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"--tasks must name semseg and/or depth once each, got {' '.join(self.tasks) or 'nothing'}")
+        if len(self.tasks) == 1 and self.task_weighting != "fixed":
+            raise ValueError(f"--task-weighting {self.task_weighting} weighs two tasks; --tasks {self.tasks[0]} trains one")
+        if not self.weighting_lr > 0 or not self.dwa_temperature > 0:
+            raise ValueError("--weighting-lr and --dwa-temperature must be positive")
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,10 @@ class TrainConfig(_Part):
     #: also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only): a failure
     #: then loses at most N steps, and the resumed run goes on with the very batch that came next
     checkpoint_every: int = operational(0)
+    #: also checkpoint inside an epoch once this many minutes have passed since the last checkpoint
+    #: (0: never): the loss of a failure stays bounded in time whatever a step costs. Several ranks
+    #: agree on it at the steps where the loss is read (every --log-every steps)
+    checkpoint_every_min: float = operational(0.0)
     #: on Ray: steps between polls for a node's preemption notice (a spot reclaim; one collective
     #: call, a few ms); from a notice on, a checkpoint at every poll until the node goes, so its
     #: loss costs at most this many steps; 0: never poll
@@ -152,8 +173,8 @@ class TrainConfig(_Part):
     def _rules(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--epochs, --batch-size and --grad-accum must be >= 1")
-        if self.checkpoint_every < 0 or self.preemption_poll_every < 0:
-            raise ValueError("--checkpoint-every and --preemption-poll-every must be >= 0 (0: never)")
+        if self.checkpoint_every < 0 or self.preemption_poll_every < 0 or self.checkpoint_every_min < 0:
+            raise ValueError("--checkpoint-every, --checkpoint-every-min and --preemption-poll-every must be >= 0 (0: never)")
         if self.log_every < 1 or self.log_interval_s < 0:
             raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
 
@@ -166,6 +187,11 @@ class DistConfig(_Part):
 
     address: str | None = operational(None)  # Ray cluster address; default: $RAY_ADDRESS, or the cluster of a submitted job
     num_workers: int = 1  # training processes (one GPU each with GPUs)
+    #: elastic training: go on with as few as this many workers when nodes are lost (no waiting for
+    #: replacements), and grow back to --num-workers when they return. The per-worker batch stays,
+    #: the LR plan runs over samples seen (docs/reliability.md); default: always --num-workers
+    min_workers: int | None = operational(None)
+    resize_interval_s: float = operational(60.0)  # elastic: how often Ray checks whether more workers fit (each resize restarts from the last checkpoint)
     #: default: GPUs on a cluster the run joins (--address, $RAY_ADDRESS, `ray job submit`); on a
     #: Ray instance the run starts itself, GPUs if this machine has any
     use_gpu: bool | None = operational(None)
@@ -175,12 +201,21 @@ class DistConfig(_Part):
     zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed ZeRO stage
     max_failures: int = operational(3)  # worker/node failures survived by restarting from the last checkpoint
     #: how long the worker group may wait to be placed (nodes booting: 10+ minutes is normal for
-    #: cloud GPUs); a request the cluster can never hold fails at once instead
+    #: cloud GPUs); a request the cluster can never hold fails at once instead. Elastic runs
+    #: (--min-workers) start only on resources Ray reports, so keep it short there (a minute): it
+    #: bounds the wait for a lost node Ray still counts, before the group restarts smaller
     start_timeout_s: float = operational(900.0)
 
     def _rules(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"--num-workers must be >= 1, got {self.num_workers}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"--min-workers must lie between 1 and --num-workers ({self.num_workers}), got {self.min_workers}")
+        if self.min_workers is not None and self.strategy == "deepspeed":
+            raise ValueError("--min-workers: DeepSpeed's ZeRO checkpoints are sharded per rank and cannot continue on another "
+                             "number of workers; elastic training needs --strategy ddp")
+        if self.resize_interval_s <= 0:
+            raise ValueError(f"--resize-interval-s must be > 0, got {self.resize_interval_s}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < 0 or self.start_timeout_s <= 0:
             raise ValueError("--cpus-per-worker and --start-timeout-s must be > 0; --gpus-per-worker and --max-failures >= 0")
 

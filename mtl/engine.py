@@ -9,26 +9,32 @@ or Ray Train's report). The checkpoint layout is the same in every mode.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
+from time import monotonic
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState
 from mtl.config import ExperimentConfig
 from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN, CapturedStep, StepFn
-from mtl.data.build import Loaders, build_loaders
+from mtl.data.build import FolderLoader, Loaders, build_loaders
 from mtl.data.batch import DeviceBatches
-from mtl.losses import DepthCodec, multitask_loss
+from mtl.losses import DepthCodec, task_losses
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
 from mtl.models.encoders import describe_pretrained
-from mtl.progress import RunLog, TrainProgress
+from mtl.multitask import TASKS, task_metrics
+from mtl.progress import RunLog, TrainProgress, class_iou_table
 from mtl.runs import RunConflict, RunFolder, check_same_training, resolve_config, run_name, run_url
 from mtl.schedule import PolyLR
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
+from mtl.viz import denormalize_rgb, side_by_side
+from mtl.weighting import TaskWeighting, build_weighting
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,17 +62,21 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Opti
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=True)
 
 
-def train_step(strategy: Strategy, batch: dict[str, torch.Tensor], codec: DepthCodec, semseg_weight: float,
+def train_step(strategy: Strategy, batch: dict[str, torch.Tensor], codec: DepthCodec, weighting: TaskWeighting,
                amp: contextlib.AbstractContextManager, last_micro_batch: bool = True) -> dict[str, torch.Tensor]:
-    """Forward + backward of one micro-batch (+ the update after the last one).
-    Returns detached loss tensors: no host sync."""
+    """Forward + backward of one micro-batch (+ the update after the last one, and the task
+    weighting's own update). Returns detached loss tensors: no host sync."""
     with strategy.sync_context(last_micro_batch):
         with amp:
             out = strategy.model(batch["rgb"])
-        loss, parts = multitask_loss(out, batch, codec, semseg_weight)
+        losses = task_losses(out, batch, codec)
+        loss = weighting(losses)
         strategy.backward(loss)
     strategy.step(last_micro_batch)
-    return {"loss": loss.detach(), **parts}
+    losses = losses.detach()
+    if weighting.learned:
+        weighting.observe(losses, last_micro_batch)
+    return {"loss": loss.detach(), "loss_semseg": losses[0], "loss_depth": losses[1]}
 
 
 def may_capture(cfg: ExperimentConfig) -> bool:
@@ -85,13 +95,16 @@ def graph_obstacle(cfg: ExperimentConfig, strategy: Strategy, device: torch.devi
 
 
 def make_step(cfg: ExperimentConfig, strategy: Strategy, codec: DepthCodec, amp: contextlib.AbstractContextManager,
-              device: torch.device, world: int = 1, log: Callable[[str], None] = print) -> StepFn:
+              device: torch.device, world: int = 1, log: Callable[[str], None] = print,
+              weighting: TaskWeighting | None = None) -> StepFn:
     """The train step function per ``--cuda-graph``: `train_step` itself, or the same captured
-    as one CUDA graph after a few eager steps (`mtl.cuda_graph.CapturedStep`)."""
-    w = cfg.optim.semseg_weight
+    as one CUDA graph after a few eager steps (`mtl.cuda_graph.CapturedStep`). ``weighting``:
+    default the config's, on ``device`` (a learned one then sees only this rank's losses)."""
+    if weighting is None:
+        weighting = build_weighting(cfg.optim).to(device)
 
     def eager(batch: dict[str, torch.Tensor], last_micro_batch: bool = True) -> dict[str, torch.Tensor]:
-        return train_step(strategy, batch, codec, w, amp, last_micro_batch)
+        return train_step(strategy, batch, codec, weighting, amp, last_micro_batch)
 
     mode = cfg.train.cuda_graph
     why_not = graph_obstacle(cfg, strategy, device) if mode != "off" else "--cuda-graph off"
@@ -120,18 +133,30 @@ def predict(model: nn.Module, rgb: torch.Tensor, codec: DepthCodec, amp: context
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, amp: contextlib.AbstractContextManager,
-             channels_last: bool = True, progress: Callable[[], None] | None = None) -> MultiTaskMetrics:
-    """Metric state of this rank's share of a split (sum states across ranks before `compute`)."""
+             channels_last: bool = True, progress: Callable[[], None] | None = None,
+             pictures: list[np.ndarray] | None = None, num_pictures: int = 2) -> MultiTaskMetrics:
+    """Metric state of this rank's share of a split (sum states across ranks before `compute`).
+    ``pictures`` (a list): the first batch's first ``num_pictures`` predictions are appended to it
+    as `mtl.viz.side_by_side` images (rgb | ground truth | prediction)."""
     was_training = model.training
     model.eval()
     metrics = MultiTaskMetrics(device=device)
-    for batch in DeviceBatches(iter(loader), device, channels_last):
+    for i, batch in enumerate(DeviceBatches(iter(loader), device, channels_last)):
         labels, depth_m = predict(model, batch["rgb"], codec, amp)
         metrics.update(labels, depth_m, batch)
+        if i == 0 and pictures is not None:
+            pictures.extend(draw_predictions(batch, labels, depth_m, num_pictures))
         if progress:
             progress()
     model.train(was_training)
     return metrics
+
+
+def draw_predictions(batch: dict[str, torch.Tensor], labels: torch.Tensor, depth_m: torch.Tensor, n: int) -> list[np.ndarray]:
+    """The first ``n`` images of a batch with their ground truth and predictions (HxWx3 uint8)."""
+    rgb, gt = batch["rgb"][:n].float().cpu().numpy(), [batch[k][:n].cpu().numpy() for k in ("semseg", "depth", "valid")]
+    labels, depth_m = labels[:n].cpu().numpy(), depth_m[:n].cpu().numpy()
+    return [side_by_side(denormalize_rgb(rgb[i]), labels[i], depth_m[i], gt[0][i], gt[1][i], gt[2][i]) for i in range(len(rgb))]
 
 
 # ------------------------------------------------------------------------------ the epoch loop
@@ -155,6 +180,9 @@ class Runtime:
     preemption: Callable[[], Any] | None = None
     console: Any = None  # rich Console of rank 0 (None: the default console)
     cpus: int | None = None  # CPUs reserved for this process (sizes the loader); None = what it may run on
+    # rank 0 logs to MLflow when MLFLOW_TRACKING_URI is set (`mtl.tracking`); False where the caller
+    # logs the run itself (a sweep's trials: Ray Tune's MLflow callback)
+    track_mlflow: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -180,7 +208,7 @@ class FitResult:
     metrics: list[dict[str, float]]  # one entry per validation (epoch)
     lrs: list[float]  # the LR used at every optimizer step of this call
     model: nn.Module
-    best_grader: float
+    best_score: float  # the best validation score (`mtl.multitask.selection_score`)
     input_size: list[int] | None = None  # (H, W) the model was trained for (see `Loaders.image_size`)
 
 
@@ -201,23 +229,64 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.data: Loaders = build_loaders(cfg, rt.rank, rt.world, pin_memory=self.device.type == "cuda", cpus=rt.cpus)
         self.steps_per_epoch = self._steps_per_epoch()
+        # the global batch now, and as planned (--num-workers ranks): an elastic run may have fewer
+        self.global_batch = t.batch_size * t.grad_accum * rt.world
+        self.planned_world = max(cfg.dist.num_workers, rt.world)
+        self.planned_batch = t.batch_size * t.grad_accum * self.planned_world
+        self.start: int | None = None  # the first epoch's data position (samples over all ranks), when resumed elsewhere
         model = build_model(cfg.model).to(self.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.strategy = rt.make_strategy(model, build_optimizer(model, cfg), cfg)
         self.codec, self.amp = DepthCodec(resolve(cfg.model).depth_space), autocast(self.device, t.bf16)
+        self.weighting = self._weighting()
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
-        self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self.steps_per_epoch, world=rt.world,
-                                input_size=list(self.data.image_size) if self.data.image_size else None)
-        self.checkpointer = Checkpointer(rt.storage, run_url(cfg), self.strategy, {"train_state": self.state, "rng": RNGState()},
-                                         rt.rank) if rt.storage else None
+        self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self._planned_steps_per_epoch(), world=rt.world,
+                                input_size=list(self.data.image_size) if self.data.image_size else None,
+                                samples=0, epoch_samples=0)
+        states = {"train_state": self.state, "rng": RNGState()}
+        if self.weighting.stateful:  # (fixed weights have no state: checkpoints of earlier versions stay readable)
+            states["task_weighting"] = self.weighting
+        self.checkpointer = Checkpointer(rt.storage, run_url(cfg), self.strategy, states, rt.rank) if rt.storage else None
         self.schedule = self._restore()
         if rt.is_main:  # data found, checkpoint accepted: the run folder gets (or updates) its configuration
             RunFolder(run_url(cfg)).write_config(cfg)
         if t.compile:
             self.strategy.model = torch.compile(self.strategy.model)
-        self.step = make_step(cfg, self.strategy, self.codec, self.amp, self.device, rt.world, self.log)
+        self.step = make_step(cfg, self.strategy, self.codec, self.amp, self.device, rt.world, self.log, self.weighting)
+        # rank 0 of a run with a run folder: TensorBoard, curves.png, MLflow (`mtl.tracking`)
+        self.tracker = self._tracker() if rt.is_main and rt.storage else None
         self.preempted = False  # a preemption notice was seen (and answered with a checkpoint)
+        self.last_checkpoint = monotonic()  # (or the start: --checkpoint-every-min counts from there)
+
+    def _weighting(self) -> TaskWeighting:
+        """The task weighting on this device; a learned one learns from the losses averaged over
+        ranks (`mtl.weighting`), so every rank holds the same weights."""
+        weighting = build_weighting(self.cfg.optim).to(self.device)
+        world, strategy = self.rt.world, self.strategy
+        if world > 1:
+            weighting.average = lambda t: strategy.all_reduce_sum(t) / world
+        return weighting
+
+    def _tracker(self) -> Any:
+        from mtl.tracking import Tracker  # (its writer libraries load only for runs that keep a run folder)
+
+        return Tracker(run_url(self.cfg), run_name(self.cfg), self.cfg.to_dict(), start_step=self.state.step,
+                       mlflow=self.rt.track_mlflow, log=self.log)
+
+    def _planned_steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch with the planned --num-workers ranks (the LR plan's unit)."""
+        if self.planned_world == self.rt.world:
+            return self.steps_per_epoch
+        t = self.cfg.train
+        steps = -(-self.data.num_train // self.planned_world) // t.batch_size // t.grad_accum
+        return max(1, min(steps, t.max_steps_per_epoch or steps))
+
+    def lr_step(self) -> float:
+        """Where the LR plan stands: samples trained on, in planned global batches. With the
+        planned number of ranks that is the optimizer step; an elastic run with fewer ranks takes
+        smaller steps (the per-rank batch stays) and moves along the plan by the samples seen."""
+        return self.state.samples / self.planned_batch
 
     def _steps_per_epoch(self) -> int:
         t = self.cfg.train
@@ -243,21 +312,36 @@ class Trainer:
         # else the same plan, perhaps with other steps per epoch now (shards dealt to another
         # number of loader workers): the stored length keeps the LR curve continuous
         schedule = PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
+        if s.samples is None:  # a checkpoint of an earlier version: always the planned ranks
+            per_rank_step = self.cfg.train.batch_size * self.cfg.train.grad_accum
+            s.samples, s.epoch_samples = s.step * self.planned_batch, s.epoch_step * per_rank_step * s.world
         inside = f" ({s.epoch_step} steps into epoch {s.epoch + 1})" if s.epoch_step else ""
-        self.log(f"resumed from {loaded['url']}: epoch {s.epoch}, step {s.step}/{s.total_steps}{inside}, next LR {schedule(s.step):.3g}")
+        self.log(f"resumed from {loaded['url']}: epoch {s.epoch}, step {s.step}/{s.total_steps}{inside}, "
+                 f"next LR {schedule(self.lr_step()):.3g}")
         self._continue_inside_epoch()
         return schedule
 
     def _continue_inside_epoch(self) -> None:
         """A checkpoint from inside an epoch continues it at the same data position. Written by
-        another number of ranks, whose shares of the epoch differ, it goes on after the same
-        number of samples in all, which some ranks may have seen and some not (logged)."""
+        another number of ranks (an elastic run, `Runtime` of another size), whose shares of the
+        epoch differ: a folder source goes on from the same position of the epoch's order (every
+        sample once: `mtl.data.loader.EpochSampler`); a shard stream, whose order depends on the
+        ranks, after the same number of samples, which some ranks may have seen and some not
+        (logged)."""
         s, world = self.state, self.rt.world
         if s.epoch_step and s.world != world:
-            steps = min(s.epoch_step * s.world // world, self.steps_per_epoch)
+            t = self.cfg.train
+            if isinstance(self.data.train, FolderLoader):
+                left = -(-max(0, self.data.num_train - s.epoch_samples) // world) // t.batch_size // t.grad_accum
+                steps, self.start = max(0, self.steps_per_epoch - left), s.epoch_samples
+                note = (f"goes on from sample {s.epoch_samples} of the epoch's order with {min(left, self.steps_per_epoch)} "
+                        f"steps per rank left: no sample twice, none skipped")
+            else:
+                steps = min(s.epoch_samples // self.global_batch, self.steps_per_epoch)
+                note = (f"goes on after {steps} steps per rank (about the same number of samples in all); a shard stream's "
+                        f"order depends on the ranks, so samples of this epoch may be seen twice or skipped")
             self.log(f"the checkpoint was written {s.epoch_step} steps into epoch {s.epoch + 1} by {s.world} ranks and this "
-                     f"run has {world}: the epoch goes on after {steps} steps per rank (the same number of samples in all); "
-                     f"the ranks' shares differ, so samples of this epoch may be seen twice or skipped")
+                     f"run has {world}: the epoch {note}")
             if s.epoch_loss and steps:
                 s.epoch_loss = [v * steps / s.epoch_step for v in s.epoch_loss]
             s.epoch_step = steps
@@ -280,13 +364,13 @@ class Trainer:
         if self.rt.is_main:
             self.announce()
         history, lrs, s_ = [], [], self.state
-        it = self._batches(s_.epoch, s_.epoch_step) if s_.epoch < t.epochs else None
+        it = self._batches(s_.epoch, s_.epoch_step, self.start) if s_.epoch < t.epochs else None
         try:
             with TrainProgress(self.log, enabled=self.rt.is_main, interval_s=t.log_interval_s) as bar:
                 while s_.epoch < t.epochs:
                     first_lr = len(lrs)
                     loss, ips = self.train_epoch(it, bar, lrs)
-                    s_.epoch, s_.epoch_step, s_.epoch_loss = s_.epoch + 1, 0, None
+                    s_.epoch, s_.epoch_step, s_.epoch_loss, s_.epoch_samples = s_.epoch + 1, 0, None, 0
                     # the next epoch's loader workers start (and fill their prefetch queues) during
                     # validation and checkpointing instead of stalling its first step
                     it = self._batches(s_.epoch) if s_.epoch < t.epochs else None
@@ -294,13 +378,20 @@ class Trainer:
                     history.append(metrics)
                     if on_epoch_end:
                         on_epoch_end(s_.epoch, metrics)
+            classes = class_iou_table(history[-1], f"IoU per class after epoch {s_.epoch}") if history else None
+            if classes and self.rt.is_main:
+                self.log(classes)
         finally:
+            if self.tracker:  # (a crashed attempt's MLflow run ends FAILED)
+                self.tracker.close(failed=sys.exc_info()[0] is not None)
             self.log.flush()
         return FitResult(history, lrs, self.strategy.module, self.state.best, self.state.input_size)
 
-    def _batches(self, epoch: int, skip_steps: int = 0) -> DeviceBatches:
-        """Epoch ``epoch``'s model batches, from optimizer step ``skip_steps`` of it on."""
-        return start_epoch(self.data.train, epoch, self.device, self.cfg.train.channels_last, skip_steps * self.cfg.train.grad_accum)
+    def _batches(self, epoch: int, skip_steps: int = 0, start: int | None = None) -> DeviceBatches:
+        """Epoch ``epoch``'s model batches, from optimizer step ``skip_steps`` of it on (or from
+        sample ``start`` of its order over all ranks)."""
+        return start_epoch(self.data.train, epoch, self.device, self.cfg.train.channels_last, skip_steps * self.cfg.train.grad_accum,
+                           start)
 
     def train_epoch(self, it: DeviceBatches, bar: TrainProgress, lrs: list[float]) -> tuple[list[float], float]:
         """The epoch's optimizer steps (those after ``epoch_step``, when resumed inside it);
@@ -315,22 +406,32 @@ class Trainer:
         t0 = last_read = time.perf_counter()
         n_img, loss = 0, [float("nan")] * 3
         for s in range(s_.epoch_step, self.steps_per_epoch):
-            lrs.append(self.schedule.apply(strategy.optimizer, s_.step))
+            lrs.append(self.schedule.apply(strategy.optimizer, self.lr_step()))
             for k in range(t.grad_accum):
                 batch = next(it)
                 parts = self.step(batch, k == t.grad_accum - 1)
                 running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / t.grad_accum
                 n_img += batch["rgb"].shape[0]
             s_.step, s_.epoch_step = s_.step + 1, s + 1
+            s_.samples, s_.epoch_samples = s_.samples + self.global_batch, s_.epoch_samples + self.global_batch
             if self._checkpoint_due(s):
                 self._save_inside_epoch(running, lrs[-1])
             now = time.perf_counter()
             if (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch or now - last_read >= t.log_interval_s > 0:
-                loss, last_read = (running / (s + 1)).tolist(), now  # a host sync (besides: step checkpoints, preemption polls)
-                bar.update(s + 1, loss, n_img * self.rt.world / (now - t0), lrs[-1])
+                # a host sync (besides: step checkpoints, preemption polls)
+                read = torch.cat([running / (s + 1), self.weighting.weights().to(running)]).tolist()
+                loss, weights, last_read, ips = read[:3], read[3:], now, n_img * self.rt.world / (now - t0)
+                bar.update(s + 1, loss, ips, lrs[-1])
+                self._track_step(loss, weights, ips, lrs[-1])
         if s_.input_size is None and n_img:  # validation images of varying size: the training crops'
             s_.input_size = list(batch["rgb"].shape[-2:])
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
+
+    def _track_step(self, loss: list[float], weights: list[float], ips: float, lr: float) -> None:
+        if self.tracker:
+            values = {"train/loss": loss[0], "train/loss_semseg": loss[1], "train/loss_depth": loss[2], "train/lr": lr,
+                      "train/images_per_s": ips, **{f"weights/{k}": w for k, w in zip(TASKS, weights)}}
+            self.tracker.step(self.state.step, values)
 
     def _checkpoint_due(self, s: int) -> bool:
         """A step checkpoint after step ``s`` of the epoch: every ``--checkpoint-every`` steps,
@@ -340,7 +441,7 @@ class Trainer:
         t, s_ = self.cfg.train, self.state
         if not self.checkpointer or s + 1 >= self.steps_per_epoch:
             return False
-        due = bool(t.checkpoint_every) and s_.step % t.checkpoint_every == 0
+        due = bool(t.checkpoint_every) and s_.step % t.checkpoint_every == 0 or self._checkpoint_time_due(s)
         if self.rt.preemption and t.preemption_poll_every and s_.step % t.preemption_poll_every == 0:
             if not self.preempted:
                 notice = self.rt.preemption()
@@ -350,6 +451,21 @@ class Trainer:
                     self.log(f"preemption notice at step {s_.step} (nodes {getattr(notice, 'preempted_node_ids', '?')}{left}): "
                              f"a checkpoint now and at every poll until the node goes")
             due = due or self.preempted
+        return due
+
+    def _checkpoint_time_due(self, s: int) -> bool:
+        """``--checkpoint-every-min`` has passed since the last checkpoint. Ranks' clocks differ,
+        so several ranks decide together (rank 0's clock, one all-reduce) and only at the steps
+        where the loss is read anyway (every ``--log-every``): a step checkpoint is collective."""
+        t = self.cfg.train
+        if not t.checkpoint_every_min:
+            return False
+        if self.rt.world > 1 and (s + 1) % t.log_every:
+            return False
+        due = monotonic() - self.last_checkpoint >= 60.0 * t.checkpoint_every_min
+        if self.rt.world > 1:
+            flag = torch.tensor([float(due and self.rt.is_main)], device=self.device)
+            due = float(self.strategy.all_reduce_sum(flag)[0]) > 0  # (a host sync, every --log-every steps)
         return due
 
     def _save_inside_epoch(self, running: torch.Tensor, lr: float) -> None:
@@ -362,22 +478,34 @@ class Trainer:
         tag = f"epoch-{s_.epoch:04d}-step-{s_.step:08d}"
         metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],
                    "train_loss_semseg": mean[1], "train_loss_depth": mean[2], "restarts": s_.restarts}
+        t0 = time.perf_counter()
         self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best=False, metrics_file=False)
-        self.log(f"step checkpoint {tag}")
+        self.last_checkpoint = monotonic()
+        self.log(f"step checkpoint {tag} ({time.perf_counter() - t0:.2f} s of training stalled)")
 
     def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:
         """Validation (the bare module: a DDP wrapper would sync buffers per forward, and ranks
-        may hold unequal shares of the validation split), the metrics table, the checkpoint."""
+        may hold unequal shares of the validation split), the task weighting's epoch update, the
+        metrics table, the checkpoint, the tracker."""
         s_, t = self.state, self.cfg.train
-        metrics = rt_evaluate(self.strategy, self.data.val, self.codec, self.device, self.amp, t.channels_last)
+        pictures: list[np.ndarray] | None = [] if self.tracker else None
+        metrics = rt_evaluate(self.strategy, self.data.val, self.codec, self.device, self.amp, t.channels_last, pictures)
+        if self.weighting.epochwise:  # DWA: from the epoch's task losses over all ranks
+            means = self.strategy.all_reduce_sum(torch.tensor(loss[1:], device=self.device)) / self.rt.world
+            self.weighting.end_epoch(means.tolist())
         metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": epoch_lrs[-1], "train_loss": loss[0],
                         "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips,
-                        "restarts": s_.restarts, "epoch_lrs": epoch_lrs})
-        is_best = metrics["grader"] > s_.best
-        s_.best = max(s_.best, metrics["grader"])
+                        "restarts": s_.restarts, "epoch_lrs": epoch_lrs, "world": self.rt.world, "samples": s_.samples,
+                        **{f"weights/{k}": w for k, w in zip(TASKS, self.weighting.weights().tolist())}})
+        metrics = task_metrics(metrics, self.cfg.optim.tasks)
+        is_best = metrics["score"] > s_.best
+        s_.best = max(s_.best, metrics["score"])
         bar.metrics_table(metrics)
         if self.checkpointer:
             self.checkpointer.save(f"epoch-{s_.epoch:04d}", self.cfg.to_dict(), metrics, is_best)
+            self.last_checkpoint = monotonic()
+        if self.tracker:
+            self.tracker.epoch(s_.epoch, s_.step, metrics, {f"val/{i}": p for i, p in enumerate(pictures or [])})
         self.log.flush()
         return metrics
 
@@ -387,15 +515,22 @@ def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[st
     return Trainer(cfg, rt).fit(on_epoch_end)
 
 
-def start_epoch(loader, epoch: int, device: torch.device, channels_last: bool, skip_batches: int = 0) -> DeviceBatches:
-    """The epoch's model batches (from batch ``skip_batches`` on); the loader's workers start
-    now, the first batch is fetched on the first ``next()``."""
-    loader.set_epoch(epoch, skip_batches)
+def start_epoch(loader, epoch: int, device: torch.device, channels_last: bool, skip_batches: int = 0,
+                start: int | None = None) -> DeviceBatches:
+    """The epoch's model batches (from batch ``skip_batches`` on, or from sample ``start`` of the
+    epoch's order over all ranks: a folder source only); the loader's workers start now, the
+    first batch is fetched on the first ``next()``."""
+    if start is not None:
+        loader.set_epoch(epoch, start=start)
+    else:
+        loader.set_epoch(epoch, skip_batches)
     return DeviceBatches(iter(loader), device, channels_last)
 
 
-def rt_evaluate(strategy: Strategy, loader, codec: DepthCodec, device: torch.device, amp, channels_last: bool) -> dict[str, float]:
-    """The metrics of a split whose shares the ranks hold, summed over ranks (`Strategy.all_reduce_sum`)."""
-    m = evaluate(strategy.module, loader, codec, device, amp, channels_last)
+def rt_evaluate(strategy: Strategy, loader, codec: DepthCodec, device: torch.device, amp, channels_last: bool,
+                pictures: list[np.ndarray] | None = None) -> dict[str, float]:
+    """The metrics of a split whose shares the ranks hold, summed over ranks (`Strategy.all_reduce_sum`);
+    ``pictures`` (a list): this rank's first predictions drawn into it (`evaluate`)."""
+    m = evaluate(strategy.module, loader, codec, device, amp, channels_last, pictures=pictures)
     m.state = strategy.all_reduce_sum(m.state)
     return m.compute()

@@ -37,16 +37,22 @@ class DepthCodec:
         return pred * LIN_STD + LIN_MEAN
 
 
-def multitask_loss(out: dict[str, list[torch.Tensor]], batch: dict[str, torch.Tensor], codec: DepthCodec,
-                   semseg_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """w * CE(ignore 255) + (1 - w) * L1 on valid depth, summed over deep-supervision outputs.
-
-    Returns the total and the detached per-task parts (tensors: no host sync here).
-    """
+def task_losses(out: dict[str, list[torch.Tensor]], batch: dict[str, torch.Tensor], codec: DepthCodec) -> torch.Tensor:
+    """The task losses, in `mtl.multitask.TASKS` order: [CE(ignore 255), L1 on valid depth], each
+    summed over the deep-supervision outputs. One tensor: no host sync here; the weighting
+    (`mtl.weighting`) makes the total."""
     target = codec.encode(batch["depth"])
     valid = batch["valid"]
     n_valid = valid.sum().clamp(min=1)
     seg = sum(F.cross_entropy(o.float(), batch["semseg"], ignore_index=IGNORE_INDEX) for o in out["semseg"])
     dep = sum(((o[:, 0].float() - target).abs() * valid).sum() / n_valid for o in out["depth"])
-    total = semseg_weight * seg + (1.0 - semseg_weight) * dep
-    return total, {"loss_semseg": seg.detach(), "loss_depth": dep.detach()}
+    return torch.stack([seg, dep])
+
+
+def multitask_loss(out: dict[str, list[torch.Tensor]], batch: dict[str, torch.Tensor], codec: DepthCodec,
+                   semseg_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """w * CE + (1 - w) * depth loss (`--task-weighting fixed`: what the benchmark's pure path
+    computes). Returns the total and the detached per-task parts."""
+    losses = task_losses(out, batch, codec)
+    total = semseg_weight * losses[0] + (1.0 - semseg_weight) * losses[1]
+    return total, {"loss_semseg": losses[0].detach(), "loss_depth": losses[1].detach()}

@@ -20,7 +20,8 @@ from rich.table import Table
 from mtl.storage import is_local, read_bytes, url_to_fs, write_bytes_atomic
 
 MAIN_KEYS = {"miou": "mIoU", "si_log_rmse": "SI-log", "grader": "grader", "mae": "MAE m", "rmse": "RMSE m",
-             "abs_rel": "absRel", "delta1": "δ1 %", "train_loss": "loss", "train_images_per_s": "img/s"}
+             "abs_rel": "absRel", "delta1": "δ1 %", "train_loss": "loss", "weights/semseg": "w seg",
+             "train_images_per_s": "img/s"}
 
 
 def wide_console(stderr: bool = False) -> Console:
@@ -30,10 +31,30 @@ def wide_console(stderr: bool = False) -> Console:
 
 
 def metrics_table(metrics: dict[str, float], title: str) -> Table:
+    """The main numbers in one row; columns of metrics a run does not have (a single-task run's
+    other task) are left out."""
+    keys = [k for k in MAIN_KEYS if k in metrics]
     table = Table(title=title, show_header=True)
-    for label in MAIN_KEYS.values():
-        table.add_column(label, justify="right")
-    table.add_row(*(f"{metrics[k]:.2f}" if k in metrics else "-" for k in MAIN_KEYS))
+    for k in keys:
+        table.add_column(MAIN_KEYS[k], justify="right")
+    table.add_row(*(f"{metrics[k]:.2f}" for k in keys))
+    return table
+
+
+def class_iou_table(metrics: dict[str, float], title: str) -> Table | None:
+    """Per-class IoU (%), one row per class as segmentation toolkits print it; classes absent
+    from both ground truth and predictions show "-" (they do not count in the mIoU). None when
+    ``metrics`` has no segmentation."""
+    names = [k.split("/", 1)[1] for k in metrics if k.startswith("iou/")]
+    if not names:
+        return None
+    table = Table(title=title, show_header=True)
+    table.add_column("class")
+    table.add_column("IoU %", justify="right")
+    for name in names:
+        v = metrics[f"iou/{name}"]
+        table.add_row(name, f"{v:.2f}" if v == v else "-")
+    table.add_row("[bold]mean[/]", f"[bold]{metrics['miou']:.2f}[/]")
     return table
 
 

@@ -32,6 +32,11 @@ CONFIG_FILE = "config.json"
 # hash (a 16-epoch run is another recipe than an 8-epoch one), so extending a run names it:
 # --resume --name <run> --epochs N
 RESUMABLE_CHANGES = frozenset({"train.epochs"})
+# identity fields added after runs already existed: left out of the identity (name hash, resume
+# check) while they hold these values, the behaviour before they existed, so earlier runs keep
+# their names and can be resumed
+LATER_FIELDS = {"optim.tasks": ["semseg", "depth"], "optim.task_weighting": "fixed", "optim.weighting_lr": 0.025,
+                "optim.dwa_temperature": 2.0}
 
 
 class RunConflict(ValueError):
@@ -54,6 +59,9 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
             if not f.metadata.get("operational"):
                 v = getattr(sub, f.name)
                 flat[f"{part.name}.{f.name}"] = list(v) if isinstance(v, tuple) else v
+    for k, default in LATER_FIELDS.items():
+        if flat.get(k) == default:
+            del flat[k]
     if cfg.data.root or cfg.data.shards:  # the synthetic set's settings only matter when it is used
         flat.pop("data.synthetic_size")
         flat.pop("data.synthetic_counts")
@@ -71,11 +79,16 @@ def _short_float(x: float) -> str:
 
 
 def run_name(cfg: ExperimentConfig) -> str:
-    """``--name``, else e.g. ``branched_resnet34_os16_adam-lr4e-4_w0.5_bs16_e16-3f2a1c9d``."""
+    """``--name``, else e.g. ``branched_resnet34_os16_adam-lr4e-4_w0.5_bs16_e16-3f2a1c9d`` (``w0.5-famo``
+    with another task weighting, ``semseg-only`` for a single-task run)."""
     if cfg.train.name:
         return cfg.train.name
     m, o, t = resolve(cfg.model), cfg.optim, cfg.train
-    return (f"{m.arch}_{m.encoder}_os{m.output_stride}_{o.optimizer}-lr{_short_float(o.lr)}_w{o.semseg_weight:g}_"
+    if len(o.tasks) == 1:
+        weighting = f"{o.tasks[0]}-only"
+    else:
+        weighting = f"w{o.semseg_weight:g}" + ("" if o.task_weighting == "fixed" else f"-{o.task_weighting}")
+    return (f"{m.arch}_{m.encoder}_os{m.output_stride}_{o.optimizer}-lr{_short_float(o.lr)}_{weighting}_"
             f"bs{t.batch_size}_e{t.epochs}-{config_hash(cfg)}")
 
 

@@ -9,6 +9,7 @@ from mtl.engine import autocast, build_optimizer, train_step
 from mtl.losses import DepthCodec
 from mtl.models import ARCHITECTURES, build_model
 from mtl.strategy import PlainStrategy
+from mtl.weighting import TaskWeighting
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +26,7 @@ def test_bf16_channels_last_train_step_on_cuda(arch):
              "semseg": torch.randint(0, NUM_CLASSES, (4, 256, 512), device=device),
              "depth": torch.rand(4, 256, 512, device=device) * 50 + 4, "valid": torch.ones(4, 256, 512, dtype=torch.bool, device=device)}
     strategy = PlainStrategy(model, opt)
-    losses = [float(train_step(strategy, batch, DepthCodec("log"), 0.5, autocast(device, True))["loss"]) for _ in range(5)]
+    losses = [float(train_step(strategy, batch, DepthCodec("log"), TaskWeighting([0.5, 0.5]).to(device), autocast(device, True))["loss"]) for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 

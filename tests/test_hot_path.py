@@ -19,6 +19,7 @@ from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model
 from mtl.opcount import OpRecorder
 from mtl.strategy import PlainStrategy
+from mtl.weighting import build_weighting
 
 
 def loader_batch(n: int = 2, h: int = 64, w: int = 128, augment: bool = True) -> dict[str, torch.Tensor]:
@@ -35,23 +36,29 @@ def loader_batch(n: int = 2, h: int = 64, w: int = 128, augment: bool = True) ->
     return batch
 
 
-@pytest.mark.parametrize("arch,optimizer,grad_accum", [("branched", "adam", 1), ("distillation", "sgd", 2)])
-def test_train_steps_queue_without_host_syncs(arch, optimizer, grad_accum):
-    cfg = ExperimentConfig(model=ModelConfig(arch=arch, encoder="resnet18"), optim=OptimConfig(optimizer=optimizer, grad_clip=1.0))
+@pytest.mark.parametrize("arch,optimizer,grad_accum,weighting", [("branched", "adam", 1, "famo"), ("distillation", "sgd", 2, "uncertainty"),
+                                                                  ("branched", "adam", 1, "fixed")])
+def test_train_steps_queue_without_host_syncs(arch, optimizer, grad_accum, weighting):
+    """Learned task weights included: their update is device work too (`mtl.weighting`)."""
+    cfg = ExperimentConfig(model=ModelConfig(arch=arch, encoder="resnet18"),
+                           optim=OptimConfig(optimizer=optimizer, grad_clip=1.0, task_weighting=weighting))
     cpu = torch.device("cpu")
     model = build_model(cfg.model).to(memory_format=torch.channels_last)
     strategy = PlainStrategy(model, build_optimizer(model, cfg), grad_accum, cfg.optim.grad_clip)
+    weights = build_weighting(cfg.optim)
+    weights_before = weights.weights().clone()
     running = torch.zeros(3)
     params_before = [p.detach().clone() for p in model.parameters()]
     for step in range(2):  # the second step runs with optimizer state (Adam's step counters)
         with OpRecorder() as rec:
             for k in range(grad_accum):  # what `fit` does per optimizer step
                 batch = to_model_batch(loader_batch(), cpu, channels_last=True)
-                parts = train_step(strategy, batch, DepthCodec("log"), 0.5, autocast(cpu, True), last_micro_batch=k == grad_accum - 1)
+                parts = train_step(strategy, batch, DepthCodec("log"), weights, autocast(cpu, True), last_micro_batch=k == grad_accum - 1)
                 running += torch.stack([parts["loss"], parts["loss_semseg"], parts["loss_depth"]]) / grad_accum
         assert rec.host_syncs() == {}, f"step {step} reads device values on the host: {rec.host_syncs()}"
         assert rec.total > 100  # the recorder saw the whole step
     assert any(not torch.equal(a, b) for a, b in zip(params_before, model.parameters()))  # and it did update
+    assert torch.equal(weights.weights(), weights_before) == (weighting == "fixed")  # learned weights moved
     assert torch.isfinite(running).all()
 
 

@@ -141,5 +141,47 @@ def test_step_checkpoints_are_kept_like_epoch_ones_and_sweeps_refuse_them(tiny_r
     assert history == sorted(history) and history[-1] == "epoch-0002"
     assert history == ["epoch-0001-step-00000015", "epoch-0002"]  # --keep-last 2
     assert sorted(p.name for p in (tmp_path / "run" / "metrics").iterdir()) == ["epoch-0001.json", "epoch-0002.json"]
-    with pytest.raises(ValueError, match="--checkpoint-every: sweeps checkpoint at epoch ends only"):
+    with pytest.raises(ValueError, match="--checkpoint-every-min: sweeps checkpoint at epoch ends only"):
         check_space({}, cfg)
+
+
+def test_a_time_interval_brings_step_checkpoints(tiny_root, tmp_path, monkeypatch):
+    """--checkpoint-every-min: a step checkpoint once that much time has passed since the last
+    checkpoint (the clock is made to jump 2 minutes per step: one every 3 steps at 5 minutes)."""
+    import itertools
+
+    import mtl.engine
+
+    ticks = itertools.count()
+    monkeypatch.setattr(mtl.engine, "monotonic", lambda: 120.0 * next(ticks))
+    cfg = config(DataConfig(root=tiny_root, workers=0), tmp_path).with_values(
+        {"train.checkpoint_every": 0, "train.checkpoint_every_min": 5.0, "train.epochs": 1, "train.keep_last": 0})
+    fit(cfg, local_runtime(cfg))
+    history = CheckpointIndex(run_url(cfg)).read()["history"]
+    assert history == ["epoch-0000-step-00000003", "epoch-0000-step-00000006", "epoch-0001"]
+
+
+def test_ranks_of_another_world_size_continue_an_epoch_with_every_sample_once():
+    """Elastic training's data position: 2 ranks train 5 steps, 1 rank goes on from there for 4,
+    then 3 ranks to the epoch's end. Each sample of the epoch is trained on at most once, and
+    only the last incomplete global batch is left out."""
+    from mtl.data.loader import EpochSampler
+
+    n, batch, seen, start = 100, 4, [], 0
+    for world, steps in ((2, 5), (1, 4), (3, None)):
+        shares = []
+        for rank in range(world):
+            sampler = EpochSampler(n, shuffle=True, seed=3, rank=rank, world=world)
+            sampler.set_epoch(1, start=start)
+            items = [i for _, i in sampler]
+            full = len(items) // batch  # drop_last
+            shares.append(items[: batch * (full if steps is None else steps)])
+        assert len({len(s) for s in shares}) == 1  # every rank takes the same number of steps
+        seen += [i for s in shares for i in s]
+        start += sum(len(s) for s in shares)
+    assert len(seen) == len(set(seen)) and len(seen) > n - 3 * batch
+    same = EpochSampler(n, True, 3, rank=1, world=2)
+    same.set_epoch(1, skip=8)  # the same world: a skip of 8 items per rank is position 16
+    moved = EpochSampler(n, True, 3, rank=1, world=2)
+    moved.set_epoch(1, start=16)
+    assert list(same) == list(moved) and len(same) == 50 - 8

@@ -1,7 +1,12 @@
-"""Sweep settings are checked before Ray or any trial starts; the search space is one table of
-knobs from which Tune's space, each trial's config and name, and the report's columns follow."""
+"""Sweeps are checked before Ray or any trial starts. The search space is given on the command line
+(``--space FIELD=KIND:ARGS``) for any config field; flags given for fields the space does not
+sweep fix them for every trial; the space alone gives Tune's space, each trial's config and name,
+PBT's mutations and the report's columns. PBT trials continue from another trial's checkpoint in
+a run folder of their own. No test here starts Ray."""
 
 import csv
+import json
+import math
 import os
 import subprocess
 import sys
@@ -9,27 +14,29 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
-from mtl.config import ExperimentConfig
-from mtl.distributed.sweep_report import COLUMNS, rows_from_results, write_reports
-from mtl.distributed.sweep_space import KNOBS, SweepConfig, check_space, space, trial_config, trial_name
+from mtl.config import ExperimentConfig, OptimConfig, TrainConfig
+from mtl.distributed.sweep_report import SweepReport
+from mtl.distributed.sweep_space import (DEFAULT_SPACE, SweepConfig, SweepSpec, check_space, choose_space, explicit_fields,
+                                         parse_dim, parse_space, plan_sweep, trial_config, trial_name)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HP = {"lr": 3.2e-4, "optimizer": "adam", "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "batch_size": 16}
+SPACE = parse_space(["lr=loguniform:1e-5:1e-3", "--semseg-weight=uniform:0.3:0.7", "data.scale_max=choice:1.0,1.25",
+                     "hflip=choice:true,false", "encoder=choice:resnet18,resnet34"])
+HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "encoder": "resnet18"}
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--lr-min=-1e-4"], "--lr-min: --lr must be positive, got -0.0001"),
-    (["--lr-min", "1e-2", "--lr-max", "1e-3"], "need --lr-min <= --lr-max, got 0.01, 0.001"),
-    (["--semseg-weight-max", "1.5"], "--semseg-weight-max: --semseg-weight must lie in [0, 1], got 1.5"),
-    (["--semseg-weight-min", "-0.1"], "--semseg-weight-min: --semseg-weight must lie in [0, 1]"),
-    (["--optimizers", "rmsprop"], "--optimizers must be one of adam, sgd; got 'rmsprop'"),
-    (["--scale-max-choices", "0.5"], "--scale-max-choices: --scale-min/--scale-max: need 0 < min <= max, got 1.0, 0.5"),
-    (["--hflip-choices", "maybe"], "--hflip-choices must be one of True, False; got 'maybe'"),
-    (["--batch-sizes"], "--batch-sizes needs at least one value"),
+    (["--space", "lr=loguniform:1e-2:1e-3"], "--space lr=loguniform:1e-2:1e-3: need LOW <= HIGH, got 0.01 and 0.001"),
+    (["--space", "semseg_weight=uniform:0.3:1.5"], "--space optim.semseg_weight=uniform:0.3:1.5: --semseg-weight must lie in [0, 1], got 1.5"),
+    (["--space", "encoder=choice:resnet18,resnet99"], "--space encoder=choice:resnet18,resnet99: --encoder must be one of resnet18, resnet34, resnet50; got 'resnet99'"),
+    (["--space", "lr=loguniform:1e-5:1e-3", "--lr", "3e-4"], "--lr is given and --space optim.lr=loguniform:1e-05:0.001 sweeps it"),
+    (["--scheduler", "pbt", "--space", "batch_size=choice:8,16"], "--scheduler pbt cannot sweep batch_size"),
+    (["--metric", "delta_m", "--baselines", "/nonexistent/run"], "error: /nonexistent/run is not a run folder (no config.json)"),
     (["--reduction-factor", "1"], "--reduction-factor >= 2"),
 ])
-def test_bad_search_space_fails_before_any_trial(args, message):
+def test_bad_sweep_fails_before_any_trial(args, message):
     t0 = time.time()
     r = subprocess.run([sys.executable, "jobs/tune.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -37,27 +44,173 @@ def test_bad_search_space_fails_before_any_trial(args, message):
     assert time.time() - t0 < 60
 
 
-def test_trial_names_are_descriptive():
-    assert trial_name("branched", HP, "3f2a1_00004") == "branched_adam-lr3.2e-04_w0.58_s1.25_flip_bs16_3f2a1_00004"
-    assert SweepConfig().validate().semseg_weight_min <= 0.58 <= SweepConfig().semseg_weight_max  # the report's ratio is in range
+def test_a_space_names_any_field_and_reads_values_with_its_type():
+    by_path = {d.path: d for d in SPACE}
+    assert list(by_path) == ["optim.lr", "optim.semseg_weight", "data.scale_max", "data.hflip", "model.encoder"]
+    assert by_path["optim.lr"].values == (1e-5, 1e-3) and by_path["data.hflip"].values == (True, False)
+    tw = parse_dim("--task-weighting=choice:fixed,uncertainty,dwa,famo")
+    assert (tw.path, tw.values) == ("optim.task_weighting", ("fixed", "uncertainty", "dwa", "famo"))
+    assert parse_dim("output_stride=choice:8,16").values == (8, 16)  # Literal[8, 16, 32] | None
+    assert parse_dim("aspp_rates=choice:6+12+18,12+24+36").values == ((6, 12, 18), (12, 24, 36))
+    assert parse_dim("crop=choice:224x448,none").values == ((224, 448), None)
+    assert parse_dim("batch_size=choice:8,16").values == (8, 16)
+    for d in (*SPACE, tw, parse_dim("crop=choice:224x448,none"), parse_dim("aspp_rates=choice:6+12+18")):
+        assert parse_dim(d.text) == d  # the canonical text (sweep.json, the log) reads back the same
+    for text, message in [("lr=log:1:2", "expected FIELD=loguniform:LOW:HIGH"), ("nope=choice:1", "'nope' is not a config field"),
+                          ("batch_size=uniform:8:16", "--batch-size is an integer: give its values with choice"),
+                          ("encoder=uniform:1:2", "--encoder is not a number"), ("lr=loguniform:0:1e-3", "loguniform needs LOW > 0"),
+                          ("hflip=choice:maybe", "--hflip is true or false"), ("workers=choice:1,2", "--workers says how a run executes"),
+                          ("tasks=choice:semseg", "the trials of a sweep train the same tasks"), ("epochs=choice:4,8", "every trial trains --epochs")]:
+        with pytest.raises(ValueError, match=f"--space {text}: .*{message}" if "expected" not in message else message):
+            parse_dim(text)
+    with pytest.raises(ValueError, match="--space sweeps lr twice"):
+        parse_space(["lr=loguniform:1e-5:1e-3", "optim.lr=uniform:1e-4:1e-3"])
+    # values are checked together: a trial could draw scale_min above scale_max
+    with pytest.raises(ValueError, match="a trial may draw scale_min=1.5, scale_max=1.25"):
+        check_space(parse_space(["scale_min=choice:1.0,1.5", "scale_max=choice:1.25,2.0"]), ExperimentConfig().with_values({"data.scale_max": 2.0}))
+    with pytest.raises(ValueError, match="--checkpoint-every-min: sweeps checkpoint at epoch ends only"):
+        check_space(SPACE, ExperimentConfig(train=TrainConfig(checkpoint_every=5)))
 
 
-def test_the_knob_table_drives_the_space_and_the_trial_config():
-    knobs = space(SweepConfig(optimizers=("adam", "sgd"), lr_min=1e-4))
-    assert {k.path: v for k, v in knobs.items()}["optim.lr"] == (1e-4, 1e-3)
-    assert {k.name for k in knobs} == set(HP) and all(k.name in COLUMNS for k in KNOBS)
-    check_space(knobs, ExperimentConfig())
-    drawn = {**HP, "lr": np.float64(2e-4), "batch_size": np.int64(8), "hflip": np.bool_(False)}  # what a search library hands over
-    cfg = trial_config(ExperimentConfig(), drawn, "t1", "/sweeps/s/trials", resume=True)
-    assert (cfg.optim.lr, cfg.train.batch_size, cfg.data.hflip, cfg.data.scale_max, cfg.optim.semseg_weight) == (2e-4, 8, False, 1.25, 0.58)
-    assert type(cfg.train.batch_size) is int and type(cfg.data.hflip) is bool and type(cfg.optim.lr) is float
-    assert (cfg.train.out, cfg.train.name, cfg.train.resume) == ("/sweeps/s/trials", "t1", True)
-    with pytest.raises(ValueError, match="--batch-sizes: --epochs, --batch-size and --grad-accum must be >= 1"):
-        check_space(space(SweepConfig(batch_sizes=(16, 0))), ExperimentConfig())
+def test_flags_fix_the_fields_the_space_does_not_sweep():
+    argv = ["--lr", "3e-4", "--no-hflip", "--batch-size=4", "--space", "semseg_weight=uniform:0.4:0.6", "--out", "x"]
+    given = explicit_fields(argv)
+    assert given == {"optim.lr", "data.hflip", "train.batch_size", "train.out"}
+    space, notes = choose_space(["semseg_weight=uniform:0.4:0.6"], given)
+    assert [d.name for d in space] == ["semseg_weight"] and notes == []
+    base = ExperimentConfig().with_values({"optim.lr": 3e-4, "data.hflip": False, "train.batch_size": 4})
+    cfg = trial_config(base, space, {"semseg_weight": np.float64(0.45)}, "t1", "/sweeps/s/trials")
+    assert (cfg.optim.lr, cfg.data.hflip, cfg.train.batch_size, cfg.optim.semseg_weight) == (3e-4, False, 4, 0.45)
+    assert type(cfg.optim.semseg_weight) is float and (cfg.train.out, cfg.train.name, cfg.train.resume) == ("/sweeps/s/trials", "t1", False)
+    # a flag for a swept field is an error naming both, never an override
+    with pytest.raises(ValueError, match=r"--lr is given and --space optim.lr=loguniform:1e-05:0.001 sweeps it: give one"):
+        choose_space(["lr=loguniform:1e-5:1e-3"], given)
+    # the default space leaves out what the flags fix, and says so
+    space, notes = choose_space([], given)
+    assert [d.text for d in space] == [t for t in DEFAULT_SPACE if not t.startswith(("optim.lr", "data.hflip"))]
+    assert notes == ["the default space leaves out lr, hflip: fixed by --lr, --hflip"]
+    assert [d.name for d in choose_space([], set())[0]] == ["lr", "semseg_weight", "scale_max", "hflip"]
+    with pytest.raises(ValueError, match="every field of the default space is fixed by a flag"):
+        choose_space([], {"optim.lr", "optim.semseg_weight", "data.scale_max", "data.hflip"})
+    # what a search library hands over becomes the field's own type
+    drawn = {**HP, "lr": np.float64(2e-4), "hflip": np.bool_(False), "encoder": np.str_("resnet34")}
+    cfg = trial_config(ExperimentConfig(), SPACE, drawn, "t2", "/t", resume=True)
+    assert (cfg.optim.lr, cfg.data.hflip, cfg.model.encoder, cfg.train.resume) == (2e-4, False, "resnet34", True)
+    assert type(cfg.data.hflip) is bool and type(cfg.optim.lr) is float
+
+
+def test_trial_names_come_from_the_space():
+    assert trial_name("branched", SPACE, HP, "3f2a1_00004") == "branched_lr3.2e-04_w0.58_s1.25_flip_resnet18_3f2a1_00004"
+    space = parse_space(["task_weighting=choice:fixed,famo", "aspp_rates=choice:6+12+18", "crop=choice:224x448"])
+    assert trial_name("b", space, {"task_weighting": "famo", "aspp_rates": [6, 12, 18], "crop": (224, 448)}, "x") == \
+        "b_famo_aspp-rates6+12+18_crop224x448_x"
+
+
+def test_objectives_and_schedulers_are_checked_with_the_training_config():
+    base = ExperimentConfig()
+    spec = plan_sweep(SweepConfig(space=("lr=loguniform:1e-5:1e-3",), metric="delta_m", baselines=("a", "b")), base, set())
+    assert (spec.key, spec.mode, spec.baselines) == ("delta_m", "min", ("a", "b"))
+    assert SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    single = ExperimentConfig(optim=OptimConfig(tasks=("semseg",)))
+    with pytest.raises(ValueError, match="--metric grader judges a multi-task run; .* use --metric score"):
+        plan_sweep(SweepConfig(), single, set())
+    assert plan_sweep(SweepConfig(metric="score"), single, set()).mode == "max"
+    with pytest.raises(ValueError, match="--metric delta_m needs --baselines"):
+        plan_sweep(SweepConfig(metric="delta_m"), base, set())
+    with pytest.raises(ValueError, match="leave out --search optuna"):
+        plan_sweep(SweepConfig(scheduler="pbt", search="optuna"), base, set())
+    # PBT changes values mid-trial: only fields that can change there
+    pbt = plan_sweep(SweepConfig(scheduler="pbt", space=("lr=loguniform:1e-4:1e-2", "hflip=choice:true,false")), base, set())
+    mutations = pbt.pbt_mutations()
+    assert mutations["hflip"] == [True, False] and mutations["lr"].lower == 1e-4
+    assert pbt.clip({"lr": 0.05, "hflip": True}) == {"lr": 1e-2, "hflip": True}  # a perturbed value stays in its range
+    for text in ("encoder=choice:resnet18,resnet34", "optimizer=choice:adam,sgd", "task_weighting=choice:fixed,dwa"):
+        with pytest.raises(ValueError, match="--scheduler pbt cannot sweep .* cannot change there"):
+            plan_sweep(SweepConfig(scheduler="pbt", space=(text,)), base, set())
+    with pytest.raises(ValueError, match="semseg_weight, which weighs the losses only with --task-weighting fixed"):
+        plan_sweep(SweepConfig(scheduler="pbt"), ExperimentConfig(optim=OptimConfig(task_weighting="famo")), set())
+
+
+def test_mlflow_logs_the_trials_when_its_uri_is_set(monkeypatch, tmp_path):
+    """Tune's MLflow callback, one MLflow experiment per sweep; mlflow missing: one line before Ray starts."""
+    import importlib.util
+
+    from mtl.distributed.tune import mlflow_callback
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mlflow_callback("my-sweep") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    if importlib.util.find_spec("mlflow") is not None:
+        callback = mlflow_callback("my-sweep")
+        assert (callback.experiment_name, callback.tracking_uri) == ("my-sweep", "http://127.0.0.1:1")
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed
+    with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI is set .* mlflow package is not installed"):
+        mlflow_callback("my-sweep")
+    r = subprocess.run([sys.executable, "jobs/tune.py", "--sweep-name", "m"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "PYTHONPATH": _no_mlflow(tmp_path)})
+    assert r.returncode == 2 and "mlflow package is not installed" in r.stderr, r.stderr
+    assert "Started a local Ray instance" not in r.stderr + r.stdout
+
+
+def _no_mlflow(root) -> str:
+    """A folder that, first on PYTHONPATH, makes ``import mlflow`` fail as if it were not installed."""
+    os.makedirs(root / "mlflow")
+    (root / "mlflow" / "__init__.py").write_text("raise ImportError('mlflow is not installed (test)')\n")
+    return str(root)
+
+
+def test_concurrent_trials_are_sized_from_the_clusters_gpus(monkeypatch):
+    from mtl.distributed import capacity, tune
+    from mtl.distributed.capacity import Autoscaling, Capacity, NodeType
+
+    gpu_nodes = Capacity([{"CPU": 8, "GPU": 0}], Autoscaling([NodeType("g5", {"CPU": 48, "GPU": 4}, 3)]), "test")
+    monkeypatch.setattr(capacity, "read_capacity", lambda: gpu_nodes)
+    base = ExperimentConfig().with_values({"dist.num_workers": 2})
+    assert tune.max_concurrent_trials(base, SweepConfig(num_samples=32), {"CPU": 10, "GPU": 1}) == 6  # 12 GPUs / 2
+    assert tune.max_concurrent_trials(base, SweepConfig(num_samples=4), {"CPU": 10, "GPU": 1}) == 4
+    assert tune.max_concurrent_trials(base, SweepConfig(num_samples=32, max_concurrent=3), {"CPU": 10, "GPU": 1}) == 3
+    # the random search is seeded (--search-seed) and holds the limit itself (Tune's own applies to searchers only)
+    assert tune._search_alg(SweepConfig(), 3).max_concurrent == 3
+
+
+def _run_folder(root, name, tasks, epochs):
+    """A run folder as training leaves it: config.json and metrics/epoch-NNNN.json."""
+    cfg = ExperimentConfig(optim=OptimConfig(tasks=tasks))
+    os.makedirs(root / name / "metrics")
+    (root / name / "config.json").write_text(cfg.to_json())
+    for i, m in enumerate(epochs, 1):
+        (root / name / "metrics" / f"epoch-{i:04d}.json").write_text(json.dumps(m))
+    return str(root / name)
+
+
+def test_baselines_are_single_task_runs_of_both_tasks(tmp_path):
+    from jobs.tune import read_baselines
+    from mtl.distributed.tune import trial_result
+
+    depth = {"si_log_rmse": 20.0, "abs_rel": 0.2, "rmse": 8.0, "delta1": 0.8}
+    seg = _run_folder(tmp_path, "seg", ("semseg",), [{"miou": 40.0}, {"miou": 50.0}])
+    dep = _run_folder(tmp_path, "dep", ("depth",), [depth])
+    both = _run_folder(tmp_path, "both", ("semseg", "depth"), [{"miou": 50.0, **depth}])
+    baselines = read_baselines((seg, dep))
+    assert baselines["semseg"]["miou"] == 50.0 and baselines["depth"]["rmse"] == 8.0  # each at its best epoch
+    with pytest.raises(ValueError, match="a Δm baseline is a single-task run"):
+        read_baselines((seg, both))
+    with pytest.raises(ValueError, match=r"--baselines: Δm needs a single-task run of each task; .* trained depth"):
+        read_baselines((seg,))
+    with pytest.raises(ValueError, match="the depth run's best epoch has no rmse"):
+        read_baselines((seg, _run_folder(tmp_path, "dep2", ("depth",), [{"si_log_rmse": 20.0, "abs_rel": 0.2, "delta1": 0.8}])))
+    with pytest.raises(ValueError, match="the depth baseline's delta1 is 0.0"):
+        read_baselines((seg, _run_folder(tmp_path, "dep3", ("depth",), [{**depth, "delta1": 0.0}])))
+    # every epoch a trial reports carries its score and, with baselines, its Δm (same as the baselines: 0)
+    result = trial_result({"epoch": 3, "miou": 50.0, "grader": 30.0, **depth}, ("semseg", "depth"), {"lr": 1e-4, "crop": (8, 8)},
+                          "t-p1", baselines)
+    assert result["score"] == 30.0 and result["delta_m"] == 0.0
+    assert (result["hp/lr"], result["hp/crop"], result["run"]) == (1e-4, "8+8", "t-p1")
+    assert trial_result({"epoch": 1, "miou": 55.0, "score": 55.0}, ("semseg",), {}, "t", None)["score"] == 55.0
 
 
 class _Frame(dict):
-    """The two things rows_from_results reads of a pandas DataFrame: ``in`` and columns."""
+    """What the report reads of a pandas DataFrame: ``in`` and columns with ``tolist``/``iloc``."""
 
     class _Col(list):
         @property
@@ -72,26 +225,117 @@ class _Frame(dict):
 
 
 class _Result:
-    def __init__(self, name, hp, graders, error=None):
+    def __init__(self, name, hp, graders, error=None, **columns):
         self.config = {**hp, "trials_url": "/sweeps/s/trials"}
         self.path = f"/sweeps/s/{name}"
         self.error = error
-        self.metrics_dataframe = _Frame(grader=graders, miou=[g + 50 for g in graders], si_log_rmse=[50.0] * len(graders)) if graders else None
+        n = len(graders)
+        self.metrics_dataframe = _Frame(grader=graders, miou=[g + 50 for g in graders], si_log_rmse=[50.0] * n,
+                                        epoch=list(range(1, n + 1)), **columns) if graders else None
 
 
-def test_the_report_has_a_column_per_knob_and_the_best_trial_first(tmp_path):
-    results = [_Result("weak", {**HP, "lr": 1e-5}, [10.0]), _Result("strong", HP, [20.0, 30.0, 25.0]),
-               _Result("broken", HP, [], error=RuntimeError("x"))]
-    rows = rows_from_results(results, max_epochs=3)
+def test_the_report_has_a_column_per_swept_field_and_the_best_trial_first(tmp_path):
+    spec = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3", "scale_max=choice:1.0,1.25"]))
+    report = SweepReport(spec, ("semseg", "depth"))
+    assert report.columns == ("rank", "trial", "lr", "scale_max", "epochs", "best_epoch", "IoU", "SI-logRMSE", "grader", "status")
+    hp = {"lr": 3.2e-4, "scale_max": 1.25}
+    results = [_Result("weak", {**hp, "lr": 1e-5}, [10.0]), _Result("strong", hp, [20.0, 30.0, 25.0]),
+               _Result("broken", hp, [], error=RuntimeError("x"))]
+    rows = report.rows(results, max_epochs=3)
     assert [r.name for r in rows] == ["strong", "weak", "broken"]
-    assert (rows[0].best_epoch, rows[0].grader, rows[0].status, rows[1].status, rows[2].status) == (2, 30.0, "completed", "stopped early", "error")
+    assert (rows[0].best_epoch, rows[0].objective, rows[0].status, rows[1].status, rows[2].status) == (2, 30.0, "completed", "stopped early", "error")
     assert rows[0].best_model == "/sweeps/s/trials/strong/best.pt"
-    paths = write_reports(rows, str(tmp_path), "sweep s")
+    paths = report.write(rows, str(tmp_path), "sweep s")
     with open(paths["csv"]) as fh:
         table = list(csv.DictReader(fh))
-    assert list(table[0]) == [*COLUMNS, "best_model"]
-    assert (table[0]["trial"], table[0]["lr"], table[0]["semseg_weight"], table[0]["scale_max"], table[0]["hflip"]) == \
-        ("strong", "3.20e-04", "0.58", "1.25", "True")
-    assert "| 1 | strong | adam | 3.20e-04 |" in (tmp_path / "results.md").read_text()
-    assert r"semseg\_weight" in (tmp_path / "results.tex").read_text()
+    assert list(table[0]) == [*report.columns, "best_model"]
+    assert (table[0]["trial"], table[0]["lr"], table[0]["scale_max"], table[0]["grader"]) == ("strong", "3.20e-04", "1.25", "30.00")
+    assert "| 1 | strong | 3.20e-04 | 1.25 | 3 | 2 |" in (tmp_path / "results.md").read_text()
+    assert r"scale\_max" in (tmp_path / "results.tex").read_text()
     assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_delta_m_sweep_ranks_lowest_first_with_the_values_and_run_of_the_best_epoch():
+    spec = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3"]), metric="delta_m", baselines=("a", "b"), scheduler="pbt")
+    report = SweepReport(spec, ("semseg", "depth"))
+    assert report.columns[-3:] == ("grader", "delta_m", "status")
+    # a PBT trial: its values changed at epoch 2, when it continued another trial's weights in run t1-p1
+    pbt = _Result("t1", {"lr": 4e-4}, [1.0, 2.0, 3.0], delta_m=[5.0, -2.0, 1.0], **{"hp/lr": [1e-4, 4e-4, 4e-4]},
+                  run=["t1", "t1-p1", "t1-p1"])
+    other = _Result("t2", {"lr": 1e-5}, [9.0, 9.0, 9.0], delta_m=[3.0, 2.0, 0.5], **{"hp/lr": [1e-5] * 3}, run=["t2"] * 3)
+    rows = report.rows([other, pbt], max_epochs=3)
+    assert [r.name for r in rows] == ["t1", "t2"]  # Δm: lower is better
+    assert (rows[0].best_epoch, rows[0].objective, rows[0].hp["lr"], rows[0].best_model) == (2, -2.0, 4e-4, "/sweeps/s/trials/t1-p1/best.pt")
+    assert report.cells(0, rows[0])[-2:] == ["-2.00", "completed"]
+    single = SweepReport(SweepSpec(spec.space, metric="score"), ("depth",))
+    assert single.columns[-3:] == ("SI-logRMSE", "score", "status")
+
+
+class _TuneCheckpoint:
+    """What start_run reads of a Tune checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(self.path)
+
+
+def test_a_pbt_exploit_continues_the_other_trials_checkpoint_in_a_run_folder_of_its_own(tmp_path):
+    from mtl.checkpoint import STATE_FILE, CheckpointIndex, FolderStorage, checkpoint_bytes, load_checkpoint
+    from mtl.distributed.tune import SEED_FILE, finished, pack_checkpoint, start_run, trial_runs
+    from mtl.runs import check_same_training, run_url
+
+    trials = str(tmp_path / "trials")
+    spec = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3"]), scheduler="pbt")
+    base = ExperimentConfig().with_values({"train.epochs": 4})
+    # the donor trial "a" has trained two epochs (a checkpoint as training writes it)
+    donor = start_run(base, spec, {"lr": 1e-4}, trials, "a")
+    assert (donor.train.name, donor.train.resume) == ("a", False)
+    weights = {"w": torch.arange(6.0)}
+    state = {"config": donor.to_dict(), "metrics": {"epoch": 2}, "model": weights, "optimizer": {"state": {}, "param_groups": []},
+             "train_state": {"epoch": 2, "step": 20, "epochs": 4, "total_steps": 40, "best": 31.5}, "rng": {}}
+    os.makedirs(tmp_path / "ck")
+    (tmp_path / "ck" / STATE_FILE).write_bytes(checkpoint_bytes(state))
+    FolderStorage(run_url(donor)).publish(str(tmp_path / "ck"), "epoch-0002", {})
+    CheckpointIndex(run_url(donor)).commit("epoch-0002")
+    # what "a" hands Tune at a perturbation epoch, and what Tune hands trial "b" that exploits it
+    pack_checkpoint(run_url(donor), "epoch-0002", str(tmp_path / "tune-ck"))
+    os.makedirs(tmp_path / "trials" / "b")  # b trained in its own folder before
+    cfg = start_run(base, spec, {"lr": 1.2e-4}, trials, "b", _TuneCheckpoint(str(tmp_path / "tune-ck")))
+    assert (cfg.train.name, cfg.train.resume, cfg.optim.lr) == ("b-p1", True, 1.2e-4)
+    seeded = load_checkpoint(f"{trials}/b-p1")
+    assert torch.equal(seeded["model"]["w"], weights["w"]) and seeded["train_state"]["step"] == 20  # a's weights, a's progress
+    assert seeded["train_state"]["best"] == -math.inf  # best.pt of b-p1 is its own best epoch
+    check_same_training(ExperimentConfig.from_dict(seeded["config"]), cfg, "seeded")  # the resume accepts b's new values
+    assert json.loads((tmp_path / "trials" / "b-p1" / SEED_FILE).read_text())["from"]["run"] == run_url(donor)
+    assert trial_runs(trials, "b") == ["b", "b-p1"] and not finished(cfg)
+    # b restarted with its own latest checkpoint (the sweep resumed; PBT paused it): the same folder goes on
+    pack_checkpoint(f"{trials}/b-p1", "epoch-0002", str(tmp_path / "own-ck"))
+    again = start_run(base, spec, {"lr": 1.2e-4}, trials, "b", _TuneCheckpoint(str(tmp_path / "own-ck")))
+    assert (again.train.name, again.train.resume) == ("b-p1", True) and trial_runs(trials, "b") == ["b", "b-p1"]
+    # ...and a second exploit opens the next folder
+    third = start_run(base, spec, {"lr": 2e-4}, trials, "b", _TuneCheckpoint(str(tmp_path / "tune-ck")))
+    assert third.train.name == "b-p2" and trial_runs(trials, "b") == ["b", "b-p1", "b-p2"]
+    CheckpointIndex(run_url(third)).commit("epoch-0004")
+    assert finished(third)  # its last epoch is done: a restart trains nothing
+
+
+def test_a_resumed_sweep_must_ask_for_what_it_started_with(tmp_path):
+    from mtl.distributed.tune import SWEEP_FILE, check_resume
+
+    base = ExperimentConfig().with_values({"train.out": str(tmp_path)})
+    sweep = SweepConfig(sweep_name="s", space=("lr=loguniform:1e-5:1e-3",))
+    spec = plan_sweep(sweep, base, set())
+    with pytest.raises(FileNotFoundError, match="no sweep to resume at"):
+        check_resume(base, sweep, spec)
+    os.makedirs(tmp_path / "s")
+    (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps({"spec": spec.to_dict(), "base": base.to_dict()}))
+    check_resume(base.with_values({"train.resume": True, "data.workers": 2}), sweep, spec)  # how it runs may differ
+    other = plan_sweep(SweepConfig(sweep_name="s", space=("lr=loguniform:1e-4:1e-3",)), base, set())
+    with pytest.raises(ValueError, match=r"--resume: the sweep at .* was started with other settings \(space"):
+        check_resume(base, sweep, other)
+    with pytest.raises(ValueError, match="optim.semseg_weight 0.5 -> 0.6"):
+        check_resume(base.with_values({"optim.semseg_weight": 0.6}), sweep, spec)

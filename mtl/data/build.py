@@ -79,10 +79,11 @@ class FolderLoader:
     def __init__(self, loader) -> None:
         self.loader = loader
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """The next iterator yields ``epoch``'s batches from batch ``skip_batches`` on (the
-        sampler leaves the samples out: nothing is read for them)."""
-        self.loader.sampler.set_epoch(epoch, skip_batches * self.loader.batch_size)
+    def set_epoch(self, epoch: int, skip_batches: int = 0, start: int | None = None) -> None:
+        """The next iterator yields ``epoch``'s batches from batch ``skip_batches`` on, or from
+        sample ``start`` of the epoch's order over all ranks (`EpochSampler`); the sampler leaves
+        the samples out: nothing is read for them."""
+        self.loader.sampler.set_epoch(epoch, skip_batches * self.loader.batch_size, start)
 
     def __len__(self) -> int:
         """Batches in a whole epoch (a skip does not count), as `ShardLoader`'s."""

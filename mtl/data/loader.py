@@ -11,21 +11,31 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 class EpochSampler(Sampler):
     """Yields ``(epoch, index)`` for this rank: a per-epoch permutation from (seed, epoch), split
-    across ranks, padded (for training) so every rank gets the same count: no DDP hang."""
+    across ranks, padded (for training) so every rank gets the same count: no DDP hang.
+
+    Rank r takes every world-th item of the order (r, r + world, ...), so after any number of
+    whole steps the ranks together have consumed a prefix of the order. That makes a position
+    inside an epoch one number (``start``: items of the order consumed over all ranks), which
+    ranks of another world size can continue from with no sample seen twice and none skipped
+    (elastic training, `mtl.engine.Trainer`)."""
 
     def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, pad: bool = True) -> None:
         self.n, self.shuffle, self.seed, self.rank, self.world, self.pad = n, shuffle, seed, rank, world, pad
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.start = 0, 0
         # evaluation does not pad: a duplicated sample would be counted twice in the metrics
         self.per_rank = math.ceil(n / world) if pad else len(range(rank, n, world))
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """The next iterator yields ``epoch``'s order without its first ``skip`` items: a run
-        resumed inside an epoch goes on exactly where the interrupted one stopped."""
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, skip: int = 0, start: int | None = None) -> None:
+        """The next iterator yields ``epoch``'s order from position ``start`` of it (over all
+        ranks), by default without this rank's first ``skip`` items (``start = skip * world``):
+        a run resumed inside an epoch goes on exactly where the interrupted one stopped."""
+        self.epoch, self.start = epoch, skip * self.world if start is None else start
 
     def __len__(self) -> int:
-        return max(0, self.per_rank - self.skip)
+        if not self.start:
+            return self.per_rank
+        left = max(0, self.n - self.start)
+        return math.ceil(left / self.world) if self.pad else len(range(self.rank, left, self.world))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
@@ -33,9 +43,9 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        if self.pad:
-            order += order[: self.per_rank * self.world - self.n]  # equal shares for every rank
-        mine = order[self.rank :: self.world][self.skip:]
+        if self.pad:  # equal shares for every rank (of what is left from ``start``)
+            order += order[: self.start + len(self) * self.world - self.n]
+        mine = order[self.start + self.rank :: self.world]
         return iter([(self.epoch, i) for i in mine])
 
 

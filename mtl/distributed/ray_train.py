@@ -40,7 +40,9 @@ from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 # environment forwarded to every worker: endpoints, region and profile *names*, our cache; never
 # keys or tokens (see the module docstring)
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
-               "STREETMTL_CACHE", "TORCH_EXTENSIONS_DIR")
+               "STREETMTL_CACHE", "TORCH_EXTENSIONS_DIR",
+               # rank 0 logs to MLflow (`mtl.tracking`); a token (MLFLOW_TRACKING_TOKEN) reaches nodes as keys do
+               "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE")
 
 
 class RayStorage:
@@ -119,14 +121,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,
                  storage=RayStorage(run_url(cfg), cfg.train.keep_last), preemption=ray.train.get_preemption_info,
-                 always_resume=True, cpus=int(cfg.dist.cpus_per_worker))
+                 always_resume=True, cpus=int(cfg.dist.cpus_per_worker), track_mlflow=loop_config.get("track_mlflow", True))
     fit(cfg, rt)
 
 
-def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: list | None = None):
+def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: list | None = None, track_mlflow: bool = True):
     """The TorchTrainer for this (resolved) config: ``dist.num_workers`` workers of ``bundle``
-    (`mtl.distributed.capacity.worker_bundle`), checkpoints in ``<train.out>/<run name>``,
-    failures survived up to ``dist.max_failures``."""
+    (`mtl.distributed.capacity.worker_bundle`; elastic between ``dist.min_workers`` and that),
+    checkpoints in ``<train.out>/<run name>``, failures survived up to ``dist.max_failures``.
+    ``track_mlflow``: rank 0 logs to MLflow itself (False: the caller does, a sweep's callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -134,11 +137,16 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict()},
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu="GPU" in bundle, resources_per_worker=bundle),
+        train_loop_config={"config": cfg.to_dict(), "track_mlflow": track_mlflow},
+        scaling_config=ScalingConfig(num_workers=(d.min_workers, d.num_workers) if d.min_workers else d.num_workers,
+                                     use_gpu="GPU" in bundle, resources_per_worker=bundle,
+                                     elastic_resize_monitor_interval_s=d.resize_interval_s),
         run_config=RunConfig(
             name=run_name(cfg), storage_path=out_root(cfg.train.out),
-            failure_config=FailureConfig(max_failures=d.max_failures, controller_failure_limit=1),
+            # elastic: a restart right after a node loss may aim at a node Ray has not yet declared
+            # dead and time out placing it (--start-timeout-s); it then retries with what is there
+            failure_config=FailureConfig(max_failures=d.max_failures,
+                                         controller_failure_limit=max(1, d.max_failures) if d.min_workers else 1),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
             worker_runtime_env={"env_vars": env},
             callbacks=callbacks,
@@ -163,7 +171,7 @@ def connect(cfg: ExperimentConfig) -> bool:
 def plan(cfg: ExperimentConfig, joined: bool) -> WorkerPlan:
     """GPU or CPU workers, and whether the cluster can ever hold them (`mtl.distributed.capacity`)."""
     d = cfg.dist
-    return plan_workers(d.num_workers, d.cpus_per_worker, d.gpus_per_worker, d.use_gpu, joined, read_capacity(),
+    return plan_workers(d.min_workers or d.num_workers, d.cpus_per_worker, d.gpus_per_worker, d.use_gpu, joined, read_capacity(),
                         d.start_timeout_s)
 
 

@@ -1,143 +1,205 @@
 """A finished sweep as a leaderboard: one row per trial, best first, shown in the terminal and
-written as results.csv / .md / .tex plus scores.png (validation score over epochs).
+written as results.csv / .md / .tex plus scores.png (the objective over epochs).
 
-The hyperparameter columns come from the search space's table (`sweep_space.KNOBS`: name and
-number format); the rest are the trial's outcome. Reads Tune's results by duck typing (``config``,
-``path``, ``metrics_dataframe``, ``error``), so this module needs neither Ray nor a live sweep.
+The columns come from the sweep itself (`SweepReport`): one per swept field of its space (name and
+number format: `mtl.distributed.sweep_space.Dim`), then the trial's outcome at its best epoch by the
+sweep's objective (``--metric``): the tasks' metrics (IoU for segmentation, SI-logRMSE for depth,
+the grader for both), the score when it is the objective or the trials train one task, and Δm
+(``delta_m``, percent, lower is better) when baselines were given. A trial's values are read from
+its results at that epoch (``hp/<name>``, ``run``: a PBT trial's values change as it goes, and its
+epochs may come from several run folders), else from its config. Reads Tune's results by duck
+typing (``config``, ``path``, ``metrics_dataframe``, ``error``), so this module needs neither
+Ray nor a live sweep.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from mtl.checkpoint import BEST_FILE
-from mtl.distributed.sweep_space import KNOBS
+from mtl.distributed.sweep_space import SweepSpec
 from mtl.storage import write_bytes_atomic
 
-COLUMNS = ("rank", "trial", *(k.name for k in KNOBS), "epochs", "best_epoch", "IoU", "SI-logRMSE", "grader", "status")
 TEXT_COLUMNS = ("trial", "status")  # left-aligned in the terminal; numbers and hyperparameters right
+HP_PREFIX = "hp/"  # the swept values a trial reports with each result
+RUN_KEY = "run"  # the run folder (under the sweep's trials/) an epoch was trained in
+
+
+@dataclass(frozen=True)
+class Metric:
+    column: str
+    key: str  # in the trial's results
 
 
 @dataclass
 class TrialRow:
     name: str
-    hp: dict[str, Any]
-    epochs: int
+    hp: dict[str, Any]  # the swept values at the best epoch
+    epochs: int  # the last epoch the trial reached
     best_epoch: int
-    miou: float
-    si_log_rmse: float
-    grader: float
-    history: list[float]  # grader per epoch
+    values: dict[str, float]  # metric key -> value at the best epoch
+    objective: float  # the sweep's objective at the best epoch (nan: no result)
+    history: list[tuple[int, float]]  # (epoch, objective) per result
     status: str
-    best_model: str  # <trial's run>/best.pt
+    best_model: str  # <the run folder of the best epoch>/best.pt
 
 
-def rows_from_results(results, max_epochs: int) -> list[TrialRow]:
-    """One row per trial, at its best epoch; ranked by grader, trials without a result last."""
-    rows = [_row(r, max_epochs) for r in results]
-    return sorted(rows, key=lambda x: (x.grader == x.grader, x.grader), reverse=True)
+def _nan() -> float:
+    return float("nan")
 
 
-def _row(r, max_epochs: int) -> TrialRow:
-    hp = {k.name: r.config.get(k.name) for k in KNOBS}
-    name = os.path.basename(r.path.rstrip("/"))
-    df = r.metrics_dataframe
-    hist = [] if df is None or "grader" not in df else [float(x) for x in df["grader"].tolist() if x == x]
-    if not hist:
-        nan = float("nan")
-        return TrialRow(name, hp, 0, 0, nan, nan, nan, [], "error" if r.error else "no result", "")
-    b = max(range(len(hist)), key=hist.__getitem__)
-    status = "error" if r.error else ("stopped early" if len(hist) < max_epochs else "completed")
-    return TrialRow(name, hp, len(hist), b + 1, float(df["miou"].iloc[b]), float(df["si_log_rmse"].iloc[b]), hist[b], hist,
-                    status, f"{r.config.get('trials_url', '')}/{name}/{BEST_FILE}")
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _cells(i: int, r: TrialRow) -> list[str]:
-    return [str(i + 1), r.name, *(k.show(r.hp.get(k.name)) for k in KNOBS), str(r.epochs), str(r.best_epoch),
-            f"{r.miou:.2f}", f"{r.si_log_rmse:.2f}", f"{r.grader:.2f}", r.status]
+class SweepReport:
+    """The leaderboard of a sweep of ``spec`` whose trials train ``tasks``."""
+
+    def __init__(self, spec: SweepSpec, tasks: Sequence[str]) -> None:
+        self.spec, self.tasks = spec, tuple(tasks)
+        metrics = []
+        if "semseg" in self.tasks:
+            metrics.append(Metric("IoU", "miou"))
+        if "depth" in self.tasks:
+            metrics.append(Metric("SI-logRMSE", "si_log_rmse"))
+        if len(self.tasks) == 2:
+            metrics.append(Metric("grader", "grader"))
+        if spec.metric == "score" or len(self.tasks) == 1:
+            metrics.append(Metric("score", "score"))
+        if spec.baselines:
+            metrics.append(Metric("delta_m", "delta_m"))
+        self.metrics = metrics
+        self.columns = ("rank", "trial", *(d.name for d in spec.space), "epochs", "best_epoch", *(m.column for m in metrics),
+                        "status")
+
+    # ------------------------------------------------------------------------------ rows
+
+    def rows(self, results, max_epochs: int) -> list[TrialRow]:
+        """One row per trial, at its best epoch; ranked by the objective, trials without a result last."""
+        rows = [self._row(r, max_epochs) for r in results]
+        sign = 1.0 if self.spec.mode == "max" else -1.0
+        return sorted(rows, key=lambda x: (_finite(x.objective), sign * x.objective if _finite(x.objective) else 0.0),
+                      reverse=True)
+
+    def _row(self, r, max_epochs: int) -> TrialRow:
+        name = os.path.basename(r.path.rstrip("/"))
+        df, key = r.metrics_dataframe, self.spec.key
+        has = (lambda c: df is not None and c in df)  # noqa: E731
+        objective = [float(x) for x in df[key].tolist()] if has(key) else []
+        epochs = [int(x) for x in df["epoch"].tolist()] if has("epoch") else list(range(1, len(objective) + 1))
+        found = [i for i, x in enumerate(objective) if x == x]
+        config_hp = {d.name: r.config.get(d.name) for d in self.spec.space}
+        if not found:
+            return TrialRow(name, config_hp, 0, 0, {}, _nan(), [], "error" if r.error else "no result", "")
+        pick = max if self.spec.mode == "max" else min
+        b = pick(found, key=objective.__getitem__)
+        hp = {d.name: _cell(df, HP_PREFIX + d.name, b, config_hp[d.name]) for d in self.spec.space}
+        values = {m.key: float(_cell(df, m.key, b, _nan())) for m in self.metrics}
+        last = epochs[found[-1]]
+        status = "error" if r.error else ("completed" if last >= max_epochs else "stopped early")
+        run = _cell(df, RUN_KEY, b, name)
+        return TrialRow(name, hp, last, epochs[b], values, objective[b], [(epochs[i], objective[i]) for i in found], status,
+                        f"{r.config.get('trials_url', '')}/{run}/{BEST_FILE}")
+
+    def cells(self, i: int, r: TrialRow) -> list[str]:
+        return [str(i + 1), r.name, *(d.show(r.hp.get(d.name)) for d in self.spec.space), str(r.epochs), str(r.best_epoch),
+                *(_number(r.values.get(m.key, _nan())) for m in self.metrics), r.status]
+
+    # ---------------------------------------------------------------------------- views
+
+    def table(self, rows: list[TrialRow], title: str):
+        from rich.table import Table
+
+        t = Table(title=title)
+        for c in self.columns:
+            t.add_column(c, justify="left" if c in TEXT_COLUMNS else "right")
+        for i, r in enumerate(rows):
+            t.add_row(*self.cells(i, r))
+        return t
+
+    def csv_text(self, rows: list[TrialRow]) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(list(self.columns) + ["best_model"])
+        for i, r in enumerate(rows):
+            w.writerow(self.cells(i, r) + [r.best_model])
+        return buf.getvalue()
+
+    def markdown_text(self, rows: list[TrialRow], title: str) -> str:
+        md = [f"**{title}**", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        md += ["| " + " | ".join(self.cells(i, r)) + " |" for i, r in enumerate(rows)]
+        return "\n".join(md) + "\n"
+
+    def latex_text(self, rows: list[TrialRow], title: str) -> str:
+        """A LaTeX table without the trial names (too long for a page)."""
+        def esc(s: str) -> str:
+            return s.replace("_", r"\_").replace("%", r"\%")
+
+        keep = [j for j, c in enumerate(self.columns) if c != "trial"]
+        tex = [r"\begin{table}[h]", r"\centering", r"\begin{tabular}{" + "r" * len(keep) + "}", r"\hline",
+               " & ".join(esc(self.columns[j]) for j in keep) + r" \\", r"\hline"]
+        for i, r in enumerate(rows):
+            cells = self.cells(i, r)
+            tex.append(" & ".join(esc(cells[j]) for j in keep) + r" \\")
+        tex += [r"\hline", r"\end{tabular}", r"\caption{" + esc(title) + "}", r"\end{table}"]
+        return "\n".join(tex) + "\n"
+
+    def write(self, rows: list[TrialRow], out_url: str, title: str) -> dict[str, str]:
+        """results.csv / .md / .tex (best first) and scores.png under ``out_url``; returns their URLs."""
+        out = out_url.rstrip("/")
+        files = {"csv": (f"{out}/results.csv", self.csv_text(rows).encode()),
+                 "md": (f"{out}/results.md", self.markdown_text(rows, title).encode()),
+                 "tex": (f"{out}/results.tex", self.latex_text(rows, title).encode()),
+                 "png": (f"{out}/scores.png", self.plot(rows, title))}
+        for url, data in files.values():
+            write_bytes_atomic(url, data)
+        return {kind: url for kind, (url, _) in files.items()}
+
+    def plot(self, rows: list[TrialRow], title: str) -> bytes:
+        """The objective over epochs for every trial; a cross marks where ASHA stopped one."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+
+        fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+        for r in rows:
+            if not r.history:
+                continue
+            epochs, values = zip(*r.history)
+            (line,) = ax.plot(epochs, values, marker="o", ms=3, lw=1.2, label=r.name[:60])
+            if r.status == "stopped early":
+                ax.plot(epochs[-1], values[-1], marker="x", ms=10, mew=2, color=line.get_color())
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(OBJECTIVE_LABELS[self.spec.metric])
+        ax.set_title(title + (" (x = stopped early by ASHA)" if self.spec.scheduler == "asha" else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best")
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return buf.getvalue()
 
 
-def leaderboard_table(rows: list[TrialRow], title: str):
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c in COLUMNS:
-        t.add_column(c, justify="left" if c in TEXT_COLUMNS else "right")
-    for i, r in enumerate(rows):
-        t.add_row(*_cells(i, r))
-    return t
+OBJECTIVE_LABELS = {"grader": "validation grader score (IoU - SI-logRMSE)", "score": "validation score",
+                    "delta_m": "Δm against the single-task baselines (%, lower is better)"}
 
 
-def csv_text(rows: list[TrialRow]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(list(COLUMNS) + ["best_model"])
-    for i, r in enumerate(rows):
-        w.writerow(_cells(i, r) + [r.best_model])
-    return buf.getvalue()
+def _cell(df, column: str, i: int, default: Any) -> Any:
+    """``df[column]`` at row ``i``, ``default`` when there is no such column or value."""
+    if df is None or column not in df:
+        return default
+    v = df[column].iloc[i]
+    return default if v is None or (isinstance(v, float) and v != v) else v
 
 
-def markdown_text(rows: list[TrialRow], title: str) -> str:
-    md = [f"**{title}**", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_cells(i, r)) + " |" for i, r in enumerate(rows)]
-    return "\n".join(md) + "\n"
-
-
-def latex_text(rows: list[TrialRow], title: str) -> str:
-    """A LaTeX table without the trial names (too long for a page)."""
-    def esc(s: str) -> str:
-        return s.replace("_", r"\_").replace("%", r"\%")
-
-    keep = [j for j, c in enumerate(COLUMNS) if c != "trial"]
-    tex = [r"\begin{table}[h]", r"\centering", r"\begin{tabular}{" + "r" * len(keep) + "}", r"\hline",
-           " & ".join(esc(COLUMNS[j]) for j in keep) + r" \\", r"\hline"]
-    for i, r in enumerate(rows):
-        cells = _cells(i, r)
-        tex.append(" & ".join(esc(cells[j]) for j in keep) + r" \\")
-    tex += [r"\hline", r"\end{tabular}", r"\caption{" + esc(title) + "}", r"\end{table}"]
-    return "\n".join(tex) + "\n"
-
-
-def write_reports(rows: list[TrialRow], out_url: str, title: str) -> dict[str, str]:
-    """results.csv / .md / .tex (best first) and scores.png under ``out_url``; returns their URLs."""
-    out = out_url.rstrip("/")
-    files = {"csv": (f"{out}/results.csv", csv_text(rows).encode()),
-             "md": (f"{out}/results.md", markdown_text(rows, title).encode()),
-             "tex": (f"{out}/results.tex", latex_text(rows, title).encode()),
-             "png": (f"{out}/scores.png", score_plot(rows, title))}
-    for url, data in files.values():
-        write_bytes_atomic(url, data)
-    return {kind: url for kind, (url, _) in files.items()}
-
-
-def score_plot(rows: list[TrialRow], title: str) -> bytes:
-    """Validation grader score over epochs for every trial; a cross marks where ASHA stopped one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    for r in rows:
-        if not r.history:
-            continue
-        epochs = list(range(1, len(r.history) + 1))
-        (line,) = ax.plot(epochs, r.history, marker="o", ms=3, lw=1.2, label=r.name[:60])
-        if r.status == "stopped early":
-            ax.plot(epochs[-1], r.history[-1], marker="x", ms=10, mew=2, color=line.get_color())
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation grader score (IoU - SI-logRMSE)")
-    ax.set_title(f"{title} (x = stopped early by ASHA)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+def _number(x: float) -> str:
+    return f"{x:.2f}" if _finite(x) else ""

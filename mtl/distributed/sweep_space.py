@@ -1,125 +1,471 @@
-"""A sweep's search space, as data: one table of knobs (`KNOBS`).
+"""A sweep as data: its search space (`Dim`s given as ``--space`` texts), its objective and its
+scheduler (`SweepSpec`), all checked before Ray starts.
 
-A knob is a config field a sweep varies (``"optim.lr"``), how its values are drawn, and how a
-report and a trial's name show them. Everything that touches the hyperparameters is derived
-from the table: Tune's ``param_space``, the checks before any trial starts, each trial's
-config and name, and the report's columns (`mtl.distributed.sweep_report`). `SweepConfig`
-holds the ranges the knobs read (its flags: ``--lr-min``, ``--optimizers``...); a space given
-another way (a ``--space`` flag, say) only has to map knobs to values, as `space` does.
+A dimension is one config field and how trials draw it::
 
-Importing this module does not import Ray: the command line checks a space before Ray starts.
+    --space optim.lr=loguniform:1e-5:1e-3       log-uniform between two bounds
+    --space semseg_weight=uniform:0.3:0.7       uniform between two bounds
+    --space encoder=choice:resnet18,resnet34    one of a list
+    --space aspp_rates=choice:6+12+18,12+24+36  tuple-valued fields: items joined with +
+    --space crop=choice:224x448,256x512         sizes as HxW
+
+The field is named by its path (``optim.lr``), its name (``lr``) or its flag (``--lr``, ``semseg-weight``);
+values are read with the field's type and every value a trial may draw is checked against the
+config's rules (`ExperimentConfig.validate`). Everything that touches the hyperparameters
+follows from the space: Tune's ``param_space``, each trial's config and name, PBT's mutations and
+the report's columns (`mtl.distributed.sweep_report`).
+
+Fixed and swept: a flag given on the command line fixes its field for every trial. With
+``--space``, a flag given for a field the space sweeps is an error naming both. Without it,
+the default space (`DEFAULT_SPACE`) is swept minus the fields whose flags were given (the
+sweep says which). Values from a ``--config`` file are a starting point, not flags: the space
+overrides them.
+
+Importing this module does not import Ray: the command line checks a sweep before Ray starts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+import dataclasses
+import itertools
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Iterable, Literal, Sequence
 
-from mtl.config import ExperimentConfig, Optimizer, flag
+import tyro
+
+from mtl.config import ExperimentConfig, choices, flag, parse_size
 
 Kind = Literal["loguniform", "uniform", "choice"]
+KINDS: tuple[str, ...] = typing.get_args(Kind)
+Metric = Literal["grader", "score", "delta_m"]
+# the result key each objective reads, and whether higher is better
+OBJECTIVES: dict[str, tuple[str, str]] = {"grader": ("grader", "max"), "score": ("score", "max"), "delta_m": ("delta_m", "min")}
+
+# Today's neighbourhood of the report (Adam around 1e-4 at batch 4, §2.1.2; segmentation weight
+# around 0.58, §2.1.4; zoom up to 1.25, §5.4), swept when no --space is given.
+DEFAULT_SPACE: tuple[str, ...] = ("optim.lr=loguniform:1e-5:1e-3", "optim.semseg_weight=uniform:0.3:0.7",
+                                  "data.scale_max=choice:1.0,1.25,1.5", "data.hflip=choice:true,false")
+# fields no sweep varies, and why
+NOT_SWEPT: dict[str, str] = {
+    "optim.tasks": "the trials of a sweep train the same tasks (their scores would not compare); sweep each task set apart",
+    "train.epochs": "every trial trains --epochs (the time scale of ASHA and PBT)",
+    "dist.num_workers": "every trial has --num-workers workers (the sweep sizes its concurrent trials from it)",
+}
+# what PBT may change in the middle of a trial: a trial that exploits another continues that
+# trial's weights, optimizer state and LR plan with these values. Other fields change the model
+# (encoder...), the data plan (batch size: steps per epoch, LR plan length), or state that the
+# checkpoint restores over the new value (the optimizer's weight decay and momentum, the task
+# weighting's own state), so PBT refuses them.
+PBT_MUTABLE: tuple[str, ...] = ("optim.lr", "optim.semseg_weight", "optim.grad_clip", "data.scale_min", "data.scale_max",
+                                "data.hflip", "data.augment")
+# readable tags in trial names; other fields show as <name><value>
+_TAGS: dict[str, Any] = {
+    "optim.lr": lambda v: f"lr{v:.1e}", "optim.semseg_weight": lambda v: f"w{v:.2f}", "data.scale_max": lambda v: f"s{v:g}",
+    "data.hflip": lambda v: "flip" if v else "noflip", "train.batch_size": lambda v: f"bs{v}", "optim.optimizer": str,
+    "model.encoder": str, "model.arch": str, "optim.task_weighting": str,
+}
+
+
+def _parts() -> dict[str, type]:
+    return {f.name: type(getattr(ExperimentConfig(), f.name)) for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _hints() -> dict[str, tuple[Any, dataclasses.Field]]:
+    """``"optim.lr"`` -> (its type, its dataclass field), for every leaf of the config."""
+    out = {}
+    for part, cls in _parts().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f"{part}.{f.name}"] = (hints[f.name], f)
+    return out
+
+
+def field_path(name: str) -> str:
+    """``lr``, ``--lr``, ``semseg-weight`` or ``optim.lr`` -> ``optim.lr``; ValueError otherwise."""
+    key = name.strip().removeprefix("--").replace("-", "_")
+    hints = _hints()
+    if key in hints:
+        return key
+    found = [p for p in hints if p.rpartition(".")[2] == key]
+    if not found:
+        raise ValueError(f"{name!r} is not a config field (jobs/tune.py --help lists them, one flag each)")
+    return found[0]  # field names are unique across the config's parts, as their flags are
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0], len(inner) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _value(tp: Any, text: str, name: str) -> Any:
+    """One value of a field of type ``tp``, read from ``text``."""
+    inner, optional = _optional(tp)
+    allowed = choices(inner) if typing.get_origin(inner) is Literal else None
+    if optional and text.lower() == "none" and not (allowed and "none" in allowed):
+        return None
+    if typing.get_origin(inner) is Literal:
+        for v in allowed:
+            if str(v) == text:
+                return v
+        raise ValueError(f"{flag(name)} must be one of {', '.join(map(str, allowed))}; got {text!r}")
+    if typing.get_origin(inner) is tuple:
+        args = typing.get_args(inner)
+        if args == (int, int):
+            return parse_size(text, what=flag(name))
+        return tuple(_value(args[0], item, name) for item in text.split("+"))
+    if inner is bool:
+        lowered = text.lower()
+        if lowered in ("true", "yes", "1", "on"):
+            return True
+        if lowered in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(f"{flag(name)} is true or false; got {text!r}")
+    try:
+        return inner(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag(name)} expects {getattr(inner, '__name__', inner)}; got {text!r}") from None
+
+
+def _text(v: Any, tp: Any = None) -> str:
+    """A value as ``--space`` writes it (``tp``: the field's type; sizes are HxW)."""
+    if isinstance(v, tuple):
+        if tp is not None and typing.get_args(_optional(tp)[0]) == (int, int):
+            return f"{v[0]}x{v[1]}"
+        return "+".join(map(_text, v))
+    if isinstance(v, bool):
+        return str(v).lower()
+    return "none" if v is None else str(v)
 
 
 @dataclass(frozen=True)
-class Knob:
-    path: str  # the config field a trial sets, "<part>.<field>"
-    kind: Kind  # loguniform/uniform between two bounds, or one of a list
-    fields: tuple[str, ...]  # the SweepConfig fields holding its values: (min, max), or (choices,)
-    fmt: str  # format spec of a value in reports ("" = str())
-    tag: Callable[[Any], str]  # the value in a trial's name
-    after: str = "_"  # what follows the tag in a trial's name
+class Dim:
+    """One swept field: ``path`` (``optim.lr``), how it is drawn, and its values (``(low, high)``
+    for loguniform/uniform, the choices otherwise), typed as the field."""
+
+    path: str
+    kind: Kind
+    values: tuple
 
     @property
     def name(self) -> str:
-        """The key in Tune's trial config and the report's column: the field's name (unique
-        across the config's parts, as its flag is)."""
+        """The key in Tune's trial config and the report's column: the field's name."""
         return self.path.rpartition(".")[2]
 
+    @property
+    def flag(self) -> str:
+        return flag(self.name)
+
+    @property
+    def continuous(self) -> bool:
+        return self.kind != "choice"
+
+    @property
+    def text(self) -> str:
+        """As given on the command line (canonical form): ``optim.lr=loguniform:1e-05:0.001``."""
+        sep, tp = ":" if self.continuous else ",", _hints()[self.path][0]
+        return f"{self.path}={self.kind}:" + sep.join(_text(v, tp) for v in self.values)
+
     def show(self, value: Any) -> str:
-        return "" if value is None else format(value, self.fmt)
+        """A value in reports."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "none" if value is None and None in self.values else ""
+        if isinstance(value, float):
+            return format(value, ".2e" if self.kind == "loguniform" else ".3g")
+        return _text(self.typed(value), _hints()[self.path][0])
+
+    def tag(self, value: Any) -> str:
+        """A value in a trial's name (filesystem-safe)."""
+        make = _TAGS.get(self.path)
+        if make is not None:
+            text = make(value)
+        else:
+            name = self.name.replace("_", "-")
+            text = (name if value else f"no-{name}") if isinstance(value, bool) else \
+                f"{name}{value:.3g}" if isinstance(value, float) else f"{name}{_text(value, _hints()[self.path][0])}"
+        return re.sub(r"[^A-Za-z0-9.+\-]", "", text)
+
+    def typed(self, value: Any) -> Any:
+        """A drawn value as the field holds it (search libraries hand over numpy scalars and
+        lists; JSON turns tuples into lists)."""
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, list):
+            value = tuple(value)
+        return value
 
 
-# The trial name reads like a run name: optimizer-lr first (adam-lr3.2e-04), then the rest.
-KNOBS: tuple[Knob, ...] = (
-    Knob("optim.optimizer", "choice", ("optimizers",), "", str, after="-"),
-    Knob("optim.lr", "loguniform", ("lr_min", "lr_max"), ".2e", lambda v: f"lr{v:.1e}"),
-    Knob("optim.semseg_weight", "uniform", ("semseg_weight_min", "semseg_weight_max"), ".2f", lambda v: f"w{v:.2f}"),
-    Knob("data.scale_max", "choice", ("scale_max_choices",), "g", lambda v: f"s{v:g}"),
-    Knob("data.hflip", "choice", ("hflip_choices",), "", lambda v: "flip" if v else "noflip"),
-    Knob("train.batch_size", "choice", ("batch_sizes",), "", lambda v: f"bs{v}"),
-)
+def parse_dim(text: str) -> Dim:
+    """``PATH=KIND:ARGS`` (see the module docstring) as a `Dim`; ValueError naming the text."""
+    name, sep, rest = text.partition("=")
+    kind, _, args = rest.partition(":")
+    if not sep or kind not in KINDS or not args:
+        raise ValueError(f"--space {text}: expected FIELD=loguniform:LOW:HIGH, FIELD=uniform:LOW:HIGH or "
+                         f"FIELD=choice:A,B,... (e.g. lr=loguniform:1e-5:1e-3)")
+    try:
+        path = field_path(name)
+    except ValueError as e:
+        raise ValueError(f"--space {text}: {e}") from None
+    tp, f = _hints()[path]
+    short = path.rpartition(".")[2]
+    if f.metadata.get("operational"):
+        raise ValueError(f"--space {text}: {flag(short)} says how a run executes, not what it trains: a sweep does not vary it")
+    if path in NOT_SWEPT:
+        raise ValueError(f"--space {text}: {NOT_SWEPT[path]}")
+    try:
+        if kind == "choice":
+            values = tuple(_value(tp, v, short) for v in args.split(","))
+            if len(set(map(_text, values))) != len(values):
+                raise ValueError("a choice is listed twice")
+        else:
+            inner, _ = _optional(tp)
+            if inner not in (float, int) or inner is bool:
+                raise ValueError(f"{kind} draws numbers; {flag(short)} is not a number: give its values with choice:A,B,...")
+            if inner is int:
+                raise ValueError(f"{flag(short)} is an integer: give its values with choice:A,B,...")
+            bounds = args.split(":")
+            if len(bounds) != 2:
+                raise ValueError(f"{kind} takes two bounds, LOW:HIGH")
+            values = tuple(_value(float, b, short) for b in bounds)
+            if not values[0] <= values[1]:
+                raise ValueError(f"need LOW <= HIGH, got {values[0]:g} and {values[1]:g}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"loguniform needs LOW > 0, got {values[0]:g}")
+    except ValueError as e:
+        raise ValueError(f"--space {text}: {e}") from None
+    return Dim(path, kind, values)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    """The ranges of `KNOBS` and the sweep's mechanics. Ranges default to the report's
-    neighbourhood: Adam around 1e-4 (§2.1.2), segmentation weight around 0.58 (§2.1.4), zoom up
-    to 1.25 (§5.4)."""
-
-    sweep_name: str = "sweep"  # the sweep's folder under --out (results, trials); --resume continues it
-    num_samples: int = 16  # trials
-    lr_min: float = 1e-5  # learning rate: log-uniform from here...
-    lr_max: float = 1e-3  # ...to here
-    optimizers: tuple[Optimizer, ...] = ("adam",)  # optimizers to draw from
-    semseg_weight_min: float = 0.3  # segmentation loss weight w (depth gets 1 - w): uniform from here...
-    semseg_weight_max: float = 0.7  # ...to here
-    scale_max_choices: tuple[float, ...] = (1.0, 1.25, 1.5)  # largest random zoom factors to draw from
-    hflip_choices: tuple[bool, ...] = (True, False)  # random flips on/off to draw from
-    batch_sizes: tuple[int, ...] = (16,)  # batch sizes (per training process) to draw from
-    grace_period: int = 1  # epochs every trial gets before ASHA may stop it
-    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
-    max_concurrent: int | None = None  # trials at once; default: as many as the cluster's CPUs/GPUs hold
-    search: Literal["random", "optuna", "hyperopt"] = "random"  # how trials are drawn (optuna/hyperopt: their packages)
-    search_seed: int = 0  # seed of the search algorithm
-
-    def validate(self) -> "SweepConfig":
-        """The mechanics (the ranges are checked against a training config: `check_space`)."""
-        if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
-            raise ValueError("--num-samples >= 1, --grace-period >= 1 and --reduction-factor >= 2 are required")
-        return self
+def parse_space(texts: Iterable[str]) -> tuple[Dim, ...]:
+    dims = tuple(parse_dim(t) for t in texts)
+    seen: dict[str, Dim] = {}
+    for d in dims:
+        if d.path in seen:
+            raise ValueError(f"--space sweeps {d.name} twice ({seen[d.path].text} and {d.text})")
+        seen[d.path] = d
+    return dims
 
 
-def space(sweep: SweepConfig) -> dict[Knob, tuple]:
-    """Each knob's values: ``(min, max)`` for the continuous kinds, the choices otherwise."""
-    return {k: tuple(getattr(sweep, f) for f in k.fields) if k.kind != "choice" else tuple(getattr(sweep, k.fields[0]))
-            for k in KNOBS}
+def explicit_fields(argv: Sequence[str]) -> set[str]:
+    """The config fields whose flags are on the command line (``--lr 3e-4``, ``--lr=3e-4``,
+    ``--no-hflip``)."""
+    given = set()
+    for path in _hints():
+        dashed = path.rpartition(".")[2].replace("_", "-")
+        names = (f"--{dashed}", f"--no-{dashed}")
+        if any(tok in names or tok.startswith(tuple(n + "=" for n in names)) for tok in argv):
+            given.add(path)
+    return given
 
 
-def check_space(knobs: dict[Knob, tuple], base: ExperimentConfig) -> None:
+def choose_space(texts: Sequence[str], given: set[str]) -> tuple[tuple[Dim, ...], list[str]]:
+    """The space a sweep runs (see the module docstring) and notes for the log: ``--space`` as
+    given, where a flag given for a swept field is an error naming both; else the default
+    space without the fields whose flags were given."""
+    if texts:
+        space = parse_space(texts)
+        clash = [d for d in space if d.path in given]
+        if clash:
+            d = clash[0]
+            raise ValueError(f"{d.flag} is given and --space {d.text} sweeps it: give one (the flag fixes {d.name} for "
+                             f"every trial, --space varies it)")
+        return space, []
+    space = parse_space(DEFAULT_SPACE)
+    fixed = [d for d in space if d.path in given]
+    space = tuple(d for d in space if d.path not in given)
+    notes = [f"the default space leaves out {', '.join(d.name for d in fixed)}: fixed by "
+             f"{', '.join(d.flag for d in fixed)}"] if fixed else []
+    if not space:
+        raise ValueError("every field of the default space is fixed by a flag: say what to sweep with --space "
+                         "(e.g. --space lr=loguniform:1e-5:1e-3)")
+    return space, notes
+
+
+def check_space(space: Iterable[Dim], base: ExperimentConfig, limit: int = 4096) -> None:
     """Every value a trial may draw makes a valid training config (`ExperimentConfig.validate`
-    owns what valid means); ValueError naming the sweep's flag otherwise. Runs before any trial."""
-    if base.train.checkpoint_every:  # each report is a Tune result: ASHA's rungs count them as epochs
-        raise ValueError("--checkpoint-every: sweeps checkpoint at epoch ends only (every checkpoint is a result that "
-                         "ASHA counts as an epoch)")
-    for knob, values in knobs.items():
-        flags = [flag(f) for f in knob.fields]
-        if not values:
-            raise ValueError(f"{flags[0]} needs at least one value")
-        if knob.kind != "choice" and values[0] > values[1]:
-            raise ValueError(f"need {flags[0]} <= {flags[1]}, got {values[0]}, {values[1]}")
-        for i, v in enumerate(values):
+    owns what valid means); ValueError naming the ``--space`` otherwise. The ends of continuous
+    ranges and every choice are checked together (``scale_min`` above ``scale_max`` is caught),
+    up to ``limit`` combinations, then one field at a time. Runs before any trial."""
+    if base.train.checkpoint_every or base.train.checkpoint_every_min:  # results, ASHA's rungs, PBT's checkpoints: epochs
+        raise ValueError("--checkpoint-every/--checkpoint-every-min: sweeps checkpoint at epoch ends only (a trial's results, ASHA's rungs and "
+                         "PBT's checkpoints are per epoch)")
+    space = tuple(space)
+    for d in space:
+        for v in d.values:
             try:
-                base.with_values({knob.path: v}).validate()
+                base.with_values({d.path: v}).validate()
             except ValueError as e:
-                raise ValueError(f"{flags[min(i, len(flags) - 1)]}: {e}") from None
+                raise ValueError(f"--space {d.text}: {e}") from None
+    if math.prod(len(d.values) for d in space) <= limit:
+        for combo in itertools.product(*(d.values for d in space)):
+            try:
+                base.with_values({d.path: v for d, v in zip(space, combo)}).validate()
+            except ValueError as e:
+                values = ", ".join(f"{d.name}={_text(v)}" for d, v in zip(space, combo))
+                raise ValueError(f"--space: a trial may draw {values}, which is not a valid config: {e}") from None
 
 
-def param_space(knobs: dict[Knob, tuple]) -> dict[str, Any]:
-    """Tune's search space: one domain per knob, under its name."""
+def param_space(space: Iterable[Dim]) -> dict[str, Any]:
+    """Tune's search space: one domain per dimension, under its name."""
     from ray import tune
 
     draw = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
             "choice": lambda v: tune.choice(list(v))}
-    return {k.name: draw[k.kind](values) for k, values in knobs.items()}
+    return {d.name: draw[d.kind](d.values) for d in space}
 
 
-def trial_config(base: ExperimentConfig, hp: dict[str, Any], name: str, trials_url: str, resume: bool = False) -> ExperimentConfig:
-    """The base config with one trial's hyperparameters; its Train run lives in ``trials_url/name``
-    (``resume``: continue it — a trial restarted by ``Tuner.restore``)."""
-    cfg = base.with_values({k.path: hp[k.name] for k in KNOBS if k.name in hp})
+def hyperparameters(space: Iterable[Dim], config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's drawn values, by name, typed as the fields hold them."""
+    return {d.name: d.typed(config[d.name]) for d in space if d.name in config}
+
+
+def trial_config(base: ExperimentConfig, space: Iterable[Dim], hp: dict[str, Any], name: str, trials_url: str,
+                 resume: bool = False) -> ExperimentConfig:
+    """The base config with one trial's values of the swept fields (every other field as the
+    base has it: defaults, --config file, flags); its Train run lives in ``trials_url/name``
+    (``resume``: continue it)."""
+    cfg = base.with_values({d.path: d.typed(hp[d.name]) for d in space if d.name in hp})
     return cfg.with_values({"train.out": trials_url, "train.name": name, "train.resume": resume}).validate()
 
 
-def trial_name(arch: str, hp: dict[str, Any], trial_id: str) -> str:
-    """Descriptive, filesystem-safe: branched_adam-lr3.2e-04_w0.58_s1.25_flip_bs16_3f2a1_00004."""
-    return f"{arch}_" + "".join(k.tag(hp[k.name]) + k.after for k in KNOBS if hp.get(k.name) is not None) + trial_id
+def trial_name(arch: str, space: Iterable[Dim], hp: dict[str, Any], trial_id: str) -> str:
+    """Descriptive, filesystem-safe, from the swept values: ``branched_lr3.2e-04_w0.58_s1.25_flip_3f2a1_00004``."""
+    return "_".join([arch, *(d.tag(d.typed(hp[d.name])) for d in space if hp.get(d.name) is not None), trial_id])
+
+
+# ------------------------------------------------------------------------- the sweep's mechanics
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The sweep's flags (the training config's are the other flags of jobs/tune.py)."""
+
+    sweep_name: str = "sweep"  # the sweep's folder under --out (results, trials); --resume continues it
+    num_samples: int = 16  # trials
+    #: a swept field and its values, repeated for each: FIELD=loguniform:LOW:HIGH, FIELD=uniform:LOW:HIGH or
+    #: FIELD=choice:A,B,... (tuple values joined with +), e.g. --space lr=loguniform:1e-5:1e-3 --space
+    #: encoder=choice:resnet18,resnet34; default: lr, semseg_weight, scale_max and hflip, less the ones given as flags
+    space: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    #: what the sweep optimises: grader (mIoU - SI-logRMSE), score (a run's selection score: the grader, or a
+    #: single-task run's own metric), or delta_m (multi-task performance against --baselines, lower is better)
+    metric: Metric = "grader"
+    baselines: tuple[str, ...] = ()  # the single-task baselines' run folders (--tasks semseg and --tasks depth): Δm per epoch
+    scheduler: Literal["asha", "pbt"] = "asha"  # asha: stop weak trials early; pbt: population-based training
+    grace_period: int = 1  # ASHA: epochs every trial gets before it may be stopped
+    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
+    perturbation_interval: int = 2  # PBT: epochs between perturbations (weak trials copy a strong one's weights, values perturbed)
+    quantile_fraction: float = 0.25  # PBT: the bottom fraction copies the top fraction
+    pbt_sync: bool = False  # PBT: perturb when every trial has reached the interval (trials pause and restart there)
+    max_concurrent: int | None = None  # trials at once; default: as many as the cluster's CPUs/GPUs hold
+    search: Literal["random", "optuna", "hyperopt"] = "random"  # how trials are drawn (optuna/hyperopt: their packages)
+    search_seed: int = 0  # seed of the draws (the random search's too: the same seed draws the same trials)
+
+    def validate(self) -> "SweepConfig":
+        """The mechanics (the space is checked against a training config: `check_space`)."""
+        if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("--num-samples >= 1, --grace-period >= 1 and --reduction-factor >= 2 are required")
+        if self.perturbation_interval < 1 or not 0 < self.quantile_fraction <= 0.5:
+            raise ValueError("--perturbation-interval >= 1 and 0 < --quantile-fraction <= 0.5 are required")
+        if self.scheduler == "pbt" and self.search != "random":
+            raise ValueError(f"--scheduler pbt draws its first values at random and then perturbs them: leave out --search "
+                             f"{self.search}")
+        if self.metric == "delta_m" and not self.baselines:
+            raise ValueError("--metric delta_m needs --baselines: the run folders of a --tasks semseg and a --tasks depth run")
+        return self
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep runs, resolved and checked: the space, the objective, the scheduler. Stored
+    as ``sweep.json`` in the sweep's folder (a resume must ask for the same) and handed to every
+    trial."""
+
+    space: tuple[Dim, ...]
+    metric: Metric = "grader"
+    baselines: tuple[str, ...] = ()
+    scheduler: Literal["asha", "pbt"] = "asha"
+    perturbation_interval: int = 2
+    pbt_sync: bool = False
+    quantile_fraction: float = 0.25
+    grace_period: int = 1
+    reduction_factor: int = 2
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def key(self) -> str:
+        """The result key the scheduler reads."""
+        return OBJECTIVES[self.metric][0]
+
+    @property
+    def mode(self) -> str:
+        return OBJECTIVES[self.metric][1]
+
+    @property
+    def pbt(self) -> bool:
+        return self.scheduler == "pbt"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("space", "notes")}
+        return {"space": [d.text for d in self.space], **{k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SweepSpec":
+        d = dict(d)
+        space = parse_space(d.pop("space"))
+        return cls(space=space, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def differences(self, other: "SweepSpec") -> list[str]:
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k} {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k)]
+
+    def pbt_mutations(self) -> dict[str, Any]:
+        """PBT's ``hyperparam_mutations``: continuous fields as their Tune domain (perturbed by
+        x0.8/x1.2 or redrawn, then clipped to the range: `clip`), choices as the list (an
+        adjacent choice, or redrawn)."""
+        from ray import tune
+
+        draw = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v)}
+        return {d.name: draw[d.kind](d.values) if d.continuous else list(d.values) for d in self.space}
+
+    def clip(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A perturbed trial config with its continuous values back inside their ranges."""
+        for d in self.space:
+            if d.continuous and config.get(d.name) is not None:
+                config[d.name] = min(max(float(config[d.name]), d.values[0]), d.values[1])
+        return config
+
+
+def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> SweepSpec:
+    """The sweep the command line asks for, checked against the training config ``base``
+    (``given``: the config fields whose flags were on the command line). ValueError naming
+    the flags otherwise. Reads nothing (the baselines' folders are read by the caller)."""
+    sweep.validate()
+    space, notes = choose_space(sweep.space, given)
+    check_space(space, base)
+    tasks = tuple(base.optim.tasks)
+    if sweep.metric in ("grader", "delta_m") and len(tasks) != 2:
+        raise ValueError(f"--metric {sweep.metric} judges a multi-task run; these trials train --tasks {tasks[0]} only: "
+                         f"use --metric score")
+    if sweep.baselines and len(tasks) != 2:
+        raise ValueError(f"--baselines: Δm compares a multi-task run with single-task ones; these trials train --tasks {tasks[0]}")
+    if sweep.scheduler == "pbt":
+        _check_pbt(space, base)
+    return SweepSpec(space, sweep.metric, tuple(sweep.baselines), sweep.scheduler, sweep.perturbation_interval,
+                     sweep.pbt_sync, sweep.quantile_fraction, sweep.grace_period, sweep.reduction_factor, tuple(notes))
+
+
+def _check_pbt(space: tuple[Dim, ...], base: ExperimentConfig) -> None:
+    mutable = ", ".join(p.rpartition(".")[2] for p in PBT_MUTABLE)
+    for d in space:
+        if d.path not in PBT_MUTABLE:
+            raise ValueError(f"--scheduler pbt cannot sweep {d.name} (--space {d.text}): PBT changes the swept values in the "
+                             f"middle of a trial, which continues from another trial's weights and optimizer state, and "
+                             f"{d.flag} cannot change there (PBT can change {mutable}). Sweep {d.name} with --scheduler asha, "
+                             f"or fix it with {d.flag}")
+    if any(d.path == "optim.semseg_weight" for d in space) and base.optim.task_weighting != "fixed":
+        raise ValueError(f"--scheduler pbt would perturb semseg_weight, which weighs the losses only with --task-weighting "
+                         f"fixed (it is {base.optim.task_weighting})")

@@ -1,48 +1,264 @@
-"""Ray Tune sweeps: every trial is a full (possibly multi-worker) Ray Train run; ASHA stops the
-weak ones early on the grader score. The search space is `mtl.distributed.sweep_space`; the
-leaderboard and reports written at the end are `mtl.distributed.sweep_report`."""
+"""Ray Tune sweeps: every trial is a full (possibly multi-worker) Ray Train run, scheduled by ASHA
+(stops weak trials early) or population-based training. The sweep itself (space, objective,
+scheduler) is `mtl.distributed.sweep_space.SweepSpec`; the leaderboard and reports written at the
+end are `mtl.distributed.sweep_report`.
+
+**A trial** is a Tune function (Tune cannot wrap a Train V2 trainer itself) that builds a
+`TorchTrainer` for its config and runs it in a thread. Each epoch's report reaches the trial
+through `ForwardReports` (a Train callback in the Train controller, over a Ray queue); the trial
+adds what the sweep judges by (``score``; ``delta_m`` against the baselines) and its swept values
+(``hp/<name>``, ``run``), then reports it to Tune. Step checkpoints inside an epoch (a preemption
+notice) carry no validation and are not forwarded.
+
+**Run folders.** A trial's Train run lives in ``<sweep>/trials/<trial name>/`` (a name that
+stays the same when the sweep is resumed, so its Train run resumes from its own checkpoint).
+
+**PBT** (``--scheduler pbt``) perturbs every ``--perturbation-interval`` epochs: a trial in the
+bottom ``--quantile-fraction`` copies one of the top fraction and perturbs the copy's swept values
+(continuous ones x0.8 or x1.2 or redrawn, clipped to their range; choices moved to a neighbour or
+redrawn). At those epochs (but the last) a trial hands Tune a checkpoint: a copy of its Train
+checkpoint (model, optimizer, train state, RNG; DeepSpeed's shards) with ``origin.json`` naming
+the run folder and tag it came from; Tune keeps each trial's last four. A trial (re)started with
+such a checkpoint:
+
+* from its own latest run folder (the sweep was resumed, or PBT paused it to run another):
+  continues that folder, as ASHA's trials do;
+* from another trial (an exploit) or an older folder: starts a new run folder
+  ``<trial name>-p<k>``, seeded with that checkpoint — its config rewritten to the trial's new
+  values, its best score reset so that the folder's ``best.pt`` is its own best epoch — and
+  continues training from there (same epoch, step, LR plan position and data order; the new LR
+  applies from the next step). ``pbt-origin.json`` there says where it came from.
+
+A trial restarted after its last epoch trains nothing. The report takes each epoch's values and
+run folder from the results, so a PBT trial's row shows the values of its best epoch and its
+``best.pt``. PBT counts time in epochs; it changes only the fields `sweep_space.PBT_MUTABLE` lists.
+
+**MLflow.** With ``MLFLOW_TRACKING_URI`` set, Tune's MLflow callback logs every trial as an
+MLflow run of the experiment named after the sweep (its config as parameters, each epoch's
+results as metrics); the trials' own training does not log to MLflow then.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
 from typing import Any
 
+from ray.train import UserCallback
 from ray.tune import Callback
 
 from mtl.config import ExperimentConfig
-from mtl.distributed.sweep_space import SweepConfig, check_space, param_space, space, trial_config, trial_name
+from mtl.distributed.sweep_report import HP_PREFIX, RUN_KEY
+from mtl.distributed.sweep_space import SweepConfig, SweepSpec, hyperparameters, param_space, trial_config, trial_name
+
+ORIGIN_FILE = "origin.json"  # in a checkpoint handed to Tune: where it came from
+SEED_FILE = "pbt-origin.json"  # in a run folder seeded from another trial's checkpoint
+TUNE_CHECKPOINT = "checkpoint"  # the Train checkpoint's files inside a Tune checkpoint
+SWEEP_FILE = "sweep.json"  # in the sweep's folder: the sweep's spec and base config (a resume must match)
+
+
+class ForwardReports(UserCallback):
+    """Train callback (runs in the Train controller): each epoch's report (rank 0's metrics and
+    the checkpoint's tag) to the trial, through a Ray queue."""
+
+    def __init__(self, queue) -> None:  # noqa: ANN001 - ray.util.queue.Queue
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:  # noqa: ANN001
+        if "epoch_step" in metrics[0]:  # a step checkpoint inside an epoch: no validation, not a result
+            return
+        tag = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else None
+        self.queue.put((dict(metrics[0]), tag))
+
+
+def trial_result(metrics: dict[str, Any], tasks: tuple[str, ...], hp: dict[str, Any], run: str,
+                 baselines: dict[str, dict[str, float]] | None) -> dict[str, Any]:
+    """What a trial reports to Tune for one epoch: its metrics, the score that ranks it (when
+    training did not report it), Δm against ``baselines`` (when given), its swept values and
+    its run folder's name."""
+    from mtl.multitask import delta_m, selection_score
+
+    out = dict(metrics)
+    if "score" not in out:
+        out["score"] = selection_score(metrics, tasks)
+    if baselines:
+        out["delta_m"] = delta_m(metrics, baselines)
+    out.update({HP_PREFIX + k: "+".join(map(str, v)) if isinstance(v, tuple) else v for k, v in hp.items()})
+    out[RUN_KEY] = run
+    return out
 
 
 def _trial(config: dict[str, Any]) -> None:
-    """A Tune trial: one full Ray Train run reporting each epoch's validation metrics to Tune."""
+    """A Tune trial: one full Ray Train run (or, under PBT, one per exploit) reporting each
+    epoch's validation metrics to Tune (see the module docstring)."""
+    import threading
+
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
 
     from mtl.distributed.capacity import worker_bundle
     from mtl.distributed.ray_train import make_trainer
-    from mtl.runs import RunFolder, prepare_run
+    from mtl.runs import run_name, run_url
 
+    spec = SweepSpec.from_dict(config["sweep"])
     base = ExperimentConfig.from_dict(config["base"])
+    hp = hyperparameters(spec.space, config)
     name = ray.tune.get_context().get_trial_name()  # stable across Tuner.restore: the Train run resumes
-    started = RunFolder(f"{config['trials_url']}/{name}").has_checkpoint()
-    cfg = prepare_run(trial_config(base, config, name, config["trials_url"], resume=started))
+    cfg = start_run(base, spec, hp, config["trials_url"], name, ray.tune.get_checkpoint())
+    if finished(cfg):  # restarted after its last epoch (the sweep resumed; PBT paused it there): nothing to train
+        return
     bundle = worker_bundle(cfg.dist.cpus_per_worker, cfg.dist.gpus_per_worker, bool(cfg.dist.use_gpu))
-    result = make_trainer(cfg, bundle, callbacks=[TuneReportCallback()]).fit()
-    if result.error:
-        raise result.error
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    # the trial's rank 0 does not log to MLflow: Tune's MLflow callback logs the trials
+    trainer = make_trainer(cfg, bundle, callbacks=[ForwardReports(reports)], track_mlflow=False)
+    outcome: dict[str, Any] = {}
 
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - raised again in the trial below
+            outcome["error"] = e
+        finally:
+            reports.put(None)
+
+    thread = threading.Thread(target=fit, name="streetmtl-trial-fit", daemon=True)
+    thread.start()
+    run, url, tasks = run_name(cfg), run_url(cfg), tuple(cfg.optim.tasks)
+    while (item := reports.get()) is not None:
+        metrics, tag = item
+        result = trial_result(metrics, tasks, hp, run, config.get("baselines"))
+        epoch = int(metrics.get("epoch", 0))
+        if spec.pbt and tag and epoch % spec.perturbation_interval == 0 and epoch < cfg.train.epochs:
+            with tempfile.TemporaryDirectory(prefix="streetmtl-pbt-") as d:  # Tune copies it into the trial's folder
+                pack_checkpoint(url, tag, d)
+                ray.tune.report(result, checkpoint=ray.tune.Checkpoint.from_directory(d))
+        else:
+            ray.tune.report(result)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    if outcome["result"].error:
+        raise outcome["result"].error
+
+
+# ------------------------------------------------------------------ run folders and PBT checkpoints
+
+def trial_runs(trials_url: str, name: str) -> list[str]:
+    """The run folders trial ``name`` trained in, in order: ``name``, ``name-p1``, ``name-p2``..."""
+    from mtl.runs import RunFolder
+
+    pattern = re.compile(re.escape(name) + r"(?:-p(\d+))?")
+    found = [(int(m.group(1) or 0), e) for e in RunFolder(trials_url).entries() if (m := pattern.fullmatch(e))]
+    return [e for _, e in sorted(found)]
+
+
+def start_run(base: ExperimentConfig, spec: SweepSpec, hp: dict[str, Any], trials_url: str, name: str,
+              checkpoint=None) -> ExperimentConfig:  # noqa: ANN001 - a Tune checkpoint
+    """The config of the Train run trial ``name`` runs now, its folder ready (see the module
+    docstring): its latest run folder (resumed when it has a checkpoint), or, when Tune hands it
+    a checkpoint from elsewhere (a PBT exploit), a new folder seeded with that checkpoint."""
+    from mtl.runs import RunFolder, prepare_run, run_url
+
+    runs = trial_runs(trials_url, name)
+    run = runs[-1] if runs else name
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            with open(os.path.join(d, ORIGIN_FILE)) as fh:
+                origin = json.load(fh)
+            if origin["run"].rstrip("/") != f"{trials_url}/{run}":
+                run = f"{name}-p{len(runs)}" if runs else f"{name}-p1"
+                seed_run(trial_config(base, spec.space, hp, run, trials_url), d, hp)
+    cfg = trial_config(base, spec.space, hp, run, trials_url)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=RunFolder(run_url(cfg)).has_checkpoint()))
+    return prepare_run(cfg)
+
+
+def finished(cfg: ExperimentConfig) -> bool:
+    """The run's latest checkpoint is its last epoch's."""
+    from mtl.checkpoint import CheckpointIndex
+    from mtl.runs import run_url
+
+    return CheckpointIndex(run_url(cfg)).latest_tag() == f"epoch-{cfg.train.epochs:04d}"
+
+
+def pack_checkpoint(run_url: str, tag: str, folder: str) -> None:
+    """A PBT checkpoint in local ``folder``: the Train checkpoint ``<run>/checkpoints/<tag>``
+    (all its files) and where it came from."""
+    from mtl.checkpoint import CHECKPOINTS
+    from mtl.storage import storage_errors, url_to_fs
+
+    url = f"{run_url}/{CHECKPOINTS}/{tag}"
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        fs.get(path.rstrip("/") + "/", os.path.join(folder, TUNE_CHECKPOINT) + "/", recursive=True)
+    with open(os.path.join(folder, ORIGIN_FILE), "w") as fh:
+        json.dump({"run": run_url, "tag": tag}, fh)
+
+
+def seed_run(cfg: ExperimentConfig, folder: str, hp: dict[str, Any]) -> None:
+    """A new run folder for ``cfg`` holding the checkpoint of the PBT checkpoint ``folder``
+    (`pack_checkpoint`) as its latest: its stored config becomes ``cfg`` (the trial's perturbed
+    values: the resume check then accepts it), its best score is reset (``best.pt`` in the new
+    folder is its own best epoch); weights, optimizer, train state and RNG stay."""
+    from mtl.checkpoint import STATE_FILE, CheckpointIndex, FolderStorage, checkpoint_bytes, load_safely
+    from mtl.runs import resolve_config, run_url
+    from mtl.storage import write_bytes_atomic
+
+    with open(os.path.join(folder, ORIGIN_FILE)) as fh:
+        origin = json.load(fh)
+    url = run_url(cfg)
+    with tempfile.TemporaryDirectory(prefix="streetmtl-seed-") as d:
+        files = os.path.join(d, TUNE_CHECKPOINT)
+        shutil.copytree(os.path.join(folder, TUNE_CHECKPOINT), files)
+        with open(os.path.join(files, STATE_FILE), "rb") as fh:
+            state = load_safely(fh.read(), f"{origin['run']}/checkpoints/{origin['tag']}/{STATE_FILE}")
+        state.pop("format", None)
+        state["config"] = resolve_config(cfg).to_dict()
+        state["train_state"] = {**state.get("train_state", {}), "best": float("-inf")}
+        with open(os.path.join(files, STATE_FILE), "wb") as fh:
+            fh.write(checkpoint_bytes(state))
+        storage = FolderStorage(url, keep_last=0)
+        storage.publish(files, origin["tag"], {})
+        CheckpointIndex(url).commit(origin["tag"])
+    write_bytes_atomic(f"{url}/{SEED_FILE}", json.dumps({"from": origin, "values": hp}, indent=1, default=str).encode())
+
+
+# --------------------------------------------------------------------------------- the driver
 
 def max_concurrent_trials(base: ExperimentConfig, sweep: SweepConfig, bundle: dict[str, float]) -> int:
     """``--max-concurrent``, else as many trials as the cluster holds once the autoscaler has
-    added what its config allows (what it holds now when that cannot be known)."""
+    added what its config allows (what it holds now when that cannot be known): trials of
+    ``--num-workers`` workers of ``bundle`` each (their GPUs, on GPUs)."""
     from mtl.distributed.capacity import max_concurrent, read_capacity
 
     return sweep.max_concurrent or max_concurrent(base.dist.num_workers, bundle, read_capacity(), sweep.num_samples)
 
 
-def _search_alg(sweep: SweepConfig):
-    if sweep.search == "random":
+def mlflow_callback(experiment: str):
+    """Tune's MLflow callback logging every trial as a run of MLflow experiment ``experiment``
+    when ``MLFLOW_TRACKING_URI`` is set; None otherwise (`mtl.tracking.mlflow_tracking_uri`:
+    an error when mlflow is not installed)."""
+    from mtl.tracking import mlflow_tracking_uri
+
+    uri = mlflow_tracking_uri()
+    if uri is None:
         return None
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
+
+
+def _search_alg(sweep: SweepConfig, max_concurrent: int):
+    """How trials are drawn; at most ``max_concurrent`` run at once (Tune applies its own
+    ``max_concurrent_trials`` only to searchers it wraps, not to a random search it is handed)."""
+    if sweep.search == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=sweep.search_seed, max_concurrent=max_concurrent)
     try:
         if sweep.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
@@ -55,52 +271,96 @@ def _search_alg(sweep: SweepConfig):
         raise ValueError(f"--search {sweep.search} needs the {sweep.search} package: pip install {sweep.search} ({e})") from e
 
 
-def run_sweep(base: ExperimentConfig, sweep: SweepConfig, resume: bool = False):
+def _scheduler(spec: SweepSpec, epochs: int):
+    """ASHA, or PBT; both count time in epochs (the ``epoch`` every result carries)."""
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    if spec.pbt:
+        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=spec.perturbation_interval,
+                                       hyperparam_mutations=spec.pbt_mutations(), quantile_fraction=spec.quantile_fraction,
+                                       custom_explore_fn=spec.clip, synch=spec.pbt_sync)
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+
+
+def sweep_url(base: ExperimentConfig, sweep: SweepConfig) -> str:
+    from mtl.runs import out_root
+
+    return f"{out_root(base.train.out)}/{sweep.sweep_name}"
+
+
+def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) -> None:
+    """A resumed sweep continues what it started with: another space, objective, scheduler or
+    training config on the command line is refused (Tune would go on with the stored one)."""
+    from mtl.runs import config_diff
+    from mtl.storage import read_bytes
+
+    url = sweep_url(base, sweep)
+    raw = read_bytes(f"{url}/{SWEEP_FILE}")
+    if raw is None:
+        raise FileNotFoundError(f"no sweep to resume at {url} (no {SWEEP_FILE})")
+    stored = json.loads(raw)
+    differ = SweepSpec.from_dict(stored["spec"]).differences(spec)
+    differ += config_diff(ExperimentConfig.from_dict(stored["base"]), base)
+    if differ:
+        raise ValueError(f"--resume: the sweep at {url} was started with other settings ({'; '.join(differ)}): resume it "
+                         f"with the command that started it")
+
+
+def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, baselines: dict[str, dict[str, float]] | None = None,
+              resume: bool = False):
     """Run (or, with ``resume``, continue) the sweep; returns Tune's ResultGrid."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from mtl.distributed.ray_train import connect, plan
     from mtl.runs import out_root
+    from mtl.storage import write_bytes_atomic
 
-    check_space(space(sweep.validate()), base)
+    callbacks = [LeaderboardCallback(spec)]
+    mlflow = mlflow_callback(sweep.sweep_name)
+    if mlflow is not None:
+        callbacks.append(mlflow)
     workers = plan(base, connect(base))  # the GPU decision, once for every trial; fails fast if never placeable
     base = dataclasses.replace(base, dist=dataclasses.replace(base.dist, use_gpu=workers.use_gpu))
-    storage = out_root(base.train.out)
-    sweep_url = f"{storage}/{sweep.sweep_name}"
+    url = sweep_url(base, sweep)
     trainable = tune.with_resources(_trial, {"CPU": 0.01})  # the trial itself only waits; Train workers hold the resources
     if resume:
-        if not tune.Tuner.can_restore(sweep_url):
-            raise FileNotFoundError(f"no sweep to resume at {sweep_url}")
-        tuner = tune.Tuner.restore(sweep_url, trainable=trainable, resume_unfinished=True, restart_errored=True)
+        if not tune.Tuner.can_restore(url):
+            raise FileNotFoundError(f"no sweep to resume at {url}")
+        return tune.Tuner.restore(url, trainable=trainable, resume_unfinished=True, restart_errored=True).fit()
+    write_bytes_atomic(f"{url}/{SWEEP_FILE}", json.dumps({"spec": spec.to_dict(), "base": base.to_dict()}, indent=1).encode())
+    arch, space = base.model.arch, spec.space
+    concurrent = max_concurrent_trials(base, sweep, workers.bundle)
+    if spec.pbt:  # the values change as the trial goes: the name says which trial, the report which values
+        name = lambda t: f"{arch}_pbt_{t.trial_id}"  # noqa: E731
     else:
-        arch = base.model.arch
-        tuner = tune.Tuner(
-            trainable,
-            param_space={**param_space(space(sweep)), "base": base.to_dict(), "trials_url": f"{sweep_url}/trials"},
-            tune_config=tune.TuneConfig(
-                metric="grader", mode="max", num_samples=sweep.num_samples, search_alg=_search_alg(sweep),
-                scheduler=ASHAScheduler(max_t=base.train.epochs, grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor),
-                max_concurrent_trials=max_concurrent_trials(base, sweep, workers.bundle),
-                trial_name_creator=lambda t: trial_name(arch, t.config, t.trial_id),
-                trial_dirname_creator=lambda t: trial_name(arch, t.config, t.trial_id),
-            ),
-            run_config=tune.RunConfig(name=sweep.sweep_name, storage_path=storage, callbacks=[LeaderboardCallback(base.train.epochs)]),
-        )
+        name = lambda t: trial_name(arch, space, t.config, t.trial_id)  # noqa: E731
+    tuner = tune.Tuner(
+        trainable,
+        param_space={**param_space(space), "base": base.to_dict(), "trials_url": f"{url}/trials", "sweep": spec.to_dict(),
+                     "baselines": baselines or {}},
+        tune_config=tune.TuneConfig(
+            metric=spec.key, mode=spec.mode, num_samples=sweep.num_samples, search_alg=_search_alg(sweep, concurrent),
+            scheduler=_scheduler(spec, base.train.epochs), max_concurrent_trials=None if sweep.search == "random" else concurrent,
+            trial_name_creator=name, trial_dirname_creator=name,
+        ),
+        run_config=tune.RunConfig(name=sweep.sweep_name, storage_path=out_root(base.train.out), callbacks=callbacks,
+                                  # PBT: a weak trial copies a strong one's last perturbation checkpoint; keep a few
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4) if spec.pbt else None),
+    )
     return tuner.fit()
 
 
 class LeaderboardCallback(Callback):
     """Prints the leaderboard whenever a trial finishes (the terminal view during the sweep)."""
 
-    def __init__(self, max_epochs: int) -> None:
-        self.max_epochs = max_epochs
-        self.best: dict[str, tuple[float, int, dict[str, Any]]] = {}
+    def __init__(self, spec: SweepSpec) -> None:
+        self.key, self.sign = spec.key, 1.0 if spec.mode == "max" else -1.0
+        self.best: dict[str, tuple[float, int]] = {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-        g = result.get("grader")
-        if g is not None and (trial.trial_id not in self.best or g > self.best[trial.trial_id][0]):
-            self.best[trial.trial_id] = (g, result.get("training_iteration", 0), result)
+        v = result.get(self.key)
+        if v is not None and v == v and (trial.trial_id not in self.best or self.sign * v > self.sign * self.best[trial.trial_id][0]):
+            self.best[trial.trial_id] = (v, int(result.get("epoch", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
         from rich.table import Table
@@ -108,10 +368,10 @@ class LeaderboardCallback(Callback):
         from mtl.progress import wide_console
 
         t = Table(title=f"sweep leaderboard ({sum(1 for x in trials if x.status == 'TERMINATED')}/{len(trials)} trials done)")
-        for c in ("trial", "status", "best grader", "at epoch"):
+        for c in ("trial", "status", f"best {self.key}", "at epoch"):
             t.add_column(c)
-        ranked = sorted(trials, key=lambda x: self.best.get(x.trial_id, (float("-inf"),))[0], reverse=True)
+        ranked = sorted(trials, key=lambda x: self.sign * self.best.get(x.trial_id, (self.sign * float("-inf"),))[0], reverse=True)
         for x in ranked:
-            g, ep, _ = self.best.get(x.trial_id, (float("nan"), 0, None))
-            t.add_row(str(x), x.status, f"{g:.2f}", str(ep))
+            v, ep = self.best.get(x.trial_id, (float("nan"), 0))
+            t.add_row(str(x), x.status, f"{v:.2f}", str(ep))
         wide_console().print(t)

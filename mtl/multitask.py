@@ -1,0 +1,106 @@
+"""What a run is judged by: its tasks' metrics, the score that picks its best epoch, and the
+multi-task measure Δm against single-task baselines.
+
+* A multi-task run (both tasks) is ranked by the course grader, mIoU − SI-logRMSE. A single-task
+  baseline (``--tasks semseg`` or ``--tasks depth``) by its own task: mIoU, or −SI-logRMSE; the
+  other task's metrics are left out of its reports (that head is not trained).
+* Δm (Maninis et al. 2019; Vandenhende et al. 2021): the mean relative change of each task's
+  metrics against that task's single-task baseline, in percent, signed so that lower is better
+  (−3 means the multi-task model is 3 % better on average). The metrics of a task are averaged
+  first, then the tasks, so depth's several metrics count as much as segmentation's one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable, Mapping
+
+from mtl.storage import read_bytes
+
+TASKS = ("semseg", "depth")
+# the metrics Δm compares per task, and whether a higher value is better
+DELTA_M_METRICS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "semseg": (("miou", True),),
+    "depth": (("si_log_rmse", False), ("abs_rel", False), ("rmse", False), ("delta1", True)),
+}
+# metric keys that belong to one task (the rest, e.g. train_loss or epoch, belong to the run)
+_DEPTH_KEYS = ("si_log_rmse", "log_rmse", "mae", "rmse", "abs_rel", "delta1", "delta2", "delta3", "num_depth_images")
+
+
+def task_of(key: str) -> str | None:
+    """The task a metric key belongs to (``iou/road`` -> semseg), None for run-level keys."""
+    if key == "miou" or key.startswith("iou/"):
+        return "semseg"
+    return "depth" if key in _DEPTH_KEYS else None
+
+
+def selection_score(metrics: Mapping[str, float], tasks: Iterable[str]) -> float:
+    """The score that picks a run's best epoch (higher is better; see the module docstring)."""
+    tasks = tuple(tasks)
+    if tasks == ("semseg",):
+        return float(metrics["miou"])
+    if tasks == ("depth",):
+        return -float(metrics["si_log_rmse"])
+    return float(metrics["miou"]) - float(metrics["si_log_rmse"])
+
+
+def task_metrics(metrics: dict[str, Any], tasks: Iterable[str]) -> dict[str, Any]:
+    """``metrics`` without the keys of tasks that were not trained, without the grader for a
+    single-task run, and with its ``score`` (`selection_score`)."""
+    tasks = tuple(tasks)
+    out = {k: v for k, v in metrics.items() if task_of(k) in (None, *tasks)}
+    if len(tasks) == 1:
+        out.pop("grader", None)
+    out["score"] = selection_score(metrics, tasks)
+    return out
+
+
+def delta_m(metrics: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]]) -> float:
+    """Δm in percent (lower is better) of a multi-task run's ``metrics`` against ``baselines``
+    (task -> that task's single-task metrics; every task of `DELTA_M_METRICS` needed)."""
+    missing = [t for t in DELTA_M_METRICS if t not in baselines]
+    if missing:
+        raise ValueError(f"Δm needs a single-task baseline for {' and '.join(missing)} (a run trained with --tasks {missing[0]})")
+    per_task = []
+    for task, keys in DELTA_M_METRICS.items():
+        changes = []
+        for key, higher_is_better in keys:
+            base, value = float(baselines[task][key]), float(metrics[key])
+            if not (math.isfinite(base) and base != 0):
+                raise ValueError(f"Δm: the {task} baseline's {key} is {base}, not a number to compare against")
+            rel = (value - base) / abs(base)
+            changes.append(-rel if higher_is_better else rel)
+        per_task.append(sum(changes) / len(changes))
+    return 100.0 * sum(per_task) / len(per_task)
+
+
+def best_metrics(run_url: str) -> tuple[tuple[str, ...], dict[str, float]]:
+    """A finished (or running) run's tasks and the validation metrics of its best epoch, read
+    from its folder (``config.json``, ``metrics/epoch-*.json``). ValueError naming what is missing."""
+    from mtl.checkpoint import epoch_metrics
+    from mtl.config import ExperimentConfig
+    from mtl.runs import CONFIG_FILE
+
+    run_url = run_url.rstrip("/")
+    raw = read_bytes(f"{run_url}/{CONFIG_FILE}")
+    if raw is None:
+        raise ValueError(f"{run_url} is not a run folder (no {CONFIG_FILE})")
+    tasks = tuple(ExperimentConfig.from_dict(json.loads(raw)).optim.tasks)
+    epochs = list(epoch_metrics(run_url).values())
+    if not epochs:
+        raise ValueError(f"{run_url} has no validation metrics yet (metrics/epoch-*.json): its first epoch has not ended")
+    return tasks, max(epochs, key=lambda m: selection_score(m, tasks))
+
+
+def read_baselines(run_urls: Iterable[str]) -> dict[str, dict[str, float]]:
+    """task -> the best metrics of its single-task baseline run, from those runs' folders."""
+    out: dict[str, dict[str, float]] = {}
+    for url in run_urls:
+        tasks, metrics = best_metrics(url)
+        if len(tasks) != 1:
+            raise ValueError(f"{url} trained {' and '.join(tasks)}: a Δm baseline is a single-task run (--tasks semseg or --tasks depth)")
+        if tasks[0] in out:
+            raise ValueError(f"two baselines for {tasks[0]} given ({url} is the second)")
+        out[tasks[0]] = metrics
+    return out

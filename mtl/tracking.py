@@ -1,0 +1,539 @@
+"""Run tracking: what a person watches while a run trains, written by rank 0 only.
+
+A `Tracker` records one training run in its run folder (`mtl.runs`; a local path or any fsspec
+URL such as ``s3://bucket/prefix``)::
+
+    tb/            TensorBoard event files: per-step scalars (train/..., weights/...), validation
+                   scalars per epoch (val/<key>, iou/<class>) and images (images/<name>)
+    curves.png     the whole run at a glance, redrawn after every validation
+    mlflow.json    the MLflow run this training run logs to (only with MLFLOW_TRACKING_URI)
+
+Event files are written with tensorboardX: pure Python over protobuf and numpy (what a core
+install already has), while ``torch.utils.tensorboard`` needs the ``tensorboard`` package (its
+web server, grpcio, Markdown...) on every training node just to write files. Viewing them
+takes ``pip install tensorboard`` wherever one looks (`dev` extra).
+
+Local run folders get the events directly in ``<run>/tb/`` (``tensorboard --logdir`` shows them
+live). Object stores cannot append, so a remote run writes into a local staging folder; at
+every `Tracker.epoch` the file so far is closed, uploaded whole (one PUT, `write_bytes_atomic`)
+and a new one begun, so each byte is uploaded once and nothing half-written ever appears.
+
+Steps are global optimizer steps completed (`mtl.checkpoint.TrainState.step` after the update),
+the number a checkpoint stores. A resumed attempt (``start_step`` = its checkpoint's step k)
+opens its first event file with ``purge_step`` k + 1: readers (TensorBoard's accumulator through
+the SessionLog START event that writes, its Rust data server through the step going back) then
+hide what earlier attempts logged after step k, which this attempt trains again, so curves never
+double back; what they logged up to k (the checkpoint's own epoch-end validation) stays. MLflow
+cannot hide points: a resumed run's MLflow history holds both attempts' values for the steps
+between its checkpoint and the failure.
+
+MLflow (``MLFLOW_TRACKING_URI`` set): one MLflow run per training run, continued on resume (its
+id in ``mlflow.json``), in the experiment ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``
+names (else "streetmtl"). Step scalars are buffered and sent at every epoch end with the
+validation metrics (`Tracker.step` stays free of network calls); curves.png goes up as an
+artifact at `Tracker.close`. A tracking server that fails in the middle of a run costs its MLflow
+record (one line in the log), never the training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import shutil
+import tempfile
+import time
+import urllib.parse
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from mtl.checkpoint import epoch_metrics
+from mtl.errors import one_line
+from mtl.storage import StorageError, is_local, read_bytes, url_to_fs, write_bytes_atomic
+
+TB_DIR = "tb"
+CURVES_FILE = "curves.png"
+MLFLOW_FILE = "mlflow.json"
+DEFAULT_EXPERIMENT = "streetmtl"
+NO_MATPLOTLIB = "curves.png not drawn: matplotlib is not installed (pip install matplotlib)"
+_BAD_CHARS = re.compile(r"[^\w./\-]")  # what both TensorBoard tags and MLflow names may hold
+
+
+class TrackingError(ValueError):
+    """Run tracking cannot start as configured (e.g. MLFLOW_TRACKING_URI set, mlflow missing).
+    A ValueError, so the command lines report it as one line (`mtl.errors.USER_ERRORS`)."""
+
+
+# ------------------------------------------------------------------------------ names, values
+
+def number(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (NaN included), else None: metrics dicts also
+    hold lists (``epoch_lrs``), strings and flags, which are no scalars to plot."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def numeric(values: dict[str, Any]) -> dict[str, float]:
+    """The real-number values of ``values``, under their `clean_name`."""
+    return {clean_name(k): x for k, v in values.items() if (x := number(v)) is not None}
+
+
+def epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """An epoch's metrics as scalar tags: per-class IoU as ``iou/<class>``, the rest as
+    ``val/<key>``; ``step`` is the axis itself and non-numeric values are left out."""
+    return {(k if k.startswith("iou/") else f"val/{k}"): v for k, v in numeric(metrics).items() if k != "step"}
+
+
+class _NoNanWarnings(logging.Filter):
+    """tensorboardX warns "NaN or Inf found in input tensor." for every NaN it writes, a line
+    without context in the run's log; here NaN is a value (the IoU of a class absent from the
+    validation split), written as such."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "NaN or Inf found" not in record.getMessage()
+
+
+def _quiet_nan_warnings() -> None:
+    logger = logging.getLogger("tensorboardX.x2num")
+    if not any(isinstance(f, _NoNanWarnings) for f in logger.filters):
+        logger.addFilter(_NoNanWarnings())
+
+
+def clean_name(key: str) -> str:
+    """``key`` as a name TensorBoard and MLflow both keep as it is, so one value has one name in
+    both (``iou/traffic light`` -> ``iou/traffic_light``): other characters become "_", path
+    segments that MLflow would resolve to another name ("", ".", "..") are dropped."""
+    parts = [p for p in _BAD_CHARS.sub("_", key).split("/") if p not in ("", ".", "..")]
+    return "/".join(parts)[:250] or "_"
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested configuration as MLflow params: dotted keys (``optim.lr``), string values (lists
+    as JSON), cut to 500 characters, the limit of older tracking servers."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+            out[clean_name(name)] = text[:500]
+    return out
+
+
+def public_uri(uri: str) -> str:
+    """A tracking URI without the user and password it may carry, for logs and files."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.password and not parts.username:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# ------------------------------------------------------------------------- TensorBoard files
+
+class EventFiles:
+    """The TensorBoard event files of one attempt of a run (see the module docstring): written
+    into ``<run>/tb/`` directly for a local run, else staged locally and uploaded at `sync`.
+    Nothing is created before the first event: a trainer built but never run leaves no file."""
+
+    def __init__(self, run_url: str, start_step: int, flush_secs: int = 30) -> None:
+        self.url, self.remote, self.flush_secs = f"{run_url}/{TB_DIR}", not is_local(run_url), flush_secs
+        self.dir: str | None = None if self.remote else url_to_fs(self.url)[1]  # remote: the staging folder, once made
+        self.writer: Any | None = None
+        self._purge_step: int | None = start_step + 1  # for the attempt's first file
+        _quiet_nan_warnings()
+
+    def _current(self) -> Any:
+        """The writer, opening a new file if there is none (the first event of the attempt, or
+        the first after a remote `sync`). File names sort in the order files are begun (readers
+        read them in that order): the second of creation, then our nanosecond suffix, so two
+        attempts started within one second neither share a file nor swap places."""
+        if self.writer is None:
+            from tensorboardX import SummaryWriter  # imports torch: only where a run records
+
+            if self.dir is None:
+                self.dir = tempfile.mkdtemp(prefix="streetmtl-tb-")
+            self.writer = SummaryWriter(logdir=self.dir, purge_step=self._purge_step, max_queue=1000,
+                                        flush_secs=self.flush_secs, filename_suffix=f".{time.time_ns()}")
+            self._purge_step = None  # only an attempt's first file hides the steps it trains again
+        return self.writer
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._current().add_scalar(tag, value, global_step=step)
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image {tag} must be HxWx3 uint8, got {image.dtype} {tuple(image.shape)}")
+        self._current().add_image(tag, image, global_step=step, dataformats="HWC")
+
+    def sync(self) -> None:
+        """Local: flush. Remote: close the file so far and upload it; the next event begins a new
+        file."""
+        if not self.remote:
+            if self.writer is not None:
+                self.writer.flush()
+            return
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self._upload()
+
+    def _upload(self) -> None:
+        """Each closed file whole to ``<run>/tb/``, then off the staging folder; files a failed
+        upload left behind go with the next one."""
+        for name in sorted(os.listdir(self.dir)) if self.dir else []:
+            path = os.path.join(self.dir, name)
+            with open(path, "rb") as fh:
+                write_bytes_atomic(f"{self.url}/{name}", fh.read())
+            os.remove(path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.remote and self.dir:
+            self._upload()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- curves.png
+
+def _matplotlib() -> tuple[Any, Any] | None:
+    """(Figure, FigureCanvasAgg), or None without matplotlib. The object API draws with Agg
+    without switching the process's pyplot backend."""
+    try:
+        importlib.import_module("matplotlib")  # the package first: its submodules may be cached
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure, FigureCanvasAgg
+
+
+def _series(epochs: dict[int, dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    xs = sorted(epochs)
+    return xs, [v if (v := number(epochs[e].get(key))) is not None else math.nan for e in xs]
+
+
+def _lr_curve(epochs: dict[int, dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """The LR of every step, on the epoch axis: epoch e's ``epoch_lrs`` are the LRs of its last
+    steps, up to its ``step``, placed between the end of epoch e-1 (0 at e=1) and e."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for e in sorted(epochs):
+        m, lrs = epochs[e], epochs[e].get("epoch_lrs")
+        end = number(m.get("step"))
+        if not isinstance(lrs, list) or not lrs or end is None:
+            xs.append(float(e))
+            ys.append(number(m.get("lr")) if number(m.get("lr")) is not None else math.nan)
+            continue
+        start = number(epochs.get(e - 1, {}).get("step")) if e > 1 else 0.0
+        start = end - len(lrs) if start is None or start >= end else start
+        first = end - len(lrs) + 1
+        xs += [e - 1 + (first + i - start) / (end - start) for i in range(len(lrs))]
+        ys += [v if (v := number(lr)) is not None else math.nan for lr in lrs]
+    return xs, ys
+
+
+_PANELS = (  # title, (label, metrics key)...
+    ("train loss", (("total", "train_loss"), ("semseg", "train_loss_semseg"), ("depth", "train_loss_depth"))),
+    ("val mIoU (%)", (("mIoU", "miou"),)),
+    ("val SI-logRMSE", (("SI-logRMSE", "si_log_rmse"),)),
+    ("selection", (("grader", "grader"), ("score", "score"))),
+    ("learning rate", (("LR", None),)),
+    ("task weights", (("semseg", "weights/semseg"), ("depth", "weights/depth"))),
+)
+
+
+def _panels(epochs: dict[int, dict[str, Any]]) -> list[tuple[str, list[tuple[str, list[float], list[float]]]]]:
+    """The panels that have data: (title, [(label, xs, ys)])."""
+    out = []
+    for title, lines in _PANELS:
+        drawn = []
+        for label, key in lines:
+            xs, ys = _lr_curve(epochs) if key is None else _series(epochs, key)
+            if any(math.isfinite(y) for y in ys):
+                drawn.append((label, xs, ys))
+        if drawn:
+            out.append((title, drawn))
+    return out
+
+
+def _resumed(epochs: dict[int, dict[str, Any]]) -> list[int]:
+    """The epochs during which the run was resumed: its ``restarts`` count went up."""
+    order = sorted(epochs)
+    count = {e: number(epochs[e].get("restarts")) or 0 for e in order}
+    return [e for before, e in zip(order, order[1:]) if count[e] > count[before]]
+
+
+def draw_curves(epochs: dict[int, dict[str, Any]], title: str) -> bytes | None:
+    """curves.png of a run's epochs (epoch number -> metrics), or None without matplotlib.
+    Epochs during which the run was resumed (``restarts`` went up) are shaded."""
+    mpl = _matplotlib()
+    if mpl is None:
+        return None
+    Figure, FigureCanvasAgg = mpl
+    panels = _panels(epochs)
+    fig = Figure(figsize=(13, 7), dpi=80)  # fixed margins: a layout engine doubles the drawing time
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3).ravel()
+    fig.subplots_adjust(left=0.05, right=0.98, top=0.9, bottom=0.08, wspace=0.25, hspace=0.4)
+    resumed = _resumed(epochs)
+    for ax, (name, lines) in zip(axes, panels):
+        for label, xs, ys in lines:
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 and name != "learning rate" else None, ms=3, label=label)
+        for e in resumed:
+            ax.axvspan(e - 1, e, color="grey", alpha=0.15, lw=0)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title + ("   (shaded: epochs with a resume)" if resumed else ""))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------- MLflow
+
+def _experiment_id(client: Any) -> str:
+    """MLFLOW_EXPERIMENT_ID, else the experiment MLFLOW_EXPERIMENT_NAME (else "streetmtl")
+    names, created if missing (another run may create it at the same moment)."""
+    from mlflow.exceptions import MlflowException
+
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(f"the MLflow experiment {name!r} is deleted: restore it, or set MLFLOW_EXPERIMENT_NAME to another")
+    return exp.experiment_id
+
+
+class MlflowRun:
+    """The MLflow run of one training run (see the module docstring)."""
+
+    def __init__(self, uri: str, run_url: str, run_name: str, config: dict[str, Any], log: Callable[[str], None]) -> None:
+        from mlflow import MlflowClient
+
+        self.client, self.uri, self.log = MlflowClient(tracking_uri=uri), public_uri(uri), log
+        self.pending: list[Any] = []  # step metrics not yet sent
+        self.broken = False  # a call failed mid-run: no more for this attempt
+        self.run_id, params = self._continue(run_url) or self._start(run_url, run_name)
+        self._log_params(flatten(config), params)
+
+    def _continue(self, run_url: str) -> tuple[str, dict[str, str]] | None:
+        """The run ``mlflow.json`` names, if this tracking server has it (not deleted)."""
+        from mlflow.exceptions import MlflowException
+
+        stored = read_bytes(f"{run_url}/{MLFLOW_FILE}")
+        if stored is None:
+            return None
+        run_id = json.loads(stored).get("run_id")
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
+            self.log(f"MLflow: run {run_id} of {MLFLOW_FILE} is not at {self.uri}; a new MLflow run begins")
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        self.log(f"MLflow: continuing run {run_id} ({self._link(run.info.experiment_id, run_id)})")
+        return run_id, dict(run.data.params)
+
+    def _start(self, run_url: str, run_name: str) -> tuple[str, dict[str, str]]:
+        experiment = _experiment_id(self.client)
+        run = self.client.create_run(experiment, run_name=run_name, tags={"streetmtl.run_url": run_url})
+        record = {"run_id": run.info.run_id, "experiment_id": experiment, "tracking_uri": self.uri}
+        write_bytes_atomic(f"{run_url}/{MLFLOW_FILE}", json.dumps(record, indent=1).encode())
+        self.log(f"MLflow: run {run.info.run_id} ({self._link(experiment, run.info.run_id)})")
+        return run.info.run_id, {}
+
+    def _link(self, experiment: str, run_id: str) -> str:
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        return f"experiment {experiment} at {self.uri}"
+
+    def _log_params(self, params: dict[str, str], logged: dict[str, str]) -> None:
+        """The configuration's params; on resume only new ones (MLflow refuses to change a
+        param: settings that may differ on resume, e.g. the loader workers, keep their first)."""
+        from mlflow.entities import Param
+
+        changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+        new = [Param(k, v) for k, v in params.items() if k not in logged]
+        for chunk in _chunks(new, 100):
+            self.client.log_batch(self.run_id, params=chunk)
+        if changed:
+            self.log(f"MLflow: params that differ on resume keep their first values: {', '.join(changed)}")
+
+    def add(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, v, now, step) for k, v in values.items()]
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> None:
+        """``fn``, unless a call failed before; a failure is logged and ends MLflow logging for
+        this attempt (the client retries first; more retries would stall training each epoch)."""
+        if self.broken:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the tracking server's failure must not end training
+            self.broken = True
+            self.log(f"MLflow: could not {what} at {self.uri} ({one_line(e)}); no more MLflow logging in this attempt, "
+                     f"training goes on")
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if batch:
+            self._call(f"log {len(batch)} values", lambda: [self.client.log_batch(self.run_id, metrics=c) for c in _chunks(batch, 1000)])
+
+    def finish(self, png: bytes | None, failed: bool) -> None:
+        """The last values, curves.png as an artifact, and the run's end state."""
+        self.flush()
+        if png is not None:
+            with tempfile.TemporaryDirectory(prefix="streetmtl-mlflow-") as d:
+                with open(os.path.join(d, CURVES_FILE), "wb") as fh:
+                    fh.write(png)
+                self._call(f"upload {CURVES_FILE}", lambda: self.client.log_artifact(self.run_id, os.path.join(d, CURVES_FILE)))
+        self._call("end the run", lambda: self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED"))
+
+
+def mlflow_tracking_uri() -> str | None:
+    """``MLFLOW_TRACKING_URI`` when it is set, else None; TrackingError when it is set and mlflow
+    cannot be imported (checked before anything starts)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    try:
+        importlib.import_module("mlflow")
+    except ImportError:
+        raise TrackingError(f"MLFLOW_TRACKING_URI is set ({public_uri(uri)}) but the mlflow package is not installed: "
+                            f"pip install mlflow-skinny, or unset MLFLOW_TRACKING_URI") from None
+    return uri
+
+
+def start_mlflow(run_url: str, run_name: str, config: dict[str, Any], log: Callable[[str], None]) -> MlflowRun | None:
+    """The run's MLflow run when MLFLOW_TRACKING_URI is set, else None. A setup that cannot work
+    fails here, before training: mlflow missing, or a server that refuses the run."""
+    uri = mlflow_tracking_uri()
+    if uri is None:
+        return None
+    try:
+        return MlflowRun(uri, run_url, run_name, config, log)
+    except (TrackingError, StorageError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the client raises many types; all mean "cannot track"
+        raise TrackingError(f"MLflow at MLFLOW_TRACKING_URI={public_uri(uri)}: {one_line(e)}") from e
+
+
+# ---------------------------------------------------------------------------------- the tracker
+
+class Tracker:
+    """Rank 0's record of one run: TensorBoard event files in <run_url>/tb/, <run_url>/curves.png,
+    and MLflow when MLFLOW_TRACKING_URI is set.
+
+    Steps are global optimizer steps completed (`TrainState.step` after the update). ``start_step``:
+    the step of the checkpoint this attempt resumes from (0 for a new run); what earlier attempts
+    logged after it is hidden from TensorBoard, what they logged up to it stays. ``flush_secs``:
+    how often a local run's events reach its folder. Use as a context manager (a failure ends
+    the MLflow run as FAILED), or call `close` at the end."""
+
+    def __init__(self, run_url: str, run_name: str, config: dict, *, start_step: int = 0,
+                 mlflow: bool = True, log: Callable[[str], None] = print, flush_secs: int = 30) -> None:
+        self.run_url, self.run_name, self.log = run_url.rstrip("/"), run_name, log
+        self.mlflow = start_mlflow(self.run_url, run_name, config, log) if mlflow else None
+        self.events = EventFiles(self.run_url, start_step, flush_secs)
+        self._read: dict[str, dict[str, Any]] = {}  # metrics files read (`mtl.checkpoint.epoch_metrics`)
+        self._png: bytes | None = None  # the last curves.png
+        self._drawing = True  # False once matplotlib was found missing
+        self._closed = False
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        """Per-step scalars, e.g. {"train/loss": .., "train/loss_semseg": .., "train/loss_depth": ..,
+        "train/lr": .., "train/images_per_s": .., "weights/semseg": .., "weights/depth": ..}. Called every
+        --log-every steps (already host floats: no GPU sync here). Must be cheap: no file upload here."""
+        scalars = numeric(values)
+        for tag, value in scalars.items():
+            self.events.scalar(tag, value, step)
+        if self.mlflow:
+            self.mlflow.add(scalars, step)
+
+    def epoch(self, epoch: int, step: int, metrics: dict[str, Any], images: dict[str, np.ndarray] | None = None) -> None:
+        """After validation of an epoch: the validation metrics dict as mtl.metrics.MultiTaskMetrics.compute()
+        returns it plus run keys (keys like miou, si_log_rmse, grader, score, mae, rmse, abs_rel, delta1..3,
+        iou/<class name> per class, train_loss..., lr, epoch, step, and a list-valued 'epoch_lrs' to skip;
+        non-numeric / NaN values must not crash). Written as TensorBoard scalars under val/<key> (per-class
+        IoU under iou/<class>), images (name -> HxWx3 uint8) as TensorBoard images; then curves.png is redrawn
+        and, for a remote run folder, the tb/ files are uploaded."""
+        scalars = epoch_scalars(metrics)
+        for tag, value in scalars.items():
+            self.events.scalar(tag, value, step)
+        for name, image in (images or {}).items():
+            self.events.image(clean_name(f"images/{name}"), image, step)
+        self._draw(epoch, step, metrics)
+        self.events.sync()
+        if self.mlflow:
+            self.mlflow.add(scalars, step)
+            self.mlflow.flush()
+
+    def _draw(self, epoch: int, step: int, metrics: dict[str, Any]) -> None:
+        """curves.png from the run folder's epochs up to this one (this one's metrics as given)."""
+        if not self._drawing:
+            return
+        epochs = {**epoch_metrics(self.run_url, self._read, before=epoch), epoch: metrics}
+        png = draw_curves(epochs, f"{self.run_name}: epoch {epoch}, step {step}")
+        if png is None:
+            self._drawing = False
+            self.log(NO_MATPLOTLIB)
+            return
+        write_bytes_atomic(f"{self.run_url}/{CURVES_FILE}", png)
+        self._png = png
+
+    def close(self, *, failed: bool = False) -> None:
+        """The last events to the run folder, curves.png to MLflow and its run ended (FAILED with
+        ``failed``: a resume sets it running again). Closing twice does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.events.close()
+        finally:
+            if self.mlflow:
+                self.mlflow.finish(self._png, failed)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)

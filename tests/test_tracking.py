@@ -1,0 +1,223 @@
+"""Run tracking (`mtl.tracking`): TensorBoard files read back with TensorBoard's own reader,
+curves.png, resume hiding the steps a failed attempt logged, S3 run folders, MLflow."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtl.storage import StorageError, url_to_fs, write_bytes_atomic
+from mtl.tracking import MLFLOW_FILE, NO_MATPLOTLIB, Tracker, TrackingError, clean_name, epoch_scalars, flatten
+
+STEPS = 4  # optimizer steps per simulated epoch
+CONFIG = {"optim": {"lr": 4e-4, "poly_power": 0.9}, "data": {"workers": 2, "crop": [64, 128]}, "name": "x"}
+
+
+def _metrics(epoch: int, attempt: int) -> dict:
+    """An epoch's metrics as the trainer passes them (values differ per attempt)."""
+    step = epoch * STEPS
+    return {"miou": 10.0 * epoch + attempt, "si_log_rmse": 30.0 - epoch, "grader": 10.0 * epoch - 30, "score": 9.0 * epoch,
+            "mae": 1.0, "iou/road": 80.0 + epoch + attempt, "iou/traffic light": float("nan"), "train_loss": 1.0 / epoch,
+            "train_loss_semseg": 0.6 / epoch, "train_loss_depth": 0.4 / epoch, "lr": 1e-3 / epoch, "epoch": epoch, "step": step,
+            "epoch_lrs": [1e-3 / epoch] * STEPS, "weights/semseg": 0.5, "weights/depth": 0.5, "restarts": attempt,
+            "note": "not a number"}
+
+
+def _steps(tracker: Tracker, steps: range, attempt: int) -> None:
+    """Step scalars as the trainer logs them; step s of attempt a logs loss 1000 * a + s."""
+    for step in steps:
+        tracker.step(step, {"train/loss": 1000.0 * attempt + step, "train/lr": 1e-3, "train/images_per_s": 5.0,
+                            "weights/semseg": 0.5, "weights/depth": 0.5, "train/odd": "skip me"})
+
+
+def _train(tracker: Tracker, run_url: str, epochs: range, attempt: int, images: bool = False) -> None:
+    """What the trainer does: step scalars, then per epoch the checkpointer's metrics file and
+    `Tracker.epoch`."""
+    for epoch in epochs:
+        _steps(tracker, range((epoch - 1) * STEPS + 1, epoch * STEPS + 1), attempt)
+        m = _metrics(epoch, attempt)
+        write_bytes_atomic(f"{run_url}/metrics/epoch-{epoch:04d}.json", json.dumps(m).encode())
+        pictures = {"val_0": np.full((8, 16, 3), 40 * epoch, np.uint8)} if images else None
+        tracker.epoch(epoch, epoch * STEPS, m, pictures)
+
+
+def _read(tb_dir: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def _points(acc, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _assert_png(data: bytes) -> None:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    assert img.size == (1040, 560)
+
+
+def test_local_run_writes_tensorboard_files_and_curves(tmp_path):
+    run = str(tmp_path / "run")
+    lines: list[str] = []
+    with Tracker(run, "run", CONFIG, log=lines.append) as t:
+        _train(t, run, range(1, 3), attempt=0, images=True)
+    acc = _read(os.path.join(run, "tb"))
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "weights/semseg", "val/miou", "iou/road", "val/train_loss",
+                "val/weights/semseg"):
+        assert tag in tags["scalars"], tag
+    assert not {"train/odd", "val/note", "val/epoch_lrs", "val/step"} & set(tags["scalars"])
+    assert tags["images"] == ["images/val_0"]
+    assert [(i.step, i.width, i.height) for i in acc.Images("images/val_0")] == [(4, 16, 8), (8, 16, 8)]
+    assert _points(acc, "train/loss") == [(s, float(s)) for s in range(1, 9)]
+    assert _points(acc, "val/miou") == [(4, 10.0), (8, 20.0)]
+    assert [s for s, v in _points(acc, "iou/traffic_light") if math.isnan(v)] == [4, 8]  # one name in TB and MLflow
+    _assert_png((tmp_path / "run" / "curves.png").read_bytes())
+    assert lines == []  # MLflow is off without MLFLOW_TRACKING_URI, matplotlib is there
+
+
+def test_resumed_tracker_hides_what_the_failed_attempt_logged_after_its_checkpoint(tmp_path):
+    """Attempt 0 trains 2 epochs but only epoch 1's checkpoint (step 4) survives; attempt 1
+    resumes from it and trains epoch 2 again: every step appears once, the later value wins,
+    and epoch 1's validation (logged at step 4, the checkpoint's step) stays."""
+    run = str(tmp_path / "run")
+    with Tracker(run, "run", CONFIG, log=print) as t:
+        _train(t, run, range(1, 3), attempt=0)
+    with Tracker(run, "run", CONFIG, start_step=STEPS, log=print) as t:
+        _train(t, run, range(2, 3), attempt=1)
+    assert len(os.listdir(os.path.join(run, "tb"))) == 2
+    acc = _read(os.path.join(run, "tb"))
+    assert _points(acc, "train/loss") == [(s, float(s if s <= STEPS else 1000 + s)) for s in range(1, 9)]
+    assert _points(acc, "val/miou") == [(4, 10.0), (8, 21.0)]
+
+
+def test_s3_run_folder_gets_tb_files_and_curves(s3_prefix, tmp_path):
+    run = f"{s3_prefix}/run"
+    fs, path = url_to_fs(run)
+    t = Tracker(run, "run", CONFIG, log=print)
+    _train(t, run, range(1, 2), attempt=0, images=True)
+    assert len(fs.ls(f"{path}/tb")) == 1  # epoch 1's file, uploaded at its end
+    _assert_png(fs.cat_file(f"{path}/curves.png"))
+    _steps(t, range(STEPS + 1, 2 * STEPS + 1), attempt=0)  # epoch 2, then a failure
+    t.close()
+    assert not os.path.exists(t.events.dir)  # the staging folder, all uploaded
+    with Tracker(run, "run", CONFIG, start_step=STEPS, log=print) as t:  # resumed from epoch 1's checkpoint
+        _train(t, run, range(2, 3), attempt=1)
+    local = tmp_path / "tb"
+    fs.get(f"{path}/tb/", str(local), recursive=True)
+    assert len(os.listdir(local)) == 3  # epoch 1's file, the rest of attempt 0, attempt 1's
+    acc = _read(str(local))
+    assert _points(acc, "train/loss") == [(s, float(s if s <= STEPS else 1000 + s)) for s in range(1, 9)]
+    assert _points(acc, "val/miou") == [(4, 10.0), (8, 21.0)]
+    assert [i.step for i in acc.Images("images/val_0")] == [4]
+    _assert_png(fs.cat_file(f"{path}/curves.png"))
+
+
+def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(monkeypatch):
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    s3fs.S3FileSystem.clear_instance_cache()
+    t = Tracker("s3://streetmtl/nowhere", "nowhere", CONFIG, log=print)
+    assert t.events.dir is None  # no staging folder before the first event
+    try:
+        t.step(1, {"train/loss": 1.0})
+        with pytest.raises(StorageError, match="cannot reach s3://streetmtl/nowhere/"):
+            t.epoch(1, 1, _metrics(1, 0))
+        t.events.writer.close()
+        assert [n for n in os.listdir(t.events.dir) if os.path.getsize(os.path.join(t.events.dir, n)) > 0]
+    finally:
+        import shutil
+
+        shutil.rmtree(t.events.dir, ignore_errors=True)
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_mlflow_run_is_continued_on_resume(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install mlflow-skinny; the dev extra has it)")
+    from mlflow import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow >= 3.x: file stores only on request
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tracking-test")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    run = str(tmp_path / "run")
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="node lost"):
+        with Tracker(run, "my-run", CONFIG, log=lines.append) as t:
+            _train(t, run, range(1, 2), attempt=0)
+            _steps(t, range(STEPS + 1, STEPS + 3), attempt=0)
+            raise RuntimeError("node lost")
+    run_id = json.loads((tmp_path / "run" / MLFLOW_FILE).read_text())["run_id"]
+    client = MlflowClient(uri)
+    got = client.get_run(run_id)
+    assert got.info.status == "FAILED" and got.info.run_name == "my-run"
+    assert client.get_experiment(got.info.experiment_id).name == "tracking-test"
+    assert got.data.params["optim.lr"] == "0.0004" and got.data.params["data.crop"] == "[64, 128]"
+    assert [f.path for f in client.list_artifacts(run_id)] == ["curves.png"]
+
+    resumed = {**CONFIG, "data": {"workers": 8, "crop": [64, 128]}}  # an operational setting changed
+    with Tracker(run, "my-run", resumed, start_step=STEPS, log=lines.append) as t:  # from epoch 1's checkpoint
+        _train(t, run, range(2, 3), attempt=1)
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED" and got.data.params["data.workers"] == "2"
+    assert any("data.workers" in line for line in lines)
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+    # MLflow keeps both attempts' values of the steps trained twice (5, 6): it cannot hide points
+    assert loss == sorted([(s, float(s)) for s in range(1, 7)] + [(s, 1000.0 + s) for s in range(5, 9)])
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/miou")) == [4, 8]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "iou/traffic_light")) == [4, 8]
+    assert len(client.search_runs([got.info.experiment_id])) == 1
+
+    other = (tmp_path / "other-mlruns").as_uri()  # a tracking server without that run: a new one begins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    Tracker(run, "my-run", CONFIG, start_step=2 * STEPS, log=lines.append).close()
+    assert f"MLflow: run {run_id} of {MLFLOW_FILE} is not at {other}; a new MLflow run begins" in lines
+    new_id = json.loads((tmp_path / "run" / MLFLOW_FILE).read_text())["run_id"]
+    assert new_id != run_id and MlflowClient(other).get_run(new_id).info.status == "FINISHED"
+
+
+def test_mlflow_tracking_uri_without_mlflow_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@mlflow.example:5000")
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` now fails as if it were not installed
+    run = tmp_path / "run"
+    with pytest.raises(TrackingError, match=r"^MLFLOW_TRACKING_URI is set \(http://mlflow.example:5000\) but the mlflow "
+                                            r"package is not installed: pip install mlflow-skinny"):
+        Tracker(str(run), "run", CONFIG)
+    assert not run.exists()  # nothing started
+    with Tracker(str(run), "run", CONFIG, mlflow=False) as t:  # tracking without MLflow still works
+        t.step(1, {"train/loss": 1.0})
+    assert _points(_read(str(run / "tb")), "train/loss") == [(1, 1.0)]
+
+
+def test_without_matplotlib_one_line_says_why_there_is_no_curves_png(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    run = str(tmp_path / "run")
+    lines: list[str] = []
+    with Tracker(run, "run", CONFIG, log=lines.append) as t:
+        _train(t, run, range(1, 3), attempt=0)
+    assert lines == [NO_MATPLOTLIB]
+    assert not (tmp_path / "run" / "curves.png").exists()
+    assert _points(_read(os.path.join(run, "tb")), "val/miou") == [(4, 10.0), (8, 20.0)]
+
+
+def test_names_and_values():
+    assert clean_name("val/../a:b/./c d") == "val/a_b/c_d"
+    assert epoch_scalars({"miou": 1, "iou/road": 2.0, "step": 3, "epoch_lrs": [1.0], "ok": True, "x": None}) == \
+        {"val/miou": 1.0, "iou/road": 2.0}
+    assert flatten({"a": {"b": 1, "c": [1, 2], "d": {}}, "e": None}) == {"a.b": "1", "a.c": "[1, 2]", "a.d": "{}", "e": "None"}

@@ -1,0 +1,165 @@
+"""Task weighting (--task-weighting), single-task baselines (--tasks) and Δm.
+
+Each method's weights move the way its paper says, on hand-made losses; each trains inside the
+Trainer on the CPU and resumes exactly (its state is in the checkpoint); Δm from hand-made run
+folders matches a hand computation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mtl.checkpoint import CheckpointIndex
+from mtl.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
+from mtl.engine import fit, local_runtime
+from mtl.multitask import delta_m, read_baselines, selection_score, task_metrics
+from mtl.runs import run_name, run_url
+from mtl.weighting import DWAWeighting, FAMOWeighting, UncertaintyWeighting, build_weighting
+
+
+def test_runs_of_earlier_versions_keep_their_names():
+    """The new fields at their defaults (both tasks, fixed weights) stay out of the run's hash."""
+    assert run_name(ExperimentConfig()) == "deeplabv3p_resnet34_os16_adam-lr4e-4_w0.5_bs16_e16-8ab69ba8"
+
+
+def test_uncertainty_weights_fall_for_a_task_whose_loss_is_scaled_up():
+    """Kendall et al.: the optimum of 0.5 exp(-s) L + 0.5 s is s = log L, i.e. w L = 0.5: a task
+    with a 10x larger loss ends with a 10x smaller weight."""
+    u = UncertaintyWeighting([0.5, 0.5], lr=0.05)
+    assert u.weights().tolist() == [0.5, 0.5]
+    for _ in range(600):
+        u.observe(torch.tensor([1.0, 10.0]))
+    w = u.weights()
+    assert w[1] < w[0] / 5
+    assert u.log_var.tolist() == pytest.approx([0.0, math.log(10.0)], abs=0.1)
+
+
+def test_uncertainty_averages_micro_batches_before_its_step():
+    a, b = UncertaintyWeighting([0.5, 0.5], 0.05), UncertaintyWeighting([0.5, 0.5], 0.05)
+    a.observe(torch.tensor([1.0, 2.0]), last_micro_batch=False)
+    a.observe(torch.tensor([3.0, 4.0]), last_micro_batch=True)
+    b.observe(torch.tensor([2.0, 3.0]))
+    assert torch.equal(a.log_var, b.log_var) and int(a.adam.t) == 1
+
+
+def test_famo_lowers_the_weight_of_the_task_that_improves_fastest():
+    """FAMO balances the rates of improvement: segmentation's loss falls 5 % per step while
+    depth's stays, so segmentation's share z falls; the step's weights w_i = z_i / (c L_i) sum to 1."""
+    f = FAMOWeighting([0.5, 0.5], lr=0.025)
+    for t in range(60):
+        losses = torch.tensor([2.0 * 0.95**t, 1.0])
+        f(losses)
+        f.observe(losses)
+    z = torch.softmax(f.logits, 0)
+    assert z[0] < 0.4 < 0.6 < z[1]
+    total, w = f(losses), f.weights()
+    assert float(w.sum()) == pytest.approx(1.0)
+    expected = (z / (losses + f.EPS)) / (z / (losses + f.EPS)).sum()
+    assert torch.allclose(w, expected) and float(total) == pytest.approx(float((expected * losses).sum()), rel=1e-5)
+
+
+def test_famo_makes_no_step_before_it_has_a_previous_loss():
+    f = FAMOWeighting([0.5, 0.5], lr=0.025)
+    f.observe(torch.tensor([1.0, 3.0]))
+    assert f.logits.tolist() == pytest.approx([math.log(0.5)] * 2) and int(f.adam.t) == 0
+
+
+def test_dwa_weights_follow_the_loss_ratios_of_the_last_two_epochs():
+    d = DWAWeighting([0.5, 0.5], temperature=2.0)
+    d.end_epoch([1.0, 1.0])
+    assert d.weights().tolist() == [0.5, 0.5]  # one epoch seen: no ratio yet
+    d.end_epoch([0.5, 1.0])  # segmentation halved, depth stalled: depth gets more weight
+    e = [math.exp(0.5 / 2), math.exp(1.0 / 2)]
+    assert d.weights().tolist() == pytest.approx([e[0] / sum(e), e[1] / sum(e)])
+
+
+def test_single_task_runs_weigh_their_task_only_and_learned_methods_need_two():
+    assert build_weighting(OptimConfig(tasks=("depth",))).weights().tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="--task-weighting famo weighs two tasks"):
+        ExperimentConfig(optim=OptimConfig(tasks=("semseg",), task_weighting="famo")).validate()
+    with pytest.raises(ValueError, match="--tasks must name"):
+        ExperimentConfig(optim=OptimConfig(tasks=("semseg", "semseg"))).validate()
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        build_weighting(OptimConfig(task_weighting="uncertainty", semseg_weight=1.0))
+
+
+def config(root, out, weighting: str = "fixed", tasks=("semseg", "depth"), resume: bool = False) -> ExperimentConfig:
+    return ExperimentConfig(
+        data=DataConfig(root=root, workers=0), model=ModelConfig(arch="deeplabv3p", encoder="resnet18"),
+        optim=OptimConfig(lr=1e-3, task_weighting=weighting, tasks=tasks, weighting_lr=0.05, dwa_temperature=0.5),
+        train=TrainConfig(epochs=3, batch_size=8, max_steps_per_epoch=2, out=str(out), device="cpu", log_every=1, resume=resume),
+    ).validate()
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "dwa", "famo"])
+def test_each_weighting_trains_and_resumes_exactly(tiny_root, tmp_path, weighting):
+    """Three epochs; then the run's pointer is moved back to epoch 2's checkpoint and resumed:
+    the third epoch trained again equals the first time, task weights and network alike."""
+    cfg = config(tiny_root, tmp_path, weighting)
+    straight = fit(cfg, local_runtime(cfg))
+    weights = [(m["weights/semseg"], m["weights/depth"]) for m in straight.metrics]
+    assert all(sum(w) == pytest.approx(1.0) for w in weights) or weighting == "uncertainty"
+    assert weights[-1] != (0.5, 0.5)  # the method moved them
+    assert f"w0.5-{weighting}" in run_name(cfg)
+    CheckpointIndex(run_url(cfg)).commit("epoch-0002")  # as if the run had died during epoch 3
+    again = config(tiny_root, tmp_path, weighting, resume=True)
+    resumed = fit(again, local_runtime(again))
+    a, b = straight.metrics[-1], resumed.metrics[-1]
+    for k in ("weights/semseg", "weights/depth", "train_loss", "miou", "si_log_rmse"):
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    for (name, x), y in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_a_single_task_run_reports_its_task_and_picks_its_best_by_it(tiny_root, tmp_path):
+    cfg = config(tiny_root, tmp_path, tasks=("depth",)).with_values({"train.epochs": 1})
+    result = fit(cfg, local_runtime(cfg))
+    m = result.metrics[-1]
+    assert "depth-only" in run_name(cfg)
+    assert "miou" not in m and "grader" not in m and not any(k.startswith("iou/") for k in m)
+    assert m["score"] == -m["si_log_rmse"] == result.best_score
+    assert m["weights/semseg"] == 0.0 and m["weights/depth"] == 1.0
+    # the Trainer's tracker wrote what a person watches (read with TensorBoard's own reader)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(f"{run_url(cfg)}/tb", size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = acc.Tags()
+    assert {"train/loss_depth", "train/lr", "train/images_per_s", "weights/depth", "val/score", "val/si_log_rmse"} <= set(tags["scalars"])
+    assert "images/val/0" in tags["images"] and (tmp_path / run_name(cfg) / "curves.png").stat().st_size > 1000
+
+
+def write_run(folder, tasks, epochs: list[dict]) -> str:
+    """A hand-made run folder: config.json and one metrics file per epoch."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(ExperimentConfig(optim=OptimConfig(tasks=tasks)).to_json())
+    (folder / "metrics").mkdir()
+    for i, m in enumerate(epochs, 1):
+        (folder / "metrics" / f"epoch-{i:04d}.json").write_text(json.dumps(m))
+    return str(folder)
+
+
+def test_delta_m_against_hand_made_baselines_matches_a_hand_computation(tmp_path):
+    seg = write_run(tmp_path / "seg", ("semseg",), [{"miou": 50.0}, {"miou": 60.0}, {"miou": 55.0}])  # best: epoch 2
+    dep_metrics = {"si_log_rmse": 20.0, "abs_rel": 0.2, "rmse": 10.0, "delta1": 80.0}
+    dep = write_run(tmp_path / "dep", ("depth",), [{**dep_metrics, "si_log_rmse": 25.0}, dep_metrics])
+    baselines = read_baselines([seg, dep])
+    assert baselines["semseg"]["miou"] == 60.0 and baselines["depth"]["si_log_rmse"] == 20.0
+    mtl = {"miou": 63.0, "si_log_rmse": 19.0, "abs_rel": 0.22, "rmse": 10.0, "delta1": 84.0}
+    # by hand: semseg -(63-60)/60 = -5 %; depth mean of (19-20)/20 = -5 %, +10 %, 0 %, -(84-80)/80 = -5 % -> 0 %
+    assert delta_m(mtl, baselines) == pytest.approx((-5.0 + 0.0) / 2)
+    with pytest.raises(ValueError, match="single-task run"):
+        read_baselines([write_run(tmp_path / "both", ("semseg", "depth"), [{"miou": 1.0, "si_log_rmse": 1.0}])])
+    with pytest.raises(ValueError, match="baseline for depth"):
+        delta_m(mtl, {"semseg": baselines["semseg"]})
+    with pytest.raises(ValueError, match="no config.json"):
+        read_baselines([str(tmp_path / "nowhere")])
+
+
+def test_task_metrics_leave_out_the_untrained_task():
+    m = {"miou": 40.0, "iou/road": 90.0, "si_log_rmse": 30.0, "abs_rel": 0.3, "grader": 10.0, "train_loss": 1.0}
+    assert task_metrics(m, ("semseg",)) == {"miou": 40.0, "iou/road": 90.0, "train_loss": 1.0, "score": 40.0}
+    assert task_metrics(m, ("semseg", "depth"))["score"] == 10.0 == selection_score(m, ("semseg", "depth"))

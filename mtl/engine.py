@@ -9,6 +9,7 @@ or Ray Train's report). The checkpoint layout is the same in every mode.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from time import monotonic
@@ -342,8 +343,8 @@ class Trainer:
                         f"order depends on the ranks, so samples of this epoch may be seen twice or skipped")
             self.log(f"the checkpoint was written {s.epoch_step} steps into epoch {s.epoch + 1} by {s.world} ranks and this "
                      f"run has {world}: the epoch {note}")
-            if s.epoch_loss and steps:
-                s.epoch_loss = [v * steps / s.epoch_step for v in s.epoch_loss]
+            if s.epoch_loss:  # the loss sums of the steps counted as done
+                s.epoch_loss = [v * steps / s.epoch_step for v in s.epoch_loss] if steps else None
             s.epoch_step = steps
         s.epoch_step = min(s.epoch_step, self.steps_per_epoch)
         s.world = world
@@ -490,9 +491,10 @@ class Trainer:
         s_, t = self.state, self.cfg.train
         pictures: list[np.ndarray] | None = [] if self.tracker else None
         metrics = rt_evaluate(self.strategy, self.data.val, self.codec, self.device, self.amp, t.channels_last, pictures)
-        if self.weighting.epochwise:  # DWA: from the epoch's task losses over all ranks
-            means = self.strategy.all_reduce_sum(torch.tensor(loss[1:], device=self.device)) / self.rt.world
-            self.weighting.end_epoch(means.tolist())
+        if self.weighting.epochwise:  # DWA: from the epoch's task losses over all ranks (none read: no update)
+            means = (self.strategy.all_reduce_sum(torch.tensor(loss[1:], device=self.device)) / self.rt.world).tolist()
+            if all(math.isfinite(v) for v in means):
+                self.weighting.end_epoch(means)
         metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": epoch_lrs[-1], "train_loss": loss[0],
                         "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips,
                         "restarts": s_.restarts, "epoch_lrs": epoch_lrs, "world": self.rt.world, "samples": s_.samples,

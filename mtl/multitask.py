@@ -16,6 +16,7 @@ import json
 import math
 from typing import Any, Iterable, Mapping
 
+from mtl.metrics import DEPTH_KEYS
 from mtl.storage import read_bytes
 
 TASKS = ("semseg", "depth")
@@ -25,7 +26,7 @@ DELTA_M_METRICS: dict[str, tuple[tuple[str, bool], ...]] = {
     "depth": (("si_log_rmse", False), ("abs_rel", False), ("rmse", False), ("delta1", True)),
 }
 # metric keys that belong to one task (the rest, e.g. train_loss or epoch, belong to the run)
-_DEPTH_KEYS = ("si_log_rmse", "log_rmse", "mae", "rmse", "abs_rel", "delta1", "delta2", "delta3", "num_depth_images")
+_DEPTH_KEYS = (*DEPTH_KEYS, "num_depth_images")
 
 
 def task_of(key: str) -> str | None:

@@ -46,7 +46,8 @@ def _rate(n: int, seconds: float) -> float:
     return n / max(seconds, 1e-9)
 
 
-def bench_loader(a: LoaderBench) -> dict:
+def bench_loader(a: LoaderBench) -> tuple[dict[str, float], dict[str, dict]]:
+    """img/s by path, and the CPU cost per sample of the worker-scaling rows (`_worker_scaling`)."""
     import torch
 
     from mtl.data.build import synthetic_root
@@ -72,20 +73,27 @@ def bench_loader(a: LoaderBench) -> dict:
     results["folder loader, no augmentation"] = run(make_loader(MiniscapesFolder(root, "train"), 16, True, 0, 0, 2, drop_last=False), len(ds))
     results["folder loader + augmentation"] = run(make_loader(ds, 16, True, 0, 0, 2, drop_last=False), len(ds))
     results.update(_batch_to_model(next(iter(make_loader(ds, 16, True, 0, 0, 2)))))
-    results.update(_worker_scaling(ds, a.scaling))
+    scaling, cpu = _worker_scaling(ds, a.scaling, a.scaling_batches, a.per_worker)
+    results.update(scaling)
     for name, url in _shard_sources(a, root).items():
         split = ShardSplit.from_manifest(read_manifest(url), "train")
         results[f"{name} loader, no augmentation"] = run(ShardLoader(ShardStream(split, None), 16, 0, 4, False, False), a.samples)
         results[f"{name} loader + augmentation"] = run(ShardLoader(ShardStream(split, aug), 16, 0, 4, False, False), a.samples)
         results[f"{name} loader + augmentation, {a.workers} workers (total img/s)"] = run(
             ShardLoader(ShardStream(split, aug), 16, a.workers, 4, False, False), a.samples)
-    return results
+    return results, cpu
 
 
-def _worker_scaling(ds, counts: tuple[int, ...]) -> dict[str, float]:
-    """The training loader (folder + augmentation, batch 16, pinned on CUDA) with N worker
-    processes: total img/s from its first batch on (the workers' start is left out), over
-    ~128 samples per worker so that every count runs about as long."""
+def _worker_scaling(ds, counts: tuple[int, ...], batches: tuple[int, ...], per_worker: int) -> tuple[dict[str, float], dict[str, dict]]:
+    """The training loader (folder + augmentation, pinned on CUDA) with N worker processes and
+    batch B: total img/s from its first batch on (the workers' start is left out), over
+    ``per_worker`` samples per worker (and a batch) so that every count runs about as long.
+    Batch 16 is the rows' default name; other batches say theirs: a batch of 64 moves 4x the
+    shared memory a batch and pins it in one piece, which batch 16 does not show.
+
+    Also, per row, the CPU time per sample of the main process (receiving and pinning the
+    batches: one process for all workers, so the first to run out as workers are added) and of
+    the workers together (read, decode, collate, share): which of the two limits the scaling."""
     import torch
 
     from mtl.data.loader import make_loader
@@ -100,19 +108,38 @@ def _worker_scaling(ds, counts: tuple[int, ...]) -> dict[str, float]:
         def __getitem__(self, item):
             return ds[item]
 
-    results = {}
-    for n in counts:
-        sub = First(min(len(ds), 128 * n + 64))
-        loader = make_loader(sub, 16, True, 0, n, 4, pin_memory=torch.cuda.is_available())
-        it = iter(loader)
-        got = next(it)["rgb"].shape[0]
-        t0, seen = time.perf_counter(), 0
-        for batch in it:
-            seen += batch["rgb"].shape[0]
-        results[f"folder loader + augmentation, {n} workers (total img/s after the first batch)"] = _rate(seen, time.perf_counter() - t0)
-        assert got + seen >= len(sub) - 16, (got, seen, len(sub))
-        del it, loader
-    return results
+    results, cpu = {}, {}
+    for bs in batches:
+        for n in counts:
+            sub = First(min(len(ds), per_worker * n + bs * 4))
+            loader = make_loader(sub, bs, True, 0, n, 4, pin_memory=torch.cuda.is_available())
+            it = iter(loader)
+            got = next(it)["rgb"].shape[0]
+            pids = [w.pid for w in getattr(it, "_workers", [])]  # (a private list of the DataLoader's iterator)
+            t0, main0, workers0, seen = time.perf_counter(), time.process_time(), _processes_cpu_s(pids), 0
+            for batch in it:
+                seen += batch["rgb"].shape[0]
+            workers_s = _processes_cpu_s(pids) - workers0
+            name = f"folder loader + augmentation, {n} workers{'' if bs == 16 else f', batch {bs}'} (total img/s after the first batch)"
+            results[name] = _rate(seen, time.perf_counter() - t0)
+            cpu[name] = {"main_ms_per_img": 1e3 * (time.process_time() - main0) / max(seen, 1),
+                         "workers_ms_per_img": 1e3 * workers_s / max(seen, 1) if workers_s == workers_s else None}
+            assert got + seen >= len(sub) - bs, (got, seen, len(sub))
+            del it, loader
+    return results, cpu
+
+
+def _processes_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these (live) processes, from /proc (Linux); NaN elsewhere."""
+    total = 0.0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return total
 
 
 def _bare_decode(ds) -> dict[str, float]:
@@ -478,6 +505,8 @@ class LoaderBench:
     samples: int = 400  # synthetic train samples
     workers: int = 2  # loader processes of the multi-process shard row
     scaling: tuple[int, ...] = ()  # also the training loader with each of these numbers of worker processes (e.g. 1 4 8 12)
+    scaling_batches: tuple[int, ...] = (16,)  # the batch sizes of those rows (each with every count)
+    per_worker: int = 128  # samples per worker process in those rows (more: closer to a long epoch's steady rate)
     s3: str | None = None  # also shard to this s3:// prefix and stream from it
     json: str | None = None  # also write the results to this JSON file
 
@@ -550,17 +579,17 @@ def loader_main(a: LoaderBench, argv: list[str]) -> int:
 
     from mtl.progress import wide_console
 
-    results = bench_loader(a)
+    results, cpu = bench_loader(a)
     bare = results["bare read + decode"]
     t = Table(title=f"loader throughput, {a.size[0]}x{a.size[1]}, 1 process = 1 core unless stated")
-    t.add_column("path")
-    t.add_column("img/s", justify="right")
-    t.add_column("vs bare read+decode", justify="right")
+    for c in ("path", "img/s", "vs bare read+decode", "main process CPU ms/img", "workers' CPU ms/img"):
+        t.add_column(c, justify="left" if c == "path" else "right")
     for k, v in results.items():
-        t.add_row(k, f"{v:.0f}", f"{v / bare:.2f}")
+        c = cpu.get(k, {})
+        t.add_row(k, f"{v:.0f}", f"{v / bare:.2f}", *(f"{c[x]:.2f}" if c.get(x) is not None else "" for x in ("main_ms_per_img", "workers_ms_per_img")))
     wide_console().print(t)
     if a.json:
-        write_json(a.json, {"mode": "loader", "size": a.size, "argv": argv, "results": results})
+        write_json(a.json, {"mode": "loader", "size": a.size, "argv": argv, "results": results, "cpu": cpu})
     return 0
 
 

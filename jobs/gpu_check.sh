@@ -53,8 +53,10 @@
 # Knobs (environment): PHASES (default "env tests ray deepspeed eager plain loader compile"),
 # SIZE (256x512), BATCHES ("16 64"), COMPILE_BATCHES ("16"), ARCHS ("branched distillation"),
 # ENCODER (resnet34), STEPS (30), WARMUP (10), SAMPLES (2048 synthetic train samples: few epoch
-# restarts), WORKERS (12); for the loader phase LOADER_SAMPLES (1024) and SCALING ("1 4 8 12 15":
-# the training loader's img/s with each of these numbers of worker processes); for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
+# restarts), WORKERS (12); for the loader phase LOADER_SAMPLES (1024), SCALING ("1 4 8 12 15":
+# the training loader's img/s with each of these numbers of worker processes), SCALING_BATCHES
+# ("16 64": each count at each batch size) and PER_WORKER (128 samples per worker process);
+# for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
 # 256x512 set of 1024/64/16, batch 16, 60 steps per epoch, 12 CPUs for the Ray worker, i.e. 8
 # loader workers, no retries), EXPECT_DEVICE (cuda; cpu for a check on the CPU), RUNS
 # (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE, SITE, PACK_TO, DEADLINE
@@ -86,6 +88,8 @@ SAMPLES=${SAMPLES:-2048}
 WORKERS=${WORKERS:-12}
 LOADER_SAMPLES=${LOADER_SAMPLES:-1024}
 SCALING=${SCALING:-1 4 8 12 15}
+SCALING_BATCHES=${SCALING_BATCHES:-16 64}
+PER_WORKER=${PER_WORKER:-128}
 # (--max-failures 0: a failure is reported at once, not retried 3 times within the phase's time;
 # --start-timeout-s 60: a worker group that cannot be placed fails instead of waiting 900 s)
 RAY_FLAGS=${RAY_FLAGS:---arch branched --encoder resnet34 --synthetic-size 256x512 --synthetic-counts 1024 64 16 --batch-size 16 --max-steps-per-epoch 60 --cpus-per-worker 12 --max-failures 0 --start-timeout-s 60}
@@ -319,7 +323,8 @@ for p in $PHASES; do
     loader)
         # shellcheck disable=SC2086
         phase loader "${T_LOADER:-60}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples "$LOADER_SAMPLES" \
-            --workers "$WORKERS" --scaling $SCALING --json "$OUT_DIR/bench-loader.json" ;;
+            --workers "$WORKERS" --scaling $SCALING --scaling-batches $SCALING_BATCHES --per-worker "$PER_WORKER" \
+            --json "$OUT_DIR/bench-loader.json" ;;
     *)
         echo "unknown phase '$p' (known: env tests ray deepspeed eager plain loader compile)" >&2
         exit 2 ;;

@@ -105,14 +105,21 @@ def s3_shards(tiny_root, s3_endpoint) -> str:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The GCS declares a node dead after health_check_failure_threshold missed checks, one every
+# health_check_period_ms: ~15-30 s by default. A test that kills a node waits for that; these
+# settings make it ~4 s and still leave a raylet slowed by a busy 2-core machine 4 s to answer.
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 4}
+
+
 class RayCluster:
     """Several Ray nodes on this machine (ray.cluster_utils.Cluster), connected; shut down after."""
 
-    def __init__(self, worker_cpus: list[int], head_cpus: int = 0) -> None:
+    def __init__(self, worker_cpus: list[int], head_cpus: int = 0, system_config: dict | None = None) -> None:
         import ray
         from ray.cluster_utils import Cluster
 
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": True})
+        head = {"num_cpus": head_cpus, "include_dashboard": True, **({"_system_config": system_config} if system_config else {})}
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
         self.nodes = [self.cluster.add_node(num_cpus=c) for c in worker_cpus]
         ray.init(address=self.cluster.address)
 
@@ -125,11 +132,12 @@ class RayCluster:
 
 @pytest.fixture
 def ray_cluster():
-    """Factory: ``ray_cluster([1, 1])`` starts a head (0 CPUs) plus two 1-CPU nodes."""
+    """Factory: ``ray_cluster([1, 1])`` starts a head (0 CPUs) plus two 1-CPU nodes
+    (``fast_node_death``: a killed node is declared dead in seconds, `FAST_NODE_DEATH`)."""
     made = []
 
-    def make(worker_cpus: list[int], head_cpus: int = 0) -> RayCluster:
-        c = RayCluster(worker_cpus, head_cpus)
+    def make(worker_cpus: list[int], head_cpus: int = 0, fast_node_death: bool = False) -> RayCluster:
+        c = RayCluster(worker_cpus, head_cpus, FAST_NODE_DEATH if fast_node_death else None)
         made.append(c)
         return c
 

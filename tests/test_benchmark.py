@@ -30,17 +30,25 @@ def test_train_benchmark_smoke(tmp_path):
 def test_loader_benchmark_smoke(tmp_path):
     out = tmp_path / "loader.json"
     r = subprocess.run([sys.executable, "jobs/benchmark.py", "loader", "--size", "32x64", "--samples", "64", "--workers", "1",
-                        "--json", str(out)], cwd=REPO, capture_output=True, text=True)
+                        "--scaling", "1", "--scaling-batches", "16", "8", "--per-worker", "16", "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    res = json.loads(out.read_text())["results"]
+    got = json.loads(out.read_text())
+    res = got["results"]
     assert res["bare read + decode"] > 0 and res["local shards loader + augmentation"] > 0
+    rows = [f"folder loader + augmentation, 1 workers{b} (total img/s after the first batch)" for b in ("", ", batch 8")]
+    assert all(res[r] > 0 for r in rows)
+    assert list(got["cpu"]) == rows  # what each scaling row cost the main process and the workers, per image
+    # (the workers' figure is read from /proc in clock ticks: 0 is possible for this tiny run)
+    assert all(got["cpu"][r]["main_ms_per_img"] > 0 and got["cpu"][r]["workers_ms_per_img"] >= 0 for r in rows)
 
 
 def test_gpu_check_script_runs_its_phases(tmp_path):
     """`jobs/gpu_check.sh`, the one command a GPU session runs, at tiny sizes on the CPU."""
     out = tmp_path / "gpu-check"
-    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "env tests eager plain", "SIZE": "64x128", "BATCHES": "2", "COMPILE_BATCHES": "2",
-           "ARCHS": "branched", "ENCODER": "resnet18", "STEPS": "2", "WARMUP": "1", "SAMPLES": "16", "WORKERS": "1",
+    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "env tests eager plain loader", "SIZE": "64x128", "BATCHES": "2",
+           "COMPILE_BATCHES": "2", "ARCHS": "branched", "ENCODER": "resnet18", "STEPS": "2", "WARMUP": "1", "SAMPLES": "16", "WORKERS": "1",
+           "LOADER_SAMPLES": "32", "SCALING": "1", "SCALING_BATCHES": "4 8", "PER_WORKER": "8", "T_LOADER": "300",
            "BUNDLE": "",  # this venv's packages, not a .gpu-bundle/ made for the GPU machine's Python
            # the default limits are the GPU machine's (one 600 s call); a shared 2-core CPU needs more
            "T_TESTS": "300", "T_EAGER": "300", "T_PLAIN": "300", "DEADLINE": "1000"}
@@ -48,13 +56,16 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
     r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     phases = (out / "phases.txt").read_text().splitlines()
-    assert [p.split(":")[0] for p in phases] == ["== tests", "== eager", "== plain"] and all("exit 0" in p for p in phases)
+    assert [p.split(":")[0] for p in phases] == ["== tests", "== eager", "== plain", "== loader"] and all("exit 0" in p for p in phases)
     assert "torch" in (out / "env.txt").read_text()
     assert "skipped" in (out / "pytest-gpu.txt").read_text()  # no GPU here: skipped, never passed
     rows = json.loads((out / "bench-eager.json").read_text())["rows"]
     assert [(x["arch"], x["batch"], x["host_syncs"], x["strategy"]) for x in rows] == [("branched", 2, 0, "ddp")]
     plain = json.loads((out / "bench-plain.json").read_text())["rows"]
     assert [(x["arch"], x["strategy"]) for x in plain] == [("branched", "plain")]
+    loader = json.loads((out / "bench-loader.json").read_text())["results"]
+    scaling = [k for k in loader if k.startswith("folder loader + augmentation, 1 workers")]
+    assert scaling == [f"folder loader + augmentation, 1 workers, batch {b} (total img/s after the first batch)" for b in (4, 8)]
 
 
 # the train phases at tiny size on the CPU: 64x128 synthetic set of 8/4/2, one step per epoch,

@@ -65,3 +65,59 @@ def test_corrupt_file_is_named():
         decode_rgb(b"junk", "a/rgb.jpg")
     with pytest.raises(ValueError, match="a/depth.png: cannot decode PNG"):
         decode_depth(b"junk", "a/depth.png")
+
+
+def _pillow_only(monkeypatch):
+    from mtl.data import miniscapes
+
+    monkeypatch.setattr(miniscapes, "_torchvision_io", lambda: None)
+
+
+def test_torchvision_decodes_the_same_pixels_as_pillow(monkeypatch):
+    """The loader decodes JPEGs and 8-bit gray/palette PNGs with torchvision (faster); Pillow
+    decodes everything else and is the fallback without torchvision's decoders: both must give
+    the same arrays, byte for byte, or a resumed run would not see the data it started with."""
+    from mtl.data import miniscapes
+    from mtl.data.synthetic import render_scene
+
+    rng = np.random.default_rng(3)
+    samples = []
+    for h, w in ((64, 128), (96, 160), (256, 512)):
+        scene = render_scene(h, w, rng)
+        gray = io.BytesIO()
+        Image.fromarray(scene.labels, mode="L").save(gray, format="PNG")
+        samples.append((encode_rgb_jpeg(scene.rgb), encode_semseg_png(scene.labels), encode_depth_png(scene.depth), gray.getvalue()))
+    assert all(miniscapes._fast_rgb(s[0]) is not None and miniscapes._fast_png_raw(s[1]) is not None for s in samples)
+    fast = [(decode_sample(*s[:3]), decode_semseg(s[3])) for s in samples]
+    _pillow_only(monkeypatch)
+    slow = [(decode_sample(*s[:3]), decode_semseg(s[3])) for s in samples]
+    for (a, a_gray), (b, b_gray) in zip(fast, slow):
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+        assert np.array_equal(a_gray, b_gray) and np.array_equal(a_gray, a["semseg"])
+        assert a["rgb"].flags.c_contiguous
+
+
+def test_pngs_of_other_bit_depths_are_pillows_to_read_or_refuse():
+    labels = np.arange(16, dtype=np.uint8).reshape(2, 8)
+    four_bit = io.BytesIO()
+    img = Image.fromarray(labels, mode="P")
+    img.putpalette(list(range(48)))
+    img.save(four_bit, format="PNG", bits=4)
+    assert four_bit.getvalue()[24] == 4  # IHDR: a 4-bit palette, whose raw indices torchvision would scale
+    assert decode_semseg(four_bit.getvalue()).tolist() == labels.tolist()
+    one_bit = io.BytesIO()
+    Image.fromarray(labels > 7).convert("1").save(one_bit, format="PNG")
+    with pytest.raises(ValueError, match="d.png: expected a single-channel PNG .* got mode 1"):
+        decode_depth(one_bit.getvalue(), "d.png")
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "pillow"])
+def test_a_truncated_file_is_an_error_naming_it(decoder, monkeypatch):
+    if decoder == "pillow":
+        _pillow_only(monkeypatch)
+    jpeg = encode_rgb_jpeg(np.full((16, 32, 3), 90, np.uint8))
+    with pytest.raises(ValueError, match="a/rgb.jpg: cannot decode RGB JPEG"):
+        decode_rgb(jpeg[: len(jpeg) // 2], "a/rgb.jpg")
+    png = encode_semseg_png(np.zeros((16, 32), np.uint8))
+    with pytest.raises(ValueError, match="a/semseg.png: cannot decode PNG"):
+        decode_semseg(png[: len(png) // 2], "a/semseg.png")

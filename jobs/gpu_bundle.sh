@@ -73,7 +73,8 @@ DASHBOARD_WHEELS=(
 )
 
 # what the core (tests, benchmarks) needs beyond the machine's torch: `min` copies these
-MIN_NAMES="webdataset braceexpand tyro docstring-parser typeguard typing_extensions"
+# (tensorboardx: a run with a run folder writes TensorBoard events, mtl/tracking.py)
+MIN_NAMES="webdataset braceexpand tyro docstring-parser typeguard typing_extensions tensorboardx"
 
 die() { echo "gpu_bundle: $*" >&2; exit 1; }
 

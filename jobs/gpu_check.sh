@@ -29,7 +29,7 @@
 # the bundle's installation included: a phase's limit is cut to end 15 s before it, the grace
 # between SIGINT and SIGKILL; a phase left with under 10 s is recorded as skipped): one call of a
 # 600 s device command. The benchmark phases and the GPU tests need no Ray and no DeepSpeed: with
-# a bundle of the six wheels they need (`bash jobs/gpu_bundle.sh min .gpu-bundle .gpu-min`) they
+# a bundle of the seven wheels they need (`bash jobs/gpu_bundle.sh min .gpu-bundle .gpu-min`) they
 # run in a call of their own, with longer limits: PHASES="env tests eager plain loader compile"
 # BUNDLE=.gpu-min BATCHES="16 32 64" T_TESTS=100 T_EAGER=220 T_PLAIN=60 T_LOADER=100 T_COMPILE=100.
 #

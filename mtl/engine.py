@@ -136,7 +136,8 @@ def predict(model: nn.Module, rgb: torch.Tensor, codec: DepthCodec, amp: context
 def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, amp: contextlib.AbstractContextManager,
              channels_last: bool = True, progress: Callable[[], None] | None = None,
              pictures: list[np.ndarray] | None = None, num_pictures: int = 2) -> MultiTaskMetrics:
-    """Metric state of this rank's share of a split (sum states across ranks before `compute`).
+    """Metric state of this rank's share of a split (sum states across ranks before `compute`);
+    ``loader``: the split's loader, or an iterator of its batches started ahead of time.
     ``pictures`` (a list): the first batch's first ``num_pictures`` predictions are appended to it
     as `mtl.viz.side_by_side` images (rgb | ground truth | prediction)."""
     was_training = model.training
@@ -258,6 +259,11 @@ class Trainer:
         # rank 0 of a run with a run folder: TensorBoard, curves.png, MLflow (`mtl.tracking`)
         self.tracker = self._tracker() if rt.is_main and rt.storage else None
         self.preempted = False  # a preemption notice was seen (and answered with a checkpoint)
+        # validation's loader starts this many steps before the epoch ends: when the train loader
+        # has handed out its last samples (it keeps prefetch x workers batches in flight) and its
+        # workers fall idle, so validation's first batches are decoded by the time it begins
+        self.val_lead = max(1, -(-cfg.data.prefetch * self.data.workers // t.grad_accum))
+        self.val_ahead = None  # that started iterator
         self.last_checkpoint = monotonic()  # (or the start: --checkpoint-every-min counts from there)
 
     def _weighting(self) -> TaskWeighting:
@@ -407,6 +413,8 @@ class Trainer:
         t0 = last_read = time.perf_counter()
         n_img, loss = 0, [float("nan")] * 3
         for s in range(s_.epoch_step, self.steps_per_epoch):
+            if self.val_ahead is None and s >= self.steps_per_epoch - self.val_lead:
+                self.val_ahead = iter(self.data.val)
             lrs.append(self.schedule.apply(strategy.optimizer, self.lr_step()))
             for k in range(t.grad_accum):
                 batch = next(it)
@@ -490,7 +498,8 @@ class Trainer:
         metrics table, the checkpoint, the tracker."""
         s_, t = self.state, self.cfg.train
         pictures: list[np.ndarray] | None = [] if self.tracker else None
-        metrics = rt_evaluate(self.strategy, self.data.val, self.codec, self.device, self.amp, t.channels_last, pictures)
+        val, self.val_ahead = self.data.val if self.val_ahead is None else self.val_ahead, None
+        metrics = rt_evaluate(self.strategy, val, self.codec, self.device, self.amp, t.channels_last, pictures)
         if self.weighting.epochwise:  # DWA: from the epoch's task losses over all ranks (none read: no update)
             means = (self.strategy.all_reduce_sum(torch.tensor(loss[1:], device=self.device)) / self.rt.world).tolist()
             if all(math.isfinite(v) for v in means):

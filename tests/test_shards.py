@@ -84,6 +84,19 @@ def test_training_batches_agree_across_ranks(s3_shards):
     assert got == lens
 
 
+def test_a_shard_iterator_starts_its_workers_before_its_first_batch_is_read(s3_shards):
+    """The trainer makes iterators ahead of their use (the next epoch's before validation): their
+    workers must start then, not when the first batch is asked for."""
+    import multiprocessing
+
+    split = ShardSplit.from_manifest(read_manifest(s3_shards), "train")
+    loader = ShardLoader(ShardStream(split, None), 4, 2, 2, True, False)
+    before = set(multiprocessing.active_children())
+    it = iter(loader)
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    assert sum(b["rgb"].shape[0] for b in it) == 4 * len(loader)
+
+
 def test_epochs_reshuffle(s3_shards):
     split = ShardSplit.from_manifest(read_manifest(s3_shards), "train")
     stream = ShardStream(split, None, seed=0)

@@ -156,14 +156,27 @@ def test_cli_bad_inputs_are_named(tmp_path):
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
 
 
-def test_next_epoch_loader_starts_before_validation(tiny_root, tmp_path, monkeypatch):
-    """The next epoch's loader workers start (and fill their queues) while validation runs."""
+def test_loaders_start_ahead_of_their_use(tiny_root, tmp_path, monkeypatch):
+    """The next epoch's loader workers start (and fill their queues) while validation runs, and
+    validation's before the epoch's last train steps, once the train loader has handed out its
+    last batches (here, without loader processes: before the last step)."""
     import mtl.engine as engine
+    from mtl.data.build import FolderLoader
 
     events = []
-    start, evaluate = engine.start_epoch, engine.rt_evaluate
+    start, evaluate, make_step, folder_iter = engine.start_epoch, engine.rt_evaluate, engine.make_step, FolderLoader.__iter__
     monkeypatch.setattr(engine, "start_epoch", lambda loader, epoch, *a: events.append(f"start {epoch}") or start(loader, epoch, *a))
     monkeypatch.setattr(engine, "rt_evaluate", lambda *a: events.append("validate") or evaluate(*a))
-    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=3, batch_size=8, max_steps_per_epoch=1)
+    monkeypatch.setattr(FolderLoader, "__iter__", lambda self: events.append(
+        f"iter {'train' if self.loader.drop_last else 'val'}") or folder_iter(self))
+
+    def counted_step(*a, **k):
+        step = make_step(*a, **k)
+        return lambda *b, **c: events.append("step") or step(*b, **c)
+
+    monkeypatch.setattr(engine, "make_step", counted_step)
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=3, batch_size=4, max_steps_per_epoch=3)
     fit(cfg, local_runtime(cfg))
-    assert events == ["start 0", "start 1", "validate", "start 2", "validate", "validate"]
+    epoch = ["step", "step", "iter val", "step"]
+    assert events == ["start 0", "iter train", *epoch, "start 1", "iter train", "validate", *epoch, "start 2", "iter train", "validate",
+                      *epoch, "validate"]

@@ -223,11 +223,17 @@ class ShardLoader:
         return min(per_rank) if self.drop_last else per_rank[s.rank]
 
     def __iter__(self):
-        n = len(self) if self.drop_last else None
-        for i, batch in enumerate(self.loader):
+        """The epoch's batches. The loader's workers start here, not on the first ``next()``: an
+        iterator made ahead of time (the next epoch's before validation, validation's before the
+        last train steps) has its first batches ready when it is read."""
+        return self._batches(iter(self.loader), len(self) if self.drop_last else None, self.skip)
+
+    @staticmethod
+    def _batches(it, n: int | None, skip: int):
+        for i, batch in enumerate(it):
             if n is not None and i >= n:
                 break
-            if i >= self.skip:
+            if i >= skip:
                 yield batch
 
 

@@ -21,6 +21,7 @@ measures streaming from there.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -123,7 +124,7 @@ def _worker_scaling(ds, counts: tuple[int, ...], batches: tuple[int, ...], per_w
             name = f"folder loader + augmentation, {n} workers{'' if bs == 16 else f', batch {bs}'} (total img/s after the first batch)"
             results[name] = _rate(seen, time.perf_counter() - t0)
             cpu[name] = {"main_ms_per_img": 1e3 * (time.process_time() - main0) / max(seen, 1),
-                         "workers_ms_per_img": 1e3 * workers_s / max(seen, 1) if workers_s == workers_s else None}
+                         "workers_ms_per_img": None if math.isnan(workers_s) else 1e3 * workers_s / max(seen, 1)}
             assert got + seen >= len(sub) - bs, (got, seen, len(sub))
             del it, loader
     return results, cpu

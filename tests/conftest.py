@@ -81,6 +81,20 @@ def s3_endpoint():
 
 
 @pytest.fixture
+def unreachable_s3(monkeypatch) -> str:
+    """S3 pointed at a closed port on loopback (one attempt): its endpoint. s3fs's cached
+    filesystems are dropped before and after, so neither side sees the other's endpoint."""
+    import s3fs
+
+    endpoint = "http://127.0.0.1:9"
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
 def s3_prefix(s3_endpoint, request) -> str:
     """A fresh s3:// prefix per test."""
     import uuid

@@ -205,22 +205,12 @@ def test_predict_cli_and_its_errors(tmp_path, make_run, capsys):
     assert rc == 0, err
 
 
-def test_unreachable_storage_is_one_error_naming_the_url(monkeypatch):
-    import s3fs
-
+def test_unreachable_storage_is_one_error_naming_the_url(unreachable_s3):
     from mtl.predict import find_images
     from mtl.storage import StorageError
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        with pytest.raises(StorageError, match="cannot reach s3://streetmtl/photos at endpoint http://127.0.0.1:9"):
-            find_images("s3://streetmtl/photos")
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(StorageError, match=f"cannot reach s3://streetmtl/photos at endpoint {unreachable_s3}"):
+        find_images("s3://streetmtl/photos")
 
 
 @pytest.mark.slow

@@ -124,14 +124,7 @@ def test_s3_run_folder_gets_tb_files_and_curves(s3_prefix, tmp_path):
     _assert_png(fs.cat_file(f"{path}/curves.png"))
 
 
-def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(monkeypatch):
-    import s3fs
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
-    s3fs.S3FileSystem.clear_instance_cache()
+def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(unreachable_s3):
     t = Tracker("s3://streetmtl/nowhere", "nowhere", CONFIG, log=print)
     assert t.events.dir is None  # no staging folder before the first event
     try:
@@ -144,7 +137,6 @@ def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(monkeypa
         import shutil
 
         shutil.rmtree(t.events.dir, ignore_errors=True)
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_mlflow_run_is_continued_on_resume(tmp_path, monkeypatch):

@@ -129,6 +129,22 @@ def _fake_ray_wheel(root):
     (root / "ray/core/src/ray/raylet/raylet").chmod(0o755)
 
 
+def test_the_minimal_gpu_bundle_holds_what_the_gpu_tests_import(tmp_path):
+    """`gpu_bundle.sh min`: the wheels the GPU tests and benchmarks need beyond the machine's
+    torch, tensorboardX included (their runs write TensorBoard events); nothing of Ray's."""
+    full, small = tmp_path / "full", tmp_path / "min"
+    (full / "wheels").mkdir(parents=True)
+    (full / "PYTHON").write_text("3.12\n")
+    names = ["webdataset-1.0.2", "braceexpand-0.1.7", "tyro-1.0.17", "docstring_parser-0.18.0", "typeguard-4.6.1",
+             "typing_extensions-4.16.0", "tensorboardx-2.6.5", "pydantic-2.14.4", "deepspeed-0.19.7"]
+    for n in names:
+        (full / "wheels" / f"{n}-py3-none-any.whl").write_bytes(b"PK")
+    r = subprocess.run(["bash", "jobs/gpu_bundle.sh", "min", str(full), str(small)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name.split("-")[0] for p in (small / "wheels").iterdir()) == sorted(n.split("-")[0] for n in names[:7])
+    assert (small / "PYTHON").read_text() == "3.12\n"
+
+
 def test_gpu_bundle_slims_ray(tmp_path):
     """`jobs/gpu_bundle.sh slim ROOT OUT`, the step that makes Ray's wheel fit a device call, on a
     copy of a fake unpacked wheel: what is removed, what is kept, executables stay executable."""

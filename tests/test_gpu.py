@@ -44,9 +44,12 @@ def test_device_batches_on_a_side_stream_equal_direct_conversion(tiny_root):
     got = list(DeviceBatches(iter(raws), device))
     assert len(got) == len(raws)
     for raw, b in zip(raws, got):
+        assert raw.buf.is_pinned()  # a packed batch: one pinned block, one copy to the device
         ref = to_model_batch(raw, device)
+        per_key = to_model_batch(dict(raw.items()), device)  # the same batch moved one tensor at a time
         for k in ("rgb", "semseg", "depth", "valid"):
-            assert torch.equal(b[k], ref[k]), k
+            assert torch.equal(b[k], ref[k]) and torch.equal(b[k], per_key[k]), k
+        assert b["index"].device.type == "cpu" and torch.equal(b["index"], per_key["index"])  # read on the host, no sync
 
 
 def test_local_training_on_cuda_end_to_end(tiny_root, tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 from mtl.config import ExperimentConfig, ModelConfig, OptimConfig
 from mtl.data.batch import DeviceBatches, to_model_batch
+from mtl.data.packed import pack_collate
 from mtl.data.transforms import CROP_KEYS, Augment, draw_crop, sample_rng
 from mtl.engine import autocast, build_optimizer, predict, train_step
 from mtl.losses import DepthCodec
@@ -100,3 +101,15 @@ def test_device_batches_start_lazily_and_convert_every_loader_batch():
     assert pulled == [0, 1, 2] and len(out) == 3
     ref = to_model_batch(loader_batch(), torch.device("cpu"))
     assert all(torch.equal(out[0][k], ref[k]) for k in ref)
+
+
+def test_a_packed_loader_batch_converts_without_host_syncs():
+    """The loaders' packed batches (`mtl.data.packed`): one copy, then views; ``index`` stays on
+    the host."""
+    raw = {**loader_batch(), "index": torch.tensor([7, 9])}
+    packed = pack_collate([{k: v[i] for k, v in raw.items()} for i in range(2)])
+    with OpRecorder() as rec:
+        batch = to_model_batch(packed, torch.device("cpu"))
+    assert rec.host_syncs() == {}, rec.host_syncs()
+    ref = to_model_batch(raw, torch.device("cpu"))
+    assert sorted(batch) == sorted(ref) and all(torch.equal(batch[k], ref[k]) for k in ref)

@@ -238,6 +238,33 @@ def test_training_batches_are_augmented_on_the_device_like_single_samples(tiny_r
         assert (b["rgb"][i] - one["rgb"][0]).abs().max() < 0.03  # alone, rgb was rounded to uint8 once more
 
 
+def test_a_loader_batch_crosses_from_its_workers_as_one_shared_buffer(tiny_root):
+    """What a training loader's workers hand over: one shared-memory buffer per batch (one
+    descriptor to fetch, one block to pin, one copy to the device), read like the dict torch's
+    own collate gives, with the same values, and the same model batch."""
+    from torch.utils.data import default_collate
+
+    from mtl.data.loader import make_loader
+    from mtl.data.packed import PackedBatch, pack_collate
+
+    folder = MiniscapesFolder(tiny_root, "train", Augment(0.9, 1.3, (48, 96), True), seed=2)
+    loader = make_loader(folder, 4, True, 2, 2, 2)
+    loader.sampler.set_epoch(1)
+    batches = list(loader)
+    order = list(loader.sampler)
+    assert len(batches) == len(folder) // 4 and all(isinstance(b, PackedBatch) for b in batches)
+    for j, packed in enumerate(batches):
+        assert packed.buf.is_shared() and packed.buf.dim() == 1  # made in a worker's shared memory, in one piece
+        ref = default_collate([folder[item] for item in order[4 * j : 4 * j + 4]])
+        assert sorted(packed) == sorted(ref) and "aug_rows" in packed and "depth" not in packed
+        for k, v in packed.items():
+            assert v.dtype == ref[k].dtype and torch.equal(v, ref[k]), k
+        got, want = to_model_batch(packed, torch.device("cpu")), to_model_batch(ref, torch.device("cpu"))
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(TypeError, match="'stem' is a str, not a tensor"):
+        pack_collate([{"rgb": torch.zeros(2, 2), "stem": "0001"}])
+
+
 def test_bad_augment_settings():
     with pytest.raises(ValueError, match="scale range"):
         Augment(1.5, 1.0)

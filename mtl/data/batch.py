@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from mtl.data.miniscapes import code_to_disparity
+from mtl.data.packed import PackedBatch
 from mtl.data.transforms import CROP_KEYS, IMAGENET_MEAN, IMAGENET_STD, apply_crop
 
 
@@ -40,10 +41,13 @@ def normalize_rgb(rgb_u8_nhwc: torch.Tensor, channels_last: bool = True) -> torc
     return x if channels_last else x.contiguous()
 
 
-def to_model_batch(raw: dict[str, torch.Tensor], device: torch.device, channels_last: bool = True) -> dict[str, torch.Tensor]:
+def to_model_batch(raw: dict[str, torch.Tensor] | PackedBatch, device: torch.device, channels_last: bool = True) -> dict[str, torch.Tensor]:
     """{rgb, semseg, disparity[, aug_*][, index]} uint8 -> {rgb float NCHW, semseg int64, depth m, valid, index};
     a batch with crop vectors (`mtl.data.transforms.draw_crop`) is zoomed, cropped and flipped here.
-    A batch of a split without labels ({rgb[, index]}) gives {rgb[, index]}: prediction needs no more."""
+    A batch of a split without labels ({rgb[, index]}) gives {rgb[, index]}: prediction needs no more.
+    A loader's `PackedBatch` goes to the device in one copy; ``index`` stays on the host."""
+    if isinstance(raw, PackedBatch):
+        raw = raw.to(device, non_blocking=True)
     rgb = normalize_rgb(raw["rgb"].to(device, non_blocking=True), channels_last)
     if "semseg" not in raw:
         if "aug_rows" in raw:

@@ -8,6 +8,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mtl.data.packed import pack_collate
+
 
 class EpochSampler(Sampler):
     """Yields ``(epoch, index)`` for this rank: a per-epoch permutation from (seed, epoch), split
@@ -53,6 +55,6 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
                 rank: int = 0, world: int = 1, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
     sampler = EpochSampler(len(dataset), shuffle, seed, rank, world, pad=drop_last)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last, collate_fn=pack_collate,
         pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
     )

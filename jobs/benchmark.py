@@ -143,6 +143,50 @@ def _processes_cpu_s(pids: list[int]) -> float:
     return total
 
 
+def _forked_children() -> list[int]:
+    """This process's children that run its own command line: the loader's forked workers (not,
+    say, torch.compile's worker pool). From /proc (Linux); [] elsewhere."""
+    try:
+        with open("/proc/self/cmdline", "rb") as fh:
+            mine = fh.read()
+        kids = []
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as fh:
+                kids += [int(p) for p in fh.read().split()]
+        same = []
+        for pid in kids:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if fh.read() == mine:
+                    same.append(pid)
+        return sorted(same)
+    except (OSError, ValueError):
+        return []
+
+
+class CpuUse:
+    """CPU time over a timed window: this process's (every thread: the train loop, the pin-memory
+    thread, CUDA's) and its loader workers'. It tells a loader that cannot keep up because its
+    workers are busy (``workers_busy`` near 100 %: too few of them, or slowed by what shares their
+    cores) from one whose workers wait (on in-order delivery, the prefetch limit or the training
+    process). NaN where /proc cannot say, or when the workers changed during the window (shard
+    loaders fork theirs per epoch)."""
+
+    def __enter__(self) -> CpuUse:
+        self.pids = _forked_children()
+        self.t0, self.main0, self.workers0 = time.perf_counter(), time.process_time(), _processes_cpu_s(self.pids)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.main = time.perf_counter() - self.t0, time.process_time() - self.main0
+        same = _forked_children() == self.pids
+        self.workers = _processes_cpu_s(self.pids) - self.workers0 if same and self.pids else float("nan")
+
+    def row(self, steps: int, images: int) -> dict[str, float]:
+        return {"main_cpu_ms_per_step": 1e3 * self.main / steps, "main_cores": self.main / self.wall,
+                "workers": len(self.pids), "workers_cpu_ms_per_img": 1e3 * self.workers / images,
+                "workers_busy": self.workers / self.wall / max(len(self.pids), 1)}
+
+
 def _bare_decode(ds) -> dict[str, float]:
     """The floor under every loader: decoding the files, from memory and from disk."""
     from mtl.data.miniscapes import decode_sample
@@ -342,6 +386,8 @@ def bench_train(a: TrainBench, on_row=None) -> list[dict]:
     device = resolve_device(a.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if a.intra_op_threads:
+        torch.set_num_threads(a.intra_op_threads)
     peak = a.peak_tflops or matmul_peak_tflops(device)
     group = OneRankDDP(device) if a.strategy == "ddp" else None
     rows = []
@@ -375,7 +421,7 @@ def _bench_one(a: TrainBench, arch: str, bs: int, device, peak: float) -> dict:
     ).validate()
     feed = Feed(build_loaders(cfg, pin_memory=device.type == "cuda").train, device)
     row = {"arch": arch, "batch": bs, "device": str(device), "strategy": a.strategy, "compile": a.compile,
-           "source": "shards" if a.shards else "folder", "peak_tflops": peak,
+           "source": "shards" if a.shards else "folder", "peak_tflops": peak, "intra_op_threads": torch.get_num_threads(),
            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none"}
     modes = ["eager"] + (["graph"] if a.cuda_graph and device.type == "cuda" else [])
     flops = 0.0
@@ -407,6 +453,8 @@ def _row_part(prefix: str, bs: int, pure: dict, full: dict, peak: float, device)
         # the wait per step away from epoch boundaries, and per boundary crossed in the timed steps
         "steady_wait_ms": 1e3 * full["steady_wait_s"], "boundary_wait_ms": 1e3 * full["boundary_wait_s"],
         "epoch_boundaries": full["boundaries"], "ops_per_step": full["ops"],
+        # over the timed steps: CPU of the training process and of the loader's workers (`CpuUse`)
+        **full["cpu"],
         "host_syncs": sum(full["syncs"].values()), "host_sync_ops": full["syncs"], "cuda_sync_check": full["cuda_verdict"],
         # either path; a graph's memory pool holds a step's activations for good
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
@@ -488,14 +536,16 @@ def _full_path(a: TrainBench, cfg, strategy, feed: Feed, device, graph: bool) ->
     for _ in range(max(a.warmup, warmup + 2)):
         full_step()
     feed.reset()
-    step_s = seconds_per_step(full_step, a.steps, device)
+    with CpuUse() as cpu:
+        step_s = seconds_per_step(full_step, a.steps, device)
     wait_s, boundary_s, boundaries = feed.wait / a.steps, feed.boundary_wait, feed.boundaries
     steady_s = (feed.wait - feed.boundary_wait) / max(a.steps - boundaries, 1)
     host_s = host_seconds_per_step(full_step, min(a.steps, 10), device)
     # last: a step stopped midway by CUDA's sync check would leave DDP mid-reduction
     ops, syncs, verdict = sync_check(full_step, device)
     return {"step_s": step_s, "wait_s": wait_s, "steady_wait_s": steady_s, "boundary_wait_s": boundary_s / max(boundaries, 1),
-            "boundaries": boundaries, "host_s": host_s, "ops": ops, "syncs": syncs, "cuda_verdict": verdict}
+            "boundaries": boundaries, "host_s": host_s, "ops": ops, "syncs": syncs, "cuda_verdict": verdict,
+            "cpu": cpu.row(a.steps, a.steps * cfg.train.batch_size)}
 
 
 @dataclass(frozen=True)
@@ -529,6 +579,9 @@ class TrainBench:
     strategy: Literal["ddp", "plain"] = "ddp"  # full path: a 1-rank DDP wrapper (as on Ray) or none
     cuda_graph: bool = True  # also measure both paths with the step captured as a CUDA graph (CUDA only)
     shards: str | None = None  # the full path reads these WebDataset shards (prefix or manifest URL) instead of a folder
+    # torch's CPU threads in this (the training) process; its pin-memory copies run on them, beside
+    # the loader's workers (default: torch's choice, as training has it)
+    intra_op_threads: int | None = None
     peak_tflops: float | None = None  # for MFU; default: a measured bf16 matmul peak
     json: str | None = None  # also write the rows to this JSON file
 
@@ -563,7 +616,7 @@ def train_main(a: TrainBench, argv: list[str]) -> int:
                     f"{', torch.compile' if a.compile else ''} (peak {rows[0]['peak_tflops']:.3g} TFLOP/s for MFU)")
     cols = [("step", "{}"), ("arch", "{}"), ("batch", "{}"), ("pure_img_s", "{:.1f}"), ("full_img_s", "{:.1f}"),
             ("full_over_pure", "{:.1%}"), ("full_step_ms", "{:.1f}"), ("host_ms", "{:.1f}"), ("full_host_ms", "{:.1f}"),
-            ("data_wait_ms", "{:.1f}"), ("steady_wait_ms", "{:.1f}"), ("boundary_wait_ms", "{:.0f}"), ("ops_per_step", "{}"), ("host_syncs", "{}"), ("peak_mem_gib", "{:.1f}"),
+            ("data_wait_ms", "{:.1f}"), ("steady_wait_ms", "{:.1f}"), ("boundary_wait_ms", "{:.0f}"), ("workers_busy", "{:.0%}"), ("main_cores", "{:.2f}"), ("ops_per_step", "{}"), ("host_syncs", "{}"), ("peak_mem_gib", "{:.1f}"),
             ("gflop_per_img", "{:.0f}"), ("mfu", "{:.1%}")]
     for c, _ in cols:
         t.add_column(c, justify="right")

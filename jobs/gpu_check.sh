@@ -25,6 +25,9 @@
 #                                                                   -> bench-plain.json/.txt
 #   loader    loader benchmark (img/s per core; img/s by worker count) -> bench-loader.json/.txt
 #   compile   as plain, with --compile (eager and captured)         -> bench-compile.json/.txt
+#   threads   as eager for branched x THREADS_BATCHES (64), the training process limited to
+#             INTRA_OP_THREADS (1) CPU threads: do its pin-memory copies slow the loader's workers?
+#             (not in the default PHASES)                           -> bench-threads.json/.txt
 # The default limits add up to 570 s and no phase runs past DEADLINE (585 s after the start,
 # the bundle's installation included: a phase's limit is cut to end 15 s before it, the grace
 # between SIGINT and SIGKILL; a phase left with under 10 s is recorded as skipped): one call of a
@@ -55,13 +58,14 @@
 # ENCODER (resnet34), STEPS (30), WARMUP (10), SAMPLES (2048 synthetic train samples: few epoch
 # restarts), WORKERS (12); for the loader phase LOADER_SAMPLES (1024), SCALING ("1 4 8 12 15":
 # the training loader's img/s with each of these numbers of worker processes), SCALING_BATCHES
-# ("16 64": each count at each batch size) and PER_WORKER (128 samples per worker process);
+# ("16 64": each count at each batch size) and PER_WORKER (128 samples per worker process); for
+# the threads phase THREADS_BATCHES ("64") and INTRA_OP_THREADS (1);
 # for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
 # 256x512 set of 1024/64/16, batch 16, 60 steps per epoch, 12 CPUs for the Ray worker, i.e. 8
 # loader workers, no retries), EXPECT_DEVICE (cuda; cpu for a check on the CPU), RUNS
 # (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE, SITE, PACK_TO, DEADLINE
 # (585), and per-phase limits in seconds: T_TESTS (70), T_RAY (100), T_DEEPSPEED (110),
-# T_EAGER (130), T_PLAIN (40), T_LOADER (60), T_COMPILE (60).
+# T_EAGER (130), T_PLAIN (40), T_LOADER (60), T_COMPILE (60), T_THREADS (50).
 set -uo pipefail
 
 WORK=/tmp/streetmtl-gpu-check
@@ -320,13 +324,17 @@ for p in $PHASES; do
     compile)
         # shellcheck disable=SC2086
         train_bench compile "${T_COMPILE:-60}" --archs branched --batch-sizes $COMPILE_BATCHES --strategy plain --compile ;;
+    threads)
+        # shellcheck disable=SC2086
+        train_bench threads "${T_THREADS:-50}" --archs branched --batch-sizes ${THREADS_BATCHES:-64} \
+            --intra-op-threads "${INTRA_OP_THREADS:-1}" ;;
     loader)
         # shellcheck disable=SC2086
         phase loader "${T_LOADER:-60}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples "$LOADER_SAMPLES" \
             --workers "$WORKERS" --scaling $SCALING --scaling-batches $SCALING_BATCHES --per-worker "$PER_WORKER" \
             --json "$OUT_DIR/bench-loader.json" ;;
     *)
-        echo "unknown phase '$p' (known: env tests ray deepspeed eager plain loader compile)" >&2
+        echo "unknown phase '$p' (known: env tests ray deepspeed eager plain loader compile threads)" >&2
         exit 2 ;;
     esac
 done

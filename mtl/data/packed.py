@@ -4,9 +4,10 @@ torch's default collate gives a dict of tensors, and each tensor crosses from a 
 training process as its own shared-memory file: a descriptor the main process fetches from the
 worker over a socket, maps and later pins. A training batch has eight (rgb, semseg, disparity
 codes, four crop vectors, index), so the main process paid about 5 ms per batch whatever its
-size (0.39 ms per image at batch 16 on the development CPU), and it is one process for all
-workers: the first thing to run out as workers are added. Packed, a batch is one shared file,
-one pinned block and one host-to-device copy.
+size, and it is one process for all workers: the first thing to run out as workers are added.
+Packed, a batch is one shared file, one pinned block and one host-to-device copy: the main
+process's CPU per image went from 0.355 to 0.173 ms at batch 16 and from 0.189 to 0.143 ms at
+batch 64 (development CPU, 2 workers, 256x512; docs/performance.md).
 
 The price: torch's pinned-memory cache rounds each block up to a power of two, so a packed
 batch pins a little more than its eight pieces did (a 256x512 batch of 64, 42 MB: 64 MiB instead

@@ -115,16 +115,14 @@ def _worker_scaling(ds, counts: tuple[int, ...], batches: tuple[int, ...], per_w
             sub = First(min(len(ds), per_worker * n + bs * 4))
             loader = make_loader(sub, bs, True, 0, n, 4, pin_memory=torch.cuda.is_available())
             it = iter(loader)
-            got = next(it)["rgb"].shape[0]
-            pids = [w.pid for w in getattr(it, "_workers", [])]  # (a private list of the DataLoader's iterator)
-            t0, main0, workers0, seen = time.perf_counter(), time.process_time(), _processes_cpu_s(pids), 0
-            for batch in it:
-                seen += batch["rgb"].shape[0]
-            workers_s = _processes_cpu_s(pids) - workers0
+            got, seen = next(it)["rgb"].shape[0], 0
+            with CpuUse() as use:
+                for batch in it:
+                    seen += batch["rgb"].shape[0]
             name = f"folder loader + augmentation, {n} workers{'' if bs == 16 else f', batch {bs}'} (total img/s after the first batch)"
-            results[name] = _rate(seen, time.perf_counter() - t0)
-            cpu[name] = {"main_ms_per_img": 1e3 * (time.process_time() - main0) / max(seen, 1),
-                         "workers_ms_per_img": None if math.isnan(workers_s) else 1e3 * workers_s / max(seen, 1)}
+            results[name] = _rate(seen, use.wall)
+            cpu[name] = {"main_ms_per_img": 1e3 * use.main / max(seen, 1),
+                         "workers_ms_per_img": None if math.isnan(use.workers) else 1e3 * use.workers / max(seen, 1)}
             assert got + seen >= len(sub) - bs, (got, seen, len(sub))
             del it, loader
     return results, cpu

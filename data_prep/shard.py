@@ -10,7 +10,11 @@ real test split: ``rgb/`` only) holds ``rgb.jpg`` only, and the manifest lists e
 0..18/255) while it is written; problems name the files as ``<split>/<modality>/<index>.<ext>``
 under the source. ``manifest.json`` is written
 last: readers trust only shards listed there, so an interrupted run never looks complete.
-Re-running resumes: shards finished by an earlier run of the same plan are kept, not rewritten.
+Re-running resumes: shards finished by an earlier run of the same plan (the same samples, with
+the same file sizes) are kept, not rewritten. A destination that holds a complete shard set is
+refused unless ``--overwrite``; then the old manifest goes before the first shard is rewritten
+(the set is unusable until the new one is out), and splits not in ``--splits`` keep their shards
+and their manifest entries.
 S3 endpoint and credentials come from the usual AWS environment (``AWS_ENDPOINT_URL``...) or
 ``--endpoint-url``.
 """
@@ -33,10 +37,9 @@ import tyro
 from mtl import __version__
 from mtl.cli import parse
 from mtl.data.folder import scan_split, split_modalities
-from mtl.data.miniscapes import MODALITIES, SPLITS, Split, decode_sample
+from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, decode_sample
+from mtl.data.shards import FORMAT
 from mtl.storage import storage_errors, url_to_fs
-
-FORMAT = "streetmtl-shards-v1"
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
 
@@ -122,7 +125,7 @@ def write_shard(job: ShardJob) -> ShardResult:
     with storage_errors(job.dst):
         dst_fs, dst_base = url_to_fs(job.dst)
         path = f"{dst_base.rstrip('/')}/{job.name}"
-        record = f"{dst_base.rstrip('/')}/_progress/{job.name}.json"
+        record = f"{dst_base.rstrip('/')}/{SHARD_PROGRESS}/{job.name}.json"
         if dst_fs.exists(record) and dst_fs.exists(path):  # finished by an earlier run of the same plan?
             prev = ShardResult(**json.loads(dst_fs.cat_file(record)))
             if prev.plan_hash == job.plan_hash and dst_fs.size(path) == prev.num_bytes:
@@ -172,16 +175,18 @@ def _read_sample(job: ShardJob, src: tuple, stem: str) -> tuple[dict[str, bytes]
 
 
 def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[str, ...] = SPLITS,
-                  workers: int | None = None, skip_bad: bool = False, progress: bool = False) -> dict:
+                  workers: int | None = None, skip_bad: bool = False, progress: bool = False, overwrite: bool = False) -> dict:
     """Shard ``src`` into ``dst``; returns the manifest (also written to ``dst/manifest.json``).
 
-    Raises ValueError listing bad samples (unless ``skip_bad``); no manifest is written then.
+    Raises ValueError listing bad samples (unless ``skip_bad``) or naming an empty split, and
+    FileExistsError when ``dst`` holds a complete shard set (unless ``overwrite``); no manifest
+    is written then. The source is listed and checked before anything at ``dst`` changes.
     """
     kind, limit = parse_shard_size(shard_size)
-    dst_fs, dst_base = _open_destination(dst)
     jobs, skipped, total_bytes, problems = _plan_jobs(src, dst, splits, kind, limit, skip_bad)
     if problems:
         raise ValueError(_problem_text(problems))
+    dst_fs, dst_base, kept = _open_destination(dst, splits, overwrite)
 
     results = _run(jobs, workers, progress, sum(len(j.stems) for j in jobs), total_bytes)
     for r in results.values():
@@ -191,10 +196,14 @@ def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[s
 
     manifest = {"format": FORMAT, "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": src, "shard_size": shard_size, "splits": {}}
-    for split in splits:
+    for split in [s for s in SPLITS if s in splits or s in kept]:
+        if split not in splits:
+            manifest["splits"][split] = kept[split]  # untouched by this run: its shards stay as they are
+            continue
         split_jobs = [j for j in jobs if j.split == split]
-        mods = split_jobs[0].modalities if split_jobs else split_modalities(src, split)
-        manifest["splits"][split] = _split_entry([results[j.name] for j in split_jobs], mods, skipped[split])
+        manifest["splits"][split] = _split_entry([results[j.name] for j in split_jobs], split_jobs[0].modalities, skipped[split])
+        if not manifest["splits"][split]["num_samples"]:
+            raise ValueError(f"{src}: every sample of the {split} split was bad (--skip-bad left none); nothing was published")
     with storage_errors(dst):
         with dst_fs.open(f"{dst_base}/manifest.json", "w") as fh:  # last: from here on the shard set is complete
             json.dump(manifest, fh, indent=1)
@@ -202,19 +211,30 @@ def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[s
     return manifest
 
 
-def _open_destination(dst: str):
-    """The destination's filesystem and path, with the old manifest gone (the shards are about
-    to change, so it no longer holds). OSError naming ``dst`` when it cannot be written."""
+def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
+    """The destination's filesystem and path, and the manifest entries of the splits this run
+    leaves alone, with the old manifest gone (the shards are about to change, so it no longer
+    holds). FileExistsError for a complete shard set without ``overwrite``; OSError naming
+    ``dst`` when it cannot be written."""
     try:
         with storage_errors(dst):
             dst_fs, dst_base = url_to_fs(dst)
             dst_base = dst_base.rstrip("/")
-            dst_fs.makedirs(f"{dst_base}/_progress", exist_ok=True)
-            if dst_fs.exists(f"{dst_base}/manifest.json"):
-                dst_fs.rm(f"{dst_base}/manifest.json")
+            old = json.loads(dst_fs.cat_file(f"{dst_base}/manifest.json")) if dst_fs.exists(f"{dst_base}/manifest.json") else None
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+        raise OSError(f"cannot read destination {dst}: {e}") from e
+    if old is not None and not overwrite:
+        raise FileExistsError(f"{dst} holds a complete shard set ({', '.join(old.get('splits', {}))}): pass --overwrite to "
+                              f"replace its {', '.join(splits)} shards, or choose another --shards")
+    kept = {k: v for k, v in (old or {}).get("splits", {}).items() if k not in splits}
+    try:
+        with storage_errors(dst):
+            dst_fs.makedirs(f"{dst_base}/{SHARD_PROGRESS}", exist_ok=True)
+            if old is not None:
+                dst_fs.rm(f"{dst_base}/manifest.json")
+    except Exception as e:  # noqa: BLE001
         raise OSError(f"cannot write to destination {dst}: {e}") from e
-    return dst_fs, dst_base
+    return dst_fs, dst_base, kept
 
 
 def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: int,
@@ -225,13 +245,17 @@ def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: in
     for split in splits:
         mods = split_modalities(src, split)
         samples, missing = scan_split(src, split)
+        if not samples:
+            raise ValueError(f"{src.rstrip('/')}/{split}: no samples to shard")
         rel = [m[len(src.rstrip("/")) + 1:] for m in missing]  # train/rgb/7.jpg: a path under --src
         skipped[split] = [{"key": f"{split}/{os.path.splitext(os.path.basename(r))[0]}", "reason": f"{r}: missing file"} for r in rel]
         if not skip_bad:
             problems += [f"missing file: {r}" for r in rel]
         plan = plan_shards(samples, kind, limit)
-        # the label-less case joined the hash later: plans of labelled splits keep their hash (and resume)
-        what = [src, split, plan] if mods == tuple(MODALITIES) else [src, split, plan, list(mods)]
+        # a shard of an interrupted run is reused only for the same samples with the same files
+        # (their sizes: a source that changed in between is read again) and the same --skip-bad
+        sizes = dict(samples)
+        what = [src, split, [[[stem, sizes[stem]] for stem in stems] for stems in plan], list(mods), skip_bad]
         plan_hash = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
         total_bytes += sum(sum(s.values()) for _, s in samples)
         jobs += [ShardJob(split, f"{split}-{i:06d}.tar", src, dst, stems, plan_hash, skip_bad, mods) for i, stems in enumerate(plan)]
@@ -253,8 +277,8 @@ def _split_entry(shards: list[ShardResult], mods: tuple[str, ...], skipped: list
 
 def _clean_up(dst_fs, dst_base: str, manifest: dict, splits: tuple[str, ...]) -> None:
     """Progress records, and shards of an earlier, different plan, once the manifest is out."""
-    if dst_fs.exists(f"{dst_base}/_progress"):
-        dst_fs.rm(f"{dst_base}/_progress", recursive=True)
+    if dst_fs.exists(f"{dst_base}/{SHARD_PROGRESS}"):
+        dst_fs.rm(f"{dst_base}/{SHARD_PROGRESS}", recursive=True)
     listed = {s["name"] for sp in manifest["splits"].values() for s in sp["shards"]}
     for path in dst_fs.ls(dst_base, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
@@ -311,6 +335,7 @@ class ShardCommand:
     splits: tuple[Split, ...] = SPLITS  # the splits to shard
     workers: int | None = None  # parallel processes; default: the CPU count
     skip_bad: bool = False  # leave bad samples out (counted in the manifest) instead of failing
+    overwrite: bool = False  # replace the --splits shards of a complete shard set at --shards (the others stay)
     endpoint_url: str | None = None  # S3 endpoint (MinIO, moto...); default: $AWS_ENDPOINT_URL
 
 
@@ -322,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        manifest = shard_dataset(a.root, a.shards, a.shard_size, tuple(a.splits), a.workers, a.skip_bad, progress=True)
+        manifest = shard_dataset(a.root, a.shards, a.shard_size, tuple(a.splits), a.workers, a.skip_bad, progress=True,
+                                 overwrite=a.overwrite)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"train": a.train, "val": a.val, "test": a.test}
     try:
         out = synthesize(a.out, counts, a.size, a.seed, a.workers, a.overwrite, progress=sys.stderr.isatty())
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # OSError: --out cannot be written (FileExistsError among them)
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(counts.values())

@@ -9,20 +9,36 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+def output_dir(out: str, overwrite: bool = False) -> str:
+    """``out`` as an absolute local path, once it is known to be one that `atomic_dir` may
+    fill: a local folder (ValueError for a URL), not a file, empty unless ``overwrite``
+    (FileExistsError). Commands check it before their long work, not after."""
+    if "://" in out and not out.startswith("file://"):
+        raise ValueError(f"{out}: this output is written to a local folder (write it here, then copy it, e.g. with "
+                         f"aws s3 cp --recursive)")
+    out = os.path.abspath(out.removeprefix("file://"))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out} is a file, not a folder")
+    if os.path.exists(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    return out
+
+
 @contextmanager
 def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary sibling folder of ``out`` to fill; it replaces ``out`` only when the
     block finishes without error, so an interrupted writer never leaves a folder that looks
-    complete. A non-empty ``out`` is refused unless ``overwrite``."""
-    out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    complete. ``out`` must pass `output_dir`; one that another writer finished while this one
+    ran is refused too (FileExistsError: theirs is kept, this one's is dropped)."""
+    out = output_dir(out, overwrite)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
         yield tmp
         if os.path.exists(out):
+            if not overwrite and os.listdir(out):
+                raise FileExistsError(f"{out} was written by another process while this one ran; it is left as it is")
             shutil.rmtree(out)
-        os.rename(tmp, out)
+        os.rename(tmp, out)  # (onto a folder made in the meantime: OSError, nothing replaced)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

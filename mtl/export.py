@@ -1,7 +1,8 @@
 """Test predictions in the submission format, plus side-by-side visualisations.
 
-``<out>/semseg/<index>.png``: palette PNG of class ids; ``<out>/depth/<index>.png``: uint8
-disparity PNG (the dataset encoding's inverse); ``<out>/viz/<index>.png`` for people. The same
+``<out>/semseg/<stem>.png``: palette PNG of class ids; ``<out>/depth/<stem>.png``: uint8
+disparity PNG (the dataset encoding's inverse); ``<out>/viz/<stem>.png`` for people (the
+sample's file stem: Miniscapes' ``<index>``). The same
 writer serves `mtl.predict` (arbitrary images, named by file stem).
 """
 
@@ -50,9 +51,17 @@ def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out
                 gt = None
                 if rgb is not None and "semseg" in batch:
                     gt = tuple(batch[k][j].cpu().numpy() for k in ("semseg", "depth", "valid"))
-                write_prediction(tmp, str(int(batch["index"][j])), labels[j].cpu().numpy(), depth_m[j].float().cpu().numpy(), rgb, gt)
+                write_prediction(tmp, stem_of(dataset, int(batch["index"][j])), labels[j].cpu().numpy(), depth_m[j].float().cpu().numpy(),
+                                 rgb, gt)
                 n += 1
     return n
+
+
+def stem_of(dataset: Dataset | IterableDataset, index: int) -> str:
+    """The name a sample's predictions get: its file stem in a folder split (``<index>`` in
+    Miniscapes), its number otherwise (a shard's key when numeric)."""
+    stems = getattr(dataset, "stems", None)
+    return stems[index] if stems else str(index)
 
 
 def make_output_folders(folder: str) -> None:

@@ -42,6 +42,22 @@ def test_labels_keep_ignore_and_palette_indices():
     assert decode_semseg(encode_semseg_png(labels)).tolist() == labels.tolist()
 
 
+def test_an_rgb_file_whose_pixels_would_not_survive_is_refused():
+    """rgb/ holds JPEGs; a PNG with alpha or 16-bit values under that name would lose them in
+    the conversion to 8-bit RGB, so it is named instead (an 8-bit RGB or grey one decodes)."""
+    def png(arr, mode=None):
+        buf = io.BytesIO()
+        Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+        return buf.getvalue()
+
+    with pytest.raises(ValueError, match="train/rgb/1.jpg: expected an RGB or gray JPEG, got a PNG image in mode RGBA"):
+        decode_rgb(png(np.zeros((4, 4, 4), np.uint8)), "train/rgb/1.jpg")
+    with pytest.raises(ValueError, match="mode I;16"):
+        decode_rgb(png(np.full((4, 4), 40000, np.uint16)), "train/rgb/1.jpg")
+    assert decode_rgb(png(np.full((4, 4, 3), 7, np.uint8))).tolist() == np.full((4, 4, 3), 7).tolist()
+    assert decode_rgb(png(np.full((4, 4), 9, np.uint8))).shape == (4, 4, 3)
+
+
 def test_labels_outside_range_are_rejected():
     with pytest.raises(ValueError, match=r"x/semseg.png: labels outside 0..18/255: \[19, 200\]"):
         decode_semseg(encode_semseg_png(np.array([[0, 19, 200]], np.uint8)), "x/semseg.png")

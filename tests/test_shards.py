@@ -1,5 +1,6 @@
 """Data prep to WebDataset shards on a real S3 endpoint (moto on loopback) and streaming them back."""
 
+import io
 import json
 import os
 import shutil
@@ -124,6 +125,8 @@ def test_interrupted_prep_leaves_no_manifest_and_rerun_completes(tiny_root, s3_p
     assert not fs.exists(f"{bucket_path}/manifest.json")
     with pytest.raises(FileNotFoundError, match="no shard manifest at .*interrupted"):
         read_manifest(s3_prefix)
+    with pytest.raises(FileNotFoundError, match="train/rgb .it holds a shard set without manifest.json: sharding was interrupted"):
+        MiniscapesFolder(s3_prefix, "train")  # (what --data takes it for without a manifest)
     r = _shard_cli("--src", tiny_root, "--dst", s3_prefix, "--shard-size", "2")
     assert r.returncode == 0, r.stderr
     m = read_manifest(s3_prefix)
@@ -166,7 +169,7 @@ def test_bad_flags_and_unreachable_s3(tiny_root, tmp_path):
     env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
     t0 = time.time()
     r = _shard_cli("--src", tiny_root, "--dst", "s3://streetmtl/x", env=env, timeout=120)
-    assert r.returncode == 2 and "cannot write to destination s3://streetmtl/x" in r.stderr, r.stderr
+    assert r.returncode == 2 and "destination s3://streetmtl/x: cannot reach s3://streetmtl/x" in r.stderr, r.stderr
     assert time.time() - t0 < 90
 
 
@@ -219,12 +222,74 @@ def test_a_split_without_labels_shards_and_streams_back(tiny_root, tmp_path):
         assert sorted(x) == ["index", "rgb"] and torch.equal(x["rgb"], folder[int(x["index"])]["rgb"])
     with pytest.raises(ValueError, match="no labels.*cannot be augmented"):
         ShardStream(test, Augment())
-    # re-running keeps every shard (resume) and writes the same manifest entries
-    again = shard_dataset(str(src), str(dst), "5", splits=("val", "test"), workers=1)
+    # re-sharding over it (asked for) writes the same bytes: the same manifest entries
+    again = shard_dataset(str(src), str(dst), "5", splits=("val", "test"), workers=1, overwrite=True)
     assert again["splits"]["test"]["shards"] == m["splits"]["test"]["shards"]
     # a manifest from before the key existed: all three modalities
     del m["splits"]["val"]["modalities"]
     assert ShardSplit.from_manifest(m, "val").modalities == ("rgb", "semseg", "depth")
+
+
+def test_a_complete_shard_set_is_replaced_only_when_asked_and_only_the_splits_named(tiny_root, tmp_path):
+    """A re-run into a published set is refused (the old manifest and shards stay usable, also
+    when the new run would have failed on its source); --overwrite --splits val re-shards val
+    and keeps train's shards and manifest entry."""
+    dst = tmp_path / "shards"
+    first = shard_dataset(tiny_root, str(dst), "24", splits=("train", "val"), workers=1)
+    before = {p.name: p.read_bytes() for p in dst.iterdir() if p.is_file()}
+    r = _shard_cli("--src", str(tmp_path / "typo"), "--dst", str(dst))
+    assert r.returncode == 2 and "Miniscapes folder missing" in r.stderr
+    r = _shard_cli("--src", tiny_root, "--dst", str(dst), "--shard-size", "8")
+    assert r.returncode == 2 and "holds a complete shard set (train, val): pass --overwrite" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in dst.iterdir() if p.is_file()} == before  # nothing touched
+    r = _shard_cli("--src", tiny_root, "--dst", str(dst), "--shard-size", "8", "--splits", "val", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(str(dst))
+    assert m["splits"]["train"] == first["splits"]["train"] and [len(m["splits"][s]["shards"]) for s in ("train", "val")] == [4, 3]
+    assert sorted(p.name for p in dst.glob("*.tar")) == [f"train-{i:06d}.tar" for i in range(4)] + [f"val-{i:06d}.tar" for i in range(3)]
+    assert sorted(int(x["index"]) for x in ShardStream(ShardSplit.from_manifest(m, "train"), None, shuffle=False)) == list(range(96))
+    empty = tmp_path / "empty"
+    for mod in ("rgb", "semseg", "depth"):
+        (empty / "val" / mod).mkdir(parents=True)
+    with pytest.raises(ValueError, match="empty/val: no samples to shard"):
+        shard_dataset(str(empty), str(tmp_path / "e"), "8", splits=("val",), workers=1)
+
+
+def test_an_interrupted_run_reuses_a_shard_only_while_its_source_files_are_unchanged(tiny_root, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    shutil.copytree(f"{tiny_root}/val", src / "val")
+    (src / "val/depth/20.png").write_bytes(b"not a png")  # the run fails in its last shard; the others have records
+    with pytest.raises(ValueError, match="val/depth/20.png: cannot decode PNG"):
+        shard_dataset(str(src), str(dst), "8", splits=("val",), workers=1)
+    assert not (dst / "manifest.json").exists() and (dst / "_progress/val-000000.tar.json").exists()
+    shutil.copy(f"{tiny_root}/val/depth/20.png", src / "val/depth/20.png")
+    new_rgb = (src / "val/rgb/1.jpg").read_bytes()[:-2] + b"\x00\x00\xff\xd9"  # sample 1 changed (another size), in shard 0
+    (src / "val/rgb/1.jpg").write_bytes(new_rgb)
+    shard_dataset(str(src), str(dst), "8", splits=("val",), workers=1)
+    import tarfile
+
+    with tarfile.open(dst / "val-000000.tar") as tar:
+        assert tar.extractfile("1.rgb.jpg").read() == new_rgb  # shard 0 was written again, from the changed source
+
+
+def test_a_shard_that_no_longer_matches_its_manifest_is_named(tiny_root, tmp_path):
+    """A shard replaced after its manifest was written (a stale copy, a re-shard under a running
+    job) with fewer samples: the reader says so instead of ending a rank's epoch early."""
+    import tarfile
+
+    dst = tmp_path / "shards"
+    shard_dataset(tiny_root, str(dst), "8", splits=("val",), workers=1)
+    with tarfile.open(dst / "val-000001.tar") as tar:
+        keep = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.startswith("15.")]
+    with tarfile.open(dst / "val-000001.tar", "w") as tar:
+        for member, data in keep:
+            tar.addfile(member, io.BytesIO(data))
+    split = ShardSplit.from_manifest(read_manifest(str(dst)), "val")
+    with pytest.raises(ValueError, match="val-000001.tar holds 7 samples, its manifest says 8"):
+        list(ShardStream(split, None, shuffle=False))
+    loader = ShardLoader(ShardStream(split, None, shuffle=False), 4, 2, 2, drop_last=False, pin_memory=False)
+    with pytest.raises(ValueError, match="val-000001.tar holds 7 samples"):  # also from a loader worker
+        list(loader)
 
 
 def test_corrupt_jpeg_in_a_shard_is_named_by_url_and_member(s3_prefix):

@@ -281,3 +281,47 @@ def test_loader_workers_follow_the_cpus_reserved_for_training(tiny_root):
     assert auto.workers == 2 and auto.train.loader.num_workers == 2
     fixed = build_loaders(ExperimentConfig(data=DataConfig(root=tiny_root, workers=0)), pin_memory=True, cpus=3)
     assert fixed.workers == 0
+
+
+def test_samples_of_different_sizes_in_one_batch_are_named():
+    from mtl.data.packed import pack_collate
+
+    small, large = ({"rgb": torch.zeros(h, 8, 3, dtype=torch.uint8), "index": torch.tensor(i)} for h, i in ((4, 3), (6, 9)))
+    with pytest.raises(ValueError, match=r"differ in 'rgb': sample 3 is \[4, 8, 3\], sample 9 is \[6, 8, 3\]"):
+        pack_collate([small, small, large])
+
+
+def test_two_files_that_would_be_one_sample_are_refused_and_named_stems_keep_their_names(tiny_root, tmp_path):
+    """A sample's number comes from its stem (`sample_index`): ``01`` and ``1`` would be the same
+    sample (and overwrite each other's predictions), so the split is refused naming both; a
+    stem that is not a number keeps its name for exports."""
+    from mtl.data.miniscapes import sample_index
+
+    root = tmp_path / "m"
+    shutil.copytree(f"{tiny_root}/val", root / "val")
+    for mod, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):
+        os.rename(root / f"val/{mod}/2.{ext}", root / f"val/{mod}/zurich_a.{ext}")
+    split = MiniscapesFolder(str(root), "val")
+    assert split.stems[sample_index("zurich_a")] == "zurich_a" and split.stems[5] == "5"
+    assert int(split[split.indices.index("zurich_a")]["index"]) == sample_index("zurich_a")  # as a shard key would be
+    for mod, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):
+        shutil.copy(root / f"val/{mod}/1.{ext}", root / f"val/{mod}/01.{ext}")
+    with pytest.raises(ValueError, match=r"val/rgb/01.jpg and .*val/rgb/1.jpg are both sample 1: rename one"):
+        MiniscapesFolder(str(root), "val")
+
+
+def test_an_output_folder_is_local_and_never_replaces_one_another_writer_finished(tmp_path):
+    from mtl.atomic import atomic_dir, output_dir
+
+    with pytest.raises(ValueError, match="s3://b/preds: this output is written to a local folder"):
+        output_dir("s3://b/preds")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        output_dir(str(tmp_path / "f"))
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="written by another process while this one ran"):
+        with atomic_dir(str(out)) as tmp:
+            (tmp_path / "mine").write_text(tmp)
+            out.mkdir()
+            (out / "theirs").write_text("complete")  # another writer (a rank generating the same cache) finished first
+    assert os.listdir(out) == ["theirs"] and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

@@ -25,11 +25,17 @@ def cache_dir() -> str:
 
 
 def synthetic_root(size: tuple[int, int], counts: tuple[int, int, int], seed: int = 0) -> str:
-    """The synthetic Miniscapes set for these settings, generated once into the cache folder."""
+    """The synthetic Miniscapes set for these settings, generated once into the cache folder.
+    Every rank (and trial) on a machine may ask at once: the first to finish generating keeps
+    its folder, the others drop theirs (never replacing one that a rank is reading)."""
     h, w = size
     root = os.path.join(cache_dir(), f"synthetic-miniscapes-{h}x{w}-{'-'.join(map(str, counts))}-s{seed}")
     if not os.path.isdir(root):
-        synthesize(root, dict(zip(("train", "val", "test"), counts)), (h, w), seed, overwrite=True)
+        try:
+            synthesize(root, dict(zip(("train", "val", "test"), counts)), (h, w), seed)
+        except FileExistsError:
+            if not os.path.isdir(root):
+                raise
     return root
 
 

@@ -11,7 +11,8 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from mtl.data.miniscapes import CONVERSION_INDEX, CONVERSION_PLAN, LABEL_MODALITIES, MODALITIES, SPLITS, decode_sample
+from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, LABEL_MODALITIES, MODALITIES, SHARD_PROGRESS, SPLITS,
+                                 decode_sample, sample_index)
 from mtl.data.transforms import Augment, prepare, sample_rng
 from mtl.storage import storage_errors, url_to_fs
 
@@ -34,7 +35,7 @@ def split_modalities(root: str, split: str) -> tuple[str, ...]:
         raise ValueError(f"{root} is an unfinished conversion ({CONVERSION_PLAN} without {CONVERSION_INDEX}): run the "
                          f"conversion command again to finish it")
     if "rgb" not in present:
-        raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, 'rgb')}")
+        raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, 'rgb')}{_shards_hint(root)}")
     labels = present & set(LABEL_MODALITIES)
     if labels and labels != set(LABEL_MODALITIES):
         (missing,) = set(LABEL_MODALITIES) - labels
@@ -84,6 +85,26 @@ def _index_key(stem: str) -> tuple[int, str]:
     return (int(stem), stem) if stem.isdigit() else (1 << 62, stem)
 
 
+def _shards_hint(root: str) -> str:
+    """What a folder without Miniscapes' layout is instead, when it is a shard set whose sharding
+    did not finish (its shards and progress records, no manifest yet)."""
+    with storage_errors(root):
+        fs, base = url_to_fs(root)
+        unfinished = fs.exists(_join(base, SHARD_PROGRESS))
+    return " (it holds a shard set without manifest.json: sharding was interrupted; run data_prep.shard again)" if unfinished else ""
+
+
+def _stems_by_index(stems: list[str], where: str) -> dict[int, str]:
+    """Each sample's number (`sample_index`) to its stem; ValueError naming two files that would
+    share one (``01.jpg`` and ``1.jpg``): their predictions would overwrite each other."""
+    out: dict[int, str] = {}
+    for stem in stems:
+        other = out.setdefault(sample_index(stem), stem)
+        if other != stem:
+            raise ValueError(f"{where}/{other}.jpg and {where}/{stem}.jpg are both sample {sample_index(stem)}: rename one")
+    return out
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
@@ -105,6 +126,7 @@ class MiniscapesFolder(Dataset):
         if augment is not None and not self.has_labels:
             raise ValueError(f"{_join(root, split)} has no labels (rgb/ only): it cannot be augmented for training")
         self.indices = list_split(root, split)
+        self.stems = _stems_by_index(self.indices, _join(root, split, "rgb"))
         self.fs, self._base = url_to_fs(root)
 
     @property
@@ -137,7 +159,7 @@ class MiniscapesFolder(Dataset):
         names = {m: self.file_url(m, stem) for m in self.modalities}
         sample = decode_sample(raw["rgb"], raw.get("semseg"), raw.get("depth"), key=f"{_join(self.root, self.split)} sample {stem}",
                                names=names)
-        index = int(stem) if stem.isdigit() else i
+        index = sample_index(stem)
         rng = sample_rng(self.seed, epoch, index) if self.augment is not None else None
         out = prepare(sample, self.augment, rng)
         out["index"] = torch.tensor(index)

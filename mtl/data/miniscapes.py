@@ -12,6 +12,7 @@ import functools
 import io
 import typing
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -22,8 +23,17 @@ SPLITS: tuple[str, ...] = typing.get_args(Split)
 # CONVERSION_INDEX last: a folder with the plan and no index is an unfinished conversion (on an
 # object store, where the converter writes in place), and readers refuse it.
 CONVERSION_PLAN, CONVERSION_INDEX = "conversion.json", "index.csv"
+# data_prep.shard's records of finished shards, beside them until the shard set's manifest is out
+SHARD_PROGRESS = "_progress"
 MODALITIES = {"rgb": "jpg", "semseg": "png", "depth": "png"}
 LABEL_MODALITIES = ("semseg", "depth")  # a split has both or neither (a test split: rgb only)
+
+
+def sample_index(stem: str) -> int:
+    """A sample's number, from its file stem (a folder) or key (a shard): the stem itself when
+    numeric (Miniscapes' ``<index>``), else a checksum of it, the same in every process. It
+    seeds the sample's augmentation and names its exported predictions."""
+    return int(stem) if stem.isdigit() else zlib.crc32(stem.encode()) & 0x7FFFFFFF
 
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -163,6 +173,11 @@ def _fast_png_raw(data: bytes) -> np.ndarray | None:
     return out[0].numpy() if out.shape[0] == 1 else None
 
 
+# what an rgb file may hold: colour or gray pixels that convert to RGB as they are; an alpha
+# channel, 16-bit or float values would be dropped or clipped without a word
+_RGB_MODES = ("RGB", "L", "CMYK", "YCbCr")
+
+
 def decode_rgb(data: bytes, name: str = "rgb") -> np.ndarray:
     fast = _fast_rgb(data)
     if fast is not None:
@@ -170,9 +185,13 @@ def decode_rgb(data: bytes, name: str = "rgb") -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", img.size)  # no downscaled JPEG decode, but skips needless work
-        return np.array(img.convert("RGB"))
+        mode, fmt = img.mode, img.format
+        if mode in _RGB_MODES:
+            return np.array(img.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise ValueError(f"{name}: cannot decode RGB JPEG ({e})") from e
+    raise ValueError(f"{name}: expected an RGB or gray JPEG, got a {fmt} image in mode {mode} (its values would not survive "
+                     f"conversion to 8-bit RGB)")
 
 
 def _decode_png_raw(data: bytes, name: str) -> np.ndarray:

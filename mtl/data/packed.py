@@ -84,12 +84,13 @@ def pack_collate(samples: list[dict[str, torch.Tensor]]) -> PackedBatch:
     so the stacking is the only copy on the way to the training process.
 
     Raises TypeError naming a key whose value is not a tensor, KeyError for a sample without a
-    key of the first, and torch's error for samples of different shapes."""
+    key of the first, and ValueError naming the samples (by ``index``) whose shapes differ."""
     first = samples[0]
     layout, size = [], 0
     for key, value in first.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"a loader sample's {key!r} is a {type(value).__name__}, not a tensor: a batch packs tensors only")
+        _check_shapes(samples, key)
         shape = (len(samples), *value.shape)
         layout.append((key, value.dtype, shape, size))
         size += _aligned(math.prod(shape) * value.element_size())
@@ -97,6 +98,17 @@ def pack_collate(samples: list[dict[str, torch.Tensor]]) -> PackedBatch:
     for key, dtype, shape, offset in layout:
         torch.stack([s[key] for s in samples], out=_view(buf, dtype, shape, offset))
     return PackedBatch(buf, tuple(layout))
+
+
+def _check_shapes(samples: list[dict[str, torch.Tensor]], key: str) -> None:
+    """One shape per key in a batch: images of other sizes (evaluated uncropped) cannot be stacked."""
+    shapes = [tuple(s[key].shape) for s in samples]
+    if len(set(shapes)) > 1:
+        odd = next(i for i, sh in enumerate(shapes) if sh != shapes[0])
+        who = [f"sample {int(s['index'])}" if "index" in s else f"item {i}" for i, s in zip((0, odd), (samples[0], samples[odd]))]
+        raise ValueError(f"a batch's samples differ in {key!r}: {who[0]} is {list(shapes[0])}, {who[1]} is {list(shapes[odd])} "
+                         f"(a split with images of several sizes: --crop HxW crops training's, jobs/evaluate.py "
+                         f"--batch-size 1 takes them one by one)")
 
 
 def _view(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import zlib
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -26,7 +25,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, decode_sample
+from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, decode_sample, sample_index
 from mtl.data.packed import pack_collate
 from mtl.data.transforms import Augment, prepare, sample_rng
 from mtl.storage import storage_errors, url_to_fs
@@ -137,6 +136,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, split: ShardSplit, augment: Augment | None, seed: int = 0, shuffle: bool = True,
                  rank: int = 0, world: int = 1, shuffle_buffer: int = 256) -> None:
+        if not split.urls:
+            raise ValueError("the split has no samples (its manifest entry lists no shards)")
         if len(split.urls) < world:
             raise ValueError(f"{len(split.urls)} shard(s) cannot feed {world} ranks: reshard with a smaller --shard-size "
                              f"(several shards per rank and loader worker keep them all busy)")
@@ -163,6 +164,7 @@ class ShardStream(IterableDataset):
         if self.shuffle:
             rng.shuffle(mine)
         samples = wds.tarfile_to_samples(handler=_reraise_with_context)([{"url": self.split.urls[i]} for i in mine])
+        samples = _as_listed(samples, [(self.split.urls[i], self.split.counts[i]) for i in mine])
         if self.shuffle and self.shuffle_buffer > 1:
             samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
         for s in samples:
@@ -178,11 +180,40 @@ class ShardStream(IterableDataset):
         names = {m: f"{url}:{key}.{x}" for m, x in members.items()}  # the real tar member, as a user can find it
         labels = (s["semseg.png"], s["depth.png"]) if self.split.has_labels else (None, None)
         sample = decode_sample(s["rgb.jpg"], *labels, key=f"{url}:{key}", names=names)
-        index = int(key) if key.isdigit() else zlib.crc32(key.encode()) & 0x7FFFFFFF  # stable across processes
+        index = sample_index(key)
         rng = sample_rng(self.seed, self.epoch, index) if self.augment is not None else None
         out = prepare(sample, self.augment, rng)
         out["index"] = torch.tensor(index)
         return out
+
+
+def _as_listed(samples, shards: list[tuple[str, int]]):
+    """``samples`` (read from ``shards`` in order), checking each shard holds as many as the
+    manifest says: a shard replaced, truncated at a member boundary or out of date would
+    otherwise go unnoticed, and a rank that runs out early leaves the others waiting in a
+    collective. ValueError naming the shard."""
+    pending = iter(shards)
+    url, expected, n = None, 0, 0
+    for s in samples:
+        while s.get("__url__") != url:
+            if url is not None:
+                _check_count(url, n, expected)
+            url, expected = next(pending, (s.get("__url__"), -1))
+            n = 0
+        n += 1
+        yield s
+    if url is not None:
+        _check_count(url, n, expected)
+    for url, expected in pending:
+        _check_count(url, 0, expected)
+
+
+def _check_count(url: str, n: int, expected: int) -> None:
+    if expected < 0:
+        raise ValueError(f"shard {url} is not one this reader was given")
+    if n != expected:
+        raise ValueError(f"shard {url} holds {n} samples, its manifest says {expected}: the shard set changed after its "
+                         f"manifest was written (re-run data_prep.shard)")
 
 
 def _buffer_shuffle(it, size: int, rng: random.Random):

@@ -64,6 +64,11 @@ def run(a: EvaluateCommand) -> int:
     from mtl.multitask import delta_m, read_baselines, task_metrics
     from mtl.progress import class_iou_table, metrics_table, wide_console
 
+    from mtl.atomic import output_dir
+    from mtl.storage import write_bytes_atomic
+
+    if a.export:
+        output_dir(a.export, a.overwrite)  # (checked before the long pass; again when written)
     device = resolve_device(a.device)
     m = load_model(a.checkpoint, device)
     baselines = read_baselines(a.baselines) if a.baselines else None  # (checked before the long pass)
@@ -72,7 +77,7 @@ def run(a: EvaluateCommand) -> int:
     data = open_split(resolve_source(m.cfg, a.data), a.split)
     print(f"{m.url}: {m.cfg.model.arch}, epoch {m.epoch}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
     if a.metrics and not data.has_labels:
-        print(f"no metrics computed: {data.where} has no labels (rgb only)", flush=True)
+        print(f"no metrics computed: {data.where} has no labels (rgb only){'; no --json written' if a.json else ''}", flush=True)
     elif a.metrics:
         loader = data.loader(a.batch_size, a.workers, pin_memory=device.type == "cuda")
         metrics = task_metrics(evaluate(m.model, loader, m.codec, device, m.amp(), channels_last=False).compute(), m.cfg.optim.tasks)
@@ -85,9 +90,8 @@ def run(a: EvaluateCommand) -> int:
             console.print(classes)
         if baselines:
             console.print(f"Δm {metrics['delta_m']:+.2f} % against the single-task baselines {', '.join(a.baselines)} (lower is better)")
-        if a.json:
-            with open(a.json, "w") as fh:
-                json.dump(metrics, fh, indent=1)
+        if a.json:  # whole or not at all, as every result file
+            write_bytes_atomic(a.json, json.dumps(metrics, indent=1).encode())
     if a.export:
         n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, a.viz, a.overwrite)
         print(f"exported {n} predictions to {a.export} (semseg/, depth/, viz/)")

@@ -174,8 +174,18 @@ class CheckpointIndex:
         self.url = f"{run_url.rstrip('/')}/{CHECKPOINTS}"
 
     def read(self) -> dict[str, Any] | None:
+        """The pointer, or None when there is none; ValueError naming it when it is unreadable."""
         data = read_bytes(f"{self.url}/{POINTER}")
-        return None if data is None else json.loads(data)
+        if data is None:
+            return None
+        try:
+            pointer = json.loads(data)
+            if isinstance(pointer["latest"], str) and all(isinstance(t, str) for t in pointer.get("history", [])):
+                return pointer
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise ValueError(f"{self.url}/{POINTER} is corrupt (not a checkpoint pointer: {data[:80]!r}); it names the run's "
+                         f"latest checkpoint, so nothing guesses one")
 
     def latest_tag(self) -> str | None:
         pointer = self.read()
@@ -218,11 +228,19 @@ class FolderStorage:
                     write_bytes_atomic(f"{self.index.url}/{tag}/{rel}", fh.read())
 
     def commit(self, tag: str) -> None:
-        for old in self.index.commit(tag, self.keep_last):
-            with storage_errors(self.index.url):
-                fs, path = url_to_fs(f"{self.index.url}/{old}")
-                if fs.exists(path):
-                    fs.rm(path, recursive=True)
+        """Point at ``tag``; delete the checkpoints that fell out of the last ``keep_last``, and
+        (when not all are kept) any other checkpoint folder the pointer does not list: one that a
+        run published but died before committing, which nothing reads and nothing else deletes."""
+        dropped = self.index.commit(tag, self.keep_last)
+        with storage_errors(self.index.url):
+            fs, base = url_to_fs(self.index.url)
+            if self.keep_last > 0:
+                listed = set(self.index.read()["history"])
+                folders = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=True) if e["type"] == "directory"]
+                dropped += [name for name in folders if name not in listed and name not in dropped]
+            for old in dropped:
+                if fs.exists(f"{base}/{old}"):
+                    fs.rm(f"{base}/{old}", recursive=True)
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[tuple[str, str] | None]:
@@ -352,8 +370,13 @@ def checkpoint_in_folder(url: str) -> str:
     def candidates() -> Iterator[str]:  # in order of preference; the folder is listed only if needed
         yield STATE_FILE
         tag = CheckpointIndex(url).latest_tag()
-        if tag:
-            yield from (f"{CHECKPOINTS}/{tag}/{STATE_FILE}", f"{CHECKPOINTS}/{tag}.pt")
+        if tag:  # the run's pointer names its checkpoint: that one or an error, never an older file
+            found = [n for n in (f"{CHECKPOINTS}/{tag}/{STATE_FILE}", f"{CHECKPOINTS}/{tag}.pt") if fs.exists(f"{path}/{n}")]
+            if not found:
+                raise FileNotFoundError(f"{url}/{CHECKPOINTS}/{POINTER} names checkpoint {tag}, but {url}/{CHECKPOINTS}/{tag}/"
+                                        f"{STATE_FILE} is missing")
+            yield found[0]
+            return
         entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)
         yield from [f"{e}/{STATE_FILE}" for e in entries if e.startswith("epoch-")] + ["final.pt", BEST_FILE]
 

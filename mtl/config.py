@@ -154,7 +154,7 @@ class TrainConfig(_Part):
     out: str = operational("runs")  # where runs live: a local folder or s3:// prefix
     name: str | None = operational(None)  # run name; default: descriptive + a hash of the training config
     resume: bool = operational(False)  # continue the run in <out>/<name> (required to reuse an existing run folder)
-    keep_last: int = operational(2)  # checkpoints kept, epoch and step ones alike (best.pt is kept apart)
+    keep_last: int = operational(2)  # checkpoints kept, epoch and step ones alike (best.pt is kept apart); 0: all
     #: also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only): a failure
     #: then loses at most N steps, and the resumed run goes on with the very batch that came next
     checkpoint_every: int = operational(0)
@@ -177,6 +177,9 @@ class TrainConfig(_Part):
             raise ValueError("--checkpoint-every, --checkpoint-every-min and --preemption-poll-every must be >= 0 (0: never)")
         if self.log_every < 1 or self.log_interval_s < 0:
             raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
+        if self.keep_last < 0 or (self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1):
+            raise ValueError(f"--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got "
+                             f"{self.keep_last} and {self.max_steps_per_epoch}")
 
 
 @dataclass(frozen=True)

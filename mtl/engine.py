@@ -198,6 +198,10 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume:
         raise RunConflict(f"{state.get('url', 'a checkpoint')} exists: pass --resume to continue that run, or choose another "
                           f"--name/--out for a new run")
     check_same_training(ExperimentConfig.from_dict(state["config"]), cfg, f"checkpoint {state.get('url', '')}")
+    done = state["train_state"].get("epoch", 0)
+    if cfg.train.epochs < done:  # the run folder would then describe a shorter run than its checkpoints hold
+        raise RunConflict(f"resume refused: --epochs {cfg.train.epochs}, but {state.get('url', 'the checkpoint')} has trained "
+                          f"{done} epochs already (--epochs {done} or more continues it)")
 
 
 def local_runtime(cfg: ExperimentConfig) -> Runtime:

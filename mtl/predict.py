@@ -139,7 +139,8 @@ def _natural_key(stem: str) -> tuple[int, int, str]:
 
 def read_image(url: str) -> np.ndarray:
     """An image file as HxWx3 uint8 RGB (RGBA loses its alpha, grey and palette images are
-    expanded). Errors name the file."""
+    expanded). Errors name the file, also one whose values 8 bits cannot hold (16-bit or float
+    grey: converting would clip it to white)."""
     with storage_errors(url):
         fs, path = url_to_fs(url)
         try:
@@ -149,9 +150,11 @@ def read_image(url: str) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        return np.array(img.convert("RGB"))
+        if not img.mode.startswith(("I", "F")):
+            return np.array(img.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise ValueError(f"{url}: cannot decode image ({e})") from e
+    raise ValueError(f"{url}: a {img.format} image in mode {img.mode} (more than 8 bits per value): save it as an 8-bit image")
 
 
 @torch.no_grad()

@@ -102,6 +102,43 @@ def test_a_run_folder_opens_at_its_latest_checkpoint_in_either_layout(tmp_path):
         load_checkpoint(str(tmp_path / "empty"))
 
 
+def test_a_broken_pointer_is_named_and_nothing_older_is_read_in_its_place(tmp_path):
+    """latest.json names the run's checkpoint: a corrupt pointer, or one naming a checkpoint
+    that is gone, is an error naming it, not a quiet fall-back to best.pt or an older folder."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    (run / "checkpoints" / "epoch-0001" / "state.pt").write_bytes(checkpoint_bytes({"train_state": {"epoch": 1}}))
+    (run / "best.pt").write_bytes(checkpoint_bytes({"train_state": {"epoch": 1}}))
+    (run / "checkpoints" / "latest.json").write_text('{"latest": "epoch-0009", "history": ["epoch-0009"]}')
+    with pytest.raises(FileNotFoundError, match="latest.json names checkpoint epoch-0009, but .*epoch-0009/state.pt is missing"):
+        load_checkpoint(str(run))
+    for broken in ('{"latest": "epo', '{"history": []}', '["epoch-0001"]'):
+        (run / "checkpoints" / "latest.json").write_text(broken)
+        with pytest.raises(ValueError, match="checkpoints/latest.json is corrupt"):
+            load_checkpoint(str(run))
+
+
+def test_a_checkpoint_published_but_never_committed_is_deleted_by_the_next_commit(tmp_path):
+    """A run that died between publishing a checkpoint and pointing at it leaves a folder no
+    reader trusts; the resumed run's next commit deletes it with those past --keep-last."""
+    from mtl.checkpoint import FolderStorage
+
+    storage = FolderStorage(str(tmp_path / "run"), keep_last=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "state.pt").write_bytes(b"x")
+    for tag in ("epoch-0001", "epoch-0002", "epoch-0002-step-00000009", "epoch-0003"):
+        storage.publish(str(src), tag, {})
+        if tag != "epoch-0002-step-00000009":  # (the attempt that died before committing it)
+            storage.commit(tag)
+    assert sorted(os.listdir(tmp_path / "run/checkpoints")) == ["epoch-0002", "epoch-0003", "latest.json"]
+    keep_all = FolderStorage(str(tmp_path / "all"), keep_last=0)
+    for tag in ("epoch-0001", "epoch-0002"):
+        keep_all.publish(str(src), tag, {})
+    keep_all.commit("epoch-0002")
+    assert sorted(os.listdir(tmp_path / "all/checkpoints")) == ["epoch-0001", "epoch-0002", "latest.json"]  # 0: all kept
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_the_checkpointer_keeps_the_last_k_and_restores_every_part(where, tmp_path, request):
     """Folder storage on a local disk and on S3: checkpoints/<tag>/state.pt, the pointer,

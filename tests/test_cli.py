@@ -82,6 +82,8 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--local", "--num-workers", "2"], "--local trains one process"),
     (["--quick", "--config", "x.json"], "--config and --quick both give a starting configuration"),
     (["--epochs"], "--epochs expects a value"),
+    (["--max-steps-per-epoch", "0"], "--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got 2 and 0"),
+    (["--keep-last", "-1"], "--keep-last must be >= 0"),
 ])
 def test_a_bad_flag_is_one_usage_line_naming_it(capsys, argv, message):
     assert message in _usage_error(capsys, argv)

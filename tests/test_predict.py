@@ -92,6 +92,27 @@ def test_label_less_test_split_exports_without_extra_flags(tiny_root, tmp_path, 
     assert rc == 0 and "no metrics computed" not in stdout
 
 
+def test_evaluate_checks_its_outputs_before_the_long_pass_and_names_exports_by_stem(tiny_root, tmp_path, make_run, capsys):
+    root = tmp_path / "m"
+    shutil.copytree(f"{tiny_root}/val", root / "val")
+    for mod, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):
+        os.rename(root / f"val/{mod}/2.{ext}", root / f"val/{mod}/zurich_a.{ext}")
+    run = make_run(DataConfig(root=str(root)))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--export", tmp_path / "full", "--json", tmp_path / "m.json")
+    assert rc == 2 and "full exists and is not empty (pass --overwrite" in err and "mIoU" not in stdout, stdout + err
+    assert not (tmp_path / "m.json").exists()
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--export", "s3://b/preds")
+    assert rc == 2 and "s3://b/preds: this output is written to a local folder" in err and not os.path.exists("s3:")
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--export", tmp_path / "e", "--json", tmp_path / "sub/m.json",
+                                "--viz", "0")
+    assert rc == 0, err
+    assert "miou" in json.loads((tmp_path / "sub/m.json").read_text())
+    names = sorted(os.listdir(tmp_path / "e/semseg"))
+    assert len(names) == 24 and "zurich_a.png" in names and "2.png" not in names and "1.png" in names
+
+
 def test_evaluate_reads_the_shards_the_checkpoint_was_trained_on(s3_shards, tmp_path, make_run, capsys, monkeypatch):
     monkeypatch.setenv("STREETMTL_CACHE", str(tmp_path / "cache"))  # where the old fallback would have made a set
     run = make_run(DataConfig(shards=s3_shards))

@@ -77,6 +77,20 @@ def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
         prepare_run(changed)
 
 
+def test_a_resume_to_fewer_epochs_than_its_checkpoint_trained_is_refused():
+    """--resume --epochs 2 on a run with 3 epochs done would train nothing and leave a
+    config.json that says 2: refused, naming both numbers; the same length is fine (Ray's
+    restart of a finished run)."""
+    from mtl.engine import check_resumable
+
+    cfg = resolve_config(cfg_with(train={"epochs": 3}))
+    state = {"config": cfg.to_dict(), "train_state": {"epoch": 3}, "url": "runs/r/checkpoints/epoch-0003"}
+    shorter = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True, epochs=2))
+    with pytest.raises(RunConflict, match=r"--epochs 2, but runs/r/checkpoints/epoch-0003 has trained 3 epochs already"):
+        check_resumable(state, shorter)
+    check_resumable(state, dataclasses.replace(shorter, train=dataclasses.replace(shorter.train, epochs=3)))
+
+
 def test_nothing_to_resume_points_at_the_runs_that_differ(tmp_path):
     old = resolve_config(cfg_with(train={"out": str(tmp_path)}))
     RunFolder(f"{tmp_path}/{old.train.name}").write_config(old)

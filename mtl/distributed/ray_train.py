@@ -147,7 +147,7 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
             # dead and time out placing it (--start-timeout-s); it then retries with what is there
             failure_config=FailureConfig(max_failures=d.max_failures,
                                          controller_failure_limit=max(1, d.max_failures) if d.min_workers else 1),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last or None),  # (0: all; None to Ray)
             worker_runtime_env={"env_vars": env},
             callbacks=callbacks,
         ),

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from mtl.distributed.sweep_report import SweepReport
-    from mtl.distributed.tune import check_resume, run_sweep, sweep_url
+    from mtl.distributed.tune import check_new, check_resume, run_sweep, sweep_url
     from mtl.progress import wide_console
 
     console = wide_console()
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if base.train.resume:
             check_resume(base, sweep, spec)
+        else:
+            check_new(base, sweep)
         results = run_sweep(base, sweep, spec, baselines, resume=base.train.resume)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,16 +123,23 @@ class OptimConfig(_Part):
     grad_clip: float | None = None  # clip the gradient norm to this; default: no clipping
 
     def _rules(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"--lr must be positive and finite, got {self.lr}")
         if not 0.0 <= self.semseg_weight <= 1.0:
             raise ValueError(f"--semseg-weight must lie in [0, 1], got {self.semseg_weight}")
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:  # (a negative norm would flip the gradient)
+            raise ValueError(f"--grad-clip must be positive and finite (or not given: no clipping), got {self.grad_clip}")
+        if not 0 <= self.poly_power < math.inf or not 0 <= self.momentum < 1:
+            raise ValueError(f"--poly-power must be >= 0 and --momentum in [0, 1), got {self.poly_power} and {self.momentum}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("--weight-decay and --warmup-steps must be >= 0")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"--tasks must name semseg and/or depth once each, got {' '.join(self.tasks) or 'nothing'}")
         if len(self.tasks) == 1 and self.task_weighting != "fixed":
             raise ValueError(f"--task-weighting {self.task_weighting} weighs two tasks; --tasks {self.tasks[0]} trains one")
+        if self.task_weighting != "fixed" and not 0 < self.semseg_weight < 1:  # (learned weights start from both tasks)
+            raise ValueError(f"--task-weighting {self.task_weighting} starts from --semseg-weight, which must lie strictly "
+                             f"between 0 and 1 (got {self.semseg_weight})")
         if not self.weighting_lr > 0 or not self.dwa_temperature > 0:
             raise ValueError("--weighting-lr and --dwa-temperature must be positive")
 

@@ -191,8 +191,9 @@ class DWAWeighting(TaskWeighting):
         self.epochs_seen += 1
         if int(self.epochs_seen) >= 2:
             r = self.history[1] / self.history[0].clamp(min=1e-12)
-            w = self.base.double().cpu() * torch.exp(r / self.temperature).cpu()
-            self.w.copy_((w / w.sum()).to(self.w))
+            # base * exp(r / T), normalised: as a softmax of logs, which a large ratio cannot overflow
+            w = torch.softmax(self.base.double().cpu().log() + (r / self.temperature).cpu(), 0)
+            self.w.copy_(w.to(self.w))
 
 
 def build_weighting(o: OptimConfig) -> TaskWeighting:
@@ -200,10 +201,8 @@ def build_weighting(o: OptimConfig) -> TaskWeighting:
     weight 1 for its task and 0 for the other)."""
     if len(o.tasks) == 1:
         return TaskWeighting([1.0 if t in o.tasks else 0.0 for t in TASKS])
+    o.validate()  # (e.g. a learned weighting starts from a --semseg-weight strictly between 0 and 1)
     base = [o.semseg_weight, 1.0 - o.semseg_weight]
-    if o.task_weighting != "fixed" and min(base) <= 0:
-        raise ValueError(f"--task-weighting {o.task_weighting} starts from --semseg-weight, which must lie strictly "
-                         f"between 0 and 1 (got {o.semseg_weight})")
     if o.task_weighting == "uncertainty":
         return UncertaintyWeighting(base, o.weighting_lr)
     if o.task_weighting == "famo":

@@ -5,6 +5,7 @@ PBT's mutations and the report's columns. PBT trials continue from another trial
 a run folder of their own. No test here starts Ray."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,10 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--scheduler", "pbt", "--space", "batch_size=choice:8,16"], "--scheduler pbt cannot sweep batch_size"),
     (["--metric", "delta_m", "--baselines", "/nonexistent/run"], "error: /nonexistent/run is not a run folder (no config.json)"),
     (["--reduction-factor", "1"], "--reduction-factor >= 2"),
+    (["--space", "lr=loguniform:1e-5:inf"], "--space lr=loguniform:1e-5:inf: the bounds must be finite numbers"),
+    (["--space", "grad_clip=uniform:-1:1"], "--grad-clip must be positive and finite"),
+    (["--space", "synthetic_counts=choice:100+20,400+80+80"], "--synthetic-counts takes 3 values joined with +, got '100+20'"),
+    (["--task-weighting", "famo", "--space", "semseg_weight=choice:0.0,0.5"], "--task-weighting famo starts from --semseg-weight, which must lie strictly between 0 and 1 (got 0.0)"),
 ])
 def test_bad_sweep_fails_before_any_trial(args, message):
     t0 = time.time()
@@ -76,6 +81,9 @@ def test_flags_fix_the_fields_the_space_does_not_sweep():
     argv = ["--lr", "3e-4", "--no-hflip", "--batch-size=4", "--space", "semseg_weight=uniform:0.4:0.6", "--out", "x"]
     given = explicit_fields(argv)
     assert given == {"optim.lr", "data.hflip", "train.batch_size", "train.out"}
+    # the parser takes underscores too: a flag so spelled is as given (never swept over)
+    assert explicit_fields(["--semseg_weight", "0.58", "--no_hflip", "--batch_size=4"]) == {
+        "optim.semseg_weight", "data.hflip", "train.batch_size"}
     space, notes = choose_space(["semseg_weight=uniform:0.4:0.6"], given)
     assert [d.name for d in space] == ["semseg_weight"] and notes == []
     base = ExperimentConfig().with_values({"optim.lr": 3e-4, "data.hflip": False, "train.batch_size": 4})
@@ -339,3 +347,14 @@ def test_a_resumed_sweep_must_ask_for_what_it_started_with(tmp_path):
         check_resume(base, sweep, other)
     with pytest.raises(ValueError, match="optim.semseg_weight 0.5 -> 0.6"):
         check_resume(base.with_values({"optim.semseg_weight": 0.6}), sweep, spec)
+    # Tune keeps the number and draw of trials it started with: asking for others is refused, not ignored
+    (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps({"spec": spec.to_dict(), "base": base.to_dict(),
+                                                          "sweep": {"num_samples": 16, "search": "random", "search_seed": 0}}))
+    more = dataclasses.replace(sweep, num_samples=64, search_seed=7)
+    with pytest.raises(ValueError, match=r"--num-samples 16 -> 64; --search-seed 0 -> 7"):
+        check_resume(base, more, spec)
+    from mtl.distributed.tune import check_new
+
+    with pytest.raises(FileExistsError, match=r"a sweep is already at .*/s: --resume continues it, or choose another --sweep-name"):
+        check_new(base, sweep)
+    check_new(base, dataclasses.replace(sweep, sweep_name="t"))

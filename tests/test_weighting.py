@@ -77,6 +77,36 @@ def test_dwa_weights_follow_the_loss_ratios_of_the_last_two_epochs():
     assert d.weights().tolist() == pytest.approx([e[0] / sum(e), e[1] / sum(e)])
 
 
+def test_dwa_stays_finite_when_a_loss_ratio_is_large():
+    d = DWAWeighting([0.5, 0.5], temperature=0.05)
+    d.end_epoch([1.0, 0.001])
+    d.end_epoch([1.0, 2.0])  # depth's loss x2000: exp(2000 / 0.05) would overflow
+    assert d.weights().tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_a_batch_without_labelled_pixels_gives_a_zero_loss_and_learned_weights_stay_finite():
+    """An all-ignore (255) semseg batch, or one without valid depth: that task's loss is 0, not
+    NaN (a mean over no pixels), so uncertainty and FAMO weights go on learning; elsewhere the
+    loss is the mean over labelled pixels, as torch's own ignore_index mean."""
+    from mtl.losses import DepthCodec, task_losses
+
+    torch.manual_seed(0)
+    out = {"semseg": [torch.randn(2, 19, 4, 4, requires_grad=True)], "depth": [torch.randn(2, 1, 4, 4, requires_grad=True)]}
+    batch = {"semseg": torch.full((2, 4, 4), 255), "depth": torch.full((2, 4, 4), 10.0), "valid": torch.zeros(2, 4, 4, dtype=torch.bool)}
+    codec = DepthCodec("log")
+    assert task_losses(out, batch, codec).tolist() == [0.0, 0.0]
+    for weighting in (UncertaintyWeighting([0.5, 0.5], 0.05), FAMOWeighting([0.5, 0.5], 0.05)):
+        for _ in range(2):
+            losses = task_losses(out, batch, codec)
+            total = weighting(losses)
+            total.backward()
+            weighting.observe(losses.detach())
+        assert torch.isfinite(weighting.weights()).all() and torch.isfinite(out["semseg"][0].grad).all(), weighting
+    batch["semseg"][0, 0] = torch.arange(4)  # four labelled pixels
+    expected = torch.nn.functional.cross_entropy(out["semseg"][0], batch["semseg"], ignore_index=255)
+    assert task_losses(out, batch, codec)[0].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_single_task_runs_weigh_their_task_only_and_learned_methods_need_two():
     assert build_weighting(OptimConfig(tasks=("depth",))).weights().tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match="--task-weighting famo weighs two tasks"):

@@ -118,7 +118,12 @@ def _value(tp: Any, text: str, name: str) -> Any:
         args = typing.get_args(inner)
         if args == (int, int):
             return parse_size(text, what=flag(name))
-        return tuple(_value(args[0], item, name) for item in text.split("+"))
+        items = text.split("+")
+        if Ellipsis in args:
+            return tuple(_value(args[0], item, name) for item in items)
+        if len(items) != len(args):
+            raise ValueError(f"{flag(name)} takes {len(args)} values joined with +, got {text!r}")
+        return tuple(_value(tp_i, item, name) for tp_i, item in zip(args, items))
     if inner is bool:
         lowered = text.lower()
         if lowered in ("true", "yes", "1", "on"):
@@ -234,6 +239,8 @@ def parse_dim(text: str) -> Dim:
             values = tuple(_value(float, b, short) for b in bounds)
             if not values[0] <= values[1]:
                 raise ValueError(f"need LOW <= HIGH, got {values[0]:g} and {values[1]:g}")
+            if not all(map(math.isfinite, values)):
+                raise ValueError("the bounds must be finite numbers")
             if kind == "loguniform" and values[0] <= 0:
                 raise ValueError(f"loguniform needs LOW > 0, got {values[0]:g}")
     except ValueError as e:
@@ -253,12 +260,12 @@ def parse_space(texts: Iterable[str]) -> tuple[Dim, ...]:
 
 def explicit_fields(argv: Sequence[str]) -> set[str]:
     """The config fields whose flags are on the command line (``--lr 3e-4``, ``--lr=3e-4``,
-    ``--no-hflip``)."""
+    ``--no-hflip``; with underscores too, as the parser takes them: ``--semseg_weight``)."""
+    flags = {tok.split("=", 1)[0].replace("_", "-") for tok in argv if tok.startswith("--")}
     given = set()
     for path in _hints():
         dashed = path.rpartition(".")[2].replace("_", "-")
-        names = (f"--{dashed}", f"--no-{dashed}")
-        if any(tok in names or tok.startswith(tuple(n + "=" for n in names)) for tok in argv):
+        if {f"--{dashed}", f"--no-{dashed}"} & flags:
             given.add(path)
     return given
 

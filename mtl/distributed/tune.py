@@ -288,9 +288,14 @@ def sweep_url(base: ExperimentConfig, sweep: SweepConfig) -> str:
     return f"{out_root(base.train.out)}/{sweep.sweep_name}"
 
 
+# the sweep flags Tune keeps from the start of a sweep, beside the spec: which trials are drawn, how many at once
+STORED_SWEEP_FLAGS = ("num_samples", "search", "search_seed", "max_concurrent")
+
+
 def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) -> None:
-    """A resumed sweep continues what it started with: another space, objective, scheduler or
-    training config on the command line is refused (Tune would go on with the stored one)."""
+    """A resumed sweep continues what it started with: another space, objective, scheduler,
+    number or draw of trials, or training config on the command line is refused (Tune would go
+    on with the stored one)."""
     from mtl.runs import config_diff
     from mtl.storage import read_bytes
 
@@ -300,10 +305,22 @@ def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) ->
         raise FileNotFoundError(f"no sweep to resume at {url} (no {SWEEP_FILE})")
     stored = json.loads(raw)
     differ = SweepSpec.from_dict(stored["spec"]).differences(spec)
+    flags = stored.get("sweep", {})  # (absent in sweeps started before it was stored)
+    differ += [f"--{k.replace('_', '-')} {flags[k]} -> {getattr(sweep, k)}" for k in STORED_SWEEP_FLAGS
+               if k in flags and flags[k] != getattr(sweep, k)]
     differ += config_diff(ExperimentConfig.from_dict(stored["base"]), base)
     if differ:
         raise ValueError(f"--resume: the sweep at {url} was started with other settings ({'; '.join(differ)}): resume it "
                          f"with the command that started it")
+
+
+def check_new(base: ExperimentConfig, sweep: SweepConfig) -> None:
+    """A new sweep does not start over one that is there: FileExistsError naming it."""
+    from mtl.storage import exists
+
+    url = sweep_url(base, sweep)
+    if exists(f"{url}/{SWEEP_FILE}"):
+        raise FileExistsError(f"a sweep is already at {url}: --resume continues it, or choose another --sweep-name")
 
 
 def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, baselines: dict[str, dict[str, float]] | None = None,
@@ -327,7 +344,8 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, basel
         if not tune.Tuner.can_restore(url):
             raise FileNotFoundError(f"no sweep to resume at {url}")
         return tune.Tuner.restore(url, trainable=trainable, resume_unfinished=True, restart_errored=True).fit()
-    write_bytes_atomic(f"{url}/{SWEEP_FILE}", json.dumps({"spec": spec.to_dict(), "base": base.to_dict()}, indent=1).encode())
+    stored = {"spec": spec.to_dict(), "sweep": {k: getattr(sweep, k) for k in STORED_SWEEP_FLAGS}, "base": base.to_dict()}
+    write_bytes_atomic(f"{url}/{SWEEP_FILE}", json.dumps(stored, indent=1).encode())
     arch, space = base.model.arch, spec.space
     concurrent = max_concurrent_trials(base, sweep, workers.bundle)
     if spec.pbt:  # the values change as the trial goes: the name says which trial, the report which values

@@ -127,8 +127,8 @@ class OptimConfig(_Part):
             raise ValueError(f"--lr must be positive and finite, got {self.lr}")
         if not 0.0 <= self.semseg_weight <= 1.0:
             raise ValueError(f"--semseg-weight must lie in [0, 1], got {self.semseg_weight}")
-        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:  # (a negative norm would flip the gradient)
-            raise ValueError(f"--grad-clip must be positive and finite (or not given: no clipping), got {self.grad_clip}")
+        if self.grad_clip is not None and not 0 <= self.grad_clip < math.inf:  # (a negative norm would flip the gradient)
+            raise ValueError(f"--grad-clip must be >= 0 and finite (0 or not given: no clipping), got {self.grad_clip}")
         if not 0 <= self.poly_power < math.inf or not 0 <= self.momentum < 1:
             raise ValueError(f"--poly-power must be >= 0 and --momentum in [0, 1), got {self.poly_power} and {self.momentum}")
         if self.weight_decay < 0 or self.warmup_steps < 0:

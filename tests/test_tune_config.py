@@ -37,7 +37,7 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--metric", "delta_m", "--baselines", "/nonexistent/run"], "error: /nonexistent/run is not a run folder (no config.json)"),
     (["--reduction-factor", "1"], "--reduction-factor >= 2"),
     (["--space", "lr=loguniform:1e-5:inf"], "--space lr=loguniform:1e-5:inf: the bounds must be finite numbers"),
-    (["--space", "grad_clip=uniform:-1:1"], "--grad-clip must be positive and finite"),
+    (["--space", "grad_clip=uniform:-1:1"], "--grad-clip must be >= 0 and finite"),
     (["--space", "synthetic_counts=choice:100+20,400+80+80"], "--synthetic-counts takes 3 values joined with +, got '100+20'"),
     (["--task-weighting", "famo", "--space", "semseg_weight=choice:0.0,0.5"], "--task-weighting famo starts from --semseg-weight, which must lie strictly between 0 and 1 (got 0.0)"),
 ])

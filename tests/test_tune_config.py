@@ -214,6 +214,8 @@ def test_baselines_are_single_task_runs_of_both_tasks(tmp_path):
                           "t-p1", baselines)
     assert result["score"] == 30.0 and result["delta_m"] == 0.0
     assert (result["hp/lr"], result["hp/crop"], result["run"]) == (1e-4, "8+8", "t-p1")
+    crop = parse_dim("crop=choice:8x8,16x16")
+    assert crop.show(result["hp/crop"]) == crop.show((8, 8)) == "8x8"  # reports write sizes as --space does
     assert trial_result({"epoch": 1, "miou": 55.0, "score": 55.0}, ("semseg",), {}, "t", None)["score"] == 55.0
 
 

@@ -182,7 +182,10 @@ class Dim:
             return "none" if value is None and None in self.values else ""
         if isinstance(value, float):
             return format(value, ".2e" if self.kind == "loguniform" else ".3g")
-        return _text(self.typed(value), _hints()[self.path][0])
+        tp = _hints()[self.path][0]
+        if isinstance(value, str) and typing.get_origin(_optional(tp)[0]) is tuple:
+            value = tuple(value.split("+"))  # as a trial reports a tuple to Tune (`tune.trial_result`)
+        return _text(self.typed(value), tp)  # the way --space writes it: sizes as HxW
 
     def tag(self, value: Any) -> str:
         """A value in a trial's name (filesystem-safe)."""

@@ -591,8 +591,19 @@ def main(argv: list[str] | None = None) -> int:
     from mtl.cli import parse
 
     argv = sys.argv[1:] if argv is None else argv
-    a = parse(Command, argv, description=__doc__)
+    a = parse(Command, argv, description=__doc__, check=check_bench)
     return train_main(a, argv) if isinstance(a, TrainBench) else loader_main(a, argv)
+
+
+def check_bench(a: LoaderBench | TrainBench) -> None:
+    """Numbers a measurement needs, as usage errors before anything is built."""
+    if getattr(a, "workers", 0) < 0:
+        raise ValueError(f"--workers must be >= 0, got {a.workers}")
+    if isinstance(a, TrainBench):
+        if a.steps < 1 or a.warmup < 0 or not a.archs or not a.batch_sizes:
+            raise ValueError("--steps >= 1, --warmup >= 0 and at least one of --archs and of --batch-sizes are needed")
+        if min(a.batch_sizes) < 2:  # (the zoo's context modules normalise over the batch: `mtl.runs.check_batch_for_model`)
+            raise ValueError(f"--batch-sizes must be 2 or more, got {min(a.batch_sizes)}")
 
 
 def train_main(a: TrainBench, argv: list[str]) -> int:

@@ -434,6 +434,9 @@ class Trainer:
                 # a host sync (besides: step checkpoints, preemption polls)
                 read = torch.cat([running / (s + 1), self.weighting.weights().to(running)]).tolist()
                 loss, weights, last_read, ips = read[:3], read[3:], now, n_img * self.rt.world / (now - t0)
+                if not math.isfinite(loss[0]):  # every later step would train on NaN weights and report success
+                    raise ValueError(f"training diverged: the loss is {loss[0]} by step {s + 1} of epoch {s_.epoch + 1} "
+                                     f"(LR {lrs[-1]:.3g}): lower --lr, or clip with --grad-clip")
                 bar.update(s + 1, loss, ips, lrs[-1])
                 self._track_step(loss, weights, ips, lrs[-1])
         if s_.input_size is None and n_img:  # validation images of varying size: the training crops'

@@ -22,7 +22,7 @@ import os
 from typing import Any, Callable
 
 from mtl.checkpoint import CHECKPOINTS, CheckpointIndex
-from mtl.config import ExperimentConfig
+from mtl.config import ExperimentConfig, ModelConfig
 from mtl.models import resolve
 from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
@@ -44,9 +44,21 @@ class RunConflict(ValueError):
 
 
 def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Defaults filled in: the architecture's model defaults and the run name."""
+    """Defaults filled in: the architecture's model defaults and the run name. ValueError for
+    what only the resolved model shows (`check_batch_for_model`)."""
     cfg = dataclasses.replace(cfg.validate(), model=resolve(cfg.model))
+    check_batch_for_model(cfg.train.batch_size, cfg.model)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=run_name(cfg)))
+
+
+def check_batch_for_model(batch_size: int, model: ModelConfig) -> None:
+    """ASPP and vortex pooling normalise their image-pooling branch over the batch (one value
+    per channel and image), which training cannot do with one image per process."""
+    pooled = [c for c in (model.semseg_context, model.depth_context) if c in ("aspp", "vortex")]
+    if batch_size == 1 and pooled:
+        raise ValueError(f"--batch-size 1: the {pooled[0]} context module normalises its image-pooling branch over the "
+                         f"batch, which needs 2 or more images per process (use --grad-accum to fit memory), or "
+                         f"--semseg-context/--depth-context none")
 
 
 def identity(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -14,6 +14,18 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps >= 1"), (["--archs"], "at least one of --archs"), (["--batch-sizes", "1"], "--batch-sizes must be 2 or more"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+])
+def test_a_bad_benchmark_flag_is_a_usage_error(flags, message, capsys):
+    from jobs import benchmark
+
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["train", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_train_benchmark_smoke(tmp_path):
     out = tmp_path / "train.json"
     r = subprocess.run([sys.executable, "jobs/benchmark.py", "train", "--archs", "deeplabv3p", "distillation", "--encoder", "resnet18",

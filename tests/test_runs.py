@@ -91,6 +91,21 @@ def test_a_resume_to_fewer_epochs_than_its_checkpoint_trained_is_refused():
     check_resumable(state, dataclasses.replace(shorter, train=dataclasses.replace(shorter.train, epochs=3)))
 
 
+def test_settings_the_model_cannot_use_are_refused_before_training():
+    """Batch 1 per process cannot train ASPP/vortex pooling (their image-pooling branch is
+    normalised over the batch); deeplabv3p has no depth branch to configure; vortex rates need
+    a vortex module. Each would otherwise fail deep in torch or name a run after a setting
+    that changes nothing."""
+    with pytest.raises(ValueError, match="--batch-size 1: the aspp context module normalises its image-pooling branch"):
+        resolve_config(cfg_with(train={"batch_size": 1}))
+    resolve_config(cfg_with(train={"batch_size": 1}, model={"semseg_context": "none", "depth_context": "none"}))
+    with pytest.raises(ValueError, match="--arch deeplabv3p has one branch .*--depth-context and --depth-decoder do not apply"):
+        resolve_config(cfg_with(model={"arch": "deeplabv3p", "depth_decoder": "double_skip"}))
+    with pytest.raises(ValueError, match="--vortex-rates: no context module of --arch branched is vortex pooling"):
+        resolve_config(cfg_with(model={"vortex_rates": (1, 2)}))
+    resolve_config(cfg_with(model={"arch": "branched_vortex", "vortex_rates": (1, 2)}))
+
+
 def test_nothing_to_resume_points_at_the_runs_that_differ(tmp_path):
     old = resolve_config(cfg_with(train={"out": str(tmp_path)}))
     RunFolder(f"{tmp_path}/{old.train.name}").write_config(old)

@@ -140,6 +140,15 @@ def test_cli_train_evaluate_export(tiny_root, tmp_path, run_layout):
     assert np.abs(1 / got_d - 1 / want).max() <= half_step + 1e-6
 
 
+def test_a_diverged_run_stops_with_an_error_naming_the_step(tiny_root, tmp_path):
+    """NaN weights would train on, write no best.pt and report success: the first loss readout
+    that is not finite stops the run instead."""
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=1, batch_size=4, max_steps_per_epoch=3, log_every=1)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e30))
+    with pytest.raises(ValueError, match=r"training diverged: the loss is nan by step \d of epoch 1 \(LR .*\): lower --lr"):
+        fit(cfg, local_runtime(cfg))
+
+
 def test_cli_bad_inputs_are_named(tmp_path):
     r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "nope"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "--arch must be one of" in r.stderr

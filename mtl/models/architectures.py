@@ -30,10 +30,17 @@ ARCH_DEFAULTS: dict[str, dict] = {
 
 
 def resolve(cfg: ModelConfig) -> ModelConfig:
-    """Fill the fields left as None with the architecture's defaults."""
+    """Fill the fields left as None with the architecture's defaults. ValueError for a setting
+    the architecture would not use (it would name the run without changing the network)."""
     cfg.validate()
+    if cfg.arch == "deeplabv3p" and (cfg.depth_context or cfg.depth_decoder):
+        raise ValueError("--arch deeplabv3p has one branch (depth comes from its shared decoder's head): "
+                         "--depth-context and --depth-decoder do not apply")
     filled = {k: v for k, v in ARCH_DEFAULTS[cfg.arch].items() if getattr(cfg, k) is None}
     cfg = replace(cfg, **filled)
+    if cfg.vortex_rates != ModelConfig().vortex_rates and "vortex" not in (cfg.semseg_context, cfg.depth_context):
+        raise ValueError(f"--vortex-rates: no context module of --arch {cfg.arch} is vortex pooling (--semseg-context/"
+                         f"--depth-context vortex uses them)")
     if cfg.aspp_rates is None:
         cfg = replace(cfg, aspp_rates=(12, 24, 36) if cfg.output_stride == 8 else (6, 12, 18))
     return cfg

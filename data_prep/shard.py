@@ -39,7 +39,7 @@ from mtl.cli import parse
 from mtl.data.folder import scan_split, split_modalities
 from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, decode_sample
 from mtl.data.shards import FORMAT
-from mtl.storage import storage_errors, url_to_fs
+from mtl.storage import read_bytes, storage_errors, url_to_fs
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
 
@@ -220,7 +220,8 @@ def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
         with storage_errors(dst):
             dst_fs, dst_base = url_to_fs(dst)
             dst_base = dst_base.rstrip("/")
-            old = json.loads(dst_fs.cat_file(f"{dst_base}/manifest.json")) if dst_fs.exists(f"{dst_base}/manifest.json") else None
+            raw = read_bytes(f"{dst.rstrip('/')}/manifest.json")
+        old = None if raw is None else json.loads(raw)
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
         raise OSError(f"cannot read destination {dst}: {e}") from e
     if old is not None and not overwrite:

@@ -191,14 +191,14 @@ class CheckpointIndex:
         pointer = self.read()
         return None if pointer is None else pointer["latest"]
 
-    def commit(self, tag: str, keep_last: int = 0) -> list[str]:
-        """Point at ``tag``; returns the tags that fall out of the last ``keep_last`` (0: keep all,
-        e.g. when Ray's own retention deletes them)."""
+    def commit(self, tag: str, keep_last: int = 0) -> tuple[list[str], list[str]]:
+        """Point at ``tag``; returns the tags the pointer now lists and those that fell out of the
+        last ``keep_last`` (0: keep all, e.g. when Ray's own retention deletes them)."""
         history = [t for t in (self.read() or {}).get("history", []) if t != tag] + [tag]
         dropped = history[:-keep_last] if keep_last > 0 else []
         history = history[len(dropped):]
         write_bytes_atomic(f"{self.url}/{POINTER}", json.dumps({"latest": tag, "history": history}).encode())
-        return dropped
+        return history, dropped
 
 
 class CheckpointStorage(Protocol):
@@ -231,11 +231,10 @@ class FolderStorage:
         """Point at ``tag``; delete the checkpoints that fell out of the last ``keep_last``, and
         (when not all are kept) any other checkpoint folder the pointer does not list: one that a
         run published but died before committing, which nothing reads and nothing else deletes."""
-        dropped = self.index.commit(tag, self.keep_last)
+        listed, dropped = self.index.commit(tag, self.keep_last)
         with storage_errors(self.index.url):
             fs, base = url_to_fs(self.index.url)
             if self.keep_last > 0:
-                listed = set(self.index.read()["history"])
                 folders = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=True) if e["type"] == "directory"]
                 dropped += [name for name in folders if name not in listed and name not in dropped]
             for old in dropped:

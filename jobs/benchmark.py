@@ -20,7 +20,6 @@ measures streaming from there.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -37,9 +36,11 @@ from mtl.zoo_names import Arch, Encoder
 
 
 def write_json(path: str, obj: dict) -> None:
+    from mtl.storage import json_bytes
+
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
+    with open(tmp, "wb") as fh:
+        fh.write(json_bytes(obj))  # (NaN, e.g. peak memory on the CPU, as null)
     os.replace(tmp, path)  # a reader never sees half a file
 
 

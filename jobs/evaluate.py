@@ -13,7 +13,6 @@ split without labels (a real test split, rgb only) is exported without metrics.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from typing import Annotated
@@ -39,8 +38,9 @@ class EvaluateCommand:
     workers: int = 0  # loader processes for the metrics pass
     device: Device = "auto"  # auto: the GPU if there is one
     json: str | None = None  # also write the metrics to this JSON file
-    #: single-task baseline run folders (one trained with --tasks semseg, one with --tasks depth): also
-    #: report Δm, the mean relative change against them in percent (lower is better; mtl.multitask)
+    #: single-task baseline run folders (one trained with --tasks semseg, one with --tasks depth): their best.pt is
+    #: evaluated on the same split and data, and Δm reported, the mean relative change against them in percent
+    #: (lower is better; mtl.multitask)
     baselines: tuple[str, ...] = ()
     overwrite: bool = False  # replace a non-empty --export folder
 
@@ -58,44 +58,99 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(a: EvaluateCommand) -> int:
     from mtl.data.build import open_split, resolve_source
-    from mtl.engine import evaluate, resolve_device
+    from mtl.engine import resolve_device
     from mtl.export import export_predictions
     from mtl.predict import load_model
-    from mtl.multitask import delta_m, read_baselines, task_metrics
-    from mtl.progress import class_iou_table, metrics_table, wide_console
 
     from mtl.atomic import output_dir
-    from mtl.storage import write_bytes_atomic
 
-    if a.export:
-        output_dir(a.export, a.overwrite)  # (checked before the long pass; again when written)
+    check_flags(a)
     device = resolve_device(a.device)
     m = load_model(a.checkpoint, device)
-    baselines = read_baselines(a.baselines) if a.baselines else None  # (checked before the long pass)
-    if baselines and len(m.cfg.optim.tasks) < 2:
-        raise ValueError(f"--baselines: Δm compares a multi-task model with its baselines; {a.checkpoint} is itself single-task")
-    data = open_split(resolve_source(m.cfg, a.data), a.split)
+    source = resolve_source(m.cfg, a.data)
+    if a.export:  # (checked before the long pass; again when written)
+        output_dir(a.export, a.overwrite, inputs=(source.url,))
+    baselines = load_baselines(a.baselines, m, device) if a.baselines else {}  # (checked before the long pass)
+    data = open_split(source, a.split)
     print(f"{m.url}: {m.cfg.model.arch}, epoch {m.epoch}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
     if a.metrics and not data.has_labels:
         print(f"no metrics computed: {data.where} has no labels (rgb only){'; no --json written' if a.json else ''}", flush=True)
     elif a.metrics:
-        loader = data.loader(a.batch_size, a.workers, pin_memory=device.type == "cuda")
-        metrics = task_metrics(evaluate(m.model, loader, m.codec, device, m.amp(), channels_last=False).compute(), m.cfg.optim.tasks)
-        if baselines:
-            metrics["delta_m"] = delta_m(metrics, baselines)
-        console = wide_console()
-        console.print(metrics_table(metrics, f"{a.split} metrics"))
-        classes = class_iou_table(metrics, f"{a.split} IoU per class")
-        if classes:
-            console.print(classes)
-        if baselines:
-            console.print(f"Δm {metrics['delta_m']:+.2f} % against the single-task baselines {', '.join(a.baselines)} (lower is better)")
-        if a.json:  # whole or not at all, as every result file
-            write_bytes_atomic(a.json, json.dumps(metrics, indent=1).encode())
+        report_metrics(a, m, baselines, data, device)
     if a.export:
-        n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, a.viz, a.overwrite)
+        n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, a.viz, a.overwrite,
+                               inputs=(source.url,))
         print(f"exported {n} predictions to {a.export} (semseg/, depth/, viz/)")
     return 0
+
+
+def check_flags(a: EvaluateCommand) -> None:
+    """Usage errors: flags that would otherwise be ignored without a word."""
+    if not a.metrics:
+        given = [flag for flag, value in (("--json", a.json), ("--baselines", a.baselines)) if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)} report metrics, which --no-metrics turns off: leave one out")
+    if a.batch_size < 1 or a.workers < 0:
+        raise ValueError(f"--batch-size must be at least 1 and --workers at least 0, got {a.batch_size} and {a.workers}")
+
+
+def load_baselines(urls: tuple[str, ...], m, device) -> dict:
+    """task -> the best checkpoint (``best.pt``) of its single-task baseline run. Δm compares
+    the model with them on the same images, so they are evaluated on the split and data given
+    here, not read from their training-time validation (another split, maybe other data)."""
+    from mtl.checkpoint import BEST_FILE
+    from mtl.multitask import DELTA_M_METRICS
+    from mtl.predict import load_model
+
+    if len(m.cfg.optim.tasks) < 2:
+        raise ValueError(f"--baselines: Δm compares a multi-task model with its baselines; {m.url} is itself single-task")
+    out = {}
+    for url in urls:
+        b = load_model(url if url.endswith(".pt") else f"{url.rstrip('/')}/{BEST_FILE}", device)
+        tasks = tuple(b.cfg.optim.tasks)
+        if len(tasks) != 1:
+            raise ValueError(f"{url} trained {' and '.join(tasks)}: a Δm baseline is a single-task run (--tasks semseg or --tasks depth)")
+        if tasks[0] in out:
+            raise ValueError(f"two baselines for {tasks[0]} given ({url} is the second)")
+        out[tasks[0]] = b
+    missing = [t for t in DELTA_M_METRICS if t not in out]
+    if missing:
+        raise ValueError(f"--baselines: Δm needs a single-task baseline for {' and '.join(missing)} (a run trained with --tasks {missing[0]})")
+    return out
+
+
+def split_metrics(loaded, data, a: EvaluateCommand, device) -> dict:
+    """A loaded model's metrics over the whole split, for its own tasks (`mtl.multitask.task_metrics`)."""
+    from mtl.engine import evaluate
+    from mtl.multitask import task_metrics
+
+    loader = data.loader(a.batch_size, a.workers, pin_memory=device.type == "cuda")
+    state = evaluate(loaded.model, loader, loaded.codec, device, loaded.amp(), channels_last=False)
+    return task_metrics(state.compute(), loaded.cfg.optim.tasks)
+
+
+def report_metrics(a: EvaluateCommand, m, baselines: dict, data, device) -> None:
+    """Print (and with --json write) the split's metrics, with Δm against ``baselines`` if any."""
+    from mtl.multitask import delta_m
+    from mtl.progress import class_iou_table, metrics_table, wide_console
+    from mtl.storage import json_bytes, write_bytes_atomic
+
+    metrics = split_metrics(m, data, a, device)
+    if baselines:
+        base = {task: split_metrics(b, data, a, device) for task, b in baselines.items()}
+        metrics["delta_m"] = delta_m(metrics, base)
+    console = wide_console()
+    console.print(metrics_table(metrics, f"{a.split} metrics"))
+    classes = class_iou_table(metrics, f"{a.split} IoU per class")
+    if classes:
+        console.print(classes)
+    if baselines:
+        scores = ", ".join(f"{t} {b.url} ({'mIoU' if t == 'semseg' else 'SI-logRMSE'} "
+                           f"{base[t]['miou' if t == 'semseg' else 'si_log_rmse']:.2f})" for t, b in baselines.items())
+        console.print(f"Δm {metrics['delta_m']:+.2f} % against the single-task baselines on the same {a.split} images: {scores} "
+                      f"(lower is better)")
+    if a.json:  # whole or not at all, as every result file
+        write_bytes_atomic(a.json, json_bytes(metrics))
 
 
 if __name__ == "__main__":

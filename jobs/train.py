@@ -16,7 +16,6 @@ and --resume continue that run).
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -106,7 +105,7 @@ def run_on_ray(cfg: ExperimentConfig, console) -> int:
     from mtl.checkpoint import BEST_FILE
     from mtl.distributed.ray_train import run_ray
     from mtl.runs import run_url
-    from mtl.storage import write_bytes_atomic
+    from mtl.storage import json_bytes, write_bytes_atomic
 
     result, cfg = run_ray(cfg, console.print)
     if result.error:
@@ -117,7 +116,7 @@ def run_on_ray(cfg: ExperimentConfig, console) -> int:
     url = run_url(cfg)
     summary = {"run": url, "final_metrics": result.metrics, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
                "best_model": f"{url}/{BEST_FILE}"}
-    write_bytes_atomic(f"{url}/summary.json", json.dumps(summary, indent=1, default=str).encode())
+    write_bytes_atomic(f"{url}/summary.json", json_bytes(summary, default=str))
     console.print(f"done: {result_line(result.metrics or {})}; run {url} (checkpoints/, best.pt, summary.json, train.log)")
     return 0
 

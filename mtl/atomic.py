@@ -6,17 +6,20 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
-def output_dir(out: str, overwrite: bool = False) -> str:
+def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> str:
     """``out`` as an absolute local path, once it is known to be one that `atomic_dir` may
     fill: a local folder (ValueError for a URL), not a file, empty unless ``overwrite``
-    (FileExistsError). Commands check it before their long work, not after."""
+    (FileExistsError), and neither one of the ``inputs`` (files or folders the command reads)
+    nor a folder above one (ValueError): replacing it would delete what is being read.
+    Commands check it before their long work, not after."""
     if "://" in out and not out.startswith("file://"):
         raise ValueError(f"{out}: this output is written to a local folder (write it here, then copy it, e.g. with "
                          f"aws s3 cp --recursive)")
     out = os.path.abspath(out.removeprefix("file://"))
+    _check_not_above(out, inputs)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out} is a file, not a folder")
     if os.path.exists(out) and os.listdir(out) and not overwrite:
@@ -24,13 +27,23 @@ def output_dir(out: str, overwrite: bool = False) -> str:
     return out
 
 
+def _check_not_above(out: str, inputs: Sequence[str]) -> None:
+    real = os.path.realpath(out)
+    for src in inputs:
+        if "://" in src and not src.startswith("file://"):
+            continue  # (remote: not below a local folder)
+        path = os.path.realpath(src.removeprefix("file://"))
+        if path == real or path.startswith(real.rstrip(os.sep) + os.sep):
+            raise ValueError(f"{out} holds the input {src}: writing the output there would replace it; choose another folder")
+
+
 @contextmanager
-def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
+def atomic_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> Iterator[str]:
     """Yield a temporary sibling folder of ``out`` to fill; it replaces ``out`` only when the
     block finishes without error, so an interrupted writer never leaves a folder that looks
     complete. ``out`` must pass `output_dir`; one that another writer finished while this one
     ran is refused too (FileExistsError: theirs is kept, this one's is dropped)."""
-    out = output_dir(out, overwrite)
+    out = output_dir(out, overwrite, inputs)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -39,7 +40,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from mtl.storage import is_local, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import is_local, json_bytes, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 from mtl.strategy import Strategy
 
 FORMAT = "streetmtl-checkpoint-v2"
@@ -302,7 +303,7 @@ class Checkpointer:
         with open(os.path.join(folder, STATE_FILE), "wb") as fh:
             fh.write(checkpoint_bytes(state))
         if metrics_file:
-            write_bytes_atomic(f"{self.run_url}/{METRICS_DIR}/{tag}.json", json.dumps(metrics, indent=1).encode())
+            write_bytes_atomic(f"{self.run_url}/{METRICS_DIR}/{tag}.json", json_bytes(metrics))
         if is_best:
             best = {k: v for k, v in state.items() if k in ("config", "metrics", "train_state", "model")}
             write_bytes_atomic(f"{self.run_url}/{BEST_FILE}", checkpoint_bytes(best))
@@ -405,6 +406,6 @@ def epoch_metrics(run_url: str, cache: dict[str, dict[str, Any]] | None = None,
             m = _EPOCH_FILE.fullmatch(file.rstrip("/").rsplit("/", 1)[-1])
             if m and (before is None or int(m.group(1)) < before):
                 if file not in cache:
-                    cache[file] = json.loads(fs.cat_file(file))
+                    cache[file] = {k: math.nan if v is None else v for k, v in json.loads(fs.cat_file(file)).items()}
                 out[int(m.group(1))] = cache[file]
     return out

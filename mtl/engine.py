@@ -427,8 +427,6 @@ class Trainer:
                 n_img += batch["rgb"].shape[0]
             s_.step, s_.epoch_step = s_.step + 1, s + 1
             s_.samples, s_.epoch_samples = s_.samples + self.global_batch, s_.epoch_samples + self.global_batch
-            if self._checkpoint_due(s):
-                self._save_inside_epoch(running, lrs[-1])
             now = time.perf_counter()
             if (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch or now - last_read >= t.log_interval_s > 0:
                 # a host sync (besides: step checkpoints, preemption polls)
@@ -439,6 +437,8 @@ class Trainer:
                                      f"(LR {lrs[-1]:.3g}): lower --lr, or clip with --grad-clip")
                 bar.update(s + 1, loss, ips, lrs[-1])
                 self._track_step(loss, weights, ips, lrs[-1])
+            if self._checkpoint_due(s):  # (after the readout: the checkpoint stores this step's points too)
+                self._save_inside_epoch(running, lrs[-1])
         if s_.input_size is None and n_img:  # validation images of varying size: the training crops'
             s_.input_size = list(batch["rgb"].shape[-2:])
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
@@ -495,7 +495,11 @@ class Trainer:
         metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],
                    "train_loss_semseg": mean[1], "train_loss_depth": mean[2], "restarts": s_.restarts}
         t0 = time.perf_counter()
-        self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best=False, metrics_file=False)
+        try:
+            if self.tracker:  # the points up to this step stored first: a resume from here logs only later ones
+                self.tracker.sync()
+        finally:  # (a tracking failure still leaves the checkpoint)
+            self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best=False, metrics_file=False)
         self.last_checkpoint = monotonic()
         self.log(f"step checkpoint {tag} ({time.perf_counter() - t0:.2f} s of training stalled)")
 
@@ -519,11 +523,13 @@ class Trainer:
         is_best = metrics["score"] > s_.best
         s_.best = max(s_.best, metrics["score"])
         bar.metrics_table(metrics)
-        if self.checkpointer:
-            self.checkpointer.save(f"epoch-{s_.epoch:04d}", self.cfg.to_dict(), metrics, is_best)
-            self.last_checkpoint = monotonic()
-        if self.tracker:
-            self.tracker.epoch(s_.epoch, s_.step, metrics, {f"val/{i}": p for i, p in enumerate(pictures or [])})
+        try:  # the tracker first: a run that dies before the checkpoint resumes from an earlier one and logs the epoch again
+            if self.tracker:
+                self.tracker.epoch(s_.epoch, s_.step, metrics, {f"val/{i}": p for i, p in enumerate(pictures or [])})
+        finally:  # (a tracking failure still leaves the checkpoint)
+            if self.checkpointer:
+                self.checkpointer.save(f"epoch-{s_.epoch:04d}", self.cfg.to_dict(), metrics, is_best)
+                self.last_checkpoint = monotonic()
         self.log.flush()
         return metrics
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,19 +30,20 @@ OUTPUT_FOLDERS = ("semseg", "depth", "viz")
 
 def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out_dir: str, codec: DepthCodec,
                        device: torch.device, amp: contextlib.AbstractContextManager, batch_size: int = 8, viz: int = 8,
-                       overwrite: bool = False) -> int:
+                       overwrite: bool = False, inputs: Sequence[str] = ()) -> int:
     """Write predictions for every sample of ``dataset`` (a map-style folder split or a shard
     stream, with or without labels); returns the count. Pictures show the ground truth where
     the split has it.
 
     Files go to a temporary sibling folder first, renamed into place when complete: an error
-    half-way (a corrupt image) leaves no folder that looks like a finished export.
+    half-way (a corrupt image) leaves no folder that looks like a finished export; an ``out_dir``
+    holding one of the ``inputs`` (the data's folder) is refused (`mtl.atomic.output_dir`).
     """
     if getattr(dataset, "augment", None) is not None:
         raise ValueError("export needs the samples as they are: open the split without augmentation")
     model.eval()
     n = 0
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, inputs) as tmp:
         make_output_folders(tmp)
         for raw in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
             batch = to_model_batch(raw, device, channels_last=False)

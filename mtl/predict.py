@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from mtl.atomic import atomic_dir
@@ -138,9 +138,9 @@ def _natural_key(stem: str) -> tuple[int, int, str]:
 
 
 def read_image(url: str) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB (RGBA loses its alpha, grey and palette images are
-    expanded). Errors name the file, also one whose values 8 bits cannot hold (16-bit or float
-    grey: converting would clip it to white)."""
+    """An image file as HxWx3 uint8 RGB, upright as its EXIF orientation says (RGBA loses its
+    alpha, grey and palette images are expanded). Errors name the file, also one whose values 8
+    bits cannot hold (16-bit or float grey: converting would clip it to white)."""
     with storage_errors(url):
         fs, path = url_to_fs(url)
         try:
@@ -150,11 +150,13 @@ def read_image(url: str) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        fmt = img.format
+        img = ImageOps.exif_transpose(img)  # a phone photo's pixels as viewers show it (EXIF Orientation)
         if not img.mode.startswith(("I", "F")):
             return np.array(img.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise ValueError(f"{url}: cannot decode image ({e})") from e
-    raise ValueError(f"{url}: a {img.format} image in mode {img.mode} (more than 8 bits per value): save it as an 8-bit image")
+    raise ValueError(f"{url}: a {fmt} image in mode {img.mode} (more than 8 bits per value): save it as an 8-bit image")
 
 
 @torch.no_grad()
@@ -245,14 +247,14 @@ def predict_to_folder(model_or_checkpoint: LoadedModel | nn.Module | str, images
     ``viz``, ``out_dir/viz/<stem>.png``; returns the count.
 
     The folder appears whole or not at all (`mtl.atomic.atomic_dir`): an unreadable image half
-    way leaves no folder that looks finished, and a non-empty ``out_dir`` is refused unless
-    ``overwrite``. Images are read a batch at a time, so memory does not grow with their number.
+    way leaves no folder that looks finished, a non-empty ``out_dir`` is refused unless
+    ``overwrite``, and one holding an input image always. Images are read a batch at a time, so memory does not grow with their number.
     """
     loaded = _as_loaded(model_or_checkpoint, device, codec)
     hw = model_input_size(loaded, size)
     urls = find_images(images) if isinstance(images, str) else check_unique_stems(images)
     n = 0
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, inputs=urls) as tmp:
         make_output_folders(tmp)
         for chunk in _batches(urls, batch_size):
             rgbs = [read_image(u) for u in chunk]

@@ -10,6 +10,8 @@ an instance profile, ``~/.aws``...); retries are botocore's (``AWS_MAX_ATTEMPTS`
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import time
 import uuid
@@ -102,3 +104,21 @@ def exists(url: str) -> bool:
     with storage_errors(url):
         fs, path = url_to_fs(url)
         return fs.exists(path)
+
+
+def json_bytes(obj: Any, default: Any = None) -> bytes:
+    """``obj`` as indented JSON that every reader takes: a non-finite float (the IoU of a class
+    absent from the split, a value not measured) is written as null, because NaN and Infinity
+    are not JSON (JavaScript's JSON.parse, jq and Go refuse the file). ``default`` as in
+    `json.dumps`. Readers that want the float back map null to NaN (`mtl.checkpoint.epoch_metrics`)."""
+    return json.dumps(_finite_or_null(obj), indent=1, allow_nan=False, default=default).encode()
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj

@@ -14,9 +14,11 @@ web server, grpcio, Markdown...) on every training node just to write files. Vie
 takes ``pip install tensorboard`` wherever one looks (`dev` extra).
 
 Local run folders get the events directly in ``<run>/tb/`` (``tensorboard --logdir`` shows them
-live). Object stores cannot append, so a remote run writes into a local staging folder; at
-every `Tracker.epoch` the file so far is closed, uploaded whole (one PUT, `write_bytes_atomic`)
-and a new one begun, so each byte is uploaded once and nothing half-written ever appears.
+live). At every `Tracker.epoch` and `Tracker.sync` (the trainer's step checkpoints) the file so
+far is closed and a new one begun. Object stores cannot append, so a remote run writes into a
+local staging folder, and each closed file is uploaded whole (one PUT, `write_bytes_atomic`):
+each byte is uploaded once and nothing half-written ever appears. The trainer stores the points before each
+checkpoint, so the steps up to a checkpoint are never lost with the process that logged them.
 
 Steps are global optimizer steps completed (`mtl.checkpoint.TrainState.step` after the update),
 the number a checkpoint stores. A resumed attempt (``start_step`` = its checkpoint's step k)
@@ -28,9 +30,9 @@ cannot hide points: a resumed run's MLflow history holds both attempts' values f
 between its checkpoint and the failure.
 
 MLflow (``MLFLOW_TRACKING_URI`` set): one MLflow run per training run, continued on resume (its
-id in ``mlflow.json``), in the experiment ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``
-names (else "streetmtl"). Step scalars are buffered and sent at every epoch end with the
-validation metrics (`Tracker.step` stays free of network calls); curves.png goes up as an
+id in ``mlflow.json``; an attempt with no checkpoint to resume from begins a new one), in the experiment ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``
+names (else "streetmtl"). Step scalars are buffered and sent at every checkpoint and epoch end
+(with the validation metrics) (`Tracker.step` stays free of network calls); curves.png goes up as an
 artifact at `Tracker.close`. A tracking server that fails in the middle of a run costs its MLflow
 record (one line in the log), never the training.
 """
@@ -182,16 +184,14 @@ class EventFiles:
         self._current().add_image(tag, image, global_step=step, dataformats="HWC")
 
     def sync(self) -> None:
-        """Local: flush. Remote: close the file so far and upload it; the next event begins a new
-        file."""
-        if not self.remote:
-            if self.writer is not None:
-                self.writer.flush()
-            return
+        """Close the file so far (remote: and upload it); the next event begins a new file.
+        Closing, not flushing: tensorboardX's flush does not wait for the events its writer
+        thread has yet to take from its queue, so the last points could still be missing."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        self._upload()
+        if self.remote:
+            self._upload()
 
     def _upload(self) -> None:
         """Each closed file whole to ``<run>/tb/``, then off the staging folder; files a failed
@@ -338,17 +338,21 @@ def _experiment_id(client: Any) -> str:
 class MlflowRun:
     """The MLflow run of one training run (see the module docstring)."""
 
-    def __init__(self, uri: str, run_url: str, run_name: str, config: dict[str, Any], log: Callable[[str], None]) -> None:
+    def __init__(self, uri: str, run_url: str, run_name: str, config: dict[str, Any], log: Callable[[str], None],
+                 start_step: int = 0) -> None:
         from mlflow import MlflowClient
 
         self.client, self.uri, self.log = MlflowClient(tracking_uri=uri), public_uri(uri), log
         self.pending: list[Any] = []  # step metrics not yet sent
         self.broken = False  # a call failed mid-run: no more for this attempt
-        self.run_id, params = self._continue(run_url) or self._start(run_url, run_name)
-        self._log_params(flatten(config), params)
+        self.run_id, params = self._continue(run_url, start_step) or self._start(run_url, run_name)
+        # (--resume itself is no setting of the run: it would differ on every resume)
+        self._log_params({k: v for k, v in flatten(config).items() if k != "train.resume"}, params)
 
-    def _continue(self, run_url: str) -> tuple[str, dict[str, str]] | None:
-        """The run ``mlflow.json`` names, if this tracking server has it (not deleted)."""
+    def _continue(self, run_url: str, start_step: int) -> tuple[str, dict[str, str]] | None:
+        """The run ``mlflow.json`` names, if this tracking server has it (not deleted) and this
+        attempt resumes from a checkpoint; one that starts over (no checkpoint: ``start_step``
+        0) begins a new MLflow run, since the old one's points would read as this one's."""
         from mlflow.exceptions import MlflowException
 
         stored = read_bytes(f"{run_url}/{MLFLOW_FILE}")
@@ -356,6 +360,10 @@ class MlflowRun:
             return None
         run_id = json.loads(stored).get("run_id")
         if not run_id:
+            return None
+        if start_step == 0:
+            self.log(f"MLflow: the run starts over (no checkpoint): a new MLflow run begins (run {run_id} keeps the "
+                     f"earlier attempt's points)")
             return None
         try:
             run = self.client.get_run(run_id)
@@ -443,14 +451,15 @@ def mlflow_tracking_uri() -> str | None:
     return uri
 
 
-def start_mlflow(run_url: str, run_name: str, config: dict[str, Any], log: Callable[[str], None]) -> MlflowRun | None:
+def start_mlflow(run_url: str, run_name: str, config: dict[str, Any], log: Callable[[str], None],
+                 start_step: int = 0) -> MlflowRun | None:
     """The run's MLflow run when MLFLOW_TRACKING_URI is set, else None. A setup that cannot work
     fails here, before training: mlflow missing, or a server that refuses the run."""
     uri = mlflow_tracking_uri()
     if uri is None:
         return None
     try:
-        return MlflowRun(uri, run_url, run_name, config, log)
+        return MlflowRun(uri, run_url, run_name, config, log, start_step)
     except (TrackingError, StorageError):
         raise
     except Exception as e:  # noqa: BLE001 - the client raises many types; all mean "cannot track"
@@ -472,7 +481,7 @@ class Tracker:
     def __init__(self, run_url: str, run_name: str, config: dict, *, start_step: int = 0,
                  mlflow: bool = True, log: Callable[[str], None] = print, flush_secs: int = 30) -> None:
         self.run_url, self.run_name, self.log = run_url.rstrip("/"), run_name, log
-        self.mlflow = start_mlflow(self.run_url, run_name, config, log) if mlflow else None
+        self.mlflow = start_mlflow(self.run_url, run_name, config, log, start_step) if mlflow else None
         self.events = EventFiles(self.run_url, start_step, flush_secs)
         self._read: dict[str, dict[str, Any]] = {}  # metrics files read (`mtl.checkpoint.epoch_metrics`)
         self._png: bytes | None = None  # the last curves.png
@@ -519,6 +528,15 @@ class Tracker:
             return
         write_bytes_atomic(f"{self.run_url}/{CURVES_FILE}", png)
         self._png = png
+
+    def sync(self) -> None:
+        """Everything logged so far to its destination (TensorBoard files flushed, or uploaded for a
+        remote run folder; MLflow's pending values sent). Called before a checkpoint: a run that
+        dies right after it resumes from that step and logs only what came after, so the points
+        up to it must already be stored."""
+        self.events.sync()
+        if self.mlflow:
+            self.mlflow.flush()
 
     def close(self, *, failed: bool = False) -> None:
         """The last events to the run folder, curves.png to MLflow and its run ended (FAILED with

@@ -16,7 +16,7 @@ from PIL import Image
 from jobs import evaluate as evaluate_cli
 from jobs import predict as predict_cli
 from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
-from mtl.config import DataConfig, ExperimentConfig, ModelConfig
+from mtl.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig
 from mtl.data.build import DataSource, resolve_source
 from mtl.data.miniscapes import decode_depth, decode_semseg, disparity_png_to_metres, metres_to_disparity_png
 from mtl.data.batch import normalize_rgb
@@ -43,14 +43,15 @@ def make_run(weights, tmp_path):
     """A run folder holding one checkpoint as the trainer writes it (config, model, epoch,
     ``input_size`` unless None), for the given data config."""
 
-    def make(data: DataConfig, input_size=(64, 128), name="run") -> str:
-        cfg = ExperimentConfig(data=data, model=MODEL)
+    def make(data: DataConfig, input_size=(64, 128), name="run", tasks=("semseg", "depth"), metrics=None) -> str:
+        cfg = ExperimentConfig(data=data, model=MODEL, optim=OptimConfig(tasks=tasks))
         model = build_model(MODEL)
         model.load_state_dict(weights)
         run = str(tmp_path / name)
         state = TrainState(epoch=1, input_size=list(input_size) if input_size is not None else None)
         strategy = PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1))
-        Checkpointer(FolderStorage(run), run, strategy, {"train_state": state}).save("epoch-0001", cfg.to_dict(), {}, False)
+        checkpointer = Checkpointer(FolderStorage(run), run, strategy, {"train_state": state})
+        checkpointer.save("epoch-0001", cfg.to_dict(), metrics or {}, metrics is not None)  # with metrics: also best.pt
         return run
 
     return make
@@ -222,6 +223,11 @@ def test_predict_cli_and_its_errors(tmp_path, make_run, capsys):
     assert "does not record the input size it was trained at: pass --size HxW" in fails(old, tmp_path / "imgs")
     assert "--size must be HxW" in fails(old, tmp_path / "imgs", "--size", "64by128")
     assert "checkpoint not found" in fails(tmp_path / "nope.pt", tmp_path / "imgs")
+    listed = sorted(os.listdir(tmp_path / "imgs"))
+    for above in (tmp_path / "imgs", tmp_path):  # --overwrite never deletes the images it reads
+        rc, _, err = _predict(capsys, "--checkpoint", run, "--images", tmp_path / "imgs", "--out", above, "--overwrite")
+        assert rc == 2 and f"error: {above} holds the input {tmp_path}/imgs/" in err, err
+        assert sorted(os.listdir(tmp_path / "imgs")) == listed
     rc, _, err = _predict(capsys, "--checkpoint", old, "--images", tmp_path / "imgs", "--out", tmp_path / "o2", "--size", "64x128")
     assert rc == 0, err
 
@@ -265,3 +271,47 @@ def test_arrays_and_paths_mix_and_bad_ones_are_named(tmp_path, make_run):
         predict_images(model, [np.zeros((4, 4, 3), np.uint8), np.zeros((10, 12), np.uint8)])
     with pytest.raises(FileNotFoundError, match="image not found: /no/such.png"):
         read_image("/no/such.png")
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    from mtl.predict import read_image
+
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:5] = 255  # a white band along the top of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to show (as phones save portrait photos)
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = read_image(str(tmp_path / "phone.jpg"))
+    assert upright.shape == (30, 20, 3)  # as viewers show it, and as the predictions are written
+    assert upright[:, -5:].mean() > 200 and upright[:, :10].mean() < 50  # the band is now on the right
+
+
+def _strict_json(path):
+    def refuse(name):
+        raise ValueError(f"{path}: {name} is not JSON")
+
+    return json.loads(open(path).read(), parse_constant=refuse)
+
+
+def test_delta_m_evaluates_the_baselines_on_the_same_split(tiny_root, tmp_path, make_run, capsys):
+    """The baselines' best.pt is evaluated on the images the model is: with the same weights Δm is
+    0 on any split, whatever their run folders recorded at training time (here: nonsense)."""
+    data = DataConfig(root=tiny_root)
+    run = make_run(data, name="mtl")
+    seg = make_run(data, name="seg", tasks=("semseg",), metrics={"miou": 99.0})
+    dep = make_run(data, name="dep", tasks=("depth",), metrics={"si_log_rmse": 1.0, "abs_rel": 0.01, "rmse": 0.1, "delta1": 99.0})
+    for split in ("val", "test"):
+        out = tmp_path / f"{split}.json"
+        rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--split", split, "--baselines", seg, dep, "--json", out)
+        assert rc == 0, err
+        metrics = _strict_json(out)  # valid JSON: a class absent from the split is null, not NaN
+        assert metrics["delta_m"] == 0.0 and f"Δm +0.00 % against the single-task baselines on the same {split} images" in stdout
+        assert f"mIoU {metrics['miou']:.2f}" in stdout and any(v is None for k, v in metrics.items() if k.startswith("iou/"))
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--baselines", seg, "--json", tmp_path / "x.json")
+    assert rc == 2 and "Δm needs a single-task baseline for depth" in err
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--baselines", seg, dep, "--json", tmp_path / "x.json")
+    assert rc == 2 and "--json and --baselines report metrics, which --no-metrics turns off" in err
+    assert not (tmp_path / "x.json").exists()
+    # --export into the data's own folder would delete it with --overwrite: refused whatever the flag
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--export", tiny_root, "--overwrite")
+    assert rc == 2 and f"{tiny_root} holds the input {tiny_root}" in err and os.path.isdir(f"{tiny_root}/val/rgb")

@@ -129,13 +129,30 @@ def test_shard_run_resumed_inside_an_epoch_trains_exactly_the_same(tiny_root, tm
     check_same_training(straight, resumed)
 
 
-def test_step_checkpoints_are_kept_like_epoch_ones_and_sweeps_refuse_them(tiny_root, tmp_path):
+def test_step_checkpoints_are_kept_like_epoch_ones_and_sweeps_refuse_them(tiny_root, tmp_path, monkeypatch):
     """--keep-last counts step and epoch checkpoints alike; tags sort in the order they were
-    written; a step checkpoint writes no metrics file (no validation ran)."""
+    written; a step checkpoint writes no metrics file (no validation ran). Each checkpoint finds
+    the TensorBoard points up to its step already stored: a run killed right after it resumes
+    from there and logs only later steps, so its curves have no gap."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mtl.checkpoint import Checkpointer
     from mtl.distributed.sweep_space import check_space
 
-    cfg = config(DataConfig(root=tiny_root, workers=0), tmp_path)
+    stored: dict[str, tuple[int, list[int]]] = {}  # tag -> (last train/loss step, val/miou steps) on disk at its save
+    save = Checkpointer.save
+
+    def look_then_save(self, tag, *args, **kwargs):
+        acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0}).Reload()
+        val = [e.step for e in acc.Scalars("val/miou")] if "val/miou" in acc.Tags()["scalars"] else []
+        stored[tag] = (max(e.step for e in acc.Scalars("train/loss")), val)
+        return save(self, tag, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", look_then_save)
+    cfg = config(DataConfig(root=tiny_root, workers=0), tmp_path).with_values({"train.log_every": 1})
     fit(cfg, local_runtime(cfg))
+    assert stored == {**{f"epoch-{s // STEPS:04d}-step-{s:08d}": (s, [STEPS] if s > STEPS else []) for s in (3, 6, 9, 12, 15)},
+                      "epoch-0001": (STEPS, [STEPS]), "epoch-0002": (2 * STEPS, [STEPS, 2 * STEPS])}
     index = CheckpointIndex(run_url(cfg))
     history = index.read()["history"]
     assert history == sorted(history) and history[-1] == "epoch-0002"

@@ -96,7 +96,7 @@ def test_resumed_tracker_hides_what_the_failed_attempt_logged_after_its_checkpoi
         _train(t, run, range(1, 3), attempt=0)
     with Tracker(run, "run", CONFIG, start_step=STEPS, log=print) as t:
         _train(t, run, range(2, 3), attempt=1)
-    assert len(os.listdir(os.path.join(run, "tb"))) == 2
+    assert len(os.listdir(os.path.join(run, "tb"))) == 3  # a file per epoch, closed at its end (all stored)
     acc = _read(os.path.join(run, "tb"))
     assert _points(acc, "train/loss") == [(s, float(s if s <= STEPS else 1000 + s)) for s in range(1, 9)]
     assert _points(acc, "val/miou") == [(4, 10.0), (8, 21.0)]
@@ -151,7 +151,7 @@ def test_mlflow_run_is_continued_on_resume(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
     lines: list[str] = []
     with pytest.raises(RuntimeError, match="node lost"):
-        with Tracker(run, "my-run", CONFIG, log=lines.append) as t:
+        with Tracker(run, "my-run", {**CONFIG, "train": {"resume": False}}, log=lines.append) as t:
             _train(t, run, range(1, 2), attempt=0)
             _steps(t, range(STEPS + 1, STEPS + 3), attempt=0)
             raise RuntimeError("node lost")
@@ -163,12 +163,13 @@ def test_mlflow_run_is_continued_on_resume(tmp_path, monkeypatch):
     assert got.data.params["optim.lr"] == "0.0004" and got.data.params["data.crop"] == "[64, 128]"
     assert [f.path for f in client.list_artifacts(run_id)] == ["curves.png"]
 
-    resumed = {**CONFIG, "data": {"workers": 8, "crop": [64, 128]}}  # an operational setting changed
+    resumed = {**CONFIG, "data": {"workers": 8, "crop": [64, 128]}, "train": {"resume": True}}  # an operational setting changed
     with Tracker(run, "my-run", resumed, start_step=STEPS, log=lines.append) as t:  # from epoch 1's checkpoint
         _train(t, run, range(2, 3), attempt=1)
     got = client.get_run(run_id)
     assert got.info.status == "FINISHED" and got.data.params["data.workers"] == "2"
-    assert any("data.workers" in line for line in lines)
+    assert any("data.workers" in line for line in lines) and not any("train.resume" in line for line in lines)
+    assert "train.resume" not in got.data.params  # (--resume differs on every resume: no setting of the run)
     loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
     # MLflow keeps both attempts' values of the steps trained twice (5, 6): it cannot hide points
     assert loss == sorted([(s, float(s)) for s in range(1, 7)] + [(s, 1000.0 + s) for s in range(5, 9)])
@@ -182,6 +183,13 @@ def test_mlflow_run_is_continued_on_resume(tmp_path, monkeypatch):
     assert f"MLflow: run {run_id} of {MLFLOW_FILE} is not at {other}; a new MLflow run begins" in lines
     new_id = json.loads((tmp_path / "run" / MLFLOW_FILE).read_text())["run_id"]
     assert new_id != run_id and MlflowClient(other).get_run(new_id).info.status == "FINISHED"
+
+    # an attempt with no checkpoint starts over: a new MLflow run, not the old one's points beside its own
+    with Tracker(run, "my-run", CONFIG, start_step=0, log=lines.append) as t:
+        _steps(t, range(1, 3), attempt=2)
+    over = json.loads((tmp_path / "run" / MLFLOW_FILE).read_text())["run_id"]
+    assert over != new_id and any(f"a new MLflow run begins (run {new_id} keeps" in line for line in lines)
+    assert sorted((m.step, m.value) for m in MlflowClient(other).get_metric_history(over, "train/loss")) == [(1, 2001.0), (2, 2002.0)]
 
 
 def test_mlflow_tracking_uri_without_mlflow_is_a_clear_error(tmp_path, monkeypatch):

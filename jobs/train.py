@@ -49,7 +49,7 @@ def parse(argv: list[str] | None = None) -> tuple[TrainCommand, ExperimentConfig
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(argv)
-    from mtl.errors import USER_ERRORS, one_line
+    from mtl.errors import USER_ERRORS, WorkerFailed, one_line
     from mtl.progress import wide_console
 
     console = wide_console()
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:  # bad data, flags, checkpoints, storage, cluster: say which, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except WorkerFailed as e:  # on Ray: a worker's error, its traceback printed by Ray above
+        print(f"error: training failed on {e} (traceback above and in `ray job logs`)", file=sys.stderr)
+        return 2 if e.user_error else 1
 
 
 def print_config(cfg: ExperimentConfig, local: bool, console) -> int:
@@ -107,12 +110,7 @@ def run_on_ray(cfg: ExperimentConfig, console) -> int:
     from mtl.runs import run_url
     from mtl.storage import json_bytes, write_bytes_atomic
 
-    result, cfg = run_ray(cfg, console.print)
-    if result.error:
-        from mtl.errors import one_line
-
-        print(f"error: training failed: {one_line(result.error)} (traceback above and in `ray job logs`)", file=sys.stderr)
-        return 1
+    result, cfg = run_ray(cfg, console.print)  # (a worker's error: WorkerFailed)
     url = run_url(cfg)
     summary = {"run": url, "final_metrics": result.metrics, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
                "best_model": f"{url}/{BEST_FILE}"}

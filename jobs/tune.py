@@ -18,7 +18,8 @@ semseg_weight (uniform 0.3..0.7), scale_max (1.0, 1.25, 1.5) and hflip, less any
 flag is given: --lr 3e-4 fixes lr for every trial and sweeps the other three (the sweep says so).
 Values from a --config file are a starting point, not flags: the space overrides them. Random
 draws are seeded (--search-seed). --resume takes the command that started the sweep: another
-space, objective, number or draw of trials, or training config is refused; without --resume, a
+space, objective, number or draw of trials, or training setting (--workers, --cpus-per-worker and the
+like included) is refused; without --resume, a
 --sweep-name already holding a sweep is refused.
 
 Objective: --metric grader (mIoU - SI-logRMSE, the default), score (the run's selection score:

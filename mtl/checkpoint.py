@@ -91,7 +91,7 @@ def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # this rank's device's
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -101,8 +101,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     np.random.set_state(n)  # (older checkpoints: numpy's own tuple)
     random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        # this rank's device only: the process that resumes may see fewer GPUs than the one
+        # that saved (a local run's checkpoint continued on Ray, an elastic restart); older
+        # checkpoints hold one state per device the saving process saw: its first (its own)
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 

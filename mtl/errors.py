@@ -17,6 +17,20 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectory
                StorageError, ClusterError)
 
 
+class WorkerFailed(RuntimeError):
+    """A training worker on Ray raised ``cause`` (rank ``rank``'s error; Ray printed its
+    traceback). A user error there (bad data, flags, a refused resume: `USER_ERRORS`) is reported
+    as local mode reports it, one line and exit code 2; anything else keeps exit code 1."""
+
+    def __init__(self, rank: int, cause: BaseException) -> None:
+        self.rank, self.cause = rank, getattr(cause, "cause", None) or cause  # (Ray's RayTaskError wraps it)
+        super().__init__(f"rank {rank}: {one_line(self.cause)}")
+
+    @property
+    def user_error(self) -> bool:
+        return isinstance(self.cause, USER_ERRORS)
+
+
 def one_line(e: BaseException) -> str:
     """The message of ``e`` as one line.
 

@@ -166,6 +166,12 @@ def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path,
 
     fit(cfg_for(1, False), local_runtime(cfg_for(1, False)))
     ray_cluster([1])
+    from mtl.errors import WorkerFailed
+
+    wrong = ray_cfg(str(tmp_path), "wrong", root=str(tmp_path / "nowhere"), epochs=1, steps=2, workers=1, max_failures=0)
+    with pytest.raises(WorkerFailed, match=f"rank 0: Miniscapes folder missing: {tmp_path}/nowhere/train/rgb") as failed:
+        run_ray(wrong)  # a worker's error: named as local mode names it, a user error (exit code 2 in jobs/train.py)
+    assert failed.value.user_error
     assert run_ray(cfg_for(2, True))[0].error is None
     run_layout(str(tmp_path / "moves"), epochs=2)
     fit(cfg_for(3, True), local_runtime(cfg_for(3, True)))
@@ -238,3 +244,26 @@ def test_a_preemption_notice_brings_checkpoints_and_the_restart_loses_at_most_a_
     assert resumed_step == max(s for s in saved if s <= resumed_step) and resumed_step >= notice_step  # ... the last one
     metrics = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in metrics] == [1] and metrics[-1]["restarts"] >= 1
+
+
+_DS_AUTOCAST = """
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from mtl.config import DistConfig, ExperimentConfig, TrainConfig
+from mtl.distributed.deepspeed_strategy import deepspeed_config
+cfg = ExperimentConfig(dist=DistConfig(strategy="deepspeed", zero_stage=1), train=TrainConfig(batch_size=2))
+for autocast in (False, True):
+    m = torch.nn.Linear(8, 8)
+    engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters()), config=deepspeed_config(cfg, autocast))
+    print(autocast, engine(torch.randn(2, 8)).dtype)
+"""
+
+
+def test_deepspeed_runs_its_forward_under_the_train_steps_autocast(free_port):
+    """The train step's bf16 autocast (--bf16 on a GPU) must reach inside the DeepSpeed engine:
+    without its config's torch_autocast section, DeepSpeed 0.19 turns autocast off in its forward
+    and trains in fp32. The engine's own autocast follows DeepSpeed's device (the CPU here)."""
+    r = subprocess.run([sys.executable, "-c", _DS_AUTOCAST, str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.splitlines()[-2:] == ["False torch.float32", "True torch.bfloat16"], r.stdout

@@ -202,3 +202,30 @@ def test_ranks_of_another_world_size_continue_an_epoch_with_every_sample_once():
     moved = EpochSampler(n, True, 3, rank=1, world=2)
     moved.set_epoch(1, start=16)
     assert list(same) == list(moved) and len(same) == 50 - 8
+
+
+def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_at_every_poll(tiny_root, tmp_path):
+    """--preemption-poll-every (on Ray: `ray.train.get_preemption_info`, here a stand-in): a poll
+    interval that the steps per epoch divide still polls (every poll step is an epoch's last); once
+    a notice came, every later poll brings a checkpoint (a step checkpoint inside an epoch)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    def run(name: str, poll_every: int, notice_from: int) -> tuple[int, list[str]]:
+        polls = []
+        cfg = config(DataConfig(root=tiny_root, workers=0), tmp_path).with_values(
+            {"train.name": name, "train.max_steps_per_epoch": 4, "train.batch_size": 2, "train.checkpoint_every": 0,
+             "train.preemption_poll_every": poll_every, "train.keep_last": 0})
+
+        def poll():
+            polls.append(1)
+            return SimpleNamespace(preempted_node_ids=["n1"]) if len(polls) >= notice_from else None
+
+        fit(cfg, dataclasses.replace(local_runtime(cfg), preemption=poll))
+        return len(polls), CheckpointIndex(run_url(cfg)).read()["history"]
+
+    polls, _ = run("divides", poll_every=4, notice_from=99)
+    assert polls == 2  # at steps 4 and 8 (the old loop never polled here: every poll step ended an epoch)
+    polls, history = run("notice", poll_every=2, notice_from=1)
+    assert polls == 1  # at step 2; the first notice holds: not asked again
+    assert history == ["epoch-0000-step-00000002", "epoch-0001", "epoch-0001-step-00000006", "epoch-0002"]

@@ -343,7 +343,10 @@ def test_a_resumed_sweep_must_ask_for_what_it_started_with(tmp_path):
         check_resume(base, sweep, spec)
     os.makedirs(tmp_path / "s")
     (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps({"spec": spec.to_dict(), "base": base.to_dict()}))
-    check_resume(base.with_values({"train.resume": True, "data.workers": 2}), sweep, spec)  # how it runs may differ
+    check_resume(base.with_values({"train.resume": True, "dist.address": "10.0.0.1:6379"}), sweep, spec)  # the driver's own
+    # the trials' other settings too: Tune restores its trials as stored, so new ones would silently not apply
+    with pytest.raises(ValueError, match=r"data.workers None -> 2; dist.cpus_per_worker 1.0 -> 4.0"):
+        check_resume(base.with_values({"data.workers": 2, "dist.cpus_per_worker": 4.0}), sweep, spec)
     other = plan_sweep(SweepConfig(sweep_name="s", space=("lr=loguniform:1e-4:1e-3",)), base, set())
     with pytest.raises(ValueError, match=r"--resume: the sweep at .* was started with other settings \(space"):
         check_resume(base, sweep, other)

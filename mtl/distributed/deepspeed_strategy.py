@@ -34,15 +34,21 @@ def safe_deepspeed_load(path: str, map_location: Any = None) -> Any:
             return load_safely(fh, path, map_location)
 
 
-def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: ExperimentConfig, autocast: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config for ``cfg``. ``autocast``: the train step runs under bf16 autocast
+    (`mtl.engine.autocast`: ``--bf16`` on a GPU). The engine must be told: with autocast on
+    outside it and no ``torch_autocast`` section, DeepSpeed 0.19 turns autocast *off* inside its
+    forward, and the run trains in fp32 (slower, other numerics than DDP) with only a warning."""
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip or 0.0,
         "zero_optimization": {"stage": cfg.dist.zero_stage},
         # precision: torch.autocast(bf16) around the forward, as in every other mode; the
-        # master weights stay fp32 (no loss scaling needed for bf16)
+        # master weights stay fp32 (no loss scaling needed for bf16), and so do the gradients
+        # the ranks exchange (no module's are reduced in bf16: as under DDP)
         "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": autocast, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -60,7 +66,9 @@ class DeepSpeedStrategy(Strategy):
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: ExperimentConfig) -> None:
         import deepspeed
 
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
+        on_gpu = next(module.parameters()).device.type == "cuda"
+        config = deepspeed_config(cfg, autocast=on_gpu and cfg.train.bf16)  # (as mtl.engine.autocast decides)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         self.module, self.model, self.optimizer, self.engine = module, engine, ds_optimizer, engine
         engine.checkpoint_engine.load = safe_deepspeed_load  # every file DeepSpeed reads goes through it
 

@@ -33,7 +33,7 @@ from mtl.checkpoint import CHECKPOINTS, FolderStorage
 from mtl.config import ExperimentConfig
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
 from mtl.engine import Runtime, fit, may_capture
-from mtl.errors import ClusterError
+from mtl.errors import ClusterError, WorkerFailed
 from mtl.runs import out_root, prepare_run, run_name, run_url
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 
@@ -195,6 +195,9 @@ def run_ray(cfg: ExperimentConfig, log=print):
         return trainer.fit(), cfg
     except ray.train.ControllerError as e:
         raise ClusterError(_controller_failure_message(e.controller_failure, cfg, workers)) from e
+    except ray.train.WorkerGroupError as e:  # (Train V2 raises what a worker raised, after --max-failures restarts)
+        rank = min(e.worker_failures) if e.worker_failures else 0
+        raise WorkerFailed(rank, e.worker_failures.get(rank, e)) from e
 
 
 def _controller_failure_message(failure: Exception, cfg: ExperimentConfig, workers: WorkerPlan) -> str:

@@ -294,8 +294,8 @@ STORED_SWEEP_FLAGS = ("num_samples", "search", "search_seed", "max_concurrent")
 
 def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) -> None:
     """A resumed sweep continues what it started with: another space, objective, scheduler,
-    number or draw of trials, or training config on the command line is refused (Tune would go
-    on with the stored one)."""
+    number or draw of trials, or training config on the command line (operational settings such
+    as --workers or --cpus-per-worker included) is refused (Tune would go on with the stored one)."""
     from mtl.runs import config_diff
     from mtl.storage import read_bytes
 
@@ -308,10 +308,29 @@ def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) ->
     flags = stored.get("sweep", {})  # (absent in sweeps started before it was stored)
     differ += [f"--{k.replace('_', '-')} {flags[k]} -> {getattr(sweep, k)}" for k in STORED_SWEEP_FLAGS
                if k in flags and flags[k] != getattr(sweep, k)]
-    differ += config_diff(ExperimentConfig.from_dict(stored["base"]), base)
+    old_base = ExperimentConfig.from_dict(stored["base"])
+    differ += config_diff(old_base, base) + _settings_diff(old_base, base)
     if differ:
         raise ValueError(f"--resume: the sweep at {url} was started with other settings ({'; '.join(differ)}): resume it "
                          f"with the command that started it")
+
+
+# what a resumed sweep may change: the driver's own settings, not its trials' (Tune restores those as stored)
+_DRIVER_SETTINGS = frozenset({"train.resume", "train.name", "train.out", "dist.address"})
+
+
+def _settings_diff(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """The trials' settings outside a run's identity that differ (loader workers, checkpoint
+    interval, resources per worker...): Tune restores a sweep's trials with the stored ones, so
+    a resume given others would quietly not apply them. ``dist.use_gpu`` left to the default
+    (None: decided when the sweep starts) matches the stored decision."""
+    a, b = (json.loads(json.dumps(_flat(c))) for c in (old, new))
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in _DRIVER_SETTINGS and a.get(k) != b.get(k) and not (k == "dist.use_gpu" and b.get(k) is None)]
+
+
+def _flat(cfg: ExperimentConfig) -> dict[str, object]:
+    return {f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()}
 
 
 def check_new(base: ExperimentConfig, sweep: SweepConfig) -> None:
@@ -363,7 +382,11 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, basel
         ),
         run_config=tune.RunConfig(name=sweep.sweep_name, storage_path=out_root(base.train.out), callbacks=callbacks,
                                   # PBT: a weak trial copies a strong one's last perturbation checkpoint; keep a few
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4) if spec.pbt else None),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=4) if spec.pbt else None,
+                                  # a trial's own actor and Train controller live on a worker node (the head has no
+                                  # CPU for them): losing that node fails the trial itself, which Train's own
+                                  # --max-failures cannot restart; Tune restarts it, continuing its run folder
+                                  failure_config=tune.FailureConfig(max_failures=base.dist.max_failures)),
     )
     return tuner.fit()
 

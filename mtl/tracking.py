@@ -17,8 +17,9 @@ Local run folders get the events directly in ``<run>/tb/`` (``tensorboard --logd
 live). At every `Tracker.epoch` and `Tracker.sync` (the trainer's step checkpoints) the file so
 far is closed and a new one begun. Object stores cannot append, so a remote run writes into a
 local staging folder, and each closed file is uploaded whole (one PUT, `write_bytes_atomic`):
-each byte is uploaded once and nothing half-written ever appears. The trainer stores the points before each
-checkpoint, so the steps up to a checkpoint are never lost with the process that logged them.
+each byte is uploaded once and nothing half-written ever appears. The trainer stores the points
+before each checkpoint, so the steps up to a checkpoint are never lost with the process that
+logged them.
 
 Steps are global optimizer steps completed (`mtl.checkpoint.TrainState.step` after the update),
 the number a checkpoint stores. A resumed attempt (``start_step`` = its checkpoint's step k)
@@ -30,9 +31,10 @@ cannot hide points: a resumed run's MLflow history holds both attempts' values f
 between its checkpoint and the failure.
 
 MLflow (``MLFLOW_TRACKING_URI`` set): one MLflow run per training run, continued on resume (its
-id in ``mlflow.json``; an attempt with no checkpoint to resume from begins a new one), in the experiment ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``
-names (else "streetmtl"). Step scalars are buffered and sent at every checkpoint and epoch end
-(with the validation metrics) (`Tracker.step` stays free of network calls); curves.png goes up as an
+id in ``mlflow.json``; an attempt with no checkpoint to resume from begins a new one), in the
+experiment ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME`` names (else "streetmtl").
+Step scalars are buffered and sent at every checkpoint and epoch end, the validation metrics
+with them (`Tracker.step` stays free of network calls); curves.png goes up as an
 artifact at `Tracker.close`. A tracking server that fails in the middle of a run costs its MLflow
 record (one line in the log), never the training.
 """
@@ -511,10 +513,9 @@ class Tracker:
         for name, image in (images or {}).items():
             self.events.image(clean_name(f"images/{name}"), image, step)
         self._draw(epoch, step, metrics)
-        self.events.sync()
         if self.mlflow:
             self.mlflow.add(scalars, step)
-            self.mlflow.flush()
+        self.sync()
 
     def _draw(self, epoch: int, step: int, metrics: dict[str, Any]) -> None:
         """curves.png from the run folder's epochs up to this one (this one's metrics as given)."""
@@ -530,8 +531,8 @@ class Tracker:
         self._png = png
 
     def sync(self) -> None:
-        """Everything logged so far to its destination (TensorBoard files flushed, or uploaded for a
-        remote run folder; MLflow's pending values sent). Called before a checkpoint: a run that
+        """Everything logged so far to its destination (the TensorBoard file closed, and uploaded
+        for a remote run folder; MLflow's pending values sent). Called before a checkpoint: a run that
         dies right after it resumes from that step and logs only what came after, so the points
         up to it must already be stored."""
         self.events.sync()

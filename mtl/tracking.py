@@ -5,7 +5,8 @@ URL such as ``s3://bucket/prefix``)::
 
     tb/            TensorBoard event files: per-step scalars (train/..., weights/...), validation
                    scalars per epoch (val/<key>, iou/<class>) and images (images/<name>)
-    curves.png     the whole run at a glance, redrawn after every validation
+    curves.png     the whole run at a glance, redrawn after a validation once a minute at most
+                   (`CURVES_EVERY_S`) and at the end
     mlflow.json    the MLflow run this training run logs to (only with MLFLOW_TRACKING_URI)
 
 Event files are written with tensorboardX: pure Python over protobuf and numpy (what a core
@@ -63,6 +64,12 @@ from mtl.storage import StorageError, is_local, read_bytes, url_to_fs, write_byt
 
 TB_DIR = "tb"
 CURVES_FILE = "curves.png"
+# curves.png is redrawn after a validation only when the last drawing is this old, and at
+# least 50 times as old as that drawing took (1-1.5 s of matplotlib on a small host, the GPU
+# idle meanwhile): at most 2 % of a run's time, where a redraw after every epoch cost 3-4 % of
+# a 40 s Miniscapes epoch and a third of a short run's. The last epoch is always drawn at close.
+CURVES_EVERY_S = 60.0
+CURVES_MAX_SHARE = 0.02
 MLFLOW_FILE = "mlflow.json"
 DEFAULT_EXPERIMENT = "streetmtl"
 NO_MATPLOTLIB = "curves.png not drawn: matplotlib is not installed (pip install matplotlib)"
@@ -488,6 +495,8 @@ class Tracker:
         self._read: dict[str, dict[str, Any]] = {}  # metrics files read (`mtl.checkpoint.epoch_metrics`)
         self._png: bytes | None = None  # the last curves.png
         self._drawing = True  # False once matplotlib was found missing
+        self._undrawn: tuple[int, int, dict[str, Any]] | None = None  # the last epoch not in curves.png yet
+        self._draw_at = time.monotonic() + CURVES_EVERY_S  # when curves.png is next redrawn
         self._closed = False
 
     def step(self, step: int, values: dict[str, float]) -> None:
@@ -506,21 +515,26 @@ class Tracker:
         iou/<class name> per class, train_loss..., lr, epoch, step, and a list-valued 'epoch_lrs' to skip;
         non-numeric / NaN values must not crash). Written as TensorBoard scalars under val/<key> (per-class
         IoU under iou/<class>), images (name -> HxWx3 uint8) as TensorBoard images; then curves.png is redrawn
-        and, for a remote run folder, the tb/ files are uploaded."""
+        when due (`CURVES_EVERY_S`) and, for a remote run folder, the tb/ files are uploaded."""
         scalars = epoch_scalars(metrics)
         for tag, value in scalars.items():
             self.events.scalar(tag, value, step)
         for name, image in (images or {}).items():
             self.events.image(clean_name(f"images/{name}"), image, step)
-        self._draw(epoch, step, metrics)
+        self._undrawn = (epoch, step, metrics)
+        if time.monotonic() >= self._draw_at:
+            self._draw()
         if self.mlflow:
             self.mlflow.add(scalars, step)
         self.sync()
 
-    def _draw(self, epoch: int, step: int, metrics: dict[str, Any]) -> None:
-        """curves.png from the run folder's epochs up to this one (this one's metrics as given)."""
-        if not self._drawing:
+    def _draw(self) -> None:
+        """curves.png from the run folder's epochs up to the last one given to `epoch` (its
+        metrics as given), if that one is not drawn yet."""
+        if not self._drawing or self._undrawn is None:
             return
+        (epoch, step, metrics), self._undrawn = self._undrawn, None
+        started = time.monotonic()
         epochs = {**epoch_metrics(self.run_url, self._read, before=epoch), epoch: metrics}
         png = draw_curves(epochs, f"{self.run_name}: epoch {epoch}, step {step}")
         if png is None:
@@ -529,6 +543,8 @@ class Tracker:
             return
         write_bytes_atomic(f"{self.run_url}/{CURVES_FILE}", png)
         self._png = png
+        took = time.monotonic() - started
+        self._draw_at = time.monotonic() + max(CURVES_EVERY_S, took / CURVES_MAX_SHARE)
 
     def sync(self) -> None:
         """Everything logged so far to its destination (the TensorBoard file closed, and uploaded
@@ -540,13 +556,17 @@ class Tracker:
             self.mlflow.flush()
 
     def close(self, *, failed: bool = False) -> None:
-        """The last events to the run folder, curves.png to MLflow and its run ended (FAILED with
-        ``failed``: a resume sets it running again). Closing twice does nothing."""
+        """The last epoch into curves.png, the last events to the run folder, curves.png to
+        MLflow and its run ended (FAILED with ``failed``: a resume sets it running again).
+        Closing twice does nothing."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.events.close()
+            try:
+                self._draw()
+            finally:
+                self.events.close()
         finally:
             if self.mlflow:
                 self.mlflow.finish(self._png, failed)

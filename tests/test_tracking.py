@@ -108,10 +108,11 @@ def test_s3_run_folder_gets_tb_files_and_curves(s3_prefix, tmp_path):
     t = Tracker(run, "run", CONFIG, log=print)
     _train(t, run, range(1, 2), attempt=0, images=True)
     assert len(fs.ls(f"{path}/tb")) == 1  # epoch 1's file, uploaded at its end
-    _assert_png(fs.cat_file(f"{path}/curves.png"))
+    assert not fs.exists(f"{path}/curves.png")  # drawn once a minute at most, and at close
     _steps(t, range(STEPS + 1, 2 * STEPS + 1), attempt=0)  # epoch 2, then a failure
     t.close()
     assert not os.path.exists(t.events.dir)  # the staging folder, all uploaded
+    _assert_png(fs.cat_file(f"{path}/curves.png"))
     with Tracker(run, "run", CONFIG, start_step=STEPS, log=print) as t:  # resumed from epoch 1's checkpoint
         _train(t, run, range(2, 3), attempt=1)
     local = tmp_path / "tb"
@@ -131,7 +132,7 @@ def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(unreacha
         t.step(1, {"train/loss": 1.0})
         with pytest.raises(StorageError, match="cannot reach s3://streetmtl/nowhere/"):
             t.epoch(1, 1, _metrics(1, 0))
-        t.events.writer.close()
+        assert t.events.writer is None  # the file closed for its upload, which failed: kept for the next one
         assert [n for n in os.listdir(t.events.dir) if os.path.getsize(os.path.join(t.events.dir, n)) > 0]
     finally:
         import shutil
@@ -203,6 +204,36 @@ def test_mlflow_tracking_uri_without_mlflow_is_a_clear_error(tmp_path, monkeypat
     with Tracker(str(run), "run", CONFIG, mlflow=False) as t:  # tracking without MLflow still works
         t.step(1, {"train/loss": 1.0})
     assert _points(_read(str(run / "tb")), "train/loss") == [(1, 1.0)]
+
+
+def test_curves_are_redrawn_once_a_minute_at_most_and_at_close(tmp_path, monkeypatch):
+    """A redraw costs the GPU a second or more: after a validation only when the last drawing is
+    a minute old (and 50 times older than it took), and the last epoch always at close."""
+    import mtl.tracking as tracking
+
+    clock, drawn = [0.0], []
+
+    def draw(epochs, title):  # the real drawing, which takes 3 s on this clock
+        drawn.append((sorted(epochs), title))
+        clock[0] += 3.0
+        return real_draw(epochs, title)
+
+    real_draw = tracking.draw_curves
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(tracking, "draw_curves", draw)
+    run = str(tmp_path / "run")
+    t = Tracker(run, "run", CONFIG, log=print)
+    for epoch, at in ((1, 10.0), (2, 61.0), (3, 100.0), (4, 215.0), (5, 230.0)):
+        clock[0] = at
+        _train(t, run, range(epoch, epoch + 1), attempt=0)
+    # epoch 1 within the first minute; epoch 2 drawn; 3 before 64 + 150 s (50 x 3 s); 4 drawn
+    assert [d[1] for d in drawn] == ["run: epoch 2, step 8", "run: epoch 4, step 16"]
+    assert drawn[-1][0] == [1, 2, 3, 4]  # the earlier epochs from their metrics files
+    t.close()
+    assert [d[1] for d in drawn][2:] == ["run: epoch 5, step 20"] and drawn[-1][0] == [1, 2, 3, 4, 5]
+    _assert_png((tmp_path / "run" / "curves.png").read_bytes())
+    t.close()
+    assert len(drawn) == 3  # closed once
 
 
 def test_without_matplotlib_one_line_says_why_there_is_no_curves_png(tmp_path, monkeypatch):

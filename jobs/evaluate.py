@@ -73,6 +73,8 @@ def run(a: EvaluateCommand) -> int:
     baselines = load_baselines(a.baselines, m, device) if a.baselines else {}  # (checked before the long pass)
     data = open_split(source, a.split)
     print(f"{m.url}: {m.cfg.model.arch}, epoch {m.epoch}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
+    if note := size_note(m, data):
+        print(note, flush=True)
     if a.metrics and not data.has_labels:
         print(f"no metrics computed: {data.where} has no labels (rgb only){'; no --json written' if a.json else ''}", flush=True)
     elif a.metrics:
@@ -82,6 +84,17 @@ def run(a: EvaluateCommand) -> int:
                                inputs=(source.url,))
         print(f"exported {n} predictions to {a.export} (semseg/, depth/, viz/)")
     return 0
+
+
+def size_note(m, data) -> str | None:
+    """A line when the split's images are not the size the model trained at: they are evaluated
+    at their own size (as the course's grader does), which can cost a model much accuracy, while
+    jobs/predict.py resizes photos to the training size."""
+    native, trained = data.image_size(), m.input_size
+    if native is None or trained is None or tuple(native) == tuple(trained):
+        return None
+    return (f"note: {m.url} trained at {trained[0]}x{trained[1]}; these {native[0]}x{native[1]} images are evaluated at "
+            f"their own size, as the grader does (jobs/predict.py resizes photos to the training size)")
 
 
 def check_flags(a: EvaluateCommand) -> None:

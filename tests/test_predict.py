@@ -131,8 +131,13 @@ def test_data_flag_overrides_with_a_folder_or_a_shard_set(s3_shards, tiny_root, 
     for data in (s3_shards, s3_shards + "/manifest.json"):
         rc, stdout, err = _evaluate(capsys, "--checkpoint", on_folder, "--data", data, "--no-metrics")
         assert rc == 0 and f"24 val samples from {s3_shards} (val split)" in stdout, err
+        assert "note:" not in stdout  # the size it trained at
     rc, _, err = _evaluate(capsys, "--checkpoint", on_folder, "--data", "/nowhere/at/all", "--no-metrics")
     assert rc == 2 and err.strip() == "error: Miniscapes folder missing: /nowhere/at/all/val/rgb"
+    smaller = make_run(DataConfig(root=tiny_root), input_size=(32, 64), name="c")  # trained at another size: said
+    for data, where in ((tiny_root, "folder"), (s3_shards, "manifest")):
+        rc, stdout, err = _evaluate(capsys, "--checkpoint", smaller, "--data", data, "--no-metrics")
+        assert rc == 0 and f"{smaller}/checkpoints/epoch-0001/state.pt trained at 32x64; these 64x128 images are evaluated at their own size" in stdout, where
 
 
 def test_which_data_a_config_means(s3_shards, tiny_root):

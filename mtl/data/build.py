@@ -143,6 +143,13 @@ class SplitData:
     def has_labels(self) -> bool:
         return self.dataset.has_labels
 
+    def image_size(self) -> tuple[int, int] | None:
+        """(H, W) of the split's images: its manifest's for shards (None when they vary), else
+        the first image's (the folder's size, as training records its validation size)."""
+        if isinstance(self.dataset, ShardStream):
+            return _size(read_manifest(self.source.url)["splits"][self.split].get("image_size"))
+        return _size(self.dataset[0]["rgb"].shape[:2]) if self.num_samples else None
+
     def loader(self, batch_size: int, workers: int = 0, prefetch: int = 2, pin_memory: bool = False) -> FolderLoader | ShardLoader:
         """Every sample once, in order; the last batch is kept even if short (every sample counts)."""
         if isinstance(self.dataset, ShardStream):

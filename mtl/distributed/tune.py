@@ -119,7 +119,7 @@ def _trial(config: dict[str, Any]) -> None:
 
     def fit() -> None:
         try:
-            outcome["result"] = trainer.fit()
+            trainer.fit()
         except BaseException as e:  # noqa: BLE001 - raised again in the trial below
             outcome["error"] = e
         finally:
@@ -139,10 +139,8 @@ def _trial(config: dict[str, Any]) -> None:
         else:
             ray.tune.report(result)
     thread.join()
-    if "error" in outcome:
+    if "error" in outcome:  # (Train V2 raises a run's failure from fit(); its Result holds none)
         raise outcome["error"]
-    if outcome["result"].error:
-        raise outcome["result"].error
 
 
 # ------------------------------------------------------------------ run folders and PBT checkpoints

@@ -11,7 +11,7 @@ real test split: ``rgb/`` only) holds ``rgb.jpg`` only, and the manifest lists e
 under the source. ``manifest.json`` is written
 last: readers trust only shards listed there, so an interrupted run never looks complete.
 Re-running resumes: shards finished by an earlier run of the same plan (the same samples, with
-the same file sizes) are kept, not rewritten. A destination that holds a complete shard set is
+the same file sizes and versions: ETag on S3, modification time on disk) are kept, not rewritten. A destination that holds a complete shard set is
 refused unless ``--overwrite``; then the old manifest goes before the first shard is rewritten
 (the set is unusable until the new one is out), and splits not in ``--splits`` keep their shards
 and their manifest entries.
@@ -50,7 +50,7 @@ class ShardJob:
     src: str
     dst: str
     stems: list[str]
-    plan_hash: str
+    plan_hash: str  # this shard's source: its samples, their file sizes and versions, the flags (`_plan_jobs`)
     skip_bad: bool
     modalities: tuple[str, ...] = tuple(MODALITIES)  # ("rgb",) for a split without labels
 
@@ -238,6 +238,24 @@ def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
     return dst_fs, dst_base, kept
 
 
+# what an fsspec listing says about a file's version, by filesystem: S3's ETag (a content hash
+# for single-part uploads), GCS's md5, a local file's modification time
+_VERSION_KEYS = ("ETag", "md5Hash", "mtime", "LastModified", "updated")
+
+
+def file_versions(src: str, split: str, mods: tuple[str, ...]) -> dict[str, list[str]]:
+    """stem -> the versions of its files (`_VERSION_KEYS`), from one listing per modality: a
+    file rewritten in place with the same size still changes them."""
+    out: dict[str, list[str]] = {}
+    with storage_errors(src):
+        fs, base = url_to_fs(src)
+        for mod in mods:
+            for entry in fs.ls(f"{base.rstrip('/')}/{split}/{mod}", detail=True):
+                stem = os.path.splitext(os.path.basename(entry["name"].rstrip("/")))[0]
+                out.setdefault(stem, []).append(str(next((entry[k] for k in _VERSION_KEYS if entry.get(k)), "")))
+    return out
+
+
 def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: int,
                skip_bad: bool) -> tuple[list[ShardJob], dict[str, list[dict[str, str]]], int, list[str]]:
     """Shard jobs of every split, the samples left out for a missing file (per split), the
@@ -254,12 +272,17 @@ def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: in
             problems += [f"missing file: {r}" for r in rel]
         plan = plan_shards(samples, kind, limit)
         # a shard of an interrupted run is reused only for the same samples with the same files
-        # (their sizes: a source that changed in between is read again) and the same --skip-bad
-        sizes = dict(samples)
-        what = [src, split, [[[stem, sizes[stem]] for stem in stems] for stems in plan], list(mods), skip_bad]
-        plan_hash = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+        # (their sizes and versions: a sample changed in between is read again, with the rest of
+        # its shard) and the same --skip-bad
+        sizes, versions = dict(samples), file_versions(src, split, mods)
+
+        def shard_hash(stems: list[str]) -> str:
+            what = [src, split, [[stem, sizes[stem], versions.get(stem)] for stem in stems], list(mods), skip_bad]
+            return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
         total_bytes += sum(sum(s.values()) for _, s in samples)
-        jobs += [ShardJob(split, f"{split}-{i:06d}.tar", src, dst, stems, plan_hash, skip_bad, mods) for i, stems in enumerate(plan)]
+        jobs += [ShardJob(split, f"{split}-{i:06d}.tar", src, dst, stems, shard_hash(stems), skip_bad, mods)
+                 for i, stems in enumerate(plan)]
     return jobs, skipped, total_bytes, problems
 
 

@@ -256,20 +256,28 @@ def test_a_complete_shard_set_is_replaced_only_when_asked_and_only_the_splits_na
 
 
 def test_an_interrupted_run_reuses_a_shard_only_while_its_source_files_are_unchanged(tiny_root, tmp_path):
+    import tarfile
+
     src, dst = tmp_path / "src", tmp_path / "shards"
     shutil.copytree(f"{tiny_root}/val", src / "val")
     (src / "val/depth/20.png").write_bytes(b"not a png")  # the run fails in its last shard; the others have records
     with pytest.raises(ValueError, match="val/depth/20.png: cannot decode PNG"):
-        shard_dataset(str(src), str(dst), "8", splits=("val",), workers=1)
-    assert not (dst / "manifest.json").exists() and (dst / "_progress/val-000000.tar.json").exists()
+        shard_dataset(str(src), str(dst), "6", splits=("val",), workers=1)  # shards of samples 0-5, 6-11, 12-17, 18-23
+    assert not (dst / "manifest.json").exists() and (dst / "_progress/val-000002.tar.json").exists()
+    written = {n: (dst / f"val-00000{n}.tar").stat().st_mtime_ns for n in range(3)}
     shutil.copy(f"{tiny_root}/val/depth/20.png", src / "val/depth/20.png")
-    new_rgb = (src / "val/rgb/1.jpg").read_bytes()[:-2] + b"\x00\x00\xff\xd9"  # sample 1 changed (another size), in shard 0
+    new_rgb = (src / "val/rgb/1.jpg").read_bytes()[:-2] + b"\x00\x00\xff\xd9"  # sample 1 changed (another size): shard 0
     (src / "val/rgb/1.jpg").write_bytes(new_rgb)
-    shard_dataset(str(src), str(dst), "8", splits=("val",), workers=1)
-    import tarfile
-
+    old = (src / "val/rgb/9.jpg").read_bytes()  # sample 9 edited in place, its size kept: shard 1
+    same_size = old[:-3] + bytes([old[-3] ^ 1]) + old[-2:]
+    (src / "val/rgb/9.jpg").write_bytes(same_size)
+    os.utime(src / "val/rgb/9.jpg", (time.time() + 5, time.time() + 5))  # (a later modification time on any clock)
+    shard_dataset(str(src), str(dst), "6", splits=("val",), workers=1)
     with tarfile.open(dst / "val-000000.tar") as tar:
         assert tar.extractfile("1.rgb.jpg").read() == new_rgb  # shard 0 was written again, from the changed source
+    with tarfile.open(dst / "val-000001.tar") as tar:
+        assert tar.extractfile("9.rgb.jpg").read() == same_size  # and shard 1, whose file kept its size
+    assert (dst / "val-000002.tar").stat().st_mtime_ns == written[2]  # shard 2, unchanged, was kept
 
 
 def test_a_shard_that_no_longer_matches_its_manifest_is_named(tiny_root, tmp_path):

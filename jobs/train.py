@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.print_config:
             return print_config(cfg, args.local, console)
+        if cfg.train.baselines:  # (the trainer reads them; a bad one is named here before Ray starts anything)
+            from mtl.multitask import load_baselines
+
+            load_baselines(cfg.train.baselines)
         return run_local(cfg, console) if args.local else run_on_ray(cfg, console)
     except USER_ERRORS as e:  # bad data, flags, checkpoints, storage, cluster: say which, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -24,7 +24,9 @@ like included) is refused; without --resume, a
 
 Objective: --metric grader (mIoU - SI-logRMSE, the default), score (the run's selection score:
 the grader, or a single-task run's own metric) or delta_m (Δm in percent against the single-task
-runs given by --baselines, minimised). With --baselines, every report has a delta_m column.
+runs given by --baselines, minimised). --baselines is the training flag: every trial then
+reports Δm each epoch, its score is -Δm (so --metric score ranks as delta_m does) and its best.pt
+is its lowest-Δm epoch; every report has a delta_m column.
 
 Scheduler: --scheduler asha (default) stops weak trials early; --scheduler pbt perturbs every
 --perturbation-interval epochs: a trial in the bottom --quantile-fraction continues from the
@@ -60,26 +62,6 @@ class TuneCommand:
     config: Annotated[str | None, tyro.conf.arg(help=CONFIG_HELP)] = None
 
 
-def read_baselines(urls: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """The baselines' best metrics by task (`mtl.multitask.read_baselines`); both tasks needed."""
-    from mtl.multitask import DELTA_M_METRICS, delta_m
-    from mtl.multitask import read_baselines as read
-
-    if not urls:
-        return {}
-    found = read(urls)
-    missing = [t for t in DELTA_M_METRICS if t not in found]
-    if missing:
-        raise ValueError(f"--baselines: Δm needs a single-task run of each task; none of {' '.join(urls)} trained "
-                         f"{' or '.join(missing)} (a run of --tasks {missing[0]})")
-    for task, keys in DELTA_M_METRICS.items():  # every value Δm compares against is there
-        absent = [k for k, _ in keys if k not in found[task]]
-        if absent:
-            raise ValueError(f"--baselines: the {task} run's best epoch has no {', '.join(absent)} (Δm compares them)")
-    delta_m({k: v for metrics in found.values() for k, v in metrics.items()}, found)  # a zero or NaN: ValueError
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     planned: dict[str, SweepSpec] = {}
@@ -96,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     base, sweep, spec = cmd.experiment, cmd.sweep, planned["spec"]
 
     from mtl.errors import USER_ERRORS, one_line
+    from mtl.multitask import load_baselines
 
     try:
-        baselines = read_baselines(spec.baselines)  # before Ray starts: a bad folder is one line
+        if spec.baselines:  # before Ray starts: a bad folder is one line (every trial reads them again)
+            load_baselines(spec.baselines)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -116,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             check_resume(base, sweep, spec)
         else:
             check_new(base, sweep)
-        results = run_sweep(base, sweep, spec, baselines, resume=base.train.resume)
+        results = run_sweep(base, sweep, spec, resume=base.train.resume)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

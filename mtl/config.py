@@ -177,6 +177,10 @@ class TrainConfig(_Part):
     log_every: int = operational(10)  # steps between loss readouts (the loop's only host sync)
     log_interval_s: float = operational(30.0)  # seconds between plain progress lines when output is not a terminal
     max_steps_per_epoch: int | None = None  # debug: cut epochs short
+    #: single-task runs (the folders of a --tasks semseg and a --tasks depth run) that judge this
+    #: multi-task run: every epoch also reports Δm against their best validation metrics, and the
+    #: run's score (what picks best.pt) is then -Δm instead of the grader
+    baselines: tuple[str, ...] = ()
 
     def _rules(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -242,6 +246,9 @@ class ExperimentConfig:
     def validate(self) -> "ExperimentConfig":
         for part in (self.data, self.model, self.optim, self.train, self.dist):
             part.validate()
+        if self.train.baselines and len(self.optim.tasks) != 2:
+            raise ValueError(f"--baselines: Δm compares a multi-task run with single-task ones; this run trains --tasks "
+                             f"{self.optim.tasks[0]} only")
         if self.train.cuda_graph == "on" and self.graph_obstacle():
             raise ValueError(f"--cuda-graph on: {self.graph_obstacle()} (or --cuda-graph auto/off)")
         return self

@@ -29,7 +29,7 @@ from mtl.losses import DepthCodec, task_losses
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
 from mtl.models.encoders import describe_pretrained
-from mtl.multitask import TASKS, task_metrics
+from mtl.multitask import TASKS, load_baselines, task_metrics
 from mtl.progress import RunLog, TrainProgress, class_iou_table
 from mtl.runs import RunConflict, RunFolder, check_same_training, resolve_config, run_name, run_url
 from mtl.schedule import PolyLR
@@ -234,6 +234,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.data: Loaders = build_loaders(cfg, rt.rank, rt.world, pin_memory=self.device.type == "cuda", cpus=rt.cpus)
+        self.baselines = load_baselines(t.baselines) if t.baselines else None  # (task -> metrics: the run is judged by Δm)
         self.steps_per_epoch = self._steps_per_epoch()
         # the global batch now, and as planned (--num-workers ranks): an elastic run may have fewer
         self.global_batch = t.batch_size * t.grad_accum * rt.world
@@ -369,6 +370,8 @@ class Trainer:
         pretrained = describe_pretrained(self.strategy.module)
         if pretrained:
             self.log(pretrained)
+        if self.baselines:
+            self.log(f"judged by Δm against {' and '.join(t.baselines)}: best.pt is the epoch with the lowest Δm")
 
     def fit(self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
         t = self.cfg.train
@@ -527,7 +530,7 @@ class Trainer:
                         "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips,
                         "restarts": s_.restarts, "epoch_lrs": epoch_lrs, "world": self.rt.world, "samples": s_.samples,
                         **{f"weights/{k}": w for k, w in zip(TASKS, self.weighting.weights().tolist())}})
-        metrics = task_metrics(metrics, self.cfg.optim.tasks)
+        metrics = task_metrics(metrics, self.cfg.optim.tasks, self.baselines)
         is_best = metrics["score"] > s_.best
         s_.best = max(s_.best, metrics["score"])
         bar.metrics_table(metrics)

@@ -7,7 +7,8 @@ multi-task measure Δm against single-task baselines.
 * Δm (Maninis et al. 2019; Vandenhende et al. 2021): the mean relative change of each task's
   metrics against that task's single-task baseline, in percent, signed so that lower is better
   (−3 means the multi-task model is 3 % better on average). The metrics of a task are averaged
-  first, then the tasks, so depth's several metrics count as much as segmentation's one.
+  first, then the tasks, so depth's several metrics count as much as segmentation's one. A run
+  given ``--baselines`` is ranked by it: its score is −Δm.
 """
 
 from __future__ import annotations
@@ -46,14 +47,19 @@ def selection_score(metrics: Mapping[str, float], tasks: Iterable[str]) -> float
     return float(metrics["miou"]) - float(metrics["si_log_rmse"])
 
 
-def task_metrics(metrics: dict[str, Any], tasks: Iterable[str]) -> dict[str, Any]:
+def task_metrics(metrics: dict[str, Any], tasks: Iterable[str],
+                 baselines: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     """``metrics`` without the keys of tasks that were not trained, without the grader for a
-    single-task run, and with its ``score`` (`selection_score`)."""
+    single-task run, and with its ``score`` (`selection_score`). With ``baselines`` (task ->
+    metrics, `load_baselines`), also ``delta_m``, and the score is -Δm: the run is judged by it."""
     tasks = tuple(tasks)
     out = {k: v for k, v in metrics.items() if task_of(k) in (None, *tasks)}
     if len(tasks) == 1:
         out.pop("grader", None)
     out["score"] = selection_score(metrics, tasks)
+    if baselines:
+        out["delta_m"] = delta_m(metrics, baselines)
+        out["score"] = -out["delta_m"]
     return out
 
 
@@ -105,3 +111,20 @@ def read_baselines(run_urls: Iterable[str]) -> dict[str, dict[str, float]]:
             raise ValueError(f"two baselines for {tasks[0]} given ({url} is the second)")
         out[tasks[0]] = metrics
     return out
+
+
+def load_baselines(run_urls: Iterable[str]) -> dict[str, dict[str, float]]:
+    """`read_baselines`, checked: one run of each task, every value Δm compares there and
+    usable (a zero or NaN cannot be compared against). ValueErrors name ``--baselines``."""
+    urls = tuple(run_urls)
+    found = read_baselines(urls)
+    missing = [t for t in DELTA_M_METRICS if t not in found]
+    if missing:
+        raise ValueError(f"--baselines: Δm needs a single-task run of each task; none of {' '.join(urls)} trained "
+                         f"{' or '.join(missing)} (a run of --tasks {missing[0]})")
+    for task, keys in DELTA_M_METRICS.items():  # every value Δm compares against is there
+        absent = [k for k, _ in keys if k not in found[task]]
+        if absent:
+            raise ValueError(f"--baselines: the {task} run's best epoch has no {', '.join(absent)} (Δm compares them)")
+    delta_m({k: v for metrics in found.values() for k, v in metrics.items()}, found)  # a zero or NaN: ValueError
+    return found

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from mtl.storage import is_local, read_bytes, url_to_fs, write_bytes_atomic
 
-MAIN_KEYS = {"miou": "mIoU", "si_log_rmse": "SI-log", "grader": "grader", "mae": "MAE m", "rmse": "RMSE m",
+MAIN_KEYS = {"miou": "mIoU", "si_log_rmse": "SI-log", "grader": "grader", "delta_m": "Δm %", "mae": "MAE m", "rmse": "RMSE m",
              "abs_rel": "absRel", "delta1": "δ1 %", "train_loss": "loss", "weights/semseg": "w seg",
              "train_images_per_s": "img/s"}
 

@@ -116,7 +116,8 @@ def test_trial_names_come_from_the_space():
 
 def test_objectives_and_schedulers_are_checked_with_the_training_config():
     base = ExperimentConfig()
-    spec = plan_sweep(SweepConfig(space=("lr=loguniform:1e-5:1e-3",), metric="delta_m", baselines=("a", "b")), base, set())
+    judged = ExperimentConfig(train=TrainConfig(baselines=("a", "b")))  # --baselines: the training flag
+    spec = plan_sweep(SweepConfig(space=("lr=loguniform:1e-5:1e-3",), metric="delta_m"), judged, set())
     assert (spec.key, spec.mode, spec.baselines) == ("delta_m", "min", ("a", "b"))
     assert SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     single = ExperimentConfig(optim=OptimConfig(tasks=("semseg",)))
@@ -192,8 +193,9 @@ def _run_folder(root, name, tasks, epochs):
 
 
 def test_baselines_are_single_task_runs_of_both_tasks(tmp_path):
-    from jobs.tune import read_baselines
     from mtl.distributed.tune import trial_result
+    from mtl.multitask import load_baselines as read_baselines
+    from mtl.multitask import task_metrics
 
     depth = {"si_log_rmse": 20.0, "abs_rel": 0.2, "rmse": 8.0, "delta1": 0.8}
     seg = _run_folder(tmp_path, "seg", ("semseg",), [{"miou": 40.0}, {"miou": 50.0}])
@@ -209,14 +211,22 @@ def test_baselines_are_single_task_runs_of_both_tasks(tmp_path):
         read_baselines((seg, _run_folder(tmp_path, "dep2", ("depth",), [{"si_log_rmse": 20.0, "abs_rel": 0.2, "delta1": 0.8}])))
     with pytest.raises(ValueError, match="the depth baseline's delta1 is 0.0"):
         read_baselines((seg, _run_folder(tmp_path, "dep3", ("depth",), [{**depth, "delta1": 0.0}])))
-    # every epoch a trial reports carries its score and, with baselines, its Δm (same as the baselines: 0)
-    result = trial_result({"epoch": 3, "miou": 50.0, "grader": 30.0, **depth}, ("semseg", "depth"), {"lr": 1e-4, "crop": (8, 8)},
-                          "t-p1", baselines)
-    assert result["score"] == 30.0 and result["delta_m"] == 0.0
+    # with baselines, training reports Δm every epoch (as good as the baselines: 0) and is judged by it
+    both_tasks = ("semseg", "depth")
+    assert task_metrics({"miou": 50.0, "grader": 30.0, **depth}, both_tasks)["score"] == 30.0  # else by the grader
+    judged = task_metrics({"miou": 55.0, "grader": 35.0, **depth}, both_tasks, baselines)
+    assert judged["delta_m"] == pytest.approx(-5.0) and judged["score"] == pytest.approx(5.0)  # mIoU +10 %: Δm -10 / 2 tasks
+    # every epoch a trial reports carries its score, Δm as training gave it, its values and run folder
+    result = trial_result({"epoch": 3, "miou": 50.0, "grader": 30.0, "score": 1.5, "delta_m": -1.5, **depth}, both_tasks,
+                          {"lr": 1e-4, "crop": (8, 8)}, "t-p1")
+    assert result["score"] == 1.5 and result["delta_m"] == -1.5
     assert (result["hp/lr"], result["hp/crop"], result["run"]) == (1e-4, "8+8", "t-p1")
     crop = parse_dim("crop=choice:8x8,16x16")
     assert crop.show(result["hp/crop"]) == crop.show((8, 8)) == "8x8"  # reports write sizes as --space does
-    assert trial_result({"epoch": 1, "miou": 55.0, "score": 55.0}, ("semseg",), {}, "t", None)["score"] == 55.0
+    assert trial_result({"epoch": 1, "miou": 55.0, "score": 55.0}, ("semseg",), {}, "t")["score"] == 55.0
+    with pytest.raises(ValueError, match="--baselines: Δm compares a multi-task run with single-task ones; this run trains "
+                                         "--tasks semseg only"):
+        ExperimentConfig(optim=OptimConfig(tasks=("semseg",)), train=TrainConfig(baselines=(seg, dep))).validate()
 
 
 class _Frame(dict):

@@ -189,6 +189,27 @@ def test_delta_m_against_hand_made_baselines_matches_a_hand_computation(tmp_path
         read_baselines([str(tmp_path / "nowhere")])
 
 
+def test_a_run_given_baselines_is_judged_by_delta_m(tiny_root, tmp_path):
+    """--baselines: every epoch reports Δm against the baselines' best epochs, the score is -Δm,
+    and best.pt is the lowest-Δm epoch. A folder that is no run is named before anything starts."""
+    seg = write_run(tmp_path / "seg", ("semseg",), [{"miou": 20.0}])
+    dep = write_run(tmp_path / "dep", ("depth",), [{"si_log_rmse": 40.0, "abs_rel": 0.5, "rmse": 20.0, "delta1": 30.0}])
+    cfg = config(tiny_root, tmp_path / "runs").with_values({"train.baselines": (seg, dep)})
+    result = fit(cfg, local_runtime(cfg))
+    baselines = read_baselines([seg, dep])
+    for m in result.metrics:
+        assert m["delta_m"] == pytest.approx(delta_m(m, baselines)) and m["score"] == -m["delta_m"]
+        assert m["grader"] == pytest.approx(m["miou"] - m["si_log_rmse"])  # still reported
+    assert result.best_score == max(m["score"] for m in result.metrics) == -min(m["delta_m"] for m in result.metrics)
+    stored = json.loads((tmp_path / "runs" / run_name(cfg) / "metrics/epoch-0003.json").read_text())
+    assert stored["delta_m"] == result.metrics[-1]["delta_m"]
+    assert f"judged by Δm against {seg} and {dep}" in (tmp_path / "runs" / run_name(cfg) / "train.log").read_text()
+    wrong = cfg.with_values({"train.baselines": (seg, str(tmp_path / "nowhere")), "train.name": "wrong"})
+    with pytest.raises(ValueError, match=f"{tmp_path}/nowhere is not a run folder"):
+        fit(wrong, local_runtime(wrong))
+    assert not (tmp_path / "runs" / "wrong").exists()
+
+
 def test_task_metrics_leave_out_the_untrained_task():
     m = {"miou": 40.0, "iou/road": 90.0, "si_log_rmse": 30.0, "abs_rel": 0.3, "grader": 10.0, "train_loss": 1.0}
     assert task_metrics(m, ("semseg",)) == {"miou": 40.0, "iou/road": 90.0, "train_loss": 1.0, "score": 40.0}

@@ -360,10 +360,10 @@ class SweepConfig:
     #: FIELD=choice:A,B,... (tuple values joined with +), e.g. --space lr=loguniform:1e-5:1e-3 --space
     #: encoder=choice:resnet18,resnet34; default: lr, semseg_weight, scale_max and hflip, less the ones given as flags
     space: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
-    #: what the sweep optimises: grader (mIoU - SI-logRMSE), score (a run's selection score: the grader, or a
-    #: single-task run's own metric), or delta_m (multi-task performance against --baselines, lower is better)
+    #: what the sweep optimises: grader (mIoU - SI-logRMSE), score (a run's selection score: the grader, a
+    #: single-task run's own metric, or -Δm with --baselines), or delta_m (multi-task performance against
+    #: --baselines, the training flag every trial then reports Δm by; lower is better)
     metric: Metric = "grader"
-    baselines: tuple[str, ...] = ()  # the single-task baselines' run folders (--tasks semseg and --tasks depth): Δm per epoch
     scheduler: Literal["asha", "pbt"] = "asha"  # asha: stop weak trials early; pbt: population-based training
     grace_period: int = 1  # ASHA: epochs every trial gets before it may be stopped
     reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
@@ -383,8 +383,6 @@ class SweepConfig:
         if self.scheduler == "pbt" and self.search != "random":
             raise ValueError(f"--scheduler pbt draws its first values at random and then perturbs them: leave out --search "
                              f"{self.search}")
-        if self.metric == "delta_m" and not self.baselines:
-            raise ValueError("--metric delta_m needs --baselines: the run folders of a --tasks semseg and a --tasks depth run")
         return self
 
 
@@ -452,7 +450,8 @@ class SweepSpec:
 def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> SweepSpec:
     """The sweep the command line asks for, checked against the training config ``base``
     (``given``: the config fields whose flags were on the command line). ValueError naming
-    the flags otherwise. Reads nothing (the baselines' folders are read by the caller)."""
+    the flags otherwise. Reads nothing (the baselines' folders, ``--baselines`` of the training
+    config, are read by the caller)."""
     sweep.validate()
     space, notes = choose_space(sweep.space, given)
     check_space(space, base)
@@ -460,11 +459,11 @@ def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> S
     if sweep.metric in ("grader", "delta_m") and len(tasks) != 2:
         raise ValueError(f"--metric {sweep.metric} judges a multi-task run; these trials train --tasks {tasks[0]} only: "
                          f"use --metric score")
-    if sweep.baselines and len(tasks) != 2:
-        raise ValueError(f"--baselines: Δm compares a multi-task run with single-task ones; these trials train --tasks {tasks[0]}")
+    if sweep.metric == "delta_m" and not base.train.baselines:
+        raise ValueError("--metric delta_m needs --baselines: the run folders of a --tasks semseg and a --tasks depth run")
     if sweep.scheduler == "pbt":
         _check_pbt(space, base)
-    return SweepSpec(space, sweep.metric, tuple(sweep.baselines), sweep.scheduler, sweep.perturbation_interval,
+    return SweepSpec(space, sweep.metric, tuple(base.train.baselines), sweep.scheduler, sweep.perturbation_interval,
                      sweep.pbt_sync, sweep.quantile_fraction, sweep.grace_period, sweep.reduction_factor, tuple(notes))
 
 

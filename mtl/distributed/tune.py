@@ -6,7 +6,7 @@ end are `mtl.distributed.sweep_report`.
 **A trial** is a Tune function (Tune cannot wrap a Train V2 trainer itself) that builds a
 `TorchTrainer` for its config and runs it in a thread. Each epoch's report reaches the trial
 through `ForwardReports` (a Train callback in the Train controller, over a Ray queue); the trial
-adds what the sweep judges by (``score``; ``delta_m`` against the baselines) and its swept values
+adds what the sweep judges by (``score``; training reports ``delta_m`` itself with --baselines) and its swept values
 (``hp/<name>``, ``run``), then reports it to Tune. Step checkpoints inside an epoch (a preemption
 notice) carry no validation and are not forwarded.
 
@@ -75,18 +75,15 @@ class ForwardReports(UserCallback):
         self.queue.put((dict(metrics[0]), tag))
 
 
-def trial_result(metrics: dict[str, Any], tasks: tuple[str, ...], hp: dict[str, Any], run: str,
-                 baselines: dict[str, dict[str, float]] | None) -> dict[str, Any]:
-    """What a trial reports to Tune for one epoch: its metrics, the score that ranks it (when
-    training did not report it), Δm against ``baselines`` (when given), its swept values and
-    its run folder's name."""
-    from mtl.multitask import delta_m, selection_score
+def trial_result(metrics: dict[str, Any], tasks: tuple[str, ...], hp: dict[str, Any], run: str) -> dict[str, Any]:
+    """What a trial reports to Tune for one epoch: its metrics (with ``delta_m`` when it trains
+    with --baselines), the score that ranks it (when training did not report it), its swept
+    values and its run folder's name."""
+    from mtl.multitask import selection_score
 
     out = dict(metrics)
     if "score" not in out:
         out["score"] = selection_score(metrics, tasks)
-    if baselines:
-        out["delta_m"] = delta_m(metrics, baselines)
     out.update({HP_PREFIX + k: "+".join(map(str, v)) if isinstance(v, tuple) else v for k, v in hp.items()})
     out[RUN_KEY] = run
     return out
@@ -130,7 +127,7 @@ def _trial(config: dict[str, Any]) -> None:
     run, url, tasks = run_name(cfg), run_url(cfg), tuple(cfg.optim.tasks)
     while (item := reports.get()) is not None:
         metrics, tag = item
-        result = trial_result(metrics, tasks, hp, run, config.get("baselines"))
+        result = trial_result(metrics, tasks, hp, run)
         epoch = int(metrics.get("epoch", 0))
         if spec.pbt and tag and epoch % spec.perturbation_interval == 0 and epoch < cfg.train.epochs:
             with tempfile.TemporaryDirectory(prefix="streetmtl-pbt-") as d:  # Tune copies it into the trial's folder
@@ -340,8 +337,7 @@ def check_new(base: ExperimentConfig, sweep: SweepConfig) -> None:
         raise FileExistsError(f"a sweep is already at {url}: --resume continues it, or choose another --sweep-name")
 
 
-def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, baselines: dict[str, dict[str, float]] | None = None,
-              resume: bool = False):
+def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, resume: bool = False):
     """Run (or, with ``resume``, continue) the sweep; returns Tune's ResultGrid."""
     from ray import tune
 
@@ -371,8 +367,7 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, basel
         name = lambda t: trial_name(arch, space, t.config, t.trial_id)  # noqa: E731
     tuner = tune.Tuner(
         trainable,
-        param_space={**param_space(space), "base": base.to_dict(), "trials_url": f"{url}/trials", "sweep": spec.to_dict(),
-                     "baselines": baselines or {}},
+        param_space={**param_space(space), "base": base.to_dict(), "trials_url": f"{url}/trials", "sweep": spec.to_dict()},
         tune_config=tune.TuneConfig(
             metric=spec.key, mode=spec.mode, num_samples=sweep.num_samples, search_alg=_search_alg(sweep, concurrent),
             scheduler=_scheduler(spec, base.train.epochs), max_concurrent_trials=None if sweep.search == "random" else concurrent,

@@ -172,8 +172,12 @@ def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path,
     with pytest.raises(WorkerFailed, match=f"rank 0: Miniscapes folder missing: {tmp_path}/nowhere/train/rgb") as failed:
         run_ray(wrong)  # a worker's error: named as local mode names it, a user error (exit code 2 in jobs/train.py)
     assert failed.value.user_error
+    orphan = tmp_path / "moves/checkpoints/epoch-0001-step-00000001"  # committed by a worker, never registered by Ray
+    orphan.mkdir()
+    (orphan / "state.pt").write_bytes(b"x")
     assert run_ray(cfg_for(2, True))[0].error is None
     run_layout(str(tmp_path / "moves"), epochs=2)
+    assert sorted(p.name for p in (tmp_path / "moves/checkpoints").iterdir()) == ["epoch-0001", "epoch-0002", "latest.json"]
     fit(cfg_for(3, True), local_runtime(cfg_for(3, True)))
     metrics = read_metrics(run_url(cfg_for(3, True)))
     assert [(m["epoch"], m["step"], m["restarts"]) for m in metrics] == [(1, 2, 0), (2, 4, 1), (3, 6, 2)]

@@ -85,6 +85,49 @@ class RayStorage:
             yield d, f"{self.folder.index.url}/{ray_tag}"  # as a URL, like every other checkpoint's
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it keeps, in the run folder
+
+
+def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
+    """Before a run's Train controller starts (nothing deletes checkpoints meanwhile): delete the
+    checkpoint folders that neither the pointer lists nor Ray's snapshot references. Ray deletes
+    only the checkpoints it registered; one whose report it never took (the worker committed it,
+    then its node was lost) would stay forever. Returns the deleted tags."""
+    import json
+
+    from mtl.storage import read_bytes, storage_errors, url_to_fs
+
+    storage = FolderStorage(url, keep_last=0)
+    pointer = storage.index.read() or {}
+    keep = {pointer.get("latest"), *pointer.get("history", [])}
+    raw = read_bytes(f"{url.rstrip('/')}/{RAY_SNAPSHOT}")
+    keep |= {name.rstrip("/").rsplit("/", 1)[-1] for name in _dir_names(json.loads(raw) if raw else {})}
+    with storage_errors(storage.index.url):
+        fs, base = url_to_fs(storage.index.url)
+        if not fs.exists(base):
+            return []
+        tags = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=True) if e["type"] == "directory"]
+        dropped = sorted(t for t in tags if t.startswith("epoch-") and t not in keep)
+        for tag in dropped:
+            fs.rm(f"{base.rstrip('/')}/{tag}", recursive=True)
+    if dropped:
+        log(f"deleted checkpoint folder(s) {', '.join(dropped)} of {url}: neither its latest.json nor Ray's record lists them")
+    return dropped
+
+
+def _dir_names(node: Any) -> Iterator[str]:
+    """Every ``checkpoint_dir_name`` in Ray's snapshot, wherever it sits."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "checkpoint_dir_name" and isinstance(v, str):
+                yield v
+            else:
+                yield from _dir_names(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _dir_names(v)
+
+
 def _worker_device():
     """This worker's device; a worker Ray gave GPUs to must see them (a CPU-only torch build or
     a missing driver on a GPU node would otherwise train on the CPU, unnoticed)."""
@@ -190,6 +233,7 @@ def run_ray(cfg: ExperimentConfig, log=print):
     log(f"training workers on {'GPUs' if workers.use_gpu else 'CPUs'} ({why}); {workers.note}")
     cfg = prepare_run(dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, use_gpu=workers.use_gpu)), log)
     log(JSON(cfg.to_json()))
+    drop_unreferenced_checkpoints(run_url(cfg), log)
     trainer = make_trainer(cfg, workers.bundle)
     try:
         return trainer.fit(), cfg

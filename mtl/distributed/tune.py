@@ -98,7 +98,7 @@ def _trial(config: dict[str, Any]) -> None:
     from ray.util.queue import Queue
 
     from mtl.distributed.capacity import worker_bundle
-    from mtl.distributed.ray_train import make_trainer
+    from mtl.distributed.ray_train import drop_unreferenced_checkpoints, make_trainer
     from mtl.runs import run_name, run_url
 
     spec = SweepSpec.from_dict(config["sweep"])
@@ -106,6 +106,7 @@ def _trial(config: dict[str, Any]) -> None:
     hp = hyperparameters(spec.space, config)
     name = ray.tune.get_context().get_trial_name()  # stable across Tuner.restore: the Train run resumes
     cfg = start_run(base, spec, hp, config["trials_url"], name, ray.tune.get_checkpoint())
+    drop_unreferenced_checkpoints(run_url(cfg))  # (before its Train controller starts)
     if finished(cfg):  # restarted after its last epoch (the sweep resumed; PBT paused it there): nothing to train
         return
     bundle = worker_bundle(cfg.dist.cpus_per_worker, cfg.dist.gpus_per_worker, bool(cfg.dist.use_gpu))

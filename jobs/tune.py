@@ -43,6 +43,7 @@ terminal and results.{md,tex,csv} plus scores.png in <out>/<sweep-name>/.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -75,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             mlflow_tracking_uri()
 
     cmd = parse_experiment(TuneCommand, argv, description=__doc__, check=check)
-    base, sweep, spec = cmd.experiment, cmd.sweep, planned["spec"]
+    from mtl.runs import absolute_paths
+
+    base, sweep, spec = absolute_paths(cmd.experiment), cmd.sweep, planned["spec"]
+    spec = dataclasses.replace(spec, baselines=base.train.baselines)  # (trials run in folders of their own)
 
     from mtl.errors import USER_ERRORS, one_line
     from mtl.multitask import load_baselines

@@ -536,7 +536,8 @@ class Trainer:
         bar.metrics_table(metrics)
         try:  # the tracker first: a run that dies before the checkpoint resumes from an earlier one and logs the epoch again
             if self.tracker:
-                self.tracker.epoch(s_.epoch, s_.step, metrics, {f"val/{i}": p for i, p in enumerate(pictures or [])})
+                self.tracker.epoch(s_.epoch, s_.step, metrics, {f"val/{i}": p for i, p in enumerate(pictures or [])},
+                                   last=s_.epoch == t.epochs)
         finally:  # (a tracking failure still leaves the checkpoint)
             if self.checkpointer:
                 self.checkpointer.save(f"epoch-{s_.epoch:04d}", self.cfg.to_dict(), metrics, is_best)

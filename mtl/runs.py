@@ -36,7 +36,7 @@ RESUMABLE_CHANGES = frozenset({"train.epochs"})
 # check) while they hold these values, the behaviour before they existed, so earlier runs keep
 # their names and can be resumed
 LATER_FIELDS = {"optim.tasks": ["semseg", "depth"], "optim.task_weighting": "fixed", "optim.weighting_lr": 0.025,
-                "optim.dwa_temperature": 2.0}
+                "optim.dwa_temperature": 2.0, "train.baselines": []}
 
 
 class RunConflict(ValueError):
@@ -46,9 +46,16 @@ class RunConflict(ValueError):
 def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """Defaults filled in: the architecture's model defaults and the run name. ValueError for
     what only the resolved model shows (`check_batch_for_model`)."""
-    cfg = dataclasses.replace(cfg.validate(), model=resolve(cfg.model))
+    cfg = absolute_paths(dataclasses.replace(cfg.validate(), model=resolve(cfg.model)))
     check_batch_for_model(cfg.train.batch_size, cfg.model)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=run_name(cfg)))
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The run folders a config names (``--baselines``) as absolute URLs: Ray runs every worker
+    and every sweep trial in a folder of its own, where a relative path means nothing (and
+    ``runs/x`` and ``./runs/x`` would give two run names)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, baselines=tuple(out_root(b) for b in cfg.train.baselines)))
 
 
 def check_batch_for_model(batch_size: int, model: ModelConfig) -> None:

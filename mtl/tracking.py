@@ -5,8 +5,8 @@ URL such as ``s3://bucket/prefix``)::
 
     tb/            TensorBoard event files: per-step scalars (train/..., weights/...), validation
                    scalars per epoch (val/<key>, iou/<class>) and images (images/<name>)
-    curves.png     the whole run at a glance, redrawn after a validation once a minute at most
-                   (`CURVES_EVERY_S`) and at the end
+    curves.png     the whole run at a glance: drawn after an attempt's first validation and the
+                   run's last, in between once a minute at most (`CURVES_EVERY_S`)
     mlflow.json    the MLflow run this training run logs to (only with MLFLOW_TRACKING_URI)
 
 Event files are written with tensorboardX: pure Python over protobuf and numpy (what a core
@@ -67,9 +67,11 @@ CURVES_FILE = "curves.png"
 # curves.png is redrawn after a validation only when the last drawing is this old, and at
 # least 50 times as old as that drawing took (1-1.5 s of matplotlib on a small host, the GPU
 # idle meanwhile): at most 2 % of a run's time, where a redraw after every epoch cost 3-4 % of
-# a 40 s Miniscapes epoch and a third of a short run's. The last epoch is always drawn at close.
+# a 40 s Miniscapes epoch and a third of a short run's. An attempt's first validation and the
+# run's last are always drawn; an attempt that stops early draws its last epoch at close.
 CURVES_EVERY_S = 60.0
 CURVES_MAX_SHARE = 0.02
+_clock = time.monotonic  # (tests move it)
 MLFLOW_FILE = "mlflow.json"
 DEFAULT_EXPERIMENT = "streetmtl"
 NO_MATPLOTLIB = "curves.png not drawn: matplotlib is not installed (pip install matplotlib)"
@@ -496,7 +498,7 @@ class Tracker:
         self._png: bytes | None = None  # the last curves.png
         self._drawing = True  # False once matplotlib was found missing
         self._undrawn: tuple[int, int, dict[str, Any]] | None = None  # the last epoch not in curves.png yet
-        self._draw_at = time.monotonic() + CURVES_EVERY_S  # when curves.png is next redrawn
+        self._draw_at = -math.inf  # when curves.png is next redrawn: at the first validation
         self._closed = False
 
     def step(self, step: int, values: dict[str, float]) -> None:
@@ -509,20 +511,22 @@ class Tracker:
         if self.mlflow:
             self.mlflow.add(scalars, step)
 
-    def epoch(self, epoch: int, step: int, metrics: dict[str, Any], images: dict[str, np.ndarray] | None = None) -> None:
+    def epoch(self, epoch: int, step: int, metrics: dict[str, Any], images: dict[str, np.ndarray] | None = None,
+              last: bool = False) -> None:
         """After validation of an epoch: the validation metrics dict as mtl.metrics.MultiTaskMetrics.compute()
         returns it plus run keys (keys like miou, si_log_rmse, grader, score, mae, rmse, abs_rel, delta1..3,
         iou/<class name> per class, train_loss..., lr, epoch, step, and a list-valued 'epoch_lrs' to skip;
         non-numeric / NaN values must not crash). Written as TensorBoard scalars under val/<key> (per-class
         IoU under iou/<class>), images (name -> HxWx3 uint8) as TensorBoard images; then curves.png is redrawn
-        when due (`CURVES_EVERY_S`) and, for a remote run folder, the tb/ files are uploaded."""
+        when due (`CURVES_EVERY_S`; always for the run's ``last`` epoch) and, for a remote run folder, the tb/
+        files are uploaded."""
         scalars = epoch_scalars(metrics)
         for tag, value in scalars.items():
             self.events.scalar(tag, value, step)
         for name, image in (images or {}).items():
             self.events.image(clean_name(f"images/{name}"), image, step)
         self._undrawn = (epoch, step, metrics)
-        if time.monotonic() >= self._draw_at:
+        if last or _clock() >= self._draw_at:
             self._draw()
         if self.mlflow:
             self.mlflow.add(scalars, step)
@@ -534,7 +538,7 @@ class Tracker:
         if not self._drawing or self._undrawn is None:
             return
         (epoch, step, metrics), self._undrawn = self._undrawn, None
-        started = time.monotonic()
+        started = _clock()
         epochs = {**epoch_metrics(self.run_url, self._read, before=epoch), epoch: metrics}
         png = draw_curves(epochs, f"{self.run_name}: epoch {epoch}, step {step}")
         if png is None:
@@ -543,8 +547,8 @@ class Tracker:
             return
         write_bytes_atomic(f"{self.run_url}/{CURVES_FILE}", png)
         self._png = png
-        took = time.monotonic() - started
-        self._draw_at = time.monotonic() + max(CURVES_EVERY_S, took / CURVES_MAX_SHARE)
+        took = _clock() - started
+        self._draw_at = _clock() + max(CURVES_EVERY_S, took / CURVES_MAX_SHARE)
 
     def sync(self) -> None:
         """Everything logged so far to its destination (the TensorBoard file closed, and uploaded
@@ -556,8 +560,9 @@ class Tracker:
             self.mlflow.flush()
 
     def close(self, *, failed: bool = False) -> None:
-        """The last epoch into curves.png, the last events to the run folder, curves.png to
-        MLflow and its run ended (FAILED with ``failed``: a resume sets it running again).
+        """The last epoch into curves.png (if not drawn yet: the run stopped early; a failure to
+        draw is one line, never the run's error), the last events to the run folder, curves.png
+        to MLflow and its run ended (FAILED with ``failed``: a resume sets it running again).
         Closing twice does nothing."""
         if self._closed:
             return
@@ -565,8 +570,9 @@ class Tracker:
         try:
             try:
                 self._draw()
-            finally:
-                self.events.close()
+            except Exception as e:  # noqa: BLE001 - a picture; the events and the run's own error matter more
+                self.log(f"curves.png not drawn: {one_line(e)}")
+            self.events.close()
         finally:
             if self.mlflow:
                 self.mlflow.finish(self._png, failed)

@@ -228,14 +228,16 @@ def test_deepspeed_resumes_through_the_safe_reader_and_refuses_a_planted_file(tm
 
 def test_before_a_ray_run_starts_only_checkpoints_nothing_refers_to_are_deleted(tmp_path):
     """The pointer lists epoch-0003 and epoch-0004; Ray's snapshot still holds epoch-0002 (it
-    deletes that one itself once it registers the next); epoch-0004-step-00000009 was committed
-    by no one (a worker died publishing it); not-a-checkpoint is none of ours."""
+    deletes that one itself once it registers the next); epoch-0003-step-00000007 was committed,
+    but Ray never registered it; epoch-0004-step-00000009, newer than the pointer's latest, may
+    still be written by a worker of an attempt Ray tears down; not-a-checkpoint is none of ours."""
     import json
 
     from mtl.distributed.ray_train import RAY_SNAPSHOT, drop_unreferenced_checkpoints
 
     run = tmp_path / "run"
-    for tag in ("epoch-0002", "epoch-0003", "epoch-0004", "epoch-0004-step-00000009", "not-a-checkpoint"):
+    for tag in ("epoch-0002", "epoch-0003", "epoch-0003-step-00000007", "epoch-0004", "epoch-0004-step-00000009",
+                "not-a-checkpoint"):
         (run / "checkpoints" / tag).mkdir(parents=True)
         (run / "checkpoints" / tag / "state.pt").write_bytes(b"x")
     (run / "checkpoints/latest.json").write_text(json.dumps({"latest": "epoch-0004", "history": ["epoch-0003", "epoch-0004"]}))
@@ -243,9 +245,9 @@ def test_before_a_ray_run_starts_only_checkpoints_nothing_refers_to_are_deleted(
                                                                        {"checkpoint_dir_name": "checkpoints/epoch-0003"}],
                                                 "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoints/epoch-0003"}}))
     said = []
-    assert drop_unreferenced_checkpoints(str(run), said.append) == ["epoch-0004-step-00000009"]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0002", "epoch-0003", "epoch-0004", "latest.json",
-                                                                        "not-a-checkpoint"]
-    assert said == [f"deleted checkpoint folder(s) epoch-0004-step-00000009 of {run}: neither its latest.json nor Ray's "
+    assert drop_unreferenced_checkpoints(str(run), said.append) == ["epoch-0003-step-00000007"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0002", "epoch-0003", "epoch-0004",
+                                                                        "epoch-0004-step-00000009", "latest.json", "not-a-checkpoint"]
+    assert said == [f"deleted checkpoint folder(s) epoch-0003-step-00000007 of {run}: neither its latest.json nor Ray's "
                     f"record lists them"]
     assert drop_unreferenced_checkpoints(str(tmp_path / "new-run")) == []  # a run that has no folder yet

@@ -172,7 +172,7 @@ def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path,
     with pytest.raises(WorkerFailed, match=f"rank 0: Miniscapes folder missing: {tmp_path}/nowhere/train/rgb") as failed:
         run_ray(wrong)  # a worker's error: named as local mode names it, a user error (exit code 2 in jobs/train.py)
     assert failed.value.user_error
-    orphan = tmp_path / "moves/checkpoints/epoch-0001-step-00000001"  # committed by a worker, never registered by Ray
+    orphan = tmp_path / "moves/checkpoints/epoch-0000-step-00000001"  # committed by a worker, never registered by Ray
     orphan.mkdir()
     (orphan / "state.pt").write_bytes(b"x")
     assert run_ray(cfg_for(2, True))[0].error is None

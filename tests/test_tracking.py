@@ -37,15 +37,15 @@ def _steps(tracker: Tracker, steps: range, attempt: int) -> None:
                             "weights/semseg": 0.5, "weights/depth": 0.5, "train/odd": "skip me"})
 
 
-def _train(tracker: Tracker, run_url: str, epochs: range, attempt: int, images: bool = False) -> None:
+def _train(tracker: Tracker, run_url: str, epochs: range, attempt: int, images: bool = False, last: int = 0) -> None:
     """What the trainer does: step scalars, then per epoch the checkpointer's metrics file and
-    `Tracker.epoch`."""
+    `Tracker.epoch` (``last``: the run's last epoch)."""
     for epoch in epochs:
         _steps(tracker, range((epoch - 1) * STEPS + 1, epoch * STEPS + 1), attempt)
         m = _metrics(epoch, attempt)
         write_bytes_atomic(f"{run_url}/metrics/epoch-{epoch:04d}.json", json.dumps(m).encode())
         pictures = {"val_0": np.full((8, 16, 3), 40 * epoch, np.uint8)} if images else None
-        tracker.epoch(epoch, epoch * STEPS, m, pictures)
+        tracker.epoch(epoch, epoch * STEPS, m, pictures, last=epoch == last)
 
 
 def _read(tb_dir: str):
@@ -108,7 +108,7 @@ def test_s3_run_folder_gets_tb_files_and_curves(s3_prefix, tmp_path):
     t = Tracker(run, "run", CONFIG, log=print)
     _train(t, run, range(1, 2), attempt=0, images=True)
     assert len(fs.ls(f"{path}/tb")) == 1  # epoch 1's file, uploaded at its end
-    assert not fs.exists(f"{path}/curves.png")  # drawn once a minute at most, and at close
+    _assert_png(fs.cat_file(f"{path}/curves.png"))  # an attempt's first validation is drawn
     _steps(t, range(STEPS + 1, 2 * STEPS + 1), attempt=0)  # epoch 2, then a failure
     t.close()
     assert not os.path.exists(t.events.dir)  # the staging folder, all uploaded
@@ -132,7 +132,7 @@ def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(unreacha
         t.step(1, {"train/loss": 1.0})
         with pytest.raises(StorageError, match="cannot reach s3://streetmtl/nowhere/"):
             t.epoch(1, 1, _metrics(1, 0))
-        assert t.events.writer is None  # the file closed for its upload, which failed: kept for the next one
+        t.events.writer.close()
         assert [n for n in os.listdir(t.events.dir) if os.path.getsize(os.path.join(t.events.dir, n)) > 0]
     finally:
         import shutil
@@ -206,9 +206,10 @@ def test_mlflow_tracking_uri_without_mlflow_is_a_clear_error(tmp_path, monkeypat
     assert _points(_read(str(run / "tb")), "train/loss") == [(1, 1.0)]
 
 
-def test_curves_are_redrawn_once_a_minute_at_most_and_at_close(tmp_path, monkeypatch):
-    """A redraw costs the GPU a second or more: after a validation only when the last drawing is
-    a minute old (and 50 times older than it took), and the last epoch always at close."""
+def test_curves_are_drawn_at_first_and_last_and_once_a_minute_at_most_between(tmp_path, monkeypatch):
+    """A redraw costs the GPU a second or more: after an attempt's first validation and the
+    run's last; in between only when the last drawing is a minute old (and 50 times older than
+    it took); an attempt that stops early draws its last epoch at close."""
     import mtl.tracking as tracking
 
     clock, drawn = [0.0], []
@@ -219,21 +220,31 @@ def test_curves_are_redrawn_once_a_minute_at_most_and_at_close(tmp_path, monkeyp
         return real_draw(epochs, title)
 
     real_draw = tracking.draw_curves
-    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(tracking, "_clock", lambda: clock[0])
     monkeypatch.setattr(tracking, "draw_curves", draw)
     run = str(tmp_path / "run")
     t = Tracker(run, "run", CONFIG, log=print)
-    for epoch, at in ((1, 10.0), (2, 61.0), (3, 100.0), (4, 215.0), (5, 230.0)):
+    for epoch, at in ((1, 10.0), (2, 61.0), (3, 100.0), (4, 165.0), (5, 200.0)):
         clock[0] = at
-        _train(t, run, range(epoch, epoch + 1), attempt=0)
-    # epoch 1 within the first minute; epoch 2 drawn; 3 before 64 + 150 s (50 x 3 s); 4 drawn
-    assert [d[1] for d in drawn] == ["run: epoch 2, step 8", "run: epoch 4, step 16"]
+        _train(t, run, range(epoch, epoch + 1), attempt=0, last=7)
+    # epoch 1 first; 2 and 3 before 13 + 150 s (50 x 3 s); 4 drawn; 5 within the next 150 s
+    assert [d[1] for d in drawn] == ["run: epoch 1, step 4", "run: epoch 4, step 16"]
     assert drawn[-1][0] == [1, 2, 3, 4]  # the earlier epochs from their metrics files
+    t.close()  # the attempt stops (a failure): its last epoch is drawn now
     t.close()
     assert [d[1] for d in drawn][2:] == ["run: epoch 5, step 20"] and drawn[-1][0] == [1, 2, 3, 4, 5]
     _assert_png((tmp_path / "run" / "curves.png").read_bytes())
-    t.close()
-    assert len(drawn) == 3  # closed once
+    with Tracker(run, "run", CONFIG, start_step=5 * STEPS, log=print) as t:  # resumed: first and last validation drawn
+        clock[0] = 210.0
+        _train(t, run, range(6, 8), attempt=1, last=7)
+    assert [d[1] for d in drawn][3:] == ["run: epoch 6, step 24", "run: epoch 7, step 28"]
+    monkeypatch.setattr(tracking, "draw_curves", lambda epochs, title: 1 / 0)
+    lines: list[str] = []
+    with Tracker(run, "run", CONFIG, start_step=7 * STEPS, log=lines.append) as t:
+        clock[0] = 400.0
+        t._draw_at = 1e9  # (as if drawn a moment ago)
+        _train(t, run, range(8, 9), attempt=2)
+    assert lines == ["curves.png not drawn: division by zero"]  # one line at close, not the run's error
 
 
 def test_without_matplotlib_one_line_says_why_there_is_no_curves_png(tmp_path, monkeypatch):

@@ -119,6 +119,8 @@ def test_objectives_and_schedulers_are_checked_with_the_training_config():
     judged = ExperimentConfig(train=TrainConfig(baselines=("a", "b")))  # --baselines: the training flag
     spec = plan_sweep(SweepConfig(space=("lr=loguniform:1e-5:1e-3",), metric="delta_m"), judged, set())
     assert (spec.key, spec.mode, spec.baselines) == ("delta_m", "min", ("a", "b"))
+    with pytest.raises(ValueError, match="--baselines judges every trial by Δm .* --metric delta_m"):  # best.pt by Δm
+        plan_sweep(SweepConfig(space=("lr=loguniform:1e-5:1e-3",)), judged, set())
     assert SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     single = ExperimentConfig(optim=OptimConfig(tasks=("semseg",)))
     with pytest.raises(ValueError, match="--metric grader judges a multi-task run; .* use --metric score"):

@@ -17,7 +17,7 @@ from mtl.checkpoint import CheckpointIndex
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
 from mtl.engine import fit, local_runtime
 from mtl.multitask import delta_m, read_baselines, selection_score, task_metrics
-from mtl.runs import run_name, run_url
+from mtl.runs import resolve_config, run_name, run_url
 from mtl.weighting import DWAWeighting, FAMOWeighting, UncertaintyWeighting, build_weighting
 
 
@@ -189,7 +189,7 @@ def test_delta_m_against_hand_made_baselines_matches_a_hand_computation(tmp_path
         read_baselines([str(tmp_path / "nowhere")])
 
 
-def test_a_run_given_baselines_is_judged_by_delta_m(tiny_root, tmp_path):
+def test_a_run_given_baselines_is_judged_by_delta_m(tiny_root, tmp_path, monkeypatch):
     """--baselines: every epoch reports Δm against the baselines' best epochs, the score is -Δm,
     and best.pt is the lowest-Δm epoch. A folder that is no run is named before anything starts."""
     seg = write_run(tmp_path / "seg", ("semseg",), [{"miou": 20.0}])
@@ -204,6 +204,10 @@ def test_a_run_given_baselines_is_judged_by_delta_m(tiny_root, tmp_path):
     stored = json.loads((tmp_path / "runs" / run_name(cfg) / "metrics/epoch-0003.json").read_text())
     assert stored["delta_m"] == result.metrics[-1]["delta_m"]
     assert f"judged by Δm against {seg} and {dep}" in (tmp_path / "runs" / run_name(cfg) / "train.log").read_text()
+    # relative folders become absolute (Ray runs workers in folders of their own), and name the same run
+    monkeypatch.chdir(tmp_path)
+    relative = resolve_config(cfg.with_values({"train.baselines": ("seg", "./dep/")}))
+    assert relative.train.baselines == (seg, dep) and relative.train.name == run_name(cfg)
     wrong = cfg.with_values({"train.baselines": (seg, str(tmp_path / "nowhere")), "train.name": "wrong"})
     with pytest.raises(ValueError, match=f"{tmp_path}/nowhere is not a run folder"):
         fit(wrong, local_runtime(wrong))

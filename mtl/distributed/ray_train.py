@@ -90,16 +90,20 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the c
 
 def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
     """Before a run's Train controller starts (nothing deletes checkpoints meanwhile): delete the
-    checkpoint folders that neither the pointer lists nor Ray's snapshot references. Ray deletes
-    only the checkpoints it registered; one whose report it never took (the worker committed it,
-    then its node was lost) would stay forever. Returns the deleted tags."""
+    checkpoint folders older than the pointer's latest that neither the pointer lists nor Ray's
+    snapshot references. Ray deletes only the checkpoints it registered; one whose report it
+    never took (the worker committed it, then its node was lost) would stay forever. Newer
+    folders stay: the workers of an attempt Ray is still tearing down may be writing one (tags
+    sort in the order they are written). Returns the deleted tags."""
     import json
 
     from mtl.storage import read_bytes, storage_errors, url_to_fs
 
     storage = FolderStorage(url, keep_last=0)
-    pointer = storage.index.read() or {}
-    keep = {pointer.get("latest"), *pointer.get("history", [])}
+    pointer = storage.index.read()
+    if pointer is None:
+        return []
+    keep = {pointer["latest"], *pointer.get("history", [])}
     raw = read_bytes(f"{url.rstrip('/')}/{RAY_SNAPSHOT}")
     keep |= {name.rstrip("/").rsplit("/", 1)[-1] for name in _dir_names(json.loads(raw) if raw else {})}
     with storage_errors(storage.index.url):
@@ -107,7 +111,7 @@ def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
         if not fs.exists(base):
             return []
         tags = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=True) if e["type"] == "directory"]
-        dropped = sorted(t for t in tags if t.startswith("epoch-") and t not in keep)
+        dropped = sorted(t for t in tags if t.startswith("epoch-") and t < pointer["latest"] and t not in keep)
         for tag in dropped:
             fs.rm(f"{base.rstrip('/')}/{tag}", recursive=True)
     if dropped:

@@ -461,6 +461,9 @@ def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> S
                          f"use --metric score")
     if sweep.metric == "delta_m" and not base.train.baselines:
         raise ValueError("--metric delta_m needs --baselines: the run folders of a --tasks semseg and a --tasks depth run")
+    if sweep.metric == "grader" and base.train.baselines:
+        raise ValueError("--baselines judges every trial by Δm (its best.pt is its lowest-Δm epoch), so the sweep must too: "
+                         "--metric delta_m (or --metric score, which is then -Δm)")
     if sweep.scheduler == "pbt":
         _check_pbt(space, base)
     return SweepSpec(space, sweep.metric, tuple(base.train.baselines), sweep.scheduler, sweep.perturbation_interval,

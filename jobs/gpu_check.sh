@@ -44,7 +44,7 @@
 # uses what the Python has installed (e.g. the project's venv).
 #
 # A train phase (ray, deepspeed) runs `python jobs/train.py $RAY_FLAGS <phase's flags>
-# --num-workers 1 --out $RUNS/<phase> --name ray-gpu|ds-gpu --epochs 2` on a Ray instance of its
+# --num-workers $TRAIN_WORKERS --out $RUNS/<phase> --name ray-gpu|ds-gpu --epochs 2` on a Ray instance of its
 # own (never one some `ray start` left running), then the same with `--epochs 3 --resume`. It
 # fails unless both exit 0, both logs have rank 0's start line "<run> on <device> x<world>: ..."
 # (mtl/engine.py) with EXPECT_DEVICE, the second says "resumed from ...: epoch 2" and epoch 3's
@@ -62,7 +62,7 @@
 # the threads phase THREADS_BATCHES ("64") and INTRA_OP_THREADS (1);
 # for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
 # 256x512 set of 1024/64/16, batch 16, 60 steps per epoch, 12 CPUs for the Ray worker, i.e. 8
-# loader workers, no retries), EXPECT_DEVICE (cuda; cpu for a check on the CPU), RUNS
+# loader workers, no retries), TRAIN_WORKERS (1: the one GPU), EXPECT_DEVICE (cuda; cpu for a check on the CPU), RUNS
 # (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE, SITE, PACK_TO, DEADLINE
 # (585), and per-phase limits in seconds: T_TESTS (70), T_RAY (100), T_DEEPSPEED (110),
 # T_EAGER (130), T_PLAIN (40), T_LOADER (60), T_COMPILE (60), T_THREADS (50).
@@ -98,6 +98,7 @@ PER_WORKER=${PER_WORKER:-128}
 # --start-timeout-s 60: a worker group that cannot be placed fails instead of waiting 900 s)
 RAY_FLAGS=${RAY_FLAGS:---arch branched --encoder resnet34 --synthetic-size 256x512 --synthetic-counts 1024 64 16 --batch-size 16 --max-steps-per-epoch 60 --cpus-per-worker 12 --max-failures 0 --start-timeout-s 60}
 EXPECT_DEVICE=${EXPECT_DEVICE:-cuda}
+TRAIN_WORKERS=${TRAIN_WORKERS:-1}
 RUNS=${RUNS:-$WORK/runs}
 BUNDLE=${BUNDLE-.gpu-bundle}
 SITE=${SITE:-/tmp/streetmtl-site}
@@ -211,7 +212,7 @@ train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs thr
     # its own: the run starts a Ray instance of this machine (GPUs auto-detected), never joins
     # one that some `ray start` left running.
     # shellcheck disable=SC2086
-    local cmd=("$PY" jobs/train.py $RAY_FLAGS "$@" --num-workers 1 --out "$runs" --name "$name")
+    local cmd=("$PY" jobs/train.py $RAY_FLAGS "$@" --num-workers "$TRAIN_WORKERS" --out "$runs" --name "$name")
     echo "-- $phase: ${cmd[*]} --epochs 2"
     t=$SECONDS
     env -u RAY_ADDRESS "${cmd[@]}" --epochs 2 2>&1 | tee "$dest/run1.log"
@@ -298,7 +299,7 @@ sys.exit(0 if not problems else 1)
 EOF
 }
 export -f train_phase
-export OUT_DIR RUNS RAY_FLAGS EXPECT_DEVICE PY
+export OUT_DIR RUNS RAY_FLAGS EXPECT_DEVICE TRAIN_WORKERS PY
 
 for p in $PHASES; do
     case $p in

@@ -75,30 +75,60 @@ def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster,
             assert secret not in fs.cat_file(f).decode(errors="replace"), f
 
 
-def test_deepspeed_zero2_trains_and_resumes(ray_cluster, tiny_root, tmp_path, run_layout):
-    """The same run-folder layout as every mode, every rank's ZeRO partition in shards/; the
-    evaluation tool reads it like any other; the next run continues it."""
-    from mtl.distributed.ray_train import run_ray
-    from mtl.runs import RunConflict, run_url
+# the GPU check's train phases at tiny size on the CPU: 64x128 synthetic set of 8/4/2, one step per
+# epoch, 1-CPU Ray workers without loader processes; failures not retried
+TINY_RAY_FLAGS = ("--arch deeplabv3p --encoder resnet18 --synthetic-size 64x128 --synthetic-counts 8 4 2 --batch-size 2 "
+                  "--max-steps-per-epoch 1 --cpus-per-worker 1 --workers 0 --no-use-gpu --max-failures 0 --start-timeout-s 120")
 
-    ray_cluster([1, 1])
-    cfg = ray_cfg(str(tmp_path), "ds", root=tiny_root, epochs=1, strategy="deepspeed", zero_stage=2)
-    assert run_ray(cfg)[0].error is None
-    first = read_metrics(run_url(cfg))
-    assert [m["epoch"] for m in first] == [1] and first[0]["restarts"] == 0
-    run_layout(str(tmp_path / "ds"), epochs=1, sharded=True)
-    assert len(list((tmp_path / "ds/checkpoints/epoch-0001/shards").glob("zero/*optim_states.pt"))) == 2  # one per rank
-    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "ds"), "--split", "val"],
+
+def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
+    """DeepSpeed ZeRO-2 on two Ray workers, as the GPU check's deepspeed phase runs it
+    (`jobs/gpu_check.sh`, with the CPU as the expected device): two epochs, then --resume to a
+    third, Ray started by each run. The same run-folder layout as every mode, every rank's ZeRO
+    partition in shards/; the evaluation tool reads it like any other. The ray phase is the same
+    shell function without the DeepSpeed flags (Ray Train's DDP path is tested above)."""
+    import tarfile
+    import tempfile
+
+    out, packed, runs = tmp_path / "gpu-check", tmp_path / "packed", tmp_path / "runs"
+    ray_tmp = tempfile.mkdtemp(prefix="gcr", dir="/tmp")  # short: Ray's socket paths live below it
+    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "deepspeed", "BUNDLE": "", "EXPECT_DEVICE": "cpu",
+           "RAY_FLAGS": TINY_RAY_FLAGS, "TRAIN_WORKERS": "2", "RUNS": str(runs), "RAY_TMPDIR": ray_tmp, "PACK_TO": str(packed),
+           "T_DEEPSPEED": "600", "DEADLINE": "1300"}  # shared 2-core machines: generous limits
+    for k in ("OUT", "RAY_ADDRESS"):
+        env.pop(k, None)
+    try:
+        r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1400)
+    finally:
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
+    phases = (out / "phases.txt").read_text().splitlines()
+    assert [p.split(":")[0] for p in phases] == ["== deepspeed"] and all("exit 0" in p for p in phases), phases
+    res = json.loads((out / "deepspeed.json").read_text())
+    assert res["ok"] and not res["problems"], res
+    assert all("ds-gpu on cpu x2: " in line for line in res["start_lines"]), res["start_lines"]
+    assert ": epoch 2, step 2/3" in res["resumed"]  # the resume continued after epoch 2 ...
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3]
+    assert [e["restarts"] for e in res["epochs"]] == [0, 0, 1]  # ... and trained epoch 3
+    assert all(e["train_images_per_s"] > 0 for e in res["epochs"])
+    assert res["zero_stage"] == 2  # DeepSpeed's own record in the checkpoint
+    run = runs / "deepspeed" / "ds-gpu"
+    run_layout(str(run), epochs=3, sharded=True)
+    assert len(list((run / "checkpoints/epoch-0003/shards").glob("zero/*optim_states.pt"))) == 2  # one per rank
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(run), "--split", "val"],
                        cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0 and "ds/checkpoints/epoch-0001/state.pt" in r.stdout, r.stdout + r.stderr
-    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
-    with pytest.raises(RunConflict, match="already holds a run with checkpoints: pass --resume"):  # as locally: no silent reuse
-        run_ray(longer)
-    longer = dataclasses.replace(longer, train=dataclasses.replace(longer.train, resume=True))
-    assert run_ray(longer)[0].error is None
-    metrics = read_metrics(run_url(cfg))
-    assert [m["epoch"] for m in metrics] == [1, 2]
-    assert metrics[1]["restarts"] == 1  # the second fit() continued from the first's checkpoint
+    assert r.returncode == 0 and "ds-gpu/checkpoints/epoch-0003/state.pt" in r.stdout, r.stdout + r.stderr
+    # only small files came out: the run's metrics, summary and logs; checkpoints stay in RUNS
+    kept = {p.relative_to(out / "deepspeed").as_posix() for p in (out / "deepspeed").rglob("*") if p.is_file()}
+    assert {"run1.log", "run2.log", "summary.json", "metrics/epoch-0003.json"} <= kept, kept
+    assert not any(k.endswith((".pt", ".ckpt")) or "checkpoint" in k for k in kept), kept
+    # the device machine's copy: a few files, everything else in one archive
+    names = sorted(p.name for p in packed.iterdir())
+    assert names == ["deepspeed.json", "gpu-check.tar.gz", "phases.txt"], names
+    with tarfile.open(packed / "gpu-check.tar.gz") as tar:
+        assert "gpu-check/deepspeed/metrics/epoch-0003.json" in tar.getnames()
 
 
 def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(ray_cluster, tiny_root, tmp_path):

@@ -10,9 +10,9 @@ real test split: ``rgb/`` only) holds ``rgb.jpg`` only, and the manifest lists e
 0..18/255) while it is written; problems name the files as ``<split>/<modality>/<index>.<ext>``
 under the source. ``manifest.json`` is written
 last: readers trust only shards listed there, so an interrupted run never looks complete.
-Re-running resumes: shards finished by an earlier run of the same plan (the same samples, with
-the same file sizes and versions: ETag on S3, modification time on disk) are kept, not rewritten. A destination that holds a complete shard set is
-refused unless ``--overwrite``; then the old manifest goes before the first shard is rewritten
+Re-running resumes: a shard finished by an earlier run (the same samples, with the same file
+sizes and versions: ETag on S3, modification time on disk) is kept, not rewritten. A
+destination that holds a complete shard set is refused unless ``--overwrite``; then the old manifest goes before the first shard is rewritten
 (the set is unusable until the new one is out), and splits not in ``--splits`` keep their shards
 and their manifest entries.
 S3 endpoint and credentials come from the usual AWS environment (``AWS_ENDPOINT_URL``...) or

@@ -44,10 +44,10 @@
 # uses what the Python has installed (e.g. the project's venv).
 #
 # A train phase (ray, deepspeed) runs `python jobs/train.py $RAY_FLAGS <phase's flags>
-# --num-workers $TRAIN_WORKERS --out $RUNS/<phase> --name ray-gpu|ds-gpu --epochs 2` on a Ray instance of its
-# own (never one some `ray start` left running), then the same with `--epochs 3 --resume`. It
-# fails unless both exit 0, both logs have rank 0's start line "<run> on <device> x<world>: ..."
-# (mtl/engine.py) with EXPECT_DEVICE, the second says "resumed from ...: epoch 2" and epoch 3's
+# --num-workers $TRAIN_WORKERS --out $RUNS/<phase> --name ray-gpu|ds-gpu --epochs 2` on a Ray
+# instance of its own (never one some `ray start` left running), then the same with `--epochs 3
+# --resume`. It fails unless both exit 0, both logs have rank 0's start line "<run> on <device>
+# x<world>: ..." (mtl/engine.py) with EXPECT_DEVICE, the second says "resumed from ...: epoch 2" and epoch 3's
 # metrics come from the resumed run; for deepspeed, the last checkpoint's ZeRO optimizer states
 # must say stage 2. <phase>.json: img/s of every epoch (metrics/epoch-NNNN.json's
 # train_images_per_s), the checks, seconds per run. The run folder (checkpoints) stays in RUNS;
@@ -62,9 +62,9 @@
 # the threads phase THREADS_BATCHES ("64") and INTRA_OP_THREADS (1);
 # for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
 # 256x512 set of 1024/64/16, batch 16, 60 steps per epoch, 12 CPUs for the Ray worker, i.e. 8
-# loader workers, no retries), TRAIN_WORKERS (1: the one GPU), EXPECT_DEVICE (cuda; cpu for a check on the CPU), RUNS
-# (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE, SITE, PACK_TO, DEADLINE
-# (585), and per-phase limits in seconds: T_TESTS (70), T_RAY (100), T_DEEPSPEED (110),
+# loader workers, no retries), TRAIN_WORKERS (1: the one GPU), EXPECT_DEVICE (cuda; cpu for a
+# check on the CPU), RUNS (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE,
+# SITE, PACK_TO, DEADLINE (585), and per-phase limits in seconds: T_TESTS (70), T_RAY (100), T_DEEPSPEED (110),
 # T_EAGER (130), T_PLAIN (40), T_LOADER (60), T_COMPILE (60), T_THREADS (50).
 set -uo pipefail
 

@@ -239,8 +239,8 @@ def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
 
 
 # what an fsspec listing says about a file's version, by filesystem: S3's ETag (a content hash
-# for single-part uploads), GCS's md5, a local file's modification time
-_VERSION_KEYS = ("ETag", "md5Hash", "mtime", "LastModified", "updated")
+# for single-part uploads), GCS's md5, Azure's etag, a local file's modification time
+_VERSION_KEYS = ("ETag", "md5Hash", "etag", "mtime", "LastModified", "updated", "last_modified")
 
 
 def file_versions(src: str, split: str, mods: tuple[str, ...]) -> dict[str, list[str]]:

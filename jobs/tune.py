@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     from mtl.multitask import load_baselines
 
     try:
+        from mtl.distributed.ray_train import check_worker_paths
+
+        check_worker_paths(base)
         if spec.baselines:  # before Ray starts: a bad folder is one line (every trial reads them again)
             load_baselines(spec.baselines)
     except USER_ERRORS as e:

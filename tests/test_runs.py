@@ -176,6 +176,21 @@ def test_quick_preset_is_small_and_flags_override_it():
     assert DataConfig() != cfg.data and TrainConfig().epochs == 16 and DistConfig().use_gpu is None and OptimConfig().lr == 4e-4
 
 
+def test_on_ray_a_relative_input_path_is_refused_before_ray_starts(tmp_path):
+    """Ray Train runs every worker in a folder of its own: --root data/x would name nothing there."""
+    from mtl.distributed.ray_train import check_worker_paths
+
+    r = subprocess.run([sys.executable, "jobs/train.py", "--root", "data/miniscapes", "--out", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --root data/miniscapes is a relative path, which the Ray "
+                                                     "workers cannot resolve"), r.stderr
+    assert "Ray instance" not in r.stdout + r.stderr and os.listdir(tmp_path) == []  # nothing started, nothing written
+    with pytest.raises(ValueError, match="--pretrained weights/r34.pth is a relative path"):
+        check_worker_paths(ExperimentConfig(model=ModelConfig(pretrained="weights/r34.pth")))
+    for ok in (DataConfig(root="/data/m"), DataConfig(shards="s3://b/shards"), DataConfig(root="file:///data/m")):
+        check_worker_paths(ExperimentConfig(data=ok, model=ModelConfig(pretrained="imagenet")))
+
+
 @pytest.mark.parametrize("flag", ["--root", "--shards", "--out"])
 def test_an_unreachable_storage_endpoint_is_one_line_naming_the_url(flag, tmp_path):
     env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "2", "AWS_ACCESS_KEY_ID": "x",

@@ -35,6 +35,7 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--space", "lr=loguniform:1e-5:1e-3", "--lr", "3e-4"], "--lr is given and --space optim.lr=loguniform:1e-05:0.001 sweeps it"),
     (["--scheduler", "pbt", "--space", "batch_size=choice:8,16"], "--scheduler pbt cannot sweep batch_size"),
     (["--metric", "delta_m", "--baselines", "/nonexistent/run"], "error: /nonexistent/run is not a run folder (no config.json)"),
+    (["--root", "data/miniscapes"], "error: --root data/miniscapes is a relative path, which the Ray workers cannot resolve"),
     (["--reduction-factor", "1"], "--reduction-factor >= 2"),
     (["--space", "lr=loguniform:1e-5:inf"], "--space lr=loguniform:1e-5:inf: the bounds must be finite numbers"),
     (["--space", "grad_clip=uniform:-1:1"], "--grad-clip must be >= 0 and finite"),

@@ -34,6 +34,7 @@ from mtl.config import ExperimentConfig
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
 from mtl.engine import Runtime, fit, may_capture
 from mtl.errors import ClusterError, WorkerFailed
+from mtl.models.encoders import IMAGENET
 from mtl.runs import out_root, prepare_run, run_name, run_url
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 
@@ -130,6 +131,17 @@ def _dir_names(node: Any) -> Iterator[str]:
     elif isinstance(node, list):
         for v in node:
             yield from _dir_names(v)
+
+
+def check_worker_paths(cfg: ExperimentConfig) -> None:
+    """ValueError naming a relative local path among the inputs the workers read (--root,
+    --shards, --pretrained): Ray Train runs every worker in a folder of its own (and `ray job
+    submit` runs the driver in a copy of --working-dir), where it means nothing. Run folders
+    (--out, --baselines) are made absolute from the driver's folder instead (`mtl.runs`)."""
+    for flag, path in (("--root", cfg.data.root), ("--shards", cfg.data.shards), ("--pretrained", cfg.model.pretrained)):
+        if path and path != IMAGENET and "://" not in path and not os.path.isabs(path):
+            raise ValueError(f"{flag} {path} is a relative path, which the Ray workers cannot resolve (each runs in a "
+                             f"folder of its own): give an absolute path that every node can read, or a URL such as s3://…")
 
 
 def _worker_device():
@@ -229,6 +241,7 @@ def run_ray(cfg: ExperimentConfig, log=print):
     was not placed within ``dist.start_timeout_s`` or failed to start."""
     import ray
 
+    check_worker_paths(cfg)  # (before Ray starts)
     joined = connect(cfg)
     workers = plan(cfg, joined)
     why = ("as --use-gpu/--no-use-gpu says" if cfg.dist.use_gpu is not None else

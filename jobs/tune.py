@@ -43,17 +43,16 @@ terminal and results.{md,tex,csv} plus scores.png in <out>/<sweep-name>/.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import tyro
 
 from mtl.cli import CONFIG_HELP, FlatExperiment, parse_experiment
 from mtl.config import ExperimentConfig
-from mtl.distributed.sweep_space import SweepConfig, SweepSpec, explicit_fields, plan_sweep
+from mtl.distributed.sweep_space import SweepConfig, explicit_fields, plan_sweep
 
 
 @dataclass(frozen=True)
@@ -65,21 +64,21 @@ class TuneCommand:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    planned: dict[str, SweepSpec] = {}
+    planned: dict[str, Any] = {}
 
     def check(cmd: TuneCommand) -> None:
         """A bad sweep stops before Ray or any trial starts."""
-        planned["spec"] = plan_sweep(cmd.sweep, cmd.experiment, explicit_fields(argv))
+        from mtl.runs import absolute_paths
+
+        planned["base"] = absolute_paths(cmd.experiment)  # (trials run in folders of their own)
+        planned["spec"] = plan_sweep(cmd.sweep, planned["base"], explicit_fields(argv))
         if os.environ.get("MLFLOW_TRACKING_URI"):  # set, but mlflow is missing: an error now
             from mtl.tracking import mlflow_tracking_uri
 
             mlflow_tracking_uri()
 
     cmd = parse_experiment(TuneCommand, argv, description=__doc__, check=check)
-    from mtl.runs import absolute_paths
-
-    base, sweep, spec = absolute_paths(cmd.experiment), cmd.sweep, planned["spec"]
-    spec = dataclasses.replace(spec, baselines=base.train.baselines)  # (trials run in folders of their own)
+    base, sweep, spec = planned["base"], cmd.sweep, planned["spec"]
 
     from mtl.errors import USER_ERRORS, one_line
     from mtl.multitask import load_baselines

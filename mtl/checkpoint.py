@@ -237,12 +237,22 @@ class FolderStorage:
         (when not all are kept) any other checkpoint folder the pointer does not list: one that a
         run published but died before committing, which nothing reads and nothing else deletes."""
         listed, dropped = self.index.commit(tag, self.keep_last)
+        if self.keep_last > 0:
+            dropped += [name for name in self.folders() if name not in listed and name not in dropped]
+        self.delete(dropped)
+
+    def folders(self) -> list[str]:
+        """The tags of the checkpoint folders there are, whatever the pointer lists."""
         with storage_errors(self.index.url):
             fs, base = url_to_fs(self.index.url)
-            if self.keep_last > 0:
-                folders = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=True) if e["type"] == "directory"]
-                dropped += [name for name in folders if name not in listed and name not in dropped]
-            for old in dropped:
+            if not fs.exists(base):
+                return []
+            return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=True) if e["type"] == "directory"]
+
+    def delete(self, tags: list[str]) -> None:
+        with storage_errors(self.index.url):
+            fs, base = url_to_fs(self.index.url)
+            for old in tags:
                 if fs.exists(f"{base}/{old}"):
                     fs.rm(f"{base}/{old}", recursive=True)
 

@@ -98,7 +98,7 @@ def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
     sort in the order they are written). Returns the deleted tags."""
     import json
 
-    from mtl.storage import read_bytes, storage_errors, url_to_fs
+    from mtl.storage import read_bytes
 
     storage = FolderStorage(url, keep_last=0)
     pointer = storage.index.read()
@@ -107,14 +107,8 @@ def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
     keep = {pointer["latest"], *pointer.get("history", [])}
     raw = read_bytes(f"{url.rstrip('/')}/{RAY_SNAPSHOT}")
     keep |= {name.rstrip("/").rsplit("/", 1)[-1] for name in _dir_names(json.loads(raw) if raw else {})}
-    with storage_errors(storage.index.url):
-        fs, base = url_to_fs(storage.index.url)
-        if not fs.exists(base):
-            return []
-        tags = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(base, detail=True) if e["type"] == "directory"]
-        dropped = sorted(t for t in tags if t.startswith("epoch-") and t < pointer["latest"] and t not in keep)
-        for tag in dropped:
-            fs.rm(f"{base.rstrip('/')}/{tag}", recursive=True)
+    dropped = sorted(t for t in storage.folders() if t.startswith("epoch-") and t < pointer["latest"] and t not in keep)
+    storage.delete(dropped)
     if dropped:
         log(f"deleted checkpoint folder(s) {', '.join(dropped)} of {url}: neither its latest.json nor Ray's record lists them")
     return dropped

@@ -240,7 +240,7 @@ class Trainer:
         self.global_batch = t.batch_size * t.grad_accum * rt.world
         self.planned_world = max(cfg.dist.num_workers, rt.world)
         self.planned_batch = t.batch_size * t.grad_accum * self.planned_world
-        self.start: int | None = None  # the first epoch's data position (samples over all ranks), when resumed elsewhere
+        self.start: int | None = None  # the first epoch's data position (samples over all ranks): a folder source resumed inside it
         model = build_model(cfg.model).to(self.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -334,18 +334,23 @@ class Trainer:
         return schedule
 
     def _continue_inside_epoch(self) -> None:
-        """A checkpoint from inside an epoch continues it at the same data position. Written by
-        another number of ranks (an elastic run, `Runtime` of another size), whose shares of the
-        epoch differ: a folder source goes on from the same position of the epoch's order (every
-        sample once: `mtl.data.loader.EpochSampler`); a shard stream, whose order depends on the
-        ranks, after the same number of samples, which some ranks may have seen and some not
-        (logged)."""
+        """A checkpoint from inside an epoch continues it at the same data position: a folder
+        source from the samples of the epoch's order consumed over all ranks (`epoch_samples`,
+        `mtl.data.loader.EpochSampler`), which stays exact when ranks of several sizes trained the
+        epoch so far (an elastic run: its ``epoch_step`` then counts steps of the last size, not
+        the position). Written by another number of ranks, whose shares of the epoch differ, the
+        steps left are counted anew (none, when more ranks share what was left: the epoch only
+        validates); a shard stream, whose order depends on the ranks, goes on after the same
+        number of samples, which some ranks may have seen and some not (logged)."""
         s, world = self.state, self.rt.world
+        folder = isinstance(self.data.train, FolderLoader)
+        if s.epoch_step and folder:  # (after an elastic stretch, epoch_step counts steps of another size than the position's)
+            self.start = s.epoch_samples
         if s.epoch_step and s.world != world:
             t = self.cfg.train
-            if isinstance(self.data.train, FolderLoader):
+            if folder:
                 left = -(-max(0, self.data.num_train - s.epoch_samples) // world) // t.batch_size // t.grad_accum
-                steps, self.start = max(0, self.steps_per_epoch - left), s.epoch_samples
+                steps = max(0, self.steps_per_epoch - left)
                 note = (f"goes on from sample {s.epoch_samples} of the epoch's order with {min(left, self.steps_per_epoch)} "
                         f"steps per rank left: no sample twice, none skipped")
             else:
@@ -418,7 +423,7 @@ class Trainer:
         bar.start_epoch(s_.epoch, t.epochs, self.steps_per_epoch, s_.total_steps - s_.step)
         running = torch.tensor(s_.epoch_loss or [0.0] * 3, device=self.device)
         t0 = last_read = time.perf_counter()
-        n_img, loss = 0, [float("nan")] * 3
+        n_img, loss, done = 0, [float("nan")] * 3, s_.epoch_step
         for s in range(s_.epoch_step, self.steps_per_epoch):
             if self.val_ahead is None and s >= self.steps_per_epoch - self.val_lead:
                 self.val_ahead = iter(self.data.val)
@@ -444,6 +449,8 @@ class Trainer:
                 self._save_inside_epoch(running, lrs[-1])
         if s_.input_size is None and n_img:  # validation images of varying size: the training crops'
             s_.input_size = list(batch["rgb"].shape[-2:])
+        if not n_img and done:  # resumed at the epoch's end (more ranks share what was left): the stored sums
+            loss = (running / done).tolist()
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
 
     def _track_step(self, loss: list[float], weights: list[float], ips: float, lr: float) -> None:
@@ -526,7 +533,8 @@ class Trainer:
             means = (self.strategy.all_reduce_sum(torch.tensor(loss[1:], device=self.device)) / self.rt.world).tolist()
             if all(math.isfinite(v) for v in means):
                 self.weighting.end_epoch(means)
-        metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": epoch_lrs[-1], "train_loss": loss[0],
+        lr = epoch_lrs[-1] if epoch_lrs else self.schedule(self.lr_step())  # (no step left after a resume: the next one's)
+        metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": lr, "train_loss": loss[0],
                         "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips,
                         "restarts": s_.restarts, "epoch_lrs": epoch_lrs, "world": self.rt.world, "samples": s_.samples,
                         **{f"weights/{k}": w for k, w in zip(TASKS, self.weighting.weights().tolist())}})

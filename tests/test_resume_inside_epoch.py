@@ -10,6 +10,8 @@ weights and metrics at the end (the CPU is deterministic here: equal to float ro
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from mtl.checkpoint import CheckpointIndex
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
 from mtl.data.build import build_loaders
 from mtl.data.folder import MiniscapesFolder
+from mtl.data.loader import EpochSampler
 from mtl.data.shards import ShardStream
 from mtl.engine import fit, local_runtime
 from mtl.runs import run_url
@@ -202,6 +205,56 @@ def test_ranks_of_another_world_size_continue_an_epoch_with_every_sample_once():
     moved = EpochSampler(n, True, 3, rank=1, world=2)
     moved.set_epoch(1, start=16)
     assert list(same) == list(moved) and len(same) == 50 - 8
+
+
+def test_an_elastic_runs_step_checkpoint_goes_on_from_its_position_and_may_leave_no_step(tiny_root, tmp_path, monkeypatch):
+    """After ranks of several sizes trained part of an epoch, a step checkpoint's steps of the
+    epoch (counted at the last size) say nothing of its position in the epoch's order (samples
+    over all ranks): 2 ranks took a step of 8 samples, 1 rank then one of 4, so 12 samples and 1
+    step. A resume at the same size goes on from sample 12. One that finds no step left of the
+    epoch (more ranks share what was left) validates it, with its stored losses, and goes on."""
+    trained = []
+    read = MiniscapesFolder.__getitem__
+
+    def recording(self, item):  # (no loader workers: the items are seen here)
+        if self.split == "train":
+            trained.append(item)
+        if item == (0, failing.get("at")):
+            raise OSError("simulated read error")
+        return read(self, item)
+
+    monkeypatch.setattr(MiniscapesFolder, "__getitem__", recording)
+
+    def order(epoch: int) -> list[int]:  # the epoch's order of the 96 samples (seed 0)
+        sampler = EpochSampler(96, shuffle=True, seed=0)
+        sampler.set_epoch(epoch)
+        return [i for _, i in sampler]
+
+    failing = {}
+
+    def resumed(out, epoch_step: int, epoch_samples: int) -> tuple[list, dict]:
+        cfg = config(DataConfig(root=tiny_root, workers=0), out)
+        failing["at"] = order(0)[5 * BATCH]  # the 6th step fails: the last checkpoint is step 3's
+        with pytest.raises(OSError, match="simulated read error"):
+            fit(cfg, local_runtime(cfg))
+        url = f"{run_url(cfg)}/checkpoints/epoch-0000-step-00000003/state.pt"
+        state = torch.load(url, weights_only=False)
+        sums = state["train_state"]["epoch_loss"]
+        state["train_state"].update(step=epoch_step, epoch_step=epoch_step, samples=epoch_samples, epoch_samples=epoch_samples)
+        torch.save(state, url)
+        trained.clear()
+        failing.clear()
+        again = config(DataConfig(root=tiny_root, workers=0), out, resume=True)
+        return fit(again, local_runtime(again)).metrics, sums
+
+    metrics, _ = resumed(tmp_path / "a", epoch_step=1, epoch_samples=12)
+    read_0 = [i for e, i in trained if e == 0]  # (the prefetcher reads a batch beyond the epoch's last step)
+    assert read_0[: 7 * BATCH] == order(0)[12 : 12 + 7 * BATCH] and len(read_0) <= 8 * BATCH  # the 7 steps left, from sample 12
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    metrics, sums = resumed(tmp_path / "b", epoch_step=STEPS, epoch_samples=STEPS * BATCH)
+    assert [i for e, i in trained if e == 0] == [] and [i for e, i in trained if e == 1][: STEPS * BATCH] == order(1)[: STEPS * BATCH]
+    assert [m["epoch"] for m in metrics] == [1, 2] and metrics[0]["epoch_lrs"] == []
+    assert metrics[0]["train_loss"] == pytest.approx(sums[0] / STEPS) and math.isfinite(metrics[0]["lr"])
 
 
 def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_at_every_poll(tiny_root, tmp_path):

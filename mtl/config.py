@@ -171,8 +171,8 @@ class TrainConfig(_Part):
     #: agree on it at the steps where the loss is read (every --log-every steps)
     checkpoint_every_min: float = operational(0.0)
     #: on Ray: steps between polls for a node's preemption notice (a spot reclaim; one collective
-    #: call, a few ms); from a notice on, a checkpoint at every poll until the node goes, so its
-    #: loss costs at most this many steps; 0: never poll
+    #: call, a few ms); from a notice on, a checkpoint after every step until the node goes, so its
+    #: loss costs at most the step it interrupts; 0: never poll
     preemption_poll_every: int = operational(20)
     log_every: int = operational(10)  # steps between loss readouts (the loop's only host sync)
     log_interval_s: float = operational(30.0)  # seconds between plain progress lines when output is not a terminal

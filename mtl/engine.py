@@ -462,8 +462,9 @@ class Trainer:
     def _checkpoint_due(self, s: int) -> bool:
         """A step checkpoint after step ``s`` of the epoch: every ``--checkpoint-every`` steps,
         and, once a poll (every ``--preemption-poll-every`` steps, on Ray) has brought a
-        preemption notice, at every poll until the node goes. Not at an epoch's last step: the
-        epoch's checkpoint follows. Every rank decides alike (same steps; rank 0's notice)."""
+        preemption notice, after every step until the node goes: the teardown then costs at most
+        the step it interrupts. Not at an epoch's last step: the epoch's checkpoint follows.
+        Every rank decides alike (same steps; rank 0's notice)."""
         t, s_ = self.cfg.train, self.state
         if not self.checkpointer:
             return False
@@ -473,18 +474,18 @@ class Trainer:
         return bool(t.checkpoint_every) and s_.step % t.checkpoint_every == 0 or self._checkpoint_time_due(s) or preempted
 
     def _poll_preemption(self) -> bool:
-        """At every ``--preemption-poll-every``-th step (on Ray): whether a notice says this run's
-        nodes are being reclaimed. Asked until the first notice, which holds from then on."""
+        """Whether a notice says this run's nodes are being reclaimed: asked at every
+        ``--preemption-poll-every``-th step (on Ray) until the first notice, which holds from
+        then on."""
         t, s_ = self.cfg.train, self.state
-        if not (self.rt.preemption and t.preemption_poll_every and s_.step % t.preemption_poll_every == 0):
-            return False
-        if not self.preempted:
-            notice = self.rt.preemption()
-            self.preempted = notice is not None
-            if notice is not None:
-                left = f", {notice.deadline_ms / 1e3 - time.time():.0f} s left" if getattr(notice, "deadline_ms", None) else ""
-                self.log(f"preemption notice at step {s_.step} (nodes {getattr(notice, 'preempted_node_ids', '?')}{left}): "
-                         f"a checkpoint now and at every poll until the node goes")
+        if self.preempted or not (self.rt.preemption and t.preemption_poll_every and s_.step % t.preemption_poll_every == 0):
+            return self.preempted
+        notice = self.rt.preemption()
+        self.preempted = notice is not None
+        if notice is not None:
+            left = f", {notice.deadline_ms / 1e3 - time.time():.0f} s left" if getattr(notice, "deadline_ms", None) else ""
+            self.log(f"preemption notice at step {s_.step} (nodes {getattr(notice, 'preempted_node_ids', '?')}{left}): "
+                     f"a checkpoint now and after every step until the node goes")
         return self.preempted
 
     def _checkpoint_time_due(self, s: int) -> bool:

@@ -230,12 +230,12 @@ def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_roo
     assert not (tmp_path / "toobig").exists()  # nothing written
 
 
-def test_a_preemption_notice_brings_checkpoints_and_the_restart_loses_at_most_a_poll(ray_cluster, tiny_root, tmp_path):
+def test_a_preemption_notice_brings_checkpoints_and_the_restart_loses_at_most_a_step(ray_cluster, tiny_root, tmp_path):
     """A spot reclaim as Ray's own tests make one: the training worker's node is drained with
     the preemption reason and a deadline. Ray Train's watcher passes the notice on; the next
-    poll (every 2 steps here) writes a checkpoint, and so does every poll after it; at the
+    poll (every 2 steps here) writes a checkpoint, and so does every step after it; at the
     deadline Ray restarts the worker group on the other node, which resumes from the last of
-    them: at most one poll interval of training is lost."""
+    them: at most the step the teardown interrupted is lost."""
     from ray._raylet import GcsClient
     from ray.core.generated import autoscaler_pb2
     from ray.util.state import list_actors
@@ -268,14 +268,15 @@ def test_a_preemption_notice_brings_checkpoints_and_the_restart_loses_at_most_a_
     text = log.read_text()
     assert "preemption notice at step" in text, text
     notice_step = int(text.split("preemption notice at step ")[1].split()[0])
-    after = [int(line.split("-step-")[1].split()[0]) for line in text.splitlines()
-             if "step checkpoint" in line and "-step-" in line]
+    after = [int(line.split("-step-")[1].split()[0]) for line in text.split("resumed from ")[0].splitlines()
+             if "step checkpoint" in line and "-step-" in line]  # the drained attempt's
     saved = [s for s in after if s >= notice_step]
-    assert saved[0] == notice_step and len(saved) >= 2, saved  # a checkpoint at the notice's poll, and at polls after it
+    assert saved[0] == notice_step and saved == list(range(notice_step, notice_step + len(saved))) and len(saved) >= 2, saved
+    # (a checkpoint at the notice's poll, and after every step from then on)
     resumed = text.split("resumed from ")[1].split(":")[0] if "resumed from " in text else ""
     assert "-step-" in resumed, text  # the restart went on from a step checkpoint ...
     resumed_step = int(resumed.split("-step-")[1].split("/")[0])
-    assert resumed_step == max(s for s in saved if s <= resumed_step) and resumed_step >= notice_step  # ... the last one
+    assert resumed_step == saved[-1]  # ... the last one: what the teardown cost is the step it interrupted
     metrics = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in metrics] == [1] and metrics[-1]["restarts"] >= 1
 

@@ -257,10 +257,10 @@ def test_an_elastic_runs_step_checkpoint_goes_on_from_its_position_and_may_leave
     assert metrics[0]["train_loss"] == pytest.approx(sums[0] / STEPS) and math.isfinite(metrics[0]["lr"])
 
 
-def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_at_every_poll(tiny_root, tmp_path):
+def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_after_every_step(tiny_root, tmp_path):
     """--preemption-poll-every (on Ray: `ray.train.get_preemption_info`, here a stand-in): a poll
     interval that the steps per epoch divide still polls (every poll step is an epoch's last); once
-    a notice came, every later poll brings a checkpoint (a step checkpoint inside an epoch)."""
+    a notice came, every later step brings a checkpoint (a step checkpoint inside an epoch)."""
     import dataclasses
     from types import SimpleNamespace
 
@@ -281,4 +281,5 @@ def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_at_every_p
     assert polls == 2  # at steps 4 and 8 (the old loop never polled here: every poll step ended an epoch)
     polls, history = run("notice", poll_every=2, notice_from=1)
     assert polls == 1  # at step 2; the first notice holds: not asked again
-    assert history == ["epoch-0000-step-00000002", "epoch-0001", "epoch-0001-step-00000006", "epoch-0002"]
+    assert history == ["epoch-0000-step-00000002", "epoch-0000-step-00000003", "epoch-0001",  # (step 4 ends the epoch)
+                       "epoch-0001-step-00000005", "epoch-0001-step-00000006", "epoch-0001-step-00000007", "epoch-0002"]

@@ -95,6 +95,17 @@ def test_a_source_that_cannot_be_read_does_not_hide_the_next(monkeypatch):
     assert capacity.read_capacity().max_fit({"CPU": 1}) == 2  # fixed: what is there
 
 
+def test_the_start_timeout_reaches_ray_train_from_the_process_that_builds_the_trainer(monkeypatch):
+    """Ray Train reads its worker-group start timeout from the environment of the process that
+    calls ``fit``: a sweep's trial actor, whose environment is not the driver's, must set it too."""
+    from mtl.config import DistConfig, ExperimentConfig
+    from mtl.distributed.ray_train import START_TIMEOUT_ENV, make_trainer
+
+    monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    make_trainer(ExperimentConfig(dist=DistConfig(start_timeout_s=900)), {"CPU": 1})
+    assert float(os.environ[START_TIMEOUT_ENV]) == 900
+
+
 @pytest.mark.slow
 def test_a_fixed_ray_cluster_without_gpus_fails_at_once(ray_cluster, tiny_root, tmp_path, monkeypatch):
     from mtl.config import DataConfig, DistConfig, ExperimentConfig, ModelConfig, TrainConfig

@@ -86,6 +86,7 @@ class RayStorage:
             yield d, f"{self.folder.index.url}/{ray_tag}"  # as a URL, like every other checkpoint's
 
 
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # how long Ray Train tries to place a worker group
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it keeps, in the run folder
 
 
@@ -182,11 +183,16 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
     """The TorchTrainer for this (resolved) config: ``dist.num_workers`` workers of ``bundle``
     (`mtl.distributed.capacity.worker_bundle`; elastic between ``dist.min_workers`` and that),
     checkpoints in ``<train.out>/<run name>``, failures survived up to ``dist.max_failures``.
-    ``track_mlflow``: rank 0 logs to MLflow itself (False: the caller does, a sweep's callback)."""
+    ``track_mlflow``: rank 0 logs to MLflow itself (False: the caller does, a sweep's callback).
+
+    Sets the worker-group start timeout (``dist.start_timeout_s``) in this process's environment:
+    ``fit`` hands Ray Train's variables from the calling process's environment to its controller,
+    and a sweep's trials call it in actors of their own, where the driver's environment is not."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     d = cfg.dist
+    os.environ[START_TIMEOUT_ENV] = str(d.start_timeout_s)  # (an unplaceable group then fails instead of hanging)
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     return TorchTrainer(
         train_worker,
@@ -209,9 +215,7 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
 
 def connect(cfg: ExperimentConfig) -> bool:
     """Join the cluster (``dist.address``, $RAY_ADDRESS, a submitted job's) or start a local
-    one; True when it joined an existing cluster. Sets the worker-group start timeout first: an
-    unplaceable group then fails instead of hanging."""
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.dist.start_timeout_s)
+    one; True when it joined an existing cluster."""
     import ray
 
     address = cluster_address(cfg.dist.address)

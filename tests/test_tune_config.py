@@ -339,7 +339,10 @@ def test_a_pbt_exploit_continues_the_other_trials_checkpoint_in_a_run_folder_of_
     pack_checkpoint(f"{trials}/b-p1", "epoch-0002", str(tmp_path / "own-ck"))
     again = start_run(base, spec, {"lr": 1.2e-4}, trials, "b", _TuneCheckpoint(str(tmp_path / "own-ck")))
     assert (again.train.name, again.train.resume) == ("b-p1", True) and trial_runs(trials, "b") == ["b", "b-p1"]
-    # ...and a second exploit opens the next folder
+    # b restarted before it reported a checkpoint of its own: Tune hands it a's again, and b-p1 goes on
+    again = start_run(base, spec, {"lr": 1.2e-4}, trials, "b", _TuneCheckpoint(str(tmp_path / "tune-ck")))
+    assert (again.train.name, again.train.resume) == ("b-p1", True) and trial_runs(trials, "b") == ["b", "b-p1"]
+    # ...and a second exploit (other values) opens the next folder
     third = start_run(base, spec, {"lr": 2e-4}, trials, "b", _TuneCheckpoint(str(tmp_path / "tune-ck")))
     assert third.train.name == "b-p2" and trial_runs(trials, "b") == ["b", "b-p1", "b-p2"]
     CheckpointIndex(run_url(third)).commit("epoch-0004")

@@ -156,7 +156,9 @@ def start_run(base: ExperimentConfig, spec: SweepSpec, hp: dict[str, Any], trial
               checkpoint=None) -> ExperimentConfig:  # noqa: ANN001 - a Tune checkpoint
     """The config of the Train run trial ``name`` runs now, its folder ready (see the module
     docstring): its latest run folder (resumed when it has a checkpoint), or, when Tune hands it
-    a checkpoint from elsewhere (a PBT exploit), a new folder seeded with that checkpoint."""
+    a checkpoint from elsewhere (a PBT exploit), a new folder seeded with that checkpoint. Tune
+    keeps handing a trial the exploited checkpoint until the trial reports one of its own: a
+    restart in between goes on in the folder already seeded from it (same checkpoint, same values)."""
     from mtl.runs import RunFolder, prepare_run, run_url
 
     runs = trial_runs(trials_url, name)
@@ -165,12 +167,23 @@ def start_run(base: ExperimentConfig, spec: SweepSpec, hp: dict[str, Any], trial
         with checkpoint.as_directory() as d:
             with open(os.path.join(d, ORIGIN_FILE)) as fh:
                 origin = json.load(fh)
-            if origin["run"].rstrip("/") != f"{trials_url}/{run}":
+            if origin["run"].rstrip("/") != f"{trials_url}/{run}" and not _seeded_from(f"{trials_url}/{run}", origin, hp):
                 run = f"{name}-p{len(runs)}" if runs else f"{name}-p1"
                 seed_run(trial_config(base, spec.space, hp, run, trials_url), d, hp)
     cfg = trial_config(base, spec.space, hp, run, trials_url)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=RunFolder(run_url(cfg)).has_checkpoint()))
     return prepare_run(cfg)
+
+
+def _seeded_from(run_url: str, origin: dict[str, str], hp: dict[str, Any]) -> bool:
+    """Run folder ``run_url`` was seeded (`seed_run`) from checkpoint ``origin`` with values ``hp``."""
+    from mtl.storage import read_bytes
+
+    data = read_bytes(f"{run_url}/{SEED_FILE}")
+    if data is None:
+        return False
+    seed = json.loads(data)
+    return seed["from"] == origin and seed["values"] == json.loads(json.dumps(hp, default=str))
 
 
 def finished(cfg: ExperimentConfig) -> bool:

@@ -137,6 +137,9 @@ class TrainState:
     epoch_step: int = 0  # optimizer steps of epoch ``epoch`` done (its first batches, per rank)
     epoch_loss: list[float] | None = None  # their summed losses [total, semseg, depth]
     world: int = 1  # ranks that consumed them
+    # loader worker processes per rank that dealt them: a shard stream's order depends on it
+    # (None in checkpoints of earlier versions)
+    loader_workers: int | None = None
     # samples trained on over all ranks, in the run and in epoch ``epoch`` (the data position
     # that ranks of another world size continue from; the LR plan runs over samples); None in
     # checkpoints of earlier versions (then: step and epoch_step times the planned global batch)

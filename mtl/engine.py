@@ -249,7 +249,7 @@ class Trainer:
         self.weighting = self._weighting()
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
         self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self._planned_steps_per_epoch(), world=rt.world,
-                                input_size=list(self.data.image_size) if self.data.image_size else None,
+                                loader_workers=self.data.workers, input_size=list(self.data.image_size) if self.data.image_size else None,
                                 samples=0, epoch_samples=0)
         states = {"train_state": self.state, "rng": RNGState()}
         if self.weighting.stateful:  # (fixed weights have no state: checkpoints of earlier versions stay readable)
@@ -340,13 +340,16 @@ class Trainer:
         epoch so far (an elastic run: its ``epoch_step`` then counts steps of the last size, not
         the position). Written by another number of ranks, whose shares of the epoch differ, the
         steps left are counted anew (none, when more ranks share what was left: the epoch only
-        validates); a shard stream, whose order depends on the ranks, goes on after the same
-        number of samples, which some ranks may have seen and some not (logged)."""
-        s, world = self.state, self.rt.world
+        validates); a shard stream, whose order depends on the ranks and on their loader workers,
+        goes on after the same number of samples when either changed, which some ranks may have
+        seen and some not (logged)."""
+        s, world, workers = self.state, self.rt.world, self.data.workers
         folder = isinstance(self.data.train, FolderLoader)
         if s.epoch_step and folder:  # (after an elastic stretch, epoch_step counts steps of another size than the position's)
             self.start = s.epoch_samples
-        if s.epoch_step and s.world != world:
+        # a shard stream's order is also a function of the loader workers (automatic: the CPUs there)
+        other_stream = not folder and s.loader_workers not in (None, workers)
+        if s.epoch_step and (s.world != world or other_stream):
             t = self.cfg.train
             if folder:
                 left = -(-max(0, self.data.num_train - s.epoch_samples) // world) // t.batch_size // t.grad_accum
@@ -356,14 +359,17 @@ class Trainer:
             else:
                 steps = min(s.epoch_samples // self.global_batch, self.steps_per_epoch)
                 note = (f"goes on after {steps} steps per rank (about the same number of samples in all); a shard stream's "
-                        f"order depends on the ranks, so samples of this epoch may be seen twice or skipped")
-            self.log(f"the checkpoint was written {s.epoch_step} steps into epoch {s.epoch + 1} by {s.world} ranks and this "
-                     f"run has {world}: the epoch {note}")
+                        f"order depends on the ranks and their loader workers, so samples of this epoch may be seen twice "
+                        f"or skipped")
+            by = f"{s.world} ranks" + (f" with {s.loader_workers} loader workers each" if other_stream else "")
+            has = f"{world}" + (f" with {workers} (--workers fixes the number)" if other_stream else "")
+            self.log(f"the checkpoint was written {s.epoch_step} steps into epoch {s.epoch + 1} by {by} and this run has "
+                     f"{has}: the epoch {note}")
             if s.epoch_loss:  # the loss sums of the steps counted as done
                 s.epoch_loss = [v * steps / s.epoch_step for v in s.epoch_loss] if steps else None
             s.epoch_step = steps
         s.epoch_step = min(s.epoch_step, self.steps_per_epoch)
-        s.world = world
+        s.world, s.loader_workers = world, workers
 
     def announce(self) -> None:
         cfg, rt, d, t = self.cfg, self.rt, self.data, self.cfg.train

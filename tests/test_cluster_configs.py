@@ -31,6 +31,9 @@ def test_aws_launcher_config_validates_against_rays_schema():
     assert any(t.get("resources", {}).get("GPU", 0) > 0 for t in types.values())
     assert any("pip install" in c and "[aws]" in c for c in cfg["setup_commands"])  # [cluster] + boto3: the autoscaler needs it
     assert any("--dashboard-host=0.0.0.0" in c for c in cfg["head_start_ray_commands"])
+    watch = [c for c in cfg["worker_start_ray_commands"] if "python" in c and "spot_watch.py" in c]  # spot notices: Ray drains
+    assert len(watch) == 1 and os.path.exists(os.path.join(REPO, "cluster/spot_watch.py"))
+    assert "--address $RAY_HEAD_IP:6379" in watch[0] and watch[0].rstrip().endswith("&")
     bad = copy.deepcopy(cfg)
     bad["available_node_types"]["gpu_a10g"]["max_workers"] = "many"
     with pytest.raises(jsonschema.ValidationError):
@@ -84,6 +87,12 @@ def check_cluster_spec(spec: dict) -> None:
         assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], g["groupName"]
         res = g["template"]["spec"]["containers"][0]["resources"]
         assert res["requests"].get("nvidia.com/gpu") == res["limits"].get("nvidia.com/gpu")  # GPUs: requests == limits
+        pod = g["template"]["spec"]
+        if res["requests"].get("nvidia.com/gpu"):  # GPU nodes are usually tainted
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod.get("tolerations", [])
+        # a reclaimed node: Ray drains for this long (SIGTERM), inside the pod's grace period
+        drain = {e["name"]: e["value"] for e in pod["containers"][0].get("env", [])}["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]
+        assert float(drain) + 5 <= pod["terminationGracePeriodSeconds"]
 
 
 def test_kuberay_raycluster_manifest():

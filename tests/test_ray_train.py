@@ -230,14 +230,47 @@ def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_roo
     assert not (tmp_path / "toobig").exists()  # nothing written
 
 
-def test_a_preemption_notice_brings_checkpoints_and_the_restart_loses_at_most_a_step(ray_cluster, tiny_root, tmp_path):
-    """A spot reclaim as Ray's own tests make one: the training worker's node is drained with
-    the preemption reason and a deadline. Ray Train's watcher passes the notice on; the next
-    poll (every 2 steps here) writes a checkpoint, and so does every step after it; at the
-    deadline Ray restarts the worker group on the other node, which resumes from the last of
-    them: at most the step the teardown interrupted is lost."""
-    from ray._raylet import GcsClient
-    from ray.core.generated import autoscaler_pb2
+def fake_instance_metadata(notice: str, after: int):
+    """An EC2 instance metadata service (IMDSv2) on this machine whose spot/instance-action is
+    ``notice`` from the ``after``-th look on (404 before, as EC2 answers until a reclaim)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    looks = []
+
+    class Metadata(BaseHTTPRequestHandler):
+        def do_PUT(self):  # noqa: N802
+            ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+            self._answer(200 if ok else 400, "token-1")
+
+        def do_GET(self):  # noqa: N802
+            if self.headers.get("X-aws-ec2-metadata-token") != "token-1":
+                return self._answer(401, "")
+            looks.append(self.path)
+            ready = self.path == "/latest/meta-data/spot/instance-action" and len(looks) >= after
+            self._answer(200 if ready else 404, notice if ready else "")
+
+        def _answer(self, code: int, body: str) -> None:
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, looks
+
+
+def test_a_spot_notice_brings_checkpoints_and_the_restart_loses_at_most_a_step(ray_cluster, tiny_root, tmp_path):
+    """A spot reclaim end to end: the training worker's node gets EC2's interruption notice (a
+    fake metadata service), which `cluster/spot_watch.py` turns into a Ray drain with the
+    preemption reason and the notice's deadline. Ray Train's watcher passes it on; the next poll
+    (every 2 steps here) writes a checkpoint, and so does every step after it; at the deadline
+    Ray restarts the worker group on the other node, which resumes from the last of them: at
+    most the step the teardown interrupted is lost."""
+    import datetime
+
     from ray.util.state import list_actors
 
     from mtl.distributed.ray_train import run_ray
@@ -259,10 +292,14 @@ def test_a_preemption_notice_brings_checkpoints_and_the_restart_loses_at_most_a_
         time.sleep(0.2)
     assert log.exists() and "step checkpoint" in log.read_text(), "training never checkpointed"
     (worker,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "RayTrainWorker"]
-    accepted, why = GcsClient(address=c.cluster.address).drain_node(
-        worker.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)",
-        int(time.time() * 1000) + 15_000)
-    assert accepted, why
+    goes = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=17)
+    server, looks = fake_instance_metadata(json.dumps({"action": "terminate", "time": goes.strftime("%Y-%m-%dT%H:%M:%SZ")}), after=3)
+    watch = subprocess.run([sys.executable, "cluster/spot_watch.py", "--address", c.cluster.address, "--node-id", worker.node_id,
+                            "--metadata-url", f"http://127.0.0.1:{server.server_port}", "--poll-s", "0.1"],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    server.shutdown()
+    assert watch.returncode == 0 and f"node {worker.node_id} drained" in watch.stdout, watch.stdout + watch.stderr
+    assert len(looks) == 3  # two looks found no notice
     thread.join(timeout=400)
     assert not thread.is_alive() and holder["result"].error is None
     text = log.read_text()

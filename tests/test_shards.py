@@ -85,6 +85,22 @@ def test_training_batches_agree_across_ranks(s3_shards):
     assert got == lens
 
 
+def test_validation_takes_more_ranks_than_shards_and_training_does_not(s3_shards):
+    """A validation split of fewer shards than ranks (Cityscapes' 500 val images fit one shard):
+    the ranks without a shard evaluate nothing and the sums over ranks hold every sample once.
+    Training ranks step together, so there every rank needs a shard."""
+    manifest = read_manifest(s3_shards)
+    val = ShardSplit.from_manifest(manifest, "val")
+    world = len(val.urls) + 1
+    loaders = [ShardLoader(ShardStream(val, None, shuffle=False, rank=r, world=world, every_rank=False), 4, 1, 2, False, False)
+               for r in range(world)]
+    seen = [i for loader in loaders for b in loader for i in b["index"].tolist()]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == sum(val.counts) and [len(x) for x in loaders][-1] == 0
+    train = ShardSplit.from_manifest(manifest, "train")
+    with pytest.raises(ValueError, match=f"{len(train.urls)} shard\\(s\\) cannot feed {len(train.urls) + 1} ranks"):
+        ShardStream(train, None, rank=0, world=len(train.urls) + 1)
+
+
 def test_a_shard_iterator_starts_its_workers_before_its_first_batch_is_read(s3_shards):
     """The trainer makes iterators ahead of their use (the next epoch's before validation): their
     workers must start then, not when the first batch is asked for."""

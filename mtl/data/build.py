@@ -200,7 +200,7 @@ def _shard_loaders(cfg: ExperimentConfig, d: DataConfig, source: DataSource, ran
     for split, name in ((train, "train"), (val, "val")):
         _require_labels(split.has_labels, f"{manifest['base_url']} ({name} split)")
     tr = ShardStream(train, train_augment(cfg), t.seed, True, rank, world, d.shuffle_buffer)
-    va = ShardStream(val, None, t.seed, False, rank, world)
+    va = ShardStream(val, None, t.seed, False, rank, world, every_rank=False)
     return Loaders(ShardLoader(tr, t.batch_size, d.workers, d.prefetch, True, pin_memory),
                    ShardLoader(va, t.batch_size, d.workers, d.prefetch, False, pin_memory),
                    num_samples(manifest, "train"), num_samples(manifest, "val"), manifest["base_url"], d.workers,

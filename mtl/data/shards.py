@@ -132,13 +132,16 @@ class ShardSplit:
 
 
 class ShardStream(IterableDataset):
-    """This rank's stream of one split. Call `set_epoch` before each epoch's iterator."""
+    """This rank's stream of one split. Call `set_epoch` before each epoch's iterator.
+    ``every_rank``: each rank must get a shard (training: the ranks step together); evaluation
+    sums what each rank has, so there a rank may have none (a validation split of fewer shards
+    than ranks)."""
 
     def __init__(self, split: ShardSplit, augment: Augment | None, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world: int = 1, shuffle_buffer: int = 256) -> None:
+                 rank: int = 0, world: int = 1, shuffle_buffer: int = 256, every_rank: bool = True) -> None:
         if not split.urls:
             raise ValueError("the split has no samples (its manifest entry lists no shards)")
-        if len(split.urls) < world:
+        if every_rank and len(split.urls) < world:
             raise ValueError(f"{len(split.urls)} shard(s) cannot feed {world} ranks: reshard with a smaller --shard-size "
                              f"(several shards per rank and loader worker keep them all busy)")
         if augment is not None and not split.has_labels:

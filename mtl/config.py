@@ -189,6 +189,8 @@ class TrainConfig(_Part):
             raise ValueError("--checkpoint-every, --checkpoint-every-min and --preemption-poll-every must be >= 0 (0: never)")
         if self.log_every < 1 or self.log_interval_s < 0:
             raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
+        if self.seed < 0:  # (numpy's generators take none: the first augmented sample would fail)
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.keep_last < 0 or (self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1):
             raise ValueError(f"--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got "
                              f"{self.keep_last} and {self.max_steps_per_epoch}")

@@ -84,6 +84,7 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--epochs"], "--epochs expects a value"),
     (["--max-steps-per-epoch", "0"], "--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got 2 and 0"),
     (["--keep-last", "-1"], "--keep-last must be >= 0"),
+    (["--seed", "-3"], "--seed must be >= 0, got -3"),
     (["--grad-clip", "-1"], "--grad-clip must be >= 0 and finite (0 or not given: no clipping), got -1.0"),
     (["--poly-power", "-0.5"], "--poly-power must be >= 0 and --momentum in [0, 1), got -0.5 and 0.9"),
     (["--task-weighting", "uncertainty", "--semseg-weight", "1"], "--task-weighting uncertainty starts from --semseg-weight"),

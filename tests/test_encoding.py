@@ -70,6 +70,15 @@ def test_rgb_label_png_is_rejected():
         decode_semseg(buf.getvalue(), "s.png")
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "BMP"])
+def test_a_label_file_that_is_not_a_png_is_rejected(fmt):
+    """A gray JPEG named depth/0.png would decode, its codes off by a few (lossy): refused."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 100, np.uint8), "L").save(buf, format=fmt)
+    with pytest.raises(ValueError, match=f"d.png: expected a PNG, got a {fmt} image"):
+        decode_depth(buf.getvalue(), "d.png")
+
+
 def test_size_mismatch_names_the_sample():
     rgb = encode_rgb_jpeg(np.zeros((8, 16, 3), np.uint8))
     with pytest.raises(ValueError, match=r"train/7: image sizes disagree: rgb 16x8, semseg 16x8, depth 8x8"):

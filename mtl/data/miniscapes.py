@@ -203,6 +203,8 @@ def _decode_png_raw(data: bytes, name: str) -> np.ndarray:
         img.load()
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{name}: cannot decode PNG ({e})") from e
+    if img.format != "PNG":  # (a lossy JPEG's class ids and disparity codes are off by some)
+        raise ValueError(f"{name}: expected a PNG, got a {img.format} image")
     if img.mode not in ("P", "L"):
         raise ValueError(f"{name}: expected a single-channel PNG (mode P or L), got mode {img.mode}")
     return np.array(img)  # mode P gives palette indices, mode L gray values: both raw

@@ -68,8 +68,9 @@ def run(a: EvaluateCommand) -> int:
     device = resolve_device(a.device)
     m = load_model(a.checkpoint, device)
     source = resolve_source(m.cfg, a.data)
+    inputs = (source.url, m.url, *a.baselines)  # what the exported folder must not replace
     if a.export:  # (checked before the long pass; again when written)
-        output_dir(a.export, a.overwrite, inputs=(source.url,))
+        output_dir(a.export, a.overwrite, inputs=inputs)
     baselines = load_baselines(a.baselines, m, device) if a.baselines else {}  # (checked before the long pass)
     data = open_split(source, a.split)
     print(f"{m.url}: {m.cfg.model.arch}, epoch {m.epoch}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
@@ -81,7 +82,7 @@ def run(a: EvaluateCommand) -> int:
         report_metrics(a, m, baselines, data, device)
     if a.export:
         n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, a.viz, a.overwrite,
-                               inputs=(source.url,))
+                               inputs=inputs)
         print(f"exported {n} predictions to {a.export} (semseg/, depth/, viz/)")
     return 0
 

@@ -48,10 +48,14 @@ def atomic_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) ->
     os.makedirs(tmp)
     try:
         yield tmp
+        old = None
         if os.path.exists(out):
             if not overwrite and os.listdir(out):
                 raise FileExistsError(f"{out} was written by another process while this one ran; it is left as it is")
-            shutil.rmtree(out)
+            old = f"{out}.old-{uuid.uuid4().hex[:8]}"  # moved aside, not deleted: a kill now leaves one of the two whole
+            os.rename(out, old)
         os.rename(tmp, out)  # (onto a folder made in the meantime: OSError, nothing replaced)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

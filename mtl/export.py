@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from mtl.atomic import atomic_dir
 from mtl.data.batch import to_model_batch
 from mtl.data.miniscapes import encode_depth_png, encode_semseg_png
+from mtl.data.packed import pack_collate
 from mtl.engine import predict
 from mtl.losses import DepthCodec
 from mtl.viz import colorize_depth, colorize_semseg, denormalize_rgb, side_by_side
@@ -45,7 +46,8 @@ def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out
     n = 0
     with atomic_dir(out_dir, overwrite, inputs) as tmp:
         make_output_folders(tmp)
-        for raw in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        # (pack_collate, as the loaders: a batch of images of several sizes is an error naming them)
+        for raw in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=pack_collate):
             batch = to_model_batch(raw, device, channels_last=False)
             labels, depth_m = predict(model, batch["rgb"], codec, amp)
             for j in range(labels.shape[0]):

@@ -248,14 +248,15 @@ def predict_to_folder(model_or_checkpoint: LoadedModel | nn.Module | str, images
 
     The folder appears whole or not at all (`mtl.atomic.atomic_dir`): an unreadable image half
     way leaves no folder that looks finished, a non-empty ``out_dir`` is refused unless
-    ``overwrite``, and one holding an input image always. Images are read a batch at a time, so
+    ``overwrite``, and one holding an input image or the checkpoint always. Images are read a batch at a time, so
     memory does not grow with their number.
     """
     loaded = _as_loaded(model_or_checkpoint, device, codec)
     hw = model_input_size(loaded, size)
     urls = find_images(images) if isinstance(images, str) else check_unique_stems(images)
     n = 0
-    with atomic_dir(out_dir, overwrite, inputs=urls) as tmp:
+    checkpoint = [] if isinstance(model_or_checkpoint, nn.Module) else [loaded.url]  # (a bare module's "url" is its class)
+    with atomic_dir(out_dir, overwrite, inputs=[*urls, *checkpoint]) as tmp:
         make_output_folders(tmp)
         for chunk in _batches(urls, batch_size):
             rgbs = [read_image(u) for u in chunk]

@@ -233,6 +233,8 @@ def test_predict_cli_and_its_errors(tmp_path, make_run, capsys):
         rc, _, err = _predict(capsys, "--checkpoint", run, "--images", tmp_path / "imgs", "--out", above, "--overwrite")
         assert rc == 2 and f"error: {above} holds the input {tmp_path}/imgs/" in err, err
         assert sorted(os.listdir(tmp_path / "imgs")) == listed
+    rc, _, err = _predict(capsys, "--checkpoint", run, "--images", tmp_path / "imgs", "--out", run, "--overwrite")
+    assert rc == 2 and f"error: {run} holds the input {run}/" in err and os.listdir(run)  # ... nor the checkpoint
     rc, _, err = _predict(capsys, "--checkpoint", old, "--images", tmp_path / "imgs", "--out", tmp_path / "o2", "--size", "64x128")
     assert rc == 0, err
 
@@ -320,3 +322,18 @@ def test_delta_m_evaluates_the_baselines_on_the_same_split(tiny_root, tmp_path, 
     # --export into the data's own folder would delete it with --overwrite: refused whatever the flag
     rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--export", tiny_root, "--overwrite")
     assert rc == 2 and f"{tiny_root} holds the input {tiny_root}" in err and os.path.isdir(f"{tiny_root}/val/rgb")
+    for used in (run, seg):  # nor the checkpoint, nor a baseline's
+        rc, _, err = _evaluate(capsys, "--checkpoint", run, "--baselines", seg, dep, "--export", used, "--overwrite")
+        assert rc == 2 and f"{used} holds the input {used}" in err and os.listdir(used)
+
+
+def test_an_export_of_images_of_several_sizes_in_one_batch_names_them_and_writes_nothing(tmp_path):
+    import contextlib
+
+    from mtl.export import export_predictions
+
+    samples = [{"rgb": torch.zeros(h, 8, 3, dtype=torch.uint8), "index": torch.tensor(i)} for h, i in ((4, 0), (6, 1))]
+    with pytest.raises(ValueError, match=r"differ in 'rgb': sample 0 is \[4, 8, 3\], sample 1 is \[6, 8, 3\]"):
+        export_predictions(torch.nn.Identity(), samples, str(tmp_path / "out"), DepthCodec(), torch.device("cpu"),
+                           contextlib.nullcontext(), batch_size=2)
+    assert os.listdir(tmp_path) == []

@@ -39,7 +39,7 @@ from mtl.cli import parse
 from mtl.data.folder import scan_split, split_modalities
 from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, decode_sample
 from mtl.data.shards import FORMAT
-from mtl.storage import read_bytes, storage_errors, url_to_fs
+from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
 
@@ -204,9 +204,9 @@ def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[s
         manifest["splits"][split] = _split_entry([results[j.name] for j in split_jobs], split_jobs[0].modalities, skipped[split])
         if not manifest["splits"][split]["num_samples"]:
             raise ValueError(f"{src}: every sample of the {split} split was bad (--skip-bad left none); nothing was published")
+    # last, whole or not at all: from here on the shard set is complete
+    write_bytes_atomic(f"{dst.rstrip('/')}/manifest.json", json.dumps(manifest, indent=1).encode())
     with storage_errors(dst):
-        with dst_fs.open(f"{dst_base}/manifest.json", "w") as fh:  # last: from here on the shard set is complete
-            json.dump(manifest, fh, indent=1)
         _clean_up(dst_fs, dst_base, manifest, splits)
     return manifest
 
@@ -221,9 +221,15 @@ def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
             dst_fs, dst_base = url_to_fs(dst)
             dst_base = dst_base.rstrip("/")
             raw = read_bytes(f"{dst.rstrip('/')}/manifest.json")
-        old = None if raw is None else json.loads(raw)
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
         raise OSError(f"cannot read destination {dst}: {e}") from e
+    try:
+        old = None if raw is None else json.loads(raw)
+    except ValueError:  # (written by hand, or torn by an older version): nothing in it is kept
+        if not overwrite:
+            raise FileExistsError(f"{dst}/manifest.json is not a manifest (not JSON): pass --overwrite to replace it and the "
+                                  f"shards, or choose another --shards") from None
+        old = {}
     if old is not None and not overwrite:
         raise FileExistsError(f"{dst} holds a complete shard set ({', '.join(old.get('splits', {}))}): pass --overwrite to "
                               f"replace its {', '.join(splits)} shards, or choose another --shards")

@@ -325,3 +325,15 @@ def test_an_output_folder_is_local_and_never_replaces_one_another_writer_finishe
             out.mkdir()
             (out / "theirs").write_text("complete")  # another writer (a rank generating the same cache) finished first
     assert os.listdir(out) == ["theirs"] and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_the_synthetic_cache_is_reused_only_by_the_same_generator(tmp_path, monkeypatch):
+    from mtl.data import build
+
+    monkeypatch.setenv("STREETMTL_CACHE", str(tmp_path))
+    first = build.synthetic_root((16, 32), (2, 1, 1), seed=3)
+    mtime = os.path.getmtime(first)
+    assert build.synthetic_root((16, 32), (2, 1, 1), seed=3) == first and os.path.getmtime(first) == mtime  # reused
+    monkeypatch.setattr(build, "GENERATOR_VERSION", build.GENERATOR_VERSION + 1)  # the scenes changed: not reused
+    again = build.synthetic_root((16, 32), (2, 1, 1), seed=3)
+    assert again != first and sorted(os.listdir(again)) == ["test", "train", "val"]

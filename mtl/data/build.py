@@ -15,7 +15,7 @@ from mtl.data.folder import MiniscapesFolder, split_modalities
 from mtl.data.loader import make_loader
 from mtl.data.miniscapes import LABEL_MODALITIES
 from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, manifest_url, num_samples, read_manifest
-from mtl.data.synthetic import synthesize
+from mtl.data.synthetic import GENERATOR_VERSION, synthesize
 from mtl.data.transforms import Augment
 from mtl.storage import exists
 
@@ -29,7 +29,8 @@ def synthetic_root(size: tuple[int, int], counts: tuple[int, int, int], seed: in
     Every rank (and trial) on a machine may ask at once: the first to finish generating keeps
     its folder, the others drop theirs (never replacing one that a rank is reading)."""
     h, w = size
-    root = os.path.join(cache_dir(), f"synthetic-miniscapes-{h}x{w}-{'-'.join(map(str, counts))}-s{seed}")
+    name = f"synthetic-miniscapes-{h}x{w}-{'-'.join(map(str, counts))}-s{seed}-v{GENERATOR_VERSION}"  # (its settings)
+    root = os.path.join(cache_dir(), name)
     if not os.path.isdir(root):
         try:
             synthesize(root, dict(zip(("train", "val", "test"), counts)), (h, w), seed)

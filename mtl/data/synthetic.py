@@ -25,6 +25,10 @@ from mtl.data.miniscapes import (
     DEPTH_MAX_M, DEPTH_MIN_M, IGNORE_INDEX, MODALITIES, SPLITS, encode_depth_png, encode_rgb_jpeg, encode_semseg_png,
 )
 
+#: what the generator renders, as a number: bump it when a change alters the scenes of a given
+#: seed, so that sets cached by an earlier version (`mtl.data.build.synthetic_root`) are not reused
+GENERATOR_VERSION = 1
+
 # class ids (torchvision's Cityscapes eval order)
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEG, TERRAIN, SKY, PERSON, RIDER, CAR, TRUCK, BUS = range(16)
 BICYCLE = 18

@@ -101,6 +101,13 @@ def test_validation_takes_more_ranks_than_shards_and_training_does_not(s3_shards
         ShardStream(train, None, rank=0, world=len(train.urls) + 1)
 
 
+def test_a_manifest_named_relative_to_the_working_folder_finds_its_shards(tiny_root, tmp_path, monkeypatch):
+    shard_dataset(tiny_root, str(tmp_path / "s"), "8", splits=("val",), workers=1)
+    monkeypatch.chdir(tmp_path / "s")
+    split = ShardSplit.from_manifest(read_manifest("manifest.json"), "val")
+    assert sorted(int(x["index"]) for x in ShardStream(split, None, shuffle=False)) == list(range(24))
+
+
 def test_a_shard_iterator_starts_its_workers_before_its_first_batch_is_read(s3_shards):
     """The trainer makes iterators ahead of their use (the next epoch's before validation): their
     workers must start then, not when the first batch is asked for."""

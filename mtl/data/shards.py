@@ -15,6 +15,7 @@ the key is absent: manifests written before it existed always had all three).
 from __future__ import annotations
 
 import json
+import posixpath
 import random
 import time
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ def read_manifest(url: str) -> dict[str, Any]:
         raise ValueError(f"shard manifest {murl} is corrupt ({e})") from e
     if m.get("format") != FORMAT:
         raise ValueError(f"{murl} is not a {FORMAT} manifest")
-    m["base_url"] = murl.rsplit("/", 1)[0]
+    m["base_url"] = posixpath.dirname(murl) or "."  # (a bare "manifest.json": the shards are here)
     return m
 
 

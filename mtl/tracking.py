@@ -527,10 +527,19 @@ class Tracker:
             self.events.image(clean_name(f"images/{name}"), image, step)
         self._undrawn = (epoch, step, metrics)
         if last or _clock() >= self._draw_at:
-            self._draw()
+            self._try_draw()
         if self.mlflow:
             self.mlflow.add(scalars, step)
         self.sync()
+
+    def _try_draw(self) -> None:
+        """`_draw`; a failure is one line (tried again a minute later at the earliest), never the
+        run's error: a picture, where the events, the checkpoint and training matter more."""
+        try:
+            self._draw()
+        except Exception as e:  # noqa: BLE001 - matplotlib and storage raise many types
+            self._draw_at = _clock() + CURVES_EVERY_S
+            self.log(f"curves.png not drawn: {one_line(e)}")
 
     def _draw(self) -> None:
         """curves.png from the run folder's epochs up to the last one given to `epoch` (its
@@ -560,18 +569,14 @@ class Tracker:
             self.mlflow.flush()
 
     def close(self, *, failed: bool = False) -> None:
-        """The last epoch into curves.png (if not drawn yet: the run stopped early; a failure to
-        draw is one line, never the run's error), the last events to the run folder, curves.png
-        to MLflow and its run ended (FAILED with ``failed``: a resume sets it running again).
-        Closing twice does nothing."""
+        """The last epoch into curves.png (if not drawn yet: the run stopped early), the last
+        events to the run folder, curves.png to MLflow and its run ended (FAILED with ``failed``:
+        a resume sets it running again). Closing twice does nothing."""
         if self._closed:
             return
         self._closed = True
         try:
-            try:
-                self._draw()
-            except Exception as e:  # noqa: BLE001 - a picture; the events and the run's own error matter more
-                self.log(f"curves.png not drawn: {one_line(e)}")
+            self._try_draw()
             self.events.close()
         finally:
             if self.mlflow:

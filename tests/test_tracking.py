@@ -130,9 +130,9 @@ def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(unreacha
     assert t.events.dir is None  # no staging folder before the first event
     try:
         t.step(1, {"train/loss": 1.0})
-        with pytest.raises(StorageError, match="cannot reach s3://streetmtl/nowhere/"):
+        with pytest.raises(StorageError, match="cannot reach s3://streetmtl/nowhere/tb/"):  # (curves.png: one line)
             t.epoch(1, 1, _metrics(1, 0))
-        t.events.writer.close()
+        assert t.events.writer is None  # closed for the upload that failed: the file stays in the staging folder
         assert [n for n in os.listdir(t.events.dir) if os.path.getsize(os.path.join(t.events.dir, n)) > 0]
     finally:
         import shutil
@@ -245,6 +245,11 @@ def test_curves_are_drawn_at_first_and_last_and_once_a_minute_at_most_between(tm
         t._draw_at = 1e9  # (as if drawn a moment ago)
         _train(t, run, range(8, 9), attempt=2)
     assert lines == ["curves.png not drawn: division by zero"]  # one line at close, not the run's error
+    lines.clear()
+    with Tracker(run, "run", CONFIG, start_step=8 * STEPS, log=lines.append) as t:  # the first validation's drawing fails
+        clock[0] = 500.0
+        _train(t, run, range(9, 11), attempt=3)  # ... and training goes on
+    assert lines == ["curves.png not drawn: division by zero"] * 2  # (epoch 9's; then at close, epoch 10's: not due before)
 
 
 def test_without_matplotlib_one_line_says_why_there_is_no_curves_png(tmp_path, monkeypatch):

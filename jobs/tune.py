@@ -120,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if rows and rows[0].best_model:
         console.print(f"best trial: {rows[0].name} ({spec.metric} {rows[0].objective:.2f}); checkpoint {rows[0].best_model}")
         console.print(f"export it: python jobs/evaluate.py --checkpoint {rows[0].best_model} --split test --export <dir>")
-    errored = [r for r in rows if r.status == "error"]
-    return 1 if errored and len(errored) == len(rows) else 0
+    errored = [r.name for r in rows if r.status == "error"]
+    if errored:  # (the report holds the others; a pipeline must not take the sweep for a whole one)
+        print(f"error: {len(errored)} of {len(rows)} trials failed ({', '.join(errored)}): their logs are in the trials' run "
+              f"folders; the same command with --resume retries them", file=sys.stderr)
+    return 1 if errored else 0
 
 
 if __name__ == "__main__":

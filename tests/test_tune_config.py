@@ -278,6 +278,21 @@ def test_the_report_has_a_column_per_swept_field_and_the_best_trial_first(tmp_pa
     assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_sweep_with_a_failed_trial_reports_the_others_and_exits_1(tmp_path, monkeypatch, capsys):
+    """A pipeline must not take a sweep that lost trials for a whole one: the report of the others,
+    a line naming the failed ones, exit status 1."""
+    from jobs import tune as tune_cli
+    from mtl.distributed import tune
+
+    hp = {"lr": 3.2e-4}
+    monkeypatch.setattr(tune, "run_sweep", lambda *a, **k: [_Result("strong", hp, [20.0, 30.0]), _Result("broken", hp, [], RuntimeError("x"))])
+    rc = tune_cli.main(["--root", str(tmp_path), "--out", str(tmp_path), "--sweep-name", "s", "--epochs", "2",
+                        "--space", "lr=loguniform:1e-5:1e-3"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "best trial: strong" in out and "error: 1 of 2 trials failed (broken)" in err, out + err
+    assert len((tmp_path / "s" / "results.csv").read_text().splitlines()) == 3
+
+
 def test_a_delta_m_sweep_ranks_lowest_first_with_the_values_and_run_of_the_best_epoch():
     spec = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3"]), metric="delta_m", baselines=("a", "b"), scheduler="pbt")
     report = SweepReport(spec, ("semseg", "depth"))

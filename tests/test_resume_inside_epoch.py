@@ -234,6 +234,9 @@ def test_ranks_of_another_world_size_continue_an_epoch_with_every_sample_once():
     moved = EpochSampler(n, True, 3, rank=1, world=2)
     moved.set_epoch(1, start=16)
     assert list(same) == list(moved) and len(same) == 50 - 8
+    for n, world in ((1, 4), (3, 8)):  # fewer samples than ranks: every rank still gets its share (a repeat), as len() says
+        shares = [EpochSampler(n, True, 3, rank=r, world=world) for r in range(world)]
+        assert [len(list(x)) for x in shares] == [len(x) for x in shares] == [1] * world
 
 
 def test_an_elastic_runs_step_checkpoint_goes_on_from_its_position_and_may_leave_no_step(tiny_root, tmp_path, monkeypatch):

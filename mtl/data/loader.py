@@ -45,8 +45,9 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        if self.pad:  # equal shares for every rank (of what is left from ``start``)
-            order += order[: self.start + len(self) * self.world - self.n]
+        if self.pad:  # equal shares for every rank (of what is left from ``start``), the order repeated as needed
+            need = self.start + len(self) * self.world
+            order = (order * -(-need // self.n))[:need] if need > self.n else order
         mine = order[self.start + self.rank :: self.world]
         return iter([(self.epoch, i) for i in mine])
 

@@ -145,6 +145,9 @@ class TrainState:
     # checkpoints of earlier versions (then: step and epoch_step times the planned global batch)
     samples: int | None = None
     epoch_samples: int | None = None
+    # the values Δm compares against (--baselines: task -> metrics), read when the run started
+    # and kept: a baseline run still training between attempts would change the scores' scale
+    baselines: dict[str, dict[str, float]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

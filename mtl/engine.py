@@ -249,13 +249,14 @@ class Trainer:
         self.weighting = self._weighting()
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
         self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self._planned_steps_per_epoch(), world=rt.world,
-                                loader_workers=self.data.workers, input_size=list(self.data.image_size) if self.data.image_size else None,
-                                samples=0, epoch_samples=0)
+                                loader_workers=self.data.workers, samples=0, epoch_samples=0, baselines=self.baselines,
+                                input_size=list(self.data.image_size) if self.data.image_size else None)
         states = {"train_state": self.state, "rng": RNGState()}
         if self.weighting.stateful:  # (fixed weights have no state: checkpoints of earlier versions stay readable)
             states["task_weighting"] = self.weighting
         self.checkpointer = Checkpointer(rt.storage, run_url(cfg), self.strategy, states, rt.rank) if rt.storage else None
         self.schedule = self._restore()
+        self._keep_baselines()
         if rt.is_main:  # data found, checkpoint accepted: the run folder gets (or updates) its configuration
             RunFolder(run_url(cfg)).write_config(cfg)
         if t.compile:
@@ -332,6 +333,17 @@ class Trainer:
                  f"next LR {schedule(self.lr_step()):.3g}")
         self._continue_inside_epoch()
         return schedule
+
+    def _keep_baselines(self) -> None:
+        """A resumed run is judged by the Δm baselines' values it started with (its checkpoint
+        holds them): its best score so far was computed against them."""
+        s = self.state
+        if self.baselines is not None and s.baselines is not None and s.baselines != self.baselines:
+            changed = sorted(t for t in self.baselines if self.baselines[t] != s.baselines.get(t))
+            self.log(f"the Δm baselines' best epochs changed since this run started ({', '.join(changed)}): it goes on judged "
+                     f"by the values it started with, against which its best score so far was computed")
+            self.baselines = s.baselines
+        s.baselines = self.baselines
 
     def _continue_inside_epoch(self) -> None:
         """A checkpoint from inside an epoch continues it at the same data position: a folder

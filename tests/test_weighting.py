@@ -162,11 +162,11 @@ def test_a_single_task_run_reports_its_task_and_picks_its_best_by_it(tiny_root, 
     assert "images/val/0" in tags["images"] and (tmp_path / run_name(cfg) / "curves.png").stat().st_size > 1000
 
 
-def write_run(folder, tasks, epochs: list[dict]) -> str:
+def write_run(folder, tasks, epochs: list[dict], exist_ok: bool = False) -> str:
     """A hand-made run folder: config.json and one metrics file per epoch."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=exist_ok)
     (folder / "config.json").write_text(ExperimentConfig(optim=OptimConfig(tasks=tasks)).to_json())
-    (folder / "metrics").mkdir()
+    (folder / "metrics").mkdir(exist_ok=exist_ok)
     for i, m in enumerate(epochs, 1):
         (folder / "metrics" / f"epoch-{i:04d}.json").write_text(json.dumps(m))
     return str(folder)
@@ -204,6 +204,13 @@ def test_a_run_given_baselines_is_judged_by_delta_m(tiny_root, tmp_path, monkeyp
     stored = json.loads((tmp_path / "runs" / run_name(cfg) / "metrics/epoch-0003.json").read_text())
     assert stored["delta_m"] == result.metrics[-1]["delta_m"]
     assert f"judged by Δm against {seg} and {dep}" in (tmp_path / "runs" / run_name(cfg) / "train.log").read_text()
+    # a baseline run trained on meanwhile: the resumed run keeps the values its best score was computed against
+    write_run(tmp_path / "seg", ("semseg",), [{"miou": 20.0}, {"miou": 45.0}], exist_ok=True)
+    more = cfg.with_values({"train.epochs": 4, "train.resume": True, "train.name": run_name(cfg)})
+    last = fit(more, local_runtime(more)).metrics[-1]
+    assert last["delta_m"] == pytest.approx(delta_m(last, baselines)) and read_baselines([seg, dep]) != baselines
+    assert "the Δm baselines' best epochs changed since this run started (semseg)" in (
+        tmp_path / "runs" / run_name(cfg) / "train.log").read_text()
     # relative folders become absolute (Ray runs workers in folders of their own), and name the same run
     monkeypatch.chdir(tmp_path)
     relative = resolve_config(cfg.with_values({"train.baselines": ("seg", "./dep/")}))

@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 
-    from mtl.distributed.sweep_report import SweepReport
-    from mtl.distributed.tune import check_new, check_resume, run_sweep, sweep_url
+    from mtl.distributed.tune import check_new, check_resume, run_sweep
     from mtl.progress import wide_console
 
     console = wide_console()
@@ -110,12 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    report = SweepReport(spec, base.optim.tasks)
-    rows = report.rows(results, base.train.epochs)
+    return report(results, base, sweep, spec, console)
+
+
+def report(results, base: ExperimentConfig, sweep: SweepConfig, spec, console) -> int:  # noqa: ANN001 - Tune's ResultGrid
+    """The leaderboard (terminal, and the sweep folder's reports); the exit status: 1 when a trial failed."""
+    from mtl.distributed.sweep_report import SweepReport
+    from mtl.distributed.tune import sweep_url
+
+    sweep_report = SweepReport(spec, base.optim.tasks)
+    rows = sweep_report.rows(results, base.train.epochs)
     how = f"PBT every {spec.perturbation_interval} epochs" if spec.pbt else "ASHA"
     title = f"sweep {sweep.sweep_name}: {base.model.arch}, {len(rows)} trials, {how} over {base.train.epochs} epochs, {spec.metric}"
-    console.print(report.table(rows, title))
-    paths = report.write(rows, sweep_url(base, sweep), title)
+    console.print(sweep_report.table(rows, title))
+    paths = sweep_report.write(rows, sweep_url(base, sweep), title)
     console.print("reports: " + ", ".join(paths.values()))
     if rows and rows[0].best_model:
         console.print(f"best trial: {rows[0].name} ({spec.metric} {rows[0].objective:.2f}); checkpoint {rows[0].best_model}")

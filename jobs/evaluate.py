@@ -32,7 +32,7 @@ class EvaluateCommand:
     data: Annotated[str | None, tyro.conf.arg(aliases=("--root", "--shards"))] = None
     split: Split = "val"  # the split to evaluate or export
     export: str | None = None  # write submission PNGs + visualisations to this folder
-    viz: int = 8  # side-by-side PNGs with --export
+    viz: int | None = None  # side-by-side PNGs with --export (default 8)
     metrics: bool = True  # compute metrics (a split without labels gets none anyway)
     batch_size: int = 8  # images per forward pass
     workers: int = 0  # loader processes for the metrics pass
@@ -71,17 +71,22 @@ def run(a: EvaluateCommand) -> int:
     inputs = (source.url, m.url, *a.baselines)  # what the exported folder must not replace
     if a.export:  # (checked before the long pass; again when written)
         output_dir(a.export, a.overwrite, inputs=inputs)
-    baselines = load_baselines(a.baselines, m, device) if a.baselines else {}  # (checked before the long pass)
     data = open_split(source, a.split)
+    asked = [flag for flag, value in (("--json", a.json), ("--baselines", a.baselines)) if value]
+    if a.metrics and not data.has_labels and asked:
+        raise ValueError(f"{data.where} has no labels (rgb only), so no metrics and no {' or '.join(asked)}: leave "
+                         f"{'them' if len(asked) > 1 else 'it'} out (--export works without labels)")
+    baselines = load_baselines(a.baselines, m, device) if a.baselines else {}  # (checked before the long pass)
     print(f"{m.url}: {m.cfg.model.arch}, epoch {m.epoch}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
     if note := size_note(m, data):
         print(note, flush=True)
     if a.metrics and not data.has_labels:
-        print(f"no metrics computed: {data.where} has no labels (rgb only){'; no --json written' if a.json else ''}", flush=True)
+        print(f"no metrics computed: {data.where} has no labels (rgb only)", flush=True)
     elif a.metrics:
         report_metrics(a, m, baselines, data, device)
     if a.export:
-        n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, a.viz, a.overwrite,
+        viz = 8 if a.viz is None else a.viz
+        n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, viz, a.overwrite,
                                inputs=inputs)
         print(f"exported {n} predictions to {a.export} (semseg/, depth/, viz/)")
     return 0
@@ -104,8 +109,13 @@ def check_flags(a: EvaluateCommand) -> None:
         given = [flag for flag, value in (("--json", a.json), ("--baselines", a.baselines)) if value]
         if given:
             raise ValueError(f"{' and '.join(given)} report metrics, which --no-metrics turns off: leave one out")
-    if a.batch_size < 1 or a.workers < 0:
-        raise ValueError(f"--batch-size must be at least 1 and --workers at least 0, got {a.batch_size} and {a.workers}")
+    if not a.export:
+        given = [flag for flag, value in (("--viz", a.viz is not None), ("--overwrite", a.overwrite)) if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for --export, which is not given")
+    if a.batch_size < 1 or a.workers < 0 or (a.viz or 0) < 0:
+        raise ValueError(f"--batch-size must be at least 1, --workers and --viz at least 0, got {a.batch_size}, {a.workers} "
+                         f"and {a.viz}")
 
 
 def load_baselines(urls: tuple[str, ...], m, device) -> dict:

@@ -91,6 +91,12 @@ def test_label_less_test_split_exports_without_extra_flags(tiny_root, tmp_path, 
     # --no-metrics still works (and then says nothing about labels)
     rc, stdout, _ = _evaluate(capsys, "--checkpoint", run, "--split", "test", "--no-metrics")
     assert rc == 0 and "no metrics computed" not in stdout
+    # what cannot be done is an error, not an exit 0 without it
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--split", "test", "--json", tmp_path / "m.json")
+    assert rc == 2 and f"{root}/test has no labels (rgb only), so no metrics and no --json: leave it out" in err
+    assert not (tmp_path / "m.json").exists()
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--split", "test", "--viz", "3", "--overwrite")
+    assert rc == 2 and "--viz and --overwrite are for --export, which is not given" in err
 
 
 def test_evaluate_checks_its_outputs_before_the_long_pass_and_names_exports_by_stem(tiny_root, tmp_path, make_run, capsys):

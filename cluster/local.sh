@@ -40,7 +40,8 @@ case "$cmd" in
       exit 2
     fi
     ray start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --dashboard-host=127.0.0.1 \
-      --dashboard-port="$DASHBOARD_PORT" --num-cpus="$head_cpus" --disable-usage-stats >/dev/null
+      --dashboard-port="$DASHBOARD_PORT" --num-cpus="$head_cpus" --resources='{"streetmtl_trials": 1000}' \
+      --disable-usage-stats >/dev/null  # (sweeps' trials wait on the head: mtl.distributed.tune.TRIAL_RESOURCE)
     for i in $(seq 1 "$workers"); do
       # a temp dir per node, as on separate machines: nodes sharing one would unpack (and clean
       # up) each job's working_dir in the same place, under each other's feet

@@ -2,12 +2,15 @@
 against the CRD fields we rely on; the runtime env and the commands in them point at real things."""
 
 import copy
+import json
 import os
 import shlex
 
 import jsonschema
 import pytest
 import yaml
+
+from mtl.distributed.tune import TRIAL_RESOURCE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +31,7 @@ def test_aws_launcher_config_validates_against_rays_schema():
     validate_launcher(cfg)
     types = cfg["available_node_types"]
     assert types[cfg["head_node_type"]]["resources"]["CPU"] == 0  # no training on the head
+    assert types[cfg["head_node_type"]]["resources"][TRIAL_RESOURCE] >= 100  # sweeps' trials wait there, off the spot nodes
     assert any(t.get("resources", {}).get("GPU", 0) > 0 for t in types.values())
     assert any("pip install" in c and "[aws]" in c for c in cfg["setup_commands"])  # [cluster] + boto3: the autoscaler needs it
     assert any("--dashboard-host=0.0.0.0" in c for c in cfg["head_start_ray_commands"])
@@ -100,6 +104,10 @@ def test_kuberay_raycluster_manifest():
     jsonschema.validate(m, RAYCLUSTER)
     check_cluster_spec(m["spec"])
     assert m["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # KubeRay's form for custom resources: a JSON object inside quotes; sweeps' trials wait on the head
+    assert json.loads(json.loads(m["spec"]["headGroupSpec"]["rayStartParams"]["resources"]))[TRIAL_RESOURCE] >= 100
+    with open(os.path.join(REPO, "cluster/local.sh")) as fh:
+        assert f"--resources='{{\"{TRIAL_RESOURCE}\": 1000}}'" in fh.read()
 
 
 def test_kuberay_rayjob_manifest_runs_our_train_job():

@@ -57,6 +57,8 @@ from mtl.distributed.sweep_space import SweepConfig, SweepSpec, hyperparameters,
 
 ORIGIN_FILE = "origin.json"  # in a checkpoint handed to Tune: where it came from
 SEED_FILE = "pbt-origin.json"  # in a run folder seeded from another trial's checkpoint
+#: a custom resource of the cluster's head (cluster/): trials run there, off the (spot) GPU nodes
+TRIAL_RESOURCE = "streetmtl_trials"
 TUNE_CHECKPOINT = "checkpoint"  # the Train checkpoint's files inside a Tune checkpoint
 SWEEP_FILE = "sweep.json"  # in the sweep's folder: the sweep's spec and base config (a resume must match)
 
@@ -342,6 +344,20 @@ def _flat(cfg: ExperimentConfig) -> dict[str, object]:
     return {f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()}
 
 
+def trial_resources() -> dict[str, float]:
+    """What a trial's actor asks for (call after ``ray.init``). A trial only waits for its Train
+    run, whose controller Ray places on the trial's node: on a node that a spot reclaim takes,
+    the trial dies with it (no preemption notice reaches it, and each loss counts against
+    --max-failures). So trials live on the node offering `TRIAL_RESOURCE` (the head of the
+    clusters in cluster/, on-demand and without CPUs for training); on a cluster without one, a
+    sliver of a CPU anywhere."""
+    import ray
+
+    if any(n.get("Alive") and n.get("Resources", {}).get(TRIAL_RESOURCE) for n in ray.nodes()):
+        return {TRIAL_RESOURCE: 1}
+    return {"CPU": 0.01}
+
+
 def check_new(base: ExperimentConfig, sweep: SweepConfig) -> None:
     """A new sweep does not start over one that is there: FileExistsError naming it."""
     from mtl.storage import exists
@@ -366,7 +382,7 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, resum
     workers = plan(base, connect(base))  # the GPU decision, once for every trial; fails fast if never placeable
     base = dataclasses.replace(base, dist=dataclasses.replace(base.dist, use_gpu=workers.use_gpu))
     url = sweep_url(base, sweep)
-    trainable = tune.with_resources(_trial, {"CPU": 0.01})  # the trial itself only waits; Train workers hold the resources
+    trainable = tune.with_resources(_trial, trial_resources())  # the trial itself only waits; Train workers hold the resources
     if resume:
         if not tune.Tuner.can_restore(url):
             raise FileNotFoundError(f"no sweep to resume at {url}")

@@ -94,6 +94,15 @@ def test_job_submit_sweep_with_a_space_of_its_own_and_a_fixed_flag(local_cluster
     assert "\\begin{tabular}" in (tmp_path / "s/results.tex").read_text()
     assert (tmp_path / "s/scores.png").read_bytes()[:4] == b"\x89PNG"
     assert os.path.exists(rows[0]["best_model"]) and "best trial: " + rows[0]["trial"] in r.stdout
+    # the trials and their Train controllers waited on the head (its custom resource), the workers trained elsewhere
+    from ray.util.state import list_actors, list_nodes
+
+    address = f"http://127.0.0.1:{local_cluster['RAY_DASHBOARD_PORT']}"
+    (head,) = [n.node_id for n in list_nodes(address=address) if n.is_head_node]
+    where = {}
+    for a in list_actors(address=address, detail=True, limit=10_000, raise_on_missing_output=False):
+        where.setdefault(a.class_name, set()).add(a.node_id == head)
+    assert where["ImplicitFunc"] == where["TrainController"] == {True} and where["RayTrainWorker"] == {False}, where
 
 
 def test_sweep_resumes_after_the_driver_dies(local_cluster, tiny_root, tmp_path):

@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import shlex
+import subprocess
 
 import jsonschema
 import pytest
@@ -38,6 +39,11 @@ def test_aws_launcher_config_validates_against_rays_schema():
     watch = [c for c in cfg["worker_start_ray_commands"] if "python" in c and "spot_watch.py" in c]  # spot notices: Ray drains
     assert len(watch) == 1 and os.path.exists(os.path.join(REPO, "cluster/spot_watch.py"))
     assert "--address $RAY_HEAD_IP:6379" in watch[0] and watch[0].rstrip().endswith("&")
+    # the launcher runs each command in a subshell whose command line holds the command: stopping
+    # an earlier watcher must not stop that shell (a plain `pkill -f cluster/spot_watch.py` did: exit 143)
+    (stop,) = [c for c in cfg["worker_start_ray_commands"] if "pkill" in c]
+    r = subprocess.run(["bash", "-c", f"export A=1 && ({stop.replace('~/venv/bin/ray stop', 'true')})"], capture_output=True)
+    assert r.returncode == 0, r
     bad = copy.deepcopy(cfg)
     bad["available_node_types"]["gpu_a10g"]["max_workers"] = "many"
     with pytest.raises(jsonschema.ValidationError):

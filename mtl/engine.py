@@ -249,7 +249,7 @@ class Trainer:
         self.weighting = self._weighting()
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
         self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self._planned_steps_per_epoch(), world=rt.world,
-                                loader_workers=self.data.workers, samples=0, epoch_samples=0, baselines=self.baselines,
+                                baselines=self.baselines,  # (samples, epoch_samples, loader_workers: set by _restore)
                                 input_size=list(self.data.image_size) if self.data.image_size else None)
         states = {"train_state": self.state, "rng": RNGState()}
         if self.weighting.stateful:  # (fixed weights have no state: checkpoints of earlier versions stay readable)
@@ -318,6 +318,7 @@ class Trainer:
         check = lambda state: check_resumable(state, self.cfg, self.rt.always_resume)  # noqa: E731
         loaded = self.checkpointer.restore(check) if self.checkpointer else None
         if loaded is None:
+            s.samples, s.epoch_samples, s.loader_workers = 0, 0, self.data.workers
             return PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
         s.restarts += 1
         if s.epochs != self.cfg.train.epochs:  # --resume --epochs N: the plan is recomputed for the new length

@@ -243,8 +243,9 @@ def test_an_elastic_runs_step_checkpoint_goes_on_from_its_position_and_may_leave
     """After ranks of several sizes trained part of an epoch, a step checkpoint's steps of the
     epoch (counted at the last size) say nothing of its position in the epoch's order (samples
     over all ranks): 2 ranks took a step of 8 samples, 1 rank then one of 4, so 12 samples and 1
-    step. A resume at the same size goes on from sample 12. One that finds no step left of the
-    epoch (more ranks share what was left) validates it, with its stored losses."""
+    step. A resume at the same size goes on from sample 12; from a checkpoint of an earlier
+    version, which has no sample counts, at the steps times the batch. One that finds no step
+    left of the epoch (more ranks share what was left) validates it, with its stored losses."""
     trained = []
     read = MiniscapesFolder.__getitem__
 
@@ -264,7 +265,7 @@ def test_an_elastic_runs_step_checkpoint_goes_on_from_its_position_and_may_leave
 
     failing = {}
 
-    def resumed(out, epoch_step: int, epoch_samples: int) -> tuple[list, dict]:
+    def resumed(out, epoch_step: int, epoch_samples: int | None) -> tuple[list, dict]:
         cfg = config(DataConfig(root=tiny_root, workers=0), out).with_values({"train.epochs": 1})
         failing["at"] = order(0)[5 * BATCH]  # the 6th step fails: the last checkpoint is step 3's
         with pytest.raises(OSError, match="simulated read error"):
@@ -273,6 +274,9 @@ def test_an_elastic_runs_step_checkpoint_goes_on_from_its_position_and_may_leave
         state = torch.load(url, weights_only=False)
         sums = state["train_state"]["epoch_loss"]
         state["train_state"].update(step=epoch_step, epoch_step=epoch_step, samples=epoch_samples, epoch_samples=epoch_samples)
+        if epoch_samples is None:  # a checkpoint of an earlier version, without the counts
+            for key in ("samples", "epoch_samples", "loader_workers", "baselines"):
+                del state["train_state"][key]
         torch.save(state, url)
         trained.clear()
         failing.clear()
@@ -283,6 +287,9 @@ def test_an_elastic_runs_step_checkpoint_goes_on_from_its_position_and_may_leave
     read_0 = [i for e, i in trained if e == 0]  # (the prefetcher reads a batch beyond the epoch's last step)
     assert read_0[: 7 * BATCH] == order(0)[12 : 12 + 7 * BATCH] and len(read_0) <= 8 * BATCH  # the 7 steps left, from sample 12
     assert [m["epoch"] for m in metrics] == [1]
+    resumed(tmp_path / "old", epoch_step=3, epoch_samples=None)  # counted from the steps: sample 12 again
+    read_0 = [i for e, i in trained if e == 0]
+    assert read_0[: 5 * BATCH] == order(0)[12 : 12 + 5 * BATCH]
     metrics, sums = resumed(tmp_path / "b", epoch_step=STEPS, epoch_samples=STEPS * BATCH)
     assert [i for e, i in trained if e == 0] == [] and [m["epoch"] for m in metrics] == [1] and metrics[0]["epoch_lrs"] == []
     assert metrics[0]["train_loss"] == pytest.approx(sums[0] / STEPS) and math.isfinite(metrics[0]["lr"])

@@ -69,25 +69,45 @@ def deadline_ms(notice: str, now_s: float) -> int:
         return int((now_s + NOTICE_S) * 1000)
 
 
-def local_node_id(address: str) -> str:
-    """This machine's Ray node (a driver connected for a moment: Ray places it on the local node)."""
+def local_node_id(address: str, wait_s: float = 300.0) -> str:
+    """This machine's Ray node (a driver connected for a moment: Ray places it on the local node),
+    asked again until ``wait_s`` has passed (the node may still be starting)."""
     import ray
 
-    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-    try:
-        return ray.get_runtime_context().get_node_id()
-    finally:
-        ray.shutdown()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            try:
+                return ray.get_runtime_context().get_node_id()
+            finally:
+                ray.shutdown()
+        except Exception as e:  # noqa: BLE001 - Ray raises many types while a node starts
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot find this machine's Ray node at {address}: {e}") from e
+            print(f"Ray node not found yet ({e}); trying again", flush=True)
+            time.sleep(5)
 
 
 def drain(address: str, node_id: str, until_ms: int, message: str) -> None:
+    """Drain the node with the preemption reason, asked again until the deadline (the GCS may
+    hiccup, and the notice comes once)."""
     from ray._raylet import GcsClient
     from ray.core.generated import autoscaler_pb2
 
-    accepted, why = GcsClient(address=address).drain_node(
-        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), message, until_ms)
-    if not accepted:  # (preemption drains are not rejectable; said anyway)
-        raise RuntimeError(f"Ray refused to drain node {node_id}: {why}")
+    while True:
+        try:
+            accepted, why = GcsClient(address=address).drain_node(
+                node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), message, until_ms)
+        except Exception as e:  # noqa: BLE001 - an RPC failure: again, while there is time
+            if time.time() * 1000 >= until_ms:
+                raise
+            print(f"drain not sent ({e}); trying again", flush=True)
+            time.sleep(1)
+            continue
+        if not accepted:  # (preemption drains are not rejectable; said anyway)
+            raise RuntimeError(f"Ray refused to drain node {node_id}: {why}")
+        return
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     while True:
         try:
             notice = meta.get("spot/instance-action")
-        except (OSError, urllib.error.URLError) as e:  # the service hiccups: look again
+        except Exception as e:  # noqa: BLE001 - the service hiccups (any error of urllib/http.client): look again
             print(f"metadata not read ({e}); trying again", flush=True)
             notice = None
         if notice is not None:

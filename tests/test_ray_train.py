@@ -232,7 +232,8 @@ def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_roo
 
 def fake_instance_metadata(notice: str, after: int):
     """An EC2 instance metadata service (IMDSv2) on this machine whose spot/instance-action is
-    ``notice`` from the ``after``-th look on (404 before, as EC2 answers until a reclaim)."""
+    ``notice`` from the ``after``-th look on (404 before, as EC2 answers until a reclaim; the
+    first look gets a server error, which a watcher must survive)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     looks = []
@@ -247,7 +248,7 @@ def fake_instance_metadata(notice: str, after: int):
                 return self._answer(401, "")
             looks.append(self.path)
             ready = self.path == "/latest/meta-data/spot/instance-action" and len(looks) >= after
-            self._answer(200 if ready else 404, notice if ready else "")
+            self._answer(200 if ready else 500 if len(looks) == 1 else 404, notice if ready else "")
 
         def _answer(self, code: int, body: str) -> None:
             self.send_response(code)
@@ -299,7 +300,7 @@ def test_a_spot_notice_brings_checkpoints_and_the_restart_loses_at_most_a_step(r
                            cwd=REPO, capture_output=True, text=True, timeout=60)
     server.shutdown()
     assert watch.returncode == 0 and f"node {worker.node_id} drained" in watch.stdout, watch.stdout + watch.stderr
-    assert len(looks) == 3  # two looks found no notice
+    assert len(looks) == 3 and "metadata not read (HTTP Error 500" in watch.stdout  # two looks found no notice
     thread.join(timeout=400)
     assert not thread.is_alive() and holder["result"].error is None
     text = log.read_text()

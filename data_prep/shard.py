@@ -225,10 +225,12 @@ def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
         raise OSError(f"cannot read destination {dst}: {e}") from e
     try:
         old = None if raw is None else json.loads(raw)
+        if old is not None and not isinstance(old, dict):
+            raise ValueError("not an object")
     except ValueError:  # (written by hand, or torn by an older version): nothing in it is kept
         if not overwrite:
-            raise FileExistsError(f"{dst}/manifest.json is not a manifest (not JSON): pass --overwrite to replace it and the "
-                                  f"shards, or choose another --shards") from None
+            raise FileExistsError(f"{dst}/manifest.json is not a manifest (not a JSON object): pass --overwrite to replace "
+                                  f"it and the shards, or choose another --shards") from None
         old = {}
     if old is not None and not overwrite:
         raise FileExistsError(f"{dst} holds a complete shard set ({', '.join(old.get('splits', {}))}): pass --overwrite to "

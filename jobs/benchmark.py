@@ -229,8 +229,10 @@ def _shard_sources(a: LoaderBench, root: str) -> dict[str, str]:
     from data_prep.shard import shard_dataset
     from mtl.data.build import cache_dir
     from mtl.data.shards import read_manifest
+    from mtl.data.synthetic import GENERATOR_VERSION
 
-    local = os.path.join(cache_dir(), f"bench-shards-{a.size[0]}x{a.size[1]}-{a.samples}")
+    # (the scenes' generator in the name, as the synthetic set's: `mtl.data.build.synthetic_root`)
+    local = os.path.join(cache_dir(), f"bench-shards-{a.size[0]}x{a.size[1]}-{a.samples}-v{GENERATOR_VERSION}")
     if not os.path.exists(os.path.join(local, "manifest.json")):
         shard_dataset(root, local, "64", splits=("train",), workers=os.cpu_count())
     sources = {"local shards": local}

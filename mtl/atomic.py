@@ -54,7 +54,14 @@ def atomic_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) ->
                 raise FileExistsError(f"{out} was written by another process while this one ran; it is left as it is")
             old = f"{out}.old-{uuid.uuid4().hex[:8]}"  # moved aside, not deleted: a kill now leaves one of the two whole
             os.rename(out, old)
-        os.rename(tmp, out)  # (onto a folder made in the meantime: OSError, nothing replaced)
+        try:
+            os.rename(tmp, out)  # (onto a folder another writer made in the meantime: OSError)
+        except OSError:
+            if old and os.path.exists(out):  # another writer's finished output took the place: the old one goes
+                shutil.rmtree(old, ignore_errors=True)
+            elif old:
+                os.rename(old, out)  # the old output back in its place
+            raise
         if old:
             shutil.rmtree(old, ignore_errors=True)
     finally:

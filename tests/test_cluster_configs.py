@@ -105,13 +105,17 @@ def check_cluster_spec(spec: dict) -> None:
         assert float(drain) + 5 <= pod["terminationGracePeriodSeconds"]
 
 
+def check_trials_wait_on_the_head(spec: dict) -> None:
+    """KubeRay's form for custom resources: a JSON object inside quotes; sweeps' trials wait on the head."""
+    assert json.loads(json.loads(spec["headGroupSpec"]["rayStartParams"]["resources"]))[TRIAL_RESOURCE] >= 100
+
+
 def test_kuberay_raycluster_manifest():
     m = load("cluster/kuberay/raycluster.yaml")
     jsonschema.validate(m, RAYCLUSTER)
     check_cluster_spec(m["spec"])
     assert m["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    # KubeRay's form for custom resources: a JSON object inside quotes; sweeps' trials wait on the head
-    assert json.loads(json.loads(m["spec"]["headGroupSpec"]["rayStartParams"]["resources"]))[TRIAL_RESOURCE] >= 100
+    check_trials_wait_on_the_head(m["spec"])
     with open(os.path.join(REPO, "cluster/local.sh")) as fh:
         assert f"--resources='{{\"{TRIAL_RESOURCE}\": 1000}}'" in fh.read()
 
@@ -120,6 +124,7 @@ def test_kuberay_rayjob_manifest_runs_our_train_job():
     m = load("cluster/kuberay/rayjob.yaml")
     jsonschema.validate(m, RAYJOB)
     check_cluster_spec(m["spec"]["rayClusterSpec"])
+    check_trials_wait_on_the_head(m["spec"]["rayClusterSpec"])  # (a RayJob may run a sweep too)
     yaml.safe_load(m["spec"]["runtimeEnvYAML"])
     argv = shlex.split(m["spec"]["entrypoint"])
     assert argv[:2] == ["python", "jobs/train.py"] and os.path.exists(os.path.join(REPO, argv[1]))

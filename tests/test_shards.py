@@ -272,8 +272,10 @@ def test_a_complete_shard_set_is_replaced_only_when_asked_and_only_the_splits_na
     assert sorted(p.name for p in dst.glob("*.tar")) == [f"train-{i:06d}.tar" for i in range(4)] + [f"val-{i:06d}.tar" for i in range(3)]
     assert sorted(int(x["index"]) for x in ShardStream(ShardSplit.from_manifest(m, "train"), None, shuffle=False)) == list(range(96))
     (dst / "manifest.json").write_text('{"format": ')  # not a manifest (written by hand, torn): replaced only when asked
-    with pytest.raises(FileExistsError, match="manifest.json is not a manifest .not JSON.: pass --overwrite"):
-        shard_dataset(tiny_root, str(dst), "24", splits=("val",), workers=1)
+    for text in ('{"format": ', "[]"):
+        (dst / "manifest.json").write_text(text)
+        with pytest.raises(FileExistsError, match="manifest.json is not a manifest .not a JSON object.: pass --overwrite"):
+            shard_dataset(tiny_root, str(dst), "24", splits=("val",), workers=1)
     shard_dataset(tiny_root, str(dst), "24", splits=("val",), workers=1, overwrite=True)
     assert list(read_manifest(str(dst))["splits"]) == ["val"]  # (what the unreadable one listed is not known: not kept)
     empty = tmp_path / "empty"

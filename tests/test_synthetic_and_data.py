@@ -325,6 +325,30 @@ def test_an_output_folder_is_local_and_never_replaces_one_another_writer_finishe
             out.mkdir()
             (out / "theirs").write_text("complete")  # another writer (a rank generating the same cache) finished first
     assert os.listdir(out) == ["theirs"] and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    # --overwrite: the old output moves aside for the new one, and goes when the new one is in place;
+    # if the new one cannot take its place, the old one goes back, unless another writer's did
+    real_rename = os.rename
+
+    def failing(other: bool):
+        def rename(src, dst):
+            if ".tmp-" in str(src):
+                if not other:
+                    raise PermissionError(f"cannot rename {src}")
+                os.makedirs(dst)
+                with open(os.path.join(dst, "other"), "w") as fh:
+                    fh.write("complete")
+            return real_rename(src, dst)
+        return rename
+
+    for other, left in ((False, ["theirs"]), (True, ["other"])):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(os, "rename", failing(other))
+            with pytest.raises(OSError), atomic_dir(str(out), overwrite=True) as tmp:
+                open(os.path.join(tmp, "new"), "w").close()
+        assert os.listdir(out) == left and sorted(os.listdir(tmp_path)) == ["f", "mine", "out"]  # nothing left aside
+    with atomic_dir(str(out), overwrite=True) as tmp:
+        open(os.path.join(tmp, "new"), "w").close()
+    assert os.listdir(out) == ["new"] and sorted(os.listdir(tmp_path)) == ["f", "mine", "out"]
 
 
 def test_the_synthetic_cache_is_reused_only_by_the_same_generator(tmp_path, monkeypatch):

@@ -406,9 +406,9 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, resum
         run_config=tune.RunConfig(name=sweep.sweep_name, storage_path=out_root(base.train.out), callbacks=callbacks,
                                   # PBT: a weak trial copies a strong one's last perturbation checkpoint; keep a few
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=4) if spec.pbt else None,
-                                  # a trial's own actor and Train controller live on a worker node (the head has no
-                                  # CPU for them): losing that node fails the trial itself, which Train's own
-                                  # --max-failures cannot restart; Tune restarts it, continuing its run folder
+                                  # a trial's own actor and Train controller live on the head (`trial_resources`),
+                                  # else on a worker node: losing that node fails the trial itself, which Train's
+                                  # own --max-failures cannot restart; Tune restarts it, continuing its run folder
                                   failure_config=tune.FailureConfig(max_failures=base.dist.max_failures)),
     )
     return tuner.fit()

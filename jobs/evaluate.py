@@ -72,7 +72,7 @@ def run(a: EvaluateCommand) -> int:
     if a.export:  # (checked before the long pass; again when written)
         output_dir(a.export, a.overwrite, inputs=inputs)
     data = open_split(source, a.split)
-    asked = [flag for flag, value in (("--json", a.json), ("--baselines", a.baselines)) if value]
+    asked = metric_outputs(a)
     if a.metrics and not data.has_labels and asked:
         raise ValueError(f"{data.where} has no labels (rgb only), so no metrics and no {' or '.join(asked)}: leave "
                          f"{'them' if len(asked) > 1 else 'it'} out (--export works without labels)")
@@ -103,10 +103,15 @@ def size_note(m, data) -> str | None:
             f"their own size, as the grader does (jobs/predict.py resizes photos to the training size)")
 
 
+def metric_outputs(a: EvaluateCommand) -> list[str]:
+    """The flags given that ask for something made of the metrics."""
+    return [flag for flag, value in (("--json", a.json), ("--baselines", a.baselines)) if value]
+
+
 def check_flags(a: EvaluateCommand) -> None:
     """Usage errors: flags that would otherwise be ignored without a word."""
     if not a.metrics:
-        given = [flag for flag, value in (("--json", a.json), ("--baselines", a.baselines)) if value]
+        given = metric_outputs(a)
         if given:
             raise ValueError(f"{' and '.join(given)} report metrics, which --no-metrics turns off: leave one out")
     if not a.export:

@@ -248,8 +248,8 @@ def predict_to_folder(model_or_checkpoint: LoadedModel | nn.Module | str, images
 
     The folder appears whole or not at all (`mtl.atomic.atomic_dir`): an unreadable image half
     way leaves no folder that looks finished, a non-empty ``out_dir`` is refused unless
-    ``overwrite``, and one holding an input image or the checkpoint always. Images are read a batch at a time, so
-    memory does not grow with their number.
+    ``overwrite``, and one holding an input image or the checkpoint always. Images are read a
+    batch at a time, so memory does not grow with their number.
     """
     loaded = _as_loaded(model_or_checkpoint, device, codec)
     hw = model_input_size(loaded, size)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A multi-node-like Ray cluster on this machine: a head plus N worker nodes (separate raylets),
 # for trying the cluster workflow and for CI. The same `ray job submit` commands then work as
-# on a real cluster.
+# on a real cluster, with --no-use-gpu: a run that joins a cluster asks for GPUs by default, and
+# this one has CPUs only (and no autoscaler to add GPU nodes).
 #
 #   cluster/local.sh up [--workers N] [--cpus-per-node C] [--head-cpus H]
 #   export RAY_ADDRESS=http://127.0.0.1:8265
-#   ray job submit --working-dir . -- python jobs/train.py --arch distillation ...
+#   ray job submit --working-dir . -- python jobs/train.py --arch distillation --no-use-gpu ...
 #   cluster/local.sh status
 #   cluster/local.sh down
 #

@@ -48,8 +48,10 @@ def _rate(n: int, seconds: float) -> float:
     return n / max(seconds, 1e-9)
 
 
-def bench_loader(a: LoaderBench) -> tuple[dict[str, float], dict[str, dict]]:
-    """img/s by path, and the CPU cost per sample of the worker-scaling rows (`_worker_scaling`)."""
+def bench_loader(a: LoaderBench, save=lambda results, cpu: None) -> tuple[dict[str, float], dict[str, dict]]:
+    """img/s by path, and the CPU cost per sample of the worker-scaling rows (`_worker_scaling`).
+    ``save(results, cpu)`` is called after every measurement: a run cut off by its time limit
+    keeps what it measured."""
     import torch
 
     from mtl.data.build import synthetic_root
@@ -63,31 +65,32 @@ def bench_loader(a: LoaderBench) -> tuple[dict[str, float], dict[str, dict]]:
     root = synthetic_root((h, w), (a.samples, 8, 8), seed=0)
     aug = Augment(1.0, 1.25, None, True)
     ds = MiniscapesFolder(root, "train", aug)
-    results = _bare_decode(ds)
+    results, cpu = _bare_decode(ds), {}
+    save(results, cpu)
 
-    def run(loader, n_expected: int) -> float:
+    def run(name: str, loader, n_expected: int) -> None:
         t0, n = time.perf_counter(), 0
         for batch in loader:
             n += batch["rgb"].shape[0]
         assert n > 0.9 * n_expected, (n, n_expected)
-        return _rate(n, time.perf_counter() - t0)
+        results[name] = _rate(n, time.perf_counter() - t0)
+        save(results, cpu)
 
-    results["folder loader, no augmentation"] = run(make_loader(MiniscapesFolder(root, "train"), 16, True, 0, 0, 2, drop_last=False), len(ds))
-    results["folder loader + augmentation"] = run(make_loader(ds, 16, True, 0, 0, 2, drop_last=False), len(ds))
+    run("folder loader, no augmentation", make_loader(MiniscapesFolder(root, "train"), 16, True, 0, 0, 2, drop_last=False), len(ds))
+    run("folder loader + augmentation", make_loader(ds, 16, True, 0, 0, 2, drop_last=False), len(ds))
     results.update(_batch_to_model(next(iter(make_loader(ds, 16, True, 0, 0, 2)))))
-    scaling, cpu = _worker_scaling(ds, a.scaling, a.scaling_batches, a.per_worker)
-    results.update(scaling)
+    _worker_scaling(ds, a.scaling, a.scaling_batches, a.per_worker, results, cpu, save)
     for name, url in _shard_sources(a, root).items():
         split = ShardSplit.from_manifest(read_manifest(url), "train")
-        results[f"{name} loader, no augmentation"] = run(ShardLoader(ShardStream(split, None), 16, 0, 4, False, False), a.samples)
-        results[f"{name} loader + augmentation"] = run(ShardLoader(ShardStream(split, aug), 16, 0, 4, False, False), a.samples)
-        results[f"{name} loader + augmentation, {a.workers} workers (total img/s)"] = run(
+        run(f"{name} loader, no augmentation", ShardLoader(ShardStream(split, None), 16, 0, 4, False, False), a.samples)
+        run(f"{name} loader + augmentation", ShardLoader(ShardStream(split, aug), 16, 0, 4, False, False), a.samples)
+        run(f"{name} loader + augmentation, {a.workers} workers (total img/s)",
             ShardLoader(ShardStream(split, aug), 16, a.workers, 4, False, False), a.samples)
     return results, cpu
 
 
-def _worker_scaling(ds, counts: tuple[int, ...], batches: tuple[int, ...], per_worker: int) -> tuple[dict[str, float], dict[str, dict]]:
-    """The training loader (folder + augmentation, pinned on CUDA) with N worker processes and
+def _worker_scaling(ds, counts: tuple[int, ...], batches: tuple[int, ...], per_worker: int, results: dict, cpu: dict, save) -> None:
+    """Into ``results`` and ``cpu`` (``save``-d after each row): the training loader (folder + augmentation, pinned on CUDA) with N worker processes and
     batch B: total img/s from its first batch on (the workers' start is left out), over
     ``per_worker`` samples per worker (and a batch) so that every count runs about as long.
     Batch 16 is the rows' default name; other batches say theirs: a batch of 64 moves 4x the
@@ -110,7 +113,6 @@ def _worker_scaling(ds, counts: tuple[int, ...], batches: tuple[int, ...], per_w
         def __getitem__(self, item):
             return ds[item]
 
-    results, cpu = {}, {}
     for bs in batches:
         for n in counts:
             sub = First(min(len(ds), per_worker * n + bs * 4))
@@ -126,7 +128,7 @@ def _worker_scaling(ds, counts: tuple[int, ...], batches: tuple[int, ...], per_w
                          "workers_ms_per_img": None if math.isnan(use.workers) else 1e3 * use.workers / max(seen, 1)}
             assert got + seen >= len(sub) - bs, (got, seen, len(sub))
             del it, loader
-    return results, cpu
+            save(results, cpu)
 
 
 def _processes_cpu_s(pids: list[int]) -> float:
@@ -645,7 +647,11 @@ def loader_main(a: LoaderBench, argv: list[str]) -> int:
 
     from mtl.progress import wide_console
 
-    results, cpu = bench_loader(a)
+    def save(results: dict, cpu: dict) -> None:
+        if a.json:
+            write_json(a.json, {"mode": "loader", "size": a.size, "argv": argv, "results": results, "cpu": cpu})
+
+    results, cpu = bench_loader(a, save)
     bare = results["bare read + decode"]
     t = Table(title=f"loader throughput, {a.size[0]}x{a.size[1]}, 1 process = 1 core unless stated")
     for c in ("path", "img/s", "vs bare read+decode", "main process CPU ms/img", "workers' CPU ms/img"):
@@ -654,8 +660,6 @@ def loader_main(a: LoaderBench, argv: list[str]) -> int:
         c = cpu.get(k, {})
         t.add_row(k, f"{v:.0f}", f"{v / bare:.2f}", *(f"{c[x]:.2f}" if c.get(x) is not None else "" for x in ("main_ms_per_img", "workers_ms_per_img")))
     wide_console().print(t)
-    if a.json:
-        write_json(a.json, {"mode": "loader", "size": a.size, "argv": argv, "results": results, "cpu": cpu})
     return 0
 
 

@@ -61,7 +61,7 @@
 # ("16 64": each count at each batch size) and PER_WORKER (128 samples per worker process); for
 # the threads phase THREADS_BATCHES ("64") and INTRA_OP_THREADS (1);
 # for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
-# 256x512 set of 1024/64/16, batch 16, 60 steps per epoch, 12 CPUs for the Ray worker, i.e. 8
+# 256x512 set of 1024/64/16, batch 16, 60 steps per epoch, 12 CPUs for the Ray worker, i.e. 11
 # loader workers, no retries), TRAIN_WORKERS (1: the one GPU), EXPECT_DEVICE (cuda; cpu for a
 # check on the CPU), RUNS (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE,
 # SITE, PACK_TO, DEADLINE (585), and per-phase limits in seconds: T_TESTS (70), T_RAY (100), T_DEEPSPEED (110),
@@ -110,6 +110,19 @@ export RAY_USAGE_STATS_ENABLED=0  # no usage report (and no attempt to reach the
 export RAY_AUTH_MODE=disabled     # a private cluster of this machine: no token (else the first ray.init turns token auth on)
 export RAY_TMPDIR=${RAY_TMPDIR:-/tmp/sgc-ray}  # Ray's sessions (short: socket paths), no other cluster's address file
 
+pack() {  # with PACK_TO: the small files, and all of OUT_DIR as one tar.gz (replaced atomically)
+    [ -n "$PACK_TO" ] || return 0
+    mkdir -p "$PACK_TO"
+    tar -C "$(dirname "$OUT_DIR")" -czf "$PACK_TO/gpu-check.tar.gz.part" "$(basename "$OUT_DIR")" &&
+        mv -f "$PACK_TO/gpu-check.tar.gz.part" "$PACK_TO/gpu-check.tar.gz"
+    local f
+    for f in phases.txt bundle.txt env.txt ray.json deepspeed.json; do
+        [ -f "$OUT_DIR/$f" ] && cp -f "$OUT_DIR/$f" "$PACK_TO/"
+    done
+    return 0
+}
+trap pack EXIT  # also when the bundle's installation fails: bundle.txt comes back
+
 # The bundle, if any: Ray untarred and the wheels installed into SITE, first on PYTHONPATH (Ray's
 # worker processes inherit it); the dashboard's wheels into SITE-dashboard, put on PYTHONPATH only
 # if every module of Ray's dashboard imports with them (as the full dashboard does at its start:
@@ -121,7 +134,11 @@ import ray.dashboard.modules
 for _, name, _ in pkgutil.walk_packages(ray.dashboard.modules.__path__, "ray.dashboard.modules."):
     importlib.import_module(name)  # what the full dashboard imports at its start
 print("every dashboard module imports")'
-if [ -n "$BUNDLE" ] && [ -d "$BUNDLE" ]; then
+if [ -n "$BUNDLE" ] && [ ! -d "$BUNDLE" ]; then  # named but absent: the machine's own packages lack tyro, Ray, DeepSpeed
+    echo "no bundle at $BUNDLE: make it with bash jobs/gpu_bundle.sh (and carry it), or BUNDLE= to use the installed packages" | tee "$OUT_DIR/bundle.txt" >&2
+    exit 2
+fi
+if [ -n "$BUNDLE" ]; then
     want=$(cat "$BUNDLE/PYTHON" 2>/dev/null)
     have=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     if [ "$want" != "$have" ]; then
@@ -162,19 +179,6 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-pack() {  # with PACK_TO: the small files, and all of OUT_DIR as one tar.gz (replaced atomically)
-    [ -n "$PACK_TO" ] || return 0
-    mkdir -p "$PACK_TO"
-    tar -C "$(dirname "$OUT_DIR")" -czf "$PACK_TO/gpu-check.tar.gz.part" "$(basename "$OUT_DIR")" &&
-        mv -f "$PACK_TO/gpu-check.tar.gz.part" "$PACK_TO/gpu-check.tar.gz"
-    local f
-    for f in phases.txt bundle.txt env.txt ray.json deepspeed.json; do
-        [ -f "$OUT_DIR/$f" ] && cp -f "$OUT_DIR/$f" "$PACK_TO/"
-    done
-    return 0
-}
-trap pack EXIT
-
 status=0
 phase() {  # phase NAME LIMIT_S LOG CMD...: run, keep the output, never stop the script
     local name=$1 limit=$2 log=$3
@@ -206,6 +210,9 @@ train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs thr
     # (runs in a child bash under the phase's time limit: uses only exported variables)
     local phase=$1 name=$2 zero=$3 rc1 rc2 t
     shift 3
+    # The phase's limit interrupts the whole process group: the run dies, this shell goes on
+    # (else bash dies of the SIGINT with it) and the checks below still write $phase.json
+    trap 'echo "-- $phase: interrupted by the phase limit"' INT
     local runs=$RUNS/$phase dest=$OUT_DIR/$phase
     rm -rf "${RUNS:?}/$phase" "${OUT_DIR:?}/$phase" "$OUT_DIR/$phase.json" && mkdir -p "$runs" "$dest" || return 2
     # RAY_FLAGS first: the fixed flags after them win. No RAY_ADDRESS and a Ray temp folder of

@@ -163,3 +163,20 @@ def test_gpu_check_installs_a_bundle_for_its_python_only(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (site / "ray/train/torch/__init__.py").exists() and (site / "ray-2.60.0.dist-info/METADATA").exists()
     assert "== bundle installed after" in (tmp_path / "out" / "bundle.txt").read_text()
+
+
+def test_a_loader_benchmark_cut_short_keeps_what_it_measured(tmp_path):
+    """The GPU check's loader phase runs under a time limit: every measurement is saved as it
+    comes, so a run that ends early (here: the shard rows fail) leaves the rows before it."""
+    out = tmp_path / "loader.json"
+    code = ("import sys; from jobs import benchmark\n"
+            "def cut(*a): raise RuntimeError('cut short')\n"
+            "benchmark._shard_sources = cut\n"
+            f"benchmark.main(['loader', '--size', '32x64', '--samples', '32', '--scaling', '1', '--scaling-batches', '8',"
+            f" '--per-worker', '8', '--json', {str(out)!r}])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0 and "cut short" in r.stderr
+    res = json.loads(out.read_text())["results"]
+    assert {"bare read + decode", "folder loader + augmentation",
+            "folder loader + augmentation, 1 workers, batch 8 (total img/s after the first batch)"} <= set(res)
+    assert not any("shards" in k for k in res)

@@ -76,11 +76,13 @@ def _captured_vs_eager(make_strategy, steps: int, warmup: int):
     """The same model trained ``steps`` steps eagerly (twice: the noise floor) and with the
     captured step, from the same initial weights, on the same batches, with the same LR plan.
     Returns [(losses, weights, initial weights, step, strategy)] for eager, eager, captured."""
-    from mtl.config import ExperimentConfig
+    from mtl.config import ExperimentConfig, TrainConfig
     from mtl.cuda_graph import CapturedStep, prepare_optimizer
+    from mtl.engine import make_step
     from mtl.schedule import PolyLR
 
     device, cfg = torch.device("cuda"), ExperimentConfig(model=ModelConfig(arch="branched", encoder="resnet18"))
+    eager_cfg = ExperimentConfig(model=cfg.model, train=TrainConfig(cuda_graph="off"))
     codec, amp, plan = DepthCodec("log"), autocast(device, True), PolyLR(3e-4, steps, warmup_steps=2)
     g = torch.Generator(device=device).manual_seed(0)
     batches = [{"rgb": torch.randn(4, 3, 128, 256, device=device, generator=g).contiguous(memory_format=torch.channels_last),
@@ -102,9 +104,7 @@ def _captured_vs_eager(make_strategy, steps: int, warmup: int):
         strategy = make_strategy(model, opt, captured)
         prepare_optimizer(strategy.optimizer, device)  # all: the LR as a float32 tensor from the first step
 
-        def eager(b, last=True, s=strategy):
-            return train_step(s, b, codec, 0.5, amp, last)
-
+        eager = make_step(eager_cfg, strategy, codec, amp, device)  # the step training builds, without capture
         step = CapturedStep(eager, strategy.optimizer, device, warmup=warmup, strict=True) if captured else eager
         losses = []
         for i, b in enumerate(batches):
@@ -182,8 +182,9 @@ def test_captured_training_survives_a_checkpoint_and_resume(tiny_root, tmp_path)
 def test_a_failed_capture_puts_the_stream_back_and_training_goes_on():
     """A step that reads a device value on the host cannot be captured: under auto the failure is
     logged, the current stream is the one from before the capture, and the eager step trains on."""
-    from mtl.config import ExperimentConfig
+    from mtl.config import ExperimentConfig, TrainConfig
     from mtl.cuda_graph import CapturedStep
+    from mtl.engine import make_step
 
     device, cfg = torch.device("cuda"), ExperimentConfig(model=ModelConfig(arch="deeplabv3p", encoder="resnet18"))
     model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
@@ -193,8 +194,10 @@ def test_a_failed_capture_puts_the_stream_back_and_training_goes_on():
              "semseg": torch.randint(0, NUM_CLASSES, (2, 64, 128), device=device),
              "depth": torch.rand(2, 64, 128, device=device) * 50 + 4, "valid": torch.ones(2, 64, 128, dtype=torch.bool, device=device)}
 
+    eager = make_step(ExperimentConfig(model=cfg.model, train=TrainConfig(cuda_graph="off")), strategy, codec, amp, device)
+
     def syncing(b, last=True):
-        parts = train_step(strategy, b, codec, 0.5, amp, last)
+        parts = eager(b, last)
         float(parts["loss"])  # a host read: forbidden while capturing
         return parts
 

@@ -40,8 +40,9 @@
 # package index, for one Python version) holds Ray slimmed to a tar.xz and wheels of everything
 # else the machine lacks. When it is there it is installed into SITE (/tmp/streetmtl-site), first
 # on PYTHONPATH; Ray's dashboard packages into SITE-dashboard, used only if all of the dashboard's
-# modules import with them (else Ray's minimal dashboard; bundle.txt says which). BUNDLE= (empty)
-# uses what the Python has installed (e.g. the project's venv).
+# modules import with them (else Ray's minimal dashboard; bundle.txt says which). BUNDLE= (empty),
+# or no such folder, uses what the Python has installed (e.g. the project's venv); without a
+# bundle, a Python that lacks the project's packages stops the script at once (exit 2).
 #
 # A train phase (ray, deepspeed) runs `python jobs/train.py $RAY_FLAGS <phase's flags>
 # --num-workers $TRAIN_WORKERS --out $RUNS/<phase> --name ray-gpu|ds-gpu --epochs 2` on a Ray
@@ -134,9 +135,16 @@ import ray.dashboard.modules
 for _, name, _ in pkgutil.walk_packages(ray.dashboard.modules.__path__, "ray.dashboard.modules."):
     importlib.import_module(name)  # what the full dashboard imports at its start
 print("every dashboard module imports")'
-if [ -n "$BUNDLE" ] && [ ! -d "$BUNDLE" ]; then  # named but absent: the machine's own packages lack tyro, Ray, DeepSpeed
-    echo "no bundle at $BUNDLE: make it with bash jobs/gpu_bundle.sh (and carry it), or BUNDLE= to use the installed packages" | tee "$OUT_DIR/bundle.txt" >&2
-    exit 2
+if [ -n "$BUNDLE" ] && [ ! -d "$BUNDLE" ]; then
+    # No bundle: fine on a box with this project installed; on the device machine (no tyro, Ray,
+    # DeepSpeed) every phase would fail after its start, so stop here instead
+    if ! "$PY" -c "import tyro, webdataset" 2>/dev/null; then
+        echo "no bundle at $BUNDLE and $PY lacks this project's packages (tyro, webdataset): make the bundle with" \
+            "bash jobs/gpu_bundle.sh and carry it, or pip install -e '.[cluster]'" | tee "$OUT_DIR/bundle.txt" >&2
+        exit 2
+    fi
+    echo "no bundle at $BUNDLE: the installed packages" | tee "$OUT_DIR/bundle.txt"
+    BUNDLE=
 fi
 if [ -n "$BUNDLE" ]; then
     want=$(cat "$BUNDLE/PYTHON" 2>/dev/null)

@@ -218,11 +218,12 @@ class DistConfig(_Part):
     strategy: Literal["ddp", "deepspeed"] = "ddp"  # PyTorch DDP, or DeepSpeed ZeRO (--zero-stage)
     zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed ZeRO stage
     max_failures: int = operational(3)  # worker/node failures survived by restarting from the last checkpoint
-    #: how long the worker group may wait to be placed (nodes booting: 10+ minutes is normal for
-    #: cloud GPUs); a request the cluster can never hold fails at once instead. Elastic runs
-    #: (--min-workers) start only on resources Ray reports, so keep it short there (a minute): it
-    #: bounds the wait for a lost node Ray still counts, before the group restarts smaller
-    start_timeout_s: float = operational(900.0)
+    #: how long the worker group may wait to be placed; a request the cluster can never hold fails
+    #: at once instead. Default: 900 s (nodes booting: 10+ minutes is normal for cloud GPUs), 60 s
+    #: for elastic runs (--min-workers): they start only on resources Ray reports, and after a
+    #: node's loss this bounds the wait for the node Ray still counts, before the group restarts
+    #: smaller (waiting longer would wait for the replacement elastic training goes on without)
+    start_timeout_s: float | None = operational(None)
 
     def _rules(self) -> None:
         if self.num_workers < 1:
@@ -234,8 +235,15 @@ class DistConfig(_Part):
                              "number of workers; elastic training needs --strategy ddp")
         if self.resize_interval_s <= 0:
             raise ValueError(f"--resize-interval-s must be > 0, got {self.resize_interval_s}")
-        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < 0 or self.start_timeout_s <= 0:
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < 0 or self.start_timeout <= 0:
             raise ValueError("--cpus-per-worker and --start-timeout-s must be > 0; --gpus-per-worker and --max-failures >= 0")
+
+    @property
+    def start_timeout(self) -> float:
+        """``--start-timeout-s``, or its default for this run (fixed or elastic)."""
+        if self.start_timeout_s is not None:
+            return self.start_timeout_s
+        return 60.0 if self.min_workers else 900.0
 
 
 @dataclass(frozen=True)

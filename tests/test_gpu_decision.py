@@ -102,8 +102,12 @@ def test_the_start_timeout_reaches_ray_train_from_the_process_that_builds_the_tr
     from mtl.distributed.ray_train import START_TIMEOUT_ENV, make_trainer
 
     monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
-    make_trainer(ExperimentConfig(dist=DistConfig(start_timeout_s=900)), {"CPU": 1})
-    assert float(os.environ[START_TIMEOUT_ENV]) == 900
+    make_trainer(ExperimentConfig(dist=DistConfig(start_timeout_s=300)), {"CPU": 1})
+    assert float(os.environ[START_TIMEOUT_ENV]) == 300
+    # the defaults: nodes may boot for a fixed group; an elastic one goes on without the lost node
+    for dist, want in ((DistConfig(), 900), (DistConfig(num_workers=2, min_workers=1), 60)):
+        make_trainer(ExperimentConfig(dist=dist), {"CPU": 1})
+        assert float(os.environ[START_TIMEOUT_ENV]) == want
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(ray_cluster
     EPOCHS = 10  # room for Ray to notice the new node before the run ends
     c = ray_cluster([1, 1], fast_node_death=True)
     cfg = ray_cfg(str(tmp_path), "elastic", root=tiny_root, epochs=EPOCHS, steps=3, min_workers=1, resize_interval_s=2.0,
-                  start_timeout_s=20)
+                  start_timeout_s=10)  # (the restart's wait for the lost node; placing on a live node takes no time)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=2)).validate()
     holder = {}
     thread = threading.Thread(target=lambda: holder.update(result=run_ray(cfg)[0]))

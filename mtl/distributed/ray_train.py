@@ -185,14 +185,14 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
     checkpoints in ``<train.out>/<run name>``, failures survived up to ``dist.max_failures``.
     ``track_mlflow``: rank 0 logs to MLflow itself (False: the caller does, a sweep's callback).
 
-    Sets the worker-group start timeout (``dist.start_timeout_s``) in this process's environment:
+    Sets the worker-group start timeout (``dist.start_timeout``) in this process's environment:
     ``fit`` hands Ray Train's variables from the calling process's environment to its controller,
     and a sweep's trials call it in actors of their own, where the driver's environment is not."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     d = cfg.dist
-    os.environ[START_TIMEOUT_ENV] = str(d.start_timeout_s)  # (an unplaceable group then fails instead of hanging)
+    os.environ[START_TIMEOUT_ENV] = str(d.start_timeout)  # (an unplaceable group then fails instead of hanging)
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
     return TorchTrainer(
         train_worker,
@@ -229,14 +229,14 @@ def plan(cfg: ExperimentConfig, joined: bool) -> WorkerPlan:
     """GPU or CPU workers, and whether the cluster can ever hold them (`mtl.distributed.capacity`)."""
     d = cfg.dist
     return plan_workers(d.min_workers or d.num_workers, d.cpus_per_worker, d.gpus_per_worker, d.use_gpu, joined, read_capacity(),
-                        d.start_timeout_s)
+                        d.start_timeout)
 
 
 def run_ray(cfg: ExperimentConfig, log=print):
     """Train on the Ray cluster; returns Ray's Result and the resolved config. Raises
     `InfeasibleCluster` at once when the cluster can never hold the workers, `RunConflict` when
     the run folder does not allow the run (see `mtl.runs`), `ClusterError` when the worker group
-    was not placed within ``dist.start_timeout_s`` or failed to start."""
+    was not placed within ``dist.start_timeout`` or failed to start."""
     import ray
 
     check_worker_paths(cfg)  # (before Ray starts)
@@ -267,7 +267,7 @@ def _controller_failure_message(failure: Exception, cfg: ExperimentConfig, worke
     if isinstance(failure, WorkerGroupStartupTimeoutError):
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         return (f"could not place {cfg.dist.num_workers} training worker(s) x {workers.bundle} within "
-                f"{cfg.dist.start_timeout_s:g}s (--start-timeout-s); the cluster has {have} now. Other jobs may hold "
+                f"{cfg.dist.start_timeout:g}s (--start-timeout-s); the cluster has {have} now. Other jobs may hold "
                 f"the resources, or nodes did not come up.")
     last = [ln.strip() for ln in str(failure).splitlines() if ln.strip()][-1:] or [type(failure).__name__]
     hint = f" The workers were given GPUs, but torch sees none on their node: {NO_CUDA_HINT}" if workers.use_gpu and "GPU" in last[0] else ""

@@ -180,3 +180,21 @@ def test_a_loader_benchmark_cut_short_keeps_what_it_measured(tmp_path):
     assert {"bare read + decode", "folder loader + augmentation",
             "folder loader + augmentation, 1 workers, batch 8 (total img/s after the first batch)"} <= set(res)
     assert not any("shards" in k for k in res)
+
+
+def test_a_train_phase_cut_by_its_limit_still_reports(tmp_path):
+    """The phase limit interrupts the whole process group of a train phase: the run dies, the
+    phase's shell goes on and its checks still write ray.json (here the run is a stand-in that
+    never ends; the phase is cut after 3 s)."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\n[ "$1" = jobs/train.py ] && {{ echo "training..."; sleep 60; exit 0; }}\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "gpu-check"
+    env = {**os.environ, "PYTHON": str(fake), "PHASES": "ray", "BUNDLE": "", "T_RAY": "3", "RUNS": str(tmp_path / "runs")}
+    env.pop("OUT", None)
+    r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # the phase failed ...
+    assert "-- ray: interrupted by the phase limit" in r.stdout
+    res = json.loads((out / "ray.json").read_text())  # ... and said how
+    assert not res["ok"] and res["problems"][0] == "exit codes 130, - (want 0, 0)", res
+    assert (out / "phases.txt").read_text().startswith("== ray: exit 124 after ")  # (timeout's code for a command it cut)

@@ -25,6 +25,7 @@ from mtl.config import ExperimentConfig
 from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN, CapturedStep, StepFn
 from mtl.data.build import FolderLoader, Loaders, build_loaders
 from mtl.data.batch import DeviceBatches
+from mtl.data import loader as data_loader
 from mtl.losses import DepthCodec, task_losses
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
@@ -388,7 +389,8 @@ class Trainer:
         cfg, rt, d, t = self.cfg, self.rt, self.data, self.cfg.train
         n_params = sum(p.numel() for p in self.strategy.module.parameters())
         self.log(f"[bold]{run_name(cfg)}[/] on {self.device} x{rt.world}: {n_params:,} params, {d.num_train} train / "
-                 f"{d.num_val} val samples from {d.source} ({d.workers} loader worker{'s' if d.workers != 1 else ''}), "
+                 f"{d.num_val} val samples from {d.source} ({d.workers} loader worker{'s' if d.workers != 1 else ''}"
+                 f"{', from a fork server' if d.workers and data_loader.from_fork_server() else ''}), "
                  f"global batch {t.batch_size * t.grad_accum * rt.world}, {self.steps_per_epoch} steps/epoch, "
                  f"LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power}); run folder {run_url(cfg)}")
         pretrained = describe_pretrained(self.strategy.module)

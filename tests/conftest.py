@@ -181,6 +181,18 @@ def check_run_layout(run_url: str, epochs: int, sharded: bool = False) -> list[s
     return names
 
 
+@pytest.fixture
+def worker_start(monkeypatch):
+    """``worker_start("fork" | "forkserver")``: how this test's loader workers start
+    (`mtl.data.loader.worker_context`: from a fork server where Ray is loaded in the process)."""
+    from mtl.data import loader
+
+    def use(start: str) -> None:
+        monkeypatch.setattr(loader, "from_fork_server", lambda: start == "forkserver")
+
+    return use
+
+
 @pytest.fixture(scope="session")
 def run_layout():
     """`check_run_layout` as a fixture."""

@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def ray_cfg(out: str, name: str, *, root=None, shards=None, epochs=2, steps=3, workers=2, **dist) -> ExperimentConfig:
+def ray_cfg(out: str, name: str, *, root=None, shards=None, epochs=2, steps=3, workers=2, loader_workers=0, **dist) -> ExperimentConfig:
     return ExperimentConfig(
-        data=DataConfig(root=root, shards=shards, workers=0),
+        data=DataConfig(root=root, shards=shards, workers=loader_workers),
         model=ModelConfig(arch="deeplabv3p", encoder="resnet18"),
         optim=OptimConfig(lr=1e-3),
         train=TrainConfig(epochs=epochs, batch_size=4, max_steps_per_epoch=steps, out=out, name=name, device="cpu"),
@@ -47,9 +47,13 @@ def test_ddp_on_three_nodes_streams_s3_shards_and_checkpoints_to_s3(ray_cluster,
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.setenv(k, f"{secret}-{k}")
     c = ray_cluster([1, 1, 1])
-    cfg = ray_cfg("s3://streetmtl/ray-runs", "ddp-s3", shards=s3_shards, workers=3)
+    cfg = ray_cfg("s3://streetmtl/ray-runs", "ddp-s3", shards=s3_shards, workers=3, loader_workers=1)
     result, _ = run_ray(cfg)
     assert result.error is None
+    # a Ray worker's loader workers start from a fork server (never forked from the Ray process)
+    # and read S3 with the node's keys as well
+    log = fsspec.filesystem("s3").cat_file("streetmtl/ray-runs/ddp-s3/train.log").decode()
+    assert "(1 loader worker, from a fork server)" in log
     assert result.checkpoint is not None and result.checkpoint.path.endswith("ddp-s3/checkpoints/epoch-0002")
     fs = fsspec.filesystem("s3")
     run_layout("s3://streetmtl/ray-runs/ddp-s3", epochs=2)

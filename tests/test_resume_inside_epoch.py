@@ -30,6 +30,14 @@ EPOCHS, STEPS, EVERY, BATCH = 2, 8, 3, 4
 FAIL_EPOCH, FAIL_BATCH, LAST_CHECKPOINT = 1, 5, "epoch-0001-step-00000012"
 
 
+@pytest.fixture(autouse=True)
+def _forked_loader_workers(worker_start):
+    """These tests patch read errors into the dataset classes of this process: the loader
+    workers must be forked from it to see them (not started by a fork server, which imports the
+    classes afresh: `mtl.data.loader.worker_context`)."""
+    worker_start("fork")
+
+
 def config(data: DataConfig, out, resume: bool = False) -> ExperimentConfig:
     return ExperimentConfig(
         data=data, model=ModelConfig(arch="deeplabv3p", encoder="resnet18"), optim=OptimConfig(lr=1e-3),

@@ -56,8 +56,11 @@ def test_aws_cli_sees_shards_and_manifest(s3_shards):
     assert "manifest.json" in r.stdout and "train-000011.tar" in r.stdout and "val-000002.tar" in r.stdout
 
 
-@pytest.mark.parametrize("nodes", [1, 2, 3])
-def test_every_sample_exactly_once_and_equal_to_the_folder(s3_shards, tiny_root, nodes):
+@pytest.mark.parametrize("nodes, start", [(1, "fork"), (2, "fork"), (3, "fork"), (2, "forkserver")])
+def test_every_sample_exactly_once_and_equal_to_the_folder(s3_shards, tiny_root, nodes, start, worker_start):
+    """(start: the loader workers forked from this process, or from a fork server as in a Ray
+    worker: `mtl.data.loader.worker_context`; they read S3 either way.)"""
+    worker_start(start)
     split = ShardSplit.from_manifest(read_manifest(s3_shards), "train")
     folder = MiniscapesFolder(tiny_root, "train", Augment(), seed=5)
     seen, batches = [], []

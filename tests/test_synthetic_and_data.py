@@ -238,17 +238,21 @@ def test_training_batches_are_augmented_on_the_device_like_single_samples(tiny_r
         assert (b["rgb"][i] - one["rgb"][0]).abs().max() < 0.03  # alone, rgb was rounded to uint8 once more
 
 
-def test_a_loader_batch_crosses_from_its_workers_as_one_shared_buffer(tiny_root):
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_a_loader_batch_crosses_from_its_workers_as_one_shared_buffer(tiny_root, worker_start, start):
     """What a training loader's workers hand over: one shared-memory buffer per batch (one
     descriptor to fetch, one block to pin, one copy to the device), read like the dict torch's
-    own collate gives, with the same values, and the same model batch."""
+    own collate gives, with the same values, and the same model batch. Workers forked from this
+    process or, where Ray is loaded in it, from a fork server: the same batches."""
     from torch.utils.data import default_collate
 
     from mtl.data.loader import make_loader
     from mtl.data.packed import PackedBatch, pack_collate
 
+    worker_start(start)
     folder = MiniscapesFolder(tiny_root, "train", Augment(0.9, 1.3, (48, 96), True), seed=2)
     loader = make_loader(folder, 4, True, 2, 2, 2)
+    assert (loader.multiprocessing_context.get_start_method() if loader.multiprocessing_context else "fork") == start
     loader.sampler.set_epoch(1)
     batches = list(loader)
     order = list(loader.sampler)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import sys
 from typing import Iterator
 
 import torch
@@ -52,10 +54,36 @@ class EpochSampler(Sampler):
         return iter([(self.epoch, i) for i in mine])
 
 
+#: what every loader worker imports, done once in the fork server instead of in each worker (the
+#: main module too: a worker then does not run it again)
+_FORKSERVER_PRELOAD = ["__main__", "torch", "mtl.data.folder", "mtl.data.shards", "mtl.data.packed"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """How loader workers start. Forked from this process (``None``: the default), except where
+    Ray has been loaded in it: a Ray Train worker runs Ray's core worker, whose gRPC threads and
+    sockets a fork copies mid-use (Ray's documented anti-pattern: a child may crash, e.g. glibc's
+    "double free or corruption", or corrupt a message). Workers then fork from a fork server, a
+    fresh process that imports what they need once; they see the environment as it was when
+    the first of them started. The datasets are picklable for this (`mtl.data.folder`,
+    `mtl.data.shards`)."""
+    if not from_fork_server():
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+    return ctx
+
+
+def from_fork_server() -> bool:
+    """Whether loader workers start from a fork server here (`worker_context`)."""
+    return "ray" in sys.modules
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int, prefetch: int,
                 rank: int = 0, world: int = 1, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
     sampler = EpochSampler(len(dataset), shuffle, seed, rank, world, pad=drop_last)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last, collate_fn=pack_collate,
         pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+        multiprocessing_context=worker_context() if workers > 0 else None,
     )

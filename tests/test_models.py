@@ -39,12 +39,12 @@ def test_forward_odd_size_full_resolution(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES.names)
 def test_backward_channels_last_bf16(arch):
     model = build_model(ModelConfig(arch=arch, encoder="resnet18")).to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 97, 131).contiguous(memory_format=torch.channels_last)
-    batch = {"semseg": torch.randint(0, NUM_CLASSES, (2, 97, 131)), "depth": torch.rand(2, 97, 131) * 50 + 4,
-             "valid": torch.ones(2, 97, 131, dtype=torch.bool)}
+    x = torch.randn(2, 3, 65, 97).contiguous(memory_format=torch.channels_last)  # (odd sizes, small: bf16 is slow on a CPU)
+    batch = {"semseg": torch.randint(0, NUM_CLASSES, (2, 65, 97)), "depth": torch.rand(2, 65, 97) * 50 + 4,
+             "valid": torch.ones(2, 65, 97, dtype=torch.bool)}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    assert out["semseg"][-1].shape == (2, NUM_CLASSES, 97, 131)
+    assert out["semseg"][-1].shape == (2, NUM_CLASSES, 65, 97)
     loss, _ = multitask_loss(out, batch, DepthCodec("log"), 0.5)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -76,14 +76,18 @@ def test_overfits_a_tiny_batch(arch):
              "depth": (yy.float() + 5.0), "valid": torch.ones(2, 64, 64, dtype=torch.bool)}
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     codec = DepthCodec("log")
-    losses = []
-    for _ in range(40):
-        loss, _ = multitask_loss(model(x), batch, codec, 0.5)
+    losses, parts = [], []
+    for _ in range(40):  # (it gets there in 7-9 steps; the rest would only cost time)
+        loss, part = multitask_loss(model(x), batch, codec, 0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        parts.append({k: float(v) for k, v in part.items()})
+        if losses[-1] < losses[0] / 10:
+            break
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    assert all(parts[-1][k] < parts[0][k] / 2 for k in parts[0]), (parts[0], parts[-1])  # both tasks learn
 
 
 def test_architecture_defaults_and_options():

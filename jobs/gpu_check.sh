@@ -135,15 +135,15 @@ import ray.dashboard.modules
 for _, name, _ in pkgutil.walk_packages(ray.dashboard.modules.__path__, "ray.dashboard.modules."):
     importlib.import_module(name)  # what the full dashboard imports at its start
 print("every dashboard module imports")'
-if [ -n "$BUNDLE" ] && [ ! -d "$BUNDLE" ]; then
+if [ -z "$BUNDLE" ] || [ ! -d "$BUNDLE" ]; then
     # No bundle: fine on a box with this project installed; on the device machine (no tyro, Ray,
     # DeepSpeed) every phase would fail after its start, so stop here instead
     if ! "$PY" -c "import tyro, webdataset" 2>/dev/null; then
-        echo "no bundle at $BUNDLE and $PY lacks this project's packages (tyro, webdataset): make the bundle with" \
+        echo "no bundle${BUNDLE:+ at $BUNDLE} and $PY lacks this project's packages (tyro, webdataset): make the bundle with" \
             "bash jobs/gpu_bundle.sh and carry it, or pip install -e '.[cluster]'" | tee "$OUT_DIR/bundle.txt" >&2
         exit 2
     fi
-    echo "no bundle at $BUNDLE: the installed packages" | tee "$OUT_DIR/bundle.txt"
+    echo "no bundle${BUNDLE:+ at $BUNDLE}: the installed packages" | tee "$OUT_DIR/bundle.txt"
     BUNDLE=
 fi
 if [ -n "$BUNDLE" ]; then
@@ -218,8 +218,9 @@ train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs thr
     # (runs in a child bash under the phase's time limit: uses only exported variables)
     local phase=$1 name=$2 zero=$3 rc1 rc2 t
     shift 3
-    # The phase's limit interrupts the whole process group: the run dies, this shell goes on
-    # (else bash dies of the SIGINT with it) and the checks below still write $phase.json
+    # The phase's limit interrupts the whole process group: the run stops, this shell goes on
+    # (else bash dies of the SIGINT with it), the logs' tee -i keep the run's last words, and the
+    # checks below still write $phase.json (within the 15 s before the SIGKILL)
     trap 'echo "-- $phase: interrupted by the phase limit"' INT
     local runs=$RUNS/$phase dest=$OUT_DIR/$phase
     rm -rf "${RUNS:?}/$phase" "${OUT_DIR:?}/$phase" "$OUT_DIR/$phase.json" && mkdir -p "$runs" "$dest" || return 2
@@ -230,14 +231,14 @@ train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs thr
     local cmd=("$PY" jobs/train.py $RAY_FLAGS "$@" --num-workers "$TRAIN_WORKERS" --out "$runs" --name "$name")
     echo "-- $phase: ${cmd[*]} --epochs 2"
     t=$SECONDS
-    env -u RAY_ADDRESS "${cmd[@]}" --epochs 2 2>&1 | tee "$dest/run1.log"
+    env -u RAY_ADDRESS "${cmd[@]}" --epochs 2 2>&1 | tee -i "$dest/run1.log"
     rc1=${PIPESTATUS[0]}
     echo "-- $phase: exit $rc1 after $((SECONDS - t))s"
     echo "$((SECONDS - t))" >"$dest/run1.seconds"
     if [ "$rc1" -eq 0 ]; then
         echo "-- $phase: resume: --epochs 3 --resume"
         t=$SECONDS
-        env -u RAY_ADDRESS "${cmd[@]}" --epochs 3 --resume 2>&1 | tee "$dest/run2.log"
+        env -u RAY_ADDRESS "${cmd[@]}" --epochs 3 --resume 2>&1 | tee -i "$dest/run2.log"
         rc2=${PIPESTATUS[0]}
         echo "-- $phase: exit $rc2 after $((SECONDS - t))s"
         echo "$((SECONDS - t))" >"$dest/run2.seconds"
@@ -287,7 +288,9 @@ if [e["epoch"] for e in epochs] != [1, 2, 3]:
 elif not epochs[2]["restarts"]:
     problems.append("epoch 3's metrics say restarts=0: it was not trained by the resumed run")
 zero = ds_version = None
-if want_zero != "-":  # DeepSpeed's own record in the last checkpoint: its ZeRO optimizer's stage
+# DeepSpeed's own record in the last checkpoint: its ZeRO optimizer's stage (not after a failed or
+# cut-off first run: importing torch to read it takes seconds of the grace before the SIGKILL)
+if want_zero != "-" and rc1 == "0":
     states = sorted(glob.glob(os.path.join(run_dir, "**", "*optim_states.pt"), recursive=True))
     if not states:
         problems.append(f"no DeepSpeed optimizer states (*optim_states.pt) in {run_dir}")

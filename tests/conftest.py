@@ -184,7 +184,7 @@ def check_run_layout(run_url: str, epochs: int, sharded: bool = False) -> list[s
 @pytest.fixture
 def worker_start(monkeypatch):
     """``worker_start("fork" | "forkserver")``: how this test's loader workers start
-    (`mtl.data.loader.worker_context`: from a fork server where Ray is loaded in the process)."""
+    (`mtl.data.loader.worker_start_kwargs`: from a fork server where Ray is loaded in the process)."""
     from mtl.data import loader
 
     def use(start: str) -> None:

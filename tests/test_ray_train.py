@@ -186,7 +186,7 @@ def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path,
     """One layout, one checkpointer: a run begun in local mode continues on a Ray worker (Ray has
     no record of it: the run folder's pointer is what it resumes from), and local mode continues
     what Ray wrote. On Ray with a loader worker: it starts from a fork server, never forked from
-    the Ray worker's process (`mtl.data.loader.worker_context`)."""
+    the Ray worker's process (`mtl.data.loader.worker_start_kwargs`)."""
     from mtl.distributed.ray_train import run_ray
     from mtl.engine import fit, local_runtime
     from mtl.runs import run_url

@@ -34,7 +34,7 @@ FAIL_EPOCH, FAIL_BATCH, LAST_CHECKPOINT = 1, 5, "epoch-0001-step-00000012"
 def _forked_loader_workers(worker_start):
     """These tests patch read errors into the dataset classes of this process: the loader
     workers must be forked from it to see them (not started by a fork server, which imports the
-    classes afresh: `mtl.data.loader.worker_context`)."""
+    classes afresh: `mtl.data.loader.worker_start_kwargs`)."""
     worker_start("fork")
 
 

@@ -59,7 +59,7 @@ def test_aws_cli_sees_shards_and_manifest(s3_shards):
 @pytest.mark.parametrize("nodes, start", [(1, "fork"), (2, "fork"), (3, "fork"), (2, "forkserver")])
 def test_every_sample_exactly_once_and_equal_to_the_folder(s3_shards, tiny_root, nodes, start, worker_start):
     """(start: the loader workers forked from this process, or from a fork server as in a Ray
-    worker: `mtl.data.loader.worker_context`; they read S3 either way.)"""
+    worker: `mtl.data.loader.worker_start_kwargs`; they read S3 either way.)"""
     worker_start(start)
     split = ShardSplit.from_manifest(read_manifest(s3_shards), "train")
     folder = MiniscapesFolder(tiny_root, "train", Augment(), seed=5)

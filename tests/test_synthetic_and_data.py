@@ -365,3 +365,54 @@ def test_the_synthetic_cache_is_reused_only_by_the_same_generator(tmp_path, monk
     monkeypatch.setattr(build, "GENERATOR_VERSION", build.GENERATOR_VERSION + 1)  # the scenes changed: not reused
     again = build.synthetic_root((16, 32), (2, 1, 1), seed=3)
     assert again != first and sorted(os.listdir(again)) == ["test", "train", "val"]
+
+
+_FORK_SERVER_WORKERS = """
+import os, sys, time
+from torch.utils.data import DataLoader
+from mtl.data import loader
+from mtl.data.folder import MiniscapesFolder
+loader.from_fork_server = lambda: True  # as in a process where Ray is loaded
+os.environ.pop("STREETMTL_PROBE", None)
+list(DataLoader(["STREETMTL_PROBE"], batch_size=None, collate_fn=os.getenv, num_workers=1, **loader.worker_start_kwargs(1)))
+os.environ["STREETMTL_PROBE"] = "set after the fork server started"
+print(list(DataLoader(["STREETMTL_PROBE"], batch_size=None, collate_fn=os.getenv, num_workers=1, **loader.worker_start_kwargs(1))))
+it = iter(loader.make_loader(MiniscapesFolder(sys.argv[1], "train"), 4, True, 0, 2, 2))
+next(it)
+print(" ".join(str(w.pid) for w in it._workers), flush=True)
+time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie nobody reaps (PID 1 of a container) is gone too
+    except FileNotFoundError:
+        return True
+
+
+def test_fork_server_workers_see_the_trainers_environment_and_end_with_it(tiny_root):
+    """Loader workers started from a fork server (`mtl.data.loader.worker_start_kwargs`) see the
+    training process's environment as the loader was made, not the server's, and exit when the
+    training process is killed (Ray kills a worker group's processes on every restart), as
+    forked workers do: torch's own watchdog watches the worker's parent, the server."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", _FORK_SERVER_WORKERS, tiny_root], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "['set after the fork server started']"
+        workers = [int(x) for x in p.stdout.readline().split()]
+        server = int(open(f"/proc/{workers[0]}/stat").read().rsplit(")", 1)[1].split()[1])  # the workers' parent
+        assert len(workers) == 2 and server != p.pid
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.time() + 20
+    while not all(_gone(pid) for pid in (*workers, server)) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in (*workers, server) if not _gone(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left after the training process was killed: {left}"

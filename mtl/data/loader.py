@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import multiprocessing.connection
+import os
 import sys
+import threading
 from typing import Iterator
 
 import torch
@@ -54,28 +57,52 @@ class EpochSampler(Sampler):
         return iter([(self.epoch, i) for i in mine])
 
 
-#: what every loader worker imports, done once in the fork server instead of in each worker (the
-#: main module too: a worker then does not run it again)
-_FORKSERVER_PRELOAD = ["__main__", "torch", "mtl.data.folder", "mtl.data.shards", "mtl.data.packed"]
+#: what every loader worker needs imported, imported once by the fork server instead of by each
+#: worker. Ray too: a worker runs the main script again (Python 3.11's fork server drops the
+#: "__main__" preload), which in a Ray worker is Ray's default_worker.py: 5 ms with Ray imported
+_FORKSERVER_PRELOAD = ["torch", "mtl.data.folder", "mtl.data.shards", "mtl.data.packed", "ray"]
 
 
-def worker_context() -> multiprocessing.context.BaseContext | None:
-    """How loader workers start. Forked from this process (``None``: the default), except where
-    Ray has been loaded in it: a Ray Train worker runs Ray's core worker, whose gRPC threads and
-    sockets a fork copies mid-use (Ray's documented anti-pattern: a child may crash, e.g. glibc's
-    "double free or corruption", or corrupt a message). Workers then fork from a fork server, a
-    fresh process that imports what they need once; they see the environment as it was when
-    the first of them started. The datasets are picklable for this (`mtl.data.folder`,
-    `mtl.data.shards`)."""
-    if not from_fork_server():
-        return None
+def worker_start_kwargs(workers: int) -> dict:
+    """The DataLoader arguments that say how its workers start. Forked from this process (no
+    arguments: the default), except where Ray has been loaded in it: a Ray Train worker runs
+    Ray's core worker, whose gRPC threads and sockets a fork copies mid-use (Ray's documented
+    anti-pattern: a child may crash, e.g. glibc's "double free or corruption", or corrupt a
+    message). Workers then fork from a fork server, a fresh process that has imported what they
+    need, and `_WorkerStart` gives them what a fork would have. The datasets are picklable for
+    this (`mtl.data.folder`, `mtl.data.shards`)."""
+    if not workers or not from_fork_server():
+        return {}
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
-    return ctx
+    return {"multiprocessing_context": ctx, "worker_init_fn": _WorkerStart()}
+
+
+class _WorkerStart:
+    """A fork server's loader worker, made like a forked one. Its environment: the training
+    process's as the loader was made (the server's is the one the first loader of the process
+    found). Its end: with the training process. torch's watchdog in a worker watches the worker's
+    parent, which is the server here, so the workers of a killed training process (Ray kills the
+    group's processes on every restart) would live on, and keep the server alive."""
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+
+    def __call__(self, worker_id: int) -> None:
+        os.environ.clear()
+        os.environ.update(self.env)
+        trainer = multiprocessing.parent_process()  # (for a fork server's child: the process that asked for it)
+        if trainer is not None:
+            threading.Thread(target=_exit_with, args=(trainer.sentinel,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # readable once the training process is gone
+    os._exit(1)
 
 
 def from_fork_server() -> bool:
-    """Whether loader workers start from a fork server here (`worker_context`)."""
+    """Whether loader workers start from a fork server here (`worker_start_kwargs`)."""
     return "ray" in sys.modules
 
 
@@ -85,5 +112,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last, collate_fn=pack_collate,
         pin_memory=pin_memory, persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
-        multiprocessing_context=worker_context() if workers > 0 else None,
+        **worker_start_kwargs(workers),
     )

@@ -27,7 +27,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, decode_sample, sample_index
-from mtl.data.loader import worker_context
+from mtl.data.loader import worker_start_kwargs
 from mtl.data.packed import pack_collate
 from mtl.data.transforms import Augment, prepare, sample_rng
 from mtl.storage import storage_errors, url_to_fs
@@ -244,7 +244,7 @@ class ShardLoader:
         self.stream, self.batch_size, self.drop_last = stream, batch_size, drop_last
         self.workers = workers
         self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=drop_last, pin_memory=pin_memory,
-                                 collate_fn=pack_collate, multiprocessing_context=worker_context() if workers > 0 else None,
+                                 collate_fn=pack_collate, **worker_start_kwargs(workers),
                                  prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False)
         self.epoch, self.skip = 0, 0
 

@@ -58,9 +58,11 @@ class EpochSampler(Sampler):
 
 
 #: what every loader worker needs imported, imported once by the fork server instead of by each
-#: worker. Ray too: a worker runs the main script again (Python 3.11's fork server drops the
-#: "__main__" preload), which in a Ray worker is Ray's default_worker.py: 5 ms with Ray imported
-_FORKSERVER_PRELOAD = ["torch", "mtl.data.folder", "mtl.data.shards", "mtl.data.packed", "ray"]
+#: worker: torchvision's decoders (imported on a worker's first decode, ~2 s, at every epoch's
+#: start for a shard loader's workers); Ray too: a worker runs the main script again (Python
+#: 3.11's fork server drops the "__main__" preload), in a Ray worker Ray's default_worker.py: 5 ms
+#: with Ray imported, a second without
+_FORKSERVER_PRELOAD = ["torch", "torchvision.io", "mtl.data.folder", "mtl.data.shards", "mtl.data.packed", "ray"]
 
 
 def worker_start_kwargs(workers: int) -> dict:

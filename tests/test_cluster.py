@@ -58,6 +58,8 @@ def test_job_submit_trains_distillation(local_cluster, tiny_root, tmp_path, run_
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout + r.stderr and "done: mIoU" in r.stdout
     assert "summary.json" in run_layout(str(tmp_path / "submitted"), epochs=1)
+    dist = json.loads((tmp_path / "submitted/config.json").read_text())["dist"]
+    assert (dist["use_gpu"], dist["start_timeout_s"]) == (False, 900.0)  # the defaults resolved: what the run did
 
 
 def test_job_submit_sweep_with_a_space_of_its_own_and_a_fixed_flag(local_cluster, tiny_root, tmp_path):

@@ -246,7 +246,9 @@ def run_ray(cfg: ExperimentConfig, log=print):
            "the default on a cluster this run joins; --no-use-gpu trains on CPUs" if joined else
            "the default on a Ray instance started by this run: the GPUs of this machine")
     log(f"training workers on {'GPUs' if workers.use_gpu else 'CPUs'} ({why}); {workers.note}")
-    cfg = prepare_run(dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, use_gpu=workers.use_gpu)), log)
+    # (resolved: config.json says what the run does)
+    dist = dataclasses.replace(cfg.dist, use_gpu=workers.use_gpu, start_timeout_s=cfg.dist.start_timeout)
+    cfg = prepare_run(dataclasses.replace(cfg, dist=dist), log)
     log(JSON(cfg.to_json()))
     drop_unreferenced_checkpoints(run_url(cfg), log)
     trainer = make_trainer(cfg, workers.bundle)

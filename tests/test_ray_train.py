@@ -126,7 +126,8 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
     assert not any(k.endswith((".pt", ".ckpt")) or "checkpoint" in k for k in kept), kept
     # the device machine's copy: a few files, everything else in one archive
     names = sorted(p.name for p in packed.iterdir())
-    assert names == ["deepspeed.json", "gpu-check.tar.gz", "phases.txt"], names
+    assert names == ["bundle.txt", "deepspeed.json", "gpu-check.tar.gz", "phases.txt"], names
+    assert (packed / "bundle.txt").read_text() == "no bundle: the installed packages\n"  # (BUNDLE= here)
     with tarfile.open(packed / "gpu-check.tar.gz") as tar:
         assert "gpu-check/deepspeed/metrics/epoch-0003.json" in tar.getnames()
 

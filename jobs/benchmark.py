@@ -90,9 +90,10 @@ def bench_loader(a: LoaderBench, save=lambda results, cpu: None) -> tuple[dict[s
 
 
 def _worker_scaling(ds, counts: tuple[int, ...], batches: tuple[int, ...], per_worker: int, results: dict, cpu: dict, save) -> None:
-    """Into ``results`` and ``cpu`` (``save``-d after each row): the training loader (folder + augmentation, pinned on CUDA) with N worker processes and
-    batch B: total img/s from its first batch on (the workers' start is left out), over
-    ``per_worker`` samples per worker (and a batch) so that every count runs about as long.
+    """Into ``results`` and ``cpu`` (``save``-d after each row): the training loader (folder +
+    augmentation, pinned on CUDA) with N worker processes and batch B: total img/s from its first
+    batch on (the workers' start is left out), over ``per_worker`` samples per worker (and a
+    batch) so that every count runs about as long.
     Batch 16 is the rows' default name; other batches say theirs: a batch of 64 moves 4x the
     shared memory a batch and pins it in one piece, which batch 16 does not show.
 

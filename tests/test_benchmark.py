@@ -198,3 +198,17 @@ def test_a_train_phase_cut_by_its_limit_still_reports(tmp_path):
     res = json.loads((out / "ray.json").read_text())  # ... and said how
     assert not res["ok"] and res["problems"][0] == "exit codes 130, - (want 0, 0)", res
     assert (out / "phases.txt").read_text().startswith("== ray: exit 124 after ")  # (timeout's code for a command it cut)
+
+
+def test_the_gpu_check_without_a_bundle_or_the_projects_packages_stops_at_once(tmp_path):
+    """The device machine lacks tyro, Ray and DeepSpeed: without the bundle every phase would
+    fail after its start, so the script stops before the first, naming what to do."""
+    fake = tmp_path / "python"  # a Python without the project's packages
+    fake.write_text(f'#!/usr/bin/env bash\ncase "$*" in *"import tyro"*) exit 1;; esac\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "gpu-check"
+    env = {**os.environ, "PYTHON": str(fake), "PHASES": "env", "BUNDLE": str(tmp_path / "no-such-bundle")}
+    env.pop("OUT", None)
+    r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "lacks this project's packages (tyro, webdataset)" in r.stderr, r.stdout + r.stderr
+    assert "no-such-bundle" in (out / "bundle.txt").read_text() and not (out / "env.txt").exists()

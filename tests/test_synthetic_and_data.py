@@ -384,10 +384,15 @@ time.sleep(300)
 """
 
 
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name: state, parent pid, ..."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()
+
+
 def _gone(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie nobody reaps (PID 1 of a container) is gone too
+        return _proc_stat(pid)[0] == "Z"  # a zombie nobody reaps (PID 1 of a container) is gone too
     except FileNotFoundError:
         return True
 
@@ -404,7 +409,7 @@ def test_fork_server_workers_see_the_trainers_environment_and_end_with_it(tiny_r
     try:
         assert p.stdout.readline().strip() == "['set after the fork server started']"
         workers = [int(x) for x in p.stdout.readline().split()]
-        server = int(open(f"/proc/{workers[0]}/stat").read().rsplit(")", 1)[1].split()[1])  # the workers' parent
+        server = int(_proc_stat(workers[0])[1])  # the workers' parent
         assert len(workers) == 2 and server != p.pid
     finally:
         p.kill()

@@ -28,8 +28,10 @@ opens its first event file with ``purge_step`` k + 1: readers (TensorBoard's acc
 the SessionLog START event that writes, its Rust data server through the step going back) then
 hide what earlier attempts logged after step k, which this attempt trains again, so curves never
 double back; what they logged up to k (the checkpoint's own epoch-end validation) stays. MLflow
-cannot hide points: a resumed run's MLflow history holds both attempts' values for the steps
-between its checkpoint and the failure.
+can neither hide nor replace points, so there each batch sent also sets the run's tag
+``streetmtl.logged_through_step``, and a resumed attempt sends nothing for the steps up to it: an
+earlier attempt that failed after its checkpoint (and sent its last values on the way out) keeps
+its values for the steps this one trains again, and no step has two.
 
 MLflow (``MLFLOW_TRACKING_URI`` set): one MLflow run per training run, continued on resume (its
 id in ``mlflow.json``; an attempt with no checkpoint to resume from begins a new one), in the
@@ -73,6 +75,7 @@ CURVES_EVERY_S = 60.0
 CURVES_MAX_SHARE = 0.02
 _clock = time.monotonic  # (tests move it)
 MLFLOW_FILE = "mlflow.json"
+LOGGED_THROUGH_TAG = "streetmtl.logged_through_step"  # the last step an MLflow run has values for
 DEFAULT_EXPERIMENT = "streetmtl"
 NO_MATPLOTLIB = "curves.png not drawn: matplotlib is not installed (pip install matplotlib)"
 _BAD_CHARS = re.compile(r"[^\w./\-]")  # what both TensorBoard tags and MLflow names may hold
@@ -356,7 +359,9 @@ class MlflowRun:
         self.client, self.uri, self.log = MlflowClient(tracking_uri=uri), public_uri(uri), log
         self.pending: list[Any] = []  # step metrics not yet sent
         self.broken = False  # a call failed mid-run: no more for this attempt
+        self.logged_through = 0  # the MLflow run has values up to this step (its LOGGED_THROUGH_TAG)
         self.run_id, params = self._continue(run_url, start_step) or self._start(run_url, run_name)
+        self.skip_through = self.logged_through  # an earlier attempt's steps: MLflow keeps those values
         # (--resume itself is no setting of the run: it would differ on every resume)
         self._log_params({k: v for k, v in flatten(config).items() if k != "train.resume"}, params)
 
@@ -387,6 +392,11 @@ class MlflowRun:
             return None
         self.client.update_run(run_id, status="RUNNING")
         self.log(f"MLflow: continuing run {run_id} ({self._link(run.info.experiment_id, run_id)})")
+        self.logged_through = int(run.data.tags.get(LOGGED_THROUGH_TAG, 0))
+        if self.logged_through > start_step:
+            self.log(f"MLflow: an earlier attempt sent values up to step {self.logged_through}, after this attempt's "
+                     f"checkpoint (step {start_step}); MLflow cannot replace points, so steps {start_step + 1}-"
+                     f"{self.logged_through} keep that attempt's values there (TensorBoard shows this attempt's)")
         return run_id, dict(run.data.params)
 
     def _start(self, run_url: str, run_name: str) -> tuple[str, dict[str, str]]:
@@ -417,6 +427,8 @@ class MlflowRun:
     def add(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.skip_through:
+            return  # sent by an earlier attempt: a second value for the step would read as a second run
         now = int(time.time() * 1000)
         self.pending += [Metric(k, v, now, step) for k, v in values.items()]
 
@@ -435,7 +447,15 @@ class MlflowRun:
     def flush(self) -> None:
         batch, self.pending = self.pending, []
         if batch:
-            self._call(f"log {len(batch)} values", lambda: [self.client.log_batch(self.run_id, metrics=c) for c in _chunks(batch, 1000)])
+            self._call(f"log {len(batch)} values", lambda: self._send(batch))
+
+    def _send(self, batch: list[Any]) -> None:
+        """``batch`` (in step order) in chunks, each with the tag that says how far the run's values go."""
+        from mlflow.entities import RunTag
+
+        for chunk in _chunks(batch, 1000):
+            self.logged_through = max(self.logged_through, max(m.step for m in chunk))
+            self.client.log_batch(self.run_id, metrics=chunk, tags=[RunTag(LOGGED_THROUGH_TAG, str(self.logged_through))])
 
     def finish(self, png: bytes | None, failed: bool) -> None:
         """The last values, curves.png as an artifact, and the run's end state."""

@@ -172,8 +172,12 @@ def test_mlflow_run_is_continued_on_resume(tmp_path, monkeypatch):
     assert any("data.workers" in line for line in lines) and not any("train.resume" in line for line in lines)
     assert "train.resume" not in got.data.params  # (--resume differs on every resume: no setting of the run)
     loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
-    # MLflow keeps both attempts' values of the steps trained twice (5, 6): it cannot hide points
-    assert loss == sorted([(s, float(s)) for s in range(1, 7)] + [(s, 1000.0 + s) for s in range(5, 9)])
+    # the steps trained twice (5, 6) keep the failed attempt's values, sent on its way out: MLflow
+    # cannot replace points, and two values for a step would read as two runs
+    assert loss == [(s, float(s)) for s in range(1, 7)] + [(s, 1000.0 + s) for s in range(7, 9)]
+    assert (f"MLflow: an earlier attempt sent values up to step 6, after this attempt's checkpoint (step 4); MLflow "
+            f"cannot replace points, so steps 5-6 keep that attempt's values there (TensorBoard shows this attempt's)") in lines
+    assert got.data.tags["streetmtl.logged_through_step"] == "8"
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/miou")) == [4, 8]
     assert sorted(m.step for m in client.get_metric_history(run_id, "iou/traffic_light")) == [4, 8]
     assert len(client.search_runs([got.info.experiment_id])) == 1

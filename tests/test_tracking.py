@@ -175,8 +175,8 @@ def test_mlflow_run_is_continued_on_resume(tmp_path, monkeypatch):
     # the steps trained twice (5, 6) keep the failed attempt's values, sent on its way out: MLflow
     # cannot replace points, and two values for a step would read as two runs
     assert loss == [(s, float(s)) for s in range(1, 7)] + [(s, 1000.0 + s) for s in range(7, 9)]
-    assert (f"MLflow: an earlier attempt sent values up to step 6, after this attempt's checkpoint (step 4); MLflow "
-            f"cannot replace points, so steps 5-6 keep that attempt's values there (TensorBoard shows this attempt's)") in lines
+    assert ("MLflow: an earlier attempt sent values up to step 6, after this attempt's checkpoint (step 4); MLflow "
+            "cannot replace points, so steps 5-6 keep that attempt's values there (TensorBoard shows this attempt's)") in lines
     assert got.data.tags["streetmtl.logged_through_step"] == "8"
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/miou")) == [4, 8]
     assert sorted(m.step for m in client.get_metric_history(run_id, "iou/traffic_light")) == [4, 8]

@@ -1,5 +1,6 @@
 """cluster/: the launcher config validates against Ray's own schema; the KubeRay manifests
-against the CRD fields we rely on; the runtime env and the commands in them point at real things."""
+against the CRD fields we rely on; the runtime env and the commands in them point at real things;
+the spot watcher sends its drain until the GCS takes it."""
 
 import copy
 import json
@@ -158,3 +159,62 @@ def test_runtime_env_recipe():
     assert not any("SECRET" in k or "KEY" in k or "TOKEN" in k for k in env.get("env_vars", {}))  # no credentials through Ray
     from ray.runtime_env import RuntimeEnv
     RuntimeEnv(**env)  # Ray accepts it
+
+
+class _Clock:
+    """A stand-in for spot_watch's ``time``: sleeping moves the clock, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+def test_the_spot_watcher_asks_again_until_the_drain_is_sent_and_gives_up_at_the_deadline(monkeypatch, capsys):
+    """The notice comes once: a drain the GCS did not take (an RPC failure) is sent again each
+    second until it is taken, and the watcher fails with the RPC's error only once the node's
+    deadline has passed. A drain Ray refuses is an error at once. (The drain itself, end to end:
+    test_ray_train's spot test.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("spot_watch", os.path.join(REPO, "cluster/spot_watch.py"))
+    spot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spot)
+    clock, calls, answers = _Clock(), [], []
+
+    class Gcs:
+        def __init__(self, address: str) -> None:
+            self.address = address
+
+        def drain_node(self, node, reason, message, until_ms):
+            calls.append((self.address, node, reason, message, until_ms, clock.now))
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    monkeypatch.setattr("ray._raylet.GcsClient", Gcs)
+    monkeypatch.setattr(spot, "time", clock)
+    from ray.core.generated import autoscaler_pb2
+
+    preemption = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    until = int((clock.now + 100) * 1000)
+    answers[:] = [ConnectionError("GCS unavailable"), ConnectionError("GCS unavailable"), (True, "")]
+    spot.drain("head:6379", "n1", until, "EC2 spot interruption")
+    assert [c[:5] for c in calls] == [("head:6379", "n1", preemption, "EC2 spot interruption", until)] * 3
+    assert [c[5] - calls[0][5] for c in calls] == [0, 1, 2]  # a second apart
+    assert capsys.readouterr().out.count("drain not sent (GCS unavailable); trying again") == 2
+
+    calls.clear()
+    answers[:] = [ConnectionError("GCS unavailable")] * 10
+    with pytest.raises(ConnectionError, match="GCS unavailable"):
+        spot.drain("head:6379", "n1", int((clock.now + 3) * 1000), "EC2 spot interruption")
+    assert len(calls) == 4  # at 0, 1, 2 s, and at the deadline: no more
+
+    answers[:] = [(False, "the node is busy")]
+    with pytest.raises(RuntimeError, match="^Ray refused to drain node n1: the node is busy$"):
+        spot.drain("head:6379", "n1", int((clock.now + 100) * 1000), "EC2 spot interruption")

@@ -4,7 +4,8 @@
     python jobs/evaluate.py --checkpoint runs/<run>/best.pt --split test --export out/test-preds
     python jobs/evaluate.py --checkpoint runs/<mtl run> --baselines runs/<semseg-only run> runs/<depth-only run>  # + Δm
 
-``--checkpoint`` takes a checkpoint file or a run folder (its latest checkpoint). The data
+``--checkpoint`` takes a checkpoint file or a run folder (its latest checkpoint; with
+``--baselines`` its ``best.pt``, as for the baselines: Δm compares best epochs). The data
 defaults to what the checkpoint was trained on (its shards, else its folder, else the cached
 synthetic set); ``--root`` names another Miniscapes folder and ``--shards`` another shard set (a
 prefix holding manifest.json, or the manifest's URL), as in training (``--data``: either). A
@@ -66,7 +67,7 @@ def run(a: EvaluateCommand) -> int:
 
     check_flags(a)
     device = resolve_device(a.device)
-    m = load_model(a.checkpoint, device)
+    m = load_model(model_url(a), device)
     source = resolve_source(m.cfg, a.data)
     inputs = (source.url, m.url, *a.baselines)  # what the exported folder must not replace
     if a.export:  # (checked before the long pass; again when written)
@@ -121,6 +122,19 @@ def check_flags(a: EvaluateCommand) -> None:
     if a.batch_size < 1 or a.workers < 0 or (a.viz or 0) < 0:
         raise ValueError(f"--batch-size must be at least 1, --workers and --viz at least 0, got {a.batch_size}, {a.workers} "
                          f"and {a.viz}")
+
+
+def model_url(a: EvaluateCommand) -> str:
+    """``--checkpoint`` as loaded. With ``--baselines`` a run folder stands for its ``best.pt``,
+    as each baseline's folder does: Δm compares best epochs, and a run folder's latest checkpoint
+    can be a later epoch, or a step checkpoint inside one."""
+    from mtl.checkpoint import BEST_FILE
+    from mtl.storage import exists
+
+    url = a.checkpoint.rstrip("/")
+    if a.baselines and not url.endswith(".pt") and exists(f"{url}/{BEST_FILE}"):
+        return f"{url}/{BEST_FILE}"
+    return a.checkpoint
 
 
 def load_baselines(urls: tuple[str, ...], m, device) -> dict:

@@ -56,8 +56,8 @@ def depth_errors_per_image(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Te
     n = n_valid.clamp(min=1).double()
     valid = valid.double()
 
-    def mean(x: torch.Tensor) -> torch.Tensor:
-        return (x * valid).flatten(1).sum(1) / n
+    def mean(x: torch.Tensor) -> torch.Tensor:  # (where, not a product: a NaN off the valid pixels stays out)
+        return torch.where(valid > 0, x, 0.0).flatten(1).sum(1) / n
 
     safe_gt = torch.where(valid > 0, gt, torch.ones_like(gt))
     d = torch.log(safe_gt) - torch.log(pred)
@@ -71,7 +71,7 @@ def depth_errors_per_image(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Te
         mean(err.abs() / safe_gt),
         *(100.0 * mean((ratio < 1.25**k).double()) for k in (1, 2, 3)),
     ]
-    return torch.stack(out, dim=1) * has_depth[:, None], has_depth
+    return torch.where(has_depth[:, None], torch.stack(out, dim=1), 0.0), has_depth
 
 
 class MultiTaskMetrics:

@@ -5,10 +5,12 @@ multi-task measure Δm against single-task baselines.
   baseline (``--tasks semseg`` or ``--tasks depth``) by its own task: mIoU, or −SI-logRMSE; the
   other task's metrics are left out of its reports (that head is not trained).
 * Δm (Maninis et al. 2019; Vandenhende et al. 2021): the mean relative change of each task's
-  metrics against that task's single-task baseline, in percent, signed so that lower is better
-  (−3 means the multi-task model is 3 % better on average). The metrics of a task are averaged
-  first, then the tasks, so depth's several metrics count as much as segmentation's one. A run
-  given ``--baselines`` is ranked by it: its score is −Δm.
+  metrics against that task's single-task baseline, in percent, signed as in Navon et al. 2022
+  (Nash-MTL) and Liu et al. 2023 (FAMO), so that lower is better (−3 means the multi-task model
+  is 3 % better on average; Maninis' and Vandenhende's sign is the opposite). The metrics of a
+  task are averaged first, then the tasks (those papers average over all metrics), so depth's
+  several metrics count as much as segmentation's one. A run given ``--baselines`` is ranked by
+  it: its score is −Δm.
 """
 
 from __future__ import annotations

@@ -90,6 +90,16 @@ def test_images_without_valid_depth_are_skipped():
     assert r["num_depth_images"] == 1 and r["mae"] == pytest.approx(10.0)  # the empty image counts for nothing
 
 
+def test_a_nan_prediction_off_the_valid_pixels_stays_out():
+    """Masks select, they do not multiply: NaN·0 is NaN, and one NaN in an image without depth
+    (or on an invalid pixel) would make the split's averages NaN."""
+    gt = torch.tensor([[[0.0, 10.0]], [[0.0, 0.0]]])
+    pred = torch.tensor([[[float("nan"), 20.0]], [[float("nan"), 1.0]]])
+    errs, has_depth = depth_errors_per_image(pred, gt, gt > 0)
+    assert has_depth.tolist() == [True, False] and torch.isfinite(errs).all()
+    assert errs[0, 2] == pytest.approx(10.0) and errs[1].abs().sum() == 0  # (mae)
+
+
 def test_states_sum_across_ranks():
     torch.manual_seed(0)
     labels = torch.randint(0, 19, (4, 8, 8))

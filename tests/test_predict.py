@@ -310,7 +310,7 @@ def test_delta_m_evaluates_the_baselines_on_the_same_split(tiny_root, tmp_path, 
     """The baselines' best.pt is evaluated on the images the model is: with the same weights Δm is
     0 on any split, whatever their run folders recorded at training time (here: nonsense)."""
     data = DataConfig(root=tiny_root)
-    run = make_run(data, name="mtl")
+    run = make_run(data, name="mtl", metrics={"score": 1.0})  # (with best.pt, which Δm compares)
     seg = make_run(data, name="seg", tasks=("semseg",), metrics={"miou": 99.0})
     dep = make_run(data, name="dep", tasks=("depth",), metrics={"si_log_rmse": 1.0, "abs_rel": 0.01, "rmse": 0.1, "delta1": 99.0})
     for split in ("val", "test"):
@@ -319,6 +319,7 @@ def test_delta_m_evaluates_the_baselines_on_the_same_split(tiny_root, tmp_path, 
         assert rc == 0, err
         metrics = _strict_json(out)  # valid JSON: a class absent from the split is null, not NaN
         assert metrics["delta_m"] == 0.0 and f"Δm +0.00 % against the single-task baselines on the same {split} images" in stdout
+        assert stdout.startswith(f"{run}/best.pt: ")  # best epoch against best epochs, not the run's latest checkpoint
         assert f"mIoU {metrics['miou']:.2f}" in stdout and any(v is None for k, v in metrics.items() if k.startswith("iou/"))
     rc, _, err = _evaluate(capsys, "--checkpoint", run, "--baselines", seg, "--json", tmp_path / "x.json")
     assert rc == 2 and "Δm needs a single-task baseline for depth" in err

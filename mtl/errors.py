@@ -41,12 +41,18 @@ def one_line(e: BaseException) -> str:
     become "cannot reach <url> ...".
     """
     for err in _chain(e):
-        if isinstance(err, StorageError):
-            return str(err)
+        if isinstance(err, StorageError):  # (from a loader worker: inside torch's traceback text)
+            return _last_line(str(err))
         if is_connection_error(err):  # raised outside `storage_errors`: the client's URL is all there is
             url = getattr(err, "kwargs", {}).get("endpoint_url") or "the storage endpoint"
             return unreachable_message(url, err, None)
-    text = str(e).strip() or type(e).__name__
+    return _last_line(str(e)) or type(e).__name__
+
+
+def _last_line(text: str) -> str:
+    """A traceback's last line (the original message) without its exception type; any other text
+    joined into one line."""
+    text = text.strip()
     if "Traceback (most recent call last)" in text:
         last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
         name, sep, rest = last.partition(": ")

@@ -421,3 +421,20 @@ def test_fork_server_workers_see_the_trainers_environment_and_end_with_it(tiny_r
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left after the training process was killed: {left}"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_stream_that_cannot_reach_s3_names_the_endpoint_not_a_corrupt_shard(unreachable_s3, workers):
+    """botocore's connection errors are not OSErrors: they reached webdataset's handler as a
+    "corrupt or unreadable shard". From a loader worker too, the error is one line naming the
+    shard's URL and the endpoint."""
+    from mtl.data.shards import ShardLoader, ShardSplit, ShardStream
+    from mtl.errors import one_line
+    from mtl.storage import StorageError
+
+    split = ShardSplit(("s3://streetmtl/shards/train-000000.tar",), (4,))
+    loader = ShardLoader(ShardStream(split, None, shuffle=False), 2, workers, 2, False, False)
+    with pytest.raises(StorageError) as e:
+        next(iter(loader))
+    assert one_line(e.value).startswith(f"cannot reach s3://streetmtl/shards/train-000000.tar at endpoint {unreachable_s3}: "
+                                        f"Could not connect to the endpoint URL")

@@ -30,7 +30,7 @@ from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, decode_sample, sam
 from mtl.data.loader import worker_start_kwargs
 from mtl.data.packed import pack_collate
 from mtl.data.transforms import Augment, prepare, sample_rng
-from mtl.storage import storage_errors, url_to_fs
+from mtl.storage import StorageError, is_connection_error, storage_errors, url_to_fs
 
 FORMAT = "streetmtl-shards-v1"
 RETRIES = 4
@@ -58,10 +58,15 @@ def read_manifest(url: str) -> dict[str, Any]:
 
 
 def _open_with_retries(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
-    """webdataset opener for fsspec URLs (s3://, gs://, ...) with retries on transient errors."""
+    """webdataset opener for fsspec URLs (s3://, gs://, ...) with retries on transient errors.
+    An endpoint that cannot be reached is a `StorageError` naming the shard, at once: the client
+    (botocore) has retried it already, as ``AWS_MAX_ATTEMPTS`` says."""
     for attempt in range(RETRIES):
         try:
-            return fsspec.open(url, mode).open()
+            with storage_errors(url):
+                return fsspec.open(url, mode).open()
+        except StorageError:
+            raise
         except FileNotFoundError:
             raise FileNotFoundError(f"shard missing: {url}") from None
         except (OSError, TimeoutError) as e:
@@ -79,6 +84,10 @@ def register_fsspec_schemes() -> None:
 
 
 def _reraise_with_context(exn: Exception) -> bool:
+    if isinstance(exn, StorageError):  # (the endpoint, not the shard; its message names the shard already, and
+        raise StorageError(exn.args[0]) from None  # webdataset's appending the URL to an OSError's args garbles it)
+    if is_connection_error(exn):  # lost in the middle of a shard: webdataset appended the shard's URL
+        raise StorageError(f"lost the connection while reading a shard: {exn}") from exn
     if isinstance(exn, FileNotFoundError):
         raise FileNotFoundError(f"shard missing: {exn}") from exn
     raise ValueError(f"corrupt or unreadable shard: {exn}") from exn

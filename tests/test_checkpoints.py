@@ -1,7 +1,9 @@
 """Checkpoints hold tensors and plain data only: a file that carries code is refused, not run."""
 
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -231,7 +233,6 @@ def test_before_a_ray_run_starts_only_checkpoints_nothing_refers_to_are_deleted(
     deletes that one itself once it registers the next); epoch-0003-step-00000007 was committed,
     but Ray never registered it; epoch-0004-step-00000009, newer than the pointer's latest, may
     still be written by a worker of an attempt Ray tears down; not-a-checkpoint is none of ours."""
-    import json
 
     from mtl.distributed.ray_train import RAY_SNAPSHOT, drop_unreferenced_checkpoints
 
@@ -251,3 +252,15 @@ def test_before_a_ray_run_starts_only_checkpoints_nothing_refers_to_are_deleted(
     assert said == [f"deleted checkpoint folder(s) epoch-0003-step-00000007 of {run}: neither its latest.json nor Ray's "
                     f"record lists them"]
     assert drop_unreferenced_checkpoints(str(tmp_path / "new-run")) == []  # a run that has no folder yet
+
+    # local mode continued the run and deleted epoch-0002 (out of its --keep-last): Ray would refuse
+    # a snapshot that names it, so the snapshot goes, and with it Ray's claim on epoch-0003
+    shutil.rmtree(run / "checkpoints/epoch-0002")
+    (run / "checkpoints/latest.json").write_text(json.dumps({"latest": "epoch-0005", "history": ["epoch-0004", "epoch-0005"]}))
+    (run / "checkpoints/epoch-0005").mkdir()
+    said.clear()
+    assert drop_unreferenced_checkpoints(str(run), said.append) == ["epoch-0003", "epoch-0004-step-00000009"]
+    assert not (run / RAY_SNAPSHOT).exists()
+    assert said[0] == (f"deleted Ray's checkpoint record {run}/{RAY_SNAPSHOT}: it names checkpoint folder(s) epoch-0002, "
+                       f"which are gone (a run continued outside Ray deletes the folders that fall out of its --keep-last); "
+                       f"the run goes on from {run}/checkpoints/latest.json")

@@ -183,10 +183,11 @@ def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(ray_cluster
     print(f"one worker trained an epoch {alone_s:.1f}s after the node was killed; finished {time.time() - killed_at:.1f}s after")
 
 
-def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path, run_layout):
+def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path, run_layout, capsys):
     """One layout, one checkpointer: a run begun in local mode continues on a Ray worker (Ray has
-    no record of it: the run folder's pointer is what it resumes from), and local mode continues
-    what Ray wrote. On Ray with a loader worker: it starts from a fork server, never forked from
+    no record of it: the run folder's pointer is what it resumes from), local mode continues
+    what Ray wrote, and Ray again what local mode wrote (which deleted a folder Ray had
+    registered). On Ray with a loader worker: it starts from a fork server, never forked from
     the Ray worker's process (`mtl.data.loader.worker_start_kwargs`)."""
     from mtl.distributed.ray_train import run_ray
     from mtl.engine import fit, local_runtime
@@ -207,14 +208,19 @@ def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path,
     orphan = tmp_path / "moves/checkpoints/epoch-0000-step-00000001"  # committed by a worker, never registered by Ray
     orphan.mkdir()
     (orphan / "state.pt").write_bytes(b"x")
-    assert run_ray(cfg_for(2, True, loader_workers=1))[0].error is None
-    run_layout(str(tmp_path / "moves"), epochs=2)
-    assert "(1 loader worker, from a fork server)" in (tmp_path / "moves/train.log").read_text()
-    assert sorted(p.name for p in (tmp_path / "moves/checkpoints").iterdir()) == ["epoch-0001", "epoch-0002", "latest.json"]
-    fit(cfg_for(3, True), local_runtime(cfg_for(3, True)))
-    metrics = read_metrics(run_url(cfg_for(3, True)))
-    assert [(m["epoch"], m["step"], m["restarts"]) for m in metrics] == [(1, 2, 0), (2, 4, 1), (3, 6, 2)]
+    assert run_ray(cfg_for(3, True, loader_workers=1))[0].error is None
     run_layout(str(tmp_path / "moves"), epochs=3)
+    assert "(1 loader worker, from a fork server)" in (tmp_path / "moves/train.log").read_text()
+    # (Ray deletes only what it registered: epoch-0001, local mode's, goes at the next start)
+    assert sorted(p.name for p in (tmp_path / "moves/checkpoints").iterdir()) == ["epoch-0001", "epoch-0002", "epoch-0003",
+                                                                                   "latest.json"]
+    fit(cfg_for(4, True), local_runtime(cfg_for(4, True)))  # --keep-last 2: deletes epoch-0002, which Ray registered
+    capsys.readouterr()
+    assert run_ray(cfg_for(5, True))[0].error is None  # (Ray refuses a record that names a folder which is gone)
+    assert "deleted Ray's checkpoint record" in capsys.readouterr().out
+    metrics = read_metrics(run_url(cfg_for(5, True)))
+    assert [(m["epoch"], m["step"], m["restarts"]) for m in metrics] == [(1, 2, 0), (2, 4, 1), (3, 6, 1), (4, 8, 2), (5, 10, 3)]
+    run_layout(str(tmp_path / "moves"), epochs=5)
 
 
 def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_root, tmp_path):

@@ -29,7 +29,7 @@ import torch
 from rich.json import JSON
 from torch import nn
 
-from mtl.checkpoint import CHECKPOINTS, FolderStorage
+from mtl.checkpoint import CHECKPOINTS, POINTER, FolderStorage
 from mtl.config import ExperimentConfig
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
 from mtl.engine import Runtime, fit, may_capture
@@ -96,23 +96,44 @@ def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
     snapshot references. Ray deletes only the checkpoints it registered; one whose report it
     never took (the worker committed it, then its node was lost) would stay forever. Newer
     folders stay: the workers of an attempt Ray is still tearing down may be writing one (tags
-    sort in the order they are written). Returns the deleted tags."""
-    import json
-
-    from mtl.storage import read_bytes
-
+    sort in the order they are written). A Ray snapshot that names a folder which is gone is
+    deleted first (`_drop_stale_snapshot`). Returns the deleted tags."""
     storage = FolderStorage(url, keep_last=0)
     pointer = storage.index.read()
     if pointer is None:
         return []
     keep = {pointer["latest"], *pointer.get("history", [])}
-    raw = read_bytes(f"{url.rstrip('/')}/{RAY_SNAPSHOT}")
-    keep |= {name.rstrip("/").rsplit("/", 1)[-1] for name in _dir_names(json.loads(raw) if raw else {})}
+    keep |= _drop_stale_snapshot(url, storage.folders(), log)
     dropped = sorted(t for t in storage.folders() if t.startswith("epoch-") and t < pointer["latest"] and t not in keep)
     storage.delete(dropped)
     if dropped:
         log(f"deleted checkpoint folder(s) {', '.join(dropped)} of {url}: neither its latest.json nor Ray's record lists them")
     return dropped
+
+
+def _drop_stale_snapshot(url: str, folders: list[str], log) -> set[str]:
+    """The tags Ray's snapshot names, after deleting a snapshot that names a checkpoint folder
+    which is gone (then none). Ray refuses to start a run whose snapshot does ("corrupted run
+    directory"), and a run continued in local mode deletes the folders that fall out of its
+    --keep-last, Ray's among them. The pointer is the run's record of its checkpoints (Ray's
+    restarts take it when Ray has none: `RayStorage.latest`), so Ray's goes."""
+    import json
+
+    from mtl.storage import read_bytes, storage_errors, url_to_fs
+
+    snapshot = f"{url.rstrip('/')}/{RAY_SNAPSHOT}"
+    raw = read_bytes(snapshot)
+    named = {name.rstrip("/").rsplit("/", 1)[-1] for name in _dir_names(json.loads(raw) if raw else {})}
+    gone = sorted(named - set(folders))
+    if not gone:
+        return named
+    with storage_errors(snapshot):
+        fs, path = url_to_fs(snapshot)
+        fs.rm(path)
+    log(f"deleted Ray's checkpoint record {snapshot}: it names checkpoint folder(s) {', '.join(gone)}, which are gone (a run "
+        f"continued outside Ray deletes the folders that fall out of its --keep-last); the run goes on from "
+        f"{url.rstrip('/')}/{CHECKPOINTS}/{POINTER}")
+    return set()
 
 
 def _dir_names(node: Any) -> Iterator[str]:

@@ -292,9 +292,10 @@ class Checkpointer:
 
     ``states`` (e.g. ``{"train_state": TrainState, "rng": RNGState()}``) and the strategy's
     ``state_dict`` (model, optimizer) go into rank 0's ``state.pt``; a sharded strategy's files
-    into ``shards/`` on every rank; rank 0 also writes ``metrics/<tag>.json`` and, for a new best
-    score, ``best.pt``. Then the storage publishes the folder; once every rank has (a barrier),
-    rank 0 commits the pointer."""
+    into ``shards/`` on every rank; rank 0 also writes ``metrics/<tag>.json``. Then the storage
+    publishes the folder; once every rank has (a barrier), rank 0 commits the pointer and, for a
+    new best score, writes ``best.pt``: only a committed epoch can be the best one (an attempt
+    that fails before its commit trains the epoch again, maybe to another score)."""
 
     def __init__(self, storage: CheckpointStorage, run_url: str, strategy: Strategy, states: dict[str, Stateful],
                  rank: int = 0) -> None:
@@ -303,30 +304,35 @@ class Checkpointer:
     def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool = True) -> None:
         """Every rank: checkpoint ``tag``. ``metrics_file``: also ``metrics/<tag>.json`` (an
         epoch's validation; a step checkpoint inside an epoch has none)."""
+        state = None
         with tempfile.TemporaryDirectory(prefix="streetmtl-ckpt-") as d:
             if self.strategy.sharded:
                 self.strategy.save_shards(os.path.join(d, SHARDS_DIR))
             if self.rank == 0:
-                self._write_main(d, tag, config, metrics, is_best, metrics_file)
+                state = self._write_main(d, tag, config, metrics, metrics_file)
             self.storage.publish(d, tag, metrics)
         self.strategy.barrier()  # every rank's files are in place before the pointer moves
         if self.rank == 0:
             self.storage.commit(tag)
+            if is_best:
+                self._write_best(state)
 
-    def _write_main(self, folder: str, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool,
-                    metrics_file: bool) -> None:
-        """Rank 0: ``state.pt`` into the folder to publish; the metrics file and ``best.pt`` at
-        once, before the checkpoint exists: a failure in between resumes from the checkpoint
-        before, which trains this epoch again and writes both again."""
+    def _write_main(self, folder: str, tag: str, config: dict[str, Any], metrics: dict[str, Any],
+                    metrics_file: bool) -> dict[str, Any]:
+        """Rank 0: ``state.pt`` into the folder to publish, and the metrics file at once, before
+        the checkpoint exists (a failure in between resumes from the checkpoint before, which
+        trains this epoch again and writes it again). Returns the state."""
         state = {"config": config, "metrics": metrics, **{k: s.state_dict() for k, s in self.states.items()},
                  **self.strategy.state_dict()}
         with open(os.path.join(folder, STATE_FILE), "wb") as fh:
             fh.write(checkpoint_bytes(state))
         if metrics_file:
             write_bytes_atomic(f"{self.run_url}/{METRICS_DIR}/{tag}.json", json_bytes(metrics))
-        if is_best:
-            best = {k: v for k, v in state.items() if k in ("config", "metrics", "train_state", "model")}
-            write_bytes_atomic(f"{self.run_url}/{BEST_FILE}", checkpoint_bytes(best))
+        return state
+
+    def _write_best(self, state: dict[str, Any]) -> None:
+        best = {k: v for k, v in state.items() if k in ("config", "metrics", "train_state", "model")}
+        write_bytes_atomic(f"{self.run_url}/{BEST_FILE}", checkpoint_bytes(best))
 
     def restore(self, check: Callable[[dict[str, Any]], None] = lambda state: None) -> dict[str, Any] | None:
         """Load the latest checkpoint into every part; ``check`` vets it (e.g. that it belongs to
@@ -342,7 +348,15 @@ class Checkpointer:
             self.strategy.load_state_dict(state)
             if self.strategy.sharded:
                 self.strategy.load_shards(os.path.join(folder, SHARDS_DIR))
+        if self.rank == 0 and _is_best(state):  # (a failure between its commit and best.pt: best.pt is an older epoch)
+            self._write_best(state)
         return state
+
+
+def _is_best(state: dict[str, Any]) -> bool:
+    """The checkpoint is an epoch's whose score is the run's best so far."""
+    score, best = state.get("metrics", {}).get("score"), state.get("train_state", {}).get("best")
+    return score is not None and score == best
 
 
 # ---------------------------------------------------------------------------------- readers

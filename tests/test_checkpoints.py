@@ -141,6 +141,45 @@ def test_a_checkpoint_published_but_never_committed_is_deleted_by_the_next_commi
     assert sorted(os.listdir(tmp_path / "all/checkpoints")) == ["epoch-0001", "epoch-0002", "latest.json"]  # 0: all kept
 
 
+def test_best_pt_holds_only_a_committed_epoch(tmp_path, monkeypatch):
+    """An attempt that dies before its commit leaves best.pt as it was (the resumed run trains
+    the epoch again, maybe to a lower score); one that dies between its commit and best.pt's
+    write gets best.pt written when the run resumes from that epoch."""
+    from torch import nn
+
+    from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
+    from mtl.strategy import PlainStrategy
+
+    run, model = str(tmp_path / "run"), nn.Linear(3, 2)
+    state = TrainState()
+    storage = FolderStorage(run)
+    ckpt = Checkpointer(storage, run, PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1)), {"train_state": state})
+
+    def epoch(n: int, score: float) -> None:
+        state.epoch, state.best = n, max(state.best, score)
+        ckpt.save(f"epoch-{n:04d}", {}, {"score": score}, is_best=score == state.best)
+
+    def best_epoch() -> int:
+        return load_checkpoint(f"{run}/best.pt")["train_state"]["epoch"]
+
+    epoch(1, 1.0)
+    monkeypatch.setattr(storage, "commit", lambda tag: (_ for _ in ()).throw(RuntimeError("node lost")))
+    with pytest.raises(RuntimeError, match="node lost"):
+        epoch(2, 2.0)  # published, never committed
+    monkeypatch.undo()
+    assert best_epoch() == 1
+    state.best = 1.0  # (what the resumed run restores)
+    monkeypatch.setattr(Checkpointer, "_write_best", lambda self, s: (_ for _ in ()).throw(RuntimeError("node lost")))
+    with pytest.raises(RuntimeError, match="node lost"):
+        epoch(2, 1.5)  # committed, then lost before best.pt
+    monkeypatch.undo()
+    assert best_epoch() == 1 and storage.index.latest_tag() == "epoch-0002"
+    resumed = TrainState()
+    Checkpointer(FolderStorage(run), run, PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+                 {"train_state": resumed}).restore()
+    assert resumed.epoch == 2 and best_epoch() == 2
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_the_checkpointer_keeps_the_last_k_and_restores_every_part(where, tmp_path, request):
     """Folder storage on a local disk and on S3: checkpoints/<tag>/state.pt, the pointer,

@@ -46,7 +46,9 @@ unfinished conversion, which the project's readers refuse (`mtl.data.folder.spli
 resumes: every file is written whole (temporary file + rename locally, one PUT on object
 stores), samples with all their files are kept, the others are converted again (the output is a
 deterministic function of the input). A re-run of a complete conversion does nothing; a folder
-holding another conversion or other files is refused unless ``--overwrite``.
+holding another conversion or other files is refused unless ``--overwrite``. An ``--out`` that is
+``--root`` or a folder above it is refused whatever ``--overwrite`` says: replacing it would delete
+the Cityscapes source.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ import numpy as np
 import tyro
 from PIL import Image
 
+from data_prep.shard import check_splits
+from mtl.atomic import check_not_above
 from mtl.cli import parse
 from mtl.config import Size
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, decode_sample, encode_depth_png, encode_rgb_jpeg,
@@ -373,13 +377,32 @@ def publish(dest: str, out: str, samples: list[Sample]) -> None:
 
 # ------------------------------------------------------------------------ the conversion
 
+def check_out(root: str, out: str) -> None:
+    """ValueError when ``out`` (or a local one's ``.partial`` working folder) is ``root`` or a
+    folder above it, whatever ``--overwrite`` says: the conversion replaces that folder whole,
+    which would delete the Cityscapes source it reads. Local paths as `mtl.atomic` checks them
+    (symbolic links resolved); URLs of one store by their paths."""
+    if is_local(out) and is_local(root):
+        local = out.removeprefix("file://")
+        for folder in (local, local.rstrip("/") + ".partial"):
+            check_not_above(folder, [root])
+        return
+    (out_fs, out_path), (root_fs, root_path) = url_to_fs(out), url_to_fs(root)
+    out_path, root_path = out_path.rstrip("/"), root_path.rstrip("/")
+    if out_fs.protocol == root_fs.protocol and (root_path == out_path or root_path.startswith(out_path + "/")):
+        raise ValueError(f"{out} holds the input {root}: writing the output there would replace it; choose another folder")
+
+
 def convert(root: str, out: str, size: tuple[int, int] = (256, 512), splits: tuple[str, ...] = SPLITS, quality: int = 90,
             workers: int | None = None, overwrite: bool = False, progress: bool = False) -> dict:
     """Convert the Cityscapes folder ``root`` into the Miniscapes folder ``out`` (both local or
     fsspec URLs). Returns a summary: ``counts`` per split, ``converted`` and ``kept`` samples,
-    ``state`` ("converted", "resumed" or "up to date")."""
+    ``state`` ("converted", "resumed" or "up to date"). ValueError, before anything is read or
+    written, for bad ``splits`` (`check_splits`) or an ``out`` holding ``root`` (`check_out`)."""
     if not 1 <= quality <= 100:
         raise ValueError(f"--jpeg-quality must be 1..100, got {quality}")
+    check_splits(splits)
+    check_out(root, out)
     samples = plan_samples(root, splits)
     plan = plan_record(samples, size, quality)
     summary = {"counts": plan["counts"], "converted": 0, "kept": len(samples), "state": "up to date"}
@@ -415,7 +438,7 @@ class CityscapesCommand:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(CityscapesCommand, argv, description=__doc__)
+    a = parse(CityscapesCommand, argv, description=__doc__, check=lambda a: check_splits(tuple(a.splits)))
     if a.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = a.endpoint_url  # inherited by the worker processes
     t0 = time.perf_counter()

@@ -1,9 +1,13 @@
 """Miniscapes folder -> WebDataset tar shards (+ manifest.json) on any fsspec URL.
 
-    python -m data_prep.shard --root data/miniscapes --shards s3://bucket/miniscapes-shards --shard-size 256MB
+    python -m data_prep.shard --root data/miniscapes --shards s3://bucket/miniscapes-shards
     python -m data_prep.shard --root s3://bucket/miniscapes --shards /mnt/shards --shard-size 1000   # samples/shard
 
-Each split becomes ``<split>-000000.tar`` ...; a sample is keyed by its index and holds
+Each split becomes ``<split>-000000.tar`` ...: by default (``--shard-size auto``) about 256 shards
+of equal sample counts, each of at least 32 samples (fewer shards for a split under 8192 samples)
+and at most 256 MB. Training deals whole shards to its ranks and their loader workers, so a split
+needs many; each is opened once per epoch, so none should be tiny. ``--shard-size 1000`` puts
+1000 samples in each shard, ``256MB`` fills each up to 256 MB. A sample is keyed by its index and holds
 ``rgb.jpg``, ``semseg.png`` and ``depth.png`` as the original bytes; a split without labels (a
 real test split: ``rgb/`` only) holds ``rgb.jpg`` only, and the manifest lists each split's
 ``modalities``. Every sample is validated (all files present, sizes agree, labels in
@@ -14,7 +18,8 @@ Re-running resumes: a shard finished by an earlier run (the same samples, with t
 sizes and versions: ETag on S3, modification time on disk) is kept, not rewritten. A
 destination that holds a complete shard set is refused unless ``--overwrite``; then the old manifest goes before the first shard is rewritten
 (the set is unusable until the new one is out), and splits not in ``--splits`` keep their shards
-and their manifest entries.
+and their manifest entries (saved beside the shards first: a run that fails after the old manifest
+went keeps them too, and the next run publishes them with its own splits).
 S3 endpoint and credentials come from the usual AWS environment (``AWS_ENDPOINT_URL``...) or
 ``--endpoint-url``.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import tarfile
@@ -36,11 +42,27 @@ import tyro
 
 from mtl import __version__
 from mtl.cli import parse
-from mtl.data.folder import scan_split, split_modalities
+from mtl.data.folder import scan_split, split_modalities, stems_by_index
 from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, decode_sample
 from mtl.data.shards import FORMAT
 from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
+
+# --shard-size auto, the default. Training deals whole shards to its ranks, and each rank's to its
+# loader workers (12 per rank by default); it refuses more ranks than shards and leaves workers
+# without a shard idle. So a split gets about AUTO_SHARDS shards (16 ranks x 12 workers with some
+# to spare; ranks end up within one shard of each other), each of at least AUTO_MIN_SAMPLES
+# samples (opening a shard, one request on S3, then costs little against decoding it) and at
+# most AUTO_MAX_BYTES (a shard is cut early rather than grow past it).
+AUTO_SHARDS = 256
+AUTO_MIN_SAMPLES = 32
+AUTO_MAX_BYTES = 256 << 20
+SHARD_SIZE_HELP = (f"samples per shard (1000), bytes per shard (256MB), or auto: about {AUTO_SHARDS} shards per split "
+                   f"of at least {AUTO_MIN_SAMPLES} samples and at most {AUTO_MAX_BYTES >> 20}MB each: enough for "
+                   f"16 ranks x 12 loader workers (training deals whole shards to them)")
+# in SHARD_PROGRESS: the manifest entries of the splits an --overwrite run leaves alone, written
+# before it removes the old manifest, so that a failed run loses none of them (`_kept_entries`)
+KEPT = "kept.json"
 
 
 @dataclass
@@ -84,8 +106,10 @@ class _HashingWriter(io.RawIOBase):
 
 
 def parse_shard_size(text: str) -> tuple[str, int]:
-    """'256MB' -> ('bytes', 268435456); '1000' -> ('samples', 1000)."""
+    """'256MB' -> ('bytes', 268435456); '1000' -> ('samples', 1000); 'auto' -> ('auto', 0)."""
     t = text.strip().upper()
+    if t == "AUTO":
+        return "auto", 0
     units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
     for u, mult in units.items():
         if t.endswith(u) and t[: -len(u)].replace(".", "", 1).isdigit():
@@ -95,16 +119,33 @@ def parse_shard_size(text: str) -> tuple[str, int]:
             return "bytes", n
     if t.isdigit() and int(t) > 0:
         return "samples", int(t)
-    raise ValueError(f"--shard-size must be a sample count (e.g. 1000) or a size (e.g. 256MB), got {text!r}")
+    raise ValueError(f"--shard-size must be auto, a sample count (e.g. 1000) or a size (e.g. 256MB), got {text!r}")
+
+
+def check_splits(splits: tuple[str, ...]) -> None:
+    """ValueError naming --splits when it names no split, an unknown one, or one twice (that
+    split would be written twice, by two processes at once, and listed twice)."""
+    if not splits:
+        raise ValueError(f"--splits names no split: give one or more of {', '.join(SPLITS)}")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"--splits: unknown split {unknown[0]!r}; expected one of {', '.join(SPLITS)}")
+    twice = list(dict.fromkeys(s for s in splits if splits.count(s) > 1))
+    if twice:
+        raise ValueError(f"--splits names {', '.join(twice)} more than once: give each split once")
 
 
 def plan_shards(samples: list[tuple[str, dict[str, int]]], kind: str, limit: int) -> list[list[str]]:
-    """Cut the index-ordered samples into shards by sample count or by bytes (file sizes)."""
+    """Cut the index-ordered samples into shards of at most ``limit`` samples ("samples") or
+    bytes ("bytes", from the file sizes), or ("auto") of `AUTO_SHARDS`-th of the split, at least
+    `AUTO_MIN_SAMPLES`, cut early at `AUTO_MAX_BYTES`. A function of the samples and their sizes
+    alone: a re-run plans the same shards, so an interrupted run's finished ones are found again."""
+    max_samples, max_bytes = {"samples": (limit, math.inf), "bytes": (math.inf, limit),
+                              "auto": (max(AUTO_MIN_SAMPLES, -(-len(samples) // AUTO_SHARDS)), AUTO_MAX_BYTES)}[kind]
     shards, cur, cur_bytes = [], [], 0
     for stem, sizes in samples:
         size = sum(sizes.values()) + 3 * 1024  # tar headers and padding
-        full = len(cur) >= limit if kind == "samples" else (cur and cur_bytes + size > limit)
-        if full:
+        if cur and (len(cur) >= max_samples or cur_bytes + size > max_bytes):
             shards.append(cur)
             cur, cur_bytes = [], 0
         cur.append(stem)
@@ -125,12 +166,9 @@ def write_shard(job: ShardJob) -> ShardResult:
     with storage_errors(job.dst):
         dst_fs, dst_base = url_to_fs(job.dst)
         path = f"{dst_base.rstrip('/')}/{job.name}"
-        record = f"{dst_base.rstrip('/')}/{SHARD_PROGRESS}/{job.name}.json"
-        if dst_fs.exists(record) and dst_fs.exists(path):  # finished by an earlier run of the same plan?
-            prev = ShardResult(**json.loads(dst_fs.cat_file(record)))
-            if prev.plan_hash == job.plan_hash and dst_fs.size(path) == prev.num_bytes:
-                prev.reused = True
-                return prev
+        prev = _earlier_result(dst_fs, path, f"{dst_base.rstrip('/')}/{SHARD_PROGRESS}/{job.name}.json", job.plan_hash)
+        if prev is not None:
+            return prev
         sizes, bad, n = set(), [], 0
         src = url_to_fs(job.src)
         with dst_fs.open(path, "wb") as raw:
@@ -149,9 +187,24 @@ def write_shard(job: ShardJob) -> ShardResult:
         if bad and not job.skip_bad:
             dst_fs.rm(path)  # this run will fail: leave no shard with missing samples behind
             return result
-        with dst_fs.open(record, "w") as fh:
-            json.dump(asdict(result), fh)
+        write_bytes_atomic(f"{job.dst.rstrip('/')}/{SHARD_PROGRESS}/{job.name}.json", json.dumps(asdict(result)).encode())
     return result
+
+
+def _earlier_result(dst_fs, path: str, record: str, plan_hash: str) -> ShardResult | None:
+    """The shard at ``path`` as an earlier run of the same plan finished it (its progress record,
+    with the shard still of the size recorded), else None: the shard is written again. A record
+    that cannot be read (cut short, edited) counts as none rather than block every resume."""
+    if not (dst_fs.exists(record) and dst_fs.exists(path)):
+        return None
+    try:
+        prev = ShardResult(**json.loads(dst_fs.cat_file(record)))
+    except (ValueError, TypeError):  # not JSON, or not a record's fields
+        return None
+    if prev.plan_hash != plan_hash or dst_fs.size(path) != prev.num_bytes:
+        return None
+    prev.reused = True
+    return prev
 
 
 def _read_sample(job: ShardJob, src: tuple, stem: str) -> tuple[dict[str, bytes], tuple[int, int], str | None]:
@@ -174,14 +227,16 @@ def _read_sample(job: ShardJob, src: tuple, stem: str) -> tuple[dict[str, bytes]
     return files, tuple(sample["rgb"].shape[:2]), None
 
 
-def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[str, ...] = SPLITS,
+def shard_dataset(src: str, dst: str, shard_size: str = "auto", splits: tuple[str, ...] = SPLITS,
                   workers: int | None = None, skip_bad: bool = False, progress: bool = False, overwrite: bool = False) -> dict:
     """Shard ``src`` into ``dst``; returns the manifest (also written to ``dst/manifest.json``).
 
-    Raises ValueError listing bad samples (unless ``skip_bad``) or naming an empty split, and
-    FileExistsError when ``dst`` holds a complete shard set (unless ``overwrite``); no manifest
-    is written then. The source is listed and checked before anything at ``dst`` changes.
+    Raises ValueError listing bad samples (unless ``skip_bad``) or naming an empty split or a
+    bad ``splits``, and FileExistsError when ``dst`` holds a complete shard set (unless
+    ``overwrite``); no manifest is written then. The source is listed and checked before
+    anything at ``dst`` changes.
     """
+    check_splits(splits)
     kind, limit = parse_shard_size(shard_size)
     jobs, skipped, total_bytes, problems = _plan_jobs(src, dst, splits, kind, limit, skip_bad)
     if problems:
@@ -213,9 +268,9 @@ def shard_dataset(src: str, dst: str, shard_size: str = "256MB", splits: tuple[s
 
 def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
     """The destination's filesystem and path, and the manifest entries of the splits this run
-    leaves alone, with the old manifest gone (the shards are about to change, so it no longer
-    holds). FileExistsError for a complete shard set without ``overwrite``; OSError naming
-    ``dst`` when it cannot be written."""
+    leaves alone (`_kept_entries`), with the old manifest gone (the shards are about to change,
+    so it no longer holds). FileExistsError for a complete shard set without ``overwrite``;
+    OSError naming ``dst`` when it cannot be written."""
     try:
         with storage_errors(dst):
             dst_fs, dst_base = url_to_fs(dst)
@@ -223,6 +278,22 @@ def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
             raw = read_bytes(f"{dst.rstrip('/')}/manifest.json")
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
         raise OSError(f"cannot read destination {dst}: {e}") from e
+    old = _old_manifest(dst, raw, splits, overwrite)
+    kept = _kept_entries(dst, dst_fs, dst_base, splits, old)
+    try:
+        with storage_errors(dst):
+            dst_fs.makedirs(f"{dst_base}/{SHARD_PROGRESS}", exist_ok=True)
+            if old is not None:  # the kept entries first: a run that fails from here on still has them
+                write_bytes_atomic(f"{dst.rstrip('/')}/{SHARD_PROGRESS}/{KEPT}", json.dumps(kept, indent=1).encode())
+                dst_fs.rm(f"{dst_base}/manifest.json")
+    except Exception as e:  # noqa: BLE001
+        raise OSError(f"cannot write to destination {dst}: {e}") from e
+    return dst_fs, dst_base, kept
+
+
+def _old_manifest(dst: str, raw: bytes | None, splits: tuple[str, ...], overwrite: bool) -> dict | None:
+    """The published manifest at ``dst`` (None: there is none; {}: an unreadable one, whose
+    entries cannot be kept), when this run may replace it: FileExistsError unless ``overwrite``."""
     try:
         old = None if raw is None else json.loads(raw)
         if old is not None and not isinstance(old, dict):
@@ -235,15 +306,39 @@ def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
     if old is not None and not overwrite:
         raise FileExistsError(f"{dst} holds a complete shard set ({', '.join(old.get('splits', {}))}): pass --overwrite to "
                               f"replace its {', '.join(splits)} shards, or choose another --shards")
-    kept = {k: v for k, v in (old or {}).get("splits", {}).items() if k not in splits}
+    return old
+
+
+def _kept_entries(dst: str, dst_fs, dst_base: str, splits: tuple[str, ...], old: dict | None) -> dict:
+    """The manifest entries of the splits not in ``splits``, which the new manifest lists as they
+    are: from the old manifest, or when there is none, from the `KEPT` file an earlier
+    ``--overwrite`` run that failed left (it removed that manifest), provided their shards are
+    still there. FileNotFoundError naming a kept split whose shards are gone: listing it would
+    publish shards that cannot be read; leaving it out would hide shards the user still has."""
+    if old is not None:
+        return {k: v for k, v in old.get("splits", {}).items() if k not in splits}
+    url = f"{dst.rstrip('/')}/{SHARD_PROGRESS}/{KEPT}"
     try:
+        raw = read_bytes(url)
+        saved = {} if raw is None else json.loads(raw)
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ValueError(f"{url} cannot be read ({e}): it holds the manifest entries an earlier --overwrite run kept; "
+                         f"delete it and shard those splits again") from None
+    kept = {k: v for k, v in saved.items() if k not in splits}
+    have = {}
+    if kept:
         with storage_errors(dst):
-            dst_fs.makedirs(f"{dst_base}/{SHARD_PROGRESS}", exist_ok=True)
-            if old is not None:
-                dst_fs.rm(f"{dst_base}/manifest.json")
-    except Exception as e:  # noqa: BLE001
-        raise OSError(f"cannot write to destination {dst}: {e}") from e
-    return dst_fs, dst_base, kept
+            dst_fs.invalidate_cache(dst_base)
+            have = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p.get("size") for p in dst_fs.ls(dst_base, detail=True)}
+    for split, entry in kept.items():
+        lost = [s["name"] for s in entry["shards"] if have.get(s["name"]) != s["num_bytes"]]
+        if lost:
+            raise FileNotFoundError(f"{dst}: the {split} split, kept from the manifest an earlier --overwrite run replaced "
+                                    f"({url}), has lost or changed shard(s) {', '.join(lost[:5])}: add {split} to --splits "
+                                    f"to shard it again, or delete {url} to publish without it")
+    return kept
 
 
 # what an fsspec listing says about a file's version, by filesystem: S3's ETag (a content hash
@@ -274,6 +369,8 @@ def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: in
         samples, missing = scan_split(src, split)
         if not samples:
             raise ValueError(f"{src.rstrip('/')}/{split}: no samples to shard")
+        # 01.jpg beside 1.jpg: both sample 1, which the stream would yield twice (MiniscapesFolder's check)
+        stems_by_index([stem for stem, _ in samples], f"{src.rstrip('/')}/{split}/rgb")
         rel = [m[len(src.rstrip("/")) + 1:] for m in missing]  # train/rgb/7.jpg: a path under --src
         skipped[split] = [{"key": f"{split}/{os.path.splitext(os.path.basename(r))[0]}", "reason": f"{r}: missing file"} for r in rel]
         if not skip_bad:
@@ -308,7 +405,7 @@ def _split_entry(shards: list[ShardResult], mods: tuple[str, ...], skipped: list
 
 
 def _clean_up(dst_fs, dst_base: str, manifest: dict, splits: tuple[str, ...]) -> None:
-    """Progress records, and shards of an earlier, different plan, once the manifest is out."""
+    """Progress records (and `KEPT`), and shards of an earlier, different plan, once the manifest is out."""
     if dst_fs.exists(f"{dst_base}/{SHARD_PROGRESS}"):
         dst_fs.rm(f"{dst_base}/{SHARD_PROGRESS}", recursive=True)
     listed = {s["name"] for sp in manifest["splits"].values() for s in sp["shards"]}
@@ -334,15 +431,21 @@ def _run(jobs: list[ShardJob], workers: int | None, progress: bool, total_sample
     with Progress(*cols, disable=not progress) as bar, ProcessPoolExecutor(workers) as pool:
         task = bar.add_task("shard", total=total_samples, speed="")
         pending = {pool.submit(write_shard, j) for j in jobs}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                r = fut.result()  # an I/O error stops the run here; no manifest is written
-                results[r.name] = r
-                done_bytes += r.num_bytes
-                dt = max(time.perf_counter() - t0, 1e-6)
-                bar.update(task, advance=r.num_samples + len(r.bad),
-                           speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes / dt / 1e6:.1f} MB/s")
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    r = fut.result()  # an I/O error stops the run here; no manifest is written
+                    results[r.name] = r
+                    done_bytes += r.num_bytes
+                    dt = max(time.perf_counter() - t0, 1e-6)
+                    bar.update(task, advance=r.num_samples + len(r.bad),
+                               speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes / dt / 1e6:.1f} MB/s")
+        except BaseException:
+            # the shards not started are dropped, so the error surfaces now (leaving the pool
+            # waits only for the shards being written), not after every queued shard ran
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return results
 
 
@@ -363,7 +466,7 @@ class ShardCommand:
     root: Annotated[str, tyro.conf.arg(aliases=("--src",))]  # the Miniscapes folder to shard (local or fsspec URL), as training's --root
     #: where the shard set goes (local folder or fsspec URL, e.g. s3://bucket/prefix): what training's --shards then reads
     shards: Annotated[str, tyro.conf.arg(aliases=("--dst",))]
-    shard_size: str = "256MB"  # samples per shard (1000) or bytes per shard (256MB)
+    shard_size: Annotated[str, tyro.conf.arg(help=SHARD_SIZE_HELP)] = "auto"
     splits: tuple[Split, ...] = SPLITS  # the splits to shard
     workers: int | None = None  # parallel processes; default: the CPU count
     skip_bad: bool = False  # leave bad samples out (counted in the manifest) instead of failing
@@ -371,8 +474,13 @@ class ShardCommand:
     endpoint_url: str | None = None  # S3 endpoint (MinIO, moto...); default: $AWS_ENDPOINT_URL
 
 
+def _check_command(a: ShardCommand) -> None:
+    parse_shard_size(a.shard_size)
+    check_splits(tuple(a.splits))
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = parse(ShardCommand, argv, description=__doc__, check=lambda a: parse_shard_size(a.shard_size))
+    a = parse(ShardCommand, argv, description=__doc__, check=_check_command)
     if a.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = a.endpoint_url  # inherited by the worker processes
     from mtl.progress import wide_console

@@ -19,7 +19,7 @@ def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) ->
         raise ValueError(f"{out}: this output is written to a local folder (write it here, then copy it, e.g. with "
                          f"aws s3 cp --recursive)")
     out = os.path.abspath(out.removeprefix("file://"))
-    _check_not_above(out, inputs)
+    check_not_above(out, inputs)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out} is a file, not a folder")
     if os.path.exists(out) and os.listdir(out) and not overwrite:
@@ -27,7 +27,9 @@ def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) ->
     return out
 
 
-def _check_not_above(out: str, inputs: Sequence[str]) -> None:
+def check_not_above(out: str, inputs: Sequence[str]) -> None:
+    """ValueError when the local folder ``out`` is one of the local ``inputs`` or a folder above
+    one (links resolved): replacing it would delete what is read. Remote inputs are skipped."""
     real = os.path.realpath(out)
     for src in inputs:
         if "://" in src and not src.startswith("file://"):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.cityscapes import LABEL_TO_TRAIN_ID, convert
+from data_prep.cityscapes import LABEL_TO_TRAIN_ID, check_out, convert
 from mtl.data.folder import MiniscapesFolder
 from mtl.data.miniscapes import CLASS_NAMES, decode_depth, decode_rgb, decode_semseg
 
@@ -193,3 +193,44 @@ def test_fsspec_destination_marks_completion_last(converted):
     summary = convert(src, "memory://cs-out", OUT_HW, splits=("train", "val"), workers=1)
     assert (summary["state"], summary["converted"], summary["kept"]) == ("resumed", 1, 2)
     assert mem.cat_file("/cs-out/val/depth/0.png") == open(f"{converted[1]}/val/depth/0.png", "rb").read()
+
+
+def test_out_at_or_above_the_source_is_refused_whatever_overwrite_says(tmp_path):
+    """--overwrite replaces --out whole (a local one at the end, by its .partial folder; a URL
+    at once): an --out that holds the Cityscapes source would delete it."""
+    import fsspec
+
+    src = tmp_path / "data" / "cityscapes"
+    make_tree(str(src))
+    for out in (src, tmp_path / "data", tmp_path):
+        with pytest.raises(ValueError, match=f"^{out} holds the input {src}: .*choose another folder"):
+            convert(str(src), str(out), OUT_HW, workers=1, overwrite=True)
+    partial = tmp_path / "mini.partial" / "cityscapes"
+    shutil.copytree(src, partial)
+    with pytest.raises(ValueError, match="mini.partial holds the input"):  # (where a local --out is built)
+        convert(str(partial), str(tmp_path / "mini"), OUT_HW, workers=1, overwrite=True)
+    assert (src / "leftImg8bit").is_dir() and (partial / "leftImg8bit").is_dir()
+    mem = fsspec.filesystem("memory")
+    for p in src.rglob("*.*"):
+        mem.pipe(f"/b/x/cityscapes/{p.relative_to(src)}", p.read_bytes())
+    for out in ("memory://b/x/cityscapes/", "memory://b/x", "memory://b"):
+        with pytest.raises(ValueError, match=f"^{out} holds the input memory://b/x/cityscapes"):
+            convert("memory://b/x/cityscapes", out, OUT_HW, workers=1, overwrite=True)
+    assert mem.exists("/b/x/cityscapes/leftImg8bit")
+    check_out("memory://b/x/cityscapes", "memory://b/x/cityscapes-mini")  # a sibling (same prefix, not a folder above)
+    check_out(str(src), f"{src}-mini")
+    check_out("memory://b/x/cityscapes", str(tmp_path / "b"))  # another store
+
+
+def test_splits_named_twice_or_none_are_refused(tmp_path, capsys):
+    from data_prep.cityscapes import main
+
+    src = tmp_path / "cs"
+    make_tree(str(src))
+    for splits, message in ((("val", "val"), "--splits names val more than once"), ((), "--splits names no split")):
+        with pytest.raises(ValueError, match=message):
+            convert(str(src), str(tmp_path / "out"), OUT_HW, splits=splits, workers=1)
+        with pytest.raises(SystemExit) as e:
+            main(["--root", str(src), "--out", str(tmp_path / "out"), "--splits", *splits])
+        assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

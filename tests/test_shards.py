@@ -23,6 +23,15 @@ from mtl.data.transforms import CROP_KEYS, Augment
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _decoders_loaded():
+    """torchvision's decoders imported here once: the sharding workers forked from this process
+    inherit them instead of importing torchvision (seconds) in every pool of every test."""
+    from mtl.data.miniscapes import _torchvision_io
+
+    _torchvision_io()
+
+
 def _shard_cli(*args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "data_prep.shard", *args], cwd=REPO, capture_output=True, text=True,
                           env=env or os.environ.copy(), **kw)
@@ -357,3 +366,125 @@ def test_corrupt_jpeg_in_a_shard_is_named_by_url_and_member(s3_prefix):
         list(ShardStream(split, None, shuffle=False))
     with pytest.raises(ValueError, match=rf"^shard sample {url}:41 lacks \['41.semseg.png', '41.depth.png'\]"):
         list(ShardStream(ShardSplit((url,), (2,)), None, shuffle=False))
+
+
+def test_splits_kept_by_a_failed_overwrite_are_published_by_the_next_run(tiny_root, tmp_path):
+    """--overwrite --splits train removes the old manifest before it rewrites train; when that
+    run fails, val's entry is not lost with it: the next run (no manifest left, so no
+    --overwrite) lists val's shards as they were, or names the ones that went since."""
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    for split in ("train", "val"):
+        shutil.copytree(f"{tiny_root}/{split}", src / split)
+    first = shard_dataset(str(src), str(dst), "24", splits=("train", "val"), workers=1)
+    good = (src / "train/depth/30.png").read_bytes()
+    for _ in range(2):
+        (src / "train/depth/30.png").write_bytes(b"not a png")
+        with pytest.raises(ValueError, match="train/depth/30.png: cannot decode PNG"):
+            shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1, overwrite=True)
+        assert not (dst / "manifest.json").exists()
+        (src / "train/depth/30.png").write_bytes(good)
+        if not (dst / "val-000000.tar").exists():
+            break
+        m = shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1)
+        assert read_manifest(str(dst))["splits"] == m["splits"] and m["splits"]["val"] == first["splits"]["val"]
+        assert m["splits"]["train"] == first["splits"]["train"] and not (dst / "_progress").exists()
+        os.remove(dst / "val-000000.tar")  # the second time round, val's shard goes while no manifest lists it
+    with pytest.raises(FileNotFoundError, match="the val split, kept from .* lost or changed shard.s. val-000000.tar: add val to --splits"):
+        shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1)
+    assert not (dst / "manifest.json").exists()
+
+
+def test_an_unreadable_progress_record_counts_as_none(tiny_root, tmp_path):
+    """A record cut short (empty) or not a record: its shard is written again instead of every
+    resume failing on a JSON error that names no file."""
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    shutil.copytree(f"{tiny_root}/val", src / "val")
+    (src / "val/depth/20.png").write_bytes(b"not a png")  # the run fails in its last shard; the others have records
+    with pytest.raises(ValueError, match="val/depth/20.png: cannot decode PNG"):
+        shard_dataset(str(src), str(dst), "6", splits=("val",), workers=1)
+    (dst / "_progress/val-000000.tar.json").write_bytes(b"")
+    (dst / "_progress/val-000001.tar.json").write_text("[]")
+    shutil.copy(f"{tiny_root}/val/depth/20.png", src / "val/depth/20.png")
+    m = shard_dataset(str(src), str(dst), "6", splits=("val",), workers=1)
+    assert m["splits"]["val"]["num_samples"] == 24
+    split = ShardSplit.from_manifest(read_manifest(str(dst)), "val")
+    assert sorted(int(x["index"]) for x in ShardStream(split, None, shuffle=False)) == list(range(24))
+
+
+def test_the_first_failed_shard_stops_the_run(tiny_root, tmp_path):
+    """An I/O error in one shard ends the run at once: the shards still queued are not written."""
+    dst = tmp_path / "shards"
+    (dst / "train-000000.tar").mkdir(parents=True)  # the first shard cannot be written
+    with pytest.raises(IsADirectoryError, match="train-000000.tar"):
+        shard_dataset(tiny_root, str(dst), "1", splits=("train",), workers=2)  # 96 shards
+    written = [p for p in dst.glob("train-*.tar") if p.is_file()]
+    assert len(written) < 48, len(written)
+
+
+def test_two_files_of_one_sample_index_are_refused(tiny_root, tmp_path):
+    """01.jpg beside 1.jpg are both sample 1: refused as the folder reader refuses them, before
+    anything is written, instead of streaming sample 1 twice."""
+    src = tmp_path / "src"
+    shutil.copytree(f"{tiny_root}/val", src / "val")
+    for mod, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):
+        shutil.copy(src / f"val/{mod}/1.{ext}", src / f"val/{mod}/01.{ext}")
+    with pytest.raises(ValueError) as folder_error:
+        MiniscapesFolder(str(src), "val")
+    with pytest.raises(ValueError, match="val/rgb/01.jpg and .*val/rgb/1.jpg are both sample 1: rename one") as e:
+        shard_dataset(str(src), str(tmp_path / "s"), "8", splits=("val",), workers=1)
+    assert str(e.value) == str(folder_error.value) and not (tmp_path / "s").exists()
+
+
+def test_splits_named_twice_or_none_are_refused(tiny_root, tmp_path, capsys):
+    from data_prep.shard import main
+
+    for splits, message in ((("val", "val"), "--splits names val more than once"), ((), "--splits names no split")):
+        with pytest.raises(ValueError, match=message):
+            shard_dataset(tiny_root, str(tmp_path / "s"), "8", splits=splits, workers=1)
+        with pytest.raises(SystemExit) as e:
+            main(["--root", tiny_root, "--shards", str(tmp_path / "s"), "--splits", *splits])
+        assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_auto_shard_size_gives_a_split_about_256_shards_and_resumes(tiny_root, tmp_path, monkeypatch):
+    """auto: ceil(n / 256) samples per shard, at least 32, cut early at 256 MB; 1000 and 256MB
+    keep their meaning. An interrupted auto run plans the same shards again and keeps them."""
+    from data_prep import shard
+    from data_prep.shard import parse_shard_size, plan_shards
+
+    def plan(n: int, size: str = "auto", file_bytes: int = 1000) -> list[int]:
+        return [len(s) for s in plan_shards([(str(i), {"rgb": file_bytes}) for i in range(n)], *parse_shard_size(size))]
+
+    assert plan(100) == [32, 32, 32, 4] and len(plan(2975)) == 93  # (Cityscapes train)
+    assert plan(20000) == [79] * 253 + [13] and plan(5, file_bytes=100 << 20) == [2, 2, 1]
+    assert plan(2500, "1000") == [1000, 1000, 500] and plan(5, "256MB", file_bytes=100 << 20) == [2, 2, 1]
+    assert shard.ShardCommand("a", "b").shard_size == "auto"
+    monkeypatch.setattr(shard, "AUTO_MIN_SAMPLES", 4)
+    monkeypatch.setattr(shard, "AUTO_SHARDS", 4)  # val's 24 samples: 4 shards of 6
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    shutil.copytree(f"{tiny_root}/val", src / "val")
+    (src / "val/depth/20.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="val/depth/20.png"):
+        shard_dataset(str(src), str(dst), splits=("val",), workers=1)
+    written = {n: (dst / f"val-00000{n}.tar").stat().st_mtime_ns for n in range(3)}
+    shutil.copy(f"{tiny_root}/val/depth/20.png", src / "val/depth/20.png")
+    m = shard_dataset(str(src), str(dst), splits=("val",), workers=1)
+    assert m["shard_size"] == "auto" and [s["num_samples"] for s in m["splits"]["val"]["shards"]] == [6, 6, 6, 6]
+    assert {n: (dst / f"val-00000{n}.tar").stat().st_mtime_ns for n in range(3)} == written  # kept, not rewritten
+
+
+def test_the_trainer_is_told_what_an_epoch_leaves_out_and_which_loader_workers_idle():
+    """Three shards of 10 for four loader workers of batch 4: one worker has no shard, and each
+    of the others batches its own 10 samples into 2 batches, so an epoch trains on 24 of 30."""
+    from mtl.data.build import Loaders, coverage_notes
+
+    loader = ShardLoader(ShardStream(ShardSplit(("a.tar", "b.tar", "c.tar"), (10, 10, 10)), None), 4, 4, 2, True, False)
+    assert len(loader) == 6 and loader.idle_workers() == 1
+    notes = coverage_notes(Loaders(loader, loader, 30, 30, "shards", 4), len(loader), 4)
+    assert notes == ["an epoch trains on 24 of the 30 train samples (80 %): each loader worker batches the samples of its "
+                     "own shards and the ranks stop together at the smallest one's batch count; the order changes every "
+                     "epoch, and with it the samples left out",
+                     "1 of this rank's 4 loader workers get no shard and stay idle: reshard into more shards "
+                     "(data_prep.shard --shard-size auto gives a split about 256)"]
+    assert not any("an epoch" in n for n in coverage_notes(Loaders(loader, loader, 24, 24, "shards", 4), 6, 4))  # all used

@@ -114,6 +114,22 @@ class Loaders:
     image_size: tuple[int, int] | None = None
 
 
+def coverage_notes(loaders: Loaders, steps: int, global_batch: int) -> list[str]:
+    """What an epoch of ``steps`` optimizer steps of ``global_batch`` samples leaves out of the
+    training split, and the loader workers that get no shard: lines for the trainer's start."""
+    notes, used, n = [], steps * global_batch, loaders.num_train
+    if used < n:
+        why = ("each loader worker batches the samples of its own shards and the ranks stop together at the smallest "
+               "one's batch count" if isinstance(loaders.train, ShardLoader) else "they do not fill a global batch")
+        notes.append(f"an epoch trains on {used} of the {n} train samples ({100 * used / n:.0f} %): {why}; the order "
+                     f"changes every epoch, and with it the samples left out")
+    idle = loaders.train.idle_workers() if isinstance(loaders.train, ShardLoader) else 0
+    if idle:
+        notes.append(f"{idle} of this rank's {loaders.workers} loader workers get no shard and stay idle: reshard into more "
+                     f"shards (data_prep.shard --shard-size auto gives a split about 256)")
+    return notes
+
+
 def auto_workers(on_gpu: bool, cpus: int | None = None) -> int:
     """Loader processes when ``--workers`` is not given, from the CPUs this training process may
     use (``cpus``: Ray's ``--cpus-per-worker``; locally, the CPUs this process may run on).

@@ -94,7 +94,7 @@ def _shards_hint(root: str) -> str:
     return " (it holds a shard set without manifest.json: sharding was interrupted; run data_prep.shard again)" if unfinished else ""
 
 
-def _stems_by_index(stems: list[str], where: str) -> dict[int, str]:
+def stems_by_index(stems: list[str], where: str) -> dict[int, str]:
     """Each sample's number (`sample_index`) to its stem; ValueError naming two files that would
     share one (``01.jpg`` and ``1.jpg``): their predictions would overwrite each other."""
     out: dict[int, str] = {}
@@ -126,7 +126,7 @@ class MiniscapesFolder(Dataset):
         if augment is not None and not self.has_labels:
             raise ValueError(f"{_join(root, split)} has no labels (rgb/ only): it cannot be augmented for training")
         self.indices = list_split(root, split)
-        self.stems = _stems_by_index(self.indices, _join(root, split, "rgb"))
+        self.stems = stems_by_index(self.indices, _join(root, split, "rgb"))
         self.fs, self._base = url_to_fs(root)
 
     @property

@@ -1,8 +1,11 @@
 """Streaming WebDataset shards (local or s3://...) listed in a manifest written by data_prep.shard.
 
 The split's shards are dealt out to ranks, then to each rank's loader workers (balanced by
-sample count), so that every sample is read exactly once per epoch across the whole job; each
-consumer reads its shards in an order drawn from (seed, epoch). Samples are shuffled through a buffer, decoded raw (labels and disparities keep their
+sample count), so that no sample is read twice in an epoch across the whole job; each consumer
+reads its shards in an order drawn from (seed, epoch). For training, each loader worker batches
+its own samples and the ranks stop together at the smallest one's batch count, so up to a batch
+less one per worker, and a rank's surplus, sit out the epoch (others the next: the order
+changes); the trainer's start says how many. Samples are shuffled through a buffer, decoded raw (labels and disparities keep their
 exact values) and augmented by the same code as the folder dataset, seeded by (seed, epoch,
 sample index). Sample counts per consumer are known from the manifest, so every rank can agree
 on the number of training steps without talking to the others.
@@ -153,8 +156,9 @@ class ShardStream(IterableDataset):
         if not split.urls:
             raise ValueError("the split has no samples (its manifest entry lists no shards)")
         if every_rank and len(split.urls) < world:
-            raise ValueError(f"{len(split.urls)} shard(s) cannot feed {world} ranks: reshard with a smaller --shard-size "
-                             f"(several shards per rank and loader worker keep them all busy)")
+            raise ValueError(f"{len(split.urls)} shard(s) cannot feed {world} ranks: reshard into more shards (data_prep.shard "
+                             f"--shard-size auto, the default, gives a split about 256; several per rank and loader worker "
+                             f"keep them all busy)")
         if augment is not None and not split.has_labels:
             where = split.urls[0].rsplit("/", 1)[0] if split.urls else "this shard set"
             raise ValueError(f"the split's shards in {where} have no labels (rgb only): they cannot be augmented for training")
@@ -268,6 +272,11 @@ class ShardLoader:
         s = self.stream
         per_rank = s.split.batches_per_rank(s.world, self.workers, self.batch_size, self.drop_last)
         return min(per_rank) if self.drop_last else per_rank[s.rank]
+
+    def idle_workers(self) -> int:
+        """This rank's loader workers that get no shard (fewer shards than ranks × workers)."""
+        s = self.stream
+        return sum(not shards for shards in s.split.assignment(s.world, self.workers)[s.rank]) if self.workers else 0
 
     def __iter__(self):
         """The epoch's batches. The loader's workers start here, not on the first ``next()``: an

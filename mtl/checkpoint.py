@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from mtl.storage import is_local, json_bytes, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import exists, is_local, json_bytes, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 from mtl.strategy import Strategy
 
 FORMAT = "streetmtl-checkpoint-v2"
@@ -269,8 +269,16 @@ class FolderStorage:
             yield None
             return
         url = f"{self.index.url}/{tag}"
+        if not exists(f"{url}/{STATE_FILE}"):
+            old = exists(f"{url}.pt")  # (the layout before checkpoint folders: it evaluates, it does not resume)
+            raise FileNotFoundError(_missing(self.index.url, tag) + (f"; {url}.pt, an earlier version's checkpoint, cannot be "
+                                                                    f"resumed (it evaluates)" if old else ""))
         with local_copy(url) as folder:
             yield folder, url
+
+
+def _missing(checkpoints_url: str, tag: str) -> str:
+    return f"{checkpoints_url}/{POINTER} names checkpoint {tag}, but {checkpoints_url}/{tag}/{STATE_FILE} is missing"
 
 
 @contextlib.contextmanager
@@ -407,8 +415,7 @@ def checkpoint_in_folder(url: str) -> str:
         if tag:  # the run's pointer names its checkpoint: that one or an error, never an older file
             found = [n for n in (f"{CHECKPOINTS}/{tag}/{STATE_FILE}", f"{CHECKPOINTS}/{tag}.pt") if fs.exists(f"{path}/{n}")]
             if not found:
-                raise FileNotFoundError(f"{url}/{CHECKPOINTS}/{POINTER} names checkpoint {tag}, but {url}/{CHECKPOINTS}/{tag}/"
-                                        f"{STATE_FILE} is missing")
+                raise FileNotFoundError(_missing(f"{url}/{CHECKPOINTS}", tag))
             yield found[0]
             return
         entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)

@@ -173,7 +173,8 @@ class TrainConfig(_Part):
     checkpoint_every_min: float = operational(0.0)
     #: on Ray: steps between polls for a node's preemption notice (a spot reclaim; one collective
     #: call, a few ms); from a notice on, a checkpoint after every step until the node goes, so its
-    #: loss costs at most the step it interrupts; 0: never poll
+    #: loss costs at most the step it interrupts, if a poll sees the notice in time (this many steps
+    #: must take well under the notice: 2 minutes on EC2); 0: never poll
     preemption_poll_every: int = operational(20)
     log_every: int = operational(10)  # steps between loss readouts (the loop's only host sync)
     log_interval_s: float = operational(30.0)  # seconds between plain progress lines when output is not a terminal

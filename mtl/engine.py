@@ -23,7 +23,7 @@ from torch import nn
 from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState
 from mtl.config import ExperimentConfig
 from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN, CapturedStep, StepFn
-from mtl.data.build import FolderLoader, Loaders, build_loaders
+from mtl.data.build import FolderLoader, Loaders, build_loaders, coverage_notes
 from mtl.data.batch import DeviceBatches
 from mtl.data import loader as data_loader
 from mtl.losses import DepthCodec, task_losses
@@ -393,6 +393,8 @@ class Trainer:
                  f"{', from a fork server' if d.workers and data_loader.from_fork_server() else ''}), "
                  f"global batch {t.batch_size * t.grad_accum * rt.world}, {self.steps_per_epoch} steps/epoch, "
                  f"LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power}); run folder {run_url(cfg)}")
+        for note in coverage_notes(d, self.steps_per_epoch, self.global_batch):
+            self.log(note)
         pretrained = describe_pretrained(self.strategy.module)
         if pretrained:
             self.log(pretrained)
@@ -529,7 +531,9 @@ class Trainer:
         and the epoch's loss sums; no validation, no metrics file. Its tag sorts between the
         epoch checkpoints around it."""
         s_ = self.state
-        s_.epoch_loss = running.tolist()  # (a host sync: only here)
+        # the ranks' mean: only rank 0's state.pt is kept and every rank restores it, so each adds
+        # its own later steps to the same share of the earlier ones (DWA's epoch means stay exact)
+        s_.epoch_loss = (self.strategy.all_reduce_sum(running) / self.rt.world).tolist()  # (a host sync: only here)
         mean = [v / s_.epoch_step for v in s_.epoch_loss]
         tag = f"epoch-{s_.epoch:04d}-step-{s_.step:08d}"
         metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],

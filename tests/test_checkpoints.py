@@ -114,6 +114,16 @@ def test_a_broken_pointer_is_named_and_nothing_older_is_read_in_its_place(tmp_pa
     (run / "checkpoints" / "latest.json").write_text('{"latest": "epoch-0009", "history": ["epoch-0009"]}')
     with pytest.raises(FileNotFoundError, match="latest.json names checkpoint epoch-0009, but .*epoch-0009/state.pt is missing"):
         load_checkpoint(str(run))
+    from mtl.checkpoint import FolderStorage
+
+    with pytest.raises(FileNotFoundError, match=f"^{run}/checkpoints/latest.json names checkpoint epoch-0009, but {run}/"
+                                                f"checkpoints/epoch-0009/state.pt is missing$"):
+        with FolderStorage(str(run)).latest():  # (what a resume reads)
+            pass
+    (run / "checkpoints" / "epoch-0009.pt").write_bytes(b"x")  # an earlier version's layout
+    with pytest.raises(FileNotFoundError, match="is missing; .*epoch-0009.pt, an earlier version's checkpoint, cannot be resumed"):
+        with FolderStorage(str(run)).latest():
+            pass
     for broken in ('{"latest": "epo', '{"history": []}', '["epoch-0001"]'):
         (run / "checkpoints" / "latest.json").write_text(broken)
         with pytest.raises(ValueError, match="checkpoints/latest.json is corrupt"):

@@ -329,3 +329,27 @@ def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_after_ever
     assert polls == 1  # at step 2; the first notice holds: not asked again
     assert history == ["epoch-0000-step-00000002", "epoch-0000-step-00000003", "epoch-0001",  # (step 4 ends the epoch)
                        "epoch-0001-step-00000005", "epoch-0001-step-00000006", "epoch-0001-step-00000007", "epoch-0002"]
+
+
+def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():
+    """Only rank 0's state.pt is kept, and every rank restores it: what it stores of the epoch's
+    loss sums is the ranks' mean, so that each rank's later steps add to the same share of the
+    earlier ones and DWA's epoch means (all-reduced at the epoch's end) are those of the run
+    without the resume. Two ranks; the other's sums are [4, 2, 2]."""
+    from types import SimpleNamespace
+
+    from mtl.checkpoint import TrainState
+    from mtl.engine import Trainer
+
+    class TwoRanks:
+        def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+            return t + torch.tensor([4.0, 2.0, 2.0])
+
+    state, saved = TrainState(step=2, epoch_step=2), {}
+    trainer = SimpleNamespace(state=state, strategy=TwoRanks(), rt=SimpleNamespace(world=2), cfg=ExperimentConfig(),
+                              tracker=None, log=lambda line: None,
+                              checkpointer=SimpleNamespace(save=lambda tag, cfg, metrics, **kw: saved.update(metrics)))
+    running = torch.tensor([2.0, 1.0, 1.0])
+    Trainer._save_inside_epoch(trainer, running, lr=0.1)
+    assert state.epoch_loss == [3.0, 1.5, 1.5] and saved["train_loss"] == 1.5  # (the mean per step: 3 / 2)
+    assert running.tolist() == [2.0, 1.0, 1.0]  # this rank's own sums go on as they were

@@ -57,12 +57,14 @@ def atomic_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) ->
             old = f"{out}.old-{uuid.uuid4().hex[:8]}"  # moved aside, not deleted: a kill now leaves one of the two whole
             os.rename(out, old)
         try:
-            os.rename(tmp, out)  # (onto a folder another writer made in the meantime: OSError)
-        except OSError:
+            os.rename(tmp, out)  # (onto a folder another writer made in the meantime: OSError, ENOTEMPTY)
+        except OSError as e:
             if old and os.path.exists(out):  # another writer's finished output took the place: the old one goes
                 shutil.rmtree(old, ignore_errors=True)
             elif old:
                 os.rename(old, out)  # the old output back in its place
+            if not old and os.path.isdir(out) and os.listdir(out):
+                raise FileExistsError(f"{out} was written by another process while this one ran; it is left as it is") from e
             raise
         if old:
             shutil.rmtree(old, ignore_errors=True)

@@ -350,6 +350,15 @@ def test_an_output_folder_is_local_and_never_replaces_one_another_writer_finishe
             with pytest.raises(OSError), atomic_dir(str(out), overwrite=True) as tmp:
                 open(os.path.join(tmp, "new"), "w").close()
         assert os.listdir(out) == left and sorted(os.listdir(tmp_path)) == ["f", "mine", "out"]  # nothing left aside
+    # another writer finishes between the check and the rename (which then fails with ENOTEMPTY):
+    # the same FileExistsError, which a rank generating the synthetic cache takes as "use theirs"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "rename", failing(True))
+        with pytest.raises(FileExistsError, match="written by another process while this one ran"):
+            with atomic_dir(str(tmp_path / "race")) as tmp:
+                open(os.path.join(tmp, "new"), "w").close()
+    assert os.listdir(tmp_path / "race") == ["other"]
+    shutil.rmtree(tmp_path / "race")
     with atomic_dir(str(out), overwrite=True) as tmp:
         open(os.path.join(tmp, "new"), "w").close()
     assert os.listdir(out) == ["new"] and sorted(os.listdir(tmp_path)) == ["f", "mine", "out"]

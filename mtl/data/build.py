@@ -110,7 +110,8 @@ class Loaders:
     source: str
     workers: int  # loader processes (per loader)
     # (H, W) of the validation images: what the model sees outside training, and what prediction
-    # resizes photos to (recorded in checkpoints); None when they vary
+    # resizes photos to (recorded in checkpoints): a shard set's manifest's, None when they vary; a
+    # folder's first image's (its sizes are not read ahead: one request per image on S3)
     image_size: tuple[int, int] | None = None
 
 

@@ -313,3 +313,30 @@ def test_before_a_ray_run_starts_only_checkpoints_nothing_refers_to_are_deleted(
     assert said[0] == (f"deleted Ray's checkpoint record {run}/{RAY_SNAPSHOT}: it names checkpoint folder(s) epoch-0002, "
                        f"which are gone (a run continued outside Ray deletes the folders that fall out of its --keep-last); "
                        f"the run goes on from {run}/checkpoints/latest.json")
+
+
+def test_a_ray_restart_moves_a_pointer_that_lags_rays_record(tmp_path, monkeypatch):
+    """Ray took epoch-0002's report, but its rank 0 died before moving latest.json: the restart
+    resumes from Ray's epoch-0002 and moves the pointer to it, which every other reader follows
+    (local mode, evaluation, the next start's clean-up). A pointer ahead of Ray's stays."""
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from mtl.checkpoint import CheckpointIndex
+    from mtl.distributed.ray_train import RayStorage
+
+    run = tmp_path / "run"
+    for tag in ("epoch-0001", "epoch-0002", "epoch-0003"):
+        (run / "checkpoints" / tag).mkdir(parents=True)
+        (run / "checkpoints" / tag / "state.pt").write_bytes(b"x")
+    CheckpointIndex(str(run)).commit("epoch-0001")
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(run / "checkpoints/epoch-0002")))
+    with RayStorage(str(run), keep_last=2).latest() as (folder, url):
+        assert url == f"{run}/checkpoints/epoch-0002" and os.listdir(folder) == ["state.pt"]
+    assert json.loads((run / "checkpoints/latest.json").read_text()) == {"latest": "epoch-0002", "history": ["epoch-0001", "epoch-0002"]}
+    CheckpointIndex(str(run)).commit("epoch-0003")  # (a run continued outside Ray)
+    with RayStorage(str(run), keep_last=2).latest() as (folder, url):
+        assert url == f"{run}/checkpoints/epoch-0003"
+    assert CheckpointIndex(str(run)).latest_tag() == "epoch-0003"

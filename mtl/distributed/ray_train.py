@@ -73,7 +73,7 @@ class RayStorage:
         """Ray's latest registered checkpoint, or the pointer's when that is newer (tags sort in
         the order they are written: ``epoch-NNNN``): a run begun outside Ray, or whose Ray
         snapshot missed the last report before its driver died, continues from the newest
-        complete checkpoint in the run folder."""
+        complete checkpoint in the run folder. A pointer older than Ray's is moved to it."""
         import ray.train
 
         checkpoint, tag = ray.train.get_checkpoint(), self.folder.index.latest_tag()
@@ -82,6 +82,10 @@ class RayStorage:
             with self.folder.latest() as found:
                 yield found
             return
+        if tag != ray_tag and ray.train.get_context().get_world_rank() == 0:
+            # Ray took the report, its rank 0 died before the pointer moved: every reader (local
+            # mode, evaluation, the next start's clean-up) follows the pointer, so it moves now
+            self.commit(ray_tag)
         with checkpoint.as_directory() as d:
             yield d, f"{self.folder.index.url}/{ray_tag}"  # as a URL, like every other checkpoint's
 

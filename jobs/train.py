@@ -90,7 +90,7 @@ def run_local(cfg: ExperimentConfig, console) -> int:
     from mtl.engine import Runtime, fit, local_runtime
     from mtl.runs import prepare_run, run_url
 
-    cfg = prepare_run(cfg, console.print)
+    cfg = prepare_run(cfg, console.print, local=True)
     console.print_json(cfg.to_json())  # the resolved configuration, as saved in the run folder
     rt: Runtime = dataclasses.replace(local_runtime(cfg), console=console)
     result = fit(cfg, rt)

@@ -27,6 +27,8 @@ from mtl.models import resolve
 from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 CONFIG_FILE = "config.json"
+# Ray Train's record of the checkpoints it registered, in the run folder (`mtl.distributed.ray_train`)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # identity fields a resume may change: more (or fewer) epochs extend the run; the LR plan is
 # then recomputed for the new length, and the resume says so. They stay in the run's name and
 # hash (a 16-epoch run is another recipe than an 8-epoch one), so extending a run names it:
@@ -144,6 +146,19 @@ class RunFolder:
         entries = self.entries() if entries is None else entries
         return CHECKPOINTS in entries and CheckpointIndex(self.url).latest_tag() is not None
 
+    def ray_only_checkpoint(self, entries: list[str]) -> str | None:
+        """The latest checkpoint Ray's record names when there is no pointer: Ray took a run's first
+        report, and its rank 0 died before writing ``latest.json`` (a Ray restart moves the
+        pointer, `mtl.distributed.ray_train.RayStorage.latest`). None when Ray names none."""
+        if RAY_SNAPSHOT not in entries:
+            return None
+        try:
+            latest = json.loads(read_bytes(f"{self.url}/{RAY_SNAPSHOT}") or b"{}").get("latest_checkpoint_result") or {}
+        except ValueError:
+            return None  # (Ray's own file: Ray judges it when the run starts)
+        name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+        return name.rstrip("/").rsplit("/", 1)[-1] if isinstance(name, str) and name.startswith(f"{CHECKPOINTS}/") else None
+
     def has_old_layout(self, entries: list[str]) -> bool:
         """Checkpoints as Ray runs wrote them before the one layout (``epoch-NNNN/``, ``final.pt``):
         `mtl.checkpoint.load_checkpoint` reads them, a resume cannot continue them."""
@@ -162,13 +177,14 @@ class RunFolder:
         write_bytes_atomic(f"{self.url}/{CONFIG_FILE}", (cfg.to_json() + "\n").encode())
 
 
-def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> ExperimentConfig:
+def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local: bool = False) -> ExperimentConfig:
     """Check that the run folder may be used as asked; returns the resolved config. Raises
     `RunConflict` otherwise. Writes nothing (the trainer writes ``config.json`` once the data
     is found).
 
     * no folder: a new run (``--resume``: nothing to resume, with a hint at similar runs);
-    * a folder with a checkpoint: only ``--resume`` continues it;
+    * a folder with a checkpoint: only ``--resume`` continues it (one that only Ray's record
+      names: only on Ray, not ``local``);
     * a folder without one (the run stopped before its first epoch ended): it starts over.
     In the last two cases the stored configuration must match (`check_same_training`).
     """
@@ -185,7 +201,12 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Ex
     if folder.has_old_layout(entries):
         raise RunConflict(f"run folder {folder.url} holds checkpoints in the layout of earlier versions (epoch-NNNN/ at its "
                           f"top): jobs/evaluate.py reads them, but a run cannot continue them; choose another --name/--out")
-    if not folder.has_checkpoint(entries):
+    ray_only = None if folder.has_checkpoint(entries) else folder.ray_only_checkpoint(entries)
+    if ray_only and local:
+        raise RunConflict(f"run folder {folder.url} has checkpoint {ray_only} in Ray's record only (its latest.json was never "
+                          f"written: the run's rank 0 died at its first checkpoint): continue it on Ray (--resume, without "
+                          f"--local), which moves latest.json to it")
+    if not (ray_only or folder.has_checkpoint(entries)):
         log(f"run folder {folder.url} has no checkpoint yet (it stopped before its first epoch ended): starting it over")
         return cfg
     if not cfg.train.resume:

@@ -63,6 +63,19 @@ def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
     assert said == [f"run folder {tmp_path}/r has no checkpoint yet (it stopped before its first epoch ended): starting it over"]
     with pytest.raises(RunConflict, match=r"resume refused: .*optim.lr 0.0004 -> 0.001"):  # ... but not another one
         prepare_run(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3)))
+    # Ray took the first checkpoint's report, but rank 0 died before latest.json: a checkpoint all the same,
+    # which only a Ray run continues (its restore moves the pointer to it)
+    from mtl.runs import RAY_SNAPSHOT
+
+    (tmp_path / "r/checkpoints/epoch-0001").mkdir(parents=True)
+    (tmp_path / "r" / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoints/epoch-0001"}}))
+    with pytest.raises(RunConflict, match="already holds a run with checkpoints: pass --resume"):
+        prepare_run(cfg)
+    on_ray = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
+    assert prepare_run(on_ray) == on_ray
+    with pytest.raises(RunConflict, match=r"has checkpoint epoch-0001 in Ray's record only .*continue it on Ray \(--resume, "
+                                          r"without --local\)"):
+        prepare_run(on_ray, local=True)
     CheckpointIndex(f"{tmp_path}/r").commit("epoch-0001")
     with pytest.raises(RunConflict, match="already holds a run with checkpoints: pass --resume"):
         prepare_run(cfg)

@@ -35,7 +35,7 @@ from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, 
 from mtl.engine import Runtime, fit, may_capture
 from mtl.errors import ClusterError, WorkerFailed
 from mtl.models.encoders import IMAGENET
-from mtl.runs import out_root, prepare_run, run_name, run_url
+from mtl.runs import RAY_SNAPSHOT, out_root, prepare_run, run_name, run_url
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 
 # environment forwarded to every worker: endpoints, region and profile *names*, our cache; never
@@ -91,7 +91,6 @@ class RayStorage:
 
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # how long Ray Train tries to place a worker group
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it keeps, in the run folder
 
 
 def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:

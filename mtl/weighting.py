@@ -151,11 +151,14 @@ class FAMOWeighting(_Accumulated):
         self.adam = _AdamState(len(base), lr, weight_decay)
 
     def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        # a batch without labelled pixels has a task loss of 0 (`mtl.losses.task_losses`): that task
+        # sits it out, or z / L would hand it all the weight, with no gradient behind it
+        present = losses.detach() > 0
         d = losses + self.EPS
         z = torch.softmax(self.logits, 0)
-        w = (z / d).detach()
-        w = w / w.sum()  # = z_i / (c L_i)
-        self.last.copy_(d.detach().float())
+        w = torch.where(present, z / d, 0.0).detach()
+        w = w / w.sum().clamp(min=self.EPS)  # = z_i / (c L_i)
+        self.last.copy_(torch.where(present, d.detach().float(), self.last))
         return (w * losses).sum()
 
     def weights(self) -> torch.Tensor:
@@ -164,8 +167,9 @@ class FAMOWeighting(_Accumulated):
         return w / w.sum()
 
     def update(self, losses: torch.Tensor) -> None:
-        cur = losses + self.EPS
-        delta = torch.log(self.prev.clamp(min=self.EPS)) - torch.log(cur)
+        present = losses > 0  # (a task without labels in the step: no change to judge; its last loss stays)
+        cur = torch.where(present, losses + self.EPS, self.prev)
+        delta = torch.where(present & (self.prev > 0), torch.log(self.prev.clamp(min=self.EPS)) - torch.log(cur.clamp(min=self.EPS)), 0.0)
         z = torch.softmax(self.logits, 0)
         grad = z * delta - z * (z * delta).sum()  # J_softmax^T delta
         self.adam.step(self.logits, grad, gate=self.has_prev)

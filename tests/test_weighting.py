@@ -68,6 +68,25 @@ def test_famo_makes_no_step_before_it_has_a_previous_loss():
     assert f.logits.tolist() == pytest.approx([math.log(0.5)] * 2) and int(f.adam.t) == 0
 
 
+def test_famo_leaves_a_task_without_labels_in_a_batch_out_of_it():
+    """A batch without valid depth (loss 0): z / L would give depth all the weight, with no
+    gradient behind it, and segmentation none; and the next update would read a huge change.
+    Depth sits the batch out instead: segmentation takes the whole step, and the logits move
+    as if the batch had not been there."""
+    f, g = FAMOWeighting([0.5, 0.5], lr=0.025), FAMOWeighting([0.5, 0.5], lr=0.025)
+    for t in range(5):
+        for w in (f, g):
+            w.observe(torch.tensor([2.0 * 0.9**t, 1.0]))
+    total = f(torch.tensor([1.5, 0.0]))
+    g(torch.tensor([1.5, 1.0]))  # (the readout's weights: for depth's last known loss)
+    assert float(total) == pytest.approx(1.5) and f.weights().tolist() == pytest.approx(g.weights().tolist())
+    f.observe(torch.tensor([1.5, 0.0]))
+    f.observe(torch.tensor([1.4, 1.0]))
+    g.observe(torch.tensor([1.4, 1.0]))
+    assert torch.isfinite(f.logits).all()
+    assert (f.logits - g.logits).abs().max() < 0.05  # (the semseg-only step moves them a little, by semseg's change)
+
+
 def test_dwa_weights_follow_the_loss_ratios_of_the_last_two_epochs():
     d = DWAWeighting([0.5, 0.5], temperature=2.0)
     d.end_epoch([1.0, 1.0])

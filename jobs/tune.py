@@ -4,12 +4,13 @@ full Ray Train run.
     ray job submit -- python jobs/tune.py --arch branched --num-samples 32 --epochs 16 \
         --space lr=loguniform:1e-5:1e-3 --space task_weighting=choice:fixed,uncertainty,dwa,famo \
         --out s3://bucket/sweeps --sweep-name branched-lr-tw
-    python jobs/tune.py ... --sweep-name branched-lr-tw --resume      # continue after the driver died
+    python jobs/tune.py ... --sweep-name branched-lr-tw --resume      # after the driver died, or to retry failed trials
 
 The search space: one --space per swept config field, FIELD=loguniform:LOW:HIGH,
-FIELD=uniform:LOW:HIGH or FIELD=choice:A,B,... (a field by its name, flag or path: lr, --lr,
-optim.lr; tuple values joined with +, sizes as HxW). Values are read with the field's type and
-checked against the config's rules before Ray starts.
+FIELD=uniform:LOW:HIGH or FIELD=choice:A,B,... (a field by its name or path: lr, optim.lr, or
+its flag inside the same argument: --space=--lr=loguniform:1e-5:1e-3, as a separate argument
+starting with -- is taken for a flag; tuple values joined with +, sizes as HxW). Values are read
+with the field's type and checked against the config's rules before Ray starts.
 
 Fixed and swept: every other flag is the training config every trial shares (--num-workers etc.
 size each trial; --config FILE starts from a saved one). A flag given for a field that --space
@@ -19,8 +20,10 @@ flag is given: --lr 3e-4 fixes lr for every trial and sweeps the other three (th
 Values from a --config file are a starting point, not flags: the space overrides them. Random
 draws are seeded (--search-seed). --resume takes the command that started the sweep: another
 space, objective, number or draw of trials, or training setting (--workers, --cpus-per-worker and the
-like included) is refused; without --resume, a
---sweep-name already holding a sweep is refused.
+like included) is refused. It continues the unfinished trials and the failed ones, each under its
+own name in its own run folder, from its last checkpoint; finished trials stay as they are.
+Without --resume, a --sweep-name already holding a sweep is refused (one whose start failed
+before Tune began is started anew, and the log says so).
 
 Objective: --metric grader (mIoU - SI-logRMSE, the default), score (the run's selection score:
 the grader, or a single-task run's own metric) or delta_m (Δm in percent against the single-task
@@ -28,12 +31,17 @@ runs given by --baselines, minimised). --baselines is the training flag: every t
 reports Δm each epoch, its score is -Δm (so --metric score ranks as delta_m does) and its best.pt
 is its lowest-Δm epoch; every report has a delta_m column.
 
-Scheduler: --scheduler asha (default) stops weak trials early; --scheduler pbt perturbs every
+Scheduler: --scheduler asha (default) stops weak trials early (its rungs start empty after
+--resume, as Tune saves no scheduler state: resumed trials are compared only with results
+reported since, and the first to reach a rung goes on); --scheduler pbt perturbs every
 --perturbation-interval epochs: a trial in the bottom --quantile-fraction continues from the
 latest checkpoint of one in the top fraction with that trial's values perturbed (x0.8/x1.2 or
 redrawn, clipped to the range; a choice moves to a neighbour). PBT changes lr, semseg_weight,
 grad_clip, scale_min, scale_max, hflip and augment only: other swept fields (the encoder, the
-batch size...) cannot change in the middle of a trial, and PBT refuses them.
+batch size...) cannot change in the middle of a trial, and PBT refuses them. PBT's population is
+the trials that run at once: --num-samples larger than that, or a cluster (or --max-concurrent)
+that runs only one trial at once, is refused with the numbers. After --resume it goes on
+perturbing at multiples of --perturbation-interval.
 
 Trials at once: as many as the cluster holds (its GPUs, once its autoscaler has added what its
 config allows), or --max-concurrent. With MLFLOW_TRACKING_URI set, every trial is an MLflow run
@@ -104,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         if base.train.resume:
             check_resume(base, sweep, spec)
         else:
-            check_new(base, sweep)
+            note = check_new(base, sweep)
+            if note:
+                console.print(note)
         results = run_sweep(base, sweep, spec, resume=base.train.resume)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -130,7 +140,8 @@ def report(results, base: ExperimentConfig, sweep: SweepConfig, spec, console) -
     errored = [r.name for r in rows if r.status == "error"]
     if errored:  # (the report holds the others; a pipeline must not take the sweep for a whole one)
         print(f"error: {len(errored)} of {len(rows)} trials failed ({', '.join(errored)}): their logs are in the trials' run "
-              f"folders; the same command with --resume retries them", file=sys.stderr)
+              f"folders; the same command with --resume continues them, each in its own run folder from its last checkpoint",
+              file=sys.stderr)
     return 1 if errored else 0
 
 

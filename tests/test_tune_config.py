@@ -365,7 +365,7 @@ def test_a_pbt_exploit_continues_the_other_trials_checkpoint_in_a_run_folder_of_
 
 
 def test_a_resumed_sweep_must_ask_for_what_it_started_with(tmp_path):
-    from mtl.distributed.tune import SWEEP_FILE, check_resume
+    from mtl.distributed.tune import SWEEP_FILE, TUNER_FILE, check_resume
 
     base = ExperimentConfig().with_values({"train.out": str(tmp_path)})
     sweep = SweepConfig(sweep_name="s", space=("lr=loguniform:1e-5:1e-3",))
@@ -374,6 +374,7 @@ def test_a_resumed_sweep_must_ask_for_what_it_started_with(tmp_path):
         check_resume(base, sweep, spec)
     os.makedirs(tmp_path / "s")
     (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps({"spec": spec.to_dict(), "base": base.to_dict()}))
+    (tmp_path / "s" / TUNER_FILE).write_bytes(b"")  # Tune's state: the sweep started
     check_resume(base.with_values({"train.resume": True, "dist.address": "10.0.0.1:6379"}), sweep, spec)  # the driver's own
     # the trials' other settings too: Tune restores its trials as stored, so new ones would silently not apply
     with pytest.raises(ValueError, match=r"data.workers None -> 2; dist.cpus_per_worker 1.0 -> 4.0"):
@@ -394,3 +395,240 @@ def test_a_resumed_sweep_must_ask_for_what_it_started_with(tmp_path):
     with pytest.raises(FileExistsError, match=r"a sweep is already at .*/s: --resume continues it, or choose another --sweep-name"):
         check_new(base, sweep)
     check_new(base, dataclasses.replace(sweep, sweep_name="t"))
+
+
+# ------------------------------------------------------------ starting and resuming (no Ray started)
+
+def _no_cluster(monkeypatch, cpus: float = 2.0):
+    """run_sweep without Ray: a fixed cluster of one node with ``cpus`` CPUs; 1-CPU workers."""
+    from mtl.distributed import capacity, ray_train, tune
+    from mtl.distributed.capacity import Autoscaling, Capacity, WorkerPlan
+
+    monkeypatch.setattr(ray_train, "connect", lambda cfg: False)
+    monkeypatch.setattr(ray_train, "plan", lambda cfg, joined: WorkerPlan(False, {"CPU": 1.0}, True, "test"))
+    monkeypatch.setattr(capacity, "read_capacity", lambda: Capacity([{"CPU": cpus, "GPU": 0.0}], Autoscaling([]), "test"))
+    monkeypatch.setattr(tune, "trial_resources", lambda: {"memory": tune.TRIAL_MEMORY})
+
+
+def test_a_sweep_json_is_written_only_for_a_sweep_that_resume_can_continue(tmp_path, monkeypatch):
+    """sweep.json (what a resume must match, and what refuses a second start) comes after
+    everything that can fail and after Tune's own state: a start that fails never wedges the
+    name. One an earlier version left without Tune's state is started anew, saying so."""
+    from ray.tune.impl.tuner_internal import _TUNER_PKL
+
+    from mtl.distributed import tune
+
+    assert tune.TUNER_FILE == _TUNER_PKL
+    _no_cluster(monkeypatch)
+    base = ExperimentConfig().with_values({"train.out": str(tmp_path)})
+    sweep = SweepConfig(sweep_name="s", space=("lr=loguniform:1e-5:1e-3",))
+    spec = plan_sweep(sweep, base, set())
+    folder = tmp_path / "s"
+
+    def broken(*a, **k):
+        raise ValueError("the search could not be built")
+
+    monkeypatch.setattr(tune, "_search_alg", broken)
+    with pytest.raises(ValueError, match="the search could not be built"):
+        tune.run_sweep(base, sweep, spec)
+    assert not (folder / tune.SWEEP_FILE).exists()
+    assert tune.check_new(base, sweep) is None  # the same command starts it
+    monkeypatch.undo()
+    _no_cluster(monkeypatch)
+    import ray.tune
+
+    monkeypatch.setattr(ray.tune.Tuner, "fit", lambda self: "results")
+    assert tune.run_sweep(base, sweep, spec) == "results"
+    assert (folder / tune.SWEEP_FILE).exists() and (folder / tune.TUNER_FILE).exists()
+    with pytest.raises(FileExistsError, match="a sweep is already at"):
+        tune.check_new(base, sweep)
+    # what earlier versions left after a failed start: sweep.json alone
+    (folder / tune.TUNER_FILE).unlink()
+    assert tune.check_new(base, sweep) == (f"the sweep at {folder} never started (its sweep.json is there, Tune's tuner.pkl "
+                                           f"is not): starting it anew")
+    with pytest.raises(FileNotFoundError, match="never started .* the same command without --resume starts it"):
+        tune.check_resume(base, sweep, spec)
+
+
+def test_a_missing_search_package_is_one_line_before_ray(monkeypatch):
+    """Ray's Optuna/HyperOpt searchers without their package raise a bare AssertionError."""
+    from mtl.distributed import tune
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # not installed
+    with pytest.raises(ValueError, match="--search optuna needs the optuna package, which is not installed: pip install optuna"):
+        plan_sweep(SweepConfig(search="optuna"), ExperimentConfig(), set())
+    with pytest.raises(ValueError, match="needs the optuna package"):
+        tune._search_alg(SweepConfig(search="optuna"), 2)
+
+
+def test_resume_continues_failed_trials_under_their_own_ids(tmp_path, monkeypatch):
+    """What run_sweep asks Tune for on --resume, run through Tune's own requeueing: a failed
+    trial keeps its id, so its name and run folder (restart_errored would make a new trial:
+    a new id, a new folder, epoch 1)."""
+    import ray.tune
+    import ray.tune.tuner
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    from mtl.distributed import tune
+
+    _no_cluster(monkeypatch)
+    asked = {}
+
+    class Restored:
+        def __init__(self, **kwargs):
+            asked.update(kwargs)
+
+        def fit(self):
+            return "results"
+
+    monkeypatch.setattr(ray.tune.Tuner, "can_restore", classmethod(lambda cls, path, **k: True))
+    monkeypatch.setattr(ray.tune.tuner, "TunerInternal", Restored)
+    base = ExperimentConfig().with_values({"train.out": str(tmp_path), "train.resume": True})
+    sweep = SweepConfig(sweep_name="s", space=("lr=loguniform:1e-5:1e-3",))
+    assert tune.run_sweep(base, sweep, plan_sweep(sweep, base, set()), resume=True) == "results"
+    from ray.tune.registry import register_trainable
+
+    register_trainable("streetmtl_test_trial", lambda config: None)  # (kept in this process until Ray starts)
+    failed = Trial("streetmtl_test_trial", config={"lr": 1e-4}, trial_name_creator=lambda t: f"deeplabv3p_pbt_{t.trial_id}")
+    failed.set_status(Trial.ERROR)
+    requeued = []
+    controller = type("Controller", (), {"add_trial": lambda self, t: requeued.append(t)})()
+    TuneController._requeue_restored_trials(controller, [failed], asked["resume_config"])
+    (again,) = requeued
+    assert (again.trial_id, str(again), again.status) == (failed.trial_id, f"deeplabv3p_pbt_{failed.trial_id}", Trial.PENDING)
+
+
+def test_trial_actors_take_none_of_the_cpus_the_trials_at_once_are_counted_from(monkeypatch):
+    """A driver-started Ray (or any cluster without the trials' custom resource): N trials of
+    1-CPU workers on N CPUs all fit, their actors included (a sliver of a CPU each would leave
+    the last worker group waiting --start-timeout-s, then failing)."""
+    import ray
+
+    from mtl.distributed import tune
+    from mtl.distributed.capacity import Autoscaling, Capacity, fits, max_concurrent
+
+    node = {"CPU": 4.0, "GPU": 0.0, "memory": 8e9}
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": node}])
+    actor = tune.trial_resources()
+    at_once = max_concurrent(1, {"CPU": 1.0}, Capacity([{"CPU": 4.0, "GPU": 0.0}], Autoscaling([]), "test"), 8)
+    assert at_once == 4
+    left = {k: v - at_once * actor.get(k, 0) for k, v in node.items()}  # the actors placed first (Tune starts them)
+    assert all(v >= 0 for v in left.values()) and fits([left], {"CPU": 1.0}) == at_once * 1, (actor, left)
+    head = {**node, tune.TRIAL_RESOURCE: 1000.0}  # the clusters in cluster/: trials on the head's custom resource
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": head}])
+    assert tune.trial_resources() == {tune.TRIAL_RESOURCE: 1}
+
+
+def test_a_pbt_population_is_the_trials_that_run_at_once(monkeypatch):
+    """Tune starts no new trial while --max-concurrent (or what the cluster holds) are live,
+    PBT's paused ones included, and PBT ranks live trials only: more trials than that, or one at
+    a time, is refused with the numbers; ASHA takes any number."""
+    from mtl.distributed import tune
+
+    base = ExperimentConfig()
+    space = ("lr=loguniform:1e-5:1e-3",)
+    with pytest.raises(ValueError, match=r"its population is the trials that run at once, 2 here \(--max-concurrent 2\); "
+                                         r"--num-samples 4 would start the other 2 only as those finish.* Lower --num-samples to 2"):
+        plan_sweep(SweepConfig(scheduler="pbt", space=space, num_samples=4, max_concurrent=2), base, set())
+    with pytest.raises(ValueError, match=r"only 1 runs at once \(--max-concurrent 1\): PBT would never perturb.*raise --max-concurrent"):
+        plan_sweep(SweepConfig(scheduler="pbt", space=space, num_samples=4, max_concurrent=1), base, set())
+    with pytest.raises(ValueError, match="--num-samples 1 gives it none to compare"):
+        plan_sweep(SweepConfig(scheduler="pbt", space=space, num_samples=1), base, set())
+    plan_sweep(SweepConfig(space=space, num_samples=4, max_concurrent=1), base, set())  # ASHA
+    # without --max-concurrent: what the cluster holds, once Ray is connected
+    _no_cluster(monkeypatch, cpus=2.0)
+    one_cpu = {"CPU": 1.0}
+    pbt = plan_sweep(SweepConfig(scheduler="pbt", space=space, num_samples=2), base, set())
+    assert tune.trials_at_once(base, SweepConfig(scheduler="pbt", num_samples=2), pbt, one_cpu) == 2
+    with pytest.raises(ValueError, match=r"2 here \(the cluster holds 2 trial\(s\) of 1 worker\(s\) x \{CPU 1\}\); "
+                                         r"--num-samples 3 .* Lower --num-samples to 2, or make room for 3 at once \(more nodes"):
+        tune.trials_at_once(base, SweepConfig(scheduler="pbt", num_samples=3), pbt, one_cpu)
+    with pytest.raises(ValueError, match=r"only 1 runs at once .*--num-workers, --cpus-per-worker"):
+        tune.trials_at_once(base, SweepConfig(scheduler="pbt", num_samples=2), pbt, {"CPU": 2.0})
+    assert tune.trials_at_once(base, SweepConfig(num_samples=3), plan_sweep(SweepConfig(space=space), base, set()), one_cpu) == 2
+
+
+class _Controller:
+    """What PBT asks of Tune's controller here: the trials; a save request (none: no checkpoint)."""
+
+    search_alg = None
+
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self):
+        return self.trials
+
+    def get_live_trials(self):
+        return self.trials
+
+    def _schedule_trial_save(self, trial, result=None):
+        return None
+
+
+def _pbt(trials, sync: bool):
+    from ray.tune import loguniform
+    from ray.tune.experiment import Trial
+
+    from mtl.distributed.tune import AlignedPBT
+
+    pbt = AlignedPBT(time_attr="epoch", metric="score", mode="max", perturbation_interval=2,
+                     hyperparam_mutations={"lr": loguniform(1e-5, 1e-3)}, synch=sync)
+    population = [Trial("trial", config={"lr": 1e-4}, stub=True) for _ in range(trials)]
+    controller = _Controller(population)
+    for t in population:
+        pbt.on_trial_add(controller, t)
+        t.set_status(Trial.RUNNING)
+    return pbt, controller, population
+
+
+def test_pbt_perturbs_at_multiples_of_the_interval_after_a_resume_too():
+    """Tune saves no scheduler state: after --resume PBT meets its trials mid-run (epoch 5, say).
+    It perturbs at epochs that are multiples of the interval, where trials hand Tune a
+    checkpoint, as a fresh sweep does: not at 5, at 6, then 8."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from mtl.distributed import tune
+
+    spec = plan_sweep(SweepConfig(scheduler="pbt", space=("lr=loguniform:1e-5:1e-3",)), ExperimentConfig(), set())
+    assert isinstance(tune._scheduler(spec, 8), tune.AlignedPBT)  # what a PBT sweep runs
+    pbt, controller, (fresh,) = _pbt(1, sync=False)
+    state = pbt._trial_state[fresh]
+    assert pbt.on_trial_result(controller, fresh, {"epoch": 1, "score": 1.0}) == TrialScheduler.CONTINUE
+    pbt.on_trial_result(controller, fresh, {"epoch": 2, "score": 1.0})
+    assert state.last_perturbation_time == 2  # a fresh trial as PBT has it
+    pbt, controller, (resumed,) = _pbt(1, sync=False)
+    state = pbt._trial_state[resumed]
+    for epoch, perturbed in [(5, 4), (6, 6), (7, 6), (8, 8)]:
+        assert pbt.on_trial_result(controller, resumed, {"epoch": epoch, "score": 1.0}) == TrialScheduler.CONTINUE
+        assert state.last_perturbation_time == perturbed, epoch
+    pbt, controller, (late,) = _pbt(1, sync=False)
+    pbt.on_trial_result(controller, late, {"epoch": 6, "score": 1.0})  # first seen at a multiple: perturbed there
+    assert pbt._trial_state[late].last_perturbation_time == 6
+
+
+def test_synchronous_pbt_waits_for_every_trial_at_the_same_multiples_after_a_resume():
+    from ray.tune.schedulers import TrialScheduler
+
+    pbt, controller, (a, b) = _pbt(2, sync=True)
+    result = lambda epoch, score: {"epoch": epoch, "score": score}  # noqa: E731
+    assert pbt.on_trial_result(controller, a, result(5, 1.0)) == TrialScheduler.CONTINUE  # not a perturbation epoch
+    assert pbt.on_trial_result(controller, a, result(6, 1.0)) == TrialScheduler.PAUSE  # waits for b
+    assert pbt.on_trial_result(controller, b, result(5, 2.0)) == TrialScheduler.CONTINUE
+    assert pbt.on_trial_result(controller, b, result(6, 2.0)) == TrialScheduler.PAUSE  # both at 6: perturbed together
+    assert [pbt._trial_state[t].last_perturbation_time for t in (a, b)] == [6, 6] and pbt._next_perturbation_sync == 8
+    pbt.on_trial_result(controller, a, result(7, 1.0))
+    assert pbt.on_trial_result(controller, a, result(8, 1.0)) == TrialScheduler.PAUSE  # waits for b again
+    assert pbt._trial_state[a].last_perturbation_time == 6  # not perturbed alone
+
+
+def test_a_space_field_given_as_a_flag_goes_inside_the_same_argument():
+    """As --help says: --space=--lr=... (a separate argument starting with -- is the next flag)."""
+    from jobs.tune import TuneCommand
+    from mtl.cli import parse_experiment
+
+    cmd = parse_experiment(TuneCommand, ["--space=--lr=loguniform:1e-5:1e-3", "--space", "semseg-weight=uniform:0.3:0.7"])
+    assert [d.path for d in parse_space(cmd.sweep.space)] == ["optim.lr", "optim.semseg_weight"]
+    with pytest.raises(SystemExit):
+        parse_experiment(TuneCommand, ["--space", "--lr=loguniform:1e-5:1e-3"])

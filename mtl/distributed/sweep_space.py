@@ -9,9 +9,11 @@ A dimension is one config field and how trials draw it::
     --space aspp_rates=choice:6+12+18,12+24+36  tuple-valued fields: items joined with +
     --space crop=choice:224x448,256x512         sizes as HxW
 
-The field is named by its path (``optim.lr``), its name (``lr``) or its flag (``--lr``, ``semseg-weight``);
-values are read with the field's type and every value a trial may draw is checked against the
-config's rules (`ExperimentConfig.validate`). Everything that touches the hyperparameters
+The field is named by its path (``optim.lr``), its name (``lr``, ``semseg-weight``) or its flag
+written inside the same argument (``--space=--lr=loguniform:1e-5:1e-3``: the parser takes a
+separate argument that starts with ``--``, as in ``--space --lr=...``, for the next flag and
+refuses it); values are read with the field's type and every value a trial may draw is checked
+against the config's rules (`ExperimentConfig.validate`). Everything that touches the hyperparameters
 follows from the space: Tune's ``param_space``, each trial's config and name, PBT's mutations and
 the report's columns (`mtl.distributed.sweep_report`).
 
@@ -355,10 +357,11 @@ class SweepConfig:
     """The sweep's flags (the training config's are the other flags of jobs/tune.py)."""
 
     sweep_name: str = "sweep"  # the sweep's folder under --out (results, trials); --resume continues it
-    num_samples: int = 16  # trials
+    num_samples: int = 16  # trials (pbt: no more than run at once, its population)
     #: a swept field and its values, repeated for each: FIELD=loguniform:LOW:HIGH, FIELD=uniform:LOW:HIGH or
     #: FIELD=choice:A,B,... (tuple values joined with +), e.g. --space lr=loguniform:1e-5:1e-3 --space
-    #: encoder=choice:resnet18,resnet34; default: lr, semseg_weight, scale_max and hflip, less the ones given as flags
+    #: encoder=choice:resnet18,resnet34 (FIELD: name or path, lr or optim.lr; a flag only as --space=--lr=...);
+    #: default: lr, semseg_weight, scale_max and hflip, less the ones given as flags
     space: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     #: what the sweep optimises: grader (mIoU - SI-logRMSE), score (a run's selection score: the grader, a
     #: single-task run's own metric, or -Δm with --baselines), or delta_m (multi-task performance against
@@ -383,7 +386,39 @@ class SweepConfig:
         if self.scheduler == "pbt" and self.search != "random":
             raise ValueError(f"--scheduler pbt draws its first values at random and then perturbs them: leave out --search "
                              f"{self.search}")
+        if self.scheduler == "pbt":  # (the cluster's own limit is checked once Ray is connected)
+            at_once = self.num_samples if self.max_concurrent is None else self.max_concurrent
+            check_pbt_population(self.num_samples, at_once, f"--max-concurrent {self.max_concurrent}", "raise --max-concurrent")
+        check_search_package(self.search)
         return self
+
+
+def check_search_package(search: str) -> None:
+    """``--search optuna``/``hyperopt`` needs that package: ValueError saying so, before Ray starts
+    and before the sweep's folder is written (Ray's searchers fail with a bare assertion)."""
+    import importlib.util
+
+    if search != "random" and importlib.util.find_spec(search) is None:
+        raise ValueError(f"--search {search} needs the {search} package, which is not installed: pip install {search}")
+
+
+def check_pbt_population(num_samples: int, at_once: int, why: str, room: str) -> None:
+    """PBT's population is the trials that run at once: Tune starts no new trial while that
+    many are live (paused ones included), and PBT ranks live trials only. So more trials than
+    run at once would start only as others finish, outside the population, and one trial at a
+    time has no one to copy: both are refused with a ValueError naming the numbers (``why``:
+    where ``at_once`` comes from; ``room``: how to allow more at once)."""
+    if num_samples < 2:
+        raise ValueError(f"--scheduler pbt compares trials that run side by side: --num-samples {num_samples} gives it none "
+                         f"to compare; ask for 2 or more, or use --scheduler asha")
+    if at_once < 2:
+        raise ValueError(f"--scheduler pbt compares trials that run side by side, and only 1 runs at once ({why}): PBT would "
+                         f"never perturb. Make room for 2 or more ({room}), or use --scheduler asha")
+    if num_samples > at_once:
+        raise ValueError(f"--scheduler pbt: its population is the trials that run at once, {at_once} here ({why}); "
+                         f"--num-samples {num_samples} would start the other {num_samples - at_once} only as those finish, "
+                         f"outside the population. Lower --num-samples to {at_once}, or make room for {num_samples} at once "
+                         f"({room})")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,14 @@ adds what the sweep judges by (``score``; training reports ``delta_m`` itself wi
 notice) carry no validation and are not forwarded.
 
 **Run folders.** A trial's Train run lives in ``<sweep>/trials/<trial name>/`` (a name that
-stays the same when the sweep is resumed, so its Train run resumes from its own checkpoint).
+stays the same when the sweep is resumed, so its Train run resumes from its own checkpoint:
+``--resume`` continues unfinished and failed trials under their own ids, hence names).
+
+**Trials at once** (`trials_at_once`): as many as the cluster holds, each trial's own actor
+taking none of the CPUs and GPUs its workers are counted from (`trial_resources`). Under PBT
+they are the whole population: Tune starts no new trial while that many are live, paused ones
+included, and PBT ranks live trials only; so a PBT sweep asks for no more trials than run at
+once, and for at least two (`sweep_space.check_pbt_population`).
 
 **PBT** (``--scheduler pbt``) perturbs every ``--perturbation-interval`` epochs: a trial in the
 bottom ``--quantile-fraction`` copies one of the top fraction and perturbs the copy's swept values
@@ -29,7 +36,8 @@ such a checkpoint:
   continues training from there (same epoch, step, LR plan position and data order; the new LR
   applies from the next step). ``pbt-origin.json`` there says where it came from.
 
-A trial restarted after its last epoch trains nothing. The report takes each epoch's values and
+PBT perturbs only at multiples of the interval, also after ``--resume`` (`AlignedPBT`). A
+trial restarted after its last epoch trains nothing. The report takes each epoch's values and
 run folder from the results, so a PBT trial's row shows the values of its best epoch and its
 ``best.pt``. PBT counts time in epochs; it changes only the fields `sweep_space.PBT_MUTABLE` lists.
 
@@ -50,10 +58,12 @@ from typing import Any
 
 from ray.train import UserCallback
 from ray.tune import Callback
+from ray.tune.schedulers import PopulationBasedTraining
 
 from mtl.config import ExperimentConfig
 from mtl.distributed.sweep_report import HP_PREFIX, RUN_KEY
-from mtl.distributed.sweep_space import SweepConfig, SweepSpec, hyperparameters, param_space, trial_config, trial_name
+from mtl.distributed.sweep_space import (SweepConfig, SweepSpec, check_pbt_population, check_search_package, hyperparameters,
+                                         param_space, trial_config, trial_name)
 
 ORIGIN_FILE = "origin.json"  # in a checkpoint handed to Tune: where it came from
 SEED_FILE = "pbt-origin.json"  # in a run folder seeded from another trial's checkpoint
@@ -61,6 +71,10 @@ SEED_FILE = "pbt-origin.json"  # in a run folder seeded from another trial's che
 TRIAL_RESOURCE = "streetmtl_trials"
 TUNE_CHECKPOINT = "checkpoint"  # the Train checkpoint's files inside a Tune checkpoint
 SWEEP_FILE = "sweep.json"  # in the sweep's folder: the sweep's spec and base config (a resume must match)
+TUNER_FILE = "tuner.pkl"  # Tune's own state in the sweep's folder (written when the Tuner is made), what a resume restores
+#: what a trial's actor asks for on a cluster without `TRIAL_RESOURCE`: a nominal amount of memory,
+#: a resource every node has and no worker bundle asks for (see `trial_resources`)
+TRIAL_MEMORY = 1 << 20
 
 
 class ForwardReports(UserCallback):
@@ -249,6 +263,20 @@ def max_concurrent_trials(base: ExperimentConfig, sweep: SweepConfig, bundle: di
     return sweep.max_concurrent or max_concurrent(base.dist.num_workers, bundle, read_capacity(), sweep.num_samples)
 
 
+def trials_at_once(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, bundle: dict[str, float]) -> int:
+    """`max_concurrent_trials`; under PBT, its whole population, so a cluster that holds fewer
+    trials than ``--num-samples``, or one only, is refused (``--max-concurrent`` was checked
+    with the flags: `SweepConfig.validate`)."""
+    concurrent = max_concurrent_trials(base, sweep, bundle)
+    if spec.pbt and sweep.max_concurrent is None:
+        per_worker = ", ".join(f"{k} {v:g}" for k, v in bundle.items())
+        why = f"the cluster holds {concurrent} trial(s) of {base.dist.num_workers} worker(s) x {{{per_worker}}}"
+        room = ("more nodes, or fewer/smaller workers per trial: --num-workers, --cpus-per-worker, --gpus-per-worker; or "
+                "--max-concurrent when the cluster will grow in ways this run cannot see")
+        check_pbt_population(sweep.num_samples, concurrent, why, room)
+    return concurrent
+
+
 def mlflow_callback(experiment: str):
     """Tune's MLflow callback logging every trial as a run of MLflow experiment ``experiment``
     when ``MLFLOW_TRACKING_URI`` is set; None otherwise (`mtl.tracking.mlflow_tracking_uri`:
@@ -270,27 +298,56 @@ def _search_alg(sweep: SweepConfig, max_concurrent: int):
         from ray.tune.search import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=sweep.search_seed, max_concurrent=max_concurrent)
-    try:
-        if sweep.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
+    check_search_package(sweep.search)  # (Ray's searchers without their package: a bare AssertionError)
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
 
-            return OptunaSearch(seed=sweep.search_seed)
-        from ray.tune.search.hyperopt import HyperOptSearch
+        return OptunaSearch(seed=sweep.search_seed)
+    from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(random_state_seed=sweep.search_seed)
-    except ImportError as e:
-        raise ValueError(f"--search {sweep.search} needs the {sweep.search} package: pip install {sweep.search} ({e})") from e
+    return HyperOptSearch(random_state_seed=sweep.search_seed)
 
 
 def _scheduler(spec: SweepSpec, epochs: int):
     """ASHA, or PBT; both count time in epochs (the ``epoch`` every result carries)."""
-    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler
 
     if spec.pbt:
-        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=spec.perturbation_interval,
-                                       hyperparam_mutations=spec.pbt_mutations(), quantile_fraction=spec.quantile_fraction,
-                                       custom_explore_fn=spec.clip, synch=spec.pbt_sync)
+        return AlignedPBT(time_attr="epoch", perturbation_interval=spec.perturbation_interval,
+                          hyperparam_mutations=spec.pbt_mutations(), quantile_fraction=spec.quantile_fraction,
+                          custom_explore_fn=spec.clip, synch=spec.pbt_sync)
     return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+
+
+class AlignedPBT(PopulationBasedTraining):
+    """PBT that perturbs a trial only at multiples of ``perturbation_interval``, the epochs at
+    which it hands Tune a checkpoint (`_trial`), also when it meets the trial in the middle of
+    its run. Tune saves no scheduler state, so after ``--resume`` PBT knows every trial afresh
+    (last perturbed at 0) and would perturb at its first result, say epoch 5 with interval 2:
+    an epoch without a checkpoint, so an exploit of it is skipped, and every 2 epochs from
+    there, never at a checkpoint again. Here a trial's first result at epoch ``t`` counts the
+    last multiple before ``t`` as its last perturbation (0 for a fresh trial, as PBT has it;
+    a trial first seen at 5 or 6 next perturbs at 6). Synchronous mode's next common
+    perturbation moves there too: PBT starts it at the first interval and moves it one interval
+    on per perturbation, so after a resume it would lag behind the trials, which from their
+    second perturbation on would no longer wait for each other."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._seen: set[str] = set()  # the trials this scheduler has had a result from
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:  # noqa: ANN001
+        if trial.trial_id not in self._seen and self._time_attr in result:
+            self._seen.add(trial.trial_id)
+            self._align(self._trial_state[trial], int(result[self._time_attr]))
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def _align(self, state, time: int) -> None:  # noqa: ANN001 - PBT's _PBTTrialState
+        last = (time - 1) - (time - 1) % self._perturbation_interval
+        if last > state.last_perturbation_time:
+            state.last_perturbation_time = last
+            if self._synch:
+                self._next_perturbation_sync = max(self._next_perturbation_sync, last + self._perturbation_interval)
 
 
 def sweep_url(base: ExperimentConfig, sweep: SweepConfig) -> str:
@@ -308,12 +365,15 @@ def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) ->
     number or draw of trials, or training config on the command line (operational settings such
     as --workers or --cpus-per-worker included) is refused (Tune would go on with the stored one)."""
     from mtl.runs import config_diff
-    from mtl.storage import read_bytes
+    from mtl.storage import exists, read_bytes
 
     url = sweep_url(base, sweep)
     raw = read_bytes(f"{url}/{SWEEP_FILE}")
     if raw is None:
         raise FileNotFoundError(f"no sweep to resume at {url} (no {SWEEP_FILE})")
+    if not exists(f"{url}/{TUNER_FILE}"):
+        raise FileNotFoundError(f"the sweep at {url} never started (its {SWEEP_FILE} is there, Tune's {TUNER_FILE} is not): "
+                                f"nothing to resume; the same command without --resume starts it")
     stored = json.loads(raw)
     differ = SweepSpec.from_dict(stored["spec"]).differences(spec)
     flags = stored.get("sweep", {})  # (absent in sweeps started before it was stored)
@@ -349,36 +409,44 @@ def trial_resources() -> dict[str, float]:
     run, whose controller Ray places on the trial's node: on a node that a spot reclaim takes,
     the trial dies with it (no preemption notice reaches it, and each loss counts against
     --max-failures). So trials live on the node offering `TRIAL_RESOURCE` (the head of the
-    clusters in cluster/, on-demand and without CPUs for training); on a cluster without one, a
-    sliver of a CPU anywhere."""
+    clusters in cluster/, on-demand and without CPUs for training). On a cluster without one,
+    anywhere, asking for `TRIAL_MEMORY` only: Tune needs some resource, and a sliver of a CPU
+    would come out of the CPUs the trials at once are counted from (`trials_at_once`), so N
+    trials of 1-CPU workers on N CPUs would leave the last worker group unplaced."""
     import ray
 
     if any(n.get("Alive") and n.get("Resources", {}).get(TRIAL_RESOURCE) for n in ray.nodes()):
         return {TRIAL_RESOURCE: 1}
-    return {"CPU": 0.01}
+    return {"memory": TRIAL_MEMORY}
 
 
-def check_new(base: ExperimentConfig, sweep: SweepConfig) -> None:
-    """A new sweep does not start over one that is there: FileExistsError naming it."""
+def check_new(base: ExperimentConfig, sweep: SweepConfig) -> str | None:
+    """A new sweep does not start over one that is there: FileExistsError naming it. A
+    ``sweep.json`` without Tune's state is a start that failed before Tune began (earlier
+    versions wrote it first): nothing to resume, so it is started anew, and the note returned
+    says so for the log."""
     from mtl.storage import exists
 
     url = sweep_url(base, sweep)
-    if exists(f"{url}/{SWEEP_FILE}"):
+    if not exists(f"{url}/{SWEEP_FILE}"):
+        return None
+    if exists(f"{url}/{TUNER_FILE}"):
         raise FileExistsError(f"a sweep is already at {url}: --resume continues it, or choose another --sweep-name")
+    return f"the sweep at {url} never started (its {SWEEP_FILE} is there, Tune's {TUNER_FILE} is not): starting it anew"
 
 
 def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, resume: bool = False):
-    """Run (or, with ``resume``, continue) the sweep; returns Tune's ResultGrid."""
+    """Run (or, with ``resume``, continue) the sweep; returns Tune's ResultGrid. A new sweep's
+    ``sweep.json`` is written after everything that can refuse or fail on the way and after
+    Tune's own state (the Tuner writes ``tuner.pkl``): a sweep.json always has a sweep that
+    ``--resume`` can continue. A resume continues unfinished and failed trials alike, with
+    their trial ids, hence names and run folders (Tune's ``restart_errored`` would give a failed
+    trial a new id: a new run folder, from epoch 1)."""
     from ray import tune
 
     from mtl.distributed.ray_train import connect, plan
-    from mtl.runs import out_root
     from mtl.storage import write_bytes_atomic
 
-    callbacks = [LeaderboardCallback(spec)]
-    mlflow = mlflow_callback(sweep.sweep_name)
-    if mlflow is not None:
-        callbacks.append(mlflow)
     workers = plan(base, connect(base))  # the GPU decision, once for every trial; fails fast if never placeable
     base = dataclasses.replace(base, dist=dataclasses.replace(base.dist, use_gpu=workers.use_gpu))
     url = sweep_url(base, sweep)
@@ -386,16 +454,31 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, resum
     if resume:
         if not tune.Tuner.can_restore(url):
             raise FileNotFoundError(f"no sweep to resume at {url}")
-        return tune.Tuner.restore(url, trainable=trainable, resume_unfinished=True, restart_errored=True).fit()
+        return tune.Tuner.restore(url, trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
+    tuner = _new_tuner(base, sweep, spec, trainable, trials_at_once(base, sweep, spec, workers.bundle))
     stored = {"spec": spec.to_dict(), "sweep": {k: getattr(sweep, k) for k in STORED_SWEEP_FLAGS}, "base": base.to_dict()}
     write_bytes_atomic(f"{url}/{SWEEP_FILE}", json.dumps(stored, indent=1).encode())
+    return tuner.fit()
+
+
+def _new_tuner(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, trainable, concurrent: int):  # noqa: ANN001
+    """Tune's Tuner for a new sweep of ``concurrent`` trials at once (making it writes Tune's
+    state, ``tuner.pkl``, into the sweep's folder)."""
+    from ray import tune
+
+    from mtl.runs import out_root
+
+    url = sweep_url(base, sweep)
+    callbacks = [LeaderboardCallback(spec)]
+    mlflow = mlflow_callback(sweep.sweep_name)
+    if mlflow is not None:
+        callbacks.append(mlflow)
     arch, space = base.model.arch, spec.space
-    concurrent = max_concurrent_trials(base, sweep, workers.bundle)
     if spec.pbt:  # the values change as the trial goes: the name says which trial, the report which values
         name = lambda t: f"{arch}_pbt_{t.trial_id}"  # noqa: E731
     else:
         name = lambda t: trial_name(arch, space, t.config, t.trial_id)  # noqa: E731
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space={**param_space(space), "base": base.to_dict(), "trials_url": f"{url}/trials", "sweep": spec.to_dict()},
         tune_config=tune.TuneConfig(
@@ -411,7 +494,6 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, resum
                                   # own --max-failures cannot restart; Tune restarts it, continuing its run folder
                                   failure_config=tune.FailureConfig(max_failures=base.dist.max_failures)),
     )
-    return tuner.fit()
 
 
 class LeaderboardCallback(Callback):

@@ -69,12 +69,11 @@ import numpy as np
 import tyro
 from PIL import Image
 
-from data_prep.shard import check_splits
 from mtl.atomic import check_not_above
 from mtl.cli import parse
 from mtl.config import Size
-from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, decode_sample, encode_depth_png, encode_rgb_jpeg,
-                                 encode_semseg_png)
+from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, check_splits, decode_sample,
+                                 encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
 from mtl.storage import is_local, storage_errors, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-cityscapes-v1"

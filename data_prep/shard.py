@@ -43,7 +43,7 @@ import tyro
 from mtl import __version__
 from mtl.cli import parse
 from mtl.data.folder import scan_split, split_modalities, stems_by_index
-from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, decode_sample
+from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
 from mtl.data.shards import FORMAT
 from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
@@ -120,19 +120,6 @@ def parse_shard_size(text: str) -> tuple[str, int]:
     if t.isdigit() and int(t) > 0:
         return "samples", int(t)
     raise ValueError(f"--shard-size must be auto, a sample count (e.g. 1000) or a size (e.g. 256MB), got {text!r}")
-
-
-def check_splits(splits: tuple[str, ...]) -> None:
-    """ValueError naming --splits when it names no split, an unknown one, or one twice (that
-    split would be written twice, by two processes at once, and listed twice)."""
-    if not splits:
-        raise ValueError(f"--splits names no split: give one or more of {', '.join(SPLITS)}")
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown:
-        raise ValueError(f"--splits: unknown split {unknown[0]!r}; expected one of {', '.join(SPLITS)}")
-    twice = list(dict.fromkeys(s for s in splits if splits.count(s) > 1))
-    if twice:
-        raise ValueError(f"--splits names {', '.join(twice)} more than once: give each split once")
 
 
 def plan_shards(samples: list[tuple[str, dict[str, int]]], kind: str, limit: int) -> list[list[str]]:

@@ -134,6 +134,8 @@ def model_url(a: EvaluateCommand) -> str:
     url = a.checkpoint.rstrip("/")
     if a.baselines and not url.endswith(".pt") and exists(f"{url}/{BEST_FILE}"):
         return f"{url}/{BEST_FILE}"
+    if a.baselines and not url.endswith(".pt"):
+        print(f"{url} has no {BEST_FILE} (no epoch validated yet?): Δm compares its latest checkpoint", flush=True)
     return a.checkpoint
 
 

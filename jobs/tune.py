@@ -140,7 +140,8 @@ def report(results, base: ExperimentConfig, sweep: SweepConfig, spec, console) -
     errored = [r.name for r in rows if r.status == "error"]
     if errored:  # (the report holds the others; a pipeline must not take the sweep for a whole one)
         print(f"error: {len(errored)} of {len(rows)} trials failed ({', '.join(errored)}): their logs are in the trials' run "
-              f"folders; the same command with --resume continues them, each in its own run folder from its last checkpoint",
+              f"folders; the same command with --resume continues them, each in its own run folder from its last checkpoint "
+              f"(once: Tune keeps their failure counts)",
               file=sys.stderr)
     return 1 if errored else 0
 

@@ -317,7 +317,7 @@ class Checkpointer:
             if self.strategy.sharded:
                 self.strategy.save_shards(os.path.join(d, SHARDS_DIR))
             if self.rank == 0:
-                state = self._write_main(d, tag, config, metrics, metrics_file)
+                state = self._write_main(d, tag, config, metrics, is_best, metrics_file)
             self.storage.publish(d, tag, metrics)
         self.strategy.barrier()  # every rank's files are in place before the pointer moves
         if self.rank == 0:
@@ -325,12 +325,13 @@ class Checkpointer:
             if is_best:
                 self._write_best(state)
 
-    def _write_main(self, folder: str, tag: str, config: dict[str, Any], metrics: dict[str, Any],
+    def _write_main(self, folder: str, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool,
                     metrics_file: bool) -> dict[str, Any]:
-        """Rank 0: ``state.pt`` into the folder to publish, and the metrics file at once, before
-        the checkpoint exists (a failure in between resumes from the checkpoint before, which
-        trains this epoch again and writes it again). Returns the state."""
-        state = {"config": config, "metrics": metrics, **{k: s.state_dict() for k, s in self.states.items()},
+        """Rank 0: ``state.pt`` into the folder to publish (``is_best`` in it: a resume from it
+        writes best.pt again, `restore`), and the metrics file at once, before the checkpoint
+        exists (a failure in between resumes from the checkpoint before, which trains this epoch
+        again and writes it again). Returns the state."""
+        state = {"config": config, "metrics": metrics, "is_best": is_best, **{k: s.state_dict() for k, s in self.states.items()},
                  **self.strategy.state_dict()}
         with open(os.path.join(folder, STATE_FILE), "wb") as fh:
             fh.write(checkpoint_bytes(state))
@@ -356,15 +357,9 @@ class Checkpointer:
             self.strategy.load_state_dict(state)
             if self.strategy.sharded:
                 self.strategy.load_shards(os.path.join(folder, SHARDS_DIR))
-        if self.rank == 0 and _is_best(state):  # (a failure between its commit and best.pt: best.pt is an older epoch)
+        if self.rank == 0 and state.get("is_best"):  # (a failure between its commit and best.pt: best.pt is an older epoch)
             self._write_best(state)
         return state
-
-
-def _is_best(state: dict[str, Any]) -> bool:
-    """The checkpoint is an epoch's whose score is the run's best so far."""
-    score, best = state.get("metrics", {}).get("score"), state.get("train_state", {}).get("best")
-    return score is not None and score == best
 
 
 # ---------------------------------------------------------------------------------- readers

@@ -393,7 +393,7 @@ class Trainer:
                  f"{', from a fork server' if d.workers and data_loader.from_fork_server() else ''}), "
                  f"global batch {t.batch_size * t.grad_accum * rt.world}, {self.steps_per_epoch} steps/epoch, "
                  f"LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power}); run folder {run_url(cfg)}")
-        for note in coverage_notes(d, self.steps_per_epoch, self.global_batch):
+        for note in coverage_notes(d, self.steps_per_epoch, self.global_batch, capped=bool(t.max_steps_per_epoch)):
             self.log(note)
         pretrained = describe_pretrained(self.strategy.module)
         if pretrained:

@@ -28,10 +28,12 @@ opens its first event file with ``purge_step`` k + 1: readers (TensorBoard's acc
 the SessionLog START event that writes, its Rust data server through the step going back) then
 hide what earlier attempts logged after step k, which this attempt trains again, so curves never
 double back; what they logged up to k (the checkpoint's own epoch-end validation) stays. MLflow
-can neither hide nor replace points, so there each batch sent also sets the run's tag
-``streetmtl.logged_through_step``, and a resumed attempt sends nothing for the steps up to it: an
-earlier attempt that failed after its checkpoint (and sent its last values on the way out) keeps
-its values for the steps this one trains again, and no step has two.
+can neither hide nor replace points, so there each batch sent also sets the run's tags
+``streetmtl.logged_through_step`` (step scalars) and ``streetmtl.validated_through_step`` (an
+epoch's validation), and a resumed attempt sends nothing of either kind for the steps up to its
+tag: an earlier attempt that failed after its checkpoint (and sent its last values on the way
+out) keeps its values for the steps this one trains again, and no step has two. (Two tags: an
+attempt that failed in validation sent its epoch's last step values, not its validation.)
 
 MLflow (``MLFLOW_TRACKING_URI`` set): one MLflow run per training run, continued on resume (its
 id in ``mlflow.json``; an attempt with no checkpoint to resume from begins a new one), in the
@@ -75,7 +77,8 @@ CURVES_EVERY_S = 60.0
 CURVES_MAX_SHARE = 0.02
 _clock = time.monotonic  # (tests move it)
 MLFLOW_FILE = "mlflow.json"
-LOGGED_THROUGH_TAG = "streetmtl.logged_through_step"  # the last step an MLflow run has values for
+# the last step an MLflow run has values for: step scalars, and an epoch's validation values
+LOGGED_THROUGH_TAGS = {"step": "streetmtl.logged_through_step", "epoch": "streetmtl.validated_through_step"}
 DEFAULT_EXPERIMENT = "streetmtl"
 NO_MATPLOTLIB = "curves.png not drawn: matplotlib is not installed (pip install matplotlib)"
 _BAD_CHARS = re.compile(r"[^\w./\-]")  # what both TensorBoard tags and MLflow names may hold
@@ -357,11 +360,11 @@ class MlflowRun:
         from mlflow import MlflowClient
 
         self.client, self.uri, self.log = MlflowClient(tracking_uri=uri), public_uri(uri), log
-        self.pending: list[Any] = []  # step metrics not yet sent
+        self.pending: list[tuple[str, Any]] = []  # (kind: "step" or "epoch", metric) not yet sent
         self.broken = False  # a call failed mid-run: no more for this attempt
-        self.logged_through = 0  # the MLflow run has values up to this step (its LOGGED_THROUGH_TAG)
+        self.logged_through = dict.fromkeys(LOGGED_THROUGH_TAGS, 0)  # per kind: the run has values up to this step
         self.run_id, params = self._continue(run_url, start_step) or self._start(run_url, run_name)
-        self.skip_through = self.logged_through  # an earlier attempt's steps: MLflow keeps those values
+        self.skip_through = dict(self.logged_through)  # an earlier attempt's steps: MLflow keeps those values
         # (--resume itself is no setting of the run: it would differ on every resume)
         self._log_params({k: v for k, v in flatten(config).items() if k != "train.resume"}, params)
 
@@ -392,11 +395,12 @@ class MlflowRun:
             return None
         self.client.update_run(run_id, status="RUNNING")
         self.log(f"MLflow: continuing run {run_id} ({self._link(run.info.experiment_id, run_id)})")
-        self.logged_through = int(run.data.tags.get(LOGGED_THROUGH_TAG, 0))
-        if self.logged_through > start_step:
-            self.log(f"MLflow: an earlier attempt sent values up to step {self.logged_through}, after this attempt's "
-                     f"checkpoint (step {start_step}); MLflow cannot replace points, so steps {start_step + 1}-"
-                     f"{self.logged_through} keep that attempt's values there (TensorBoard shows this attempt's)")
+        self.logged_through = {kind: int(run.data.tags.get(tag, 0)) for kind, tag in LOGGED_THROUGH_TAGS.items()}
+        sent = max(self.logged_through.values())
+        if sent > start_step:
+            self.log(f"MLflow: an earlier attempt sent values up to step {sent}, after this attempt's checkpoint (step "
+                     f"{start_step}); MLflow cannot replace points, so steps {start_step + 1}-{sent} keep that attempt's "
+                     f"values there (TensorBoard shows this attempt's)")
         return run_id, dict(run.data.params)
 
     def _start(self, run_url: str, run_name: str) -> tuple[str, dict[str, str]]:
@@ -424,13 +428,14 @@ class MlflowRun:
         if changed:
             self.log(f"MLflow: params that differ on resume keep their first values: {', '.join(changed)}")
 
-    def add(self, values: dict[str, float], step: int) -> None:
+    def add(self, values: dict[str, float], step: int, kind: str = "step") -> None:
+        """``values`` at ``step``: step scalars (``kind`` "step") or an epoch's validation ("epoch")."""
         from mlflow.entities import Metric
 
-        if step <= self.skip_through:
+        if step <= self.skip_through[kind]:
             return  # sent by an earlier attempt: a second value for the step would read as a second run
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, v, now, step) for k, v in values.items()]
+        self.pending += [(kind, Metric(k, v, now, step)) for k, v in values.items()]
 
     def _call(self, what: str, fn: Callable[[], Any]) -> None:
         """``fn``, unless a call failed before; a failure is logged and ends MLflow logging for
@@ -449,13 +454,15 @@ class MlflowRun:
         if batch:
             self._call(f"log {len(batch)} values", lambda: self._send(batch))
 
-    def _send(self, batch: list[Any]) -> None:
-        """``batch`` (in step order) in chunks, each with the tag that says how far the run's values go."""
+    def _send(self, batch: list[tuple[str, Any]]) -> None:
+        """``batch`` (in step order) in chunks, each with the tags that say how far the run's values go."""
         from mlflow.entities import RunTag
 
         for chunk in _chunks(batch, 1000):
-            self.logged_through = max(self.logged_through, max(m.step for m in chunk))
-            self.client.log_batch(self.run_id, metrics=chunk, tags=[RunTag(LOGGED_THROUGH_TAG, str(self.logged_through))])
+            for kind, m in chunk:
+                self.logged_through[kind] = max(self.logged_through[kind], m.step)
+            tags = [RunTag(tag, str(self.logged_through[kind])) for kind, tag in LOGGED_THROUGH_TAGS.items()]
+            self.client.log_batch(self.run_id, metrics=[m for _, m in chunk], tags=tags)
 
     def finish(self, png: bytes | None, failed: bool) -> None:
         """The last values, curves.png as an artifact, and the run's end state."""
@@ -549,7 +556,7 @@ class Tracker:
         if last or _clock() >= self._draw_at:
             self._try_draw()
         if self.mlflow:
-            self.mlflow.add(scalars, step)
+            self.mlflow.add(scalars, step, "epoch")
         self.sync()
 
     def _try_draw(self) -> None:

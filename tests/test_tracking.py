@@ -177,10 +177,21 @@ def test_mlflow_run_is_continued_on_resume(tmp_path, monkeypatch):
     assert loss == [(s, float(s)) for s in range(1, 7)] + [(s, 1000.0 + s) for s in range(7, 9)]
     assert ("MLflow: an earlier attempt sent values up to step 6, after this attempt's checkpoint (step 4); MLflow "
             "cannot replace points, so steps 5-6 keep that attempt's values there (TensorBoard shows this attempt's)") in lines
-    assert got.data.tags["streetmtl.logged_through_step"] == "8"
+    assert got.data.tags["streetmtl.logged_through_step"] == got.data.tags["streetmtl.validated_through_step"] == "8"
     assert sorted(m.step for m in client.get_metric_history(run_id, "val/miou")) == [4, 8]
     assert sorted(m.step for m in client.get_metric_history(run_id, "iou/traffic_light")) == [4, 8]
     assert len(client.search_runs([got.info.experiment_id])) == 1
+    # an attempt that fails in validation has sent its epoch's last steps, not the validation:
+    # the next one keeps those steps' values and sends the validation
+    with pytest.raises(RuntimeError, match="validation failed"):
+        with Tracker(run, "my-run", resumed, start_step=2 * STEPS, log=lines.append) as t:
+            _steps(t, range(2 * STEPS + 1, 3 * STEPS + 1), attempt=2)
+            raise RuntimeError("validation failed")
+    with Tracker(run, "my-run", resumed, start_step=2 * STEPS, log=lines.append) as t:
+        _train(t, run, range(3, 4), attempt=3)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/miou")) == [4, 8, 12]
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+    assert loss[-4:] == [(s, 2000.0 + s) for s in range(9, 13)] and len(loss) == 12
 
     other = (tmp_path / "other-mlruns").as_uri()  # a tracking server without that run: a new one begins
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)

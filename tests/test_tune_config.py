@@ -375,6 +375,7 @@ def test_a_resumed_sweep_must_ask_for_what_it_started_with(tmp_path):
     os.makedirs(tmp_path / "s")
     (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps({"spec": spec.to_dict(), "base": base.to_dict()}))
     (tmp_path / "s" / TUNER_FILE).write_bytes(b"")  # Tune's state: the sweep started
+    (tmp_path / "s" / "experiment_state-2026-11-29_00-00-00.json").write_text("{}")
     check_resume(base.with_values({"train.resume": True, "dist.address": "10.0.0.1:6379"}), sweep, spec)  # the driver's own
     # the trials' other settings too: Tune restores its trials as stored, so new ones would silently not apply
     with pytest.raises(ValueError, match=r"data.workers None -> 2; dist.cpus_per_worker 1.0 -> 4.0"):
@@ -437,17 +438,29 @@ def test_a_sweep_json_is_written_only_for_a_sweep_that_resume_can_continue(tmp_p
     _no_cluster(monkeypatch)
     import ray.tune
 
-    monkeypatch.setattr(ray.tune.Tuner, "fit", lambda self: "results")
-    assert tune.run_sweep(base, sweep, spec) == "results"
+    def fails_at_its_start(self):  # (e.g. an MLflow server that cannot be reached: before Tune saves any state)
+        raise ConnectionError("MLflow server unreachable")
+
+    monkeypatch.setattr(ray.tune.Tuner, "fit", fails_at_its_start)
+    with pytest.raises(ConnectionError):
+        tune.run_sweep(base, sweep, spec)
     assert (folder / tune.SWEEP_FILE).exists() and (folder / tune.TUNER_FILE).exists()
+    never = f"the sweep at {folder} never started (its sweep.json is there, Tune's saved state is not)"
+    assert tune.check_new(base, sweep) == f"{never}: starting it anew"
+    with pytest.raises(FileNotFoundError, match="never started .* the same command without --resume starts it"):
+        tune.check_resume(base, sweep, spec)
+
+    def saves_its_state(self):
+        (folder / "experiment_state-2026-11-29_00-00-00.json").write_text("{}")
+        return "results"
+
+    monkeypatch.setattr(ray.tune.Tuner, "fit", saves_its_state)
+    assert tune.run_sweep(base, sweep, spec) == "results"
     with pytest.raises(FileExistsError, match="a sweep is already at"):
         tune.check_new(base, sweep)
     # what earlier versions left after a failed start: sweep.json alone
     (folder / tune.TUNER_FILE).unlink()
-    assert tune.check_new(base, sweep) == (f"the sweep at {folder} never started (its sweep.json is there, Tune's tuner.pkl "
-                                           f"is not): starting it anew")
-    with pytest.raises(FileNotFoundError, match="never started .* the same command without --resume starts it"):
-        tune.check_resume(base, sweep, spec)
+    assert tune.check_new(base, sweep) == f"{never}: starting it anew"
 
 
 def test_a_missing_search_package_is_one_line_before_ray(monkeypatch):

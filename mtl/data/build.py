@@ -115,16 +115,19 @@ class Loaders:
     image_size: tuple[int, int] | None = None
 
 
-def coverage_notes(loaders: Loaders, steps: int, global_batch: int) -> list[str]:
-    """What an epoch of ``steps`` optimizer steps of ``global_batch`` samples leaves out of the
-    training split, and the loader workers that get no shard: lines for the trainer's start."""
+def coverage_notes(loaders: Loaders, steps: int, global_batch: int, capped: bool = False) -> list[str]:
+    """For a shard set: what an epoch of ``steps`` optimizer steps of ``global_batch`` samples
+    leaves out of the training split (unless the epochs are ``capped`` on purpose), and the
+    loader workers that get no shard: lines for the trainer's start. (A folder leaves out less
+    than a global batch: nothing is said.)"""
+    if not isinstance(loaders.train, ShardLoader):
+        return []
     notes, used, n = [], steps * global_batch, loaders.num_train
-    if used < n:
-        why = ("each loader worker batches the samples of its own shards and the ranks stop together at the smallest "
-               "one's batch count" if isinstance(loaders.train, ShardLoader) else "they do not fill a global batch")
-        notes.append(f"an epoch trains on {used} of the {n} train samples ({100 * used / n:.0f} %): {why}; the order "
-                     f"changes every epoch, and with it the samples left out")
-    idle = loaders.train.idle_workers() if isinstance(loaders.train, ShardLoader) else 0
+    if used < n and not capped:
+        notes.append(f"an epoch trains on {used} of the {n} train samples ({100 * used / n:.0f} %): each loader worker "
+                     f"batches the samples of its own shards and the ranks stop together at the smallest one's batch count; "
+                     f"the order changes every epoch, and with it the samples left out")
+    idle = loaders.train.idle_workers()
     if idle:
         notes.append(f"{idle} of this rank's {loaders.workers} loader workers get no shard and stay idle: reshard into more "
                      f"shards (data_prep.shard --shard-size auto gives a split about 256)")

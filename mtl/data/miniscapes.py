@@ -29,6 +29,19 @@ MODALITIES = {"rgb": "jpg", "semseg": "png", "depth": "png"}
 LABEL_MODALITIES = ("semseg", "depth")  # a split has both or neither (a test split: rgb only)
 
 
+def check_splits(splits: tuple[str, ...]) -> None:
+    """ValueError naming --splits when it names no split, an unknown one, or one twice (that
+    split would be written twice, by two processes at once, and listed twice)."""
+    if not splits:
+        raise ValueError(f"--splits names no split: give one or more of {', '.join(SPLITS)}")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"--splits: unknown split {unknown[0]!r}; expected one of {', '.join(SPLITS)}")
+    twice = list(dict.fromkeys(s for s in splits if splits.count(s) > 1))
+    if twice:
+        raise ValueError(f"--splits names {', '.join(twice)} more than once: give each split once")
+
+
 def sample_index(stem: str) -> int:
     """A sample's number, from its file stem (a folder) or key (a shard): the stem itself when
     numeric (Miniscapes' ``<index>``), else a checksum of it, the same in every process. It

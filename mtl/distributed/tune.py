@@ -244,6 +244,7 @@ def seed_run(cfg: ExperimentConfig, folder: str, hp: dict[str, Any]) -> None:
         state.pop("format", None)
         state["config"] = resolve_config(cfg).to_dict()
         state["train_state"] = {**state.get("train_state", {}), "best": float("-inf")}
+        state["is_best"] = False  # (the donor's best epoch: not one of this run's)
         with open(os.path.join(files, STATE_FILE), "wb") as fh:
             fh.write(checkpoint_bytes(state))
         storage = FolderStorage(url, keep_last=0)
@@ -365,14 +366,14 @@ def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) ->
     number or draw of trials, or training config on the command line (operational settings such
     as --workers or --cpus-per-worker included) is refused (Tune would go on with the stored one)."""
     from mtl.runs import config_diff
-    from mtl.storage import exists, read_bytes
+    from mtl.storage import read_bytes
 
     url = sweep_url(base, sweep)
     raw = read_bytes(f"{url}/{SWEEP_FILE}")
     if raw is None:
         raise FileNotFoundError(f"no sweep to resume at {url} (no {SWEEP_FILE})")
-    if not exists(f"{url}/{TUNER_FILE}"):
-        raise FileNotFoundError(f"the sweep at {url} never started (its {SWEEP_FILE} is there, Tune's {TUNER_FILE} is not): "
+    if not tune_started(url):
+        raise FileNotFoundError(f"the sweep at {url} never started (its {SWEEP_FILE} is there, Tune's saved state is not): "
                                 f"nothing to resume; the same command without --resume starts it")
     stored = json.loads(raw)
     differ = SweepSpec.from_dict(stored["spec"]).differences(spec)
@@ -430,9 +431,23 @@ def check_new(base: ExperimentConfig, sweep: SweepConfig) -> str | None:
     url = sweep_url(base, sweep)
     if not exists(f"{url}/{SWEEP_FILE}"):
         return None
-    if exists(f"{url}/{TUNER_FILE}"):
+    if tune_started(url):
         raise FileExistsError(f"a sweep is already at {url}: --resume continues it, or choose another --sweep-name")
-    return f"the sweep at {url} never started (its {SWEEP_FILE} is there, Tune's {TUNER_FILE} is not): starting it anew"
+    return f"the sweep at {url} never started (its {SWEEP_FILE} is there, Tune's saved state is not): starting it anew"
+
+
+def tune_started(url: str) -> bool:
+    """Tune saved the state of the sweep at ``url``, which ``--resume`` restores: its
+    ``tuner.pkl`` (written when the Tuner is made) and an experiment state (written once
+    ``fit`` runs; what fails before it, e.g. an MLflow server that cannot be reached, leaves
+    none, and Tune then refuses to restore)."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    from mtl.storage import storage_errors, url_to_fs
+
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        return fs.exists(f"{path}/{TUNER_FILE}") and bool(fs.glob(f"{path}/{TuneController.CKPT_FILE_TMPL.format('*')}"))
 
 
 def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, resume: bool = False):

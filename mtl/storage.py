@@ -73,21 +73,29 @@ def storage_errors(url: str) -> Iterator[None]:
         raise
 
 
+# fsspec protocols whose PUT replaces an object whole: there one write is atomic (elsewhere a
+# write goes to a temporary file renamed into place)
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` so that readers see the old file or the whole new one: a
-    temporary file renamed into place on local disks; a single PUT on object stores."""
+    """Write ``data`` to ``url`` so that readers see the old file or the whole new one: a single
+    PUT on object stores; elsewhere (local disks, sftp, hdfs, ...) a temporary file renamed into
+    place. (Not synced to the disk: a power loss, unlike a killed process, may leave a local
+    file empty.)"""
     with storage_errors(url):
         fs, path = url_to_fs(url)
         parent = path.rsplit("/", 1)[0]
         fs.makedirs(parent, exist_ok=True)
-        if "file" in fs.protocol or "local" in fs.protocol:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with fs.open(tmp, "wb") as fh:
-                fh.write(data)
-            fs.mv(tmp, path)
-        else:  # object stores: a PUT is atomic per object
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if protocols & OBJECT_STORES:
             with fs.open(path, "wb") as fh:
                 fh.write(data)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
 
 
 def read_bytes(url: str) -> bytes | None:

@@ -340,3 +340,35 @@ def test_a_ray_restart_moves_a_pointer_that_lags_rays_record(tmp_path, monkeypat
     with RayStorage(str(run), keep_last=2).latest() as (folder, url):
         assert url == f"{run}/checkpoints/epoch-0003"
     assert CheckpointIndex(str(run)).latest_tag() == "epoch-0003"
+
+
+def test_a_file_system_that_is_no_object_store_gets_its_files_renamed_into_place(tmp_path):
+    """A PUT replaces an object whole; sftp, hdfs and the like write in place, where a process
+    killed mid-write would leave latest.json cut short: there a temporary file is renamed."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from mtl.storage import read_bytes, write_bytes_atomic
+
+    opened = []
+
+    class InPlace(MemoryFileSystem):  # a file system that writes in place, as sftp does
+        protocol = "streetmtl-inplace"
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return MemoryFileSystem._strip_protocol(path.replace("streetmtl-inplace://", "memory://", 1))
+
+        def _open(self, path, mode="rb", **kw):
+            opened.append((path, mode))
+            return super()._open(path, mode, **kw)
+
+    fsspec.register_implementation("streetmtl-inplace", InPlace, clobber=True)
+    write_bytes_atomic("streetmtl-inplace://run/checkpoints/latest.json", b'{"latest": "epoch-0001"}')
+    assert [m for _, m in opened] == ["wb"] and ".tmp-" in opened[0][0]
+    assert read_bytes("streetmtl-inplace://run/checkpoints/latest.json") == b'{"latest": "epoch-0001"}'
+    assert InPlace().ls("/run/checkpoints", detail=False) == ["/run/checkpoints/latest.json"]
+    opened.clear()
+    write_bytes_atomic("memory://run/checkpoints/latest.json", b"x")  # an object store: one PUT
+    assert opened == []  # (not through InPlace)
+    InPlace().rm("/run", recursive=True)  # (fsspec's memory store is shared by the whole process)

@@ -109,17 +109,21 @@ def result_line(m: dict) -> str:
 
 
 def run_on_ray(cfg: ExperimentConfig, console) -> int:
-    from mtl.checkpoint import BEST_FILE
+    from mtl.checkpoint import BEST_FILE, CHECKPOINTS, CheckpointIndex, epoch_metrics
     from mtl.distributed.ray_train import run_ray
     from mtl.runs import run_url
     from mtl.storage import json_bytes, write_bytes_atomic
 
-    result, cfg = run_ray(cfg, console.print)  # (a worker's error: WorkerFailed)
+    run_ray(cfg, console.print)  # (a worker's error: WorkerFailed)
     url = run_url(cfg)
-    summary = {"run": url, "final_metrics": result.metrics, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+    # from the run folder, not Ray's result: a restart from a checkpoint Ray never registered (one
+    # local mode wrote) that had nothing left to train leaves Ray's result at an older one
+    epochs, tag = epoch_metrics(url), CheckpointIndex(url).latest_tag()
+    final = epochs[max(epochs)] if epochs else {}
+    summary = {"run": url, "final_metrics": final, "latest_checkpoint": f"{url}/{CHECKPOINTS}/{tag}" if tag else None,
                "best_model": f"{url}/{BEST_FILE}"}
     write_bytes_atomic(f"{url}/summary.json", json_bytes(summary, default=str))
-    console.print(f"done: {result_line(result.metrics or {})}; run {url} (checkpoints/, best.pt, summary.json, train.log)")
+    console.print(f"done: {result_line(final)}; run {url} (checkpoints/, best.pt, summary.json, train.log)")
     return 0
 
 

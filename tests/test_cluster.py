@@ -58,6 +58,8 @@ def test_job_submit_trains_distillation(local_cluster, tiny_root, tmp_path, run_
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout + r.stderr and "done: mIoU" in r.stdout
     assert "summary.json" in run_layout(str(tmp_path / "submitted"), epochs=1)
+    summary = json.loads((tmp_path / "submitted/summary.json").read_text())
+    assert summary["latest_checkpoint"] == f"{tmp_path}/submitted/checkpoints/epoch-0001" and summary["final_metrics"]["epoch"] == 1
     dist = json.loads((tmp_path / "submitted/config.json").read_text())["dist"]
     assert (dist["use_gpu"], dist["start_timeout_s"]) == (False, 900.0)  # the defaults resolved: what the run did
 

@@ -395,7 +395,9 @@ class MlflowRun:
             return None
         self.client.update_run(run_id, status="RUNNING")
         self.log(f"MLflow: continuing run {run_id} ({self._link(run.info.experiment_id, run_id)})")
-        self.logged_through = {kind: int(run.data.tags.get(tag, 0)) for kind, tag in LOGGED_THROUGH_TAGS.items()}
+        tags = run.data.tags  # (a tag edited by hand into no number: as if absent)
+        self.logged_through = {kind: int(tags[tag]) if tags.get(tag, "").isdigit() else 0
+                               for kind, tag in LOGGED_THROUGH_TAGS.items()}
         sent = max(self.logged_through.values())
         if sent > start_step:
             self.log(f"MLflow: an earlier attempt sent values up to step {sent}, after this attempt's checkpoint (step "

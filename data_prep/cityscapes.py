@@ -379,17 +379,10 @@ def publish(dest: str, out: str, samples: list[Sample]) -> None:
 def check_out(root: str, out: str) -> None:
     """ValueError when ``out`` (or a local one's ``.partial`` working folder) is ``root`` or a
     folder above it, whatever ``--overwrite`` says: the conversion replaces that folder whole,
-    which would delete the Cityscapes source it reads. Local paths as `mtl.atomic` checks them
-    (symbolic links resolved); URLs of one store by their paths."""
-    if is_local(out) and is_local(root):
-        local = out.removeprefix("file://")
-        for folder in (local, local.rstrip("/") + ".partial"):
-            check_not_above(folder, [root])
-        return
-    (out_fs, out_path), (root_fs, root_path) = url_to_fs(out), url_to_fs(root)
-    out_path, root_path = out_path.rstrip("/"), root_path.rstrip("/")
-    if out_fs.protocol == root_fs.protocol and (root_path == out_path or root_path.startswith(out_path + "/")):
-        raise ValueError(f"{out} holds the input {root}: writing the output there would replace it; choose another folder")
+    which would delete the Cityscapes source it reads (`mtl.atomic.check_not_above`)."""
+    check_not_above(out, [root])
+    if is_local(out):
+        check_not_above(out.removeprefix("file://").rstrip("/") + ".partial", [root])
 
 
 def convert(root: str, out: str, size: tuple[int, int] = (256, 512), splits: tuple[str, ...] = SPLITS, quality: int = 90,

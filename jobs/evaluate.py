@@ -132,10 +132,11 @@ def model_url(a: EvaluateCommand) -> str:
     from mtl.storage import exists
 
     url = a.checkpoint.rstrip("/")
-    if a.baselines and not url.endswith(".pt") and exists(f"{url}/{BEST_FILE}"):
+    if not a.baselines or url.endswith(".pt"):
+        return a.checkpoint
+    if exists(f"{url}/{BEST_FILE}"):
         return f"{url}/{BEST_FILE}"
-    if a.baselines and not url.endswith(".pt"):
-        print(f"{url} has no {BEST_FILE} (no epoch validated yet?): Δm compares its latest checkpoint", flush=True)
+    print(f"{url} has no {BEST_FILE} (no epoch validated yet?): Δm compares its latest checkpoint", flush=True)
     return a.checkpoint
 
 

@@ -8,6 +8,8 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+from mtl.storage import is_local, url_to_fs
+
 
 def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> str:
     """``out`` as an absolute local path, once it is known to be one that `atomic_dir` may
@@ -28,15 +30,22 @@ def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) ->
 
 
 def check_not_above(out: str, inputs: Sequence[str]) -> None:
-    """ValueError when the local folder ``out`` is one of the local ``inputs`` or a folder above
-    one (links resolved): replacing it would delete what is read. Remote inputs are skipped."""
-    real = os.path.realpath(out)
+    """ValueError when the folder ``out`` is one of the ``inputs`` or a folder above one:
+    replacing it would delete what is read. Local paths are compared with links resolved, URLs
+    of one store by their paths; an input on another store is never below ``out``."""
+    where, at = _location(out)
     for src in inputs:
-        if "://" in src and not src.startswith("file://"):
-            continue  # (remote: not below a local folder)
-        path = os.path.realpath(src.removeprefix("file://"))
-        if path == real or path.startswith(real.rstrip(os.sep) + os.sep):
+        src_where, path = _location(src)
+        if src_where == where and (path == at or path.startswith(at.rstrip("/") + "/")):
             raise ValueError(f"{out} holds the input {src}: writing the output there would replace it; choose another folder")
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(store, path): ("file", the real path) for a local one, else the URL's protocol and path."""
+    if is_local(url):
+        return "file", os.path.realpath(url.removeprefix("file://"))
+    fs, path = url_to_fs(url)
+    return (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]), path.rstrip("/")
 
 
 @contextmanager

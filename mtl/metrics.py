@@ -54,12 +54,11 @@ def depth_errors_per_image(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Te
     n_valid = valid.flatten(1).sum(1)
     has_depth = n_valid > 0
     n = n_valid.clamp(min=1).double()
-    valid = valid.double()
 
     def mean(x: torch.Tensor) -> torch.Tensor:  # (where, not a product: a NaN off the valid pixels stays out)
-        return torch.where(valid > 0, x, 0.0).flatten(1).sum(1) / n
+        return torch.where(valid, x, 0.0).flatten(1).sum(1) / n
 
-    safe_gt = torch.where(valid > 0, gt, torch.ones_like(gt))
+    safe_gt = torch.where(valid, gt, torch.ones_like(gt))
     d = torch.log(safe_gt) - torch.log(pred)
     ratio = torch.maximum(pred / safe_gt, safe_gt / pred)
     err = pred - gt

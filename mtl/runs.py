@@ -201,12 +201,13 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
     if folder.has_old_layout(entries):
         raise RunConflict(f"run folder {folder.url} holds checkpoints in the layout of earlier versions (epoch-NNNN/ at its "
                           f"top): jobs/evaluate.py reads them, but a run cannot continue them; choose another --name/--out")
-    ray_only = None if folder.has_checkpoint(entries) else folder.ray_only_checkpoint(entries)
+    has = folder.has_checkpoint(entries)
+    ray_only = None if has else folder.ray_only_checkpoint(entries)
     if ray_only and local:
         raise RunConflict(f"run folder {folder.url} has checkpoint {ray_only} in Ray's record only (its latest.json was never "
                           f"written: the run's rank 0 died at its first checkpoint): continue it on Ray (--resume, without "
                           f"--local), which moves latest.json to it")
-    if not (ray_only or folder.has_checkpoint(entries)):
+    if not (has or ray_only):
         log(f"run folder {folder.url} has no checkpoint yet (it stopped before its first epoch ended): starting it over")
         return cfg
     if not cfg.train.resume:

@@ -169,7 +169,8 @@ class FAMOWeighting(_Accumulated):
     def update(self, losses: torch.Tensor) -> None:
         present = losses > 0  # (a task without labels in the step: no change to judge; its last loss stays)
         cur = torch.where(present, losses + self.EPS, self.prev)
-        delta = torch.where(present & (self.prev > 0), torch.log(self.prev.clamp(min=self.EPS)) - torch.log(cur.clamp(min=self.EPS)), 0.0)
+        change = torch.log(self.prev.clamp(min=self.EPS)) - torch.log(cur.clamp(min=self.EPS))
+        delta = torch.where(present & (self.prev > 0), change, 0.0)
         z = torch.softmax(self.logits, 0)
         grad = z * delta - z * (z * delta).sum()  # J_softmax^T delta
         self.adam.step(self.logits, grad, gate=self.has_prev)

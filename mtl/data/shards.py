@@ -5,9 +5,9 @@ sample count), so that no sample is read twice in an epoch across the whole job;
 reads its shards in an order drawn from (seed, epoch). For training, each loader worker batches
 its own samples and the ranks stop together at the smallest one's batch count, so up to a batch
 less one per worker, and a rank's surplus, sit out the epoch (others the next: the order
-changes); the trainer's start says how many. Samples are shuffled through a buffer, decoded raw (labels and disparities keep their
-exact values) and augmented by the same code as the folder dataset, seeded by (seed, epoch,
-sample index). Sample counts per consumer are known from the manifest, so every rank can agree
+changes); the trainer's start says how many. Samples are shuffled through a buffer, decoded raw
+(labels and disparities keep their exact values) and augmented by the same code as the folder
+dataset, seeded by (seed, epoch, sample index). Sample counts per consumer are known from the manifest, so every rank can agree
 on the number of training steps without talking to the others.
 
 A split's manifest entry lists its ``modalities``: ``["rgb"]`` for a split without labels (a

@@ -105,9 +105,9 @@ def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
     pointer = storage.index.read()
     if pointer is None:
         return []
-    keep = {pointer["latest"], *pointer.get("history", [])}
-    keep |= _drop_stale_snapshot(url, storage.folders(), log)
-    dropped = sorted(t for t in storage.folders() if t.startswith("epoch-") and t < pointer["latest"] and t not in keep)
+    folders = storage.folders()
+    keep = {pointer["latest"], *pointer.get("history", []), *_drop_stale_snapshot(url, folders, log)}
+    dropped = sorted(t for t in folders if t.startswith("epoch-") and t < pointer["latest"] and t not in keep)
     storage.delete(dropped)
     if dropped:
         log(f"deleted checkpoint folder(s) {', '.join(dropped)} of {url}: neither its latest.json nor Ray's record lists them")

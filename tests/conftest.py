@@ -15,7 +15,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["STREETMTL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    # DeepSpeed JIT-compiles a small op once (~1 min); keep the build for the whole session
+    # (DeepSpeed's JIT-built ops: none on the CPU, `without_cpu_shm_op`; any other is kept for the session)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions"))
 
 
@@ -191,6 +191,29 @@ def worker_start(monkeypatch):
         monkeypatch.setattr(loader, "from_fork_server", lambda: start == "forkserver")
 
     return use
+
+
+def run_main(main, args: list[str]):
+    """A command's ``main(args)`` in this process, as a shell would run it (no interpreter start,
+    no imports again: seconds a call): its exit code (the flag parser's refusals exit) and its
+    output, captured, as a ``subprocess.CompletedProcess``."""
+    import contextlib
+    import io
+    import subprocess
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def in_process():
+    """`run_main` as a fixture."""
+    return run_main
 
 
 @pytest.fixture(scope="session")

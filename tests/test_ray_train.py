@@ -333,7 +333,8 @@ import os, sys, torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
 from mtl.config import DistConfig, ExperimentConfig, TrainConfig
-from mtl.distributed.deepspeed_strategy import deepspeed_config
+from mtl.distributed.deepspeed_strategy import deepspeed_config, without_cpu_shm_op
+without_cpu_shm_op()
 cfg = ExperimentConfig(dist=DistConfig(strategy="deepspeed", zero_stage=1), train=TrainConfig(batch_size=2))
 for autocast in (False, True):
     m = torch.nn.Linear(8, 8)

@@ -134,6 +134,15 @@ def train_cli(tiny_root, out, *extra, **kw):
                           cwd=REPO, capture_output=True, text=True, **kw)
 
 
+def train_main(tiny_root, out, *extra) -> subprocess.CompletedProcess:
+    """`train_cli` in this process (`conftest.run_main`)."""
+    from conftest import run_main
+    from jobs.train import main
+
+    return run_main(main, ["--local", "--arch", "deeplabv3p", "--encoder", "resnet18", "--root", tiny_root, "--epochs", "1",
+                           "--batch-size", "4", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(out), *extra])
+
+
 def test_cli_run_writes_config_and_log_and_follows_the_resume_rules(tiny_root, tmp_path):
     r = train_cli(tiny_root, tmp_path, "--log-every", "1", "--log-interval-s", "0")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -148,13 +157,13 @@ def test_cli_run_writes_config_and_log_and_follows_the_resume_rules(tiny_root, t
     assert "epoch 1/1 step 2/2 (100%)" in log and "validation after epoch 1" in log and "mIoU" in log
     assert f"run folder {tmp_path}/{run}" in log
 
-    again = train_cli(tiny_root, tmp_path)  # same configuration, no --resume: refused, nothing touched
+    again = train_main(tiny_root, tmp_path)  # same configuration, no --resume: refused, nothing touched
     assert again.returncode == 2 and "already holds a run with checkpoints: pass --resume" in again.stderr
     assert "Traceback" not in again.stderr
-    other = train_cli(tiny_root, tmp_path, "--lr", "4.4e-4", "--name", run, "--resume")
+    other = train_main(tiny_root, tmp_path, "--lr", "4.4e-4", "--name", run, "--resume")
     assert other.returncode == 2 and "resume refused" in other.stderr and "optim.lr 0.0004 -> 0.00044" in other.stderr
     assert sorted(os.listdir(tmp_path)) == [run]
-    done = train_cli(tiny_root, tmp_path, "--resume")  # finished: it says how to train it longer
+    done = train_main(tiny_root, tmp_path, "--resume")  # finished: it says how to train it longer
     assert done.returncode == 0 and f"to train it longer: --resume --name {run} --epochs N" in done.stdout
     longer = train_cli(tiny_root, tmp_path, "--resume", "--name", run, "--epochs", "2")
     assert longer.returncode == 0, longer.stderr

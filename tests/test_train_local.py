@@ -149,19 +149,21 @@ def test_a_diverged_run_stops_with_an_error_naming_the_step(tiny_root, tmp_path)
         fit(cfg, local_runtime(cfg))
 
 
-def test_cli_bad_inputs_are_named(tmp_path):
-    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "nope"], cwd=REPO, capture_output=True, text=True)
+def test_cli_bad_inputs_are_named(tmp_path, in_process):
+    """The commands' mains in this process (a shell's exit codes: tests/test_cli.py)."""
+    from jobs import evaluate, train
+
+    r = in_process(train.main, ["--local", "--arch", "nope"])
     assert r.returncode == 2 and "--arch must be one of" in r.stderr
-    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--semseg-weight", "1.5"], cwd=REPO, capture_output=True, text=True)
+    r = in_process(train.main, ["--local", "--semseg-weight", "1.5"])
     assert r.returncode == 2 and "--semseg-weight must lie in [0, 1]" in r.stderr
-    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--root", str(tmp_path / "none"), "--out", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True)
+    r = in_process(train.main, ["--local", "--root", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert r.returncode == 2 and "Miniscapes folder missing" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(bad)], cwd=REPO, capture_output=True, text=True)
+    r = in_process(evaluate.main, ["--checkpoint", str(bad)])
     assert r.returncode == 2 and "bad.pt is unreadable or corrupt" in r.stderr
-    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path / "missing.pt")], cwd=REPO, capture_output=True, text=True)
+    r = in_process(evaluate.main, ["--checkpoint", str(tmp_path / "missing.pt")])
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
 
 

@@ -42,10 +42,22 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--space", "synthetic_counts=choice:100+20,400+80+80"], "--synthetic-counts takes 3 values joined with +, got '100+20'"),
     (["--task-weighting", "famo", "--space", "semseg_weight=choice:0.0,0.5"], "--task-weighting famo starts from --semseg-weight, which must lie strictly between 0 and 1 (got 0.0)"),
 ])
-def test_bad_sweep_fails_before_any_trial(args, message):
-    t0 = time.time()
-    r = subprocess.run([sys.executable, "jobs/tune.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_bad_sweep_fails_before_any_trial(args, message, in_process):
+    """jobs/tune.py's main in this process (the shell's exit code and Ray's absence: below)."""
+    import ray
+
+    from jobs.tune import main
+
+    r = in_process(main, args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not ray.is_initialized()  # Ray was never started
+
+
+def test_a_bad_sweep_from_the_shell_exits_2_before_ray_starts():
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "jobs/tune.py", "--space", "lr=loguniform:1e-2:1e-3"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "need LOW <= HIGH, got 0.01 and 0.001" in r.stderr, r.stderr
     assert "Started a local Ray instance" not in r.stderr + r.stdout  # Ray was never started
     assert time.time() - t0 < 60
 

@@ -54,6 +54,17 @@ def deepspeed_config(cfg: ExperimentConfig, autocast: bool = False) -> dict[str,
     }
 
 
+def without_cpu_shm_op() -> None:
+    """DeepSpeed on the CPU (local debug mode, CPU-only clusters) all-reduces with torch's gloo.
+    DeepSpeed's CPU accelerator would otherwise JIT-compile its shared-memory all-reduce op at
+    the first ``initialize`` (about a minute of C++ on a small machine, and a compiler on every
+    node), which speeds up collectives between ranks on one machine only. On GPUs DeepSpeed
+    builds no such op: this changes nothing there."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedStrategy(Strategy):
     """The project's optimizer wrapped by a DeepSpeed engine: ZeRO shards its state across ranks.
     DeepSpeed accumulates gradients and clips itself (it steps only at the accumulation
@@ -67,6 +78,8 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         on_gpu = next(module.parameters()).device.type == "cuda"
+        if not on_gpu:
+            without_cpu_shm_op()
         config = deepspeed_config(cfg, autocast=on_gpu and cfg.train.bf16)  # (as mtl.engine.autocast decides)
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         self.module, self.model, self.optimizer, self.engine = module, engine, ds_optimizer, engine

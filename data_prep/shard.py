@@ -207,6 +207,8 @@ def _read_sample(job: ShardJob, src: tuple, stem: str) -> tuple[dict[str, bytes]
                 files[mod] = src_fs.cat_file(f"{src_base.rstrip('/')}/{name}")
             except FileNotFoundError:
                 return files, (0, 0), f"{name}: missing file"
+            except IsADirectoryError:
+                return files, (0, 0), f"{name}: a folder, not a file"
     try:
         sample = decode_sample(files["rgb"], files.get("semseg"), files.get("depth"), key=f"{job.split}/{stem}", names=rel)
     except ValueError as e:

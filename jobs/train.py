@@ -114,7 +114,7 @@ def run_on_ray(cfg: ExperimentConfig, console) -> int:
     from mtl.runs import run_url
     from mtl.storage import json_bytes, write_bytes_atomic
 
-    run_ray(cfg, console.print)  # (a worker's error: WorkerFailed)
+    _, cfg = run_ray(cfg, console.print)  # the resolved config names the run folder (a worker's error: WorkerFailed)
     url = run_url(cfg)
     # from the run folder, not Ray's result: a restart from a checkpoint Ray never registered (one
     # local mode wrote) that had nothing left to train leaves Ray's result at an older one

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from mtl.distributed.ray_train import check_worker_paths
 
-        check_worker_paths(base)
+        check_worker_paths(cmd.experiment)  # (the flags as given: base has --baselines made absolute)
         if spec.baselines:  # before Ray starts: a bad folder is one line (every trial reads them again)
             load_baselines(spec.baselines)
     except USER_ERRORS as e:

@@ -459,13 +459,15 @@ class Trainer:
             s_.step, s_.epoch_step = s_.step + 1, s + 1
             s_.samples, s_.epoch_samples = s_.samples + self.global_batch, s_.epoch_samples + self.global_batch
             now = time.perf_counter()
-            if (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch or now - last_read >= t.log_interval_s > 0:
+            every_rank = (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch  # (the others: this rank's clock)
+            if every_rank or now - last_read >= t.log_interval_s > 0:
                 # a host sync (besides: step checkpoints, preemption polls)
                 read = torch.cat([running / (s + 1), self.weighting.weights().to(running)]).tolist()
                 loss, weights, last_read, ips = read[:3], read[3:], now, n_img * self.rt.world / (now - t0)
-                if not math.isfinite(loss[0]):  # every later step would train on NaN weights and report success
-                    raise ValueError(f"training diverged: the loss is {loss[0]} by step {s + 1} of epoch {s_.epoch + 1} "
-                                     f"(LR {lrs[-1]:.3g}): lower --lr, or clip with --grad-clip")
+                # every later step would train on NaN weights and report success; the ranks stop
+                # together (at the steps all of them read), not one while the others wait for it
+                if not math.isfinite(loss[0]) and (every_rank or self.rt.world == 1):
+                    raise self._diverged(f"the loss is {loss[0]}", lrs[-1])
                 bar.update(s + 1, loss, ips, lrs[-1])
                 self._track_step(loss, weights, ips, lrs[-1])
             if self._checkpoint_due(s):  # (after the readout: the checkpoint stores this step's points too)
@@ -475,6 +477,19 @@ class Trainer:
         if not n_img and done:  # resumed at the epoch's end (more ranks share what was left): the stored sums
             loss = (running / done).tolist()
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
+
+    def _diverged(self, what: str, lr: float) -> ValueError:
+        s_ = self.state
+        return ValueError(f"training diverged: {what} by step {s_.epoch_step} of epoch {s_.epoch + 1} (LR {lr:.3g}): "
+                          f"lower --lr, or clip with --grad-clip")
+
+    def _check_finite_weights(self, lr: float) -> None:
+        """Before a checkpoint: weights that are no longer numbers (an update from an infinite
+        gradient, whose step's loss was still finite) must not become the run's latest
+        checkpoint, which every restart would resume. The same weights on every rank: all stop."""
+        norm = torch.nn.utils.get_total_norm([p.detach() for p in self.strategy.module.parameters()])
+        if not torch.isfinite(norm):  # (a host sync: at checkpoints only)
+            raise self._diverged("the weights are no longer numbers", lr)
 
     def _track_step(self, loss: list[float], weights: list[float], ips: float, lr: float) -> None:
         if self.tracker:
@@ -535,6 +550,9 @@ class Trainer:
         # its own later steps to the same share of the earlier ones (DWA's epoch means stay exact)
         s_.epoch_loss = (self.strategy.all_reduce_sum(running) / self.rt.world).tolist()  # (a host sync: only here)
         mean = [v / s_.epoch_step for v in s_.epoch_loss]
+        if not math.isfinite(mean[0]):  # (the ranks' sum: every rank sees it)
+            raise self._diverged(f"the loss is {mean[0]}", lr)
+        self._check_finite_weights(lr)
         tag = f"epoch-{s_.epoch:04d}-step-{s_.step:08d}"
         metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],
                    "train_loss_semseg": mean[1], "train_loss_depth": mean[2], "restarts": s_.restarts}
@@ -554,11 +572,12 @@ class Trainer:
         s_, t = self.state, self.cfg.train
         pictures: list[np.ndarray] | None = [] if self.tracker else None
         val, self.val_ahead = self.data.val if self.val_ahead is None else self.val_ahead, None
+        self.strategy.sync_buffers()  # (one model on every rank: validation's and the checkpoint's)
         metrics = rt_evaluate(self.strategy, val, self.codec, self.device, self.amp, t.channels_last, pictures)
-        if self.weighting.epochwise:  # DWA: from the epoch's task losses over all ranks (none read: no update)
-            means = (self.strategy.all_reduce_sum(torch.tensor(loss[1:], device=self.device)) / self.rt.world).tolist()
-            if all(math.isfinite(v) for v in means):
-                self.weighting.end_epoch(means)
+        # the epoch's mean losses over all ranks (each read its own at the epoch's last step)
+        loss = (self.strategy.all_reduce_sum(torch.tensor(loss, device=self.device)) / self.rt.world).tolist()
+        if self.weighting.epochwise and all(math.isfinite(v) for v in loss[1:]):  # DWA (none read: no update)
+            self.weighting.end_epoch(loss[1:])
         lr = epoch_lrs[-1] if epoch_lrs else self.schedule(self.lr_step())  # (no step left after a resume: the next one's)
         metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": lr, "train_loss": loss[0],
                         "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips,
@@ -574,6 +593,7 @@ class Trainer:
                                    last=s_.epoch == t.epochs)
         finally:  # (a tracking failure still leaves the checkpoint)
             if self.checkpointer:
+                self._check_finite_weights(lr)
                 self.checkpointer.save(f"epoch-{s_.epoch:04d}", self.cfg.to_dict(), metrics, is_best)
                 self.last_checkpoint = monotonic()
         self.log.flush()

@@ -78,7 +78,11 @@ def write_prediction(folder: str, stem: str, labels: np.ndarray, depth_m: np.nda
     """``folder/semseg/<stem>.png`` and ``folder/depth/<stem>.png``; with ``rgb`` (HxWx3 uint8)
     also ``folder/viz/<stem>.png`` (`picture`; ``gt`` = (labels, depth m, valid) when known)."""
     _write(os.path.join(folder, "semseg", f"{stem}.png"), encode_semseg_png(np.asarray(labels, np.uint8)))
-    _write(os.path.join(folder, "depth", f"{stem}.png"), encode_depth_png(depth_m, np.ones(depth_m.shape, bool)))
+    try:
+        depth_png = encode_depth_png(depth_m, np.ones(depth_m.shape, bool))
+    except ValueError as e:  # (a diverged model's NaN: no export is published)
+        raise ValueError(f"the depth predicted for {stem}: {e}") from None
+    _write(os.path.join(folder, "depth", f"{stem}.png"), depth_png)
     if rgb is not None:
         Image.fromarray(picture(rgb, labels, depth_m, gt)).save(os.path.join(folder, "viz", f"{stem}.png"))
 

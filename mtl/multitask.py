@@ -99,7 +99,10 @@ def best_metrics(run_url: str) -> tuple[tuple[str, ...], dict[str, float]]:
     epochs = list(epoch_metrics(run_url).values())
     if not epochs:
         raise ValueError(f"{run_url} has no validation metrics yet (metrics/epoch-*.json): its first epoch has not ended")
-    return tasks, max(epochs, key=lambda m: selection_score(m, tasks))
+    scored = [m for m in epochs if math.isfinite(selection_score(m, tasks))]  # (max() would keep a NaN met first)
+    if not scored:
+        raise ValueError(f"{run_url}: no epoch's validation score is a number (every epoch's metrics/epoch-*.json)")
+    return tasks, max(scored, key=lambda m: selection_score(m, tasks))
 
 
 def read_baselines(run_urls: Iterable[str]) -> dict[str, dict[str, float]]:

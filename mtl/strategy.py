@@ -57,6 +57,16 @@ class Strategy(ABC):
         dist.all_reduce(t)
         return t
 
+    def sync_buffers(self) -> None:
+        """Every rank's module buffers (BatchNorm's running statistics) made rank 0's, in place:
+        validation runs on every rank and the checkpoint holds rank 0's, so all must be one
+        model. DDP broadcasts them before each forward (each rank's last one still updates them
+        with its own batch); DeepSpeed never does, so they drift apart over the whole run."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for b in self.module.buffers():
+            dist.broadcast(b, src=0)
+
     def barrier(self) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()

@@ -36,6 +36,10 @@ def test_aws_launcher_config_validates_against_rays_schema():
     assert types[cfg["head_node_type"]]["resources"][TRIAL_RESOURCE] >= 100  # sweeps' trials wait there, off the spot nodes
     assert any(t.get("resources", {}).get("GPU", 0) > 0 for t in types.values())
     assert any("pip install" in c and "[aws]" in c for c in cfg["setup_commands"])  # [cluster] + boto3: the autoscaler needs it
+    # the tested set on the Python it was made on; the checkout without what git ignores (.venv...)
+    assert any("--python 3.11" in c for c in cfg["setup_commands"])
+    assert any("-c /home/ubuntu/streetmtl/constraints.txt" in c for c in cfg["setup_commands"])
+    assert cfg["rsync_filter"] == [".gitignore"] and "**/.git" in cfg["rsync_exclude"]
     assert any("--dashboard-host=0.0.0.0" in c for c in cfg["head_start_ray_commands"])
     watch = [c for c in cfg["worker_start_ray_commands"] if "python" in c and "spot_watch.py" in c]  # spot notices: Ray drains
     assert len(watch) == 1 and os.path.exists(os.path.join(REPO, "cluster/spot_watch.py"))
@@ -155,10 +159,33 @@ def test_kuberay_pods_get_credentials_from_kubernetes_and_may_read_their_rayclus
 
 def test_runtime_env_recipe():
     env = load("cluster/runtime_env.yaml")
-    assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    assert env["working_dir"] == "." and "/.venv" in env["excludes"]
     assert not any("SECRET" in k or "KEY" in k or "TOKEN" in k for k in env.get("env_vars", {}))  # no credentials through Ray
     from ray.runtime_env import RuntimeEnv
     RuntimeEnv(**env)  # Ray accepts it
+
+
+def test_runtime_env_ships_every_tracked_file_and_no_data(tmp_path):
+    """What Ray uploads for `--runtime-env cluster/runtime_env.yaml` (its own walk over the
+    working dir, with the recipe's excludes and .gitignore): every file of the checkout, no data
+    or run folder (excludes match at any depth unless anchored: "data" took mtl/data too)."""
+    import shutil
+
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    work = tmp_path / "checkout"
+    for f in tracked:
+        (work / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(REPO, f), work / f)
+    for junk in ("data/miniscapes/train/rgb/0.jpg", "runs/r/state.pt", "out/x.png", ".venv/lib/x.py", "shards/train-000000.tar"):
+        (work / junk).parent.mkdir(parents=True, exist_ok=True)
+        (work / junk).write_bytes(b"x")
+    shipped = []
+    _dir_travel(work, [_get_excludes(work, load("cluster/runtime_env.yaml")["excludes"])],
+                lambda p: p.is_file() and shipped.append(p.relative_to(work).as_posix()), include_gitignore=True)
+    assert sorted(shipped) == sorted(tracked)
+    assert "mtl/data/shards.py" in shipped
 
 
 class _Clock:

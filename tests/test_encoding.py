@@ -35,6 +35,10 @@ def test_invalid_depth_stays_invalid():
     codes = metres_to_disparity_png(depth)
     assert codes[0, 1] == 0 and codes[0, 2] == 0
     assert codes[0, 3] == 1 and codes[0, 4] == 255  # clamped to 300 m and 4 m
+    # a prediction (every pixel valid) that is not a number has no code: 0 would say "no measurement"
+    with pytest.raises(ValueError, match="depth is not a number at 1 pixel"):
+        metres_to_disparity_png(depth, np.ones(depth.shape, bool))
+    assert metres_to_disparity_png(depth, np.isfinite(depth)).tolist() == [[codes[0, 0], 255, 0, 1, 255]]
 
 
 def test_labels_keep_ignore_and_palette_indices():

@@ -95,6 +95,7 @@ def test_architecture_defaults_and_options():
     assert (v.output_stride, v.aspp_rates, v.semseg_context, v.semseg_decoder, v.depth_context) == (8, (12, 24, 36), "vortex", "double_skip", "aspp")
     assert resolve(ModelConfig(arch="branched")).aspp_rates == (6, 12, 18)
     assert resolve(ModelConfig(arch="branched", output_stride=8)).aspp_rates == (12, 24, 36)
+    assert resolve(ModelConfig(arch="branched", output_stride=32)).aspp_rates == (3, 6, 9)  # (scaled with the feature map)
     m = build_model(ModelConfig(arch="branched", encoder="resnet50", output_stride=32, aspp_rates=(3, 6), depth_context="none"))
     assert m.encoder.output_stride == 32 and len(m.branches["semseg"].context.branches) == 3
     with torch.no_grad():

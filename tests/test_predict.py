@@ -344,3 +344,16 @@ def test_an_export_of_images_of_several_sizes_in_one_batch_names_them_and_writes
         export_predictions(torch.nn.Identity(), samples, str(tmp_path / "out"), DepthCodec(), torch.device("cpu"),
                            contextlib.nullcontext(), batch_size=2)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_depth_prediction_that_is_not_a_number_is_refused_by_name(tmp_path):
+    """A diverged model's NaN has no disparity code (0 would mark the pixel "no measurement" in
+    a submission): the writer names the image; `export_predictions` then publishes nothing."""
+    from mtl.export import make_output_folders, write_prediction
+
+    make_output_folders(str(tmp_path))
+    depth = np.full((4, 8), 10.0, np.float32)
+    depth[1, 2] = np.nan
+    with pytest.raises(ValueError, match="the depth predicted for 17: depth is not a number at 1 pixel"):
+        write_prediction(str(tmp_path), "17", np.zeros((4, 8), np.uint8), depth)
+    assert not os.path.exists(tmp_path / "depth" / "17.png")

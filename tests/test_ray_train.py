@@ -340,13 +340,20 @@ for autocast in (False, True):
     m = torch.nn.Linear(8, 8)
     engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters()), config=deepspeed_config(cfg, autocast))
     print(autocast, engine(torch.randn(2, 8)).dtype)
+m = torch.nn.Linear(8, 8)  # --optimizer sgd: not on ZeRO's list of tested optimizers
+engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), config=deepspeed_config(cfg))
+engine.backward(engine(torch.randn(2, 8)).sum())
+engine.step()
+print("sgd", engine.global_steps)
 """
 
 
 def test_deepspeed_runs_its_forward_under_the_train_steps_autocast(free_port):
     """The train step's bf16 autocast (--bf16 on a GPU) must reach inside the DeepSpeed engine:
     without its config's torch_autocast section, DeepSpeed 0.19 turns autocast off in its forward
-    and trains in fp32. The engine's own autocast follows DeepSpeed's device (the CPU here)."""
+    and trains in fp32. The engine's own autocast follows DeepSpeed's device (the CPU here).
+    Also: ZeRO takes --optimizer sgd (DeepSpeed asserts for an optimizer off its list unless told)."""
     r = subprocess.run([sys.executable, "-c", _DS_AUTOCAST, str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert r.stdout.splitlines()[-2:] == ["False torch.float32", "True torch.bfloat16"], r.stdout
+    printed = [ln for ln in r.stdout.splitlines() if ln.startswith(("False ", "True ", "sgd "))]  # (not DeepSpeed's logging)
+    assert printed == ["False torch.float32", "True torch.bfloat16", "sgd 1"], r.stdout

@@ -347,9 +347,37 @@ def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():
 
     state, saved = TrainState(step=2, epoch_step=2), {}
     trainer = SimpleNamespace(state=state, strategy=TwoRanks(), rt=SimpleNamespace(world=2), cfg=ExperimentConfig(),
-                              tracker=None, log=lambda line: None,
+                              tracker=None, log=lambda line: None, _check_finite_weights=lambda lr: None,
                               checkpointer=SimpleNamespace(save=lambda tag, cfg, metrics, **kw: saved.update(metrics)))
     running = torch.tensor([2.0, 1.0, 1.0])
     Trainer._save_inside_epoch(trainer, running, lr=0.1)
     assert state.epoch_loss == [3.0, 1.5, 1.5] and saved["train_loss"] == 1.5  # (the mean per step: 3 / 2)
     assert running.tolist() == [2.0, 1.0, 1.0]  # this rank's own sums go on as they were
+
+
+_TWO_RANKS_BUFFERS = """
+import sys, torch, torch.distributed as dist
+from mtl.strategy import PlainStrategy
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[2]}", rank=rank, world_size=2)
+m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+torch.manual_seed(0)
+m[0].weight.data.normal_()  # the same weights on both ranks ...
+m.train()(torch.randn(2, 3, 8, 8) * (rank + 1))  # ... BatchNorm's statistics from each rank's own batch
+PlainStrategy(m, torch.optim.SGD(m.parameters(), lr=0.1)).sync_buffers()
+print(m[1].running_mean.tolist(), m[1].running_var.tolist(), int(m[1].num_batches_tracked))
+"""
+
+
+def test_ranks_validate_and_checkpoint_one_model(tmp_path):
+    """Before validation every rank takes rank 0's buffers (BatchNorm's running statistics,
+    which DeepSpeed never synchronises): the ranks' metrics and rank 0's checkpoint then
+    describe one model. Two gloo ranks."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS_BUFFERS, str(r), str(tmp_path / "store")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0] and outs[0][0].strip().endswith(" 1"), outs

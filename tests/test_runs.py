@@ -213,6 +213,44 @@ def test_on_ray_a_relative_input_path_is_refused_before_ray_starts(tmp_path):
         check_worker_paths(ExperimentConfig(data=ok, model=ModelConfig(pretrained="imagenet")))
 
 
+def test_a_submitted_job_refuses_a_relative_run_folder(monkeypatch):
+    """`ray job submit` runs the driver in a temporary copy of --working-dir: a relative --out
+    (the default, runs) would put the run there, on the head, gone with the job."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from mtl.distributed.ray_train import SUBMITTED_JOB_ENV, check_worker_paths
+
+    assert SUBMITTED_JOB_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR  # what Ray sets in a submitted job's driver
+    check_worker_paths(ExperimentConfig())  # from a shell: made absolute from where it runs
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, "{}")
+    with pytest.raises(ValueError, match="--out runs is a relative path: a job started by `ray job submit` runs in a temporary"):
+        check_worker_paths(ExperimentConfig())
+    with pytest.raises(ValueError, match="--baselines runs/seg is a relative path"):
+        check_worker_paths(ExperimentConfig(train=TrainConfig(out="s3://b/runs", baselines=("/r/dep", "runs/seg"))))
+    check_worker_paths(ExperimentConfig(train=TrainConfig(out="s3://b/runs", baselines=("/r/dep", "s3://b/seg"))))
+
+
+def test_a_ray_runs_summary_goes_to_the_folder_it_trained_in(tmp_path, monkeypatch):
+    """jobs/train.py names the run folder from the config `run_ray` resolved: a relative
+    --baselines is part of the run's name only once made absolute."""
+    import dataclasses
+
+    from rich.console import Console
+
+    import mtl.distributed.ray_train as ray_train
+    from jobs.train import run_on_ray
+    from mtl.runs import resolve_config, run_url
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ExperimentConfig(train=TrainConfig(out=str(tmp_path / "runs"), baselines=("base/seg", "base/dep")))
+    resolved = resolve_config(cfg)
+    assert run_url(resolved) != run_url(cfg)
+    os.makedirs(run_url(resolved))
+    monkeypatch.setattr(ray_train, "run_ray", lambda c, log: (None, dataclasses.replace(resolved)))
+    assert run_on_ray(cfg, Console(file=open(os.devnull, "w"))) == 0
+    assert json.loads(open(f"{run_url(resolved)}/summary.json").read())["run"] == run_url(resolved)
+
+
 @pytest.mark.parametrize("flag", ["--root", "--shards", "--out"])
 def test_an_unreachable_storage_endpoint_is_one_line_naming_the_url(flag, tmp_path):
     env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "2", "AWS_ACCESS_KEY_ID": "x",

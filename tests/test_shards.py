@@ -181,9 +181,14 @@ def test_bad_samples_stop_the_run_with_a_list(tiny_root, tmp_path, s3_prefix):
     os.remove(bad / "val/rgb/3.jpg")
     (bad / "train/semseg/7.png").write_bytes(encode_semseg_png(np.full((64, 128), 77, np.uint8)))
     (bad / "train/depth/9.png").write_bytes((bad / "train/depth/9.png").read_bytes()[:50])  # truncated
+    os.remove(bad / "val/rgb/5.jpg")
+    os.mkdir(bad / "val/rgb/5.jpg")
     r = _shard_cli("--src", str(bad), "--dst", s3_prefix, "--shard-size", "8")
     assert r.returncode == 2
     assert "val/rgb/3.jpg" in r.stderr and "nothing was published" in r.stderr
+    assert "val/rgb/5.jpg: a folder, not a file" in r.stderr and "Traceback" not in r.stderr
+    os.rmdir(bad / "val/rgb/5.jpg")
+    shutil.copy(f"{tiny_root}/val/rgb/5.jpg", bad / "val/rgb/5.jpg")
     assert not fsspec.filesystem("s3").exists(s3_prefix.removeprefix("s3://") + "/manifest.json")
 
     os.rename(bad / "val/semseg/3.png", tmp_path / "x.png")

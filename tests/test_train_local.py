@@ -149,6 +149,35 @@ def test_a_diverged_run_stops_with_an_error_naming_the_step(tiny_root, tmp_path)
         fit(cfg, local_runtime(cfg))
 
 
+def test_weights_that_are_no_longer_numbers_never_become_a_checkpoint(tiny_root, tmp_path, monkeypatch):
+    """An update can turn the weights to NaN while its step's loss was still finite, and the
+    loss is read only every --log-every steps: a checkpoint made then would be the latest, which
+    every restart resumes. The checkpoint refuses them and the run stops; the last good one stays."""
+    import mtl.engine as engine
+    from mtl.checkpoint import CheckpointIndex
+    from mtl.runs import run_url
+
+    make_step = engine.make_step
+
+    def poisoned_after_two(cfg, strategy, *a, **k):
+        step, calls = make_step(cfg, strategy, *a, **k), []
+
+        def run(*b, **c):
+            out = step(*b, **c)
+            calls.append(1)
+            if len(calls) == 2:  # the second update: weights NaN, its loss (computed before) finite
+                with torch.no_grad():
+                    next(strategy.module.parameters()).fill_(float("nan"))
+            return out
+        return run
+
+    monkeypatch.setattr(engine, "make_step", poisoned_after_two)
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=1, batch_size=4, max_steps_per_epoch=4, log_every=100, checkpoint_every=1)
+    with pytest.raises(ValueError, match=r"training diverged: the weights are no longer numbers by step 2 of epoch 1"):
+        fit(cfg, local_runtime(cfg))
+    assert CheckpointIndex(run_url(cfg)).latest_tag() == "epoch-0000-step-00000001"
+
+
 def test_cli_bad_inputs_are_named(tmp_path, in_process):
     """The commands' mains in this process (a shell's exit codes: tests/test_cli.py)."""
     from jobs import evaluate, train

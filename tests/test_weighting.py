@@ -194,7 +194,9 @@ def write_run(folder, tasks, epochs: list[dict], exist_ok: bool = False) -> str:
 def test_delta_m_against_hand_made_baselines_matches_a_hand_computation(tmp_path):
     seg = write_run(tmp_path / "seg", ("semseg",), [{"miou": 50.0}, {"miou": 60.0}, {"miou": 55.0}])  # best: epoch 2
     dep_metrics = {"si_log_rmse": 20.0, "abs_rel": 0.2, "rmse": 10.0, "delta1": 80.0}
-    dep = write_run(tmp_path / "dep", ("depth",), [{**dep_metrics, "si_log_rmse": 25.0}, dep_metrics])
+    # (a first epoch that diverged is no best epoch: not a number, it is passed over)
+    dep = write_run(tmp_path / "dep", ("depth",), [{**dep_metrics, "si_log_rmse": float("nan")}, {**dep_metrics, "si_log_rmse": 25.0},
+                                                   dep_metrics])
     baselines = read_baselines([seg, dep])
     assert baselines["semseg"]["miou"] == 60.0 and baselines["depth"]["si_log_rmse"] == 20.0
     mtl = {"miou": 63.0, "si_log_rmse": 19.0, "abs_rel": 0.22, "rmse": 10.0, "delta1": 84.0}
@@ -206,6 +208,8 @@ def test_delta_m_against_hand_made_baselines_matches_a_hand_computation(tmp_path
         delta_m(mtl, {"semseg": baselines["semseg"]})
     with pytest.raises(ValueError, match="no config.json"):
         read_baselines([str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match="nan: no epoch's validation score is a number"):
+        read_baselines([write_run(tmp_path / "nan", ("semseg",), [{"miou": float("nan")}])])
 
 
 def test_a_run_given_baselines_is_judged_by_delta_m(tiny_root, tmp_path, monkeypatch):

@@ -97,11 +97,15 @@ def disparity_png_to_metres(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def metres_to_disparity_png(depth: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """Depth in metres -> uint8 disparity codes (the inverse of `disparity_png_to_metres`).
 
-    Depth is clamped to 4..300 m; pixels outside ``valid`` (or with depth <= 0 / non-finite) become 0.
+    Depth is clamped to 4..300 m; pixels outside ``valid`` become 0 (without ``valid``: those
+    with depth <= 0 or not a number). A ``valid`` pixel that is not a number is a ValueError:
+    no code stands for it, and 0 would say "no measurement" (a diverged model's output).
     """
     depth = np.asarray(depth, dtype=np.float64)
     if valid is None:
         valid = np.isfinite(depth) & (depth > 0)
+    elif not np.isfinite(depth[valid]).all():
+        raise ValueError(f"depth is not a number at {int((~np.isfinite(depth[valid])).sum())} pixel(s)")
     disp = 1.0 / np.clip(np.where(valid, depth, DEPTH_MAX_M), DEPTH_MIN_M, DEPTH_MAX_M)
     code = np.rint(disparity_to_unit(disp) * 254.0) + 1.0
     return np.where(valid, np.clip(code, 1, 255), 0).astype(np.uint8)

@@ -32,8 +32,9 @@ from mtl.errors import ClusterError
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 RESOURCES = ("CPU", "GPU")
 UNBOUNDED = 1 << 20
-NO_CUDA_HINT = ("a CPU-only torch build or no NVIDIA driver on that node. Fix the node's image, or train on CPUs "
-                "with --no-use-gpu.")
+NO_CUDA_HINT = ("a CPU-only torch build, no NVIDIA driver on that node, or a driver older than the torch build's CUDA "
+                "needs (torch's cu130 wheels, the tested set: driver 580 or newer; `nvidia-smi` shows it). Fix the "
+                "node's image, or train on CPUs with --no-use-gpu.")
 
 
 class InfeasibleCluster(ClusterError):

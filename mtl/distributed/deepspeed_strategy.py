@@ -44,6 +44,9 @@ def deepspeed_config(cfg: ExperimentConfig, autocast: bool = False) -> dict[str,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip or 0.0,
         "zero_optimization": {"stage": cfg.dist.zero_stage},
+        # ZeRO 1/2 hands the optimizer flat fp32 partitions, which any torch optimizer steps; without
+        # this DeepSpeed asserts at initialize for one off its list (--optimizer sgd)
+        "zero_allow_untested_optimizer": True,
         # precision: torch.autocast(bf16) around the forward, as in every other mode; the
         # master weights stay fp32 (no loss scaling needed for bf16), and so do the gradients
         # the ranks exchange (no module's are reduced in bf16: as under DDP)

@@ -38,6 +38,7 @@ from mtl.models.encoders import IMAGENET
 from mtl.runs import RAY_SNAPSHOT, out_root, prepare_run, run_name, run_url
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a job started by `ray job submit`
 # environment forwarded to every worker: endpoints, region and profile *names*, our cache; never
 # keys or tokens (see the module docstring)
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
@@ -154,13 +155,22 @@ def _dir_names(node: Any) -> Iterator[str]:
 
 def check_worker_paths(cfg: ExperimentConfig) -> None:
     """ValueError naming a relative local path among the inputs the workers read (--root,
-    --shards, --pretrained): Ray Train runs every worker in a folder of its own (and `ray job
-    submit` runs the driver in a copy of --working-dir), where it means nothing. Run folders
-    (--out, --baselines) are made absolute from the driver's folder instead (`mtl.runs`)."""
+    --shards, --pretrained): Ray Train runs every worker in a folder of its own, where it means
+    nothing. Run folders (--out, --baselines) are made absolute from the driver's folder
+    (`mtl.runs`), except in a job started by `ray job submit`: its folder is a temporary copy of
+    --working-dir (gone with the job, and never the data's or the runs' place: shipping leaves
+    them out), so there a relative one is refused too."""
     for flag, path in (("--root", cfg.data.root), ("--shards", cfg.data.shards), ("--pretrained", cfg.model.pretrained)):
         if path and path != IMAGENET and "://" not in path and not os.path.isabs(path):
             raise ValueError(f"{flag} {path} is a relative path, which the Ray workers cannot resolve (each runs in a "
                              f"folder of its own): give an absolute path that every node can read, or a URL such as s3://…")
+    if SUBMITTED_JOB_ENV not in os.environ:
+        return
+    for flag, path in (("--out", cfg.train.out), *(("--baselines", b) for b in cfg.train.baselines)):
+        if "://" not in path and not os.path.isabs(path):
+            raise ValueError(f"{flag} {path} is a relative path: a job started by `ray job submit` runs in a temporary copy "
+                             f"of its working dir, gone with the job: give a URL such as s3://… (or an absolute path that "
+                             f"every node shares)")
 
 
 def _worker_device():

@@ -42,7 +42,8 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
         raise ValueError(f"--vortex-rates: no context module of --arch {cfg.arch} is vortex pooling (--semseg-context/"
                          f"--depth-context vortex uses them)")
     if cfg.aspp_rates is None:
-        cfg = replace(cfg, aspp_rates=(12, 24, 36) if cfg.output_stride == 8 else (6, 12, 18))
+        # the rates DeepLab gives for 16, scaled with the feature map (at 32: 3 6 9, not rates wider than its 8x16 map at 256x512)
+        cfg = replace(cfg, aspp_rates={8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}[cfg.output_stride])
     return cfg
 
 

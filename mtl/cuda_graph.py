@@ -41,6 +41,10 @@ STEP_KEYS = ("rgb", "semseg", "depth", "valid")
 # DDP notes ask for 11 (its reducer rebuilds buckets after the first, logs at the tenth)
 WARMUP_PLAIN, WARMUP_DDP = 3, 11
 
+# what a rank whose own capture worked raises when another's failed (`agree`): the launcher
+# reports the rank that says why instead (`mtl.distributed.ray_train.run_ray`)
+OTHER_RANK_FAILED = "another rank's capture failed"
+
 
 def indexed(device: torch.device) -> torch.device:
     """``cuda`` -> ``cuda:<current>``: one name per GPU, for keys and comparisons."""
@@ -168,7 +172,7 @@ class CapturedStep:
         except Exception as e:  # noqa: BLE001 - raised when strict, else reported, then eager
             error = e
         if self.agree is not None and not self.agree(error is None) and error is None:
-            error = RuntimeError("another rank's capture failed (its log says why)")
+            error = RuntimeError(f"{OTHER_RANK_FAILED} (its log says why)")
         if error is not None:
             return self._failed(error, batch)
         self.static, self.out, self.replay = static, out, replay

@@ -443,7 +443,7 @@ class Trainer:
         checkpoints (``--checkpoint-every``)."""
         t, s_, strategy = self.cfg.train, self.state, self.strategy
         strategy.model.train()
-        bar.start_epoch(s_.epoch, t.epochs, self.steps_per_epoch, s_.total_steps - s_.step)
+        bar.start_epoch(s_.epoch, t.epochs, self.steps_per_epoch, s_.total_steps - s_.step, s_.epoch_step)
         running = torch.tensor(s_.epoch_loss or [0.0] * 3, device=self.device)
         t0 = last_read = time.perf_counter()
         n_img, loss, done = 0, [float("nan")] * 3, s_.epoch_step

@@ -129,11 +129,13 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int, steps_left_in_run: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int, steps: int, steps_left_in_run: int, first_step: int = 0) -> None:
+        """``first_step``: the epoch's steps trained before (a resume inside it): not timed here."""
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task("train", total=steps, epoch=f"{epoch + 1}/{epochs}", loss="-", ips="-", lr="-")
         self.epoch, self.epochs, self.steps, self.run_left = epoch, epochs, steps, steps_left_in_run
+        self.first = first_step
         self.t0 = time.monotonic()
 
     def update(self, done: int, loss: list[float], ips: float, lr: float) -> None:
@@ -145,11 +147,12 @@ class TrainProgress:
         if now - self.last_line < self.interval_s and done < self.steps:
             return
         self.last_line = now
-        per_step = (now - self.t0) / max(done, 1)
+        timed = done - self.first  # (steps this process trained and timed)
+        per_step = (now - self.t0) / max(timed, 1)
         line = (f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps} ({100 * done / self.steps:.0f}%) | "
                 f"loss {loss[0]:.4f} (semseg {loss[1]:.4f}, depth {loss[2]:.4f}) | {ips:.1f} img/s | lr {lr:.3g} | "
                 f"elapsed {_hms(now - self.t0)} | ETA epoch {_hms((self.steps - done) * per_step)}, "
-                f"run {_hms((self.run_left - done) * per_step)}")
+                f"run {_hms((self.run_left - timed) * per_step)}")
         if self.live:
             self.log.record(line)  # the bar shows it on the terminal
         else:

@@ -25,13 +25,15 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, in_process):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "model": {}, "config": {}, "payload": RunsCode(str(marker))}, path)
     with pytest.raises(ValueError, match=r"checkpoint .*evil.pt holds Python objects besides tensors and plain data; refused"):
         load_checkpoint(str(path))
-    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(path)], cwd=REPO, capture_output=True, text=True)
+    from jobs.evaluate import main
+
+    r = in_process(main, ["--checkpoint", str(path)])
     assert r.returncode == 2 and "refused, since loading it could run code" in r.stderr and "Traceback" not in r.stderr
     assert not marker.exists()
 

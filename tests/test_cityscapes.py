@@ -127,20 +127,22 @@ def test_index_splits_and_rgb(converted):
     assert not os.path.exists(out + ".partial")
 
 
-def test_project_reads_shards_and_trains_on_it(converted, tmp_path):
+def test_project_reads_shards_and_trains_on_it(converted, tmp_path, in_process):
+    """The converted set through the project's commands (their mains in this process)."""
+    from data_prep import shard
+    from jobs import train
+
     _, out, _ = converted
     for split, n in (("train", 2), ("val", 1), ("test", 1)):
         folder = MiniscapesFolder(out, split)
         assert len(folder) == n and tuple(folder[0]["rgb"].shape) == (*OUT_HW, 3)
     assert not MiniscapesFolder(out, "test").has_labels
-    r = subprocess.run([sys.executable, "-m", "data_prep.shard", "--root", out, "--shards", str(tmp_path / "shards")],
-                       cwd=REPO, capture_output=True, text=True)
+    r = in_process(shard.main, ["--root", out, "--shards", str(tmp_path / "shards")])
     assert r.returncode == 0, r.stderr
     manifest = json.load(open(tmp_path / "shards" / "manifest.json"))
     assert {k: v["num_samples"] for k, v in manifest["splits"].items()} == {"train": 2, "val": 1, "test": 1}
-    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--root", out, "--epochs", "1", "--max-steps-per-epoch", "2",
-                        "--batch-size", "2", "--encoder", "resnet18", "--workers", "0", "--out", str(tmp_path / "runs")],
-                       cwd=REPO, capture_output=True, text=True)
+    r = in_process(train.main, ["--local", "--root", out, "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "2",
+                                "--encoder", "resnet18", "--workers", "0", "--out", str(tmp_path / "runs")])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
 

@@ -147,8 +147,12 @@ def test_ranks_go_on_only_together_and_a_replaced_lr_is_refused():
         failed_here(batch(1))
     failed_elsewhere = CapturedStep(eager, cap.optimizer, CPU, warmup=1, capture=rerun_capture, agree=lambda ok: False)
     failed_elsewhere(batch(0))
-    with pytest.raises(RuntimeError, match="another rank's capture failed"):
+    with pytest.raises(RuntimeError, match="another rank's capture failed") as elsewhere:
         failed_elsewhere(batch(1))
+    from mtl.distributed.ray_train import first_cause  # what the launcher reports: the rank that says why
+
+    assert first_cause({0: elsewhere.value, 1: RuntimeError("capture: operation not permitted"), 2: elsewhere.value}) == 1
+    assert first_cause({0: RuntimeError("x"), 3: RuntimeError("y")}) == 0 and first_cause({}) == 0
 
     step = CapturedStep(eager, cap.optimizer, CPU, warmup=1, capture=rerun_capture, log=lambda m: None)
     for i in range(3):

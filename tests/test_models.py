@@ -1,8 +1,6 @@
 """The model zoo: every architecture of the report, by name, with its options."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -185,9 +183,11 @@ def test_pretrained_weights_go_to_a_mirror_in_one_command(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHITECTURES.names)
-def test_train_cli_runs_every_architecture(arch, tiny_root, tmp_path):
-    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", arch, "--encoder", "resnet18", "--root", tiny_root,
-                        "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "2", "--workers", "1",
-                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+def test_train_cli_runs_every_architecture(arch, tiny_root, tmp_path, in_process):
+    """jobs/train.py's main in this process (a shell's run: tests/test_train_local.py)."""
+    from jobs.train import main
+
+    r = in_process(main, ["--local", "--arch", arch, "--encoder", "resnet18", "--root", tiny_root, "--epochs", "1", "--batch-size",
+                          "4", "--max-steps-per-epoch", "2", "--workers", "1", "--out", str(tmp_path)])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "validation after epoch 1" in r.stdout and "done: mIoU" in r.stdout

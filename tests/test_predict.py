@@ -5,8 +5,6 @@ mtl.predict on arbitrary images."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -254,13 +252,14 @@ def test_unreachable_storage_is_one_error_naming_the_url(unreachable_s3):
 
 
 @pytest.mark.slow
-def test_a_real_run_on_shards_evaluates_and_predicts(s3_shards, tmp_path, capsys):
+def test_a_real_run_on_shards_evaluates_and_predicts(s3_shards, tmp_path, capsys, in_process):
     """End to end: train one step on the S3 shards, then evaluate and predict from the run folder
     with no data flags: the trainer's checkpoint carries what both need."""
-    r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "deeplabv3p", "--encoder", "resnet18",
-                        "--output-stride", "32", "--shards", s3_shards, "--epochs", "1", "--batch-size", "4",
-                        "--max-steps-per-epoch", "1", "--workers", "0", "--out", str(tmp_path), "--name", "x"],
-                       cwd=REPO, capture_output=True, text=True)
+    from jobs.train import main as train_main
+
+    r = in_process(train_main, ["--local", "--arch", "deeplabv3p", "--encoder", "resnet18", "--output-stride", "32", "--shards",
+                                s3_shards, "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1", "--workers", "0",
+                                "--out", str(tmp_path), "--name", "x"])
     assert r.returncode == 0, r.stdout + r.stderr
     run = str(tmp_path / "x")
     rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--split", "test", "--export", tmp_path / "e",

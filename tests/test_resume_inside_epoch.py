@@ -381,3 +381,22 @@ def test_ranks_validate_and_checkpoint_one_model(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert outs[0][0] == outs[1][0] and outs[0][0].strip().endswith(" 1"), outs
+
+
+def test_the_eta_after_a_resume_inside_an_epoch_times_only_the_steps_trained_since(monkeypatch):
+    """Resumed at step 6 of a 10-step epoch, 24 steps of the run left: 2 steps in 4 s are 2 s a
+    step, so 2 steps are left in the epoch (4 s) and 22 in the run (44 s); not 8 steps in 4 s."""
+    import io
+
+    from rich.console import Console
+
+    import mtl.progress as progress
+    from mtl.progress import RunLog, TrainProgress
+
+    clock = iter([100.0, 104.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    bar = TrainProgress(RunLog(None, Console(file=out, width=300)), interval_s=0)
+    bar.start_epoch(1, 3, 10, 24, first_step=6)
+    bar.update(8, [1.0, 1.0, 1.0], 5.0, 1e-3)
+    assert "step 8/10 (80%)" in out.getvalue() and "ETA epoch 0:00:04, run 0:00:44" in out.getvalue(), out.getvalue()

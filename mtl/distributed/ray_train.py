@@ -32,6 +32,7 @@ from torch import nn
 from mtl.checkpoint import CHECKPOINTS, POINTER, FolderStorage
 from mtl.config import ExperimentConfig
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
+from mtl.cuda_graph import OTHER_RANK_FAILED
 from mtl.engine import Runtime, fit, may_capture
 from mtl.errors import ClusterError, WorkerFailed
 from mtl.models.encoders import IMAGENET
@@ -291,8 +292,14 @@ def run_ray(cfg: ExperimentConfig, log=print):
     except ray.train.ControllerError as e:
         raise ClusterError(_controller_failure_message(e.controller_failure, cfg, workers)) from e
     except ray.train.WorkerGroupError as e:  # (Train V2 raises what a worker raised, after --max-failures restarts)
-        rank = min(e.worker_failures) if e.worker_failures else 0
+        rank = first_cause(e.worker_failures)
         raise WorkerFailed(rank, e.worker_failures.get(rank, e)) from e
+
+
+def first_cause(failures: dict[int, BaseException]) -> int:
+    """The rank whose error says what went wrong: the lowest, but not one that only reports
+    another rank's failed CUDA-graph capture (its own log, unlike rank 0's, is not shown)."""
+    return min(failures, key=lambda r: (OTHER_RANK_FAILED in str(failures[r]), r)) if failures else 0
 
 
 def _controller_failure_message(failure: Exception, cfg: ExperimentConfig, workers: WorkerPlan) -> str:

@@ -6,7 +6,8 @@
 #
 #   cluster/local.sh up [--workers N] [--cpus-per-node C] [--head-cpus H]
 #   export RAY_ADDRESS=http://127.0.0.1:8265
-#   ray job submit --working-dir . -- python jobs/train.py --arch distillation --no-use-gpu ...
+#   ray job submit --working-dir . -- python jobs/train.py --arch distillation --no-use-gpu --out /abs/path/runs ...
+#   (every node of this cluster is this machine: an absolute local --out is one folder they share)
 #   cluster/local.sh status
 #   cluster/local.sh down
 #

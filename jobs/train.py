@@ -3,8 +3,10 @@
 Local debug mode (one process, GPU if present, else CPU; no cluster):
     python jobs/train.py --local --quick --arch distillation --encoder resnet18
 
-On a Ray cluster (see README "Running on a cluster"; workers use GPUs unless --no-use-gpu):
-    ray job submit --working-dir . -- python jobs/train.py --arch distillation --num-workers 4
+On a Ray cluster (see README "Running on a cluster"; workers use GPUs unless --no-use-gpu; a
+submitted job runs in a temporary copy of its working dir, so --out is a URL or a folder every
+node shares):
+    ray job submit --working-dir . -- python jobs/train.py --arch distillation --num-workers 4 --out s3://my-bucket/runs
 
 A run lives in <out>/<name>/ (name: descriptive + a hash of the training config): config.json,
 train.log, checkpoints, metrics. An existing run folder is only reused with --resume, and only

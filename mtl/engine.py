@@ -437,7 +437,7 @@ class Trainer:
 
     def train_epoch(self, it: DeviceBatches, bar: TrainProgress, lrs: list[float]) -> tuple[list[float], float]:
         """The epoch's optimizer steps (those after ``epoch_step``, when resumed inside it);
-        returns the mean losses [total, semseg, depth] over the whole epoch and img/s. Losses
+        returns the mean losses [total, semseg, depth] over the whole epoch and all ranks, and img/s. Losses
         stay on the device: the host reads them every ``log_every`` steps, or sooner when
         ``log_interval_s`` has passed (the time check itself reads nothing), and at step
         checkpoints (``--checkpoint-every``)."""
@@ -461,13 +461,15 @@ class Trainer:
             now = time.perf_counter()
             every_rank = (s + 1) % t.log_every == 0 or s + 1 == self.steps_per_epoch  # (the others: this rank's clock)
             if every_rank or now - last_read >= t.log_interval_s > 0:
-                # a host sync (besides: step checkpoints, preemption polls)
-                read = torch.cat([running / (s + 1), self.weighting.weights().to(running)]).tolist()
+                # a host sync (besides: step checkpoints, preemption polls); at the steps every rank
+                # reads, the ranks' mean (one small all-reduce): the epoch's loss is the run's
+                sums = self.strategy.all_reduce_sum(running) / self.rt.world if every_rank else running
+                read = torch.cat([sums / (s + 1), self.weighting.weights().to(running)]).tolist()
                 loss, weights, last_read, ips = read[:3], read[3:], now, n_img * self.rt.world / (now - t0)
                 # every later step would train on NaN weights and report success; the ranks stop
-                # together (at the steps all of them read), not one while the others wait for it
+                # together (at the steps all of them read, on the mean any rank's NaN makes NaN)
                 if not math.isfinite(loss[0]) and (every_rank or self.rt.world == 1):
-                    raise self._diverged(f"the loss is {loss[0]}", lrs[-1])
+                    raise self._diverged(f"the loss is {loss[0]}", lrs[-1], s + 1, s_.epoch + 1)
                 bar.update(s + 1, loss, ips, lrs[-1])
                 self._track_step(loss, weights, ips, lrs[-1])
             if self._checkpoint_due(s):  # (after the readout: the checkpoint stores this step's points too)
@@ -478,18 +480,19 @@ class Trainer:
             loss = (running / done).tolist()
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
 
-    def _diverged(self, what: str, lr: float) -> ValueError:
-        s_ = self.state
-        return ValueError(f"training diverged: {what} by step {s_.epoch_step} of epoch {s_.epoch + 1} (LR {lr:.3g}): "
-                          f"lower --lr, or clip with --grad-clip")
+    @staticmethod
+    def _diverged(what: str, lr: float, step: int, epoch: int) -> ValueError:
+        """``step`` of ``epoch`` (both counted from 1)."""
+        return ValueError(f"training diverged: {what} by step {step} of epoch {epoch} (LR {lr:.3g}): lower --lr, or clip "
+                          f"with --grad-clip")
 
-    def _check_finite_weights(self, lr: float) -> None:
+    def _check_finite_weights(self, lr: float, step: int, epoch: int) -> None:
         """Before a checkpoint: weights that are no longer numbers (an update from an infinite
         gradient, whose step's loss was still finite) must not become the run's latest
         checkpoint, which every restart would resume. The same weights on every rank: all stop."""
         norm = torch.nn.utils.get_total_norm([p.detach() for p in self.strategy.module.parameters()])
         if not torch.isfinite(norm):  # (a host sync: at checkpoints only)
-            raise self._diverged("the weights are no longer numbers", lr)
+            raise self._diverged("the weights are no longer numbers", lr, step, epoch)
 
     def _track_step(self, loss: list[float], weights: list[float], ips: float, lr: float) -> None:
         if self.tracker:
@@ -551,8 +554,8 @@ class Trainer:
         s_.epoch_loss = (self.strategy.all_reduce_sum(running) / self.rt.world).tolist()  # (a host sync: only here)
         mean = [v / s_.epoch_step for v in s_.epoch_loss]
         if not math.isfinite(mean[0]):  # (the ranks' sum: every rank sees it)
-            raise self._diverged(f"the loss is {mean[0]}", lr)
-        self._check_finite_weights(lr)
+            raise self._diverged(f"the loss is {mean[0]}", lr, s_.epoch_step, s_.epoch + 1)
+        self._check_finite_weights(lr, s_.epoch_step, s_.epoch + 1)
         tag = f"epoch-{s_.epoch:04d}-step-{s_.step:08d}"
         metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],
                    "train_loss_semseg": mean[1], "train_loss_depth": mean[2], "restarts": s_.restarts}
@@ -574,8 +577,7 @@ class Trainer:
         val, self.val_ahead = self.data.val if self.val_ahead is None else self.val_ahead, None
         self.strategy.sync_buffers()  # (one model on every rank: validation's and the checkpoint's)
         metrics = rt_evaluate(self.strategy, val, self.codec, self.device, self.amp, t.channels_last, pictures)
-        # the epoch's mean losses over all ranks (each read its own at the epoch's last step)
-        loss = (self.strategy.all_reduce_sum(torch.tensor(loss, device=self.device)) / self.rt.world).tolist()
+        # (``loss``: the epoch's mean over all ranks, read at its last step, `train_epoch`)
         if self.weighting.epochwise and all(math.isfinite(v) for v in loss[1:]):  # DWA (none read: no update)
             self.weighting.end_epoch(loss[1:])
         lr = epoch_lrs[-1] if epoch_lrs else self.schedule(self.lr_step())  # (no step left after a resume: the next one's)
@@ -593,7 +595,7 @@ class Trainer:
                                    last=s_.epoch == t.epochs)
         finally:  # (a tracking failure still leaves the checkpoint)
             if self.checkpointer:
-                self._check_finite_weights(lr)
+                self._check_finite_weights(lr, self.steps_per_epoch, s_.epoch)  # (the epoch that ended: s_.epoch counts it)
                 self.checkpointer.save(f"epoch-{s_.epoch:04d}", self.cfg.to_dict(), metrics, is_best)
                 self.last_checkpoint = monotonic()
         self.log.flush()

@@ -393,8 +393,10 @@ def test_the_eta_after_a_resume_inside_an_epoch_times_only_the_steps_trained_sin
     import mtl.progress as progress
     from mtl.progress import RunLog, TrainProgress
 
-    clock = iter([100.0, 104.0])
-    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    from types import SimpleNamespace
+
+    clock = iter([100.0, 104.0])  # (this module's clock only: time.monotonic stays everyone else's)
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     out = io.StringIO()
     bar = TrainProgress(RunLog(None, Console(file=out, width=300)), interval_s=0)
     bar.start_epoch(1, 3, 10, 24, first_step=6)

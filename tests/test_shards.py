@@ -186,9 +186,6 @@ def test_bad_samples_stop_the_run_with_a_list(tiny_root, tmp_path, s3_prefix):
     r = _shard_cli("--src", str(bad), "--dst", s3_prefix, "--shard-size", "8")
     assert r.returncode == 2
     assert "val/rgb/3.jpg" in r.stderr and "nothing was published" in r.stderr
-    assert "val/rgb/5.jpg: a folder, not a file" in r.stderr and "Traceback" not in r.stderr
-    os.rmdir(bad / "val/rgb/5.jpg")
-    shutil.copy(f"{tiny_root}/val/rgb/5.jpg", bad / "val/rgb/5.jpg")
     assert not fsspec.filesystem("s3").exists(s3_prefix.removeprefix("s3://") + "/manifest.json")
 
     os.rename(bad / "val/semseg/3.png", tmp_path / "x.png")
@@ -197,7 +194,10 @@ def test_bad_samples_stop_the_run_with_a_list(tiny_root, tmp_path, s3_prefix):
     assert r.returncode == 2
     # real paths under --src, as a user can go and look at them
     assert "train/semseg/7.png: labels outside 0..18/255: [77]" in r.stderr and "train/depth/9.png: cannot decode PNG" in r.stderr
+    assert "val/rgb/5.jpg: a folder, not a file" in r.stderr and "Traceback" not in r.stderr
     assert not fsspec.filesystem("s3").exists(s3_prefix.removeprefix("s3://") + "/manifest.json")
+    os.rmdir(bad / "val/rgb/5.jpg")
+    shutil.copy(f"{tiny_root}/val/rgb/5.jpg", bad / "val/rgb/5.jpg")
 
     r = _shard_cli("--src", str(bad), "--dst", s3_prefix, "--shard-size", "8", "--skip-bad")
     assert r.returncode == 0, r.stderr

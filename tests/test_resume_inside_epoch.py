@@ -347,7 +347,7 @@ def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():
 
     state, saved = TrainState(step=2, epoch_step=2), {}
     trainer = SimpleNamespace(state=state, strategy=TwoRanks(), rt=SimpleNamespace(world=2), cfg=ExperimentConfig(),
-                              tracker=None, log=lambda line: None, _check_finite_weights=lambda lr: None,
+                              tracker=None, log=lambda line: None, _check_finite_weights=lambda *a: None,
                               checkpointer=SimpleNamespace(save=lambda tag, cfg, metrics, **kw: saved.update(metrics)))
     running = torch.tensor([2.0, 1.0, 1.0])
     Trainer._save_inside_epoch(trainer, running, lr=0.1)

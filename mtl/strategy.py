@@ -22,6 +22,10 @@ from torch import nn
 from mtl.cuda_graph import on_capture_stream
 
 
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class Strategy(ABC):
     """The interface every mode implements (see the module docstring).
 
@@ -51,7 +55,7 @@ class Strategy(ABC):
     # --- collectives: identity on one process
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of ``t`` over all ranks (a new tensor; ``t`` is left alone)."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not _several_ranks():
             return t
         t = t.clone()
         dist.all_reduce(t)
@@ -62,13 +66,13 @@ class Strategy(ABC):
         validation runs on every rank and the checkpoint holds rank 0's, so all must be one
         model. DDP broadcasts them before each forward (each rank's last one still updates them
         with its own batch); DeepSpeed never does, so they drift apart over the whole run."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not _several_ranks():
             return
         for b in self.module.buffers():
             dist.broadcast(b, src=0)
 
     def barrier(self) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _several_ranks():
             dist.barrier()
 
     # --- what a checkpoint holds

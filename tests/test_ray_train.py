@@ -341,7 +341,8 @@ for autocast in (False, True):
     engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters()), config=deepspeed_config(cfg, autocast))
     print(autocast, engine(torch.randn(2, 8)).dtype)
 m = torch.nn.Linear(8, 8)  # --optimizer sgd: not on ZeRO's list of tested optimizers
-engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), config=deepspeed_config(cfg))
+sgd = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+engine, *_ = deepspeed.initialize(model=m, optimizer=sgd, config=deepspeed_config(cfg))
 engine.backward(engine(torch.randn(2, 8)).sum())
 engine.step()
 print("sgd", engine.global_steps)

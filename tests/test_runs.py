@@ -128,10 +128,14 @@ def test_nothing_to_resume_points_at_the_runs_that_differ(tmp_path):
         prepare_run(new)
 
 
+def train_args(tiny_root, out, *extra) -> list[str]:
+    return ["--local", "--arch", "deeplabv3p", "--encoder", "resnet18", "--root", tiny_root, "--epochs", "1", "--batch-size", "4",
+            "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(out), *extra]
+
+
 def train_cli(tiny_root, out, *extra, **kw):
-    return subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "deeplabv3p", "--encoder", "resnet18", "--root", tiny_root,
-                           "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(out), *extra],
-                          cwd=REPO, capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "jobs/train.py", *train_args(tiny_root, out, *extra)], cwd=REPO, capture_output=True,
+                          text=True, **kw)
 
 
 def train_main(tiny_root, out, *extra) -> subprocess.CompletedProcess:
@@ -139,8 +143,7 @@ def train_main(tiny_root, out, *extra) -> subprocess.CompletedProcess:
     from conftest import run_main
     from jobs.train import main
 
-    return run_main(main, ["--local", "--arch", "deeplabv3p", "--encoder", "resnet18", "--root", tiny_root, "--epochs", "1",
-                           "--batch-size", "4", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(out), *extra])
+    return run_main(main, train_args(tiny_root, out, *extra))
 
 
 def test_cli_run_writes_config_and_log_and_follows_the_resume_rules(tiny_root, tmp_path):
@@ -233,7 +236,7 @@ def test_a_submitted_job_refuses_a_relative_run_folder(monkeypatch):
 def test_a_ray_runs_summary_goes_to_the_folder_it_trained_in(tmp_path, monkeypatch):
     """jobs/train.py names the run folder from the config `run_ray` resolved: a relative
     --baselines is part of the run's name only once made absolute."""
-    import dataclasses
+    import io
 
     from rich.console import Console
 
@@ -246,8 +249,8 @@ def test_a_ray_runs_summary_goes_to_the_folder_it_trained_in(tmp_path, monkeypat
     resolved = resolve_config(cfg)
     assert run_url(resolved) != run_url(cfg)
     os.makedirs(run_url(resolved))
-    monkeypatch.setattr(ray_train, "run_ray", lambda c, log: (None, dataclasses.replace(resolved)))
-    assert run_on_ray(cfg, Console(file=open(os.devnull, "w"))) == 0
+    monkeypatch.setattr(ray_train, "run_ray", lambda c, log: (None, resolved))
+    assert run_on_ray(cfg, Console(file=io.StringIO())) == 0
     assert json.loads(open(f"{run_url(resolved)}/summary.json").read())["run"] == run_url(resolved)
 
 

@@ -104,8 +104,10 @@ def metres_to_disparity_png(depth: np.ndarray, valid: np.ndarray | None = None) 
     depth = np.asarray(depth, dtype=np.float64)
     if valid is None:
         valid = np.isfinite(depth) & (depth > 0)
-    elif not np.isfinite(depth[valid]).all():
-        raise ValueError(f"depth is not a number at {int((~np.isfinite(depth[valid])).sum())} pixel(s)")
+    else:
+        nan = int((~np.isfinite(depth[valid])).sum())
+        if nan:
+            raise ValueError(f"depth is not a number at {nan} pixel(s)")
     disp = 1.0 / np.clip(np.where(valid, depth, DEPTH_MAX_M), DEPTH_MIN_M, DEPTH_MAX_M)
     code = np.rint(disparity_to_unit(disp) * 254.0) + 1.0
     return np.where(valid, np.clip(code, 1, 255), 0).astype(np.uint8)

@@ -7,8 +7,8 @@ its own samples and the ranks stop together at the smallest one's batch count, s
 less one per worker, and a rank's surplus, sit out the epoch (others the next: the order
 changes); the trainer's start says how many. Samples are shuffled through a buffer, decoded raw
 (labels and disparities keep their exact values) and augmented by the same code as the folder
-dataset, seeded by (seed, epoch, sample index). Sample counts per consumer are known from the manifest, so every rank can agree
-on the number of training steps without talking to the others.
+dataset, seeded by (seed, epoch, sample index). Sample counts per consumer are known from the
+manifest, so every rank can agree on the number of training steps without talking to the others.
 
 A split's manifest entry lists its ``modalities``: ``["rgb"]`` for a split without labels (a
 real test split; its samples carry ``rgb`` and ``index`` only), all three otherwise (also when

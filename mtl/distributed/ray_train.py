@@ -31,8 +31,8 @@ from torch import nn
 
 from mtl.checkpoint import CHECKPOINTS, POINTER, FolderStorage
 from mtl.config import ExperimentConfig
-from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
 from mtl.cuda_graph import OTHER_RANK_FAILED
+from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
 from mtl.engine import Runtime, fit, may_capture
 from mtl.errors import ClusterError, WorkerFailed
 from mtl.models.encoders import IMAGENET
@@ -161,14 +161,17 @@ def check_worker_paths(cfg: ExperimentConfig) -> None:
     (`mtl.runs`), except in a job started by `ray job submit`: its folder is a temporary copy of
     --working-dir (gone with the job, and never the data's or the runs' place: shipping leaves
     them out), so there a relative one is refused too."""
+    def relative(path: str) -> bool:
+        return "://" not in path and not os.path.isabs(path)
+
     for flag, path in (("--root", cfg.data.root), ("--shards", cfg.data.shards), ("--pretrained", cfg.model.pretrained)):
-        if path and path != IMAGENET and "://" not in path and not os.path.isabs(path):
+        if path and path != IMAGENET and relative(path):
             raise ValueError(f"{flag} {path} is a relative path, which the Ray workers cannot resolve (each runs in a "
                              f"folder of its own): give an absolute path that every node can read, or a URL such as s3://…")
     if SUBMITTED_JOB_ENV not in os.environ:
         return
     for flag, path in (("--out", cfg.train.out), *(("--baselines", b) for b in cfg.train.baselines)):
-        if "://" not in path and not os.path.isabs(path):
+        if relative(path):
             raise ValueError(f"{flag} {path} is a relative path: a job started by `ray job submit` runs in a temporary copy "
                              f"of its working dir, gone with the job: give a URL such as s3://… (or an absolute path that "
                              f"every node shares)")

@@ -140,7 +140,8 @@ CONFIG_HELP = ("start from this config file (JSON, or YAML with pyyaml; local or
 
 
 def read_config(url: str) -> ExperimentConfig:
-    """An `ExperimentConfig` from a JSON or YAML file; keys left out keep their defaults."""
+    """An `ExperimentConfig` from a JSON or YAML file; keys left out keep their defaults (a run's
+    own config.json: their values from before they existed)."""
     from mtl.storage import read_bytes
 
     data = read_bytes(url)
@@ -161,9 +162,22 @@ def read_config(url: str) -> ExperimentConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"--config {url} is not JSON ({e})") from None
     try:
+        if isinstance(tree, dict) and _is_run_config(url, tree):
+            from mtl.runs import stored_config
+
+            return stored_config(tree).validate()
         return ExperimentConfig.from_dict(tree or {}).validate()
     except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"--config {url}: not a valid streetmtl config: {e}") from None
+
+
+def _is_run_config(url: str, tree: dict) -> bool:
+    """A run's own ``config.json`` (it names the run): settings it lacks predate it and take
+    their values from before they existed (`mtl.runs.stored_config`), not today's defaults."""
+    from mtl.runs import CONFIG_FILE
+
+    train = tree.get("train")
+    return url.rstrip("/").rsplit("/", 1)[-1] == CONFIG_FILE and isinstance(train, dict) and bool(train.get("name"))
 
 
 def _given(argv: Sequence[str], name: str) -> str | bool | None:

@@ -87,6 +87,9 @@ class ModelConfig(_Part):
     #: torchvision-format file at a local path or URL (a mirror: jobs/pretrained.py)
     pretrained: str | None = None
     output_stride: Literal[8, 16, 32] | None = None  # encoder output stride (dilation below 32); default: the architecture's
+    #: which 3x3 convs of a dilated encoder stage (--output-stride 16, 8) are dilated: second = each residual
+    #: block's second (the course skeleton's encoder, so the report's models); all = every one (runs before 2026-11-30)
+    dilated_convs: Literal["second", "all"] = "second"
     aspp_rates: tuple[int, ...] | None = None  # ASPP dilation rates; default: 6 12 18 at output stride 16, 12 24 36 at 8, 3 6 9 at 32
     vortex_rates: tuple[int, ...] = (1, 3, 9, 27)  # vortex pooling rates
     semseg_context: Context | None = None  # segmentation branch's context module; default: the architecture's

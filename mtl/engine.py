@@ -32,7 +32,7 @@ from mtl.models import build_model, resolve
 from mtl.models.encoders import describe_pretrained
 from mtl.multitask import TASKS, load_baselines, task_metrics
 from mtl.progress import RunLog, TrainProgress, class_iou_table
-from mtl.runs import RunConflict, RunFolder, check_same_training, resolve_config, run_name, run_url
+from mtl.runs import RunConflict, RunFolder, check_same_training, resolve_config, run_name, run_url, stored_config
 from mtl.schedule import PolyLR
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 from mtl.viz import denormalize_rgb, side_by_side
@@ -198,7 +198,7 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume:
     if not (cfg.train.resume or always_resume):
         raise RunConflict(f"{state.get('url', 'a checkpoint')} exists: pass --resume to continue that run, or choose another "
                           f"--name/--out for a new run")
-    check_same_training(ExperimentConfig.from_dict(state["config"]), cfg, f"checkpoint {state.get('url', '')}")
+    check_same_training(stored_config(state["config"]), cfg, f"checkpoint {state.get('url', '')}")
     done = state["train_state"].get("epoch", 0)
     if cfg.train.epochs < done:  # the run folder would then describe a shorter run than its checkpoints hold
         raise RunConflict(f"resume refused: --epochs {cfg.train.epochs}, but {state.get('url', 'the checkpoint')} has trained "

@@ -36,6 +36,7 @@ from mtl.engine import autocast, resolve_device
 from mtl.export import make_output_folders, write_prediction
 from mtl.losses import DepthCodec
 from mtl.models import build_model, resolve
+from mtl.runs import stored_config
 from mtl.storage import storage_errors, url_to_fs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -71,7 +72,7 @@ def load_model(checkpoint: str, device: torch.device | str = "cpu") -> LoadedMod
     state = load_checkpoint(checkpoint)
     url = state["url"]
     try:
-        cfg = ExperimentConfig.from_dict(state["config"])
+        cfg = stored_config(state["config"])
         weights = state["model"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {url} lacks a usable config or model ({type(e).__name__}: {e})") from e

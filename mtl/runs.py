@@ -22,7 +22,7 @@ import os
 from typing import Any, Callable
 
 from mtl.checkpoint import CHECKPOINTS, CheckpointIndex
-from mtl.config import ExperimentConfig, ModelConfig
+from mtl.config import ExperimentConfig, ModelConfig, flag
 from mtl.models import resolve
 from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
@@ -36,9 +36,9 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 RESUMABLE_CHANGES = frozenset({"train.epochs"})
 # identity fields added after runs already existed: left out of the identity (name hash, resume
 # check) while they hold these values, the behaviour before they existed, so earlier runs keep
-# their names and can be resumed
+# their names and can be resumed; a stored config without one holds that value (`stored_config`)
 LATER_FIELDS = {"optim.tasks": ["semseg", "depth"], "optim.task_weighting": "fixed", "optim.weighting_lr": 0.025,
-                "optim.dwa_temperature": 2.0, "train.baselines": []}
+                "optim.dwa_temperature": 2.0, "train.baselines": [], "model.dilated_convs": "all"}
 
 
 class RunConflict(ValueError):
@@ -83,10 +83,26 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     for k, default in LATER_FIELDS.items():
         if flat.get(k) == default:
             del flat[k]
+    if cfg.model.output_stride == 32:  # no stage is dilated
+        flat.pop("model.dilated_convs", None)
     if cfg.data.root or cfg.data.shards:  # the synthetic set's settings only matter when it is used
         flat.pop("data.synthetic_size")
         flat.pop("data.synthetic_counts")
     return flat
+
+
+def stored_config(d: dict[str, Any]) -> ExperimentConfig:
+    """The config a run stored (``config.json``, a checkpoint's, a sweep's base), whichever version
+    of streetmtl wrote it: a field it lacks holds its value from before the field existed
+    (`LATER_FIELDS`), not today's default, so an old run rebuilds the network it trained."""
+    if not isinstance(d, dict):
+        raise TypeError(f"a config is a mapping of its parts, got {type(d).__name__}")
+    d = {part: dict(v) if isinstance(v, dict) else v for part, v in d.items()}
+    for path, before in LATER_FIELDS.items():
+        part, _, name = path.partition(".")
+        if isinstance(d.get(part), dict):
+            d[part].setdefault(name, before)
+    return ExperimentConfig.from_dict(d)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
@@ -169,7 +185,7 @@ class RunFolder:
         if data is None:
             return None
         try:
-            return ExperimentConfig.from_dict(json.loads(data))
+            return stored_config(json.loads(data))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{self.url}/{CONFIG_FILE} is not a streetmtl config ({e})") from e
 
@@ -223,7 +239,17 @@ def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, w
     """Refuse (listing the fields) when ``requested`` trains something else than ``stored``."""
     differ = config_diff(stored, requested, ignore=RESUMABLE_CHANGES)
     if differ:
-        raise RunConflict(f"resume refused: {what} was trained with another configuration: {'; '.join(differ)}")
+        raise RunConflict(f"resume refused: {what} was trained with another configuration: {'; '.join(differ)}"
+                          + _predates_hint(stored, requested))
+
+
+def _predates_hint(stored: ExperimentConfig, requested: ExperimentConfig) -> str:
+    """The flags that continue a run trained before a setting existed, whose default is now
+    another (``--dilated-convs all``)."""
+    old, new = identity(stored), identity(requested)
+    flags = [f"{flag(k.partition('.')[2])} {v}" for k, v in LATER_FIELDS.items()
+             if isinstance(v, str) and k not in old and k in new]
+    return f". It predates today's default there: {' '.join(flags)} continues it" if flags else ""
 
 
 def _similar_runs_hint(cfg: ExperimentConfig, limit: int = 3, reads: int = 50) -> str:

@@ -114,6 +114,59 @@ def test_dilation_keeps_resolution_and_parameters(os_):
     assert count_params(m) == REPORT["deeplabv3p"]["params"]
 
 
+class SkeletonBlock(torch.nn.Module):
+    """The course skeleton's ``BasicBlockWithDilation`` (layers only: the test compares convs):
+    the dilation goes to conv2, never to conv1."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None):
+        super().__init__()
+        from torchvision.models.resnet import conv3x3
+
+        self.conv1, self.bn1 = conv3x3(inplanes, planes, stride=stride), torch.nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes, dilation=dilation), torch.nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+
+def skeleton_encoder(name, output_stride):
+    """The report's encoder as the skeleton built it: torchvision's ResNet with
+    ``replace_stride_with_dilation`` (SkeletonBlock for the BasicBlock nets), then each dilated
+    stage's first conv2 set to dilation 2."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    dilate = {32: [False] * 3, 16: [False, False, True], 8: [False, True, True]}[output_stride]
+    block, layers = {"resnet34": (SkeletonBlock, [3, 4, 6, 3]), "resnet50": (Bottleneck, [3, 4, 6, 3])}[name]
+    net = ResNet(block, layers, replace_stride_with_dilation=dilate)
+    for stage, dilated in zip((net.layer2, net.layer3, net.layer4), dilate):
+        if dilated:
+            stage[0].conv2.dilation = stage[0].conv2.padding = (2, 2)
+    return net
+
+
+def conv_geometry(stages):
+    return [(n, m.stride, m.dilation, m.padding) for stage in stages for n, m in stage.named_modules()
+            if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize("name", ["resnet34", "resnet50"])
+@pytest.mark.parametrize("os_", [8, 16])
+def test_the_encoder_dilates_as_the_course_skeleton_did(name, os_):
+    ours = build_model(ModelConfig(arch="deeplabv3p", encoder=name, output_stride=os_)).encoder
+    ref = skeleton_encoder(name, os_)
+    assert conv_geometry([ours.layer2, ours.layer3, ours.layer4]) == conv_geometry([ref.layer2, ref.layer3, ref.layer4])
+    if name == "resnet34":  # a BasicBlock's first 3x3 conv is never dilated; its second is, after the first block
+        assert ours.layer4[1].conv1.dilation == (1, 1) and ours.layer4[1].conv2.dilation == ((2, 2) if os_ == 16 else (4, 4))
+    # runs trained before that convention keep theirs: every 3x3 conv of a dilated stage at its dilation
+    old = build_model(ModelConfig(arch="deeplabv3p", encoder=name, output_stride=os_, dilated_convs="all")).encoder
+    d4 = 2 if os_ == 16 else 4
+    assert {m.dilation for m in old.layer4.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)} == {(d4, d4)}
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        assert ours(x)["out"].shape == old(x)["out"].shape
+
+
 def test_pretrained_weights_from_a_file(tmp_path):
     ref = torchvision.models.resnet18(weights=None)
     torch.nn.init.constant_(ref.conv1.weight, 0.125)

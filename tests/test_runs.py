@@ -49,6 +49,50 @@ def test_resolved_config_round_trips_through_config_json(tmp_path):
         folder.read_config()
 
 
+def test_a_run_stored_before_a_setting_existed_keeps_its_network_and_name(tmp_path):
+    from mtl.cli import read_config
+    from mtl.runs import check_same_training, identity, stored_config
+
+    old = resolve_config(cfg_with(model={"dilated_convs": "all"}, train={"out": str(tmp_path)}))
+    assert "model.dilated_convs" not in identity(old)  # its name is the one it had before the setting existed
+    stored = old.to_dict()
+    del stored["model"]["dilated_convs"]  # as streetmtl wrote it then
+    assert stored_config(stored).model.dilated_convs == "all"
+    folder = RunFolder(f"{tmp_path}/{old.train.name}")
+    (tmp_path / old.train.name).mkdir()
+    (tmp_path / old.train.name / "config.json").write_text(json.dumps(stored))
+    assert folder.read_config() == old
+    assert read_config(f"{folder.url}/config.json") == old  # --config <run>/config.json continues it
+    (tmp_path / "mine.json").write_text(json.dumps({"model": {"arch": "branched"}}))
+    assert read_config(str(tmp_path / "mine.json")).model.dilated_convs == "second"  # a file of one's own: defaults
+    today = resolve_config(cfg_with(train={"out": str(tmp_path), "name": old.train.name}))
+    with pytest.raises(RunConflict, match=r"model.dilated_convs .*'second'. It predates today's default there: "
+                                          r"--dilated-convs all continues it"):
+        check_same_training(old, today, "run x")
+    # at output stride 32 no stage is dilated: the setting changes nothing, and names nothing
+    os32 = {"output_stride": 32}
+    assert run_name(cfg_with(model=os32)) == run_name(cfg_with(model={**os32, "dilated_convs": "all"}))
+
+
+def test_a_checkpoint_stored_before_a_setting_existed_rebuilds_its_network(tmp_path):
+    from mtl.checkpoint import checkpoint_bytes
+    from mtl.engine import check_resumable
+    from mtl.models import build_model
+    from mtl.predict import load_model
+
+    old = resolve_config(cfg_with(model={"dilated_convs": "all"}, train={"out": str(tmp_path)}))
+    stored = old.to_dict()
+    del stored["model"]["dilated_convs"]
+    state = {"config": stored, "model": build_model(old.model).state_dict(), "train_state": {"epoch": 1}}
+    (tmp_path / "state.pt").write_bytes(checkpoint_bytes(state))
+    loaded = load_model(str(tmp_path / "state.pt"), "cpu")
+    assert loaded.model.encoder.layer4[1].conv1.dilation == (2, 2)  # every 3x3 conv dilated, as it was trained
+    resume = dataclasses.replace(old.train, resume=True)
+    check_resumable(state, dataclasses.replace(old, train=resume))
+    with pytest.raises(RunConflict, match="--dilated-convs all continues it"):
+        check_resumable(state, dataclasses.replace(resolve_config(cfg_with(train={"out": str(tmp_path)})), train=resume))
+
+
 def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
     from mtl.checkpoint import CheckpointIndex
 

@@ -365,7 +365,7 @@ def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) ->
     """A resumed sweep continues what it started with: another space, objective, scheduler,
     number or draw of trials, or training config on the command line (operational settings such
     as --workers or --cpus-per-worker included) is refused (Tune would go on with the stored one)."""
-    from mtl.runs import config_diff
+    from mtl.runs import config_diff, stored_config
     from mtl.storage import read_bytes
 
     url = sweep_url(base, sweep)
@@ -380,7 +380,7 @@ def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) ->
     flags = stored.get("sweep", {})  # (absent in sweeps started before it was stored)
     differ += [f"--{k.replace('_', '-')} {flags[k]} -> {getattr(sweep, k)}" for k in STORED_SWEEP_FLAGS
                if k in flags and flags[k] != getattr(sweep, k)]
-    old_base = ExperimentConfig.from_dict(stored["base"])
+    old_base = stored_config(stored["base"])
     differ += config_diff(old_base, base) + _settings_diff(old_base, base)
     if differ:
         raise ValueError(f"--resume: the sweep at {url} was started with other settings ({'; '.join(differ)}): resume it "

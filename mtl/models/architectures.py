@@ -53,7 +53,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 def _encoder(cfg: ModelConfig) -> nn.Module:
-    return lookup(ENCODERS, cfg.encoder)(output_stride=cfg.output_stride, pretrained=cfg.pretrained)
+    return lookup(ENCODERS, cfg.encoder)(output_stride=cfg.output_stride, pretrained=cfg.pretrained,
+                                         dilated_convs=cfg.dilated_convs)
 
 
 def _context(cfg: ModelConfig, kind: str, cin: int) -> nn.Module:

@@ -21,9 +21,11 @@ CHANNELS = {"resnet18": (64, 64, 512), "resnet34": (64, 64, 512), "resnet50": (6
 
 class ResNetEncoder(nn.Module):
     """Returns {"2x", "4x", "out"} features. ``output_stride`` 32 = plain striding; 16 dilates the
-    last stage, 8 the last two (the report's "dilation" encoders; needed for vortex pooling)."""
+    last stage, 8 the last two (the report's "dilation" encoders; needed for vortex pooling).
+    ``dilated_convs``: which 3x3 convs of a dilated stage are dilated (`dilate_stage`)."""
 
-    def __init__(self, name: str, output_stride: int = 16, pretrained: str | None = None) -> None:
+    def __init__(self, name: str, output_stride: int = 16, pretrained: str | None = None,
+                 dilated_convs: str = "second") -> None:
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
@@ -36,10 +38,10 @@ class ResNetEncoder(nn.Module):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
         self.pool = net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        if output_stride <= 16:
-            _dilate(self.layer4, 2 if output_stride == 16 else 4)
         if output_stride == 8:
-            _dilate(self.layer3, 2)
+            dilate_stage(self.layer3, 2, dilated_convs)
+        if output_stride <= 16:
+            dilate_stage(self.layer4, 2 if output_stride == 16 else 4, dilated_convs)
         self.channels = dict(zip(("2x", "4x", "out"), CHANNELS[name]))
         self.output_stride = output_stride
 
@@ -50,17 +52,33 @@ class ResNetEncoder(nn.Module):
         return {"2x": f2, "4x": f4, "out": out}
 
 
-def _dilate(layer: nn.Sequential, dilation: int) -> None:
+def dilate_stage(layer: nn.Sequential, dilation: int, convs: str = "second") -> None:
     """Turn a strided ResNet stage into a dilated one (same weights, same parameter count).
 
-    torchvision only supports this for Bottleneck blocks; this works for BasicBlock too.
+    ``convs="second"`` dilates each block's second conv (its 3x3 conv2: the only 3x3 of a
+    Bottleneck) and leaves a BasicBlock's conv1 at 1. That is the course skeleton's encoder, so
+    the report's models: its ``BasicBlockWithDilation`` passes the dilation to conv2 only, its
+    blocks come from torchvision's ``replace_stride_with_dilation`` (a stage's first block at the
+    previous stage's dilation, the rest at the stage's), and it then sets the first block's conv2
+    to 2 (in the stages dilated here, 2 is the previous stage's dilation or the stage's own).
+    ``convs="all"`` dilates every 3x3 conv of the stage at its dilation: what streetmtl did before
+    2026-11-30 (a larger receptive field); runs trained that way keep it (``--dilated-convs all``,
+    `mtl.runs.LATER_FIELDS`). torchvision itself refuses dilation in BasicBlocks, hence this
+    function.
     """
-    for m in layer.modules():
-        if isinstance(m, nn.Conv2d):
-            if m.stride == (2, 2):
+    for i, block in enumerate(layer):
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
                 m.stride = (1, 1)
-            if m.kernel_size == (3, 3):
-                m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
+        targets = [m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        if convs == "second":
+            targets, d = [block.conv2], (2 if i == 0 else dilation)
+        elif convs == "all":
+            d = dilation
+        else:
+            raise ValueError(f"--dilated-convs must be one of second, all; got {convs!r}")
+        for m in targets:
+            m.dilation, m.padding = (d, d), (d, d)
 
 
 IMAGENET = "imagenet"  # --pretrained imagenet: torchvision's default ImageNet weights of the encoder
@@ -143,4 +161,5 @@ def describe_pretrained(model: nn.Module) -> str | None:
 
 
 for _name in CHANNELS:
-    ENCODERS[_name] = lambda output_stride=16, pretrained=None, _n=_name: ResNetEncoder(_n, output_stride, pretrained)
+    ENCODERS[_name] = (lambda output_stride=16, pretrained=None, dilated_convs="second", _n=_name:
+                       ResNetEncoder(_n, output_stride, pretrained, dilated_convs))

@@ -165,26 +165,24 @@ def load_baselines(urls: tuple[str, ...], m, device) -> dict:
     return out
 
 
-def split_metrics(loaded, data, a: EvaluateCommand, device) -> dict:
-    """A loaded model's metrics over the whole split, for its own tasks (`mtl.multitask.task_metrics`)."""
+def split_metrics(loaded, data, a: EvaluateCommand, device, baselines: dict | None = None) -> dict:
+    """A loaded model's metrics over the whole split, for its own tasks; with ``baselines`` (task
+    -> their metrics) also Δm, and the score is -Δm as in training (`mtl.multitask.task_metrics`)."""
     from mtl.engine import evaluate
     from mtl.multitask import task_metrics
 
     loader = data.loader(a.batch_size, a.workers, pin_memory=device.type == "cuda")
     state = evaluate(loaded.model, loader, loaded.codec, device, loaded.amp(), channels_last=False)
-    return task_metrics(state.compute(), loaded.cfg.optim.tasks)
+    return task_metrics(state.compute(), loaded.cfg.optim.tasks, baselines)
 
 
 def report_metrics(a: EvaluateCommand, m, baselines: dict, data, device) -> None:
     """Print (and with --json write) the split's metrics, with Δm against ``baselines`` if any."""
-    from mtl.multitask import delta_m
     from mtl.progress import class_iou_table, metrics_table, wide_console
     from mtl.storage import json_bytes, write_bytes_atomic
 
-    metrics = split_metrics(m, data, a, device)
-    if baselines:
-        base = {task: split_metrics(b, data, a, device) for task, b in baselines.items()}
-        metrics["delta_m"] = delta_m(metrics, base)
+    base = {task: split_metrics(b, data, a, device) for task, b in baselines.items()}
+    metrics = split_metrics(m, data, a, device, base)
     console = wide_console()
     console.print(metrics_table(metrics, f"{a.split} metrics"))
     classes = class_iou_table(metrics, f"{a.split} IoU per class")

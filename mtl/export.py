@@ -62,8 +62,8 @@ def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out
 
 
 def stem_of(dataset: Dataset | IterableDataset, index: int) -> str:
-    """The name a sample's predictions get: its file stem in a folder split (``<index>`` in
-    Miniscapes), its number otherwise (a shard's key when numeric)."""
+    """The name a sample's predictions get: its file stem (``<index>`` in Miniscapes) in a folder
+    split, its key in a shard stream (which records the keys it decodes)."""
     stems = getattr(dataset, "stems", None)
     return stems[index] if stems else str(index)
 

@@ -5,6 +5,7 @@ mtl.predict on arbitrary images."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,6 +273,20 @@ def test_a_real_run_on_shards_evaluates_and_predicts(s3_shards, tmp_path, capsys
     assert labels.shape == depth_m.shape == (40, 50)
 
 
+def test_an_export_from_shards_names_files_by_the_samples_stems(tiny_root, tmp_path, make_run, capsys):
+    from data_prep.shard import shard_dataset
+
+    root = Path(_label_less_root(tiny_root, tmp_path, n=3))
+    for old, new in (("0", "0007"), ("1", "zurich_a")):  # stems as a folder may have them: padded, or names
+        os.rename(root / f"test/rgb/{old}.jpg", root / f"test/rgb/{new}.jpg")
+    shard_dataset(str(root), str(tmp_path / "shards"), shard_size="2", splits=("test",), workers=1)
+    run = make_run(DataConfig(root=str(root)))
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--data", tmp_path / "shards", "--split", "test", "--export",
+                                tmp_path / "e", "--viz", "0")
+    assert rc == 0 and "3 test samples" in stdout, err
+    assert sorted(os.listdir(tmp_path / "e" / "semseg")) == ["0007.png", "2.png", "zurich_a.png"]  # as exported from the folder
+
+
 def test_arrays_and_paths_mix_and_bad_ones_are_named(tmp_path, make_run):
     from mtl.predict import read_image
 
@@ -317,6 +332,7 @@ def test_delta_m_evaluates_the_baselines_on_the_same_split(tiny_root, tmp_path, 
         rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--split", split, "--baselines", seg, dep, "--json", out)
         assert rc == 0, err
         metrics = _strict_json(out)  # valid JSON: a class absent from the split is null, not NaN
+        assert metrics["score"] == -metrics["delta_m"]  # judged by Δm, as training judges such a run
         assert metrics["delta_m"] == 0.0 and f"Δm +0.00 % against the single-task baselines on the same {split} images" in stdout
         assert stdout.startswith(f"{run}/best.pt: ")  # best epoch against best epochs, not the run's latest checkpoint
         assert f"mIoU {metrics['miou']:.2f}" in stdout and any(v is None for k, v in metrics.items() if k.startswith("iou/"))

@@ -165,6 +165,9 @@ class ShardStream(IterableDataset):
         self.split, self.augment, self.seed, self.shuffle = split, augment, seed, shuffle
         self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
         self.epoch = 0
+        # index -> key of the samples this process decoded unaugmented: an export names its files
+        # by them (`mtl.export.stem_of`), as a folder split's by file stem ("0007", "zurich_a")
+        self.stems: dict[int, str] = {}
 
     @property
     def has_labels(self) -> bool:
@@ -199,6 +202,9 @@ class ShardStream(IterableDataset):
         labels = (s["semseg.png"], s["depth.png"]) if self.split.has_labels else (None, None)
         sample = decode_sample(s["rgb.jpg"], *labels, key=f"{url}:{key}", names=names)
         index = sample_index(key)
+        if self.augment is None and self.stems.setdefault(index, key) != key:
+            raise ValueError(f"shard samples {self.stems[index]} and {url}:{key} have the same index {index}: "
+                             f"their predictions would be written to one file")
         rng = sample_rng(self.seed, self.epoch, index) if self.augment is not None else None
         out = prepare(sample, self.augment, rng)
         out["index"] = torch.tensor(index)

@@ -487,16 +487,36 @@ def test_auto_shard_size_gives_a_split_about_256_shards_and_resumes(tiny_root, t
 
 
 def test_the_trainer_is_told_what_an_epoch_leaves_out_and_which_loader_workers_idle():
-    """Three shards of 10 for four loader workers of batch 4: one worker has no shard, and each
-    of the others batches its own 10 samples into 2 batches, so an epoch trains on 24 of 30."""
+    """Each loader worker batches the samples of its own shards: three shards of 100 for four
+    workers of batch 4 leave one worker without a shard; three of 10 would leave out 6 samples
+    with four workers (2 batches from each 10), so training runs two (20 and 10: 7 batches)."""
     from mtl.data.build import Loaders, coverage_notes
 
-    loader = ShardLoader(ShardStream(ShardSplit(("a.tar", "b.tar", "c.tar"), (10, 10, 10)), None), 4, 4, 2, True, False)
-    assert len(loader) == 6 and loader.idle_workers() == 1
+    split = ShardSplit(("a.tar", "b.tar", "c.tar"), (100, 100, 100))
+    loader = ShardLoader(ShardStream(split, None), 4, 4, 2, True, False)
+    assert (len(loader), loader.workers, loader.idle_workers()) == (75, 4, 1)
+    assert coverage_notes(Loaders(loader, loader, 300, 300, "shards", 4), len(loader), 4) == [
+        "1 of this rank's 4 loader workers get no shard and stay idle: reshard into more shards "
+        "(data_prep.shard --shard-size auto gives a split about 256)"]
+    loader = ShardLoader(ShardStream(ShardSplit(split.urls, (10, 10, 10)), None), 4, 4, 2, True, False)
+    assert (len(loader), loader.workers, loader.idle_workers()) == (7, 2, 0)
     notes = coverage_notes(Loaders(loader, loader, 30, 30, "shards", 4), len(loader), 4)
-    assert notes == ["an epoch trains on 24 of the 30 train samples (80 %): each loader worker batches the samples of its "
+    assert notes == ["an epoch trains on 28 of the 30 train samples (93 %): each loader worker batches the samples of its "
                      "own shards and the ranks stop together at the smallest one's batch count; the order changes every "
                      "epoch, and with it the samples left out",
-                     "1 of this rank's 4 loader workers get no shard and stay idle: reshard into more shards "
-                     "(data_prep.shard --shard-size auto gives a split about 256)"]
-    assert not any("an epoch" in n for n in coverage_notes(Loaders(loader, loader, 24, 24, "shards", 4), 6, 4))  # all used
+                     "training reads the shards with 2 of this rank's 4 loader workers: each worker batches only its own "
+                     "shards and drops what does not fill a batch, and with about 30 samples per rank more workers would "
+                     "leave out more of them"]
+    evaluation = ShardLoader(ShardStream(ShardSplit(split.urls, (10, 10, 10)), None), 4, 4, 2, False, False)
+    assert (len(evaluation), evaluation.workers) == (9, 4)  # (every sample, in partial batches too)
+    assert not any("an epoch" in n for n in coverage_notes(Loaders(loader, loader, 28, 28, "shards", 4), 7, 4))  # all used
+
+
+def test_few_samples_per_rank_still_make_an_epoch():
+    """Cityscapes' 2975 training images in auto-sized shards (93: 92 of 32, one of 31) over 8
+    ranks of 12 loader workers at batch 64: one shard per worker would make no batch at all."""
+    split = ShardSplit(tuple(f"s{i}.tar" for i in range(93)), (32,) * 92 + (31,))
+    assert min(split.batches_per_rank(8, 12, 64)) == 0
+    loaders = [ShardLoader(ShardStream(split, None, rank=r, world=8), 64, 12, 2, True, False) for r in range(8)]
+    assert {len(x) for x in loaders} == {5} and {x.workers for x in loaders} == {6}  # 5 = 2975 // 8 // 64: none lost
+    assert ShardLoader(ShardStream(split, None), 16, 12, 2, True, False).workers == 12  # one rank: all 12 are worth it

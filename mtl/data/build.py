@@ -127,7 +127,12 @@ def coverage_notes(loaders: Loaders, steps: int, global_batch: int, capped: bool
         notes.append(f"an epoch trains on {used} of the {n} train samples ({100 * used / n:.0f} %): each loader worker "
                      f"batches the samples of its own shards and the ranks stop together at the smallest one's batch count; "
                      f"the order changes every epoch, and with it the samples left out")
-    idle = loaders.train.idle_workers()
+    train = loaders.train
+    if train.workers < train.asked_workers:
+        notes.append(f"training reads the shards with {train.workers} of this rank's {train.asked_workers} loader workers: each "
+                     f"worker batches only its own shards and drops what does not fill a batch, and with about "
+                     f"{loaders.num_train // train.stream.world} samples per rank more workers would leave out more of them")
+    idle = train.idle_workers()
     if idle:
         notes.append(f"{idle} of this rank's {loaders.workers} loader workers get no shard and stay idle: reshard into more "
                      f"shards (data_prep.shard --shard-size auto gives a split about 256)")

@@ -192,6 +192,11 @@ class Runtime:
         return self.rank == 0
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the weights are no longer numbers: an outcome of the settings (a too high LR),
+    which a restart from the last checkpoint would only repeat."""
+
+
 def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume: bool = False) -> None:
     """A checkpoint may only continue the training it belongs to (fields listed otherwise), and
     only when asked to (``--resume``, or a `Runtime` that always resumes): never silently."""
@@ -481,9 +486,9 @@ class Trainer:
         return loss, n_img * self.rt.world / (time.perf_counter() - t0)
 
     @staticmethod
-    def _diverged(what: str, lr: float, step: int, epoch: int) -> ValueError:
+    def _diverged(what: str, lr: float, step: int, epoch: int) -> "TrainingDiverged":
         """``step`` of ``epoch`` (both counted from 1)."""
-        return ValueError(f"training diverged: {what} by step {step} of epoch {epoch} (LR {lr:.3g}): lower --lr, or clip "
+        return TrainingDiverged(f"training diverged: {what} by step {step} of epoch {epoch} (LR {lr:.3g}): lower --lr, or clip "
                           f"with --grad-clip")
 
     def _check_finite_weights(self, lr: float, step: int, epoch: int) -> None:

@@ -306,7 +306,8 @@ def test_an_elastic_runs_step_checkpoint_goes_on_from_its_position_and_may_leave
 def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_after_every_step(tiny_root, tmp_path):
     """--preemption-poll-every (on Ray: `ray.train.get_preemption_info`, here a stand-in): a poll
     interval that the steps per epoch divide still polls (every poll step is an epoch's last); once
-    a notice came, every later step brings a checkpoint (a step checkpoint inside an epoch)."""
+    a notice came, every later step brings a checkpoint, an epoch's last too: its validation may
+    outlast the notice."""
     import dataclasses
     from types import SimpleNamespace
 
@@ -327,8 +328,11 @@ def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_after_ever
     assert polls == 2  # at steps 4 and 8 (the old loop never polled here: every poll step ended an epoch)
     polls, history = run("notice", poll_every=2, notice_from=1)
     assert polls == 1  # at step 2; the first notice holds: not asked again
-    assert history == ["epoch-0000-step-00000002", "epoch-0000-step-00000003", "epoch-0001",  # (step 4 ends the epoch)
-                       "epoch-0001-step-00000005", "epoch-0001-step-00000006", "epoch-0001-step-00000007", "epoch-0002"]
+    assert history == ["epoch-0000-step-00000002", "epoch-0000-step-00000003", "epoch-0000-step-00000004", "epoch-0001",
+                       "epoch-0001-step-00000005", "epoch-0001-step-00000006", "epoch-0001-step-00000007",
+                       "epoch-0001-step-00000008", "epoch-0002"]
+    polls, history = run("at-the-end", poll_every=4, notice_from=1)  # first seen at the epoch's last step
+    assert polls == 1 and history[:2] == ["epoch-0000-step-00000004", "epoch-0001"]
 
 
 def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():

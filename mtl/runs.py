@@ -159,13 +159,17 @@ class RunFolder:
     def has_checkpoint(self, entries: list[str] | None = None) -> bool:
         """A checkpoint to continue from (``checkpoints/latest.json``, in every mode).
         ``entries``: the folder's listing when the caller has it already."""
-        entries = self.entries() if entries is None else entries
-        return CHECKPOINTS in entries and CheckpointIndex(self.url).latest_tag() is not None
+        return self.latest_tag(entries) is not None
 
-    def ray_only_checkpoint(self, entries: list[str]) -> str | None:
-        """The latest checkpoint Ray's record names when there is no pointer: Ray took a run's first
-        report, and its rank 0 died before writing ``latest.json`` (a Ray restart moves the
-        pointer, `mtl.distributed.ray_train.RayStorage.latest`). None when Ray names none."""
+    def latest_tag(self, entries: list[str] | None = None) -> str | None:
+        """The checkpoint ``checkpoints/latest.json`` names, else None."""
+        entries = self.entries() if entries is None else entries
+        return CheckpointIndex(self.url).latest_tag() if CHECKPOINTS in entries else None
+
+    def ray_checkpoint(self, entries: list[str]) -> str | None:
+        """The latest checkpoint Ray's record names (when its folder is there), else None. Ahead
+        of the pointer when Ray took a report and the run's rank 0 died before moving
+        ``latest.json`` (a Ray restart moves it, `mtl.distributed.ray_train.RayStorage.latest`)."""
         if RAY_SNAPSHOT not in entries:
             return None
         try:
@@ -173,7 +177,12 @@ class RunFolder:
         except ValueError:
             return None  # (Ray's own file: Ray judges it when the run starts)
         name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
-        return name.rstrip("/").rsplit("/", 1)[-1] if isinstance(name, str) and name.startswith(f"{CHECKPOINTS}/") else None
+        if not (isinstance(name, str) and name.startswith(f"{CHECKPOINTS}/")):
+            return None
+        tag = name.rstrip("/").rsplit("/", 1)[-1]
+        with storage_errors(self.url):
+            fs, path = url_to_fs(f"{self.url}/{CHECKPOINTS}/{tag}")
+            return tag if fs.exists(path) else None  # (a stale record: Ray drops it when the run starts)
 
     def has_old_layout(self, entries: list[str]) -> bool:
         """Checkpoints as Ray runs wrote them before the one layout (``epoch-NNNN/``, ``final.pt``):
@@ -217,13 +226,13 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
     if folder.has_old_layout(entries):
         raise RunConflict(f"run folder {folder.url} holds checkpoints in the layout of earlier versions (epoch-NNNN/ at its "
                           f"top): jobs/evaluate.py reads them, but a run cannot continue them; choose another --name/--out")
-    has = folder.has_checkpoint(entries)
-    ray_only = None if has else folder.ray_only_checkpoint(entries)
-    if ray_only and local:
-        raise RunConflict(f"run folder {folder.url} has checkpoint {ray_only} in Ray's record only (its latest.json was never "
-                          f"written: the run's rank 0 died at its first checkpoint): continue it on Ray (--resume, without "
-                          f"--local), which moves latest.json to it")
-    if not (has or ray_only):
+    pointer = folder.latest_tag(entries)
+    has, ray_ahead = pointer is not None, _ray_ahead(folder, entries, pointer)
+    if ray_ahead and local:  # (a local run would resume the older one and delete this one at its first commit)
+        raise RunConflict(f"run folder {folder.url} has checkpoint {ray_ahead} in Ray's record, newer than its latest.json "
+                          f"names (the run's rank 0 died before moving it): continue it on Ray (--resume, without --local), "
+                          f"which moves latest.json to it")
+    if not (has or ray_ahead):
         log(f"run folder {folder.url} has no checkpoint yet (it stopped before its first epoch ended): starting it over")
         return cfg
     if not cfg.train.resume:
@@ -233,6 +242,13 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
     if changed:
         log(f"resuming with changed {', '.join(changed)}: the LR plan is recomputed for the new length")
     return cfg
+
+
+def _ray_ahead(folder: RunFolder, entries: list[str], pointer: str | None) -> str | None:
+    """The checkpoint Ray's record names when it is newer than the pointer's (tags sort in the
+    order they are written), or there is no pointer; else None."""
+    tag = folder.ray_checkpoint(entries)
+    return tag if tag is not None and (pointer is None or tag > pointer) else None
 
 
 def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, what: str) -> None:

@@ -117,10 +117,17 @@ def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
         prepare_run(cfg)
     on_ray = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
     assert prepare_run(on_ray) == on_ray
-    with pytest.raises(RunConflict, match=r"has checkpoint epoch-0001 in Ray's record only .*continue it on Ray \(--resume, "
-                                          r"without --local\)"):
+    ray_ahead = r"has checkpoint epoch-0001 in Ray's record, newer than .*continue it on Ray \(--resume, without --local\)"
+    with pytest.raises(RunConflict, match=ray_ahead):
         prepare_run(on_ray, local=True)
+    CheckpointIndex(f"{tmp_path}/r").commit("epoch-0000-step-00000004")  # a pointer behind Ray's record: the same
+    with pytest.raises(RunConflict, match=ray_ahead):  # (a local run would resume step 4, then delete epoch-0001)
+        prepare_run(on_ray, local=True)
+    (tmp_path / "r/checkpoints/epoch-0001").rmdir()  # a record naming a folder that is gone: Ray drops it at its start
+    assert prepare_run(on_ray, local=True) == on_ray
+    (tmp_path / "r/checkpoints/epoch-0001").mkdir()
     CheckpointIndex(f"{tmp_path}/r").commit("epoch-0001")
+    assert prepare_run(on_ray, local=True) == on_ray  # (the pointer caught up)
     with pytest.raises(RunConflict, match="already holds a run with checkpoints: pass --resume"):
         prepare_run(cfg)
     resume = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True, epochs=20, log_every=1),

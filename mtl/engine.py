@@ -301,6 +301,11 @@ class Trainer:
         steps = -(-self.data.num_train // self.planned_world) // t.batch_size // t.grad_accum
         return max(1, min(steps, t.max_steps_per_epoch or steps))
 
+    def steps_left(self) -> int:
+        """The run's optimizer steps still to take at this world size (the ETA's): an elastic run
+        with fewer ranks than planned takes more than the plan's (``total_steps``) steps."""
+        return (self.cfg.train.epochs - self.state.epoch) * self.steps_per_epoch - self.state.epoch_step
+
     def lr_step(self) -> float:
         """Where the LR plan stands: samples trained on, in planned global batches. With the
         planned number of ranks that is the optimizer step; an elastic run with fewer ranks takes
@@ -448,7 +453,7 @@ class Trainer:
         checkpoints (``--checkpoint-every``)."""
         t, s_, strategy = self.cfg.train, self.state, self.strategy
         strategy.model.train()
-        bar.start_epoch(s_.epoch, t.epochs, self.steps_per_epoch, s_.total_steps - s_.step, s_.epoch_step)
+        bar.start_epoch(s_.epoch, t.epochs, self.steps_per_epoch, self.steps_left(), s_.epoch_step)
         running = torch.tensor(s_.epoch_loss or [0.0] * 3, device=self.device)
         t0 = last_read = time.perf_counter()
         n_img, loss, done = 0, [float("nan")] * 3, s_.epoch_step

@@ -406,3 +406,17 @@ def test_the_eta_after_a_resume_inside_an_epoch_times_only_the_steps_trained_sin
     bar.start_epoch(1, 3, 10, 24, first_step=6)
     bar.update(8, [1.0, 1.0, 1.0], 5.0, 1e-3)
     assert "step 8/10 (80%)" in out.getvalue() and "ETA epoch 0:00:04, run 0:00:44" in out.getvalue(), out.getvalue()
+
+
+def test_the_runs_eta_counts_the_steps_at_this_world_size():
+    """An elastic run planned for 2 ranks that goes on with 1 takes twice the plan's steps per
+    epoch: the ETA counts those (the plan's ``total_steps - step`` would reach 0 half-way)."""
+    from types import SimpleNamespace
+
+    from mtl.checkpoint import TrainState
+    from mtl.engine import Trainer
+
+    cfg = ExperimentConfig().with_values({"train.epochs": 4, "dist.num_workers": 2})
+    state = TrainState(epoch=2, epoch_step=6, step=13, total_steps=40)  # 2 epochs of 10 planned steps at 2 ranks, then 1 rank
+    one_rank = SimpleNamespace(cfg=cfg, state=state, steps_per_epoch=20)
+    assert Trainer.steps_left(one_rank) == 2 * 20 - 6

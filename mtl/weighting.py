@@ -11,8 +11,12 @@ tensors instead of putting them into the network's optimizer. Why:
 * no change to the model, its DDP/DeepSpeed wrapper or the checkpoint's ``model``: the weights
   are their own stateful part (``state_dict``), restored exactly on resume;
 * every rank holds the same weights: the loss values they learn from are averaged over ranks
-  first (``average``: one small all-reduce per step, only for the learned methods), which for
-  uncertainty weighting gives exactly the gradient DDP would have averaged.
+  first (``average``: one small all-reduce per step, only for the learned methods; FAMO's
+  weights, made from the current losses, take one more per micro-batch), which for uncertainty
+  weighting gives exactly the gradient DDP would have averaged;
+* a batch without a task's labels has that task's loss 0 (`mtl.losses.task_losses`): the means
+  the methods learn from are over the micro-batches and ranks that had them (`_present_mean`),
+  and a task none had sits the step out.
 
 Methods (K = 2 tasks; ``base`` = (w, 1 - w) from ``--semseg-weight``):
 
@@ -75,6 +79,13 @@ class TaskWeighting(nn.Module):
     def end_epoch(self, mean_losses: list[float]) -> None:
         """After an epoch: the task losses' means over it and over all ranks."""
 
+    def _present_mean(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Per task, the ranks' loss ``sums`` over their ``counts`` of micro-batches that had the
+        task's labels (one all-reduce); 0 for a task none had."""
+        both = self.average(torch.cat([sums, counts]))
+        k = sums.numel()
+        return both[:k] / both[k:].clamp(min=1e-12)
+
 
 class _AdamState(nn.Module):
     """Adam over one small vector, as tensors updated in place (no host sync, capturable)."""
@@ -107,16 +118,22 @@ class _Accumulated(TaskWeighting):
     def __init__(self, base: list[float]) -> None:
         super().__init__(base)
         self.register_buffer("pending", torch.zeros(len(base)))
-        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("count", torch.zeros(len(base)))  # per task: the micro-batches with its labels
 
     def observe(self, losses: torch.Tensor, last_micro_batch: bool = True) -> None:
-        self.pending.add_(losses.detach().float())
-        self.count.add_(1)
+        losses = losses.detach().float()
+        self.pending.add_(losses)
+        self.count.add_((losses > 0).float())
         if last_micro_batch:
-            mean = self.average(self.pending / self.count)
-            self.update(mean)
+            self.update(self._present_mean(self.pending, self.count))
             self.pending.zero_()
             self.count.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        count = state_dict.get(prefix + "count")
+        if count is not None and count.dim() == 0:  # (checkpoints before per-task counts; 0 between steps)
+            state_dict[prefix + "count"] = count.expand(len(self.pending)).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def update(self, losses: torch.Tensor) -> None:
         raise NotImplementedError
@@ -134,7 +151,8 @@ class UncertaintyWeighting(_Accumulated):
         return 0.5 * torch.exp(-self.log_var)
 
     def update(self, losses: torch.Tensor) -> None:
-        self.adam.step(self.log_var, 0.5 - self.weights() * losses)
+        # (a task without labels in the step: no gradient, or 0.5 alone would lower its weight)
+        self.adam.step(self.log_var, torch.where(losses > 0, 0.5 - self.weights() * losses, 0.0))
 
 
 class FAMOWeighting(_Accumulated):
@@ -151,15 +169,17 @@ class FAMOWeighting(_Accumulated):
         self.adam = _AdamState(len(base), lr, weight_decay)
 
     def forward(self, losses: torch.Tensor) -> torch.Tensor:
-        # a batch without labelled pixels has a task loss of 0 (`mtl.losses.task_losses`): that task
+        # L: the ranks' mean losses, so that every rank weighs its gradient alike and DDP's average
+        # is FAMO's step on the global batch. A task no rank has labels for in this batch (loss 0)
         # sits it out, or z / L would hand it all the weight, with no gradient behind it
-        present = losses.detach() > 0
-        d = losses + self.EPS
+        local = losses.detach().float()
+        mean = self._present_mean(local, (local > 0).float())
+        present, d = mean > 0, mean + self.EPS
         z = torch.softmax(self.logits, 0)
-        w = torch.where(present, z / d, 0.0).detach()
+        w = torch.where(present, z / d, 0.0)
         w = w / w.sum().clamp(min=self.EPS)  # = z_i / (c L_i)
-        self.last.copy_(torch.where(present, d.detach().float(), self.last))
-        return (w * losses).sum()
+        self.last.copy_(torch.where(present, d, self.last))
+        return (w.to(losses.dtype) * losses).sum()
 
     def weights(self) -> torch.Tensor:
         z = torch.softmax(self.logits, 0)

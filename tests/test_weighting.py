@@ -90,6 +90,41 @@ def test_famo_leaves_a_task_without_labels_in_a_batch_out_of_it():
     assert (f.logits - g.logits).abs().max() < 0.05  # (the semseg-only step moves them a little, by semseg's change)
 
 
+def test_a_micro_batch_without_a_tasks_labels_does_not_pull_its_mean_down():
+    """Gradient accumulation over micro-batches with depth losses 2 and 0 (no valid depth in the
+    second): the step's depth loss is 2, not 1, so FAMO reads no improvement and uncertainty
+    weighting no smaller loss; a step with no depth at all leaves depth's weight alone."""
+    famo = FAMOWeighting([0.5, 0.5], lr=0.025)
+    for last in (True, False):
+        famo.observe(torch.tensor([2.0, 2.0]), last_micro_batch=last)
+    famo.observe(torch.tensor([2.0, 0.0]))
+    assert famo.prev.tolist() == [2.0, 2.0] and torch.softmax(famo.logits, 0).tolist() == pytest.approx([0.5, 0.5])
+    u = UncertaintyWeighting([0.5, 0.5], lr=0.05)
+    u.observe(torch.tensor([3.0, 0.0]))
+    assert u.log_var[1].item() == pytest.approx(0.0) and u.log_var[0].item() != pytest.approx(0.0)
+    old = {k: v for k, v in u.state_dict().items()}
+    old["count"] = torch.zeros(())  # (a checkpoint from before the per-task counts)
+    UncertaintyWeighting([0.5, 0.5], lr=0.05).load_state_dict(old)
+
+
+def test_famo_weighs_every_ranks_gradient_alike():
+    """Two ranks whose losses differ tenfold: each weighs its gradient by the ranks' mean losses
+    (one all-reduce, here a stand-in), so DDP's average of their gradients is FAMO's step on the
+    whole batch; a rank without depth labels still weighs its segmentation like the other."""
+    def rank(mine: list[float], other: list[float]) -> FAMOWeighting:
+        f = FAMOWeighting([0.5, 0.5], lr=0.025)
+        theirs = torch.tensor(other)
+        f.average = lambda t: (t + torch.cat([theirs, (theirs > 0).float()])) / 2
+        f(torch.tensor(mine))
+        return f
+
+    for a, b in (([1.0, 1.0], [10.0, 30.0]), ([1.0, 0.0], [10.0, 30.0])):
+        assert rank(a, b).weights().tolist() == pytest.approx(rank(b, a).weights().tolist())
+    z = 0.5  # (both logits start equal): w_i = (z / L_i) / sum_j z / L_j for the mean losses 5.5 and 15.5
+    expected = [1 / 5.5 / (1 / 5.5 + 1 / 15.5), 1 / 15.5 / (1 / 5.5 + 1 / 15.5)]
+    assert rank([1.0, 1.0], [10.0, 30.0]).weights().tolist() == pytest.approx(expected, rel=1e-5) and z
+
+
 def test_dwa_weights_follow_the_loss_ratios_of_the_last_two_epochs():
     d = DWAWeighting([0.5, 0.5], temperature=2.0)
     d.end_epoch([1.0, 1.0])

@@ -3,6 +3,7 @@
     python jobs/evaluate.py --checkpoint runs/<run>                 # metrics on val
     python jobs/evaluate.py --checkpoint runs/<run>/best.pt --split test --export out/test-preds
     python jobs/evaluate.py --checkpoint runs/<mtl run> --baselines runs/<semseg-only run> runs/<depth-only run>  # + Δm
+    python jobs/evaluate.py --checkpoint runs/<run> --as-submitted   # depth scored as the submission PNG holds it
 
 ``--checkpoint`` takes a checkpoint file or a run folder (its latest checkpoint; with
 ``--baselines`` its ``best.pt``, as for the baselines: Δm compares best epochs). The data
@@ -39,6 +40,9 @@ class EvaluateCommand:
     workers: int = 0  # loader processes for the metrics pass
     device: Device = "auto"  # auto: the GPU if there is one
     json: str | None = None  # also write the metrics to this JSON file
+    #: score the depth as the submission PNG holds it: clamped to 4-300 m and quantised to its 255 disparity codes
+    #: (the grader's numbers); default: as predicted, as validation in training scores it
+    as_submitted: bool = False
     #: single-task baseline run folders (one trained with --tasks semseg, one with --tasks depth): their best.pt is
     #: evaluated on the same split and data, and Δm reported, the mean relative change against them in percent
     #: (lower is better; mtl.multitask)
@@ -106,7 +110,8 @@ def size_note(m, data) -> str | None:
 
 def metric_outputs(a: EvaluateCommand) -> list[str]:
     """The flags given that ask for something made of the metrics."""
-    return [flag for flag, value in (("--json", a.json), ("--baselines", a.baselines)) if value]
+    return [flag for flag, value in (("--json", a.json), ("--baselines", a.baselines), ("--as-submitted", a.as_submitted))
+            if value]
 
 
 def check_flags(a: EvaluateCommand) -> None:
@@ -172,7 +177,7 @@ def split_metrics(loaded, data, a: EvaluateCommand, device, baselines: dict | No
     from mtl.multitask import task_metrics
 
     loader = data.loader(a.batch_size, a.workers, pin_memory=device.type == "cuda")
-    state = evaluate(loaded.model, loader, loaded.codec, device, loaded.amp(), channels_last=False)
+    state = evaluate(loaded.model, loader, loaded.codec, device, loaded.amp(), channels_last=False, submitted=a.as_submitted)
     return task_metrics(state.compute(), loaded.cfg.optim.tasks, baselines)
 
 
@@ -184,7 +189,7 @@ def report_metrics(a: EvaluateCommand, m, baselines: dict, data, device) -> None
     base = {task: split_metrics(b, data, a, device) for task, b in baselines.items()}
     metrics = split_metrics(m, data, a, device, base)
     console = wide_console()
-    console.print(metrics_table(metrics, f"{a.split} metrics"))
+    console.print(metrics_table(metrics, f"{a.split} metrics" + (", depth as submitted (4-300 m, 255 codes)" if a.as_submitted else "")))
     classes = class_iou_table(metrics, f"{a.split} IoU per class")
     if classes:
         console.print(classes)

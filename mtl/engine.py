@@ -25,6 +25,7 @@ from mtl.config import ExperimentConfig
 from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN, CapturedStep, StepFn
 from mtl.data.build import FolderLoader, Loaders, build_loaders, coverage_notes
 from mtl.data.batch import DeviceBatches
+from mtl.data.miniscapes import as_submitted
 from mtl.data import loader as data_loader
 from mtl.losses import DepthCodec, task_losses
 from mtl.metrics import MultiTaskMetrics
@@ -136,17 +137,18 @@ def predict(model: nn.Module, rgb: torch.Tensor, codec: DepthCodec, amp: context
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, amp: contextlib.AbstractContextManager,
              channels_last: bool = True, progress: Callable[[], None] | None = None,
-             pictures: list[np.ndarray] | None = None, num_pictures: int = 2) -> MultiTaskMetrics:
+             pictures: list[np.ndarray] | None = None, num_pictures: int = 2, submitted: bool = False) -> MultiTaskMetrics:
     """Metric state of this rank's share of a split (sum states across ranks before `compute`);
     ``loader``: the split's loader, or an iterator of its batches started ahead of time.
     ``pictures`` (a list): the first batch's first ``num_pictures`` predictions are appended to it
-    as `mtl.viz.side_by_side` images (rgb | ground truth | prediction)."""
+    as `mtl.viz.side_by_side` images (rgb | ground truth | prediction). ``submitted``: the depth
+    scored as a submission PNG holds it (`mtl.data.miniscapes.as_submitted`), not as predicted."""
     was_training = model.training
     model.eval()
     metrics = MultiTaskMetrics(device=device)
     for i, batch in enumerate(DeviceBatches(iter(loader), device, channels_last)):
         labels, depth_m = predict(model, batch["rgb"], codec, amp)
-        metrics.update(labels, depth_m, batch)
+        metrics.update(labels, as_submitted(depth_m) if submitted else depth_m, batch)
         if i == 0 and pictures is not None:
             pictures.extend(draw_predictions(batch, labels, depth_m, num_pictures))
         if progress:

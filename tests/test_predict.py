@@ -287,6 +287,36 @@ def test_an_export_from_shards_names_files_by_the_samples_stems(tiny_root, tmp_p
     assert sorted(os.listdir(tmp_path / "e" / "semseg")) == ["0007.png", "2.png", "zurich_a.png"]  # as exported from the folder
 
 
+def test_as_submitted_scores_the_depth_the_exported_pngs_hold(tiny_root, tmp_path, make_run, capsys):
+    """--as-submitted: the depth metrics of the exported disparity PNGs (clamped to 4-300 m,
+    quantised), as the grader computes them from a submission; by default, the raw prediction's."""
+    from mtl.data.miniscapes import disparity_png_to_metres
+    from mtl.metrics import MultiTaskMetrics
+
+    run = make_run(DataConfig(root=tiny_root))
+    for flags, name in (((), "raw"), (("--as-submitted",), "sub")):
+        rc, stdout, err = _evaluate(capsys, "--checkpoint", run, *flags, "--json", tmp_path / f"{name}.json", "--export",
+                                    tmp_path / name, "--viz", "0")
+        assert rc == 0, err
+    assert "depth as submitted (4-300 m, 255 codes)" in stdout
+    graded = MultiTaskMetrics()
+    for stem in sorted(os.listdir(f"{tiny_root}/val/rgb")):
+        stem = stem.removesuffix(".jpg")
+        pred, _ = disparity_png_to_metres(np.array(Image.open(tmp_path / f"sub/depth/{stem}.png")))
+        gt, valid = disparity_png_to_metres(np.array(Image.open(f"{tiny_root}/val/depth/{stem}.png")))
+        labels = decode_semseg((tmp_path / f"sub/semseg/{stem}.png").read_bytes())
+        gt_labels = decode_semseg(open(f"{tiny_root}/val/semseg/{stem}.png", "rb").read())
+        graded.update(torch.from_numpy(labels.astype(np.int64))[None], torch.from_numpy(pred)[None],
+                      {"semseg": torch.from_numpy(gt_labels.astype(np.int64))[None], "depth": torch.from_numpy(gt)[None],
+                       "valid": torch.from_numpy(valid)[None]})
+    expected, sub, raw = graded.compute(), _strict_json(tmp_path / "sub.json"), _strict_json(tmp_path / "raw.json")
+    for key in ("si_log_rmse", "abs_rel", "rmse", "miou"):
+        assert sub[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert raw["si_log_rmse"] != pytest.approx(sub["si_log_rmse"], rel=1e-4) and raw["miou"] == sub["miou"]
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--as-submitted")
+    assert rc == 2 and "--as-submitted report metrics, which --no-metrics turns off" in err
+
+
 def test_arrays_and_paths_mix_and_bad_ones_are_named(tmp_path, make_run):
     from mtl.predict import read_image
 

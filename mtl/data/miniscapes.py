@@ -85,6 +85,20 @@ def disparity_to_unit(disp):
     return (disp - _DISP_MIN) / (_DISP_MAX - _DISP_MIN)
 
 
+def metres_to_code(depth):
+    """Depth in metres (a float numpy array or torch tensor) -> the disparity code 1..255 that
+    stands for it (as floats), clamped to 4..300 m and rounded half to even (numpy's and torch's
+    rounding alike): the one copy of the submission's quantisation."""
+    disp = 1.0 / depth.clip(DEPTH_MIN_M, DEPTH_MAX_M)
+    return (disparity_to_unit(disp) * 254.0).round() + 1.0
+
+
+def as_submitted(depth):
+    """Depth in metres as a submission PNG gives it back to the grader: clamped to 4..300 m and
+    quantised to the 255 disparity codes (numpy array or torch tensor)."""
+    return 1.0 / code_to_disparity(metres_to_code(depth))
+
+
 def disparity_png_to_metres(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 disparity codes -> (depth in metres as float32, validity mask). Invalid pixels get 0 m."""
     v = np.asarray(v)
@@ -108,9 +122,7 @@ def metres_to_disparity_png(depth: np.ndarray, valid: np.ndarray | None = None) 
         nan = int((~np.isfinite(depth[valid])).sum())
         if nan:
             raise ValueError(f"depth is not a number at {nan} pixel(s)")
-    disp = 1.0 / np.clip(np.where(valid, depth, DEPTH_MAX_M), DEPTH_MIN_M, DEPTH_MAX_M)
-    code = np.rint(disparity_to_unit(disp) * 254.0) + 1.0
-    return np.where(valid, np.clip(code, 1, 255), 0).astype(np.uint8)
+    return np.where(valid, metres_to_code(np.where(valid, depth, DEPTH_MAX_M)), 0).astype(np.uint8)
 
 
 def palette_flat() -> list[int]:

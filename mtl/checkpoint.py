@@ -240,11 +240,15 @@ class FolderStorage:
 
     def commit(self, tag: str) -> None:
         """Point at ``tag``; delete the checkpoints that fell out of the last ``keep_last``, and
-        (when not all are kept) any other checkpoint folder the pointer does not list: one that a
-        run published but died before committing, which nothing reads and nothing else deletes."""
+        (when not all are kept) any other checkpoint folder older than ``tag`` that the pointer
+        does not list: one that a run published but died before committing, which nothing reads
+        and nothing else deletes. A newer one stays (tags sort in the order they are written): a
+        writer this one does not know of may be about to commit it (two drivers on one run
+        folder; an attempt Ray is still tearing down), and its pointer must not name a folder
+        that is gone."""
         listed, dropped = self.index.commit(tag, self.keep_last)
         if self.keep_last > 0:
-            dropped += [name for name in self.folders() if name not in listed and name not in dropped]
+            dropped += [name for name in self.folders() if name < tag and name not in listed and name not in dropped]
         self.delete(dropped)
 
     def folders(self) -> list[str]:

@@ -153,6 +153,29 @@ def test_a_checkpoint_published_but_never_committed_is_deleted_by_the_next_commi
     assert sorted(os.listdir(tmp_path / "all/checkpoints")) == ["epoch-0001", "epoch-0002", "latest.json"]  # 0: all kept
 
 
+def test_two_writers_on_one_run_folder_never_leave_a_pointer_to_a_deleted_checkpoint(tmp_path):
+    """A second driver started on a run whose first is still going (closing `ray job submit`'s
+    terminal does not stop a job): the first has published step 130, the second resumed from
+    an older point commits step 120. Its commit must not delete 130, which the first commits
+    next: the pointer would name a folder that is gone, and no resume would work again."""
+    from mtl.checkpoint import FolderStorage
+
+    run = str(tmp_path / "run")
+    first, second = FolderStorage(run, keep_last=2), FolderStorage(run, keep_last=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "state.pt").write_bytes(b"x")
+    for tag in ("epoch-0000-step-00000110", "epoch-0000-step-00000120"):
+        first.publish(str(src), tag, {})
+        first.commit(tag)
+    first.publish(str(src), "epoch-0000-step-00000130", {})
+    second.publish(str(src), "epoch-0000-step-00000120", {})
+    second.commit("epoch-0000-step-00000120")
+    first.commit("epoch-0000-step-00000130")
+    with FolderStorage(run).latest() as (folder, url):
+        assert url.endswith("epoch-0000-step-00000130") and os.path.exists(f"{folder}/state.pt")
+
+
 def test_best_pt_holds_only_a_committed_epoch(tmp_path, monkeypatch):
     """An attempt that dies before its commit leaves best.pt as it was (the resumed run trains
     the epoch again, maybe to a lower score); one that dies between its commit and best.pt's

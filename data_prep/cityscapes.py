@@ -62,6 +62,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -74,6 +75,7 @@ from mtl.cli import parse
 from mtl.config import Size
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, check_splits, decode_sample,
                                  encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
+from mtl.machine import usable_cpus
 from mtl.storage import is_local, storage_errors, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-cityscapes-v1"
@@ -297,16 +299,25 @@ def run_jobs(jobs: list[Job], workers: int, progress: bool, total: int, already:
             for job in jobs:
                 advance(convert_chunk(job))
             return
+        _run_pool(jobs, workers, advance)
+
+
+def _run_pool(jobs: list[Job], workers: int, advance) -> None:
+    """The jobs on ``workers`` processes; the first error stops the run (no index.csv). A worker
+    killed under the run (the kernel's OOM killer) is a BrokenProcessPool saying what to do."""
+    try:
         with ProcessPoolExecutor(workers) as pool:
             pending = {pool.submit(convert_chunk, j) for j in jobs}
             try:
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
-                        advance(fut.result())  # the first error stops the run: no index.csv
+                        advance(fut.result())
             finally:
                 for fut in pending:
                     fut.cancel()
+    except BrokenProcessPool:
+        raise BrokenProcessPool(f"a conversion worker died (out of memory?): lower --workers (this run had {workers})") from None
 
 
 # ------------------------------------------------------------------------ destination
@@ -407,7 +418,8 @@ def convert(root: str, out: str, size: tuple[int, int] = (256, 512), splits: tup
     resumed = claim(dest, plan, overwrite)
     done = finished(dest, samples) if resumed else set()
     todo = [s for s in samples if (s.split, s.index) not in done]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+
+    workers = max(1, min(workers or usable_cpus(), len(todo) or 1))
     step = max(1, min(16, -(-len(todo) // (4 * workers))))
     jobs = [Job(root, dest, tuple(todo[i:i + step]), size, quality) for i in range(0, len(todo), step)]
     run_jobs(jobs, workers, progress, len(samples), len(done))
@@ -424,7 +436,7 @@ class CityscapesCommand:
     size: Size = (256, 512)  # output image size HxW
     splits: tuple[Split, ...] = SPLITS  # the splits to convert (test: rgb only)
     jpeg_quality: int = 90  # JPEG quality of the rgb images
-    workers: int | None = None  # parallel processes; default: the CPU count
+    workers: int | None = None  # parallel processes; default: the CPUs this process may run on
     overwrite: bool = False  # replace an --out holding something else, and start an unfinished conversion over
     endpoint_url: str | None = None  # S3 endpoint (MinIO, moto...); default: $AWS_ENDPOINT_URL
 
@@ -436,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         s = convert(a.root, a.out, a.size, tuple(a.splits), a.jpeg_quality, a.workers, a.overwrite, progress=True)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, BrokenProcessPool) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{k} {v}" for k, v in s["counts"].items())

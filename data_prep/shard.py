@@ -20,6 +20,9 @@ destination that holds a complete shard set is refused unless ``--overwrite``; t
 (the set is unusable until the new one is out), and splits not in ``--splits`` keep their shards
 and their manifest entries (saved beside the shards first: a run that fails after the old manifest
 went keeps them too, and the next run publishes them with its own splits).
+Only this tool's shards (``<split>-NNNNNN.tar`` that one of its manifests or progress records
+lists) are ever deleted; other files at the destination stay. The destination's bucket must
+exist (it is never created).
 S3 endpoint and credentials come from the usual AWS environment (``AWS_ENDPOINT_URL``...) or
 ``--endpoint-url``.
 """
@@ -35,6 +38,7 @@ import sys
 import tarfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
@@ -45,6 +49,7 @@ from mtl.cli import parse
 from mtl.data.folder import scan_split, split_modalities, stems_by_index
 from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
 from mtl.data.shards import FORMAT
+from mtl.machine import usable_cpus
 from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
@@ -63,6 +68,20 @@ SHARD_SIZE_HELP = (f"samples per shard (1000), bytes per shard (256MB), or auto:
 # in SHARD_PROGRESS: the manifest entries of the splits an --overwrite run leaves alone, written
 # before it removes the old manifest, so that a failed run loses none of them (`_kept_entries`)
 KEPT = "kept.json"
+# in SHARD_PROGRESS: the shards earlier manifests listed for the splits being sharded, which the
+# run deletes once its own manifest is out when that no longer lists them (`_clean_up`)
+REPLACED = "replaced.json"
+
+
+def shard_name(split: str, i: int) -> str:
+    """The file name of a split's ``i``-th shard: the only names this tool writes, and deletes."""
+    return f"{split}-{i:06d}.tar"
+
+
+def is_shard_name(name: str) -> bool:
+    split, _, rest = name.partition("-")
+    number = rest.removesuffix(".tar")
+    return split in SPLITS and number.isdigit() and name == shard_name(split, int(number))
 
 
 @dataclass
@@ -220,11 +239,12 @@ def shard_dataset(src: str, dst: str, shard_size: str = "auto", splits: tuple[st
                   workers: int | None = None, skip_bad: bool = False, progress: bool = False, overwrite: bool = False) -> dict:
     """Shard ``src`` into ``dst``; returns the manifest (also written to ``dst/manifest.json``).
 
-    Raises ValueError listing bad samples (unless ``skip_bad``) or naming an empty split or a
-    bad ``splits``, and FileExistsError when ``dst`` holds a complete shard set (unless
-    ``overwrite``); no manifest is written then. The source is listed and checked before
-    anything at ``dst`` changes.
+    Raises ValueError listing bad samples (unless ``skip_bad``) or naming an empty split, a
+    bad ``splits`` or a ``dst`` that names a file (`check_destination`), and FileExistsError
+    when ``dst`` holds a complete shard set (unless ``overwrite``); no manifest is written then.
+    The source is listed and checked before anything at ``dst`` changes.
     """
+    check_destination(dst)
     check_splits(splits)
     kind, limit = parse_shard_size(shard_size)
     jobs, skipped, total_bytes, problems = _plan_jobs(src, dst, splits, kind, limit, skip_bad)
@@ -255,11 +275,20 @@ def shard_dataset(src: str, dst: str, shard_size: str = "auto", splits: tuple[st
     return manifest
 
 
+def check_destination(dst: str) -> None:
+    """ValueError for a ``dst`` ending in .json: training takes ``--shards .../manifest.json``,
+    so that path gets copied here, where it would become a folder named manifest.json."""
+    if dst.rstrip("/").endswith(".json"):
+        folder = dst.rstrip("/").rsplit("/", 1)[0] if "/" in dst.rstrip("/") else "."
+        raise ValueError(f"--shards {dst} names a .json file: give the folder (or prefix) that is to hold the shards and "
+                         f"their manifest.json, e.g. {folder}")
+
+
 def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
     """The destination's filesystem and path, and the manifest entries of the splits this run
     leaves alone (`_kept_entries`), with the old manifest gone (the shards are about to change,
     so it no longer holds). FileExistsError for a complete shard set without ``overwrite``;
-    OSError naming ``dst`` when it cannot be written."""
+    FileNotFoundError naming a missing bucket; OSError naming ``dst`` when it cannot be written."""
     try:
         with storage_errors(dst):
             dst_fs, dst_base = url_to_fs(dst)
@@ -269,15 +298,33 @@ def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
         raise OSError(f"cannot read destination {dst}: {e}") from e
     old = _old_manifest(dst, raw, splits, overwrite)
     kept = _kept_entries(dst, dst_fs, dst_base, splits, old)
+    progress = f"{dst.rstrip('/')}/{SHARD_PROGRESS}"
     try:
-        with storage_errors(dst):
-            dst_fs.makedirs(f"{dst_base}/{SHARD_PROGRESS}", exist_ok=True)
-            if old is not None:  # the kept entries first: a run that fails from here on still has them
-                write_bytes_atomic(f"{dst.rstrip('/')}/{SHARD_PROGRESS}/{KEPT}", json.dumps(kept, indent=1).encode())
+        # the first write, before any worker starts: it makes a local folder, and a missing
+        # bucket is a FileNotFoundError naming it (s3fs's makedirs would create the bucket)
+        write_bytes_atomic(f"{progress}/{REPLACED}", json.dumps(_replaced(progress, splits, old)).encode())
+        if old is not None:  # the kept entries first: a run that fails from here on still has them
+            write_bytes_atomic(f"{progress}/{KEPT}", json.dumps(kept, indent=1).encode())
+            with storage_errors(dst):
                 dst_fs.rm(f"{dst_base}/manifest.json")
+    except FileNotFoundError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise OSError(f"cannot write to destination {dst}: {e}") from e
     return dst_fs, dst_base, kept
+
+
+def _replaced(progress: str, splits: tuple[str, ...], old: dict | None) -> list[str]:
+    """The shards the old manifest lists for ``splits``, with those an earlier run recorded in
+    `REPLACED` (it removed its manifest, then failed): this tool's, to delete when the new
+    manifest does not list them."""
+    raw = read_bytes(f"{progress}/{REPLACED}")
+    try:
+        earlier = json.loads(raw) if raw is not None else []
+    except ValueError:  # cut short: those names are not known, and their files stay
+        earlier = []
+    listed = [s["name"] for split, e in (old or {}).get("splits", {}).items() if split in splits for s in e.get("shards", [])]
+    return sorted({n for n in [*earlier, *listed] if isinstance(n, str) and is_shard_name(n)})
 
 
 def _old_manifest(dst: str, raw: bytes | None, splits: tuple[str, ...], overwrite: bool) -> dict | None:
@@ -360,6 +407,7 @@ def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: in
             raise ValueError(f"{src.rstrip('/')}/{split}: no samples to shard")
         # 01.jpg beside 1.jpg: both sample 1, which the stream would yield twice (MiniscapesFolder's check)
         stems_by_index([stem for stem, _ in samples], f"{src.rstrip('/')}/{split}/rgb")
+        check_keys([stem for stem, _ in samples], f"{src.rstrip('/')}/{split}/rgb")
         rel = [m[len(src.rstrip("/")) + 1:] for m in missing]  # train/rgb/7.jpg: a path under --src
         skipped[split] = [{"key": f"{split}/{os.path.splitext(os.path.basename(r))[0]}", "reason": f"{r}: missing file"} for r in rel]
         if not skip_bad:
@@ -375,9 +423,20 @@ def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: in
             return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
         total_bytes += sum(sum(s.values()) for _, s in samples)
-        jobs += [ShardJob(split, f"{split}-{i:06d}.tar", src, dst, stems, shard_hash(stems), skip_bad, mods)
+        jobs += [ShardJob(split, shard_name(split, i), src, dst, stems, shard_hash(stems), skip_bad, mods)
                  for i, stems in enumerate(plan)]
     return jobs, skipped, total_bytes, problems
+
+
+def check_keys(stems: list[str], where: str) -> None:
+    """ValueError naming the files whose stem holds a dot: a shard member is ``<stem>.rgb.jpg``
+    and WebDataset keys a sample by the name up to its first dot, so ``1.5.jpg`` would be
+    written fine and then fail in training ("lacks [...]")."""
+    dotted = [f"{where}/{stem}.jpg" for stem in stems if "." in stem]
+    if dotted:
+        more = f" and {len(dotted) - 5} more" if len(dotted) > 5 else ""
+        raise ValueError(f"{', '.join(dotted[:5])}{more}: a file name with a dot before its extension cannot be a "
+                         f"shard sample (WebDataset cuts its key at the first dot): rename it without the dot")
 
 
 def _split_entry(shards: list[ShardResult], mods: tuple[str, ...], skipped: list[dict[str, str]]) -> dict:
@@ -394,14 +453,33 @@ def _split_entry(shards: list[ShardResult], mods: tuple[str, ...], skipped: list
 
 
 def _clean_up(dst_fs, dst_base: str, manifest: dict, splits: tuple[str, ...]) -> None:
-    """Progress records (and `KEPT`), and shards of an earlier, different plan, once the manifest is out."""
-    if dst_fs.exists(f"{dst_base}/{SHARD_PROGRESS}"):
-        dst_fs.rm(f"{dst_base}/{SHARD_PROGRESS}", recursive=True)
+    """Once the manifest is out: the shards of ``splits`` this tool wrote or published before
+    (`_written_before`) that the new manifest does not list (an earlier, different plan's), then
+    the progress records. Any other file at the destination is not this tool's and stays."""
+    progress = f"{dst_base}/{SHARD_PROGRESS}"
     listed = {s["name"] for sp in manifest["splits"].values() for s in sp["shards"]}
+    stale = {n for n in _written_before(dst_fs, progress) - listed if n.split("-")[0] in splits}
+    dst_fs.invalidate_cache(dst_base)
     for path in dst_fs.ls(dst_base, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name.endswith(".tar") and name.split("-")[0] in splits and name not in listed:
+        if path.rstrip("/").rsplit("/", 1)[-1] in stale:
             dst_fs.rm(path)
+    if dst_fs.exists(progress):
+        dst_fs.rm(progress, recursive=True)
+
+
+def _written_before(dst_fs, progress: str) -> set[str]:
+    """The shard names this tool wrote at the destination: a progress record per shard written
+    (`write_shard`) and `REPLACED`, the shards of the manifests this run and failed earlier runs
+    replaced."""
+    dst_fs.invalidate_cache(progress)
+    if not dst_fs.exists(progress):
+        return set()
+    records = {p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") for p in dst_fs.ls(progress, detail=False)}
+    try:
+        replaced = json.loads(dst_fs.cat_file(f"{progress}/{REPLACED}"))
+    except (FileNotFoundError, ValueError):
+        replaced = []
+    return {n for n in [*records, *replaced] if isinstance(n, str) and is_shard_name(n)}
 
 
 def _problem_text(problems: list[str]) -> str:
@@ -411,30 +489,39 @@ def _problem_text(problems: list[str]) -> str:
 
 
 def _run(jobs: list[ShardJob], workers: int | None, progress: bool, total_samples: int, total_bytes: int) -> dict[str, ShardResult]:
+    """Write the shards on ``workers`` processes (default: one per usable CPU, `usable_cpus`).
+    A worker killed under the run (the kernel's OOM killer) is a BrokenProcessPool saying what to do."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    results: dict[str, ShardResult] = {}
+    workers = max(1, min(workers or usable_cpus(), len(jobs) or 1))
     cols = (TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"), TimeRemainingColumn())
+    try:
+        with Progress(*cols, disable=not progress) as bar, ProcessPoolExecutor(workers) as pool:
+            return _collect(pool, jobs, bar, bar.add_task("shard", total=total_samples, speed=""))
+    except BrokenProcessPool:
+        raise BrokenProcessPool(f"a sharding worker died (out of memory?): lower --workers (this run had {workers})") from None
+
+
+def _collect(pool: ProcessPoolExecutor, jobs: list[ShardJob], bar, task) -> dict[str, ShardResult]:
+    """Submit the jobs and gather their results as they finish, advancing the progress bar."""
+    results: dict[str, ShardResult] = {}
     t0, done_bytes = time.perf_counter(), 0
-    with Progress(*cols, disable=not progress) as bar, ProcessPoolExecutor(workers) as pool:
-        task = bar.add_task("shard", total=total_samples, speed="")
-        pending = {pool.submit(write_shard, j) for j in jobs}
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    r = fut.result()  # an I/O error stops the run here; no manifest is written
-                    results[r.name] = r
-                    done_bytes += r.num_bytes
-                    dt = max(time.perf_counter() - t0, 1e-6)
-                    bar.update(task, advance=r.num_samples + len(r.bad),
-                               speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes / dt / 1e6:.1f} MB/s")
-        except BaseException:
-            # the shards not started are dropped, so the error surfaces now (leaving the pool
-            # waits only for the shards being written), not after every queued shard ran
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    pending = {pool.submit(write_shard, j) for j in jobs}
+    try:
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                r = fut.result()  # an I/O error stops the run here; no manifest is written
+                results[r.name] = r
+                done_bytes += r.num_bytes
+                dt = max(time.perf_counter() - t0, 1e-6)
+                bar.update(task, advance=r.num_samples + len(r.bad),
+                           speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes / dt / 1e6:.1f} MB/s")
+    except BaseException:
+        # the shards not started are dropped, so the error surfaces now (leaving the pool
+        # waits only for the shards being written), not after every queued shard ran
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     return results
 
 
@@ -457,7 +544,7 @@ class ShardCommand:
     shards: Annotated[str, tyro.conf.arg(aliases=("--dst",))]
     shard_size: Annotated[str, tyro.conf.arg(help=SHARD_SIZE_HELP)] = "auto"
     splits: tuple[Split, ...] = SPLITS  # the splits to shard
-    workers: int | None = None  # parallel processes; default: the CPU count
+    workers: int | None = None  # parallel processes; default: the CPUs this process may run on
     skip_bad: bool = False  # leave bad samples out (counted in the manifest) instead of failing
     overwrite: bool = False  # replace the --splits shards of a complete shard set at --shards (the others stay)
     endpoint_url: str | None = None  # S3 endpoint (MinIO, moto...); default: $AWS_ENDPOINT_URL
@@ -478,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = shard_dataset(a.root, a.shards, a.shard_size, tuple(a.splits), a.workers, a.skip_bad, progress=True,
                                  overwrite=a.overwrite)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, BrokenProcessPool) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     wide_console().print(summary_table(manifest, time.perf_counter() - t0))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtl.storage import StorageError, is_connection_error, unreachable_message
+from mtl.storage import StorageError, credentials_message, is_connection_error, is_credentials_error, unreachable_message
 
 
 class ClusterError(RuntimeError):
@@ -46,6 +46,8 @@ def one_line(e: BaseException) -> str:
         if is_connection_error(err):  # raised outside `storage_errors`: the client's URL is all there is
             url = getattr(err, "kwargs", {}).get("endpoint_url") or "the storage endpoint"
             return unreachable_message(url, err, None)
+        if is_credentials_error(err):
+            return credentials_message("the storage", err)
     return _last_line(str(e)) or type(e).__name__
 
 

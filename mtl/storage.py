@@ -1,6 +1,7 @@
 """Paths as fsspec URLs (a local folder, s3://bucket/prefix, ...): the one place that turns a URL
 into a filesystem, writes a file so that it appears whole or not at all, and turns a storage
-endpoint that cannot be reached into one clear error naming the URL.
+endpoint that cannot be reached, or missing credentials, into one clear error naming the URL.
+Buckets are never created: a misspelt one is an error naming it, not a new bucket.
 
 S3 endpoint, region and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
 an instance profile, ``~/.aws``...); retries are botocore's (``AWS_MAX_ATTEMPTS``,
@@ -21,7 +22,8 @@ import fsspec
 
 
 class StorageError(OSError):
-    """A storage endpoint could not be reached (after its client's retries)."""
+    """A storage endpoint could not be reached (after its client's retries), or its client found
+    no credentials or region to call it with."""
 
 
 def url_to_fs(url: str) -> tuple[Any, str]:
@@ -59,17 +61,38 @@ def unreachable_message(url: str, e: BaseException, seconds: float | None) -> st
             f"AWS_MAX_ATTEMPTS and AWS_RETRY_MODE, now {mode}, set the retries)")
 
 
+def is_credentials_error(e: BaseException) -> bool:
+    """botocore's 'no credentials / no region' errors (False where botocore is not installed)."""
+    try:
+        from botocore import exceptions as b
+    except ImportError:
+        return False
+    return isinstance(e, (b.NoCredentialsError, b.PartialCredentialsError, b.CredentialRetrievalError, b.NoRegionError))
+
+
+def credentials_message(url: str, e: BaseException) -> str:
+    """What to set when the client has no credentials (or no region) to call ``url`` with."""
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if type(e).__name__ == "NoRegionError":
+        return f"cannot access {url}: {detail} (set AWS_DEFAULT_REGION, or region in ~/.aws/config)"
+    return (f"cannot access {url}: {detail} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with "
+            f"~/.aws/credentials, or run with an instance role)")
+
+
 @contextlib.contextmanager
 def storage_errors(url: str) -> Iterator[None]:
-    """Turn 'cannot connect' errors raised inside the block into one `StorageError` naming ``url``."""
+    """Turn 'cannot connect' and 'no credentials' errors raised inside the block into one
+    `StorageError` naming ``url``: a client's own traceback names neither the URL nor what to set."""
     t0 = time.monotonic()
     try:
         yield
     except StorageError:
         raise
-    except Exception as e:  # noqa: BLE001 - only connection failures are translated
+    except Exception as e:  # noqa: BLE001 - only connection and credential failures are translated
         if is_connection_error(e):
             raise StorageError(unreachable_message(url, e, time.monotonic() - t0)) from None
+        if is_credentials_error(e):
+            raise StorageError(credentials_message(url, e)) from None
         raise
 
 
@@ -78,20 +101,34 @@ def storage_errors(url: str) -> Iterator[None]:
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
 
 
+def is_object_store(fs: Any) -> bool:
+    """Whether ``fs`` keeps whole objects under keys: a prefix needs no folder, and its
+    "makedirs" would create a bucket (s3fs creates a misspelt one)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & OBJECT_STORES)
+
+
+def _missing_bucket(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return (f"bucket {scheme}://{rest.split('/', 1)[0]} does not exist (writing {url}): check its name, or create it "
+            f"(no tool here creates buckets)")
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` so that readers see the old file or the whole new one: a single
     PUT on object stores; elsewhere (local disks, sftp, hdfs, ...) a temporary file renamed into
     place. (Not synced to the disk: a power loss, unlike a killed process, may leave a local
-    file empty.)"""
+    file empty.) A missing bucket is a FileNotFoundError naming it, never created."""
     with storage_errors(url):
         fs, path = url_to_fs(url)
-        parent = path.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
-        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-        if protocols & OBJECT_STORES:
-            with fs.open(path, "wb") as fh:
-                fh.write(data)
+        if is_object_store(fs):
+            try:
+                with fs.open(path, "wb") as fh:
+                    fh.write(data)
+            except FileNotFoundError:  # (a PUT needs no folder: only the bucket can be missing)
+                raise FileNotFoundError(_missing_bucket(url)) from None
             return
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with fs.open(tmp, "wb") as fh:
             fh.write(data)

@@ -236,3 +236,32 @@ def test_splits_named_twice_or_none_are_refused(tmp_path, capsys):
             main(["--root", str(src), "--out", str(tmp_path / "out"), "--splits", *splits])
         assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_default_workers_are_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """On a 64-CPU machine where a cgroup/taskset gives this job 1 CPU, the conversion runs on
+    1 process, not 64."""
+    from data_prep import cityscapes
+
+    make_tree(str(tmp_path / "cs"))
+    used = []
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(cityscapes, "run_jobs", lambda jobs, workers, *rest: used.append(workers))
+    convert(str(tmp_path / "cs"), str(tmp_path / "out"), OUT_HW)
+    assert used == [1]
+
+
+def _worker_killed(job):
+    os._exit(9)  # as the kernel's OOM killer ends a worker: no exception, no result
+
+
+def test_a_killed_conversion_worker_is_one_error_line(tmp_path, monkeypatch, in_process):
+    from data_prep import cityscapes
+
+    make_tree(str(tmp_path / "cs"))
+    monkeypatch.setattr(cityscapes, "convert_chunk", _worker_killed)
+    r = in_process(cityscapes.main, ["--root", str(tmp_path / "cs"), "--out", str(tmp_path / "out"), "--size", "16x32",
+                                     "--workers", "2"])
+    assert r.returncode == 2 and r.stderr == "error: a conversion worker died (out of memory?): lower --workers (this run had 2)\n"
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import fsspec
 import numpy as np
@@ -520,3 +521,79 @@ def test_few_samples_per_rank_still_make_an_epoch():
     loaders = [ShardLoader(ShardStream(split, None, rank=r, world=8), 64, 12, 2, True, False) for r in range(8)]
     assert {len(x) for x in loaders} == {5} and {x.workers for x in loaders} == {6}  # 5 = 2975 // 8 // 64: none lost
     assert ShardLoader(ShardStream(split, None), 16, 12, 2, True, False).workers == 12  # one rank: all 12 are worth it
+
+
+def test_sharding_deletes_only_the_shards_it_wrote(tiny_root, tmp_path):
+    """Someone keeps a backup beside the shards (and a shard-named copy from elsewhere): sharding
+    into that folder, and re-sharding it into fewer shards, deletes the shards this tool wrote
+    that the new manifest no longer lists (also when the --overwrite run that dropped the old
+    manifest failed and a later run finished its work), and nothing else."""
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    shutil.copytree(f"{tiny_root}/val", src / "val")
+    dst.mkdir()
+    (dst / "val-2023-backup.tar").write_bytes(b"precious")
+    (dst / "val-000009.tar").write_bytes(b"copied from another set")  # named like a shard; no run of ours wrote it
+    first = shard_dataset(str(src), str(dst), "8", splits=("val",), workers=1)
+    assert [s["name"] for s in first["splits"]["val"]["shards"]] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    good = (src / "val/depth/20.png").read_bytes()
+    (src / "val/depth/20.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="val/depth/20.png"):  # one shard now; the old manifest is gone, the run fails
+        shard_dataset(str(src), str(dst), "24", splits=("val",), workers=1, overwrite=True)
+    (src / "val/depth/20.png").write_bytes(good)
+    shard_dataset(str(src), str(dst), "24", splits=("val",), workers=1)
+    assert sorted(p.name for p in dst.iterdir()) == ["manifest.json", "val-000000.tar", "val-000009.tar", "val-2023-backup.tar"]
+    assert (dst / "val-2023-backup.tar").read_bytes() == b"precious"
+
+
+def test_a_shard_manifest_path_given_as_the_destination_is_refused(tiny_root, tmp_path):
+    """Training takes --shards .../manifest.json; pasted into the sharder it would have made a
+    folder named manifest.json. It is refused, pointing at the folder meant."""
+    r = _shard_cli("--src", tiny_root, "--dst", str(tmp_path / "s" / "manifest.json"), "--splits", "val")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"--shards {tmp_path}/s/manifest.json names a .json file" in r.stderr and r.stderr.rstrip().endswith(f"e.g. {tmp_path}/s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_file_name_with_a_dot_is_refused_before_it_is_sharded(tiny_root, tmp_path):
+    """val/rgb/1.5.jpg would shard fine and then fail in training (WebDataset keys a sample by
+    the name up to its first dot): refused when planning, naming the file."""
+    src = tmp_path / "src"
+    shutil.copytree(f"{tiny_root}/val", src / "val")
+    for mod, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):
+        os.rename(src / f"val/{mod}/5.{ext}", src / f"val/{mod}/1.5.{ext}")
+    with pytest.raises(ValueError, match=r"src/val/rgb/1.5.jpg: a file name with a dot .*rename it"):
+        shard_dataset(str(src), str(tmp_path / "s"), "8", splits=("val",), workers=1)
+    assert not (tmp_path / "s").exists()
+
+
+def test_default_workers_are_the_cpus_this_process_may_use(tiny_root, tmp_path, monkeypatch):
+    """On a 64-CPU machine where a cgroup/taskset gives this job 1 CPU, sharding starts 1 worker,
+    not 64 (each holding its shard's samples in memory)."""
+    from data_prep import shard
+
+    started = []
+
+    class Pool(ProcessPoolExecutor):
+        def __init__(self, workers):
+            started.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(shard, "ProcessPoolExecutor", Pool)
+    shard_dataset(tiny_root, str(tmp_path / "s"), "8", splits=("val",))  # 3 shards
+    assert started == [1]
+
+
+def _worker_killed(job):
+    os._exit(9)  # as the kernel's OOM killer ends a worker: no exception, no result
+
+
+def test_a_killed_sharding_worker_is_one_error_line(tiny_root, tmp_path, monkeypatch):
+    from data_prep import shard
+
+    monkeypatch.setattr(shard, "write_shard", _worker_killed)
+    r = _shard_cli("--src", tiny_root, "--dst", str(tmp_path / "s"), "--splits", "val", "--shard-size", "8", "--workers", "2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == "error: a sharding worker died (out of memory?): lower --workers (this run had 2)\n"
+    assert not (tmp_path / "s" / "manifest.json").exists()

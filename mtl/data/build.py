@@ -17,6 +17,7 @@ from mtl.data.miniscapes import LABEL_MODALITIES
 from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, manifest_url, num_samples, read_manifest
 from mtl.data.synthetic import GENERATOR_VERSION, synthesize
 from mtl.data.transforms import Augment
+from mtl.machine import usable_cpus
 from mtl.storage import exists
 
 
@@ -150,7 +151,7 @@ def auto_workers(on_gpu: bool, cpus: int | None = None) -> int:
     wants the cores.
     """
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = usable_cpus()
     return max(1, min(12, cpus - 1)) if on_gpu else max(0, min(2, cpus - 1))
 
 

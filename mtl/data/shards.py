@@ -33,7 +33,7 @@ from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, decode_sample, sam
 from mtl.data.loader import worker_start_kwargs
 from mtl.data.packed import pack_collate
 from mtl.data.transforms import Augment, prepare, sample_rng
-from mtl.storage import StorageError, is_connection_error, storage_errors, url_to_fs
+from mtl.storage import StorageError, credentials_message, is_connection_error, is_credentials_error, storage_errors, url_to_fs
 
 FORMAT = "streetmtl-shards-v1"
 RETRIES = 4
@@ -89,6 +89,8 @@ def register_fsspec_schemes() -> None:
 def _reraise_with_context(exn: Exception) -> bool:
     if isinstance(exn, StorageError):  # (the endpoint, not the shard; its message names the shard already, and
         raise StorageError(exn.args[0]) from None  # webdataset's appending the URL to an OSError's args garbles it)
+    if is_credentials_error(exn):  # (credentials that expired in the middle of a run: not a corrupt shard)
+        raise StorageError(credentials_message("a shard", exn)) from exn
     if is_connection_error(exn):  # lost in the middle of a shard: webdataset appended the shard's URL
         raise StorageError(f"lost the connection while reading a shard: {exn}") from exn
     if isinstance(exn, FileNotFoundError):

@@ -1,0 +1,73 @@
+"""Storage a user got wrong, on a real S3 endpoint (moto on loopback): missing AWS credentials and
+a misspelt bucket are one error line naming the URL and what to check, and nothing is created."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _shard_main():
+    from data_prep.shard import main
+
+    return main
+
+
+@pytest.fixture
+def no_aws_credentials(s3_endpoint, monkeypatch):
+    """The moto endpoint with no credentials anywhere botocore looks: no key variables, no
+    ~/.aws files, no instance metadata. s3fs's cached filesystems (which hold their
+    credentials) are dropped before and after."""
+    import s3fs
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_sharding_without_aws_credentials_names_the_url_and_what_to_set(no_aws_credentials, tiny_root, tmp_path, in_process):
+    """A user who forgot `aws configure` gets one line naming the bucket it tried and the
+    settings to check, not botocore's traceback, whether S3 is the source or the destination."""
+    for args, url in ((["--src", "s3://streetmtl/miniscapes", "--dst", str(tmp_path / "s")], "s3://streetmtl/miniscapes"),
+                      (["--src", tiny_root, "--dst", "s3://streetmtl/shards", "--splits", "val"], "s3://streetmtl/shards")):
+        r = in_process(_shard_main(), args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert lines[0].startswith("error: ") and url in lines[0] and "Unable to locate credentials" in lines[0]
+        assert "AWS_ACCESS_KEY_ID" in lines[0] and "AWS_PROFILE" in lines[0] and "instance role" in lines[0]
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_missing_region_says_to_set_it():
+    from botocore.exceptions import NoRegionError
+
+    from mtl.storage import StorageError, storage_errors
+
+    with pytest.raises(StorageError, match=r"^cannot access s3://b/x: You must specify a region. .set AWS_DEFAULT_REGION"):
+        with storage_errors("s3://b/x"):
+            raise NoRegionError()
+
+
+def test_a_misspelt_bucket_is_named_and_never_created(s3_endpoint, tiny_root, in_process):
+    """s3fs's makedirs creates a bucket that does not exist: a typo in --shards would have made a
+    new bucket and filled it. Now the write fails, naming the bucket, and no bucket appears."""
+    import boto3
+
+    from mtl.storage import write_bytes_atomic
+
+    def buckets() -> list[str]:
+        return sorted(b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"])
+
+    before = buckets()
+    with pytest.raises(FileNotFoundError, match="^bucket s3://missing-bucket does not exist .writing s3://missing-bucket/x."):
+        write_bytes_atomic("s3://missing-bucket/x", b"")
+    r = in_process(_shard_main(), ["--src", tiny_root, "--dst", "s3://streetmtl-typo/shards", "--splits", "val", "--shard-size", "8"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: bucket s3://streetmtl-typo does not exist (writing s3://streetmtl-typo/shards/")
+    assert buckets() == before
+    write_bytes_atomic("s3://streetmtl/some/deep/prefix/x", b"1")  # a prefix needs no folder made
+    assert boto3.client("s3").get_object(Bucket="streetmtl", Key="some/deep/prefix/x")["Body"].read() == b"1"

@@ -15,8 +15,9 @@ with the field's type and checked against the config's rules before Ray starts.
 Fixed and swept: every other flag is the training config every trial shares (--num-workers etc.
 size each trial; --config FILE starts from a saved one). A flag given for a field that --space
 sweeps is an error naming both. Without --space the sweep varies lr (log-uniform 1e-5..1e-3),
-semseg_weight (uniform 0.3..0.7), scale_max (1.0, 1.25, 1.5) and hflip, less any of them whose
-flag is given: --lr 3e-4 fixes lr for every trial and sweeps the other three (the sweep says so).
+semseg_weight (uniform 0.3..0.7; not when the trials train one task, whose loss weight is 1),
+scale_max (1.0, 1.25, 1.5) and hflip, less any of them whose flag is given: --lr 3e-4 fixes lr
+for every trial and sweeps the other three (the sweep says so).
 Values from a --config file are a starting point, not flags: the space overrides them. Random
 draws are seeded (--search-seed). --resume takes the command that started the sweep: another
 space, objective, number or draw of trials, or training setting (--workers, --cpus-per-worker and the
@@ -47,6 +48,11 @@ Trials at once: as many as the cluster holds (its GPUs, once its autoscaler has 
 config allows), or --max-concurrent. With MLFLOW_TRACKING_URI set, every trial is an MLflow run
 of the experiment named after the sweep (pip install mlflow). Results: a leaderboard in the
 terminal and results.{md,tex,csv} plus scores.png in <out>/<sweep-name>/.
+
+Outcomes: a trial whose training diverges (its loss or weights stop being numbers) ends there,
+not retried, as "diverged"; the sweep goes on. Exit status 1 when a trial failed, or when the
+sweep was interrupted (Ctrl-C) before every trial ended ("unfinished": --resume continues it).
+Every trial's run is named after the trial: --name is refused (the sweep's is --sweep-name).
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results, base: ExperimentConfig, sweep: SweepConfig, spec, console) -> int:  # noqa: ANN001 - Tune's ResultGrid
-    """The leaderboard (terminal, and the sweep folder's reports); the exit status: 1 when a trial failed."""
+    """The leaderboard (terminal, and the sweep folder's reports); the exit status (`outcome`)."""
     from mtl.distributed.sweep_report import SweepReport
     from mtl.distributed.tune import sweep_url
 
@@ -137,13 +143,27 @@ def report(results, base: ExperimentConfig, sweep: SweepConfig, spec, console) -
     if rows and rows[0].best_model:
         console.print(f"best trial: {rows[0].name} ({spec.metric} {rows[0].objective:.2f}); checkpoint {rows[0].best_model}")
         console.print(f"export it: python jobs/evaluate.py --checkpoint {rows[0].best_model} --split test --export <dir>")
-    errored = [r.name for r in rows if r.status == "error"]
-    if errored:  # (the report holds the others; a pipeline must not take the sweep for a whole one)
-        print(f"error: {len(errored)} of {len(rows)} trials failed ({', '.join(errored)}): their logs are in the trials' run "
+    return outcome([r.name for r in rows if r.status == "diverged"], [r.name for r in rows if r.status == "error"],
+                   [r.name for r in rows if r.status == "unfinished"], len(rows), console)
+
+
+def outcome(diverged: list[str], errored: list[str], unfinished: list[str], trials: int, console) -> int:  # noqa: ANN001
+    """The exit status, with a line for each kind of trial that did not end well: 1 when a trial
+    failed or the sweep was interrupted before every trial ended (the report holds the others; a
+    pipeline must not take the sweep for a whole one). A diverged trial is a result of the sweep
+    (its values train badly), not a failure: a note."""
+    if diverged:
+        console.print(f"{len(diverged)} of {trials} trials diverged ({', '.join(diverged)}): their loss or weights stopped "
+                      f"being numbers (the values they drew train badly); they ended there, not retried")
+    if errored:
+        print(f"error: {len(errored)} of {trials} trials failed ({', '.join(errored)}): their logs are in the trials' run "
               f"folders; the same command with --resume continues them, each in its own run folder from its last checkpoint "
               f"(once: Tune keeps their failure counts)",
               file=sys.stderr)
-    return 1 if errored else 0
+    if unfinished:
+        print(f"error: the sweep was interrupted: {len(unfinished)} of {trials} trials are unfinished ({', '.join(unfinished)}); "
+              f"the same command with --resume continues it", file=sys.stderr)
+    return 1 if errored or unfinished else 0
 
 
 if __name__ == "__main__":

@@ -264,6 +264,14 @@ class ExperimentConfig:
         if self.train.baselines and len(self.optim.tasks) != 2:
             raise ValueError(f"--baselines: Δm compares a multi-task run with single-task ones; this run trains --tasks "
                              f"{self.optim.tasks[0]} only")
+        t = self.train
+        if self.dist.min_workers is not None and not (t.checkpoint_every or t.checkpoint_every_min):
+            # (Ray grows an elastic group back by restarting it: with epoch checkpoints only, each
+            # time a node returns would cost up to an epoch)
+            raise ValueError(f"--min-workers {self.dist.min_workers}: an elastic run restarts its workers from the last "
+                             f"checkpoint whenever it shrinks or grows back, so give it step checkpoints: "
+                             f"--checkpoint-every-min M (a failure or resize then costs at most M minutes) or "
+                             f"--checkpoint-every N steps")
         if self.train.cuda_graph == "on" and self.graph_obstacle():
             raise ValueError(f"--cuda-graph on: {self.graph_obstacle()} (or --cuda-graph auto/off)")
         return self

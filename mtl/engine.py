@@ -196,7 +196,12 @@ class Runtime:
 
 class TrainingDiverged(ValueError):
     """The loss or the weights are no longer numbers: an outcome of the settings (a too high LR),
-    which a restart from the last checkpoint would only repeat."""
+    which a restart from the last checkpoint would only repeat. ``epoch``, ``step``: where (the
+    epoch's step; both counted from 1)."""
+
+    def __init__(self, message: str, epoch: int = 0, step: int = 0) -> None:
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
 
 
 def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume: bool = False) -> None:
@@ -496,7 +501,7 @@ class Trainer:
     def _diverged(what: str, lr: float, step: int, epoch: int) -> "TrainingDiverged":
         """``step`` of ``epoch`` (both counted from 1)."""
         return TrainingDiverged(f"training diverged: {what} by step {step} of epoch {epoch} (LR {lr:.3g}): lower --lr, or clip "
-                          f"with --grad-clip")
+                                f"with --grad-clip", epoch, step)
 
     def _check_finite_weights(self, lr: float, step: int, epoch: int) -> None:
         """Before a checkpoint: weights that are no longer numbers (an update from an infinite

@@ -143,9 +143,9 @@ def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(ray_cluster
 
     EPOCHS = 10  # room for Ray to notice the new node before the run ends
     c = ray_cluster([1, 1], fast_node_death=True)
-    cfg = ray_cfg(str(tmp_path), "elastic", root=tiny_root, epochs=EPOCHS, steps=3, min_workers=1, resize_interval_s=2.0,
+    cfg = ray_cfg(str(tmp_path), "elastic", root=tiny_root, epochs=EPOCHS, steps=3, resize_interval_s=2.0,
                   start_timeout_s=10)  # (the restart's wait for the lost node; placing on a live node takes no time)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=2)).validate()
+    cfg = cfg.with_values({"train.checkpoint_every": 2, "dist.min_workers": 1}).validate()
     holder = {}
     thread = threading.Thread(target=lambda: holder.update(result=run_ray(cfg)[0]))
     thread.start()
@@ -221,6 +221,51 @@ def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path,
     metrics = read_metrics(run_url(cfg_for(5, True)))
     assert [(m["epoch"], m["step"], m["restarts"]) for m in metrics] == [(1, 2, 0), (2, 4, 1), (3, 6, 1), (4, 8, 2), (5, 10, 3)]
     run_layout(str(tmp_path / "moves"), epochs=5)
+
+
+def test_a_run_that_diverges_on_ray_stops_at_once_without_restarts(ray_cluster, tiny_root, tmp_path):
+    """--lr 1e30 diverges in the first epoch, and would again after every restart from the last
+    checkpoint: the run fails once with the engine's message (a user error: exit code 2 in
+    jobs/train.py), its worker group started once although --max-failures 2 allows restarts."""
+    from mtl.distributed.ray_train import run_ray
+    from mtl.engine import TrainingDiverged
+
+    ray_cluster([1])
+    cfg = ray_cfg(str(tmp_path), "hot", root=tiny_root, epochs=2, steps=3, workers=1)  # (--max-failures 2)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e30))
+    t0 = time.time()
+    with pytest.raises(TrainingDiverged, match=r"training diverged: the loss is nan by step \d of epoch 1 \(LR .*\): lower --lr"):
+        run_ray(cfg)
+    log = (tmp_path / "hot" / "train.log").read_text()
+    assert log.count("on cpu x1") == 1, log  # one attempt: Ray restarted nothing
+    assert not (tmp_path / "hot" / "checkpoints" / "epoch-0001").exists()
+    print(f"failed {time.time() - t0:.1f}s after the start")
+
+
+def test_a_snapshot_cut_short_by_a_killed_driver_does_not_block_the_resume(tmp_path):
+    """Ray rewrites its checkpoint record at every report; a driver killed meanwhile leaves it cut
+    short, and Ray (like a JSON reader) refuses it at every later start. It is dropped as a stale
+    one is, saying so, and the run goes on from its latest.json. (No Ray started.)"""
+    from mtl.checkpoint import CheckpointIndex
+    from mtl.distributed.ray_train import drop_unreferenced_checkpoints
+    from mtl.runs import RAY_SNAPSHOT
+
+    run = tmp_path / "cut"
+    (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    (run / "checkpoints" / "epoch-0001" / "state.pt").write_bytes(b"x")
+    CheckpointIndex(str(run)).commit("epoch-0001")
+    (run / RAY_SNAPSHOT).write_text('{"checkpoint_results": [{"checkpoint_dir_name": "checkpoints/epo')
+    said = []
+    assert drop_unreferenced_checkpoints(str(run), said.append) == []
+    assert not (run / RAY_SNAPSHOT).exists() and (run / "checkpoints" / "epoch-0001" / "state.pt").exists()
+    assert said == [f"deleted Ray's checkpoint record {run}/{RAY_SNAPSHOT}: it cannot be read (cut short: its driver died "
+                    f"while Ray wrote it); the run goes on from {run}/checkpoints/latest.json"]
+    # cut short before the run's first pointer: Ray would refuse it all the same
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / RAY_SNAPSHOT).write_text("{")
+    drop_unreferenced_checkpoints(str(fresh), said.append)
+    assert not (fresh / RAY_SNAPSHOT).exists()
 
 
 def test_too_few_resources_fails_fast_with_a_clear_message(ray_cluster, tiny_root, tmp_path):

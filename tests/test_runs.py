@@ -315,3 +315,13 @@ def test_an_unreachable_storage_endpoint_is_one_line_naming_the_url(flag, tmp_pa
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("error: cannot reach s3://streetmtl/nowhere") and "at endpoint http://127.0.0.1:9" in line
     assert "(gave up after 2 attempts in " in line and "AWS_MAX_ATTEMPTS and AWS_RETRY_MODE, now legacy, set the retries)" in line
+
+
+def test_an_elastic_run_needs_step_checkpoints():
+    """Ray grows an elastic group back by restarting it from the last checkpoint: with epoch
+    checkpoints only, every node that returns would cost up to an epoch of training."""
+    elastic = cfg_with(dist={"num_workers": 2, "min_workers": 1})
+    with pytest.raises(ValueError, match="--min-workers 1: an elastic run restarts its workers .* --checkpoint-every-min M"):
+        elastic.validate()
+    dataclasses.replace(elastic, train=dataclasses.replace(elastic.train, checkpoint_every_min=5.0)).validate()
+    dataclasses.replace(elastic, train=dataclasses.replace(elastic.train, checkpoint_every=50)).validate()

@@ -41,6 +41,15 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--space", "grad_clip=uniform:-1:1"], "--grad-clip must be >= 0 and finite"),
     (["--space", "synthetic_counts=choice:100+20,400+80+80"], "--synthetic-counts takes 3 values joined with +, got '100+20'"),
     (["--task-weighting", "famo", "--space", "semseg_weight=choice:0.0,0.5"], "--task-weighting famo starts from --semseg-weight, which must lie strictly between 0 and 1 (got 0.0)"),
+    # the schedulers' intervals against --epochs (Ray's ASHA asserts only once Ray has started; equal: never acts)
+    (["--grace-period", "10", "--epochs", "8"], "error: --grace-period 10 with --epochs 8: ASHA stops trials early only after the grace period"),
+    (["--grace-period", "8", "--epochs", "8"], "error: --grace-period 8 with --epochs 8:"),
+    (["--scheduler", "pbt", "--perturbation-interval", "8", "--epochs", "8"], "error: --perturbation-interval 8 with --epochs 8: PBT would never perturb"),
+    # a single-task run weighs no losses: sweeping the weight would vary nothing
+    (["--tasks", "semseg", "--metric", "score", "--space", "semseg_weight=uniform:0.3:0.7"],
+     "error: --space optim.semseg_weight=uniform:0.3:0.7: semseg_weight weighs the two tasks' losses, and these trials train --tasks semseg only"),
+    # each trial's run is named after the trial: a --name would be ignored
+    (["--name", "x"], "error: --name: every trial's run is named after the trial (<out>/<sweep-name>/trials/<trial>): name the sweep with --sweep-name"),
 ])
 def test_bad_sweep_fails_before_any_trial(args, message, in_process):
     """jobs/tune.py's main in this process (the shell's exit code and Ray's absence: below)."""
@@ -155,21 +164,35 @@ def test_objectives_and_schedulers_are_checked_with_the_training_config():
         plan_sweep(SweepConfig(scheduler="pbt"), ExperimentConfig(optim=OptimConfig(task_weighting="famo")), set())
 
 
+def test_a_single_task_sweep_leaves_the_loss_weight_out_of_its_default_space():
+    """--tasks semseg trains with its loss weight fixed at 1: the default space would vary
+    semseg_weight for nothing (trials that differ in name only), so it leaves it out and says so."""
+    single = ExperimentConfig(optim=OptimConfig(tasks=("depth",)))
+    spec = plan_sweep(SweepConfig(metric="score"), single, set())
+    assert [d.name for d in spec.space] == ["lr", "scale_max", "hflip"]
+    assert "the default space leaves out semseg_weight: it weighs the two tasks' losses, and --tasks depth trains one" in spec.notes
+    assert [d.name for d in plan_sweep(SweepConfig(), ExperimentConfig(), set()).space] == ["lr", "semseg_weight", "scale_max", "hflip"]
+    # a one-epoch sweep: ASHA judges after the first epoch, so it stops nothing early; the log says so
+    one = plan_sweep(SweepConfig(), ExperimentConfig().with_values({"train.epochs": 1}), set())
+    assert any("--epochs 1: ASHA stops no trial early" in n for n in one.notes)
+
+
 def test_mlflow_logs_the_trials_when_its_uri_is_set(monkeypatch, tmp_path):
     """Tune's MLflow callback, one MLflow experiment per sweep; mlflow missing: one line before Ray starts."""
     import importlib.util
 
     from mtl.distributed.tune import mlflow_callback
 
+    spec = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3"]))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert mlflow_callback("my-sweep") is None
+    assert mlflow_callback("my-sweep", spec) is None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     if importlib.util.find_spec("mlflow") is not None:
-        callback = mlflow_callback("my-sweep")
+        callback = mlflow_callback("my-sweep", spec)
         assert (callback.experiment_name, callback.tracking_uri) == ("my-sweep", "http://127.0.0.1:1")
     monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed
     with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI is set .* mlflow package is not installed"):
-        mlflow_callback("my-sweep")
+        mlflow_callback("my-sweep", spec)
     r = subprocess.run([sys.executable, "jobs/tune.py", "--sweep-name", "m"], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "PYTHONPATH": _no_mlflow(tmp_path)})
     assert r.returncode == 2 and "mlflow package is not installed" in r.stderr, r.stderr
@@ -260,10 +283,11 @@ class _Frame(dict):
 
 
 class _Result:
-    def __init__(self, name, hp, graders, error=None, **columns):
+    def __init__(self, name, hp, graders, error=None, last=None, **columns):
         self.config = {**hp, "trials_url": "/sweeps/s/trials"}
         self.path = f"/sweeps/s/{name}"
         self.error = error
+        self.metrics = {"done": True} if last is None else last  # the last result (done: Tune saw the trial end)
         n = len(graders)
         self.metrics_dataframe = _Frame(grader=graders, miou=[g + 50 for g in graders], si_log_rmse=[50.0] * n,
                                         epoch=list(range(1, n + 1)), **columns) if graders else None

@@ -33,7 +33,7 @@ from mtl.checkpoint import CHECKPOINTS, POINTER, FolderStorage
 from mtl.config import ExperimentConfig
 from mtl.cuda_graph import OTHER_RANK_FAILED
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
-from mtl.engine import Runtime, fit, may_capture
+from mtl.engine import Runtime, TrainingDiverged, fit, may_capture
 from mtl.errors import ClusterError, WorkerFailed
 from mtl.models.encoders import IMAGENET
 from mtl.runs import RAY_SNAPSHOT, out_root, prepare_run, run_name, run_url
@@ -101,14 +101,15 @@ def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
     snapshot references. Ray deletes only the checkpoints it registered; one whose report it
     never took (the worker committed it, then its node was lost) would stay forever. Newer
     folders stay: the workers of an attempt Ray is still tearing down may be writing one (tags
-    sort in the order they are written). A Ray snapshot that names a folder which is gone is
-    deleted first (`_drop_stale_snapshot`). Returns the deleted tags."""
+    sort in the order they are written). A Ray snapshot that names a folder which is gone, or
+    cannot be read, is deleted first (`_drop_stale_snapshot`). Returns the deleted tags."""
     storage = FolderStorage(url, keep_last=0)
     pointer = storage.index.read()
+    folders = storage.folders()
+    named = _drop_stale_snapshot(url, folders, log)  # (also without a pointer: Ray refuses such a snapshot as well)
     if pointer is None:
         return []
-    folders = storage.folders()
-    keep = {pointer["latest"], *pointer.get("history", []), *_drop_stale_snapshot(url, folders, log)}
+    keep = {pointer["latest"], *pointer.get("history", []), *named}
     dropped = sorted(t for t in folders if t.startswith("epoch-") and t < pointer["latest"] and t not in keep)
     storage.delete(dropped)
     if dropped:
@@ -118,9 +119,10 @@ def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
 
 def _drop_stale_snapshot(url: str, folders: list[str], log) -> set[str]:
     """The tags Ray's snapshot names, after deleting a snapshot that names a checkpoint folder
-    which is gone (then none). Ray refuses to start a run whose snapshot does ("corrupted run
-    directory"), and a run continued in local mode deletes the folders that fall out of its
-    --keep-last, Ray's among them. The pointer is the run's record of its checkpoints (Ray's
+    which is gone, or that cannot be read (then none). Ray refuses to start a run whose snapshot
+    does ("corrupted run directory") or is not JSON; a run continued in local mode deletes the
+    folders that fall out of its --keep-last, Ray's among them, and a driver killed while Ray
+    rewrites the snapshot leaves it cut short. The pointer is the run's record of its checkpoints (Ray's
     restarts take it when Ray has none: `RayStorage.latest`), so Ray's goes."""
     import json
 
@@ -128,16 +130,20 @@ def _drop_stale_snapshot(url: str, folders: list[str], log) -> set[str]:
 
     snapshot = f"{url.rstrip('/')}/{RAY_SNAPSHOT}"
     raw = read_bytes(snapshot)
-    named = {name.rstrip("/").rsplit("/", 1)[-1] for name in _dir_names(json.loads(raw) if raw else {})}
-    gone = sorted(named - set(folders))
-    if not gone:
-        return named
+    try:
+        named = {name.rstrip("/").rsplit("/", 1)[-1] for name in _dir_names(json.loads(raw) if raw else {})}
+    except ValueError:  # (truncated: its driver was killed while Ray rewrote it)
+        why = "it cannot be read (cut short: its driver died while Ray wrote it)"
+    else:
+        gone = sorted(named - set(folders))
+        if not gone:
+            return named
+        why = (f"it names checkpoint folder(s) {', '.join(gone)}, which are gone (a run continued outside Ray deletes the "
+               f"folders that fall out of its --keep-last)")
     with storage_errors(snapshot):
         fs, path = url_to_fs(snapshot)
         fs.rm(path)
-    log(f"deleted Ray's checkpoint record {snapshot}: it names checkpoint folder(s) {', '.join(gone)}, which are gone (a run "
-        f"continued outside Ray deletes the folders that fall out of its --keep-last); the run goes on from "
-        f"{url.rstrip('/')}/{CHECKPOINTS}/{POINTER}")
+    log(f"deleted Ray's checkpoint record {snapshot}: {why}; the run goes on from {url.rstrip('/')}/{CHECKPOINTS}/{POINTER}")
     return set()
 
 
@@ -193,8 +199,9 @@ def _worker_device():
     return device
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point: rebuild the typed config, then the shared loop."""
+def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's per-worker entry point: rebuild the typed config, then the shared loop
+    (returns a divergence: `fit_outcome`)."""
     import ray.train
 
     cfg = ExperimentConfig.from_dict(loop_config["config"])
@@ -214,7 +221,32 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,
                  storage=RayStorage(run_url(cfg), cfg.train.keep_last), preemption=ray.train.get_preemption_info,
                  always_resume=True, cpus=int(cfg.dist.cpus_per_worker), track_mlflow=loop_config.get("track_mlflow", True))
-    fit(cfg, rt)
+    return fit_outcome(cfg, rt)
+
+
+DIVERGED = "diverged"  # in a Train run's return value: the divergence's message
+
+
+def fit_outcome(cfg: ExperimentConfig, rt: Runtime) -> dict[str, Any] | None:
+    """Train this rank; a divergence (`mtl.engine.TrainingDiverged`) is returned, not raised:
+    ``{"diverged": message, "epoch": the epoch it diverged in (from 1; 0 when unknown)}``. It is an
+    outcome of the settings (a too high LR) that a restart from the last checkpoint would only
+    repeat, and Ray Train restarts every worker error (--max-failures), then Tune the trial
+    again. Every rank raises it at the same step (the engine checks a loss all ranks share), so
+    every rank returns and the run ends normally; rank 0's value is the Result's
+    ``return_value``, which the caller judges (`diverged`): a training run fails with it, a
+    sweep's trial ends as diverged."""
+    try:
+        fit(cfg, rt)
+    except TrainingDiverged as e:
+        return {DIVERGED: str(e), "epoch": e.epoch}
+    return None
+
+
+def diverged(result) -> dict[str, Any] | None:  # noqa: ANN001 - a Ray Train Result
+    """The divergence a Train run ended with (`fit_outcome`), or None."""
+    value = getattr(result, "return_value", None)
+    return value if isinstance(value, dict) and DIVERGED in value else None
 
 
 def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: list | None = None, track_mlflow: bool = True):
@@ -274,7 +306,8 @@ def run_ray(cfg: ExperimentConfig, log=print):
     """Train on the Ray cluster; returns Ray's Result and the resolved config. Raises
     `InfeasibleCluster` at once when the cluster can never hold the workers, `RunConflict` when
     the run folder does not allow the run (see `mtl.runs`), `ClusterError` when the worker group
-    was not placed within ``dist.start_timeout`` or failed to start."""
+    was not placed within ``dist.start_timeout`` or failed to start, `TrainingDiverged` when
+    training diverged (once: not restarted, `fit_outcome`)."""
     import ray
 
     check_worker_paths(cfg)  # (before Ray starts)
@@ -291,12 +324,16 @@ def run_ray(cfg: ExperimentConfig, log=print):
     drop_unreferenced_checkpoints(run_url(cfg), log)
     trainer = make_trainer(cfg, workers.bundle)
     try:
-        return trainer.fit(), cfg
+        result = trainer.fit()
     except ray.train.ControllerError as e:
         raise ClusterError(_controller_failure_message(e.controller_failure, cfg, workers)) from e
     except ray.train.WorkerGroupError as e:  # (Train V2 raises what a worker raised, after --max-failures restarts)
         rank = first_cause(e.worker_failures)
         raise WorkerFailed(rank, e.worker_failures.get(rank, e)) from e
+    found = diverged(result)
+    if found:  # (returned by the workers, not raised: Ray would have restarted them --max-failures times)
+        raise TrainingDiverged(found[DIVERGED])
+    return result, cfg
 
 
 def first_cause(failures: dict[int, BaseException]) -> int:

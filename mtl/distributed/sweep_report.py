@@ -7,9 +7,11 @@ sweep's objective (``--metric``): the tasks' metrics (IoU for segmentation, SI-l
 the grader for both), the score when it is the objective or the trials train one task, and Δm
 (``delta_m``, percent, lower is better) when baselines were given. A trial's values are read from
 its results at that epoch (``hp/<name>``, ``run``: a PBT trial's values change as it goes, and its
-epochs may come from several run folders), else from its config. Reads Tune's results by duck
-typing (``config``, ``path``, ``metrics_dataframe``, ``error``), so this module needs neither
-Ray nor a live sweep.
+epochs may come from several run folders), else from its config. A trial's status: completed,
+stopped early (ASHA), diverged (its training did: it ended there, not retried), unfinished (the
+sweep was interrupted before it ended), error, or no result. Reads Tune's results by duck typing
+(``config``, ``path``, ``metrics``: the last result, ``metrics_dataframe``, ``error``), so this
+module needs neither Ray nor a live sweep.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mtl.storage import write_bytes_atomic
 TEXT_COLUMNS = ("trial", "status")  # left-aligned in the terminal; numbers and hyperparameters right
 HP_PREFIX = "hp/"  # the swept values a trial reports with each result
 RUN_KEY = "run"  # the run folder (under the sweep's trials/) an epoch was trained in
+DIVERGED_KEY = "diverged"  # in a trial's last result when its training diverged (`mtl.distributed.tune.diverged_result`)
 
 
 @dataclass(frozen=True)
@@ -95,13 +98,13 @@ class SweepReport:
         found = [i for i, x in enumerate(objective) if x == x]
         config_hp = {d.name: r.config.get(d.name) for d in self.spec.space}
         if not found:
-            return TrialRow(name, config_hp, 0, 0, {}, _nan(), [], "error" if r.error else "no result", "")
+            return TrialRow(name, config_hp, 0, 0, {}, _nan(), [], _status(r, "no result"), "")
         pick = max if self.spec.mode == "max" else min
         b = pick(found, key=objective.__getitem__)
         hp = {d.name: _cell(df, HP_PREFIX + d.name, b, config_hp[d.name]) for d in self.spec.space}
         values = {m.key: float(_cell(df, m.key, b, _nan())) for m in self.metrics}
         last = epochs[found[-1]]
-        status = "error" if r.error else ("completed" if last >= max_epochs else "stopped early")
+        status = _status(r, "completed" if last >= max_epochs else "stopped early", trained_all=last >= max_epochs)
         run = _cell(df, RUN_KEY, b, name)
         return TrialRow(name, hp, last, epochs[b], values, objective[b], [(epochs[i], objective[i]) for i in found], status,
                         f"{r.config.get('trials_url', '')}/{run}/{BEST_FILE}")
@@ -181,7 +184,8 @@ class SweepReport:
         ax.set_ylabel(OBJECTIVE_LABELS[self.spec.metric])
         ax.set_title(title + (" (x = stopped early by ASHA)" if self.spec.scheduler == "asha" else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best")
+        if ax.get_legend_handles_labels()[0]:  # (no trial with a result: no legend)
+            ax.legend(fontsize=6, loc="best")
         buf = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buf, format="png")
@@ -191,6 +195,22 @@ class SweepReport:
 
 OBJECTIVE_LABELS = {"grader": "validation grader score (IoU - SI-logRMSE)", "score": "validation score",
                     "delta_m": "Δm against the single-task baselines (%, lower is better)"}
+
+
+def _status(r, ended: str, trained_all: bool = False) -> str:  # noqa: ANN001 - a Tune Result
+    """How trial ``r`` ended: ``error``; ``diverged`` (its training did, `DIVERGED_KEY`); else
+    ``ended`` (completed, stopped early by ASHA, no result) when it trained all its epochs or
+    Tune saw it end (its last result is ``done``: set when the trial returns or a scheduler
+    stops it); else ``unfinished``: the sweep was interrupted (Ctrl-C) first, and Tune returns
+    such a trial as if it had ended; --resume continues it. (A trial that trained all its epochs
+    is completed whatever ``done`` says: Tune may store its last result before marking it, and
+    a resumed sweep restores that.)"""
+    if r.error:
+        return "error"
+    metrics = r.metrics or {}
+    if metrics.get(DIVERGED_KEY):
+        return "diverged"
+    return ended if trained_all or metrics.get("done") else "unfinished"
 
 
 def _cell(df, column: str, i: int, default: Any) -> Any:

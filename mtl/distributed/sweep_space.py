@@ -57,6 +57,8 @@ NOT_SWEPT: dict[str, str] = {
     "train.epochs": "every trial trains --epochs (the time scale of ASHA and PBT)",
     "dist.num_workers": "every trial has --num-workers workers (the sweep sizes its concurrent trials from it)",
 }
+# fields that do nothing when the trials train one task (its loss weight is 1: `mtl.weighting.build_weighting`)
+MULTI_TASK_ONLY: dict[str, str] = {"optim.semseg_weight": "weighs the two tasks' losses"}
 # what PBT may change in the middle of a trial: a trial that exploits another continues that
 # trial's weights, optimizer state and LR plan with these values. Other fields change the model
 # (encoder...), the data plan (batch size: steps per epoch, LR plan length), or state that the
@@ -275,10 +277,12 @@ def explicit_fields(argv: Sequence[str]) -> set[str]:
     return given
 
 
-def choose_space(texts: Sequence[str], given: set[str]) -> tuple[tuple[Dim, ...], list[str]]:
+def choose_space(texts: Sequence[str], given: set[str], tasks: Sequence[str] = ("semseg", "depth")) -> tuple[tuple[Dim, ...], list[str]]:
     """The space a sweep runs (see the module docstring) and notes for the log: ``--space`` as
-    given, where a flag given for a swept field is an error naming both; else the default
-    space without the fields whose flags were given."""
+    given, where a flag given for a swept field is an error naming both, and so is a field that
+    weighs two tasks when the trials train one of ``tasks`` (`MULTI_TASK_ONLY`); else the
+    default space without the fields whose flags were given, and without those."""
+    single = len(tasks) == 1
     if texts:
         space = parse_space(texts)
         clash = [d for d in space if d.path in given]
@@ -286,12 +290,19 @@ def choose_space(texts: Sequence[str], given: set[str]) -> tuple[tuple[Dim, ...]
             d = clash[0]
             raise ValueError(f"{d.flag} is given and --space {d.text} sweeps it: give one (the flag fixes {d.name} for "
                              f"every trial, --space varies it)")
+        idle = [d for d in space if single and d.path in MULTI_TASK_ONLY]
+        if idle:
+            raise ValueError(f"--space {idle[0].text}: {idle[0].name} {MULTI_TASK_ONLY[idle[0].path]}, and these trials train "
+                             f"--tasks {tasks[0]} only: sweep something else")
         return space, []
     space = parse_space(DEFAULT_SPACE)
     fixed = [d for d in space if d.path in given]
-    space = tuple(d for d in space if d.path not in given)
+    idle = [d for d in space if single and d.path in MULTI_TASK_ONLY and d not in fixed]
+    space = tuple(d for d in space if d not in fixed and d not in idle)
     notes = [f"the default space leaves out {', '.join(d.name for d in fixed)}: fixed by "
              f"{', '.join(d.flag for d in fixed)}"] if fixed else []
+    notes += [f"the default space leaves out {d.name}: it {MULTI_TASK_ONLY[d.path]}, and --tasks {tasks[0]} trains one"
+              for d in idle]
     if not space:
         raise ValueError("every field of the default space is fixed by a flag: say what to sweep with --space "
                          "(e.g. --space lr=loguniform:1e-5:1e-3)")
@@ -488,9 +499,11 @@ def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> S
     the flags otherwise. Reads nothing (the baselines' folders, ``--baselines`` of the training
     config, are read by the caller)."""
     sweep.validate()
-    space, notes = choose_space(sweep.space, given)
-    check_space(space, base)
+    notes = _check_flags(sweep, base, given)
     tasks = tuple(base.optim.tasks)
+    space, space_notes = choose_space(sweep.space, given, tasks)
+    notes += space_notes
+    check_space(space, base)
     if sweep.metric in ("grader", "delta_m") and len(tasks) != 2:
         raise ValueError(f"--metric {sweep.metric} judges a multi-task run; these trials train --tasks {tasks[0]} only: "
                          f"use --metric score")
@@ -503,6 +516,28 @@ def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> S
         _check_pbt(space, base)
     return SweepSpec(space, sweep.metric, tuple(base.train.baselines), sweep.scheduler, sweep.perturbation_interval,
                      sweep.pbt_sync, sweep.quantile_fraction, sweep.grace_period, sweep.reduction_factor, tuple(notes))
+
+
+def _check_flags(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> list[str]:
+    """Flags a sweep would not follow: ValueError naming them. ``--name`` (every trial's run is
+    named after the trial); a scheduler interval that leaves --epochs no room: ASHA's grace
+    period must end before the last epoch (Ray refuses a longer one once it has started, and an
+    equal one never stops a trial early), PBT's first perturbation must come before it (one at
+    the last epoch has nothing left to train). A one-epoch sweep under ASHA (the defaults: grace
+    period 1) runs every trial to its end: a note for the log says so."""
+    if "train.name" in given:
+        raise ValueError("--name: every trial's run is named after the trial (<out>/<sweep-name>/trials/<trial>): name the "
+                         "sweep with --sweep-name")
+    epochs = base.train.epochs
+    if sweep.scheduler == "asha" and epochs == sweep.grace_period == 1:
+        return ["--epochs 1: ASHA stops no trial early (it judges trials after their first epoch); every trial trains it"]
+    if sweep.scheduler == "asha" and sweep.grace_period >= epochs:
+        raise ValueError(f"--grace-period {sweep.grace_period} with --epochs {epochs}: ASHA stops trials early only after the "
+                         f"grace period, which must end before the last epoch: --grace-period below {epochs}, or more --epochs")
+    if sweep.scheduler == "pbt" and sweep.perturbation_interval >= epochs:
+        raise ValueError(f"--perturbation-interval {sweep.perturbation_interval} with --epochs {epochs}: PBT would never "
+                         f"perturb a trial before its last epoch: --perturbation-interval below {epochs}, or more --epochs")
+    return []
 
 
 def _check_pbt(space: tuple[Dim, ...], base: ExperimentConfig) -> None:

@@ -42,8 +42,13 @@ run folder from the results, so a PBT trial's row shows the values of its best e
 ``best.pt``. PBT counts time in epochs; it changes only the fields `sweep_space.PBT_MUTABLE` lists.
 
 **MLflow.** With ``MLFLOW_TRACKING_URI`` set, Tune's MLflow callback logs every trial as an
-MLflow run of the experiment named after the sweep (its config as parameters, each epoch's
-results as metrics); the trials' own training does not log to MLflow then.
+MLflow run of the experiment named after the sweep (its fixed settings as parameters, each
+epoch's results, its swept values ``hp/<name>`` included, as metrics at that epoch:
+`SweepMLflowCallback`); the trials' own training does not log to MLflow then.
+
+**Divergence.** A trial whose training diverges (loss or weights no longer numbers) ends
+normally, reported as diverged (`end_trial`): neither Ray Train nor Tune retries it, and the
+sweep goes on.
 """
 
 from __future__ import annotations
@@ -56,12 +61,14 @@ import shutil
 import tempfile
 from typing import Any
 
+from ray.air.constants import TRAINING_ITERATION
+from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.train import UserCallback
 from ray.tune import Callback
 from ray.tune.schedulers import PopulationBasedTraining
 
 from mtl.config import ExperimentConfig
-from mtl.distributed.sweep_report import HP_PREFIX, RUN_KEY
+from mtl.distributed.sweep_report import DIVERGED_KEY, HP_PREFIX, RUN_KEY
 from mtl.distributed.sweep_space import (SweepConfig, SweepSpec, check_pbt_population, check_search_package, hyperparameters,
                                          param_space, trial_config, trial_name)
 
@@ -133,7 +140,7 @@ def _trial(config: dict[str, Any]) -> None:
 
     def fit() -> None:
         try:
-            trainer.fit()
+            outcome["result"] = trainer.fit()
         except BaseException as e:  # noqa: BLE001 - raised again in the trial below
             outcome["error"] = e
         finally:
@@ -141,6 +148,18 @@ def _trial(config: dict[str, Any]) -> None:
 
     thread = threading.Thread(target=fit, name="streetmtl-trial-fit", daemon=True)
     thread.start()
+    _forward(reports, spec, cfg, hp)
+    thread.join()
+    end_trial(outcome, spec, hp, run_name(cfg), name)
+
+
+def _forward(reports, spec: SweepSpec, cfg: ExperimentConfig, hp: dict[str, Any]) -> None:  # noqa: ANN001 - a Ray queue
+    """Each epoch's report of the trial's Train run to Tune (with a PBT checkpoint at the
+    perturbation epochs), until the run ends (None)."""
+    import ray.tune
+
+    from mtl.runs import run_name, run_url
+
     run, url, tasks = run_name(cfg), run_url(cfg), tuple(cfg.optim.tasks)
     while (item := reports.get()) is not None:
         metrics, tag = item
@@ -152,9 +171,33 @@ def _trial(config: dict[str, Any]) -> None:
                 ray.tune.report(result, checkpoint=ray.tune.Checkpoint.from_directory(d))
         else:
             ray.tune.report(result)
-    thread.join()
+
+
+def end_trial(outcome: dict[str, Any], spec: SweepSpec, hp: dict[str, Any], run: str, name: str) -> None:
+    """How a trial's Train run ended: its failure is raised (Tune restarts the trial up to
+    --max-failures, then counts it failed); a divergence is an outcome, reported (`diverged_result`)
+    and ended normally, so that neither Ray Train nor Tune repeats a run that would only diverge
+    again, and the sweep goes on (`mtl.distributed.ray_train.fit_outcome`)."""
+    import ray.tune
+
+    from mtl.distributed.ray_train import DIVERGED, diverged
+
     if "error" in outcome:  # (Train V2 raises a run's failure from fit(); its Result holds none)
         raise outcome["error"]
+    found = diverged(outcome.get("result"))
+    if found:
+        print(f"trial {name}: {found[DIVERGED]}")
+        ray.tune.report(diverged_result(spec, found["epoch"], hp, run))
+
+
+def diverged_result(spec: SweepSpec, epoch: int, hp: dict[str, Any], run: str) -> dict[str, Any]:
+    """The last result of a trial whose training diverged in ``epoch``: the marker
+    (``diverged``) and the objective as NaN. Tune wants the objective in every result; ASHA
+    files a NaN under no rung's cutoff (``np.nanpercentile`` skips it), PBT passes over the
+    result (`AlignedPBT`), a search library takes it as a failed draw, and the report ranks the
+    trial by the epochs it finished (status ``diverged``)."""
+    nan = float("nan")
+    return trial_result({spec.key: nan, "score": nan, "epoch": epoch, DIVERGED_KEY: 1}, (), hp, run)
 
 
 # ------------------------------------------------------------------ run folders and PBT checkpoints
@@ -278,18 +321,51 @@ def trials_at_once(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, 
     return concurrent
 
 
-def mlflow_callback(experiment: str):
-    """Tune's MLflow callback logging every trial as a run of MLflow experiment ``experiment``
-    when ``MLFLOW_TRACKING_URI`` is set; None otherwise (`mtl.tracking.mlflow_tracking_uri`:
-    an error when mlflow is not installed)."""
+def mlflow_callback(experiment: str, spec: SweepSpec):
+    """`SweepMLflowCallback` logging every trial of sweep ``spec`` as a run of MLflow experiment
+    ``experiment`` when ``MLFLOW_TRACKING_URI`` is set; None otherwise
+    (`mtl.tracking.mlflow_tracking_uri`: an error when mlflow is not installed)."""
     from mtl.tracking import mlflow_tracking_uri
 
     uri = mlflow_tracking_uri()
     if uri is None:
         return None
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    return SweepMLflowCallback(spec, tracking_uri=uri, experiment_name=experiment, save_artifact=False)
 
-    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
+
+class SweepMLflowCallback(MLflowLoggerCallback):
+    """Tune's MLflow callback for a sweep's trials. Parameters: a trial's fixed settings, logged
+    once per trial. Tune calls ``log_trial_start`` again whenever a trial restarts (PBT's
+    exploits and pauses, a retry), and MLflow refuses to change a parameter's value ("Changing
+    param values is not allowed"), which PBT's perturbed values would: the swept values reach
+    MLflow with every result instead, as metrics ``hp/<name>``. Metrics are logged at the
+    result's epoch: Tune's ``training_iteration`` starts at 1 again whenever a trial restarts
+    without a Tune checkpoint."""
+
+    def __init__(self, spec: SweepSpec, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.swept = {d.path for d in spec.space}
+        self._params_logged: set[str] = set()
+
+    def log_trial_start(self, trial) -> None:  # noqa: ANN001 - a Tune Trial
+        if trial not in self._trial_runs:
+            run = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)}, run_name=str(trial))
+            self._trial_runs[trial] = run.info.run_id
+        if trial.trial_id not in self._params_logged:
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=self.fixed_params(trial.config))
+            self._params_logged.add(trial.trial_id)
+
+    def fixed_params(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A trial's config without its swept values (at the top level, and the base's own
+        values of the swept fields, which the trial does not train with)."""
+        base = {part: {k: v for k, v in fields.items() if f"{part}.{k}" not in self.swept}
+                for part, fields in config.get("base", {}).items()}
+        names = {p.rpartition(".")[2] for p in self.swept}
+        return {**{k: v for k, v in config.items() if k not in names and k != "base"}, "base": base}
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:  # noqa: ANN001
+        step = int(result.get("epoch") or result[TRAINING_ITERATION])
+        self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result, step=step)
 
 
 def _search_alg(sweep: SweepConfig, max_concurrent: int):
@@ -331,13 +407,16 @@ class AlignedPBT(PopulationBasedTraining):
     a trial first seen at 5 or 6 next perturbs at 6). Synchronous mode's next common
     perturbation moves there too: PBT starts it at the first interval and moves it one interval
     on per perturbation, so after a resume it would lag behind the trials, which from their
-    second perturbation on would no longer wait for each other."""
+    second perturbation on would no longer wait for each other. A trial's last result after its
+    training diverged (`diverged_result`) is passed over: the trial ends there."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._seen: set[str] = set()  # the trials this scheduler has had a result from
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:  # noqa: ANN001
+        if result.get(DIVERGED_KEY):  # (its objective is NaN: nothing to rank, nor to copy)
+            return self.CONTINUE
         if trial.trial_id not in self._seen and self._time_attr in result:
             self._seen.add(trial.trial_id)
             self._align(self._trial_state[trial], int(result[self._time_attr]))
@@ -485,7 +564,7 @@ def _new_tuner(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, trai
 
     url = sweep_url(base, sweep)
     callbacks = [LeaderboardCallback(spec)]
-    mlflow = mlflow_callback(sweep.sweep_name)
+    mlflow = mlflow_callback(sweep.sweep_name, spec)
     if mlflow is not None:
         callbacks.append(mlflow)
     arch, space = base.model.arch, spec.space
@@ -517,8 +596,11 @@ class LeaderboardCallback(Callback):
     def __init__(self, spec: SweepSpec) -> None:
         self.key, self.sign = spec.key, 1.0 if spec.mode == "max" else -1.0
         self.best: dict[str, tuple[float, int]] = {}
+        self.diverged: set[str] = set()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+        if result.get(DIVERGED_KEY):
+            self.diverged.add(trial.trial_id)
         v = result.get(self.key)
         if v is not None and v == v and (trial.trial_id not in self.best or self.sign * v > self.sign * self.best[trial.trial_id][0]):
             self.best[trial.trial_id] = (v, int(result.get("epoch", 0)))
@@ -534,5 +616,5 @@ class LeaderboardCallback(Callback):
         ranked = sorted(trials, key=lambda x: self.sign * self.best.get(x.trial_id, (self.sign * float("-inf"),))[0], reverse=True)
         for x in ranked:
             v, ep = self.best.get(x.trial_id, (float("nan"), 0))
-            t.add_row(str(x), x.status, f"{v:.2f}", str(ep))
+            t.add_row(str(x), "DIVERGED" if x.trial_id in self.diverged else x.status, f"{v:.2f}", str(ep))
         wide_console().print(t)

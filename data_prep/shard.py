@@ -71,6 +71,9 @@ KEPT = "kept.json"
 # in SHARD_PROGRESS: the shards earlier manifests listed for the splits being sharded, which the
 # run deletes once its own manifest is out when that no longer lists them (`_clean_up`)
 REPLACED = "replaced.json"
+# in SHARD_PROGRESS: ``<shard>.pending``, written before a shard is: a shard a killed worker left
+# half-written is this tool's, to delete (`_written_before`) when the next plan does not list it
+PENDING = ".pending"
 
 
 def shard_name(split: str, i: int) -> str:
@@ -177,6 +180,8 @@ def write_shard(job: ShardJob) -> ShardResult:
             return prev
         sizes, bad, n = set(), [], 0
         src = url_to_fs(job.src)
+        # (a record before the shard: a worker killed while writing it leaves a file this tool knows as its own)
+        write_bytes_atomic(f"{job.dst.rstrip('/')}/{SHARD_PROGRESS}/{job.name}{PENDING}", b"")
         with dst_fs.open(path, "wb") as raw:
             hw = _HashingWriter(raw)
             with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
@@ -474,7 +479,8 @@ def _written_before(dst_fs, progress: str) -> set[str]:
     dst_fs.invalidate_cache(progress)
     if not dst_fs.exists(progress):
         return set()
-    records = {p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json") for p in dst_fs.ls(progress, detail=False)}
+    records = {p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json").removesuffix(PENDING)
+               for p in dst_fs.ls(progress, detail=False)}
     try:
         replaced = json.loads(dst_fs.cat_file(f"{progress}/{REPLACED}"))
     except (FileNotFoundError, ValueError):

@@ -119,7 +119,8 @@ def check_flags(a: EvaluateCommand) -> None:
     if not a.metrics:
         given = metric_outputs(a)
         if given:
-            raise ValueError(f"{' and '.join(given)} report metrics, which --no-metrics turns off: leave one out")
+            verb, which = ("reports", "it") if len(given) == 1 else ("report", "one")
+            raise ValueError(f"{' and '.join(given)} {verb} metrics, which --no-metrics turns off: leave {which} out")
     if not a.export:
         given = [flag for flag, value in (("--viz", a.viz is not None), ("--overwrite", a.overwrite)) if value]
         if given:

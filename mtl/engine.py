@@ -336,7 +336,7 @@ class Trainer:
         check = lambda state: check_resumable(state, self.cfg, self.rt.always_resume)  # noqa: E731
         loaded = self.checkpointer.restore(check) if self.checkpointer else None
         if loaded is None:
-            s.samples, s.epoch_samples, s.loader_workers = 0, 0, self.data.workers
+            s.samples, s.epoch_samples, s.loader_workers = 0, 0, self._order_workers()
             return PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
         s.restarts += 1
         if s.epochs != self.cfg.train.epochs:  # --resume --epochs N: the plan is recomputed for the new length
@@ -364,6 +364,11 @@ class Trainer:
             self.baselines = s.baselines
         s.baselines = self.baselines
 
+    def _order_workers(self) -> int:
+        """The loader workers a shard stream's order depends on: those its training loader runs
+        (fewer than asked with few samples per rank: `mtl.data.shards.ShardSplit.training_workers`)."""
+        return self.data.workers if isinstance(self.data.train, FolderLoader) else self.data.train.workers
+
     def _continue_inside_epoch(self) -> None:
         """A checkpoint from inside an epoch continues it at the same data position: a folder
         source from the samples of the epoch's order consumed over all ranks (`epoch_samples`,
@@ -374,7 +379,7 @@ class Trainer:
         validates); a shard stream, whose order depends on the ranks and on their loader workers,
         goes on after the same number of samples when either changed, which some ranks may have
         seen and some not (logged)."""
-        s, world, workers = self.state, self.rt.world, self.data.workers
+        s, world, workers = self.state, self.rt.world, self._order_workers()
         folder = isinstance(self.data.train, FolderLoader)
         if s.epoch_step and folder:  # (after an elastic stretch, epoch_step counts steps of another size than the position's)
             self.start = s.epoch_samples

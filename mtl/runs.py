@@ -142,7 +142,8 @@ def run_url(cfg: ExperimentConfig) -> str:
 def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
     """Identity fields that differ, as ``"optim.lr 0.0004 -> 0.00044"``."""
     a, b = identity(old), identity(new)
-    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+    value = lambda side, k: side.get(k, LATER_FIELDS.get(k))  # noqa: E731 - (a later field at its earlier value: left out)
+    return [f"{k} {value(a, k)!r} -> {value(b, k)!r}" for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
 
 
 class RunFolder:
@@ -260,11 +261,11 @@ def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, w
 
 
 def _predates_hint(stored: ExperimentConfig, requested: ExperimentConfig) -> str:
-    """The flags that continue a run trained before a setting existed, whose default is now
-    another (``--dilated-convs all``)."""
-    old, new = identity(stored), identity(requested)
+    """The flags that continue a run trained before a setting existed whose default is now
+    another (``--dilated-convs all``), when the request has today's default there."""
+    old, new, default = identity(stored), identity(requested), identity(ExperimentConfig())
     flags = [f"{flag(k.partition('.')[2])} {v}" for k, v in LATER_FIELDS.items()
-             if isinstance(v, str) and k not in old and k in new]
+             if isinstance(v, str) and k not in old and new.get(k, v) != v and new.get(k) == default.get(k)]
     return f". It predates today's default there: {' '.join(flags)} continues it" if flags else ""
 
 
@@ -285,9 +286,10 @@ def _similar_runs_hint(cfg: ExperimentConfig, limit: int = 3, reads: int = 50) -
             continue
         if other is not None:
             diff = config_diff(other, cfg)
-            found.append((len(diff), name, diff))
+            found.append((len(diff), name, diff, _predates_hint(other, cfg)))
     if not found:
         return ""
-    lines = [f"{name} (differs in {'; '.join(d) or 'nothing but operational settings'})" for _, name, d in sorted(found)[:limit]]
+    lines = [f"{name} (differs in {'; '.join(d) or 'nothing but operational settings'}{hint})"
+             for _, name, d, hint in sorted(found)[:limit]]
     return (". Runs of the same architecture there: " + " | ".join(lines)
             + ". To continue one of them, pass its --name with --resume (only --epochs may differ: that extends it)")

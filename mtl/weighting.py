@@ -88,17 +88,19 @@ class TaskWeighting(nn.Module):
 
 
 class _AdamState(nn.Module):
-    """Adam over one small vector, as tensors updated in place (no host sync, capturable)."""
+    """Adam over one small vector, as tensors updated in place (no host sync, capturable); its
+    step count per element, so that an element can sit a step out (``gate``)."""
 
     def __init__(self, n: int, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)) -> None:
         super().__init__()
         self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
         self.register_buffer("m", torch.zeros(n))
         self.register_buffer("v", torch.zeros(n))
-        self.register_buffer("t", torch.zeros(()))
+        self.register_buffer("t", torch.zeros(n))
 
     def step(self, param: torch.Tensor, grad: torch.Tensor, gate: torch.Tensor | float = 1.0) -> None:
-        """``param -= lr * adam(grad)``; ``gate`` 0 skips the step without a branch on the host."""
+        """``param -= lr * adam(grad)``; ``gate`` 0 (all of it, or per element) skips the step
+        there, momentum included, without a branch on the host."""
         b1, b2 = self.betas
         grad = grad + self.weight_decay * param
         self.t.add_(gate)
@@ -107,6 +109,12 @@ class _AdamState(nn.Module):
         t = self.t.clamp(min=1)
         m_hat, v_hat = self.m / (1 - b1**t), self.v / (1 - b2**t)
         param.sub_(gate * self.lr * m_hat / (v_hat.sqrt() + 1e-8))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        t = state_dict.get(prefix + "t")
+        if t is not None and t.dim() == 0:  # (checkpoints before per-element step counts)
+            state_dict[prefix + "t"] = t.expand(len(self.m)).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class _Accumulated(TaskWeighting):
@@ -151,8 +159,8 @@ class UncertaintyWeighting(_Accumulated):
         return 0.5 * torch.exp(-self.log_var)
 
     def update(self, losses: torch.Tensor) -> None:
-        # (a task without labels in the step: no gradient, or 0.5 alone would lower its weight)
-        self.adam.step(self.log_var, torch.where(losses > 0, 0.5 - self.weights() * losses, 0.0))
+        # (a task without labels in the step sits it out, momentum too: 0.5 alone would lower its weight)
+        self.adam.step(self.log_var, 0.5 - self.weights() * losses, gate=(losses > 0).float())
 
 
 class FAMOWeighting(_Accumulated):

@@ -314,7 +314,7 @@ def test_as_submitted_scores_the_depth_the_exported_pngs_hold(tiny_root, tmp_pat
         assert sub[key] == pytest.approx(expected[key], rel=1e-4), key
     assert raw["si_log_rmse"] != pytest.approx(sub["si_log_rmse"], rel=1e-4) and raw["miou"] == sub["miou"]
     rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--as-submitted")
-    assert rc == 2 and "--as-submitted report metrics, which --no-metrics turns off" in err
+    assert rc == 2 and "--as-submitted reports metrics, which --no-metrics turns off: leave it out" in err
 
 
 def test_arrays_and_paths_mix_and_bad_ones_are_named(tmp_path, make_run):

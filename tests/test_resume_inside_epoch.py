@@ -420,3 +420,16 @@ def test_the_runs_eta_counts_the_steps_at_this_world_size():
     state = TrainState(epoch=2, epoch_step=6, step=13, total_steps=40)  # 2 epochs of 10 planned steps at 2 ranks, then 1 rank
     one_rank = SimpleNamespace(cfg=cfg, state=state, steps_per_epoch=20)
     assert Trainer.steps_left(one_rank) == 2 * 20 - 6
+
+
+def test_a_shard_streams_order_is_recorded_with_the_workers_its_loader_runs():
+    """A shard stream's order depends on the loader workers that read it: with few samples per
+    rank the training loader runs fewer than asked, and a checkpoint records (and a resume
+    compares) that number, not the one asked for."""
+    from types import SimpleNamespace
+
+    from mtl.data.shards import ShardLoader, ShardSplit, ShardStream
+    from mtl.engine import Trainer
+
+    loader = ShardLoader(ShardStream(ShardSplit(("a.tar", "b.tar", "c.tar"), (10, 10, 10)), None), 4, 4, 2, True, False)
+    assert Trainer._order_workers(SimpleNamespace(data=SimpleNamespace(workers=4, train=loader))) == loader.workers == 2

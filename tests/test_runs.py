@@ -69,6 +69,15 @@ def test_a_run_stored_before_a_setting_existed_keeps_its_network_and_name(tmp_pa
     with pytest.raises(RunConflict, match=r"model.dilated_convs .*'second'. It predates today's default there: "
                                           r"--dilated-convs all continues it"):
         check_same_training(old, today, "run x")
+    # the old command with --resume names a new run (the setting is in the name's hash): the hint says how to continue
+    again = dataclasses.replace(today, train=dataclasses.replace(today.train, name=None, resume=True))
+    with pytest.raises(RunConflict, match=rf"nothing to resume .*{old.train.name} \(differs in model.dilated_convs 'all' -> "
+                                          r"'second'. It predates today's default there: --dilated-convs all continues it\)"):
+        prepare_run(again)
+    famo = cfg_with(optim={"task_weighting": "famo"}, model={"dilated_convs": "all"})  # (a default that did not change: no hint)
+    with pytest.raises(RunConflict) as refused:
+        check_same_training(old, famo, "run x")
+    assert "predates" not in str(refused.value) and "optim.task_weighting 'fixed' -> 'famo'" in str(refused.value)
     # at output stride 32 no stage is dilated: the setting changes nothing, and names nothing
     os32 = {"output_stride": 32}
     assert run_name(cfg_with(model=os32)) == run_name(cfg_with(model={**os32, "dilated_convs": "all"}))

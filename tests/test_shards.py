@@ -540,6 +540,10 @@ def test_sharding_deletes_only_the_shards_it_wrote(tiny_root, tmp_path):
     with pytest.raises(ValueError, match="val/depth/20.png"):  # one shard now; the old manifest is gone, the run fails
         shard_dataset(str(src), str(dst), "24", splits=("val",), workers=1, overwrite=True)
     (src / "val/depth/20.png").write_bytes(good)
+    from mtl.data.miniscapes import SHARD_PROGRESS
+
+    (dst / "val-000005.tar").write_bytes(b"half a shard")  # a worker killed while writing it: its record says so
+    (dst / SHARD_PROGRESS / "val-000005.tar.pending").write_bytes(b"")
     shard_dataset(str(src), str(dst), "24", splits=("val",), workers=1)
     assert sorted(p.name for p in dst.iterdir()) == ["manifest.json", "val-000000.tar", "val-000009.tar", "val-2023-backup.tar"]
     assert (dst / "val-2023-backup.tar").read_bytes() == b"precious"

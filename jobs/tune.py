@@ -32,9 +32,10 @@ runs given by --baselines, minimised). --baselines is the training flag: every t
 reports Δm each epoch, its score is -Δm (so --metric score ranks as delta_m does) and its best.pt
 is its lowest-Δm epoch; every report has a delta_m column.
 
-Scheduler: --scheduler asha (default) stops weak trials early (its rungs start empty after
---resume, as Tune saves no scheduler state: resumed trials are compared only with results
-reported since, and the first to reach a rung goes on); --scheduler pbt perturbs every
+Scheduler: --scheduler asha (default) stops weak trials early, judging each at a rung (every
+--grace-period x --reduction-factor^k epochs) by its score at that epoch, also after --resume
+(Tune saves no scheduler state: the rungs are filled again from the trials' run folders);
+--scheduler pbt perturbs every
 --perturbation-interval epochs: a trial in the bottom --quantile-fraction continues from the
 latest checkpoint of one in the top fraction with that trial's values perturbed (x0.8/x1.2 or
 redrawn, clipped to the range; a choice moves to a neighbour). PBT changes lr, semseg_weight,
@@ -47,7 +48,9 @@ perturbing at multiples of --perturbation-interval.
 Trials at once: as many as the cluster holds (its GPUs, once its autoscaler has added what its
 config allows), or --max-concurrent. With MLFLOW_TRACKING_URI set, every trial is an MLflow run
 of the experiment named after the sweep (pip install mlflow). Results: a leaderboard in the
-terminal and results.{md,tex,csv} plus scores.png in <out>/<sweep-name>/.
+terminal and results.{md,tex,csv} plus scores.png in <out>/<sweep-name>/; after --resume too, they
+judge every trial by all the epochs it trained, read from its run folders (Tune keeps only the
+results it had saved, and those it received since).
 
 Outcomes: a trial whose training diverges (its loss or weights stop being numbers) ends there,
 not retried, as "diverged"; the sweep goes on. Exit status 1 when a trial failed, or when the

@@ -257,10 +257,10 @@ def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, w
     differ = config_diff(stored, requested, ignore=RESUMABLE_CHANGES)
     if differ:
         raise RunConflict(f"resume refused: {what} was trained with another configuration: {'; '.join(differ)}"
-                          + _predates_hint(stored, requested))
+                          + predates_hint(stored, requested))
 
 
-def _predates_hint(stored: ExperimentConfig, requested: ExperimentConfig) -> str:
+def predates_hint(stored: ExperimentConfig, requested: ExperimentConfig) -> str:
     """The flags that continue a run trained before a setting existed whose default is now
     another (``--dilated-convs all``), when the request has today's default there."""
     old, new, default = identity(stored), identity(requested), identity(ExperimentConfig())
@@ -286,7 +286,7 @@ def _similar_runs_hint(cfg: ExperimentConfig, limit: int = 3, reads: int = 50) -
             continue
         if other is not None:
             diff = config_diff(other, cfg)
-            found.append((len(diff), name, diff, _predates_hint(other, cfg)))
+            found.append((len(diff), name, diff, predates_hint(other, cfg)))
     if not found:
         return ""
     lines = [f"{name} (differs in {'; '.join(d) or 'nothing but operational settings'}{hint})"

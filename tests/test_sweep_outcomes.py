@@ -13,6 +13,7 @@ import torch
 from mtl.config import ExperimentConfig
 from mtl.distributed.sweep_report import SweepReport
 from mtl.distributed.sweep_space import SweepSpec, parse_space
+from tune_fakes import Frame
 
 MESSAGE = "training diverged: the loss is nan by step 3 of epoch 2 (LR 1e+30): lower --lr, or clip with --grad-clip"
 
@@ -142,26 +143,13 @@ def _tune_accepts(result, spec):
     assert pbt._trial_state[hot].last_score is None
 
 
-class _Frame(dict):
-    class _Col(list):
-        @property
-        def iloc(self):
-            return self
-
-        def tolist(self):
-            return list(self)
-
-    def __getitem__(self, key):
-        return self._Col(dict.__getitem__(self, key))
-
-
 class _Result:
     """What the report reads of one trial of Tune's ResultGrid; ``last``: its last result."""
 
     def __init__(self, name, graders, last, **columns):
         n = len(graders)
         self.config, self.path, self.error, self.metrics = {"lr": 1e-4, "trials_url": "/s/trials"}, f"/s/{name}", None, last
-        self.metrics_dataframe = _Frame(grader=graders, miou=[g + 50 for g in graders], si_log_rmse=[50.0] * n,
+        self.metrics_dataframe = Frame(grader=graders, miou=[g + 50 for g in graders], si_log_rmse=[50.0] * n,
                                         epoch=list(range(1, n + 1)), **columns)
 
 

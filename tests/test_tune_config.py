@@ -21,6 +21,7 @@ from mtl.config import ExperimentConfig, OptimConfig, TrainConfig
 from mtl.distributed.sweep_report import SweepReport
 from mtl.distributed.sweep_space import (DEFAULT_SPACE, SweepConfig, SweepSpec, check_space, choose_space, explicit_fields,
                                          parse_dim, parse_space, plan_sweep, trial_config, trial_name)
+from tune_fakes import Frame
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE = parse_space(["lr=loguniform:1e-5:1e-3", "--semseg-weight=uniform:0.3:0.7", "data.scale_max=choice:1.0,1.25",
@@ -267,21 +268,6 @@ def test_baselines_are_single_task_runs_of_both_tasks(tmp_path):
         ExperimentConfig(optim=OptimConfig(tasks=("semseg",)), train=TrainConfig(baselines=(seg, dep))).validate()
 
 
-class _Frame(dict):
-    """What the report reads of a pandas DataFrame: ``in`` and columns with ``tolist``/``iloc``."""
-
-    class _Col(list):
-        @property
-        def iloc(self):
-            return self
-
-        def tolist(self):
-            return list(self)
-
-    def __getitem__(self, key):
-        return self._Col(dict.__getitem__(self, key))
-
-
 class _Result:
     def __init__(self, name, hp, graders, error=None, last=None, **columns):
         self.config = {**hp, "trials_url": "/sweeps/s/trials"}
@@ -289,7 +275,7 @@ class _Result:
         self.error = error
         self.metrics = {"done": True} if last is None else last  # the last result (done: Tune saw the trial end)
         n = len(graders)
-        self.metrics_dataframe = _Frame(grader=graders, miou=[g + 50 for g in graders], si_log_rmse=[50.0] * n,
+        self.metrics_dataframe = Frame(grader=graders, miou=[g + 50 for g in graders], si_log_rmse=[50.0] * n,
                                         epoch=list(range(1, n + 1)), **columns) if graders else None
 
 
@@ -359,7 +345,7 @@ class _TuneCheckpoint:
 
 def test_a_pbt_exploit_continues_the_other_trials_checkpoint_in_a_run_folder_of_its_own(tmp_path):
     from mtl.checkpoint import STATE_FILE, CheckpointIndex, FolderStorage, checkpoint_bytes, load_checkpoint
-    from mtl.distributed.tune import SEED_FILE, finished, pack_checkpoint, start_run, trial_runs
+    from mtl.distributed.tune import SEED_FILE, finished, pack_checkpoint, start_run, trial_folders
     from mtl.runs import check_same_training, run_url
 
     trials = str(tmp_path / "trials")
@@ -385,17 +371,17 @@ def test_a_pbt_exploit_continues_the_other_trials_checkpoint_in_a_run_folder_of_
     assert seeded["train_state"]["best"] == -math.inf  # best.pt of b-p1 is its own best epoch
     check_same_training(ExperimentConfig.from_dict(seeded["config"]), cfg, "seeded")  # the resume accepts b's new values
     assert json.loads((tmp_path / "trials" / "b-p1" / SEED_FILE).read_text())["from"]["run"] == run_url(donor)
-    assert trial_runs(trials, "b") == ["b", "b-p1"] and not finished(cfg)
+    assert trial_folders(trials, "b") == ["b", "b-p1"] and not finished(cfg)
     # b restarted with its own latest checkpoint (the sweep resumed; PBT paused it): the same folder goes on
     pack_checkpoint(f"{trials}/b-p1", "epoch-0002", str(tmp_path / "own-ck"))
     again = start_run(base, spec, {"lr": 1.2e-4}, trials, "b", _TuneCheckpoint(str(tmp_path / "own-ck")))
-    assert (again.train.name, again.train.resume) == ("b-p1", True) and trial_runs(trials, "b") == ["b", "b-p1"]
+    assert (again.train.name, again.train.resume) == ("b-p1", True) and trial_folders(trials, "b") == ["b", "b-p1"]
     # b restarted before it reported a checkpoint of its own: Tune hands it a's again, and b-p1 goes on
     again = start_run(base, spec, {"lr": 1.2e-4}, trials, "b", _TuneCheckpoint(str(tmp_path / "tune-ck")))
-    assert (again.train.name, again.train.resume) == ("b-p1", True) and trial_runs(trials, "b") == ["b", "b-p1"]
+    assert (again.train.name, again.train.resume) == ("b-p1", True) and trial_folders(trials, "b") == ["b", "b-p1"]
     # ...and a second exploit (other values) opens the next folder
     third = start_run(base, spec, {"lr": 2e-4}, trials, "b", _TuneCheckpoint(str(tmp_path / "tune-ck")))
-    assert third.train.name == "b-p2" and trial_runs(trials, "b") == ["b", "b-p1", "b-p2"]
+    assert third.train.name == "b-p2" and trial_folders(trials, "b") == ["b", "b-p1", "b-p2"]
     CheckpointIndex(run_url(third)).commit("epoch-0004")
     assert finished(third)  # its last epoch is done: a restart trains nothing
 
@@ -427,6 +413,14 @@ def test_a_resumed_sweep_must_ask_for_what_it_started_with(tmp_path):
     more = dataclasses.replace(sweep, num_samples=64, search_seed=7)
     with pytest.raises(ValueError, match=r"--num-samples 16 -> 64; --search-seed 0 -> 7"):
         check_resume(base, more, spec)
+    # a sweep started before the encoder's dilation setting: its stored base predates it, and the refusal says how to go on
+    old = base.to_dict()
+    del old["model"]["dilated_convs"]
+    (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps({"spec": spec.to_dict(), "base": old}))
+    with pytest.raises(ValueError, match=r"model.dilated_convs 'all' -> 'second'. It predates today's default there: "
+                                         r"--dilated-convs all continues it\)"):
+        check_resume(base, sweep, spec)
+    check_resume(base.with_values({"model.dilated_convs": "all"}), sweep, spec)
     from mtl.distributed.tune import check_new
 
     with pytest.raises(FileExistsError, match=r"a sweep is already at .*/s: --resume continues it, or choose another --sweep-name"):

@@ -5,32 +5,43 @@ The columns come from the sweep itself (`SweepReport`): one per swept field of i
 number format: `mtl.distributed.sweep_space.Dim`), then the trial's outcome at its best epoch by the
 sweep's objective (``--metric``): the tasks' metrics (IoU for segmentation, SI-logRMSE for depth,
 the grader for both), the score when it is the objective or the trials train one task, and Δm
-(``delta_m``, percent, lower is better) when baselines were given. A trial's values are read from
-its results at that epoch (``hp/<name>``, ``run``: a PBT trial's values change as it goes, and its
-epochs may come from several run folders), else from its config. A trial's status: completed,
+(``delta_m``, percent, lower is better) when baselines were given. A trial's status: completed,
 stopped early (ASHA), diverged (its training did: it ended there, not retried), unfinished (the
-sweep was interrupted before it ended), error, or no result. Reads Tune's results by duck typing
-(``config``, ``path``, ``metrics``: the last result, ``metrics_dataframe``, ``error``), so this
-module needs neither Ray nor a live sweep.
+sweep was interrupted before it ended), error, or no result.
+
+**A trial's epochs** (`trial_history`) come from its run folders: training writes every epoch's
+metrics there (``metrics/epoch-NNNN.json``) before Tune hears of it. Tune's own results miss
+epochs after a resume: it restores them only from its last saved state, and its result file in
+the sweep's folder holds only what the new driver received (Tune copies a trial's earlier results
+back only for trials with a Tune checkpoint, which ASHA's never have). A PBT trial's epochs may
+come from several run folders: a folder seeded from a checkpoint of epoch k (a PBT exploit)
+trained the trial's epochs after k. Its values at an epoch are those Tune's result of the epoch
+names (``hp/<name>``, when it names the same folder, ``run``), else those its run folder trained
+with (its ``config.json``), else the trial's config. Reads Tune's results by duck
+typing (``config``, ``path``, ``metrics``: the last result, ``metrics_dataframe``, ``error``), so
+this module needs neither Ray nor a live sweep.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from mtl.checkpoint import BEST_FILE
+from mtl.checkpoint import BEST_FILE, epoch_metrics
 from mtl.distributed.sweep_space import SweepSpec
-from mtl.storage import write_bytes_atomic
+from mtl.storage import read_bytes, write_bytes_atomic
 
 TEXT_COLUMNS = ("trial", "status")  # left-aligned in the terminal; numbers and hyperparameters right
 HP_PREFIX = "hp/"  # the swept values a trial reports with each result
 RUN_KEY = "run"  # the run folder (under the sweep's trials/) an epoch was trained in
 DIVERGED_KEY = "diverged"  # in a trial's last result when its training diverged (`mtl.distributed.tune.diverged_result`)
+SEED_FILE = "pbt-origin.json"  # in a run folder seeded from another trial's checkpoint (`mtl.distributed.tune.seed_run`)
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,84 @@ def _nan() -> float:
 
 def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ------------------------------------------------------------------------ a trial's epochs
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One epoch of a trial: the run folder it was trained in (under the sweep's ``trials/``)
+    and its results (validation metrics; the swept values ``hp/<name>`` where Tune has them)."""
+
+    epoch: int
+    run: str
+    values: dict[str, Any]
+
+
+def trial_folders(trials_url: str, name: str) -> list[str]:
+    """The run folders trial ``name`` trained in, in order: ``name``, ``name-p1``, ``name-p2``..."""
+    from mtl.runs import RunFolder
+
+    pattern = re.compile(re.escape(name) + r"(?:-p(\d+))?")
+    found = [(int(m.group(1) or 0), e) for e in RunFolder(trials_url).entries() if (m := pattern.fullmatch(e))]
+    return [e for _, e in sorted(found)]
+
+
+def _folders(trials_url: str, name: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """Run folder -> its epochs' metrics, for trial ``name``'s folders in order."""
+    return {run: epoch_metrics(f"{trials_url}/{run}") for run in trial_folders(trials_url, name)}
+
+
+def _lineage(trials_url: str, folders: dict[str, dict[int, dict[str, Any]]]) -> dict[int, str]:
+    """Epoch -> the run folder that trained it for the trial: a folder seeded from a checkpoint of
+    epoch k (a PBT exploit: `SEED_FILE`) trained the epochs after k; what an earlier folder holds
+    after k (trained before the exploit reached the trial) is not the trial's."""
+    out: dict[int, str] = {}
+    for run, epochs in folders.items():
+        seed = read_bytes(f"{trials_url}/{run}/{SEED_FILE}")
+        m = re.match(r"epoch-(\d+)", json.loads(seed)["from"]["tag"]) if seed is not None else None
+        if m:
+            out = {e: r for e, r in out.items() if e <= int(m.group(1))}
+        out.update(dict.fromkeys(epochs, run))
+    return out
+
+
+def trial_history(trials_url: str, name: str, rows: Sequence[dict[str, Any]] = ()) -> list[EpochResult]:
+    """Trial ``name``'s results, one per epoch, in order (see the module docstring): its run
+    folders' metrics, each epoch from the folder that trained it for the trial (`_lineage`), with
+    Tune's results (``rows``) for the swept values of the epochs Tune says were trained there,
+    and for epochs no folder holds (a diverged trial's last result; a sweep whose folders are gone)."""
+    folders = _folders(trials_url.rstrip("/"), name) if trials_url else {}
+    lineage = _lineage(trials_url.rstrip("/"), folders)
+    tune = {int(r["epoch"]): r for r in rows if _finite(r.get("epoch"))}  # (the last result of an epoch reported twice)
+    out = []
+    for epoch in sorted(set(lineage) | set(tune)):
+        row, run = tune.get(epoch, {}), lineage.get(epoch)
+        named = row.get(RUN_KEY) if isinstance(row.get(RUN_KEY), str) else None
+        if run is None:
+            out.append(EpochResult(epoch, named or name, dict(row)))
+            continue
+        hp = {k: v for k, v in row.items() if k.startswith(HP_PREFIX) and named in (None, run)}
+        out.append(EpochResult(epoch, run, {**hp, **folders[run][epoch]}))
+    return out
+
+
+def _tune_rows(df) -> list[dict[str, Any]]:  # noqa: ANN001 - a pandas DataFrame (duck-typed)
+    """Tune's results of a trial as one dict per result (``epoch`` counted from 1 when absent)."""
+    if df is None:
+        return []
+    columns = {c: df[c].tolist() for c in list(df)}
+    n = max((len(v) for v in columns.values()), default=0)
+    rows = [{c: v[i] for c, v in columns.items() if i < len(v) and v[i] is not None} for i in range(n)]
+    return [r if "epoch" in r else {**r, "epoch": i + 1} for i, r in enumerate(rows)]
+
+
+def _folder_values(trials_url: str, run: str) -> dict[str, dict[str, Any]]:
+    """The config a run folder trained with (its ``config.json``, as stored), {} when it has none."""
+    from mtl.runs import CONFIG_FILE
+
+    raw = read_bytes(f"{trials_url}/{run}/{CONFIG_FILE}") if trials_url else None
+    return json.loads(raw) if raw is not None else {}
 
 
 class SweepReport:
@@ -90,24 +179,33 @@ class SweepReport:
                       reverse=True)
 
     def _row(self, r, max_epochs: int) -> TrialRow:
-        name = os.path.basename(r.path.rstrip("/"))
-        df, key = r.metrics_dataframe, self.spec.key
-        has = (lambda c: df is not None and c in df)  # noqa: E731
-        objective = [float(x) for x in df[key].tolist()] if has(key) else []
-        epochs = [int(x) for x in df["epoch"].tolist()] if has("epoch") else list(range(1, len(objective) + 1))
-        found = [i for i, x in enumerate(objective) if x == x]
+        name, trials_url = os.path.basename(r.path.rstrip("/")), r.config.get("trials_url", "")
+        key = self.spec.key
+        history = trial_history(trials_url, name, _tune_rows(r.metrics_dataframe))
+        found = [h for h in history if _number_or_none(h.values.get(key)) is not None]
         config_hp = {d.name: r.config.get(d.name) for d in self.spec.space}
         if not found:
             return TrialRow(name, config_hp, 0, 0, {}, _nan(), [], _status(r, "no result"), "")
         pick = max if self.spec.mode == "max" else min
-        b = pick(found, key=objective.__getitem__)
-        hp = {d.name: _cell(df, HP_PREFIX + d.name, b, config_hp[d.name]) for d in self.spec.space}
-        values = {m.key: float(_cell(df, m.key, b, _nan())) for m in self.metrics}
-        last = epochs[found[-1]]
+        best = pick(found, key=lambda h: float(h.values[key]))
+        values = {m.key: _number_or_none(best.values.get(m.key), _nan()) for m in self.metrics}
+        last = found[-1].epoch
         status = _status(r, "completed" if last >= max_epochs else "stopped early", trained_all=last >= max_epochs)
-        run = _cell(df, RUN_KEY, b, name)
-        return TrialRow(name, hp, last, epochs[b], values, objective[b], [(epochs[i], objective[i]) for i in found], status,
-                        f"{r.config.get('trials_url', '')}/{run}/{BEST_FILE}")
+        return TrialRow(name, self._values(best, trials_url, config_hp), last, best.epoch, values, float(best.values[key]),
+                        [(h.epoch, float(h.values[key])) for h in found], status, f"{trials_url}/{best.run}/{BEST_FILE}")
+
+    def _values(self, best: EpochResult, trials_url: str, config_hp: dict[str, Any]) -> dict[str, Any]:
+        """The swept values of epoch ``best``: as Tune's result has them, else as its run folder
+        trained with, else the trial's config."""
+        out, stored = {}, None
+        for d in self.spec.space:
+            v = best.values.get(HP_PREFIX + d.name)
+            if v is None or (isinstance(v, float) and v != v):
+                stored = _folder_values(trials_url, best.run) if stored is None else stored
+                part, _, field = d.path.partition(".")
+                v = stored.get(part, {}).get(field, config_hp[d.name])
+            out[d.name] = v
+        return out
 
     def cells(self, i: int, r: TrialRow) -> list[str]:
         return [str(i + 1), r.name, *(d.show(r.hp.get(d.name)) for d in self.spec.space), str(r.epochs), str(r.best_epoch),
@@ -213,12 +311,12 @@ def _status(r, ended: str, trained_all: bool = False) -> str:  # noqa: ANN001 - 
     return ended if trained_all or metrics.get("done") else "unfinished"
 
 
-def _cell(df, column: str, i: int, default: Any) -> Any:
-    """``df[column]`` at row ``i``, ``default`` when there is no such column or value."""
-    if df is None or column not in df:
+def _number_or_none(v: Any, default: Any = None) -> Any:
+    """``v`` as a float, ``default`` when it is missing or NaN."""
+    if v is None or isinstance(v, str):
         return default
-    v = df[column].iloc[i]
-    return default if v is None or (isinstance(v, float) and v != v) else v
+    v = float(v)
+    return default if v != v else v
 
 
 def _number(x: float) -> str:

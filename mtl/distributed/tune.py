@@ -37,9 +37,19 @@ such a checkpoint:
   applies from the next step). ``pbt-origin.json`` there says where it came from.
 
 PBT perturbs only at multiples of the interval, also after ``--resume`` (`AlignedPBT`). A
-trial restarted after its last epoch trains nothing. The report takes each epoch's values and
-run folder from the results, so a PBT trial's row shows the values of its best epoch and its
-``best.pt``. PBT counts time in epochs; it changes only the fields `sweep_space.PBT_MUTABLE` lists.
+trial restarted after its last epoch trains nothing and reports that epoch again
+(`report_last_epoch`). The report takes each epoch from the run folder that trained it, with
+its values (`sweep_report.trial_history`), so a PBT trial's row shows the values of its best
+epoch and its ``best.pt``. PBT counts time in epochs; it changes only the fields `sweep_space.PBT_MUTABLE` lists.
+
+**ASHA** judges a trial at each rung (``--grace-period`` x ``--reduction-factor``^k epochs) by
+its score at that epoch, also after ``--resume``: Tune saves no scheduler state, and the rungs
+are filled again from the trials' run folders (`AlignedASHA`).
+
+**After --resume** Tune knows a trial's results only as of its last saved state (a few seconds
+before the driver died) and, with a new driver, keeps in the trial's result file only what it
+received since; every epoch's metrics are in the trial's run folders, which the scheduler, the
+leaderboard and the report read (`sweep_report.trial_history`).
 
 **MLflow.** With ``MLFLOW_TRACKING_URI`` set, Tune's MLflow callback logs every trial as an
 MLflow run of the experiment named after the sweep (its fixed settings as parameters, each
@@ -56,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Any
@@ -65,15 +74,14 @@ from ray.air.constants import TRAINING_ITERATION
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.train import UserCallback
 from ray.tune import Callback
-from ray.tune.schedulers import PopulationBasedTraining
+from ray.tune.schedulers import AsyncHyperBandScheduler, PopulationBasedTraining
 
 from mtl.config import ExperimentConfig
-from mtl.distributed.sweep_report import DIVERGED_KEY, HP_PREFIX, RUN_KEY
+from mtl.distributed.sweep_report import DIVERGED_KEY, HP_PREFIX, RUN_KEY, SEED_FILE, trial_folders, trial_history
 from mtl.distributed.sweep_space import (SweepConfig, SweepSpec, check_pbt_population, check_search_package, hyperparameters,
                                          param_space, trial_config, trial_name)
 
 ORIGIN_FILE = "origin.json"  # in a checkpoint handed to Tune: where it came from
-SEED_FILE = "pbt-origin.json"  # in a run folder seeded from another trial's checkpoint
 #: a custom resource of the cluster's head (cluster/): trials run there, off the (spot) GPU nodes
 TRIAL_RESOURCE = "streetmtl_trials"
 TUNE_CHECKPOINT = "checkpoint"  # the Train checkpoint's files inside a Tune checkpoint
@@ -124,13 +132,16 @@ def _trial(config: dict[str, Any]) -> None:
     from mtl.distributed.ray_train import drop_unreferenced_checkpoints, make_trainer
     from mtl.runs import run_name, run_url
 
+    from mtl.runs import stored_config
+
     spec = SweepSpec.from_dict(config["sweep"])
-    base = ExperimentConfig.from_dict(config["base"])
+    base = stored_config(config["base"])  # (a sweep started by an earlier version: its trials' base as stored)
     hp = hyperparameters(spec.space, config)
     name = ray.tune.get_context().get_trial_name()  # stable across Tuner.restore: the Train run resumes
     cfg = start_run(base, spec, hp, config["trials_url"], name, ray.tune.get_checkpoint())
     drop_unreferenced_checkpoints(run_url(cfg))  # (before its Train controller starts)
     if finished(cfg):  # restarted after its last epoch (the sweep resumed; PBT paused it there): nothing to train
+        report_last_epoch(cfg, hp)
         return
     bundle = worker_bundle(cfg.dist.cpus_per_worker, cfg.dist.gpus_per_worker, bool(cfg.dist.use_gpu))
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -151,6 +162,22 @@ def _trial(config: dict[str, Any]) -> None:
     _forward(reports, spec, cfg, hp)
     thread.join()
     end_trial(outcome, spec, hp, run_name(cfg), name)
+
+
+def report_last_epoch(cfg: ExperimentConfig, hp: dict[str, Any]) -> None:
+    """The result of the last epoch of a run that has trained all its epochs, reported again by
+    its trial restarted after it: Tune may not have it (it restores a resumed sweep's results from
+    its last saved state, and a result reported since is reported by no one else), and a trial
+    whose last result is an earlier epoch counts as stopped early. The epoch's metrics file, else
+    (it is written before the checkpoint: gone only if deleted) the checkpoint's own metrics."""
+    import ray.tune
+
+    from mtl.checkpoint import epoch_metrics, load_checkpoint
+    from mtl.runs import run_name, run_url
+
+    url = run_url(cfg)
+    metrics = epoch_metrics(url).get(cfg.train.epochs) or load_checkpoint(url)["metrics"]
+    ray.tune.report(trial_result(metrics, tuple(cfg.optim.tasks), hp, run_name(cfg)))
 
 
 def _forward(reports, spec: SweepSpec, cfg: ExperimentConfig, hp: dict[str, Any]) -> None:  # noqa: ANN001 - a Ray queue
@@ -202,15 +229,6 @@ def diverged_result(spec: SweepSpec, epoch: int, hp: dict[str, Any], run: str) -
 
 # ------------------------------------------------------------------ run folders and PBT checkpoints
 
-def trial_runs(trials_url: str, name: str) -> list[str]:
-    """The run folders trial ``name`` trained in, in order: ``name``, ``name-p1``, ``name-p2``..."""
-    from mtl.runs import RunFolder
-
-    pattern = re.compile(re.escape(name) + r"(?:-p(\d+))?")
-    found = [(int(m.group(1) or 0), e) for e in RunFolder(trials_url).entries() if (m := pattern.fullmatch(e))]
-    return [e for _, e in sorted(found)]
-
-
 def start_run(base: ExperimentConfig, spec: SweepSpec, hp: dict[str, Any], trials_url: str, name: str,
               checkpoint=None) -> ExperimentConfig:  # noqa: ANN001 - a Tune checkpoint
     """The config of the Train run trial ``name`` runs now, its folder ready (see the module
@@ -220,7 +238,7 @@ def start_run(base: ExperimentConfig, spec: SweepSpec, hp: dict[str, Any], trial
     restart in between goes on in the folder already seeded from it (same checkpoint, same values)."""
     from mtl.runs import RunFolder, prepare_run, run_url
 
-    runs = trial_runs(trials_url, name)
+    runs = trial_folders(trials_url, name)
     run = runs[-1] if runs else name
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -387,13 +405,72 @@ def _search_alg(sweep: SweepConfig, max_concurrent: int):
 
 def _scheduler(spec: SweepSpec, epochs: int):
     """ASHA, or PBT; both count time in epochs (the ``epoch`` every result carries)."""
-    from ray.tune.schedulers import ASHAScheduler
-
     if spec.pbt:
         return AlignedPBT(time_attr="epoch", perturbation_interval=spec.perturbation_interval,
                           hyperparam_mutations=spec.pbt_mutations(), quantile_fraction=spec.quantile_fraction,
                           custom_explore_fn=spec.clip, synch=spec.pbt_sync)
-    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+    return AlignedASHA(time_attr="epoch", max_t=epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+
+
+class AlignedASHA(AsyncHyperBandScheduler):
+    """ASHA that judges a trial at each rung by its score at the rung's own epoch, also after
+    ``--resume``. Tune saves no scheduler state: a restored ASHA starts with empty rungs, and
+    Ray files a result under the highest rung the trial has passed, so a trial resumed after
+    epoch 5 would file its epoch-6 score in the epoch-4 rung, and another trial reaching epoch 4
+    with a score above the first one's at epoch 4 but below its epoch 6 would be stopped. Here:
+
+    * the rungs are filled again from the trials' run folders (`trial_history`: every epoch's
+      metrics, also those whose results Tune lost): a restored trial's epochs up to its last
+      result Tune kept when Tune adds it (finished trials included), and the epochs before its
+      first result after each (re)start (it resumed after them; a later epoch may be trained
+      again, its metrics being written before its checkpoint);
+    * a result between rungs decides nothing and is filed nowhere (in a run of consecutive
+      epochs each rung is reached at its own epoch, as Ray has it)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._caught_up: set[str] = set()  # the trials whose epochs before this start are in the rungs
+
+    def on_trial_add(self, tune_controller, trial) -> None:  # noqa: ANN001
+        super().on_trial_add(tune_controller, trial)
+        self._caught_up.discard(trial.trial_id)  # (a restart after a failure: its first result catches up again)
+        last = trial.run_metadata.last_result.get(self._time_attr)  # (restored: what Tune kept of its results)
+        if last is not None:
+            self._replay(trial, int(last))
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:  # noqa: ANN001
+        if self._time_attr not in result:
+            return self.CONTINUE
+        time = int(result[self._time_attr])
+        if trial.trial_id not in self._caught_up:
+            self._caught_up.add(trial.trial_id)
+            self._replay(trial, time - 1)
+        if time < self._max_t and not self._at_rung(trial, time):
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:  # noqa: ANN001
+        if self._time_attr in result and not self._at_rung(trial, int(result[self._time_attr])):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
+
+    def _at_rung(self, trial, time: int) -> bool:  # noqa: ANN001
+        bracket = self._trial_info.get(trial.trial_id)
+        return bracket is not None and any(time == milestone for milestone, _ in bracket._rungs)
+
+    def _replay(self, trial, through: int) -> None:  # noqa: ANN001
+        """File ``trial``'s scores at the rungs up to epoch ``through`` from its run folders,
+        where a rung has none of it yet."""
+        bracket, url = self._trial_info.get(trial.trial_id), trial.config.get("trials_url")
+        rungs = [(m, recorded) for m, recorded in bracket._rungs if m <= through] if bracket is not None and url else []
+        if not rungs:
+            return
+        scores = {h.epoch: h.values.get(self._metric) for h in trial_history(url, str(trial))}
+        for milestone, recorded in rungs:
+            v = scores.get(int(milestone))
+            if isinstance(v, (int, float)) and v == v:
+                recorded.setdefault(trial.trial_id, self._metric_op * float(v))
 
 
 class AlignedPBT(PopulationBasedTraining):
@@ -444,7 +521,7 @@ def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) ->
     """A resumed sweep continues what it started with: another space, objective, scheduler,
     number or draw of trials, or training config on the command line (operational settings such
     as --workers or --cpus-per-worker included) is refused (Tune would go on with the stored one)."""
-    from mtl.runs import config_diff, stored_config
+    from mtl.runs import config_diff, predates_hint, stored_config
     from mtl.storage import read_bytes
 
     url = sweep_url(base, sweep)
@@ -462,8 +539,8 @@ def check_resume(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec) ->
     old_base = stored_config(stored["base"])
     differ += config_diff(old_base, base) + _settings_diff(old_base, base)
     if differ:
-        raise ValueError(f"--resume: the sweep at {url} was started with other settings ({'; '.join(differ)}): resume it "
-                         f"with the command that started it")
+        raise ValueError(f"--resume: the sweep at {url} was started with other settings ({'; '.join(differ)}"
+                         f"{predates_hint(old_base, base)}): resume it with the command that started it")
 
 
 # what a resumed sweep may change: the driver's own settings, not its trials' (Tune restores those as stored)
@@ -591,25 +668,47 @@ def _new_tuner(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, trai
 
 
 class LeaderboardCallback(Callback):
-    """Prints the leaderboard whenever a trial finishes (the terminal view during the sweep)."""
+    """Prints the leaderboard whenever a trial finishes (the terminal view during the sweep).
+    It keeps no state across ``--resume``: what it knew of a trial before (its best epoch,
+    whether it diverged) is read again when it first meets the trial, from the trial's run
+    folders (`trial_history`) and the last result Tune kept."""
 
     def __init__(self, spec: SweepSpec) -> None:
         self.key, self.sign = spec.key, 1.0 if spec.mode == "max" else -1.0
         self.best: dict[str, tuple[float, int]] = {}
         self.diverged: set[str] = set()
+        self.known: set[str] = set()  # the trials whose earlier epochs are in ``best``
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # (a sweep started by an earlier version pickled none)
+        self.__dict__.update({"known": set(), **state})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+        self._catch_up(trial)
+        self._note(trial.trial_id, result)
+
+    def _note(self, trial_id: str, result: dict[str, Any]) -> None:
         if result.get(DIVERGED_KEY):
-            self.diverged.add(trial.trial_id)
+            self.diverged.add(trial_id)
         v = result.get(self.key)
-        if v is not None and v == v and (trial.trial_id not in self.best or self.sign * v > self.sign * self.best[trial.trial_id][0]):
-            self.best[trial.trial_id] = (v, int(result.get("epoch", 0)))
+        if isinstance(v, (int, float)) and v == v and (trial_id not in self.best or self.sign * v > self.sign * self.best[trial_id][0]):
+            self.best[trial_id] = (v, int(result.get("epoch", 0)))
+
+    def _catch_up(self, trial) -> None:  # noqa: ANN001 - a Tune Trial
+        if trial.trial_id in self.known:
+            return
+        self.known.add(trial.trial_id)
+        url = trial.config.get("trials_url")
+        for h in trial_history(url, str(trial)) if url else []:
+            self._note(trial.trial_id, {**h.values, "epoch": h.epoch})
+        self._note(trial.trial_id, {k: v for k, v in trial.run_metadata.last_result.items() if k in (DIVERGED_KEY, "epoch")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
         from rich.table import Table
 
         from mtl.progress import wide_console
 
+        for x in trials:
+            self._catch_up(x)
         t = Table(title=f"sweep leaderboard ({sum(1 for x in trials if x.status == 'TERMINATED')}/{len(trials)} trials done)")
         for c in ("trial", "status", f"best {self.key}", "at epoch"):
             t.add_column(c)

@@ -72,7 +72,7 @@ def check_batch_for_model(batch_size: int, model: ModelConfig) -> None:
 
 def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """``{"optim.lr": 0.0004, ...}``: every field of the resolved config that changes training."""
-    cfg = dataclasses.replace(cfg, model=resolve(cfg.model))
+    cfg = resolve_model(cfg)
     flat: dict[str, Any] = {}
     for part in dataclasses.fields(cfg):
         sub = getattr(cfg, part.name)
@@ -83,12 +83,16 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     for k, default in LATER_FIELDS.items():
         if flat.get(k) == default:
             del flat[k]
-    if cfg.model.output_stride == 32:  # no stage is dilated
-        flat.pop("model.dilated_convs", None)
-    if cfg.data.root or cfg.data.shards:  # the synthetic set's settings only matter when it is used
-        flat.pop("data.synthetic_size")
-        flat.pop("data.synthetic_counts")
+    for k in unused_fields(cfg):
+        flat.pop(k, None)
     return flat
+
+
+def unused_fields(cfg: ExperimentConfig) -> set[str]:
+    """Fields that change nothing in this (resolved) config: the encoder's dilation when no
+    stage is dilated (output stride 32), the synthetic set's settings when data is given."""
+    unused = {"model.dilated_convs"} if cfg.model.output_stride == 32 else set()
+    return unused | ({"data.synthetic_size", "data.synthetic_counts"} if cfg.data.root or cfg.data.shards else set())
 
 
 def stored_config(d: dict[str, Any]) -> ExperimentConfig:
@@ -142,8 +146,22 @@ def run_url(cfg: ExperimentConfig) -> str:
 def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
     """Identity fields that differ, as ``"optim.lr 0.0004 -> 0.00044"``."""
     a, b = identity(old), identity(new)
-    value = lambda side, k: side.get(k, LATER_FIELDS.get(k))  # noqa: E731 - (a later field at its earlier value: left out)
-    return [f"{k} {value(a, k)!r} -> {value(b, k)!r}" for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+    skip = ignore | unused_fields(resolve_model(old)) | unused_fields(resolve_model(new))  # (meaningless on one side)
+    return [f"{k} {field_value(old, k)!r} -> {field_value(new, k)!r}" for k in sorted(set(a) | set(b))
+            if k not in skip and a.get(k) != b.get(k)]
+
+
+def resolve_model(cfg: ExperimentConfig) -> ExperimentConfig:
+    return dataclasses.replace(cfg, model=resolve(cfg.model))
+
+
+def field_value(cfg: ExperimentConfig, path: str) -> Any:
+    """The value of field ``path`` ("model.dilated_convs") of the resolved ``cfg``, as `identity`
+    writes values (lists for tuples); also where `identity` leaves the field out."""
+    part, _, name = path.partition(".")
+    sub = resolve(cfg.model) if part == "model" else getattr(cfg, part)
+    v = getattr(sub, name)
+    return list(v) if isinstance(v, tuple) else v
 
 
 class RunFolder:
@@ -155,6 +173,7 @@ class RunFolder:
     def entries(self) -> list[str]:
         with storage_errors(self.url):
             fs, path = url_to_fs(self.url)
+            fs.invalidate_cache(path)  # (s3fs keeps a listing for the process's life: folders made since would be missing)
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
 
     def has_checkpoint(self, entries: list[str] | None = None) -> bool:
@@ -263,9 +282,10 @@ def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, w
 def predates_hint(stored: ExperimentConfig, requested: ExperimentConfig) -> str:
     """The flags that continue a run trained before a setting existed whose default is now
     another (``--dilated-convs all``), when the request has today's default there."""
-    old, new, default = identity(stored), identity(requested), identity(ExperimentConfig())
+    default, unused = ExperimentConfig(), unused_fields(resolve_model(stored)) | unused_fields(resolve_model(requested))
     flags = [f"{flag(k.partition('.')[2])} {v}" for k, v in LATER_FIELDS.items()
-             if isinstance(v, str) and k not in old and new.get(k, v) != v and new.get(k) == default.get(k)]
+             if isinstance(v, str) and k not in unused
+             and field_value(stored, k) == v != field_value(requested, k) == field_value(default, k)]
     return f". It predates today's default there: {' '.join(flags)} continues it" if flags else ""
 
 

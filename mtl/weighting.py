@@ -160,7 +160,8 @@ class UncertaintyWeighting(_Accumulated):
 
     def update(self, losses: torch.Tensor) -> None:
         # (a task without labels in the step sits it out, momentum too: 0.5 alone would lower its weight)
-        self.adam.step(self.log_var, 0.5 - self.weights() * losses, gate=(losses > 0).float())
+        present = losses > 0  # (a NaN loss too is not present: 0 * NaN would still reach Adam's moments)
+        self.adam.step(self.log_var, torch.where(present, 0.5 - self.weights() * losses, 0.0), gate=present.float())
 
 
 class FAMOWeighting(_Accumulated):

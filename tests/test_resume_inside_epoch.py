@@ -324,15 +324,13 @@ def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_after_ever
         fit(cfg, dataclasses.replace(local_runtime(cfg), preemption=poll))
         return len(polls), CheckpointIndex(run_url(cfg)).read()["history"]
 
-    polls, _ = run("divides", poll_every=4, notice_from=99)
-    assert polls == 2  # at steps 4 and 8 (the old loop never polled here: every poll step ended an epoch)
+    polls, history = run("at-the-end", poll_every=4, notice_from=1)  # the first poll is at the epoch's last step
+    assert polls == 1 and history[:2] == ["epoch-0000-step-00000004", "epoch-0001"]  # (the old loop never polled here)
     polls, history = run("notice", poll_every=2, notice_from=1)
     assert polls == 1  # at step 2; the first notice holds: not asked again
     assert history == ["epoch-0000-step-00000002", "epoch-0000-step-00000003", "epoch-0000-step-00000004", "epoch-0001",
                        "epoch-0001-step-00000005", "epoch-0001-step-00000006", "epoch-0001-step-00000007",
                        "epoch-0001-step-00000008", "epoch-0002"]
-    polls, history = run("at-the-end", poll_every=4, notice_from=1)  # first seen at the epoch's last step
-    assert polls == 1 and history[:2] == ["epoch-0000-step-00000004", "epoch-0001"]
 
 
 def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():

@@ -78,6 +78,12 @@ def test_a_run_stored_before_a_setting_existed_keeps_its_network_and_name(tmp_pa
     with pytest.raises(RunConflict) as refused:
         check_same_training(old, famo, "run x")
     assert "predates" not in str(refused.value) and "optim.task_weighting 'fixed' -> 'famo'" in str(refused.value)
+    # a run at output stride 32 (no stage dilated) resumed at 16: the values as stored, and no hint (the stride differs)
+    os32 = cfg_with(model={"output_stride": 32})
+    with pytest.raises(RunConflict) as refused:
+        check_same_training(os32, cfg_with(), "run x")
+    assert "model.output_stride 32 -> 16" in str(refused.value) and "predates" not in str(refused.value)
+    assert "model.dilated_convs 'second' -> 'second'" not in str(refused.value)
     # at output stride 32 no stage is dilated: the setting changes nothing, and names nothing
     os32 = {"output_stride": 32}
     assert run_name(cfg_with(model=os32)) == run_name(cfg_with(model={**os32, "dilated_convs": "all"}))

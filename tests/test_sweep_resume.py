@@ -179,3 +179,34 @@ def test_a_trial_restarted_after_its_last_epoch_reports_that_epoch_again(finishe
     tune._trial(finished_run)
     (result,) = reported
     assert (result["epoch"], result["grader"], result["hp/lr"], result["run"]) == (2, 35.0, 1e-4, "t")
+
+
+def test_run_folders_that_cannot_be_read_leave_the_sweep_on_what_tune_reports(tmp_path, monkeypatch, capsys):
+    """A storage error while reading a trial's run folders (an endpoint briefly down, a file cut
+    short) must not stop the sweep's driver nor cost its report: ASHA and the leaderboard go on
+    with what Tune reports, the report's row shows Tune's results. And a folder Tune's results
+    name that a stale listing misses is taken from Tune's rows."""
+    from mtl.distributed import sweep_report, tune
+    from mtl.storage import StorageError
+
+    def unreachable(*a, **k):
+        raise StorageError("cannot reach http://127.0.0.1:1 (s3://b/sweeps/s/trials)")
+
+    trials = tmp_path / "trials"
+    _trained(trials, "a", [10.0, 20.0, 25.0])
+    monkeypatch.setattr(tune, "trial_history", unreachable)
+    asha = tune._scheduler(SPEC, 8)
+    asha.set_search_properties("grader", "max")
+    a = _trial("a", trials, last={"epoch": 3, "grader": 25.0})
+    asha.on_trial_add(None, a)
+    assert asha.on_trial_result(None, a, {"epoch": 4, "grader": 30.0}) == "CONTINUE"
+    board = tune.LeaderboardCallback(SPEC)
+    board.on_trial_result(0, [a], a, {"epoch": 4, "grader": 30.0})
+    assert board.best == {a.trial_id: (30.0, 4)} and "could not be read" in capsys.readouterr().out
+    monkeypatch.setattr(sweep_report, "_folders", unreachable)
+    (row,) = SweepReport(SPEC, ("semseg", "depth")).rows([_Result("a", trials, [3, 4], [25.0, 30.0], {"epoch": 4})], 8)
+    assert (row.best_epoch, row.objective) == (4, 30.0) and "its row shows what Tune reported" in capsys.readouterr().err
+    monkeypatch.undo()
+    stale = _Result("a", trials, [3, 4], [25.0, 30.0], {"epoch": 4}, run=["a", "a-p1"])  # a-p1/ made since the listing
+    (row,) = SweepReport(SPEC, ("semseg", "depth")).rows([stale], 8)
+    assert (row.best_epoch, row.objective, row.history[-1]) == (4, 30.0, (4, 30.0))

@@ -107,7 +107,11 @@ def test_a_micro_batch_without_a_tasks_labels_does_not_pull_its_mean_down():
     assert u.log_var[1].item() == depth and u.adam.t.tolist() == [4, 1]
     old = {k: v for k, v in u.state_dict().items()}
     old["count"], old["adam.t"] = torch.zeros(()), torch.tensor(4.0)  # (a checkpoint from before the per-task counts)
-    UncertaintyWeighting([0.5, 0.5], lr=0.05).load_state_dict(old)
+    restored = UncertaintyWeighting([0.5, 0.5], lr=0.05)
+    restored.load_state_dict(old)
+    assert restored.adam.t.tolist() == [4, 4] and restored.count.tolist() == [0, 0]
+    restored.observe(torch.tensor([3.0, float("nan")]))  # (a NaN loss is no label either: it reaches no moment)
+    assert torch.isfinite(restored.log_var).all() and torch.isfinite(restored.adam.v).all()
 
 
 def test_famo_weighs_every_ranks_gradient_alike():

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -123,7 +124,7 @@ def trial_history(trials_url: str, name: str, rows: Sequence[dict[str, Any]] = (
     for epoch in sorted(set(lineage) | set(tune)):
         row, run = tune.get(epoch, {}), lineage.get(epoch)
         named = row.get(RUN_KEY) if isinstance(row.get(RUN_KEY), str) else None
-        if run is None:
+        if run is None or (named is not None and named not in folders):  # (Tune names a folder the listing lacks: its row)
             out.append(EpochResult(epoch, named or name, dict(row)))
             continue
         hp = {k: v for k, v in row.items() if k.startswith(HP_PREFIX) and named in (None, run)}
@@ -181,7 +182,13 @@ class SweepReport:
     def _row(self, r, max_epochs: int) -> TrialRow:
         name, trials_url = os.path.basename(r.path.rstrip("/")), r.config.get("trials_url", "")
         key = self.spec.key
-        history = trial_history(trials_url, name, _tune_rows(r.metrics_dataframe))
+        rows = _tune_rows(r.metrics_dataframe)
+        try:
+            history = trial_history(trials_url, name, rows)
+        except (OSError, ValueError) as e:  # (one unreadable folder must not cost the whole report)
+            print(f"report: trial {name}'s run folders could not be read ({e}): its row shows what Tune reported",
+                  file=sys.stderr)
+            history = trial_history("", name, rows)
         found = [h for h in history if _number_or_none(h.values.get(key)) is not None]
         config_hp = {d.name: r.config.get(d.name) for d in self.spec.space}
         if not found:

@@ -425,7 +425,11 @@ class AlignedASHA(AsyncHyperBandScheduler):
       first result after each (re)start (it resumed after them; a later epoch may be trained
       again, its metrics being written before its checkpoint);
     * a result between rungs decides nothing and is filed nowhere (in a run of consecutive
-      epochs each rung is reached at its own epoch, as Ray has it)."""
+      epochs each rung is reached at its own epoch, as Ray has it).
+
+    The scores filed from the folders are not judged again: the trial trained past those rungs
+    while the sweep's driver lived, so ASHA judged it there then (a trial below a cutoff would
+    not have trained on). A rung the folders hold no score for stays without the trial's."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -466,11 +470,20 @@ class AlignedASHA(AsyncHyperBandScheduler):
         rungs = [(m, recorded) for m, recorded in bracket._rungs if m <= through] if bracket is not None and url else []
         if not rungs:
             return
-        scores = {h.epoch: h.values.get(self._metric) for h in trial_history(url, str(trial))}
+        scores = self._scores(trial, url)
         for milestone, recorded in rungs:
             v = scores.get(int(milestone))
             if isinstance(v, (int, float)) and v == v:
                 recorded.setdefault(trial.trial_id, self._metric_op * float(v))
+
+    def _scores(self, trial, url: str) -> dict[int, Any]:  # noqa: ANN001
+        """Epoch -> the objective from the trial's run folders; {} when they cannot be read (the
+        rungs then miss the trial's earlier scores: a storage error must not stop the sweep)."""
+        try:
+            return {h.epoch: h.values.get(self._metric) for h in trial_history(url, str(trial))}
+        except (OSError, ValueError) as e:
+            print(f"ASHA: trial {trial}'s run folders could not be read ({e}): its earlier scores are not in the rungs")
+            return {}
 
 
 class AlignedPBT(PopulationBasedTraining):
@@ -698,7 +711,12 @@ class LeaderboardCallback(Callback):
             return
         self.known.add(trial.trial_id)
         url = trial.config.get("trials_url")
-        for h in trial_history(url, str(trial)) if url else []:
+        try:  # (the leaderboard is a view: a storage error leaves it with what Tune reports)
+            history = trial_history(url, str(trial)) if url else []
+        except (OSError, ValueError) as e:
+            print(f"leaderboard: trial {trial}'s run folders could not be read ({e})")
+            history = []
+        for h in history:
             self._note(trial.trial_id, {**h.values, "epoch": h.epoch})
         self._note(trial.trial_id, {k: v for k, v in trial.run_metadata.last_result.items() if k in (DIVERGED_KEY, "epoch")})
 

@@ -418,7 +418,6 @@ def convert(root: str, out: str, size: tuple[int, int] = (256, 512), splits: tup
     resumed = claim(dest, plan, overwrite)
     done = finished(dest, samples) if resumed else set()
     todo = [s for s in samples if (s.split, s.index) not in done]
-
     workers = max(1, min(workers or usable_cpus(), len(todo) or 1))
     step = max(1, min(16, -(-len(todo) // (4 * workers))))
     jobs = [Job(root, dest, tuple(todo[i:i + step]), size, quality) for i in range(0, len(todo), step)]

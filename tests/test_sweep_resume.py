@@ -210,3 +210,19 @@ def test_run_folders_that_cannot_be_read_leave_the_sweep_on_what_tune_reports(tm
     stale = _Result("a", trials, [3, 4], [25.0, 30.0], {"epoch": 4}, run=["a", "a-p1"])  # a-p1/ made since the listing
     (row,) = SweepReport(SPEC, ("semseg", "depth")).rows([stale], 8)
     assert (row.best_epoch, row.objective, row.history[-1]) == (4, 30.0, (4, 30.0))
+
+
+def test_a_leaderboard_pickled_by_an_earlier_version_resumes(tmp_path):
+    """Tune keeps the callback pickled in tuner.pkl: one from before the leaderboard knew of
+    diverged trials and of catching up has neither set, and a resumed sweep must not fail on
+    its first result."""
+    import pickle
+
+    from mtl.distributed import tune
+
+    old = tune.LeaderboardCallback(SPEC)
+    del old.__dict__["diverged"], old.__dict__["known"]
+    board = pickle.loads(pickle.dumps(old))
+    trial = _trial("t", tmp_path / "trials", status="RUNNING")
+    board.on_trial_result(0, [trial], trial, {"epoch": 1, "grader": 5.0, "diverged": 1})
+    assert board.diverged == {trial.trial_id} and board.best == {trial.trial_id: (5.0, 1)}

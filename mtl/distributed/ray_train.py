@@ -332,7 +332,7 @@ def run_ray(cfg: ExperimentConfig, log=print):
         raise WorkerFailed(rank, e.worker_failures.get(rank, e)) from e
     found = diverged(result)
     if found:  # (returned by the workers, not raised: Ray would have restarted them --max-failures times)
-        raise TrainingDiverged(found[DIVERGED])
+        raise TrainingDiverged(found[DIVERGED], found["epoch"])
     return result, cfg
 
 

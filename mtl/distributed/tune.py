@@ -130,9 +130,7 @@ def _trial(config: dict[str, Any]) -> None:
 
     from mtl.distributed.capacity import worker_bundle
     from mtl.distributed.ray_train import drop_unreferenced_checkpoints, make_trainer
-    from mtl.runs import run_name, run_url
-
-    from mtl.runs import stored_config
+    from mtl.runs import run_name, run_url, stored_config
 
     spec = SweepSpec.from_dict(config["sweep"])
     base = stored_config(config["base"])  # (a sweep started by an earlier version: its trials' base as stored)
@@ -693,7 +691,7 @@ class LeaderboardCallback(Callback):
         self.known: set[str] = set()  # the trials whose earlier epochs are in ``best``
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # (a sweep started by an earlier version pickled none)
-        self.__dict__.update({"known": set(), **state})
+        self.__dict__.update({"known": set(), "diverged": set(), **state})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
         self._catch_up(trial)

@@ -95,6 +95,45 @@ def test_a_source_that_cannot_be_read_does_not_hide_the_next(monkeypatch):
     assert capacity.read_capacity().max_fit({"CPU": 1}) == 2  # fixed: what is there
 
 
+def test_a_kuberay_pod_without_the_namespace_variable_reads_its_service_accounts(monkeypatch, tmp_path):
+    """KubeRay before 1.6 sets RAY_CLUSTER_NAMESPACE only in the autoscaler's container: the Ray
+    container's driver reads the pod's namespace instead (else "a fixed cluster", no GPU ever)."""
+    from ray.autoscaler._private.kuberay import autoscaling_config
+
+    from mtl.distributed import capacity
+
+    asked = []
+
+    class Producer:
+        def __init__(self, name, namespace):
+            asked.append((name, namespace))
+
+        def __call__(self):
+            return {"available_node_types": {"gpu": {"resources": {"GPU": 4, "CPU": 48}, "max_workers": 2}}}
+
+    monkeypatch.setattr(autoscaling_config, "AutoscalingConfigProducer", Producer)
+    (tmp_path / "namespace").write_text("ml-team\n")
+    monkeypatch.setattr(capacity, "SERVICE_ACCOUNT_NAMESPACE", str(tmp_path / "namespace"))
+    monkeypatch.setenv("RAY_CLUSTER_NAME", "streetmtl")
+    monkeypatch.delenv("RAY_CLUSTER_NAMESPACE", raising=False)
+    found = capacity._from_kuberay()
+    assert asked == [("streetmtl", "ml-team")] and found is not None and found.node_types[0].resources["GPU"] == 4
+    monkeypatch.delenv("RAY_CLUSTER_NAME")
+    assert capacity._from_kuberay() is None  # (not on KubeRay)
+
+
+def test_a_dashboard_address_is_refused_saying_how_to_submit(monkeypatch):
+    from mtl.distributed.capacity import cluster_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ValueError, match=r"RAY_ADDRESS=http://127.0.0.1:8265 is a Ray dashboard's address, which only "
+                                         r"`ray job submit` uses: run this command on the cluster with `ray job submit"):
+        cluster_address(None)
+    assert cluster_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert cluster_address(None) is None
+
+
 def test_the_start_timeout_reaches_ray_train_from_the_process_that_builds_the_trainer(monkeypatch):
     """Ray Train reads its worker-group start timeout from the environment of the process that
     calls ``fit``: a sweep's trial actor, whose environment is not the driver's, must set it too."""

@@ -134,6 +134,9 @@ def _from_gcs() -> Autoscaling | None:
                                  g.max_count if g.max_count >= 0 else UNBOUNDED) for g in config.node_group_configs])
 
 
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
 def _from_bootstrap_file() -> Autoscaling | None:
     path = os.path.expanduser(BOOTSTRAP_CONFIG)
     if not os.path.exists(path):
@@ -144,8 +147,19 @@ def _from_bootstrap_file() -> Autoscaling | None:
         return autoscaling_from_config(yaml.safe_load(fh) or {})
 
 
+def _pod_namespace() -> str | None:
+    """The Kubernetes namespace of this pod (its service account's), else None. KubeRay before
+    1.6 sets ``RAY_CLUSTER_NAMESPACE`` only in the autoscaler's container, not in the Ray one."""
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
 def _from_kuberay() -> Autoscaling | None:
-    name, namespace = os.environ.get("RAY_CLUSTER_NAME"), os.environ.get("RAY_CLUSTER_NAMESPACE")
+    name = os.environ.get("RAY_CLUSTER_NAME")
+    namespace = os.environ.get("RAY_CLUSTER_NAMESPACE") or (_pod_namespace() if name else None)
     if not (name and namespace):
         return None
     from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
@@ -179,9 +193,18 @@ def read_capacity() -> Capacity:
 
 def cluster_address(address: str | None) -> str | None:
     """The existing cluster a run joins: ``--address``, else ``$RAY_ADDRESS`` (set by ``ray job
-    submit`` too); None when it starts a Ray instance of its own ("local" asks for that)."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    return None if address in (None, "", "local") else address
+    submit`` too); None when it starts a Ray instance of its own ("local" asks for that). A
+    dashboard URL (``http://head:8265``, what ``ray job submit`` reads from ``$RAY_ADDRESS``) is
+    not one a driver can join: ValueError saying how to run the command there."""
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given in (None, "", "local"):
+        return None
+    if given.startswith(("http://", "https://")):
+        where = "--address" if address else "RAY_ADDRESS"
+        raise ValueError(f"{where}={given} is a Ray dashboard's address, which only `ray job submit` uses: run this "
+                         f"command on the cluster with `ray job submit --working-dir . -- python jobs/...`, or give "
+                         f"--address the cluster's own address (host:6379) from a machine that reaches it")
+    return given
 
 
 def default_use_gpu(joined: bool, gpus_here: float) -> bool:

@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             from mtl.multitask import load_baselines
 
             load_baselines(cfg.train.baselines)
-        return run_local(cfg, console) if args.local else run_on_ray(cfg, console)
+        from mtl.lease import hold
+        from mtl.runs import resolve_config, run_url
+
+        with hold(run_url(resolve_config(cfg)), "run", console.print):  # (one driver per run folder)
+            return run_local(cfg, console) if args.local else run_on_ray(cfg, console)
     except USER_ERRORS as e:  # bad data, flags, checkpoints, storage, cluster: say which, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 
-    from mtl.distributed.tune import check_new, check_resume, run_sweep
+    from mtl.distributed.tune import check_new, check_resume, run_sweep, sweep_url
+    from mtl.lease import hold
     from mtl.progress import wide_console
 
     console = wide_console()
@@ -118,17 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         console.print(note)
     console.print("sweeping " + "; ".join(d.text for d in spec.space))
     try:
-        if base.train.resume:
-            check_resume(base, sweep, spec)
-        else:
-            note = check_new(base, sweep)
-            if note:
-                console.print(note)
-        results = run_sweep(base, sweep, spec, resume=base.train.resume)
+        with hold(sweep_url(base, sweep), "sweep", console.print):  # (one driver per sweep)
+            if base.train.resume:
+                check_resume(base, sweep, spec)
+            else:
+                note = check_new(base, sweep)
+                if note:
+                    console.print(note)
+            results = run_sweep(base, sweep, spec, resume=base.train.resume)
+            return report(results, base, sweep, spec, console)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    return report(results, base, sweep, spec, console)
 
 
 def report(results, base: ExperimentConfig, sweep: SweepConfig, spec, console) -> int:  # noqa: ANN001 - Tune's ResultGrid

@@ -1,0 +1,244 @@
+"""One driver per run folder (or sweep folder): a lease file its driver renews while it runs.
+
+Why: closing the terminal of ``ray job submit`` leaves the job running, and a second
+submission of the same run with ``--resume`` (or a second local run, or a second sweep driver)
+would train the same folder beside it: both write checkpoints and metrics, each moves
+``latest.json`` to its own, and their lineages interleave. Nothing refuses that without a lease.
+
+``<folder>/lease.json`` names its holder (host, process, Ray job, command), its ``ttl`` and a
+counter the holder's thread raises every ``ttl/4`` seconds. Another driver starting there:
+
+* finds no lease, or one not renewed for ``ttl`` by the wall clock, or one whose holder was a
+  process of this host that is gone (killed, out of memory): takes it (and says so);
+* else watches it for up to ``ttl``: renewed meanwhile, its holder is alive and the start is
+  refused (`LeaseHeld`, naming the holder and how to stop it); not renewed, its holder died with
+  its node (clocks may differ between hosts, so this is not judged by the lease's timestamps),
+  and the lease is taken.
+
+Object stores have no atomic create: two drivers starting in the same second could both write
+the file, so a new holder reads it back after a short settle and only the last writer goes on.
+The holder deletes the file when it ends. A holder that finds its lease taken (it could not
+renew for ``ttl``: storage unreachable, the process paused) interrupts its main thread: it must
+not write beside the new holder.
+
+The times come from ``STREETMTL_LEASE_TTL_S`` (default 120 s; the tests use less).
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from mtl.storage import is_object_store, json_bytes, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+
+LEASE_FILE = "lease.json"
+TTL_ENV = "STREETMTL_LEASE_TTL_S"
+DEFAULT_TTL_S = 120.0
+MAX_TTL_S = 3600.0  # (what a lease file may ask another driver to wait, at most)
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # (set by Ray in a submitted job's driver: its metadata names the job)
+
+
+class LeaseHeld(ValueError):
+    """Another driver that is alive holds the folder's lease."""
+
+
+@dataclass(frozen=True)
+class LeaseTiming:
+    ttl_s: float = DEFAULT_TTL_S
+
+    @property
+    def renew_s(self) -> float:
+        return self.ttl_s / 4
+
+    @property
+    def settle_s(self) -> float:
+        return self.ttl_s / 120  # (1 s at the default: long against two writes racing, short against a start)
+
+    @classmethod
+    def from_env(cls) -> LeaseTiming:
+        raw = os.environ.get(TTL_ENV)
+        if raw is None:
+            return cls()
+        try:
+            ttl = float(raw)
+        except ValueError:
+            ttl = -1.0
+        if not ttl > 0:
+            raise ValueError(f"{TTL_ENV}={raw!r}: give the lease's lifetime in seconds (> 0)")
+        return cls(ttl)
+
+
+def ray_job_id() -> str | None:
+    """The submission id of the Ray job this process is the driver of, else None."""
+    try:
+        return json.loads(os.environ[RAY_JOB_ENV])["metadata"]["job_submission_id"]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _process_gone(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, TypeError, ValueError):
+        return False  # (another user's process, or not a pid: not known to be gone)
+    return False
+
+
+def _positive(v: Any, default: float) -> float:
+    """``v`` as a positive float (a lease file's number), else ``default``."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return default
+    return f if f > 0 and f == f else default
+
+
+def describe(lease: dict[str, Any]) -> str:
+    """Who holds ``lease``, and how to stop it."""
+    job = lease.get("ray_job")
+    who = f"Ray job {job} (`ray job stop {job}` stops it)" if job else f"process {lease.get('pid')}"
+    return f"{who} on host {lease.get('host')}, started {lease.get('started')}: {lease.get('command', '')}"
+
+
+class RunLease:
+    """The lease of ``folder_url`` (``what``: "run" or "sweep", for messages). `hold` takes it
+    for a ``with`` block."""
+
+    def __init__(self, folder_url: str, what: str = "run", timing: LeaseTiming | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.folder, self.what, self.log = folder_url.rstrip("/"), what, log
+        self.url = f"{self.folder}/{LEASE_FILE}"
+        self.timing = timing or LeaseTiming.from_env()
+        self.mine: dict[str, Any] = {}
+        self.lost: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self) -> dict[str, Any] | None:
+        data = read_bytes(self.url)
+        if data is None:
+            return None
+        try:
+            lease = json.loads(data)
+        except ValueError:
+            return {}  # (a torn or foreign file: nobody renews it, so it expires)
+        return lease if isinstance(lease, dict) else {}
+
+    def acquire(self) -> None:
+        """Take the lease (see the module docstring), or raise `LeaseHeld`."""
+        while True:
+            held = self.read()
+            if held is not None and held.get("holder") != self.mine.get("holder"):
+                self._wait_out(held)
+            self._write(started=True)
+            time.sleep(self.timing.settle_s)
+            now = self.read()
+            if now is not None and now.get("holder") == self.mine["holder"]:
+                return
+            if now is None:
+                continue  # (taken and released meanwhile)
+            self._wait_out(now)  # (another driver wrote it after this one)
+
+    def _wait_out(self, held: dict[str, Any]) -> None:
+        """Return once ``held`` may be taken; raise `LeaseHeld` while its holder is alive."""
+        t = LeaseTiming(min(_positive(held.get("ttl_s"), self.timing.ttl_s), MAX_TTL_S))  # (the holder's: its pace)
+        age = time.time() - _positive(held.get("renewed"), 0.0)
+        if age > t.ttl_s:
+            self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, not renewed for {age:.0f} s")
+            return
+        if held.get("host") == socket.gethostname() and _process_gone(held.get("pid")):
+            self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, a process that is gone")
+            return
+        self.log(f"{self.what} folder {self.folder} is leased to {describe(held)}; watching for up to {t.ttl_s:.0f} s "
+                 f"whether it is alive")
+        deadline = time.monotonic() + t.ttl_s
+        while time.monotonic() < deadline:
+            time.sleep(min(t.renew_s / 2, max(0.0, deadline - time.monotonic())))
+            now = self.read()
+            if now is None or now.get("holder") != held.get("holder"):
+                return  # (released, or taken by a third driver: `acquire` reads again)
+            if now.get("beat") != held.get("beat"):
+                raise LeaseHeld(f"{self.what} folder {self.folder} is in use by {describe(now)}. One driver per "
+                                f"{self.what}: stop that one first, or wait for it to end")
+        self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, not renewed for {t.ttl_s:.0f} s")
+
+    def _write(self, started: bool = False) -> None:
+        if started:
+            self.mine = {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                         "ray_job": ray_job_id(), "command": " ".join(sys.argv)[:300],
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ttl_s": self.timing.ttl_s, "beat": 0}
+        else:
+            self.mine["beat"] += 1
+        self.mine["renewed"] = time.time()
+        write_bytes_atomic(self.url, json_bytes(self.mine))
+
+    def _renew_loop(self) -> None:
+        failing = False
+        while not self._stop.wait(self.timing.renew_s):
+            try:
+                now = self.read()
+                if now is not None and now.get("holder") != self.mine["holder"]:
+                    self.lost = now
+                    self.log(f"error: the lease of {self.what} folder {self.folder} was taken by {describe(now)}: "
+                             f"stopping this driver")
+                    _thread.interrupt_main()
+                    return
+                self._write()
+                failing = False
+            except Exception as e:  # noqa: BLE001 - storage hiccups: go on renewing; `ttl` is the margin
+                if not failing:
+                    self.log(f"warning: could not renew the lease of {self.what} folder {self.folder}: {e}")
+                failing = True
+
+    def start_renewing(self) -> None:
+        self._thread = threading.Thread(target=self._renew_loop, name="streetmtl-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease (when it is still this driver's)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.lost is not None or not self.mine:
+            return
+        try:
+            now = self.read()
+            if now is not None and now.get("holder") == self.mine["holder"]:
+                with storage_errors(self.url):
+                    fs, path = url_to_fs(self.url)
+                    fs.rm(path)
+                    folder = path.rsplit("/", 1)[0]
+                    if not is_object_store(fs) and not fs.ls(folder):
+                        fs.rmdir(folder)  # (made for the lease by a run that stopped before writing anything)
+        except Exception as e:  # noqa: BLE001 - the driver's own error matters more; the lease expires
+            self.log(f"warning: could not release the lease of {self.what} folder {self.folder}: {e}")
+
+
+@contextmanager
+def hold(folder_url: str, what: str = "run", log: Callable[[str], None] = print) -> Iterator[RunLease]:
+    """The lease of ``folder_url`` for the ``with`` block: taken, renewed, released. Ends the
+    block with `LeaseHeld` when another driver took it meanwhile."""
+    lease = RunLease(folder_url, what, log=log)
+    lease.acquire()
+    lease.start_renewing()
+    try:
+        yield lease
+    except KeyboardInterrupt:
+        if lease.lost is None:
+            raise
+        raise LeaseHeld(f"this driver stopped: it could not renew its lease of {what} folder {lease.folder} for "
+                        f"{lease.timing.ttl_s:.0f} s, and {describe(lease.lost)} took it") from None
+    finally:
+        lease.release()

@@ -1,0 +1,170 @@
+"""One driver per run folder: a second driver of a live run is refused, a dead one's lease is
+taken, and a driver whose lease was taken stops."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mtl.lease import LEASE_FILE, LeaseHeld, LeaseTiming, RunLease, hold
+from mtl.runs import RunFolder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = LeaseTiming(ttl_s=2.0)  # renewed every 0.5 s
+
+
+def write_lease(folder, **fields) -> None:
+    lease = {"holder": "other", "host": "node-7", "pid": 4242, "ray_job": None, "command": "python jobs/train.py",
+             "started": "2026-11-30T00:00:00+0000", "beat": 0, "renewed": time.time(), **fields}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, LEASE_FILE), "w") as fh:
+        json.dump(lease, fh)
+
+
+def test_a_driver_holds_renews_and_releases_its_lease(tmp_path):
+    folder = str(tmp_path / "run")
+    lease = RunLease(folder, timing=FAST, log=lambda m: None)
+    lease.acquire()
+    lease.start_renewing()
+    first = json.loads((tmp_path / "run" / LEASE_FILE).read_text())
+    assert (first["host"], first["pid"]) == (socket.gethostname(), os.getpid())
+    assert RunFolder(folder).entries() == []  # (a run folder's listing leaves the lease out: still a new run)
+    time.sleep(FAST.renew_s * 1.5)
+    assert json.loads((tmp_path / "run" / LEASE_FILE).read_text())["beat"] > first["beat"]
+    lease.release()
+    assert not (tmp_path / "run").exists()  # (released; the folder it made for the lease, empty, removed)
+
+
+def test_a_live_drivers_lease_is_refused_naming_it(tmp_path):
+    folder = str(tmp_path / "run")
+    first = RunLease(folder, timing=FAST, log=lambda m: None)
+    first.acquire()
+    first.start_renewing()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LeaseHeld, match=rf"run folder {folder} is in use by process {os.getpid()} on host "
+                                            rf"{socket.gethostname()}.*stop that one first"):
+            RunLease(folder, timing=FAST, log=lambda m: None).acquire()
+        assert time.monotonic() - t0 < FAST.ttl_s  # (refused at the first renewal seen, not after the lease's life)
+    finally:
+        first.release()
+
+
+def test_a_ray_jobs_lease_names_the_job_and_how_to_stop_it(tmp_path):
+    folder = str(tmp_path / "run")
+    write_lease(folder, ray_job="raysubmit_abc", renewed=time.time())
+
+    def renew():  # (its holder, alive on another node)
+        for beat in range(1, 20):
+            time.sleep(0.3)
+            write_lease(folder, ray_job="raysubmit_abc", beat=beat)
+
+    threading.Thread(target=renew, daemon=True).start()
+    with pytest.raises(LeaseHeld, match=r"in use by Ray job raysubmit_abc \(`ray job stop raysubmit_abc` stops it\) "
+                                        r"on host node-7"):
+        RunLease(folder, timing=FAST, log=lambda m: None).acquire()
+
+
+def test_a_lease_that_nobody_renews_is_taken(tmp_path):
+    logs = []
+    old = str(tmp_path / "old")
+    write_lease(old, renewed=time.time() - 60)  # (its node was lost a minute ago)
+    t0 = time.monotonic()
+    RunLease(old, timing=FAST, log=logs.append).acquire()
+    assert time.monotonic() - t0 < 1 and "not renewed for 60 s" in logs[-1]
+
+    gone = str(tmp_path / "gone")  # (a process of this host that was killed)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_lease(gone, host=socket.gethostname(), pid=dead.pid)
+    RunLease(gone, timing=FAST, log=logs.append).acquire()
+    assert logs[-1].endswith("a process that is gone")
+
+    fresh = str(tmp_path / "fresh")  # (stamped just now by another host, then silent: judged by watching, not clocks)
+    write_lease(fresh)
+    t0 = time.monotonic()
+    lease = RunLease(fresh, timing=FAST, log=logs.append)
+    lease.acquire()
+    assert FAST.ttl_s <= time.monotonic() - t0 < FAST.ttl_s + 1.5
+    assert "watching" in logs[-2] and "not renewed for 2 s" in logs[-1]
+    assert json.loads(open(os.path.join(fresh, LEASE_FILE)).read())["holder"] == lease.mine["holder"]
+
+
+def test_two_drivers_starting_together_one_goes_on(tmp_path):
+    folder = str(tmp_path / "run")
+    barrier, outcome = threading.Barrier(2), {}
+
+    def driver(i):
+        lease = RunLease(folder, timing=FAST, log=lambda m: None)
+        barrier.wait()
+        try:
+            lease.acquire()
+            lease.start_renewing()
+            outcome[i] = lease
+        except LeaseHeld as e:
+            outcome[i] = e
+
+    threads = [threading.Thread(target=driver, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    held = [v for v in outcome.values() if isinstance(v, RunLease)]
+    assert len(held) == 1 and sum(isinstance(v, LeaseHeld) for v in outcome.values()) == 1, outcome
+    held[0].release()
+
+
+def test_a_driver_whose_lease_was_taken_stops(tmp_path):
+    folder = str(tmp_path / "run")
+    logs = []
+    with pytest.raises(LeaseHeld, match=r"this driver stopped: it could not renew its lease of run folder .* for 2 s, "
+                                        r"and process 4242 on host node-7, .* took it"):
+        with hold(folder, log=logs.append) as lease:
+            lease.timing = FAST  # (renew every 0.5 s from here)
+            lease._stop.set()
+            lease._thread.join()
+            lease._stop.clear()
+            lease.start_renewing()
+            write_lease(folder)  # (another driver took it: this one could not renew in time)
+            for _ in range(50):  # (training: interrupted at the next renewal)
+                time.sleep(0.1)
+    assert any("stopping this driver" in m for m in logs)
+    assert json.loads(open(os.path.join(folder, LEASE_FILE)).read())["holder"] == "other"  # (not deleted: not its own)
+
+
+def test_the_lease_on_s3(s3_prefix):
+    folder = f"{s3_prefix}/run"
+    with hold(folder, log=lambda m: None):
+        assert RunFolder(folder).entries() == []
+        with pytest.raises(LeaseHeld, match="in use by process"):
+            RunLease(folder, timing=FAST, log=lambda m: None).acquire()  # (this one renews every 3 s: the suite's 12 s lease)
+    assert RunFolder(s3_prefix).entries() == []
+
+
+def test_a_second_train_driver_of_a_live_run_is_refused(tiny_root, tmp_path, capsys):
+    """As a user meets it: `jobs/train.py` while another driver of the run is alive; once that
+    one is gone (killed), the same command trains."""
+    from jobs.train import main
+
+    out, name = str(tmp_path / "runs"), "twice"
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from mtl.lease import hold\n"
+                               f"with hold({out + '/' + name!r}):\n    print('held', flush=True); time.sleep(120)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    assert holder.stdout.readline().strip() == "held"
+    train = ["--local", "--arch", "branched", "--encoder", "resnet18", "--root", tiny_root, "--epochs", "1",
+             "--batch-size", "8", "--max-steps-per-epoch", "1", "--workers", "0", "--out", out, "--name", name]
+    assert main(train) == 2
+    err = capsys.readouterr().err
+    assert f"error: run folder {out}/{name} is in use by process {holder.pid} on host {socket.gethostname()}" in err, err
+    assert not os.path.exists(f"{out}/{name}/config.json")  # (it wrote nothing)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert main(train) == 0
+    assert f"taking the lease of process {holder.pid}" in capsys.readouterr().out
+    assert LEASE_FILE not in os.listdir(f"{out}/{name}")

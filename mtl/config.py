@@ -31,6 +31,7 @@ from mtl.zoo_names import Arch, Context, Decoder, Encoder
 Size = tuple[int, int]
 Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when there is a GPU, else the CPU
 Optimizer = Literal["adam", "sgd"]
+WeightDecayStyle = Literal["l2", "decoupled"]
 Task = Literal["semseg", "depth"]
 TaskWeighting = Literal["fixed", "uncertainty", "dwa", "famo"]  # `mtl.weighting`
 
@@ -109,7 +110,11 @@ class ModelConfig(_Part):
 class OptimConfig(_Part):
     optimizer: Optimizer = "adam"  # Adam, or SGD with momentum
     lr: float = 1e-4 * 4  # peak learning rate; the default is the report's best Adam LR (1e-4 at batch 4) scaled to batch 16
-    weight_decay: float = 1e-4  # L2 penalty on the weights
+    weight_decay: float = 1e-4  # weight decay (see --weight-decay-style)
+    #: how Adam applies --weight-decay: l2 = added to the gradient, as the report's Adam (torch's Adam);
+    #: decoupled = AdamW's (Loshchilov & Hutter 2019): weights shrink by LR x decay each step, which at
+    #: the defaults (4e-4 x 1e-4) is almost nothing. SGD's is always l2
+    weight_decay_style: WeightDecayStyle = "l2"
     momentum: float = 0.9  # SGD momentum
     poly_power: float = 0.9  # the LR decays as (1 - step/steps) ** poly_power
     warmup_steps: int = 0  # linear LR warmup

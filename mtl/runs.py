@@ -39,7 +39,8 @@ RESUMABLE_CHANGES = frozenset({"train.epochs"})
 # check) while they hold these values, the behaviour before they existed, so earlier runs keep
 # their names and can be resumed; a stored config without one holds that value (`stored_config`)
 LATER_FIELDS = {"optim.tasks": ["semseg", "depth"], "optim.task_weighting": "fixed", "optim.weighting_lr": 0.025,
-                "optim.dwa_temperature": 2.0, "train.baselines": [], "model.dilated_convs": "all"}
+                "optim.dwa_temperature": 2.0, "train.baselines": [], "model.dilated_convs": "all",
+                "optim.weight_decay_style": "decoupled"}
 
 
 class RunConflict(ValueError):
@@ -91,8 +92,10 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def unused_fields(cfg: ExperimentConfig) -> set[str]:
     """Fields that change nothing in this (resolved) config: the encoder's dilation when no
-    stage is dilated (output stride 32), the synthetic set's settings when data is given."""
+    stage is dilated (output stride 32), Adam's weight decay style under SGD, the synthetic set's
+    settings when data is given."""
     unused = {"model.dilated_convs"} if cfg.model.output_stride == 32 else set()
+    unused |= {"optim.weight_decay_style"} if cfg.optim.optimizer == "sgd" else set()
     return unused | ({"data.synthetic_size", "data.synthetic_counts"} if cfg.data.root or cfg.data.shards else set())
 
 

@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mtl.config import DataConfig, DistConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
-from mtl.runs import RunConflict, RunFolder, config_hash, prepare_run, resolve_config, run_name
+from mtl.runs import RunConflict, RunFolder, check_same_training, config_hash, prepare_run, resolve_config, run_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +52,7 @@ def test_resolved_config_round_trips_through_config_json(tmp_path):
 
 def test_a_run_stored_before_a_setting_existed_keeps_its_network_and_name(tmp_path):
     from mtl.cli import read_config
-    from mtl.runs import check_same_training, identity, stored_config
+    from mtl.runs import identity, stored_config
 
     old = resolve_config(cfg_with(model={"dilated_convs": "all"}, train={"out": str(tmp_path)}))
     assert "model.dilated_convs" not in identity(old)  # its name is the one it had before the setting existed
@@ -87,6 +88,38 @@ def test_a_run_stored_before_a_setting_existed_keeps_its_network_and_name(tmp_pa
     # at output stride 32 no stage is dilated: the setting changes nothing, and names nothing
     os32 = {"output_stride": 32}
     assert run_name(cfg_with(model=os32)) == run_name(cfg_with(model={**os32, "dilated_convs": "all"}))
+
+
+def test_adam_decays_weights_as_the_reports_and_runs_from_before_keep_adamw():
+    """The report's Adam (the course skeleton's torch Adam) adds the decay to the gradient: a
+    weight the data does not move shrinks. AdamW's decoupled decay (what `--optimizer adam` was
+    before this setting) shrinks it by LR x decay a step, at the defaults almost nothing. A run
+    stored without the setting keeps AdamW (and its name); under SGD it changes nothing."""
+    from mtl.engine import build_optimizer
+    from mtl.runs import identity, stored_config
+
+    def after_steps(cfg, steps=100):
+        w = torch.nn.Linear(1, 1000, bias=False)
+        torch.nn.init.constant_(w.weight, 0.05)
+        opt, noise = build_optimizer(w, cfg), torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            opt.zero_grad()
+            (w(torch.ones(1, 1)) * torch.randn(1000, generator=noise) * 1e-6).sum().backward()  # (the data: noise)
+            opt.step()
+        return float(w.weight.detach().mean())
+
+    today = cfg_with()
+    assert today.optim.weight_decay_style == "l2" and after_steps(today) < 0.03
+    old = cfg_with(optim={"weight_decay_style": "decoupled"})
+    assert abs(after_steps(old) - 0.05) < 0.002  # (4e-4 x 1e-4 a step, and noise that averages out)
+    stored = old.to_dict()
+    del stored["optim"]["weight_decay_style"]  # (as streetmtl wrote it before)
+    assert stored_config(stored) == old and "optim.weight_decay_style" not in identity(old)
+    sgd = {"optimizer": "sgd"}
+    assert run_name(cfg_with(optim=sgd)) == run_name(cfg_with(optim={**sgd, "weight_decay_style": "decoupled"}))
+    with pytest.raises(RunConflict, match=r"optim.weight_decay_style 'decoupled' -> 'l2'. It predates today's default "
+                                          r"there: --weight-decay-style decoupled continues it"):
+        check_same_training(resolve_config(old), resolve_config(today), "run x")
 
 
 def test_a_checkpoint_stored_before_a_setting_existed_rebuilds_its_network(tmp_path):

@@ -47,7 +47,7 @@ class EvaluateCommand:
     #: evaluated on the same split and data, and Δm reported, the mean relative change against them in percent
     #: (lower is better; mtl.multitask)
     baselines: tuple[str, ...] = ()
-    overwrite: bool = False  # replace a non-empty --export folder
+    overwrite: bool = False  # replace a non-empty --export folder, or an existing --json file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +67,7 @@ def run(a: EvaluateCommand) -> int:
     from mtl.export import export_predictions
     from mtl.predict import load_model
 
-    from mtl.atomic import output_dir
+    from mtl.atomic import check_output_file, output_dir
 
     check_flags(a)
     device = resolve_device(a.device)
@@ -76,6 +76,8 @@ def run(a: EvaluateCommand) -> int:
     inputs = (source.url, m.url, *a.baselines)  # what the exported folder must not replace
     if a.export:  # (checked before the long pass; again when written)
         output_dir(a.export, a.overwrite, inputs=inputs)
+    if a.json:
+        check_output_file(a.json, "--json", a.overwrite, inputs=inputs)
     data = open_split(source, a.split)
     asked = metric_outputs(a)
     if a.metrics and not data.has_labels and asked:
@@ -121,10 +123,10 @@ def check_flags(a: EvaluateCommand) -> None:
         if given:
             verb, which = ("reports", "it") if len(given) == 1 else ("report", "one")
             raise ValueError(f"{' and '.join(given)} {verb} metrics, which --no-metrics turns off: leave {which} out")
-    if not a.export:
-        given = [flag for flag, value in (("--viz", a.viz is not None), ("--overwrite", a.overwrite)) if value]
-        if given:
-            raise ValueError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for --export, which is not given")
+    if not a.export and a.viz is not None:
+        raise ValueError("--viz is for --export, which is not given")
+    if a.overwrite and not (a.export or a.json):
+        raise ValueError("--overwrite is for --export and --json, neither of which is given")
     if a.batch_size < 1 or a.workers < 0 or (a.viz or 0) < 0:
         raise ValueError(f"--batch-size must be at least 1, --workers and --viz at least 0, got {a.batch_size}, {a.workers} "
                          f"and {a.viz}")

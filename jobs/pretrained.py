@@ -35,7 +35,7 @@ def run(a: MirrorCommand) -> list[str]:
 
     urls = []
     for name in a.encoders:
-        local = imagenet_file(name)
+        local = imagenet_file(name, mirroring=True)
         url = f"{a.to.rstrip('/')}/{os.path.basename(local)}"
         with open(local, "rb") as fh:
             data = fh.read()

@@ -8,7 +8,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from mtl.storage import is_local, url_to_fs
+from mtl.storage import exists, is_local, is_object_store, storage_errors, url_to_fs
 
 
 def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> str:
@@ -30,14 +30,43 @@ def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) ->
 
 
 def check_not_above(out: str, inputs: Sequence[str]) -> None:
-    """ValueError when the folder ``out`` is one of the ``inputs`` or a folder above one:
-    replacing it would delete what is read. Local paths are compared with links resolved, URLs
-    of one store by their paths; an input on another store is never below ``out``."""
+    """ValueError when the folder ``out`` is one of the ``inputs``, a folder above one, or a
+    folder inside one that exists (the split folder of the data read, a run's checkpoints/):
+    replacing it would delete what is read. A new folder inside an input deletes nothing. Local
+    paths are compared with links resolved, URLs of one store by their paths; an input on another
+    store is never below ``out``."""
     where, at = _location(out)
     for src in inputs:
         src_where, path = _location(src)
-        if src_where == where and (path == at or path.startswith(at.rstrip("/") + "/")):
+        if src_where != where:
+            continue
+        if path == at or path.startswith(at.rstrip("/") + "/"):
             raise ValueError(f"{out} holds the input {src}: writing the output there would replace it; choose another folder")
+        if at.startswith(path.rstrip("/") + "/") and exists(out):
+            raise ValueError(f"{out} is part of the input {src}: writing the output there would replace it; choose a folder "
+                             f"that is not there yet, or one outside it")
+
+
+def check_output_file(url: str, flag: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> None:
+    """Before the long work: ``url`` (a file ``flag`` names, written whole by `write_bytes_atomic`)
+    is not a folder, not under a file, not one of the ``inputs`` or a file inside one (ValueError:
+    it would replace what is read, whatever ``overwrite`` says), and not an existing file unless
+    ``overwrite`` (FileExistsError)."""
+    where, at = _location(url)
+    for src in inputs:
+        src_where, path = _location(src)
+        if src_where == where and (at == path or (at.startswith(path.rstrip("/") + "/") and exists(url))):
+            raise ValueError(f"{flag} {url} is {'the input' if at == path else 'part of the input'} {src}: writing it "
+                             f"would replace what is read; choose another file")
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        if fs.isdir(path):
+            raise IsADirectoryError(f"{flag} {url} is a folder: give the path of a file to write")
+        if fs.exists(path) and not overwrite:
+            raise FileExistsError(f"{flag} {url} exists (pass --overwrite to replace it)")
+        parent = path.rsplit("/", 1)[0]
+        if not is_object_store(fs) and parent and fs.exists(parent) and not fs.isdir(parent):
+            raise NotADirectoryError(f"{flag} {url}: {parent} is a file, not a folder")
 
 
 def _location(url: str) -> tuple[str, str]:

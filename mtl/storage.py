@@ -128,6 +128,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             except FileNotFoundError:  # (a PUT needs no folder: only the bucket can be missing)
                 raise FileNotFoundError(_missing_bucket(url)) from None
             return
+        if fs.isdir(path):  # (the rename below would move the file into it)
+            raise IsADirectoryError(f"{url} is a folder: a file cannot be written in its place")
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with fs.open(tmp, "wb") as fh:

@@ -15,4 +15,4 @@ from typing import Literal
 Arch = Literal["deeplabv3p", "branched", "distillation", "branched_vortex"]
 Encoder = Literal["resnet18", "resnet34", "resnet50"]
 Context = Literal["aspp", "vortex", "none"]  # the module between encoder and decoder; none = a 1x1 projection
-Decoder = Literal["skip", "double_skip"]
+Decoder = Literal["skip", "double_skip", "none"]  # none = the course skeleton's placeholder: upsampling, no skip

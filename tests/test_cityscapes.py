@@ -197,7 +197,7 @@ def test_fsspec_destination_marks_completion_last(converted):
     assert mem.cat_file("/cs-out/val/depth/0.png") == open(f"{converted[1]}/val/depth/0.png", "rb").read()
 
 
-def test_out_at_or_above_the_source_is_refused_whatever_overwrite_says(tmp_path):
+def test_out_at_above_or_in_the_source_is_refused_whatever_overwrite_says(tmp_path):
     """--overwrite replaces --out whole (a local one at the end, by its .partial folder; a URL
     at once): an --out that holds the Cityscapes source would delete it."""
     import fsspec
@@ -222,6 +222,12 @@ def test_out_at_or_above_the_source_is_refused_whatever_overwrite_says(tmp_path)
     check_out("memory://b/x/cityscapes", "memory://b/x/cityscapes-mini")  # a sibling (same prefix, not a folder above)
     check_out(str(src), f"{src}-mini")
     check_out("memory://b/x/cityscapes", str(tmp_path / "b"))  # another store
+    # a folder of the source (gtFine/) as --out: it would be replaced; a new folder inside deletes nothing
+    for out in (f"{src}/gtFine", "memory://b/x/cityscapes/gtFine"):
+        with pytest.raises(ValueError, match=f"^{out} is part of the input .*cityscapes: .*choose a folder that is not there"):
+            convert(out.rsplit("/", 1)[0], out, OUT_HW, workers=1, overwrite=True)
+    assert (src / "gtFine").is_dir() and mem.exists("/b/x/cityscapes/gtFine")
+    check_out(str(src), f"{src}/miniscapes")
 
 
 def test_splits_named_twice_or_none_are_refused(tmp_path, capsys):

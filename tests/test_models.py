@@ -105,6 +105,26 @@ def test_architecture_defaults_and_options():
         build_model(ModelConfig(output_stride=4))
 
 
+def test_the_skeletons_placeholder_decoder_builds_the_reports_early_baselines():
+    """§2.2–2.3 of the report (Tables 4–6) trained the skeleton's placeholder decoder: the
+    context's features upsampled to stride 4, no skip, a 1x1 conv to the predictions; "without
+    ASPP" had a 1x1 ConvBnRelu in its place."""
+    from mtl.models.blocks import ConvBnRelu, resize_to
+
+    m = build_model(ModelConfig(arch="deeplabv3p", encoder="resnet18", semseg_context="none", semseg_decoder="none")).eval()
+    b = m.branch
+    assert count_params(b.decoder) == 0 and b.head.conv.kernel_size == (1, 1) and isinstance(b.context, ConvBnRelu)
+    assert count_params(m) == count_params(m.encoder) + count_params(b.context) + (256 * 20 + 20)  # (19 classes + depth)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = m.encoder(x)
+        out = m(x)
+        expected = resize_to(b.head.conv(resize_to(b.context(feats["out"]), feats["4x"].shape[-2:])), x.shape[-2:])
+    assert torch.allclose(out["semseg"][0], expected[:, :NUM_CLASSES]) and torch.allclose(out["depth"][0], expected[:, NUM_CLASSES:])
+    branched = build_model(ModelConfig(arch="branched", encoder="resnet18", depth_decoder="none"))
+    assert branched.branches["depth"].head.conv.kernel_size == (1, 1) and branched.branches["semseg"].head.conv.kernel_size == (3, 3)
+
+
 @pytest.mark.parametrize("os_", [8, 16, 32])
 def test_dilation_keeps_resolution_and_parameters(os_):
     m = build_model(ModelConfig(arch="deeplabv3p", encoder="resnet34", output_stride=os_))
@@ -222,7 +242,7 @@ def test_pretrained_imagenet_comes_from_torchvisions_cache(tmp_path, monkeypatch
 def test_pretrained_weights_go_to_a_mirror_in_one_command(tmp_path, monkeypatch):
     """jobs/pretrained.py copies the cached file to a mirror (here a folder; s3:// alike) and
     prints the --pretrained URL, which then loads."""
-    from jobs.pretrained import main
+    from jobs.pretrained import MirrorCommand, main, run
     from mtl.models.encoders import imagenet_cache_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -232,6 +252,16 @@ def test_pretrained_weights_go_to_a_mirror_in_one_command(tmp_path, monkeypatch)
     mirrored = tmp_path / "mirror" / "resnet18-f37072fd.pth"
     assert mirrored.read_bytes() == open(imagenet_cache_path("resnet18"), "rb").read()
     build_model(ModelConfig(encoder="resnet18", pretrained=str(mirrored)))
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    os.remove(imagenet_cache_path("resnet18"))
+    with pytest.raises(FileNotFoundError) as refused:  # (the tool's own error: not "--pretrained", not "run this tool")
+        run(MirrorCommand(to=str(tmp_path / "mirror"), encoders=("resnet18",)))
+    assert "--pretrained" not in str(refused.value) and "jobs/pretrained.py" not in str(refused.value)
+    assert f"Download that URL on a machine with internet, copy the file to {imagenet_cache_path('resnet18')}" in str(refused.value)
 
 
 @pytest.mark.slow

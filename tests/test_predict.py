@@ -94,8 +94,10 @@ def test_label_less_test_split_exports_without_extra_flags(tiny_root, tmp_path, 
     rc, _, err = _evaluate(capsys, "--checkpoint", run, "--split", "test", "--json", tmp_path / "m.json")
     assert rc == 2 and f"{root}/test has no labels (rgb only), so no metrics and no --json: leave it out" in err
     assert not (tmp_path / "m.json").exists()
-    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--split", "test", "--viz", "3", "--overwrite")
-    assert rc == 2 and "--viz and --overwrite are for --export, which is not given" in err
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--split", "test", "--viz", "3")
+    assert rc == 2 and "--viz is for --export, which is not given" in err
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--split", "test", "--overwrite")
+    assert rc == 2 and "--overwrite is for --export and --json, neither of which is given" in err
 
 
 def test_evaluate_checks_its_outputs_before_the_long_pass_and_names_exports_by_stem(tiny_root, tmp_path, make_run, capsys):
@@ -117,6 +119,21 @@ def test_evaluate_checks_its_outputs_before_the_long_pass_and_names_exports_by_s
     assert "miou" in json.loads((tmp_path / "sub/m.json").read_text())
     names = sorted(os.listdir(tmp_path / "e/semseg"))
     assert len(names) == 24 and "zurich_a.png" in names and "2.png" not in names and "1.png" in names
+    # a --json that would replace what is read, a folder, or an existing file: refused before the pass
+    best = os.path.join(run, "checkpoints/epoch-0001/state.pt")  # (what is evaluated)
+    size = os.path.getsize(best)
+    for target, overwrite, message in ((best, True, f"--json {best} is "), (root / "val/semseg/1.png", True, "is part of the input"),
+                                       (tmp_path / "e", False, "is a folder: give the path of a file"),
+                                       (tmp_path / "sub/m.json", False, "exists (pass --overwrite to replace it)"),
+                                       (root / "val/rgb/1.jpg/m.json", False, "is a file, not a folder")):
+        rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--json", target, *(["--overwrite"] if overwrite else []))
+        assert rc == 2 and message in err and "mIoU" not in stdout, (target, err)
+    assert os.path.getsize(best) == size
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--json", tmp_path / "sub/m.json", "--overwrite")
+    assert rc == 0, err
+    # an export into a folder of the data read, with --overwrite: refused (it would replace the split)
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--export", root / "val", "--overwrite")
+    assert rc == 2 and f"{root}/val is part of the input {root}" in err and os.path.isdir(root / "val/rgb")
 
 
 def test_evaluate_reads_the_shards_the_checkpoint_was_trained_on(s3_shards, tmp_path, make_run, capsys, monkeypatch):
@@ -138,7 +155,8 @@ def test_data_flag_overrides_with_a_folder_or_a_shard_set(s3_shards, tiny_root, 
         assert rc == 0 and f"24 val samples from {s3_shards} (val split)" in stdout, err
         assert "note:" not in stdout  # the size it trained at
     rc, _, err = _evaluate(capsys, "--checkpoint", on_folder, "--data", "/nowhere/at/all", "--no-metrics")
-    assert rc == 2 and err.strip() == "error: Miniscapes folder missing: /nowhere/at/all/val/rgb"
+    assert rc == 2 and err.strip() == ("error: /nowhere/at/all does not exist: neither a Miniscapes folder nor a shard set "
+                                       "(a prefix holding manifest.json)")
     smaller = make_run(DataConfig(root=tiny_root), input_size=(32, 64), name="c")  # trained at another size: said
     for data, where in ((tiny_root, "folder"), (s3_shards, "manifest")):
         rc, stdout, err = _evaluate(capsys, "--checkpoint", smaller, "--data", data, "--no-metrics")

@@ -67,7 +67,12 @@ def resolve_source(cfg: ExperimentConfig, override: str | None = None) -> DataSo
     """The data a config means: ``override`` (a ``--data`` flag: shard set or folder, told apart
     by `is_shard_set`), else ``data.shards``, else ``data.root``, else the cached synthetic set."""
     if override:
-        return DataSource("shards" if is_shard_set(override) else "folder", override)
+        if is_shard_set(override):
+            return DataSource("shards", override)
+        if not exists(override):  # (a mistyped path is neither: say so, not "Miniscapes folder missing: <it>/val/rgb")
+            raise FileNotFoundError(f"{override} does not exist: neither a Miniscapes folder nor a shard set (a prefix "
+                                    f"holding manifest.json)")
+        return DataSource("folder", override)
     d = cfg.data
     if d.shards:
         return DataSource("shards", d.shards)

@@ -77,7 +77,7 @@ def _branch(cfg: ModelConfig, task: str, enc: nn.Module, tasks: dict[str, int]) 
     ch = enc.channels
     context = _context(cfg, getattr(cfg, f"{task}_context"), ch["out"])
     decoder = lookup(DECODERS, getattr(cfg, f"{task}_decoder"))(256, ch)
-    return Branch(context, decoder, TaskHead(decoder.out_ch, tasks))
+    return Branch(context, decoder, TaskHead(decoder.out_ch, tasks, getattr(decoder, "head_kernel", 3)))
 
 
 @register(ARCHITECTURES, "deeplabv3p")
@@ -117,7 +117,12 @@ class Branched(nn.Module):
 class Distillation(nn.Module):
     """Branched + task distillation: each task's decoder features pass a self-attention gate and
     are added to the other task's features; final decoders predict from the sums. Both the
-    intermediate and the final predictions are returned (deep supervision)."""
+    intermediate and the final predictions are returned (deep supervision).
+
+    The routing follows the report's prose and PAD-Net (the gate maps the *foreign* features into
+    the task's own space: depth's final decoder sees ``f_depth + SA(f_semseg)``); the report's
+    Listing 4 reads the other way round (``SA(f_depth) + f_semseg`` for depth). Both have the same
+    parameters."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

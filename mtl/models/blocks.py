@@ -26,15 +26,16 @@ def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tens
 
 
 class TaskHead(nn.Module):
-    """The final 3x3 conv, with bias and no BN/activation (the report: predictions come out raw).
+    """The final 3x3 conv (1x1 after the skeleton's placeholder decoder), with bias and no
+    BN/activation (the report: predictions come out raw).
 
     One conv may serve several tasks (the single-branch DeepLabV3+): its channels are split.
     """
 
-    def __init__(self, cin: int, tasks: dict[str, int]) -> None:
+    def __init__(self, cin: int, tasks: dict[str, int], kernel: int = 3) -> None:
         super().__init__()
         self.tasks = dict(tasks)
-        self.conv = nn.Conv2d(cin, sum(self.tasks.values()), 3, padding=1, bias=True)
+        self.conv = nn.Conv2d(cin, sum(self.tasks.values()), kernel, padding=kernel // 2, bias=True)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.tasks, torch.split(self.conv(x), list(self.tasks.values()), dim=1)))

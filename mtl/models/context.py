@@ -74,7 +74,8 @@ class VortexPooling(nn.Module):
 
 
 class Projection(ConvBnRelu):
-    """No context module: a 1x1 ConvBnRelu to the decoder width (the report's "without ASPP")."""
+    """No context module: a 1x1 ConvBnRelu to the decoder width (the course skeleton's
+    placeholder for ASPP: with ``--semseg-decoder none`` the report's "without ASPP" of Table 6)."""
 
     def __init__(self, cin: int, cout: int = 256, rates: tuple[int, ...] = ()) -> None:
         super().__init__(cin, cout, 1)

@@ -1,4 +1,5 @@
-"""Decoders: context features (+ encoder skips) -> 256-channel features at stride 4 or 2."""
+"""Decoders: context features (+ encoder skips) -> 256-channel features at stride 4 or 2. A
+decoder's ``head_kernel`` (3 unless it says otherwise) is the size of the task head's conv after it."""
 
 from __future__ import annotations
 
@@ -45,3 +46,20 @@ class DoubleSkipDecoder(nn.Module):
         size = s2.shape[-2:]
         s4 = resize_to(self.skip4(feats["4x"]), size)
         return self.fuse(torch.cat([resize_to(context, size), s4, s2], dim=1))
+
+
+@register(DECODERS, "none")
+class NoDecoder(nn.Module):
+    """No decoder: the context features upsampled to stride 4, no skip, and a 1x1 head after
+    them. The course skeleton's placeholder (its decoder's "TODO"), which the report's runs of
+    §2.2–2.3 used ("the dummy decoder", Tables 4–6: striding or dilation, with or without ASPP):
+    with ``--semseg-context none`` those runs' network."""
+
+    head_kernel = 1
+
+    def __init__(self, context_ch: int, skip_ch: dict[str, int]) -> None:
+        super().__init__()
+        self.out_ch = context_ch
+
+    def forward(self, context: torch.Tensor, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return resize_to(context, feats["4x"].shape[-2:])

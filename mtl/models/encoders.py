@@ -95,9 +95,10 @@ def imagenet_cache_path(name: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(imagenet_weights(name).url))
 
 
-def imagenet_file(name: str) -> str:
+def imagenet_file(name: str, mirroring: bool = False) -> str:
     """The cached file of encoder ``name``'s ImageNet weights, downloaded once (its hash checked
-    against the file name, as torch hub does) when it is not there yet."""
+    against the file name, as torch hub does) when it is not there yet. ``mirroring``: the
+    caller is jobs/pretrained.py (its error then says how to get the file here)."""
     path, url = imagenet_cache_path(name), imagenet_weights(name).url
     if os.path.exists(path):
         return path
@@ -106,11 +107,14 @@ def imagenet_file(name: str) -> str:
     try:  # (writes a temporary file and renames it: never a half file in the cache)
         torch.hub.download_url_to_file(url, path, hash_prefix=match.group(1) if match else None, progress=False)
     except Exception as e:  # noqa: BLE001 - no network, a proxy, a bad download: one message
+        missing = (f"{imagenet_weights(name)} is not in torch hub's cache ({path}) and could not be downloaded from {url} "
+                   f"({type(e).__name__}: {e})")
+        if mirroring:
+            raise FileNotFoundError(f"{missing}. Download that URL on a machine with internet, copy the file to {path} "
+                                    f"here, and run this again") from e
         raise FileNotFoundError(
-            f"--pretrained imagenet: {imagenet_weights(name)} is not in torch hub's cache ({path}) and could not be "
-            f"downloaded from {url} ({type(e).__name__}: {e}). Without internet, copy that file there, or put it on a "
-            f"mirror all nodes read (python jobs/pretrained.py --to s3://bucket/weights {name}) and pass its URL to "
-            f"--pretrained") from e
+            f"--pretrained imagenet: {missing}. Without internet, copy that file there, or put it on a mirror all nodes "
+            f"read (python jobs/pretrained.py --to s3://bucket/weights {name}) and pass its URL to --pretrained") from e
     return path
 
 

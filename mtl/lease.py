@@ -227,10 +227,11 @@ class RunLease:
 
 
 @contextmanager
-def hold(folder_url: str, what: str = "run", log: Callable[[str], None] = print) -> Iterator[RunLease]:
+def hold(folder_url: str, what: str = "run", log: Callable[[str], None] = print,
+         timing: LeaseTiming | None = None) -> Iterator[RunLease]:
     """The lease of ``folder_url`` for the ``with`` block: taken, renewed, released. Ends the
     block with `LeaseHeld` when another driver took it meanwhile."""
-    lease = RunLease(folder_url, what, log=log)
+    lease = RunLease(folder_url, what, timing, log)
     lease.acquire()
     lease.start_renewing()
     try:

@@ -125,12 +125,7 @@ def test_a_driver_whose_lease_was_taken_stops(tmp_path):
     logs = []
     with pytest.raises(LeaseHeld, match=r"this driver stopped: it could not renew its lease of run folder .* for 2 s, "
                                         r"and process 4242 on host node-7, .* took it"):
-        with hold(folder, log=logs.append) as lease:
-            lease.timing = FAST  # (renew every 0.5 s from here)
-            lease._stop.set()
-            lease._thread.join()
-            lease._stop.clear()
-            lease.start_renewing()
+        with hold(folder, log=logs.append, timing=FAST):
             write_lease(folder)  # (another driver took it: this one could not renew in time)
             for _ in range(50):  # (training: interrupted at the next renewal)
                 time.sleep(0.1)

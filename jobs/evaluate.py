@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(a: EvaluateCommand) -> int:
     from mtl.data.build import open_split, resolve_source
     from mtl.engine import resolve_device
-    from mtl.export import export_predictions
+    from mtl.export import OUTPUT_FOLDERS, export_predictions
     from mtl.predict import load_model
 
     from mtl.atomic import check_output_file, output_dir
@@ -75,7 +75,7 @@ def run(a: EvaluateCommand) -> int:
     source = resolve_source(m.cfg, a.data)
     inputs = (source.url, m.url, *a.baselines)  # what the exported folder must not replace
     if a.export:  # (checked before the long pass; again when written)
-        output_dir(a.export, a.overwrite, inputs=inputs)
+        output_dir(a.export, a.overwrite, inputs, OUTPUT_FOLDERS)
     if a.json:
         check_output_file(a.json, "--json", a.overwrite, inputs=inputs)
     data = open_split(source, a.split)

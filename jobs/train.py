@@ -84,7 +84,11 @@ def print_config(cfg: ExperimentConfig, local: bool, console) -> int:
     from mtl.runs import resolve_config, run_url
 
     if not local and cfg.dist.use_gpu is None:  # as on the cluster, without connecting (this machine's GPUs)
-        use_gpu = default_use_gpu(cluster_address(cfg.dist.address) is not None, torch.cuda.device_count())
+        try:
+            joined = cluster_address(cfg.dist.address) is not None
+        except ValueError:  # (a dashboard's address: `ray job submit` runs the job on that cluster)
+            joined = True
+        use_gpu = default_use_gpu(joined, torch.cuda.device_count())
         cfg = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, use_gpu=use_gpu))
     cfg = resolve_config(cfg)
     console.print_json(cfg.to_json())

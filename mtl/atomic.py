@@ -6,22 +6,22 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 from mtl.storage import exists, is_local, is_object_store, storage_errors, url_to_fs
 
 
-def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> str:
+def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), replaceable: Collection[str] = ()) -> str:
     """``out`` as an absolute local path, once it is known to be one that `atomic_dir` may
     fill: a local folder (ValueError for a URL), not a file, empty unless ``overwrite``
     (FileExistsError), and neither one of the ``inputs`` (files or folders the command reads)
-    nor a folder above one (ValueError): replacing it would delete what is being read.
-    Commands check it before their long work, not after."""
+    nor a folder above or in one (ValueError, `check_not_above`): replacing it would delete
+    what is being read. Commands check it before their long work, not after."""
     if "://" in out and not out.startswith("file://"):
         raise ValueError(f"{out}: this output is written to a local folder (write it here, then copy it, e.g. with "
                          f"aws s3 cp --recursive)")
     out = os.path.abspath(out.removeprefix("file://"))
-    check_not_above(out, inputs)
+    check_not_above(out, inputs, replaceable)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out} is a file, not a folder")
     if os.path.exists(out) and os.listdir(out) and not overwrite:
@@ -29,12 +29,13 @@ def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) ->
     return out
 
 
-def check_not_above(out: str, inputs: Sequence[str]) -> None:
+def check_not_above(out: str, inputs: Sequence[str], replaceable: Collection[str] = ()) -> None:
     """ValueError when the folder ``out`` is one of the ``inputs``, a folder above one, or a
-    folder inside one that exists (the split folder of the data read, a run's checkpoints/):
-    replacing it would delete what is read. A new folder inside an input deletes nothing. Local
-    paths are compared with links resolved, URLs of one store by their paths; an input on another
-    store is never below ``out``."""
+    folder inside one that holds anything but ``replaceable`` entries (what an earlier output
+    of this kind holds): replacing it would delete what is read (the split folder of the data
+    read, Cityscapes' gtFine/, a run's checkpoints/). A new folder inside an input, or an earlier
+    output there, deletes nothing read. Local paths are compared with links resolved, URLs of one
+    store by their paths; an input on another store is never below ``out``."""
     where, at = _location(out)
     for src in inputs:
         src_where, path = _location(src)
@@ -42,9 +43,20 @@ def check_not_above(out: str, inputs: Sequence[str]) -> None:
             continue
         if path == at or path.startswith(at.rstrip("/") + "/"):
             raise ValueError(f"{out} holds the input {src}: writing the output there would replace it; choose another folder")
-        if at.startswith(path.rstrip("/") + "/") and exists(out):
+        if at.startswith(path.rstrip("/") + "/") and not set(_entries(out)) <= set(replaceable):
             raise ValueError(f"{out} is part of the input {src}: writing the output there would replace it; choose a folder "
                              f"that is not there yet, or one outside it")
+
+
+def _entries(url: str) -> list[str]:
+    """The names in folder ``url`` ([] when there is none; a file: itself)."""
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        if not fs.exists(path):
+            return []
+        if not fs.isdir(path):
+            return [path]
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
 
 
 def check_output_file(url: str, flag: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> None:
@@ -65,7 +77,9 @@ def check_output_file(url: str, flag: str, overwrite: bool = False, inputs: Sequ
         if fs.exists(path) and not overwrite:
             raise FileExistsError(f"{flag} {url} exists (pass --overwrite to replace it)")
         parent = path.rsplit("/", 1)[0]
-        if not is_object_store(fs) and parent and fs.exists(parent) and not fs.isdir(parent):
+        while not is_object_store(fs) and parent and not fs.exists(parent):
+            parent = parent.rsplit("/", 1)[0]  # (the nearest folder there is: the write makes the rest)
+        if not is_object_store(fs) and parent and not fs.isdir(parent):
             raise NotADirectoryError(f"{flag} {url}: {parent} is a file, not a folder")
 
 
@@ -78,12 +92,12 @@ def _location(url: str) -> tuple[str, str]:
 
 
 @contextmanager
-def atomic_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> Iterator[str]:
+def atomic_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), replaceable: Collection[str] = ()) -> Iterator[str]:
     """Yield a temporary sibling folder of ``out`` to fill; it replaces ``out`` only when the
     block finishes without error, so an interrupted writer never leaves a folder that looks
     complete. ``out`` must pass `output_dir`; one that another writer finished while this one
     ran is refused too (FileExistsError: theirs is kept, this one's is dropped)."""
-    out = output_dir(out, overwrite, inputs)
+    out = output_dir(out, overwrite, inputs, replaceable)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:

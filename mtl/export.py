@@ -44,7 +44,7 @@ def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out
         raise ValueError("export needs the samples as they are: open the split without augmentation")
     model.eval()
     n = 0
-    with atomic_dir(out_dir, overwrite, inputs) as tmp:
+    with atomic_dir(out_dir, overwrite, inputs, OUTPUT_FOLDERS) as tmp:
         make_output_folders(tmp)
         # (pack_collate, as the loaders: a batch of images of several sizes is an error naming them)
         for raw in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=pack_collate):

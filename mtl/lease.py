@@ -5,28 +5,31 @@ submission of the same run with ``--resume`` (or a second local run, or a second
 would train the same folder beside it: both write checkpoints and metrics, each moves
 ``latest.json`` to its own, and their lineages interleave. Nothing refuses that without a lease.
 
-``<folder>/lease.json`` names its holder (host, process, Ray job, command), its ``ttl`` and a
-counter the holder's thread raises every ``ttl/4`` seconds. Another driver starting there:
+``<folder>/driver.lease`` (JSON; not named ``*.json``: Tune copies a sweep folder's JSON files
+down at a resume and uploads them again, old, at every sync) names its holder (host, machine,
+process, Ray job, command), its ``ttl`` and a counter the holder's thread raises every
+``ttl/4`` seconds. Another driver starting there:
 
-* finds no lease, or one not renewed for ``ttl`` by the wall clock, or one whose holder was a
-  process of this host that is gone (killed, out of memory): takes it (and says so);
+* finds no lease, or one whose holder was a process of this machine that is gone (killed, out
+  of memory; the same host name, boot and process namespace), or one last renewed over
+  ``STALE_TTLS`` ttls ago by this host's clock (a node lost long ago: cloud hosts' clocks differ
+  by seconds, not by that): takes it, and says so;
 * else watches it for up to ``ttl``: renewed meanwhile, its holder is alive and the start is
   refused (`LeaseHeld`, naming the holder and how to stop it); not renewed, its holder died with
-  its node (clocks may differ between hosts, so this is not judged by the lease's timestamps),
-  and the lease is taken.
+  its node, and the lease is taken. Liveness is judged by watching, not by comparing clocks.
 
 Object stores have no atomic create: two drivers starting in the same second could both write
-the file, so a new holder reads it back after a short settle and only the last writer goes on.
-The holder deletes the file when it ends. A holder that finds its lease taken (it could not
-renew for ``ttl``: storage unreachable, the process paused) interrupts its main thread: it must
-not write beside the new holder.
+the file, so a new holder reads it back after a short settle and only the last writer goes on
+(a start whose write lands later than that, e.g. after S3 retries, is not caught). The holder
+deletes the file when it ends. A holder that finds its lease taken (it could not renew for
+``ttl``: storage unreachable, the process paused) ends its process at once (exit status
+`LOST_EXIT`), without a checkpoint or any other write beside the new holder.
 
 The times come from ``STREETMTL_LEASE_TTL_S`` (default 120 s; the tests use less).
 """
 
 from __future__ import annotations
 
-import _thread
 import json
 import os
 import socket
@@ -41,7 +44,9 @@ from typing import Any
 
 from mtl.storage import is_object_store, json_bytes, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
-LEASE_FILE = "lease.json"
+LEASE_FILE = "driver.lease"
+STALE_TTLS = 10  # (a lease older than this many ttls by this host's clock is taken without watching)
+LOST_EXIT = 3  # (the exit status of a driver whose lease another driver took)
 TTL_ENV = "STREETMTL_LEASE_TTL_S"
 DEFAULT_TTL_S = 120.0
 MAX_TTL_S = 3600.0  # (what a lease file may ask another driver to wait, at most)
@@ -76,6 +81,19 @@ class LeaseTiming:
         if not ttl > 0:
             raise ValueError(f"{TTL_ENV}={raw!r}: give the lease's lifetime in seconds (> 0)")
         return cls(ttl)
+
+
+def machine_id() -> str:
+    """This machine's boot and process namespace: two containers may share a host name (host
+    networking) but not their processes, and a rebooted host keeps its name but no process."""
+    parts = []
+    for path, read in (("/proc/sys/kernel/random/boot_id", lambda p: open(p).read().strip()),
+                       ("/proc/self/ns/pid", os.readlink)):
+        try:
+            parts.append(read(path))
+        except OSError:
+            parts.append("?")
+    return "/".join(parts)
 
 
 def ray_job_id() -> str | None:
@@ -155,10 +173,10 @@ class RunLease:
         """Return once ``held`` may be taken; raise `LeaseHeld` while its holder is alive."""
         t = LeaseTiming(min(_positive(held.get("ttl_s"), self.timing.ttl_s), MAX_TTL_S))  # (the holder's: its pace)
         age = time.time() - _positive(held.get("renewed"), 0.0)
-        if age > t.ttl_s:
+        if age > STALE_TTLS * t.ttl_s:
             self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, not renewed for {age:.0f} s")
             return
-        if held.get("host") == socket.gethostname() and _process_gone(held.get("pid")):
+        if held.get("host") == socket.gethostname() and held.get("machine") == machine_id() and _process_gone(held.get("pid")):
             self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, a process that is gone")
             return
         self.log(f"{self.what} folder {self.folder} is leased to {describe(held)}; watching for up to {t.ttl_s:.0f} s "
@@ -176,7 +194,7 @@ class RunLease:
 
     def _write(self, started: bool = False) -> None:
         if started:
-            self.mine = {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+            self.mine = {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "machine": machine_id(), "pid": os.getpid(),
                          "ray_job": ray_job_id(), "command": " ".join(sys.argv)[:300],
                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ttl_s": self.timing.ttl_s, "beat": 0}
         else:
@@ -190,10 +208,7 @@ class RunLease:
             try:
                 now = self.read()
                 if now is not None and now.get("holder") != self.mine["holder"]:
-                    self.lost = now
-                    self.log(f"error: the lease of {self.what} folder {self.folder} was taken by {describe(now)}: "
-                             f"stopping this driver")
-                    _thread.interrupt_main()
+                    self._lost(now)
                     return
                 self._write()
                 failing = False
@@ -201,6 +216,17 @@ class RunLease:
                 if not failing:
                     self.log(f"warning: could not renew the lease of {self.what} folder {self.folder}: {e}")
                 failing = True
+
+    def _lost(self, now: dict[str, Any]) -> None:
+        """Another driver took the lease: end this process now. Not an exception in the main
+        thread: Ray Train's and Tune's SIGINT handlers would end in a normal exit, and local
+        mode's would write a checkpoint on the way out, beside the new holder."""
+        self.lost = now
+        self.log(f"error: this driver stopped: it could not renew its lease of {self.what} folder {self.folder} for "
+                 f"{self.timing.ttl_s:.0f} s, and {describe(now)} took it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(LOST_EXIT)
 
     def start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew_loop, name="streetmtl-lease", daemon=True)
@@ -229,17 +255,12 @@ class RunLease:
 @contextmanager
 def hold(folder_url: str, what: str = "run", log: Callable[[str], None] = print,
          timing: LeaseTiming | None = None) -> Iterator[RunLease]:
-    """The lease of ``folder_url`` for the ``with`` block: taken, renewed, released. Ends the
-    block with `LeaseHeld` when another driver took it meanwhile."""
+    """The lease of ``folder_url`` for the ``with`` block: taken, renewed, released (a driver
+    whose lease another one took ends at once, `RunLease._lost`)."""
     lease = RunLease(folder_url, what, timing, log)
     lease.acquire()
     lease.start_renewing()
     try:
         yield lease
-    except KeyboardInterrupt:
-        if lease.lost is None:
-            raise
-        raise LeaseHeld(f"this driver stopped: it could not renew its lease of {what} folder {lease.folder} for "
-                        f"{lease.timing.ttl_s:.0f} s, and {describe(lease.lost)} took it") from None
     finally:
         lease.release()

@@ -33,7 +33,7 @@ from mtl.checkpoint import TrainState, load_checkpoint
 from mtl.config import ExperimentConfig, parse_size
 from mtl.data.batch import normalize_rgb
 from mtl.engine import autocast, resolve_device
-from mtl.export import make_output_folders, write_prediction
+from mtl.export import OUTPUT_FOLDERS, make_output_folders, write_prediction
 from mtl.losses import DepthCodec
 from mtl.models import build_model, resolve
 from mtl.runs import stored_config
@@ -257,7 +257,7 @@ def predict_to_folder(model_or_checkpoint: LoadedModel | nn.Module | str, images
     urls = find_images(images) if isinstance(images, str) else check_unique_stems(images)
     n = 0
     checkpoint = [] if isinstance(model_or_checkpoint, nn.Module) else [loaded.url]  # (a bare module's "url" is its class)
-    with atomic_dir(out_dir, overwrite, inputs=[*urls, *checkpoint]) as tmp:
+    with atomic_dir(out_dir, overwrite, [*urls, *checkpoint], OUTPUT_FOLDERS) as tmp:
         make_output_folders(tmp)
         for chunk in _batches(urls, batch_size):
             rgbs = [read_image(u) for u in chunk]

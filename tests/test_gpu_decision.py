@@ -130,6 +130,9 @@ def test_a_dashboard_address_is_refused_saying_how_to_submit(monkeypatch):
                                          r"`ray job submit` uses: run this command on the cluster with `ray job submit"):
         cluster_address(None)
     assert cluster_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    from jobs.train import main  # (--print-config starts nothing: with that address it shows a cluster's run)
+
+    assert main(["--print-config", "--quick"]) == 0
     monkeypatch.setenv("RAY_ADDRESS", "local")
     assert cluster_address(None) is None
 

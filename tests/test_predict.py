@@ -134,6 +134,11 @@ def test_evaluate_checks_its_outputs_before_the_long_pass_and_names_exports_by_s
     # an export into a folder of the data read, with --overwrite: refused (it would replace the split)
     rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--export", root / "val", "--overwrite")
     assert rc == 2 and f"{root}/val is part of the input {root}" in err and os.path.isdir(root / "val/rgb")
+    for _ in range(2):  # an export kept beside the data is replaced by the next one, as anywhere
+        rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--export", root / "preds", "--overwrite", "--viz", "0")
+        assert rc == 0, err
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--json", root / "val/rgb/1.jpg/deeper/m.json")
+    assert rc == 2 and f"{root}/val/rgb/1.jpg is a file, not a folder" in err and "mIoU" not in stdout, err
 
 
 def test_evaluate_reads_the_shards_the_checkpoint_was_trained_on(s3_shards, tmp_path, make_run, capsys, monkeypatch):

@@ -105,6 +105,17 @@ def test_architecture_defaults_and_options():
         build_model(ModelConfig(output_stride=4))
 
 
+def test_distillation_sums_features_of_decoders_at_other_strides():
+    """A double-skip decoder's features are at stride 2, a skip's or the placeholder's at 4: the
+    gated features are brought to the receiving task's size before the sum."""
+    x = torch.randn(1, 3, 64, 96)
+    for semseg, depth in (("double_skip", "skip"), ("skip", "double_skip"), ("double_skip", "none")):
+        m = build_model(ModelConfig(arch="distillation", encoder="resnet18", semseg_decoder=semseg, depth_decoder=depth)).eval()
+        with torch.no_grad():
+            out = m(x)
+        assert [o.shape[-2:] for t in ("semseg", "depth") for o in out[t]] == [x.shape[-2:]] * 4, (semseg, depth)
+
+
 def test_the_skeletons_placeholder_decoder_builds_the_reports_early_baselines():
     """§2.2–2.3 of the report (Tables 4–6) trained the skeleton's placeholder decoder: the
     context's features upsampled to stride 4, no skip, a 1x1 conv to the predictions; "without

@@ -137,7 +137,8 @@ class Distillation(nn.Module):
         feats = self.encoder(x)
         inter = {t: b.features(feats) for t, b in self.branches.items()}
         (a, fa), (b, fb) = inter.items()
-        summed = {a: fa + self.attention[b](fb), b: fb + self.attention[a](fa)}
+        # (the foreign features at the task's own stride: a double-skip decoder's are at 2x, a skip's at 4x)
+        summed = {a: fa + resize_to(self.attention[b](fb), fa.shape[-2:]), b: fb + resize_to(self.attention[a](fa), fb.shape[-2:])}
         size = x.shape[-2:]
         out = {}
         for t, branch in self.branches.items():

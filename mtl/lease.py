@@ -87,13 +87,17 @@ def machine_id() -> str:
     """This machine's boot and process namespace: two containers may share a host name (host
     networking) but not their processes, and a rebooted host keeps its name but no process."""
     parts = []
-    for path, read in (("/proc/sys/kernel/random/boot_id", lambda p: open(p).read().strip()),
-                       ("/proc/self/ns/pid", os.readlink)):
+    for path, read in (("/proc/sys/kernel/random/boot_id", _read_text), ("/proc/self/ns/pid", os.readlink)):
         try:
             parts.append(read(path))
         except OSError:
-            parts.append("?")
+            parts.append("?")  # (not Linux: the host name alone decides)
     return "/".join(parts)
+
+
+def _read_text(path: str) -> str:
+    with open(path) as fh:
+        return fh.read().strip()
 
 
 def ray_job_id() -> str | None:

@@ -388,12 +388,25 @@ def publish(dest: str, out: str, samples: list[Sample]) -> None:
 # ------------------------------------------------------------------------ the conversion
 
 def check_out(root: str, out: str) -> None:
-    """ValueError when ``out`` (or a local one's ``.partial`` working folder) is ``root`` or a
-    folder above it, whatever ``--overwrite`` says: the conversion replaces that folder whole,
-    which would delete the Cityscapes source it reads (`mtl.atomic.check_not_above`)."""
-    check_not_above(out, [root])
+    """ValueError when ``out`` (or a local one's ``.partial`` working folder) is ``root``, a
+    folder above it, or a folder of it that holds more than a conversion's output, whatever
+    ``--overwrite`` says: the conversion replaces that folder whole, which would delete the
+    Cityscapes source it reads (`mtl.atomic.check_not_above`)."""
+    check_not_above(out, [root], _earlier_conversion(out))
     if is_local(out):
-        check_not_above(out.removeprefix("file://").rstrip("/") + ".partial", [root])
+        partial = out.removeprefix("file://").rstrip("/") + ".partial"
+        check_not_above(partial, [root], _earlier_conversion(partial))
+
+
+def _earlier_conversion(folder: str) -> list[str]:
+    """What ``folder`` holds when it is an earlier conversion (its plan, written first, is there:
+    one kept inside the source is resumed or replaced), else nothing: Cityscapes' own gtFine/
+    holds train/, val/ and test/ too."""
+    with storage_errors(folder):
+        fs, path = url_to_fs(folder)
+        if not fs.exists(f"{path.rstrip('/')}/{PLAN}"):
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
 
 
 def convert(root: str, out: str, size: tuple[int, int] = (256, 512), splits: tuple[str, ...] = SPLITS, quality: int = 90,

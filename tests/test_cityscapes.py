@@ -228,6 +228,8 @@ def test_out_at_above_or_in_the_source_is_refused_whatever_overwrite_says(tmp_pa
             convert(out.rsplit("/", 1)[0], out, OUT_HW, workers=1, overwrite=True)
     assert (src / "gtFine").is_dir() and mem.exists("/b/x/cityscapes/gtFine")
     check_out(str(src), f"{src}/miniscapes")
+    convert(str(src), f"{src}/miniscapes", OUT_HW, workers=1)  # (a conversion kept inside the source: it may run again)
+    assert convert(str(src), f"{src}/miniscapes", OUT_HW, workers=1)["state"] == "up to date"
 
 
 def test_splits_named_twice_or_none_are_refused(tmp_path, capsys):

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         from mtl.lease import hold
         from mtl.runs import resolve_config, run_url
 
-        with hold(run_url(resolve_config(cfg)), "run", console.print):  # (one driver per run folder)
+        # (one driver per run folder; its lines name commands and paths: printed as they are, not as markup)
+        with hold(run_url(resolve_config(cfg)), "run", lambda line: console.print(line, markup=False)):
             return run_local(cfg, console) if args.local else run_on_ray(cfg, console)
     except USER_ERRORS as e:  # bad data, flags, checkpoints, storage, cluster: say which, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(note)
     console.print("sweeping " + "; ".join(d.text for d in spec.space))
     try:
-        with hold(sweep_url(base, sweep), "sweep", console.print):  # (one driver per sweep)
+        with hold(sweep_url(base, sweep), "sweep", lambda line: console.print(line, markup=False)):  # (one driver per sweep)
             if base.train.resume:
                 check_resume(base, sweep, spec)
             else:

@@ -156,7 +156,8 @@ def test_a_second_train_driver_of_a_live_run_is_refused(tiny_root, tmp_path, cap
     from jobs.train import main
 
     out, name = str(tmp_path / "runs"), "twice"
-    holder = subprocess.Popen([sys.executable, "-c", f"import time; from mtl.lease import hold\n"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; from mtl.lease import hold\n"
+                               "sys.argv = ['jobs/train.py', '--name', '[/]']  # (what rich would take for markup)\n"
                                f"with hold({out + '/' + name!r}):\n    print('held', flush=True); time.sleep(120)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
     assert holder.stdout.readline().strip() == "held"
@@ -165,6 +166,7 @@ def test_a_second_train_driver_of_a_live_run_is_refused(tiny_root, tmp_path, cap
     assert main(train) == 2
     err = capsys.readouterr().err
     assert f"error: run folder {out}/{name} is in use by process {holder.pid} on host {socket.gethostname()}" in err, err
+    assert err.strip().endswith("jobs/train.py --name [/]. One driver per run: stop that one first, or wait for it to end")
     assert not os.path.exists(f"{out}/{name}/config.json")  # (it wrote nothing)
     holder.send_signal(signal.SIGKILL)
     holder.wait()

@@ -349,7 +349,11 @@ def test_a_spot_notice_brings_checkpoints_and_the_restart_loses_at_most_a_step(r
     resumed = text.split("resumed from ")[1].split(":")[0] if "resumed from " in text else ""
     assert "-step-" in resumed, text  # the restart went on from a step checkpoint ...
     resumed_step = int(resumed.split("-step-")[1].split("/")[0])
-    assert resumed_step == saved[-1]  # ... the last one: what the teardown cost is the step it interrupted
+    # ... the last one: what the teardown cost is the step it interrupted. (That checkpoint's own
+    # line may come after "resumed from": the drained worker, still finishing, writes it once its
+    # commit is done, and the new attempt on the other node may read the pointer first.)
+    assert resumed_step in (saved[-1], saved[-1] + 1) and f"step checkpoint epoch-0000-step-{resumed_step:08d}" in text, \
+        (resumed_step, saved)
     metrics = read_metrics(run_url(cfg))
     assert [m["epoch"] for m in metrics] == [1] and metrics[-1]["restarts"] >= 1
 

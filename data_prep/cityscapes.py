@@ -76,7 +76,7 @@ from mtl.config import Size
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, check_splits, decode_sample,
                                  encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
 from mtl.machine import usable_cpus
-from mtl.storage import is_local, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import exists, folder_names, is_local, storage_errors, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-cityscapes-v1"
 INDEX, PLAN = CONVERSION_INDEX, CONVERSION_PLAN  # written last (the completion marker) and first
@@ -402,11 +402,7 @@ def _earlier_conversion(folder: str) -> list[str]:
     """What ``folder`` holds when it is an earlier conversion (its plan, written first, is there:
     one kept inside the source is resumed or replaced), else nothing: Cityscapes' own gtFine/
     holds train/, val/ and test/ too."""
-    with storage_errors(folder):
-        fs, path = url_to_fs(folder)
-        if not fs.exists(f"{path.rstrip('/')}/{PLAN}"):
-            return []
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return folder_names(folder) if exists(_join(folder, PLAN)) else []
 
 
 def convert(root: str, out: str, size: tuple[int, int] = (256, 512), splits: tuple[str, ...] = SPLITS, quality: int = 90,

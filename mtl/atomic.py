@@ -8,7 +8,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Collection, Iterator, Sequence
 
-from mtl.storage import exists, is_local, is_object_store, storage_errors, url_to_fs
+from mtl.storage import exists, folder_names, is_local, is_object_store, storage_errors, url_to_fs
 
 
 def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), replaceable: Collection[str] = ()) -> str:
@@ -52,11 +52,9 @@ def _entries(url: str) -> list[str]:
     """The names in folder ``url`` ([] when there is none; a file: itself)."""
     with storage_errors(url):
         fs, path = url_to_fs(url)
-        if not fs.exists(path):
-            return []
-        if not fs.isdir(path):
+        if fs.exists(path) and not fs.isdir(path):
             return [path]
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    return folder_names(url)
 
 
 def check_output_file(url: str, flag: str, overwrite: bool = False, inputs: Sequence[str] = ()) -> None:

@@ -144,7 +144,6 @@ class RunLease:
         self.url = f"{self.folder}/{LEASE_FILE}"
         self.timing = timing or LeaseTiming.from_env()
         self.mine: dict[str, Any] = {}
-        self.lost: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -225,7 +224,6 @@ class RunLease:
         """Another driver took the lease: end this process now. Not an exception in the main
         thread: Ray Train's and Tune's SIGINT handlers would end in a normal exit, and local
         mode's would write a checkpoint on the way out, beside the new holder."""
-        self.lost = now
         self.log(f"error: this driver stopped: it could not renew its lease of {self.what} folder {self.folder} for "
                  f"{self.timing.ttl_s:.0f} s, and {describe(now)} took it")
         sys.stdout.flush()
@@ -241,7 +239,7 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self.lost is not None or not self.mine:
+        if not self.mine:
             return
         try:
             now = self.read()

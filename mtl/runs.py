@@ -25,7 +25,7 @@ from mtl.checkpoint import CHECKPOINTS, CheckpointIndex
 from mtl.config import ExperimentConfig, ModelConfig, flag
 from mtl.lease import LEASE_FILE
 from mtl.models import resolve
-from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import folder_names, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 CONFIG_FILE = "config.json"
 # Ray Train's record of the checkpoints it registered, in the run folder (`mtl.distributed.ray_train`)
@@ -176,11 +176,7 @@ class RunFolder:
 
     def entries(self) -> list[str]:
         """What the folder holds, but its driver's lease (`mtl.lease`: there while a driver runs)."""
-        with storage_errors(self.url):
-            fs, path = url_to_fs(self.url)
-            fs.invalidate_cache(path)  # (s3fs keeps a listing for the process's life: folders made since would be missing)
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
-            return [n for n in names if not n.startswith(LEASE_FILE)]  # (with its renewal's temporary file)
+        return [n for n in folder_names(self.url) if not n.startswith(LEASE_FILE)]  # (with its renewal's temporary file)
 
     def has_checkpoint(self, entries: list[str] | None = None) -> bool:
         """A checkpoint to continue from (``checkpoints/latest.json``, in every mode).

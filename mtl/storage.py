@@ -147,6 +147,15 @@ def read_bytes(url: str) -> bytes | None:
             return None
 
 
+def folder_names(url: str) -> list[str]:
+    """The names of what folder ``url`` holds ([] when it is no folder). Listed afresh: s3fs keeps
+    a listing for the process's life, so entries made since would be missing."""
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        fs.invalidate_cache(path)
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)] if fs.isdir(path) else []
+
+
 def exists(url: str) -> bool:
     with storage_errors(url):
         fs, path = url_to_fs(url)

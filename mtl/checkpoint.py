@@ -34,6 +34,8 @@ import pickle
 import random
 import re
 import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -60,6 +62,37 @@ def _numpy_array_globals() -> list:
     recipe for numpy arrays under ``weights_only``)."""
     core = getattr(np, "_core", None) or np.core
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def host_copy(obj: Any) -> Any:
+    """``obj`` with every tensor copied into host memory that training does not touch: what a
+    background write serialises while the next steps update the weights and the optimizer's
+    moments in place. CUDA tensors are queued as non-blocking copies into pinned memory and
+    waited for once (the copy follows the step on the current stream); CPU tensors are cloned.
+    Dicts keep their type and attributes (a module's state dict carries ``_metadata``, which
+    ``load_state_dict`` reads)."""
+    on_gpu: list[torch.device] = []
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            if o.device.type == "cpu":
+                return o.detach().clone()
+            on_gpu.append(o.device)
+            return o.detach().to("cpu", non_blocking=True)
+        if isinstance(o, dict):
+            out = type(o)()
+            out.update((k, walk(v)) for k, v in o.items())
+            if hasattr(o, "__dict__"):  # (an OrderedDict's attributes; a plain dict has none)
+                out.__dict__.update(o.__dict__)
+            return out
+        if type(o) in (list, tuple):
+            return type(o)(walk(v) for v in o)
+        return o
+
+    copy = walk(obj)
+    for device in set(on_gpu):
+        torch.cuda.synchronize(device)
+    return copy
 
 
 def checkpoint_bytes(state: dict[str, Any]) -> bytes:
@@ -219,6 +252,13 @@ class CheckpointStorage(Protocol):
 
     def publish(self, folder: str, tag: str, metrics: dict[str, Any]) -> None: ...
 
+    def publish_later(self, tag: str, metrics: dict[str, Any], write: Callable[[str], None] | None,
+                      then: Callable[[], None] | None) -> Future:
+        """``publish`` in the background, on every rank: ``write(folder)`` fills a local folder
+        (None: this rank has nothing to write), which is then published, and ``then()`` runs
+        (rank 0: the commit). Returns at once; the future is done when ``then`` has run."""
+        ...
+
     def commit(self, tag: str) -> None: ...
 
     def latest(self) -> contextlib.AbstractContextManager[tuple[str, str] | None]: ...
@@ -230,6 +270,26 @@ class FolderStorage:
     def __init__(self, run_url: str, keep_last: int = 2) -> None:
         self.run_url, self.keep_last = run_url.rstrip("/"), keep_last
         self.index = CheckpointIndex(self.run_url)
+        self._writer: ThreadPoolExecutor | None = None  # one thread: background checkpoints commit in order
+
+    def publish_later(self, tag: str, metrics: dict[str, Any], write: Callable[[str], None] | None,
+                      then: Callable[[], None] | None) -> Future:
+        if write is None and then is None:  # (a rank without files of its own)
+            done: Future = Future()
+            done.set_result(None)
+            return done
+
+        def job() -> None:
+            if write is not None:
+                with tempfile.TemporaryDirectory(prefix="streetmtl-ckpt-") as d:
+                    write(d)
+                    self.publish(d, tag, metrics)
+            if then is not None:
+                then()
+
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streetmtl-checkpoint")
+        return self._writer.submit(job)
 
     def publish(self, folder: str, tag: str, metrics: dict[str, Any]) -> None:
         for root, _, files in os.walk(folder):
@@ -307,41 +367,85 @@ class Checkpointer:
     into ``shards/`` on every rank; rank 0 also writes ``metrics/<tag>.json``. Then the storage
     publishes the folder; once every rank has (a barrier), rank 0 commits the pointer and, for a
     new best score, writes ``best.pt``: only a committed epoch can be the best one (an attempt
-    that fails before its commit trains the epoch again, maybe to another score)."""
+    that fails before its commit trains the epoch again, maybe to another score).
+
+    A save in the background (``background=True``: step checkpoints) copies rank 0's state into
+    host memory and returns; serialising, publishing and the commit run on a writer thread while
+    training goes on, so a checkpoint stalls training for the copy instead of the write (which,
+    for ResNet34 with Adam's moments on S3, takes seconds). The pointer moves only once the
+    checkpoint is whole, as before; until then the previous one is the latest. One write is in
+    flight at a time: the next save waits for it, so checkpoints commit in the order they were
+    taken and host memory holds one copy of the state. A sharded strategy's ranks write their
+    own files, which a background write cannot coordinate: it always saves in the foreground."""
 
     def __init__(self, storage: CheckpointStorage, run_url: str, strategy: Strategy, states: dict[str, Stateful],
-                 rank: int = 0) -> None:
+                 rank: int = 0, on_written: Callable[[str, float], None] | None = None) -> None:
         self.storage, self.run_url, self.strategy, self.states, self.rank = storage, run_url.rstrip("/"), strategy, states, rank
+        self.on_written = on_written  # rank 0, after a background checkpoint's commit: (tag, seconds it took)
+        self._pending: Future | None = None  # the background write in flight
 
-    def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool = True) -> None:
+    def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool = True,
+             background: bool = False) -> bool:
         """Every rank: checkpoint ``tag``. ``metrics_file``: also ``metrics/<tag>.json`` (an
-        epoch's validation; a step checkpoint inside an epoch has none)."""
+        epoch's validation; a step checkpoint inside an epoch has none). ``background``: return
+        once the state is copied, if the strategy allows (see the class docstring). Returns
+        whether it is being written in the background."""
+        self.wait()  # (the one in flight first: checkpoints commit in order)
+        if background and not self.strategy.sharded:
+            self._save_later(tag, config, metrics, is_best, metrics_file)
+            return True
         state = None
         with tempfile.TemporaryDirectory(prefix="streetmtl-ckpt-") as d:
             if self.strategy.sharded:
                 self.strategy.save_shards(os.path.join(d, SHARDS_DIR))
             if self.rank == 0:
-                state = self._write_main(d, tag, config, metrics, is_best, metrics_file)
+                state = self._state(config, metrics, is_best)
+                _write_state(d, state)
+                if metrics_file:
+                    self._write_metrics(tag, metrics)
             self.storage.publish(d, tag, metrics)
         self.strategy.barrier()  # every rank's files are in place before the pointer moves
         if self.rank == 0:
             self.storage.commit(tag)
             if is_best:
                 self._write_best(state)
+        return False
 
-    def _write_main(self, folder: str, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool,
-                    metrics_file: bool) -> dict[str, Any]:
-        """Rank 0: ``state.pt`` into the folder to publish (``is_best`` in it: a resume from it
-        writes best.pt again, `restore`), and the metrics file at once, before the checkpoint
-        exists (a failure in between resumes from the checkpoint before, which trains this epoch
-        again and writes it again). Returns the state."""
-        state = {"config": config, "metrics": metrics, "is_best": is_best, **{k: s.state_dict() for k, s in self.states.items()},
-                 **self.strategy.state_dict()}
-        with open(os.path.join(folder, STATE_FILE), "wb") as fh:
-            fh.write(checkpoint_bytes(state))
+    def _save_later(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool) -> None:
+        """A background save (non-sharded: rank 0 alone writes files; the other ranks still call
+        the storage, whose publishing may be collective, as Ray's report is)."""
+        if self.rank != 0:
+            self._pending = self.storage.publish_later(tag, metrics, None, None)
+            return
+        t0, state = time.perf_counter(), host_copy(self._state(config, metrics, is_best))
         if metrics_file:
-            write_bytes_atomic(f"{self.run_url}/{METRICS_DIR}/{tag}.json", json_bytes(metrics))
-        return state
+            self._write_metrics(tag, metrics)
+
+        def then() -> None:
+            self.storage.commit(tag)
+            if is_best:
+                self._write_best(state)
+            if self.on_written:
+                self.on_written(tag, time.perf_counter() - t0)
+
+        self._pending = self.storage.publish_later(tag, metrics, lambda folder: _write_state(folder, state), then)
+
+    def wait(self) -> None:
+        """Until the background write in flight, if any, is committed; raises its error if it
+        failed (the pointer then still names the checkpoint before it)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _state(self, config: dict[str, Any], metrics: dict[str, Any], is_best: bool) -> dict[str, Any]:
+        """Rank 0's part: ``is_best`` in it (a resume from it writes best.pt again, `restore`)."""
+        return {"config": config, "metrics": metrics, "is_best": is_best, **{k: s.state_dict() for k, s in self.states.items()},
+                **self.strategy.state_dict()}
+
+    def _write_metrics(self, tag: str, metrics: dict[str, Any]) -> None:
+        """At once, before the checkpoint exists: a failure in between resumes from the checkpoint
+        before, which trains this epoch again and writes the file again."""
+        write_bytes_atomic(f"{self.run_url}/{METRICS_DIR}/{tag}.json", json_bytes(metrics))
 
     def _write_best(self, state: dict[str, Any]) -> None:
         best = {k: v for k, v in state.items() if k in ("config", "metrics", "train_state", "model")}
@@ -364,6 +468,10 @@ class Checkpointer:
         if self.rank == 0 and state.get("is_best"):  # (a failure between its commit and best.pt: best.pt is an older epoch)
             self._write_best(state)
         return state
+
+
+def _write_state(folder: str, state: dict[str, Any]) -> None:
+    torch.save({"format": FORMAT, **state}, os.path.join(folder, STATE_FILE))  # (the file: no second copy in memory)
 
 
 # ---------------------------------------------------------------------------------- readers

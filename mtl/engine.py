@@ -268,7 +268,8 @@ class Trainer:
         states = {"train_state": self.state, "rng": RNGState()}
         if self.weighting.stateful:  # (fixed weights have no state: checkpoints of earlier versions stay readable)
             states["task_weighting"] = self.weighting
-        self.checkpointer = Checkpointer(rt.storage, run_url(cfg), self.strategy, states, rt.rank) if rt.storage else None
+        self.checkpointer = Checkpointer(rt.storage, run_url(cfg), self.strategy, states, rt.rank,
+                                         on_written=self._written) if rt.storage else None
         self.schedule = self._restore()
         self._keep_baselines()
         if rt.is_main:  # data found, checkpoint accepted: the run folder gets (or updates) its configuration
@@ -285,6 +286,10 @@ class Trainer:
         self.val_lead = max(1, -(-cfg.data.prefetch * self.data.workers // t.grad_accum))
         self.val_ahead = None  # that started iterator
         self.last_checkpoint = monotonic()  # (or the start: --checkpoint-every-min counts from there)
+
+    def _written(self, tag: str, seconds: float) -> None:
+        """(The checkpointer's writer thread.) A background checkpoint is the latest now."""
+        self.log(f"checkpoint {tag} written in the background ({seconds:.2f} s after its step)")
 
     def _weighting(self) -> TaskWeighting:
         """The task weighting on this device; a learned one learns from the losses averaged over
@@ -447,10 +452,27 @@ class Trainer:
             if classes and self.rt.is_main:
                 self.log(classes)
         finally:
-            if self.tracker:  # (a crashed attempt's MLflow run ends FAILED)
-                self.tracker.close(failed=sys.exc_info()[0] is not None)
-            self.log.flush()
+            failed = sys.exc_info()[0] is not None
+            try:
+                self._finish_checkpoint(failed)
+            finally:
+                if self.tracker:  # (a crashed attempt's MLflow run ends FAILED)
+                    self.tracker.close(failed=failed)
+                self.log.flush()
         return FitResult(history, lrs, self.strategy.module, self.state.best, self.state.input_size)
+
+    def _finish_checkpoint(self, failed: bool) -> None:
+        """The run ends: a background checkpoint still being written is waited for (after a
+        failure too: it is the newest state a resume can continue from). Its own error is
+        raised, or, when the run already fails with another, logged."""
+        if not self.checkpointer:
+            return
+        try:
+            self.checkpointer.wait()
+        except Exception as e:  # noqa: BLE001 - any write error
+            if not failed:
+                raise
+            self.log(f"the background checkpoint being written failed too: {type(e).__name__}: {e}")
 
     def _batches(self, epoch: int, skip_steps: int = 0, start: int | None = None) -> DeviceBatches:
         """Epoch ``epoch``'s model batches, from optimizer step ``skip_steps`` of it on (or from
@@ -584,14 +606,19 @@ class Trainer:
         tag = f"epoch-{s_.epoch:04d}-step-{s_.step:08d}"
         metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],
                    "train_loss_semseg": mean[1], "train_loss_depth": mean[2], "restarts": s_.restarts}
+        # in the background unless a notice came: then the node goes soon, and the checkpoint of
+        # this step must be whole before the next one's begins (a teardown costs one step)
+        background = self.cfg.train.checkpoint_background and not self.preempted
         t0 = time.perf_counter()
         try:
             if self.tracker:  # the points up to this step stored first: a resume from here logs only later ones
                 self.tracker.sync()
         finally:  # (a tracking failure still leaves the checkpoint)
-            self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best=False, metrics_file=False)
+            background = self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best=False, metrics_file=False,
+                                                background=background)
         self.last_checkpoint = monotonic()
-        self.log(f"step checkpoint {tag} ({time.perf_counter() - t0:.2f} s of training stalled)")
+        how = "; written in the background" if background else ""
+        self.log(f"step checkpoint {tag} ({time.perf_counter() - t0:.2f} s of training stalled{how})")
 
     def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:
         """Validation (the bare module: a DDP wrapper would sync buffers per forward, and ranks

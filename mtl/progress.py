@@ -10,6 +10,7 @@ folder's ``train.log`` (`RunLog`).
 from __future__ import annotations
 
 import io
+import threading
 import time
 from typing import Any
 
@@ -73,6 +74,7 @@ class RunLog:
 
     def __init__(self, url: str | None, console: Console | None = None, echo: bool = True) -> None:
         self.url, self.echo = url, echo
+        self._lock = threading.RLock()  # (a background checkpoint's writer thread logs too)
         self.console = console or wide_console()
         self._plain = Console(file=io.StringIO(), width=160, color_system=None, soft_wrap=True)
         self._remote_text = ""
@@ -84,27 +86,31 @@ class RunLog:
 
     def __call__(self, renderable: Any) -> None:
         """Show ``renderable`` (rich markup, a table...) and record it."""
-        if self.echo:
-            self.console.print(renderable)
-        self.record(renderable)
+        with self._lock:
+            if self.echo:
+                self.console.print(renderable)
+            self.record(renderable)
 
     def record(self, renderable: Any) -> None:
         """Record without showing (e.g. progress lines while a live bar is on the terminal)."""
         if self.url is None:
             return
-        self._plain.file = io.StringIO()
-        self._plain.print(renderable)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        text = "".join(f"{stamp} {ln}\n" for ln in self._plain.file.getvalue().rstrip("\n").splitlines())
-        if is_local(self.url):
-            with open(url_to_fs(self.url)[1], "a") as fh:
-                fh.write(text)
-        else:
-            self._remote_text += text
+        with self._lock:
+            self._plain.file = io.StringIO()
+            self._plain.print(renderable)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            text = "".join(f"{stamp} {ln}\n" for ln in self._plain.file.getvalue().rstrip("\n").splitlines())
+            if is_local(self.url):
+                with open(url_to_fs(self.url)[1], "a") as fh:
+                    fh.write(text)
+            else:
+                self._remote_text += text
 
     def flush(self) -> None:
         if self.url is not None and not is_local(self.url):
-            write_bytes_atomic(self.url, self._remote_text.encode())
+            with self._lock:
+                text = self._remote_text
+            write_bytes_atomic(self.url, text.encode())
 
 
 class TrainProgress:

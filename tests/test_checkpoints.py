@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -397,3 +398,118 @@ def test_a_file_system_that_is_no_object_store_gets_its_files_renamed_into_place
     write_bytes_atomic("memory://run/checkpoints/latest.json", b"x")  # an object store: one PUT
     assert opened == []  # (not through InPlace)
     InPlace().rm("/run", recursive=True)  # (fsspec's memory store is shared by the whole process)
+
+
+class HeldStorage:
+    """A FolderStorage whose uploads wait until the test lets them go (or fail, when told to):
+    a slow object store, made deterministic."""
+
+    def __new__(cls, run: str, fail: bool = False):
+        import threading
+
+        from mtl.checkpoint import FolderStorage
+
+        class Held(FolderStorage):
+            def publish(self, folder, tag, metrics):
+                self.started.append(tag)
+                assert self.go.wait(60), "never let go"
+                if fail:
+                    raise OSError(f"the store refused {tag}")
+                super().publish(folder, tag, metrics)
+
+        storage = Held(run, keep_last=0)
+        storage.go, storage.started = threading.Event(), []
+        return storage
+
+
+def _plain_run(seed: int = 0):
+    from torch import nn
+
+    from mtl.checkpoint import TrainState
+    from mtl.strategy import PlainStrategy
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    strategy = PlainStrategy(model, torch.optim.Adam(model.parameters(), fused=True))
+    strategy.backward(strategy.model(torch.randn(8, 3)).sum())
+    strategy.step(last_micro_batch=True)
+    return strategy, TrainState()
+
+
+def test_a_background_checkpoint_holds_its_steps_state_and_becomes_the_latest_once_written(tmp_path):
+    """A step checkpoint in the background returns while the store is still busy; the pointer
+    names it only once it is written, and what it holds is the state of its step, although
+    training has changed the weights, the optimizer's moments and the train state in place
+    since. The next save waits for it (checkpoints commit in order)."""
+    import threading
+
+    from mtl.checkpoint import Checkpointer, CheckpointIndex, load_checkpoint
+
+    run = str(tmp_path / "run")
+    storage, written = HeldStorage(run), []
+    strategy, state = _plain_run()
+    ckpt = Checkpointer(storage, run, strategy, {"train_state": state}, on_written=lambda tag, s: written.append(tag))
+    state.step = 4
+    weight = strategy.module[0].weight.detach().clone()
+    moment = strategy.optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    ckpt.save("epoch-0000-step-00000004", {"cfg": 1}, {"step": 4}, is_best=False, metrics_file=False, background=True)
+    deadline = time.time() + 30
+    while not storage.started and time.time() < deadline:  # (the writer thread takes it up)
+        time.sleep(0.01)
+    assert storage.started == ["epoch-0000-step-00000004"] and CheckpointIndex(run).read() is None and not written
+    # training goes on meanwhile: another step changes every part in place
+    strategy.backward(strategy.model(torch.randn(8, 3)).sum())
+    strategy.step(last_micro_batch=True)
+    state.step = 5
+    assert not torch.equal(strategy.module[0].weight, weight)
+    second = threading.Thread(target=ckpt.save, args=("epoch-0000-step-00000005", {"cfg": 1}, {"step": 5}, False),
+                              kwargs={"metrics_file": False, "background": True})
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and storage.started == ["epoch-0000-step-00000004"]  # waits for the first
+    storage.go.set()
+    second.join(60)
+    ckpt.wait()
+    assert written == ["epoch-0000-step-00000004", "epoch-0000-step-00000005"]
+    assert CheckpointIndex(run).read()["history"] == written
+    first = load_checkpoint(f"{run}/checkpoints/epoch-0000-step-00000004")
+    assert first["train_state"]["step"] == 4 and torch.equal(first["model"]["0.weight"], weight)
+    assert torch.equal(first["optimizer"]["state"][0]["exp_avg"], moment)
+    assert first["model"]._metadata[""]["version"] == strategy.module.state_dict()._metadata[""]["version"]
+    last = load_checkpoint(f"{run}/checkpoints/epoch-0000-step-00000005")
+    assert last["train_state"]["step"] == 5 and torch.equal(last["model"]["0.weight"], strategy.module[0].weight)
+
+
+def test_a_background_checkpoint_that_fails_leaves_the_one_before_and_says_why(tmp_path):
+    """A write that fails in the background moves no pointer: the checkpoint before stays the
+    latest, and the error reaches training at its next checkpoint (or the run's end)."""
+    from mtl.checkpoint import Checkpointer, CheckpointIndex
+
+    run = str(tmp_path / "run")
+    strategy, state = _plain_run()
+    ok = HeldStorage(run)
+    ok.go.set()
+    Checkpointer(ok, run, strategy, {"train_state": state}).save("epoch-0001", {}, {"score": 1.0}, is_best=False)
+    failing = HeldStorage(run, fail=True)
+    ckpt = Checkpointer(failing, run, strategy, {"train_state": state})
+    ckpt.save("epoch-0001-step-00000009", {}, {}, is_best=False, metrics_file=False, background=True)
+    failing.go.set()
+    with pytest.raises(OSError, match="the store refused epoch-0001-step-00000009"):
+        ckpt.save("epoch-0002", {}, {"score": 2.0}, is_best=False)
+    assert CheckpointIndex(run).latest_tag() == "epoch-0001"
+    ckpt.wait()  # (the error was raised once)
+
+
+def test_host_copy_keeps_the_structure_and_owns_its_tensors():
+    from collections import OrderedDict
+
+    from mtl.checkpoint import host_copy
+
+    sd = OrderedDict(w=torch.ones(2))
+    sd._metadata = {"": {"version": 2}}
+    obj = {"model": sd, "groups": [{"betas": (0.9, 0.99), "lr": 1e-3}], "n": 3, "name": "x", "none": None}
+    copy = host_copy(obj)
+    sd["w"].add_(1)
+    assert copy["model"]["w"].tolist() == [1.0, 1.0] and type(copy["model"]) is OrderedDict
+    assert copy["model"]._metadata == {"": {"version": 2}} and copy["groups"] == [{"betas": (0.9, 0.99), "lr": 1e-3}]
+    assert copy["n"] == 3 and copy["name"] == "x" and copy["none"] is None

@@ -162,7 +162,7 @@ def test_captured_training_survives_a_checkpoint_and_resume(tiny_root, tmp_path)
     def run(out, epochs, resume=False):
         cfg = ExperimentConfig(data=DataConfig(root=tiny_root, workers=2), model=ModelConfig(arch="branched", encoder="resnet18"),
                                train=TrainConfig(epochs=epochs, batch_size=8, max_steps_per_epoch=6, out=str(out), device="cuda",
-                                                 cuda_graph="on", resume=resume, name="g")).validate()
+                                                 cuda_graph="on", resume=resume, name="g", checkpoint_every=4)).validate()
         trainer = Trainer(cfg, local_runtime(cfg))
         result = trainer.fit()
         assert isinstance(trainer.step, CapturedStep) and trainer.step.state()["captured"]
@@ -177,6 +177,31 @@ def test_captured_training_survives_a_checkpoint_and_resume(tiny_root, tmp_path)
     assert b["epoch"] == 3 and b["restarts"] == 1
     for k in ("train_loss", "miou", "si_log_rmse"):
         assert abs(a[k] - b[k]) <= 0.1 * abs(a[k]) + 1.0, (k, a[k], b[k])  # GPU atomics: not bit-equal
+
+
+def test_a_background_checkpoints_copy_is_the_state_of_its_step_on_cuda():
+    """`host_copy` (what a background checkpoint writes) queues non-blocking copies into pinned
+    memory and waits for them: the next step, queued at once, changes the weights and Adam's
+    moments in place, and the copy must still hold the step before."""
+    from mtl.checkpoint import host_copy
+    from mtl.config import ExperimentConfig
+
+    device = torch.device("cuda")
+    model = build_model(ModelConfig(arch="branched", encoder="resnet18")).to(device)
+    strategy = PlainStrategy(model, build_optimizer(model, ExperimentConfig()))
+    batch = {"rgb": torch.randn(4, 3, 128, 256, device=device), "semseg": torch.randint(0, NUM_CLASSES, (4, 128, 256), device=device),
+             "depth": torch.rand(4, 128, 256, device=device) * 50 + 4, "valid": torch.ones(4, 128, 256, dtype=torch.bool, device=device)}
+    step = lambda: train_step(strategy, batch, DepthCodec("log"), TaskWeighting([0.5, 0.5]).to(device), autocast(device, True))  # noqa: E731
+    step()
+    before = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+              "moments": {k: s["exp_avg"].clone() for k, s in strategy.optimizer.state_dict()["state"].items()}}
+    copy = host_copy(strategy.state_dict())
+    step()
+    torch.cuda.synchronize()
+    assert all(v.device.type == "cpu" and v.is_pinned() for v in copy["model"].values())
+    assert all(torch.equal(copy["model"][k], v.cpu()) for k, v in before["model"].items())
+    assert all(torch.equal(copy["optimizer"]["state"][k]["exp_avg"], v.cpu()) for k, v in before["moments"].items())
+    assert not all(torch.equal(copy["model"][k], v.cpu()) for k, v in model.state_dict().items())  # (the step did change them)
 
 
 def test_a_failed_capture_puts_the_stream_back_and_training_goes_on():

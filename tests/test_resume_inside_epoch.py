@@ -11,11 +11,13 @@ weights and metrics at the end (the CPU is deterministic here: equal to float ro
 from __future__ import annotations
 
 import math
+import time
+from unittest import mock
 
 import pytest
 import torch
 
-from mtl.checkpoint import CheckpointIndex
+from mtl.checkpoint import CheckpointIndex, FolderStorage
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
 from mtl.data.build import build_loaders
 from mtl.data.folder import MiniscapesFolder
@@ -59,9 +61,19 @@ def interrupted_then_resumed(cfg_of, tmp_path, break_reading):
     straight = fit(cfg_of(tmp_path / "a"), local_runtime(cfg_of(tmp_path / "a")))
     target = epoch_indices(cfg_of(tmp_path / "probe"), FAIL_EPOCH)[FAIL_BATCH][0]
     broken = cfg_of(tmp_path / "b")
-    with break_reading(target), pytest.raises(OSError, match="simulated read error"):
+    publish = FolderStorage.publish
+
+    def slow(self, folder, tag, metrics):  # the last step checkpoint is still being written when the read fails
+        if tag == LAST_CHECKPOINT:
+            time.sleep(3)
+        publish(self, folder, tag, metrics)
+
+    with break_reading(target), mock.patch.object(FolderStorage, "publish", slow), pytest.raises(OSError, match="simulated read error"):
         fit(broken, local_runtime(broken))
+    # the failed run waited for it: it is whole, and the latest
     assert CheckpointIndex(run_url(broken)).latest_tag() == LAST_CHECKPOINT
+    log = open(f"{run_url(broken)}/train.log").read()
+    assert f"step checkpoint {LAST_CHECKPOINT} (" in log and f"checkpoint {LAST_CHECKPOINT} written in the background" in log
     again = cfg_of(tmp_path / "b", resume=True)
     return straight, fit(again, local_runtime(again)), again
 
@@ -349,7 +361,7 @@ def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():
 
     state, saved = TrainState(step=2, epoch_step=2), {}
     trainer = SimpleNamespace(state=state, strategy=TwoRanks(), rt=SimpleNamespace(world=2), cfg=ExperimentConfig(),
-                              tracker=None, log=lambda line: None, _check_finite_weights=lambda *a: None,
+                              tracker=None, preempted=False, log=lambda line: None, _check_finite_weights=lambda *a: None,
                               checkpointer=SimpleNamespace(save=lambda tag, cfg, metrics, **kw: saved.update(metrics)))
     running = torch.tensor([2.0, 1.0, 1.0])
     Trainer._save_inside_epoch(trainer, running, lr=0.1)

@@ -23,7 +23,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Iterator
+import shutil
+import tempfile
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator
 
 import torch
 from rich.json import JSON
@@ -61,9 +64,50 @@ class RayStorage:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(folder) if os.listdir(folder) else None
-        # headline scalars to Ray (per-class IoUs and LR lists are in metrics/<tag>.json)
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
-        ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINTS}/{tag}")
+        ray.train.report(self._scalars(metrics), checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINTS}/{tag}")
+
+    def publish_later(self, tag: str, metrics: dict[str, Any], write: Callable[[str], None] | None,
+                      then: Callable[[], None] | None) -> Future:
+        """Ray's asynchronous report: every rank reports now (the report is collective), and Ray's
+        upload thread (one per worker: reports register in order) runs ``write`` into the local
+        folder, uploads it as the synchronous report would, runs ``then`` (the commit) and deletes
+        the folder. An error there fails the worker group (Ray raises it into the training
+        thread), which restarts from the last committed checkpoint; the future holds it too."""
+        import ray.train
+
+        done: Future = Future()
+        if write is None:
+            ray.train.report(self._scalars(metrics), checkpoint=None, checkpoint_dir_name=f"{CHECKPOINTS}/{tag}",
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            done.set_result(None)
+            return done
+        folder = tempfile.mkdtemp(prefix="streetmtl-ckpt-")
+
+        def upload(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
+            try:
+                os.makedirs(folder, exist_ok=True)  # (Ray retries an upload that failed on a transient S3 error)
+                write(folder)
+                persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+                if then is not None:
+                    then()
+            except BaseException as e:
+                shutil.rmtree(folder, ignore_errors=True)  # (Ray deletes it after a successful upload only)
+                if not done.done():
+                    done.set_exception(e)
+                raise
+            if not done.done():
+                done.set_result(None)
+            return persisted
+
+        ray.train.report(self._scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"{CHECKPOINTS}/{tag}", checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+        return done
+
+    @staticmethod
+    def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+        """The headline scalars for Ray (per-class IoUs and LR lists are in metrics/<tag>.json)."""
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
 
     def commit(self, tag: str) -> None:
         """The pointer's history lists what Ray keeps (CheckpointConfig's num_to_keep); Ray

@@ -18,10 +18,14 @@ process, Ray job, command), its ``ttl`` and a counter the holder's thread raises
   refused (`LeaseHeld`, naming the holder and how to stop it); not renewed, its holder died with
   its node, and the lease is taken. Liveness is judged by watching, not by comparing clocks.
 
-Object stores have no atomic create: two drivers starting in the same second could both write
-the file, so a new holder reads it back after a short settle and only the last writer goes on
-(a start whose write lands later than that, e.g. after S3 retries, is not caught). The holder
-deletes the file when it ends. A holder that finds its lease taken (it could not renew for
+On S3 every write of the lease is a compare-and-swap (`mtl.storage.write_if`): created only if
+there is none, replaced only if it is still the version this driver last read or wrote. So two
+drivers that both found no lease (or the same dead one) cannot both write theirs, and a renewal
+held up past a takeover (a stalled request, retries) is refused instead of landing over the new
+holder's lease. Elsewhere (local disks; an S3 endpoint that does not take the conditions, which
+is then said once) two drivers starting in the same second could both write the file, so a new
+holder also reads it back after a short settle and only the last writer goes on (a start whose
+write lands later than that is not caught there). The holder deletes the file when it ends. A holder that finds its lease taken (it could not renew for
 ``ttl``: storage unreachable, the process paused) ends its process at once (exit status
 `LOST_EXIT`), without a checkpoint or any other write beside the new holder.
 
@@ -42,7 +46,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from mtl.storage import is_object_store, json_bytes, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import (WriteConflict, has_conditional_writes, is_object_store, json_bytes, read_bytes, read_tagged,
+                         storage_errors, url_to_fs, write_bytes_atomic, write_if)
 
 LEASE_FILE = "driver.lease"
 STALE_TTLS = 10  # (a lease older than this many ttls by this host's clock is taken without watching)
@@ -146,9 +151,14 @@ class RunLease:
         self.mine: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.conditional = has_conditional_writes(self.url)  # (writes are compare-and-swaps)
+        self._etag: str | None = None  # the lease's version as last read or written (conditional stores)
 
     def read(self) -> dict[str, Any] | None:
-        data = read_bytes(self.url)
+        if self.conditional:
+            data, self._etag = read_tagged(self.url)
+        else:
+            data = read_bytes(self.url)
         if data is None:
             return None
         try:
@@ -161,27 +171,29 @@ class RunLease:
         """Take the lease (see the module docstring), or raise `LeaseHeld`."""
         while True:
             held = self.read()
-            if held is not None and held.get("holder") != self.mine.get("holder"):
-                self._wait_out(held)
-            self._write(started=True)
+            if held is not None and held.get("holder") != self.mine.get("holder") and not self._wait_out(held):
+                continue  # (released, or taken by a third driver, meanwhile: read again)
+            if not self._write(started=True):
+                continue  # (another driver's write came first)
             time.sleep(self.timing.settle_s)
             now = self.read()
             if now is not None and now.get("holder") == self.mine["holder"]:
                 return
             if now is None:
                 continue  # (taken and released meanwhile)
-            self._wait_out(now)  # (another driver wrote it after this one)
+            self._wait_out(now)  # (another driver wrote it after this one: refused while it lives)
 
-    def _wait_out(self, held: dict[str, Any]) -> None:
-        """Return once ``held`` may be taken; raise `LeaseHeld` while its holder is alive."""
+    def _wait_out(self, held: dict[str, Any]) -> bool:
+        """True once ``held`` may be taken (as last read: `_write` replaces that version), False
+        when it was released or replaced meanwhile; raises `LeaseHeld` while its holder is alive."""
         t = LeaseTiming(min(_positive(held.get("ttl_s"), self.timing.ttl_s), MAX_TTL_S))  # (the holder's: its pace)
         age = time.time() - _positive(held.get("renewed"), 0.0)
         if age > STALE_TTLS * t.ttl_s:
             self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, not renewed for {age:.0f} s")
-            return
+            return True
         if held.get("host") == socket.gethostname() and held.get("machine") == machine_id() and _process_gone(held.get("pid")):
             self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, a process that is gone")
-            return
+            return True
         self.log(f"{self.what} folder {self.folder} is leased to {describe(held)}; watching for up to {t.ttl_s:.0f} s "
                  f"whether it is alive")
         deadline = time.monotonic() + t.ttl_s
@@ -189,13 +201,17 @@ class RunLease:
             time.sleep(min(t.renew_s / 2, max(0.0, deadline - time.monotonic())))
             now = self.read()
             if now is None or now.get("holder") != held.get("holder"):
-                return  # (released, or taken by a third driver: `acquire` reads again)
+                return False
             if now.get("beat") != held.get("beat"):
                 raise LeaseHeld(f"{self.what} folder {self.folder} is in use by {describe(now)}. One driver per "
                                 f"{self.what}: stop that one first, or wait for it to end")
         self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, not renewed for {t.ttl_s:.0f} s")
+        return True
 
-    def _write(self, started: bool = False) -> None:
+    def _write(self, started: bool = False) -> bool:
+        """Write this driver's lease (a new one when ``started``, else the next renewal); on a
+        conditional store only over the version last read (or none); False when another
+        driver's write came first."""
         if started:
             self.mine = {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "machine": machine_id(), "pid": os.getpid(),
                          "ray_job": ray_job_id(), "command": " ".join(sys.argv)[:300],
@@ -203,17 +219,36 @@ class RunLease:
         else:
             self.mine["beat"] += 1
         self.mine["renewed"] = time.time()
-        write_bytes_atomic(self.url, json_bytes(self.mine))
+        data = json_bytes(self.mine)
+        if self.conditional:
+            try:
+                self._etag = write_if(self.url, data, self._etag)
+                return True
+            except WriteConflict:
+                return False
+            except NotImplementedError as e:
+                self.conditional = False
+                self.log(f"note: {e}; the lease of {self.what} folder {self.folder} is written without them")
+        write_bytes_atomic(self.url, data)
+        return True
+
+    def _renew(self) -> dict[str, Any] | None:
+        """One renewal; returns the lease of the driver that took this one's, if one did."""
+        now = self.read()
+        if now is None or now.get("holder") == self.mine["holder"]:
+            if self._write():
+                return None
+            now = self.read()  # (refused: another driver wrote it since it was read; or this one's own write landed twice)
+        return now if now is not None and now.get("holder") != self.mine["holder"] else None
 
     def _renew_loop(self) -> None:
         failing = False
         while not self._stop.wait(self.timing.renew_s):
             try:
-                now = self.read()
-                if now is not None and now.get("holder") != self.mine["holder"]:
-                    self._lost(now)
+                taken = self._renew()
+                if taken is not None:
+                    self._lost(taken)
                     return
-                self._write()
                 failing = False
             except Exception as e:  # noqa: BLE001 - storage hiccups: go on renewing; `ttl` is the margin
                 if not failing:

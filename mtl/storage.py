@@ -137,6 +137,71 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         fs.mv(tmp, path)
 
 
+# fsspec protocols of S3, whose PUT takes conditions (If-None-Match: only if no object exists;
+# If-Match: only if the object is the version of that ETag): AWS S3 since 2024, MinIO, moto
+CONDITIONAL_STORES = frozenset({"s3", "s3a"})
+
+
+class WriteConflict(Exception):
+    """A conditional write (`write_if`) was refused: another writer changed the object first."""
+
+
+def has_conditional_writes(url: str) -> bool:
+    fs, _ = url_to_fs(url)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & CONDITIONAL_STORES)
+
+
+def _s3_error_code(e: BaseException) -> str | None:
+    """The S3 error code behind an s3fs error (s3fs keeps botocore's error as the cause)."""
+    cause = e.__cause__
+    response = getattr(cause, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def read_tagged(url: str) -> tuple[bytes | None, str | None]:
+    """An object's bytes and its ETag, of one version (s3fs reads with If-Match of the ETag it
+    looked up; a version replaced in between is read again); (None, None) when it does not exist."""
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        for _ in range(5):
+            fs.invalidate_cache(path)  # (an ETag from a cached listing would be an old version's)
+            try:
+                with fs.open(path, "rb", cache_type="none") as fh:
+                    return fh.read(), fh.details.get("ETag")
+            except FileNotFoundError:
+                return None, None
+            except OSError as e:
+                if _s3_error_code(e) != "PreconditionFailed":
+                    raise
+        raise WriteConflict(f"{url} kept changing while it was read")
+
+
+def write_if(url: str, data: bytes, etag: str | None) -> str | None:
+    """A compare-and-swap on an object store with conditional writes (`has_conditional_writes`):
+    write ``url`` only if it is still the version with ``etag`` (None: only if it does not
+    exist). Returns the new version's ETag. Raises `WriteConflict` when another write came
+    first, NotImplementedError when the endpoint does not take the conditions."""
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        try:
+            out = fs.pipe_file(path, data, mode="create") if etag is None else fs.pipe_file(path, data, IfMatch=etag)
+        except FileExistsError:
+            raise WriteConflict(f"{url} exists: another writer created it first") from None
+        except FileNotFoundError:
+            if etag is None:
+                raise FileNotFoundError(_missing_bucket(url)) from None
+            raise WriteConflict(f"{url} is gone: another writer deleted it") from None
+        except OSError as e:
+            code = _s3_error_code(e)
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise WriteConflict(f"{url} changed: another writer replaced it first") from None
+            if code == "NotImplemented":
+                raise NotImplementedError(f"{url}: the endpoint does not take conditional writes ({code})") from e
+            raise
+    return out.get("ETag") if isinstance(out, dict) else None
+
+
 def read_bytes(url: str) -> bytes | None:
     """The file's bytes, or None when it does not exist."""
     with storage_errors(url):

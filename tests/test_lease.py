@@ -173,3 +173,34 @@ def test_a_second_train_driver_of_a_live_run_is_refused(tiny_root, tmp_path, cap
     assert main(train) == 0
     assert f"taking the lease of process {holder.pid}" in capsys.readouterr().out
     assert LEASE_FILE not in os.listdir(f"{out}/{name}")
+
+
+def test_on_s3_every_lease_write_is_a_compare_and_swap(s3_prefix):
+    """S3's conditional writes close what a read-back cannot: two drivers that both found no
+    lease cannot both write theirs, and a renewal held up until another driver has taken the
+    lease (a stalled request) is refused instead of landing over it; its driver then finds the
+    lease lost."""
+    from mtl.storage import WriteConflict, read_tagged, write_if
+
+    url = f"{s3_prefix}/cas/{LEASE_FILE}"
+    tag = write_if(url, b"one", None)
+    assert read_tagged(url) == (b"one", tag)
+    with pytest.raises(WriteConflict, match="another writer created it first"):
+        write_if(url, b"two", None)
+    newer = write_if(url, b"three", tag)
+    with pytest.raises(WriteConflict, match="another writer replaced it first"):
+        write_if(url, b"four", tag)  # (the version it was read as is gone)
+    assert read_tagged(url) == (b"three", newer)
+
+    folder = f"{s3_prefix}/run"
+    a, b = (RunLease(folder, timing=FAST, log=lambda m: None) for _ in range(2))
+    assert a.conditional and a.read() is None and b.read() is None  # both found no lease ...
+    assert a._write(started=True) and not b._write(started=True)  # ... only the first write lands
+    assert a.read()["holder"] == a.mine["holder"]  # (a's renewal reads its own lease here ...)
+    c = RunLease(folder, timing=FAST, log=lambda m: None)
+    c.read()
+    assert c._write(started=True)  # (... and another driver takes it over before a's write lands)
+    assert not a._write()  # the held-up renewal is refused
+    assert json.loads(read_tagged(f"{folder}/{LEASE_FILE}")[0])["holder"] == c.mine["holder"]
+    assert a._renew()["holder"] == c.mine["holder"]  # a finds it lost (and would end)
+    c.release()

@@ -70,7 +70,9 @@ def host_copy(obj: Any) -> Any:
     moments in place. CUDA tensors are queued as non-blocking copies into pinned memory and
     waited for once (the copy follows the step on the current stream); CPU tensors are cloned.
     Dicts keep their type and attributes (a module's state dict carries ``_metadata``, which
-    ``load_state_dict`` reads)."""
+    ``load_state_dict`` reads). A checkpoint holds tensors and plain data only (it is read with
+    ``weights_only``): dicts, lists and tuples are the containers there are; other values are
+    immutable and kept as they are."""
     on_gpu: list[torch.device] = []
 
     def walk(o: Any) -> Any:
@@ -417,25 +419,32 @@ class Checkpointer:
         if self.rank != 0:
             self._pending = self.storage.publish_later(tag, metrics, None, None)
             return
-        t0, state = time.perf_counter(), host_copy(self._state(config, metrics, is_best))
+        t0, held = time.perf_counter(), {"state": host_copy(self._state(config, metrics, is_best))}
         if metrics_file:
             self._write_metrics(tag, metrics)
 
         def then() -> None:
             self.storage.commit(tag)
             if is_best:
-                self._write_best(state)
+                self._write_best(held["state"])
+            held.clear()  # (the copy is freed now, even while the storage's thread still holds these functions)
             if self.on_written:
                 self.on_written(tag, time.perf_counter() - t0)
 
-        self._pending = self.storage.publish_later(tag, metrics, lambda folder: _write_state(folder, state), then)
+        self._pending = self.storage.publish_later(tag, metrics, lambda folder: _write_state(folder, held["state"]), then)
 
     def wait(self) -> None:
         """Until the background write in flight, if any, is committed; raises its error if it
-        failed (the pointer then still names the checkpoint before it)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        failed (the pointer then still names the checkpoint before it). Interrupted (Ctrl-C),
+        the write stays pending: the run's end waits for it again."""
+        pending = self._pending
+        if pending is None:
+            return
+        try:
             pending.result()
+        finally:
+            if pending.done():
+                self._pending = None
 
     def _state(self, config: dict[str, Any], metrics: dict[str, Any], is_best: bool) -> dict[str, Any]:
         """Rank 0's part: ``is_best`` in it (a resume from it writes best.pt again, `restore`)."""

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -513,3 +514,39 @@ def test_host_copy_keeps_the_structure_and_owns_its_tensors():
     assert copy["model"]["w"].tolist() == [1.0, 1.0] and type(copy["model"]) is OrderedDict
     assert copy["model"]._metadata == {"": {"version": 2}} and copy["groups"] == [{"betas": (0.9, 0.99), "lr": 1e-3}]
     assert copy["n"] == 3 and copy["name"] == "x" and copy["none"] is None
+
+
+def test_a_background_checkpoint_on_ray_fails_only_once_rays_retries_are_spent(tmp_path, monkeypatch):
+    """On Ray the write runs as the report's upload function, which Ray retries on a transient
+    S3 error (its own retry, as in Ray's upload path): a retry that succeeds commits, and the
+    training thread sees no error; a failure that Ray will not retry reaches it."""
+    import ray.train
+    from ray._common.retry import retry
+    from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS
+
+    from mtl.distributed.ray_train import _uploader
+
+    errors = [OSError("AWS Error SLOW_DOWN during PutObject"), None]
+
+    class Storage:
+        def persist_current_checkpoint(self, checkpoint, dir_name):
+            error = errors.pop(0)
+            if error is not None:
+                raise error
+            return ("persisted", dir_name)
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: type("Context", (), {"get_storage": lambda self: Storage()})())
+    rays = retry(description="upload checkpoint", max_attempts=3, match=AWS_RETRYABLE_TOKENS, max_backoff_s=0)
+    committed, done = [], Future()
+    folder = str(tmp_path / "ckpt")
+    upload = _uploader(folder, lambda d: open(os.path.join(d, "state.pt"), "wb").close(), lambda: committed.append(1), done)
+    assert rays(upload)(None, "checkpoints/epoch-0000-step-00000004") == ("persisted", "checkpoints/epoch-0000-step-00000004")
+    assert done.result(timeout=0) is None and committed == [1]  # the retry succeeded: no error for training
+
+    errors[:] = [OSError("AWS Error ACCESS_DENIED")]  # (not transient: Ray does not retry it)
+    done = Future()
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        rays(_uploader(folder, lambda d: None, None, done))(None, "checkpoints/x")
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        done.result(timeout=0)
+    assert not os.path.exists(folder)  # (its folder removed: Ray deletes it only after an upload)

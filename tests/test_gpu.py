@@ -193,15 +193,20 @@ def test_a_background_checkpoints_copy_is_the_state_of_its_step_on_cuda():
              "depth": torch.rand(4, 128, 256, device=device) * 50 + 4, "valid": torch.ones(4, 128, 256, dtype=torch.bool, device=device)}
     step = lambda: train_step(strategy, batch, DepthCodec("log"), TaskWeighting([0.5, 0.5]).to(device), autocast(device, True))  # noqa: E731
     step()
-    before = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-              "moments": {k: s["exp_avg"].clone() for k, s in strategy.optimizer.state_dict()["state"].items()}}
+    before = {"model": {k: v.cpu() for k, v in model.state_dict().items()},
+              "moments": {k: s["exp_avg"].cpu() for k, s in strategy.optimizer.state_dict()["state"].items()}}
+    x = torch.randn(4096, 4096, device=device)
+    for _ in range(100):  # ~0.1-0.5 s of queued work: copies queued behind it are not done when host_copy returns, unless it waits
+        x = torch.tanh(x @ x)
     copy = host_copy(strategy.state_dict())
+    # (read at once, no sync here: what host_copy returned must already be the copied values)
+    assert all(v.device.type == "cpu" and v.is_pinned() for v in copy["model"].values())
+    assert all(torch.equal(copy["model"][k], v) for k, v in before["model"].items())
+    assert all(torch.equal(copy["optimizer"]["state"][k]["exp_avg"], v) for k, v in before["moments"].items())
     step()
     torch.cuda.synchronize()
-    assert all(v.device.type == "cpu" and v.is_pinned() for v in copy["model"].values())
-    assert all(torch.equal(copy["model"][k], v.cpu()) for k, v in before["model"].items())
-    assert all(torch.equal(copy["optimizer"]["state"][k]["exp_avg"], v.cpu()) for k, v in before["moments"].items())
-    assert not all(torch.equal(copy["model"][k], v.cpu()) for k, v in model.state_dict().items())  # (the step did change them)
+    assert all(torch.equal(copy["model"][k], v) for k, v in before["model"].items())  # the next step changed nothing in it ...
+    assert not all(torch.equal(copy["model"][k], v.cpu()) for k, v in model.state_dict().items())  # (... and did change the weights)
 
 
 def test_a_failed_capture_puts_the_stream_back_and_training_goes_on():

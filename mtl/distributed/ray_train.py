@@ -71,37 +71,24 @@ class RayStorage:
         """Ray's asynchronous report: every rank reports now (the report is collective), and Ray's
         upload thread (one per worker: reports register in order) runs ``write`` into the local
         folder, uploads it as the synchronous report would, runs ``then`` (the commit) and deletes
-        the folder. An error there fails the worker group (Ray raises it into the training
-        thread), which restarts from the last committed checkpoint; the future holds it too."""
+        the folder (`_uploader`). When that fails for good, Ray fails the worker group, which
+        restarts from the last committed checkpoint; the future holds the error too."""
         import ray.train
 
         done: Future = Future()
+        mode, name = ray.train.CheckpointUploadMode.ASYNC, f"{CHECKPOINTS}/{tag}"
         if write is None:
-            ray.train.report(self._scalars(metrics), checkpoint=None, checkpoint_dir_name=f"{CHECKPOINTS}/{tag}",
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            ray.train.report(self._scalars(metrics), checkpoint=None, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
             done.set_result(None)
             return done
         folder = tempfile.mkdtemp(prefix="streetmtl-ckpt-")
-
-        def upload(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
-            try:
-                os.makedirs(folder, exist_ok=True)  # (Ray retries an upload that failed on a transient S3 error)
-                write(folder)
-                persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
-                if then is not None:
-                    then()
-            except BaseException as e:
-                shutil.rmtree(folder, ignore_errors=True)  # (Ray deletes it after a successful upload only)
-                if not done.done():
-                    done.set_exception(e)
-                raise
-            if not done.done():
-                done.set_result(None)
-            return persisted
-
-        ray.train.report(self._scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"{CHECKPOINTS}/{tag}", checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+        try:
+            ray.train.report(self._scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=name, checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True,
+                             checkpoint_upload_fn=_uploader(folder, write, then, done))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return done
 
     @staticmethod
@@ -134,6 +121,53 @@ class RayStorage:
             self.commit(ray_tag)
         with checkpoint.as_directory() as d:
             yield d, f"{self.folder.index.url}/{ray_tag}"  # as a URL, like every other checkpoint's
+
+
+# Ray retries a checkpoint upload whose error names one of its transient S3 errors, up to this
+# many attempts (Ray 2.60: ``_upload_checkpoint`` in ray/train/v2/_internal/execution/context.py)
+RAY_UPLOAD_ATTEMPTS = 3
+
+
+def _ray_retries(e: BaseException, attempt: int) -> bool:
+    """Whether Ray will run the upload again after attempt ``attempt`` failed with ``e`` (its
+    own test, `ray._common.retry.call_with_retry`'s)."""
+    try:
+        from ray._common.retry import format_exception, matches_error
+        from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS
+    except ImportError:  # (another Ray: take every failure as final; at worst a restart too many)
+        return False
+    text = format_exception(e)
+    return (isinstance(e, Exception) and attempt < RAY_UPLOAD_ATTEMPTS
+            and any(matches_error(token, text) for token in AWS_RETRYABLE_TOKENS))
+
+
+def _uploader(folder: str, write: Callable[[str], None], then: Callable[[], None] | None,
+              done: Future) -> Callable[[Any, str], Any]:
+    """The ``checkpoint_upload_fn`` of a background checkpoint (`RayStorage.publish_later`):
+    write the state into ``folder``, upload it as Ray's own upload does, commit (``then``), and
+    resolve ``done``: with the error only when Ray will not try again."""
+    attempts = [0]
+
+    def upload(checkpoint: Any, dir_name: str) -> Any:
+        import ray.train
+
+        attempts[0] += 1
+        try:
+            os.makedirs(folder, exist_ok=True)  # (a retry's: the failed attempt removed it)
+            write(folder)
+            persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+            if then is not None:
+                then()
+        except BaseException as e:
+            shutil.rmtree(folder, ignore_errors=True)  # (Ray deletes it after a successful upload only)
+            if not _ray_retries(e, attempts[0]) and not done.done():
+                done.set_exception(e)
+            raise
+        if not done.done():
+            done.set_result(None)
+        return persisted
+
+    return upload
 
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # how long Ray Train tries to place a worker group

@@ -94,7 +94,7 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
     ray_tmp = tempfile.mkdtemp(prefix="gcr", dir="/tmp")  # short: Ray's socket paths live below it
     env = {**os.environ, "PYTHON": sys.executable, "PHASES": "deepspeed", "BUNDLE": "", "EXPECT_DEVICE": "cpu",
            "RAY_FLAGS": TINY_RAY_FLAGS, "TRAIN_WORKERS": "2", "RUNS": str(runs), "RAY_TMPDIR": ray_tmp, "PACK_TO": str(packed),
-           "T_DEEPSPEED": "600", "DEADLINE": "1300"}  # shared 2-core machines: generous limits
+           "T_DEEPSPEED": "600", "DEADLINE": "1300", "STEP_CHECKPOINTS": "2"}  # shared 2-core machines: generous limits
     for k in ("OUT", "RAY_ADDRESS"):
         env.pop(k, None)
     try:
@@ -114,6 +114,8 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
     assert [e["restarts"] for e in res["epochs"]] == [0, 0, 1]  # ... and trained epoch 3
     assert all(e["train_images_per_s"] > 0 for e in res["epochs"])
     assert res["zero_stage"] == 2  # DeepSpeed's own record in the checkpoint
+    steps = res["step_checkpoints"]  # (steps 2, 4 and 8 of 3-step epochs: none at an epoch's last step)
+    assert len(steps["stalled_s"]) == 3 and not steps["background"] and steps["written_s"] == [], steps  # (ZeRO shards: foreground)
     run = runs / "deepspeed" / "ds-gpu"
     run_layout(str(run), epochs=3, sharded=True)
     assert len(list((run / "checkpoints/epoch-0003/shards").glob("zero/*optim_states.pt"))) == 2  # one per rank

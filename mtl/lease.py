@@ -221,16 +221,24 @@ class RunLease:
         self.mine["renewed"] = time.time()
         data = json_bytes(self.mine)
         if self.conditional:
+            expected = self._etag
             try:
-                self._etag = write_if(self.url, data, self._etag)
+                self._etag = write_if(self.url, data, expected)
                 return True
             except WriteConflict:
-                return False
+                if read_tagged(self.url)[1] != expected:
+                    return False  # (another driver's write)
+                # the version it was read as is still there: the endpoint refuses its own ETags
+                self._without_conditions("the endpoint refused a conditional write over the version it holds")
             except NotImplementedError as e:
-                self.conditional = False
-                self.log(f"note: {e}; the lease of {self.what} folder {self.folder} is written without them")
+                self._without_conditions(str(e))
         write_bytes_atomic(self.url, data)
         return True
+
+    def _without_conditions(self, why: str) -> None:
+        self.conditional = False
+        self.log(f"note: {why}; the lease of {self.what} folder {self.folder} is written without conditions from now on "
+                 f"(a start race of drivers is then caught by reading it back)")
 
     def _renew(self) -> dict[str, Any] | None:
         """One renewal; returns the lease of the driver that took this one's, if one did."""

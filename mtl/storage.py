@@ -153,10 +153,18 @@ def has_conditional_writes(url: str) -> bool:
 
 
 def _s3_error_code(e: BaseException) -> str | None:
-    """The S3 error code behind an s3fs error (s3fs keeps botocore's error as the cause)."""
-    cause = e.__cause__
-    response = getattr(cause, "response", None)
-    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    """The S3 error code behind an s3fs error (s3fs keeps botocore's error among the causes; a
+    read whose object changed under it is s3fs's FileExpired, over an OSError over botocore's
+    PreconditionFailed); an HTTP 501 without a code is NotImplemented."""
+    seen: BaseException | None = e
+    for _ in range(5):
+        seen = seen.__cause__ if seen is not None else None
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return code or ("NotImplemented" if status == 501 else None)
+    return None
 
 
 def read_tagged(url: str) -> tuple[bytes | None, str | None]:
@@ -172,7 +180,7 @@ def read_tagged(url: str) -> tuple[bytes | None, str | None]:
             except FileNotFoundError:
                 return None, None
             except OSError as e:
-                if _s3_error_code(e) != "PreconditionFailed":
+                if _s3_error_code(e) != "PreconditionFailed" and type(e).__name__ != "FileExpired":
                     raise
         raise WriteConflict(f"{url} kept changing while it was read")
 

@@ -524,7 +524,11 @@ def test_a_background_checkpoint_on_ray_fails_only_once_rays_retries_are_spent(t
     from ray._common.retry import retry
     from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS
 
-    from mtl.distributed.ray_train import _uploader
+    from mtl.distributed.ray_train import _ray_retries, _uploader
+
+    # (Ray's own limits, read from its upload's decorator: 3 attempts on its transient S3 errors)
+    assert _ray_retries(OSError("AWS Error SLOW_DOWN"), 2) and not _ray_retries(OSError("AWS Error SLOW_DOWN"), 3)
+    assert not _ray_retries(OSError("AWS Error ACCESS_DENIED"), 1)
 
     errors = [OSError("AWS Error SLOW_DOWN during PutObject"), None]
 

@@ -204,3 +204,23 @@ def test_on_s3_every_lease_write_is_a_compare_and_swap(s3_prefix):
     assert json.loads(read_tagged(f"{folder}/{LEASE_FILE}")[0])["holder"] == c.mine["holder"]
     assert a._renew()["holder"] == c.mine["holder"]  # a finds it lost (and would end)
     c.release()
+
+
+@pytest.mark.parametrize("refusal", ["refuses its own ETags", "does not take the conditions"])
+def test_an_s3_endpoint_without_conditional_writes_gets_the_lease_written_without_them(s3_prefix, monkeypatch, refusal):
+    """An endpoint that answers NotImplemented, or refuses a conditional write over the very
+    version it holds, would otherwise make every start fail or loop: the lease is then written
+    as on a local disk (read back after a settle), and the driver says so once."""
+    import mtl.lease
+
+    def write_if(url, data, etag):
+        if refusal == "does not take the conditions":
+            raise NotImplementedError(f"{url}: the endpoint does not take conditional writes (NotImplemented)")
+        raise mtl.lease.WriteConflict("refused")
+
+    monkeypatch.setattr(mtl.lease, "write_if", write_if)
+    lines = []
+    folder = f"{s3_prefix}/run-{refusal.split()[0]}"
+    with hold(folder, log=lines.append, timing=FAST) as lease:
+        assert not lease.conditional and RunLease(folder, timing=FAST).read()["holder"] == lease.mine["holder"]
+    assert [ln for ln in lines if "written without conditions from now on" in ln] == [lines[0]], lines

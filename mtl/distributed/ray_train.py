@@ -123,22 +123,23 @@ class RayStorage:
             yield d, f"{self.folder.index.url}/{ray_tag}"  # as a URL, like every other checkpoint's
 
 
-# Ray retries a checkpoint upload whose error names one of its transient S3 errors, up to this
-# many attempts (Ray 2.60: ``_upload_checkpoint`` in ray/train/v2/_internal/execution/context.py)
-RAY_UPLOAD_ATTEMPTS = 3
-
-
 def _ray_retries(e: BaseException, attempt: int) -> bool:
-    """Whether Ray will run the upload again after attempt ``attempt`` failed with ``e`` (its
-    own test, `ray._common.retry.call_with_retry`'s)."""
+    """Whether Ray will run the upload again after attempt ``attempt`` failed with ``e``: its
+    own test (`ray._common.retry.call_with_retry`) with the limits its upload is decorated with
+    (Ray 2.60: 3 attempts on transient S3 errors), read from the decorator, not copied."""
     try:
+        import inspect
+
         from ray._common.retry import format_exception, matches_error
-        from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS
-    except ImportError:  # (another Ray: take every failure as final; at worst a restart too many)
+        from ray.train.v2._internal.execution.context import TrainContext
+
+        limits = inspect.getclosurevars(TrainContext._upload_checkpoint).nonlocals
+        attempts, match = int(limits["max_attempts"]), limits["match"]
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):  # (another Ray: every failure is final)
         return False
     text = format_exception(e)
-    return (isinstance(e, Exception) and attempt < RAY_UPLOAD_ATTEMPTS
-            and any(matches_error(token, text) for token in AWS_RETRYABLE_TOKENS))
+    return (isinstance(e, Exception) and attempt < attempts
+            and (match is None or any(matches_error(pattern, text) for pattern in match)))
 
 
 def _uploader(folder: str, write: Callable[[str], None], then: Callable[[], None] | None,

@@ -26,8 +26,9 @@ holder's lease. Elsewhere (local disks; an S3 endpoint that does not take the co
 is then said once) two drivers starting in the same second could both write the file, so a new
 holder also reads it back after a short settle and only the last writer goes on (a start whose
 write lands later than that is not caught there). The holder deletes the file when it ends. A holder that finds its lease taken (it could not renew for
-``ttl``: storage unreachable, the process paused) ends its process at once (exit status
-`LOST_EXIT`), without a checkpoint or any other write beside the new holder.
+``ttl``: storage unreachable, the process paused), or gone (taken by a driver that has ended
+since), ends its process at once (exit status `LOST_EXIT`), without a checkpoint or any other
+write beside the new holder.
 
 The times come from ``STREETMTL_LEASE_TTL_S`` (default 120 s; the tests use less).
 """
@@ -240,22 +241,30 @@ class RunLease:
         self.log(f"note: {why}; the lease of {self.what} folder {self.folder} is written without conditions from now on "
                  f"(a start race of drivers is then caught by reading it back)")
 
-    def _renew(self) -> dict[str, Any] | None:
-        """One renewal; returns the lease of the driver that took this one's, if one did."""
+    def _renew(self) -> str | None:
+        """One renewal; None, or why the lease is lost: another driver took it, or the file is
+        gone. A holder never finds its lease gone unless it was taken (while this one could not
+        renew) by a driver that has since ended, or the folder was deleted: either way, going
+        on could train beside another driver."""
         now = self.read()
-        if now is None or now.get("holder") == self.mine["holder"]:
+        if now is not None and now.get("holder") == self.mine["holder"]:
             if self._write():
                 return None
             now = self.read()  # (refused: another driver wrote it since it was read; or this one's own write landed twice)
-        return now if now is not None and now.get("holder") != self.mine["holder"] else None
+            if now is not None and now.get("holder") == self.mine["holder"]:
+                return None
+        if now is None:
+            return (f"its lease file {self.url} is gone: a driver that took the lease while this one could not renew it has "
+                    f"ended, or the folder was deleted")
+        return f"it could not renew its lease of {self.what} folder {self.folder} for {self.timing.ttl_s:.0f} s, and {describe(now)} took it"
 
     def _renew_loop(self) -> None:
         failing = False
         while not self._stop.wait(self.timing.renew_s):
             try:
-                taken = self._renew()
-                if taken is not None:
-                    self._lost(taken)
+                lost = self._renew()
+                if lost is not None:
+                    self._lost(lost)
                     return
                 failing = False
             except Exception as e:  # noqa: BLE001 - storage hiccups: go on renewing; `ttl` is the margin
@@ -263,12 +272,11 @@ class RunLease:
                     self.log(f"warning: could not renew the lease of {self.what} folder {self.folder}: {e}")
                 failing = True
 
-    def _lost(self, now: dict[str, Any]) -> None:
-        """Another driver took the lease: end this process now. Not an exception in the main
+    def _lost(self, why: str) -> None:
+        """The lease is lost (`_renew`): end this process now. Not an exception in the main
         thread: Ray Train's and Tune's SIGINT handlers would end in a normal exit, and local
         mode's would write a checkpoint on the way out, beside the new holder."""
-        self.log(f"error: this driver stopped: it could not renew its lease of {self.what} folder {self.folder} for "
-                 f"{self.timing.ttl_s:.0f} s, and {describe(now)} took it")
+        self.log(f"error: this driver stopped: {why}")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(LOST_EXIT)

@@ -141,6 +141,20 @@ def test_a_driver_whose_lease_was_taken_stops_at_once(tmp_path):
     assert json.loads(open(os.path.join(folder, LEASE_FILE)).read())["holder"] == "other"  # (not deleted: not its own)
 
 
+def test_a_driver_whose_lease_file_is_gone_stops(tmp_path):
+    """Gone while it held it: taken while this driver could not renew (paused) by one that has
+    ended since, or its folder deleted. Renewing it afresh could train beside another driver."""
+    folder = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom mtl.lease import LeaseTiming, hold\n"
+                               f"with hold({folder!r}, timing=LeaseTiming(2.0)):\n    print('held', flush=True)\n"
+                               "    time.sleep(30)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    assert holder.stdout.readline().strip() == "held"
+    os.remove(os.path.join(folder, LEASE_FILE))
+    assert holder.wait(timeout=10) == LOST_EXIT
+    assert f"error: this driver stopped: its lease file {folder}/{LEASE_FILE} is gone" in holder.stdout.read()
+
+
 def test_the_lease_on_s3(s3_prefix):
     folder = f"{s3_prefix}/run"
     with hold(folder, log=lambda m: None):
@@ -202,7 +216,7 @@ def test_on_s3_every_lease_write_is_a_compare_and_swap(s3_prefix):
     assert c._write(started=True)  # (... and another driver takes it over before a's write lands)
     assert not a._write()  # the held-up renewal is refused
     assert json.loads(read_tagged(f"{folder}/{LEASE_FILE}")[0])["holder"] == c.mine["holder"]
-    assert a._renew()["holder"] == c.mine["holder"]  # a finds it lost (and would end)
+    assert f"and process {os.getpid()} on host" in a._renew()  # a finds it lost (and would end)
     c.release()
 
 

@@ -81,7 +81,7 @@ class RayStorage:
             ray.train.report(self._scalars(metrics), checkpoint=None, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
             done.set_result(None)
             return done
-        folder = tempfile.mkdtemp(prefix="streetmtl-ckpt-")
+        folder, reports = tempfile.mkdtemp(prefix="streetmtl-ckpt-"), _reports_made()
         try:
             ray.train.report(self._scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=name, checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True,
@@ -89,6 +89,9 @@ class RayStorage:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        if reports is not None and _reports_made() == reports:  # Ray skipped it (its worker group is being replaced):
+            shutil.rmtree(folder, ignore_errors=True)  # nothing will run the upload, and a wait for it would never end
+            done.set_result(None)
         return done
 
     @staticmethod
@@ -121,6 +124,16 @@ class RayStorage:
             self.commit(ray_tag)
         with checkpoint.as_directory() as d:
             yield d, f"{self.folder.index.url}/{ray_tag}"  # as a URL, like every other checkpoint's
+
+
+def _reports_made() -> int | None:
+    """How many reports this worker's Ray Train context has taken (internal; None if unknown)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return int(get_train_context().report_call_index)
+    except Exception:  # noqa: BLE001 - another Ray, or no context: unknown
+        return None
 
 
 def _ray_retries(e: BaseException, attempt: int) -> bool:

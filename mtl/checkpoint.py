@@ -385,6 +385,7 @@ class Checkpointer:
         self.storage, self.run_url, self.strategy, self.states, self.rank = storage, run_url.rstrip("/"), strategy, states, rank
         self.on_written = on_written  # rank 0, after a background checkpoint's commit: (tag, seconds it took)
         self._pending: Future | None = None  # the background write in flight
+        self.waited_s = 0.0  # how long the last save waited for the write before it
 
     def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool = True,
              background: bool = False) -> bool:
@@ -392,7 +393,9 @@ class Checkpointer:
         epoch's validation; a step checkpoint inside an epoch has none). ``background``: return
         once the state is copied, if the strategy allows (see the class docstring). Returns
         whether it is being written in the background."""
+        t0 = time.perf_counter()
         self.wait()  # (the one in flight first: checkpoints commit in order)
+        self.waited_s = time.perf_counter() - t0
         if background and not self.strategy.sharded:
             self._save_later(tag, config, metrics, is_best, metrics_file)
             return True

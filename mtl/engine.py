@@ -618,6 +618,10 @@ class Trainer:
                                                 background=background)
         self.last_checkpoint = monotonic()
         how = "; written in the background" if background else ""
+        waited = self.checkpointer.waited_s if background else 0.0
+        if waited >= 0.1:  # (the write before was not done: checkpoints are due faster than they are written)
+            how += (f"; {waited:.2f} s of it waiting for the previous one's write: a larger --checkpoint-every "
+                    f"(or --checkpoint-every-min) lets training run on")
         self.log(f"step checkpoint {tag} ({time.perf_counter() - t0:.2f} s of training stalled{how})")
 
     def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:

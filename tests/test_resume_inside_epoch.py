@@ -63,9 +63,11 @@ def interrupted_then_resumed(cfg_of, tmp_path, break_reading):
     broken = cfg_of(tmp_path / "b")
     publish = FolderStorage.publish
 
-    def slow(self, folder, tag, metrics):  # the last step checkpoint is still being written when the read fails
-        if tag == LAST_CHECKPOINT:
+    def slow(self, folder, tag, metrics):
+        if tag == LAST_CHECKPOINT:  # still being written when the read fails
             time.sleep(3)
+        if tag == "epoch-0000-step-00000003":  # still being written when the next one is due, 3 steps later
+            time.sleep(6)
         publish(self, folder, tag, metrics)
 
     with break_reading(target), mock.patch.object(FolderStorage, "publish", slow), pytest.raises(OSError, match="simulated read error"):
@@ -74,6 +76,7 @@ def interrupted_then_resumed(cfg_of, tmp_path, break_reading):
     assert CheckpointIndex(run_url(broken)).latest_tag() == LAST_CHECKPOINT
     log = open(f"{run_url(broken)}/train.log").read()
     assert f"step checkpoint {LAST_CHECKPOINT} (" in log and f"checkpoint {LAST_CHECKPOINT} written in the background" in log
+    assert "s of it waiting for the previous one's write: a larger --checkpoint-every" in log.split("epoch-0000-step-00000006 (")[1]
     again = cfg_of(tmp_path / "b", resume=True)
     return straight, fit(again, local_runtime(again)), again
 

@@ -63,8 +63,8 @@
 # the threads phase THREADS_BATCHES ("64") and INTRA_OP_THREADS (1);
 # for the train phases RAY_FLAGS (default: branched/ResNet34, synthetic
 # 256x512 set of 1024/64/16, batch 16, 60 steps per epoch, 12 CPUs for the Ray worker, i.e. 11
-# loader workers, no retries), TRAIN_WORKERS (1: the one GPU), STEP_CHECKPOINTS (20: a step
-# checkpoint every 20 steps, in the background for ray; 0: none), EXPECT_DEVICE (cuda; cpu for a
+# loader workers, no retries), TRAIN_WORKERS (1: the one GPU), STEP_CHECKPOINTS (30: a step
+# checkpoint every 30 steps, one per epoch, in the background for ray; 0: none), EXPECT_DEVICE (cuda; cpu for a
 # check on the CPU), RUNS (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE,
 # SITE, PACK_TO, DEADLINE (585), and per-phase limits in seconds: T_TESTS (70), T_RAY (100), T_DEEPSPEED (110),
 # T_EAGER (130), T_PLAIN (40), T_LOADER (60), T_COMPILE (60), T_THREADS (50).
@@ -232,7 +232,7 @@ train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs thr
     # step checkpoints (every STEP_CHECKPOINTS steps; 0: none): what one stalls training, in the
     # background (ray) and in the foreground (deepspeed's shards), read from train.log
     local cmd=("$PY" jobs/train.py $RAY_FLAGS "$@" --num-workers "$TRAIN_WORKERS" --out "$runs" --name "$name"
-               --checkpoint-every "${STEP_CHECKPOINTS:-20}")
+               --checkpoint-every "${STEP_CHECKPOINTS:-30}")
     echo "-- $phase: ${cmd[*]} --epochs 2"
     t=$SECONDS
     env -u RAY_ADDRESS "${cmd[@]}" --epochs 2 2>&1 | tee -i "$dest/run1.log"
@@ -309,11 +309,13 @@ if want_zero != "-" and rc1 == "0":
         else:
             if zero != int(want_zero):
                 problems.append(f"{states[-1]}: ZeRO stage {zero}, expected {want_zero}")
-# the engine's lines: "step checkpoint <tag> (0.05 s of training stalled[; written in the
-# background])" and "checkpoint <tag> written in the background (1.20 s after its step)"
+# the engine's lines (mtl/engine.py): "step checkpoint <tag> (0.05 s of training stalled[;
+# written in the background][; 1.10 s of it waiting for the previous one's write: ...])" and
+# "checkpoint <tag> written in the background (1.20 s after its step)"
 text = open(os.path.join(dest, "train.log"), errors="replace").read() if os.path.exists(os.path.join(dest, "train.log")) else ""
-steps = {"stalled_s": [float(v) for v in re.findall(r"step checkpoint \S+ \(([\d.]+) s of training stalled", text)],
-         "background": "; written in the background)" in text,
+lines = re.findall(r"step checkpoint \S+ \(([\d.]+) s of training stalled([^\n]*)", text)
+steps = {"stalled_s": [float(v) for v, _ in lines], "background": any("; written in the background" in rest for _, rest in lines),
+         "waited_s": [float(m.group(1)) if m else 0.0 for m in (re.search(r"; ([\d.]+) s of it waiting", rest) for _, rest in lines)],
          "written_s": [float(v) for v in re.findall(r"written in the background \(([\d.]+) s after its step\)", text)]}
 result = {"phase": phase, "ok": not problems, "problems": problems, "start_lines": devices,
           "resumed": resumed.group(0) if resumed else None, "zero_stage": zero, "deepspeed_version": ds_version,
@@ -323,7 +325,8 @@ with open(out, "w") as f:
 print(json.dumps({k: result[k] for k in ("phase", "ok", "problems")}))
 for e in epochs:
     print(f"   epoch {e['epoch']}: {e['train_images_per_s'] or float('nan'):.1f} img/s (restarts {e['restarts']})")
-print(f"   step checkpoints: stalled {steps['stalled_s']} s, written {steps['written_s']} s after their steps")
+print(f"   step checkpoints: stalled {steps['stalled_s']} s (of it waiting for the previous write {steps['waited_s']} s), "
+      f"written {steps['written_s']} s after their steps")
 sys.exit(0 if not problems else 1)
 EOF
 }

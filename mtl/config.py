@@ -173,7 +173,8 @@ class TrainConfig(_Part):
     keep_last: int = operational(2)  # checkpoints kept, epoch and step ones alike (best.pt is kept apart); 0: all
     #: also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only): a failure
     #: then loses at most the N − 1 steps trained since the last checkpoint (and the one it
-    #: interrupts), and the resumed run goes on with the very batch that came next
+    #: interrupts; plus, when it comes while that checkpoint is written in the background, the N
+    #: steps before it), and the resumed run goes on with the very batch that came next
     checkpoint_every: int = operational(0)
     #: also checkpoint inside an epoch once this many minutes have passed since the last checkpoint
     #: (0: never): the loss of a failure stays bounded in time whatever a step costs. Several ranks

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from rich.markup import escape
 from torch import nn
 
 from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState
@@ -456,8 +457,8 @@ class Trainer:
             try:
                 self._finish_checkpoint(failed)
             finally:
-                if self.tracker:  # (a crashed attempt's MLflow run ends FAILED)
-                    self.tracker.close(failed=failed)
+                if self.tracker:  # (a crashed attempt's MLflow run ends FAILED; so does one whose last write failed)
+                    self.tracker.close(failed=failed or sys.exc_info()[0] is not None)
                 self.log.flush()
         return FitResult(history, lrs, self.strategy.module, self.state.best, self.state.input_size)
 
@@ -472,7 +473,7 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - any write error
             if not failed:
                 raise
-            self.log(f"the background checkpoint being written failed too: {type(e).__name__}: {e}")
+            self.log(f"the background checkpoint being written failed too: {type(e).__name__}: {escape(str(e))}")
 
     def _batches(self, epoch: int, skip_steps: int = 0, start: int | None = None) -> DeviceBatches:
         """Epoch ``epoch``'s model batches, from optimizer step ``skip_steps`` of it on (or from

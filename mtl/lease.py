@@ -25,10 +25,11 @@ held up past a takeover (a stalled request, retries) is refused instead of landi
 holder's lease. Elsewhere (local disks; an S3 endpoint that does not take the conditions, which
 is then said once) two drivers starting in the same second could both write the file, so a new
 holder also reads it back after a short settle and only the last writer goes on (a start whose
-write lands later than that is not caught there). The holder deletes the file when it ends. A holder that finds its lease taken (it could not renew for
-``ttl``: storage unreachable, the process paused), or gone (taken by a driver that has ended
-since), ends its process at once (exit status `LOST_EXIT`), without a checkpoint or any other
-write beside the new holder.
+write lands later than that is not caught there). The holder deletes the file when it ends.
+
+A holder that finds its lease taken (it could not renew for ``ttl``: storage unreachable, the
+process paused), or gone (taken by a driver that has ended since), ends its process at once
+(exit status `LOST_EXIT`), without a checkpoint or any other write beside the new holder.
 
 The times come from ``STREETMTL_LEASE_TTL_S`` (default 120 s; the tests use less).
 """
@@ -170,9 +171,10 @@ class RunLease:
 
     def acquire(self) -> None:
         """Take the lease (see the module docstring), or raise `LeaseHeld`."""
+        dead = None  # the holder judged dead after the read-back below: its lease is taken without watching again
         while True:
             held = self.read()
-            if held is not None and held.get("holder") != self.mine.get("holder") and not self._wait_out(held):
+            if held is not None and held.get("holder") not in (self.mine.get("holder"), dead) and not self._wait_out(held):
                 continue  # (released, or taken by a third driver, meanwhile: read again)
             if not self._write(started=True):
                 continue  # (another driver's write came first)
@@ -180,9 +182,8 @@ class RunLease:
             now = self.read()
             if now is not None and now.get("holder") == self.mine["holder"]:
                 return
-            if now is None:
-                continue  # (taken and released meanwhile)
-            self._wait_out(now)  # (another driver wrote it after this one: refused while it lives)
+            if now is not None and self._wait_out(now):  # (another driver wrote it after this one: refused while it lives)
+                dead = now.get("holder")
 
     def _wait_out(self, held: dict[str, Any]) -> bool:
         """True once ``held`` may be taken (as last read: `_write` replaces that version), False
@@ -256,7 +257,8 @@ class RunLease:
         if now is None:
             return (f"its lease file {self.url} is gone: a driver that took the lease while this one could not renew it has "
                     f"ended, or the folder was deleted")
-        return f"it could not renew its lease of {self.what} folder {self.folder} for {self.timing.ttl_s:.0f} s, and {describe(now)} took it"
+        return (f"it could not renew its lease of {self.what} folder {self.folder} for {self.timing.ttl_s:.0f} s, and "
+                f"{describe(now)} took it")
 
     def _renew_loop(self) -> None:
         failing = False

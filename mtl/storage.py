@@ -101,11 +101,14 @@ def storage_errors(url: str) -> Iterator[None]:
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
 
 
+def _protocols(fs: Any) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
 def is_object_store(fs: Any) -> bool:
     """Whether ``fs`` keeps whole objects under keys: a prefix needs no folder, and its
     "makedirs" would create a bucket (s3fs creates a misspelt one)."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return bool(protocols & OBJECT_STORES)
+    return bool(_protocols(fs) & OBJECT_STORES)
 
 
 def _missing_bucket(url: str) -> str:
@@ -147,9 +150,7 @@ class WriteConflict(Exception):
 
 
 def has_conditional_writes(url: str) -> bool:
-    fs, _ = url_to_fs(url)
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return bool(protocols & CONDITIONAL_STORES)
+    return bool(_protocols(url_to_fs(url)[0]) & CONDITIONAL_STORES)
 
 
 def _s3_error_code(e: BaseException) -> str | None:
@@ -182,7 +183,7 @@ def read_tagged(url: str) -> tuple[bytes | None, str | None]:
             except OSError as e:
                 if _s3_error_code(e) != "PreconditionFailed" and type(e).__name__ != "FileExpired":
                     raise
-        raise WriteConflict(f"{url} kept changing while it was read")
+        raise StorageError(f"{url} kept changing while it was read (5 tries): another writer rewrites it constantly")
 
 
 def write_if(url: str, data: bytes, etag: str | None) -> str | None:

@@ -93,8 +93,9 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
     out, packed, runs = tmp_path / "gpu-check", tmp_path / "packed", tmp_path / "runs"
     ray_tmp = tempfile.mkdtemp(prefix="gcr", dir="/tmp")  # short: Ray's socket paths live below it
     env = {**os.environ, "PYTHON": sys.executable, "PHASES": "deepspeed", "BUNDLE": "", "EXPECT_DEVICE": "cpu",
-           "RAY_FLAGS": TINY_RAY_FLAGS, "TRAIN_WORKERS": "2", "RUNS": str(runs), "RAY_TMPDIR": ray_tmp, "PACK_TO": str(packed),
-           "T_DEEPSPEED": "600", "DEADLINE": "1300", "STEP_CHECKPOINTS": "2"}  # shared 2-core machines: generous limits
+           "RAY_FLAGS": TINY_RAY_FLAGS.replace("--max-steps-per-epoch 1", "--max-steps-per-epoch 2"),  # (a step checkpoint per epoch)
+           "STEP_CHECKPOINTS": "1", "TRAIN_WORKERS": "2", "RUNS": str(runs), "RAY_TMPDIR": ray_tmp, "PACK_TO": str(packed),
+           "T_DEEPSPEED": "600", "DEADLINE": "1300"}  # shared 2-core machines: generous limits
     for k in ("OUT", "RAY_ADDRESS"):
         env.pop(k, None)
     try:
@@ -109,12 +110,12 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
     res = json.loads((out / "deepspeed.json").read_text())
     assert res["ok"] and not res["problems"], res
     assert all("ds-gpu on cpu x2: " in line for line in res["start_lines"]), res["start_lines"]
-    assert ": epoch 2, step 2/3" in res["resumed"]  # the resume continued after epoch 2 ...
+    assert ": epoch 2, step 4/6" in res["resumed"]  # the resume continued after epoch 2 ...
     assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3]
     assert [e["restarts"] for e in res["epochs"]] == [0, 0, 1]  # ... and trained epoch 3
     assert all(e["train_images_per_s"] > 0 for e in res["epochs"])
     assert res["zero_stage"] == 2  # DeepSpeed's own record in the checkpoint
-    steps = res["step_checkpoints"]  # (steps 2, 4 and 8 of 3-step epochs: none at an epoch's last step)
+    steps = res["step_checkpoints"]  # (after the first of each epoch's 2 steps: none at an epoch's last step)
     assert len(steps["stalled_s"]) == 3 and not steps["background"] and steps["written_s"] == [], steps  # (ZeRO shards: foreground)
     run = runs / "deepspeed" / "ds-gpu"
     run_layout(str(run), epochs=3, sharded=True)

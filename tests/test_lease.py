@@ -124,15 +124,22 @@ def test_two_drivers_starting_together_one_goes_on(tmp_path):
     held[0].release()
 
 
-def test_a_driver_whose_lease_was_taken_stops_at_once(tmp_path):
-    """It could not renew for a ttl (storage unreachable, the process paused) and another driver
-    took the lease: it ends there, without writing anything more (no checkpoint on the way out)."""
-    folder = str(tmp_path / "run")
+def holding_process(folder: str) -> subprocess.Popen:
+    """A driver process that holds ``folder``'s lease (renewed every 0.5 s) for 30 s, saying
+    "cleanup ran" if its ``finally`` runs; returned once it holds it."""
     holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom mtl.lease import LeaseTiming, hold\n"
                                f"with hold({folder!r}, timing=LeaseTiming(2.0)):\n    print('held', flush=True)\n"
                                "    try:\n        time.sleep(30)\n    finally:\n        print('cleanup ran', flush=True)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
     assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_driver_whose_lease_was_taken_stops_at_once(tmp_path):
+    """It could not renew for a ttl (storage unreachable, the process paused) and another driver
+    took the lease: it ends there, without writing anything more (no checkpoint on the way out)."""
+    folder = str(tmp_path / "run")
+    holder = holding_process(folder)
     write_lease(folder)  # (another driver took it)
     assert holder.wait(timeout=10) == LOST_EXIT
     out = holder.stdout.read()
@@ -145,11 +152,7 @@ def test_a_driver_whose_lease_file_is_gone_stops(tmp_path):
     """Gone while it held it: taken while this driver could not renew (paused) by one that has
     ended since, or its folder deleted. Renewing it afresh could train beside another driver."""
     folder = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom mtl.lease import LeaseTiming, hold\n"
-                               f"with hold({folder!r}, timing=LeaseTiming(2.0)):\n    print('held', flush=True)\n"
-                               "    time.sleep(30)"],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
-    assert holder.stdout.readline().strip() == "held"
+    holder = holding_process(folder)
     os.remove(os.path.join(folder, LEASE_FILE))
     assert holder.wait(timeout=10) == LOST_EXIT
     assert f"error: this driver stopped: its lease file {folder}/{LEASE_FILE} is gone" in holder.stdout.read()

@@ -25,7 +25,8 @@ held up past a takeover (a stalled request, retries) is refused instead of landi
 holder's lease. Elsewhere (local disks; an S3 endpoint that does not take the conditions, which
 is then said once) two drivers starting in the same second could both write the file, so a new
 holder also reads it back after a short settle and only the last writer goes on (a start whose
-write lands later than that is not caught there). The holder deletes the file when it ends.
+write lands later than that is not caught there). The holder deletes the file when it ends (on
+S3 only if it is still the version it wrote).
 
 A holder that finds its lease taken (it could not renew for ``ttl``: storage unreachable, the
 process paused), or gone (taken by a driver that has ended since), ends its process at once
@@ -48,8 +49,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from mtl.storage import (WriteConflict, has_conditional_writes, is_object_store, json_bytes, read_bytes, read_tagged,
-                         storage_errors, url_to_fs, write_bytes_atomic, write_if)
+from mtl.storage import (WriteConflict, delete_if, has_conditional_writes, is_object_store, json_bytes, read_bytes,
+                         read_tagged, storage_errors, url_to_fs, write_bytes_atomic, write_if)
 
 LEASE_FILE = "driver.lease"
 STALE_TTLS = 10  # (a lease older than this many ttls by this host's clock is taken without watching)
@@ -297,14 +298,29 @@ class RunLease:
         try:
             now = self.read()
             if now is not None and now.get("holder") == self.mine["holder"]:
-                with storage_errors(self.url):
-                    fs, path = url_to_fs(self.url)
-                    fs.rm(path)
-                    folder = path.rsplit("/", 1)[0]
-                    if not is_object_store(fs) and not fs.ls(folder):
-                        fs.rmdir(folder)  # (made for the lease by a run that stopped before writing anything)
+                self._delete()
         except Exception as e:  # noqa: BLE001 - the driver's own error matters more; the lease expires
             self.log(f"warning: could not release the lease of {self.what} folder {self.folder}: {e}")
+
+    def _delete(self) -> None:
+        """Delete the lease as last read (this driver's): on S3 only if it is still that version,
+        so a delete held up past a takeover cannot remove the new holder's lease (which would then
+        find it gone and stop)."""
+        if self.conditional and self._etag:
+            try:
+                delete_if(self.url, self._etag)
+                return
+            except WriteConflict:
+                self.log(f"the lease of {self.what} folder {self.folder} was taken meanwhile: left to its new holder")
+                return
+            except NotImplementedError:
+                pass  # (the endpoint takes no condition: deleted as elsewhere)
+        with storage_errors(self.url):
+            fs, path = url_to_fs(self.url)
+            fs.rm(path)
+            folder = path.rsplit("/", 1)[0]
+            if not is_object_store(fs) and not fs.ls(folder):
+                fs.rmdir(folder)  # (made for the lease by a run that stopped before writing anything)
 
 
 @contextmanager

@@ -211,6 +211,28 @@ def write_if(url: str, data: bytes, etag: str | None) -> str | None:
     return out.get("ETag") if isinstance(out, dict) else None
 
 
+def delete_if(url: str, etag: str) -> None:
+    """Delete ``url`` only if it is still the version with ``etag`` (S3's conditional delete);
+    `WriteConflict` when another writer replaced it, NotImplementedError when the endpoint does
+    not take the condition."""
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        bucket, key, _ = fs.split_path(path)
+        try:
+            fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+        except FileNotFoundError:
+            return  # (gone already)
+        except OSError as e:
+            code = _s3_error_code(e)
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise WriteConflict(f"{url} changed: another writer replaced it") from None
+            if code == "NotImplemented":
+                raise NotImplementedError(f"{url}: the endpoint does not take conditional deletes ({code})") from e
+            raise
+        finally:
+            fs.invalidate_cache(path)
+
+
 def read_bytes(url: str) -> bytes | None:
     """The file's bytes, or None when it does not exist."""
     with storage_errors(url):

@@ -194,9 +194,9 @@ def test_a_second_train_driver_of_a_live_run_is_refused(tiny_root, tmp_path, cap
 
 def test_on_s3_every_lease_write_is_a_compare_and_swap(s3_prefix):
     """S3's conditional writes close what a read-back cannot: two drivers that both found no
-    lease cannot both write theirs, and a renewal held up until another driver has taken the
-    lease (a stalled request) is refused instead of landing over it; its driver then finds the
-    lease lost."""
+    lease cannot both write theirs, and a renewal (or a release) held up until another driver
+    has taken the lease (a stalled request) is refused instead of landing over it (or deleting
+    it); its driver then finds the lease lost."""
     from mtl.storage import WriteConflict, read_tagged, write_if
 
     url = f"{s3_prefix}/cas/{LEASE_FILE}"
@@ -218,9 +218,11 @@ def test_on_s3_every_lease_write_is_a_compare_and_swap(s3_prefix):
     c.read()
     assert c._write(started=True)  # (... and another driver takes it over before a's write lands)
     assert not a._write()  # the held-up renewal is refused
+    a._delete()  # and so is a release held up the same way (a read its own lease before c took it)
     assert json.loads(read_tagged(f"{folder}/{LEASE_FILE}")[0])["holder"] == c.mine["holder"]
     assert f"and process {os.getpid()} on host" in a._renew()  # a finds it lost (and would end)
     c.release()
+    assert read_tagged(f"{folder}/{LEASE_FILE}") == (None, None)  # (its own: deleted)
 
 
 @pytest.mark.parametrize("refusal", ["refuses its own ETags", "does not take the conditions"])

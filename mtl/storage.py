@@ -202,13 +202,19 @@ def write_if(url: str, data: bytes, etag: str | None) -> str | None:
                 raise FileNotFoundError(_missing_bucket(url)) from None
             raise WriteConflict(f"{url} is gone: another writer deleted it") from None
         except OSError as e:
-            code = _s3_error_code(e)
-            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise WriteConflict(f"{url} changed: another writer replaced it first") from None
-            if code == "NotImplemented":
-                raise NotImplementedError(f"{url}: the endpoint does not take conditional writes ({code})") from e
-            raise
+            _conditional_failure(url, e, "writes")
     return out.get("ETag") if isinstance(out, dict) else None
+
+
+def _conditional_failure(url: str, e: OSError, what: str) -> None:
+    """Raise an s3fs error of a conditional request as `WriteConflict` (the object is not the
+    version named) or NotImplementedError (the endpoint takes no conditions); others as they are."""
+    code = _s3_error_code(e)
+    if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+        raise WriteConflict(f"{url} changed: another writer replaced it first") from None
+    if code == "NotImplemented":
+        raise NotImplementedError(f"{url}: the endpoint does not take conditional {what} ({code})") from e
+    raise e
 
 
 def delete_if(url: str, etag: str) -> None:
@@ -223,12 +229,7 @@ def delete_if(url: str, etag: str) -> None:
         except FileNotFoundError:
             return  # (gone already)
         except OSError as e:
-            code = _s3_error_code(e)
-            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise WriteConflict(f"{url} changed: another writer replaced it") from None
-            if code == "NotImplemented":
-                raise NotImplementedError(f"{url}: the endpoint does not take conditional deletes ({code})") from e
-            raise
+            _conditional_failure(url, e, "deletes")
         finally:
             fs.invalidate_cache(path)
 

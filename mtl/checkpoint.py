@@ -97,6 +97,13 @@ def host_copy(obj: Any) -> Any:
     return copy
 
 
+def finished() -> Future:
+    """A future that is already done: a background write with nothing to wait for."""
+    done: Future = Future()
+    done.set_result(None)
+    return done
+
+
 def checkpoint_bytes(state: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
@@ -277,9 +284,7 @@ class FolderStorage:
     def publish_later(self, tag: str, metrics: dict[str, Any], write: Callable[[str], None] | None,
                       then: Callable[[], None] | None) -> Future:
         if write is None and then is None:  # (a rank without files of its own)
-            done: Future = Future()
-            done.set_result(None)
-            return done
+            return finished()
 
         def job() -> None:
             if write is not None:

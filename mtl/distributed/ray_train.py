@@ -32,7 +32,7 @@ import torch
 from rich.json import JSON
 from torch import nn
 
-from mtl.checkpoint import CHECKPOINTS, POINTER, FolderStorage
+from mtl.checkpoint import CHECKPOINTS, POINTER, FolderStorage, finished
 from mtl.config import ExperimentConfig
 from mtl.cuda_graph import OTHER_RANK_FAILED
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
@@ -75,12 +75,11 @@ class RayStorage:
         restarts from the last committed checkpoint; the future holds the error too."""
         import ray.train
 
-        done: Future = Future()
         mode, name = ray.train.CheckpointUploadMode.ASYNC, f"{CHECKPOINTS}/{tag}"
         if write is None:
             ray.train.report(self._scalars(metrics), checkpoint=None, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
-            done.set_result(None)
-            return done
+            return finished()
+        done: Future = Future()
         folder, reports = tempfile.mkdtemp(prefix="streetmtl-ckpt-"), _reports_made()
         try:
             ray.train.report(self._scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder),

@@ -309,24 +309,34 @@ if want_zero != "-" and rc1 == "0":
         else:
             if zero != int(want_zero):
                 problems.append(f"{states[-1]}: ZeRO stage {zero}, expected {want_zero}")
-# the engine's lines (mtl/engine.py): "step checkpoint <tag> (0.05 s of training stalled[;
-# written in the background][; 1.10 s of it waiting for the previous one's write: ...])" and
-# "checkpoint <tag> written in the background (1.20 s after its step)"
+# the engine's lines (mtl/engine.py): "<step|epoch> checkpoint <tag> (0.05 s of training stalled[;
+# written in the background][; the run's last][; 1.10 s of it waiting for the previous one's write...])"
+# and "checkpoint <tag> written in the background (1.20 s after it was taken)"
 text = open(os.path.join(dest, "train.log"), errors="replace").read() if os.path.exists(os.path.join(dest, "train.log")) else ""
-lines = re.findall(r"step checkpoint \S+ \(([\d.]+) s of training stalled([^\n]*)", text)
-steps = {"stalled_s": [float(v) for v, _ in lines], "background": any("; written in the background" in rest for _, rest in lines),
-         "waited_s": [float(m.group(1)) if m else 0.0 for m in (re.search(r"; ([\d.]+) s of it waiting", rest) for _, rest in lines)],
-         "written_s": [float(v) for v in re.findall(r"written in the background \(([\d.]+) s after its step\)", text)]}
+written = dict(re.findall(r"checkpoint (\S+) written in the background \(([\d.]+) s after it was taken\)", text))
+
+
+def checkpoints(kind):
+    lines = re.findall(rf"{kind} checkpoint (\S+) \(([\d.]+) s of training stalled([^\n]*)", text)
+    return {"tags": [tag for tag, _, _ in lines], "stalled_s": [float(v) for _, v, _ in lines],
+            "background": [("; written in the background" in rest) for _, _, rest in lines],
+            "waited_s": [float(m.group(1)) if m else 0.0 for m in (re.search(r"; ([\d.]+) s of it waiting", r) for _, _, r in lines)],
+            "written_s": [float(written[tag]) if tag in written else None for tag, _, _ in lines]}
+
+
+steps, epoch_ends = checkpoints("step"), checkpoints("epoch")
 result = {"phase": phase, "ok": not problems, "problems": problems, "start_lines": devices,
           "resumed": resumed.group(0) if resumed else None, "zero_stage": zero, "deepspeed_version": ds_version,
-          "seconds": {"run1": seconds[0], "run2_resume": seconds[1]}, "epochs": epochs, "step_checkpoints": steps}
+          "seconds": {"run1": seconds[0], "run2_resume": seconds[1]}, "epochs": epochs, "step_checkpoints": steps,
+          "epoch_checkpoints": epoch_ends}
 with open(out, "w") as f:
     json.dump(result, f, indent=1)
 print(json.dumps({k: result[k] for k in ("phase", "ok", "problems")}))
 for e in epochs:
     print(f"   epoch {e['epoch']}: {e['train_images_per_s'] or float('nan'):.1f} img/s (restarts {e['restarts']})")
-print(f"   step checkpoints: stalled {steps['stalled_s']} s (of it waiting for the previous write {steps['waited_s']} s), "
-      f"written {steps['written_s']} s after their steps")
+for kind, c in (("step", steps), ("epoch", epoch_ends)):
+    print(f"   {kind} checkpoints {c['tags']}: stalled {c['stalled_s']} s (of it waiting for the previous write {c['waited_s']} s), "
+          f"in the background {c['background']}, written {c['written_s']} s after they were taken")
 sys.exit(0 if not problems else 1)
 EOF
 }

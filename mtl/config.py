@@ -180,10 +180,11 @@ class TrainConfig(_Part):
     #: (0: never): the loss of a failure stays bounded in time whatever a step costs. Several ranks
     #: agree on it at the steps where the loss is read (every --log-every steps)
     checkpoint_every_min: float = operational(0.0)
-    #: write step checkpoints in the background: training stalls only while the state is copied
-    #: into host memory (where it then needs a second copy of model and optimizer), not while it
-    #: is written; it becomes the latest once written, and a failure during the write costs the
-    #: steps back to the one before. In the foreground after a preemption notice and with DeepSpeed
+    #: write checkpoints (step and epoch ones) in the background: training stalls only while the
+    #: state is copied into host memory (where it then needs a second copy of model and optimizer),
+    #: not while it is written; it becomes the latest once written, and a failure during the write
+    #: costs the steps back to the one before. In the foreground: the run's last epoch's, those
+    #: after a preemption notice, and DeepSpeed's
     checkpoint_background: bool = operational(True)
     #: on Ray: steps between polls for a node's preemption notice (a spot reclaim; one collective
     #: call, a few ms); from a notice on, a checkpoint after every step until the node goes, so its

@@ -290,7 +290,7 @@ class Trainer:
 
     def _written(self, tag: str, seconds: float) -> None:
         """(The checkpointer's writer thread.) A background checkpoint is the latest now."""
-        self.log(f"checkpoint {tag} written in the background ({seconds:.2f} s after its step)")
+        self.log(f"checkpoint {tag} written in the background ({seconds:.2f} s after it was taken)")
 
     def _weighting(self) -> TaskWeighting:
         """The task weighting on this device; a learned one learns from the losses averaged over
@@ -607,23 +607,31 @@ class Trainer:
         tag = f"epoch-{s_.epoch:04d}-step-{s_.step:08d}"
         metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],
                    "train_loss_semseg": mean[1], "train_loss_depth": mean[2], "restarts": s_.restarts}
-        # in the background unless a notice came: then the node goes soon, and the checkpoint of
-        # this step must be whole before the next one's begins (a teardown costs one step)
-        background = self.cfg.train.checkpoint_background and not self.preempted
-        t0 = time.perf_counter()
         try:
             if self.tracker:  # the points up to this step stored first: a resume from here logs only later ones
                 self.tracker.sync()
         finally:  # (a tracking failure still leaves the checkpoint)
-            background = self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best=False, metrics_file=False,
-                                                background=background)
+            self._checkpoint("step", tag, metrics, is_best=False, metrics_file=False)
+
+    def _checkpoint(self, kind: str, tag: str, metrics: dict[str, Any], is_best: bool, metrics_file: bool = True) -> None:
+        """Every rank: checkpoint ``tag`` (a ``kind`` one: step or epoch), and log what it cost
+        training. In the background (``--checkpoint-background``; `Checkpointer.save`) unless a
+        preemption notice came (the node goes soon, and this checkpoint must be whole before the
+        next one's begins: a teardown costs one step) or the run ends with it (no training left
+        to overlap it with)."""
+        t = self.cfg.train
+        last = self.state.epoch >= t.epochs  # (an epoch checkpoint of the run's last epoch)
+        background = t.checkpoint_background and not self.preempted and not last
+        t0 = time.perf_counter()
+        background = self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best, metrics_file=metrics_file,
+                                            background=background)
         self.last_checkpoint = monotonic()
-        how = "; written in the background" if background else ""
-        waited = self.checkpointer.waited_s if background else 0.0
+        how = "; written in the background" if background else "; the run's last" if last else ""
+        waited = self.checkpointer.waited_s
         if waited >= 0.1:  # (the write before was not done: checkpoints are due faster than they are written)
-            how += (f"; {waited:.2f} s of it waiting for the previous one's write: a larger --checkpoint-every "
-                    f"(or --checkpoint-every-min) lets training run on")
-        self.log(f"step checkpoint {tag} ({time.perf_counter() - t0:.2f} s of training stalled{how})")
+            how += (f"; {waited:.2f} s of it waiting for the previous one's write" +
+                    (": a larger --checkpoint-every (or --checkpoint-every-min) lets training run on" if kind == "step" else ""))
+        self.log(f"{kind} checkpoint {tag} ({time.perf_counter() - t0:.2f} s of training stalled{how})")
 
     def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:
         """Validation (the bare module: a DDP wrapper would sync buffers per forward, and ranks
@@ -653,8 +661,7 @@ class Trainer:
         finally:  # (a tracking failure still leaves the checkpoint)
             if self.checkpointer:
                 self._check_finite_weights(lr, self.steps_per_epoch, s_.epoch)  # (the epoch that ended: s_.epoch counts it)
-                self.checkpointer.save(f"epoch-{s_.epoch:04d}", self.cfg.to_dict(), metrics, is_best)
-                self.last_checkpoint = monotonic()
+                self._checkpoint("epoch", f"epoch-{s_.epoch:04d}", metrics, is_best)
         self.log.flush()
         return metrics
 

@@ -116,7 +116,9 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
     assert all(e["train_images_per_s"] > 0 for e in res["epochs"])
     assert res["zero_stage"] == 2  # DeepSpeed's own record in the checkpoint
     steps = res["step_checkpoints"]  # (after the first of each epoch's 2 steps: none at an epoch's last step)
-    assert len(steps["stalled_s"]) == 3 and not steps["background"] and steps["written_s"] == [], steps  # (ZeRO shards: foreground)
+    assert len(steps["stalled_s"]) == 3 and not any(steps["background"]) and steps["written_s"] == [None] * 3, steps  # (ZeRO shards: foreground)
+    ends = res["epoch_checkpoints"]  # the same at epoch ends, and the run's last epoch's in the foreground anyway
+    assert ends["tags"] == ["epoch-0001", "epoch-0002", "epoch-0003"] and not any(ends["background"]), ends
     run = runs / "deepspeed" / "ds-gpu"
     run_layout(str(run), epochs=3, sharded=True)
     assert len(list((run / "checkpoints/epoch-0003/shards").glob("zero/*optim_states.pt"))) == 2  # one per rank

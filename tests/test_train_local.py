@@ -91,6 +91,50 @@ def test_resume_continues_lr_and_weights_exactly(tiny_root, tmp_path):
     assert resumed.metrics[-1]["grader"] == pytest.approx(straight.metrics[-1]["grader"])
 
 
+def test_an_epochs_checkpoint_is_written_while_the_next_epoch_trains(tiny_root, tmp_path, monkeypatch):
+    """Epoch checkpoints go to the background too: epoch 1's upload is held until epoch 2 has
+    trained a step (in the foreground that would never happen: the test would time out), it
+    becomes the latest and best.pt only once written, and the run's last epoch's is written in
+    the foreground (nothing left to overlap it with). What best.pt holds is its epoch's model."""
+    import threading
+
+    import mtl.engine
+    from mtl.checkpoint import CheckpointIndex, FolderStorage
+    from mtl.runs import run_url
+
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=3, name="run")
+    steps, epoch_two = [], threading.Event()
+    train_step, publish = mtl.engine.train_step, FolderStorage.publish
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        if len(steps) > 3:  # (3 steps per epoch)
+            epoch_two.set()
+        return train_step(*args, **kwargs)
+
+    def held(self, folder, tag, metrics):
+        if tag == "epoch-0001":
+            assert epoch_two.wait(60), "epoch 2 never trained while epoch 1's checkpoint was being written"
+            assert CheckpointIndex(self.run_url).latest_tag() is None and not os.path.exists(f"{self.run_url}/best.pt")
+        publish(self, folder, tag, metrics)
+
+    monkeypatch.setattr(mtl.engine, "train_step", counted)
+    monkeypatch.setattr(FolderStorage, "publish", held)
+    result = fit(cfg, local_runtime(cfg))
+    run = run_url(cfg)
+    log = open(f"{run}/train.log").read()
+    assert "epoch checkpoint epoch-0001 (" in log and "s of training stalled; written in the background)" in log
+    assert "checkpoint epoch-0001 written in the background (" in log
+    assert "epoch checkpoint epoch-0002 (" in log and "s of training stalled; the run's last)" in log
+    assert CheckpointIndex(run).read()["history"] == ["epoch-0001", "epoch-0002"]
+    best = int(np.argmax([m["score"] for m in result.metrics])) + 1
+    stored = load_checkpoint(f"{run}/best.pt")
+    assert stored["train_state"]["epoch"] == best
+    epoch_state = load_checkpoint(f"{run}/checkpoints/epoch-{best:04d}")
+    for k, v in epoch_state["model"].items():
+        assert torch.equal(stored["model"][k], v), k
+
+
 def test_resume_refuses_another_architecture(tiny_root, tmp_path):
     cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=1, batch_size=8, max_steps_per_epoch=1, name="run")
     fit(cfg, local_runtime(cfg))

@@ -618,7 +618,7 @@ class Trainer:
         training. In the background (``--checkpoint-background``; `Checkpointer.save`) unless a
         preemption notice came (the node goes soon, and this checkpoint must be whole before the
         next one's begins: a teardown costs one step) or the run ends with it (no training left
-        to overlap it with)."""
+        to overlap it with); a sharded strategy's (DeepSpeed) always in the foreground."""
         t = self.cfg.train
         last = self.state.epoch >= t.epochs  # (an epoch checkpoint of the run's last epoch)
         background = t.checkpoint_background and not self.preempted and not last

@@ -92,47 +92,61 @@ def test_resume_continues_lr_and_weights_exactly(tiny_root, tmp_path):
 
 
 def test_an_epochs_checkpoint_is_written_while_the_next_epoch_trains(tiny_root, tmp_path, monkeypatch):
-    """Epoch checkpoints go to the background too: epoch 1's upload is held until epoch 2 has
-    trained a step (in the foreground that would never happen: the test would time out), it
-    becomes the latest and best.pt only once written, and the run's last epoch's is written in
-    the foreground (nothing left to overlap it with). What best.pt holds is its epoch's model."""
+    """Epoch checkpoints go to the background too: epoch 1's state is serialised only once epoch
+    2 has trained a step (in the foreground that would never happen: the test would time out),
+    and still holds epoch 1's model, which training has changed in place since; it becomes the
+    latest and best.pt only once written; the run's last epoch's checkpoint is written in the
+    foreground (nothing left to overlap it with)."""
+    import re
     import threading
 
+    import mtl.checkpoint
     import mtl.engine
-    from mtl.checkpoint import CheckpointIndex, FolderStorage
+    from mtl.checkpoint import CheckpointIndex, Checkpointer
     from mtl.runs import run_url
 
     cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=3, name="run")
-    steps, epoch_two = [], threading.Event()
-    train_step, publish = mtl.engine.train_step, FolderStorage.publish
+    run, steps, epoch_two, at_save = run_url(cfg), [], threading.Event(), {}
+    train_step, write_state, save, task_metrics = (mtl.engine.train_step, mtl.checkpoint._write_state, Checkpointer.save,
+                                                   mtl.engine.task_metrics)
 
     def counted(*args, **kwargs):
+        out = train_step(*args, **kwargs)
         steps.append(1)
-        if len(steps) > 3:  # (3 steps per epoch)
+        if len(steps) > 3:  # (3 steps per epoch: epoch 2 has updated the weights)
             epoch_two.set()
-        return train_step(*args, **kwargs)
+        return out
 
-    def held(self, folder, tag, metrics):
-        if tag == "epoch-0001":
+    def held(folder, state):
+        if state["train_state"]["epoch"] == 1:
             assert epoch_two.wait(60), "epoch 2 never trained while epoch 1's checkpoint was being written"
-            assert CheckpointIndex(self.run_url).latest_tag() is None and not os.path.exists(f"{self.run_url}/best.pt")
-        publish(self, folder, tag, metrics)
+            assert CheckpointIndex(run).latest_tag() is None and not os.path.exists(f"{run}/best.pt")
+        write_state(folder, state)
+
+    def snapshot(self, tag, *args, **kwargs):  # the model as the epoch ended
+        at_save[tag] = {k: v.clone() for k, v in self.strategy.module.state_dict().items()}
+        return save(self, tag, *args, **kwargs)
+
+    def epoch_one_best(*args, **kwargs):  # (best.pt is then written in the background)
+        metrics = task_metrics(*args, **kwargs)
+        return {**metrics, "score": 1.0 if metrics["epoch"] == 1 else 0.0}
 
     monkeypatch.setattr(mtl.engine, "train_step", counted)
-    monkeypatch.setattr(FolderStorage, "publish", held)
+    monkeypatch.setattr(mtl.checkpoint, "_write_state", held)
+    monkeypatch.setattr(Checkpointer, "save", snapshot)
+    monkeypatch.setattr(mtl.engine, "task_metrics", epoch_one_best)
     result = fit(cfg, local_runtime(cfg))
-    run = run_url(cfg)
     log = open(f"{run}/train.log").read()
-    assert "epoch checkpoint epoch-0001 (" in log and "s of training stalled; written in the background)" in log
-    assert "checkpoint epoch-0001 written in the background (" in log
-    assert "epoch checkpoint epoch-0002 (" in log and "s of training stalled; the run's last)" in log
+    assert re.search(r"epoch checkpoint epoch-0001 \([\d.]+ s of training stalled; written in the background\)", log)
+    assert re.search(r"checkpoint epoch-0001 written in the background \([\d.]+ s after it was taken\)", log)
+    assert re.search(r"epoch checkpoint epoch-0002 \([\d.]+ s of training stalled; the run's last[;)]", log)
     assert CheckpointIndex(run).read()["history"] == ["epoch-0001", "epoch-0002"]
-    best = int(np.argmax([m["score"] for m in result.metrics])) + 1
-    stored = load_checkpoint(f"{run}/best.pt")
-    assert stored["train_state"]["epoch"] == best
-    epoch_state = load_checkpoint(f"{run}/checkpoints/epoch-{best:04d}")
-    for k, v in epoch_state["model"].items():
-        assert torch.equal(stored["model"][k], v), k
+    assert [m["score"] for m in result.metrics] == [1.0, 0.0]
+    first, best = load_checkpoint(f"{run}/checkpoints/epoch-0001"), load_checkpoint(f"{run}/best.pt")
+    assert first["train_state"]["epoch"] == best["train_state"]["epoch"] == 1
+    for k, v in at_save["epoch-0001"].items():
+        assert torch.equal(first["model"][k], v) and torch.equal(best["model"][k], v), k
+    assert not all(torch.equal(at_save["epoch-0002"][k], v) for k, v in at_save["epoch-0001"].items())  # (epoch 2 changed them)
 
 
 def test_resume_refuses_another_architecture(tiny_root, tmp_path):

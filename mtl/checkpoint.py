@@ -376,8 +376,8 @@ class Checkpointer:
     new best score, writes ``best.pt``: only a committed epoch can be the best one (an attempt
     that fails before its commit trains the epoch again, maybe to another score).
 
-    A save in the background (``background=True``: the engine's step and epoch checkpoints) copies rank 0's state into
-    host memory and returns; serialising, publishing and the commit run on a writer thread while
+    A save in the background (``background=True``: the engine's step and epoch checkpoints)
+    copies rank 0's state into host memory and returns; serialising, publishing and the commit run on a writer thread while
     training goes on, so a checkpoint stalls training for the copy instead of the write (which,
     for ResNet34 with Adam's moments on S3, takes seconds). The pointer moves only once the
     checkpoint is whole, as before; until then the previous one is the latest. One write is in

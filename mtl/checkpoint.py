@@ -377,13 +377,14 @@ class Checkpointer:
     that fails before its commit trains the epoch again, maybe to another score).
 
     A save in the background (``background=True``: the engine's step and epoch checkpoints)
-    copies rank 0's state into host memory and returns; serialising, publishing and the commit run on a writer thread while
-    training goes on, so a checkpoint stalls training for the copy instead of the write (which,
-    for ResNet34 with Adam's moments on S3, takes seconds). The pointer moves only once the
-    checkpoint is whole, as before; until then the previous one is the latest. One write is in
-    flight at a time: the next save waits for it, so checkpoints commit in the order they were
-    taken and host memory holds one copy of the state. A sharded strategy's ranks write their
-    own files, which a background write cannot coordinate: it always saves in the foreground."""
+    copies rank 0's state into host memory and returns; serialising, publishing and the commit
+    run on a writer thread while training goes on, so a checkpoint stalls training for the copy
+    instead of the write (which, for ResNet34 with Adam's moments on S3, takes seconds). The
+    pointer moves only once the checkpoint is whole, as before; until then the previous one is
+    the latest. One write is in flight at a time: the next save waits for it, so checkpoints
+    commit in the order they were taken and host memory holds one copy of the state. A sharded
+    strategy's ranks write their own files, which a background write cannot coordinate: it
+    always saves in the foreground."""
 
     def __init__(self, storage: CheckpointStorage, run_url: str, strategy: Strategy, states: dict[str, Stateful],
                  rank: int = 0, on_written: Callable[[str, float], None] | None = None) -> None:

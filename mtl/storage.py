@@ -16,7 +16,7 @@ import math
 import os
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import fsspec
 
@@ -206,7 +206,7 @@ def write_if(url: str, data: bytes, etag: str | None) -> str | None:
     return out.get("ETag") if isinstance(out, dict) else None
 
 
-def _conditional_failure(url: str, e: OSError, what: str) -> None:
+def _conditional_failure(url: str, e: OSError, what: str) -> NoReturn:
     """Raise an s3fs error of a conditional request as `WriteConflict` (the object is not the
     version named) or NotImplementedError (the endpoint takes no conditions); others as they are."""
     code = _s3_error_code(e)

@@ -363,9 +363,8 @@ def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():
             return t + torch.tensor([4.0, 2.0, 2.0])
 
     state, saved = TrainState(step=2, epoch_step=2), {}
-    trainer = SimpleNamespace(state=state, strategy=TwoRanks(), rt=SimpleNamespace(world=2), cfg=ExperimentConfig(),
-                              tracker=None, preempted=False, log=lambda line: None, _check_finite_weights=lambda *a: None,
-                              _checkpoint=lambda kind, tag, metrics, **kw: saved.update(metrics))
+    trainer = SimpleNamespace(state=state, strategy=TwoRanks(), rt=SimpleNamespace(world=2), tracker=None,
+                              _check_finite_weights=lambda *a: None, _checkpoint=lambda kind, tag, metrics, **kw: saved.update(metrics))
     running = torch.tensor([2.0, 1.0, 1.0])
     Trainer._save_inside_epoch(trainer, running, lr=0.1)
     assert state.epoch_loss == [3.0, 1.5, 1.5] and saved["train_loss"] == 1.5  # (the mean per step: 3 / 2)

@@ -16,6 +16,13 @@ that only reads and decodes the same files:
 
 ``--s3`` shards the synthetic set to that prefix (endpoint from AWS_ENDPOINT_URL) and also
 measures streaming from there.
+
+What work on another thread of the training process costs the training thread (the GIL): an
+emulated step (short torch ops, each of which releases and takes the GIL back, then a wait for
+the GPU) timed alone and while a background checkpoint write, a PNG encoding or a curves.png
+drawing runs beside it:
+
+    python jobs/benchmark.py background [--ops 70] [--gpu-ms 15] [--state-mb 315]
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+from typing import Annotated, Callable, Literal, Union
 
 import tyro
 
@@ -590,7 +597,88 @@ class TrainBench:
     json: str | None = None  # also write the rows to this JSON file
 
 
-Command = Union[Annotated[LoaderBench, tyro.conf.subcommand("loader")], Annotated[TrainBench, tyro.conf.subcommand("train")]]
+@dataclass(frozen=True)
+class BackgroundBench:
+    """the training thread's host time per step while other threads work"""
+
+    ops: int = 70  # short torch ops the emulated step queues (the captured step queues ~70, an eager one ~1000)
+    gpu_ms: float = 15.0  # then the emulated step waits this long for the GPU, the GIL released
+    state_mb: int = 315  # size of the state the background checkpoint serialises (ResNet34 with Adam: ~315)
+    repeats: int = 3  # each background job runs this many times in a row while the steps are timed
+    json: str | None = None  # also write the rows to this JSON file
+
+
+def _emulated_steps(a: BackgroundBench, until: Callable[[], bool]) -> list[float]:
+    """Host ms of each emulated step (its GPU wait excluded) until ``until()`` (at least one)."""
+    import torch
+
+    x, host = torch.zeros(1), []
+    while not host or not until():
+        t0 = time.perf_counter()
+        for _ in range(a.ops):
+            x.add_(1)  # (each op's dispatch releases the GIL and takes it back)
+        host.append(1e3 * (time.perf_counter() - t0))
+        time.sleep(a.gpu_ms / 1e3)
+    return host
+
+
+def _beside(a: BackgroundBench, job: Callable[[], None] | None) -> dict[str, float]:
+    """The emulated steps' host time alone (``job`` None: for 3 s) or while a thread runs ``job``
+    ``a.repeats`` times; and how long the job took there."""
+    import threading
+
+    import numpy as np
+
+    done, took = threading.Event(), [math.nan]
+
+    def run() -> None:
+        t0 = time.perf_counter()
+        for _ in range(a.repeats):
+            job()
+        took[0] = time.perf_counter() - t0
+        done.set()
+
+    start = time.perf_counter()
+    thread = threading.Thread(target=run) if job else None
+    if thread:
+        thread.start()
+    host = _emulated_steps(a, done.is_set if job else lambda: time.perf_counter() - start >= 3.0)
+    if thread:
+        thread.join()
+    return {"host_ms_median": float(np.median(host)), "host_ms_p95": float(np.percentile(host, 95)), "steps": len(host),
+            "job_s": took[0]}
+
+
+def _background_jobs(a: BackgroundBench, folder: str) -> dict[str, Callable[[], None] | None]:
+    """What a training process runs beside its steps, by name (None: nothing)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mtl.curves import draw_curves, render
+
+    state = {"model": {f"w{i}": torch.randn(a.state_mb * 2**20 // 4 // 300) for i in range(300)}}
+    picture = np.tile(np.arange(1536, dtype=np.uint8)[None, :, None] % 251, (512, 1, 3))
+    epochs = {e: {"train_loss": 1 / e, "miou": float(e), "si_log_rmse": 30.0 - e, "lr": 1e-3, "epoch_lrs": [1e-3] * 200,
+                  "step": 200 * e, "score": float(e)} for e in range(1, 41)}
+    render(epochs, "warm")  # (matplotlib imported beforehand, as in a run's later drawings)
+    return {"nothing": None,
+            f"torch.save of {a.state_mb} MB (a background checkpoint)": lambda: torch.save(state, os.path.join(folder, "s.pt")),
+            "PNG encoding of 10 validation pictures (tracker)":
+                lambda: [Image.fromarray(picture).save(io.BytesIO(), format="PNG") for _ in range(10)],
+            "curves.png drawn by matplotlib in a thread": lambda: render(epochs, "run"),
+            "curves.png drawn by a child process (mtl.curves)": lambda: draw_curves(epochs, "run")}
+
+
+def bench_background(a: BackgroundBench) -> dict[str, dict[str, float]]:
+    with tempfile.TemporaryDirectory(prefix="streetmtl-bench-") as d:
+        return {name: _beside(a, job) for name, job in _background_jobs(a, d).items()}
+
+
+Command = Union[Annotated[LoaderBench, tyro.conf.subcommand("loader")], Annotated[TrainBench, tyro.conf.subcommand("train")],
+                Annotated[BackgroundBench, tyro.conf.subcommand("background")]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -598,13 +686,17 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     a = parse(Command, argv, description=__doc__, check=check_bench)
+    if isinstance(a, BackgroundBench):
+        return background_main(a, argv)
     return train_main(a, argv) if isinstance(a, TrainBench) else loader_main(a, argv)
 
 
-def check_bench(a: LoaderBench | TrainBench) -> None:
+def check_bench(a: LoaderBench | TrainBench | BackgroundBench) -> None:
     """Numbers a measurement needs, as usage errors before anything is built."""
     if getattr(a, "workers", 0) < 0:
         raise ValueError(f"--workers must be >= 0, got {a.workers}")
+    if isinstance(a, BackgroundBench) and (a.ops < 1 or a.gpu_ms < 0 or a.state_mb < 1 or a.repeats < 1):
+        raise ValueError("--ops, --state-mb and --repeats must be >= 1 and --gpu-ms >= 0")
     if isinstance(a, TrainBench):
         if a.steps < 1 or a.warmup < 0 or not a.archs or not a.batch_sizes:
             raise ValueError("--steps >= 1, --warmup >= 0 and at least one of --archs and of --batch-sizes are needed")
@@ -660,6 +752,25 @@ def loader_main(a: LoaderBench, argv: list[str]) -> int:
     for k, v in results.items():
         c = cpu.get(k, {})
         t.add_row(k, f"{v:.0f}", f"{v / bare:.2f}", *(f"{c[x]:.2f}" if c.get(x) is not None else "" for x in ("main_ms_per_img", "workers_ms_per_img")))
+    wide_console().print(t)
+    return 0
+
+
+def background_main(a: BackgroundBench, argv: list[str]) -> int:
+    from rich.table import Table
+
+    from mtl.progress import wide_console
+
+    rows = bench_background(a)
+    if a.json:
+        write_json(a.json, {"mode": "background", "argv": argv, "rows": rows})
+    t = Table(title=f"the training thread's host time per step ({a.ops} short torch ops, then {a.gpu_ms:g} ms waiting for "
+                    f"the GPU) while another thread works ({a.repeats} times in a row)")
+    for c in ("beside it", "host ms/step, median", "p95", "steps", "the job took s"):
+        t.add_column(c, justify="left" if c == "beside it" else "right")
+    for name, r in rows.items():
+        t.add_row(name, f"{r['host_ms_median']:.2f}", f"{r['host_ms_p95']:.2f}", str(r["steps"]),
+                  "" if math.isnan(r["job_s"]) else f"{r['job_s']:.2f}")
     wide_console().print(t)
     return 0
 

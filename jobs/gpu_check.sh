@@ -28,6 +28,10 @@
 #   threads   as eager for branched x THREADS_BATCHES (64), the training process limited to
 #             INTRA_OP_THREADS (1) CPU threads: do its pin-memory copies slow the loader's workers?
 #             (not in the default PHASES)                           -> bench-threads.json/.txt
+#   background  what other threads' work (a checkpoint's torch.save, PNG encoding, a curves.png
+#             drawing) costs the training thread's step queueing on this host's Python
+#             (BACKGROUND_FLAGS; not in the default PHASES; the drawing rows need matplotlib)
+#                                                                   -> bench-background.json/.txt
 # The default limits add up to 570 s and no phase runs past DEADLINE (585 s after the start,
 # the bundle's installation included: a phase's limit is cut to end 15 s before it, the grace
 # between SIGINT and SIGKILL; a phase left with under 10 s is recorded as skipped): one call of a
@@ -67,7 +71,7 @@
 # checkpoint every 30 steps, one per epoch, in the background for ray; 0: none), EXPECT_DEVICE (cuda; cpu for a
 # check on the CPU), RUNS (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE,
 # SITE, PACK_TO, DEADLINE (585), and per-phase limits in seconds: T_TESTS (70), T_RAY (100), T_DEEPSPEED (110),
-# T_EAGER (130), T_PLAIN (40), T_LOADER (60), T_COMPILE (60), T_THREADS (50).
+# T_EAGER (130), T_PLAIN (40), T_LOADER (60), T_COMPILE (60), T_THREADS (50), T_BACKGROUND (40).
 set -uo pipefail
 
 WORK=/tmp/streetmtl-gpu-check
@@ -371,13 +375,17 @@ for p in $PHASES; do
         # shellcheck disable=SC2086
         train_bench threads "${T_THREADS:-50}" --archs branched --batch-sizes ${THREADS_BATCHES:-64} \
             --intra-op-threads "${INTRA_OP_THREADS:-1}" ;;
+    background)
+        # shellcheck disable=SC2086
+        phase background "${T_BACKGROUND:-40}" bench-background.txt "$PY" jobs/benchmark.py background ${BACKGROUND_FLAGS:-} \
+            --json "$OUT_DIR/bench-background.json" ;;
     loader)
         # shellcheck disable=SC2086
         phase loader "${T_LOADER:-60}" bench-loader.txt "$PY" jobs/benchmark.py loader --size "$SIZE" --samples "$LOADER_SAMPLES" \
             --workers "$WORKERS" --scaling $SCALING --scaling-batches $SCALING_BATCHES --per-worker "$PER_WORKER" \
             --json "$OUT_DIR/bench-loader.json" ;;
     *)
-        echo "unknown phase '$p' (known: env tests ray deepspeed eager plain loader compile threads)" >&2
+        echo "unknown phase '$p' (known: env tests ray deepspeed eager plain loader compile threads background)" >&2
         exit 2 ;;
     esac
 done

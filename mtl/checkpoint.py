@@ -35,6 +35,7 @@ import random
 import re
 import tempfile
 import time
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -394,16 +395,18 @@ class Checkpointer:
         self.waited_s = 0.0  # how long the last save waited for the write before it
 
     def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool = True,
-             background: bool = False) -> bool:
+             background: bool = False, after: Future | None = None) -> bool:
         """Every rank: checkpoint ``tag``. ``metrics_file``: also ``metrics/<tag>.json`` (an
         epoch's validation; a step checkpoint inside an epoch has none). ``background``: return
-        once the state is copied, if the strategy allows (see the class docstring). Returns
-        whether it is being written in the background."""
+        once the state is copied, if the strategy allows (see the class docstring). ``after``:
+        the commit waits until it is done (the tracker's points up to this checkpoint stored,
+        `mtl.tracking.Tracker.sync`); its failure is for its owner to raise, the checkpoint is
+        committed all the same. Returns whether it is being written in the background."""
         t0 = time.perf_counter()
         self.wait()  # (the one in flight first: checkpoints commit in order)
         self.waited_s = time.perf_counter() - t0
         if background and not self.strategy.sharded:
-            self._save_later(tag, config, metrics, is_best, metrics_file)
+            self._save_later(tag, config, metrics, is_best, metrics_file, after)
             return True
         state = None
         with tempfile.TemporaryDirectory(prefix="streetmtl-ckpt-") as d:
@@ -417,12 +420,14 @@ class Checkpointer:
             self.storage.publish(d, tag, metrics)
         self.strategy.barrier()  # every rank's files are in place before the pointer moves
         if self.rank == 0:
+            _wait_for(after)
             self.storage.commit(tag)
             if is_best:
                 self._write_best(state)
         return False
 
-    def _save_later(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool) -> None:
+    def _save_later(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool,
+                    after: Future | None) -> None:
         """A background save (non-sharded: rank 0 alone writes files; the other ranks still call
         the storage, whose publishing may be collective, as Ray's report is)."""
         if self.rank != 0:
@@ -433,6 +438,7 @@ class Checkpointer:
             self._write_metrics(tag, metrics)
 
         def then() -> None:
+            _wait_for(after)
             self.storage.commit(tag)
             if is_best:
                 self._write_best(held["state"])
@@ -486,6 +492,12 @@ class Checkpointer:
         if self.rank == 0 and state.get("is_best"):  # (a failure between its commit and best.pt: best.pt is an older epoch)
             self._write_best(state)
         return state
+
+
+def _wait_for(future: Future | None) -> None:
+    """Until ``future`` is done, whatever its outcome (`Checkpointer.save`'s ``after``)."""
+    if future is not None:
+        futures.wait([future])
 
 
 def _write_state(folder: str, state: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from time import monotonic
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -607,14 +608,16 @@ class Trainer:
         tag = f"epoch-{s_.epoch:04d}-step-{s_.step:08d}"
         metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],
                    "train_loss_semseg": mean[1], "train_loss_depth": mean[2], "restarts": s_.restarts}
+        stored = None  # the tracker's points up to this step: a resume from here logs only later ones
         try:
-            if self.tracker:  # the points up to this step stored first: a resume from here logs only later ones
-                self.tracker.sync()
+            stored = self.tracker.sync() if self.tracker else None
         finally:  # (a tracking failure still leaves the checkpoint)
-            self._checkpoint("step", tag, metrics, is_best=False, metrics_file=False)
+            self._checkpoint("step", tag, metrics, is_best=False, metrics_file=False, after=stored)
 
-    def _checkpoint(self, kind: str, tag: str, metrics: dict[str, Any], is_best: bool, metrics_file: bool = True) -> None:
-        """Every rank: checkpoint ``tag`` (a ``kind`` one: step or epoch), and log what it cost
+    def _checkpoint(self, kind: str, tag: str, metrics: dict[str, Any], is_best: bool, metrics_file: bool = True,
+                    after: Future | None = None) -> None:
+        """Every rank: checkpoint ``tag`` (a ``kind`` one: step or epoch), committed once
+        ``after`` (the tracker's points up to it stored) is done, and log what it cost
         training. In the background (``--checkpoint-background``; `Checkpointer.save`) unless a
         preemption notice came (the node goes soon, and this checkpoint must be whole before the
         next one's begins: a teardown costs one step) or the run ends with it (no training left
@@ -624,7 +627,7 @@ class Trainer:
         background = t.checkpoint_background and not self.preempted and not last
         t0 = time.perf_counter()
         background = self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best, metrics_file=metrics_file,
-                                            background=background)
+                                            background=background, after=after)
         self.last_checkpoint = monotonic()
         how = "; written in the background" if background else "; the run's last" if last else ""
         waited = self.checkpointer.waited_s
@@ -654,14 +657,17 @@ class Trainer:
         is_best = metrics["score"] > s_.best
         s_.best = max(s_.best, metrics["score"])
         bar.metrics_table(metrics)
-        try:  # the tracker first: a run that dies before the checkpoint resumes from an earlier one and logs the epoch again
+        # the tracker first (its thread stores the epoch while training goes on, and the checkpoint's
+        # commit waits for that): a run that dies before the commit resumes from an earlier one and logs the epoch again
+        stored = None
+        try:
             if self.tracker:
-                self.tracker.epoch(s_.epoch, s_.step, metrics, {f"val/{i}": p for i, p in enumerate(pictures or [])},
-                                   last=s_.epoch == t.epochs)
+                stored = self.tracker.epoch(s_.epoch, s_.step, metrics, {f"val/{i}": p for i, p in enumerate(pictures or [])},
+                                            last=s_.epoch == t.epochs)
         finally:  # (a tracking failure still leaves the checkpoint)
             if self.checkpointer:
                 self._check_finite_weights(lr, self.steps_per_epoch, s_.epoch)  # (the epoch that ended: s_.epoch counts it)
-                self._checkpoint("epoch", f"epoch-{s_.epoch:04d}", metrics, is_best)
+                self._checkpoint("epoch", f"epoch-{s_.epoch:04d}", metrics, is_best, after=stored)
         self.log.flush()
         return metrics
 

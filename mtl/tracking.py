@@ -18,9 +18,9 @@ Local run folders get the events directly in ``<run>/tb/`` (``tensorboard --logd
 live). At every `Tracker.epoch` and `Tracker.sync` (the trainer's step checkpoints) the file so
 far is closed and a new one begun. Object stores cannot append, so a remote run writes into a
 local staging folder, and each closed file is uploaded whole (one PUT, `write_bytes_atomic`):
-each byte is uploaded once and nothing half-written ever appears. The trainer stores the points
-before each checkpoint, so the steps up to a checkpoint are never lost with the process that
-logged them.
+each byte is uploaded once and nothing half-written ever appears. Closing and uploading happen
+on the tracker's own thread (`Tracker`); a checkpoint is committed only once the points before
+it are stored, so the steps up to a checkpoint are never lost with the process that logged them.
 
 Steps are global optimizer steps completed (`mtl.checkpoint.TrainState.step` after the update),
 the number a checkpoint stores. A resumed attempt (``start_step`` = its checkpoint's step k)
@@ -38,8 +38,8 @@ attempt that failed in validation sent its epoch's last step values, not its val
 MLflow (``MLFLOW_TRACKING_URI`` set): one MLflow run per training run, continued on resume (its
 id in ``mlflow.json``; an attempt with no checkpoint to resume from begins a new one), in the
 experiment ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME`` names (else "streetmtl").
-Step scalars are buffered and sent at every checkpoint and epoch end, the validation metrics
-with them (`Tracker.step` stays free of network calls); curves.png goes up as an
+Step scalars are buffered and sent (by the tracker's thread) at every checkpoint and epoch end,
+the validation metrics with them (`Tracker.step` stays free of network calls); curves.png goes up as an
 artifact at `Tracker.close`. A tracking server that fails in the middle of a run costs its MLflow
 record (one line in the log), never the training.
 """
@@ -47,22 +47,23 @@ record (one line in the log), never the training.
 from __future__ import annotations
 
 import importlib
-import io
 import json
 import logging
 import math
-import numbers
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.parse
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from mtl.checkpoint import epoch_metrics
+from mtl.curves import draw_curves, number
 from mtl.errors import one_line
 from mtl.storage import StorageError, is_local, read_bytes, url_to_fs, write_bytes_atomic
 
@@ -90,14 +91,6 @@ class TrackingError(ValueError):
 
 
 # ------------------------------------------------------------------------------ names, values
-
-def number(value: Any) -> float | None:
-    """``value`` as a float if it is a real number (NaN included), else None: metrics dicts also
-    hold lists (``epoch_lrs``), strings and flags, which are no scalars to plot."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
-
 
 def numeric(values: dict[str, Any]) -> dict[str, float]:
     """The real-number values of ``values``, under their `clean_name`."""
@@ -166,19 +159,27 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 class EventFiles:
     """The TensorBoard event files of one attempt of a run (see the module docstring): written
-    into ``<run>/tb/`` directly for a local run, else staged locally and uploaded at `sync`.
-    Nothing is created before the first event: a trainer built but never run leaves no file."""
+    into ``<run>/tb/`` directly for a local run, else staged locally and uploaded once closed.
+    Nothing is created before the first event: a trainer built but never run leaves no file.
+
+    Two threads share it (`Tracker`): the training thread adds scalars to the current file and
+    `detach`-es it; the tracker's thread closes a detached file (with the images it is given)
+    and uploads it (`store`). A remote run stages each file in its own numbered folder, so an
+    upload takes only closed files, never the one the training thread is writing."""
 
     def __init__(self, run_url: str, start_step: int, flush_secs: int = 30) -> None:
         self.url, self.remote, self.flush_secs = f"{run_url}/{TB_DIR}", not is_local(run_url), flush_secs
         self.dir: str | None = None if self.remote else url_to_fs(self.url)[1]  # remote: the staging folder, once made
         self.writer: Any | None = None
+        self._folder: str | None = None  # remote: the current file's staging folder
+        self._opened = 0  # files begun (remote: names the staging folders in order)
+        self._closed: list[str] = []  # remote: staging folders of closed files not uploaded yet, in order
         self._purge_step: int | None = start_step + 1  # for the attempt's first file
         _quiet_nan_warnings()
 
     def _current(self) -> Any:
         """The writer, opening a new file if there is none (the first event of the attempt, or
-        the first after a remote `sync`). File names sort in the order files are begun (readers
+        the first after a `detach`). File names sort in the order files are begun (readers
         read them in that order): the second of creation, then our nanosecond suffix, so two
         attempts started within one second neither share a file nor swap places."""
         if self.writer is None:
@@ -186,7 +187,11 @@ class EventFiles:
 
             if self.dir is None:
                 self.dir = tempfile.mkdtemp(prefix="streetmtl-tb-")
-            self.writer = SummaryWriter(logdir=self.dir, purge_step=self._purge_step, max_queue=1000,
+            logdir = self.dir
+            if self.remote:
+                self._folder = logdir = os.path.join(self.dir, f"{self._opened:08d}")
+            self._opened += 1
+            self.writer = SummaryWriter(logdir=logdir, purge_step=self._purge_step, max_queue=1000,
                                         flush_secs=self.flush_secs, filename_suffix=f".{time.time_ns()}")
             self._purge_step = None  # only an attempt's first file hides the steps it trains again
         return self.writer
@@ -194,139 +199,53 @@ class EventFiles:
     def scalar(self, tag: str, value: float, step: int) -> None:
         self._current().add_scalar(tag, value, global_step=step)
 
-    def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image {tag} must be HxWx3 uint8, got {image.dtype} {tuple(image.shape)}")
-        self._current().add_image(tag, image, global_step=step, dataformats="HWC")
+    def detach(self, images: dict[str, np.ndarray] | None = None) -> tuple[Any, str | None] | None:
+        """(The training thread.) The current file, to be closed by `store`, which adds
+        ``images`` (tag -> HxWx3 uint8) to it; the next event begins a new file."""
+        for tag, image in (images or {}).items():
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"image {tag} must be HxWx3 uint8, got {image.dtype} {tuple(image.shape)}")
+        if images:
+            self._current()
+        detached = (self.writer, self._folder) if self.writer is not None else None
+        self.writer = self._folder = None
+        return detached
 
-    def sync(self) -> None:
-        """Close the file so far (remote: and upload it); the next event begins a new file.
-        Closing, not flushing: tensorboardX's flush does not wait for the events its writer
-        thread has yet to take from its queue, so the last points could still be missing."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.remote:
-            self._upload()
+    def store(self, detached: tuple[Any, str | None] | None, images: dict[str, np.ndarray] | None = None,
+              step: int = 0) -> None:
+        """A `detach`-ed file with ``images`` at ``step`` closed (remote: and uploaded, with any
+        earlier file whose upload failed). Closing, not flushing: tensorboardX's flush does not
+        wait for the events its writer thread has yet to take from its queue, so the last points
+        could still be missing."""
+        if detached is not None:
+            writer, folder = detached
+            try:
+                for tag, image in (images or {}).items():
+                    writer.add_image(tag, image, global_step=step, dataformats="HWC")
+            finally:
+                writer.close()
+            if folder is not None:
+                self._closed.append(folder)
+        self._upload()
 
     def _upload(self) -> None:
         """Each closed file whole to ``<run>/tb/``, then off the staging folder; files a failed
         upload left behind go with the next one."""
-        for name in sorted(os.listdir(self.dir)) if self.dir else []:
-            path = os.path.join(self.dir, name)
-            with open(path, "rb") as fh:
-                write_bytes_atomic(f"{self.url}/{name}", fh.read())
-            os.remove(path)
+        while self._closed:
+            folder = self._closed[0]
+            for name in sorted(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                with open(path, "rb") as fh:
+                    write_bytes_atomic(f"{self.url}/{name}", fh.read())
+                os.remove(path)
+            os.rmdir(folder)
+            self._closed.pop(0)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        """The last file closed and stored (after the tracker's thread has finished)."""
+        self.store(self.detach())
         if self.remote and self.dir:
-            self._upload()
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------- curves.png
-
-def _matplotlib() -> tuple[Any, Any] | None:
-    """(Figure, FigureCanvasAgg), or None without matplotlib. The object API draws with Agg
-    without switching the process's pyplot backend."""
-    try:
-        importlib.import_module("matplotlib")  # the package first: its submodules may be cached
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    return Figure, FigureCanvasAgg
-
-
-def _series(epochs: dict[int, dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    xs = sorted(epochs)
-    return xs, [v if (v := number(epochs[e].get(key))) is not None else math.nan for e in xs]
-
-
-def _lr_curve(epochs: dict[int, dict[str, Any]]) -> tuple[list[float], list[float]]:
-    """The LR of every step, on the epoch axis: epoch e's ``epoch_lrs`` are the LRs of its last
-    steps, up to its ``step``, placed between the end of epoch e-1 (0 at e=1) and e."""
-    xs: list[float] = []
-    ys: list[float] = []
-    for e in sorted(epochs):
-        m, lrs = epochs[e], epochs[e].get("epoch_lrs")
-        end = number(m.get("step"))
-        if not isinstance(lrs, list) or not lrs or end is None:
-            xs.append(float(e))
-            ys.append(number(m.get("lr")) if number(m.get("lr")) is not None else math.nan)
-            continue
-        start = number(epochs.get(e - 1, {}).get("step")) if e > 1 else 0.0
-        start = end - len(lrs) if start is None or start >= end else start
-        first = end - len(lrs) + 1
-        xs += [e - 1 + (first + i - start) / (end - start) for i in range(len(lrs))]
-        ys += [v if (v := number(lr)) is not None else math.nan for lr in lrs]
-    return xs, ys
-
-
-_PANELS = (  # title, (label, metrics key)...
-    ("train loss", (("total", "train_loss"), ("semseg", "train_loss_semseg"), ("depth", "train_loss_depth"))),
-    ("val mIoU (%)", (("mIoU", "miou"),)),
-    ("val SI-logRMSE", (("SI-logRMSE", "si_log_rmse"),)),
-    ("selection", (("grader", "grader"), ("score", "score"))),
-    ("learning rate", (("LR", None),)),
-    ("task weights", (("semseg", "weights/semseg"), ("depth", "weights/depth"))),
-)
-
-
-def _panels(epochs: dict[int, dict[str, Any]]) -> list[tuple[str, list[tuple[str, list[float], list[float]]]]]:
-    """The panels that have data: (title, [(label, xs, ys)])."""
-    out = []
-    for title, lines in _PANELS:
-        drawn = []
-        for label, key in lines:
-            xs, ys = _lr_curve(epochs) if key is None else _series(epochs, key)
-            if any(math.isfinite(y) for y in ys):
-                drawn.append((label, xs, ys))
-        if drawn:
-            out.append((title, drawn))
-    return out
-
-
-def _resumed(epochs: dict[int, dict[str, Any]]) -> list[int]:
-    """The epochs during which the run was resumed: its ``restarts`` count went up."""
-    order = sorted(epochs)
-    count = {e: number(epochs[e].get("restarts")) or 0 for e in order}
-    return [e for before, e in zip(order, order[1:]) if count[e] > count[before]]
-
-
-def draw_curves(epochs: dict[int, dict[str, Any]], title: str) -> bytes | None:
-    """curves.png of a run's epochs (epoch number -> metrics), or None without matplotlib.
-    Epochs during which the run was resumed (``restarts`` went up) are shaded."""
-    mpl = _matplotlib()
-    if mpl is None:
-        return None
-    Figure, FigureCanvasAgg = mpl
-    panels = _panels(epochs)
-    fig = Figure(figsize=(13, 7), dpi=80)  # fixed margins: a layout engine doubles the drawing time
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 3).ravel()
-    fig.subplots_adjust(left=0.05, right=0.98, top=0.9, bottom=0.08, wspace=0.25, hspace=0.4)
-    resumed = _resumed(epochs)
-    for ax, (name, lines) in zip(axes, panels):
-        for label, xs, ys in lines:
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 and name != "learning rate" else None, ms=3, label=label)
-        for e in resumed:
-            ax.axvspan(e - 1, e, color="grey", alpha=0.15, lw=0)
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if len(lines) > 1:
-            ax.legend(fontsize="small")
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle(title + ("   (shaded: epochs with a resume)" if resumed else ""))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------- MLflow
@@ -451,10 +370,18 @@ class MlflowRun:
             self.log(f"MLflow: could not {what} at {self.uri} ({one_line(e)}); no more MLflow logging in this attempt, "
                      f"training goes on")
 
-    def flush(self) -> None:
+    def take(self) -> list[tuple[str, Any]]:
+        """(The training thread.) The values added so far, for `send`; none are pending after."""
         batch, self.pending = self.pending, []
+        return batch
+
+    def send(self, batch: list[tuple[str, Any]]) -> None:
+        """(The tracker's thread.) A `take`-n batch to the tracking server."""
         if batch:
             self._call(f"log {len(batch)} values", lambda: self._send(batch))
+
+    def flush(self) -> None:
+        self.send(self.take())
 
     def _send(self, batch: list[tuple[str, Any]]) -> None:
         """``batch`` (in step order) in chunks, each with the tags that say how far the run's values go."""
@@ -516,13 +443,28 @@ class Tracker:
     the step of the checkpoint this attempt resumes from (0 for a new run); what earlier attempts
     logged after it is hidden from TensorBoard, what they logged up to it stays. ``flush_secs``:
     how often a local run's events reach its folder. Use as a context manager (a failure ends
-    the MLflow run as FAILED), or call `close` at the end."""
+    the MLflow run as FAILED), or call `close` at the end.
+
+    What is slow runs on the tracker's own thread, in the order it was asked for, while
+    training goes on: closing and uploading event files, the validation pictures' PNG encoding,
+    sending MLflow's values, drawing curves.png. The training thread only hands values over
+    (`step`, `epoch`, `sync`); `epoch` and `sync` return a future that is done once the values so
+    far are stored, which a checkpoint's commit waits for (`mtl.checkpoint.Checkpointer.save`).
+    A failure there is raised by the training thread's next call (`step`, `epoch`, `sync`, or
+    `close`), as it would have been by the call that failed. That thread's work releases the
+    GIL (uploads, PNG encoding), so the training thread's steps are queued as fast as before
+    (`python jobs/benchmark.py background`); curves.png, whose drawing holds the GIL, is drawn
+    by a child process (`mtl.curves`)."""
 
     def __init__(self, run_url: str, run_name: str, config: dict, *, start_step: int = 0,
                  mlflow: bool = True, log: Callable[[str], None] = print, flush_secs: int = 30) -> None:
         self.run_url, self.run_name, self.log = run_url.rstrip("/"), run_name, log
         self.mlflow = start_mlflow(self.run_url, run_name, config, log, start_step) if mlflow else None
         self.events = EventFiles(self.run_url, start_step, flush_secs)
+        self._work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streetmtl-tracker")  # (one: in order)
+        self._failed: BaseException | None = None  # the first failure of the thread's work, not raised yet
+        self._lock = threading.Lock()
+        # (the tracker's thread alone from here on)
         self._read: dict[str, dict[str, Any]] = {}  # metrics files read (`mtl.checkpoint.epoch_metrics`)
         self._png: bytes | None = None  # the last curves.png
         self._drawing = True  # False once matplotlib was found missing
@@ -534,6 +476,7 @@ class Tracker:
         """Per-step scalars, e.g. {"train/loss": .., "train/loss_semseg": .., "train/loss_depth": ..,
         "train/lr": .., "train/images_per_s": .., "weights/semseg": .., "weights/depth": ..}. Called every
         --log-every steps (already host floats: no GPU sync here). Must be cheap: no file upload here."""
+        self._raise_failed()
         scalars = numeric(values)
         for tag, value in scalars.items():
             self.events.scalar(tag, value, step)
@@ -541,25 +484,73 @@ class Tracker:
             self.mlflow.add(scalars, step)
 
     def epoch(self, epoch: int, step: int, metrics: dict[str, Any], images: dict[str, np.ndarray] | None = None,
-              last: bool = False) -> None:
+              last: bool = False) -> Future:
         """After validation of an epoch: the validation metrics dict as mtl.metrics.MultiTaskMetrics.compute()
         returns it plus run keys (keys like miou, si_log_rmse, grader, score, mae, rmse, abs_rel, delta1..3,
         iou/<class name> per class, train_loss..., lr, epoch, step, and a list-valued 'epoch_lrs' to skip;
         non-numeric / NaN values must not crash). Written as TensorBoard scalars under val/<key> (per-class
-        IoU under iou/<class>), images (name -> HxWx3 uint8) as TensorBoard images; then curves.png is redrawn
-        when due (`CURVES_EVERY_S`; always for the run's ``last`` epoch) and, for a remote run folder, the tb/
-        files are uploaded."""
+        IoU under iou/<class>), images (name -> HxWx3 uint8) as TensorBoard images; everything so far
+        stored (`sync`: the future returned); then curves.png is redrawn when due (`CURVES_EVERY_S`; always
+        for the run's ``last`` epoch)."""
+        self._raise_failed()
         scalars = epoch_scalars(metrics)
         for tag, value in scalars.items():
             self.events.scalar(tag, value, step)
-        for name, image in (images or {}).items():
-            self.events.image(clean_name(f"images/{name}"), image, step)
+        if self.mlflow:
+            self.mlflow.add(scalars, step, "epoch")
+        stored = self._store({clean_name(f"images/{name}"): np.asarray(image) for name, image in (images or {}).items()}, step)
+        metrics = dict(metrics)  # (the caller's dict may change once this returns)
+        self._work.submit(self._draw_if_due, epoch, step, metrics, last)
+        return stored
+
+    def sync(self) -> Future:
+        """Everything logged so far to its destination (the TensorBoard file closed, and uploaded
+        for a remote run folder; MLflow's pending values sent), on the tracker's thread: the
+        future returned is done once they are. A checkpoint's commit waits for it: a run that dies
+        right after the checkpoint resumes from that step and logs only what came after, so the
+        points up to it must already be stored."""
+        self._raise_failed()
+        return self._store()
+
+    def wait(self) -> None:
+        """Until the tracker's thread has done all it was given (curves.png included); raises
+        its failure, if any."""
+        self._work.submit(lambda: None).result()
+        self._raise_failed()
+
+    def _store(self, images: dict[str, np.ndarray] | None = None, step: int = 0) -> Future:
+        detached = self.events.detach(images)
+        batch = self.mlflow.take() if self.mlflow else []
+
+        def store() -> None:
+            try:
+                self.events.store(detached, images, step)
+            finally:  # (MLflow's values go even when the run folder cannot be reached)
+                if self.mlflow:
+                    self.mlflow.send(batch)
+
+        return self._work.submit(self._recorded, store)
+
+    def _recorded(self, fn: Callable[[], None]) -> None:
+        """(The tracker's thread.) ``fn``; its failure kept for the training thread to raise."""
+        try:
+            fn()
+        except BaseException as e:
+            with self._lock:
+                self._failed = self._failed or e
+            raise
+
+    def _raise_failed(self) -> None:
+        """The tracker's thread's first failure, if any since the last call: raised once."""
+        with self._lock:
+            failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
+
+    def _draw_if_due(self, epoch: int, step: int, metrics: dict[str, Any], last: bool) -> None:
         self._undrawn = (epoch, step, metrics)
         if last or _clock() >= self._draw_at:
             self._try_draw()
-        if self.mlflow:
-            self.mlflow.add(scalars, step, "epoch")
-        self.sync()
 
     def _try_draw(self) -> None:
         """`_draw`; a failure is one line (tried again a minute later at the earliest), never the
@@ -588,28 +579,26 @@ class Tracker:
         took = _clock() - started
         self._draw_at = _clock() + max(CURVES_EVERY_S, took / CURVES_MAX_SHARE)
 
-    def sync(self) -> None:
-        """Everything logged so far to its destination (the TensorBoard file closed, and uploaded
-        for a remote run folder; MLflow's pending values sent). Called before a checkpoint: a run that
-        dies right after it resumes from that step and logs only what came after, so the points
-        up to it must already be stored."""
-        self.events.sync()
-        if self.mlflow:
-            self.mlflow.flush()
-
     def close(self, *, failed: bool = False) -> None:
-        """The last epoch into curves.png (if not drawn yet: the run stopped early), the last
-        events to the run folder, curves.png to MLflow and its run ended (FAILED with ``failed``:
-        a resume sets it running again). Closing twice does nothing."""
+        """Once the tracker's thread has done what it was given: the last epoch into curves.png
+        (if not drawn yet: the run stopped early), the last events to the run folder, curves.png
+        to MLflow and its run ended (FAILED with ``failed``: a resume sets it running again). A
+        failure of the thread's work not raised yet is raised now, or, when the run already fails
+        (``failed``), logged. Closing twice does nothing."""
         if self._closed:
             return
         self._closed = True
+        self._work.shutdown(wait=True)
         try:
             self._try_draw()
             self.events.close()
         finally:
             if self.mlflow:
-                self.mlflow.finish(self._png, failed)
+                self.mlflow.finish(self._png, failed or self._failed is not None)
+        if failed and self._failed is not None:
+            self.log(f"tracking also failed: {one_line(self._failed)}")
+            self._failed = None
+        self._raise_failed()
 
     def __enter__(self) -> "Tracker":
         return self

@@ -57,13 +57,28 @@ def test_loader_benchmark_smoke(tmp_path):
     assert all(got["cpu"][r]["main_ms_per_img"] > 0 and got["cpu"][r]["workers_ms_per_img"] >= 0 for r in rows)
 
 
+def test_background_benchmark_smoke(tmp_path):
+    """What other threads' work costs the training thread's step queueing: a row per job."""
+    out = tmp_path / "background.json"
+    r = subprocess.run([sys.executable, "jobs/benchmark.py", "background", "--ops", "5", "--gpu-ms", "1", "--state-mb", "4",
+                        "--repeats", "1", "--json", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["nothing", "torch.save of 4 MB (a background checkpoint)", "PNG encoding of 10 validation pictures (tracker)",
+                          "curves.png drawn by matplotlib in a thread", "curves.png drawn by a child process (mtl.curves)"]
+    assert all(x["steps"] >= 1 and 0 < x["host_ms_median"] <= x["host_ms_p95"] for x in rows.values())
+    assert all(x["job_s"] > 0 for name, x in rows.items() if name != "nothing")
+    bad = subprocess.run([sys.executable, "jobs/benchmark.py", "background", "--ops", "0"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--ops, --state-mb and --repeats must be >= 1" in bad.stderr
+
+
 def test_gpu_check_script_runs_its_phases(tmp_path):
     """`jobs/gpu_check.sh`, the one command a GPU session runs, at tiny sizes on the CPU."""
     out = tmp_path / "gpu-check"
-    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "env tests eager plain loader threads", "SIZE": "64x128", "BATCHES": "2",
+    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "env tests eager plain loader threads background", "SIZE": "64x128", "BATCHES": "2",
            "COMPILE_BATCHES": "2", "ARCHS": "branched", "ENCODER": "resnet18", "STEPS": "2", "WARMUP": "1", "SAMPLES": "16", "WORKERS": "1",
            "LOADER_SAMPLES": "32", "SCALING": "1", "SCALING_BATCHES": "4 8", "PER_WORKER": "8", "T_LOADER": "300",
-           "THREADS_BATCHES": "2", "T_THREADS": "300",
+           "THREADS_BATCHES": "2", "T_THREADS": "300", "BACKGROUND_FLAGS": "--state-mb 4 --repeats 1", "T_BACKGROUND": "300",
            "BUNDLE": "",  # this venv's packages, not a .gpu-bundle/ made for the GPU machine's Python
            # the default limits are the GPU machine's (one 600 s call); a shared 2-core CPU needs more
            "T_TESTS": "300", "T_EAGER": "300", "T_PLAIN": "300", "DEADLINE": "1000"}
@@ -71,7 +86,8 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
     r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     phases = (out / "phases.txt").read_text().splitlines()
-    assert [p.split(":")[0] for p in phases] == ["== tests", "== eager", "== plain", "== loader", "== threads"]
+    assert [p.split(":")[0] for p in phases] == ["== tests", "== eager", "== plain", "== loader", "== threads",
+                                                        "== background"]
     assert all("exit 0" in p for p in phases)
     assert "torch" in (out / "env.txt").read_text()
     assert "skipped" in (out / "pytest-gpu.txt").read_text()  # no GPU here: skipped, never passed
@@ -84,6 +100,7 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
     loader = json.loads((out / "bench-loader.json").read_text())["results"]
     scaling = [k for k in loader if k.startswith("folder loader + augmentation, 1 workers")]
     assert scaling == [f"folder loader + augmentation, 1 workers, batch {b} (total img/s after the first batch)" for b in (4, 8)]
+    assert "torch.save of 4 MB (a background checkpoint)" in json.loads((out / "bench-background.json").read_text())["rows"]
 
 
 def _fake_ray_wheel(root):

@@ -502,6 +502,36 @@ def test_a_background_checkpoint_that_fails_leaves_the_one_before_and_says_why(t
     ckpt.wait()  # (the error was raised once)
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
+def test_a_checkpoint_is_committed_only_once_what_it_waits_for_is_done(background, tmp_path):
+    """``after`` (the tracker's points up to the checkpoint, stored on the tracker's thread):
+    the pointer moves only once it is done, in the background or the foreground, and a failure
+    there is its owner's to raise: the checkpoint is committed all the same."""
+    import threading
+    from concurrent.futures import Future
+
+    from mtl.checkpoint import Checkpointer, CheckpointIndex
+
+    run = str(tmp_path / "run")
+    storage = HeldStorage(run)
+    storage.go.set()
+    strategy, state = _plain_run()
+    ckpt = Checkpointer(storage, run, strategy, {"train_state": state})
+    for tag, outcome in (("epoch-0001", None), ("epoch-0002", OSError("the run folder is unreachable"))):
+        stored: Future = Future()
+        saving = threading.Thread(target=ckpt.save, args=(tag, {}, {"score": 1.0}, False),
+                                  kwargs={"background": background, "after": stored})
+        saving.start()
+        saving.join(0.5)
+        assert saving.is_alive() != background  # (the foreground save returns only after its commit)
+        time.sleep(0.3 if background else 0)
+        assert CheckpointIndex(run).latest_tag() == (None if tag == "epoch-0001" else "epoch-0001")
+        stored.set_exception(outcome) if outcome else stored.set_result(None)
+        saving.join(60)
+        ckpt.wait()
+        assert CheckpointIndex(run).latest_tag() == tag
+
+
 def test_host_copy_keeps_the_structure_and_owns_its_tensors():
     from collections import OrderedDict
 

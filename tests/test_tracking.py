@@ -46,6 +46,7 @@ def _train(tracker: Tracker, run_url: str, epochs: range, attempt: int, images: 
         write_bytes_atomic(f"{run_url}/metrics/epoch-{epoch:04d}.json", json.dumps(m).encode())
         pictures = {"val_0": np.full((8, 16, 3), 40 * epoch, np.uint8)} if images else None
         tracker.epoch(epoch, epoch * STEPS, m, pictures, last=epoch == last)
+        tracker.wait()  # (the tracker's thread has stored it and drawn curves.png if due)
 
 
 def _read(tb_dir: str):
@@ -125,15 +126,61 @@ def test_s3_run_folder_gets_tb_files_and_curves(s3_prefix, tmp_path):
     _assert_png(fs.cat_file(f"{path}/curves.png"))
 
 
+def test_training_logs_on_while_the_trackers_thread_uploads_an_epoch(s3_prefix, tmp_path, monkeypatch):
+    """`epoch` only hands the epoch over: its file is closed and uploaded on the tracker's thread
+    while the training thread logs the next steps into a new file, which that upload leaves
+    alone; the future `epoch` returned is done once the epoch is stored."""
+    import threading
+
+    import mtl.tracking as tracking
+
+    run, release, upload = f"{s3_prefix}/run", threading.Event(), tracking.write_bytes_atomic
+    fs, path = url_to_fs(run)
+
+    def held(url: str, data: bytes) -> None:
+        if "/tb/" in url:
+            assert release.wait(30)
+        upload(url, data)
+
+    monkeypatch.setattr(tracking, "write_bytes_atomic", held)
+    t = Tracker(run, "run", CONFIG, log=print)
+    _steps(t, range(1, STEPS + 1), attempt=0)
+    write_bytes_atomic(f"{run}/metrics/epoch-0001.json", json.dumps(_metrics(1, 0)).encode())
+    stored = t.epoch(1, STEPS, _metrics(1, 0), {"val_0": np.full((8, 16, 3), 40, np.uint8)})
+    _steps(t, range(STEPS + 1, 2 * STEPS + 1), attempt=0)  # while epoch 1's file waits for its upload
+    assert not stored.done() and not fs.exists(f"{path}/tb")
+    release.set()
+    stored.result()
+    assert len(fs.ls(f"{path}/tb")) == 1
+    t.close()
+    local = tmp_path / "tb"
+    fs.get(f"{path}/tb/", str(local), recursive=True)
+    assert len(os.listdir(local)) == 2
+    acc = _read(str(local))
+    assert _points(acc, "train/loss") == [(s, float(s)) for s in range(1, 2 * STEPS + 1)]
+    assert _points(acc, "val/miou") == [(STEPS, 10.0)] and [i.step for i in acc.Images("images/val_0")] == [STEPS]
+    _assert_png(fs.cat_file(f"{path}/curves.png"))
+
+
 def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(unreachable_s3):
+    """The upload fails on the tracker's thread: the future `epoch` returned holds the error, and
+    the training thread's next call raises it (once); the closed file waits in the staging folder."""
     t = Tracker("s3://streetmtl/nowhere", "nowhere", CONFIG, log=print)
     assert t.events.dir is None  # no staging folder before the first event
     try:
         t.step(1, {"train/loss": 1.0})
+        stored = t.epoch(1, 1, _metrics(1, 0))
         with pytest.raises(StorageError, match="cannot reach s3://streetmtl/nowhere/tb/"):  # (curves.png: one line)
-            t.epoch(1, 1, _metrics(1, 0))
-        assert t.events.writer is None  # closed for the upload that failed: the file stays in the staging folder
-        assert [n for n in os.listdir(t.events.dir) if os.path.getsize(os.path.join(t.events.dir, n)) > 0]
+            stored.result()
+        with pytest.raises(StorageError, match="cannot reach s3://streetmtl/nowhere/tb/"):
+            t.step(2, {"train/loss": 1.0})
+        t.step(2, {"train/loss": 1.0})  # (raised once)
+        assert t.events.writer is not None  # step 2's new file, while epoch 1's closed one waits for an upload:
+        closed, current = [os.path.join(t.events.dir, d) for d in sorted(os.listdir(t.events.dir))]
+        assert [os.path.getsize(os.path.join(closed, n)) > 0 for n in os.listdir(closed)] == [True]
+        assert len(os.listdir(current)) == 1
+        with pytest.raises(StorageError, match="cannot reach s3://streetmtl/nowhere/tb/"):
+            t.close()
     finally:
         import shutil
 
@@ -276,6 +323,21 @@ def test_without_matplotlib_one_line_says_why_there_is_no_curves_png(tmp_path, m
     assert lines == [NO_MATPLOTLIB]
     assert not (tmp_path / "run" / "curves.png").exists()
     assert _points(_read(os.path.join(run, "tb")), "val/miou") == [(4, 10.0), (8, 20.0)]
+
+
+def test_curves_are_drawn_in_a_child_process_that_imports_no_torch():
+    """matplotlib holds the GIL while it draws, which would slow the training thread: the drawing
+    runs in ``python -m mtl.curves``, which starts without torch; its failure names it."""
+    import subprocess
+
+    from mtl.curves import draw_curves
+
+    _assert_png(draw_curves({1: _metrics(1, 0), 2: _metrics(2, 0)}, "run"))
+    r = subprocess.run([sys.executable, "-c", "import sys, mtl.curves; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.stdout.strip() == "False", r.stderr
+    with pytest.raises(RuntimeError, match=r"^python -m mtl.curves: TypeError: unsupported operand"):
+        draw_curves({1: _metrics(1, 0)}, 3)  # (a title that is no string)
 
 
 def test_names_and_values():

@@ -149,6 +149,50 @@ def test_an_epochs_checkpoint_is_written_while_the_next_epoch_trains(tiny_root, 
     assert not all(torch.equal(at_save["epoch-0002"][k], v) for k, v in at_save["epoch-0001"].items())  # (epoch 2 changed them)
 
 
+def test_the_trackers_epoch_work_runs_while_the_next_epoch_trains(tiny_root, tmp_path, monkeypatch):
+    """What the tracker does at an epoch's end beyond taking the values (closing the epoch's
+    TensorBoard file with its validation pictures, for a remote run folder uploading it, sending
+    MLflow's values, drawing curves.png) runs on its own thread: epoch 1's is done only once
+    epoch 2 has trained a step (in the foreground the test would time out), and epoch 1's
+    checkpoint, written in the background, is committed only after it, so a resume from it has
+    every point up to it and logs only later ones."""
+    import threading
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import mtl.engine
+    from mtl.checkpoint import CheckpointIndex
+    from mtl.runs import run_url
+    from mtl.tracking import EventFiles
+
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=3, log_every=1, name="run")
+    run, steps, epoch_two, latest_then = run_url(cfg), [], threading.Event(), []
+    train_step, store = mtl.engine.train_step, EventFiles.store
+
+    def counted(*args, **kwargs):
+        out = train_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) > 3:  # (3 steps per epoch: epoch 2 has trained one)
+            epoch_two.set()
+        return out
+
+    def held(self, detached, images=None, step=0):
+        if images and step == 3:  # (epoch 1's end: the only store with pictures at step 3)
+            assert epoch_two.wait(60), "epoch 2 never trained while the tracker stored epoch 1"
+            latest_then.append(CheckpointIndex(run).latest_tag())
+        store(self, detached, images, step)
+
+    monkeypatch.setattr(mtl.engine, "train_step", counted)
+    monkeypatch.setattr(EventFiles, "store", held)
+    fit(cfg, local_runtime(cfg))
+    assert latest_then == [None]  # epoch 1's checkpoint waited for the tracker
+    assert CheckpointIndex(run).read()["history"] == ["epoch-0001", "epoch-0002"]
+    acc = EventAccumulator(f"{run}/tb", size_guidance={"scalars": 0, "images": 0}).Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))
+    assert [e.step for e in acc.Scalars("val/miou")] == [e.step for e in acc.Images("images/val/0")] == [3, 6]
+    assert os.path.getsize(f"{run}/curves.png") > 1000
+
+
 def test_resume_refuses_another_architecture(tiny_root, tmp_path):
     cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=1, batch_size=8, max_steps_per_epoch=1, name="run")
     fit(cfg, local_runtime(cfg))

@@ -629,14 +629,18 @@ def _beside(a: BackgroundBench, job: Callable[[], None] | None) -> dict[str, flo
 
     import numpy as np
 
-    done, took = threading.Event(), [math.nan]
+    done, took, failed = threading.Event(), [math.nan], []
 
     def run() -> None:
         t0 = time.perf_counter()
-        for _ in range(a.repeats):
-            job()
-        took[0] = time.perf_counter() - t0
-        done.set()
+        try:
+            for _ in range(a.repeats):
+                job()
+            took[0] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - the row says what failed; the others are still measured
+            failed.append(f"{type(e).__name__}: {e}")
+        finally:
+            done.set()
 
     start = time.perf_counter()
     thread = threading.Thread(target=run) if job else None
@@ -646,7 +650,7 @@ def _beside(a: BackgroundBench, job: Callable[[], None] | None) -> dict[str, flo
     if thread:
         thread.join()
     return {"host_ms_median": float(np.median(host)), "host_ms_p95": float(np.percentile(host, 95)), "steps": len(host),
-            "job_s": took[0]}
+            "job_s": took[0], **({"error": failed[0]} if failed else {})}
 
 
 def _background_jobs(a: BackgroundBench, folder: str) -> dict[str, Callable[[], None] | None]:
@@ -663,12 +667,14 @@ def _background_jobs(a: BackgroundBench, folder: str) -> dict[str, Callable[[], 
     picture = np.tile(np.arange(1536, dtype=np.uint8)[None, :, None] % 251, (512, 1, 3))
     epochs = {e: {"train_loss": 1 / e, "miou": float(e), "si_log_rmse": 30.0 - e, "lr": 1e-3, "epoch_lrs": [1e-3] * 200,
                   "step": 200 * e, "score": float(e)} for e in range(1, 41)}
-    render(epochs, "warm")  # (matplotlib imported beforehand, as in a run's later drawings)
-    return {"nothing": None,
+    jobs = {"nothing": None,
             f"torch.save of {a.state_mb} MB (a background checkpoint)": lambda: torch.save(state, os.path.join(folder, "s.pt")),
             "PNG encoding of 10 validation pictures (tracker)":
-                lambda: [Image.fromarray(picture).save(io.BytesIO(), format="PNG") for _ in range(10)],
-            "curves.png drawn by matplotlib in a thread": lambda: render(epochs, "run"),
+                lambda: [Image.fromarray(picture).save(io.BytesIO(), format="PNG") for _ in range(10)]}
+    if render(epochs, "warm") is None:  # (matplotlib imported beforehand, as in a run's later drawings)
+        print("no curves.png rows: matplotlib is not installed", flush=True)
+        return jobs
+    return {**jobs, "curves.png drawn by matplotlib in a thread": lambda: render(epochs, "run"),
             "curves.png drawn by a child process (mtl.curves)": lambda: draw_curves(epochs, "run")}
 
 
@@ -757,6 +763,7 @@ def loader_main(a: LoaderBench, argv: list[str]) -> int:
 
 
 def background_main(a: BackgroundBench, argv: list[str]) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from mtl.progress import wide_console
@@ -770,7 +777,7 @@ def background_main(a: BackgroundBench, argv: list[str]) -> int:
         t.add_column(c, justify="left" if c == "beside it" else "right")
     for name, r in rows.items():
         t.add_row(name, f"{r['host_ms_median']:.2f}", f"{r['host_ms_p95']:.2f}", str(r["steps"]),
-                  "" if math.isnan(r["job_s"]) else f"{r['job_s']:.2f}")
+                  escape(r["error"]) if "error" in r else "" if math.isnan(r["job_s"]) else f"{r['job_s']:.2f}")
     wide_console().print(t)
     return 0
 

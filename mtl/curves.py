@@ -1,6 +1,6 @@
 """curves.png: a run's epochs at a glance (`mtl.tracking` draws it during training).
 
-`draw_curves` draws in a child process (``python -m mtl.curves``), not in the training process:
+`draw_curves` draws in a child process (`_child`), not in the training process:
 matplotlib holds the GIL for the whole drawing, and a training thread that queues short torch
 ops, each of which releases and takes the GIL back, then waits up to the interpreter's switch
 interval (5 ms) for each. `python jobs/benchmark.py background` on the dev CPU (2 cores): a
@@ -136,25 +136,31 @@ def render(epochs: dict[int, dict[str, Any]], title: str) -> bytes | None:
     return buf.getvalue()
 
 
+# the child's first lines: no working directory on its path (a folder there named like a module
+# would shadow it), this package's root first unless the parent's path has it already
+_BOOT = ("import sys; sys.path[:1] = [p for p in sys.path[:1] if p]; sys.path[:0] = sys.argv[1:]; "
+         "from mtl.curves import _child; sys.exit(_child())")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def draw_curves(epochs: dict[int, dict[str, Any]], title: str) -> bytes | None:
     """`render` in a child process (see the module docstring); None without matplotlib. A child
     that fails raises RuntimeError with the last line it printed."""
     if importlib.util.find_spec("matplotlib") is None:
         return None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (where `mtl` is imported from)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    child = subprocess.run([sys.executable, "-m", "mtl.curves"], input=pickle.dumps((epochs, title)), env=env,
-                           capture_output=True, timeout=DRAW_TIMEOUT_S)
+    child = subprocess.run([sys.executable, "-c", _BOOT, *([] if root in sys.path else [root])],
+                           input=pickle.dumps((epochs, title)), capture_output=True, timeout=DRAW_TIMEOUT_S)
     if child.returncode == NO_MATPLOTLIB_EXIT:
         return None
-    if child.returncode != 0 or not child.stdout:
-        lines = child.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {child.returncode}"]
-        raise RuntimeError(f"python -m mtl.curves: {lines[-1]}")
+    if child.returncode != 0 or not child.stdout.startswith(PNG_SIGNATURE):
+        lines = child.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {child.returncode}, no PNG"]
+        raise RuntimeError(f"the child process drawing curves.png (mtl.curves): {lines[-1]}")
     return child.stdout
 
 
 def _child() -> int:
-    """``python -m mtl.curves``: (epochs, title) pickled on stdin, the PNG on stdout."""
+    """The child (`draw_curves`; also ``python -m mtl.curves``): (epochs, title) pickled on stdin, the PNG on stdout."""
     epochs, title = pickle.loads(sys.stdin.buffer.read())  # (from the parent process, which started this one)
     png = render(epochs, title)
     if png is None:

@@ -668,7 +668,7 @@ class Trainer:
             if self.checkpointer:
                 self._check_finite_weights(lr, self.steps_per_epoch, s_.epoch)  # (the epoch that ended: s_.epoch counts it)
                 self._checkpoint("epoch", f"epoch-{s_.epoch:04d}", metrics, is_best, after=stored)
-        self.log.flush()
+        self.log.flush(wait=False)  # (the run's end waits for it)
         return metrics
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import threading
 import time
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from rich.console import Console
@@ -68,8 +70,9 @@ class RunLog:
     """Prints to the console and keeps a plain-text copy in ``url`` (``<run>/train.log``).
 
     A local file is appended to line by line (``tail -f`` works); on object stores, where a file
-    cannot be appended to, the whole log is rewritten at every `flush` (epoch ends and the end of
-    the run). A resumed run continues the same file.
+    cannot be appended to, the whole log is rewritten at every `flush` (epoch ends, on the log's
+    own thread while training goes on, and the end of the run). A resumed run continues the same
+    file.
     """
 
     def __init__(self, url: str | None, console: Console | None = None, echo: bool = True) -> None:
@@ -78,6 +81,8 @@ class RunLog:
         self.console = console or wide_console()
         self._plain = Console(file=io.StringIO(), width=160, color_system=None, soft_wrap=True)
         self._remote_text = ""
+        self._writer: ThreadPoolExecutor | None = None  # (remote: one thread, writes in order)
+        self._written: Future | None = None  # the last write handed to it
         if url is not None and is_local(url):
             fs, path = url_to_fs(url)
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -106,11 +111,26 @@ class RunLog:
             else:
                 self._remote_text += text
 
-    def flush(self) -> None:
-        if self.url is not None and not is_local(self.url):
-            with self._lock:
-                text = self._remote_text
-            write_bytes_atomic(self.url, text.encode())
+    def flush(self, wait: bool = True) -> None:
+        """Remote: the whole log so far to ``url``. ``wait=False``: on the log's own thread (an
+        epoch's end: the PUT need not stall training); the last such write's failure is raised
+        by the next flush, unless a later write has replaced it, which holds every line it held.
+        A waiting flush (the run's end) follows the writes handed over before it."""
+        if self.url is None or is_local(self.url):
+            return
+        with self._lock:
+            text = self._remote_text.encode()
+        last, self._written = self._written, None
+        if wait:
+            if last is not None:
+                futures.wait([last])  # (this write replaces it, and raises its own failure)
+            write_bytes_atomic(self.url, text)
+            return
+        if last is not None and last.done():
+            last.result()  # (raises its failure)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streetmtl-log")
+        self._written = self._writer.submit(write_bytes_atomic, self.url, text)
 
 
 class TrainProgress:

@@ -57,6 +57,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
@@ -70,10 +71,11 @@ from mtl.storage import StorageError, is_local, read_bytes, url_to_fs, write_byt
 TB_DIR = "tb"
 CURVES_FILE = "curves.png"
 # curves.png is redrawn after a validation only when the last drawing is this old, and at
-# least 50 times as old as that drawing took (1-1.5 s of matplotlib on a small host, the GPU
-# idle meanwhile): at most 2 % of a run's time, where a redraw after every epoch cost 3-4 % of
-# a 40 s Miniscapes epoch and a third of a short run's. An attempt's first validation and the
-# run's last are always drawn; an attempt that stops early draws its last epoch at close.
+# least 50 times as old as that drawing took (about a second of a child process, `mtl.curves`):
+# a CPU core of the training node busy at most 2 % of the time (when drawing stalled training,
+# a redraw after every epoch cost 3-4 % of a 40 s Miniscapes epoch). An attempt's first
+# validation and the run's last are always drawn; an attempt that stops early draws its last
+# epoch at close.
 CURVES_EVERY_S = 60.0
 CURVES_MAX_SHARE = 0.02
 _clock = time.monotonic  # (tests move it)
@@ -165,7 +167,10 @@ class EventFiles:
     Two threads share it (`Tracker`): the training thread adds scalars to the current file and
     `detach`-es it; the tracker's thread closes a detached file (with the images it is given)
     and uploads it (`store`). A remote run stages each file in its own numbered folder, so an
-    upload takes only closed files, never the one the training thread is writing."""
+    upload takes only closed files, never the one the training thread is writing. (A local
+    run's next file may begin before the last is closed: TensorBoard's default reader follows
+    every file of a run; its older Python one, ``--load_fast=false``, may show that file's last
+    points only after a reload.)"""
 
     def __init__(self, run_url: str, start_step: int, flush_secs: int = 30) -> None:
         self.url, self.remote, self.flush_secs = f"{run_url}/{TB_DIR}", not is_local(run_url), flush_secs
@@ -223,9 +228,11 @@ class EventFiles:
                 for tag, image in (images or {}).items():
                     writer.add_image(tag, image, global_step=step, dataformats="HWC")
             finally:
-                writer.close()
-            if folder is not None:
-                self._closed.append(folder)
+                try:
+                    writer.close()
+                finally:  # (its steps go with the next upload, whatever failed here)
+                    if folder is not None:
+                        self._closed.append(folder)
         self._upload()
 
     def _upload(self) -> None:
@@ -451,10 +458,12 @@ class Tracker:
     (`step`, `epoch`, `sync`); `epoch` and `sync` return a future that is done once the values so
     far are stored, which a checkpoint's commit waits for (`mtl.checkpoint.Checkpointer.save`).
     A failure there is raised by the training thread's next call (`step`, `epoch`, `sync`, or
-    `close`), as it would have been by the call that failed. That thread's work releases the
-    GIL (uploads, PNG encoding), so the training thread's steps are queued as fast as before
-    (`python jobs/benchmark.py background`); curves.png, whose drawing holds the GIL, is drawn
-    by a child process (`mtl.curves`)."""
+    `close`), as it would have been by the call that failed, after the values it was given
+    are handed over (an epoch's validation is never lost to an earlier failure). That thread's
+    work mostly waits with the GIL released (PNG encoding in PIL, the network; s3fs's and
+    MLflow's request handling holds it in short slices), so the training thread's steps are
+    queued about as fast as before (`python jobs/benchmark.py background`); curves.png, whose
+    drawing would hold the GIL for a second, is drawn by a child process (`mtl.curves`)."""
 
     def __init__(self, run_url: str, run_name: str, config: dict, *, start_step: int = 0,
                  mlflow: bool = True, log: Callable[[str], None] = print, flush_secs: int = 30) -> None:
@@ -464,7 +473,7 @@ class Tracker:
         self._work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streetmtl-tracker")  # (one: in order)
         self._failed: BaseException | None = None  # the first failure of the thread's work, not raised yet
         self._lock = threading.Lock()
-        # (the tracker's thread alone from here on)
+        # (the tracker's thread alone from here on, and `close` once that thread is done)
         self._read: dict[str, dict[str, Any]] = {}  # metrics files read (`mtl.checkpoint.epoch_metrics`)
         self._png: bytes | None = None  # the last curves.png
         self._drawing = True  # False once matplotlib was found missing
@@ -476,12 +485,12 @@ class Tracker:
         """Per-step scalars, e.g. {"train/loss": .., "train/loss_semseg": .., "train/loss_depth": ..,
         "train/lr": .., "train/images_per_s": .., "weights/semseg": .., "weights/depth": ..}. Called every
         --log-every steps (already host floats: no GPU sync here). Must be cheap: no file upload here."""
-        self._raise_failed()
         scalars = numeric(values)
         for tag, value in scalars.items():
             self.events.scalar(tag, value, step)
         if self.mlflow:
             self.mlflow.add(scalars, step)
+        self._raise_failed()
 
     def epoch(self, epoch: int, step: int, metrics: dict[str, Any], images: dict[str, np.ndarray] | None = None,
               last: bool = False) -> Future:
@@ -492,7 +501,6 @@ class Tracker:
         IoU under iou/<class>), images (name -> HxWx3 uint8) as TensorBoard images; everything so far
         stored (`sync`: the future returned); then curves.png is redrawn when due (`CURVES_EVERY_S`; always
         for the run's ``last`` epoch)."""
-        self._raise_failed()
         scalars = epoch_scalars(metrics)
         for tag, value in scalars.items():
             self.events.scalar(tag, value, step)
@@ -501,6 +509,7 @@ class Tracker:
         stored = self._store({clean_name(f"images/{name}"): np.asarray(image) for name, image in (images or {}).items()}, step)
         metrics = dict(metrics)  # (the caller's dict may change once this returns)
         self._work.submit(self._draw_if_due, epoch, step, metrics, last)
+        self._raise_failed(stored)
         return stored
 
     def sync(self) -> Future:
@@ -509,8 +518,9 @@ class Tracker:
         future returned is done once they are. A checkpoint's commit waits for it: a run that dies
         right after the checkpoint resumes from that step and logs only what came after, so the
         points up to it must already be stored."""
-        self._raise_failed()
-        return self._store()
+        stored = self._store()
+        self._raise_failed(stored)
+        return stored
 
     def wait(self) -> None:
         """Until the tracker's thread has done all it was given (curves.png included); raises
@@ -540,11 +550,15 @@ class Tracker:
                 self._failed = self._failed or e
             raise
 
-    def _raise_failed(self) -> None:
-        """The tracker's thread's first failure, if any since the last call: raised once."""
+    def _raise_failed(self, stored: Future | None = None) -> None:
+        """The tracker's thread's first failure, if any since the last call: raised once, after
+        ``stored`` is done (the values just handed over: the checkpoint that follows, committed
+        without waiting since this raises, comes after them)."""
         with self._lock:
             failed, self._failed = self._failed, None
         if failed is not None:
+            if stored is not None:
+                futures.wait([stored])
             raise failed
 
     def _draw_if_due(self, epoch: int, step: int, metrics: dict[str, Any], last: bool) -> None:
@@ -585,20 +599,25 @@ class Tracker:
         to MLflow and its run ended (FAILED with ``failed``: a resume sets it running again). A
         failure of the thread's work not raised yet is raised now, or, when the run already fails
         (``failed``), logged. Closing twice does nothing."""
+        self._work.shutdown(wait=True)  # (again after an interrupted close: it waits again)
         if self._closed:
             return
         self._closed = True
-        self._work.shutdown(wait=True)
+        earlier, self._failed = self._failed, None
         try:
             self._try_draw()
             self.events.close()
+        except BaseException:
+            if earlier is not None:
+                self.log(f"tracking had failed before: {one_line(earlier)}")
+            raise
         finally:
             if self.mlflow:
-                self.mlflow.finish(self._png, failed or self._failed is not None)
-        if failed and self._failed is not None:
-            self.log(f"tracking also failed: {one_line(self._failed)}")
-            self._failed = None
-        self._raise_failed()
+                self.mlflow.finish(self._png, failed or earlier is not None)
+        if earlier is not None and failed:
+            self.log(f"tracking also failed: {one_line(earlier)}")
+        elif earlier is not None:
+            raise earlier
 
     def __enter__(self) -> "Tracker":
         return self

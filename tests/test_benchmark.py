@@ -1,6 +1,7 @@
 """The benchmarks run (tiny sizes, CPU): a smoke test, not a timing."""
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -68,8 +69,20 @@ def test_background_benchmark_smoke(tmp_path):
                           "curves.png drawn by matplotlib in a thread", "curves.png drawn by a child process (mtl.curves)"]
     assert all(x["steps"] >= 1 and 0 < x["host_ms_median"] <= x["host_ms_p95"] for x in rows.values())
     assert all(x["job_s"] > 0 for name, x in rows.items() if name != "nothing")
+    assert not any("error" in x for x in rows.values())
     bad = subprocess.run([sys.executable, "jobs/benchmark.py", "background", "--ops", "0"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "--ops, --state-mb and --repeats must be >= 1" in bad.stderr
+
+
+def test_a_background_job_that_fails_is_a_row_that_says_so():
+    """(Not a hang: the steps are timed until the job ends, however it ends.)"""
+    from jobs import benchmark
+
+    def broken() -> None:
+        raise OSError("no space left")
+
+    row = benchmark._beside(benchmark.BackgroundBench(ops=2, gpu_ms=0.5), broken)
+    assert row["error"] == "OSError: no space left" and row["steps"] >= 1 and math.isnan(row["job_s"])
 
 
 def test_gpu_check_script_runs_its_phases(tmp_path):

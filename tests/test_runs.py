@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -373,3 +374,43 @@ def test_an_elastic_run_needs_step_checkpoints():
         elastic.validate()
     dataclasses.replace(elastic, train=dataclasses.replace(elastic.train, checkpoint_every_min=5.0)).validate()
     dataclasses.replace(elastic, train=dataclasses.replace(elastic.train, checkpoint_every=50)).validate()
+
+
+def test_a_remote_train_log_is_rewritten_while_training_goes_on(s3_prefix, monkeypatch):
+    """On an object store train.log is rewritten whole: at an epoch's end on the log's own thread
+    (``flush(wait=False)``), at the run's end waiting. A background write's failure is raised by
+    the next flush; a waiting flush, whose write holds every line, replaces a failed one."""
+    import threading
+
+    import mtl.progress as progress
+    from mtl.progress import RunLog
+    from mtl.storage import read_bytes
+
+    url, release, calls, put = f"{s3_prefix}/run/train.log", threading.Event(), [], progress.write_bytes_atomic
+
+    def held(target: str, data: bytes) -> None:
+        calls.append(data.decode().count("\n"))
+        assert release.wait(30)
+        if len(calls) == 2:
+            raise OSError("the store refused train.log")
+        put(target, data)
+
+    monkeypatch.setattr(progress, "write_bytes_atomic", held)
+    log = RunLog(url, echo=False)
+    log("epoch 1 done")
+    log.flush(wait=False)  # returns while the write waits
+    assert calls == [1] and read_bytes(url) is None
+    release.set()
+    log("epoch 2 done")
+    log.flush(wait=False)  # (the store refuses this one)
+    log("epoch 3 done")
+    deadline = time.time() + 30
+    while len(calls) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # (the write has failed: its future holds that)
+    with pytest.raises(OSError, match="the store refused train.log"):
+        log.flush(wait=False)
+    log("the end")
+    log.flush()  # waits, and writes everything
+    assert [line.split(" ", 2)[2] for line in read_bytes(url).decode().splitlines()] == \
+        ["epoch 1 done", "epoch 2 done", "epoch 3 done", "the end"]

@@ -162,6 +162,54 @@ def test_training_logs_on_while_the_trackers_thread_uploads_an_epoch(s3_prefix, 
     _assert_png(fs.cat_file(f"{path}/curves.png"))
 
 
+def test_an_earlier_failure_is_raised_only_once_the_epoch_is_handed_over(s3_prefix, tmp_path, monkeypatch):
+    """A step checkpoint's upload fails on the tracker's thread; the epoch's end raises it, but
+    only after its own values are handed over and stored (the checkpoint that follows is
+    committed without waiting, and a resume from it must not lose the epoch's validation). A
+    failure nothing raised yet is logged by a close of a failing run, or raised by a close."""
+    import mtl.tracking as tracking
+
+    run, upload, failures = f"{s3_prefix}/run", tracking.write_bytes_atomic, [1]
+    fs, path = url_to_fs(run)
+
+    def flaky(url: str, data: bytes) -> None:
+        if "/tb/" in url and failures:
+            failures.pop()
+            raise OSError("the store is busy")
+        upload(url, data)
+
+    monkeypatch.setattr(tracking, "write_bytes_atomic", flaky)
+    lines: list[str] = []
+    t = Tracker(run, "run", CONFIG, log=lines.append)
+    _steps(t, range(1, STEPS + 1), attempt=0)
+    assert isinstance(t.sync().exception(), OSError)  # (a step checkpoint's: no step is logged after it)
+    write_bytes_atomic(f"{run}/metrics/epoch-0001.json", json.dumps(_metrics(1, 0)).encode())
+    with pytest.raises(OSError, match="the store is busy"):
+        t.epoch(1, STEPS, _metrics(1, 0))
+    acc = _read_s3(fs, path, tmp_path / "tb")  # stored before it raised: both files
+    assert _points(acc, "train/loss") == [(s, float(s)) for s in range(1, STEPS + 1)] and _points(acc, "val/miou") == [(4, 10.0)]
+    t.close(failed=True)
+    assert lines == []  # (raised already)
+
+    failures.append(1)
+    t = Tracker(run, "run", CONFIG, start_step=STEPS, log=lines.append)
+    _steps(t, range(STEPS + 1, STEPS + 3), attempt=1)
+    t.sync().exception()
+    t.close(failed=True)  # the run fails for another reason: the tracker's failure is one line
+    assert lines == ["tracking also failed: the store is busy"]
+    failures.append(1)
+    t = Tracker(run, "run", CONFIG, start_step=STEPS, log=lines.append)
+    _steps(t, range(STEPS + 1, STEPS + 3), attempt=2)
+    t.sync().exception()
+    with pytest.raises(OSError, match="the store is busy"):
+        t.close()
+
+
+def _read_s3(fs, path: str, local):
+    fs.get(f"{path}/tb/", str(local), recursive=True)
+    return _read(str(local))
+
+
 def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(unreachable_s3):
     """The upload fails on the tracker's thread: the future `epoch` returned holds the error, and
     the training thread's next call raises it (once); the closed file waits in the staging folder."""
@@ -269,9 +317,9 @@ def test_mlflow_tracking_uri_without_mlflow_is_a_clear_error(tmp_path, monkeypat
 
 
 def test_curves_are_drawn_at_first_and_last_and_once_a_minute_at_most_between(tmp_path, monkeypatch):
-    """A redraw costs the GPU a second or more: after an attempt's first validation and the
-    run's last; in between only when the last drawing is a minute old (and 50 times older than
-    it took); an attempt that stops early draws its last epoch at close."""
+    """A redraw keeps a core busy for a second or more: after an attempt's first validation and
+    the run's last; in between only when the last drawing is a minute old (and 50 times older
+    than it took); an attempt that stops early draws its last epoch at close."""
     import mtl.tracking as tracking
 
     clock, drawn = [0.0], []
@@ -325,9 +373,9 @@ def test_without_matplotlib_one_line_says_why_there_is_no_curves_png(tmp_path, m
     assert _points(_read(os.path.join(run, "tb")), "val/miou") == [(4, 10.0), (8, 20.0)]
 
 
-def test_curves_are_drawn_in_a_child_process_that_imports_no_torch():
+def test_curves_are_drawn_in_a_child_process_that_imports_no_torch(tmp_path, monkeypatch):
     """matplotlib holds the GIL while it draws, which would slow the training thread: the drawing
-    runs in ``python -m mtl.curves``, which starts without torch; its failure names it."""
+    runs in a child process (`mtl.curves`), which starts without torch; its failure names it."""
     import subprocess
 
     from mtl.curves import draw_curves
@@ -336,7 +384,10 @@ def test_curves_are_drawn_in_a_child_process_that_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", "import sys, mtl.curves; print('torch' in sys.modules)"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.stdout.strip() == "False", r.stderr
-    with pytest.raises(RuntimeError, match=r"^python -m mtl.curves: TypeError: unsupported operand"):
+    (tmp_path / "numbers.py").write_text("raise ImportError('a folder of the working directory shadowed a module')\n")
+    monkeypatch.chdir(tmp_path)  # (the child has no working directory on its path)
+    _assert_png(draw_curves({1: _metrics(1, 0)}, "run"))
+    with pytest.raises(RuntimeError, match=r"^the child process drawing curves.png \(mtl.curves\): TypeError: unsupported operand"):
         draw_curves({1: _metrics(1, 0)}, 3)  # (a title that is no string)
 
 

@@ -157,17 +157,19 @@ def test_the_trackers_epoch_work_runs_while_the_next_epoch_trains(tiny_root, tmp
     checkpoint, written in the background, is committed only after it, so a resume from it has
     every point up to it and logs only later ones."""
     import threading
+    import time
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    import mtl.checkpoint
     import mtl.engine
     from mtl.checkpoint import CheckpointIndex
     from mtl.runs import run_url
     from mtl.tracking import EventFiles
 
     cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=3, log_every=1, name="run")
-    run, steps, epoch_two, latest_then = run_url(cfg), [], threading.Event(), []
-    train_step, store = mtl.engine.train_step, EventFiles.store
+    run, steps, epoch_two, written, latest_then = run_url(cfg), [], threading.Event(), threading.Event(), []
+    train_step, store, write_state = mtl.engine.train_step, EventFiles.store, mtl.checkpoint._write_state
 
     def counted(*args, **kwargs):
         out = train_step(*args, **kwargs)
@@ -179,11 +181,18 @@ def test_the_trackers_epoch_work_runs_while_the_next_epoch_trains(tiny_root, tmp
     def held(self, detached, images=None, step=0):
         if images and step == 3:  # (epoch 1's end: the only store with pictures at step 3)
             assert epoch_two.wait(60), "epoch 2 never trained while the tracker stored epoch 1"
+            assert written.wait(60)
+            time.sleep(0.5)  # (time enough for a commit that would not wait)
             latest_then.append(CheckpointIndex(run).latest_tag())
         store(self, detached, images, step)
 
+    def state_written(folder, state):
+        write_state(folder, state)
+        written.set()
+
     monkeypatch.setattr(mtl.engine, "train_step", counted)
     monkeypatch.setattr(EventFiles, "store", held)
+    monkeypatch.setattr(mtl.checkpoint, "_write_state", state_written)
     fit(cfg, local_runtime(cfg))
     assert latest_then == [None]  # epoch 1's checkpoint waited for the tracker
     assert CheckpointIndex(run).read()["history"] == ["epoch-0001", "epoch-0002"]

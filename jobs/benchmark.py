@@ -779,7 +779,7 @@ def background_main(a: BackgroundBench, argv: list[str]) -> int:
         t.add_row(name, f"{r['host_ms_median']:.2f}", f"{r['host_ms_p95']:.2f}", str(r["steps"]),
                   escape(r["error"]) if "error" in r else "" if math.isnan(r["job_s"]) else f"{r['job_s']:.2f}")
     wide_console().print(t)
-    return 0
+    return 1 if any("error" in r for r in rows.values()) else 0
 
 
 if __name__ == "__main__":

@@ -137,9 +137,10 @@ def render(epochs: dict[int, dict[str, Any]], title: str) -> bytes | None:
 
 
 # the child's first lines: no working directory on its path (a folder there named like a module
-# would shadow it), this package's root first unless the parent's path has it already
-_BOOT = ("import sys; sys.path[:1] = [p for p in sys.path[:1] if p]; sys.path[:0] = sys.argv[1:]; "
-         "from mtl.curves import _child; sys.exit(_child())")
+# would shadow it); this package's root (argv[1]) first unless the child's path has it already
+# (a non-editable install's root is site-packages, which must stay behind the standard library)
+_BOOT = ("import sys; root = sys.argv[1]; sys.path[:1] = [p for p in sys.path[:1] if p]; "
+         "root in sys.path or sys.path.insert(0, root); from mtl.curves import _child; sys.exit(_child())")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -149,14 +150,15 @@ def draw_curves(epochs: dict[int, dict[str, Any]], title: str) -> bytes | None:
     if importlib.util.find_spec("matplotlib") is None:
         return None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # (where `mtl` is imported from)
-    child = subprocess.run([sys.executable, "-c", _BOOT, *([] if root in sys.path else [root])],
-                           input=pickle.dumps((epochs, title)), capture_output=True, timeout=DRAW_TIMEOUT_S)
+    child = subprocess.run([sys.executable, "-c", _BOOT, root], input=pickle.dumps((epochs, title)),
+                           capture_output=True, timeout=DRAW_TIMEOUT_S)
     if child.returncode == NO_MATPLOTLIB_EXIT:
         return None
-    if child.returncode != 0 or not child.stdout.startswith(PNG_SIGNATURE):
-        lines = child.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {child.returncode}, no PNG"]
-        raise RuntimeError(f"the child process drawing curves.png (mtl.curves): {lines[-1]}")
-    return child.stdout
+    if child.returncode == 0 and child.stdout.startswith(PNG_SIGNATURE):
+        return child.stdout
+    lines = child.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {child.returncode}"]
+    why = lines[-1] if child.returncode != 0 else f"it printed no PNG ({len(child.stdout)} bytes)"
+    raise RuntimeError(f"the child process drawing curves.png (mtl.curves): {why}")
 
 
 def _child() -> int:

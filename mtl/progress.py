@@ -124,6 +124,9 @@ class RunLog:
         if wait:
             if last is not None:
                 futures.wait([last])  # (this write replaces it, and raises its own failure)
+            if self._writer is not None:  # (idle now; a later background flush starts another)
+                self._writer.shutdown(wait=False)
+                self._writer = None
             write_bytes_atomic(self.url, text)
             return
         if last is not None and last.done():

@@ -74,6 +74,7 @@ def test_background_benchmark_smoke(tmp_path):
     assert bad.returncode == 2 and "--ops, --state-mb and --repeats must be >= 1" in bad.stderr
 
 
+@pytest.mark.timeout(120)
 def test_a_background_job_that_fails_is_a_row_that_says_so():
     """(Not a hang: the steps are timed until the job ends, however it ends.)"""
     from jobs import benchmark

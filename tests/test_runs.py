@@ -378,39 +378,50 @@ def test_an_elastic_run_needs_step_checkpoints():
 
 def test_a_remote_train_log_is_rewritten_while_training_goes_on(s3_prefix, monkeypatch):
     """On an object store train.log is rewritten whole: at an epoch's end on the log's own thread
-    (``flush(wait=False)``), at the run's end waiting. A background write's failure is raised by
-    the next flush; a waiting flush, whose write holds every line, replaces a failed one."""
+    (``flush(wait=False)``), at the run's end waiting, after the writes handed over before (an
+    older text never lands last). A background write's failure is raised by the next flush."""
     import threading
+    from concurrent import futures
 
     import mtl.progress as progress
     from mtl.progress import RunLog
     from mtl.storage import read_bytes
 
-    url, release, calls, put = f"{s3_prefix}/run/train.log", threading.Event(), [], progress.write_bytes_atomic
+    url, put = f"{s3_prefix}/run/train.log", progress.write_bytes_atomic
+    started, gates, calls, done = threading.Event(), [threading.Event(), None, threading.Event(), None], [], []
 
     def held(target: str, data: bytes) -> None:
         calls.append(data.decode().count("\n"))
-        assert release.wait(30)
-        if len(calls) == 2:
+        call = len(calls)
+        started.set()
+        gate = gates[call - 1]
+        assert gate is None or gate.wait(30)
+        if call == 2:
             raise OSError("the store refused train.log")
         put(target, data)
+        done.append(call)
+
+    def lines() -> list[str]:
+        return [line.split(" ", 2)[2] for line in read_bytes(url).decode().splitlines()]
 
     monkeypatch.setattr(progress, "write_bytes_atomic", held)
     log = RunLog(url, echo=False)
     log("epoch 1 done")
     log.flush(wait=False)  # returns while the write waits
-    assert calls == [1] and read_bytes(url) is None
-    release.set()
+    assert started.wait(30) and calls == [1] and read_bytes(url) is None
+    gates[0].set()
     log("epoch 2 done")
     log.flush(wait=False)  # (the store refuses this one)
+    futures.wait([log._written], timeout=30)
     log("epoch 3 done")
-    deadline = time.time() + 30
-    while len(calls) < 2 and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.5)  # (the write has failed: its future holds that)
     with pytest.raises(OSError, match="the store refused train.log"):
         log.flush(wait=False)
+    assert lines() == ["epoch 1 done"]
+    log.flush(wait=False)  # epochs 1-3: held until after the run's end began waiting for it
     log("the end")
-    log.flush()  # waits, and writes everything
-    assert [line.split(" ", 2)[2] for line in read_bytes(url).decode().splitlines()] == \
-        ["epoch 1 done", "epoch 2 done", "epoch 3 done", "the end"]
+    threading.Timer(0.5, gates[2].set).start()
+    log.flush()
+    deadline = time.time() + 30
+    while len(done) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert done == [1, 3, 4] and lines() == ["epoch 1 done", "epoch 2 done", "epoch 3 done", "the end"]

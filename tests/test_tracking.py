@@ -391,6 +391,24 @@ def test_curves_are_drawn_in_a_child_process_that_imports_no_torch(tmp_path, mon
         draw_curves({1: _metrics(1, 0)}, 3)  # (a title that is no string)
 
 
+def test_the_curves_child_imports_the_package_its_parent_imported(tmp_path):
+    """A parent that found this package through a path it added at run time (no install, another
+    working directory): the child gets that root, not whatever else is installed under the name."""
+    import shutil
+    import subprocess
+
+    root = tmp_path / "copy"
+    (root / "mtl").mkdir(parents=True)
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mtl", "curves.py"), root / "mtl")
+    (root / "mtl" / "__init__.py").write_text("import os\nopen(os.path.join(os.path.dirname(__file__), f'imported-by-{os.getpid()}'), 'w').close()\n")
+    (tmp_path / "elsewhere").mkdir()
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); from mtl.curves import draw_curves; "
+            f"png = draw_curves({{1: {{'miou': 1.0, 'score': 1.0}}}}, 'run'); print(png[:4] == b'\\x89PNG')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "elsewhere", capture_output=True, text=True)
+    assert r.stdout.strip() == "True", r.stderr
+    assert len([n for n in os.listdir(root / "mtl") if n.startswith("imported-by-")]) == 2  # the parent and the child
+
+
 def test_names_and_values():
     assert clean_name("val/../a:b/./c d") == "val/a_b/c_d"
     assert epoch_scalars({"miou": 1, "iou/road": 2.0, "step": 3, "epoch_lrs": [1.0], "ok": True, "x": None}) == \

@@ -203,6 +203,13 @@ def test_an_earlier_failure_is_raised_only_once_the_epoch_is_handed_over(s3_pref
     t.sync().exception()
     with pytest.raises(OSError, match="the store is busy"):
         t.close()
+    failures.extend([1, 1])  # the last upload fails too: that error is raised, the earlier one logged
+    t = Tracker(run, "run", CONFIG, start_step=STEPS, log=lines.append)
+    _steps(t, range(STEPS + 1, STEPS + 3), attempt=3)
+    t.sync().exception()
+    with pytest.raises(OSError, match="the store is busy"):
+        t.close()
+    assert lines[-1] == "tracking had failed before: the store is busy" and not failures
 
 
 def _read_s3(fs, path: str, local):

@@ -186,24 +186,25 @@ def test_a_shard_run_resumed_with_other_loader_workers_says_its_order_changed(ti
 
 def test_step_checkpoints_are_kept_like_epoch_ones_and_sweeps_refuse_them(tiny_root, tmp_path, monkeypatch):
     """--keep-last counts step and epoch checkpoints alike; tags sort in the order they were
-    written; a step checkpoint writes no metrics file (no validation ran). Each checkpoint finds
-    the TensorBoard points up to its step already stored: a run killed right after it resumes
-    from there and logs only later steps, so its curves have no gap."""
+    written; a step checkpoint writes no metrics file (no validation ran). Each checkpoint is
+    committed with the TensorBoard points up to its step already stored (the tracker's thread
+    stores them; the commit waits): a run killed right after it resumes from there and logs only
+    later steps, so its curves have no gap."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mtl.checkpoint import Checkpointer
+    from mtl.checkpoint import FolderStorage
     from mtl.distributed.sweep_space import check_space
 
-    stored: dict[str, tuple[int, list[int]]] = {}  # tag -> (last train/loss step, val/miou steps) on disk at its save
-    save = Checkpointer.save
+    stored: dict[str, tuple[int, list[int]]] = {}  # tag -> (last train/loss step, val/miou steps) on disk at its commit
+    commit = FolderStorage.commit
 
-    def look_then_save(self, tag, *args, **kwargs):
+    def look_then_commit(self, tag):
         acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0}).Reload()
         val = [e.step for e in acc.Scalars("val/miou")] if "val/miou" in acc.Tags()["scalars"] else []
         stored[tag] = (max(e.step for e in acc.Scalars("train/loss")), val)
-        return save(self, tag, *args, **kwargs)
+        return commit(self, tag)
 
-    monkeypatch.setattr(Checkpointer, "save", look_then_save)
+    monkeypatch.setattr(FolderStorage, "commit", look_then_commit)
     cfg = config(DataConfig(root=tiny_root, workers=0), tmp_path).with_values({"train.log_every": 1})
     fit(cfg, local_runtime(cfg))
     assert stored == {**{f"epoch-{s // STEPS:04d}-step-{s:08d}": (s, [STEPS] if s > STEPS else []) for s in (3, 6, 9, 12, 15)},

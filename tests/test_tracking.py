@@ -57,6 +57,12 @@ def _read(tb_dir: str):
     return acc
 
 
+def _read_s3(fs, path: str, local):
+    """An S3 run folder's event files, downloaded into ``local`` and read."""
+    fs.get(f"{path}/tb/", str(local), recursive=True)
+    return _read(str(local))
+
+
 def _points(acc, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
@@ -117,9 +123,8 @@ def test_s3_run_folder_gets_tb_files_and_curves(s3_prefix, tmp_path):
     with Tracker(run, "run", CONFIG, start_step=STEPS, log=print) as t:  # resumed from epoch 1's checkpoint
         _train(t, run, range(2, 3), attempt=1)
     local = tmp_path / "tb"
-    fs.get(f"{path}/tb/", str(local), recursive=True)
+    acc = _read_s3(fs, path, local)
     assert len(os.listdir(local)) == 3  # epoch 1's file, the rest of attempt 0, attempt 1's
-    acc = _read(str(local))
     assert _points(acc, "train/loss") == [(s, float(s if s <= STEPS else 1000 + s)) for s in range(1, 9)]
     assert _points(acc, "val/miou") == [(4, 10.0), (8, 21.0)]
     assert [i.step for i in acc.Images("images/val_0")] == [4]
@@ -154,9 +159,8 @@ def test_training_logs_on_while_the_trackers_thread_uploads_an_epoch(s3_prefix, 
     assert len(fs.ls(f"{path}/tb")) == 1
     t.close()
     local = tmp_path / "tb"
-    fs.get(f"{path}/tb/", str(local), recursive=True)
+    acc = _read_s3(fs, path, local)
     assert len(os.listdir(local)) == 2
-    acc = _read(str(local))
     assert _points(acc, "train/loss") == [(s, float(s)) for s in range(1, 2 * STEPS + 1)]
     assert _points(acc, "val/miou") == [(STEPS, 10.0)] and [i.step for i in acc.Images("images/val_0")] == [STEPS]
     _assert_png(fs.cat_file(f"{path}/curves.png"))
@@ -210,11 +214,6 @@ def test_an_earlier_failure_is_raised_only_once_the_epoch_is_handed_over(s3_pref
     with pytest.raises(OSError, match="the store is busy"):
         t.close()
     assert lines[-1] == "tracking had failed before: the store is busy" and not failures
-
-
-def _read_s3(fs, path: str, local):
-    fs.get(f"{path}/tb/", str(local), recursive=True)
-    return _read(str(local))
 
 
 def test_unreachable_s3_is_an_error_naming_the_url_and_keeps_the_events(unreachable_s3):

@@ -91,6 +91,25 @@ def test_resume_continues_lr_and_weights_exactly(tiny_root, tmp_path):
     assert resumed.metrics[-1]["grader"] == pytest.approx(straight.metrics[-1]["grader"])
 
 
+def _after_steps(monkeypatch, n: int):
+    """An event set once the trainer has taken more than ``n`` train steps."""
+    import threading
+
+    import mtl.engine
+
+    steps, done, train_step = [], threading.Event(), mtl.engine.train_step
+
+    def counted(*args, **kwargs):
+        out = train_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) > n:
+            done.set()
+        return out
+
+    monkeypatch.setattr(mtl.engine, "train_step", counted)
+    return done
+
+
 def test_an_epochs_checkpoint_is_written_while_the_next_epoch_trains(tiny_root, tmp_path, monkeypatch):
     """Epoch checkpoints go to the background too: epoch 1's state is serialised only once epoch
     2 has trained a step (in the foreground that would never happen: the test would time out),
@@ -98,7 +117,6 @@ def test_an_epochs_checkpoint_is_written_while_the_next_epoch_trains(tiny_root, 
     latest and best.pt only once written; the run's last epoch's checkpoint is written in the
     foreground (nothing left to overlap it with)."""
     import re
-    import threading
 
     import mtl.checkpoint
     import mtl.engine
@@ -106,16 +124,9 @@ def test_an_epochs_checkpoint_is_written_while_the_next_epoch_trains(tiny_root, 
     from mtl.runs import run_url
 
     cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=3, name="run")
-    run, steps, epoch_two, at_save = run_url(cfg), [], threading.Event(), {}
-    train_step, write_state, save, task_metrics = (mtl.engine.train_step, mtl.checkpoint._write_state, Checkpointer.save,
-                                                   mtl.engine.task_metrics)
-
-    def counted(*args, **kwargs):
-        out = train_step(*args, **kwargs)
-        steps.append(1)
-        if len(steps) > 3:  # (3 steps per epoch: epoch 2 has updated the weights)
-            epoch_two.set()
-        return out
+    run, at_save = run_url(cfg), {}
+    epoch_two = _after_steps(monkeypatch, 3)  # (3 steps per epoch: epoch 2 has updated the weights)
+    write_state, save, task_metrics = mtl.checkpoint._write_state, Checkpointer.save, mtl.engine.task_metrics
 
     def held(folder, state):
         if state["train_state"]["epoch"] == 1:
@@ -131,7 +142,6 @@ def test_an_epochs_checkpoint_is_written_while_the_next_epoch_trains(tiny_root, 
         metrics = task_metrics(*args, **kwargs)
         return {**metrics, "score": 1.0 if metrics["epoch"] == 1 else 0.0}
 
-    monkeypatch.setattr(mtl.engine, "train_step", counted)
     monkeypatch.setattr(mtl.checkpoint, "_write_state", held)
     monkeypatch.setattr(Checkpointer, "save", snapshot)
     monkeypatch.setattr(mtl.engine, "task_metrics", epoch_one_best)
@@ -162,21 +172,14 @@ def test_the_trackers_epoch_work_runs_while_the_next_epoch_trains(tiny_root, tmp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import mtl.checkpoint
-    import mtl.engine
     from mtl.checkpoint import CheckpointIndex
     from mtl.runs import run_url
     from mtl.tracking import EventFiles
 
     cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=3, log_every=1, name="run")
-    run, steps, epoch_two, written, latest_then = run_url(cfg), [], threading.Event(), threading.Event(), []
-    train_step, store, write_state = mtl.engine.train_step, EventFiles.store, mtl.checkpoint._write_state
-
-    def counted(*args, **kwargs):
-        out = train_step(*args, **kwargs)
-        steps.append(1)
-        if len(steps) > 3:  # (3 steps per epoch: epoch 2 has trained one)
-            epoch_two.set()
-        return out
+    run, written, latest_then = run_url(cfg), threading.Event(), []
+    epoch_two = _after_steps(monkeypatch, 3)  # (3 steps per epoch: epoch 2 has trained one)
+    store, write_state = EventFiles.store, mtl.checkpoint._write_state
 
     def held(self, detached, images=None, step=0):
         if images and step == 3:  # (epoch 1's end: the only store with pictures at step 3)
@@ -190,7 +193,6 @@ def test_the_trackers_epoch_work_runs_while_the_next_epoch_trains(tiny_root, tmp
         write_state(folder, state)
         written.set()
 
-    monkeypatch.setattr(mtl.engine, "train_step", counted)
     monkeypatch.setattr(EventFiles, "store", held)
     monkeypatch.setattr(mtl.checkpoint, "_write_state", state_written)
     fit(cfg, local_runtime(cfg))

@@ -76,7 +76,7 @@ from mtl.config import Size
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, check_splits, decode_sample,
                                  encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
 from mtl.machine import usable_cpus
-from mtl.storage import exists, folder_names, is_local, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import exists, folder_names, is_local, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-cityscapes-v1"
 INDEX, PLAN = CONVERSION_INDEX, CONVERSION_PLAN  # written last (the completion marker) and first
@@ -379,10 +379,12 @@ def publish(dest: str, out: str, samples: list[Sample]) -> None:
                     os.remove(os.path.join(folder, f))
     write_bytes_atomic(_join(dest, INDEX), index_csv(samples))
     if is_local(out):
+        sync_local(dest)  # (a power loss after the rename leaves no index naming files not on the disk)
         target = url_to_fs(out)[1]
         if os.path.exists(target):
             shutil.rmtree(target)
         os.rename(url_to_fs(dest)[1], target)
+        sync_local(out, contents=False)
 
 
 # ------------------------------------------------------------------------ the conversion

@@ -50,7 +50,7 @@ from mtl.data.folder import scan_split, split_modalities, stems_by_index
 from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
 from mtl.data.shards import FORMAT
 from mtl.machine import usable_cpus
-from mtl.storage import read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
 # --shard-size auto, the default. Training deals whole shards to its ranks, and each rank's to its
@@ -198,6 +198,8 @@ def write_shard(job: ShardJob) -> ShardResult:
         if bad and not job.skip_bad:
             dst_fs.rm(path)  # this run will fail: leave no shard with missing samples behind
             return result
+        # (on a local disk the shard is synced first: a record survives a power loss only with its shard)
+        sync_local(f"{job.dst.rstrip('/')}/{job.name}")
         write_bytes_atomic(f"{job.dst.rstrip('/')}/{SHARD_PROGRESS}/{job.name}.json", json.dumps(asdict(result)).encode())
     return result
 
@@ -273,8 +275,10 @@ def shard_dataset(src: str, dst: str, shard_size: str = "auto", splits: tuple[st
         manifest["splits"][split] = _split_entry([results[j.name] for j in split_jobs], split_jobs[0].modalities, skipped[split])
         if not manifest["splits"][split]["num_samples"]:
             raise ValueError(f"{src}: every sample of the {split} split was bad (--skip-bad left none); nothing was published")
-    # last, whole or not at all: from here on the shard set is complete
-    write_bytes_atomic(f"{dst.rstrip('/')}/manifest.json", json.dumps(manifest, indent=1).encode())
+    # last, whole or not at all: from here on the shard set is complete (on a local disk each
+    # shard and its name were synced before its record: after a power loss the manifest names no
+    # shard that is not there)
+    write_bytes_atomic(f"{dst.rstrip('/')}/manifest.json", json.dumps(manifest, indent=1).encode(), sync=True)
     with storage_errors(dst):
         _clean_up(dst_fs, dst_base, manifest, splits)
     return manifest

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from mtl.storage import exists, is_local, json_bytes, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import exists, is_local, json_bytes, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 from mtl.strategy import Strategy
 
 FORMAT = "streetmtl-checkpoint-v2"
@@ -247,11 +247,14 @@ class CheckpointIndex:
 
     def commit(self, tag: str, keep_last: int = 0) -> tuple[list[str], list[str]]:
         """Point at ``tag``; returns the tags the pointer now lists and those that fell out of the
-        last ``keep_last`` (0: keep all, e.g. when Ray's own retention deletes them)."""
+        last ``keep_last`` (0: keep all, e.g. when Ray's own retention deletes them). On a local
+        disk the checkpoint's files are synced to it first, and the pointer with them
+        (`mtl.storage.sync_local`): after a power loss it names a checkpoint that is whole."""
+        sync_local(f"{self.url}/{tag}")
         history = [t for t in (self.read() or {}).get("history", []) if t != tag] + [tag]
         dropped = history[:-keep_last] if keep_last > 0 else []
         history = history[len(dropped):]
-        write_bytes_atomic(f"{self.url}/{POINTER}", json.dumps({"latest": tag, "history": history}).encode())
+        write_bytes_atomic(f"{self.url}/{POINTER}", json.dumps({"latest": tag, "history": history}).encode(), sync=True)
         return history, dropped
 
 
@@ -473,7 +476,7 @@ class Checkpointer:
 
     def _write_best(self, state: dict[str, Any]) -> None:
         best = {k: v for k, v in state.items() if k in ("config", "metrics", "train_state", "model")}
-        write_bytes_atomic(f"{self.run_url}/{BEST_FILE}", checkpoint_bytes(best))
+        write_bytes_atomic(f"{self.run_url}/{BEST_FILE}", checkpoint_bytes(best), sync=True)
 
     def restore(self, check: Callable[[dict[str, Any]], None] = lambda state: None) -> dict[str, Any] | None:
         """Load the latest checkpoint into every part; ``check`` vets it (e.g. that it belongs to

@@ -221,7 +221,8 @@ class RunFolder:
             raise ValueError(f"{self.url}/{CONFIG_FILE} is not a streetmtl config ({e})") from e
 
     def write_config(self, cfg: ExperimentConfig) -> None:
-        write_bytes_atomic(f"{self.url}/{CONFIG_FILE}", (cfg.to_json() + "\n").encode())
+        # (synced: --resume needs it, and a power loss must not leave it empty beside a whole checkpoint)
+        write_bytes_atomic(f"{self.url}/{CONFIG_FILE}", (cfg.to_json() + "\n").encode(), sync=True)
 
 
 def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local: bool = False) -> ExperimentConfig:

@@ -11,6 +11,7 @@ an instance profile, ``~/.aws``...); retries are botocore's (``AWS_MAX_ATTEMPTS`
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -117,11 +118,14 @@ def _missing_bucket(url: str) -> str:
             f"(no tool here creates buckets)")
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
+def write_bytes_atomic(url: str, data: bytes, sync: bool = False) -> None:
     """Write ``data`` to ``url`` so that readers see the old file or the whole new one: a single
     PUT on object stores; elsewhere (local disks, sftp, hdfs, ...) a temporary file renamed into
-    place. (Not synced to the disk: a power loss, unlike a killed process, may leave a local
-    file empty.) A missing bucket is a FileNotFoundError naming it, never created."""
+    place. ``sync`` (local disks): the file and its folder are on the disk when this returns, so
+    that a power loss or a kernel crash, not only a killed process, leaves the old file or the
+    whole new one (`sync_local`); without it the rename may reach the disk before the bytes do,
+    and a crash leaves an empty file. A missing bucket is a FileNotFoundError naming it, never
+    created."""
     with storage_errors(url):
         fs, path = url_to_fs(url)
         if is_object_store(fs):
@@ -133,11 +137,99 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             return
         if fs.isdir(path):  # (the rename below would move the file into it)
             raise IsADirectoryError(f"{url} is a folder: a file cannot be written in its place")
+        if is_local(url):
+            _write_local(path, data, sync)
+            return
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with fs.open(tmp, "wb") as fh:
             fh.write(data)
         fs.mv(tmp, path)
+
+
+def _write_local(path: str, data: bytes, sync: bool) -> None:
+    """A temporary file renamed into place (removed when the write fails); ``sync``: fsync'ed
+    before the rename, and its folder and the folders above after (`_sync_entry`)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    if sync:
+        _sync_entry(path)
+
+
+def sync_local(url: str, contents: bool = True) -> None:
+    """A local file or folder onto the disk (fsync), with its entry in the folders above: what is
+    written after it (a checkpoint's pointer, a data set's manifest) cannot then survive a power
+    loss or a kernel crash that it does not. A folder with every regular file and folder in it
+    when ``contents`` (links and special files are left alone; a file gone meanwhile is
+    skipped), else only its own entries. Any other store: nothing to do (an object store's PUT is
+    stored once answered; sftp, hdfs, ... are not synced)."""
+    root = os.path.abspath(url_to_fs(url)[1]) if is_local(url) else None
+    if root is None or not os.path.exists(root):
+        return
+    if not os.path.isdir(root):
+        _fsync(root, folder=False)
+    for folder, _, files in os.walk(root) if contents and os.path.isdir(root) else ():
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)) and os.path.isfile(os.path.join(folder, name)):
+                _fsync(os.path.join(folder, name), folder=False)
+        _fsync(folder, folder=True)
+    if os.path.isdir(root) and not contents:
+        _fsync(root, folder=True)
+    _sync_entry(root)
+
+
+_SYNCED_ABOVE: set[tuple[str, int]] = set()  # folders above a synced one whose entries this process has synced
+
+
+def _sync_entry(path: str) -> None:
+    """The entry of ``path`` in its folder, and those folders' entries up to the root, onto the
+    disk. The folder is synced every time (new names appear there); the ones above once per
+    process (a run folder's ``checkpoints/``, made with the first checkpoint: an unchanged
+    folder's fsync still flushes the disk's cache on some file systems)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    _fsync(folder, folder=True)
+    while os.path.dirname(folder) != folder:
+        child, folder = folder, os.path.dirname(folder)
+        try:
+            key = (child, os.stat(child).st_ino)
+        except OSError:
+            return
+        if key in _SYNCED_ABOVE:
+            return
+        _fsync(folder, folder=True)
+        _SYNCED_ABOVE.add(key)
+
+
+def _fsync(path: str, folder: bool) -> None:
+    """fsync ``path``. A folder that cannot be opened for it (no read permission) or whose file
+    system does not sync folders (EINVAL, EBADF) is left as it is, as PostgreSQL does
+    (`fsync_fname_ext`); a file gone meanwhile too. Other errors (EIO) are raised."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except FileNotFoundError:
+        return
+    except (PermissionError, IsADirectoryError):
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (folder and e.errno in (errno.EBADF, errno.EINVAL)):
+            raise
+    finally:
+        os.close(fd)
 
 
 # fsspec protocols of S3, whose PUT takes conditions (If-None-Match: only if no object exists;

@@ -235,3 +235,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def disk_events(monkeypatch, tmp_path_factory):
+    """A function that returns ("fsync", path) and ("rename", destination) of this process and
+    of the processes it forks from now on, in the order they happened (the real calls,
+    recorded in a file that each process appends to): what a power loss could leave is decided
+    by their order."""
+    log, fsync, replace, rename = str(tmp_path_factory.mktemp("disk-events") / "events"), os.fsync, os.replace, os.rename
+
+    def record(what: str, path: str) -> None:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{what}\t{path}\n".encode())
+        finally:
+            os.close(fd)
+
+    def recorded_fsync(fd):
+        record("fsync", os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    def recorded(move):
+        def moved(src, dst, *args, **kwargs):
+            out = move(src, dst, *args, **kwargs)
+            record("rename", os.path.realpath(dst))
+            return out
+        return moved
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded(replace))
+    monkeypatch.setattr(os, "rename", recorded(rename))
+    return lambda: [tuple(line.split("\t")) for line in open(log).read().splitlines()] if os.path.exists(log) else []

@@ -401,6 +401,77 @@ def test_a_file_system_that_is_no_object_store_gets_its_files_renamed_into_place
     InPlace().rm("/run", recursive=True)  # (fsspec's memory store is shared by the whole process)
 
 
+def test_a_local_checkpoint_is_on_the_disk_before_its_pointer_names_it(tmp_path, disk_events):
+    """A power loss or a kernel crash (not only a killed process) must leave a pointer that
+    names a whole checkpoint: every file of the checkpoint and every folder entry leading to it
+    is fsync'ed before the pointer's rename, the pointer before its rename, and its folder after
+    it; best.pt is synced too. (The disk's own order cannot be observed here: the calls can.)"""
+    from torch import nn
+
+    from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
+    from mtl.strategy import PlainStrategy
+
+    run, model = os.path.realpath(tmp_path / "run"), nn.Linear(3, 2)
+    strategy = PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ckpt = Checkpointer(FolderStorage(run), run, strategy, {"train_state": TrainState()})
+    ckpt.save("epoch-0001", {}, {"score": 1.0}, is_best=True)
+    events = disk_events()
+    checkpoints = f"{run}/checkpoints"
+    pointer = events.index(("rename", f"{checkpoints}/latest.json"))
+    before = {path for what, path in events[:pointer] if what == "fsync"}
+    assert {f"{checkpoints}/epoch-0001/state.pt", f"{checkpoints}/epoch-0001", checkpoints} <= before, events
+    assert any(p.startswith(f"{checkpoints}/latest.json.tmp-") for p in before), events
+    assert ("fsync", checkpoints) in events[pointer:], events
+    best = events.index(("rename", f"{run}/best.pt"))
+    assert any(w == "fsync" and p.startswith(f"{run}/best.pt.tmp-") for w, p in events[:best]) and ("fsync", run) in events[best:]
+
+
+def test_a_synced_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    """A file's fsync that fails (EIO) fails the write; a folder's that the file system does not
+    support (EINVAL, as on some network file systems) is skipped, as PostgreSQL does."""
+    import errno
+    import stat
+
+    from mtl.storage import write_bytes_atomic
+
+    target, fsync = tmp_path / "checkpoints" / "latest.json", os.fsync
+    write_bytes_atomic(str(target), b"old", sync=True)
+
+    def failing_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if b"fail" in open(f"/proc/self/fd/{fd}", "rb").read():
+            raise OSError(errno.EIO, "Input/output error")
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_bytes_atomic(str(target), b"fail", sync=True)
+    assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["latest.json"]
+    write_bytes_atomic(str(target), b"new", sync=True)
+    assert target.read_bytes() == b"new"
+
+
+def test_syncing_a_folder_leaves_links_and_special_files_alone(tmp_path, disk_events):
+    """A named pipe would block its open forever, a dangling link cannot be opened: only regular
+    files and folders are synced."""
+    import threading
+
+    from mtl.storage import sync_local
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "shard.tar").write_bytes(b"x")
+    os.mkfifo(tmp_path / "d" / "pipe")
+    os.symlink(tmp_path / "nowhere", tmp_path / "d" / "dangling")
+    worker = threading.Thread(target=sync_local, args=(str(tmp_path / "d"),), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "sync_local blocked on the named pipe"
+    d = os.path.realpath(tmp_path / "d")
+    assert {p for _, p in disk_events()} >= {f"{d}/sub/shard.tar", f"{d}/sub", d, os.path.dirname(d)}
+    assert not {p for _, p in disk_events()} & {f"{d}/pipe", f"{d}/dangling"}
+
+
 class HeldStorage:
     """A FolderStorage whose uploads wait until the test lets them go (or fail, when told to):
     a slow object store, made deterministic."""

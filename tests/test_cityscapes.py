@@ -179,6 +179,20 @@ def test_interrupted_run_never_looks_complete_and_resumes(converted, tmp_path):
     assert MiniscapesFolder(out, "val")[0]["rgb"].shape[:2] == (8, 16)
 
 
+def test_a_local_conversion_is_on_the_disk_before_it_takes_its_name(converted, tmp_path, disk_events):
+    """``<out>`` appears by one rename of the finished folder: every file in it is synced before
+    (a power loss leaves no complete-looking folder with files the disk never got), the folder's
+    new name after."""
+    out = os.path.realpath(tmp_path / "out")
+    convert(converted[0], out, OUT_HW, workers=1)
+    disk_events = disk_events()
+    renamed = disk_events.index(("rename", out))
+    synced = {path for what, path in disk_events[:renamed] if what == "fsync"}
+    files = {os.path.relpath(os.path.join(folder, n), out) for folder, _, names in os.walk(out) for n in names}
+    assert "index.csv" in files and {f"{out}.partial/{f}" for f in files} <= synced, disk_events
+    assert ("fsync", str(tmp_path.resolve())) in disk_events[renamed:]
+
+
 def test_fsspec_destination_marks_completion_last(converted):
     import fsspec
 

@@ -128,6 +128,25 @@ def test_a_manifest_named_relative_to_the_working_folder_finds_its_shards(tiny_r
     assert sorted(int(x["index"]) for x in ShardStream(split, None, shuffle=False)) == list(range(24))
 
 
+def test_a_local_shard_set_is_on_the_disk_before_its_manifest_names_it(tiny_root, tmp_path, disk_events):
+    """After a power loss neither a shard's progress record (which a re-run trusts) nor the
+    manifest names a shard whose bytes did not reach the disk."""
+    from data_prep.shard import SHARD_PROGRESS
+
+    dst = os.path.realpath(tmp_path / "s")
+    shard_dataset(tiny_root, dst, "8", splits=("val",), workers=1)  # (its worker process is forked: recorded too)
+    events = disk_events()
+    shards = sorted(os.path.join(dst, n) for n in os.listdir(dst) if n.endswith(".tar"))
+    assert len(shards) == 3, events
+    for shard in shards:
+        record = events.index(("rename", f"{dst}/{SHARD_PROGRESS}/{os.path.basename(shard)}.json"))
+        assert ("fsync", shard) in events[:record], (shard, events)
+    manifest = events.index(("rename", f"{dst}/manifest.json"))
+    synced = {path for what, path in events[:manifest] if what == "fsync"}
+    assert set(shards) <= synced and dst in synced, events
+    assert any(p.startswith(f"{dst}/manifest.json.tmp-") for p in synced) and ("fsync", dst) in events[manifest:]
+
+
 def test_a_shard_iterator_starts_its_workers_before_its_first_batch_is_read(s3_shards):
     """The trainer makes iterators ahead of their use (the next epoch's before validation): their
     workers must start then, not when the first batch is asked for."""

@@ -290,7 +290,7 @@ elif resumed.group(1) != "2":
 epochs = []
 for f in sorted(glob.glob(os.path.join(dest, "metrics", "epoch-*.json"))):
     m = json.load(open(f))
-    epochs.append({k: m.get(k) for k in ("epoch", "step", "train_images_per_s", "restarts", "train_loss", "miou", "si_log_rmse", "grader")})
+    epochs.append({k: m.get(k) for k in ("epoch", "step", "train_images_per_s", "val_s", "restarts", "train_loss", "miou", "si_log_rmse", "grader")})
 if [e["epoch"] for e in epochs] != [1, 2, 3]:
     problems.append(f"metrics for epochs {[e['epoch'] for e in epochs]}, expected [1, 2, 3]")
 elif not epochs[2]["restarts"]:
@@ -337,7 +337,8 @@ with open(out, "w") as f:
     json.dump(result, f, indent=1)
 print(json.dumps({k: result[k] for k in ("phase", "ok", "problems")}))
 for e in epochs:
-    print(f"   epoch {e['epoch']}: {e['train_images_per_s'] or float('nan'):.1f} img/s (restarts {e['restarts']})")
+    print(f"   epoch {e['epoch']}: {e['train_images_per_s'] or float('nan'):.1f} img/s, validation {e['val_s'] or float('nan'):.2f} s "
+          f"(restarts {e['restarts']})")
 for kind, c in (("step", steps), ("epoch", epoch_ends)):
     print(f"   {kind} checkpoints {c['tags']}: stalled {c['stalled_s']} s (of it waiting for the previous write {c['waited_s']} s), "
           f"in the background {c['background']}, written {c['written_s']} s after they were taken")

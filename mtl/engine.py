@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from time import monotonic
 from concurrent.futures import Future
@@ -437,6 +436,7 @@ class Trainer:
             self.announce()
         history, lrs, s_ = [], [], self.state
         it = self._batches(s_.epoch, s_.epoch_step, self.start) if s_.epoch < t.epochs else None
+        failed = False
         try:
             with TrainProgress(self.log, enabled=self.rt.is_main, interval_s=t.log_interval_s) as bar:
                 while s_.epoch < t.epochs:
@@ -453,15 +453,43 @@ class Trainer:
             classes = class_iou_table(history[-1], f"IoU per class after epoch {s_.epoch}") if history else None
             if classes and self.rt.is_main:
                 self.log(classes)
+        except BaseException:
+            failed = True
+            raise
         finally:
-            failed = sys.exc_info()[0] is not None
-            try:
-                self._finish_checkpoint(failed)
-            finally:
-                if self.tracker:  # (a crashed attempt's MLflow run ends FAILED; so does one whose last write failed)
-                    self.tracker.close(failed=failed or sys.exc_info()[0] is not None)
-                self.log.flush()
+            self._end(failed)
         return FitResult(history, lrs, self.strategy.module, self.state.best, self.state.input_size)
+
+    def _end(self, failed: bool) -> None:
+        """The run's end, whether it failed or not: the checkpoint in flight, the tracker, then
+        train.log, each told whether the run or a part before it failed (then a part shows its
+        own error instead of raising it: the first error is the one raised)."""
+        first: BaseException | None = None
+        for part in (self._finish_checkpoint, self._close_tracker, self._flush_log):
+            shown = failed or first is not None
+            try:
+                part(shown)
+            except BaseException as e:  # noqa: BLE001 - raised below, after the other parts
+                if shown:  # (a part told so shows its errors; this one is not of those)
+                    self.log(f"and at the run's end {part.__name__.strip('_')} failed: {type(e).__name__}: {escape(str(e))}")
+                first = first or e
+        if first is not None and not failed:
+            raise first
+
+    def _close_tracker(self, failed: bool) -> None:
+        if self.tracker:  # (a crashed attempt's MLflow run ends FAILED; so does one whose last write failed)
+            self.tracker.close(failed=failed)
+
+    def _flush_log(self, failed: bool) -> None:
+        """train.log's last write (an object store's). Its error is raised, or, when the run
+        already fails, shown: the run's own error is the one its caller must see."""
+        try:
+            self.log.flush()
+        except Exception as e:  # noqa: BLE001 - any write error
+            if not failed:
+                raise
+            self.log(f"train.log could not be written to {escape(str(self.log.url))} either: {type(e).__name__}: "
+                     f"{escape(str(e))}")
 
     def _finish_checkpoint(self, failed: bool) -> None:
         """The run ends: a background checkpoint still being written is waited for (after a
@@ -644,13 +672,15 @@ class Trainer:
         pictures: list[np.ndarray] | None = [] if self.tracker else None
         val, self.val_ahead = self.data.val if self.val_ahead is None else self.val_ahead, None
         self.strategy.sync_buffers()  # (one model on every rank: validation's and the checkpoint's)
+        t0 = time.perf_counter()
         metrics = rt_evaluate(self.strategy, val, self.codec, self.device, self.amp, t.channels_last, pictures)
+        val_s = time.perf_counter() - t0  # (to the metrics' host read: the GPU's work included)
         # (``loss``: the epoch's mean over all ranks, read at its last step, `train_epoch`)
         if self.weighting.epochwise and all(math.isfinite(v) for v in loss[1:]):  # DWA (none read: no update)
             self.weighting.end_epoch(loss[1:])
         lr = epoch_lrs[-1] if epoch_lrs else self.schedule(self.lr_step())  # (no step left after a resume: the next one's)
         metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": lr, "train_loss": loss[0],
-                        "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips,
+                        "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips, "val_s": val_s,
                         "restarts": s_.restarts, "epoch_lrs": epoch_lrs, "world": self.rt.world, "samples": s_.samples,
                         **{f"weights/{k}": w for k, w in zip(TASKS, self.weighting.weights().tolist())}})
         metrics = task_metrics(metrics, self.cfg.optim.tasks, self.baselines)

@@ -113,7 +113,7 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
     assert ": epoch 2, step 4/6" in res["resumed"]  # the resume continued after epoch 2 ...
     assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3]
     assert [e["restarts"] for e in res["epochs"]] == [0, 0, 1]  # ... and trained epoch 3
-    assert all(e["train_images_per_s"] > 0 for e in res["epochs"])
+    assert all(e["train_images_per_s"] > 0 and e["val_s"] > 0 for e in res["epochs"])
     assert res["zero_stage"] == 2  # DeepSpeed's own record in the checkpoint
     steps = res["step_checkpoints"]  # (after the first of each epoch's 2 steps: none at an epoch's last step)
     assert len(steps["stalled_s"]) == 3 and not any(steps["background"]) and steps["written_s"] == [None] * 3, steps  # (ZeRO shards: foreground)

@@ -87,7 +87,7 @@ def test_resume_continues_lr_and_weights_exactly(tiny_root, tmp_path):
     assert straight.lrs[0] == pytest.approx(1e-3) and straight.lrs[-1] < straight.lrs[5]
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
-    assert [m["epoch"] for m in resumed.metrics] == [3, 4]
+    assert [m["epoch"] for m in resumed.metrics] == [3, 4] and all(m["val_s"] > 0 for m in straight.metrics + resumed.metrics)
     assert resumed.metrics[-1]["grader"] == pytest.approx(straight.metrics[-1]["grader"])
 
 
@@ -108,6 +108,32 @@ def _after_steps(monkeypatch, n: int):
 
     monkeypatch.setattr(mtl.engine, "train_step", counted)
     return done
+
+
+@pytest.mark.parametrize("run_fails", [True, False])
+def test_a_failing_last_write_of_train_log_does_not_hide_the_runs_own_error(run_fails, tiny_root, tmp_path, monkeypatch):
+    """The run's end writes train.log (an object store's) last: if that fails too, the run's own
+    error is raised and the log's failure shown; a run that succeeded raises the log's."""
+    from mtl.progress import RunLog
+    from mtl.runs import run_url
+
+    flush = RunLog.flush
+
+    def refused(self, wait=True):
+        if wait:
+            raise OSError("the store refused train.log")
+        return flush(self, wait)
+
+    def stop(epoch, metrics):
+        if run_fails:
+            raise Interrupt
+
+    monkeypatch.setattr(RunLog, "flush", refused)
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=1, batch_size=4, max_steps_per_epoch=1, name="run")
+    with pytest.raises(Interrupt) if run_fails else pytest.raises(OSError, match="the store refused train.log"):
+        fit(cfg, local_runtime(cfg), on_epoch_end=stop)
+    shown = "train.log could not be written to" in open(f"{run_url(cfg)}/train.log").read()
+    assert shown == run_fails
 
 
 def test_an_epochs_checkpoint_is_written_while_the_next_epoch_trains(tiny_root, tmp_path, monkeypatch):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import uuid
 from contextlib import contextmanager
 from typing import Collection, Iterator, Sequence
 
+from mtl.machine import machine_token, process_gone
 from mtl.storage import exists, folder_names, is_local, is_object_store, storage_errors, url_to_fs
 
 
@@ -89,14 +92,55 @@ def _location(url: str) -> tuple[str, str]:
     return (fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]), path.rstrip("/")
 
 
+# a writer's sibling folders of its output: <out>.tmp-<pid>-<machine>-<random> (being filled),
+# <out>.old-<pid>-<machine>-<random> (the output before, moved aside for the new one)
+_ASIDE = re.compile(r"\.(tmp|old)-(\d+)-([0-9a-f]{8})-[0-9a-f]{8}")
+
+
+def _aside(out: str, kind: str) -> str:
+    return f"{out}.{kind}-{os.getpid()}-{machine_token()}-{uuid.uuid4().hex[:8]}"
+
+
+def clean_up_after_dead_writers(out: str) -> list[str]:
+    """The sibling folders of ``out`` that a writer of this machine left when it was killed
+    (SIGKILL, the OOM killer: its ``finally`` never ran): a folder it was filling is deleted;
+    the output it had moved aside for a new one goes back in place if ``out`` is missing (the
+    kill came between its two renames), else is deleted. A live writer's folders, and another
+    machine's (a shared file system, or this one before a reboot), are left alone. Returns
+    what it did, a line each, for the caller to show."""
+    parent, name = os.path.split(out)
+    done = []
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        m = _ASIDE.fullmatch(entry[len(name):]) if entry.startswith(name) else None
+        if m is None or m[3] != machine_token() or not process_gone(m[2]):
+            continue
+        path = os.path.join(parent, entry)
+        if m[1] == "old" and not os.path.exists(out):
+            try:
+                os.rename(path, out)
+            except OSError:  # (another writer cleaning up at the same time put its copy back: this one goes)
+                if not os.path.exists(out):
+                    continue  # (the only whole copy: left as it is)
+            else:
+                done.append(f"{out}: put back the output that a killed writer (process {m[2]}) had moved aside")
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"{path}: deleted, left by a killed writer (process {m[2]})")
+    return done
+
+
 @contextmanager
 def atomic_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), replaceable: Collection[str] = ()) -> Iterator[str]:
     """Yield a temporary sibling folder of ``out`` to fill; it replaces ``out`` only when the
     block finishes without error, so an interrupted writer never leaves a folder that looks
     complete. ``out`` must pass `output_dir`; one that another writer finished while this one
-    ran is refused too (FileExistsError: theirs is kept, this one's is dropped)."""
+    ran is refused too (FileExistsError: theirs is kept, this one's is dropped). What a killed
+    writer left beside ``out`` is cleaned up first (`clean_up_after_dead_writers`, said on
+    stderr), so its output before is back when the kill came between the two renames."""
+    for line in clean_up_after_dead_writers(os.path.abspath(out.removeprefix("file://"))) if is_local(out) else []:
+        print(line, file=sys.stderr)
     out = output_dir(out, overwrite, inputs, replaceable)
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _aside(out, "tmp")
     os.makedirs(tmp)
     try:
         yield tmp
@@ -104,7 +148,7 @@ def atomic_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), re
         if os.path.exists(out):
             if not overwrite and os.listdir(out):
                 raise FileExistsError(f"{out} was written by another process while this one ran; it is left as it is")
-            old = f"{out}.old-{uuid.uuid4().hex[:8]}"  # moved aside, not deleted: a kill now leaves one of the two whole
+            old = _aside(out, "old")  # moved aside, not deleted: a kill now leaves one of the two whole
             os.rename(out, old)
         try:
             os.rename(tmp, out)  # (onto a folder another writer made in the meantime: OSError, ENOTEMPTY)

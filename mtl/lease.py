@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from mtl.machine import machine_id, process_gone
 from mtl.storage import (WriteConflict, delete_if, has_conditional_writes, is_object_store, json_bytes, read_bytes,
                          read_tagged, storage_errors, url_to_fs, write_bytes_atomic, write_if)
 
@@ -91,39 +92,12 @@ class LeaseTiming:
         return cls(ttl)
 
 
-def machine_id() -> str:
-    """This machine's boot and process namespace: two containers may share a host name (host
-    networking) but not their processes, and a rebooted host keeps its name but no process."""
-    parts = []
-    for path, read in (("/proc/sys/kernel/random/boot_id", _read_text), ("/proc/self/ns/pid", os.readlink)):
-        try:
-            parts.append(read(path))
-        except OSError:
-            parts.append("?")  # (not Linux: the host name alone decides)
-    return "/".join(parts)
-
-
-def _read_text(path: str) -> str:
-    with open(path) as fh:
-        return fh.read().strip()
-
-
 def ray_job_id() -> str | None:
     """The submission id of the Ray job this process is the driver of, else None."""
     try:
         return json.loads(os.environ[RAY_JOB_ENV])["metadata"]["job_submission_id"]
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def _process_gone(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, TypeError, ValueError):
-        return False  # (another user's process, or not a pid: not known to be gone)
-    return False
 
 
 def _positive(v: Any, default: float) -> float:
@@ -194,7 +168,7 @@ class RunLease:
         if age > STALE_TTLS * t.ttl_s:
             self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, not renewed for {age:.0f} s")
             return True
-        if held.get("host") == socket.gethostname() and held.get("machine") == machine_id() and _process_gone(held.get("pid")):
+        if held.get("host") == socket.gethostname() and held.get("machine") == machine_id() and process_gone(held.get("pid")):
             self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, a process that is gone")
             return True
         self.log(f"{self.what} folder {self.folder} is leased to {describe(held)}; watching for up to {t.ttl_s:.0f} s "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
+from typing import Any
 
 
 def usable_cpus() -> int:
@@ -10,3 +13,37 @@ def usable_cpus() -> int:
     Ray allotment), not the machine's: one worker process per CPU of the machine on a 4-CPU
     allotment would fight over 4 CPUs and multiply the memory."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine_id() -> str:
+    """This machine's boot and process namespace: two containers may share a host name (host
+    networking) but not their processes, and a rebooted host keeps its name but no process."""
+    parts = []
+    for path, read in (("/proc/sys/kernel/random/boot_id", _read_text), ("/proc/self/ns/pid", os.readlink)):
+        try:
+            parts.append(read(path))
+        except OSError:
+            parts.append("?")  # (not Linux: the host name alone decides)
+    return "/".join(parts)
+
+
+def machine_token() -> str:
+    """Host name and `machine_id` as 8 hex digits: short enough for a file name."""
+    return hashlib.sha256(f"{socket.gethostname()}/{machine_id()}".encode()).hexdigest()[:8]
+
+
+def _read_text(path: str) -> str:
+    with open(path) as fh:
+        return fh.read().strip()
+
+
+def process_gone(pid: Any) -> bool:
+    """Whether process ``pid`` of this machine has ended (False when that is not known: another
+    user's process, or not a pid)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+    return False

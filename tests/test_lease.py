@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from mtl.lease import LEASE_FILE, LOST_EXIT, LeaseHeld, LeaseTiming, RunLease, hold, machine_id
+from mtl.lease import LEASE_FILE, LOST_EXIT, LeaseHeld, LeaseTiming, RunLease, hold
+from mtl.machine import machine_id
 from mtl.runs import RunFolder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

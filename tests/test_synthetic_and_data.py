@@ -364,6 +364,62 @@ def test_an_output_folder_is_local_and_never_replaces_one_another_writer_finishe
     assert os.listdir(out) == ["new"] and sorted(os.listdir(tmp_path)) == ["f", "mine", "out"]
 
 
+KILLED_WRITER = """
+import os, signal, sys
+from mtl.atomic import atomic_dir
+out, when, rename = sys.argv[1], sys.argv[2], os.rename
+
+def killed_between(src, dst):  # the output moved aside, the new one not yet in its place
+    rename(src, dst)
+    if ".old-" in str(dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.rename = killed_between if when == "between renames" else rename
+with atomic_dir(out, overwrite=True) as tmp:
+    open(os.path.join(tmp, "new"), "w").close()
+    if when == "filling":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_what_a_killed_writer_left_beside_its_output_is_cleaned_up_by_the_next(tmp_path, capsys):
+    """SIGKILL (the OOM killer) skips atomic_dir's clean-up: the next writer of that output on
+    this machine deletes the folder the dead one was filling, and puts the output it had moved
+    aside back in place when the kill came between its two renames. A live writer's folders
+    and another machine's stay."""
+    import signal
+
+    from mtl.atomic import atomic_dir
+    from mtl.machine import machine_token
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("whole")
+
+    def kill_a_writer(when: str) -> None:
+        r = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out), when], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == -signal.SIGKILL, r.stderr
+
+    def aside(kind: str) -> list[str]:
+        return [p for p in os.listdir(tmp_path) if p.startswith(f"out.{kind}-")]
+
+    kill_a_writer("filling")
+    assert len(aside("tmp")) == 1 and (out / "old").exists()
+    kill_a_writer("between renames")  # (it cleans up the first one's folder as it starts)
+    assert not out.exists() and len(aside("old")) == 1 and len(aside("tmp")) == 1, os.listdir(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live, foreign = f"out.tmp-{os.getpid()}-{machine_token()}-0123abcd", f"out.tmp-{dead.pid}-{'0' * 8}-0123abcd"
+    (tmp_path / live).mkdir()
+    (tmp_path / foreign).mkdir()
+    capsys.readouterr()
+    with pytest.raises(FileExistsError, match="exists and is not empty"), atomic_dir(str(out)):
+        pass  # (the output before is back: not replaced without --overwrite)
+    assert os.listdir(out) == ["old"] and sorted(os.listdir(tmp_path)) == sorted(["out", live, foreign])
+    said = capsys.readouterr().err
+    assert "put back the output that a killed writer" in said and "deleted, left by a killed writer" in said, said
+
+
 def test_the_synthetic_cache_is_reused_only_by_the_same_generator(tmp_path, monkeypatch):
     from mtl.data import build
 

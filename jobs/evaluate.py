@@ -15,6 +15,7 @@ split without labels (a real test split, rgb only) is exported without metrics.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Annotated
@@ -35,7 +36,7 @@ class EvaluateCommand:
     split: Split = "val"  # the split to evaluate or export
     export: str | None = None  # write submission PNGs + visualisations to this folder
     viz: int | None = None  # side-by-side PNGs with --export (default 8)
-    metrics: bool = True  # compute metrics (a split without labels gets none anyway)
+    metrics: bool = True  # compute metrics (a split without labels gets none anyway); --no-metrics without --export: only say what would be evaluated (model, data, image size)
     batch_size: int = 8  # images per forward pass
     workers: int = 0  # loader processes for the metrics pass
     device: Device = "auto"  # auto: the GPU if there is one
@@ -125,11 +126,24 @@ def check_flags(a: EvaluateCommand) -> None:
             raise ValueError(f"{' and '.join(given)} {verb} metrics, which --no-metrics turns off: leave {which} out")
     if not a.export and a.viz is not None:
         raise ValueError("--viz is for --export, which is not given")
+    if a.export and a.json and _inside(a.json, a.export):
+        raise ValueError(f"--json {a.json} is inside --export {a.export}, which is written whole after the metrics (and "
+                         f"would replace the file): write it elsewhere")
     if a.overwrite and not (a.export or a.json):
         raise ValueError("--overwrite is for --export and --json, neither of which is given")
     if a.batch_size < 1 or a.workers < 0 or (a.viz or 0) < 0:
         raise ValueError(f"--batch-size must be at least 1, --workers and --viz at least 0, got {a.batch_size}, {a.workers} "
                          f"and {a.viz}")
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether the local file ``path`` is in the local ``folder`` (links resolved)."""
+    from mtl.storage import is_local
+
+    if not (is_local(path) and is_local(folder)):
+        return False
+    path, folder = (os.path.realpath(p.removeprefix("file://")) for p in (path, folder))
+    return path.startswith(folder.rstrip("/") + "/")
 
 
 def model_url(a: EvaluateCommand) -> str:

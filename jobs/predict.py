@@ -50,8 +50,8 @@ def run(a: PredictCommand) -> int:
     from mtl.engine import resolve_device
     from mtl.predict import find_images, load_model, model_input_size, predict_to_folder
 
-    if a.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {a.batch_size}")
+    if a.batch_size < 1 or a.viz < 0:
+        raise ValueError(f"--batch-size must be at least 1 and --viz at least 0, got {a.batch_size} and {a.viz}")
     size = parse_size(a.size) if a.size else None  # read here: a bad one is a one-line error (rc 2) like the others
     images = find_images(a.images)  # before the checkpoint: a typo in --images fails fast
     model = load_model(a.checkpoint, resolve_device(a.device))

@@ -1,6 +1,9 @@
 """The course grader's metrics, with states that can be summed across ranks.
 
-* Segmentation: one confusion matrix over the whole split (ignore 255) -> per-class IoU, mIoU.
+* Segmentation: one confusion matrix over the whole split (ignore 255) -> per-class IoU, mIoU
+  over the classes that occur (in the ground truth or the predictions). The course's code
+  averages all 19, a class that occurs in neither as 0: the same wherever every class occurs
+  (Miniscapes' and Cityscapes' splits); on a split with k of them its number is k/19 of this.
 * Depth: errors per image on its valid pixels, then averaged over images: SI-logRMSE, log-RMSE,
   MAE, RMSE, abs-rel, delta < 1.25^k. Always against the raw ground truth in metres.
 * Grader score = mIoU - SI-logRMSE (both in percent units).

@@ -208,7 +208,9 @@ def _as_loaded(model_or_checkpoint: LoadedModel | nn.Module | str, device: torch
 
 
 def _batches(items: Sequence, n: int) -> Iterator[Sequence]:
-    for i in range(0, len(items), max(1, n)):
+    if n < 1:
+        raise ValueError(f"batch_size must be at least 1, got {n}")
+    for i in range(0, len(items), n):
         yield items[i:i + n]
 
 

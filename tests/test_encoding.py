@@ -20,6 +20,23 @@ def test_depth_round_trip_within_quantisation():
     assert back.min() == pytest.approx(4.0, rel=1e-5) and back.max() == pytest.approx(300.0, rel=1e-5)
 
 
+def test_depth_as_submitted_is_what_the_exported_png_holds():
+    """--as-submitted scores the depth the PNG gives back: float32 predictions (a tensor on the
+    device, or an array) are quantised as the PNG writer quantises them (in float64), also next
+    to a code's rounding boundary."""
+    import torch
+
+    from mtl.data.miniscapes import as_submitted
+
+    rng = np.random.default_rng(0)
+    depth = np.exp(rng.uniform(np.log(3.0), np.log(320.0), 2_000_000)).astype(np.float32)
+    codes = metres_to_disparity_png(depth)
+    expected, _ = disparity_png_to_metres(codes)
+    for submitted in (as_submitted(torch.from_numpy(depth)).numpy(), as_submitted(depth)):
+        assert submitted.dtype == np.float32 and np.array_equal(metres_to_disparity_png(submitted), codes)
+        assert np.allclose(submitted, expected, rtol=1e-6, atol=0)
+
+
 def test_depth_codes_match_the_spec():
     codes = np.array([[0, 1, 128, 255]], np.uint8)
     depth, valid = disparity_png_to_metres(codes)

@@ -340,6 +340,24 @@ def test_as_submitted_scores_the_depth_the_exported_pngs_hold(tiny_root, tmp_pat
     assert rc == 2 and "--as-submitted reports metrics, which --no-metrics turns off: leave it out" in err
 
 
+def test_flags_that_would_do_nothing_or_lose_an_output_are_refused_before_any_work(tmp_path, capsys):
+    """Refused before the checkpoint is read (it does not exist here): a --json inside --export
+    (the export's folder, written whole after the metrics, would replace it), a negative --viz;
+    a batch size below 1 from Python too."""
+    from mtl.predict import predict_images
+
+    missing = tmp_path / "no-run"
+    for args, said in ((("--export", tmp_path / "e", "--json", tmp_path / "e" / "m.json"), "is inside --export"),
+                       (("--export", tmp_path / "e", "--viz", "-1"), "--viz at least 0")):
+        rc, _, err = _evaluate(capsys, "--checkpoint", missing, *args)
+        assert rc == 2 and said in err and "no-run" not in err, err
+    rc, _, err = _predict(capsys, "--checkpoint", missing, "--images", tmp_path, "--out", tmp_path / "p", "--viz", "-1")
+    assert rc == 2 and "--viz at least 0, got 4 and -1" in err, err
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        predict_images(torch.nn.Identity(), [np.zeros((8, 8, 3), np.uint8)], size=(8, 8), batch_size=0, codec=DepthCodec())
+    assert not os.path.exists(tmp_path / "e") and not os.path.exists(tmp_path / "p")
+
+
 def test_arrays_and_paths_mix_and_bad_ones_are_named(tmp_path, make_run):
     from mtl.predict import read_image
 

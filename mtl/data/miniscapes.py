@@ -95,8 +95,13 @@ def metres_to_code(depth):
 
 def as_submitted(depth):
     """Depth in metres as a submission PNG gives it back to the grader: clamped to 4..300 m and
-    quantised to the 255 disparity codes (numpy array or torch tensor)."""
-    return 1.0 / code_to_disparity(metres_to_code(depth))
+    quantised to the 255 disparity codes (numpy array or torch tensor, returned in its dtype).
+    Quantised in float64, as `metres_to_disparity_png` writes the PNG: in float32 a depth near a
+    code's boundary can round to the next code."""
+    if hasattr(depth, "double"):  # (a tensor)
+        return (1.0 / code_to_disparity(metres_to_code(depth.double()))).to(depth.dtype)
+    depth = np.asarray(depth)
+    return (1.0 / code_to_disparity(metres_to_code(depth.astype(np.float64)))).astype(depth.dtype)
 
 
 def disparity_png_to_metres(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

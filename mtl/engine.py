@@ -391,7 +391,8 @@ class Trainer:
         if s.epoch_step and folder:  # (after an elastic stretch, epoch_step counts steps of another size than the position's)
             self.start = s.epoch_samples
         # a shard stream's order is also a function of the loader workers (automatic: the CPUs there)
-        other_stream = not folder and s.loader_workers not in (None, workers)
+        # (0 workers read a shard stream as 1 does: the training process is that one worker)
+        other_stream = not folder and s.loader_workers is not None and max(s.loader_workers, 1) != max(workers, 1)
         if s.epoch_step and (s.world != world or other_stream):
             t = self.cfg.train
             if folder:

@@ -43,6 +43,8 @@ def test_device_batches_on_a_side_stream_equal_direct_conversion(tiny_root):
     raws = list(make_loader(ds, 8, True, 1, 2, 2, pin_memory=True))
     got = list(DeviceBatches(iter(raws), device))
     assert len(got) == len(raws)
+    # every iterator (each epoch's, each validation's) on the GPU's one prefetch stream: freed blocks are reused
+    assert DeviceBatches(iter([]), device).stream is DeviceBatches(iter([]), torch.device("cuda", 0)).stream
     for raw, b in zip(raws, got):
         assert raw.buf.is_pinned()  # a packed batch: one pinned block, one copy to the device
         ref = to_model_batch(raw, device)

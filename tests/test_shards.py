@@ -252,6 +252,28 @@ def test_missing_and_corrupt_shards_are_named(tiny_root, tmp_path):
         list(ShardStream(split, None, shuffle=False))
     with pytest.raises(ValueError, match="split 'train' not in shard manifest"):
         ShardSplit.from_manifest(read_manifest(str(dst)), "train")
+    mem = fsspec.filesystem("memory")  # a remote store (read through fsspec): the message names the shard once
+    for name in os.listdir(dst):
+        mem.pipe(f"/named-shards/{name}", (dst / name).read_bytes())
+    remote = ShardSplit.from_manifest(read_manifest("memory://named-shards"), "val")
+    with pytest.raises(FileNotFoundError) as missing:
+        list(ShardStream(remote, None, shuffle=False))
+    assert str(missing.value) == "shard missing: memory://named-shards/val-000001.tar"
+    mem.rm("/named-shards", recursive=True)
+
+
+def test_a_training_split_without_shards_is_named(tiny_root, tmp_path):
+    from mtl.config import DataConfig, ExperimentConfig, TrainConfig
+    from mtl.data.build import build_loaders
+
+    dst = tmp_path / "shards"
+    shard_dataset(tiny_root, str(dst), "8", splits=("train", "val"), workers=1)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"] = []
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    cfg = ExperimentConfig(data=DataConfig(shards=str(dst), workers=0), train=TrainConfig(batch_size=4, device="cpu")).validate()
+    with pytest.raises(ValueError, match=f"{dst}: the val split has no samples"):
+        build_loaders(cfg)
 
 
 def test_local_training_streams_shards_from_s3(s3_shards, tmp_path):

@@ -67,6 +67,19 @@ def to_model_batch(raw: dict[str, torch.Tensor] | PackedBatch, device: torch.dev
     return out
 
 
+def prefetch_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream of a GPU that every `DeviceBatches` copies and augments on (each
+    epoch's and each validation's): the caching allocator reuses a freed block only for the
+    stream that allocated it, so a new stream per iterator (PyTorch hands out 32 in turn) would
+    keep up to 32 batches' worth of device memory reserved."""
+    return _prefetch_stream(torch.device("cuda", torch.cuda.current_device()) if device.index is None else device)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefetch_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 class DeviceBatches:
     """Model batches from an iterator of loader batches, one batch ahead: on CUDA, batch i+1 is
     copied to the device and augmented on a side stream while step i computes, so the copy and
@@ -78,7 +91,7 @@ class DeviceBatches:
 
     def __init__(self, raw_batches: Iterator[dict[str, torch.Tensor]], device: torch.device, channels_last: bool = True) -> None:
         self.raw, self.device, self.channels_last = raw_batches, device, channels_last
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = prefetch_stream(device) if device.type == "cuda" else None
         self.ahead: dict[str, torch.Tensor] | None = None
         self.started = False
 

@@ -230,6 +230,8 @@ def _shard_loaders(cfg: ExperimentConfig, d: DataConfig, source: DataSource, ran
     manifest = read_manifest(source.url)
     train, val = (ShardSplit.from_manifest(manifest, s) for s in ("train", "val"))
     for split, name in ((train, "train"), (val, "val")):
+        if not split.urls:
+            raise ValueError(f"{manifest['base_url']}: the {name} split has no samples (its manifest entry lists no shards)")
         _require_labels(split.has_labels, f"{manifest['base_url']} ({name} split)")
     tr = ShardStream(train, train_augment(cfg), t.seed, True, rank, world, d.shuffle_buffer)
     va = ShardStream(val, None, t.seed, False, rank, world, every_rank=False)

@@ -107,8 +107,9 @@ def _check_shapes(samples: list[dict[str, torch.Tensor]], key: str) -> None:
         odd = next(i for i, sh in enumerate(shapes) if sh != shapes[0])
         who = [f"sample {int(s['index'])}" if "index" in s else f"item {i}" for i, s in zip((0, odd), (samples[0], samples[odd]))]
         raise ValueError(f"a batch's samples differ in {key!r}: {who[0]} is {list(shapes[0])}, {who[1]} is {list(shapes[odd])} "
-                         f"(a split with images of several sizes: --crop HxW crops training's, jobs/evaluate.py "
-                         f"--batch-size 1 takes them one by one)")
+                         f"(a split with images of several sizes: training and its validation need one size, which "
+                         f"data_prep/cityscapes.py --size gives a Cityscapes conversion; jobs/evaluate.py --batch-size 1 "
+                         f"and jobs/predict.py take them one by one)")
 
 
 def _view(buf: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:

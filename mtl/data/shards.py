@@ -93,8 +93,9 @@ def _reraise_with_context(exn: Exception) -> bool:
         raise StorageError(credentials_message("a shard", exn)) from exn
     if is_connection_error(exn):  # lost in the middle of a shard: webdataset appended the shard's URL
         raise StorageError(f"lost the connection while reading a shard: {exn}") from exn
-    if isinstance(exn, FileNotFoundError):
-        raise FileNotFoundError(f"shard missing: {exn}") from exn
+    if isinstance(exn, FileNotFoundError):  # (ours names the shard already: webdataset appended its URL to the args)
+        said = exn.args[0] if exn.args and str(exn.args[0]).startswith("shard missing: ") else f"shard missing: {exn}"
+        raise FileNotFoundError(said) from exn
     raise ValueError(f"corrupt or unreadable shard: {exn}") from exn
 
 

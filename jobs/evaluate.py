@@ -126,9 +126,9 @@ def check_flags(a: EvaluateCommand) -> None:
             raise ValueError(f"{' and '.join(given)} {verb} metrics, which --no-metrics turns off: leave {which} out")
     if not a.export and a.viz is not None:
         raise ValueError("--viz is for --export, which is not given")
-    if a.export and a.json and _inside(a.json, a.export):
-        raise ValueError(f"--json {a.json} is inside --export {a.export}, which is written whole after the metrics (and "
-                         f"would replace the file): write it elsewhere")
+    if a.export and a.json and (_inside(a.json, a.export) or _inside(a.export, a.json)):
+        raise ValueError(f"--json {a.json} and --export {a.export} overlap: the export's folder is written whole after the "
+                         f"metrics (it would replace the file, or be refused under it); write them apart")
     if a.overwrite and not (a.export or a.json):
         raise ValueError("--overwrite is for --export and --json, neither of which is given")
     if a.batch_size < 1 or a.workers < 0 or (a.viz or 0) < 0:
@@ -137,13 +137,13 @@ def check_flags(a: EvaluateCommand) -> None:
 
 
 def _inside(path: str, folder: str) -> bool:
-    """Whether the local file ``path`` is in the local ``folder`` (links resolved)."""
+    """Whether the local ``path`` is the local ``folder`` or in it (links resolved)."""
     from mtl.storage import is_local
 
     if not (is_local(path) and is_local(folder)):
         return False
     path, folder = (os.path.realpath(p.removeprefix("file://")) for p in (path, folder))
-    return path.startswith(folder.rstrip("/") + "/")
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def model_url(a: EvaluateCommand) -> str:

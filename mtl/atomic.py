@@ -10,7 +10,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Collection, Iterator, Sequence
 
-from mtl.machine import machine_token, process_gone
+from mtl.machine import knows_its_processes, machine_token, process_gone
 from mtl.storage import exists, folder_names, is_local, is_object_store, storage_errors, url_to_fs
 
 
@@ -19,11 +19,15 @@ def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), re
     fill: a local folder (ValueError for a URL), not a file, empty unless ``overwrite``
     (FileExistsError), and neither one of the ``inputs`` (files or folders the command reads)
     nor a folder above or in one (ValueError, `check_not_above`): replacing it would delete
-    what is being read. Commands check it before their long work, not after."""
+    what is being read. Commands check it before their long work, not after; what a killed
+    writer left beside it is cleaned up first (`clean_up_after_dead_writers`, said on stderr),
+    so that the check sees what the next write will."""
     if "://" in out and not out.startswith("file://"):
         raise ValueError(f"{out}: this output is written to a local folder (write it here, then copy it, e.g. with "
                          f"aws s3 cp --recursive)")
     out = os.path.abspath(out.removeprefix("file://"))
+    for line in clean_up_after_dead_writers(out):
+        print(line, file=sys.stderr)
     check_not_above(out, inputs, replaceable)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out} is a file, not a folder")
@@ -104,29 +108,40 @@ def _aside(out: str, kind: str) -> str:
 def clean_up_after_dead_writers(out: str) -> list[str]:
     """The sibling folders of ``out`` that a writer of this machine left when it was killed
     (SIGKILL, the OOM killer: its ``finally`` never ran): a folder it was filling is deleted;
-    the output it had moved aside for a new one goes back in place if ``out`` is missing (the
-    kill came between its two renames), else is deleted. A live writer's folders, and another
-    machine's (a shared file system, or this one before a reboot), are left alone. Returns
-    what it did, a line each, for the caller to show."""
+    the output it had moved aside for a new one goes back in place when the kill came between
+    its two renames (``out`` missing, its filled folder still there), else is deleted (a kill
+    while it deleted it leaves part of it: never put back). A live writer's folders, and
+    another machine's (a shared file system, this one before a reboot, a restarted container),
+    are left alone, as is everything where this machine cannot be told from another (no /proc).
+    Returns what it did, a line each, for the caller to show."""
     parent, name = os.path.split(out)
-    done = []
-    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+    if not os.path.isdir(parent) or not knows_its_processes():
+        return []
+    dead: dict[str, list[tuple[str, str]]] = {}  # pid -> (kind, entry) of the writers of this machine that are gone
+    for entry in sorted(os.listdir(parent)):
         m = _ASIDE.fullmatch(entry[len(name):]) if entry.startswith(name) else None
-        if m is None or m[3] != machine_token() or not process_gone(m[2]):
-            continue
-        path = os.path.join(parent, entry)
-        if m[1] == "old" and not os.path.exists(out):
-            try:
-                os.rename(path, out)
-            except OSError:  # (another writer cleaning up at the same time put its copy back: this one goes)
-                if not os.path.exists(out):
-                    continue  # (the only whole copy: left as it is)
-            else:
-                done.append(f"{out}: put back the output that a killed writer (process {m[2]}) had moved aside")
+        if m is not None and m[3] == machine_token() and process_gone(m[2]):
+            dead.setdefault(m[2], []).append((m[1], entry))
+    done = []
+    for pid, entries in dead.items():
+        filled = any(kind == "tmp" for kind, _ in entries)
+        for kind, entry in sorted(entries, key=lambda e: e[0] != "old"):  # (an output put back first, then the rest)
+            path = os.path.join(parent, entry)
+            if kind == "old" and filled and not os.path.exists(out) and _put_back(path, out):
+                done.append(f"{out}: put back the output that a killed writer (process {pid}) had moved aside")
                 continue
-        shutil.rmtree(path, ignore_errors=True)
-        done.append(f"{path}: deleted, left by a killed writer (process {m[2]})")
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                done.append(f"{path}: deleted, left by a killed writer (process {pid})")
     return done
+
+
+def _put_back(path: str, out: str) -> bool:
+    try:
+        os.rename(path, out)
+        return True
+    except OSError:  # (another writer cleaning up at the same time put its copy back first)
+        return False
 
 
 @contextmanager
@@ -136,9 +151,7 @@ def atomic_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), re
     complete. ``out`` must pass `output_dir`; one that another writer finished while this one
     ran is refused too (FileExistsError: theirs is kept, this one's is dropped). What a killed
     writer left beside ``out`` is cleaned up first (`clean_up_after_dead_writers`, said on
-    stderr), so its output before is back when the kill came between the two renames."""
-    for line in clean_up_after_dead_writers(os.path.abspath(out.removeprefix("file://"))) if is_local(out) else []:
-        print(line, file=sys.stderr)
+    stderr, by `output_dir`), so its output before is back when the kill came between the two renames."""
     out = output_dir(out, overwrite, inputs, replaceable)
     tmp = _aside(out, "tmp")
     os.makedirs(tmp)

@@ -424,7 +424,7 @@ class Checkpointer:
         self.strategy.barrier()  # every rank's files are in place before the pointer moves
         if self.rank == 0:
             _wait_for(after)
-            self.storage.commit(tag)
+            self._commit(tag, metrics_file)
             if is_best:
                 self._write_best(state)
         return False
@@ -442,7 +442,7 @@ class Checkpointer:
 
         def then() -> None:
             _wait_for(after)
-            self.storage.commit(tag)
+            self._commit(tag, metrics_file)
             if is_best:
                 self._write_best(held["state"])
             held.clear()  # (the copy is freed now, even while the storage's thread still holds these functions)
@@ -471,8 +471,20 @@ class Checkpointer:
 
     def _write_metrics(self, tag: str, metrics: dict[str, Any]) -> None:
         """At once, before the checkpoint exists: a failure in between resumes from the checkpoint
-        before, which trains this epoch again and writes the file again."""
-        write_bytes_atomic(f"{self.run_url}/{METRICS_DIR}/{tag}.json", json_bytes(metrics))
+        before, which trains this epoch again and writes the file again. Synced to a local disk
+        by the commit (`_commit`), off the training thread when the checkpoint is."""
+        write_bytes_atomic(self._metrics_url(tag), json_bytes(metrics))
+
+    def _metrics_url(self, tag: str) -> str:
+        return f"{self.run_url}/{METRICS_DIR}/{tag}.json"
+
+    def _commit(self, tag: str, metrics_file: bool) -> None:
+        """Rank 0: the pointer moves to ``tag``; on a local disk the epoch's metrics file is synced
+        first, as the checkpoint is (`CheckpointIndex.commit`): after a power loss the pointer
+        names no epoch whose metrics are lost (readers of a run's epochs need every one)."""
+        if metrics_file:
+            sync_local(self._metrics_url(tag))
+        self.storage.commit(tag)
 
     def _write_best(self, state: dict[str, Any]) -> None:
         best = {k: v for k, v in state.items() if k in ("config", "metrics", "train_state", "model")}

@@ -37,6 +37,13 @@ def _read_text(path: str) -> str:
         return fh.read().strip()
 
 
+def knows_its_processes() -> bool:
+    """Whether this machine can be told from another that shares its host name (`machine_id`
+    read whole) and `process_gone` can ask after a process (POSIX: on Windows ``os.kill`` would
+    end it)."""
+    return os.name == "posix" and "?" not in machine_id().split("/")
+
+
 def process_gone(pid: Any) -> bool:
     """Whether process ``pid`` of this machine has ended (False when that is not known: another
     user's process, or not a pid)."""
@@ -44,6 +51,6 @@ def process_gone(pid: Any) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except (OSError, TypeError, ValueError):
+    except (OSError, TypeError, ValueError, OverflowError):
         return False
     return False

@@ -189,7 +189,7 @@ def sync_local(url: str, contents: bool = True) -> None:
     _sync_entry(root)
 
 
-_SYNCED_ABOVE: set[tuple[str, int]] = set()  # folders above a synced one whose entries this process has synced
+_SYNCED_ABOVE: set[tuple[str, int, int]] = set()  # folders above a synced one whose entries this process has synced
 
 
 def _sync_entry(path: str) -> None:
@@ -202,7 +202,8 @@ def _sync_entry(path: str) -> None:
     while os.path.dirname(folder) != folder:
         child, folder = folder, os.path.dirname(folder)
         try:
-            key = (child, os.stat(child).st_ino)
+            st = os.stat(child)
+            key = (child, st.st_ino, st.st_ctime_ns)  # (a folder made anew may get the same inode: not its ctime)
         except OSError:
             return
         if key in _SYNCED_ABOVE:

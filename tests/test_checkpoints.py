@@ -405,7 +405,8 @@ def test_a_local_checkpoint_is_on_the_disk_before_its_pointer_names_it(tmp_path,
     """A power loss or a kernel crash (not only a killed process) must leave a pointer that
     names a whole checkpoint: every file of the checkpoint and every folder entry leading to it
     is fsync'ed before the pointer's rename, the pointer before its rename, and its folder after
-    it; best.pt is synced too. (The disk's own order cannot be observed here: the calls can.)"""
+    it; the epoch's metrics file before the pointer too, best.pt after it. (The disk's own order
+    cannot be observed here: the calls can.)"""
     from torch import nn
 
     from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
@@ -419,7 +420,8 @@ def test_a_local_checkpoint_is_on_the_disk_before_its_pointer_names_it(tmp_path,
     checkpoints = f"{run}/checkpoints"
     pointer = events.index(("rename", f"{checkpoints}/latest.json"))
     before = {path for what, path in events[:pointer] if what == "fsync"}
-    assert {f"{checkpoints}/epoch-0001/state.pt", f"{checkpoints}/epoch-0001", checkpoints} <= before, events
+    assert {f"{checkpoints}/epoch-0001/state.pt", f"{checkpoints}/epoch-0001", checkpoints, f"{run}/metrics/epoch-0001.json",
+            f"{run}/metrics"} <= before, events
     assert any(p.startswith(f"{checkpoints}/latest.json.tmp-") for p in before), events
     assert ("fsync", checkpoints) in events[pointer:], events
     best = events.index(("rename", f"{run}/best.pt"))

@@ -347,7 +347,9 @@ def test_flags_that_would_do_nothing_or_lose_an_output_are_refused_before_any_wo
     from mtl.predict import predict_images
 
     missing = tmp_path / "no-run"
-    for args, said in ((("--export", tmp_path / "e", "--json", tmp_path / "e" / "m.json"), "is inside --export"),
+    for args, said in ((("--export", tmp_path / "e", "--json", tmp_path / "e" / "m.json"), "overlap: the export's folder is written whole"),
+                       (("--export", tmp_path / "e", "--json", tmp_path / "e"), "overlap"),
+                       (("--export", tmp_path / "j" / "e", "--json", tmp_path / "j"), "overlap"),
                        (("--export", tmp_path / "e", "--viz", "-1"), "--viz at least 0")):
         rc, _, err = _evaluate(capsys, "--checkpoint", missing, *args)
         assert rc == 2 and said in err and "no-run" not in err, err

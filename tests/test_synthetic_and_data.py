@@ -382,14 +382,15 @@ with atomic_dir(out, overwrite=True) as tmp:
 """
 
 
-def test_what_a_killed_writer_left_beside_its_output_is_cleaned_up_by_the_next(tmp_path, capsys):
+def test_what_a_killed_writer_left_beside_its_output_is_cleaned_up_by_the_next(tmp_path, capsys, monkeypatch):
     """SIGKILL (the OOM killer) skips atomic_dir's clean-up: the next writer of that output on
     this machine deletes the folder the dead one was filling, and puts the output it had moved
     aside back in place when the kill came between its two renames. A live writer's folders
     and another machine's stay."""
     import signal
 
-    from mtl.atomic import atomic_dir
+    import mtl.machine
+    from mtl.atomic import atomic_dir, output_dir
     from mtl.machine import machine_token
 
     out = tmp_path / "out"
@@ -418,6 +419,19 @@ def test_what_a_killed_writer_left_beside_its_output_is_cleaned_up_by_the_next(t
     assert os.listdir(out) == ["old"] and sorted(os.listdir(tmp_path)) == sorted(["out", live, foreign])
     said = capsys.readouterr().err
     assert "put back the output that a killed writer" in said and "deleted, left by a killed writer" in said, said
+    # a writer killed while it deleted the output it had replaced (its new one in place, no folder of
+    # its own left) leaves part of the old one: deleted, never put back, also where the output is gone
+    shutil.rmtree(out)
+    half = tmp_path / f"out.old-{dead.pid}-{machine_token()}-0123abcd"
+    (half / "part").mkdir(parents=True)
+    assert output_dir(str(out)) == str(out)  # (the commands' early check cleans up: it sees what the write will)
+    assert not half.exists() and not out.exists()
+    # where this machine cannot be told from another one of its name (no /proc), nothing is touched
+    monkeypatch.setattr(mtl.machine, "machine_id", lambda: "?/?")
+    half = tmp_path / f"out.old-{dead.pid}-{machine_token()}-0123abcd"  # (named as such a machine names it)
+    half.mkdir()
+    output_dir(str(out))
+    assert half.exists()
 
 
 def test_the_synthetic_cache_is_reused_only_by_the_same_generator(tmp_path, monkeypatch):

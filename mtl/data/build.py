@@ -125,7 +125,8 @@ def coverage_notes(loaders: Loaders, steps: int, global_batch: int, capped: bool
     """For a shard set: what an epoch of ``steps`` optimizer steps of ``global_batch`` samples
     leaves out of the training split (unless the epochs are ``capped`` on purpose), and the
     loader workers that get no shard: lines for the trainer's start. (A folder leaves out less
-    than a global batch: nothing is said.)"""
+    than a global batch, or, its order padded to equal shares per rank, trains fewer samples than
+    there are ranks twice: nothing is said.)"""
     if not isinstance(loaders.train, ShardLoader):
         return []
     notes, used, n = [], steps * global_batch, loaders.num_train

@@ -202,17 +202,22 @@ def starting_point(argv: Sequence[str], presets: dict[str, ExperimentConfig]) ->
     if url is True:
         raise ValueError("--config expects a value")
     if url is not None:
-        return _unpin_derived_name(read_config(url))
+        return _unpin_derived(read_config(url))
     return presets[chosen[0]] if chosen else ExperimentConfig()
 
 
-def _unpin_derived_name(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A run's config.json records its name. When that name is the one derived from the config
-    (not a ``--name``), it is dropped: fed back unchanged the config derives the same name (so
-    ``--resume`` continues that run), while flags that change training name a new run instead
-    of reusing the old folder under a stale name."""
+def _unpin_derived(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A config file as the flags' starting point. A run's config.json records its name, its
+    resolved model and whether it was resumed; fed back unchanged it derives the same name (so
+    ``--resume`` continues that run), while flags that change training name a new run instead of
+    reusing the old folder under a stale name, and another ``--arch`` or ``--output-stride`` gets
+    its own defaults (`mtl.models.architectures.unpin_derived`). Whether to resume is the
+    command's flag alone: a resumed run's file would otherwise continue a folder nobody named
+    with ``--resume``, or refuse a new run ("nothing to resume")."""
+    from mtl.models.architectures import unpin_derived
     from mtl.runs import run_name
 
+    cfg = dataclasses.replace(cfg, model=unpin_derived(cfg.model), train=dataclasses.replace(cfg.train, resume=False))
     unnamed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=None))
     return unnamed if cfg.train.name and run_name(unnamed) == cfg.train.name else cfg
 

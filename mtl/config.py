@@ -16,6 +16,7 @@ the user), a Literal type lists the choices, and `validate` is the one place tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -378,21 +379,49 @@ def changed_fields(cfg: ExperimentConfig, base: ExperimentConfig | None = None) 
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    if not isinstance(d, dict):
+        raise TypeError(f"{cls.__name__} is a mapping of its fields, got {d!r}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
             continue
         v, tp = d[f.name], hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            v = _from_dict(tp, v)
-        elif isinstance(v, list):
-            v = tuple(v)  # JSON turns tuples into lists
-        kwargs[f.name] = v
+        kwargs[f.name] = _from_dict(tp, v) if dataclasses.is_dataclass(tp) else _typed(v, tp, flag(f.name))
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ValueError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
     return cls(**kwargs)
+
+
+def _typed(v: Any, tp: Any, key: str) -> Any:
+    """A config file's value ``v`` as the field's type ``tp``, or a ValueError naming ``key`` (its
+    flag): a file has no parser to refuse "false" for a bool, "depth" for a list of tasks or
+    2.5 for a count, each of which would otherwise train something else or fail deep in the
+    run. JSON's lists become tuples; an int where a float goes becomes that float (a run's
+    name and hash then match the flag's); a number YAML 1.1 reads as a string ("1e-3") is read."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # (every union here is X | None)
+        return None if v is None and type(None) in args else _typed(v, next(a for a in args if a is not type(None)), key)
+    if origin is typing.Literal:
+        if any(v == a and type(v) is type(a) for a in args):
+            return v
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, args))}, got {v!r}")
+    if origin is tuple:
+        items = [args[0]] * len(v) if isinstance(v, (list, tuple)) and args[-1] is Ellipsis else list(args)
+        if not isinstance(v, (list, tuple)) or len(items) != len(v):
+            raise ValueError(f"{key} must be a list of {'any number of' if args[-1] is Ellipsis else len(args)} values, "
+                             f"got {v!r}")
+        return tuple(_typed(x, t, key) for x, t in zip(v, items))
+    if tp is float and isinstance(v, str):
+        with contextlib.suppress(ValueError):
+            return float(v)
+    if tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, tp) and not (tp is int and isinstance(v, bool)):
+        return v
+    what = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", tp))
+    raise ValueError(f"{key} must be {what}, got {v!r}")
 
 
 def parse_size(text: str, what: str = "--size") -> tuple[int, int]:

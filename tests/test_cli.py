@@ -106,6 +106,22 @@ def test_a_config_file_is_the_starting_point_and_flags_override_it(tmp_path, cap
     assert f"--config {f}: not a valid streetmtl config: --arch must be one of" in _usage_error(capsys, ["--config", str(f)])
     f.write_text(json.dumps({"modle": {}}))
     assert "unknown config keys" in _usage_error(capsys, ["--config", str(f)])
+    # a file has no parser in front of it: a value of the wrong type names its flag instead of
+    # training something else ("false" is true, "depth" is two letters short of both tasks)
+    for part, values, said in (("optim", {"tasks": "depth"}, "--tasks must be a list"),
+                               ("data", {"hflip": "false"}, "--hflip must be true or false, got 'false'"),
+                               ("train", {"epochs": 2.5}, "--epochs must be an integer, got 2.5"),
+                               ("train", {"baselines": "runs/a"}, "--baselines must be a list"),
+                               ("model", {"aspp_rates": [6.5, 12]}, "--aspp-rates must be an integer, got 6.5"),
+                               ("data", {"synthetic_size": "64x128"}, "--synthetic-size must be a list of 2 values"),
+                               ("train", {"seed": True}, "--seed must be an integer, got True")):
+        f.write_text(json.dumps({part: values}))
+        assert said in _usage_error(capsys, ["--config", str(f)]), said
+    # numbers as a flag gives them: an int where a float goes (the same run, by name and hash), YAML 1.1's "1e-3"
+    y.write_text("optim:\n  lr: 1e-3\n  weight_decay: 0\n")
+    _, from_file = parse(["--config", str(y)])
+    assert (from_file.optim.lr, type(from_file.optim.weight_decay)) == (1e-3, float)
+    assert run_name(from_file) == run_name(parse(["--lr", "1e-3", "--weight-decay", "0"])[1])
     assert "no such file" in _usage_error(capsys, ["--config", str(tmp_path / "none.json")])
 
 
@@ -120,6 +136,17 @@ def test_a_runs_config_json_fed_back_is_the_same_run(tmp_path):
     assert run_name(resumed) == saved.train.name and resumed.train.resume
     _, other = parse(["--config", str(path), "--lr", "1e-3"])  # another recipe: another run, not the old folder
     assert run_name(other) != saved.train.name and "lr1e-3" in run_name(other)
+    # another architecture or output stride from the file gets its own defaults, as without the file
+    _, vortex = parse(["--config", str(path), "--arch", "branched_vortex"])
+    assert resolve_config(vortex).model == resolve_config(parse(["--arch", "branched_vortex"])[1]).model
+    _, os8 = parse(["--config", str(path), "--output-stride", "8"])
+    assert resolve_config(os8).model.aspp_rates == (12, 24, 36)
+    assert resolve_config(parse(["--config", str(path), "--arch", "deeplabv3p"])[1]).model.depth_context is None
+    # whether to resume is the command's flag: a resumed run's file neither resumes by itself nor
+    # makes a new run's start fail with "nothing to resume"
+    path.write_text(resumed.to_json())
+    _, started = parse(["--config", str(path), "--lr", "1e-3"])
+    assert not started.train.resume and not parse(["--config", str(path)])[1].train.resume
     named = resolve_config(parse(["--name", "mine", "--out", str(tmp_path)])[1])
     path.write_text(named.to_json())
     assert run_name(parse(["--config", str(path), "--lr", "1e-3"])[1]) == "mine"  # a chosen name stays

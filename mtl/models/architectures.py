@@ -47,6 +47,21 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
+DERIVED = ("output_stride", "aspp_rates", "semseg_context", "depth_context", "semseg_decoder", "depth_decoder")
+
+
+def unpin_derived(cfg: ModelConfig) -> ModelConfig:
+    """A stored (resolved) model config with the fields `resolve` derives set back to None where
+    they hold what it derives: read from a run's config.json and given another ``--arch`` or
+    ``--output-stride``, they follow the new choice, as without the file (the old architecture's
+    output stride, ASPP rates and branches would otherwise stay and train another network under
+    the new name). The network, name and hash of the config itself do not change."""
+    bare = replace(cfg, **{k: None for k in DERIVED})
+    stride = cfg.output_stride if cfg.output_stride != resolve(bare).output_stride else None
+    derived = resolve(replace(bare, output_stride=stride))
+    return replace(bare, output_stride=stride, **{k: getattr(cfg, k) for k in DERIVED[1:] if getattr(cfg, k) != getattr(derived, k)})
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     cfg = resolve(cfg)
     return lookup(ARCHITECTURES, cfg.arch)(cfg)

@@ -148,11 +148,11 @@ def report(results, base: ExperimentConfig, sweep: SweepConfig, spec, console) -
     if rows and rows[0].best_model:
         console.print(f"best trial: {rows[0].name} ({spec.metric} {rows[0].objective:.2f}); checkpoint {rows[0].best_model}")
         console.print(f"export it: python jobs/evaluate.py --checkpoint {rows[0].best_model} --split test --export <dir>")
-    return outcome([r.name for r in rows if r.status == "diverged"], [r.name for r in rows if r.status == "error"],
+    return outcome([r.name for r in rows if r.status == "diverged"], [r for r in rows if r.status == "error"],
                    [r.name for r in rows if r.status == "unfinished"], len(rows), console)
 
 
-def outcome(diverged: list[str], errored: list[str], unfinished: list[str], trials: int, console) -> int:  # noqa: ANN001
+def outcome(diverged: list[str], errored: list, unfinished: list[str], trials: int, console) -> int:  # noqa: ANN001
     """The exit status, with a line for each kind of trial that did not end well: 1 when a trial
     failed or the sweep was interrupted before every trial ended (the report holds the others; a
     pipeline must not take the sweep for a whole one). A diverged trial is a result of the sweep
@@ -161,10 +161,12 @@ def outcome(diverged: list[str], errored: list[str], unfinished: list[str], tria
         console.print(f"{len(diverged)} of {trials} trials diverged ({', '.join(diverged)}): their loss or weights stopped "
                       f"being numbers (the values they drew train badly); they ended there, not retried")
     if errored:
-        print(f"error: {len(errored)} of {trials} trials failed ({', '.join(errored)}): their logs are in the trials' run "
-              f"folders; the same command with --resume continues them, each in its own run folder from its last checkpoint "
-              f"(once: Tune keeps their failure counts)",
+        print(f"error: {len(errored)} of {trials} trials failed ({', '.join(r.name for r in errored)}): their logs are in the "
+              f"trials' run folders; the same command with --resume continues them, each in its own run folder from its last "
+              f"checkpoint (once: Tune keeps their failure counts)",
               file=sys.stderr)
+        for r in errored:  # (a trial that failed before training, e.g. on its data, has no train.log)
+            print(f"  {r.name}: {r.error or 'no error recorded'}", file=sys.stderr)
     if unfinished:
         print(f"error: the sweep was interrupted: {len(unfinished)} of {trials} trials are unfinished ({', '.join(unfinished)}); "
               f"the same command with --resume continues it", file=sys.stderr)

@@ -254,6 +254,13 @@ class DistConfig(_Part):
             raise ValueError(f"--resize-interval-s must be > 0, got {self.resize_interval_s}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < 0 or self.start_timeout <= 0:
             raise ValueError("--cpus-per-worker and --start-timeout-s must be > 0; --gpus-per-worker and --max-failures >= 0")
+        if self.gpus_per_worker > 1:
+            raise ValueError(f"--gpus-per-worker {self.gpus_per_worker:g}: a training process uses one GPU; more would be "
+                             f"reserved and left idle (more GPUs: --num-workers)")
+        if 0 < self.gpus_per_worker < 1 and self.num_workers > 1:
+            raise ValueError(f"--gpus-per-worker {self.gpus_per_worker:g} with --num-workers {self.num_workers}: ranks of one "
+                             f"run may land on one GPU, which NCCL refuses (\"Duplicate GPU detected\"); give 1 (a fraction "
+                             f"suits one-worker sweep trials that share GPUs)")
 
     @property
     def start_timeout(self) -> float:

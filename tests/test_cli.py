@@ -88,6 +88,8 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--grad-clip", "-1"], "--grad-clip must be >= 0 and finite (0 or not given: no clipping), got -1.0"),
     (["--poly-power", "-0.5"], "--poly-power must be >= 0 and --momentum in [0, 1), got -0.5 and 0.9"),
     (["--task-weighting", "uncertainty", "--semseg-weight", "1"], "--task-weighting uncertainty starts from --semseg-weight"),
+    (["--num-workers", "2", "--gpus-per-worker", "0.5"], "ranks of one run may land on one GPU, which NCCL refuses"),
+    (["--gpus-per-worker", "2"], "a training process uses one GPU"),
 ])
 def test_a_bad_flag_is_one_usage_line_naming_it(capsys, argv, message):
     assert message in _usage_error(capsys, argv)

@@ -152,6 +152,44 @@ def test_the_start_timeout_reaches_ray_train_from_the_process_that_builds_the_tr
         assert float(os.environ[START_TIMEOUT_ENV]) == want
 
 
+def test_a_driver_joining_a_cluster_from_a_shell_gives_its_job_the_workers_environment(monkeypatch):
+    """A sweep's trials run in actors, in the nodes' environment: a driver that joins a running
+    cluster by address passes the forwarded variables (never keys) to its job; a submitted job
+    (its own runtime env) and a cluster the driver starts (inherited) pass none."""
+    import ray
+
+    from mtl.config import DistConfig, ExperimentConfig
+    from mtl.distributed import ray_train
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.delenv(ray_train.SUBMITTED_JOB_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for name in ray_train.FORWARD_ENV[1:]:
+        monkeypatch.delenv(name, raising=False)
+    assert ray_train.connect(ExperimentConfig(dist=DistConfig(address="head:6379")))
+    assert calls[-1]["runtime_env"] == {"env_vars": {"AWS_ENDPOINT_URL": "http://minio:9000"}}
+    assert not ray_train.connect(ExperimentConfig())  # (a local instance: inherited)
+    assert "runtime_env" not in calls[-1]
+    monkeypatch.setenv(ray_train.SUBMITTED_JOB_ENV, "{}")
+    ray_train.connect(ExperimentConfig(dist=DistConfig(address="head:6379")))
+    assert "runtime_env" not in calls[-1]
+
+
+def test_ray_keeps_the_checkpoint_the_pointer_names_until_the_next_commit():
+    """Ray deletes past num_to_keep as it registers a report, before rank 0 moves latest.json to
+    it: with --keep-last 1 Ray keeps 2, so the pointer never names a deleted folder."""
+    from mtl.config import ExperimentConfig
+    from mtl.distributed.ray_train import make_trainer
+
+    for keep, ray_keeps in ((1, 2), (2, 2), (5, 5), (0, None)):
+        trainer = make_trainer(ExperimentConfig().with_values({"train.keep_last": keep}), {"CPU": 1})
+        assert trainer.run_config.checkpoint_config.num_to_keep == ray_keeps, keep
+
+
 @pytest.mark.slow
 def test_a_fixed_ray_cluster_without_gpus_fails_at_once(ray_cluster, tiny_root, tmp_path, monkeypatch):
     from mtl.config import DataConfig, DistConfig, ExperimentConfig, ModelConfig, TrainConfig

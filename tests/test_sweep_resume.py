@@ -162,6 +162,21 @@ def finished_run(tmp_path):
     return {"lr": 1e-4, "base": base.to_dict(), "trials_url": trials, "sweep": SPEC.to_dict()}
 
 
+def test_a_trial_restarted_before_its_pointer_moved_resumes_from_rays_record(tmp_path):
+    """A foreground checkpoint's report reaches Ray before rank 0 moves latest.json: a trial
+    restarted in between finds Ray's record and no pointer, and must resume (from Ray's
+    checkpoint), not fail for good with "pass --resume"."""
+    from mtl.distributed.tune import start_run
+    from mtl.runs import RAY_SNAPSHOT, run_url
+
+    trials, base = str(tmp_path / "trials"), ExperimentConfig().with_values({"train.epochs": 2})
+    run = run_url(start_run(base, SPEC, {"lr": 1e-4}, trials, "t"))
+    os.makedirs(f"{run}/checkpoints/epoch-0001")
+    with open(f"{run}/{RAY_SNAPSHOT}", "w") as fh:
+        json.dump({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoints/epoch-0001"}}, fh)
+    assert start_run(base, SPEC, {"lr": 1e-4}, trials, "t").train.resume
+
+
 def test_a_trial_restarted_after_its_last_epoch_reports_that_epoch_again(finished_run, monkeypatch):
     """The driver died just after trial t's last epoch (Tune had not saved that result). After
     --resume t restarts, trains nothing, and reports its last epoch: Tune, ASHA and the report

@@ -307,11 +307,13 @@ def test_a_sweep_with_a_failed_trial_reports_the_others_and_exits_1(tmp_path, mo
     from mtl.distributed import tune
 
     hp = {"lr": 3.2e-4}
-    monkeypatch.setattr(tune, "run_sweep", lambda *a, **k: [_Result("strong", hp, [20.0, 30.0]), _Result("broken", hp, [], RuntimeError("x"))])
+    failure = RuntimeError("s3://bucket/shards: cannot reach it")  # (before training: no train.log says it)
+    monkeypatch.setattr(tune, "run_sweep", lambda *a, **k: [_Result("strong", hp, [20.0, 30.0]), _Result("broken", hp, [], failure)])
     rc = tune_cli.main(["--root", str(tmp_path), "--out", str(tmp_path), "--sweep-name", "s", "--epochs", "2",
                         "--space", "lr=loguniform:1e-5:1e-3"])
     out, err = capsys.readouterr()
     assert rc == 1 and "best trial: strong" in out and "error: 1 of 2 trials failed (broken)" in err, out + err
+    assert "  broken: s3://bucket/shards: cannot reach it" in err
     assert len((tmp_path / "s" / "results.csv").read_text().splitlines()) == 3
 
 

@@ -354,7 +354,7 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
 
     d = cfg.dist
     os.environ[START_TIMEOUT_ENV] = str(d.start_timeout)  # (an unplaceable group then fails instead of hanging)
-    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}  # (a trial actor's: `_job_env` gave it them)
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "track_mlflow": track_mlflow},
@@ -367,7 +367,9 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
             # dead and time out placing it (--start-timeout-s); it then retries with what is there
             failure_config=FailureConfig(max_failures=d.max_failures,
                                          controller_failure_limit=max(1, d.max_failures) if d.min_workers else 1),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last or None),  # (0: all; None to Ray)
+            # (0: all, None to Ray; at least 2: Ray deletes the one before as it registers a foreground
+            # checkpoint's report, while latest.json still names that one until rank 0 commits the new one)
+            checkpoint_config=CheckpointConfig(num_to_keep=max(2, cfg.train.keep_last) if cfg.train.keep_last else None),
             worker_runtime_env={"env_vars": env},
             callbacks=callbacks,
         ),
@@ -382,8 +384,20 @@ def connect(cfg: ExperimentConfig) -> bool:
     address = cluster_address(cfg.dist.address)
     joined = address is not None or ray.is_initialized()
     if not ray.is_initialized():
-        ray.init(address=address or "local", log_to_driver=True)
+        ray.init(address=address or "local", log_to_driver=True, **_job_env(address))
     return joined
+
+
+def _job_env(address: str | None) -> dict:
+    """A driver that joins a running cluster from a shell (``--address``, $RAY_ADDRESS, not `ray
+    job submit`) gives its job the environment the workers need (`FORWARD_ENV`): the actors it
+    starts (a sweep's trials, which build their Train runs there) run in the nodes' environment,
+    not the driver's, and would miss e.g. AWS_ENDPOINT_URL. A submitted job has its own
+    (``--runtime-env``); a cluster this driver starts inherits its environment."""
+    if address is None or SUBMITTED_JOB_ENV in os.environ:
+        return {}
+    env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def plan(cfg: ExperimentConfig, joined: bool) -> WorkerPlan:

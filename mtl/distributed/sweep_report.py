@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 from mtl.checkpoint import BEST_FILE, epoch_metrics
 from mtl.distributed.sweep_space import SweepSpec
+from mtl.errors import one_line
 from mtl.storage import read_bytes, write_bytes_atomic
 
 TEXT_COLUMNS = ("trial", "status")  # left-aligned in the terminal; numbers and hyperparameters right
@@ -62,6 +63,7 @@ class TrialRow:
     history: list[tuple[int, float]]  # (epoch, objective) per result
     status: str
     best_model: str  # <the run folder of the best epoch>/best.pt
+    error: str = ""  # a failed trial's error, one line (a trial that failed before training has no train.log)
 
 
 def _nan() -> float:
@@ -180,6 +182,12 @@ class SweepReport:
                       reverse=True)
 
     def _row(self, r, max_epochs: int) -> TrialRow:
+        row = self._results_row(r, max_epochs)
+        if r.error:
+            row.error = one_line(r.error)
+        return row
+
+    def _results_row(self, r, max_epochs: int) -> TrialRow:
         name, trials_url = os.path.basename(r.path.rstrip("/")), r.config.get("trials_url", "")
         key = self.spec.key
         rows = _tune_rows(r.metrics_dataframe)

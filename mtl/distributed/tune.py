@@ -246,7 +246,12 @@ def start_run(base: ExperimentConfig, spec: SweepSpec, hp: dict[str, Any], trial
                 run = f"{name}-p{len(runs)}" if runs else f"{name}-p1"
                 seed_run(trial_config(base, spec.space, hp, run, trials_url), d, hp)
     cfg = trial_config(base, spec.space, hp, run, trials_url)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=RunFolder(run_url(cfg)).has_checkpoint()))
+    # (Ray's record may name a checkpoint before latest.json does: a report taken, the trial
+    # restarted before rank 0 moved the pointer; the run then resumes from Ray's, `RayStorage.latest`)
+    folder = RunFolder(run_url(cfg))
+    entries = folder.entries()
+    resume = folder.has_checkpoint(entries) or folder.ray_checkpoint(entries) is not None
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=resume))
     return prepare_run(cfg)
 
 

@@ -79,6 +79,10 @@ class DataConfig(_Part):
             raise ValueError(f"--crop must be positive, got {self.crop}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.prefetch < 1 or self.shuffle_buffer < 0 or min(self.synthetic_counts[:2]) < 1 or self.synthetic_counts[2] < 0:
+            raise ValueError(f"--prefetch must be >= 1, --shuffle-buffer >= 0 (0: no shuffling) and --synthetic-counts at "
+                             f"least 1 1 0, got {self.prefetch}, {self.shuffle_buffer} and "
+                             f"{' '.join(map(str, self.synthetic_counts))}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,9 @@ class TrainConfig(_Part):
             raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
         if self.seed < 0:  # (numpy's generators take none: the first augmented sample would fail)
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name):
+            raise ValueError(f"--name {self.name!r} must be a folder name (no '/', not '.' or '..'): the run folder is "
+                             f"--out/<name>")
         if self.keep_last < 0 or (self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1):
             raise ValueError(f"--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got "
                              f"{self.keep_last} and {self.max_steps_per_epoch}")

@@ -90,6 +90,9 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--task-weighting", "uncertainty", "--semseg-weight", "1"], "--task-weighting uncertainty starts from --semseg-weight"),
     (["--num-workers", "2", "--gpus-per-worker", "0.5"], "ranks of one run may land on one GPU, which NCCL refuses"),
     (["--gpus-per-worker", "2"], "a training process uses one GPU"),
+    (["--prefetch", "0"], "--prefetch must be >= 1"),
+    (["--synthetic-counts", "8", "0", "2"], "--synthetic-counts at least 1 1 0, got 4, 256 and 8 0 2"),
+    (["--name", "../elsewhere"], "--name '../elsewhere' must be a folder name"),
 ])
 def test_a_bad_flag_is_one_usage_line_naming_it(capsys, argv, message):
     assert message in _usage_error(capsys, argv)

@@ -194,9 +194,10 @@ _SYNCED_ABOVE: set[tuple[str, int, int]] = set()  # folders above a synced one w
 
 def _sync_entry(path: str) -> None:
     """The entry of ``path`` in its folder, and those folders' entries up to the root, onto the
-    disk. The folder is synced every time (new names appear there); the ones above once per
-    process (a run folder's ``checkpoints/``, made with the first checkpoint: an unchanged
-    folder's fsync still flushes the disk's cache on some file systems)."""
+    disk. The folder is synced every time (new names appear there); each one above once per
+    process while the folder below it stays the same one, unchanged (its inode and ctime: a run
+    folder's ``checkpoints/`` is new with the first checkpoint, and an unchanged folder's fsync
+    still flushes the disk's cache on some file systems)."""
     folder = os.path.dirname(os.path.abspath(path))
     _fsync(folder, folder=True)
     while os.path.dirname(folder) != folder:

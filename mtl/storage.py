@@ -180,9 +180,9 @@ def sync_local(url: str, contents: bool = True) -> None:
     if not os.path.isdir(root):
         _fsync(root, folder=False)
     for folder, _, files in os.walk(root) if contents and os.path.isdir(root) else ():
-        for name in files:
-            if not os.path.islink(os.path.join(folder, name)) and os.path.isfile(os.path.join(folder, name)):
-                _fsync(os.path.join(folder, name), folder=False)
+        for path in (os.path.join(folder, name) for name in files):
+            if not os.path.islink(path) and os.path.isfile(path):
+                _fsync(path, folder=False)
         _fsync(folder, folder=True)
     if os.path.isdir(root) and not contents:
         _fsync(root, folder=True)

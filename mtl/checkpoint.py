@@ -494,6 +494,7 @@ class Checkpointer:
         """Load the latest checkpoint into every part; ``check`` vets it (e.g. that it belongs to
         this configuration) before any part changes. Returns the loaded state, None if none."""
         with self.storage.latest() as found:
+            self._check_same_on_every_rank(found)
             if found is None:
                 return None
             folder, url = found
@@ -507,6 +508,18 @@ class Checkpointer:
         if self.rank == 0 and state.get("is_best"):  # (a failure between its commit and best.pt: best.pt is an older epoch)
             self._write_best(state)
         return state
+
+
+    def _check_same_on_every_rank(self, found: tuple[str, str] | None) -> None:
+        """Every rank chose the same checkpoint (or none), before any part changes. Each reads
+        the pointer on its own: one that moved in between (a writer of an attempt being torn
+        down, a second driver on the run folder) would have the ranks train on from different
+        steps, waiting for each other's collectives until a timeout or silently apart."""
+        chosen = self.strategy.gather_objects(None if found is None else found[1])
+        if len(set(chosen)) > 1:
+            each = ", ".join(f"rank {r}: {url or 'none'}" for r, url in enumerate(chosen))
+            raise RuntimeError(f"the ranks found different checkpoints to resume ({each}): {self.run_url}/{CHECKPOINTS}/"
+                               f"{POINTER} changed while they read it; nothing was loaded, and a new attempt reads it again")
 
 
 def _wait_for(future: Future | None) -> None:

@@ -75,6 +75,15 @@ class Strategy(ABC):
         if _several_ranks():
             dist.barrier()
 
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order: what a choice each rank makes on
+        its own is checked against (`mtl.checkpoint.Checkpointer.restore`)."""
+        if not _several_ranks():
+            return [value]
+        values: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+
     # --- what a checkpoint holds
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

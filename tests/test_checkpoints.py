@@ -658,3 +658,49 @@ def test_a_background_checkpoint_on_ray_fails_only_once_rays_retries_are_spent(t
     with pytest.raises(OSError, match="ACCESS_DENIED"):
         done.result(timeout=0)
     assert not os.path.exists(folder)  # (its folder removed: Ray deletes it only after an upload)
+
+
+_TWO_RANKS_RESTORE = """
+import sys, torch, torch.distributed as dist
+from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
+from mtl.strategy import PlainStrategy
+rank, store, runs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+run = runs[rank]  # (what each rank finds in the run folder: the same pointer, or one that moved in between)
+model = torch.nn.Linear(3, 2)
+state = TrainState()
+try:
+    Checkpointer(FolderStorage(run), run, PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+                 {"train_state": state}, rank=rank).restore()
+    print("resumed at epoch", state.epoch)
+except RuntimeError as e:
+    print("refused:", e, "| epoch", state.epoch)
+"""
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_every_rank_resumes_from_the_same_checkpoint(tmp_path, moved):
+    """Each rank reads the pointer on its own. Should it move between their reads (a writer of an
+    attempt being torn down), the ranks would train on from different steps: they compare what
+    they found first, and refuse, naming each rank's, before any of them loads it. Two gloo ranks."""
+    from torch import nn
+
+    from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
+    from mtl.strategy import PlainStrategy
+
+    runs = [str(tmp_path / "run-a"), str(tmp_path / ("run-b" if moved else "run-a"))]
+    for epoch, run in enumerate(runs[:1 + moved], start=3):
+        model, state = nn.Linear(3, 2), TrainState(epoch=epoch)
+        Checkpointer(FolderStorage(run), run, PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+                     {"train_state": state}).save(f"epoch-000{epoch}", {}, {}, is_best=False)
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS_RESTORE, str(r), str(tmp_path / "store"), *runs], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    if not moved:
+        assert [o[0] for o in outs] == ["resumed at epoch 3\n"] * 2
+        return
+    for rank, (out, _) in enumerate(outs):
+        assert out == (f"refused: the ranks found different checkpoints to resume (rank 0: {runs[0]}/checkpoints/epoch-0003, "
+                       f"rank 1: {runs[1]}/checkpoints/epoch-0004): {runs[rank]}/checkpoints/latest.json changed while they "
+                       f"read it; nothing was loaded, and a new attempt reads it again | epoch 0\n")

@@ -241,7 +241,10 @@ class DistConfig(_Part):
     gpus_per_worker: float = operational(1.0)  # GPUs per training process when on GPUs
     strategy: Literal["ddp", "deepspeed"] = "ddp"  # PyTorch DDP, or DeepSpeed ZeRO (--zero-stage)
     zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed ZeRO stage
-    max_failures: int = operational(3)  # worker/node failures survived by restarting from the last checkpoint
+    #: worker/node failures survived by restarting from the last checkpoint, counted over the whole
+    #: run (a long run on nodes lost without notice may want more; preemptions with notice are not
+    #: counted); -1: no limit
+    max_failures: int = operational(3)
     #: how long the worker group may wait to be placed; a request the cluster can never hold fails
     #: at once instead. Default: 900 s (nodes booting: 10+ minutes is normal for cloud GPUs), 60 s
     #: for elastic runs (--min-workers): they start only on resources Ray reports, and after a
@@ -259,8 +262,9 @@ class DistConfig(_Part):
                              "number of workers; elastic training needs --strategy ddp")
         if self.resize_interval_s <= 0:
             raise ValueError(f"--resize-interval-s must be > 0, got {self.resize_interval_s}")
-        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < 0 or self.start_timeout <= 0:
-            raise ValueError("--cpus-per-worker and --start-timeout-s must be > 0; --gpus-per-worker and --max-failures >= 0")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < -1 or self.start_timeout <= 0:
+            raise ValueError("--cpus-per-worker and --start-timeout-s must be > 0; --gpus-per-worker >= 0; --max-failures >= 0, "
+                             "or -1 for no limit")
         if self.gpus_per_worker > 1:
             raise ValueError(f"--gpus-per-worker {self.gpus_per_worker:g}: a training process uses one GPU; more would be "
                              f"reserved and left idle (more GPUs: --num-workers)")

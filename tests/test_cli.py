@@ -91,6 +91,7 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--num-workers", "2", "--gpus-per-worker", "0.5"], "ranks of one run may land on one GPU, which NCCL refuses"),
     (["--gpus-per-worker", "2"], "a training process uses one GPU"),
     (["--prefetch", "0"], "--prefetch must be >= 1"),
+    (["--max-failures", "-2"], "--max-failures >= 0, or -1 for no limit"),
     (["--synthetic-counts", "8", "0", "2"], "--synthetic-counts at least 1 1 0, got 4, 256 and 8 0 2"),
     (["--name", "../elsewhere"], "--name '../elsewhere' must be a folder name"),
 ])

@@ -190,6 +190,20 @@ def test_ray_keeps_the_checkpoint_the_pointer_names_until_the_next_commit():
         assert trainer.run_config.checkpoint_config.num_to_keep == ray_keeps, keep
 
 
+def test_failures_are_counted_over_the_run_and_minus_one_is_no_limit():
+    """--max-failures is Ray's count over the whole run (-1: none); placing the group may fail
+    once for a fixed size, as often as a worker may for an elastic one (after a node's loss Ray
+    may aim at the lost node and time out)."""
+    from mtl.config import ExperimentConfig
+    from mtl.distributed.ray_train import make_trainer
+
+    for failures, elastic, controller in ((3, False, 1), (3, True, 3), (0, True, 1), (-1, False, 1), (-1, True, -1)):
+        cfg = ExperimentConfig().with_values({"dist.max_failures": failures, "dist.num_workers": 2,
+                                              "dist.min_workers": 1 if elastic else None, "train.checkpoint_every": 10}).validate()
+        config = make_trainer(cfg, {"CPU": 1}).run_config.failure_config
+        assert (config.max_failures, config.controller_failure_limit) == (failures, controller), (failures, elastic)
+
+
 @pytest.mark.slow
 def test_a_fixed_ray_cluster_without_gpus_fails_at_once(ray_cluster, tiny_root, tmp_path, monkeypatch):
     from mtl.config import DataConfig, DistConfig, ExperimentConfig, ModelConfig, TrainConfig

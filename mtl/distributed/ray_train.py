@@ -366,7 +366,7 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
             # elastic: a restart right after a node loss may aim at a node Ray has not yet declared
             # dead and time out placing it (--start-timeout-s); it then retries with what is there
             failure_config=FailureConfig(max_failures=d.max_failures,
-                                         controller_failure_limit=max(1, d.max_failures) if d.min_workers else 1),
+                                         controller_failure_limit=_controller_failures(d)),
             # (0: all, None to Ray; at least 2: Ray deletes the one before as it registers a foreground
             # checkpoint's report, while latest.json still names that one until rank 0 commits the new one)
             checkpoint_config=CheckpointConfig(num_to_keep=max(2, cfg.train.keep_last) if cfg.train.keep_last else None),
@@ -374,6 +374,16 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
             callbacks=callbacks,
         ),
     )
+
+
+def _controller_failures(d) -> int:
+    """Failures to place the worker group tolerated (Ray's ``controller_failure_limit``): one for a
+    fixed size (a group that cannot be placed in ``--start-timeout-s`` fails the run, rather than
+    wait again and again for nodes that do not come); for elastic runs as many as worker failures
+    (-1: no limit), since a restart right after a node's loss may time out aiming at the lost node."""
+    if not d.min_workers:
+        return 1
+    return -1 if d.max_failures == -1 else max(1, d.max_failures)
 
 
 def connect(cfg: ExperimentConfig) -> bool:

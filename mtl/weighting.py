@@ -15,8 +15,11 @@ tensors instead of putting them into the network's optimizer. Why:
   weights, made from the current losses, take one more per micro-batch), which for uncertainty
   weighting gives exactly the gradient DDP would have averaged;
 * a batch without a task's labels has that task's loss 0 (`mtl.losses.task_losses`): the means
-  the methods learn from are over the micro-batches and ranks that had them (`_present_mean`),
-  and a task none had sits the step out.
+  the per-step methods (uncertainty, FAMO) learn from are over the micro-batches and ranks that
+  had them (`_present_mean`), and a task none had sits the step out. DWA's epoch means are the
+  run's logged epoch losses, over all micro-batches (a label-less one adds 0): its ratio of two
+  epochs is unchanged as long as the share of such batches is (every Miniscapes and Cityscapes
+  image has both labels).
 
 Methods (K = 2 tasks; ``base`` = (w, 1 - w) from ``--semseg-weight``):
 

@@ -493,8 +493,12 @@ class Checkpointer:
     def restore(self, check: Callable[[dict[str, Any]], None] = lambda state: None) -> dict[str, Any] | None:
         """Load the latest checkpoint into every part; ``check`` vets it (e.g. that it belongs to
         this configuration) before any part changes. Returns the loaded state, None if none."""
-        with self.storage.latest() as found:
-            self._check_same_on_every_rank(found)
+        with contextlib.ExitStack() as stack:
+            try:
+                found, failed = stack.enter_context(self.storage.latest()), None
+            except Exception as e:  # (raised on every rank below: the others would wait for this one's gather)
+                found, failed = None, e
+            self._check_same_on_every_rank(found, failed)
             if found is None:
                 return None
             folder, url = found
@@ -509,13 +513,19 @@ class Checkpointer:
             self._write_best(state)
         return state
 
-
-    def _check_same_on_every_rank(self, found: tuple[str, str] | None) -> None:
+    def _check_same_on_every_rank(self, found: tuple[str, str] | None, failed: Exception | None) -> None:
         """Every rank chose the same checkpoint (or none), before any part changes. Each reads
         the pointer on its own: one that moved in between (a writer of an attempt being torn
         down, a second driver on the run folder) would have the ranks train on from different
-        steps, waiting for each other's collectives until a timeout or silently apart."""
-        chosen = self.strategy.gather_objects(None if found is None else found[1])
+        steps, waiting for each other's collectives until a timeout or silently apart. A rank
+        that could not choose (``failed``) raises its error, and the others one naming it."""
+        gathered = self.strategy.gather_objects((None if found is None else found[1], None if failed is None else str(failed)))
+        if failed is not None:
+            raise failed
+        errors = [(r, error) for r, (_, error) in enumerate(gathered) if error is not None]
+        if errors:
+            raise RuntimeError(f"rank {errors[0][0]} could not choose a checkpoint to resume: {errors[0][1]}")
+        chosen = [url for url, _ in gathered]
         if len(set(chosen)) > 1:
             each = ", ".join(f"rank {r}: {url or 'none'}" for r, url in enumerate(chosen))
             raise RuntimeError(f"the ranks found different checkpoints to resume ({each}): {self.run_url}/{CHECKPOINTS}/"

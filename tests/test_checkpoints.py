@@ -673,34 +673,41 @@ try:
     Checkpointer(FolderStorage(run), run, PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1)),
                  {"train_state": state}, rank=rank).restore()
     print("resumed at epoch", state.epoch)
-except RuntimeError as e:
+except (RuntimeError, ValueError) as e:
     print("refused:", e, "| epoch", state.epoch)
 """
 
 
-@pytest.mark.parametrize("moved", [False, True])
-def test_every_rank_resumes_from_the_same_checkpoint(tmp_path, moved):
+@pytest.mark.parametrize("rank_1_finds", ["the same", "a newer one", "a corrupt pointer"])
+def test_every_rank_resumes_from_the_same_checkpoint(tmp_path, rank_1_finds):
     """Each rank reads the pointer on its own. Should it move between their reads (a writer of an
     attempt being torn down), the ranks would train on from different steps: they compare what
-    they found first, and refuse, naming each rank's, before any of them loads it. Two gloo ranks."""
+    they found first, and refuse, naming each rank's, before any of them loads it; a rank that
+    cannot read it makes every rank fail, not wait for it. Two gloo ranks."""
     from torch import nn
 
     from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
     from mtl.strategy import PlainStrategy
 
-    runs = [str(tmp_path / "run-a"), str(tmp_path / ("run-b" if moved else "run-a"))]
-    for epoch, run in enumerate(runs[:1 + moved], start=3):
+    runs = [str(tmp_path / "run-a"), str(tmp_path / ("run-a" if rank_1_finds == "the same" else "run-b"))]
+    for epoch, run in enumerate(sorted(set(runs)), start=3):
         model, state = nn.Linear(3, 2), TrainState(epoch=epoch)
         Checkpointer(FolderStorage(run), run, PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1)),
                      {"train_state": state}).save(f"epoch-000{epoch}", {}, {}, is_best=False)
+    if rank_1_finds == "a corrupt pointer":
+        (tmp_path / "run-b/checkpoints/latest.json").write_text("{")
     procs = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS_RESTORE, str(r), str(tmp_path / "store"), *runs], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    if not moved:
-        assert [o[0] for o in outs] == ["resumed at epoch 3\n"] * 2
-        return
-    for rank, (out, _) in enumerate(outs):
-        assert out == (f"refused: the ranks found different checkpoints to resume (rank 0: {runs[0]}/checkpoints/epoch-0003, "
-                       f"rank 1: {runs[1]}/checkpoints/epoch-0004): {runs[rank]}/checkpoints/latest.json changed while they "
-                       f"read it; nothing was loaded, and a new attempt reads it again | epoch 0\n")
+    if rank_1_finds == "the same":
+        assert outs == ["resumed at epoch 3\n"] * 2
+    elif rank_1_finds == "a newer one":
+        for rank, out in enumerate(outs):
+            assert out == (f"refused: the ranks found different checkpoints to resume (rank 0: {runs[0]}/checkpoints/epoch-0003, "
+                           f"rank 1: {runs[1]}/checkpoints/epoch-0004): {runs[rank]}/checkpoints/latest.json changed while "
+                           f"they read it; nothing was loaded, and a new attempt reads it again | epoch 0\n")
+    else:
+        corrupt = f"{runs[1]}/checkpoints/latest.json is corrupt (not a checkpoint pointer: b'{{')"
+        assert outs[1].startswith(f"refused: {corrupt}") and outs[1].endswith("| epoch 0\n")
+        assert outs[0].startswith(f"refused: rank 1 could not choose a checkpoint to resume: {corrupt}"), outs

@@ -213,10 +213,12 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume:
         raise RunConflict(f"{state.get('url', 'a checkpoint')} exists: pass --resume to continue that run, or choose another "
                           f"--name/--out for a new run")
     check_same_training(stored_config(state["config"]), cfg, f"checkpoint {state.get('url', '')}")
-    done = state["train_state"].get("epoch", 0)
-    if cfg.train.epochs < done:  # the run folder would then describe a shorter run than its checkpoints hold
+    done, inside = state["train_state"].get("epoch", 0), state["train_state"].get("epoch_step", 0)
+    started = done + (1 if inside else 0)  # (a step checkpoint: its epoch has begun and must end)
+    if cfg.train.epochs < started:  # the run folder would then describe a shorter run than its checkpoints hold
+        trained = f"{done} epochs and {inside} steps of the next" if inside else f"{done} epochs"
         raise RunConflict(f"resume refused: --epochs {cfg.train.epochs}, but {state.get('url', 'the checkpoint')} has trained "
-                          f"{done} epochs already (--epochs {done} or more continues it)")
+                          f"{trained} already (--epochs {started} or more continues it)")
 
 
 def local_runtime(cfg: ExperimentConfig) -> Runtime:

@@ -191,9 +191,9 @@ def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
 
 
 def test_a_resume_to_fewer_epochs_than_its_checkpoint_trained_is_refused():
-    """--resume --epochs 2 on a run with 3 epochs done would train nothing and leave a
-    config.json that says 2: refused, naming both numbers; the same length is fine (Ray's
-    restart of a finished run)."""
+    """--resume --epochs 2 on a run with 3 epochs done (or 2 and some steps of the third) would
+    train nothing and leave a config.json that says 2: refused, naming both numbers; the same
+    length is fine (Ray's restart of a finished run)."""
     from mtl.engine import check_resumable
 
     cfg = resolve_config(cfg_with(train={"epochs": 3}))
@@ -202,6 +202,12 @@ def test_a_resume_to_fewer_epochs_than_its_checkpoint_trained_is_refused():
     with pytest.raises(RunConflict, match=r"--epochs 2, but runs/r/checkpoints/epoch-0003 has trained 3 epochs already"):
         check_resumable(state, shorter)
     check_resumable(state, dataclasses.replace(shorter, train=dataclasses.replace(shorter.train, epochs=3)))
+    # a step checkpoint inside epoch 3 (or at its end, before its validation): epoch 3 has begun
+    inside = {**state, "train_state": {"epoch": 2, "epoch_step": 5}, "url": "runs/r/checkpoints/epoch-0002-step-00000017"}
+    with pytest.raises(RunConflict, match=r"--epochs 2, but runs/r/checkpoints/epoch-0002-step-00000017 has trained 2 epochs "
+                                          r"and 5 steps of the next already \(--epochs 3 or more continues it\)"):
+        check_resumable(inside, shorter)
+    check_resumable(inside, dataclasses.replace(shorter, train=dataclasses.replace(shorter.train, epochs=3)))
 
 
 def test_settings_the_model_cannot_use_are_refused_before_training():

@@ -556,7 +556,7 @@ class Trainer:
             s_.input_size = list(batch["rgb"].shape[-2:])
         if not n_img and done:  # resumed at the epoch's end (more ranks share what was left): the stored sums
             loss = (running / done).tolist()
-        return loss, n_img * self.rt.world / (time.perf_counter() - t0)
+        return loss, n_img * self.rt.world / (time.perf_counter() - t0) if n_img else float("nan")  # (none: not measured)
 
     @staticmethod
     def _diverged(what: str, lr: float, step: int, epoch: int) -> "TrainingDiverged":
@@ -632,6 +632,7 @@ class Trainer:
         # the ranks' mean: only rank 0's state.pt is kept and every rank restores it, so each adds
         # its own later steps to the same share of the earlier ones (DWA's epoch means stay exact)
         s_.epoch_loss = (self.strategy.all_reduce_sum(running) / self.rt.world).tolist()  # (a host sync: only here)
+        s_.lr = lr
         mean = [v / s_.epoch_step for v in s_.epoch_loss]
         if not math.isfinite(mean[0]):  # (the ranks' sum: every rank sees it)
             raise self._diverged(f"the loss is {mean[0]}", lr, s_.epoch_step, s_.epoch + 1)
@@ -681,7 +682,8 @@ class Trainer:
         # (``loss``: the epoch's mean over all ranks, read at its last step, `train_epoch`)
         if self.weighting.epochwise and all(math.isfinite(v) for v in loss[1:]):  # DWA (none read: no update)
             self.weighting.end_epoch(loss[1:])
-        lr = epoch_lrs[-1] if epoch_lrs else self.schedule(self.lr_step())  # (no step left after a resume: the next one's)
+        # (no step left after a resume: the last step's, as its checkpoint stored it)
+        lr = epoch_lrs[-1] if epoch_lrs else s_.lr if s_.lr is not None else float("nan")
         metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": lr, "train_loss": loss[0],
                         "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips, "val_s": val_s,
                         "restarts": s_.restarts, "epoch_lrs": epoch_lrs, "world": self.rt.world, "samples": s_.samples,

@@ -352,6 +352,34 @@ def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_after_ever
                        "epoch-0001-step-00000008", "epoch-0002"]
 
 
+def test_a_resume_at_an_epochs_end_reports_the_lr_its_last_step_had(tiny_root, tmp_path, monkeypatch):
+    """A notice at an epoch's last step checkpoints it before validation; the node goes during
+    validation, and the resume finds no step of the epoch left. Its metrics carry the LR of the
+    epoch's last step (the checkpoint's), not the next step's (0 after a run's last), and no
+    throughput, which this attempt did not measure (not 0 img/s)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import mtl.engine
+
+    cfg = config(DataConfig(root=tiny_root, workers=0), tmp_path).with_values(
+        {"train.epochs": 1, "train.max_steps_per_epoch": 4, "train.batch_size": 2, "train.checkpoint_every": 0,
+         "train.preemption_poll_every": 4})
+    evaluate = mtl.engine.rt_evaluate
+
+    def node_gone(*a, **k):
+        raise RuntimeError("node gone during validation")
+
+    monkeypatch.setattr(mtl.engine, "rt_evaluate", node_gone)
+    with pytest.raises(RuntimeError, match="node gone"):
+        fit(cfg, dataclasses.replace(local_runtime(cfg), preemption=lambda: SimpleNamespace(preempted_node_ids=["n1"])))
+    last = torch.load(f"{run_url(cfg)}/checkpoints/epoch-0000-step-00000004/state.pt", weights_only=True)["metrics"]["lr"]
+    monkeypatch.setattr(mtl.engine, "rt_evaluate", evaluate)
+    again = cfg.with_values({"train.resume": True})
+    metrics = fit(again, local_runtime(again)).metrics
+    assert metrics[0]["epoch_lrs"] == [] and metrics[0]["lr"] == last > 0 and math.isnan(metrics[0]["train_images_per_s"])
+
+
 def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():
     """Only rank 0's state.pt is kept, and every rank restores it: what it stores of the epoch's
     loss sums is the ranks' mean, so that each rank's later steps add to the same share of the

@@ -87,8 +87,8 @@ class LeaseTiming:
             ttl = float(raw)
         except ValueError:
             ttl = -1.0
-        if not ttl > 0:
-            raise ValueError(f"{TTL_ENV}={raw!r}: give the lease's lifetime in seconds (> 0)")
+        if not 0 < ttl <= MAX_TTL_S:  # (a watcher waits no longer for any holder: a longer one would lose its lease)
+            raise ValueError(f"{TTL_ENV}={raw!r}: give the lease's lifetime in seconds (> 0, at most {MAX_TTL_S:g})")
         return cls(ttl)
 
 

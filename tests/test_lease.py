@@ -42,6 +42,20 @@ def test_a_driver_holds_renews_and_releases_its_lease(tmp_path):
     assert not (tmp_path / "run").exists()  # (released; the folder it made for the lease, empty, removed)
 
 
+@pytest.mark.parametrize("raw", ["0", "abc", "inf", "nan", "3601"])
+def test_a_lease_lifetime_no_watcher_would_wait_for_is_refused(monkeypatch, raw):
+    """A watcher waits for a holder's renewals at most MAX_TTL_S: a holder with a longer lifetime
+    (renewing every quarter of it) would lose its live lease to a second driver; an infinite one
+    would not renew at all."""
+    from mtl.lease import TTL_ENV
+
+    monkeypatch.setenv(TTL_ENV, raw)
+    with pytest.raises(ValueError, match=f"{TTL_ENV}='{raw}': give the lease's lifetime in seconds \\(> 0, at most 3600\\)"):
+        LeaseTiming.from_env()
+    monkeypatch.setenv(TTL_ENV, "3600")
+    assert LeaseTiming.from_env().ttl_s == 3600
+
+
 def test_a_live_drivers_lease_is_refused_naming_it(tmp_path):
     folder = str(tmp_path / "run")
     first = RunLease(folder, timing=FAST, log=lambda m: None)

@@ -435,12 +435,12 @@ class Trainer:
 
     def fit(self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
         t = self.cfg.train
-        if self.rt.is_main:
-            self.announce()
         history, lrs, s_ = [], [], self.state
-        it = self._batches(s_.epoch, s_.epoch_step, self.start) if s_.epoch < t.epochs else None
         failed = False
-        try:
+        try:  # (from the start: a loader that cannot start still ends the tracker's run as failed, and the log)
+            if self.rt.is_main:
+                self.announce()
+            it = self._batches(s_.epoch, s_.epoch_step, self.start) if s_.epoch < t.epochs else None
             with TrainProgress(self.log, enabled=self.rt.is_main, interval_s=t.log_interval_s) as bar:
                 while s_.epoch < t.epochs:
                     first_lr = len(lrs)

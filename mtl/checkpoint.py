@@ -57,6 +57,23 @@ METRICS_DIR = "metrics"  # metrics/<tag>.json: an epoch's validation (step check
 _EPOCH_FILE = re.compile(r"epoch-(\d+)\.json")  # not a step checkpoint's tag (epoch-NNNN-step-NNNNNNNN)
 
 
+def epoch_tag(epoch: int, step: int | None = None) -> str:
+    """A checkpoint's tag: ``epoch-NNNN`` after epoch NNNN's validation, ``epoch-NNNN-step-SSSSSSSS``
+    at global step S inside the epoch after it. Tags sort in the order they are written."""
+    return f"epoch-{epoch:04d}" if step is None else f"epoch-{epoch:04d}-step-{step:08d}"
+
+
+def tag_epoch(tag: str) -> int | None:
+    """The epochs completed at checkpoint ``tag`` (None: not a checkpoint's tag)."""
+    m = re.fullmatch(r"epoch-(\d+)(?:-step-\d+)?", tag)
+    return int(m.group(1)) if m else None
+
+
+def metrics_url(run_url: str, tag: str) -> str:
+    """``<run>/metrics/<tag>.json``: the validation of epoch checkpoint ``tag``."""
+    return f"{run_url.rstrip('/')}/{METRICS_DIR}/{tag}.json"
+
+
 def _numpy_array_globals() -> list:
     """What a pickled numpy array needs: checkpoints written before the RNG state was stored as
     tensors hold numpy's MT19937 key array. Rebuilding an array runs no user code (torch's own
@@ -477,7 +494,7 @@ class Checkpointer:
         write_bytes_atomic(self._metrics_url(tag), json_bytes(metrics))
 
     def _metrics_url(self, tag: str) -> str:
-        return f"{self.run_url}/{METRICS_DIR}/{tag}.json"
+        return metrics_url(self.run_url, tag)
 
     def _commit(self, tag: str, metrics_file: bool) -> None:
         """Rank 0: the pointer moves to ``tag``; on a local disk the epoch's metrics file is synced

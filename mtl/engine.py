@@ -21,7 +21,7 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState
+from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState, epoch_tag
 from mtl.config import ExperimentConfig
 from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN, CapturedStep, StepFn
 from mtl.data.build import FolderLoader, Loaders, build_loaders, coverage_notes
@@ -637,7 +637,7 @@ class Trainer:
         if not math.isfinite(mean[0]):  # (the ranks' sum: every rank sees it)
             raise self._diverged(f"the loss is {mean[0]}", lr, s_.epoch_step, s_.epoch + 1)
         self._check_finite_weights(lr, s_.epoch_step, s_.epoch + 1)
-        tag = f"epoch-{s_.epoch:04d}-step-{s_.step:08d}"
+        tag = epoch_tag(s_.epoch, s_.step)
         metrics = {"epoch": s_.epoch, "step": s_.step, "epoch_step": s_.epoch_step, "lr": lr, "train_loss": mean[0],
                    "train_loss_semseg": mean[1], "train_loss_depth": mean[2], "restarts": s_.restarts}
         stored = None  # the tracker's points up to this step: a resume from here logs only later ones
@@ -702,7 +702,7 @@ class Trainer:
         finally:  # (a tracking failure still leaves the checkpoint)
             if self.checkpointer:
                 self._check_finite_weights(lr, self.steps_per_epoch, s_.epoch)  # (the epoch that ended: s_.epoch counts it)
-                self._checkpoint("epoch", f"epoch-{s_.epoch:04d}", metrics, is_best, after=stored)
+                self._checkpoint("epoch", epoch_tag(s_.epoch), metrics, is_best, after=stored)
         self.log.flush(wait=False)  # (the run's end waits for it)
         return metrics
 

@@ -127,6 +127,24 @@ def test_the_report_of_a_resumed_sweep_ranks_each_trial_by_all_its_epochs(tmp_pa
     assert rows[0].history == [(1, 20.0), (2, 40.0), (3, 30.0), (4, 22.0), (5, 21.0), (6, 23.0)]
 
 
+@pytest.mark.parametrize("committed, status", [("epoch-0002", "unfinished"), ("epoch-0003", "completed")])
+def test_a_trial_interrupted_before_its_last_checkpoint_is_unfinished(tmp_path, committed, status):
+    """An epoch's metrics are written before its checkpoint: a sweep stopped in between has the
+    last epoch's results, but the trial's checkpoint is the epoch before, and --resume trains
+    the epoch again. Tune never saw the trial end (its last result is not done): unfinished,
+    unless its pointer names the last epoch."""
+    from mtl.checkpoint import CheckpointIndex
+
+    trials = tmp_path / "trials"
+    _trained(trials, "t", [10.0, 20.0, 30.0])
+    for tag in ("epoch-0002", "epoch-0003")[: 1 + (committed == "epoch-0003")]:
+        os.makedirs(trials / "t" / "checkpoints" / tag)
+        CheckpointIndex(str(trials / "t")).commit(tag)
+    t = _Result("t", trials, [1, 2, 3], [10.0, 20.0, 30.0], {"epoch": 3})
+    (row,) = SweepReport(SPEC, ("semseg", "depth")).rows([t], max_epochs=3)
+    assert (row.epochs, row.status) == (3, status)
+
+
 def test_a_resumed_pbt_trial_takes_each_epoch_from_the_folder_that_trained_it(tmp_path):
     """PBT trial p had trained epochs 1-4 in p/ when it copied trial q's epoch-2 checkpoint (q
     was behind) and went on in p-p1/ with lr 4e-4; it had trained epoch 3 again there when the

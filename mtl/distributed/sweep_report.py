@@ -34,10 +34,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from mtl.checkpoint import BEST_FILE, epoch_metrics
+from mtl.checkpoint import BEST_FILE, CheckpointIndex, epoch_metrics, epoch_tag, metrics_url, tag_epoch
 from mtl.distributed.sweep_space import SweepSpec
 from mtl.errors import one_line
-from mtl.storage import read_bytes, write_bytes_atomic
+from mtl.storage import exists, read_bytes, write_bytes_atomic
 
 TEXT_COLUMNS = ("trial", "status")  # left-aligned in the terminal; numbers and hyperparameters right
 HP_PREFIX = "hp/"  # the swept values a trial reports with each result
@@ -107,9 +107,9 @@ def _lineage(trials_url: str, folders: dict[str, dict[int, dict[str, Any]]]) -> 
     out: dict[int, str] = {}
     for run, epochs in folders.items():
         seed = read_bytes(f"{trials_url}/{run}/{SEED_FILE}")
-        m = re.match(r"epoch-(\d+)", json.loads(seed)["from"]["tag"]) if seed is not None else None
-        if m:
-            out = {e: r for e, r in out.items() if e <= int(m.group(1))}
+        seeded = tag_epoch(json.loads(seed)["from"]["tag"]) if seed is not None else None
+        if seeded is not None:
+            out = {e: r for e, r in out.items() if e <= seeded}
         out.update(dict.fromkeys(epochs, run))
     return out
 
@@ -205,7 +205,8 @@ class SweepReport:
         best = pick(found, key=lambda h: float(h.values[key]))
         values = {m.key: _number_or_none(best.values.get(m.key), _nan()) for m in self.metrics}
         last = found[-1].epoch
-        status = _status(r, "completed" if last >= max_epochs else "stopped early", trained_all=last >= max_epochs)
+        trained_all = last >= max_epochs and _committed_epoch(trials_url, found[-1].run, last) >= max_epochs
+        status = _status(r, "completed" if last >= max_epochs else "stopped early", trained_all=trained_all)
         return TrialRow(name, self._values(best, trials_url, config_hp), last, best.epoch, values, float(best.values[key]),
                         [(h.epoch, float(h.values[key])) for h in found], status, f"{trials_url}/{best.run}/{BEST_FILE}")
 
@@ -308,6 +309,20 @@ class SweepReport:
 
 OBJECTIVE_LABELS = {"grader": "validation grader score (IoU - SI-logRMSE)", "score": "validation score",
                     "delta_m": "Δm against the single-task baselines (%, lower is better)"}
+
+
+def _committed_epoch(trials_url: str, run: str, last: int) -> int:
+    """The epochs completed at the checkpoint run folder ``run``'s pointer names: an epoch's
+    metrics are written before its checkpoint, so a sweep interrupted in between has the epoch's
+    results, but the trial trains it again when resumed. ``last`` (the trial's last epoch with a
+    result) when the folder cannot tell: Tune's result alone (no folders, or not this epoch's)."""
+    if not trials_url or not exists(metrics_url(f"{trials_url}/{run}", epoch_tag(last))):
+        return last
+    try:
+        tag = CheckpointIndex(f"{trials_url}/{run}").latest_tag()
+    except (OSError, ValueError):  # (the row shows what there is; the resume names the problem)
+        return last
+    return (tag_epoch(tag) or 0) if tag else 0
 
 
 def _status(r, ended: str, trained_all: bool = False) -> str:  # noqa: ANN001 - a Tune Result

@@ -268,10 +268,10 @@ def _seeded_from(run_url: str, origin: dict[str, str], hp: dict[str, Any]) -> bo
 
 def finished(cfg: ExperimentConfig) -> bool:
     """The run's latest checkpoint is its last epoch's."""
-    from mtl.checkpoint import CheckpointIndex
+    from mtl.checkpoint import CheckpointIndex, epoch_tag
     from mtl.runs import run_url
 
-    return CheckpointIndex(run_url(cfg)).latest_tag() == f"epoch-{cfg.train.epochs:04d}"
+    return CheckpointIndex(run_url(cfg)).latest_tag() == epoch_tag(cfg.train.epochs)
 
 
 def pack_checkpoint(run_url: str, tag: str, folder: str) -> None:

@@ -294,6 +294,15 @@ class CheckpointStorage(Protocol):
 
     def latest(self) -> contextlib.AbstractContextManager[tuple[str, str] | None]: ...
 
+    @property
+    def skipped(self) -> list[str]:
+        """The tags the last ``latest`` passed over, their folders gone (`FolderStorage.latest`)."""
+        ...
+
+    def before(self, tag: str) -> str | None:
+        """The newest checkpoint listed before ``tag``, if any."""
+        ...
+
 
 class FolderStorage:
     """Checkpoints in ``<run>/checkpoints/`` of any fsspec URL, the last ``keep_last`` kept."""
@@ -302,6 +311,7 @@ class FolderStorage:
         self.run_url, self.keep_last = run_url.rstrip("/"), keep_last
         self.index = CheckpointIndex(self.run_url)
         self._writer: ThreadPoolExecutor | None = None  # one thread: background checkpoints commit in order
+        self.skipped: list[str] = []  # the tags the last `latest` passed over: their folders are gone
 
     def publish_later(self, tag: str, metrics: dict[str, Any], write: Callable[[str], None] | None,
                       then: Callable[[], None] | None) -> Future:
@@ -357,17 +367,31 @@ class FolderStorage:
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[tuple[str, str] | None]:
-        tag = self.index.latest_tag()
-        if tag is None:
+        """The checkpoint the pointer names; should its folder be gone (deleted by hand: the one
+        named was corrupt, `Checkpointer.restore`'s advice), the newest whole one it lists before
+        it, the skipped tags recorded in ``skipped`` (the resume says so)."""
+        pointer, self.skipped = self.index.read(), []
+        if pointer is None:
             yield None
             return
+        tag = pointer["latest"]
         url = f"{self.index.url}/{tag}"
         if not exists(f"{url}/{STATE_FILE}"):
-            old = exists(f"{url}.pt")  # (the layout before checkpoint folders: it evaluates, it does not resume)
-            raise FileNotFoundError(_missing(self.index.url, tag) + (f"; {url}.pt, an earlier version's checkpoint, cannot be "
-                                                                    f"resumed (it evaluates)" if old else ""))
+            older = [t for t in reversed(pointer.get("history", [])) if t < tag]
+            whole = next((t for t in older if exists(f"{self.index.url}/{t}/{STATE_FILE}")), None)
+            if whole is None:
+                old = exists(f"{url}.pt")  # (the layout before checkpoint folders: it evaluates, it does not resume)
+                raise FileNotFoundError(_missing(self.index.url, tag) + (f"; {url}.pt, an earlier version's checkpoint, cannot "
+                                                                        f"be resumed (it evaluates)" if old else ""))
+            self.skipped = [tag, *older[: older.index(whole)]]
+            url = f"{self.index.url}/{whole}"
         with local_copy(url) as folder:
             yield folder, url
+
+    def before(self, tag: str) -> str | None:
+        """The newest checkpoint the pointer lists before ``tag`` (None: none)."""
+        older = [t for t in (self.index.read() or {}).get("history", []) if t < tag]
+        return older[-1] if older else None
 
 
 def _missing(checkpoints_url: str, tag: str) -> str:
@@ -520,7 +544,11 @@ class Checkpointer:
             if found is None:
                 return None
             folder, url = found
-            state = _read(os.path.join(folder, STATE_FILE), f"{url}/{STATE_FILE}")
+            try:
+                state = _read(os.path.join(folder, STATE_FILE), f"{url}/{STATE_FILE}")
+            except ValueError as e:  # (corrupt on the disk or in the bucket: the way on from the one before)
+                raise ValueError(f"{e}; {self._way_past(url)}") from e
+            state["skipped"] = list(self.storage.skipped)
             check(state)
             for key, part in self.states.items():
                 part.load_state_dict(state[key])
@@ -530,6 +558,14 @@ class Checkpointer:
         if self.rank == 0 and state.get("is_best"):  # (a failure between its commit and best.pt: best.pt is an older epoch)
             self._write_best(state)
         return state
+
+    def _way_past(self, url: str) -> str:
+        """What a checkpoint that cannot be read leaves to do."""
+        tag = url.rstrip("/").rsplit("/", 1)[-1]
+        before = self.storage.before(tag)
+        if before is None:
+            return f"no checkpoint before it is listed: delete {self.run_url}/{CHECKPOINTS} to train the run from its start"
+        return f"delete the folder {url} and the resume goes on from {before}, the checkpoint before it"
 
     def _check_same_on_every_rank(self, found: tuple[str, str] | None, failed: Exception | None) -> None:
         """Every rank chose the same checkpoint (or none), before any part changes. Each reads

@@ -356,6 +356,10 @@ class Trainer:
         if s.samples is None:  # a checkpoint of an earlier version: always the planned ranks
             per_rank_step = self.cfg.train.batch_size * self.cfg.train.grad_accum
             s.samples, s.epoch_samples = s.step * self.planned_batch, s.epoch_step * per_rank_step * s.world
+        if loaded["skipped"]:
+            gone = loaded["skipped"]
+            self.log(f"checkpoint {', '.join(gone)} of {run_url(self.cfg)}/checkpoints/latest.json {'is' if len(gone) == 1 else 'are'}"
+                     f" gone: the resume goes on from the newest whole one it lists")
         inside = f" ({s.epoch_step} steps into epoch {s.epoch + 1})" if s.epoch_step else ""
         self.log(f"resumed from {loaded['url']}: epoch {s.epoch}, step {s.step}/{s.total_steps}{inside}, "
                  f"next LR {schedule(self.lr_step()):.3g}")

@@ -711,3 +711,41 @@ def test_every_rank_resumes_from_the_same_checkpoint(tmp_path, rank_1_finds):
         corrupt = f"{runs[1]}/checkpoints/latest.json is corrupt (not a checkpoint pointer: b'{{')"
         assert outs[1].startswith(f"refused: {corrupt}") and outs[1].endswith("| epoch 0\n")
         assert outs[0].startswith(f"refused: rank 1 could not choose a checkpoint to resume: {corrupt}"), outs
+
+
+def test_a_corrupt_latest_checkpoint_says_how_to_go_on_and_its_deletion_resumes_the_one_before(tmp_path):
+    """A latest checkpoint that cannot be read (cut short on the disk, damaged in the bucket) is
+    refused, naming the way on: delete its folder, and the resume takes the newest whole one the
+    pointer lists before it, saying which it passed over. Nothing listed before it: start over."""
+    from torch import nn
+
+    from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
+    from mtl.strategy import PlainStrategy
+
+    run = str(tmp_path / "run")
+
+    def checkpointer(state):
+        model = nn.Linear(3, 2)
+        return Checkpointer(FolderStorage(run, keep_last=3), run, PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+                            {"train_state": state})
+
+    for epoch in (1, 2, 3):
+        checkpointer(TrainState(epoch=epoch)).save(f"epoch-000{epoch}", {}, {}, is_best=False)
+    state = tmp_path / "run/checkpoints/epoch-0003/state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    resumed = TrainState()
+    with pytest.raises(ValueError, match=rf"checkpoint {run}/checkpoints/epoch-0003/state.pt is unreadable or corrupt \(.*\); "
+                                         rf"delete the folder {run}/checkpoints/epoch-0003 and the resume goes on from epoch-0002, "
+                                         rf"the checkpoint before it$"):
+        checkpointer(resumed).restore()
+    assert resumed.epoch == 0
+    shutil.rmtree(tmp_path / "run/checkpoints/epoch-0003")
+    shutil.rmtree(tmp_path / "run/checkpoints/epoch-0002")  # (damaged too)
+    loaded = checkpointer(resumed).restore()
+    assert resumed.epoch == 1 and loaded["skipped"] == ["epoch-0003", "epoch-0002"]
+    assert loaded["url"] == f"{run}/checkpoints/epoch-0001/state.pt"
+    state = tmp_path / "run/checkpoints/epoch-0001/state.pt"
+    state.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=rf"; no checkpoint before it is listed: delete {run}/checkpoints to train the run from "
+                                         rf"its start$"):
+        checkpointer(TrainState()).restore()

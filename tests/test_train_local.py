@@ -91,6 +91,23 @@ def test_resume_continues_lr_and_weights_exactly(tiny_root, tmp_path):
     assert resumed.metrics[-1]["grader"] == pytest.approx(straight.metrics[-1]["grader"])
 
 
+def test_a_resume_past_a_deleted_latest_checkpoint_says_so(tiny_root, tmp_path):
+    """The folder of the checkpoint latest.json names was deleted (it was corrupt: the refusal's
+    advice): the resume goes on from the newest whole one listed before it, and says so."""
+    import shutil
+
+    from mtl.runs import run_url
+
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=1)
+    fit(cfg, local_runtime(cfg))
+    shutil.rmtree(f"{run_url(cfg)}/checkpoints/epoch-0002")
+    again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
+    assert [m["epoch"] for m in fit(again, local_runtime(again)).metrics] == [2]
+    log = open(f"{run_url(cfg)}/train.log").read()
+    assert (f"checkpoint epoch-0002 of {run_url(cfg)}/checkpoints/latest.json is gone: the resume goes on from the newest whole "
+            f"one it lists") in log and f"resumed from {run_url(cfg)}/checkpoints/epoch-0001/state.pt" in log
+
+
 def _after_steps(monkeypatch, n: int):
     """An event set once the trainer has taken more than ``n`` train steps."""
     import threading

@@ -103,6 +103,13 @@ class RayStorage:
         deletes the older folders itself."""
         self.folder.index.commit(tag, self.keep_last)
 
+    @property
+    def skipped(self) -> list[str]:
+        return self.folder.skipped
+
+    def before(self, tag: str) -> str | None:
+        return self.folder.before(tag)
+
     @contextlib.contextmanager
     def latest(self) -> Iterator[tuple[str, str] | None]:
         """Ray's latest registered checkpoint, or the pointer's when that is newer (tags sort in
@@ -111,6 +118,7 @@ class RayStorage:
         complete checkpoint in the run folder. A pointer older than Ray's is moved to it."""
         import ray.train
 
+        self.folder.skipped = []
         checkpoint, tag = ray.train.get_checkpoint(), self.folder.index.latest_tag()
         ray_tag = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint is not None else None
         if ray_tag is None or (tag is not None and tag > ray_tag):

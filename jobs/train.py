@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerFailed as e:  # on Ray: a worker's error, its traceback printed by Ray above
         print(f"error: training failed on {e} (traceback above and in `ray job logs`)", file=sys.stderr)
         return 2 if e.user_error else 1
+    except KeyboardInterrupt:  # (a checkpoint being written was waited for: `mtl.engine.Trainer._end`)
+        print("interrupted; the same command with --resume continues from the latest checkpoint", file=sys.stderr)
+        return 130
 
 
 def print_config(cfg: ExperimentConfig, local: bool, console) -> int:

@@ -27,6 +27,7 @@ from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN, CapturedStep, StepFn
 from mtl.data.build import FolderLoader, Loaders, build_loaders, coverage_notes
 from mtl.data.batch import DeviceBatches
 from mtl.data.miniscapes import as_submitted
+from mtl.errors import one_line
 from mtl.data import loader as data_loader
 from mtl.losses import DepthCodec, task_losses
 from mtl.metrics import MultiTaskMetrics
@@ -460,8 +461,9 @@ class Trainer:
             classes = class_iou_table(history[-1], f"IoU per class after epoch {s_.epoch}") if history else None
             if classes and self.rt.is_main:
                 self.log(classes)
-        except BaseException:
+        except BaseException as e:
             failed = True
+            self.log.record(_why_it_ended(e))  # (train.log only: the caller shows the error on the terminal)
             raise
         finally:
             self._end(failed)
@@ -709,6 +711,13 @@ class Trainer:
                 self._checkpoint("epoch", epoch_tag(s_.epoch), metrics, is_best, after=stored)
         self.log.flush(wait=False)  # (the run's end waits for it)
         return metrics
+
+
+def _why_it_ended(e: BaseException) -> str:
+    """train.log's last line of a run that did not finish (escaped: it is printed as markup)."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C or SIGINT); the same command with --resume continues from the latest checkpoint"
+    return escape(f"the run failed: {type(e).__name__}: {one_line(e)}")
 
 
 def fit(cfg: ExperimentConfig, rt: Runtime, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:

@@ -303,6 +303,26 @@ def test_a_diverged_run_stops_with_an_error_naming_the_step(tiny_root, tmp_path)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e30))
     with pytest.raises(ValueError, match=r"training diverged: the loss is nan by step \d of epoch 1 \(LR .*\): lower --lr"):
         fit(cfg, local_runtime(cfg))
+    from mtl.runs import run_url
+
+    last = open(f"{run_url(cfg)}/train.log").read().splitlines()[-1]  # (the run's record says how it ended)
+    assert "the run failed: TrainingDiverged: training diverged: the loss is nan by step" in last
+
+
+def test_an_interrupted_run_says_how_to_continue_in_its_log_and_on_the_terminal(tiny_root, tmp_path, capsys, monkeypatch):
+    """Ctrl-C: no traceback; the terminal and train.log say that --resume continues; exit 130."""
+    from jobs.train import main
+    import mtl.engine
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mtl.engine.Trainer, "train_epoch", interrupted)
+    assert main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "1",
+                 "--no-use-gpu"]) == 130
+    assert capsys.readouterr().err.endswith("interrupted; the same command with --resume continues from the latest checkpoint\n")
+    last = open(tmp_path / "r/train.log").read().splitlines()[-1]
+    assert last.endswith("interrupted (Ctrl-C or SIGINT); the same command with --resume continues from the latest checkpoint")
 
 
 def test_weights_that_are_no_longer_numbers_never_become_a_checkpoint(tiny_root, tmp_path, monkeypatch):

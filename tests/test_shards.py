@@ -245,7 +245,12 @@ def test_missing_and_corrupt_shards_are_named(tiny_root, tmp_path):
     shard_dataset(tiny_root, str(dst), "8", splits=("val",), workers=1)
     split = ShardSplit.from_manifest(read_manifest(str(dst)), "val")
     (dst / "val-000001.tar").write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(ValueError, match="corrupt or unreadable shard.*val-000001.tar"):
+    with pytest.raises(ValueError) as e:
+        list(ShardStream(split, None, shuffle=False))
+    assert str(e.value).startswith(f"corrupt or unreadable shard {dst}/val-000001.tar: ") and str(e.value).count("val-000001") == 1
+    assert str(e.value).endswith("(re-create the shard set: python -m data_prep.shard --root ... --shards ... --overwrite)")
+    (dst / "val-000001.tar").write_bytes((dst / "val-000000.tar").read_bytes()[:3000])  # (cut short: webdataset's own words)
+    with pytest.raises(ValueError, match=rf"^corrupt or unreadable shard {dst}/val-000001.tar: unexpected end of data \(re-create"):
         list(ShardStream(split, None, shuffle=False))
     os.remove(dst / "val-000001.tar")
     with pytest.raises(FileNotFoundError, match="val-000001.tar"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import posixpath
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -96,7 +97,26 @@ def _reraise_with_context(exn: Exception) -> bool:
     if isinstance(exn, FileNotFoundError):  # (ours names the shard already: webdataset appended its URL to the args)
         said = exn.args[0] if exn.args and str(exn.args[0]).startswith("shard missing: ") else f"shard missing: {exn}"
         raise FileNotFoundError(said) from exn
-    raise ValueError(f"corrupt or unreadable shard: {exn}") from exn
+    raise ValueError(_corrupt(exn)) from exn
+
+
+_CORRUPT = "corrupt or unreadable shard"
+
+
+def _corrupt(exn: Exception) -> str:
+    """One line naming the shard once: webdataset hands an error up with (stream, URL) appended
+    to its args, through this handler twice (the tar reader's, then the shard list's), and the
+    tar reader's message names the stream (``unexpected end of data @ <_io.BufferedReader ...>``)."""
+    args = exn.args or (type(exn).__name__,)
+    what, url = str(args[0]), next((a for a in args[1:] if isinstance(a, str)), None)
+    url = url or next(iter(re.findall(r" @ <\S+ name='([^']*)'>", what)), None)
+    what = re.sub(r" @ <[^>]*>", "", what)
+    if what.startswith(f"{_CORRUPT} "):  # (ours, on its second way through, naming the shard already)
+        return what
+    if what.startswith(f"{_CORRUPT}: "):  # (ours without the shard's URL: it may be known now)
+        what = what[len(_CORRUPT) + 2:]
+    return f"{_CORRUPT} {url}: {what} (re-create the shard set: python -m data_prep.shard --root ... --shards ... --overwrite)" if url else \
+        f"{_CORRUPT}: {what}"
 
 
 # the share of a rank's whole batches a training epoch keeps when it picks its loader workers

@@ -74,6 +74,7 @@ def run(a: EvaluateCommand) -> int:
     device = resolve_device(a.device)
     m = load_model(model_url(a), device)
     source = resolve_source(m.cfg, a.data)
+    check_trained_data(m, source, a.data)
     inputs = (source.url, m.url, *a.baselines)  # what the exported folder must not replace
     if a.export:  # (checked before the long pass; again when written)
         output_dir(a.export, a.overwrite, inputs, OUTPUT_FOLDERS)
@@ -98,6 +99,18 @@ def run(a: EvaluateCommand) -> int:
                                inputs=inputs)
         print(f"exported {n} predictions to {a.export} (semseg/, depth/, viz/)")
     return 0
+
+
+def check_trained_data(m, source, given: str | None) -> None:
+    """The data the checkpoint names, when no --root/--shards was given, exists here: it is the
+    path training was given, which may be relative to where training ran, or on another machine."""
+    from mtl.storage import exists
+
+    if given is None and (m.cfg.data.root or m.cfg.data.shards) and not exists(source.url):
+        flag = "--shards" if source.kind == "shards" else "--root"
+        relative = "" if "://" in source.url or os.path.isabs(source.url) else " (relative to where training ran)"
+        raise FileNotFoundError(f"{source.url}, the data {m.url} was trained on{relative}, is not here: give the data to "
+                                f"evaluate with {flag}")
 
 
 def size_note(m, data) -> str | None:

@@ -151,6 +151,21 @@ def test_evaluate_reads_the_shards_the_checkpoint_was_trained_on(s3_shards, tmp_
     assert not (tmp_path / "cache").exists()  # the old fallback (the cached synthetic set): never touched
 
 
+def test_data_the_checkpoint_names_that_is_not_here_is_named_with_the_flag_to_give(tmp_path, make_run, capsys, monkeypatch):
+    """A checkpoint names the data as training was given it: a relative path means the folder
+    training ran in; evaluated from elsewhere (or on another machine), that is said, with the
+    flag that names the data instead."""
+    monkeypatch.chdir(tmp_path)
+    run = make_run(DataConfig(root="data/miniscapes"))
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics")
+    assert rc == 2 and err.strip() == (f"error: data/miniscapes, the data {run}/checkpoints/epoch-0001/state.pt was trained on "
+                                       f"(relative to where training ran), is not here: give the data to evaluate with --root")
+    gone = make_run(DataConfig(shards="/gone/shards"), name="on-shards")
+    rc, _, err = _evaluate(capsys, "--checkpoint", gone, "--no-metrics")
+    assert rc == 2 and err.strip() == (f"error: /gone/shards, the data {gone}/checkpoints/epoch-0001/state.pt was trained on, "
+                                       f"is not here: give the data to evaluate with --shards")
+
+
 def test_data_flag_overrides_with_a_folder_or_a_shard_set(s3_shards, tiny_root, make_run, capsys):
     on_shards, on_folder = make_run(DataConfig(shards=s3_shards), name="a"), make_run(DataConfig(root=tiny_root), name="b")
     rc, stdout, err = _evaluate(capsys, "--checkpoint", on_shards, "--data", tiny_root, "--split", "test", "--no-metrics")

@@ -1,7 +1,7 @@
 r"""Hyperparameter sweeps with Ray Tune (ASHA or population-based training); every trial is a
 full Ray Train run.
 
-    ray job submit -- python jobs/tune.py --arch branched --num-samples 32 --epochs 16 \
+    ray job submit --working-dir . -- python jobs/tune.py --arch branched --num-samples 32 --epochs 16 \
         --space lr=loguniform:1e-5:1e-3 --space task_weighting=choice:fixed,uncertainty,dwa,famo \
         --out s3://bucket/sweeps --sweep-name branched-lr-tw
     python jobs/tune.py ... --sweep-name branched-lr-tw --resume      # after the driver died, or to retry failed trials

@@ -172,9 +172,13 @@ class TrainConfig(_Part):
     #: capture fails, one process goes on eagerly (logged), several ranks stop with the error;
     #: on = captured or an error; off = eager
     cuda_graph: Literal["auto", "on", "off"] = operational("auto")
-    out: str = operational("runs")  # where runs live: a local folder or s3:// prefix
-    name: str | None = operational(None)  # run name; default: descriptive + a hash of the training config
-    resume: bool = operational(False)  # continue the run in <out>/<name> (required to reuse an existing run folder)
+    out: str = operational("runs")  # where runs (and sweeps: <out>/<sweep-name>) live: a local folder or s3:// prefix
+    #: run name; default: descriptive + a hash of the training config (a sweep names its trials'
+    #: runs after them: there --name is refused, --sweep-name names the sweep)
+    name: str | None = operational(None)
+    #: continue the run in <out>/<name> (required to reuse an existing run folder); a sweep's:
+    #: continue the sweep in <out>/<sweep-name>
+    resume: bool = operational(False)
     keep_last: int = operational(2)  # checkpoints kept, epoch and step ones alike (best.pt is kept apart); 0: all
     #: also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only): a failure
     #: then loses at most the N − 1 steps trained since the last checkpoint (and the one it

@@ -187,7 +187,10 @@ def load_baselines(urls: tuple[str, ...], m, device) -> dict:
         raise ValueError(f"--baselines: Δm compares a multi-task model with its baselines; {m.url} is itself single-task")
     out = {}
     for url in urls:
-        b = load_model(url if url.endswith(".pt") else f"{url.rstrip('/')}/{BEST_FILE}", device)
+        try:
+            b = load_model(url if url.endswith(".pt") else f"{url.rstrip('/')}/{BEST_FILE}", device)
+        except FileNotFoundError as e:  # (which flag named it: the message alone reads like --checkpoint's)
+            raise FileNotFoundError(f"--baselines {url}: {e}") from e
         tasks = tuple(b.cfg.optim.tasks)
         if len(tasks) != 1:
             raise ValueError(f"{url} trained {' and '.join(tasks)}: a Δm baseline is a single-task run (--tasks semseg or --tasks depth)")

@@ -426,6 +426,8 @@ def test_delta_m_evaluates_the_baselines_on_the_same_split(tiny_root, tmp_path, 
         assert f"mIoU {metrics['miou']:.2f}" in stdout and any(v is None for k, v in metrics.items() if k.startswith("iou/"))
     rc, _, err = _evaluate(capsys, "--checkpoint", run, "--baselines", seg, "--json", tmp_path / "x.json")
     assert rc == 2 and "Δm needs a single-task baseline for depth" in err
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--baselines", seg, tmp_path / "nope")
+    assert rc == 2 and f"error: --baselines {tmp_path}/nope: checkpoint not found: {tmp_path}/nope/best.pt" in err
     rc, _, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics", "--baselines", seg, dep, "--json", tmp_path / "x.json")
     assert rc == 2 and "--json and --baselines report metrics, which --no-metrics turns off" in err
     assert not (tmp_path / "x.json").exists()

@@ -193,6 +193,8 @@ def test_interrupted_prep_leaves_no_manifest_and_rerun_completes(tiny_root, s3_p
     assert r.returncode == 0, r.stderr
     m = read_manifest(s3_prefix)
     assert m["splits"]["train"]["num_samples"] == 96 and len(m["splits"]["train"]["shards"]) == 48
+    with pytest.raises(FileNotFoundError, match=r"train/rgb \(it is a shard set: give it with --shards\)$"):
+        MiniscapesFolder(s3_prefix, "train")  # (a finished one, given as a Miniscapes folder: --root)
 
 
 def test_bad_samples_stop_the_run_with_a_list(tiny_root, tmp_path, s3_prefix):

@@ -86,10 +86,14 @@ def _index_key(stem: str) -> tuple[int, str]:
 
 
 def _shards_hint(root: str) -> str:
-    """What a folder without Miniscapes' layout is instead, when it is a shard set whose sharding
-    did not finish (its shards and progress records, no manifest yet)."""
+    """What a folder without Miniscapes' layout is instead, when it is a shard set (given as a
+    folder), or one whose sharding did not finish (its shards and progress records, no manifest yet)."""
+    from mtl.data.shards import manifest_url
+
     with storage_errors(root):
         fs, base = url_to_fs(root)
+        if fs.exists(url_to_fs(manifest_url(root))[1]):
+            return " (it is a shard set: give it with --shards)"
         unfinished = fs.exists(_join(base, SHARD_PROGRESS))
     return " (it holds a shard set without manifest.json: sharding was interrupted; run data_prep.shard again)" if unfinished else ""
 

@@ -9,7 +9,7 @@
 #   ray job submit --working-dir . -- python jobs/train.py --arch distillation --no-use-gpu --out /abs/path/runs ...
 #   (every node of this cluster is this machine: an absolute local --out is one folder they share)
 #   cluster/local.sh status
-#   cluster/local.sh down
+#   cluster/local.sh down     # `ray stop --force`: every Ray instance of this machine, not only this cluster's
 #
 # Environment exported before `up` (e.g. AWS_ENDPOINT_URL and credentials for S3/MinIO) is seen
 # by every job. Ports: RAY_PORT (6379), RAY_DASHBOARD_PORT (8265).

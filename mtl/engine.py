@@ -35,7 +35,7 @@ from mtl.models import build_model, resolve
 from mtl.models.encoders import describe_pretrained
 from mtl.multitask import TASKS, load_baselines, task_metrics
 from mtl.progress import RunLog, TrainProgress, class_iou_table
-from mtl.runs import RunConflict, RunFolder, check_same_training, resolve_config, run_name, run_url, stored_config
+from mtl.runs import RunConflict, RunFolder, check_length, check_same_training, resolve_config, run_name, run_url, stored_config
 from mtl.schedule import PolyLR
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 from mtl.viz import denormalize_rgb, side_by_side
@@ -214,12 +214,8 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume:
         raise RunConflict(f"{state.get('url', 'a checkpoint')} exists: pass --resume to continue that run, or choose another "
                           f"--name/--out for a new run")
     check_same_training(stored_config(state["config"]), cfg, f"checkpoint {state.get('url', '')}")
-    done, inside = state["train_state"].get("epoch", 0), state["train_state"].get("epoch_step", 0)
-    started = done + (1 if inside else 0)  # (a step checkpoint: its epoch has begun and must end)
-    if cfg.train.epochs < started:  # the run folder would then describe a shorter run than its checkpoints hold
-        trained = f"{done} epochs and {inside} steps of the next" if inside else f"{done} epochs"
-        raise RunConflict(f"resume refused: --epochs {cfg.train.epochs}, but {state.get('url', 'the checkpoint')} has trained "
-                          f"{trained} already (--epochs {started} or more continues it)")
+    train = state["train_state"]
+    check_length(cfg.train.epochs, train.get("epoch", 0), train.get("epoch_step", 0) > 0, state.get("url", "the checkpoint"))
 
 
 def local_runtime(cfg: ExperimentConfig) -> Runtime:

@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any, Callable
 
-from mtl.checkpoint import CHECKPOINTS, CheckpointIndex
+from mtl.checkpoint import CHECKPOINTS, CheckpointIndex, tag_epoch
 from mtl.config import ExperimentConfig, ModelConfig, flag
 from mtl.lease import LEASE_FILE
 from mtl.models import resolve
@@ -261,10 +261,23 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
     if not cfg.train.resume:
         raise RunConflict(f"run folder {folder.url} already holds a run with checkpoints: pass --resume to continue it, "
                           f"or choose another --name/--out for a new run")
+    newest = max(t for t in (pointer, ray_ahead) if t is not None)
+    check_length(cfg.train.epochs, tag_epoch(newest) or 0, "-step-" in newest, f"{folder.url}/{CHECKPOINTS}/{newest}")
     changed = config_diff(stored, cfg) if stored is not None else []
     if changed:
         log(f"resuming with changed {', '.join(changed)}: the LR plan is recomputed for the new length")
     return cfg
+
+
+def check_length(epochs: int, done: int, inside: bool, where: str) -> None:
+    """A resume may not end a run before the epochs its checkpoint ``where`` has begun: ``done``
+    epochs, and part of the next when it is a step checkpoint (``inside``). The run folder would
+    describe a shorter run than its checkpoints hold, and nothing would be trained."""
+    begun = done + (1 if inside else 0)
+    if epochs < begun:
+        trained = f"{done} epochs and part of epoch {begun}" if inside else f"{done} epochs"
+        raise RunConflict(f"resume refused: --epochs {epochs}, but {where} has trained {trained} already (--epochs {begun} or "
+                          f"more continues it)")
 
 
 def _ray_ahead(folder: RunFolder, entries: list[str], pointer: str | None) -> str | None:

@@ -184,6 +184,13 @@ def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
     said = []
     assert prepare_run(resume, said.append).train.epochs == 20  # epochs may change; operational fields too
     assert said == ["resuming with changed train.epochs 16 -> 20: the LR plan is recomputed for the new length"]
+    (tmp_path / "r/checkpoints/epoch-0001-step-00000009").mkdir()
+    CheckpointIndex(f"{tmp_path}/r").commit("epoch-0001-step-00000009")  # (epoch 2 has begun: 1 epoch is too short)
+    said.clear()
+    with pytest.raises(RunConflict, match=r"--epochs 1, but .*/r/checkpoints/epoch-0001-step-00000009 has trained 1 epochs and "
+                                          r"part of epoch 2 already \(--epochs 2 or more continues it\)"):
+        prepare_run(dataclasses.replace(resume, train=dataclasses.replace(resume.train, epochs=1)), said.append)
+    assert said == []  # (refused before it says what the resume would change)
     changed = dataclasses.replace(resume, optim=dataclasses.replace(resume.optim, lr=4.4e-4), train=dataclasses.replace(resume.train, seed=3))
     with pytest.raises(RunConflict, match=r"resume refused: run .*/r was trained with another configuration: "
                                           r"optim.lr 0.0004 -> 0.00044; train.seed 0 -> 3"):
@@ -205,7 +212,7 @@ def test_a_resume_to_fewer_epochs_than_its_checkpoint_trained_is_refused():
     # a step checkpoint inside epoch 3 (or at its end, before its validation): epoch 3 has begun
     inside = {**state, "train_state": {"epoch": 2, "epoch_step": 5}, "url": "runs/r/checkpoints/epoch-0002-step-00000017"}
     with pytest.raises(RunConflict, match=r"--epochs 2, but runs/r/checkpoints/epoch-0002-step-00000017 has trained 2 epochs "
-                                          r"and 5 steps of the next already \(--epochs 3 or more continues it\)"):
+                                          r"and part of epoch 3 already \(--epochs 3 or more continues it\)"):
         check_resumable(inside, shorter)
     check_resumable(inside, dataclasses.replace(shorter, train=dataclasses.replace(shorter.train, epochs=3)))
 

@@ -12,8 +12,10 @@
 #
 # Phases, each under its own time limit so a slow one cannot eat the others' time, each writing
 # its results as soon as it has them (a cut-off run still leaves what it measured):
-#   env       GPU, driver, torch/CUDA/cuDNN versions, pip list     -> env.txt
+#   env       GPU, driver, torch/CUDA/cuDNN versions, pip list; whether the bundle's Ray and
+#             DeepSpeed import, and /proc's children lists (the loader's CPU use) -> env.txt
 #   tests     pytest -m gpu (train steps, prefetcher, local fit)    -> pytest-gpu.txt
+#   data      the train phases' synthetic set (RAY_FLAGS), made before Ray starts -> data.txt
 #   ray       jobs/train.py through Ray Train (run_ray on a Ray instance of this machine, one
 #             TorchTrainer worker with the GPU): 2 epochs with checkpoints, then --resume to a
 #             third; checks the device and the resume                -> ray.json, ray.txt, ray/
@@ -58,7 +60,7 @@
 # train_images_per_s), the checks, seconds per run. The run folder (checkpoints) stays in RUNS;
 # its metrics, summary.json, train.log and the two runs' output are copied to OUT_DIR/<phase>/.
 #
-# Knobs (environment): PHASES (default "env tests ray deepspeed eager plain loader compile"),
+# Knobs (environment): PHASES (default "env tests data ray deepspeed eager plain loader compile"),
 # SIZE (256x512), BATCHES ("16 64"), COMPILE_BATCHES ("16"), ARCHS ("branched distillation"),
 # ENCODER (resnet34), STEPS (30), WARMUP (10), SAMPLES (2048 synthetic train samples: few epoch
 # restarts), WORKERS (12); for the loader phase LOADER_SAMPLES (1024), SCALING ("1 4 8 12 15":
@@ -70,7 +72,7 @@
 # loader workers, no retries), TRAIN_WORKERS (1: the one GPU), STEP_CHECKPOINTS (30: a step
 # checkpoint every 30 steps, one per epoch, in the background for ray; 0: none), EXPECT_DEVICE (cuda; cpu for a
 # check on the CPU), RUNS (/tmp/streetmtl-gpu-check/runs), RAY_TMPDIR (/tmp/sgc-ray); BUNDLE,
-# SITE, PACK_TO, DEADLINE (585), and per-phase limits in seconds: T_TESTS (70), T_RAY (100), T_DEEPSPEED (110),
+# SITE, PACK_TO, DEADLINE (585), and per-phase limits in seconds: T_TESTS (70), T_DATA (30), T_RAY (85), T_DEEPSPEED (95),
 # T_EAGER (130), T_PLAIN (40), T_LOADER (60), T_COMPILE (60), T_THREADS (50), T_BACKGROUND (40).
 set -uo pipefail
 
@@ -86,7 +88,7 @@ fi
 mkdir -p "$OUT_DIR" || exit 2
 OUT_DIR=$(realpath "$OUT_DIR")
 : >"$OUT_DIR/phases.txt"
-PHASES=${PHASES:-env tests ray deepspeed eager plain loader compile}
+PHASES=${PHASES:-env tests data ray deepspeed eager plain loader compile}
 SIZE=${SIZE:-256x512}
 BATCHES=${BATCHES:-16 64}
 COMPILE_BATCHES=${COMPILE_BATCHES:-16}
@@ -163,7 +165,12 @@ if [ -n "$BUNDLE" ]; then
         rm -rf "$SITE" "$SITE-dashboard" && mkdir -p "$SITE" || exit 2
         for t in "$BUNDLE"/ray-*-slim.tar.xz; do
             [ -e "$t" ] || continue
-            tar -C "$SITE" -xJf "$t" || exit 2
+            if command -v xz >/dev/null; then  # (tar -J runs xz, which slim images may lack: Python's tarfile then)
+                tar -C "$SITE" -xJf "$t" || exit 2
+            else
+                "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="fully_trusted")' \
+                    "$t" "$SITE" || exit 2
+            fi
         done
         pip_target() {  # pip_target DIR WHEEL...: offline, no dependency resolution, no bytecode
             local dir=$1
@@ -221,12 +228,13 @@ train_bench() {  # train_bench NAME LIMIT_S ARGS...: jobs/benchmark.py train wit
 
 train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs through Ray Train, then --resume to 3; checks; results
     # (runs in a child bash under the phase's time limit: uses only exported variables)
-    local phase=$1 name=$2 zero=$3 rc1 rc2 t
+    local phase=$1 name=$2 zero=$3 rc1 rc2 t cut=0
     shift 3
     # The phase's limit interrupts the whole process group: the run stops, this shell goes on
     # (else bash dies of the SIGINT with it), the logs' tee -i keep the run's last words, and the
-    # checks below still write $phase.json (within the 15 s before the SIGKILL)
-    trap 'echo "-- $phase: interrupted by the phase limit"' INT
+    # checks below still write $phase.json (within the 15 s before the SIGKILL). Ray Train's
+    # driver may exit 0 on the SIGINT (its own handler): ``cut`` keeps the resume from starting
+    trap 'cut=1; echo "-- $phase: interrupted by the phase limit"' INT
     local runs=$RUNS/$phase dest=$OUT_DIR/$phase
     rm -rf "${RUNS:?}/$phase" "${OUT_DIR:?}/$phase" "$OUT_DIR/$phase.json" && mkdir -p "$runs" "$dest" || return 2
     # RAY_FLAGS first: the fixed flags after them win. No RAY_ADDRESS and a Ray temp folder of
@@ -243,7 +251,7 @@ train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs thr
     rc1=${PIPESTATUS[0]}
     echo "-- $phase: exit $rc1 after $((SECONDS - t))s"
     echo "$((SECONDS - t))" >"$dest/run1.seconds"
-    if [ "$rc1" -eq 0 ]; then
+    if [ "$rc1" -eq 0 ] && [ "$cut" -eq 0 ]; then
         echo "-- $phase: resume: --epochs 3 --resume"
         t=$SECONDS
         env -u RAY_ADDRESS "${cmd[@]}" --epochs 3 --resume 2>&1 | tee -i "$dest/run2.log"
@@ -251,13 +259,15 @@ train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs thr
         echo "-- $phase: exit $rc2 after $((SECONDS - t))s"
         echo "$((SECONDS - t))" >"$dest/run2.seconds"
     else
-        rc2=-  # nothing to resume: the phase fails on run 1's exit code
-        echo "(run 1 failed: no resume)" >"$dest/run2.log"
+        rc2=-  # nothing to resume: the phase fails on run 1's exit code (or its cut)
+        echo "(run 1 failed or was cut by the phase limit: no resume)" >"$dest/run2.log"
         echo 0 >"$dest/run2.seconds"
     fi
+    [ "$cut" -eq 0 ] || rc2=cut
     # the run's small files (no checkpoints): metrics per epoch, summary.json
     cp -r "$runs/$name/metrics" "$dest/" 2>/dev/null
     cp "$runs/$name/summary.json" "$runs/$name/train.log" "$dest/" 2>/dev/null
+    ray_logs "$dest" "$rc1" "$rc2"
     "$PY" - "$phase" "$dest" "$EXPECT_DEVICE" "$rc1" "$rc2" "$OUT_DIR/$phase.json" "$runs/$name" "$zero" <<'EOF'
 """Checks of one train phase, and its result file (img/s per epoch)."""
 import glob
@@ -272,7 +282,9 @@ seconds = [int(open(os.path.join(dest, f"run{i}.seconds")).read()) for i in (1, 
 # rank 0's start line in mtl/engine.py: fit, "<run name> on <device> x<world>: ..."
 start = re.compile(r"\S+ on (\S+) x(\d+): [\d,]+ params")
 problems = []
-if rc1 != "0" or rc2 != "0":
+if rc2 == "cut":
+    problems.append(f"cut by the phase limit (run 1 exited {rc1}): raise T_{phase.upper()}")
+elif rc1 != "0" or rc2 != "0":
     problems.append(f"exit codes {rc1}, {rc2} (want 0, 0)")
 devices = []
 for i, log in enumerate(logs, 1):
@@ -298,7 +310,7 @@ elif not epochs[2]["restarts"]:
 zero = ds_version = None
 # DeepSpeed's own record in the last checkpoint: its ZeRO optimizer's stage (not after a failed or
 # cut-off first run: importing torch to read it takes seconds of the grace before the SIGKILL)
-if want_zero != "-" and rc1 == "0":
+if want_zero != "-" and rc1 == "0" and rc2 != "cut":
     states = sorted(glob.glob(os.path.join(run_dir, "**", "*optim_states.pt"), recursive=True))
     if not states:
         problems.append(f"no DeepSpeed optimizer states (*optim_states.pt) in {run_dir}")
@@ -345,7 +357,17 @@ for kind, c in (("step", steps), ("epoch", epoch_ends)):
 sys.exit(0 if not problems else 1)
 EOF
 }
-export -f train_phase
+ray_logs() {  # ray_logs DEST RC1 RC2: after a failed or cut run, the ends of Ray's own logs (controller, raylet...)
+    [ "$2" = 0 ] && [ "$3" = 0 ] && return 0
+    local logs=$RAY_TMPDIR/session_latest/logs f
+    [ -d "$logs" ] || return 0
+    mkdir -p "$1/ray-logs"
+    for f in "$logs"/*.err "$logs"/*.out; do
+        [ -s "$f" ] && tail -c 20000 "$f" >"$1/ray-logs/$(basename "$f")"
+    done
+    return 0
+}
+export -f train_phase ray_logs
 export OUT_DIR RUNS RAY_FLAGS EXPECT_DEVICE TRAIN_WORKERS PY
 
 for p in $PHASES; do
@@ -353,15 +375,28 @@ for p in $PHASES; do
     env)
         { nvidia-smi || true; "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
 "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
-          nproc; free -g; "$PY" -m pip list --disable-pip-version-check 2>/dev/null; } >"$OUT_DIR/env.txt" 2>&1
+          nproc; free -g; "$PY" -m pip list --disable-pip-version-check 2>/dev/null
+          # what the later phases rely on, found out here: the loader's per-worker CPU (jobs/benchmark.py
+          # reads the loader's processes there), DeepSpeed's distutils, the bundle's Ray and DeepSpeed
+          ls /proc/self/task/*/children >/dev/null 2>&1 && echo "proc children: yes" || echo "proc children: NO (loader workers' CPU unmeasured)"
+          timeout 60 "$PY" -c 'import distutils.ccompiler, ray, ray.train.torch, deepspeed, webdataset, tyro
+print("imports: ray", ray.__version__, "deepspeed", deepspeed.__version__)' || echo "imports: FAILED (above)"; } >"$OUT_DIR/env.txt" 2>&1
         cat "$OUT_DIR/env.txt"
         pack ;;
     tests)
         phase tests "${T_TESTS:-70}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
+    data)
+        # the train phases' synthetic set, made here: inside the Ray worker it would fork a process
+        # that holds Ray's threads (and take the phase's time)
+        # shellcheck disable=SC2086
+        phase data "${T_DATA:-30}" data.txt "$PY" -c 'import sys
+from jobs.train import parse
+from mtl.data.build import resolve_source
+print("train data:", resolve_source(parse(sys.argv[1:])[1]).url)' $RAY_FLAGS ;;
     ray)
-        phase ray "${T_RAY:-100}" ray.txt bash -c 'train_phase "$@"' train_phase ray ray-gpu - ;;
+        phase ray "${T_RAY:-85}" ray.txt bash -c 'train_phase "$@"' train_phase ray ray-gpu - ;;
     deepspeed)
-        phase deepspeed "${T_DEEPSPEED:-110}" deepspeed.txt bash -c 'train_phase "$@"' train_phase deepspeed ds-gpu 2 \
+        phase deepspeed "${T_DEEPSPEED:-95}" deepspeed.txt bash -c 'train_phase "$@"' train_phase deepspeed ds-gpu 2 \
             --strategy deepspeed --zero-stage 2 ;;
     eager)
         # shellcheck disable=SC2086
@@ -386,7 +421,7 @@ for p in $PHASES; do
             --workers "$WORKERS" --scaling $SCALING --scaling-batches $SCALING_BATCHES --per-worker "$PER_WORKER" \
             --json "$OUT_DIR/bench-loader.json" ;;
     *)
-        echo "unknown phase '$p' (known: env tests ray deepspeed eager plain loader compile threads background)" >&2
+        echo "unknown phase '$p' (known: env tests data ray deepspeed eager plain loader compile threads background)" >&2
         exit 2 ;;
     esac
 done

@@ -92,7 +92,7 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
 
     out, packed, runs = tmp_path / "gpu-check", tmp_path / "packed", tmp_path / "runs"
     ray_tmp = tempfile.mkdtemp(prefix="gcr", dir="/tmp")  # short: Ray's socket paths live below it
-    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "deepspeed", "BUNDLE": "", "EXPECT_DEVICE": "cpu",
+    env = {**os.environ, "PYTHON": sys.executable, "PHASES": "data deepspeed", "BUNDLE": "", "EXPECT_DEVICE": "cpu",
            "RAY_FLAGS": TINY_RAY_FLAGS.replace("--max-steps-per-epoch 1", "--max-steps-per-epoch 2"),  # (a step checkpoint per epoch)
            "STEP_CHECKPOINTS": "1", "TRAIN_WORKERS": "2", "RUNS": str(runs), "RAY_TMPDIR": ray_tmp, "PACK_TO": str(packed),
            "T_DEEPSPEED": "600", "DEADLINE": "1300"}  # shared 2-core machines: generous limits
@@ -106,7 +106,8 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     phases = (out / "phases.txt").read_text().splitlines()
-    assert [p.split(":")[0] for p in phases] == ["== deepspeed"] and all("exit 0" in p for p in phases), phases
+    assert [p.split(":")[0] for p in phases] == ["== data", "== deepspeed"] and all("exit 0" in p for p in phases), phases
+    assert "train data: " in (out / "data.txt").read_text()  # (made before Ray starts: the workers find it)
     res = json.loads((out / "deepspeed.json").read_text())
     assert res["ok"] and not res["problems"], res
     assert all("ds-gpu on cpu x2: " in line for line in res["start_lines"]), res["start_lines"]

@@ -14,6 +14,8 @@ process, Ray job, command), its ``ttl`` and a counter the holder's thread raises
   of memory; the same host name, boot and process namespace), or one last renewed over
   ``STALE_TTLS`` ttls ago by this host's clock (a node lost long ago: cloud hosts' clocks differ
   by seconds, not by that): takes it, and says so;
+* finds one whose holder is a live process of this machine, the very one (its pid and start
+  time: a reused pid starts later): refused at once (`LeaseHeld`);
 * else watches it for up to ``ttl``: renewed meanwhile, its holder is alive and the start is
   refused (`LeaseHeld`, naming the holder and how to stop it); not renewed, its holder died with
   its node, and the lease is taken. Liveness is judged by watching, not by comparing clocks.
@@ -49,7 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from mtl.machine import machine_id, process_gone
+from mtl.machine import machine_id, process_gone, process_start
 from mtl.storage import (WriteConflict, delete_if, has_conditional_writes, is_object_store, json_bytes, read_bytes,
                          read_tagged, storage_errors, url_to_fs, write_bytes_atomic, write_if)
 
@@ -168,9 +170,12 @@ class RunLease:
         if age > STALE_TTLS * t.ttl_s:
             self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, not renewed for {age:.0f} s")
             return True
-        if held.get("host") == socket.gethostname() and held.get("machine") == machine_id() and process_gone(held.get("pid")):
+        here = held.get("host") == socket.gethostname() and held.get("machine") == machine_id()
+        if here and process_gone(held.get("pid")):
             self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, a process that is gone")
             return True
+        if here and held.get("pid_start") is not None and process_start(held.get("pid")) == held.get("pid_start"):
+            raise LeaseHeld(self._in_use(held))  # (that very process, alive: no renewal to wait for)
         self.log(f"{self.what} folder {self.folder} is leased to {describe(held)}; watching for up to {t.ttl_s:.0f} s "
                  f"whether it is alive")
         deadline = time.monotonic() + t.ttl_s
@@ -180,10 +185,13 @@ class RunLease:
             if now is None or now.get("holder") != held.get("holder"):
                 return False
             if now.get("beat") != held.get("beat"):
-                raise LeaseHeld(f"{self.what} folder {self.folder} is in use by {describe(now)}. One driver per "
-                                f"{self.what}: stop that one first, or wait for it to end")
+                raise LeaseHeld(self._in_use(now))
         self.log(f"{self.what} folder {self.folder}: taking the lease of {describe(held)}, not renewed for {t.ttl_s:.0f} s")
         return True
+
+    def _in_use(self, held: dict[str, Any]) -> str:
+        return (f"{self.what} folder {self.folder} is in use by {describe(held)}. One driver per {self.what}: stop that one "
+                f"first, or wait for it to end")
 
     def _write(self, started: bool = False) -> bool:
         """Write this driver's lease (a new one when ``started``, else the next renewal); on a
@@ -191,6 +199,7 @@ class RunLease:
         driver's write came first."""
         if started:
             self.mine = {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "machine": machine_id(), "pid": os.getpid(),
+                         "pid_start": process_start(os.getpid()),
                          "ray_job": ray_job_id(), "command": " ".join(sys.argv)[:300],
                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ttl_s": self.timing.ttl_s, "beat": 0}
         else:

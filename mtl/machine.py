@@ -54,3 +54,15 @@ def process_gone(pid: Any) -> bool:
     except (OSError, TypeError, ValueError, OverflowError):
         return False
     return False
+
+
+def process_start(pid: Any) -> int | None:
+    """When process ``pid`` of this machine started, in clock ticks since boot (``/proc/<pid>/stat``):
+    with the pid it names one process of the boot (pids are reused, start times not). None where
+    that is not known (no /proc, no such process, not a pid)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as fh:
+            stat = fh.read()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # (field 22; the name in parentheses may hold spaces)
+    except (OSError, TypeError, ValueError, IndexError):
+        return None

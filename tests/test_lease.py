@@ -71,6 +71,26 @@ def test_a_live_drivers_lease_is_refused_naming_it(tmp_path):
         first.release()
 
 
+def test_a_live_process_of_this_machine_is_refused_at_once_a_reused_pid_is_watched(tmp_path):
+    """The holder's pid and start time name one process of the boot: alive, it is refused without
+    waiting for a renewal; the same pid with another start time (reused) is watched as before."""
+    from mtl.machine import process_start
+
+    folder, said = str(tmp_path / "run"), []
+    slow = LeaseTiming(ttl_s=600.0)  # (renewed every 150 s: only the start time can refuse it within the test)
+    write_lease(folder, host=socket.gethostname(), machine=machine_id(), pid=os.getpid(), pid_start=process_start(os.getpid()),
+                ttl_s=600.0)
+    t0 = time.monotonic()
+    with pytest.raises(LeaseHeld, match=rf"run folder {folder} is in use by process {os.getpid()} on host"):
+        RunLease(folder, timing=slow, log=said.append).acquire()
+    assert time.monotonic() - t0 < 5 and said == []
+    write_lease(folder, host=socket.gethostname(), machine=machine_id(), pid=os.getpid(), pid_start=1, ttl_s=2.0, beat=0)
+    lease = RunLease(folder, timing=FAST, log=said.append)
+    lease.acquire()  # (not renewed for its ttl: taken)
+    lease.release()
+    assert "watching for up to 2 s" in said[0] and "not renewed for 2 s" in said[-1]
+
+
 def test_a_ray_jobs_lease_names_the_job_and_how_to_stop_it(tmp_path):
     folder = str(tmp_path / "run")
     write_lease(folder, ray_job="raysubmit_abc", renewed=time.time())

@@ -359,7 +359,8 @@ EOF
 }
 ray_logs() {  # ray_logs DEST RC1 RC2: after a failed or cut run, the ends of Ray's own logs (controller, raylet...)
     [ "$2" = 0 ] && [ "$3" = 0 ] && return 0
-    local logs=$RAY_TMPDIR/session_latest/logs f
+    local logs=$RAY_TMPDIR/ray/session_latest/logs f  # (Ray's temp dir is $RAY_TMPDIR/ray)
+    [ -d "$logs" ] || logs=$RAY_TMPDIR/session_latest/logs
     [ -d "$logs" ] || return 0
     mkdir -p "$1/ray-logs"
     for f in "$logs"/*.err "$logs"/*.out; do

@@ -225,7 +225,11 @@ def test_a_train_phase_cut_by_its_limit_still_reports(tmp_path, on_sigint):
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(0o755)
     out = tmp_path / "gpu-check"
-    env = {**os.environ, "PYTHON": str(fake), "PHASES": "ray", "BUNDLE": "", "T_RAY": "3", "RUNS": str(tmp_path / "runs")}
+    logs = tmp_path / "rt" / "ray" / "session_latest" / "logs"  # (what Ray's own processes would have left)
+    logs.mkdir(parents=True)
+    (logs / "raylet.err").write_text("x" * 30000 + "the raylet's last words\n")
+    env = {**os.environ, "PYTHON": str(fake), "PHASES": "ray", "BUNDLE": "", "T_RAY": "3", "RUNS": str(tmp_path / "runs"),
+           "RAY_TMPDIR": str(tmp_path / "rt")}
     env.pop("OUT", None)
     r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # the phase failed ...
@@ -234,6 +238,8 @@ def test_a_train_phase_cut_by_its_limit_still_reports(tmp_path, on_sigint):
     code = "0" if on_sigint == "exits 0" else "130"
     assert not res["ok"] and res["problems"][0] == f"cut by the phase limit (run 1 exited {code}): raise T_RAY", res
     assert "no resume" in (out / "ray" / "run2.log").read_text()
+    kept = (out / "ray" / "ray-logs" / "raylet.err").read_text()  # the end of Ray's logs comes back with a failed phase
+    assert kept.endswith("the raylet's last words\n") and len(kept) == 20000
     assert (out / "phases.txt").read_text().startswith("== ray: exit 124 after ")  # (timeout's code for a command it cut)
 
 

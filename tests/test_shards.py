@@ -242,6 +242,24 @@ def test_bad_flags_and_unreachable_s3(tiny_root, tmp_path):
     assert time.time() - t0 < 90
 
 
+def test_an_os_error_reading_a_shard_keeps_its_errno_and_is_not_called_corrupt_data():
+    """A shard that cannot be read (permissions, I/O) is named with the OS's words, without the
+    advice to re-create the set; webdataset hands errors up with the shard's URL appended, through
+    the handler twice."""
+    from mtl.data.shards import _reraise_with_context
+
+    def handled(exn):
+        with pytest.raises(Exception) as e:
+            _reraise_with_context(exn)
+        return e.value
+
+    first = handled(PermissionError(13, "Permission denied"))
+    first.args = (*first.args, object(), "/data/shards/train-000001.tar")  # (webdataset's stream and URL)
+    assert str(handled(first)) == "corrupt or unreadable shard /data/shards/train-000001.tar: [Errno 13] Permission denied"
+    assert str(handled(OSError(5, "Input/output error", "/data/shards/train-000002.tar"))) == (
+        "corrupt or unreadable shard /data/shards/train-000002.tar: [Errno 5] Input/output error")
+
+
 def test_missing_and_corrupt_shards_are_named(tiny_root, tmp_path):
     dst = tmp_path / "shards"
     shard_dataset(tiny_root, str(dst), "8", splits=("val",), workers=1)

@@ -106,17 +106,21 @@ _CORRUPT = "corrupt or unreadable shard"
 def _corrupt(exn: Exception) -> str:
     """One line naming the shard once: webdataset hands an error up with (stream, URL) appended
     to its args, through this handler twice (the tar reader's, then the shard list's), and the
-    tar reader's message names the stream (``unexpected end of data @ <_io.BufferedReader ...>``)."""
-    args = exn.args or (type(exn).__name__,)
-    what, url = str(args[0]), next((a for a in args[1:] if isinstance(a, str)), None)
+    tar reader's message names the stream (``unexpected end of data @ <_io.BufferedReader ...>``).
+    An OS error (permissions, I/O) keeps its errno and text, and is not the shard set's fault."""
+    args, errno = exn.args or (type(exn).__name__,), isinstance(exn, OSError) and exn.errno is not None
+    appended = args[2:] if errno else args[1:]  # (an OS error's own args: errno, text)
+    url = next((a for a in reversed(appended) if isinstance(a, str)), None)  # (webdataset's, last)
+    what = f"[Errno {exn.errno}] {exn.strerror}" if errno else str(args[0])
+    url = url or (exn.filename if isinstance(getattr(exn, "filename", None), str) else None)
     url = url or next(iter(re.findall(r" @ <\S+ name='([^']*)'>", what)), None)
     what = re.sub(r" @ <[^>]*>", "", what)
     if what.startswith(f"{_CORRUPT} "):  # (ours, on its second way through, naming the shard already)
         return what
     if what.startswith(f"{_CORRUPT}: "):  # (ours without the shard's URL: it may be known now)
         what = what[len(_CORRUPT) + 2:]
-    return f"{_CORRUPT} {url}: {what} (re-create the shard set: python -m data_prep.shard --root ... --shards ... --overwrite)" if url else \
-        f"{_CORRUPT}: {what}"
+    hint = "" if isinstance(exn, OSError) or what.startswith("[Errno") else " (re-create the shard set: python -m data_prep.shard --root ... --shards ... --overwrite)"
+    return f"{_CORRUPT} {url}: {what}{hint}" if url else f"{_CORRUPT}: {what}{hint}"
 
 
 # the share of a rank's whole batches a training epoch keeps when it picks its loader workers

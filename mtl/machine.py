@@ -46,23 +46,34 @@ def knows_its_processes() -> bool:
 
 def process_gone(pid: Any) -> bool:
     """Whether process ``pid`` of this machine has ended (False when that is not known: another
-    user's process, or not a pid)."""
+    user's process, or not a pid). A killed process its parent has not reaped yet (a zombie) has
+    ended: it runs nothing and renews nothing."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
     except (OSError, TypeError, ValueError, OverflowError):
         return False
-    return False
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] in ("Z", "X")
 
 
 def process_start(pid: Any) -> int | None:
     """When process ``pid`` of this machine started, in clock ticks since boot (``/proc/<pid>/stat``):
     with the pid it names one process of the boot (pids are reused, start times not). None where
     that is not known (no /proc, no such process, not a pid)."""
+    stat = _proc_stat(pid)
+    try:
+        return int(stat[19]) if stat is not None else None  # (field 22: the start time)
+    except (ValueError, IndexError):
+        return None
+
+
+def _proc_stat(pid: Any) -> list[str] | None:
+    """``/proc/<pid>/stat``'s fields from the third (the state) on: the name before them, in
+    parentheses, may hold spaces. None where there is no such file."""
     try:
         with open(f"/proc/{int(pid)}/stat") as fh:
-            stat = fh.read()
-        return int(stat.rsplit(")", 1)[1].split()[19])  # (field 22; the name in parentheses may hold spaces)
-    except (OSError, TypeError, ValueError, IndexError):
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError, ValueError, OverflowError, IndexError):
         return None

@@ -71,6 +71,28 @@ def test_a_live_drivers_lease_is_refused_naming_it(tmp_path):
         first.release()
 
 
+def test_a_killed_holder_its_parent_has_not_reaped_is_gone(tmp_path):
+    """A zombie (killed, not waited for: a parent that never waits, a container whose PID 1 reaps
+    nothing) still answers kill(pid, 0) and keeps its start time; it renews nothing: its lease is
+    taken at once, not refused as a live holder's."""
+    from mtl.machine import process_gone, process_start
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        start = process_start(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        time.sleep(0.5)  # (not waited for: a zombie now)
+        assert process_gone(child.pid) and process_start(child.pid) == start
+        folder, said = str(tmp_path / "run"), []
+        write_lease(folder, host=socket.gethostname(), machine=machine_id(), pid=child.pid, pid_start=start, ttl_s=600.0)
+        lease = RunLease(folder, timing=LeaseTiming(ttl_s=600.0), log=said.append)
+        lease.acquire()
+        lease.release()
+        assert "a process that is gone" in said[0]
+    finally:
+        child.wait()
+
+
 def test_a_live_process_of_this_machine_is_refused_at_once_a_reused_pid_is_watched(tmp_path):
     """The holder's pid and start time name one process of the boot: alive, it is refused without
     waiting for a renewal; the same pid with another start time (reused) is watched as before."""

@@ -106,7 +106,10 @@ def check_trained_data(m, source, given: str | None) -> None:
     path training was given, which may be relative to where training ran, or on another machine."""
     from mtl.storage import exists
 
-    if given is None and (m.cfg.data.root or m.cfg.data.shards) and not exists(source.url):
+    from mtl.data.shards import manifest_url
+
+    where = manifest_url(source.url) if source.kind == "shards" else source.url  # (a prefix may not answer: its manifest does)
+    if given is None and (m.cfg.data.root or m.cfg.data.shards) and not exists(where):
         flag = "--shards" if source.kind == "shards" else "--root"
         relative = "" if "://" in source.url or os.path.isabs(source.url) else " (relative to where training ran)"
         raise FileNotFoundError(f"{source.url}, the data {m.url} was trained on{relative}, is not here: give the data to "

@@ -247,7 +247,8 @@ class DistConfig(_Part):
     zero_stage: Literal[0, 1, 2] = 1  # DeepSpeed ZeRO stage
     #: worker/node failures survived by restarting from the last checkpoint, counted over the whole
     #: run (a long run on nodes lost without notice may want more; preemptions with notice are not
-    #: counted); -1: no limit
+    #: counted); -1: no limit (an error that comes back at every start, in the data or a
+    #: checkpoint, then restarts the run until it is stopped: `ray job stop`)
     max_failures: int = operational(3)
     #: how long the worker group may wait to be placed; a request the cluster can never hold fails
     #: at once instead. Default: 900 s (nodes booting: 10+ minutes is normal for cloud GPUs), 60 s

@@ -459,7 +459,8 @@ class Trainer:
                 self.log(classes)
         except BaseException as e:
             failed = True
-            self.log.record(_why_it_ended(e))  # (train.log only: the caller shows the error on the terminal)
+            with contextlib.suppress(Exception):  # (train.log only: the caller shows the error; a log that cannot
+                self.log.record(_why_it_ended(e))  # be written, the run folder gone or the disk full, must not replace it)
             raise
         finally:
             self._end(failed)

@@ -309,6 +309,27 @@ def test_a_diverged_run_stops_with_an_error_naming_the_step(tiny_root, tmp_path)
     assert "the run failed: TrainingDiverged: training diverged: the loss is nan by step" in last
 
 
+def test_a_loader_that_cannot_start_ends_the_run_as_failed(tiny_root, tmp_path, monkeypatch):
+    """The first epoch's loader starts inside the run's ending: its error is the run's, train.log
+    says so, and the tracker ends the run as failed."""
+    import mtl.engine
+    from mtl.runs import run_url
+    from mtl.tracking import Tracker
+
+    def cannot(self, *a, **k):
+        raise OSError("the loader cannot start")
+
+    closed = []
+    close = Tracker.close
+    monkeypatch.setattr(mtl.engine.Trainer, "_batches", cannot)
+    monkeypatch.setattr(Tracker, "close", lambda self, failed=False: (closed.append(failed), close(self, failed=failed)))
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=1, batch_size=4, max_steps_per_epoch=1)
+    with pytest.raises(OSError, match="the loader cannot start"):
+        fit(cfg, local_runtime(cfg))
+    assert closed == [True]
+    assert open(f"{run_url(cfg)}/train.log").read().splitlines()[-1].endswith("the run failed: OSError: the loader cannot start")
+
+
 def test_an_interrupted_run_says_how_to_continue_in_its_log_and_on_the_terminal(tiny_root, tmp_path, capsys, monkeypatch):
     """Ctrl-C: no traceback; the terminal and train.log say that --resume continues; exit 130."""
     from jobs.train import main

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -507,16 +508,20 @@ def _run(jobs: list[ShardJob], workers: int | None, progress: bool, total_sample
     cols = (TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"), TimeRemainingColumn())
     try:
         with Progress(*cols, disable=not progress) as bar, ProcessPoolExecutor(workers) as pool:
-            return _collect(pool, jobs, bar, bar.add_task("shard", total=total_samples, speed=""))
+            return _collect(pool, jobs, 2 * workers, bar, bar.add_task("shard", total=total_samples, speed=""))
     except BrokenProcessPool:
         raise BrokenProcessPool(f"a sharding worker died (out of memory?): lower --workers (this run had {workers})") from None
 
 
-def _collect(pool: ProcessPoolExecutor, jobs: list[ShardJob], bar, task) -> dict[str, ShardResult]:
-    """Submit the jobs and gather their results as they finish, advancing the progress bar."""
+def _collect(pool: ProcessPoolExecutor, jobs: list[ShardJob], window: int, bar, task) -> dict[str, ShardResult]:
+    """Run the jobs, ``window`` at a time, and gather their results as they finish, advancing the
+    progress bar. A job is submitted only as another one ends: after a failure at most ``window``
+    more shards are written, however late a busy machine lets this thread see it (with every job
+    queued at once, the workers went on taking queued shards until it did)."""
     results: dict[str, ShardResult] = {}
     t0, done_bytes = time.perf_counter(), 0
-    pending = {pool.submit(write_shard, j) for j in jobs}
+    queue = iter(jobs)
+    pending = {pool.submit(write_shard, j) for j in itertools.islice(queue, window)}
     try:
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -527,6 +532,7 @@ def _collect(pool: ProcessPoolExecutor, jobs: list[ShardJob], bar, task) -> dict
                 dt = max(time.perf_counter() - t0, 1e-6)
                 bar.update(task, advance=r.num_samples + len(r.bad),
                            speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes / dt / 1e6:.1f} MB/s")
+            pending |= {pool.submit(write_shard, j) for j in itertools.islice(queue, len(done))}
     except BaseException:
         # the shards not started are dropped, so the error surfaces now (leaving the pool
         # waits only for the shards being written), not after every queued shard ran

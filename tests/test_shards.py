@@ -490,14 +490,25 @@ def test_an_unreadable_progress_record_counts_as_none(tiny_root, tmp_path):
     assert sorted(int(x["index"]) for x in ShardStream(split, None, shuffle=False)) == list(range(24))
 
 
-def test_the_first_failed_shard_stops_the_run(tiny_root, tmp_path):
-    """An I/O error in one shard ends the run at once: the shards still queued are not written."""
+def test_the_first_failed_shard_stops_the_run(tiny_root, tmp_path, monkeypatch):
+    """An I/O error in one shard ends the run at once: the shards not yet begun are not written,
+    also when the collecting thread sees the error late (a busy machine: here it sleeps before
+    each look), since only 2 per worker are handed out ahead."""
+    import data_prep.shard
+
+    wait = data_prep.shard.wait
+
+    def late(*a, **k):
+        time.sleep(0.3)
+        return wait(*a, **k)
+
+    monkeypatch.setattr(data_prep.shard, "wait", late)
     dst = tmp_path / "shards"
     (dst / "train-000000.tar").mkdir(parents=True)  # the first shard cannot be written
     with pytest.raises(IsADirectoryError, match="train-000000.tar"):
         shard_dataset(tiny_root, str(dst), "1", splits=("train",), workers=2)  # 96 shards
     written = [p for p in dst.glob("train-*.tar") if p.is_file()]
-    assert len(written) < 48, len(written)
+    assert len(written) <= 2 * 2 * 2, len(written)  # (the first window and, at most, the one after it)
 
 
 def test_two_files_of_one_sample_index_are_refused(tiny_root, tmp_path):

@@ -61,7 +61,7 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Annotated
@@ -70,6 +70,7 @@ import numpy as np
 import tyro
 from PIL import Image
 
+from data_prep.pool import run_pooled
 from mtl.atomic import check_not_above
 from mtl.cli import parse
 from mtl.config import Size
@@ -307,15 +308,7 @@ def _run_pool(jobs: list[Job], workers: int, advance) -> None:
     killed under the run (the kernel's OOM killer) is a BrokenProcessPool saying what to do."""
     try:
         with ProcessPoolExecutor(workers) as pool:
-            pending = {pool.submit(convert_chunk, j) for j in jobs}
-            try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        advance(fut.result())
-            finally:
-                for fut in pending:
-                    fut.cancel()
+            run_pooled(pool, convert_chunk, jobs, 2 * workers, advance)
     except BrokenProcessPool:
         raise BrokenProcessPool(f"a conversion worker died (out of memory?): lower --workers (this run had {workers})") from None
 

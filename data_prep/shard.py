@@ -31,20 +31,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
 import sys
 import tarfile
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
 import tyro
 
+from data_prep.pool import run_pooled
 from mtl import __version__
 from mtl.cli import parse
 from mtl.data.folder import scan_split, split_modalities, stems_by_index
@@ -52,6 +52,8 @@ from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check
 from mtl.data.shards import FORMAT
 from mtl.machine import usable_cpus
 from mtl.storage import read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
+
+
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
 # --shard-size auto, the default. Training deals whole shards to its ranks, and each rank's to its
@@ -500,7 +502,7 @@ def _problem_text(problems: list[str]) -> str:
 
 
 def _run(jobs: list[ShardJob], workers: int | None, progress: bool, total_samples: int, total_bytes: int) -> dict[str, ShardResult]:
-    """Write the shards on ``workers`` processes (default: one per usable CPU, `usable_cpus`).
+    """Write the shards on ``workers`` processes (default: one per usable CPU, `usable_cpus`), 2 per worker handed out ahead.
     A worker killed under the run (the kernel's OOM killer) is a BrokenProcessPool saying what to do."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -514,30 +516,19 @@ def _run(jobs: list[ShardJob], workers: int | None, progress: bool, total_sample
 
 
 def _collect(pool: ProcessPoolExecutor, jobs: list[ShardJob], window: int, bar, task) -> dict[str, ShardResult]:
-    """Run the jobs, ``window`` at a time, and gather their results as they finish, advancing the
-    progress bar. A job is submitted only as another one ends: after a failure at most ``window``
-    more shards are written, however late a busy machine lets this thread see it (with every job
-    queued at once, the workers went on taking queued shards until it did)."""
+    """Write the shards (`data_prep.pool.run_pooled`: ``window`` at a time, an I/O error stops the
+    run and no manifest is written), advancing the progress bar as they finish."""
     results: dict[str, ShardResult] = {}
-    t0, done_bytes = time.perf_counter(), 0
-    queue = iter(jobs)
-    pending = {pool.submit(write_shard, j) for j in itertools.islice(queue, window)}
-    try:
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                r = fut.result()  # an I/O error stops the run here; no manifest is written
-                results[r.name] = r
-                done_bytes += r.num_bytes
-                dt = max(time.perf_counter() - t0, 1e-6)
-                bar.update(task, advance=r.num_samples + len(r.bad),
-                           speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes / dt / 1e6:.1f} MB/s")
-            pending |= {pool.submit(write_shard, j) for j in itertools.islice(queue, len(done))}
-    except BaseException:
-        # the shards not started are dropped, so the error surfaces now (leaving the pool
-        # waits only for the shards being written), not after every queued shard ran
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+    t0, done_bytes = time.perf_counter(), [0]
+
+    def done(r: ShardResult) -> None:
+        results[r.name] = r
+        done_bytes[0] += r.num_bytes
+        dt = max(time.perf_counter() - t0, 1e-6)
+        bar.update(task, advance=r.num_samples + len(r.bad),
+                   speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes[0] / dt / 1e6:.1f} MB/s")
+
+    run_pooled(pool, write_shard, jobs, window, done)
     return results
 
 

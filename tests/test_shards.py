@@ -494,15 +494,15 @@ def test_the_first_failed_shard_stops_the_run(tiny_root, tmp_path, monkeypatch):
     """An I/O error in one shard ends the run at once: the shards not yet begun are not written,
     also when the collecting thread sees the error late (a busy machine: here it sleeps before
     each look), since only 2 per worker are handed out ahead."""
-    import data_prep.shard
+    import data_prep.pool
 
-    wait = data_prep.shard.wait
+    wait = data_prep.pool.wait
 
     def late(*a, **k):
         time.sleep(0.3)
         return wait(*a, **k)
 
-    monkeypatch.setattr(data_prep.shard, "wait", late)
+    monkeypatch.setattr(data_prep.pool, "wait", late)
     dst = tmp_path / "shards"
     (dst / "train-000000.tar").mkdir(parents=True)  # the first shard cannot be written
     with pytest.raises(IsADirectoryError, match="train-000000.tar"):

@@ -303,8 +303,15 @@ class Trainer:
     def _tracker(self) -> Any:
         from mtl.tracking import Tracker  # (its writer libraries load only for runs that keep a run folder)
 
+        # (resumed where only the epoch's validation is left: an earlier attempt may have logged it
+        # at this step already, `mtl.tracking`; the step's own values are logged again, `train_epoch`)
+        purge_from = self.state.step if self._validation_left() else None
         return Tracker(run_url(self.cfg), run_name(self.cfg), self.cfg.to_dict(), start_step=self.state.step,
-                       mlflow=self.rt.track_mlflow, log=self.log)
+                       purge_from=purge_from, mlflow=self.rt.track_mlflow, log=self.log)
+
+    def _validation_left(self) -> bool:
+        """Resumed from a step checkpoint with no step of its epoch left to train."""
+        return 0 < self.steps_per_epoch <= self.state.epoch_step
 
     def _planned_steps_per_epoch(self) -> int:
         """Optimizer steps per epoch with the planned --num-workers ranks (the LR plan's unit)."""
@@ -559,6 +566,7 @@ class Trainer:
             s_.input_size = list(batch["rgb"].shape[-2:])
         if not n_img and done:  # resumed at the epoch's end (more ranks share what was left): the stored sums
             loss = (running / done).tolist()
+            self._track_step(loss, self.weighting.weights().tolist(), float("nan"), nan_if_none(s_.lr))
         return loss, n_img * self.rt.world / (time.perf_counter() - t0) if n_img else float("nan")  # (none: not measured)
 
     @staticmethod
@@ -686,7 +694,7 @@ class Trainer:
         if self.weighting.epochwise and all(math.isfinite(v) for v in loss[1:]):  # DWA (none read: no update)
             self.weighting.end_epoch(loss[1:])
         # (no step left after a resume: the last step's, as its checkpoint stored it)
-        lr = epoch_lrs[-1] if epoch_lrs else s_.lr if s_.lr is not None else float("nan")
+        lr = epoch_lrs[-1] if epoch_lrs else nan_if_none(s_.lr)
         metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": lr, "train_loss": loss[0],
                         "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips, "val_s": val_s,
                         "restarts": s_.restarts, "epoch_lrs": epoch_lrs, "world": self.rt.world, "samples": s_.samples,
@@ -708,6 +716,10 @@ class Trainer:
                 self._checkpoint("epoch", epoch_tag(s_.epoch), metrics, is_best, after=stored)
         self.log.flush(wait=False)  # (the run's end waits for it)
         return metrics
+
+
+def nan_if_none(v: float | None) -> float:
+    return float("nan") if v is None else v
 
 
 def _why_it_ended(e: BaseException) -> str:

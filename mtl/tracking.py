@@ -27,7 +27,10 @@ the number a checkpoint stores. A resumed attempt (``start_step`` = its checkpoi
 opens its first event file with ``purge_step`` k + 1: readers (TensorBoard's accumulator through
 the SessionLog START event that writes, its Rust data server through the step going back) then
 hide what earlier attempts logged after step k, which this attempt trains again, so curves never
-double back; what they logged up to k (the checkpoint's own epoch-end validation) stays. MLflow
+double back; what they logged up to k (the checkpoint's own epoch-end validation) stays. A step
+checkpoint at an epoch's last step (a preemption notice) comes before that epoch's validation,
+which an earlier attempt may have logged at k too: there ``purge_from`` k hides step k as well,
+and the attempt logs its step values again (from the checkpoint) with the validation. MLflow
 can neither hide nor replace points, so there each batch sent also sets the run's tags
 ``streetmtl.logged_through_step`` (step scalars) and ``streetmtl.validated_through_step`` (an
 epoch's validation), and a resumed attempt sends nothing of either kind for the steps up to its
@@ -172,14 +175,14 @@ class EventFiles:
     every file of a run; its older Python one, ``--load_fast=false``, may show that file's last
     points only after a reload.)"""
 
-    def __init__(self, run_url: str, start_step: int, flush_secs: int = 30) -> None:
+    def __init__(self, run_url: str, start_step: int, flush_secs: int = 30, purge_from: int | None = None) -> None:
         self.url, self.remote, self.flush_secs = f"{run_url}/{TB_DIR}", not is_local(run_url), flush_secs
         self.dir: str | None = None if self.remote else url_to_fs(self.url)[1]  # remote: the staging folder, once made
         self.writer: Any | None = None
         self._folder: str | None = None  # remote: the current file's staging folder
         self._opened = 0  # files begun (remote: names the staging folders in order)
         self._closed: list[str] = []  # remote: staging folders of closed files not uploaded yet, in order
-        self._purge_step: int | None = start_step + 1  # for the attempt's first file
+        self._purge_step: int | None = start_step + 1 if purge_from is None else purge_from  # for the attempt's first file
         _quiet_nan_warnings()
 
     def _current(self) -> Any:
@@ -465,11 +468,11 @@ class Tracker:
     queued about as fast as before (`python jobs/benchmark.py background`); curves.png, whose
     drawing would hold the GIL for a second, is drawn by a child process (`mtl.curves`)."""
 
-    def __init__(self, run_url: str, run_name: str, config: dict, *, start_step: int = 0,
+    def __init__(self, run_url: str, run_name: str, config: dict, *, start_step: int = 0, purge_from: int | None = None,
                  mlflow: bool = True, log: Callable[[str], None] = print, flush_secs: int = 30) -> None:
         self.run_url, self.run_name, self.log = run_url.rstrip("/"), run_name, log
         self.mlflow = start_mlflow(self.run_url, run_name, config, log, start_step) if mlflow else None
-        self.events = EventFiles(self.run_url, start_step, flush_secs)
+        self.events = EventFiles(self.run_url, start_step, flush_secs, purge_from)
         self._work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streetmtl-tracker")  # (one: in order)
         self._failed: BaseException | None = None  # the first failure of the thread's work, not raised yet
         self._lock = threading.Lock()

@@ -352,32 +352,41 @@ def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_after_ever
                        "epoch-0001-step-00000008", "epoch-0002"]
 
 
-def test_a_resume_at_an_epochs_end_reports_the_lr_its_last_step_had(tiny_root, tmp_path, monkeypatch):
-    """A notice at an epoch's last step checkpoints it before validation; the node goes during
-    validation, and the resume finds no step of the epoch left. Its metrics carry the LR of the
-    epoch's last step (the checkpoint's), not the next step's (0 after a run's last), and no
-    throughput, which this attempt did not measure (not 0 img/s)."""
+def test_a_resume_at_an_epochs_end_reports_the_lr_its_last_step_had_and_logs_each_point_once(tiny_root, tmp_path, monkeypatch):
+    """A notice at an epoch's last step checkpoints it before validation; the node goes after the
+    validation was logged, before the epoch's checkpoint, and the resume finds no step of the
+    epoch left. Its metrics carry the LR of the epoch's last step (the checkpoint's), not the next
+    step's (0 after a run's last), and no throughput, which this attempt did not measure (not 0
+    img/s). TensorBoard shows the epoch's validation and its last step's loss once each: the
+    earlier attempt's, logged at the same step, are hidden."""
     import dataclasses
     from types import SimpleNamespace
 
     import mtl.engine
+    from test_tracking import _points, _read
 
     cfg = config(DataConfig(root=tiny_root, workers=0), tmp_path).with_values(
         {"train.epochs": 1, "train.max_steps_per_epoch": 4, "train.batch_size": 2, "train.checkpoint_every": 0,
-         "train.preemption_poll_every": 4})
-    evaluate = mtl.engine.rt_evaluate
+         "train.preemption_poll_every": 4, "train.log_every": 1})
+    checkpoint = mtl.engine.Trainer._checkpoint
 
-    def node_gone(*a, **k):
-        raise RuntimeError("node gone during validation")
+    def node_gone(self, kind, *a, **k):
+        if kind == "epoch":
+            raise RuntimeError("node gone before the epoch's checkpoint")
+        return checkpoint(self, kind, *a, **k)
 
-    monkeypatch.setattr(mtl.engine, "rt_evaluate", node_gone)
+    monkeypatch.setattr(mtl.engine.Trainer, "_checkpoint", node_gone)
     with pytest.raises(RuntimeError, match="node gone"):
         fit(cfg, dataclasses.replace(local_runtime(cfg), preemption=lambda: SimpleNamespace(preempted_node_ids=["n1"])))
     last = torch.load(f"{run_url(cfg)}/checkpoints/epoch-0000-step-00000004/state.pt", weights_only=True)["metrics"]["lr"]
-    monkeypatch.setattr(mtl.engine, "rt_evaluate", evaluate)
+    monkeypatch.setattr(mtl.engine.Trainer, "_checkpoint", checkpoint)
     again = cfg.with_values({"train.resume": True})
     metrics = fit(again, local_runtime(again)).metrics
     assert metrics[0]["epoch_lrs"] == [] and metrics[0]["lr"] == last > 0 and math.isnan(metrics[0]["train_images_per_s"])
+    events = _read(f"{run_url(cfg)}/tb")
+    assert [step for step, _ in _points(events, "val/miou")] == [4]
+    assert [step for step, _ in _points(events, "train/loss")] == [1, 2, 3, 4]
+    assert _points(events, "train/lr")[-1] == (4, pytest.approx(last))
 
 
 def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():

@@ -377,21 +377,20 @@ class FolderStorage:
         tag = pointer["latest"]
         url = f"{self.index.url}/{tag}"
         if not exists(f"{url}/{STATE_FILE}"):
-            older = [t for t in reversed(pointer.get("history", [])) if t < tag]
-            whole = next((t for t in older if exists(f"{self.index.url}/{t}/{STATE_FILE}")), None)
+            whole = self.before(tag)
             if whole is None:
                 old = exists(f"{url}.pt")  # (the layout before checkpoint folders: it evaluates, it does not resume)
                 raise FileNotFoundError(_missing(self.index.url, tag) + (f"; {url}.pt, an earlier version's checkpoint, cannot "
                                                                         f"be resumed (it evaluates)" if old else ""))
-            self.skipped = [tag, *older[: older.index(whole)]]
+            self.skipped = [tag, *(t for t in reversed(pointer.get("history", [])) if whole < t < tag)]
             url = f"{self.index.url}/{whole}"
         with local_copy(url) as folder:
             yield folder, url
 
     def before(self, tag: str) -> str | None:
-        """The newest checkpoint the pointer lists before ``tag`` (None: none)."""
-        older = [t for t in (self.index.read() or {}).get("history", []) if t < tag]
-        return older[-1] if older else None
+        """The newest checkpoint the pointer lists before ``tag`` that is there (None: none)."""
+        older = [t for t in reversed((self.index.read() or {}).get("history", [])) if t < tag]
+        return next((t for t in older if exists(f"{self.index.url}/{t}/{STATE_FILE}")), None)
 
 
 def _missing(checkpoints_url: str, tag: str) -> str:

@@ -739,8 +739,10 @@ def test_a_corrupt_latest_checkpoint_says_how_to_go_on_and_its_deletion_resumes_
                                          rf"the checkpoint before it$"):
         checkpointer(resumed).restore()
     assert resumed.epoch == 0
+    shutil.rmtree(tmp_path / "run/checkpoints/epoch-0002")  # (damaged too, and deleted first: the advice skips it)
+    with pytest.raises(ValueError, match=r"; delete the folder .*/epoch-0003 and the resume goes on from epoch-0001, "):
+        checkpointer(resumed).restore()
     shutil.rmtree(tmp_path / "run/checkpoints/epoch-0003")
-    shutil.rmtree(tmp_path / "run/checkpoints/epoch-0002")  # (damaged too)
     loaded = checkpointer(resumed).restore()
     assert resumed.epoch == 1 and loaded["skipped"] == ["epoch-0003", "epoch-0002"]
     assert loaded["url"] == f"{run}/checkpoints/epoch-0001/state.pt"

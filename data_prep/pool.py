@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 
 
 def run_pooled(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], jobs: Iterable[Any], window: int,
-             on_result: Callable[[Any], None]) -> None:
+               on_result: Callable[[Any], None]) -> None:
     """``fn(job)`` for every job on ``pool``, ``window`` at a time; ``on_result`` gets each result
     as it comes. The first error is raised once seen, and the jobs not begun are dropped. A job is
     handed out only as another one ends, so after a failure at most ``window`` more are done,

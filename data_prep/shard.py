@@ -53,7 +53,6 @@ from mtl.data.shards import FORMAT
 from mtl.machine import usable_cpus
 from mtl.storage import read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
-
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
 # --shard-size auto, the default. Training deals whole shards to its ranks, and each rank's to its
@@ -502,8 +501,8 @@ def _problem_text(problems: list[str]) -> str:
 
 
 def _run(jobs: list[ShardJob], workers: int | None, progress: bool, total_samples: int, total_bytes: int) -> dict[str, ShardResult]:
-    """Write the shards on ``workers`` processes (default: one per usable CPU, `usable_cpus`), 2 per worker handed out ahead.
-    A worker killed under the run (the kernel's OOM killer) is a BrokenProcessPool saying what to do."""
+    """Write the shards on ``workers`` processes (default: one per usable CPU, `usable_cpus`), 2
+    per worker handed out ahead. A worker killed under the run (the kernel's OOM killer) is a BrokenProcessPool saying what to do."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     workers = max(1, min(workers or usable_cpus(), len(jobs) or 1))
@@ -519,14 +518,15 @@ def _collect(pool: ProcessPoolExecutor, jobs: list[ShardJob], window: int, bar, 
     """Write the shards (`data_prep.pool.run_pooled`: ``window`` at a time, an I/O error stops the
     run and no manifest is written), advancing the progress bar as they finish."""
     results: dict[str, ShardResult] = {}
-    t0, done_bytes = time.perf_counter(), [0]
+    t0, done_bytes = time.perf_counter(), 0
 
     def done(r: ShardResult) -> None:
+        nonlocal done_bytes
         results[r.name] = r
-        done_bytes[0] += r.num_bytes
+        done_bytes += r.num_bytes
         dt = max(time.perf_counter() - t0, 1e-6)
         bar.update(task, advance=r.num_samples + len(r.bad),
-                   speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes[0] / dt / 1e6:.1f} MB/s")
+                   speed=f"{bar.tasks[0].completed / dt:.0f} samples/s, {done_bytes / dt / 1e6:.1f} MB/s")
 
     run_pooled(pool, write_shard, jobs, window, done)
     return results

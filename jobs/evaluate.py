@@ -104,9 +104,8 @@ def run(a: EvaluateCommand) -> int:
 def check_trained_data(m, source, given: str | None) -> None:
     """The data the checkpoint names, when no --root/--shards was given, exists here: it is the
     path training was given, which may be relative to where training ran, or on another machine."""
-    from mtl.storage import exists
-
     from mtl.data.shards import manifest_url
+    from mtl.storage import exists
 
     where = manifest_url(source.url) if source.kind == "shards" else source.url  # (a prefix may not answer: its manifest does)
     if given is None and (m.cfg.data.root or m.cfg.data.shards) and not exists(where):

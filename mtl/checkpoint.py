@@ -69,6 +69,11 @@ def tag_epoch(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def inside_epoch(tag: str) -> bool:
+    """Whether checkpoint ``tag`` is a step checkpoint: inside the epoch after its epoch number."""
+    return "-step-" in tag
+
+
 def metrics_url(run_url: str, tag: str) -> str:
     """``<run>/metrics/<tag>.json``: the validation of epoch checkpoint ``tag``."""
     return f"{run_url.rstrip('/')}/{METRICS_DIR}/{tag}.json"

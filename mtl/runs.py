@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any, Callable
 
-from mtl.checkpoint import CHECKPOINTS, CheckpointIndex, tag_epoch
+from mtl.checkpoint import CHECKPOINTS, CheckpointIndex, inside_epoch, tag_epoch
 from mtl.config import ExperimentConfig, ModelConfig, flag
 from mtl.lease import LEASE_FILE
 from mtl.models import resolve
@@ -262,7 +262,7 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
         raise RunConflict(f"run folder {folder.url} already holds a run with checkpoints: pass --resume to continue it, "
                           f"or choose another --name/--out for a new run")
     newest = max(t for t in (pointer, ray_ahead) if t is not None)
-    check_length(cfg.train.epochs, tag_epoch(newest) or 0, "-step-" in newest, f"{folder.url}/{CHECKPOINTS}/{newest}")
+    check_length(cfg.train.epochs, tag_epoch(newest) or 0, inside_epoch(newest), f"{folder.url}/{CHECKPOINTS}/{newest}")
     changed = config_diff(stored, cfg) if stored is not None else []
     if changed:
         log(f"resuming with changed {', '.join(changed)}: the LR plan is recomputed for the new length")

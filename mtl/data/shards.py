@@ -119,7 +119,8 @@ def _corrupt(exn: Exception) -> str:
         return what
     if what.startswith(f"{_CORRUPT}: "):  # (ours without the shard's URL: it may be known now)
         what = what[len(_CORRUPT) + 2:]
-    hint = "" if isinstance(exn, OSError) or what.startswith("[Errno") else " (re-create the shard set: python -m data_prep.shard --root ... --shards ... --overwrite)"
+    hint = ("" if isinstance(exn, OSError) or what.startswith("[Errno")  # (not the data's fault: no advice to rebuild it)
+            else " (re-create the shard set: python -m data_prep.shard --root ... --shards ... --overwrite)")
     return f"{_CORRUPT} {url}: {what}{hint}" if url else f"{_CORRUPT}: {what}{hint}"
 
 

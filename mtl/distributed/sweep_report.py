@@ -322,7 +322,7 @@ def _committed_epoch(trials_url: str, run: str, last: int) -> int:
         tag = CheckpointIndex(f"{trials_url}/{run}").latest_tag()
     except (OSError, ValueError):  # (the row shows what there is; the resume names the problem)
         return last
-    return (tag_epoch(tag) or 0) if tag else 0
+    return tag_epoch(tag or "") or 0  # (none: not one checkpoint committed)
 
 
 def _status(r, ended: str, trained_all: bool = False) -> str:  # noqa: ANN001 - a Tune Result

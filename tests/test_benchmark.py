@@ -42,36 +42,12 @@ def test_train_benchmark_smoke(tmp_path):
     assert rows[1]["gflop_per_img"] > rows[0]["gflop_per_img"]  # distillation costs more than the single branch
 
 
-def test_loader_benchmark_smoke(tmp_path):
-    out = tmp_path / "loader.json"
-    r = subprocess.run([sys.executable, "jobs/benchmark.py", "loader", "--size", "32x64", "--samples", "64", "--workers", "1",
-                        "--scaling", "1", "--scaling-batches", "16", "8", "--per-worker", "16", "--json", str(out)],
-                       cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    got = json.loads(out.read_text())
-    res = got["results"]
-    assert res["bare read + decode"] > 0 and res["local shards loader + augmentation"] > 0
-    rows = [f"folder loader + augmentation, 1 workers{b} (total img/s after the first batch)" for b in ("", ", batch 8")]
-    assert all(res[r] > 0 for r in rows)
-    assert list(got["cpu"]) == rows  # what each scaling row cost the main process and the workers, per image
-    # (the workers' figure is read from /proc in clock ticks: 0 is possible for this tiny run)
-    assert all(got["cpu"][r]["main_ms_per_img"] > 0 and got["cpu"][r]["workers_ms_per_img"] >= 0 for r in rows)
+def test_a_bad_background_flag_is_a_usage_error(capsys):
+    from jobs import benchmark
 
-
-def test_background_benchmark_smoke(tmp_path):
-    """What other threads' work costs the training thread's step queueing: a row per job."""
-    out = tmp_path / "background.json"
-    r = subprocess.run([sys.executable, "jobs/benchmark.py", "background", "--ops", "5", "--gpu-ms", "1", "--state-mb", "4",
-                        "--repeats", "1", "--json", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == ["nothing", "torch.save of 4 MB (a background checkpoint)", "PNG encoding of 10 validation pictures (tracker)",
-                          "curves.png drawn by matplotlib in a thread", "curves.png drawn by a child process (mtl.curves)"]
-    assert all(x["steps"] >= 1 and 0 < x["host_ms_median"] <= x["host_ms_p95"] for x in rows.values())
-    assert all(x["job_s"] > 0 for name, x in rows.items() if name != "nothing")
-    assert not any("error" in x for x in rows.values())
-    bad = subprocess.run([sys.executable, "jobs/benchmark.py", "background", "--ops", "0"], cwd=REPO, capture_output=True, text=True)
-    assert bad.returncode == 2 and "--ops, --state-mb and --repeats must be >= 1" in bad.stderr
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["background", "--ops", "0"])
+    assert e.value.code == 2 and "--ops, --state-mb and --repeats must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(120)
@@ -87,7 +63,9 @@ def test_a_background_job_that_fails_is_a_row_that_says_so():
 
 
 def test_gpu_check_script_runs_its_phases(tmp_path):
-    """`jobs/gpu_check.sh`, the one command a GPU session runs, at tiny sizes on the CPU."""
+    """`jobs/gpu_check.sh`, the one command a GPU session runs, at tiny sizes on the CPU: its
+    phases run the benchmarks (`jobs/benchmark.py`) as a GPU session would, and their figures are
+    checked here."""
     out = tmp_path / "gpu-check"
     env = {**os.environ, "PYTHON": sys.executable, "PHASES": "env tests eager plain loader threads background", "SIZE": "64x128", "BATCHES": "2",
            "COMPILE_BATCHES": "2", "ARCHS": "branched", "ENCODER": "resnet18", "STEPS": "2", "WARMUP": "1", "SAMPLES": "16", "WORKERS": "1",
@@ -111,10 +89,31 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
     assert [(x["arch"], x["batch"], x["intra_op_threads"]) for x in threads] == [("branched", 2, 1)]
     plain = json.loads((out / "bench-plain.json").read_text())["rows"]
     assert [(x["arch"], x["strategy"]) for x in plain] == [("branched", "plain")]
-    loader = json.loads((out / "bench-loader.json").read_text())["results"]
-    scaling = [k for k in loader if k.startswith("folder loader + augmentation, 1 workers")]
-    assert scaling == [f"folder loader + augmentation, 1 workers, batch {b} (total img/s after the first batch)" for b in (4, 8)]
-    assert "torch.save of 4 MB (a background checkpoint)" in json.loads((out / "bench-background.json").read_text())["rows"]
+    _check_loader_rows(json.loads((out / "bench-loader.json").read_text()))
+    _check_background_rows(json.loads((out / "bench-background.json").read_text())["rows"])
+
+
+def _check_loader_rows(got: dict) -> None:
+    """The loader phase's figures: bare decoding, the shard loader, and the folder loader by worker
+    count and batch, each scaling row with what it cost the main process and the workers."""
+    res = got["results"]
+    assert res["bare read + decode"] > 0 and res["local shards loader + augmentation"] > 0
+    rows = [f"folder loader + augmentation, 1 workers, batch {b} (total img/s after the first batch)" for b in (4, 8)]
+    assert [k for k in res if k.startswith("folder loader + augmentation, 1 workers")] == rows
+    assert all(res[r] > 0 for r in rows)
+    assert list(got["cpu"]) == rows
+    # (the workers' figure is read from /proc in clock ticks: 0 is possible for this tiny run)
+    assert all(got["cpu"][r]["main_ms_per_img"] > 0 and got["cpu"][r]["workers_ms_per_img"] >= 0 for r in rows)
+
+
+def _check_background_rows(rows: dict) -> None:
+    """The background phase: what other threads' work costs the training thread's step queueing,
+    a row per job."""
+    assert list(rows) == ["nothing", "torch.save of 4 MB (a background checkpoint)", "PNG encoding of 10 validation pictures (tracker)",
+                          "curves.png drawn by matplotlib in a thread", "curves.png drawn by a child process (mtl.curves)"]
+    assert all(x["steps"] >= 1 and 0 < x["host_ms_median"] <= x["host_ms_p95"] for x in rows.values())
+    assert all(x["job_s"] > 0 for name, x in rows.items() if name != "nothing")
+    assert not any("error" in x for x in rows.values())
 
 
 def _fake_ray_wheel(root):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -194,7 +195,8 @@ def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path,
     no record of it: the run folder's pointer is what it resumes from), local mode continues
     what Ray wrote, and Ray again what local mode wrote (which deleted a folder Ray had
     registered). On Ray with a loader worker: it starts from a fork server, never forked from
-    the Ray worker's process (`mtl.data.loader.worker_start_kwargs`)."""
+    the Ray worker's process (`mtl.data.loader.worker_start_kwargs`). Ctrl-C stops a run on Ray as
+    it stops a local one."""
     from mtl.distributed.ray_train import run_ray
     from mtl.engine import fit, local_runtime
     from mtl.runs import run_url
@@ -211,6 +213,7 @@ def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path,
     with pytest.raises(WorkerFailed, match=f"rank 0: Miniscapes folder missing: {tmp_path}/nowhere/train/rgb") as failed:
         run_ray(wrong)  # a worker's error: named as local mode names it, a user error (exit code 2 in jobs/train.py)
     assert failed.value.user_error
+    _ctrl_c_aborts_the_run(ray_cfg(str(tmp_path), "stopped", root=tiny_root, epochs=100, steps=2, workers=1))
     orphan = tmp_path / "moves/checkpoints/epoch-0000-step-00000001"  # committed by a worker, never registered by Ray
     orphan.mkdir()
     (orphan / "state.pt").write_bytes(b"x")
@@ -227,6 +230,31 @@ def test_a_local_run_continues_on_ray_and_back(ray_cluster, tiny_root, tmp_path,
     metrics = read_metrics(run_url(cfg_for(5, True)))
     assert [(m["epoch"], m["step"], m["restarts"]) for m in metrics] == [(1, 2, 0), (2, 4, 1), (3, 6, 1), (4, 8, 2), (5, 10, 3)]
     run_layout(str(tmp_path / "moves"), epochs=5)
+
+
+def _ctrl_c_aborts_the_run(cfg: ExperimentConfig) -> None:
+    """Ctrl-C in a driver training on Ray, once its first epoch is done: Ray aborts the run and
+    `run_ray` raises KeyboardInterrupt (`jobs/train.py`: exit 130, "--resume continues"), not the
+    SystemExit that Ray's own handler ends with; the handler before the run is back in place."""
+    from mtl.distributed.ray_train import run_ray
+
+    first, done = os.path.join(cfg.train.out, cfg.train.name, "metrics", "epoch-0001.json"), threading.Event()
+
+    def ctrl_c() -> None:
+        while not os.path.exists(first):
+            if done.wait(0.2):
+                return  # (ended some other way: no signal for the rest of the suite)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="Ray aborted the training run"):
+            run_ray(cfg)
+    finally:
+        done.set()
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert len(read_metrics(os.path.join(cfg.train.out, cfg.train.name))) < cfg.train.epochs
 
 
 def test_a_snapshot_cut_short_by_a_killed_driver_does_not_block_the_resume(tmp_path):

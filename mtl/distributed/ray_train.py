@@ -24,7 +24,9 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
@@ -358,12 +360,11 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
     ``fit`` hands Ray Train's variables from the calling process's environment to its controller,
     and a sweep's trials call it in actors of their own, where the driver's environment is not."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     d = cfg.dist
     os.environ[START_TIMEOUT_ENV] = str(d.start_timeout)  # (an unplaceable group then fails instead of hanging)
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}  # (a trial actor's: `_job_env` gave it them)
-    return TorchTrainer(
+    return _trainer_class()(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "track_mlflow": track_mlflow},
         scaling_config=ScalingConfig(num_workers=(d.min_workers, d.num_workers) if d.min_workers else d.num_workers,
@@ -382,6 +383,48 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
             callbacks=callbacks,
         ),
     )
+
+
+def _trainer_class():
+    """Ray's TorchTrainer, noting a Ctrl-C. On the main thread, Train V2's ``fit`` installs a SIGINT
+    handler of its own that aborts the run and ends the process with ``sys.exit`` (status 0 or
+    1, never a KeyboardInterrupt), and leaves it installed after ``fit``; `_fit` turns what
+    follows a noted Ctrl-C into a KeyboardInterrupt (`jobs/train.py`: exit 130, "--resume
+    continues") and puts the previous handler back."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller) -> None:  # noqa: ANN001 - Ray's controller handle
+            super()._register_sigint_handler(controller)
+            abort = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame) -> None:  # noqa: ANN001
+                self.interrupted = True
+                abort(signum, frame)  # (Ray's graceful abort of the worker group)
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return Trainer
+
+
+def _fit(trainer):  # noqa: ANN001, ANN202 - a `_trainer_class` trainer; Ray's Result
+    """``trainer.fit()``; a Ctrl-C meanwhile (Ray aborted the run) raises KeyboardInterrupt."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        result = trainer.fit()
+    except BaseException as e:  # (Ray's handler ends with SystemExit; the abort may surface as an actor error)
+        if trainer.interrupted:
+            raise KeyboardInterrupt("interrupted (Ctrl-C): Ray aborted the training run") from e
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if trainer.interrupted:
+        raise KeyboardInterrupt("interrupted (Ctrl-C): Ray aborted the training run")
+    return result
 
 
 def _controller_failures(d) -> int:
@@ -447,7 +490,7 @@ def run_ray(cfg: ExperimentConfig, log=print):
     drop_unreferenced_checkpoints(run_url(cfg), log)
     trainer = make_trainer(cfg, workers.bundle)
     try:
-        result = trainer.fit()
+        result = _fit(trainer)
     except ray.train.ControllerError as e:
         raise ClusterError(_controller_failure_message(e.controller_failure, cfg, workers)) from e
     except ray.train.WorkerGroupError as e:  # (Train V2 raises what a worker raised, after --max-failures restarts)

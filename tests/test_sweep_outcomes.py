@@ -230,3 +230,45 @@ def test_mlflow_takes_a_trial_that_pbt_restarts_with_new_values(tmp_path, monkey
     assert params["base/optim/weight_decay"] == str(base["optim"]["weight_decay"]) and params["trials_url"] == "/s/trials"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "hp/lr")] == [(2, 1e-4), (3, 1.2e-4)]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [2, 3]  # the epochs
+
+
+def test_mlflow_continues_a_trials_run_when_the_sweep_is_resumed(tmp_path, monkeypatch):
+    """`jobs/tune.py --resume` after the driver died: Tune restores the callback as it was pickled
+    before any trial began, so it knows no runs. A trial it continues logs to the run the first
+    driver started for it (one run per trial, finished at the end), not to a second one."""
+    pytest.importorskip("mlflow")
+    import ray.cloudpickle as pickle
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
+
+    from mtl.distributed.tune import mlflow_callback, trial_result
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file:{os.path.join(tmp_path, 'mlruns')}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    spec = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3"]))
+    first = mlflow_callback("resumed-sweep", spec)
+    pickled = pickle.dumps(first)  # (tuner.pkl: written as the Tuner is made)
+    config = {"lr": 1e-4, "base": ExperimentConfig().to_dict(), "trials_url": "/s/trials", "sweep": spec.to_dict()}
+
+    def log(callback, trial_id: str, epoch: int) -> Trial:
+        trial = Trial("trial", config=dict(config), stub=True, trial_id=trial_id)
+        callback.log_trial_start(trial)
+        result = trial_result({"epoch": epoch, "score": float(epoch)}, (), {"lr": 1e-4}, "t")
+        callback.log_trial_result(1, trial, {**result, "training_iteration": 1})
+        return trial
+
+    first.setup()
+    log(first, "abcde_00000", 1)
+    log(first, "abcde_00001", 1)
+    second = pickle.loads(pickled)  # the driver died; --resume
+    second.setup()
+    second.log_trial_end(log(second, "abcde_00000", 2))
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("resumed-sweep").experiment_id])
+    by_trial = {r.data.tags["trial_id"]: r for r in runs}
+    assert sorted(by_trial) == ["abcde_00000", "abcde_00001"]  # one run each
+    continued = by_trial["abcde_00000"]
+    assert continued.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(continued.info.run_id, "score")] == [(1, 1.0), (2, 2.0)]
+    assert by_trial["abcde_00001"].info.status == "RUNNING"  # (not continued yet)

@@ -370,11 +370,27 @@ class SweepMLflowCallback(MLflowLoggerCallback):
 
     def log_trial_start(self, trial) -> None:  # noqa: ANN001 - a Tune Trial
         if trial not in self._trial_runs:
-            run = self.mlflow_util.start_run(tags={**self.tags, "trial_name": str(trial)}, run_name=str(trial))
-            self._trial_runs[trial] = run.info.run_id
+            self._trial_runs[trial] = self._run_of(trial)
         if trial.trial_id not in self._params_logged:
             self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=self.fixed_params(trial.config))
             self._params_logged.add(trial.trial_id)
+
+    def _run_of(self, trial) -> str:  # noqa: ANN001 - a Tune Trial
+        """The MLflow run of ``trial``: the one an earlier driver of this sweep started, found by
+        its ``trial_id`` tag and marked running again (Tune keeps no record of it: a sweep
+        continued with ``--resume`` restores its callbacks as they were before any trial began),
+        else a new one. Without this each continued trial became a second run, and its first
+        stayed "running" for ever."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        found = client.search_runs([self.mlflow_util.experiment_id], filter_string=f"tags.trial_id = '{trial.trial_id}'",
+                                   max_results=1)
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        tags = {**self.tags, "trial_name": str(trial), "trial_id": trial.trial_id}
+        return self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
 
     def fixed_params(self, config: dict[str, Any]) -> dict[str, Any]:
         """A trial's config without its swept values (at the top level, and the base's own

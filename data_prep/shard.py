@@ -186,7 +186,7 @@ def write_shard(job: ShardJob) -> ShardResult:
         write_bytes_atomic(f"{job.dst.rstrip('/')}/{SHARD_PROGRESS}/{job.name}{PENDING}", b"")
         with dst_fs.open(path, "wb") as raw:
             hw = _HashingWriter(raw)
-            with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            with tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # (POSIX: names past 100 bytes too)
                 for stem in job.stems:
                     files, shape, problem = _read_sample(job, src, stem)
                     if problem:

@@ -647,6 +647,23 @@ def test_a_file_name_with_a_dot_is_refused_before_it_is_sharded(tiny_root, tmp_p
     assert not (tmp_path / "s").exists()
 
 
+def test_a_long_file_name_is_sharded_and_read_back(tiny_root, tmp_path):
+    """A stem past tar's old 100-byte member name (a converted set's long names): shards are
+    POSIX (pax) tar, which holds it, and the reader finds the sample under it."""
+    import tarfile
+
+    src, stem = tmp_path / "src", "frankfurt_000001_000538_leftImg8bit_" * 3 + "x"
+    shutil.copytree(f"{tiny_root}/val", src / "val")
+    for mod, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):
+        os.rename(src / f"val/{mod}/5.{ext}", src / f"val/{mod}/{stem}.{ext}")
+    shard_dataset(str(src), str(tmp_path / "s"), "64", splits=("val",), workers=1)
+    with tarfile.open(tmp_path / "s/val-000000.tar") as tar:
+        assert f"{stem}.semseg.png" in tar.getnames()
+    split = ShardSplit.from_manifest(read_manifest(str(tmp_path / "s")), "val")
+    samples = list(ShardStream(split, None, shuffle=False))
+    assert len(samples) == split.counts[0] == len(os.listdir(src / "val/rgb"))
+
+
 def test_default_workers_are_the_cpus_this_process_may_use(tiny_root, tmp_path, monkeypatch):
     """On a 64-CPU machine where a cgroup/taskset gives this job 1 CPU, sharding starts 1 worker,
     not 64 (each holding its shard's samples in memory)."""

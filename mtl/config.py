@@ -68,7 +68,7 @@ class DataConfig(_Part):
     augment: bool = True  # any augmentation at all (zoom, crop, flip)
     workers: int | None = operational(None)  # loader processes per training process; default: from the CPUs (mtl.data.build.auto_workers)
     prefetch: int = operational(4)  # batches each loader process keeps ready
-    shuffle_buffer: int = 256  # samples in the shuffle buffer when streaming shards
+    shuffle_buffer: int = 256  # samples in the shuffle buffer when streaming shards (0: none; the shards' order still changes each epoch)
 
     def _rules(self) -> None:
         if self.root and self.shards:
@@ -77,10 +77,13 @@ class DataConfig(_Part):
             raise ValueError(f"--scale-min/--scale-max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}")
         if self.crop is not None and min(self.crop) <= 0:
             raise ValueError(f"--crop must be positive, got {self.crop}")
+        if self.crop is not None and not self.augment:  # (else trained on whole images, without a word)
+            raise ValueError(f"--crop {self.crop[0]}x{self.crop[1]} is the augmentation's random crop, which --no-augment "
+                             f"turns off: give one of them")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.prefetch < 1 or self.shuffle_buffer < 0 or min(self.synthetic_counts[:2]) < 1 or self.synthetic_counts[2] < 0:
-            raise ValueError(f"--prefetch must be >= 1, --shuffle-buffer >= 0 (0: no shuffling) and --synthetic-counts at "
+            raise ValueError(f"--prefetch must be >= 1, --shuffle-buffer >= 0 (0: no buffer) and --synthetic-counts at "
                              f"least 1 1 0, got {self.prefetch}, {self.shuffle_buffer} and "
                              f"{' '.join(map(str, self.synthetic_counts))}")
 

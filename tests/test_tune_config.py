@@ -171,8 +171,20 @@ def test_a_single_task_sweep_leaves_the_loss_weight_out_of_its_default_space():
     single = ExperimentConfig(optim=OptimConfig(tasks=("depth",)))
     spec = plan_sweep(SweepConfig(metric="score"), single, set())
     assert [d.name for d in spec.space] == ["lr", "scale_max", "hflip"]
-    assert "the default space leaves out semseg_weight: it weighs the two tasks' losses, and --tasks depth trains one" in spec.notes
+    assert ("the default space leaves out semseg_weight: it weighs the two tasks' losses, and these trials train --tasks "
+            "depth only") in spec.notes
     assert [d.name for d in plan_sweep(SweepConfig(), ExperimentConfig(), set()).space] == ["lr", "semseg_weight", "scale_max", "hflip"]
+    # likewise the augmentation's settings under --no-augment, unless the space sweeps the augmentation itself
+    plain = ExperimentConfig().with_values({"data.augment": False})
+    spec = plan_sweep(SweepConfig(), plain, {"data.augment"})
+    assert [d.name for d in spec.space] == ["lr", "semseg_weight"]
+    assert ("the default space leaves out hflip: it belongs to the augmentation, which --no-augment turns off for these "
+            "trials") in spec.notes
+    with pytest.raises(ValueError, match=r"--space data.scale_max=uniform:1.0:1.5: scale_max belongs to the augmentation, which "
+                                         r"--no-augment turns off for these trials: sweep something else"):
+        plan_sweep(SweepConfig(space=("scale_max=uniform:1:1.5",)), plain, {"data.augment"})
+    both = ("augment=choice:true,false", "scale_max=uniform:1:1.5")
+    assert [d.name for d in plan_sweep(SweepConfig(space=both), plain, set()).space] == ["augment", "scale_max"]
     # a one-epoch sweep: ASHA judges after the first epoch, so it stops nothing early; the log says so
     one = plan_sweep(SweepConfig(), ExperimentConfig().with_values({"train.epochs": 1}), set())
     assert any("--epochs 1: ASHA stops no trial early" in n for n in one.notes)

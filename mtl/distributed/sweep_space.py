@@ -59,6 +59,8 @@ NOT_SWEPT: dict[str, str] = {
 }
 # fields that do nothing when the trials train one task (its loss weight is 1: `mtl.weighting.build_weighting`)
 MULTI_TASK_ONLY: dict[str, str] = {"optim.semseg_weight": "weighs the two tasks' losses"}
+# fields that do nothing when the trials train without augmentation (`mtl.data.build.train_augment`)
+AUGMENT_ONLY: tuple[str, ...] = ("data.scale_min", "data.scale_max", "data.hflip", "data.crop")
 # what PBT may change in the middle of a trial: a trial that exploits another continues that
 # trial's weights, optimizer state and LR plan with these values. Other fields change the model
 # (encoder...), the data plan (batch size: steps per epoch, LR plan length), or state that the
@@ -277,12 +279,13 @@ def explicit_fields(argv: Sequence[str]) -> set[str]:
     return given
 
 
-def choose_space(texts: Sequence[str], given: set[str], tasks: Sequence[str] = ("semseg", "depth")) -> tuple[tuple[Dim, ...], list[str]]:
+def choose_space(texts: Sequence[str], given: set[str], tasks: Sequence[str] = ("semseg", "depth"),
+                 augment: bool = True) -> tuple[tuple[Dim, ...], list[str]]:
     """The space a sweep runs (see the module docstring) and notes for the log: ``--space`` as
     given, where a flag given for a swept field is an error naming both, and so is a field that
-    weighs two tasks when the trials train one of ``tasks`` (`MULTI_TASK_ONLY`); else the
-    default space without the fields whose flags were given, and without those."""
-    single = len(tasks) == 1
+    does nothing in these trials (`_idle`: one that weighs two tasks when they train one of
+    ``tasks``, an augmentation setting when ``augment`` is off and not swept); else the default
+    space without the fields whose flags were given, and without those."""
     if texts:
         space = parse_space(texts)
         clash = [d for d in space if d.path in given]
@@ -290,23 +293,32 @@ def choose_space(texts: Sequence[str], given: set[str], tasks: Sequence[str] = (
             d = clash[0]
             raise ValueError(f"{d.flag} is given and --space {d.text} sweeps it: give one (the flag fixes {d.name} for "
                              f"every trial, --space varies it)")
-        idle = [d for d in space if single and d.path in MULTI_TASK_ONLY]
+        idle = [(d, why) for d in space if (why := _idle(d, space, tasks, augment))]
         if idle:
-            raise ValueError(f"--space {idle[0].text}: {idle[0].name} {MULTI_TASK_ONLY[idle[0].path]}, and these trials train "
-                             f"--tasks {tasks[0]} only: sweep something else")
+            d, why = idle[0]
+            raise ValueError(f"--space {d.text}: {d.name} {why}: sweep something else")
         return space, []
     space = parse_space(DEFAULT_SPACE)
     fixed = [d for d in space if d.path in given]
-    idle = [d for d in space if single and d.path in MULTI_TASK_ONLY and d not in fixed]
-    space = tuple(d for d in space if d not in fixed and d not in idle)
+    idle = [(d, why) for d in space if d not in fixed and (why := _idle(d, space, tasks, augment))]
+    space = tuple(d for d in space if d not in fixed and all(d is not i for i, _ in idle))
     notes = [f"the default space leaves out {', '.join(d.name for d in fixed)}: fixed by "
              f"{', '.join(d.flag for d in fixed)}"] if fixed else []
-    notes += [f"the default space leaves out {d.name}: it {MULTI_TASK_ONLY[d.path]}, and --tasks {tasks[0]} trains one"
-              for d in idle]
+    notes += [f"the default space leaves out {d.name}: it {why}" for d, why in idle]
     if not space:
         raise ValueError("every field of the default space is fixed by a flag: say what to sweep with --space "
                          "(e.g. --space lr=loguniform:1e-5:1e-3)")
     return space, notes
+
+
+def _idle(d: Dim, space: Sequence[Dim], tasks: Sequence[str], augment: bool) -> str | None:
+    """Why sweeping ``d`` would change nothing in trials of ``tasks`` (``augment``: the trials'
+    augmentation, unless the space sweeps it too), or None."""
+    if len(tasks) == 1 and d.path in MULTI_TASK_ONLY:
+        return f"{MULTI_TASK_ONLY[d.path]}, and these trials train --tasks {tasks[0]} only"
+    if not augment and d.path in AUGMENT_ONLY and all(o.path != "data.augment" for o in space):
+        return "belongs to the augmentation, which --no-augment turns off for these trials"
+    return None
 
 
 def check_space(space: Iterable[Dim], base: ExperimentConfig, limit: int = 4096) -> None:
@@ -501,7 +513,7 @@ def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> S
     sweep.validate()
     notes = _check_flags(sweep, base, given)
     tasks = tuple(base.optim.tasks)
-    space, space_notes = choose_space(sweep.space, given, tasks)
+    space, space_notes = choose_space(sweep.space, given, tasks, base.data.augment)
     notes += space_notes
     check_space(space, base)
     if sweep.metric in ("grader", "delta_m") and len(tasks) != 2:

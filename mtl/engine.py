@@ -9,6 +9,7 @@ or Ray Train's report). The checkpoint layout is the same in every mode.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from time import monotonic
@@ -22,7 +23,7 @@ from rich.markup import escape
 from torch import nn
 
 from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState, epoch_tag
-from mtl.config import ExperimentConfig
+from mtl.config import ExperimentConfig, ModelConfig
 from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN, CapturedStep, StepFn
 from mtl.data.build import FolderLoader, Loaders, build_loaders, coverage_notes
 from mtl.data.batch import DeviceBatches
@@ -83,6 +84,20 @@ def train_step(strategy: Strategy, batch: dict[str, torch.Tensor], codec: DepthC
     if weighting.learned:
         weighting.observe(losses, last_micro_batch)
     return {"loss": loss.detach(), "loss_semseg": losses[0], "loss_depth": losses[1]}
+
+
+def build_encoder_weighted(cfg: ModelConfig) -> tuple[nn.Module, Exception | None]:
+    """The model, its encoder loaded with the ``--pretrained`` weights when they can be read;
+    else, and with the reason, the model without them. A resume restores every weight from its
+    checkpoint, so it must not need the weights file any more (gone from a mirror, a node
+    without torch hub's cache or internet after a restart); a run starting from scratch raises
+    the reason (`Trainer`)."""
+    try:
+        return build_model(cfg), None
+    except (OSError, ValueError) as e:
+        if not cfg.pretrained:
+            raise
+        return build_model(dataclasses.replace(cfg, pretrained=None)), e  # (any other error: raised here)
 
 
 def may_capture(cfg: ExperimentConfig) -> bool:
@@ -255,7 +270,8 @@ class Trainer:
         self.planned_world = max(cfg.dist.num_workers, rt.world)
         self.planned_batch = t.batch_size * t.grad_accum * self.planned_world
         self.start: int | None = None  # the first epoch's data position (samples over all ranks): a folder source resumed inside it
-        model = build_model(cfg.model).to(self.device)
+        model, pretrained_error = build_encoder_weighted(cfg.model)
+        model = model.to(self.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.strategy = rt.make_strategy(model, build_optimizer(model, cfg), cfg)
@@ -270,7 +286,10 @@ class Trainer:
             states["task_weighting"] = self.weighting
         self.checkpointer = Checkpointer(rt.storage, run_url(cfg), self.strategy, states, rt.rank,
                                          on_written=self._written) if rt.storage else None
+        self.resumed = False  # (a checkpoint was restored: `_restore`)
         self.schedule = self._restore()
+        if pretrained_error is not None and not self.resumed:
+            raise pretrained_error
         self._keep_baselines()
         if rt.is_main:  # data found, checkpoint accepted: the run folder gets (or updates) its configuration
             RunFolder(run_url(cfg)).write_config(cfg)
@@ -351,7 +370,7 @@ class Trainer:
         if loaded is None:
             s.samples, s.epoch_samples, s.loader_workers = 0, 0, self._order_workers()
             return PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
-        s.restarts += 1
+        s.restarts, self.resumed = s.restarts + 1, True
         if s.epochs != self.cfg.train.epochs:  # --resume --epochs N: the plan is recomputed for the new length
             s.epochs, s.total_steps = self.cfg.train.epochs, planned
         # else the same plan, perhaps with other steps per epoch now (shards dealt to another
@@ -436,7 +455,7 @@ class Trainer:
         for note in coverage_notes(d, self.steps_per_epoch, self.global_batch, capped=bool(t.max_steps_per_epoch)):
             self.log(note)
         pretrained = describe_pretrained(self.strategy.module)
-        if pretrained:
+        if pretrained and not self.resumed:  # (a resume's weights are its checkpoint's: "resumed from")
             self.log(pretrained)
         if self.baselines:
             self.log(f"judged by Δm against {' and '.join(t.baselines)}: best.pt is the epoch with the lowest Δm")

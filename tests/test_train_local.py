@@ -108,6 +108,31 @@ def test_a_resume_past_a_deleted_latest_checkpoint_says_so(tiny_root, tmp_path):
             f"one it lists") in log and f"resumed from {run_url(cfg)}/checkpoints/epoch-0001/state.pt" in log
 
 
+def test_a_resume_does_not_need_the_pretrained_weights_again(tiny_root, tmp_path):
+    """A run started from --pretrained weights whose file is gone since (a mirror cleaned up, a
+    node without torch hub's cache after a restart) resumes: its checkpoint holds every weight.
+    A run starting from scratch without the file is refused, naming it."""
+    import torchvision
+
+    from mtl.runs import run_url
+
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=str(weights)),
+                              train=dataclasses.replace(cfg.train, epochs=1, name="pre"))
+    fit(cfg, local_runtime(cfg))
+    assert f"encoder weights from {weights}" in open(f"{run_url(cfg)}/train.log").read()
+    os.remove(weights)
+    again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2, resume=True))
+    assert [m["epoch"] for m in fit(again, local_runtime(again)).metrics] == [2]
+    log = open(f"{run_url(cfg)}/train.log").read()
+    assert log.count(f"encoder weights from {weights}") == 1  # (the resume's weights are its checkpoint's)
+    fresh = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name="fresh"))
+    with pytest.raises(FileNotFoundError, match=f"pretrained encoder weights not found: {weights}"):
+        fit(fresh, local_runtime(fresh))
+
+
 def _after_steps(monkeypatch, n: int):
     """An event set once the trainer has taken more than ``n`` train steps."""
     import threading

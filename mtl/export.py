@@ -3,7 +3,8 @@
 ``<out>/semseg/<stem>.png``: palette PNG of class ids; ``<out>/depth/<stem>.png``: uint8
 disparity PNG (the dataset encoding's inverse); ``<out>/viz/<stem>.png`` for people (the
 sample's file stem: Miniscapes' ``<index>``). The same
-writer serves `mtl.predict` (arbitrary images, named by file stem).
+writer serves `mtl.predict` (arbitrary images, named by file stem). A single-task run's model
+(``--tasks semseg``) writes its own task's folder only: the other head was never trained.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ from mtl.data.miniscapes import encode_depth_png, encode_semseg_png
 from mtl.data.packed import pack_collate
 from mtl.engine import predict
 from mtl.losses import DepthCodec
+from mtl.multitask import TASKS
 from mtl.viz import colorize_depth, colorize_semseg, denormalize_rgb, side_by_side
 
-OUTPUT_FOLDERS = ("semseg", "depth", "viz")
+OUTPUT_FOLDERS = ("semseg", "depth", "viz")  # every folder an export may write (`output_folders`: a model's own)
 
 
 def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out_dir: str, codec: DepthCodec,
                        device: torch.device, amp: contextlib.AbstractContextManager, batch_size: int = 8, viz: int = 8,
-                       overwrite: bool = False, inputs: Sequence[str] = ()) -> int:
-    """Write predictions for every sample of ``dataset`` (a map-style folder split or a shard
-    stream, with or without labels); returns the count. Pictures show the ground truth where
-    the split has it.
+                       overwrite: bool = False, inputs: Sequence[str] = (), tasks: Sequence[str] = TASKS) -> int:
+    """Write predictions of the trained ``tasks`` for every sample of ``dataset`` (a map-style
+    folder split or a shard stream, with or without labels); returns the count. Pictures show
+    the ground truth where the split has it.
 
     Files go to a temporary sibling folder first, renamed into place when complete: an error
     half-way (a corrupt image) leaves no folder that looks like a finished export; an ``out_dir``
@@ -45,7 +47,7 @@ def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out
     model.eval()
     n = 0
     with atomic_dir(out_dir, overwrite, inputs, OUTPUT_FOLDERS) as tmp:
-        make_output_folders(tmp)
+        make_output_folders(tmp, tasks)
         # (pack_collate, as the loaders: a batch of images of several sizes is an error naming them)
         for raw in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=pack_collate):
             batch = to_model_batch(raw, device, channels_last=False)
@@ -55,8 +57,9 @@ def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out
                 gt = None
                 if rgb is not None and "semseg" in batch:
                     gt = tuple(batch[k][j].cpu().numpy() for k in ("semseg", "depth", "valid"))
-                write_prediction(tmp, stem_of(dataset, int(batch["index"][j])), labels[j].cpu().numpy(), depth_m[j].float().cpu().numpy(),
-                                 rgb, gt)
+                pred = (labels[j].cpu().numpy() if "semseg" in tasks else None,
+                        depth_m[j].float().cpu().numpy() if "depth" in tasks else None)
+                write_prediction(tmp, stem_of(dataset, int(batch["index"][j])), *pred, rgb, gt)
                 n += 1
     return n
 
@@ -68,35 +71,59 @@ def stem_of(dataset: Dataset | IterableDataset, index: int) -> str:
     return stems[index] if stems else str(index)
 
 
-def make_output_folders(folder: str) -> None:
-    for sub in OUTPUT_FOLDERS:
+def output_folders(tasks: Sequence[str] = TASKS) -> tuple[str, ...]:
+    """The folders an export of a model trained on ``tasks`` writes."""
+    return (*(t for t in TASKS if t in tasks), "viz")
+
+
+def single_task_note(tasks: Sequence[str]) -> str:
+    """What a command's closing line adds for a single-task model's export."""
+    if len(tasks) == len(TASKS):
+        return ""
+    other = next(t for t in TASKS if t not in tasks)
+    return f"; no {other}/: the model was trained with --tasks {tasks[0]} only, its {other} head never learned"
+
+
+def make_output_folders(folder: str, tasks: Sequence[str] = TASKS) -> None:
+    for sub in output_folders(tasks):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
 
 
-def write_prediction(folder: str, stem: str, labels: np.ndarray, depth_m: np.ndarray, rgb: np.ndarray | None = None,
-                     gt: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
-    """``folder/semseg/<stem>.png`` and ``folder/depth/<stem>.png``; with ``rgb`` (HxWx3 uint8)
-    also ``folder/viz/<stem>.png`` (`picture`; ``gt`` = (labels, depth m, valid) when known)."""
-    _write(os.path.join(folder, "semseg", f"{stem}.png"), encode_semseg_png(np.asarray(labels, np.uint8)))
-    try:
-        depth_png = encode_depth_png(depth_m, np.ones(depth_m.shape, bool))
-    except ValueError as e:  # (a diverged model's NaN: no export is published)
-        raise ValueError(f"the depth predicted for {stem}: {e}") from None
-    _write(os.path.join(folder, "depth", f"{stem}.png"), depth_png)
+def write_prediction(folder: str, stem: str, labels: np.ndarray | None, depth_m: np.ndarray | None,
+                     rgb: np.ndarray | None = None, gt: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+    """``folder/semseg/<stem>.png`` and ``folder/depth/<stem>.png`` (each unless its prediction is
+    None: a task the model was not trained on); with ``rgb`` (HxWx3 uint8) also
+    ``folder/viz/<stem>.png`` (`picture`; ``gt`` = (labels, depth m, valid) when known)."""
+    if labels is not None:
+        _write(os.path.join(folder, "semseg", f"{stem}.png"), encode_semseg_png(np.asarray(labels, np.uint8)))
+    if depth_m is not None:
+        try:
+            depth_png = encode_depth_png(depth_m, np.ones(depth_m.shape, bool))
+        except ValueError as e:  # (a diverged model's NaN: no export is published)
+            raise ValueError(f"the depth predicted for {stem}: {e}") from None
+        _write(os.path.join(folder, "depth", f"{stem}.png"), depth_png)
     if rgb is not None:
         Image.fromarray(picture(rgb, labels, depth_m, gt)).save(os.path.join(folder, "viz", f"{stem}.png"))
 
 
-def picture(rgb: np.ndarray, labels: np.ndarray, depth_m: np.ndarray,
+def picture(rgb: np.ndarray, labels: np.ndarray | None, depth_m: np.ndarray | None,
             gt: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """With ground truth: `mtl.viz.side_by_side` (rgb | GT | prediction, semseg over depth).
     Without (a test split, a user's photo): rgb | prediction, semseg over depth: black panels
-    standing for labels nobody has would only waste a third of the picture."""
+    standing for labels nobody has would only waste a third of the picture. A task not
+    predicted (None) has no row."""
+    h = rgb.shape[0]
     if gt is not None:
-        return side_by_side(rgb, labels, depth_m, *gt)
-    top = np.concatenate([rgb, colorize_semseg(labels)], axis=1)
-    bottom = np.concatenate([rgb, colorize_depth(depth_m)], axis=1)
-    return np.concatenate([top, bottom], axis=0)
+        both = side_by_side(rgb, _or_blank(labels, rgb), _or_blank(depth_m, rgb), *gt)
+    else:
+        top = np.concatenate([rgb, colorize_semseg(_or_blank(labels, rgb))], axis=1)
+        both = np.concatenate([top, np.concatenate([rgb, colorize_depth(_or_blank(depth_m, rgb))], axis=1)], axis=0)
+    return both[h:] if labels is None else both[:h] if depth_m is None else both
+
+
+def _or_blank(pred: np.ndarray | None, rgb: np.ndarray) -> np.ndarray:
+    """A stand-in for a prediction whose row `picture` drops."""
+    return np.zeros(rgb.shape[:2], np.uint8) if pred is None else pred
 
 
 def _write(path: str, data: bytes) -> None:

@@ -40,7 +40,8 @@ from mtl.runs import stored_config
 from mtl.storage import storage_errors, url_to_fs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-Prediction = tuple[np.ndarray, np.ndarray]  # labels HxW uint8, depth HxW float32 metres
+# labels HxW uint8, depth HxW float32 metres; None for a task the model was not trained on (--tasks)
+Prediction = tuple[np.ndarray | None, np.ndarray | None]
 
 
 @dataclass
@@ -170,12 +171,13 @@ def predict_arrays(loaded: LoadedModel, rgbs: Sequence[np.ndarray], size: tuple[
     with loaded.amp():
         out = model(normalize_rgb(x, channels_last=False))
     logits, depth = out["semseg"][-1], out["depth"][-1][:, :1]
+    tasks = loaded.cfg.optim.tasks
     results = []
     for j, rgb in enumerate(rgbs):
         hw = tuple(rgb.shape[:2])
-        labels = _resize(logits[j:j + 1].float(), hw).argmax(1)[0].to(torch.uint8)
-        metres = loaded.codec.decode(_resize(depth[j:j + 1].float(), hw)[0, 0])
-        results.append((labels.cpu().numpy(), metres.float().cpu().numpy()))
+        labels = _resize(logits[j:j + 1].float(), hw).argmax(1)[0].to(torch.uint8) if "semseg" in tasks else None
+        metres = loaded.codec.decode(_resize(depth[j:j + 1].float(), hw)[0, 0]) if "depth" in tasks else None
+        results.append((None if labels is None else labels.cpu().numpy(), None if metres is None else metres.float().cpu().numpy()))
     return results
 
 
@@ -247,7 +249,8 @@ def predict_to_folder(model_or_checkpoint: LoadedModel | nn.Module | str, images
                       viz: int = 8, overwrite: bool = False, codec: DepthCodec | None = None) -> int:
     """Predict every image and write ``out_dir/semseg/<stem>.png`` (palette PNG of class ids),
     ``out_dir/depth/<stem>.png`` (uint8 disparity, the dataset's encoding) and, for the first
-    ``viz``, ``out_dir/viz/<stem>.png``; returns the count.
+    ``viz``, ``out_dir/viz/<stem>.png``; returns the count. A single-task model writes its own
+    task's folder only (`mtl.export.output_folders`).
 
     The folder appears whole or not at all (`mtl.atomic.atomic_dir`): an unreadable image half
     way leaves no folder that looks finished, a non-empty ``out_dir`` is refused unless
@@ -260,7 +263,7 @@ def predict_to_folder(model_or_checkpoint: LoadedModel | nn.Module | str, images
     n = 0
     checkpoint = [] if isinstance(model_or_checkpoint, nn.Module) else [loaded.url]  # (a bare module's "url" is its class)
     with atomic_dir(out_dir, overwrite, [*urls, *checkpoint], OUTPUT_FOLDERS) as tmp:
-        make_output_folders(tmp)
+        make_output_folders(tmp, loaded.cfg.optim.tasks)
         for chunk in _batches(urls, batch_size):
             rgbs = [read_image(u) for u in chunk]
             for url, rgb, (labels, depth_m) in zip(chunk, rgbs, predict_arrays(loaded, rgbs, hw)):

@@ -238,6 +238,25 @@ def test_at_the_models_own_size_prediction_is_the_plain_forward_pass(tiny_root, 
         predict_images(model.model, [rgb], codec=DepthCodec("log"))
 
 
+def test_a_single_task_models_export_holds_its_own_task_only(tiny_root, tmp_path, make_run, capsys):
+    """A --tasks semseg (or depth) run never trained its other head: its exports (evaluate's and
+    predict's) and predict_images leave that task out, and the commands say so."""
+    seg = make_run(DataConfig(root=tiny_root), name="seg", tasks=("semseg",))
+    dep = make_run(DataConfig(root=tiny_root), name="dep", tasks=("depth",))
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", seg, "--no-metrics", "--export", tmp_path / "e-seg", "--viz", "1")
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path / "e-seg")) == ["semseg", "viz"]
+    assert "(semseg/, viz/); no depth/: the model was trained with --tasks semseg only, its depth head never learned" in stdout
+    assert Image.open(next((tmp_path / "e-seg/viz").iterdir())).size == (3 * 128, 64)  # rgb | GT | prediction, one row
+    rc, stdout, err = _predict(capsys, "--checkpoint", dep, "--images", f"{tiny_root}/test/rgb", "--out", tmp_path / "p-dep",
+                               "--viz", "1", "--device", "cpu")
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path / "p-dep")) == ["depth", "viz"] and "no semseg/" in stdout
+    assert Image.open(next((tmp_path / "p-dep/viz").iterdir())).size == (2 * 128, 64)  # rgb | prediction
+    [(labels, depth_m)] = predict_images(seg, [f"{tiny_root}/test/rgb/0.jpg"], device="cpu")
+    assert labels.shape == (64, 128) and depth_m is None
+
+
 def _predict(capsys, *args) -> tuple[int, str, str]:
     rc = predict_cli.main([str(a) for a in args])
     out, err = capsys.readouterr()

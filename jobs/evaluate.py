@@ -86,7 +86,7 @@ def run(a: EvaluateCommand) -> int:
         raise ValueError(f"{data.where} has no labels (rgb only), so no metrics and no {' or '.join(asked)}: leave "
                          f"{'them' if len(asked) > 1 else 'it'} out (--export works without labels)")
     baselines = load_baselines(a.baselines, m, device) if a.baselines else {}  # (checked before the long pass)
-    print(f"{m.url}: {m.cfg.model.arch}, epoch {m.epoch}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
+    print(f"{m.url}: {m.cfg.model.arch}, {m.trained}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
     if note := size_note(m, data):
         print(note, flush=True)
     if a.metrics and not data.has_labels:
@@ -166,11 +166,11 @@ def model_url(a: EvaluateCommand) -> str:
     """``--checkpoint`` as loaded. With ``--baselines`` a run folder stands for its ``best.pt``,
     as each baseline's folder does: Δm compares best epochs, and a run folder's latest checkpoint
     can be a later epoch, or a step checkpoint inside one."""
-    from mtl.checkpoint import BEST_FILE
+    from mtl.checkpoint import BEST_FILE, STATE_FILE
     from mtl.storage import exists
 
     url = a.checkpoint.rstrip("/")
-    if not a.baselines or url.endswith(".pt"):
+    if not a.baselines or url.endswith(".pt") or exists(f"{url}/{STATE_FILE}"):  # (a file, or one checkpoint's folder)
         return a.checkpoint
     if exists(f"{url}/{BEST_FILE}"):
         return f"{url}/{BEST_FILE}"

@@ -52,8 +52,15 @@ class LoadedModel:
     codec: DepthCodec
     url: str
     cfg: ExperimentConfig
-    epoch: int | None = None
+    epoch: int | None = None  # epochs completed
     input_size: tuple[int, int] | None = None  # (H, W) the network was trained at, when recorded
+    epoch_step: int = 0  # a step checkpoint's steps into epoch ``epoch + 1``
+
+    @property
+    def trained(self) -> str:
+        """How far its training got, for a person: "epoch 2", "3 steps into epoch 2"."""
+        done = self.epoch or 0
+        return f"{self.epoch_step} steps into epoch {done + 1}" if self.epoch_step else f"epoch {done}"
 
     @property
     def device(self) -> torch.device:
@@ -86,7 +93,7 @@ def load_model(checkpoint: str, device: torch.device | str = "cpu") -> LoadedMod
     size = trained.input_size
     device = resolve_device(device) if isinstance(device, str) else device
     return LoadedModel(model.to(device).eval(), DepthCodec(resolve(cfg.model).depth_space), url, cfg, trained.epoch or None,
-                       (int(size[0]), int(size[1])) if size else None)
+                       (int(size[0]), int(size[1])) if size else None, trained.epoch_step)
 
 
 def model_input_size(loaded: LoadedModel, size: tuple[int, int] | str | None = None) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from jobs import evaluate as evaluate_cli
 from jobs import predict as predict_cli
-from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
+from mtl.checkpoint import Checkpointer, FolderStorage, TrainState, epoch_tag
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig
 from mtl.data.build import DataSource, resolve_source
 from mtl.data.miniscapes import decode_depth, decode_semseg, disparity_png_to_metres, metres_to_disparity_png
@@ -42,15 +42,16 @@ def make_run(weights, tmp_path):
     """A run folder holding one checkpoint as the trainer writes it (config, model, epoch,
     ``input_size`` unless None), for the given data config."""
 
-    def make(data: DataConfig, input_size=(64, 128), name="run", tasks=("semseg", "depth"), metrics=None) -> str:
+    def make(data: DataConfig, input_size=(64, 128), name="run", tasks=("semseg", "depth"), metrics=None, epoch_step=0) -> str:
         cfg = ExperimentConfig(data=data, model=MODEL, optim=OptimConfig(tasks=tasks))
         model = build_model(MODEL)
         model.load_state_dict(weights)
         run = str(tmp_path / name)
-        state = TrainState(epoch=1, input_size=list(input_size) if input_size is not None else None)
+        state = TrainState(epoch=1, input_size=list(input_size) if input_size is not None else None, epoch_step=epoch_step)
         strategy = PlainStrategy(model, torch.optim.SGD(model.parameters(), lr=0.1))
         checkpointer = Checkpointer(FolderStorage(run), run, strategy, {"train_state": state})
-        checkpointer.save("epoch-0001", cfg.to_dict(), metrics or {}, metrics is not None)  # with metrics: also best.pt
+        tag = epoch_tag(1, 10 + epoch_step) if epoch_step else epoch_tag(1)  # (epoch_step: a step checkpoint inside epoch 2)
+        checkpointer.save(tag, cfg.to_dict(), metrics or {}, metrics is not None)  # with metrics: also best.pt
         return run
 
     return make
@@ -236,6 +237,12 @@ def test_at_the_models_own_size_prediction_is_the_plain_forward_pass(tiny_root, 
     assert np.array_equal(bare[0][0], labels)
     with pytest.raises(ValueError, match="--size"):
         predict_images(model.model, [rgb], codec=DepthCodec("log"))
+
+
+def test_a_step_checkpoint_says_how_far_into_its_epoch_it_is(tiny_root, make_run, capsys):
+    run = make_run(DataConfig(root=tiny_root), name="inside", epoch_step=3)
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics")
+    assert rc == 0 and f"checkpoints/epoch-0001-step-00000013/state.pt: deeplabv3p, 3 steps into epoch 2," in stdout, stdout + err
 
 
 def test_a_single_task_models_export_holds_its_own_task_only(tiny_root, tmp_path, make_run, capsys):
@@ -443,6 +450,10 @@ def test_delta_m_evaluates_the_baselines_on_the_same_split(tiny_root, tmp_path, 
         assert metrics["delta_m"] == 0.0 and f"Δm +0.00 % against the single-task baselines on the same {split} images" in stdout
         assert stdout.startswith(f"{run}/best.pt: ")  # best epoch against best epochs, not the run's latest checkpoint
         assert f"mIoU {metrics['miou']:.2f}" in stdout and any(v is None for k, v in metrics.items() if k.startswith("iou/"))
+    # one checkpoint's folder is that checkpoint (a run folder stands for its best.pt)
+    rc, stdout, err = _evaluate(capsys, "--checkpoint", f"{run}/checkpoints/epoch-0001", "--baselines", seg, dep)
+    assert rc == 0 and stdout.startswith(f"{run}/checkpoints/epoch-0001/state.pt: deeplabv3p, epoch 1,"), stdout + err
+    assert "has no best.pt" not in stdout
     rc, _, err = _evaluate(capsys, "--checkpoint", run, "--baselines", seg, "--json", tmp_path / "x.json")
     assert rc == 2 and "Δm needs a single-task baseline for depth" in err
     rc, _, err = _evaluate(capsys, "--checkpoint", run, "--baselines", seg, tmp_path / "nope")

@@ -35,6 +35,7 @@ Optimizer = Literal["adam", "sgd"]
 WeightDecayStyle = Literal["l2", "decoupled"]
 Task = Literal["semseg", "depth"]
 TaskWeighting = Literal["fixed", "uncertainty", "dwa", "famo"]  # `mtl.weighting`
+DeepSupervision = Literal["mean", "sum"]  # `mtl.losses.task_losses`
 
 
 def operational(default: Any = None, **kw: Any) -> Any:
@@ -137,6 +138,10 @@ class OptimConfig(_Part):
     weighting_lr: float = 0.025  # Adam step size of learned task weights (uncertainty, famo); constant over the run
     dwa_temperature: float = 2.0  # DWA's softmax temperature (higher: weights closer to equal)
     grad_clip: float | None = None  # clip the gradient norm to this; default: no clipping
+    #: how a task's losses over an architecture's several outputs combine (distillation: its branch
+    #: decoders' and its final ones'): mean = the course skeleton's, so the report's runs; sum = runs
+    #: started before 2026-11-30, which continue with --deep-supervision sum, as the resume refusal says
+    deep_supervision: DeepSupervision = "mean"
 
     def _rules(self) -> None:
         if not 0 < self.lr < math.inf:

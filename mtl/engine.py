@@ -70,13 +70,14 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Opti
 
 
 def train_step(strategy: Strategy, batch: dict[str, torch.Tensor], codec: DepthCodec, weighting: TaskWeighting,
-               amp: contextlib.AbstractContextManager, last_micro_batch: bool = True) -> dict[str, torch.Tensor]:
+               amp: contextlib.AbstractContextManager, last_micro_batch: bool = True,
+               deep_supervision: str = "mean") -> dict[str, torch.Tensor]:
     """Forward + backward of one micro-batch (+ the update after the last one, and the task
     weighting's own update). Returns detached loss tensors: no host sync."""
     with strategy.sync_context(last_micro_batch):
         with amp:
             out = strategy.model(batch["rgb"])
-        losses = task_losses(out, batch, codec)
+        losses = task_losses(out, batch, codec, deep_supervision)
         loss = weighting(losses)
         strategy.backward(loss)
     strategy.step(last_micro_batch)
@@ -125,7 +126,7 @@ def make_step(cfg: ExperimentConfig, strategy: Strategy, codec: DepthCodec, amp:
         weighting = build_weighting(cfg.optim).to(device)
 
     def eager(batch: dict[str, torch.Tensor], last_micro_batch: bool = True) -> dict[str, torch.Tensor]:
-        return train_step(strategy, batch, codec, weighting, amp, last_micro_batch)
+        return train_step(strategy, batch, codec, weighting, amp, last_micro_batch, cfg.optim.deep_supervision)
 
     mode = cfg.train.cuda_graph
     why_not = graph_obstacle(cfg, strategy, device) if mode != "off" else "--cuda-graph off"

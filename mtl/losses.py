@@ -37,18 +37,22 @@ class DepthCodec:
         return pred * LIN_STD + LIN_MEAN
 
 
-def task_losses(out: dict[str, list[torch.Tensor]], batch: dict[str, torch.Tensor], codec: DepthCodec) -> torch.Tensor:
+def task_losses(out: dict[str, list[torch.Tensor]], batch: dict[str, torch.Tensor], codec: DepthCodec,
+                deep_supervision: str = "mean") -> torch.Tensor:
     """The task losses, in `mtl.multitask.TASKS` order: [CE(ignore 255), L1 on valid depth], each
-    summed over the deep-supervision outputs. One tensor: no host sync here; the weighting
-    (`mtl.weighting`) makes the total. Each is a mean over the batch's labelled (valid) pixels,
-    and 0 for a batch without any: not NaN, which a learned weighting would keep for good."""
+    the mean (``deep_supervision`` "mean": the course skeleton's, under which the report's
+    distillation runs trained) or the sum of the task's losses over the model's outputs. One
+    tensor: no host sync here; the weighting (`mtl.weighting`) makes the total. Each is a mean
+    over the batch's labelled (valid) pixels, and 0 for a batch without any: not NaN, which a
+    learned weighting would keep for good."""
     target = codec.encode(batch["depth"])
     valid = batch["valid"]
     n_valid = valid.sum().clamp(min=1)
     n_labelled = (batch["semseg"] != IGNORE_INDEX).sum().clamp(min=1)
+    per = {t: len(out[t]) if deep_supervision == "mean" else 1 for t in ("semseg", "depth")}  # (Python ints: no copy)
     ce = (F.cross_entropy(o.float(), batch["semseg"], ignore_index=IGNORE_INDEX, reduction="sum") for o in out["semseg"])
-    seg = sum(ce) / n_labelled
-    dep = sum(((o[:, 0].float() - target).abs() * valid).sum() / n_valid for o in out["depth"])
+    seg = sum(ce) / (n_labelled * per["semseg"])
+    dep = sum(((o[:, 0].float() - target).abs() * valid).sum() / n_valid for o in out["depth"]) / per["depth"]
     return torch.stack([seg, dep])
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from mtl.checkpoint import CHECKPOINTS, CheckpointIndex, inside_epoch, tag_epoch
 from mtl.config import ExperimentConfig, ModelConfig, flag
 from mtl.lease import LEASE_FILE
-from mtl.models import resolve
+from mtl.models import deep_supervised, resolve
 from mtl.storage import folder_names, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 CONFIG_FILE = "config.json"
@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = frozenset({"train.epochs"})
 # their names and can be resumed; a stored config without one holds that value (`stored_config`)
 LATER_FIELDS = {"optim.tasks": ["semseg", "depth"], "optim.task_weighting": "fixed", "optim.weighting_lr": 0.025,
                 "optim.dwa_temperature": 2.0, "train.baselines": [], "model.dilated_convs": "all",
-                "optim.weight_decay_style": "decoupled"}
+                "optim.weight_decay_style": "decoupled", "optim.deep_supervision": "sum"}
 
 
 class RunConflict(ValueError):
@@ -92,10 +92,12 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def unused_fields(cfg: ExperimentConfig) -> set[str]:
     """Fields that change nothing in this (resolved) config: the encoder's dilation when no
-    stage is dilated (output stride 32), Adam's weight decay style under SGD, the synthetic set's
+    stage is dilated (output stride 32), Adam's weight decay style under SGD, how several
+    outputs' losses combine for an architecture with one output per task, the synthetic set's
     settings when data is given."""
     unused = {"model.dilated_convs"} if cfg.model.output_stride == 32 else set()
     unused |= {"optim.weight_decay_style"} if cfg.optim.optimizer == "sgd" else set()
+    unused |= set() if deep_supervised(cfg.model.arch) else {"optim.deep_supervision"}
     return unused | ({"data.synthetic_size", "data.synthetic_counts"} if cfg.data.root or cfg.data.shards else set())
 
 

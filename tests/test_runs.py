@@ -123,6 +123,33 @@ def test_adam_decays_weights_as_the_reports_and_runs_from_before_keep_adamw():
         check_same_training(resolve_config(old), resolve_config(today), "run x")
 
 
+def test_deep_supervision_averages_as_the_skeleton_and_runs_from_before_keep_the_sum():
+    """Distillation predicts each task twice; the course skeleton (so the report's distillation
+    runs) averaged the two losses, streetmtl summed them before the setting existed. A stored
+    run without it keeps the sum (and its name); for a single-output architecture it changes
+    nothing and names nothing."""
+    from mtl.losses import DepthCodec, task_losses
+    from mtl.runs import identity, stored_config
+
+    torch.manual_seed(0)
+    logits, depth = torch.randn(2, 19, 4, 6), torch.randn(2, 1, 4, 6)
+    batch = {"semseg": torch.randint(0, 19, (2, 4, 6)), "depth": torch.full((2, 4, 6), 20.0), "valid": torch.ones(2, 4, 6, dtype=torch.bool)}
+    once = task_losses({"semseg": [logits], "depth": [depth]}, batch, DepthCodec())
+    twice = {"semseg": [logits, logits], "depth": [depth, depth]}
+    assert torch.allclose(task_losses(twice, batch, DepthCodec()), once)
+    assert torch.allclose(task_losses(twice, batch, DepthCodec(), "sum"), 2 * once)
+    distil = {"model": {"arch": "distillation"}}
+    today, old = cfg_with(**distil), cfg_with(**distil, optim={"deep_supervision": "sum"})
+    assert today.optim.deep_supervision == "mean" and run_name(today) != run_name(old)
+    stored = old.to_dict()
+    del stored["optim"]["deep_supervision"]  # (as streetmtl wrote it before)
+    assert stored_config(stored) == old and "optim.deep_supervision" not in identity(old)
+    with pytest.raises(RunConflict, match=r"optim.deep_supervision 'sum' -> 'mean'. It predates today's default "
+                                          r"there: --deep-supervision sum continues it"):
+        check_same_training(resolve_config(old), resolve_config(today), "run x")
+    assert run_name(cfg_with()) == run_name(cfg_with(optim={"deep_supervision": "sum"}))  # (branched: one output a task)
+
+
 def test_a_checkpoint_stored_before_a_setting_existed_rebuilds_its_network(tmp_path):
     from mtl.checkpoint import checkpoint_bytes
     from mtl.engine import check_resumable

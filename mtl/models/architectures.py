@@ -62,6 +62,12 @@ def unpin_derived(cfg: ModelConfig) -> ModelConfig:
     return replace(bare, output_stride=stride, **{k: getattr(cfg, k) for k in DERIVED[1:] if getattr(cfg, k) != getattr(derived, k)})
 
 
+def deep_supervised(arch: str) -> bool:
+    """Whether architecture ``arch`` predicts each task more than once (its ``outputs_per_task``):
+    its losses then combine as ``--deep-supervision`` says (`mtl.losses.task_losses`)."""
+    return getattr(lookup(ARCHITECTURES, arch), "outputs_per_task", 1) > 1
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     cfg = resolve(cfg)
     return lookup(ARCHITECTURES, cfg.arch)(cfg)
@@ -138,6 +144,8 @@ class Distillation(nn.Module):
     the task's own space: depth's final decoder sees ``f_depth + SA(f_semseg)``); the report's
     Listing 4 reads the other way round (``SA(f_depth) + f_semseg`` for depth). Both have the same
     parameters."""
+
+    outputs_per_task = 2  # the branch decoders' and the final ones' (`deep_supervised`)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

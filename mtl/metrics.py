@@ -3,7 +3,8 @@
 * Segmentation: one confusion matrix over the whole split (ignore 255) -> per-class IoU, mIoU
   over the classes that occur (in the ground truth or the predictions). The course's code
   averages all 19, a class that occurs in neither as 0: the same wherever every class occurs
-  (Miniscapes' and Cityscapes' splits); on a split with k of them its number is k/19 of this.
+  (Miniscapes' and Cityscapes' splits); where k of them occur (in the labels or the predictions:
+  a class predicted but in no label has IoU 0) its number is k/19 of this.
 * Depth: errors per image on its valid pixels, then averaged over images: SI-logRMSE, log-RMSE,
   MAE, RMSE, abs-rel, delta < 1.25^k. Always against the raw ground truth in metres.
 * Grader score = mIoU - SI-logRMSE (both in percent units).

@@ -242,7 +242,7 @@ def test_at_the_models_own_size_prediction_is_the_plain_forward_pass(tiny_root, 
 def test_a_step_checkpoint_says_how_far_into_its_epoch_it_is(tiny_root, make_run, capsys):
     run = make_run(DataConfig(root=tiny_root), name="inside", epoch_step=3)
     rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics")
-    assert rc == 0 and f"checkpoints/epoch-0001-step-00000013/state.pt: deeplabv3p, 3 steps into epoch 2," in stdout, stdout + err
+    assert rc == 0 and "checkpoints/epoch-0001-step-00000013/state.pt: deeplabv3p, 3 steps into epoch 2," in stdout, stdout + err
 
 
 def test_a_single_task_models_export_holds_its_own_task_only(tiny_root, tmp_path, make_run, capsys):

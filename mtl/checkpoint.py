@@ -270,11 +270,14 @@ class CheckpointIndex:
 
     def commit(self, tag: str, keep_last: int = 0) -> tuple[list[str], list[str]]:
         """Point at ``tag``; returns the tags the pointer now lists and those that fell out of the
-        last ``keep_last`` (0: keep all, e.g. when Ray's own retention deletes them). On a local
-        disk the checkpoint's files are synced to it first, and the pointer with them
-        (`mtl.storage.sync_local`): after a power loss it names a checkpoint that is whole."""
+        last ``keep_last`` (0: keep all, e.g. when Ray's own retention deletes them). Listed tags
+        newer than ``tag`` leave the list: the run went on from an earlier checkpoint (past one
+        deleted for being corrupt), and they would hold places of the ``keep_last`` that the
+        checkpoints of this line of training need. On a local disk the checkpoint's files are
+        synced to it first, and the pointer with them (`mtl.storage.sync_local`): after a power
+        loss it names a checkpoint that is whole."""
         sync_local(f"{self.url}/{tag}")
-        history = [t for t in (self.read() or {}).get("history", []) if t != tag] + [tag]
+        history = [t for t in (self.read() or {}).get("history", []) if t < tag] + [tag]  # (tags sort in write order)
         dropped = history[:-keep_last] if keep_last > 0 else []
         history = history[len(dropped):]
         write_bytes_atomic(f"{self.url}/{POINTER}", json.dumps({"latest": tag, "history": history}).encode(), sync=True)

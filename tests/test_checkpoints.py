@@ -713,6 +713,21 @@ def test_every_rank_resumes_from_the_same_checkpoint(tmp_path, rank_1_finds):
         assert outs[0].startswith(f"refused: rank 1 could not choose a checkpoint to resume: {corrupt}"), outs
 
 
+def test_a_run_gone_on_from_an_earlier_checkpoint_keeps_it_among_its_last(tmp_path):
+    """After a resume past a deleted (corrupt) latest checkpoint, the checkpoints of the line of
+    training that goes on fill --keep-last: the deleted one, still listed, holds no place, so
+    the next commit does not delete the checkpoint the run went on from."""
+    from mtl.checkpoint import CheckpointIndex
+
+    index = CheckpointIndex(str(tmp_path / "run"))
+    for tag in ("epoch-0002", "epoch-0003", "epoch-0004"):
+        index.commit(tag, keep_last=2)
+    # epoch-0004 was corrupt and deleted; the run went on from epoch-0003
+    history, dropped = index.commit("epoch-0003-step-00000350", keep_last=2)
+    assert history == ["epoch-0003", "epoch-0003-step-00000350"] and dropped == []
+    assert index.commit("epoch-0004", keep_last=2) == (["epoch-0003-step-00000350", "epoch-0004"], ["epoch-0003"])
+
+
 def test_a_corrupt_latest_checkpoint_says_how_to_go_on_and_its_deletion_resumes_the_one_before(tmp_path):
     """A latest checkpoint that cannot be read (cut short on the disk, damaged in the bucket) is
     refused, naming the way on: delete its folder, and the resume takes the newest whole one the

@@ -56,6 +56,16 @@ class _Part:
         pass
 
 
+def check_folder_name(name: str | None, flag: str, why: str) -> None:
+    """A name that becomes one folder of a run's paths (None: not given)."""
+    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
+        raise ValueError(f"{flag} {name!r} must be a folder name (no '/', not '.' or '..'): {why}")
+    if name is not None:
+        from mtl.storage import check_literal
+
+        check_literal(name, flag)
+
+
 @dataclass(frozen=True)
 class DataConfig(_Part):
     root: str | None = None  # Miniscapes folder (path or fsspec URL); default: the cached synthetic set
@@ -225,9 +235,10 @@ class TrainConfig(_Part):
             raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
         if self.seed < 0:  # (numpy's generators take none: the first augmented sample would fail)
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
-        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name):
-            raise ValueError(f"--name {self.name!r} must be a folder name (no '/', not '.' or '..'): the run folder is "
-                             f"--out/<name>")
+        check_folder_name(self.name, "--name", "the run folder is --out/<name>")
+        from mtl.storage import check_literal
+
+        check_literal(self.out, "--out")
         if self.keep_last < 0 or (self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1):
             raise ValueError(f"--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got "
                              f"{self.keep_last} and {self.max_steps_per_epoch}")

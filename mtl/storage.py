@@ -22,6 +22,22 @@ from typing import Any, Iterator, NoReturn
 import fsspec
 
 
+# what fsspec does not take literally in a path: object stores' clients (s3fs) expand *, ? and
+# [...] as a pattern when they delete or copy (another run's files would match), every
+# filesystem's glob does, and "::" chains URLs (the path is cut there)
+NOT_LITERAL = ("*", "?", "[", "]", "::")
+
+
+def check_literal(value: str, flag: str) -> None:
+    """ValueError naming ``flag`` when ``value``, a part of the paths a run writes, holds a
+    character sequence fsspec would not read literally (`NOT_LITERAL`)."""
+    found = [c for c in NOT_LITERAL if c in value]
+    if found:
+        raise ValueError(f"{flag} {value!r}: {', '.join(repr(c) for c in found)} cannot be in the path of a run's files "
+                         f"(fsspec reads *, ? and [...] as a pattern, which would delete or read other runs' files, and :: "
+                         f"as a chain of URLs): choose one without them")
+
+
 class StorageError(OSError):
     """A storage endpoint could not be reached (after its client's retries), or its client found
     no credentials or region to call it with."""

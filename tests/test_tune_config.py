@@ -49,6 +49,8 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     # a single-task run weighs no losses: sweeping the weight would vary nothing
     (["--tasks", "semseg", "--metric", "score", "--space", "semseg_weight=uniform:0.3:0.7"],
      "error: --space optim.semseg_weight=uniform:0.3:0.7: semseg_weight weighs the two tasks' losses, and these trials train --tasks semseg only"),
+    (["--sweep-name", "../x"], "error: --sweep-name '../x' must be a folder name"),
+    (["--sweep-name", "s*"], "error: --sweep-name 's*': '*' cannot be in the path of a run's files"),
     # each trial's run is named after the trial: a --name would be ignored
     (["--name", "x"], "error: --name: every trial's run is named after the trial (<out>/<sweep-name>/trials/<trial>): name the sweep with --sweep-name"),
 ])

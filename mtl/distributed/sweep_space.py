@@ -39,7 +39,7 @@ from typing import Annotated, Any, Iterable, Literal, Sequence
 
 import tyro
 
-from mtl.config import ExperimentConfig, choices, flag, parse_size
+from mtl.config import ExperimentConfig, check_folder_name, choices, flag, parse_size
 
 Kind = Literal["loguniform", "uniform", "choice"]
 KINDS: tuple[str, ...] = typing.get_args(Kind)
@@ -413,6 +413,7 @@ class SweepConfig:
             at_once = self.num_samples if self.max_concurrent is None else self.max_concurrent
             check_pbt_population(self.num_samples, at_once, f"--max-concurrent {self.max_concurrent}", "raise --max-concurrent")
         check_search_package(self.search)
+        check_folder_name(self.sweep_name, "--sweep-name", "the sweep's folder is --out/<sweep-name>")
         return self
 
 

@@ -78,13 +78,21 @@ def unreachable_message(url: str, e: BaseException, seconds: float | None) -> st
             f"AWS_MAX_ATTEMPTS and AWS_RETRY_MODE, now {mode}, set the retries)")
 
 
+def denied_message(url: str, e: BaseException) -> str:
+    """An object store refused the credentials in use (HTTP 403)."""
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return (f"cannot access {url}: {detail} (the store refused the credentials in use: wrong or expired keys, another "
+            f"account's or AWS_PROFILE's, or a bucket policy that does not let them in)")
+
+
 def is_credentials_error(e: BaseException) -> bool:
     """botocore's 'no credentials / no region' errors (False where botocore is not installed)."""
     try:
         from botocore import exceptions as b
     except ImportError:
         return False
-    return isinstance(e, (b.NoCredentialsError, b.PartialCredentialsError, b.CredentialRetrievalError, b.NoRegionError))
+    return isinstance(e, (b.NoCredentialsError, b.PartialCredentialsError, b.CredentialRetrievalError, b.NoRegionError,
+                          b.SSOError, b.TokenRetrievalError))
 
 
 def credentials_message(url: str, e: BaseException) -> str:
@@ -92,6 +100,8 @@ def credentials_message(url: str, e: BaseException) -> str:
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
     if type(e).__name__ == "NoRegionError":
         return f"cannot access {url}: {detail} (set AWS_DEFAULT_REGION, or region in ~/.aws/config)"
+    if "SSO" in type(e).__name__ or type(e).__name__ == "TokenRetrievalError":
+        return f"cannot access {url}: {detail} (an SSO login that expired or never happened: aws sso login [--profile ...])"
     return (f"cannot access {url}: {detail} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with "
             f"~/.aws/credentials, or run with an instance role)")
 
@@ -110,6 +120,8 @@ def storage_errors(url: str) -> Iterator[None]:
             raise StorageError(unreachable_message(url, e, time.monotonic() - t0)) from None
         if is_credentials_error(e):
             raise StorageError(credentials_message(url, e)) from None
+        if isinstance(e, PermissionError) and not is_local(url):  # (an object store's 403: the bare word "Forbidden")
+            raise StorageError(denied_message(url, e)) from None
         raise
 
 

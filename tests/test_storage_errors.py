@@ -71,3 +71,25 @@ def test_a_misspelt_bucket_is_named_and_never_created(s3_endpoint, tiny_root, in
     assert buckets() == before
     write_bytes_atomic("s3://streetmtl/some/deep/prefix/x", b"1")  # a prefix needs no folder made
     assert boto3.client("s3").get_object(Bucket="streetmtl", Key="some/deep/prefix/x")["Body"].read() == b"1"
+
+
+def test_an_object_store_refusing_the_credentials_is_named():
+    """A 403 (keys wrong, expired or another account's; a bucket policy) reaches s3fs as a bare
+    PermissionError("Forbidden"): it names the URL and what to check. An expired SSO login says
+    how to log in. A local file's PermissionError names its path already and stays as it is.
+    (Seen against moto with its IAM checks on, INITIAL_NO_AUTH_ACTION_COUNT=1: `jobs/train.py
+    --out s3://…` printed only "error: Forbidden".)"""
+    from botocore.exceptions import SSOTokenLoadError
+
+    from mtl.storage import StorageError, storage_errors
+
+    with pytest.raises(StorageError, match=r"^cannot access s3://b/runs/x: Forbidden \(the store refused the credentials in use"):
+        with storage_errors("s3://b/runs/x"):
+            raise PermissionError("Forbidden")
+    with pytest.raises(StorageError, match=r"^cannot access s3://b/x: .*token.* \(an SSO login that expired or never happened: "
+                                           r"aws sso login"):
+        with storage_errors("s3://b/x"):
+            raise SSOTokenLoadError(error_msg="the token expired")
+    with pytest.raises(PermissionError, match="Permission denied: '/srv/x'"):
+        with storage_errors("/srv/x"):
+            raise PermissionError(13, "Permission denied", "/srv/x")

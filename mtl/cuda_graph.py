@@ -91,6 +91,20 @@ def cuda_capture(fn: Callable[[], Batch], device: torch.device) -> tuple[Callabl
     return graph.replay, out
 
 
+def allocator_left_capturing() -> str | None:
+    """After a failed capture: why the CUDA caching allocator cannot go on, or None. Releases
+    without pytorch#180395 (torch 2.11 among them) skip ending the capture's allocation routing
+    when the capture's end raises: every block freed afterwards then waits for a capture that
+    never ends (a batch marked for the prefetch stream is never reused: out of memory after a few
+    thousand eager steps), and ``empty_cache()`` fails its internal assertion. That assertion is
+    the test: a working allocator empties its cache, which costs nothing more."""
+    try:
+        torch.cuda.empty_cache()
+    except RuntimeError as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
 def prepare_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """What a captured ``optimizer.step()`` needs: each group's LR as a float32 tensor on the
     device (a Python float would be baked into the graph; the LR plan fills the tensor) and
@@ -171,10 +185,11 @@ class CapturedStep:
             replay, out = self.capture(lambda: self.eager(static, True), self.device)
         except Exception as e:  # noqa: BLE001 - raised when strict, else reported, then eager
             error = e
-        if self.agree is not None and not self.agree(error is None) and error is None:
+        own = error is not None
+        if self.agree is not None and not self.agree(not own) and not own:
             error = RuntimeError(f"{OTHER_RANK_FAILED} (its log says why)")
         if error is not None:
-            return self._failed(error, batch)
+            return self._failed(error, batch, own)
         self.static, self.out, self.replay = static, out, replay
         self.lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.log(f"train step captured as a CUDA graph after {self.eager_steps} eager steps; replayed from now on")
@@ -182,10 +197,16 @@ class CapturedStep:
         self.replays += 1
         return out
 
-    def _failed(self, e: Exception, batch: Batch) -> Batch:
+    def _failed(self, e: Exception, batch: Batch, own: bool = True) -> Batch:
+        """``own``: this rank's capture raised (not only another rank's)."""
         what = f"capturing the train step as a CUDA graph failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         if self.strict:
             raise RuntimeError(f"{what}; --cuda-graph off trains with the eager step") from e
+        stuck = allocator_left_capturing() if own else None
+        if stuck:
+            raise RuntimeError(f"{what}; torch {torch.__version__} leaves its memory allocator capturing after that "
+                               f"(pytorch#180395: {stuck}), so no eager step may follow in this process: --cuda-graph "
+                               f"off trains with the eager step from the start") from e
         self.failed = True
         self.optimizer.zero_grad(set_to_none=True)
         self.log(f"{what}; training goes on with the eager step (--cuda-graph off says so up front)")

@@ -131,6 +131,27 @@ def test_a_failed_capture_is_raised_when_strict_else_reported_and_eager_goes_on(
         lenient(batch(0), last_micro_batch=False)
 
 
+def test_a_failed_capture_that_leaves_the_allocator_capturing_stops_the_run(monkeypatch):
+    """torch releases without pytorch#180395 (2.11 among them) leave the CUDA allocator capturing
+    after a capture whose end raised: eager steps would never free a prefetched batch, and run
+    out of memory thousands of steps later. The allocator's own check (`empty_cache`'s
+    assertion) tells; then even auto stops at once, saying what to pass."""
+    import mtl.cuda_graph
+
+    def broken(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(mtl.cuda_graph, "allocator_left_capturing",
+                        lambda: "captures_underway.empty() INTERNAL ASSERT FAILED")
+    strategy, eager = strategy_and_eager(CFG)
+    step = CapturedStep(eager, strategy.optimizer, CPU, warmup=1, capture=broken, log=lambda m: None)
+    step(batch(0))
+    with pytest.raises(RuntimeError, match=r"CUDA graph failed .*not permitted.*; torch .* leaves its memory allocator "
+                                           r"capturing after that \(pytorch#180395: captures_underway.empty\(\) INTERNAL "
+                                           r"ASSERT FAILED\), .*--cuda-graph off trains with the eager step from the start"):
+        step(batch(1))
+
+
 def test_ranks_go_on_only_together_and_a_replaced_lr_is_refused():
     """Several ranks agree on the capture (one all-reduce): if any rank's capture failed, every
     rank raises, even under auto (a rank running eagerly beside ranks replaying their captured

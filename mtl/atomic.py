@@ -15,7 +15,7 @@ from mtl.storage import exists, folder_names, is_local, is_object_store, storage
 
 
 def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), replaceable: Collection[str] = ()) -> str:
-    """``out`` as an absolute local path, once it is known to be one that `atomic_dir` may
+    """``out`` as an absolute local path (links resolved), once it is known to be one that `atomic_dir` may
     fill: a local folder (ValueError for a URL), not a file, empty unless ``overwrite``
     (FileExistsError), and neither one of the ``inputs`` (files or folders the command reads)
     nor a folder above or in one (ValueError, `check_not_above`): replacing it would delete
@@ -25,7 +25,9 @@ def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), re
     if "://" in out and not out.startswith("file://"):
         raise ValueError(f"{out}: this output is written to a local folder (write it here, then copy it, e.g. with "
                          f"aws s3 cp --recursive)")
-    out = os.path.abspath(out.removeprefix("file://"))
+    # (a link is followed: its target is what gets replaced, beside it on its own disk; replacing
+    # the link would leave the target holding the old output and a folder on the link's disk)
+    out = os.path.realpath(out.removeprefix("file://"))
     for line in clean_up_after_dead_writers(out):
         print(line, file=sys.stderr)
     check_not_above(out, inputs, replaceable)

@@ -364,6 +364,21 @@ def test_an_output_folder_is_local_and_never_replaces_one_another_writer_finishe
     assert os.listdir(out) == ["new"] and sorted(os.listdir(tmp_path)) == ["f", "mine", "out"]
 
 
+def test_an_output_folder_reached_through_a_link_is_replaced_where_the_link_points(tmp_path):
+    """out -> /elsewhere/preds: --overwrite replaces the folder the link names (the link stays),
+    not the link, which would leave the old output there and the new one on the link's disk."""
+    from mtl.atomic import atomic_dir
+
+    target, link = tmp_path / "disk2" / "preds", tmp_path / "out"
+    target.mkdir(parents=True)
+    (target / "old").write_text("x")
+    link.symlink_to(target)
+    with atomic_dir(str(link), overwrite=True) as tmp:
+        open(os.path.join(tmp, "new"), "w").close()
+    assert link.is_symlink() and os.listdir(link) == ["new"] and os.listdir(target) == ["new"]
+    assert sorted(os.listdir(tmp_path)) == ["disk2", "out"] and os.listdir(tmp_path / "disk2") == ["preds"]
+
+
 KILLED_WRITER = """
 import os, signal, sys
 from mtl.atomic import atomic_dir

@@ -26,22 +26,6 @@ def test_a_bad_benchmark_flag_is_a_usage_error(flags, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_train_benchmark_smoke(tmp_path):
-    out = tmp_path / "train.json"
-    r = subprocess.run([sys.executable, "jobs/benchmark.py", "train", "--archs", "deeplabv3p", "distillation", "--encoder", "resnet18",
-                        "--batch-sizes", "2", "--size", "64x128", "--steps", "2", "--warmup", "1", "--samples", "16",
-                        "--workers", "1", "--json", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert [x["arch"] for x in rows] == ["deeplabv3p", "distillation"]
-    for x in rows:
-        assert x["pure_img_s"] > 0 and x["full_img_s"] > 0 and x["gflop_per_img"] > 0 and x["data_wait_ms"] >= 0
-        # over the timed steps: the training process's CPU and its one loader worker's (read from /proc)
-        assert x["main_cpu_ms_per_step"] > 0 and x["main_cores"] > 0 and x["workers"] == 1
-        assert 0 <= x["workers_busy"] <= 1.2 and x["workers_cpu_ms_per_img"] >= 0
-    assert rows[1]["gflop_per_img"] > rows[0]["gflop_per_img"]  # distillation costs more than the single branch
-
-
 def test_a_bad_background_flag_is_a_usage_error(capsys):
     from jobs import benchmark
 
@@ -68,7 +52,7 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
     checked here."""
     out = tmp_path / "gpu-check"
     env = {**os.environ, "PYTHON": sys.executable, "PHASES": "env tests eager plain loader threads background", "SIZE": "64x128", "BATCHES": "2",
-           "COMPILE_BATCHES": "2", "ARCHS": "branched", "ENCODER": "resnet18", "STEPS": "2", "WARMUP": "1", "SAMPLES": "16", "WORKERS": "1",
+           "COMPILE_BATCHES": "2", "ARCHS": "deeplabv3p distillation", "ENCODER": "resnet18", "STEPS": "2", "WARMUP": "1", "SAMPLES": "16", "WORKERS": "1",
            "LOADER_SAMPLES": "32", "SCALING": "1", "SCALING_BATCHES": "4 8", "PER_WORKER": "8", "T_LOADER": "300",
            "THREADS_BATCHES": "2", "T_THREADS": "300", "BACKGROUND_FLAGS": "--state-mb 4 --repeats 1", "T_BACKGROUND": "300",
            "BUNDLE": "",  # this venv's packages, not a .gpu-bundle/ made for the GPU machine's Python
@@ -83,14 +67,25 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
     assert all("exit 0" in p for p in phases)
     assert "torch" in (out / "env.txt").read_text()
     assert "skipped" in (out / "pytest-gpu.txt").read_text()  # no GPU here: skipped, never passed
-    rows = json.loads((out / "bench-eager.json").read_text())["rows"]
-    assert [(x["arch"], x["batch"], x["host_syncs"], x["strategy"]) for x in rows] == [("branched", 2, 0, "ddp")]
-    threads = json.loads((out / "bench-threads.json").read_text())["rows"]  # the same row, the training process on 1 CPU thread
+    _check_train_rows(json.loads((out / "bench-eager.json").read_text())["rows"])
+    threads = json.loads((out / "bench-threads.json").read_text())["rows"]  # branched, the training process on 1 CPU thread
     assert [(x["arch"], x["batch"], x["intra_op_threads"]) for x in threads] == [("branched", 2, 1)]
     plain = json.loads((out / "bench-plain.json").read_text())["rows"]
     assert [(x["arch"], x["strategy"]) for x in plain] == [("branched", "plain")]
     _check_loader_rows(json.loads((out / "bench-loader.json").read_text()))
     _check_background_rows(json.loads((out / "bench-background.json").read_text())["rows"])
+
+
+def _check_train_rows(rows: list[dict]) -> None:
+    """The eager phase's rows (`jobs/benchmark.py train`): pure and full path, the model's cost, and
+    over the timed steps the training process's CPU and its one loader worker's (read from /proc)."""
+    assert [(x["arch"], x["batch"], x["host_syncs"], x["strategy"]) for x in rows] == [("deeplabv3p", 2, 0, "ddp"),
+                                                                                    ("distillation", 2, 0, "ddp")]
+    for x in rows:
+        assert x["pure_img_s"] > 0 and x["full_img_s"] > 0 and x["gflop_per_img"] > 0 and x["data_wait_ms"] >= 0
+        assert x["main_cpu_ms_per_step"] > 0 and x["main_cores"] > 0 and x["workers"] == 1
+        assert 0 <= x["workers_busy"] <= 1.2 and x["workers_cpu_ms_per_img"] >= 0
+    assert rows[1]["gflop_per_img"] > rows[0]["gflop_per_img"]  # distillation costs more than the single branch
 
 
 def _check_loader_rows(got: dict) -> None:

@@ -88,15 +88,20 @@ class DataConfig(_Part):
             raise ValueError(f"--scale-min/--scale-max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}")
         if self.crop is not None and min(self.crop) <= 0:
             raise ValueError(f"--crop must be positive, got {self.crop}")
-        if self.crop is not None and not self.augment:  # (else trained on whole images, without a word)
-            raise ValueError(f"--crop {self.crop[0]}x{self.crop[1]} is the augmentation's random crop, which --no-augment "
-                             f"turns off: give one of them")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.prefetch < 1 or self.shuffle_buffer < 0 or min(self.synthetic_counts[:2]) < 1 or self.synthetic_counts[2] < 0:
             raise ValueError(f"--prefetch must be >= 1, --shuffle-buffer >= 0 (0: no buffer) and --synthetic-counts at "
                              f"least 1 1 0, got {self.prefetch}, {self.shuffle_buffer} and "
                              f"{' '.join(map(str, self.synthetic_counts))}")
+
+    def check_new(self) -> None:
+        """What a new run may not ask for, though runs of earlier versions hold it and resume with
+        it: --crop with --no-augment (the crop is the augmentation's; it was ignored, and whole
+        images trained without a word)."""
+        if self.crop is not None and not self.augment:
+            raise ValueError(f"--crop {self.crop[0]}x{self.crop[1]} is the augmentation's random crop, which --no-augment "
+                             f"turns off: give one of them")
 
 
 @dataclass(frozen=True)

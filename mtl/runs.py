@@ -227,12 +227,14 @@ class RunFolder:
         write_bytes_atomic(f"{self.url}/{CONFIG_FILE}", (cfg.to_json() + "\n").encode(), sync=True)
 
 
-def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local: bool = False) -> ExperimentConfig:
+def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local: bool = False,
+                check_new: bool = True) -> ExperimentConfig:
     """Check that the run folder may be used as asked; returns the resolved config. Raises
     `RunConflict` otherwise. Writes nothing (the trainer writes ``config.json`` once the data
     is found).
 
-    * no folder: a new run (``--resume``: nothing to resume, with a hint at similar runs);
+    * no folder: a new run (``--resume``: nothing to resume, with a hint at similar runs), which
+      must pass `DataConfig.check_new` (``check_new``: a sweep's plan checked its trials);
     * a folder with a checkpoint: only ``--resume`` continues it (one that only Ray's record
       names: only on Ray, not ``local``);
     * a folder without one (the run stopped before its first epoch ended): it starts over.
@@ -244,6 +246,8 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
     if not entries:
         if cfg.train.resume:
             raise RunConflict(f"nothing to resume at {folder.url}" + _similar_runs_hint(cfg))
+        if check_new:
+            cfg.data.check_new()
         return cfg
     stored = folder.read_config()
     if stored is not None:

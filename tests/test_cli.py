@@ -77,7 +77,6 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--output-stride", "7"], "--output-stride must be one of 8, 16, 32; got '7'"),
     (["--lr", "abc"], "--lr: could not convert string to float: 'abc'"),
     (["--crop", "48by96"], "--crop must be HxW"),
-    (["--crop", "48x96", "--no-augment"], "--crop 48x96 is the augmentation's random crop, which --no-augment turns off"),
     (["--synthetic-size", "64", "128"], "unrecognized arguments: 128"),  # the old two-number form
     (["--semseg-weight", "1.5"], "--semseg-weight must lie in [0, 1], got 1.5"),  # ExperimentConfig.validate
     (["--local", "--num-workers", "2"], "--local trains one process"),

@@ -123,6 +123,16 @@ def test_adam_decays_weights_as_the_reports_and_runs_from_before_keep_adamw():
         check_same_training(resolve_config(old), resolve_config(today), "run x")
 
 
+def test_a_new_run_may_not_crop_without_augmentation_but_an_old_one_resumes(tmp_path):
+    """--crop with --no-augment was accepted, and the crop ignored: a new run is refused, naming
+    both flags; a run of an earlier version that holds the pair resumes with the same flags."""
+    cfg = cfg_with(data={"crop": (48, 96), "augment": False}, train={"out": str(tmp_path), "name": "r"})
+    with pytest.raises(ValueError, match=r"--crop 48x96 is the augmentation's random crop, which --no-augment turns off"):
+        prepare_run(cfg, lambda line: None)
+    RunFolder(str(tmp_path / "r")).write_config(resolve_config(cfg))  # (an earlier version's run, before its first epoch)
+    assert prepare_run(cfg, lambda line: None).data.crop == (48, 96)
+
+
 def test_deep_supervision_averages_as_the_skeleton_and_runs_from_before_keep_the_sum():
     """Distillation predicts each task twice; the course skeleton (so the report's distillation
     runs) averaged the two losses, streetmtl summed them before the setting existed. A stored

@@ -187,6 +187,13 @@ def test_a_single_task_sweep_leaves_the_loss_weight_out_of_its_default_space():
         plan_sweep(SweepConfig(space=("scale_max=uniform:1:1.5",)), plain, {"data.augment"})
     both = ("augment=choice:true,false", "scale_max=uniform:1:1.5")
     assert [d.name for d in plan_sweep(SweepConfig(space=both), plain, set()).space] == ["augment", "scale_max"]
+    # --crop is the augmentation's: refused for a new sweep without it (not when the space sweeps augment, nor on --resume)
+    cropped = plain.with_values({"data.crop": (48, 96)})
+    with pytest.raises(ValueError, match="--crop 48x96 is the augmentation's random crop, which --no-augment turns off"):
+        plan_sweep(SweepConfig(space=("lr=loguniform:1e-5:1e-3",)), cropped, {"data.augment", "data.crop"})
+    assert plan_sweep(SweepConfig(space=both), cropped, {"data.crop"}).space
+    resumed = cropped.with_values({"train.resume": True})
+    assert plan_sweep(SweepConfig(space=("lr=loguniform:1e-5:1e-3",)), resumed, {"data.augment", "data.crop"}).space
     # a one-epoch sweep: ASHA judges after the first epoch, so it stops nothing early; the log says so
     one = plan_sweep(SweepConfig(), ExperimentConfig().with_values({"train.epochs": 1}), set())
     assert any("--epochs 1: ASHA stops no trial early" in n for n in one.notes)

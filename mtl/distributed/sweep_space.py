@@ -516,6 +516,8 @@ def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> S
     tasks = tuple(base.optim.tasks)
     space, space_notes = choose_space(sweep.space, given, tasks, base.data.augment)
     notes += space_notes
+    if not base.train.resume and all(d.path != "data.augment" for d in space):  # (a resumed sweep's trials were new once)
+        base.data.check_new()
     check_space(space, base)
     if sweep.metric in ("grader", "delta_m") and len(tasks) != 2:
         raise ValueError(f"--metric {sweep.metric} judges a multi-task run; these trials train --tasks {tasks[0]} only: "

@@ -252,7 +252,7 @@ def start_run(base: ExperimentConfig, spec: SweepSpec, hp: dict[str, Any], trial
     entries = folder.entries()
     resume = folder.has_checkpoint(entries) or folder.ray_checkpoint(entries) is not None
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=resume))
-    return prepare_run(cfg)
+    return prepare_run(cfg, check_new=False)  # (`plan_sweep` checked what its trials may draw)
 
 
 def _seeded_from(run_url: str, origin: dict[str, str], hp: dict[str, Any]) -> bool:

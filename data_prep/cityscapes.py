@@ -77,7 +77,7 @@ from mtl.config import Size
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, check_splits, decode_sample,
                                  encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
 from mtl.machine import usable_cpus
-from mtl.storage import exists, folder_names, is_local, storage_errors, sync_local, url_to_fs, write_bytes_atomic
+from mtl.storage import check_literal, exists, folder_names, is_local, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-cityscapes-v1"
 INDEX, PLAN = CONVERSION_INDEX, CONVERSION_PLAN  # written last (the completion marker) and first
@@ -386,7 +386,9 @@ def check_out(root: str, out: str) -> None:
     """ValueError when ``out`` (or a local one's ``.partial`` working folder) is ``root``, a
     folder above it, or a folder of it that holds more than a conversion's output, whatever
     ``--overwrite`` says: the conversion replaces that folder whole, which would delete the
-    Cityscapes source it reads (`mtl.atomic.check_not_above`)."""
+    Cityscapes source it reads (`mtl.atomic.check_not_above`). Or when fsspec would not read
+    ``out`` literally (`mtl.storage.check_literal`)."""
+    check_literal(out, "--out")
     check_not_above(out, [root], _earlier_conversion(out))
     if is_local(out):
         partial = out.removeprefix("file://").rstrip("/") + ".partial"

@@ -51,7 +51,7 @@ from mtl.data.folder import scan_split, split_modalities, stems_by_index
 from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
 from mtl.data.shards import FORMAT
 from mtl.machine import usable_cpus
-from mtl.storage import read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
+from mtl.storage import check_literal, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
@@ -288,7 +288,9 @@ def shard_dataset(src: str, dst: str, shard_size: str = "auto", splits: tuple[st
 
 def check_destination(dst: str) -> None:
     """ValueError for a ``dst`` ending in .json: training takes ``--shards .../manifest.json``,
-    so that path gets copied here, where it would become a folder named manifest.json."""
+    so that path gets copied here, where it would become a folder named manifest.json. Or for
+    one fsspec would not read literally (`mtl.storage.check_literal`: its deletions match by pattern)."""
+    check_literal(dst, "--shards")
     if dst.rstrip("/").endswith(".json"):
         folder = dst.rstrip("/").rsplit("/", 1)[0] if "/" in dst.rstrip("/") else "."
         raise ValueError(f"--shards {dst} names a .json file: give the folder (or prefix) that is to hold the shards and "

@@ -235,7 +235,11 @@ def test_bad_flags_and_unreachable_s3(tiny_root, tmp_path):
     assert r.returncode == 2 and "--shard-size must be" in r.stderr
     r = _shard_cli("--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "o"))
     assert r.returncode == 2 and "Miniscapes folder missing" in r.stderr
-    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
+    # on S3 a deletion at sets[12] would match sets1/ and sets2/: refused before anything is read
+    r = _shard_cli("--src", tiny_root, "--dst", "s3://streetmtl/sets[12]")
+    assert r.returncode == 2 and "--shards 's3://streetmtl/sets[12]': '[', ']' cannot be in the path" in r.stderr, r.stderr
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1",  # (keys: run alone too)
+           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
     t0 = time.time()
     r = _shard_cli("--src", tiny_root, "--dst", "s3://streetmtl/x", env=env, timeout=120)
     assert r.returncode == 2 and "destination s3://streetmtl/x: cannot reach s3://streetmtl/x" in r.stderr, r.stderr

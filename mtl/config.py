@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,7 +244,7 @@ class TrainConfig(_Part):
         check_folder_name(self.name, "--name", "the run folder is --out/<name>")
         from mtl.storage import check_literal
 
-        check_literal(self.out, "--out")
+        check_literal(self.out if "://" in self.out else os.path.abspath(self.out), "--out")  # (a relative one: where it is)
         if self.keep_last < 0 or (self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1):
             raise ValueError(f"--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got "
                              f"{self.keep_last} and {self.max_steps_per_epoch}")

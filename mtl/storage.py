@@ -78,11 +78,27 @@ def unreachable_message(url: str, e: BaseException, seconds: float | None) -> st
             f"AWS_MAX_ATTEMPTS and AWS_RETRY_MODE, now {mode}, set the retries)")
 
 
-def denied_message(url: str, e: BaseException) -> str:
-    """An object store refused the credentials in use (HTTP 403)."""
+def store_error_code(e: BaseException) -> str | None:
+    """The error code of the object store's answer behind ``e`` (s3fs raises its own exception
+    from botocore's ClientError, which keeps the answer), or None: not an answer of a store (a
+    local file's error, say)."""
+    seen = e.__cause__ or e.__context__
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return str(response["Error"].get("Code") or "")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def denied_message(url: str, e: BaseException, code: str) -> str:
+    """What an object store's refusal (`store_error_code`) asks of the user."""
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return (f"cannot access {url}: {detail} (the store refused the credentials in use: wrong or expired keys, another "
-            f"account's or AWS_PROFILE's, or a bucket policy that does not let them in)")
+    hint = {"InvalidObjectState": "the object is archived (a Glacier storage class): restore it first",
+            "RequestTimeTooSkewed": "this machine's clock is far from the store's: set it right (NTP)"}.get(
+        code, "the store refused the credentials in use: wrong or expired keys, another account's or AWS_PROFILE's, or a "
+              "bucket policy that does not let them in")
+    return f"cannot access {url}: {detail} ({code or 'refused'}: {hint})"
 
 
 def is_credentials_error(e: BaseException) -> bool:
@@ -120,8 +136,9 @@ def storage_errors(url: str) -> Iterator[None]:
             raise StorageError(unreachable_message(url, e, time.monotonic() - t0)) from None
         if is_credentials_error(e):
             raise StorageError(credentials_message(url, e)) from None
-        if isinstance(e, PermissionError) and not is_local(url):  # (an object store's 403: the bare word "Forbidden")
-            raise StorageError(denied_message(url, e)) from None
+        code = store_error_code(e) if isinstance(e, PermissionError) else None
+        if code is not None:  # (an object store's refusal: s3fs says only "Forbidden")
+            raise StorageError(denied_message(url, e, code)) from None
         raise
 
 

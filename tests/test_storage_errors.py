@@ -75,21 +75,32 @@ def test_a_misspelt_bucket_is_named_and_never_created(s3_endpoint, tiny_root, in
 
 def test_an_object_store_refusing_the_credentials_is_named():
     """A 403 (keys wrong, expired or another account's; a bucket policy) reaches s3fs as a bare
-    PermissionError("Forbidden"): it names the URL and what to check. An expired SSO login says
-    how to log in. A local file's PermissionError names its path already and stays as it is.
-    (Seen against moto with its IAM checks on, INITIAL_NO_AUTH_ACTION_COUNT=1: `jobs/train.py
+    PermissionError("Forbidden") raised from botocore's answer: it names the URL and what to
+    check; an archived object and a skewed clock say so. An expired SSO login says how to log in.
+    A PermissionError that is no store's answer (a local file's, inside the same block) stays as
+    it is. (Seen against moto with its IAM checks on, INITIAL_NO_AUTH_ACTION_COUNT=1: `jobs/train.py
     --out s3://…` printed only "error: Forbidden".)"""
-    from botocore.exceptions import SSOTokenLoadError
+    from botocore.exceptions import ClientError, SSOTokenLoadError
+    from s3fs.errors import translate_boto_error
 
     from mtl.storage import StorageError, storage_errors
 
-    with pytest.raises(StorageError, match=r"^cannot access s3://b/runs/x: Forbidden \(the store refused the credentials in use"):
-        with storage_errors("s3://b/runs/x"):
-            raise PermissionError("Forbidden")
-    with pytest.raises(StorageError, match=r"^cannot access s3://b/x: .*token.* \(an SSO login that expired or never happened: "
-                                           r"aws sso login"):
-        with storage_errors("s3://b/x"):
-            raise SSOTokenLoadError(error_msg="the token expired")
-    with pytest.raises(PermissionError, match="Permission denied: '/srv/x'"):
-        with storage_errors("/srv/x"):
-            raise PermissionError(13, "Permission denied", "/srv/x")
+    def refused(code: str, message: str) -> Exception:
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": message}}, "HeadObject"))
+
+    def raised(url: str, e: Exception) -> str:
+        with pytest.raises(Exception) as caught:
+            with storage_errors(url):
+                raise e
+        return f"{type(caught.value).__name__}: {caught.value}"
+
+    assert raised("s3://b/runs/x", refused("403", "Forbidden")) == (
+        "StorageError: cannot access s3://b/runs/x: Forbidden (403: the store refused the credentials in use: wrong or expired "
+        "keys, another account's or AWS_PROFILE's, or a bucket policy that does not let them in)")
+    assert "(InvalidObjectState: the object is archived" in raised("s3://b/x", refused("InvalidObjectState", "archived"))
+    assert "(RequestTimeTooSkewed: this machine's clock" in raised("s3://b/x", refused("RequestTimeTooSkewed", "skewed"))
+    assert raised("s3://b/x", SSOTokenLoadError(error_msg="the token expired")).startswith(
+        "StorageError: cannot access s3://b/x: ") and "(an SSO login that expired or never happened: aws sso login" in \
+        raised("s3://b/x", SSOTokenLoadError(error_msg="the token expired"))
+    local = PermissionError(13, "Permission denied", "/srv/train/rgb/0.jpg")  # (a source file, read inside a block for s3://)
+    assert raised("s3://b/shards", local) == "PermissionError: [Errno 13] Permission denied: '/srv/train/rgb/0.jpg'"

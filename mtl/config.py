@@ -193,7 +193,8 @@ class TrainConfig(_Part):
     compile: bool = operational(False)  # torch.compile the model
     #: capture the whole train step (forward, loss, backward, update) as one CUDA graph and replay
     #: it: auto = on a GPU with --grad-accum 1 and DDP or one process (not DeepSpeed); if the
-    #: capture fails, one process goes on eagerly (logged), several ranks stop with the error;
+    #: capture fails, one process goes on eagerly (logged; unless torch left its allocator capturing,
+    #: pytorch#180395: then it stops, saying so), several ranks stop with the error;
     #: on = captured or an error; off = eager
     cuda_graph: Literal["auto", "on", "off"] = operational("auto")
     out: str = operational("runs")  # where runs (and sweeps: <out>/<sweep-name>) live: a local folder or s3:// prefix

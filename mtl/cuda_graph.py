@@ -101,7 +101,9 @@ def allocator_left_capturing() -> str | None:
     try:
         torch.cuda.empty_cache()
     except RuntimeError as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "captures_underway" not in str(e):
+            raise  # (another error of the device, e.g. one the failed capture left: itself, not this diagnosis)
+        return str(e).splitlines()[0]
     return None
 
 
@@ -123,7 +125,7 @@ class CapturedStep:
     (see the module docstring). ``capture`` is `cuda_capture` on a GPU; tests pass a stand-in.
 
     A failed capture is raised when ``strict``, else logged, and the eager step runs for the rest
-    of the run. Several ranks (``agree``: True when every rank's capture succeeded, one
+    of the run (unless torch left its allocator capturing: `allocator_left_capturing`). Several ranks (``agree``: True when every rank's capture succeeded, one
     all-reduce) go on only together: a rank running eagerly beside ranks that replay their
     captured all-reduce would hang the group, so if any rank's capture failed every rank raises.
     They also refuse a batch of another shape instead of running it eagerly."""

@@ -15,7 +15,7 @@ import time
 from time import monotonic
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -156,11 +156,13 @@ def predict(model: nn.Module, rgb: torch.Tensor, codec: DepthCodec, amp: context
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, amp: contextlib.AbstractContextManager,
              channels_last: bool = True, progress: Callable[[], None] | None = None,
-             pictures: list[np.ndarray] | None = None, num_pictures: int = 2, submitted: bool = False) -> MultiTaskMetrics:
+             pictures: list[np.ndarray] | None = None, num_pictures: int = 2, submitted: bool = False,
+             tasks: Sequence[str] = TASKS) -> MultiTaskMetrics:
     """Metric state of this rank's share of a split (sum states across ranks before `compute`);
     ``loader``: the split's loader, or an iterator of its batches started ahead of time.
-    ``pictures`` (a list): the first batch's first ``num_pictures`` predictions are appended to it
-    as `mtl.viz.side_by_side` images (rgb | ground truth | prediction). ``submitted``: the depth
+    ``pictures`` (a list): the first batch's first ``num_pictures`` predictions (of the trained
+    ``tasks``) are appended to it as `mtl.viz.side_by_side` images (rgb | ground truth |
+    prediction). ``submitted``: the depth
     scored as a submission PNG holds it (`mtl.data.miniscapes.as_submitted`), not as predicted."""
     was_training = model.training
     model.eval()
@@ -169,18 +171,21 @@ def evaluate(model: nn.Module, loader, codec: DepthCodec, device: torch.device, 
         labels, depth_m = predict(model, batch["rgb"], codec, amp)
         metrics.update(labels, as_submitted(depth_m) if submitted else depth_m, batch)
         if i == 0 and pictures is not None:
-            pictures.extend(draw_predictions(batch, labels, depth_m, num_pictures))
+            pictures.extend(draw_predictions(batch, labels, depth_m, num_pictures, tasks))
         if progress:
             progress()
     model.train(was_training)
     return metrics
 
 
-def draw_predictions(batch: dict[str, torch.Tensor], labels: torch.Tensor, depth_m: torch.Tensor, n: int) -> list[np.ndarray]:
-    """The first ``n`` images of a batch with their ground truth and predictions (HxWx3 uint8)."""
+def draw_predictions(batch: dict[str, torch.Tensor], labels: torch.Tensor, depth_m: torch.Tensor, n: int,
+                     tasks: Sequence[str] = TASKS) -> list[np.ndarray]:
+    """The first ``n`` images of a batch with their ground truth and predictions of the trained
+    ``tasks`` (HxWx3 uint8; an untrained head's row is left out)."""
     rgb, gt = batch["rgb"][:n].float().cpu().numpy(), [batch[k][:n].cpu().numpy() for k in ("semseg", "depth", "valid")]
     labels, depth_m = labels[:n].cpu().numpy(), depth_m[:n].cpu().numpy()
-    return [side_by_side(denormalize_rgb(rgb[i]), labels[i], depth_m[i], gt[0][i], gt[1][i], gt[2][i]) for i in range(len(rgb))]
+    return [side_by_side(denormalize_rgb(rgb[i]), labels[i] if "semseg" in tasks else None, depth_m[i] if "depth" in tasks else None,
+                         gt[0][i], gt[1][i], gt[2][i]) for i in range(len(rgb))]
 
 
 # ------------------------------------------------------------------------------ the epoch loop
@@ -708,7 +713,8 @@ class Trainer:
         val, self.val_ahead = self.data.val if self.val_ahead is None else self.val_ahead, None
         self.strategy.sync_buffers()  # (one model on every rank: validation's and the checkpoint's)
         t0 = time.perf_counter()
-        metrics = rt_evaluate(self.strategy, val, self.codec, self.device, self.amp, t.channels_last, pictures)
+        metrics = rt_evaluate(self.strategy, val, self.codec, self.device, self.amp, t.channels_last, pictures,
+                              self.cfg.optim.tasks)
         val_s = time.perf_counter() - t0  # (to the metrics' host read: the GPU's work included)
         # (``loss``: the epoch's mean over all ranks, read at its last step, `train_epoch`)
         if self.weighting.epochwise and all(math.isfinite(v) for v in loss[1:]):  # DWA (none read: no update)
@@ -767,9 +773,9 @@ def start_epoch(loader, epoch: int, device: torch.device, channels_last: bool, s
 
 
 def rt_evaluate(strategy: Strategy, loader, codec: DepthCodec, device: torch.device, amp, channels_last: bool,
-                pictures: list[np.ndarray] | None = None) -> dict[str, float]:
+                pictures: list[np.ndarray] | None = None, tasks: Sequence[str] = TASKS) -> dict[str, float]:
     """The metrics of a split whose shares the ranks hold, summed over ranks (`Strategy.all_reduce_sum`);
-    ``pictures`` (a list): this rank's first predictions drawn into it (`evaluate`)."""
-    m = evaluate(strategy.module, loader, codec, device, amp, channels_last, pictures=pictures)
+    ``pictures`` (a list): this rank's first predictions of ``tasks`` drawn into it (`evaluate`)."""
+    m = evaluate(strategy.module, loader, codec, device, amp, channels_last, pictures=pictures, tasks=tasks)
     m.state = strategy.all_reduce_sum(m.state)
     return m.compute()

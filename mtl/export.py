@@ -112,18 +112,11 @@ def picture(rgb: np.ndarray, labels: np.ndarray | None, depth_m: np.ndarray | No
     Without (a test split, a user's photo): rgb | prediction, semseg over depth: black panels
     standing for labels nobody has would only waste a third of the picture. A task not
     predicted (None) has no row."""
-    h = rgb.shape[0]
     if gt is not None:
-        both = side_by_side(rgb, _or_blank(labels, rgb), _or_blank(depth_m, rgb), *gt)
-    else:
-        top = np.concatenate([rgb, colorize_semseg(_or_blank(labels, rgb))], axis=1)
-        both = np.concatenate([top, np.concatenate([rgb, colorize_depth(_or_blank(depth_m, rgb))], axis=1)], axis=0)
-    return both[h:] if labels is None else both[:h] if depth_m is None else both
-
-
-def _or_blank(pred: np.ndarray | None, rgb: np.ndarray) -> np.ndarray:
-    """A stand-in for a prediction whose row `picture` drops."""
-    return np.zeros(rgb.shape[:2], np.uint8) if pred is None else pred
+        return side_by_side(rgb, labels, depth_m, *gt)
+    rows = ([[rgb, colorize_semseg(labels)]] if labels is not None else []) + \
+           ([[rgb, colorize_depth(depth_m)]] if depth_m is not None else [])
+    return np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
 
 
 def _write(path: str, data: bytes) -> None:

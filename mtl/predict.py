@@ -226,7 +226,8 @@ def _batches(items: Sequence, n: int) -> Iterator[Sequence]:
 def predict_images(model_or_checkpoint: LoadedModel | nn.Module | str, images: str | Sequence[str | np.ndarray],
                    size: tuple[int, int] | str | None = None, batch_size: int = 4, device: torch.device | str | None = None,
                    codec: DepthCodec | None = None) -> list[Prediction]:
-    """(labels HxW uint8, depth HxW float32 metres) for each image, at the image's own size.
+    """(labels HxW uint8, depth HxW float32 metres) for each image, at the image's own size; a
+    single-task model's other task is None (its head never learned).
 
     ``images``: a folder, file or URL (`find_images`), or a list of paths/URLs and HxWx3 uint8
     arrays. ``model_or_checkpoint``: a checkpoint file or run folder, a `load_model` result,

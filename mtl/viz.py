@@ -32,14 +32,16 @@ def denormalize_rgb(rgb: np.ndarray) -> np.ndarray:
     return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def side_by_side(rgb: np.ndarray, pred_labels: np.ndarray, pred_depth: np.ndarray,
+def side_by_side(rgb: np.ndarray, pred_labels: np.ndarray | None, pred_depth: np.ndarray | None,
                  gt_labels: np.ndarray | None = None, gt_depth: np.ndarray | None = None,
                  gt_valid: np.ndarray | None = None) -> np.ndarray:
     """Top row: rgb | semseg GT | semseg prediction. Bottom row: rgb | depth GT | depth prediction.
-    Missing ground truth is drawn black."""
+    Missing ground truth is drawn black; a task not predicted (None: a single-task model's
+    untrained head) has no row."""
     blank = np.zeros_like(rgb)
-    seg_gt = colorize_semseg(gt_labels) if gt_labels is not None else blank
-    dep_gt = colorize_depth(gt_depth, gt_valid) if gt_depth is not None else blank
-    top = np.concatenate([rgb, seg_gt, colorize_semseg(pred_labels)], axis=1)
-    bottom = np.concatenate([rgb, dep_gt, colorize_depth(pred_depth)], axis=1)
-    return np.concatenate([top, bottom], axis=0)
+    rows = []
+    if pred_labels is not None:
+        rows.append([rgb, colorize_semseg(gt_labels) if gt_labels is not None else blank, colorize_semseg(pred_labels)])
+    if pred_depth is not None:
+        rows.append([rgb, colorize_depth(gt_depth, gt_valid) if gt_depth is not None else blank, colorize_depth(pred_depth)])
+    return np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)

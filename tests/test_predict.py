@@ -262,6 +262,14 @@ def test_a_single_task_models_export_holds_its_own_task_only(tiny_root, tmp_path
     assert Image.open(next((tmp_path / "p-dep/viz").iterdir())).size == (2 * 128, 64)  # rgb | prediction
     [(labels, depth_m)] = predict_images(seg, [f"{tiny_root}/test/rgb/0.jpg"], device="cpu")
     assert labels.shape == (64, 128) and depth_m is None
+    # so do training's validation pictures (TensorBoard, MLflow)
+    from mtl.engine import draw_predictions
+
+    batch = {"rgb": torch.zeros(1, 3, 4, 6), "semseg": torch.zeros(1, 4, 6, dtype=torch.long), "depth": torch.full((1, 4, 6), 9.0),
+             "valid": torch.ones(1, 4, 6, dtype=torch.bool)}
+    pred = (torch.zeros(1, 4, 6, dtype=torch.long), torch.full((1, 4, 6), 9.0))
+    assert [p.shape for p in draw_predictions(batch, *pred, 1)] == [(8, 18, 3)]  # two rows of rgb | truth | prediction
+    assert [p.shape for p in draw_predictions(batch, *pred, 1, ("depth",))] == [(4, 18, 3)]
 
 
 def _predict(capsys, *args) -> tuple[int, str, str]:

@@ -83,7 +83,7 @@ def test_an_object_store_refusing_the_credentials_is_named():
     from botocore.exceptions import ClientError, SSOTokenLoadError
     from s3fs.errors import translate_boto_error
 
-    from mtl.storage import StorageError, storage_errors
+    from mtl.storage import storage_errors
 
     def refused(code: str, message: str) -> Exception:
         return translate_boto_error(ClientError({"Error": {"Code": code, "Message": message}}, "HeadObject"))

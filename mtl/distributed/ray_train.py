@@ -416,7 +416,7 @@ def _fit(trainer):  # noqa: ANN001, ANN202 - a `_trainer_class` trainer; Ray's R
     try:
         result = trainer.fit()
     except BaseException as e:  # (Ray's handler ends with SystemExit; the abort may surface as an actor error)
-        if trainer.interrupted:
+        if getattr(trainer, "interrupted", False):  # (a trainer of `_trainer_class`; a stand-in has none)
             raise KeyboardInterrupt("interrupted (Ctrl-C): Ray aborted the training run") from e
         raise
     finally:

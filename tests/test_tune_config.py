@@ -633,13 +633,13 @@ class _Controller:
         return None
 
 
-def _pbt(trials, sync: bool):
+def _pbt(trials, sync: bool, epochs: int | None = None):
     from ray.tune import loguniform
     from ray.tune.experiment import Trial
 
     from mtl.distributed.tune import AlignedPBT
 
-    pbt = AlignedPBT(time_attr="epoch", metric="score", mode="max", perturbation_interval=2,
+    pbt = AlignedPBT(epochs=epochs, time_attr="epoch", metric="score", mode="max", perturbation_interval=2,
                      hyperparam_mutations={"lr": loguniform(1e-5, 1e-3)}, synch=sync)
     population = [Trial("trial", config={"lr": 1e-4}, stub=True) for _ in range(trials)]
     controller = _Controller(population)
@@ -672,6 +672,31 @@ def test_pbt_perturbs_at_multiples_of_the_interval_after_a_resume_too():
     pbt, controller, (late,) = _pbt(1, sync=False)
     pbt.on_trial_result(controller, late, {"epoch": 6, "score": 1.0})  # first seen at a multiple: perturbed there
     assert pbt._trial_state[late].last_perturbation_time == 6
+
+
+def test_pbt_leaves_a_trials_last_epoch_alone_and_aligns_a_retried_trial_again():
+    """At the run's last epoch there is nothing left to train: an exploit there would throw the
+    finished run away and train its last epochs again from another trial's checkpoint. A trial
+    Tune adds again (its retry after a lost node: PBT's record of it starts afresh) perturbs at
+    multiples of the interval again, where it has checkpoints."""
+    from ray.tune.schedulers import TrialScheduler
+
+    pbt, controller, population = _pbt(4, sync=False, epochs=4)
+    for t, score in zip(population, (40, 30, 20, 10)):
+        for epoch in (1, 2, 3):
+            pbt.on_trial_result(controller, t, {"epoch": epoch, "score": score})
+    weak = population[-1]
+    assert pbt.on_trial_result(controller, weak, {"epoch": 4, "score": 10}) == TrialScheduler.CONTINUE
+    assert pbt._trial_state[weak].last_perturbation_time == 2  # (not perturbed at the end)
+    pbt, controller, (retried,) = _pbt(1, sync=False)
+    for epoch in (5, 6):
+        pbt.on_trial_result(controller, retried, {"epoch": epoch, "score": 1.0})
+    pbt.on_trial_add(controller, retried)  # Tune's retry: PBT's record of the trial starts afresh
+    perturbed = []
+    for epoch in (7, 8, 9, 10):
+        pbt.on_trial_result(controller, retried, {"epoch": epoch, "score": 1.0})
+        perturbed.append(pbt._trial_state[retried].last_perturbation_time)
+    assert perturbed == [6, 8, 8, 10]
 
 
 def test_synchronous_pbt_waits_for_every_trial_at_the_same_multiples_after_a_resume():

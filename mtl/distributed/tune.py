@@ -425,7 +425,7 @@ def _search_alg(sweep: SweepConfig, max_concurrent: int):
 def _scheduler(spec: SweepSpec, epochs: int):
     """ASHA, or PBT; both count time in epochs (the ``epoch`` every result carries)."""
     if spec.pbt:
-        return AlignedPBT(time_attr="epoch", perturbation_interval=spec.perturbation_interval,
+        return AlignedPBT(epochs=epochs, time_attr="epoch", perturbation_interval=spec.perturbation_interval,
                           hyperparam_mutations=spec.pbt_mutations(), quantile_fraction=spec.quantile_fraction,
                           custom_explore_fn=spec.clip, synch=spec.pbt_sync)
     return AlignedASHA(time_attr="epoch", max_t=epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
@@ -517,14 +517,25 @@ class AlignedPBT(PopulationBasedTraining):
     perturbation moves there too: PBT starts it at the first interval and moves it one interval
     on per perturbation, so after a resume it would lag behind the trials, which from their
     second perturbation on would no longer wait for each other. A trial's last result after its
-    training diverged (`diverged_result`) is passed over: the trial ends there."""
+    training diverged (`diverged_result`) is passed over: the trial ends there; so is its
+    result of the run's last epoch (``epochs``): there is nothing left to train, and an exploit
+    there would throw the finished run away to train its last epochs again from another's
+    checkpoint, which could be exploited at the end once more. A trial Tune adds again (its retry
+    after a failure resets PBT's record of it) is aligned again at its next result."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, epochs: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._epochs = epochs
         self._seen: set[str] = set()  # the trials this scheduler has had a result from
+
+    def on_trial_add(self, tune_controller, trial) -> None:  # noqa: ANN001
+        super().on_trial_add(tune_controller, trial)
+        self._seen.discard(trial.trial_id)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:  # noqa: ANN001
         if result.get(DIVERGED_KEY):  # (its objective is NaN: nothing to rank, nor to copy)
+            return self.CONTINUE
+        if self._epochs is not None and int(result.get(self._time_attr, 0)) >= self._epochs:
             return self.CONTINUE
         if trial.trial_id not in self._seen and self._time_attr in result:
             self._seen.add(trial.trial_id)

@@ -50,6 +50,10 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--tasks", "semseg", "--metric", "score", "--space", "semseg_weight=uniform:0.3:0.7"],
      "error: --space optim.semseg_weight=uniform:0.3:0.7: semseg_weight weighs the two tasks' losses, and these trials train --tasks semseg only"),
     (["--sweep-name", "../x"], "error: --sweep-name '../x' must be a folder name"),
+    # what only the resolved model refuses is refused before Ray too (else every such trial fails in Tune)
+    (["--space", "batch_size=choice:1,4"], "error: --space train.batch_size=choice:1,4: --batch-size 1: the aspp context module"),
+    (["--space", "baselines=choice:runs/a"], "error: --space baselines=choice:runs/a: --baselines judge every trial by Δm"),
+    (["--max-concurrent", "0"], "error: --max-concurrent must be >= 1"),
     (["--sweep-name", "s*"], "error: --sweep-name 's*': '*' cannot be in the path of a run's files"),
     # each trial's run is named after the trial: a --name would be ignored
     (["--name", "x"], "error: --name: every trial's run is named after the trial (<out>/<sweep-name>/trials/<trial>): name the sweep with --sweep-name"),

@@ -56,6 +56,7 @@ NOT_SWEPT: dict[str, str] = {
     "optim.tasks": "the trials of a sweep train the same tasks (their scores would not compare); sweep each task set apart",
     "train.epochs": "every trial trains --epochs (the time scale of ASHA and PBT)",
     "dist.num_workers": "every trial has --num-workers workers (the sweep sizes its concurrent trials from it)",
+    "train.baselines": "--baselines judge every trial by Δm and pick its best.pt so: give them as a flag, with --metric delta_m",
 }
 # fields that do nothing when the trials train one task (its loss weight is 1: `mtl.weighting.build_weighting`)
 MULTI_TASK_ONLY: dict[str, str] = {"optim.semseg_weight": "weighs the two tasks' losses"}
@@ -322,24 +323,26 @@ def _idle(d: Dim, space: Sequence[Dim], tasks: Sequence[str], augment: bool) -> 
 
 
 def check_space(space: Iterable[Dim], base: ExperimentConfig, limit: int = 4096) -> None:
-    """Every value a trial may draw makes a valid training config (`ExperimentConfig.validate`
-    owns what valid means); ValueError naming the ``--space`` otherwise. The ends of continuous
+    """Every value a trial may draw makes a valid training config (`mtl.runs.resolve_config`: the
+    config's rules and its resolved model's); ValueError naming the ``--space`` otherwise. The ends of continuous
     ranges and every choice are checked together (``scale_min`` above ``scale_max`` is caught),
     up to ``limit`` combinations, then one field at a time. Runs before any trial."""
     if base.train.checkpoint_every or base.train.checkpoint_every_min:  # results, ASHA's rungs, PBT's checkpoints: epochs
         raise ValueError("--checkpoint-every/--checkpoint-every-min: sweeps checkpoint at epoch ends only (a trial's results, ASHA's rungs and "
                          "PBT's checkpoints are per epoch)")
+    from mtl.runs import resolve_config  # (what a trial's run checks: the resolved model's rules too)
+
     space = tuple(space)
     for d in space:
         for v in d.values:
             try:
-                base.with_values({d.path: v}).validate()
+                resolve_config(base.with_values({d.path: v}))
             except ValueError as e:
                 raise ValueError(f"--space {d.text}: {e}") from None
     if math.prod(len(d.values) for d in space) <= limit:
         for combo in itertools.product(*(d.values for d in space)):
             try:
-                base.with_values({d.path: v for d, v in zip(space, combo)}).validate()
+                resolve_config(base.with_values({d.path: v for d, v in zip(space, combo)}))
             except ValueError as e:
                 values = ", ".join(f"{d.name}={_text(v)}" for d, v in zip(space, combo))
                 raise ValueError(f"--space: a trial may draw {values}, which is not a valid config: {e}") from None
@@ -404,6 +407,8 @@ class SweepConfig:
         """The mechanics (the space is checked against a training config: `check_space`)."""
         if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
             raise ValueError("--num-samples >= 1, --grace-period >= 1 and --reduction-factor >= 2 are required")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be >= 1 (or not given: as many as the cluster holds), got {self.max_concurrent}")
         if self.perturbation_interval < 1 or not 0 < self.quantile_fraction <= 0.5:
             raise ValueError("--perturbation-interval >= 1 and 0 < --quantile-fraction <= 0.5 are required")
         if self.scheduler == "pbt" and self.search != "random":

@@ -235,7 +235,7 @@ def convert_sample(src: tuple, root: str, s: Sample, size: tuple[int, int], qual
     disp = np.asarray(_open_png(raw["disparity"], names["disparity"], ("I;16", "I;16B", "I")))
     shapes = {names["rgb"]: (rgb.height, rgb.width), names["labels"]: ids.shape, names["disparity"]: disp.shape}
     if len(set(shapes.values())) > 1:
-        raise ValueError(f"{s.stem}: image sizes disagree: " + ", ".join(f"{n} {w}x{h}" for n, (h, w) in shapes.items()))
+        raise ValueError(f"{s.stem}: image sizes (HxW) disagree: " + ", ".join(f"{n} {h}x{w}" for n, (h, w) in shapes.items()))
     depth = disparity_to_depth(disp, *read_camera(raw["camera"], names["camera"]))
     depth = np.where(np.isinf(depth), 300.0, depth)  # disparity 0: farther than the codec's range
     out["semseg"] = encode_semseg_png(nearest(_LUT[ids], size))

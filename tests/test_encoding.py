@@ -102,7 +102,7 @@ def test_a_label_file_that_is_not_a_png_is_rejected(fmt):
 
 def test_size_mismatch_names_the_sample():
     rgb = encode_rgb_jpeg(np.zeros((8, 16, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"train/7: image sizes disagree: rgb 16x8, semseg 16x8, depth 8x8"):
+    with pytest.raises(ValueError, match=r"train/7: image sizes \(HxW\) disagree: rgb 8x16, semseg 8x16, depth 8x8"):
         decode_sample(rgb, encode_semseg_png(np.zeros((8, 16), np.uint8)), encode_depth_png(np.full((8, 8), 10.0)), "train/7")
 
 

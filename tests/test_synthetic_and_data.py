@@ -314,6 +314,15 @@ def test_two_files_that_would_be_one_sample_are_refused_and_named_stems_keep_the
         MiniscapesFolder(str(root), "val")
 
 
+def test_a_macs_dot_files_beside_the_samples_are_not_samples(tiny_root, tmp_path):
+    """A set copied from a Mac holds ._0.jpg beside 0.jpg (its resource forks): not samples."""
+    root = tmp_path / "copied"
+    shutil.copytree(f"{tiny_root}/val", root / "val")
+    for mod, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):
+        (root / f"val/{mod}/._3.{ext}").write_bytes(b"\x00\x05\x16\x07")  # (AppleDouble's magic)
+    assert list_split(str(root), "val") == list_split(tiny_root, "val")
+
+
 def test_an_output_folder_is_local_and_never_replaces_one_another_writer_finished(tmp_path):
     from mtl.atomic import atomic_dir, output_dir
 

@@ -59,7 +59,7 @@ def scan_split(root: str, split: str) -> tuple[list[tuple[str, dict[str, int]]],
             sizes[mod] = {}
             for entry in fs.ls(f"{base.rstrip('/')}/{split}/{mod}", detail=True):
                 name = os.path.basename(entry["name"].rstrip("/"))
-                if name.endswith("." + ext):
+                if name.endswith("." + ext) and not name.startswith("."):  # (a Mac's ._0.jpg beside 0.jpg is no sample)
                     sizes[mod][name[: -len(ext) - 1]] = int(entry.get("size") or 0)
     everything = sorted(set().union(*(set(v) for v in sizes.values())), key=_index_key)
     complete = [(s, {m: sizes[m][s] for m in mods}) for s in everything if all(s in sizes[m] for m in mods)]

@@ -303,7 +303,7 @@ def decode_sample(rgb: bytes, semseg: bytes | None = None, depth: bytes | None =
     if not (img.shape[:2] == labels.shape == codes.shape):
         shown = {m: name[m] if names else m for m in MODALITIES}
         raise ValueError(
-            f"{key}: image sizes disagree: {shown['rgb']} {img.shape[1]}x{img.shape[0]}, "
-            f"{shown['semseg']} {labels.shape[1]}x{labels.shape[0]}, {shown['depth']} {codes.shape[1]}x{codes.shape[0]}"
+            f"{key}: image sizes (HxW) disagree: {shown['rgb']} {img.shape[0]}x{img.shape[1]}, "
+            f"{shown['semseg']} {labels.shape[0]}x{labels.shape[1]}, {shown['depth']} {codes.shape[0]}x{codes.shape[1]}"
         )
     return {"rgb": img, "semseg": labels.astype(np.uint8, copy=False), "disparity": codes.astype(np.uint8, copy=False)}

@@ -85,6 +85,10 @@ class DataConfig(_Part):
     def _rules(self) -> None:
         if self.root and self.shards:
             raise ValueError(f"--root {self.root} and --shards {self.shards} both name the training data: give one")
+        for name, value in (("--root", self.root), ("--shards", self.shards)):
+            if value is not None and not value.strip():  # (else the synthetic set, without a word)
+                raise ValueError(f"{name} {value!r} names no data (an unset variable?): give the data's folder or URL, or "
+                                 f"leave {name} out for the synthetic set")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"--scale-min/--scale-max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}")
         if self.crop is not None and min(self.crop) <= 0:
@@ -243,6 +247,8 @@ class TrainConfig(_Part):
         if self.seed < 0:  # (numpy's generators take none: the first augmented sample would fail)
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         check_folder_name(self.name, "--name", "the run folder is --out/<name>")
+        if not self.out.strip():  # (else the current folder, without a word)
+            raise ValueError(f"--out {self.out!r} names no folder (an unset variable?): give one, or leave --out out for runs/")
         from mtl.storage import check_literal
 
         check_literal(self.out if "://" in self.out else os.path.abspath(self.out), "--out")  # (a relative one: where it is)

@@ -94,6 +94,8 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--max-failures", "-2"], "--max-failures >= 0, or -1 for no limit"),
     (["--synthetic-counts", "8", "0", "2"], "--synthetic-counts at least 1 1 0, got 4, 256 and 8 0 2"),
     (["--name", "../elsewhere"], "--name '../elsewhere' must be a folder name"),
+    (["--root", ""], "--root '' names no data (an unset variable?)"),  # (it trained on the synthetic set)
+    (["--out", ""], "--out '' names no folder (an unset variable?)"),
     # fsspec would read them as a pattern (on S3 a keep-last deletion matched another run's files) or a URL chain
     (["--name", "run[ab]"], "--name 'run[ab]': '[', ']' cannot be in the path of a run's files"),
     (["--out", "s3://bucket/exp::2"], "--out 's3://bucket/exp::2': '::' cannot be in the path of a run's files"),

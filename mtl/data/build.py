@@ -66,6 +66,9 @@ def is_shard_set(url: str) -> bool:
 def resolve_source(cfg: ExperimentConfig, override: str | None = None) -> DataSource:
     """The data a config means: ``override`` (a ``--data`` flag: shard set or folder, told apart
     by `is_shard_set`), else ``data.shards``, else ``data.root``, else the cached synthetic set."""
+    if override is not None and not override.strip():  # (else the checkpoint's data, without a word)
+        raise ValueError(f"--root/--shards {override!r} names no data (an unset variable?): give the data's folder or URL, "
+                         f"or leave it out for the data the checkpoint was trained on")
     if override:
         if is_shard_set(override):
             return DataSource("shards", override)

@@ -178,6 +178,8 @@ def test_data_flag_overrides_with_a_folder_or_a_shard_set(s3_shards, tiny_root, 
     rc, _, err = _evaluate(capsys, "--checkpoint", on_folder, "--data", "/nowhere/at/all", "--no-metrics")
     assert rc == 2 and err.strip() == ("error: /nowhere/at/all does not exist: neither a Miniscapes folder nor a shard set "
                                        "(a prefix holding manifest.json)")
+    rc, _, err = _evaluate(capsys, "--checkpoint", on_folder, "--root", "", "--no-metrics")  # (an unset variable)
+    assert rc == 2 and "error: --root/--shards '' names no data (an unset variable?)" in err, err
     smaller = make_run(DataConfig(root=tiny_root), input_size=(32, 64), name="c")  # trained at another size: said
     for data, where in ((tiny_root, "folder"), (s3_shards, "manifest")):
         rc, stdout, err = _evaluate(capsys, "--checkpoint", smaller, "--data", data, "--no-metrics")

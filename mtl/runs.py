@@ -25,7 +25,7 @@ from mtl.checkpoint import CHECKPOINTS, CheckpointIndex, inside_epoch, tag_epoch
 from mtl.config import ExperimentConfig, ModelConfig, flag
 from mtl.lease import LEASE_FILE
 from mtl.models import deep_supervised, resolve
-from mtl.storage import folder_names, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import canonical, folder_names, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 CONFIG_FILE = "config.json"
 # Ray Train's record of the checkpoints it registered, in the run folder (`mtl.distributed.ray_train`)
@@ -82,6 +82,9 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
             if not f.metadata.get("operational"):
                 v = getattr(sub, f.name)
                 flat[f"{part.name}.{f.name}"] = list(v) if isinstance(v, tuple) else v
+    for k in ("data.root", "data.shards"):  # (``--root data/`` trains what ``--root data`` does: one name)
+        if isinstance(flat.get(k), str):
+            flat[k] = canonical(flat[k])
     for k, default in LATER_FIELDS.items():
         if flat.get(k) == default:
             del flat[k]

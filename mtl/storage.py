@@ -51,6 +51,16 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def canonical(url: str) -> str:
+    """One spelling of a place: a local path normalised (``./data/`` and ``data`` are ``data``),
+    a URL without a trailing slash. Not made absolute: where a relative path points is the
+    caller's to decide."""
+    if "://" not in url:
+        return os.path.normpath(url)
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rstrip('/')}" if rest.strip("/") else url
+
+
 def is_connection_error(e: BaseException) -> bool:
     """botocore/aiohttp/urllib3 failures to connect, without importing those packages here."""
     for cls in type(e).__mro__:

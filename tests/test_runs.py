@@ -123,6 +123,16 @@ def test_adam_decays_weights_as_the_reports_and_runs_from_before_keep_adamw():
         check_same_training(resolve_config(old), resolve_config(today), "run x")
 
 
+def test_one_place_spelt_two_ways_is_one_run():
+    """A shell's completion adds a slash, a user types ./: the same data, the same run (name and
+    resume); another folder is another run."""
+    spelt = [cfg_with(data={"root": r}) for r in ("data/cityscapes", "./data/cityscapes/", "data//cityscapes")]
+    assert len({run_name(c) for c in spelt}) == 1
+    check_same_training(spelt[0], spelt[1], "run x")
+    assert run_name(cfg_with(data={"shards": "s3://b/shards/"})) == run_name(cfg_with(data={"shards": "s3://b/shards"}))
+    assert run_name(spelt[0]) != run_name(cfg_with(data={"root": "data/cityscapes-2"}))
+
+
 def test_a_new_run_may_not_crop_without_augmentation_but_an_old_one_resumes(tmp_path):
     """--crop with --no-augment was accepted, and the crop ignored: a new run is refused, naming
     both flags; a run of an earlier version that holds the pair resumes with the same flags."""

@@ -240,8 +240,9 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
       must pass `DataConfig.check_new` (``check_new``: a sweep's plan checked its trials);
     * a folder with a checkpoint: only ``--resume`` continues it (one that only Ray's record
       names: only on Ray, not ``local``);
-    * a folder without one (the run stopped before its first epoch ended): it starts over.
-    In the last two cases the stored configuration must match (`check_same_training`).
+    * a folder without one (the run stopped before its first epoch ended, say on a corrupt file
+      or out of memory): it starts over, with another configuration too (said).
+    With a checkpoint the stored configuration must match (`check_same_training`).
     """
     cfg = resolve_config(cfg)
     folder = RunFolder(run_url(cfg))
@@ -253,8 +254,6 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
             cfg.data.check_new()
         return cfg
     stored = folder.read_config()
-    if stored is not None:
-        check_same_training(stored, cfg, f"run {folder.url}")
     if folder.has_old_layout(entries):
         raise RunConflict(f"run folder {folder.url} holds checkpoints in the layout of earlier versions (epoch-NNNN/ at its "
                           f"top): jobs/evaluate.py reads them, but a run cannot continue them; choose another --name/--out")
@@ -264,9 +263,15 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
         raise RunConflict(f"run folder {folder.url} has checkpoint {ray_ahead} in Ray's record, newer than its latest.json "
                           f"names (the run's rank 0 died before moving it): continue it on Ray (--resume, without --local), "
                           f"which moves latest.json to it")
-    if not (has or ray_ahead):
-        log(f"run folder {folder.url} has no checkpoint yet (it stopped before its first epoch ended): starting it over")
+    if not (has or ray_ahead):  # (nothing trained is kept: it may start over as asked, e.g. with its data mended)
+        changed = config_diff(stored, cfg) if stored is not None else []
+        log(f"run folder {folder.url} has no checkpoint yet (it stopped before its first epoch ended): starting it over"
+            + (f" with {'; '.join(changed)}" if changed else ""))
+        if check_new:
+            cfg.data.check_new()
         return cfg
+    if stored is not None:
+        check_same_training(stored, cfg, f"run {folder.url}")
     if not cfg.train.resume:
         raise RunConflict(f"run folder {folder.url} already holds a run with checkpoints: pass --resume to continue it, "
                           f"or choose another --name/--out for a new run")

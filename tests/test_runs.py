@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mtl.config import DataConfig, DistConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
+from mtl.checkpoint import CheckpointIndex
 from mtl.runs import RunConflict, RunFolder, check_same_training, config_hash, prepare_run, resolve_config, run_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,8 +140,13 @@ def test_a_new_run_may_not_crop_without_augmentation_but_an_old_one_resumes(tmp_
     cfg = cfg_with(data={"crop": (48, 96), "augment": False}, train={"out": str(tmp_path), "name": "r"})
     with pytest.raises(ValueError, match=r"--crop 48x96 is the augmentation's random crop, which --no-augment turns off"):
         prepare_run(cfg, lambda line: None)
-    RunFolder(str(tmp_path / "r")).write_config(resolve_config(cfg))  # (an earlier version's run, before its first epoch)
-    assert prepare_run(cfg, lambda line: None).data.crop == (48, 96)
+    RunFolder(str(tmp_path / "r")).write_config(resolve_config(cfg))  # (an earlier version's run ...)
+    with pytest.raises(ValueError, match=r"--crop 48x96 is the augmentation's random crop"):  # (... starting over: new)
+        prepare_run(cfg, lambda line: None)
+    (tmp_path / "r/checkpoints/epoch-0001").mkdir(parents=True)
+    CheckpointIndex(str(tmp_path / "r")).commit("epoch-0001")  # (... with a checkpoint: it resumes)
+    resumed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True, epochs=20))
+    assert prepare_run(resumed, lambda line: None).data.crop == (48, 96)
 
 
 def test_deep_supervision_averages_as_the_skeleton_and_runs_from_before_keep_the_sum():
@@ -201,8 +207,12 @@ def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
     said = []
     prepare_run(cfg, said.append)  # stopped before its first checkpoint: the same run starts over
     assert said == [f"run folder {tmp_path}/r has no checkpoint yet (it stopped before its first epoch ended): starting it over"]
-    with pytest.raises(RunConflict, match=r"resume refused: .*optim.lr 0.0004 -> 0.001"):  # ... but not another one
-        prepare_run(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3)))
+    # ... and so does another one (a corrupt file mended, a smaller batch after running out of memory): nothing
+    # trained is lost; the log says what changed
+    said.clear()
+    prepare_run(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3)), said.append)
+    assert said == [f"run folder {tmp_path}/r has no checkpoint yet (it stopped before its first epoch ended): starting it over "
+                    f"with optim.lr 0.0004 -> 0.001"]
     # Ray took the first checkpoint's report, but rank 0 died before latest.json: a checkpoint all the same,
     # which only a Ray run continues (its restore moves the pointer to it)
     from mtl.runs import RAY_SNAPSHOT

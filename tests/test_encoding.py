@@ -106,6 +106,15 @@ def test_size_mismatch_names_the_sample():
         decode_sample(rgb, encode_semseg_png(np.zeros((8, 16), np.uint8)), encode_depth_png(np.full((8, 8), 10.0)), "train/7")
 
 
+def test_an_empty_or_non_image_file_is_said_so():
+    """PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>" names a buffer: the
+    message says what the file is instead."""
+    with pytest.raises(ValueError, match=r"^a/rgb.jpg: cannot decode RGB JPEG \(the file is empty \(0 bytes\)\)$"):
+        decode_rgb(b"", "a/rgb.jpg")
+    with pytest.raises(ValueError, match=r"^a/semseg.png: cannot decode PNG \(not an image file: it starts with b'<html><b'\)$"):
+        decode_semseg(b"<html><body>404</body></html>", "a/semseg.png")
+
+
 def test_corrupt_file_is_named():
     with pytest.raises(ValueError, match="a/rgb.jpg: cannot decode RGB JPEG"):
         decode_rgb(b"junk", "a/rgb.jpg")

@@ -214,6 +214,16 @@ def _fast_png_raw(data: bytes) -> np.ndarray | None:
 _RGB_MODES = ("RGB", "L", "CMYK", "YCbCr")
 
 
+def _why_not_an_image(data: bytes, e: Exception) -> str:
+    """PIL's reason, in words about the file: "cannot identify image file <_io.BytesIO object at
+    0x7f…>" names a buffer nobody sees."""
+    if not data:
+        return "the file is empty (0 bytes)"
+    if "cannot identify image file" in str(e):
+        return f"not an image file: it starts with {bytes(data[:8])!r}"
+    return str(e)
+
+
 def decode_rgb(data: bytes, name: str = "rgb") -> np.ndarray:
     fast = _fast_rgb(data)
     if fast is not None:
@@ -225,7 +235,7 @@ def decode_rgb(data: bytes, name: str = "rgb") -> np.ndarray:
         if mode in _RGB_MODES:
             return np.array(img.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise ValueError(f"{name}: cannot decode RGB JPEG ({e})") from e
+        raise ValueError(f"{name}: cannot decode RGB JPEG ({_why_not_an_image(data, e)})") from e
     raise ValueError(f"{name}: expected an RGB or gray JPEG, got a {fmt} image in mode {mode} (its values would not survive "
                      f"conversion to 8-bit RGB)")
 
@@ -238,7 +248,7 @@ def _decode_png_raw(data: bytes, name: str) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{name}: cannot decode PNG ({e})") from e
+        raise ValueError(f"{name}: cannot decode PNG ({_why_not_an_image(data, e)})") from e
     if img.format != "PNG":  # (a lossy JPEG's class ids and disparity codes are off by some)
         raise ValueError(f"{name}: expected a PNG, got a {img.format} image")
     if img.mode not in ("P", "L"):

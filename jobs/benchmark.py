@@ -690,17 +690,28 @@ Command = Union[Annotated[LoaderBench, tyro.conf.subcommand("loader")], Annotate
 def main(argv: list[str] | None = None) -> int:
     from mtl.cli import parse
 
+    from mtl.errors import USER_ERRORS, one_line
+
     argv = sys.argv[1:] if argv is None else argv
     a = parse(Command, argv, description=__doc__, check=check_bench)
-    if isinstance(a, BackgroundBench):
-        return background_main(a, argv)
-    return train_main(a, argv) if isinstance(a, TrainBench) else loader_main(a, argv)
+    try:
+        if isinstance(a, BackgroundBench):
+            return background_main(a, argv)
+        return train_main(a, argv) if isinstance(a, TrainBench) else loader_main(a, argv)
+    except USER_ERRORS as e:  # (data, storage, a file: one line naming it, as the other tools)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 def check_bench(a: LoaderBench | TrainBench | BackgroundBench) -> None:
     """Numbers a measurement needs, as usage errors before anything is built."""
     if getattr(a, "workers", 0) < 0:
         raise ValueError(f"--workers must be >= 0, got {a.workers}")
+    json_out = getattr(a, "json", None)
+    if json_out and "://" not in json_out and not os.path.isdir(os.path.dirname(os.path.abspath(json_out))):
+        raise ValueError(f"--json {json_out}: its folder does not exist")  # (found after minutes of measuring, else)
+    if isinstance(a, LoaderBench) and a.samples < 16:  # (the loader rows read batches of 16)
+        raise ValueError(f"--samples must be at least 16 (one batch of the loader rows), got {a.samples}")
     if isinstance(a, BackgroundBench) and (a.ops < 1 or a.gpu_ms < 0 or a.state_mb < 1 or a.repeats < 1):
         raise ValueError("--ops, --state-mb and --repeats must be >= 1 and --gpu-ms >= 0")
     if isinstance(a, TrainBench):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -24,6 +25,23 @@ def test_a_bad_benchmark_flag_is_a_usage_error(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         benchmark.main(["train", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_benchmark_refuses_what_it_would_fail_on_after_measuring(tmp_path, capsys):
+    """Caught before any measurement: a --json whose folder is not there, too few loader samples;
+    an error while measuring (unreachable storage, missing shards) is one line, exit 2."""
+    from jobs import benchmark
+
+    for argv, message in ((["loader", "--json", str(tmp_path / "nope" / "x.json")], "--json .*/nope/x.json: its folder does not exist"),
+                          (["loader", "--samples", "8"], "--samples must be at least 16")):
+        with pytest.raises(SystemExit) as e:
+            benchmark.main(argv)
+        assert e.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert benchmark.main(["train", "--shards", str(tmp_path / "no-shards"), "--archs", "deeplabv3p", "--encoder", "resnet18",
+                           "--batch-sizes", "2", "--size", "32x64", "--steps", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-shards" in err and "Traceback" not in err, err
 
 
 def test_a_bad_background_flag_is_a_usage_error(capsys):

@@ -651,6 +651,12 @@ def test_a_file_name_with_a_dot_is_refused_before_it_is_sharded(tiny_root, tmp_p
     assert not (tmp_path / "s").exists()
 
 
+def test_a_miniscapes_folder_given_as_shards_is_named_so(tiny_root):
+    with pytest.raises(FileNotFoundError, match=rf"no shard manifest at {tiny_root}/manifest.json .*; {tiny_root} is a "
+                                                rf"Miniscapes folder: read it with --root$"):
+        read_manifest(tiny_root)
+
+
 def test_a_long_file_name_is_sharded_and_read_back(tiny_root, tmp_path):
     """A stem past tar's old 100-byte member name (a converted set's long names): shards are
     POSIX (pax) tar, which holds it, and the reader finds the sample under it."""

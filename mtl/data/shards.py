@@ -34,7 +34,8 @@ from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, decode_sample, sam
 from mtl.data.loader import worker_start_kwargs
 from mtl.data.packed import pack_collate
 from mtl.data.transforms import Augment, prepare, sample_rng
-from mtl.storage import StorageError, credentials_message, is_connection_error, is_credentials_error, storage_errors, url_to_fs
+from mtl.storage import (StorageError, credentials_message, exists, is_connection_error, is_credentials_error, storage_errors,
+                         url_to_fs)
 
 FORMAT = "streetmtl-shards-v1"
 RETRIES = 4
@@ -52,13 +53,22 @@ def read_manifest(url: str) -> dict[str, Any]:
             fs, path = url_to_fs(murl)
             m = json.loads(fs.cat_file(path))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no shard manifest at {murl} (sharding not run, or interrupted before it finished)") from None
+        raise FileNotFoundError(f"no shard manifest at {murl} (sharding not run, or interrupted before it finished)"
+                                f"{_folder_hint(url)}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"shard manifest {murl} is corrupt ({e})") from e
     if m.get("format") != FORMAT:
         raise ValueError(f"{murl} is not a {FORMAT} manifest")
     m["base_url"] = posixpath.dirname(murl) or "."  # (a bare "manifest.json": the shards are here)
     return m
+
+
+def _folder_hint(url: str) -> str:
+    """When ``url`` is a Miniscapes folder (its train/rgb or val/rgb is there): say to read it so."""
+    base = url.rstrip("/")
+    if not base.endswith(".json") and any(exists(f"{base}/{split}/rgb") for split in ("train", "val")):
+        return f"; {url} is a Miniscapes folder: read it with --root"
+    return ""
 
 
 def _open_with_retries(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):

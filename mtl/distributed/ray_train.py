@@ -420,7 +420,7 @@ def _fit(trainer):  # noqa: ANN001, ANN202 - a `_trainer_class` trainer; Ray's R
             raise KeyboardInterrupt("interrupted (Ctrl-C): Ray aborted the training run") from e
         raise
     finally:
-        if main:
+        if main and previous is not None:  # (None: a handler not set from Python, which cannot be put back)
             signal.signal(signal.SIGINT, previous)
     return result  # (a Ctrl-C once the run had ended: Ray's abort did nothing, the run is whole)
 

@@ -689,7 +689,6 @@ Command = Union[Annotated[LoaderBench, tyro.conf.subcommand("loader")], Annotate
 
 def main(argv: list[str] | None = None) -> int:
     from mtl.cli import parse
-
     from mtl.errors import USER_ERRORS, one_line
 
     argv = sys.argv[1:] if argv is None else argv

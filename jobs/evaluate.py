@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(a: EvaluateCommand) -> int:
     from mtl.data.build import open_split, resolve_source
     from mtl.engine import resolve_device
-    from mtl.export import OUTPUT_FOLDERS, export_predictions, output_folders, single_task_note
+    from mtl.export import OUTPUT_FOLDERS, export_predictions, listed_folders, single_task_note
     from mtl.predict import load_model
 
     from mtl.atomic import check_output_file, output_dir
@@ -98,7 +98,7 @@ def run(a: EvaluateCommand) -> int:
         tasks = m.cfg.optim.tasks
         n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, viz, a.overwrite,
                                inputs=inputs, tasks=tasks)
-        print(f"exported {n} predictions to {a.export} ({', '.join(f'{f}/' for f in output_folders(tasks))}){single_task_note(tasks)}")
+        print(f"exported {n} predictions to {a.export} ({listed_folders(tasks)}){single_task_note(tasks)}")
     return 0
 
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(a: PredictCommand) -> int:
     from mtl.config import parse_size
     from mtl.engine import resolve_device
-    from mtl.export import output_folders, single_task_note
+    from mtl.export import listed_folders, single_task_note
     from mtl.predict import find_images, load_model, model_input_size, predict_to_folder
 
     if a.batch_size < 1 or a.viz < 0:
@@ -62,7 +62,7 @@ def run(a: PredictCommand) -> int:
     n = predict_to_folder(model, images, a.out, hw, a.batch_size, viz=a.viz, overwrite=a.overwrite)
     tasks = model.cfg.optim.tasks
     print(f"wrote {n} predictions of {model.url} ({model.cfg.model.arch}, input size {hw[0]}x{hw[1]}) to {a.out} "
-          f"({', '.join(f'{f}/' for f in output_folders(tasks))} for {min(n, max(a.viz, 0))}){single_task_note(tasks)}")
+          f"({listed_folders(tasks)} for {min(n, max(a.viz, 0))}){single_task_note(tasks)}")
     return 0
 
 

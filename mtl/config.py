@@ -59,12 +59,13 @@ class _Part:
 
 def check_folder_name(name: str | None, flag: str, why: str) -> None:
     """A name that becomes one folder of a run's paths (None: not given)."""
-    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
+    if name is None:
+        return
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ValueError(f"{flag} {name!r} must be a folder name (no '/', not '.' or '..'): {why}")
-    if name is not None:
-        from mtl.storage import check_literal
+    from mtl.storage import check_literal  # (here: the core's modules import no fsspec, `tests/test_structure.py`)
 
-        check_literal(name, flag)
+    check_literal(name, flag)
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ class TrainConfig(_Part):
         check_folder_name(self.name, "--name", "the run folder is --out/<name>")
         if not self.out.strip():  # (else the current folder, without a word)
             raise ValueError(f"--out {self.out!r} names no folder (an unset variable?): give one, or leave --out out for runs/")
-        from mtl.storage import check_literal
+        from mtl.storage import check_literal  # (as in `check_folder_name`)
 
         check_literal(self.out if "://" in self.out else os.path.abspath(self.out), "--out")  # (a relative one: where it is)
         if self.keep_last < 0 or (self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1):

@@ -125,8 +125,8 @@ class CapturedStep:
     (see the module docstring). ``capture`` is `cuda_capture` on a GPU; tests pass a stand-in.
 
     A failed capture is raised when ``strict``, else logged, and the eager step runs for the rest
-    of the run (unless torch left its allocator capturing: `allocator_left_capturing`). Several ranks (``agree``: True when every rank's capture succeeded, one
-    all-reduce) go on only together: a rank running eagerly beside ranks that replay their
+    of the run (unless torch left its allocator capturing: `allocator_left_capturing`). Several
+    ranks (``agree``: True when every rank's capture succeeded, one all-reduce) go on only together: a rank running eagerly beside ranks that replay their
     captured all-reduce would hang the group, so if any rank's capture failed every rank raises.
     They also refuse a batch of another shape instead of running it eagerly."""
 

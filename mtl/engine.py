@@ -34,7 +34,7 @@ from mtl.losses import DepthCodec, task_losses
 from mtl.metrics import MultiTaskMetrics
 from mtl.models import build_model, resolve
 from mtl.models.encoders import describe_pretrained
-from mtl.multitask import TASKS, load_baselines, task_metrics
+from mtl.multitask import TASKS, load_baselines, task_metrics, trained_only
 from mtl.progress import RunLog, TrainProgress, class_iou_table
 from mtl.runs import RunConflict, RunFolder, check_length, check_same_training, resolve_config, run_name, run_url, stored_config
 from mtl.schedule import PolyLR
@@ -184,8 +184,8 @@ def draw_predictions(batch: dict[str, torch.Tensor], labels: torch.Tensor, depth
     ``tasks`` (HxWx3 uint8; an untrained head's row is left out)."""
     rgb, gt = batch["rgb"][:n].float().cpu().numpy(), [batch[k][:n].cpu().numpy() for k in ("semseg", "depth", "valid")]
     labels, depth_m = labels[:n].cpu().numpy(), depth_m[:n].cpu().numpy()
-    return [side_by_side(denormalize_rgb(rgb[i]), labels[i] if "semseg" in tasks else None, depth_m[i] if "depth" in tasks else None,
-                         gt[0][i], gt[1][i], gt[2][i]) for i in range(len(rgb))]
+    return [side_by_side(denormalize_rgb(rgb[i]), *trained_only(labels[i], depth_m[i], tasks), gt[0][i], gt[1][i], gt[2][i])
+            for i in range(len(rgb))]
 
 
 # ------------------------------------------------------------------------------ the epoch loop
@@ -292,7 +292,6 @@ class Trainer:
             states["task_weighting"] = self.weighting
         self.checkpointer = Checkpointer(rt.storage, run_url(cfg), self.strategy, states, rt.rank,
                                          on_written=self._written) if rt.storage else None
-        self.resumed = False  # (a checkpoint was restored: `_restore`)
         self.schedule = self._restore()
         if pretrained_error is not None and not self.resumed:
             raise pretrained_error
@@ -333,6 +332,11 @@ class Trainer:
         purge_from = self.state.step if self._validation_left() else None
         return Tracker(run_url(self.cfg), run_name(self.cfg), self.cfg.to_dict(), start_step=self.state.step,
                        purge_from=purge_from, mlflow=self.rt.track_mlflow, log=self.log)
+
+    @property
+    def resumed(self) -> bool:
+        """A checkpoint was restored (`_restore` counts it in ``restarts``)."""
+        return self.state.restarts > 0
 
     def _validation_left(self) -> bool:
         """Resumed from a step checkpoint with no step of its epoch left to train."""
@@ -376,7 +380,7 @@ class Trainer:
         if loaded is None:
             s.samples, s.epoch_samples, s.loader_workers = 0, 0, self._order_workers()
             return PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
-        s.restarts, self.resumed = s.restarts + 1, True
+        s.restarts += 1
         if s.epochs != self.cfg.train.epochs:  # --resume --epochs N: the plan is recomputed for the new length
             s.epochs, s.total_steps = self.cfg.train.epochs, planned
         # else the same plan, perhaps with other steps per epoch now (shards dealt to another

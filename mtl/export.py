@@ -25,7 +25,7 @@ from mtl.data.miniscapes import encode_depth_png, encode_semseg_png
 from mtl.data.packed import pack_collate
 from mtl.engine import predict
 from mtl.losses import DepthCodec
-from mtl.multitask import TASKS
+from mtl.multitask import TASKS, trained_only
 from mtl.viz import colorize_depth, colorize_semseg, denormalize_rgb, side_by_side
 
 OUTPUT_FOLDERS = ("semseg", "depth", "viz")  # every folder an export may write (`output_folders`: a model's own)
@@ -57,8 +57,7 @@ def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out
                 gt = None
                 if rgb is not None and "semseg" in batch:
                     gt = tuple(batch[k][j].cpu().numpy() for k in ("semseg", "depth", "valid"))
-                pred = (labels[j].cpu().numpy() if "semseg" in tasks else None,
-                        depth_m[j].float().cpu().numpy() if "depth" in tasks else None)
+                pred = trained_only(labels[j].cpu().numpy(), depth_m[j].float().cpu().numpy(), tasks)
                 write_prediction(tmp, stem_of(dataset, int(batch["index"][j])), *pred, rgb, gt)
                 n += 1
     return n
@@ -74,6 +73,11 @@ def stem_of(dataset: Dataset | IterableDataset, index: int) -> str:
 def output_folders(tasks: Sequence[str] = TASKS) -> tuple[str, ...]:
     """The folders an export of a model trained on ``tasks`` writes."""
     return (*(t for t in TASKS if t in tasks), "viz")
+
+
+def listed_folders(tasks: Sequence[str]) -> str:
+    """``output_folders`` as a command's closing line lists them: "semseg/, depth/, viz/"."""
+    return ", ".join(f"{f}/" for f in output_folders(tasks))
 
 
 def single_task_note(tasks: Sequence[str]) -> str:

@@ -23,6 +23,13 @@ from mtl.metrics import DEPTH_KEYS
 from mtl.storage import read_bytes
 
 TASKS = ("semseg", "depth")
+
+
+def trained_only(labels: Any, depth: Any, tasks: Iterable[str]) -> tuple[Any, Any]:
+    """A prediction (labels, depth) with the task a single-task model was not trained on (its
+    head never learned) as None: what exports and pictures leave out."""
+    tasks = tuple(tasks)
+    return (labels if "semseg" in tasks else None, depth if "depth" in tasks else None)
 # the metrics Δm compares per task, and whether a higher value is better
 DELTA_M_METRICS: dict[str, tuple[tuple[str, bool], ...]] = {
     "semseg": (("miou", True),),

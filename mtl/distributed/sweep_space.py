@@ -324,9 +324,10 @@ def _idle(d: Dim, space: Sequence[Dim], tasks: Sequence[str], augment: bool) -> 
 
 def check_space(space: Iterable[Dim], base: ExperimentConfig, limit: int = 4096) -> None:
     """Every value a trial may draw makes a valid training config (`mtl.runs.resolve_config`: the
-    config's rules and its resolved model's); ValueError naming the ``--space`` otherwise. The ends of continuous
-    ranges and every choice are checked together (``scale_min`` above ``scale_max`` is caught),
-    up to ``limit`` combinations, then one field at a time. Runs before any trial."""
+    config's rules and its resolved model's); ValueError naming the ``--space`` otherwise. The
+    ends of continuous ranges and every choice are checked together (``scale_min`` above
+    ``scale_max`` is caught), up to ``limit`` combinations, then one field at a time. Runs
+    before any trial."""
     if base.train.checkpoint_every or base.train.checkpoint_every_min:  # results, ASHA's rungs, PBT's checkpoints: epochs
         raise ValueError("--checkpoint-every/--checkpoint-every-min: sweeps checkpoint at epoch ends only (a trial's results, ASHA's rungs and "
                          "PBT's checkpoints are per epoch)")

@@ -423,6 +423,7 @@ m[0].weight.data.normal_()  # the same weights on both ranks ...
 m.train()(torch.randn(2, 3, 8, 8) * (rank + 1))  # ... BatchNorm's statistics from each rank's own batch
 PlainStrategy(m, torch.optim.SGD(m.parameters(), lr=0.1)).sync_buffers()
 print(m[1].running_mean.tolist(), m[1].running_var.tolist(), int(m[1].num_batches_tracked))
+dist.destroy_process_group()  # (a rank leaving with its group up may abort: "terminate called without an active exception")
 """
 
 

@@ -211,6 +211,9 @@ class TrainState:
     # checkpoints of earlier versions (then: step and epoch_step times the planned global batch)
     samples: int | None = None
     epoch_samples: int | None = None
+    # samples in the training split the LR plan and the data order were made for (None in
+    # checkpoints of earlier versions): a resume on a split of another size is refused
+    train_samples: int | None = None
     # the values Δm compares against (--baselines: task -> metrics), read when the run started
     # and kept: a baseline run still training between attempts would change the scores' scale
     baselines: dict[str, dict[str, float]] | None = None

@@ -239,6 +239,17 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume:
     check_length(cfg.train.epochs, train.get("epoch", 0), train.get("epoch_step", 0) > 0, state.get("url", "the checkpoint"))
 
 
+def check_same_split(state: dict[str, Any], num_train: int, source: str) -> None:
+    """A checkpoint continues on the training split it was trained on: its LR plan's length is
+    a number of steps per epoch of that split, and a step checkpoint's data position a place in
+    that split's order. Grown, the plan would end early and the last steps train at LR 0."""
+    stored = state["train_state"].get("train_samples")
+    if stored is not None and stored != num_train:
+        raise RunConflict(f"resume refused: the training split of {source} has {num_train} samples, but "
+                          f"{state.get('url', 'the checkpoint')} was trained on {stored}: its LR plan and data order "
+                          f"were made for those (put the split back as it was, or train a new run: another --name)")
+
+
 def local_runtime(cfg: ExperimentConfig) -> Runtime:
     """One process, one device; the run folder ``<out>/<run name>/`` (local or s3://)."""
     return Runtime(device=resolve_device(cfg.train.device), storage=FolderStorage(run_url(cfg), cfg.train.keep_last))
@@ -285,7 +296,7 @@ class Trainer:
         self.weighting = self._weighting()
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
         self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self._planned_steps_per_epoch(), world=rt.world,
-                                baselines=self.baselines,  # (samples, epoch_samples, loader_workers: set by _restore)
+                                baselines=self.baselines, train_samples=self.data.num_train,  # (samples, epoch_samples, loader_workers: set by _restore)
                                 input_size=list(self.data.image_size) if self.data.image_size else None)
         states = {"train_state": self.state, "rng": RNGState()}
         if self.weighting.stateful:  # (fixed weights have no state: checkpoints of earlier versions stay readable)
@@ -375,7 +386,10 @@ class Trainer:
         """Continue from the latest checkpoint, if any; the LR plan is a function of the step."""
         o, s = self.cfg.optim, self.state
         planned = s.total_steps
-        check = lambda state: check_resumable(state, self.cfg, self.rt.always_resume)  # noqa: E731
+        def check(state: dict[str, Any]) -> None:
+            check_resumable(state, self.cfg, self.rt.always_resume)
+            check_same_split(state, self.data.num_train, self.data.source)
+
         loaded = self.checkpointer.restore(check) if self.checkpointer else None
         if loaded is None:
             s.samples, s.epoch_samples, s.loader_workers = 0, 0, self._order_workers()

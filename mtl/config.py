@@ -76,7 +76,7 @@ class DataConfig(_Part):
     synthetic_counts: tuple[int, int, int] = (400, 80, 80)  # train, val and test samples of that synthetic set
     scale_min: float = 1.0  # random zoom: smallest factor
     scale_max: float = 1.25  # random zoom: largest factor
-    crop: Size | None = None  # HxW random crop after zooming; default: the input size
+    crop: Size | None = None  # HxW random crop after zooming (parts no zoomed image reaches: ignored); default: the input size
     hflip: bool = True  # random horizontal flips
     augment: bool = True  # any augmentation at all (zoom, crop, flip)
     workers: int | None = operational(None)  # loader processes per training process; default: from the CPUs (mtl.data.build.auto_workers)

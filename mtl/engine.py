@@ -25,7 +25,7 @@ from torch import nn
 from mtl.checkpoint import Checkpointer, CheckpointStorage, FolderStorage, RNGState, TrainState, epoch_tag
 from mtl.config import ExperimentConfig, ModelConfig
 from mtl.cuda_graph import WARMUP_DDP, WARMUP_PLAIN, CapturedStep, StepFn
-from mtl.data.build import FolderLoader, Loaders, build_loaders, coverage_notes
+from mtl.data.build import FolderLoader, Loaders, build_loaders, coverage_notes, crop_note
 from mtl.data.batch import DeviceBatches
 from mtl.data.miniscapes import as_submitted
 from mtl.errors import one_line
@@ -280,6 +280,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.data: Loaders = build_loaders(cfg, rt.rank, rt.world, pin_memory=self.device.type == "cuda", cpus=rt.cpus)
+        self.crop_note = crop_note(cfg.data, self.data.image_size)  # (a crop no zoom fills is refused here)
         self.baselines = load_baselines(t.baselines) if t.baselines else None  # (task -> metrics: the run is judged by Δm)
         self.steps_per_epoch = self._steps_per_epoch()
         # the global batch now, and as planned (--num-workers ranks): an elastic run may have fewer
@@ -476,8 +477,9 @@ class Trainer:
                  f"{', from a fork server' if d.workers and data_loader.from_fork_server() else ''}), "
                  f"global batch {t.batch_size * t.grad_accum * rt.world}, {self.steps_per_epoch} steps/epoch, "
                  f"LR {cfg.optim.lr:g} (poly {cfg.optim.poly_power}); run folder {run_url(cfg)}")
-        for note in coverage_notes(d, self.steps_per_epoch, self.global_batch, capped=bool(t.max_steps_per_epoch)):
-            self.log(note)
+        for note in [*coverage_notes(d, self.steps_per_epoch, self.global_batch, capped=bool(t.max_steps_per_epoch)), self.crop_note]:
+            if note:
+                self.log(note)
         pretrained = describe_pretrained(self.strategy.module)
         if pretrained and not self.resumed:  # (a resume's weights are its checkpoint's: "resumed from")
             self.log(pretrained)

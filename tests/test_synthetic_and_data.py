@@ -220,6 +220,23 @@ def test_crop_larger_than_image_pads_with_ignore():
     assert b["rgb"][0, :, 12, 12].abs().max() < 0.02  # padded with the mean colour
 
 
+def test_a_crop_larger_than_the_zoomed_images_is_refused_and_one_some_zooms_pad_is_said():
+    """As the report chose them (zoom 1.0-1.25, crop 288 of 256-high images), some crops are
+    padded; a crop that even the largest zoom does not fill (given as WxH, say) is a mistake."""
+    from mtl.config import DataConfig
+    from mtl.data.build import crop_note
+
+    assert crop_note(DataConfig(crop=(256, 512)), (256, 512)) is None
+    assert crop_note(DataConfig(crop=(288, 288)), (256, 512)) == (
+        "--crop 288x288 of 256x512 images: an image zoomed by less than 1.12 (the zoom is drawn from 1-1.25) leaves part of "
+        "its crop padded with ignored pixels")
+    with pytest.raises(ValueError, match=r"--crop 512x256 is larger than the 256x512 images zoomed by at most --scale-max 1.25 "
+                                         r"\(320x640\): every crop would be padded"):
+        crop_note(DataConfig(crop=(512, 256)), (256, 512))
+    assert crop_note(DataConfig(crop=(512, 256), augment=False), (256, 512)) is None  # (refused by check_new: no crop then)
+    assert crop_note(DataConfig(crop=(512, 256)), None) is None  # images of varying sizes: not known ahead
+
+
 def test_training_batches_are_augmented_on_the_device_like_single_samples(tiny_root):
     """The loader ships untouched samples + crop vectors; `to_model_batch` resamples the batch.
     Each sample of the batch equals that sample augmented alone (labels and depth exactly)."""

@@ -417,9 +417,15 @@ def test_weights_that_are_no_longer_numbers_never_become_a_checkpoint(tiny_root,
     assert CheckpointIndex(run_url(cfg)).latest_tag() == "epoch-0000-step-00000001"
 
 
-def test_cli_bad_inputs_are_named(tmp_path, in_process):
+def test_cli_bad_inputs_are_named(tmp_path, in_process, tiny_root):
     """The commands' mains in this process (a shell's exit codes: tests/test_cli.py)."""
     from jobs import evaluate, train
+
+    # a crop no zoom of the 64x128 images fills (given as WxH, say): refused before anything is written
+    r = in_process(train.main, ["--local", "--root", tiny_root, "--out", str(tmp_path / "runs"), "--crop", "128x64"])
+    assert r.returncode == 2 and ("--crop 128x64 is larger than the 64x128 images zoomed by at most --scale-max 1.25 (80x160): "
+                                  "every crop would be padded") in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
 
     r = in_process(train.main, ["--local", "--arch", "nope"])
     assert r.returncode == 2 and "--arch must be one of" in r.stderr

@@ -149,6 +149,25 @@ def coverage_notes(loaders: Loaders, steps: int, global_batch: int, capped: bool
     return notes
 
 
+def crop_note(d: DataConfig, image_size: tuple[int, int] | None) -> str | None:
+    """What ``--crop`` does to images of ``image_size`` (H, W): ValueError when it exceeds them
+    at the largest zoom (every crop padded with ignored pixels: the size was meant for other
+    images, or given as WxH), a line for the trainer's start when only the smaller zooms pad.
+    The report chose its zoom and crop so that no crop is padded (§5.4)."""
+    if not d.augment or d.crop is None or image_size is None:
+        return None
+    (ch, cw), (h, w) = d.crop, image_size
+    biggest = (round(h * d.scale_max), round(w * d.scale_max))
+    if ch > biggest[0] or cw > biggest[1]:
+        raise ValueError(f"--crop {ch}x{cw} is larger than the {h}x{w} images zoomed by at most --scale-max {d.scale_max:g} "
+                         f"({biggest[0]}x{biggest[1]}): every crop would be padded with ignored pixels (sizes are HxW)")
+    least = max(ch / h, cw / w)
+    if least > d.scale_min:
+        return (f"--crop {ch}x{cw} of {h}x{w} images: an image zoomed by less than {least:.3g} (the zoom is drawn from "
+                f"{d.scale_min:g}-{d.scale_max:g}) leaves part of its crop padded with ignored pixels")
+    return None
+
+
 def auto_workers(on_gpu: bool, cpus: int | None = None) -> int:
     """Loader processes when ``--workers`` is not given, from the CPUs this training process may
     use (``cpus``: Ray's ``--cpus-per-worker``; locally, the CPUs this process may run on).

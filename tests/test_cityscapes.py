@@ -141,6 +141,9 @@ def test_project_reads_shards_and_trains_on_it(converted, tmp_path, in_process):
     assert r.returncode == 0, r.stderr
     manifest = json.load(open(tmp_path / "shards" / "manifest.json"))
     assert {k: v["num_samples"] for k, v in manifest["splits"].items()} == {"train": 2, "val": 1, "test": 1}
+    r = in_process(train.main, ["--local", "--root", converted[0], "--out", str(tmp_path / "runs")])  # the download itself
+    assert r.returncode == 2 and (f"Miniscapes folder missing: {converted[0]}/train/rgb (it is a Cityscapes download: convert it "
+                                  f"first, `python -m data_prep.cityscapes --root {converted[0]} --out <folder>") in r.stderr, r.stderr
     r = in_process(train.main, ["--local", "--root", out, "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "2",
                                 "--encoder", "resnet18", "--workers", "0", "--out", str(tmp_path / "runs")])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

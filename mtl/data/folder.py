@@ -35,7 +35,7 @@ def split_modalities(root: str, split: str) -> tuple[str, ...]:
         raise ValueError(f"{root} is an unfinished conversion ({CONVERSION_PLAN} without {CONVERSION_INDEX}): run the "
                          f"conversion command again to finish it")
     if "rgb" not in present:
-        raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, 'rgb')}{_shards_hint(root)}")
+        raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, 'rgb')}{_layout_hint(root)}")
     labels = present & set(LABEL_MODALITIES)
     if labels and labels != set(LABEL_MODALITIES):
         (missing,) = set(LABEL_MODALITIES) - labels
@@ -85,15 +85,19 @@ def _index_key(stem: str) -> tuple[int, str]:
     return (int(stem), stem) if stem.isdigit() else (1 << 62, stem)
 
 
-def _shards_hint(root: str) -> str:
+def _layout_hint(root: str) -> str:
     """What a folder without Miniscapes' layout is instead, when it is a shard set (given as a
-    folder), or one whose sharding did not finish (its shards and progress records, no manifest yet)."""
+    folder), one whose sharding did not finish (its shards and progress records, no manifest
+    yet), or a Cityscapes download (its ``leftImg8bit/``, or the zip of it), which is converted first."""
     from mtl.data.shards import manifest_url
 
     with storage_errors(root):
         fs, base = url_to_fs(root)
         if fs.exists(url_to_fs(manifest_url(root))[1]):
             return " (it is a shard set: give it with --shards)"
+        if fs.isdir(_join(base, "leftImg8bit")) or fs.exists(_join(base, "leftImg8bit_trainvaltest.zip")):
+            return (f" (it is a Cityscapes download: convert it first, `python -m data_prep.cityscapes --root {root} --out "
+                    f"<folder> --size 256x512`, and give that folder)")
         unfinished = fs.exists(_join(base, SHARD_PROGRESS))
     return " (it holds a shard set without manifest.json: sharding was interrupted; run data_prep.shard again)" if unfinished else ""
 

@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         from mtl.distributed.ray_train import check_worker_paths
 
         check_worker_paths(cmd.experiment)  # (the flags as given: base has --baselines made absolute)
+        for d in spec.space:  # and the paths a trial may draw (--space root=choice:/a,/b)
+            for v in d.values:
+                try:
+                    check_worker_paths(cmd.experiment.with_values({d.path: v}))
+                except ValueError as e:
+                    raise ValueError(f"--space {d.text}: {e}") from None
         if spec.baselines:  # before Ray starts: a bad folder is one line (every trial reads them again)
             load_baselines(spec.baselines)
     except USER_ERRORS as e:

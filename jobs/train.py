@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.print_config:
             return print_config(cfg, args.local, console)
-        if cfg.train.baselines:  # (the trainer reads them; a bad one is named here before Ray starts anything)
+        if cfg.train.baselines and not cfg.train.resume:  # (the trainer reads them; a bad one is named before Ray starts)
             from mtl.multitask import load_baselines
 
-            load_baselines(cfg.train.baselines)
+            load_baselines(cfg.train.baselines, cfg.data)  # (a resume is judged by the values its checkpoint holds)
         from mtl.lease import hold
         from mtl.runs import resolve_config, run_url
 

@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                     check_worker_paths(cmd.experiment.with_values({d.path: v}))
                 except ValueError as e:
                     raise ValueError(f"--space {d.text}: {e}") from None
-        if spec.baselines:  # before Ray starts: a bad folder is one line (every trial reads them again)
-            load_baselines(spec.baselines)
+        if spec.baselines and not base.train.resume:  # before Ray starts: a bad folder is one line (each new trial reads them)
+            load_baselines(spec.baselines, base.data)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

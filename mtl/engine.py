@@ -281,7 +281,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.data: Loaders = build_loaders(cfg, rt.rank, rt.world, pin_memory=self.device.type == "cuda", cpus=rt.cpus)
         self.crop_note = crop_note(cfg.data, self.data.image_size)  # (a crop no zoom fills is refused here)
-        self.baselines = load_baselines(t.baselines) if t.baselines else None  # (task -> metrics: the run is judged by Δm)
+        self.baselines, baselines_error = self._read_baselines()  # (task -> metrics: the run is judged by Δm)
         self.steps_per_epoch = self._steps_per_epoch()
         # the global batch now, and as planned (--num-workers ranks): an elastic run may have fewer
         self.global_batch = t.batch_size * t.grad_accum * rt.world
@@ -297,7 +297,7 @@ class Trainer:
         self.weighting = self._weighting()
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
         self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self._planned_steps_per_epoch(), world=rt.world,
-                                baselines=self.baselines, train_samples=self.data.num_train,  # (samples, epoch_samples, loader_workers: set by _restore)
+                                train_samples=self.data.num_train,  # (samples, epoch_samples, loader_workers: set by _restore)
                                 input_size=list(self.data.image_size) if self.data.image_size else None)
         states = {"train_state": self.state, "rng": RNGState()}
         if self.weighting.stateful:  # (fixed weights have no state: checkpoints of earlier versions stay readable)
@@ -307,7 +307,7 @@ class Trainer:
         self.schedule = self._restore()
         if pretrained_error is not None and not self.resumed:
             raise pretrained_error
-        self._keep_baselines()
+        self._keep_baselines(baselines_error)
         if rt.is_main:  # data found, checkpoint accepted: the run folder gets (or updates) its configuration
             RunFolder(run_url(cfg)).write_config(cfg)
         if t.compile:
@@ -414,16 +414,38 @@ class Trainer:
         self._continue_inside_epoch()
         return schedule
 
-    def _keep_baselines(self) -> None:
+    def _read_baselines(self) -> tuple[dict[str, dict[str, float]] | None, Exception | None]:
+        """--baselines' best metrics, read from their run folders (checked to be validated on this
+        run's data) before anything is written; what failed, when a resume may not need them."""
+        t = self.cfg.train
+        if not t.baselines:
+            return None, None
+        try:
+            return load_baselines(t.baselines, self.cfg.data), None
+        except (ValueError, OSError) as e:
+            if not (t.resume or self.rt.always_resume):
+                raise
+            return None, e
+
+    def _keep_baselines(self, error: Exception | None) -> None:
         """A resumed run is judged by the Δm baselines' values it started with (its checkpoint
-        holds them): its best score so far was computed against them."""
-        s = self.state
-        if self.baselines is not None and s.baselines is not None and s.baselines != self.baselines:
-            changed = sorted(t for t in self.baselines if self.baselines[t] != s.baselines.get(t))
+        holds them): its best score so far was computed against them. Their folders were read
+        again only to say that they changed since: one that cannot be read any more (moved, its
+        bucket's access gone) does not stop the resume; without a checkpoint, it does (``error``)."""
+        s, now = self.state, self.baselines
+        if s.baselines is None:  # a new run (or a checkpoint of an earlier version)
+            if error is not None:
+                raise error
+            s.baselines = now
+            return
+        self.baselines = s.baselines
+        if error is not None:
+            self.log(f"the Δm baselines cannot be used again ({one_line(error)}): the run goes on judged by the values its "
+                     f"checkpoint holds")
+        elif now is not None and now != s.baselines:
+            changed = sorted(task for task in now if now[task] != s.baselines.get(task))
             self.log(f"the Δm baselines' best epochs changed since this run started ({', '.join(changed)}): it goes on judged "
                      f"by the values it started with, against which its best score so far was computed")
-            self.baselines = s.baselines
-        s.baselines = self.baselines
 
     def _order_workers(self) -> int:
         """The loader workers a shard stream's order depends on: those its training loader runs

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from mtl.metrics import DEPTH_KEYS
 from mtl.storage import read_bytes
+
+if TYPE_CHECKING:
+    from mtl.config import DataConfig, ExperimentConfig
 
 TASKS = ("semseg", "depth")
 
@@ -91,9 +94,10 @@ def delta_m(metrics: Mapping[str, float], baselines: Mapping[str, Mapping[str, f
     return 100.0 * sum(per_task) / len(per_task)
 
 
-def best_metrics(run_url: str) -> tuple[tuple[str, ...], dict[str, float]]:
-    """A finished (or running) run's tasks and the validation metrics of its best epoch, read
-    from its folder (``config.json``, ``metrics/epoch-*.json``). ValueError naming what is missing."""
+def best_metrics(run_url: str) -> tuple[ExperimentConfig, dict[str, float]]:
+    """A finished (or running) run's configuration and the validation metrics of its best
+    epoch, read from its folder (``config.json``, ``metrics/epoch-*.json``). ValueError naming
+    what is missing."""
     from mtl.checkpoint import epoch_metrics
     from mtl.config import ExperimentConfig
     from mtl.runs import CONFIG_FILE
@@ -102,34 +106,45 @@ def best_metrics(run_url: str) -> tuple[tuple[str, ...], dict[str, float]]:
     raw = read_bytes(f"{run_url}/{CONFIG_FILE}")
     if raw is None:
         raise ValueError(f"{run_url} is not a run folder (no {CONFIG_FILE})")
-    tasks = tuple(ExperimentConfig.from_dict(json.loads(raw)).optim.tasks)
+    cfg = ExperimentConfig.from_dict(json.loads(raw))
+    tasks = tuple(cfg.optim.tasks)
     epochs = list(epoch_metrics(run_url).values())
     if not epochs:
         raise ValueError(f"{run_url} has no validation metrics yet (metrics/epoch-*.json): its first epoch has not ended")
     scored = [m for m in epochs if math.isfinite(selection_score(m, tasks))]  # (max() would keep a NaN met first)
     if not scored:
         raise ValueError(f"{run_url}: no epoch's validation score is a number (every epoch's metrics/epoch-*.json)")
-    return tasks, max(scored, key=lambda m: selection_score(m, tasks))
+    return cfg, max(scored, key=lambda m: selection_score(m, tasks))
 
 
-def read_baselines(run_urls: Iterable[str]) -> dict[str, dict[str, float]]:
-    """task -> the best metrics of its single-task baseline run, from those runs' folders."""
+def read_baselines(run_urls: Iterable[str], data: DataConfig | None = None) -> dict[str, dict[str, float]]:
+    """task -> the best metrics of its single-task baseline run, from those runs' folders. Given
+    the run's ``data``, each baseline must have been validated on it:
+    Δm compares validation metrics, and the baselines' also weigh which epoch is best."""
+    from mtl.runs import data_place
+
     out: dict[str, dict[str, float]] = {}
     for url in run_urls:
-        tasks, metrics = best_metrics(url)
+        cfg, metrics = best_metrics(url)
+        tasks = tuple(cfg.optim.tasks)
         if len(tasks) != 1:
             raise ValueError(f"{url} trained {' and '.join(tasks)}: a Δm baseline is a single-task run (--tasks semseg or --tasks depth)")
         if tasks[0] in out:
             raise ValueError(f"two baselines for {tasks[0]} given ({url} is the second)")
+        if data is not None and data_place(cfg.data) != data_place(data):
+            raise ValueError(f"--baselines: {url} was validated on {data_place(cfg.data)}, and this run is on {data_place(data)}: "
+                             f"Δm compares the validation metrics of one split (train the baseline on this data, or compare "
+                             f"finished runs with jobs/evaluate.py --baselines, which evaluates each on the same split)")
         out[tasks[0]] = metrics
     return out
 
 
-def load_baselines(run_urls: Iterable[str]) -> dict[str, dict[str, float]]:
-    """`read_baselines`, checked: one run of each task, every value Δm compares there and
-    usable (a zero or NaN cannot be compared against). ValueErrors name ``--baselines``."""
+def load_baselines(run_urls: Iterable[str], data: DataConfig | None = None) -> dict[str, dict[str, float]]:
+    """`read_baselines`, checked: one run of each task, validated on ``data`` when given, every
+    value Δm compares there and usable (a zero or NaN cannot be compared against). ValueErrors
+    name ``--baselines``."""
     urls = tuple(run_urls)
-    found = read_baselines(urls)
+    found = read_baselines(urls, data)
     missing = [t for t in DELTA_M_METRICS if t not in found]
     if missing:
         raise ValueError(f"--baselines: Δm needs a single-task run of each task; none of {' '.join(urls)} trained "

@@ -22,7 +22,7 @@ import os
 from typing import Any, Callable
 
 from mtl.checkpoint import CHECKPOINTS, CheckpointIndex, inside_epoch, tag_epoch
-from mtl.config import ExperimentConfig, ModelConfig, flag
+from mtl.config import DataConfig, ExperimentConfig, ModelConfig, flag
 from mtl.lease import LEASE_FILE
 from mtl.models import deep_supervised, resolve
 from mtl.storage import canonical, folder_names, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
@@ -91,6 +91,17 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     for k in unused_fields(cfg):
         flat.pop(k, None)
     return flat
+
+
+def data_place(d: DataConfig) -> str:
+    """The data a config trains and validates on, spelt one way (`canonical`, as `identity`
+    compares it): Δm's baselines must have been validated where the run is."""
+    if d.shards:
+        return f"--shards {canonical(d.shards)}"
+    if d.root:
+        return f"--root {canonical(d.root)}"
+    (h, w), counts = d.synthetic_size, "+".join(map(str, d.synthetic_counts))
+    return f"the synthetic set of --synthetic-size {h}x{w} --synthetic-counts {counts}"
 
 
 def unused_fields(cfg: ExperimentConfig) -> set[str]:

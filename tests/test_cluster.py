@@ -141,12 +141,13 @@ def test_sweep_resumes_after_the_driver_dies(local_cluster, tiny_root, tmp_path)
     assert len(list(trials.glob("*/metrics"))) == 2
 
 
-def _baseline(root, name: str, tasks: list[str], metrics: dict) -> str:
-    """A finished single-task run's folder as training leaves it (config.json, metrics/)."""
-    from mtl.config import ExperimentConfig, OptimConfig
+def _baseline(root, name: str, tasks: list[str], metrics: dict, data: str) -> str:
+    """A finished single-task run's folder as training leaves it (config.json, metrics/): a run
+    on the Miniscapes folder ``data``."""
+    from mtl.config import DataConfig, ExperimentConfig, OptimConfig
 
     os.makedirs(root / name / "metrics")
-    (root / name / "config.json").write_text(ExperimentConfig(optim=OptimConfig(tasks=tuple(tasks))).to_json())
+    (root / name / "config.json").write_text(ExperimentConfig(data=DataConfig(root=data), optim=OptimConfig(tasks=tuple(tasks))).to_json())
     (root / name / "metrics" / "epoch-0001.json").write_text(json.dumps(metrics))
     return str(root / name)
 
@@ -159,8 +160,8 @@ def test_population_based_sweep_copies_the_stronger_trials_weights_and_minimises
 
     from mtl.checkpoint import load_checkpoint
 
-    seg = _baseline(tmp_path, "seg-only", ["semseg"], {"miou": 20.0})
-    dep = _baseline(tmp_path, "depth-only", ["depth"], {"si_log_rmse": 70.0, "abs_rel": 0.9, "rmse": 25.0, "delta1": 25.0})
+    seg = _baseline(tmp_path, "seg-only", ["semseg"], {"miou": 20.0}, tiny_root)
+    dep = _baseline(tmp_path, "depth-only", ["depth"], {"si_log_rmse": 70.0, "abs_rel": 0.9, "rmse": 25.0, "delta1": 25.0}, tiny_root)
     env = {**local_cluster, "RAY_ADDRESS": f"127.0.0.1:{local_cluster['RAY_PORT']}"}
     cmd = [sys.executable, "jobs/tune.py", *sweep_flags(samples=2, epochs=3), "--scheduler", "pbt", "--perturbation-interval", "2",
            "--pbt-sync", "--metric", "delta_m", "--baselines", seg, dep, "--root", tiny_root, "--out", str(tmp_path), "--sweep-name", "p"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -226,10 +227,11 @@ def test_a_single_task_run_reports_its_task_and_picks_its_best_by_it(tiny_root, 
     assert "images/val/0" in tags["images"] and (tmp_path / run_name(cfg) / "curves.png").stat().st_size > 1000
 
 
-def write_run(folder, tasks, epochs: list[dict], exist_ok: bool = False) -> str:
-    """A hand-made run folder: config.json and one metrics file per epoch."""
+def write_run(folder, tasks, epochs: list[dict], exist_ok: bool = False, root: str | None = None) -> str:
+    """A hand-made run folder: config.json (of a run on ``root``, else the synthetic set) and
+    one metrics file per epoch."""
     folder.mkdir(parents=True, exist_ok=exist_ok)
-    (folder / "config.json").write_text(ExperimentConfig(optim=OptimConfig(tasks=tasks)).to_json())
+    (folder / "config.json").write_text(ExperimentConfig(data=DataConfig(root=root), optim=OptimConfig(tasks=tasks)).to_json())
     (folder / "metrics").mkdir(exist_ok=exist_ok)
     for i, m in enumerate(epochs, 1):
         (folder / "metrics" / f"epoch-{i:04d}.json").write_text(json.dumps(m))
@@ -259,9 +261,11 @@ def test_delta_m_against_hand_made_baselines_matches_a_hand_computation(tmp_path
 
 def test_a_run_given_baselines_is_judged_by_delta_m(tiny_root, tmp_path, monkeypatch):
     """--baselines: every epoch reports Δm against the baselines' best epochs, the score is -Δm,
-    and best.pt is the lowest-Δm epoch. A folder that is no run is named before anything starts."""
-    seg = write_run(tmp_path / "seg", ("semseg",), [{"miou": 20.0}])
-    dep = write_run(tmp_path / "dep", ("depth",), [{"si_log_rmse": 40.0, "abs_rel": 0.5, "rmse": 20.0, "delta1": 30.0}])
+    and best.pt is the lowest-Δm epoch. A folder that is no run, or a run validated on other data,
+    is named before anything starts; a resume keeps the values it started with."""
+    seg = write_run(tmp_path / "seg", ("semseg",), [{"miou": 20.0}], root=tiny_root)
+    dep_metrics = {"si_log_rmse": 40.0, "abs_rel": 0.5, "rmse": 20.0, "delta1": 30.0}
+    dep = write_run(tmp_path / "dep", ("depth",), [dep_metrics], root=tiny_root)
     cfg = config(tiny_root, tmp_path / "runs").with_values({"train.baselines": (seg, dep)})
     result = fit(cfg, local_runtime(cfg))
     baselines = read_baselines([seg, dep])
@@ -273,18 +277,31 @@ def test_a_run_given_baselines_is_judged_by_delta_m(tiny_root, tmp_path, monkeyp
     assert stored["delta_m"] == result.metrics[-1]["delta_m"]
     assert f"judged by Δm against {seg} and {dep}" in (tmp_path / "runs" / run_name(cfg) / "train.log").read_text()
     # a baseline run trained on meanwhile: the resumed run keeps the values its best score was computed against
-    write_run(tmp_path / "seg", ("semseg",), [{"miou": 20.0}, {"miou": 45.0}], exist_ok=True)
+    write_run(tmp_path / "seg", ("semseg",), [{"miou": 20.0}, {"miou": 45.0}], exist_ok=True, root=tiny_root)
     more = cfg.with_values({"train.epochs": 4, "train.resume": True, "train.name": run_name(cfg)})
     last = fit(more, local_runtime(more)).metrics[-1]
     assert last["delta_m"] == pytest.approx(delta_m(last, baselines)) and read_baselines([seg, dep]) != baselines
-    assert "the Δm baselines' best epochs changed since this run started (semseg)" in (
-        tmp_path / "runs" / run_name(cfg) / "train.log").read_text()
+    log = tmp_path / "runs" / run_name(cfg) / "train.log"
+    assert "the Δm baselines' best epochs changed since this run started (semseg)" in log.read_text()
+    # ... also when a baseline's folder cannot be read any more: --baselines names the run, so it cannot be left out
+    os.rename(tmp_path / "seg", tmp_path / "seg-moved")
+    again = more.with_values({"train.epochs": 5})
+    last = fit(again, local_runtime(again)).metrics[-1]
+    assert last["epoch"] == 5 and last["delta_m"] == pytest.approx(delta_m(last, baselines))
+    assert f"the Δm baselines cannot be used again ({seg} is not a run folder (no config.json)): the run goes on" in log.read_text()
+    os.rename(tmp_path / "seg-moved", tmp_path / "seg")
     # relative folders become absolute (Ray runs workers in folders of their own), and name the same run
     monkeypatch.chdir(tmp_path)
     relative = resolve_config(cfg.with_values({"train.baselines": ("seg", "./dep/")}))
     assert relative.train.baselines == (seg, dep) and relative.train.name == run_name(cfg)
     wrong = cfg.with_values({"train.baselines": (seg, str(tmp_path / "nowhere")), "train.name": "wrong"})
     with pytest.raises(ValueError, match=f"{tmp_path}/nowhere is not a run folder"):
+        fit(wrong, local_runtime(wrong))
+    assert not (tmp_path / "runs" / "wrong").exists()
+    elsewhere = write_run(tmp_path / "dep-synthetic", ("depth",), [dep_metrics])  # (validated on the synthetic set)
+    wrong = cfg.with_values({"train.baselines": (seg, elsewhere), "train.name": "wrong"})
+    with pytest.raises(ValueError, match=rf"--baselines: {elsewhere} was validated on the synthetic set of --synthetic-size "
+                                         rf"128x256 --synthetic-counts 400\+80\+80, and this run is on --root {tiny_root}: Δm"):
         fit(wrong, local_runtime(wrong))
     assert not (tmp_path / "runs" / "wrong").exists()
 

@@ -626,7 +626,8 @@ class Trainer:
                 if not math.isfinite(loss[0]) and (every_rank or self.rt.world == 1):
                     raise self._diverged(f"the loss is {loss[0]}", lrs[-1], s + 1, s_.epoch + 1)
                 bar.update(s + 1, loss, ips, lrs[-1])
-                self._track_step(loss, weights, ips, lrs[-1])
+                if every_rank or self.rt.world == 1:  # (the curves hold one quantity: the ranks' mean, not rank 0's own)
+                    self._track_step(loss, weights, ips, lrs[-1])
             if self._checkpoint_due(s):  # (after the readout: the checkpoint stores this step's points too)
                 self._save_inside_epoch(running, lrs[-1])
         if s_.input_size is None and n_img:  # validation images of varying size: the training crops'

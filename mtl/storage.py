@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import math
 import os
+import sys
+import threading
 import time
 import uuid
 from typing import Any, Iterator, NoReturn
@@ -132,11 +135,54 @@ def credentials_message(url: str, e: BaseException) -> str:
             f"~/.aws/credentials, or run with an instance role)")
 
 
+# A call to an object store that has had no answer for this long is said once, on stderr: an
+# endpoint that accepts connections but never answers (a firewall, a proxy, a wrong port) is
+# otherwise silent until the client gives up, minutes later (7 against botocore's defaults).
+SLOW_NOTE_S = 30.0
+_waiting: dict[int, tuple[str, float]] = {}  # calls in flight: token -> (url, start)
+_tokens = itertools.count()
+_watcher = {"pid": -1}
+
+
+def slow_message(url: str, seconds: float) -> str:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") if url.startswith("s3://") else None
+    attempts, mode = _retries()
+    return (f"still waiting for {url}{f' at endpoint {endpoint}' if endpoint else ''}: no answer for {seconds:.0f} s (the "
+            f"client retries, {attempts} attempts as AWS_MAX_ATTEMPTS and AWS_RETRY_MODE {mode} say, then fails naming it)")
+
+
+def _watch() -> None:
+    """This process's watcher of `_waiting`: each call slower than `SLOW_NOTE_S` is said once."""
+    said: set[int] = set()
+    while True:
+        time.sleep(min(1.0, SLOW_NOTE_S / 6))
+        now = time.monotonic()
+        for token, (url, t0) in list(_waiting.items()):
+            if token not in said and now - t0 >= SLOW_NOTE_S:
+                said.add(token)
+                print(slow_message(url, now - t0), file=sys.stderr, flush=True)
+        said &= set(_waiting)
+
+
+def _watched(url: str) -> int:
+    """Register a call to ``url``; the first in a process (or in a forked child, which has no
+    thread of its parent's and a copy of its calls) starts the watcher."""
+    if _watcher["pid"] != os.getpid():
+        _watcher["pid"] = os.getpid()
+        _waiting.clear()
+        threading.Thread(target=_watch, name="streetmtl-storage-watch", daemon=True).start()
+    token = next(_tokens)
+    _waiting[token] = (url, time.monotonic())
+    return token
+
+
 @contextlib.contextmanager
 def storage_errors(url: str) -> Iterator[None]:
     """Turn 'cannot connect' and 'no credentials' errors raised inside the block into one
-    `StorageError` naming ``url``: a client's own traceback names neither the URL nor what to set."""
+    `StorageError` naming ``url``: a client's own traceback names neither the URL nor what to set.
+    A call to a remote store without an answer for `SLOW_NOTE_S` is said meanwhile."""
     t0 = time.monotonic()
+    token = None if is_local(url) else _watched(url)
     try:
         yield
     except StorageError:
@@ -150,6 +196,9 @@ def storage_errors(url: str) -> Iterator[None]:
         if code is not None:  # (an object store's refusal: s3fs says only "Forbidden")
             raise StorageError(denied_message(url, e, code)) from None
         raise
+    finally:
+        if token is not None:
+            _waiting.pop(token, None)
 
 
 # fsspec protocols whose PUT replaces an object whole: there one write is atomic (elsewhere a

@@ -104,3 +104,57 @@ def test_an_object_store_refusing_the_credentials_is_named():
         raised("s3://b/x", SSOTokenLoadError(error_msg="the token expired"))
     local = PermissionError(13, "Permission denied", "/srv/train/rgb/0.jpg")  # (a source file, read inside a block for s3://)
     assert raised("s3://b/shards", local) == "PermissionError: [Errno 13] Permission denied: '/srv/train/rgb/0.jpg'"
+
+
+def test_an_endpoint_that_never_answers_is_said_while_waiting_and_named_when_it_fails(monkeypatch, capsys):
+    """An endpoint that accepts connections and never answers (a firewall, a proxy, a wrong port)
+    was silent until botocore gave up: 7 minutes with its defaults. A call without an answer for
+    `SLOW_NOTE_S` is said once, naming the URL and endpoint; when the connections drop, the
+    error names them too."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    import s3fs
+
+    import mtl.storage as storage
+    from mtl.data.shards import read_manifest
+
+    server, held = socket.create_server(("127.0.0.1", 0)), []
+
+    def accept_and_never_answer():
+        with contextlib.suppress(OSError):  # (until the server is closed)
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept_and_never_answer, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(storage, "SLOW_NOTE_S", 0.5)
+    s3fs.S3FileSystem.clear_instance_cache()
+    failed = []
+    reader = threading.Thread(target=lambda: failed.extend(_raised(read_manifest, "s3://bucket/shards")))
+    reader.start()
+    time.sleep(2.5)
+    server.shutdown(socket.SHUT_RDWR)  # the endpoint goes away: every connection drops (shutdown: accept() returns)
+    server.close()
+    for c in held:
+        c.close()
+    reader.join(120)
+    s3fs.S3FileSystem.clear_instance_cache()
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("still waiting")]
+    assert len(notes) == 1 and notes[0].startswith(f"still waiting for s3://bucket/shards/manifest.json at endpoint {endpoint}: "
+                                                    f"no answer for 1 s (the client retries, 1 attempts"), notes
+    assert failed and failed[0].startswith(f"StorageError: cannot reach s3://bucket/shards/manifest.json at endpoint {endpoint}"), failed
+    assert not storage._waiting  # (the finished call is no longer watched)
+
+
+def _raised(fn, *args) -> list[str]:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - what a reader thread ended with
+        return [f"{type(e).__name__}: {e}"]
+    return []

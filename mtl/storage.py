@@ -135,7 +135,7 @@ def credentials_message(url: str, e: BaseException) -> str:
             f"~/.aws/credentials, or run with an instance role)")
 
 
-# A call to an object store that has had no answer for this long is said once, on stderr: an
+# A call to an object store still running after this long is said once, on stderr: an
 # endpoint that accepts connections but never answers (a firewall, a proxy, a wrong port) is
 # otherwise silent until the client gives up, minutes later (7 against botocore's defaults).
 SLOW_NOTE_S = 30.0
@@ -147,8 +147,9 @@ _watcher = {"pid": -1}
 def slow_message(url: str, seconds: float) -> str:
     endpoint = os.environ.get("AWS_ENDPOINT_URL") if url.startswith("s3://") else None
     attempts, mode = _retries()
-    return (f"still waiting for {url}{f' at endpoint {endpoint}' if endpoint else ''}: no answer for {seconds:.0f} s (the "
-            f"client retries, {attempts} attempts as AWS_MAX_ATTEMPTS and AWS_RETRY_MODE {mode} say, then fails naming it)")
+    return (f"still waiting for {url}{f' at endpoint {endpoint}' if endpoint else ''}: a call has run for {seconds:.0f} s (a "
+            f"large transfer may; an endpoint that never answers holds it until the client gives up, after {attempts} "
+            f"attempts as AWS_MAX_ATTEMPTS and AWS_RETRY_MODE {mode} say)")
 
 
 def _watch() -> None:

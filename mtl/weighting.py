@@ -38,7 +38,11 @@ Methods (K = 2 tasks; ``base`` = (w, 1 - w) from ``--semseg-weight``):
   improved most: delta_i = log L_i(t-1) - log L_i(t), grad xi = J_softmax^T delta, Adam
   (``--weighting-lr``, weight decay 1e-3 as in the paper's code). The paper recomputes the
   batch's loss after the update; here the next step's loss stands in for it (no extra forward,
-  a noisier estimate).
+  a noisier estimate). Under ``--grad-accum`` each micro-batch's gradient is weighed by its own
+  losses (the ranks' mean of them): the step's weights are not known before its last
+  micro-batch, and its earlier ones are already in the gradient. So ``--grad-accum 2`` on one
+  process weighs a global batch a little otherwise than 2 ranks do; z learns from the step's
+  mean losses either way.
 """
 
 from __future__ import annotations

@@ -214,6 +214,10 @@ class TrainState:
     # samples in the training split the LR plan and the data order were made for (None in
     # checkpoints of earlier versions): a resume on a split of another size is refused
     train_samples: int | None = None
+    # where the data is (`mtl.runs.data_location`: absolute) the run was started on; None for the
+    # synthetic set and in checkpoints of earlier versions. A relative --root resumed from another
+    # folder names other data: refused (`mtl.engine.check_resumable`)
+    data_location: str | None = None
     # the values Δm compares against (--baselines: task -> metrics), read when the run started
     # and kept: a baseline run still training between attempts would change the scores' scale
     baselines: dict[str, dict[str, float]] | None = None

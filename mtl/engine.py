@@ -36,7 +36,8 @@ from mtl.models import build_model, resolve
 from mtl.models.encoders import describe_pretrained
 from mtl.multitask import TASKS, load_baselines, task_metrics, trained_only
 from mtl.progress import RunLog, TrainProgress, class_iou_table
-from mtl.runs import RunConflict, RunFolder, check_length, check_same_training, resolve_config, run_name, run_url, stored_config
+from mtl.runs import (RunConflict, RunFolder, check_length, check_same_training, data_location, resolve_config, run_name, run_url,
+                      stored_config)
 from mtl.schedule import PolyLR
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 from mtl.viz import denormalize_rgb, side_by_side
@@ -230,12 +231,20 @@ class TrainingDiverged(ValueError):
 
 def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume: bool = False) -> None:
     """A checkpoint may only continue the training it belongs to (fields listed otherwise), and
-    only when asked to (``--resume``, or a `Runtime` that always resumes): never silently."""
+    only when asked to (``--resume``, or a `Runtime` that always resumes): never silently. Its
+    data is where the run started (`TrainState.data_location`): the same relative --root given
+    in another folder names other data."""
     if not (cfg.train.resume or always_resume):
         raise RunConflict(f"{state.get('url', 'a checkpoint')} exists: pass --resume to continue that run, or choose another "
                           f"--name/--out for a new run")
-    check_same_training(stored_config(state["config"]), cfg, f"checkpoint {state.get('url', '')}")
-    train = state["train_state"]
+    train, url, stored = state["train_state"], state.get("url", "the checkpoint"), stored_config(state["config"])
+    trained_on, here = train.get("data_location"), data_location(cfg.data)
+    same_kind = (bool(stored.data.shards), bool(stored.data.root)) == (bool(cfg.data.shards), bool(cfg.data.root))
+    if trained_on is not None and here is not None and same_kind and trained_on != here:
+        flag = "--shards" if cfg.data.shards else "--root"
+        raise RunConflict(f"resume refused: {url} was trained on {trained_on}, and {flag} {cfg.data.shards or cfg.data.root} "
+                          f"names {here} here (a relative path given in another folder?): give the run's data")
+    check_same_training(stored, cfg, f"checkpoint {url}")
     check_length(cfg.train.epochs, train.get("epoch", 0), train.get("epoch_step", 0) > 0, state.get("url", "the checkpoint"))
 
 
@@ -297,7 +306,8 @@ class Trainer:
         self.weighting = self._weighting()
         self.log = RunLog(f"{run_url(cfg)}/train.log", rt.console, echo=True) if rt.is_main else RunLog(None, echo=False)
         self.state = TrainState(epochs=t.epochs, total_steps=t.epochs * self._planned_steps_per_epoch(), world=rt.world,
-                                train_samples=self.data.num_train,  # (samples, epoch_samples, loader_workers: set by _restore)
+                                train_samples=self.data.num_train, data_location=data_location(cfg.data),
+                                # (samples, epoch_samples, loader_workers: set by _restore)
                                 input_size=list(self.data.image_size) if self.data.image_size else None)
         states = {"train_state": self.state, "rng": RNGState()}
         if self.weighting.stateful:  # (fixed weights have no state: checkpoints of earlier versions stay readable)

@@ -25,7 +25,7 @@ from mtl.checkpoint import CHECKPOINTS, CheckpointIndex, inside_epoch, tag_epoch
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig, flag
 from mtl.lease import LEASE_FILE
 from mtl.models import deep_supervised, resolve
-from mtl.storage import canonical, folder_names, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import canonical, folder_names, location, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 CONFIG_FILE = "config.json"
 # Ray Train's record of the checkpoints it registered, in the run folder (`mtl.distributed.ray_train`)
@@ -93,13 +93,17 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     return flat
 
 
+def data_location(d: DataConfig) -> str | None:
+    """Where the data a config names is (`mtl.storage.location`: a relative --root read from here
+    made absolute, a manifest's URL its prefix); None for the synthetic set, which its settings
+    name wherever its cache is."""
+    return location(d.shards) if d.shards else location(d.root) if d.root else None
+
+
 def data_place(d: DataConfig) -> str:
-    """The data a config trains and validates on, spelt one way (`canonical`, as `identity`
-    compares it): Δm's baselines must have been validated where the run is."""
-    if d.shards:
-        return f"--shards {canonical(d.shards)}"
-    if d.root:
-        return f"--root {canonical(d.root)}"
+    """The data a config trains and validates on, as messages name it (`data_location`)."""
+    if d.shards or d.root:
+        return f"{'--shards' if d.shards else '--root'} {data_location(d)}"
     (h, w), counts = d.synthetic_size, "+".join(map(str, d.synthetic_counts))
     return f"the synthetic set of --synthetic-size {h}x{w} --synthetic-counts {counts}"
 

@@ -64,6 +64,16 @@ def canonical(url: str) -> str:
     return f"{scheme}://{rest.rstrip('/')}" if rest.strip("/") else url
 
 
+def location(url: str) -> str:
+    """Where ``url`` points, spelt one way whatever the folder it is read from: a local path
+    absolute with its links resolved, a URL `canonical`; a shard set's manifest file names its
+    prefix (``s3://b/shards/manifest.json`` is ``s3://b/shards``)."""
+    if "://" not in url or url.startswith("file://"):
+        return os.path.realpath(url.removeprefix("file://"))
+    url = canonical(url)
+    return url.removesuffix("/manifest.json")
+
+
 def is_connection_error(e: BaseException) -> bool:
     """botocore/aiohttp/urllib3 failures to connect, without importing those packages here."""
     for cls in type(e).__mro__:

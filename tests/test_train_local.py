@@ -272,17 +272,19 @@ def test_the_trackers_epoch_work_runs_while_the_next_epoch_trains(tiny_root, tmp
     assert os.path.getsize(f"{run}/curves.png") > 1000
 
 
-def test_resume_refuses_another_architecture_and_a_training_split_of_another_size(tiny_root, tmp_path):
-    """A checkpoint continues only the training it belongs to. Its LR plan's length is in steps
-    per epoch of the split trained on, and a step checkpoint's data position a place in its
-    order: grown by a copy, the plan would end early and the last steps train at LR 0. The
-    refusal names both sizes; nothing is loaded."""
+def test_resume_refuses_another_architecture_other_data_and_a_training_split_of_another_size(tiny_root, tmp_path, monkeypatch):
+    """A checkpoint continues only the training it belongs to: the same configuration, the data
+    it was trained on (the same relative --root given in another folder names other data), and
+    the same split size (the LR plan's length is in steps per epoch of the split trained on, and
+    a step checkpoint's data position a place in its order: grown by a copy, the plan would end
+    early and the last steps train at LR 0). The refusals name both sides; nothing is loaded."""
     import shutil
 
     from mtl.runs import RunConflict, run_url
 
     root = shutil.copytree(tiny_root, tmp_path / "data")
-    cfg = tiny_cfg(str(root), str(tmp_path / "runs"), epochs=1, batch_size=8, max_steps_per_epoch=1, name="run")
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg("data", str(tmp_path / "runs"), epochs=1, batch_size=8, max_steps_per_epoch=1, name="run")
     fit(cfg, local_runtime(cfg))
     with pytest.raises(ValueError, match=r"checkpoints/epoch-0001/state.pt exists: pass --resume to continue that run"):
         fit(cfg, local_runtime(cfg))  # the library, like the CLI, never continues (or overwrites) a run unasked
@@ -291,11 +293,17 @@ def test_resume_refuses_another_architecture_and_a_training_split_of_another_siz
     with pytest.raises(ValueError, match=r"resume refused: checkpoint .*checkpoints/epoch-0001/state.pt was trained with another configuration: "
                                          r"model.arch 'deeplabv3p' -> 'branched'"):
         fit(other, local_runtime(other))
+    again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True, epochs=2))
+    shutil.copytree(tiny_root, tmp_path / "elsewhere" / "data")  # (other data: a copy is another place)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(RunConflict, match=rf"resume refused: {run_url(cfg)}/checkpoints/epoch-0001/state.pt was trained on "
+                                          rf"{root}, and --root data names {tmp_path}/elsewhere/data here"):
+        fit(again, local_runtime(again))
+    monkeypatch.chdir(tmp_path)
     for i in range(90, 96):  # six training samples gone
         for folder, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):
             (root / "train" / folder / f"{i}.{ext}").unlink()
-    again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True, epochs=2))
-    with pytest.raises(RunConflict, match=rf"resume refused: the training split of {root} has 90 samples, but "
+    with pytest.raises(RunConflict, match=rf"resume refused: the training split of data has 90 samples, but "
                                           rf"{run_url(cfg)}/checkpoints/epoch-0001/state.pt was trained on 96: its LR plan"):
         fit(again, local_runtime(again))
     assert sorted(os.listdir(f"{run_url(cfg)}/checkpoints")) == ["epoch-0001", "latest.json"]

@@ -289,7 +289,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.data: Loaders = build_loaders(cfg, rt.rank, rt.world, pin_memory=self.device.type == "cuda", cpus=rt.cpus)
-        self.crop_note = crop_note(cfg.data, self.data.image_size)  # (a crop no zoom fills is refused here)
+        self.crop_note, crop_error = self._crop_note()
         self.baselines, baselines_error = self._read_baselines()  # (task -> metrics: the run is judged by Δm)
         self.steps_per_epoch = self._steps_per_epoch()
         # the global batch now, and as planned (--num-workers ranks): an elastic run may have fewer
@@ -317,6 +317,10 @@ class Trainer:
         self.schedule = self._restore()
         if pretrained_error is not None and not self.resumed:
             raise pretrained_error
+        if crop_error is not None:  # (a run that started with it goes on, saying so)
+            if not self.resumed:
+                raise crop_error
+            self.crop_note = f"{crop_error}; this run started with it and goes on so"
         self._keep_baselines(baselines_error)
         if rt.is_main:  # data found, checkpoint accepted: the run folder gets (or updates) its configuration
             RunFolder(run_url(cfg)).write_config(cfg)
@@ -423,6 +427,13 @@ class Trainer:
                  f"next LR {schedule(self.lr_step()):.3g}")
         self._continue_inside_epoch()
         return schedule
+
+    def _crop_note(self) -> tuple[str | None, ValueError | None]:
+        """`crop_note`'s line, or its refusal of a crop no zoom fills (for new runs only)."""
+        try:
+            return crop_note(self.cfg.data, self.data.image_size), None
+        except ValueError as e:
+            return None, e
 
     def _read_baselines(self) -> tuple[dict[str, dict[str, float]] | None, Exception | None]:
         """--baselines' best metrics, read from their run folders (checked to be validated on this

@@ -309,6 +309,23 @@ def test_resume_refuses_another_architecture_other_data_and_a_training_split_of_
     assert sorted(os.listdir(f"{run_url(cfg)}/checkpoints")) == ["epoch-0001", "latest.json"]
 
 
+def test_a_run_started_with_a_crop_no_zoom_fills_resumes_saying_so(tiny_root, tmp_path, monkeypatch):
+    """Such a crop is refused for new runs (`mtl.data.build.crop_note`); a run an earlier version
+    started with one still resumes (--crop names it: it could not continue otherwise)."""
+    import mtl.engine as engine
+    from mtl.runs import run_url
+
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=1, batch_size=4, max_steps_per_epoch=1, name="run")
+    cfg = cfg.with_values({"data.crop": (96, 48)})
+    with monkeypatch.context() as m:
+        m.setattr(engine, "crop_note", lambda *a: None)  # (as before the refusal)
+        fit(cfg, local_runtime(cfg))
+    again = cfg.with_values({"train.resume": True, "train.epochs": 2})
+    assert [r["epoch"] for r in fit(again, local_runtime(again)).metrics] == [2]
+    assert ("--crop 96x48 is larger than the 64x128 images zoomed by at most --scale-max 1.25 (80x160): every crop would be "
+            "padded with ignored pixels (sizes are HxW); this run started with it and goes on so") in open(f"{run_url(cfg)}/train.log").read()
+
+
 def test_cli_train_evaluate_export(tiny_root, tmp_path, run_layout):
     run = [sys.executable, "jobs/train.py", "--local", "--arch", "branched", "--encoder", "resnet18", "--root", tiny_root,
            "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(tmp_path),

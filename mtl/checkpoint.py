@@ -418,9 +418,10 @@ def local_copy(url: str) -> Iterator[str]:
     if is_local(url):
         yield url_to_fs(url)[1]
         return
-    with tempfile.TemporaryDirectory(prefix="streetmtl-restore-") as d, storage_errors(url):
-        fs, path = url_to_fs(url)
-        fs.get(path.rstrip("/") + "/", d, recursive=True)
+    with tempfile.TemporaryDirectory(prefix="streetmtl-restore-") as d:
+        with storage_errors(url):  # (the download only: what the caller does with the copy is not storage's)
+            fs, path = url_to_fs(url)
+            fs.get(path.rstrip("/") + "/", d, recursive=True)
         yield d
 
 

@@ -152,14 +152,16 @@ SLOW_NOTE_S = 30.0
 _waiting: dict[int, tuple[str, float]] = {}  # calls in flight: token -> (url, start)
 _tokens = itertools.count()
 _watcher = {"pid": -1}
+_inside = threading.local()  # a watched block of this thread is running (one inside it is not watched again)
 
 
 def slow_message(url: str, seconds: float) -> str:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") if url.startswith("s3://") else None
+    s3 = url.startswith("s3://")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") if s3 else None
     attempts, mode = _retries()
+    retries = f", after {attempts} attempts as AWS_MAX_ATTEMPTS and AWS_RETRY_MODE {mode} say" if s3 else ""
     return (f"still waiting for {url}{f' at endpoint {endpoint}' if endpoint else ''}: a call has run for {seconds:.0f} s (a "
-            f"large transfer may; an endpoint that never answers holds it until the client gives up, after {attempts} "
-            f"attempts as AWS_MAX_ATTEMPTS and AWS_RETRY_MODE {mode} say)")
+            f"large transfer may; an endpoint that never answers holds it until the client gives up{retries})")
 
 
 def _watch() -> None:
@@ -188,12 +190,15 @@ def _watched(url: str) -> int:
 
 
 @contextlib.contextmanager
-def storage_errors(url: str) -> Iterator[None]:
+def storage_errors(url: str, watch: bool = True) -> Iterator[None]:
     """Turn 'cannot connect' and 'no credentials' errors raised inside the block into one
     `StorageError` naming ``url``: a client's own traceback names neither the URL nor what to set.
-    A call to a remote store without an answer for `SLOW_NOTE_S` is said meanwhile."""
+    A block of calls to a remote store still running after `SLOW_NOTE_S` is said meanwhile
+    (``watch``; False for a block that does other work too: it is not one call to time)."""
     t0 = time.monotonic()
-    token = None if is_local(url) else _watched(url)
+    token = _watched(url) if watch and not getattr(_inside, "watched", False) and not is_local(url) else None
+    if token is not None:
+        _inside.watched = True
     try:
         yield
     except StorageError:
@@ -210,6 +215,7 @@ def storage_errors(url: str) -> Iterator[None]:
     finally:
         if token is not None:
             _waiting.pop(token, None)
+            _inside.watched = False
 
 
 # fsspec protocols whose PUT replaces an object whole: there one write is atomic (elsewhere a

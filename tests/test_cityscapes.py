@@ -149,6 +149,21 @@ def test_project_reads_shards_and_trains_on_it(converted, tmp_path, in_process):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
 
+def test_a_cityscapes_download_given_as_miniscapes_says_what_to_do(tmp_path):
+    """Its zips: unzip, then convert; a part of it (leftImg8bit/): convert the folder holding it."""
+    from mtl.data.folder import split_modalities
+
+    (tmp_path / "zips").mkdir()
+    (tmp_path / "zips/leftImg8bit_trainvaltest.zip").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"zips/train/rgb \(it holds a Cityscapes download's zips: unzip gtFine, leftImg8bit, "
+                                                r"disparity and camera \*_trainvaltest.zip into one folder, then convert it"):
+        split_modalities(str(tmp_path / "zips"), "train")
+    (tmp_path / "cs/leftImg8bit/train/aachen").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=rf"\(it is a part of a Cityscapes download: convert the folder holding it, `python "
+                                                rf"-m data_prep.cityscapes --root {tmp_path}/cs --out"):
+        split_modalities(str(tmp_path / "cs/leftImg8bit"), "train")
+
+
 def test_missing_camera_is_named_and_nothing_is_written(converted, tmp_path):
     src = str(tmp_path / "cs")
     shutil.copytree(converted[0], src)

@@ -95,9 +95,15 @@ def _layout_hint(root: str) -> str:
         fs, base = url_to_fs(root)
         if fs.exists(url_to_fs(manifest_url(root))[1]):
             return " (it is a shard set: give it with --shards)"
-        if fs.isdir(_join(base, "leftImg8bit")) or fs.exists(_join(base, "leftImg8bit_trainvaltest.zip")):
-            return (f" (it is a Cityscapes download: convert it first, `python -m data_prep.cityscapes --root {root} --out "
-                    f"<folder> --size 256x512`, and give that folder)")
+        convert = f"`python -m data_prep.cityscapes --root {{}} --out <folder> --size 256x512`, and give that folder"
+        if fs.isdir(_join(base, "leftImg8bit")):
+            return f" (it is a Cityscapes download: convert it first, {convert.format(root)})"
+        if fs.exists(_join(base, "leftImg8bit_trainvaltest.zip")):
+            return (" (it holds a Cityscapes download's zips: unzip gtFine, leftImg8bit, disparity and camera "
+                    f"*_trainvaltest.zip into one folder, then convert it, {convert.format('<that folder>')})")
+        if base.rstrip("/").rsplit("/", 1)[-1] in ("leftImg8bit", "gtFine", "disparity", "camera"):
+            parent = root.rstrip("/").rsplit("/", 1)[0]
+            return f" (it is a part of a Cityscapes download: convert the folder holding it, {convert.format(parent)})"
         unfinished = fs.exists(_join(base, SHARD_PROGRESS))
     return " (it holds a shard set without manifest.json: sharding was interrupted; run data_prep.shard again)" if unfinished else ""
 

@@ -18,6 +18,7 @@ and --resume continue that run).
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             from mtl.multitask import load_baselines
 
             load_baselines(cfg.train.baselines, cfg.data)  # (a resume is judged by the values its checkpoint holds)
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # set, but mlflow is missing: an error now, before the run folder
+            from mtl.tracking import mlflow_tracking_uri
+
+            mlflow_tracking_uri()
         from mtl.lease import hold
         from mtl.runs import resolve_config, run_url
 

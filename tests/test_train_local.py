@@ -442,9 +442,16 @@ def test_weights_that_are_no_longer_numbers_never_become_a_checkpoint(tiny_root,
     assert CheckpointIndex(run_url(cfg)).latest_tag() == "epoch-0000-step-00000001"
 
 
-def test_cli_bad_inputs_are_named(tmp_path, in_process, tiny_root):
+def test_cli_bad_inputs_are_named(tmp_path, in_process, tiny_root, monkeypatch):
     """The commands' mains in this process (a shell's exit codes: tests/test_cli.py)."""
     from jobs import evaluate, train
+
+    with monkeypatch.context() as m:  # MLflow asked for but not installed: before the run folder is made
+        m.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+        m.setitem(sys.modules, "mlflow", None)
+        r = in_process(train.main, ["--local", "--root", tiny_root, "--out", str(tmp_path / "mlf")])
+        assert r.returncode == 2 and "MLFLOW_TRACKING_URI is set (http://127.0.0.1:1) but the mlflow package is not installed" in r.stderr
+        assert not (tmp_path / "mlf").exists()
 
     # a crop no zoom of the 64x128 images fills (given as WxH, say): refused before anything is written
     r = in_process(train.main, ["--local", "--root", tiny_root, "--out", str(tmp_path / "runs"), "--crop", "128x64"])

@@ -67,7 +67,7 @@ from typing import Annotated, Any
 
 import tyro
 
-from mtl.cli import CONFIG_HELP, FlatExperiment, parse_experiment
+from mtl.cli import SWEEP_CONFIG_HELP, FlatExperiment, parse_experiment
 from mtl.config import ExperimentConfig
 from mtl.distributed.sweep_space import SweepConfig, explicit_fields, plan_sweep
 
@@ -76,7 +76,7 @@ from mtl.distributed.sweep_space import SweepConfig, explicit_fields, plan_sweep
 class TuneCommand:
     experiment: FlatExperiment = field(default_factory=ExperimentConfig)
     sweep: Annotated[SweepConfig, tyro.conf.arg(name="")] = field(default_factory=SweepConfig)
-    config: Annotated[str | None, tyro.conf.arg(help=CONFIG_HELP)] = None
+    config: Annotated[str | None, tyro.conf.arg(help=SWEEP_CONFIG_HELP)] = None
 
 
 def main(argv: list[str] | None = None) -> int:

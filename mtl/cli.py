@@ -135,8 +135,9 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, *, description: str |
 
 # --------------------------------------------------------------------- commands with a training config
 
-CONFIG_HELP = ("start from this config file (JSON, or YAML with pyyaml; local or fsspec URL), e.g. a run's "
-               "config.json: with --resume it continues that run; flags given override the file")
+_CONFIG_FILE = "this config file (JSON, or YAML with pyyaml; local or fsspec URL), e.g. a run's config.json"
+CONFIG_HELP = f"start from {_CONFIG_FILE}: with --resume it continues that run; flags given override the file"
+SWEEP_CONFIG_HELP = f"the trials' base configuration from {_CONFIG_FILE}; flags given override the file, --space sweeps over it"
 
 
 def read_config(url: str) -> ExperimentConfig:

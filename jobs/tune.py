@@ -98,20 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     base, sweep, spec = planned["base"], cmd.sweep, planned["spec"]
 
     from mtl.errors import USER_ERRORS, one_line
-    from mtl.multitask import load_baselines
 
     try:
-        from mtl.distributed.ray_train import check_worker_paths
-
-        check_worker_paths(cmd.experiment)  # (the flags as given: base has --baselines made absolute)
-        for d in spec.space:  # and the paths a trial may draw (--space root=choice:/a,/b)
-            for v in d.values:
-                try:
-                    check_worker_paths(cmd.experiment.with_values({d.path: v}))
-                except ValueError as e:
-                    raise ValueError(f"--space {d.text}: {e}") from None
-        if spec.baselines and not base.train.resume:  # before Ray starts: a bad folder is one line (each new trial reads them)
-            load_baselines(spec.baselines, base.data)
+        check_before_ray(cmd.experiment, base, spec)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -137,6 +126,45 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def check_before_ray(given: ExperimentConfig, base: ExperimentConfig, spec) -> None:  # noqa: ANN001 - a SweepSpec
+    """What every trial would find wrong inside Tune, named before Ray starts: a path the workers
+    cannot resolve (the flags ``given``, and each a trial may draw), a crop no zoom fills, and
+    --baselines that are no runs or were validated on other data than a trial's."""
+    from mtl.distributed.ray_train import check_worker_paths
+    from mtl.multitask import load_baselines
+
+    check_worker_paths(given)  # (the flags as given: base has --baselines made absolute)
+    for d in spec.space:  # (--space root=choice:/a,/b)
+        for v in d.values:
+            try:
+                check_worker_paths(given.with_values({d.path: v}))
+            except ValueError as e:
+                raise ValueError(f"--space {d.text}: {e}") from None
+    check_crops_here(base, spec.space)
+    if spec.baselines and not base.train.resume:  # (a resumed trial is judged by the values its checkpoint holds)
+        places = [base.with_values({d.path: v}) for d in spec.space if d.path in ("data.root", "data.shards") for v in d.values]
+        for cfg in places or [base]:
+            load_baselines(spec.baselines, cfg.data)
+
+
+def check_crops_here(base: ExperimentConfig, space) -> None:  # noqa: ANN001 - the sweep's dimensions
+    """A crop a trial may draw that no zoom of the data's images fills fails that trial inside
+    Tune (`mtl.data.build.crop_note`): checked here against the validation images' size (the
+    synthetic set's from its flag; not when the data itself is swept)."""
+    from mtl.distributed.sweep_space import CROP_FIELDS, check_crops
+
+    swept = {d.path for d in space}
+    if not (base.data.crop is not None or "data.crop" in swept) or swept & {"data.root", "data.shards", "data.synthetic_size"}:
+        return
+    if base.data.root or base.data.shards:
+        from mtl.data.build import open_split, resolve_source
+
+        size = open_split(resolve_source(base), "val").image_size()
+    else:
+        size = base.data.synthetic_size
+    check_crops([d for d in space if d.path in CROP_FIELDS], base, size)
 
 
 def report(results, base: ExperimentConfig, sweep: SweepConfig, spec, console) -> int:  # noqa: ANN001 - Tune's ResultGrid

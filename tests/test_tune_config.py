@@ -37,6 +37,9 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--scheduler", "pbt", "--space", "batch_size=choice:8,16"], "--scheduler pbt cannot sweep batch_size"),
     (["--metric", "delta_m", "--baselines", "/nonexistent/run"], "error: /nonexistent/run is not a run folder (no config.json)"),
     (["--root", "data/miniscapes"], "error: --root data/miniscapes is a relative path, which the Ray workers cannot resolve"),
+    # a crop no zoom of the (synthetic, 128x256) images fills fails its trials: refused before Ray
+    (["--crop", "128x288", "--space", "scale_max=choice:1.0,1.25"], "error: --space: a trial may draw scale_max=1.0: --crop 128x288 is "
+                                                                    "larger than the 128x256 images zoomed by at most --scale-max 1 (128x256)"),
     (["--space", "root=choice:/data/a,data/b"], "error: --space data.root=choice:/data/a,data/b: --root data/b is a relative path, which"),
     (["--reduction-factor", "1"], "--reduction-factor >= 2"),
     (["--space", "lr=loguniform:1e-5:inf"], "--space lr=loguniform:1e-5:inf: the bounds must be finite numbers"),

@@ -95,7 +95,7 @@ def _layout_hint(root: str) -> str:
         fs, base = url_to_fs(root)
         if fs.exists(url_to_fs(manifest_url(root))[1]):
             return " (it is a shard set: give it with --shards)"
-        convert = f"`python -m data_prep.cityscapes --root {{}} --out <folder> --size 256x512`, and give that folder"
+        convert = "`python -m data_prep.cityscapes --root {} --out <folder> --size 256x512`, and give that folder"
         if fs.isdir(_join(base, "leftImg8bit")):
             return f" (it is a Cityscapes download: convert it first, {convert.format(root)})"
         if fs.exists(_join(base, "leftImg8bit_trainvaltest.zip")):

@@ -349,6 +349,25 @@ def check_space(space: Iterable[Dim], base: ExperimentConfig, limit: int = 4096)
                 raise ValueError(f"--space: a trial may draw {values}, which is not a valid config: {e}") from None
 
 
+CROP_FIELDS = ("data.crop", "data.scale_max", "data.augment")  # what decides whether a crop is filled (`crop_note`)
+
+
+def check_crops(space: Iterable[Dim], base: ExperimentConfig, image_size: tuple[int, int] | None) -> None:
+    """Every crop a trial may draw is filled by some zoom of the ``image_size`` images
+    (`mtl.data.build.crop_note`, which a trial's run checks too); ValueError naming the values
+    otherwise. A range's ends are checked (its smallest --scale-max matters)."""
+    from mtl.data.build import crop_note
+
+    drawn = {d.path: d for d in space if d.path in CROP_FIELDS}
+    options = [drawn[p].values if p in drawn else (getattr(base.data, p.partition(".")[2]),) for p in CROP_FIELDS]
+    for combo in itertools.product(*options):
+        try:
+            crop_note(base.with_values(dict(zip(CROP_FIELDS, combo))).data, image_size)
+        except ValueError as e:
+            values = ", ".join(f"{drawn[p].name}={_text(v, tuple[int, int])}" for p, v in zip(CROP_FIELDS, combo) if p in drawn)
+            raise ValueError(f"--space: a trial may draw {values}: {e}" if values else str(e)) from None
+
+
 def param_space(space: Iterable[Dim]) -> dict[str, Any]:
     """Tune's search space: one domain per dimension, under its name."""
     from ray import tune

@@ -148,14 +148,16 @@ def parse_shard_size(text: str) -> tuple[str, int]:
 
 def plan_shards(samples: list[tuple[str, dict[str, int]]], kind: str, limit: int) -> list[list[str]]:
     """Cut the index-ordered samples into shards of at most ``limit`` samples ("samples") or
-    bytes ("bytes", from the file sizes), or ("auto") of `AUTO_SHARDS`-th of the split, at least
-    `AUTO_MIN_SAMPLES`, cut early at `AUTO_MAX_BYTES`. A function of the samples and their sizes
-    alone: a re-run plans the same shards, so an interrupted run's finished ones are found again."""
-    max_samples, max_bytes = {"samples": (limit, math.inf), "bytes": (math.inf, limit),
-                              "auto": (max(AUTO_MIN_SAMPLES, -(-len(samples) // AUTO_SHARDS)), AUTO_MAX_BYTES)}[kind]
+    bytes ("bytes", from the file sizes), or ("auto") about `AUTO_SHARDS` of equal sample counts
+    (within one), each of at least `AUTO_MIN_SAMPLES` (one shard for a smaller split), cut early
+    at `AUTO_MAX_BYTES`. A function of the samples and their sizes alone: a re-run plans the
+    same shards, so an interrupted run's finished ones are found again."""
+    counts = _auto_counts(len(samples)) if kind == "auto" else [limit if kind == "samples" else math.inf]
+    max_bytes = {"samples": math.inf, "bytes": limit, "auto": AUTO_MAX_BYTES}[kind]
     shards, cur, cur_bytes = [], [], 0
     for stem, sizes in samples:
         size = sum(sizes.values()) + 3 * 1024  # tar headers and padding
+        max_samples = counts[min(len(shards), len(counts) - 1)]  # (past the plan: a shard cut early at max_bytes)
         if cur and (len(cur) >= max_samples or cur_bytes + size > max_bytes):
             shards.append(cur)
             cur, cur_bytes = [], 0
@@ -164,6 +166,14 @@ def plan_shards(samples: list[tuple[str, dict[str, int]]], kind: str, limit: int
     if cur:
         shards.append(cur)
     return shards
+
+
+def _auto_counts(n: int) -> list[int]:
+    """--shard-size auto's samples per shard for a split of ``n``: the most shards, up to about
+    `AUTO_SHARDS`, of at least `AUTO_MIN_SAMPLES` each, their counts within one of each other
+    (2975: 31 of 33 and 61 of 32; 40: one of 40)."""
+    k = max(1, n // max(AUTO_MIN_SAMPLES, -(-n // AUTO_SHARDS)))
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

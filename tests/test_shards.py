@@ -542,16 +542,17 @@ def test_splits_named_twice_or_none_are_refused(tiny_root, tmp_path, capsys):
 
 
 def test_auto_shard_size_gives_a_split_about_256_shards_and_resumes(tiny_root, tmp_path, monkeypatch):
-    """auto: ceil(n / 256) samples per shard, at least 32, cut early at 256 MB; 1000 and 256MB
-    keep their meaning. An interrupted auto run plans the same shards again and keeps them."""
+    """auto: about 256 shards of equal sample counts (within one), each of at least 32, cut early
+    at 256 MB; 1000 and 256MB keep their meaning. An interrupted auto run plans the same shards
+    again and keeps them."""
     from data_prep import shard
     from data_prep.shard import parse_shard_size, plan_shards
 
     def plan(n: int, size: str = "auto", file_bytes: int = 1000) -> list[int]:
         return [len(s) for s in plan_shards([(str(i), {"rgb": file_bytes}) for i in range(n)], *parse_shard_size(size))]
 
-    assert plan(100) == [32, 32, 32, 4] and len(plan(2975)) == 93  # (Cityscapes train)
-    assert plan(20000) == [79] * 253 + [13] and plan(5, file_bytes=100 << 20) == [2, 2, 1]
+    assert plan(100) == [34, 33, 33] and plan(40) == [40] and plan(2975) == [33] * 31 + [32] * 61  # (Cityscapes train)
+    assert plan(20000) == [80] * 13 + [79] * 240 and plan(5, file_bytes=100 << 20) == [2, 2, 1]
     assert plan(2500, "1000") == [1000, 1000, 500] and plan(5, "256MB", file_bytes=100 << 20) == [2, 2, 1]
     assert shard.ShardCommand("a", "b").shard_size == "auto"
     monkeypatch.setattr(shard, "AUTO_MIN_SAMPLES", 4)
@@ -579,7 +580,7 @@ def test_the_trainer_is_told_what_an_epoch_leaves_out_and_which_loader_workers_i
     assert (len(loader), loader.workers, loader.idle_workers()) == (75, 4, 1)
     assert coverage_notes(Loaders(loader, loader, 300, 300, "shards", 4), len(loader), 4) == [
         "1 of this rank's 4 loader workers get no shard and stay idle: reshard into more shards "
-        "(data_prep.shard --shard-size auto gives a split about 256)"]
+        "(data_prep.shard --shard-size 75: a shard for each loader worker of 1 rank(s); auto makes shards of at least 32 samples)"]
     loader = ShardLoader(ShardStream(ShardSplit(split.urls, (10, 10, 10)), None), 4, 4, 2, True, False)
     assert (len(loader), loader.workers, loader.idle_workers()) == (7, 2, 0)
     notes = coverage_notes(Loaders(loader, loader, 30, 30, "shards", 4), len(loader), 4)
@@ -595,7 +596,7 @@ def test_the_trainer_is_told_what_an_epoch_leaves_out_and_which_loader_workers_i
 
 
 def test_few_samples_per_rank_still_make_an_epoch():
-    """Cityscapes' 2975 training images in auto-sized shards (93: 92 of 32, one of 31) over 8
+    """Cityscapes' 2975 training images in shards of 32 (93: 92 of 32, one of 31) over 8
     ranks of 12 loader workers at batch 64: one shard per worker would make no batch at all."""
     split = ShardSplit(tuple(f"s{i}.tar" for i in range(93)), (32,) * 92 + (31,))
     assert min(split.batches_per_rank(8, 12, 64)) == 0

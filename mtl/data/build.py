@@ -144,8 +144,10 @@ def coverage_notes(loaders: Loaders, steps: int, global_batch: int, capped: bool
                      f"{loaders.num_train // train.stream.world} samples per rank more workers would leave out more of them")
     idle = train.idle_workers()
     if idle:
+        each = max(1, loaders.num_train // (train.stream.world * loaders.workers))
         notes.append(f"{idle} of this rank's {loaders.workers} loader workers get no shard and stay idle: reshard into more "
-                     f"shards (data_prep.shard --shard-size auto gives a split about 256)")
+                     f"shards (data_prep.shard --shard-size {each}: a shard for each loader worker of {train.stream.world} "
+                     f"rank(s); auto makes shards of at least 32 samples)")
     return notes
 
 

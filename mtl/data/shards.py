@@ -200,7 +200,7 @@ class ShardSplit:
         """How many of ``workers`` loader workers per rank a training epoch uses: the most that
         keep `KEPT_BATCHES` of the batches the ranks' samples would make whole. Each worker
         batches its own shards and drops what does not fill a batch, so with few samples per rank
-        every worker added costs batches: Cityscapes' 2975 training images in 93 shards over 8
+        every worker added costs batches: Cityscapes' 2975 training images in 93 shards of 32 over 8
         ranks of 12 workers at batch 64 give each worker one shard of 32, and no batch at all."""
         if workers <= 1:
             return workers
@@ -223,8 +223,8 @@ class ShardStream(IterableDataset):
             raise ValueError("the split has no samples (its manifest entry lists no shards)")
         if every_rank and len(split.urls) < world:
             raise ValueError(f"{len(split.urls)} shard(s) cannot feed {world} ranks: reshard into more shards (data_prep.shard "
-                             f"--shard-size auto, the default, gives a split about 256; several per rank and loader worker "
-                             f"keep them all busy)")
+                             f"--shard-size {max(1, split.num_samples // world)} or fewer samples per shard; several per rank "
+                             f"and loader worker keep them all busy; auto makes shards of at least 32 samples)")
         if augment is not None and not split.has_labels:
             where = split.urls[0].rsplit("/", 1)[0] if split.urls else "this shard set"
             raise ValueError(f"the split's shards in {where} have no labels (rgb only): they cannot be augmented for training")

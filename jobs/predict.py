@@ -26,7 +26,7 @@ from mtl.config import Device
 class PredictCommand:
     checkpoint: str  # checkpoint file or run folder (local or s3://)
     images: str  # an image, or a folder of them (local or any fsspec URL)
-    out: str  # output folder (semseg/, depth/, viz/)
+    out: str  # local output folder (semseg/, depth/, viz/)
     size: Annotated[str | None, tyro.conf.arg(metavar="HxW")] = None  # network input size, for checkpoints that do not record it
     batch_size: int = 4  # images per forward pass
     device: Device = "auto"  # auto: the GPU if there is one

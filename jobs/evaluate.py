@@ -73,7 +73,7 @@ def run(a: EvaluateCommand) -> int:
     check_flags(a)
     device = resolve_device(a.device)
     m = load_model(model_url(a), device)
-    source = resolve_source(m.cfg, a.data)
+    source = resolve_source(trained_data(m), a.data)
     check_trained_data(m, source, a.data)
     inputs = (source.url, m.url, *a.baselines)  # what the exported folder must not replace
     if a.export:  # (checked before the long pass; again when written)
@@ -100,6 +100,17 @@ def run(a: EvaluateCommand) -> int:
                                inputs=inputs, tasks=tasks)
         print(f"exported {n} predictions to {a.export} ({listed_folders(tasks)}){single_task_note(tasks)}")
     return 0
+
+
+def trained_data(m):  # noqa: ANN001, ANN201 - a LoadedModel; its config
+    """The checkpoint's config with its data where training found it: a relative --root names
+    other data (or none) from another folder; the checkpoint recorded the absolute place."""
+    from dataclasses import replace
+
+    d = m.cfg.data
+    if m.data_location is None or not (d.root or d.shards):
+        return m.cfg
+    return replace(m.cfg, data=replace(d, **{"shards" if d.shards else "root": m.data_location}))
 
 
 def check_trained_data(m, source, given: str | None) -> None:

@@ -55,6 +55,7 @@ class LoadedModel:
     epoch: int | None = None  # epochs completed
     input_size: tuple[int, int] | None = None  # (H, W) the network was trained at, when recorded
     epoch_step: int = 0  # a step checkpoint's steps into epoch ``epoch + 1``
+    data_location: str | None = None  # where its training data was (absolute), when recorded
 
     @property
     def trained(self) -> str:
@@ -93,7 +94,7 @@ def load_model(checkpoint: str, device: torch.device | str = "cpu") -> LoadedMod
     size = trained.input_size
     device = resolve_device(device) if isinstance(device, str) else device
     return LoadedModel(model.to(device).eval(), DepthCodec(resolve(cfg.model).depth_space), url, cfg, trained.epoch or None,
-                       (int(size[0]), int(size[1])) if size else None, trained.epoch_step)
+                       (int(size[0]), int(size[1])) if size else None, trained.epoch_step, trained.data_location)
 
 
 def model_input_size(loaded: LoadedModel, size: tuple[int, int] | str | None = None) -> tuple[int, int]:

@@ -272,7 +272,8 @@ def test_the_trackers_epoch_work_runs_while_the_next_epoch_trains(tiny_root, tmp
     assert os.path.getsize(f"{run}/curves.png") > 1000
 
 
-def test_resume_refuses_another_architecture_other_data_and_a_training_split_of_another_size(tiny_root, tmp_path, monkeypatch):
+def test_resume_refuses_another_architecture_other_data_and_a_training_split_of_another_size(tiny_root, tmp_path, monkeypatch,
+                                                                                                   in_process):
     """A checkpoint continues only the training it belongs to: the same configuration, the data
     it was trained on (the same relative --root given in another folder names other data), and
     the same split size (the LR plan's length is in steps per epoch of the split trained on, and
@@ -299,6 +300,10 @@ def test_resume_refuses_another_architecture_other_data_and_a_training_split_of_
     with pytest.raises(RunConflict, match=rf"resume refused: {run_url(cfg)}/checkpoints/epoch-0001/state.pt was trained on "
                                           rf"{root}, and --root data names {tmp_path}/elsewhere/data here"):
         fit(again, local_runtime(again))
+    from jobs import evaluate  # (evaluating it from there reads the data it trained on, as the checkpoint recorded)
+
+    r = in_process(evaluate.main, ["--checkpoint", run_url(cfg), "--split", "val", "--no-metrics"])
+    assert r.returncode == 0 and f"24 val samples from {root}/val" in r.stdout, r.stdout + r.stderr
     monkeypatch.chdir(tmp_path)
     for i in range(90, 96):  # six training samples gone
         for folder, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):

@@ -168,9 +168,15 @@ def run_url(cfg: ExperimentConfig) -> str:
 
 
 def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
-    """Identity fields that differ, as ``"optim.lr 0.0004 -> 0.00044"``."""
+    """Identity fields that differ, as ``"optim.lr 0.0004 -> 0.00044"``. A data place spelt
+    otherwise is the same place (`mtl.storage.location`, a relative path from here: ``data/x``
+    and its absolute path, a manifest's URL and its prefix); whether it is still where the run
+    trained, its checkpoints say (`mtl.engine.check_resumable`)."""
     a, b = identity(old), identity(new)
     skip = ignore | unused_fields(resolve_model(old)) | unused_fields(resolve_model(new))  # (meaningless on one side)
+    for k in ("data.root", "data.shards"):
+        if isinstance(a.get(k), str) and isinstance(b.get(k), str) and location(a[k]) == location(b[k]):
+            skip |= {k}
     return [f"{k} {field_value(old, k)!r} -> {field_value(new, k)!r}" for k in sorted(set(a) | set(b))
             if k not in skip and a.get(k) != b.get(k)]
 

@@ -132,6 +132,13 @@ def test_one_place_spelt_two_ways_is_one_run():
     check_same_training(spelt[0], spelt[1], "run x")
     assert run_name(cfg_with(data={"shards": "s3://b/shards/"})) == run_name(cfg_with(data={"shards": "s3://b/shards"}))
     assert run_name(spelt[0]) != run_name(cfg_with(data={"root": "data/cityscapes-2"}))
+    # the absolute path of a relative one (a local run continued on Ray, which needs it) resumes it
+    # under its --name; a manifest's URL is its shard set (whether the data is where the run
+    # trained, its checkpoints say: tests/test_train_local.py)
+    check_same_training(spelt[0], cfg_with(data={"root": os.path.abspath("data/cityscapes")}), "run x")
+    check_same_training(cfg_with(data={"shards": "s3://b/shards"}), cfg_with(data={"shards": "s3://b/shards/manifest.json"}), "run x")
+    with pytest.raises(ValueError, match="data.root 'data/cityscapes' -> '/data/cityscapes'"):
+        check_same_training(spelt[0], cfg_with(data={"root": "/data/cityscapes"}), "run x")
 
 
 def test_a_new_run_may_not_crop_without_augmentation_but_an_old_one_resumes(tmp_path):

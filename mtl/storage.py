@@ -66,10 +66,11 @@ def canonical(url: str) -> str:
 
 def location(url: str) -> str:
     """Where ``url`` points, spelt one way whatever the folder it is read from: a local path
-    absolute with its links resolved, a URL `canonical`; a shard set's manifest file names its
-    prefix (``s3://b/shards/manifest.json`` is ``s3://b/shards``)."""
+    absolute (links are not resolved: the nodes of a cluster may mount the same data behind
+    other links), a URL `canonical`; a shard set's manifest file names its prefix
+    (``s3://b/shards/manifest.json`` is ``s3://b/shards``)."""
     if "://" not in url or url.startswith("file://"):
-        return os.path.realpath(url.removeprefix("file://"))
+        return os.path.abspath(url.removeprefix("file://"))
     url = canonical(url)
     return url.removesuffix("/manifest.json")
 

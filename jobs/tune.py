@@ -142,9 +142,12 @@ def check_before_ray(given: ExperimentConfig, base: ExperimentConfig, spec) -> N
                 check_worker_paths(given.with_values({d.path: v}))
             except ValueError as e:
                 raise ValueError(f"--space {d.text}: {e}") from None
+    if base.train.resume:  # (what started the sweep was checked then; its trials' runs hold their crops and baselines)
+        return
     check_crops_here(base, spec.space)
-    if spec.baselines and not base.train.resume:  # (a resumed trial is judged by the values its checkpoint holds)
-        places = [base.with_values({d.path: v}) for d in spec.space if d.path in ("data.root", "data.shards") for v in d.values]
+    if spec.baselines:
+        data = ("data.root", "data.shards", "data.synthetic_size", "data.synthetic_counts")
+        places = [base.with_values({d.path: v}) for d in spec.space if d.path in data for v in d.values]
         for cfg in places or [base]:
             load_baselines(spec.baselines, cfg.data)
 

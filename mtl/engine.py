@@ -39,6 +39,7 @@ from mtl.progress import RunLog, TrainProgress, class_iou_table
 from mtl.runs import (RunConflict, RunFolder, check_length, check_same_training, data_location, resolve_config, run_name, run_url,
                       stored_config)
 from mtl.schedule import PolyLR
+from mtl.storage import same_location
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
 from mtl.viz import denormalize_rgb, side_by_side
 from mtl.weighting import TaskWeighting, build_weighting
@@ -240,11 +241,12 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume:
     train, url, stored = state["train_state"], state.get("url", "the checkpoint"), stored_config(state["config"])
     trained_on, here = train.get("data_location"), data_location(cfg.data)
     same_kind = (bool(stored.data.shards), bool(stored.data.root)) == (bool(cfg.data.shards), bool(cfg.data.root))
-    if trained_on is not None and here is not None and same_kind and trained_on != here:
+    located = trained_on is not None and here is not None and same_kind  # (the place decides, not its spelling)
+    if located and not same_location(trained_on, here):
         flag = "--shards" if cfg.data.shards else "--root"
         raise RunConflict(f"resume refused: {url} was trained on {trained_on}, and {flag} {cfg.data.shards or cfg.data.root} "
                           f"names {here} here (a relative path given in another folder?): give the run's data")
-    check_same_training(stored, cfg, f"checkpoint {url}")
+    check_same_training(stored, cfg, f"checkpoint {url}", frozenset({"data.root", "data.shards"}) if located else frozenset())
     check_length(cfg.train.epochs, train.get("epoch", 0), train.get("epoch_step", 0) > 0, state.get("url", "the checkpoint"))
 
 

@@ -121,7 +121,7 @@ def read_baselines(run_urls: Iterable[str], data: DataConfig | None = None) -> d
     """task -> the best metrics of its single-task baseline run, from those runs' folders. Given
     the run's ``data``, each baseline must have been validated on it:
     Δm compares validation metrics, and the baselines' also weigh which epoch is best."""
-    from mtl.runs import data_place
+    from mtl.runs import data_place, same_data
 
     out: dict[str, dict[str, float]] = {}
     for url in run_urls:
@@ -131,7 +131,7 @@ def read_baselines(run_urls: Iterable[str], data: DataConfig | None = None) -> d
             raise ValueError(f"{url} trained {' and '.join(tasks)}: a Δm baseline is a single-task run (--tasks semseg or --tasks depth)")
         if tasks[0] in out:
             raise ValueError(f"two baselines for {tasks[0]} given ({url} is the second)")
-        if data is not None and data_place(cfg.data) != data_place(data):
+        if data is not None and not same_data(cfg.data, data):
             raise ValueError(f"--baselines: {url} was validated on {data_place(cfg.data)}, and this run is on {data_place(data)}: "
                              f"Δm compares the validation metrics of one split (train the baseline on this data, or compare "
                              f"finished runs with jobs/evaluate.py --baselines, which evaluates each on the same split)")

@@ -25,7 +25,7 @@ from mtl.checkpoint import CHECKPOINTS, CheckpointIndex, inside_epoch, tag_epoch
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig, flag
 from mtl.lease import LEASE_FILE
 from mtl.models import deep_supervised, resolve
-from mtl.storage import canonical, folder_names, location, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import canonical, folder_names, location, same_place, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 CONFIG_FILE = "config.json"
 # Ray Train's record of the checkpoints it registered, in the run folder (`mtl.distributed.ray_train`)
@@ -100,10 +100,20 @@ def data_location(d: DataConfig) -> str | None:
     return location(d.shards) if d.shards else location(d.root) if d.root else None
 
 
+def same_data(a: DataConfig, b: DataConfig) -> bool:
+    """Whether two configs train and validate on one data set, as far as can be told here
+    (`mtl.storage.same_place`; the synthetic set by its settings)."""
+    if bool(a.shards) != bool(b.shards) or bool(a.root) != bool(b.root):
+        return False
+    if a.shards or a.root:
+        return same_place(a.shards or a.root, b.shards or b.root)
+    return (a.synthetic_size, a.synthetic_counts) == (b.synthetic_size, b.synthetic_counts)
+
+
 def data_place(d: DataConfig) -> str:
     """The data a config trains and validates on, as messages name it (`data_location`)."""
     if d.shards or d.root:
-        return f"{'--shards' if d.shards else '--root'} {data_location(d)}"
+        return f"{'--shards' if d.shards else '--root'} {canonical(d.shards or d.root)}"
     (h, w), counts = d.synthetic_size, "+".join(map(str, d.synthetic_counts))
     return f"the synthetic set of --synthetic-size {h}x{w} --synthetic-counts {counts}"
 
@@ -175,7 +185,7 @@ def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[
     a, b = identity(old), identity(new)
     skip = ignore | unused_fields(resolve_model(old)) | unused_fields(resolve_model(new))  # (meaningless on one side)
     for k in ("data.root", "data.shards"):
-        if isinstance(a.get(k), str) and isinstance(b.get(k), str) and location(a[k]) == location(b[k]):
+        if isinstance(a.get(k), str) and isinstance(b.get(k), str) and same_place(a[k], b[k]):
             skip |= {k}
     return [f"{k} {field_value(old, k)!r} -> {field_value(new, k)!r}" for k in sorted(set(a) | set(b))
             if k not in skip and a.get(k) != b.get(k)]
@@ -322,9 +332,11 @@ def _ray_ahead(folder: RunFolder, entries: list[str], pointer: str | None) -> st
     return tag if tag is not None and (pointer is None or tag > pointer) else None
 
 
-def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, what: str) -> None:
-    """Refuse (listing the fields) when ``requested`` trains something else than ``stored``."""
-    differ = config_diff(stored, requested, ignore=RESUMABLE_CHANGES)
+def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, what: str,
+                        also_ignore: frozenset[str] = frozenset()) -> None:
+    """Refuse (listing the fields) when ``requested`` trains something else than ``stored``
+    (``also_ignore``: fields the caller has compared otherwise)."""
+    differ = config_diff(stored, requested, ignore=RESUMABLE_CHANGES | also_ignore)
     if differ:
         raise RunConflict(f"resume refused: {what} was trained with another configuration: {'; '.join(differ)}"
                           + predates_hint(stored, requested))

@@ -66,13 +66,46 @@ def canonical(url: str) -> str:
 
 def location(url: str) -> str:
     """Where ``url`` points, spelt one way whatever the folder it is read from: a local path
-    absolute (links are not resolved: the nodes of a cluster may mount the same data behind
-    other links), a URL `canonical`; a shard set's manifest file names its prefix
-    (``s3://b/shards/manifest.json`` is ``s3://b/shards``)."""
+    absolute (from the shell's ``$PWD`` when that is this folder: the spelling a user sees; links
+    are not resolved, as the nodes of a cluster may mount the same data behind other links), a
+    URL `canonical`; a shard set's manifest file names its prefix (``…/shards/manifest.json`` is
+    ``…/shards``)."""
     if "://" not in url or url.startswith("file://"):
-        return os.path.abspath(url.removeprefix("file://"))
-    url = canonical(url)
-    return url.removesuffix("/manifest.json")
+        path = url.removeprefix("file://")
+        pwd = os.environ.get("PWD")
+        if not os.path.isabs(path) and pwd and os.path.isabs(pwd) and _same_file(pwd, "."):
+            path = os.path.join(pwd, path)
+        return os.path.abspath(path).removesuffix("/manifest.json")
+    return canonical(url).removesuffix("/manifest.json")
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two spellings of a data path, perhaps given in other folders, name one place as
+    far as can be told here: their `location`s are one (`same_location`); a relative path
+    against an absolute one, when the absolute one ends with it (a relative path recorded
+    where another process ran, a Ray worker's folder, cannot be resolved here); two relative
+    paths, when they read alike."""
+    a_rel, b_rel = ("://" not in a and not os.path.isabs(a)), ("://" not in b and not os.path.isabs(b))
+    if a_rel and b_rel:
+        return os.path.normpath(a) == os.path.normpath(b)
+    if a_rel or b_rel:
+        rel, other = (a, b) if a_rel else (b, a)
+        tail = os.path.normpath(rel).removesuffix("/manifest.json")
+        return location(other).endswith("/" + tail) or same_location(location(rel), location(other))
+    return same_location(location(a), location(b))
+
+
+def same_location(a: str, b: str) -> bool:
+    """Two `location` spellings of one place: equal, or local paths of one folder (a link, a
+    mount seen through another path)."""
+    return a == b or ("://" not in a and "://" not in b and _same_file(a, b))
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def is_connection_error(e: BaseException) -> bool:

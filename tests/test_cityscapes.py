@@ -149,7 +149,7 @@ def test_project_reads_shards_and_trains_on_it(converted, tmp_path, in_process):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
 
-def test_a_cityscapes_download_given_as_miniscapes_says_what_to_do(tmp_path):
+def test_a_cityscapes_download_given_as_miniscapes_says_what_to_do(tmp_path, monkeypatch):
     """Its zips: unzip, then convert; a part of it (leftImg8bit/): convert the folder holding it."""
     from mtl.data.folder import split_modalities
 
@@ -162,6 +162,9 @@ def test_a_cityscapes_download_given_as_miniscapes_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"\(it is a part of a Cityscapes download: convert the folder holding it, `python "
                                                 rf"-m data_prep.cityscapes --root {tmp_path}/cs --out"):
         split_modalities(str(tmp_path / "cs/leftImg8bit"), "train")
+    monkeypatch.chdir(tmp_path / "cs")  # (given as a relative path: its folder is still named)
+    with pytest.raises(FileNotFoundError, match=rf"convert the folder holding it, `python -m data_prep.cityscapes --root {tmp_path}/cs "):
+        split_modalities("leftImg8bit", "train")
 
 
 def test_missing_camera_is_named_and_nothing_is_written(converted, tmp_path):

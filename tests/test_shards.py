@@ -579,7 +579,7 @@ def test_the_trainer_is_told_what_an_epoch_leaves_out_and_which_loader_workers_i
     loader = ShardLoader(ShardStream(split, None), 4, 4, 2, True, False)
     assert (len(loader), loader.workers, loader.idle_workers()) == (75, 4, 1)
     assert coverage_notes(Loaders(loader, loader, 300, 300, "shards", 4), len(loader), 4) == [
-        "1 of this rank's 4 loader workers get no shard and stay idle: reshard into more shards "
+        "1 of this rank's 4 loader workers get no shard and stay idle: --workers 3 leaves none idle, or reshard into more shards "
         "(data_prep.shard --shard-size 75: a shard for each loader worker of 1 rank(s); auto makes shards of at least 32 samples)"]
     loader = ShardLoader(ShardStream(ShardSplit(split.urls, (10, 10, 10)), None), 4, 4, 2, True, False)
     assert (len(loader), loader.workers, loader.idle_workers()) == (7, 2, 0)

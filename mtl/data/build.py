@@ -144,10 +144,11 @@ def coverage_notes(loaders: Loaders, steps: int, global_batch: int, capped: bool
                      f"{loaders.num_train // train.stream.world} samples per rank more workers would leave out more of them")
     idle = train.idle_workers()
     if idle:
-        each = max(1, loaders.num_train // (train.stream.world * loaders.workers))
-        notes.append(f"{idle} of this rank's {loaders.workers} loader workers get no shard and stay idle: reshard into more "
-                     f"shards (data_prep.shard --shard-size {each}: a shard for each loader worker of {train.stream.world} "
-                     f"rank(s); auto makes shards of at least 32 samples)")
+        each = max(train.batch_size, loaders.num_train // (train.stream.world * loaders.workers))  # (a worker batches its own)
+        notes.append(f"{idle} of this rank's {loaders.workers} loader workers get no shard and stay idle: --workers "
+                     f"{loaders.workers - idle} leaves none idle, or reshard into more shards (data_prep.shard --shard-size "
+                     f"{each}: a shard for each loader worker of {train.stream.world} rank(s); auto makes shards of at least "
+                     f"32 samples)")
     return notes
 
 

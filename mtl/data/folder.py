@@ -102,7 +102,7 @@ def _layout_hint(root: str) -> str:
             return (" (it holds a Cityscapes download's zips: unzip gtFine, leftImg8bit, disparity and camera "
                     f"*_trainvaltest.zip into one folder, then convert it, {convert.format('<that folder>')})")
         if base.rstrip("/").rsplit("/", 1)[-1] in ("leftImg8bit", "gtFine", "disparity", "camera"):
-            parent = root.rstrip("/").rsplit("/", 1)[0]
+            parent = os.path.dirname(os.path.abspath(root.rstrip("/"))) if "://" not in root else root.rstrip("/").rsplit("/", 1)[0]
             return f" (it is a part of a Cityscapes download: convert the folder holding it, {convert.format(parent)})"
         unfinished = fs.exists(_join(base, SHARD_PROGRESS))
     return " (it holds a shard set without manifest.json: sharding was interrupted; run data_prep.shard again)" if unfinished else ""

@@ -111,7 +111,7 @@ def same_data(a: DataConfig, b: DataConfig) -> bool:
 
 
 def data_place(d: DataConfig) -> str:
-    """The data a config trains and validates on, as messages name it (`data_location`)."""
+    """The data a config trains and validates on, as messages name it (the path as given)."""
     if d.shards or d.root:
         return f"{'--shards' if d.shards else '--root'} {canonical(d.shards or d.root)}"
     (h, w), counts = d.synthetic_size, "+".join(map(str, d.synthetic_counts))

@@ -90,6 +90,8 @@ def same_place(a: str, b: str) -> bool:
         return os.path.normpath(a) == os.path.normpath(b)
     if a_rel or b_rel:
         rel, other = (a, b) if a_rel else (b, a)
+        if not is_local(other):  # (a local path and an object store's URL: never one place)
+            return False
         tail = os.path.normpath(rel).removesuffix("/manifest.json")
         return location(other).endswith("/" + tail) or same_location(location(rel), location(other))
     return same_location(location(a), location(b))

@@ -403,6 +403,7 @@ class Trainer:
         """Continue from the latest checkpoint, if any; the LR plan is a function of the step."""
         o, s = self.cfg.optim, self.state
         planned = s.total_steps
+
         def check(state: dict[str, Any]) -> None:
             check_resumable(state, self.cfg, self.rt.always_resume)
             check_same_split(state, self.data.num_train, self.data.source)

@@ -17,8 +17,8 @@ from mtl.storage import exists, folder_names, is_local, is_object_store, storage
 def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), replaceable: Collection[str] = ()) -> str:
     """``out`` as an absolute local path (links resolved), once it is known to be one that
     `atomic_dir` may fill: a local folder (ValueError for a URL), not a file, empty unless
-    ``overwrite`` (FileExistsError), and neither one of the ``inputs`` (files or folders the command reads)
-    nor a folder above or in one (ValueError, `check_not_above`): replacing it would delete
+    ``overwrite`` (FileExistsError), and neither one of the ``inputs`` (files or folders the
+    command reads) nor a folder above or in one (ValueError, `check_not_above`): replacing it would delete
     what is being read. Commands check it before their long work, not after; what a killed
     writer left beside it is cleaned up first (`clean_up_after_dead_writers`, said on stderr),
     so that the check sees what the next write will."""

@@ -126,8 +126,9 @@ class CapturedStep:
 
     A failed capture is raised when ``strict``, else logged, and the eager step runs for the rest
     of the run (unless torch left its allocator capturing: `allocator_left_capturing`). Several
-    ranks (``agree``: True when every rank's capture succeeded, one all-reduce) go on only together: a rank running eagerly beside ranks that replay their
-    captured all-reduce would hang the group, so if any rank's capture failed every rank raises.
+    ranks (``agree``: True when every rank's capture succeeded, one all-reduce) go on only
+    together: a rank running eagerly beside ranks that replay their captured all-reduce would
+    hang the group, so if any rank's capture failed every rank raises.
     They also refuse a batch of another shape instead of running it eagerly."""
 
     def __init__(self, eager: StepFn, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = WARMUP_PLAIN,

@@ -179,9 +179,9 @@ def run_url(cfg: ExperimentConfig) -> str:
 
 def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
     """Identity fields that differ, as ``"optim.lr 0.0004 -> 0.00044"``. A data place spelt
-    otherwise is the same place (`mtl.storage.location`, a relative path from here: ``data/x``
-    and its absolute path, a manifest's URL and its prefix); whether it is still where the run
-    trained, its checkpoints say (`mtl.engine.check_resumable`)."""
+    otherwise is the same place (`mtl.storage.same_place`: ``data/x`` and its absolute path, a
+    manifest's URL and its prefix); whether it is still where the run trained, its checkpoints
+    say (`mtl.engine.check_resumable`)."""
     a, b = identity(old), identity(new)
     skip = ignore | unused_fields(resolve_model(old)) | unused_fields(resolve_model(new))  # (meaningless on one side)
     for k in ("data.root", "data.shards"):

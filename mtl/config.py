@@ -209,6 +209,10 @@ class TrainConfig(_Part):
     #: continue the run in <out>/<name> (required to reuse an existing run folder); a sweep's:
     #: continue the sweep in <out>/<sweep-name>
     resume: bool = operational(False)
+    #: with --resume: the run's data was moved (or copied) to --root/--shards since its
+    #: checkpoint, which recorded where it was: the run goes on from the new place (data of the
+    #: same kind, and a training split of the same size); without it such a resume is refused
+    data_moved: bool = operational(False)
     keep_last: int = operational(2)  # checkpoints kept, epoch and step ones alike (best.pt is kept apart); 0: all
     #: also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only): a failure
     #: then loses at most the N − 1 steps trained since the last checkpoint (and the one it
@@ -248,6 +252,8 @@ class TrainConfig(_Part):
         if self.seed < 0:  # (numpy's generators take none: the first augmented sample would fail)
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         check_folder_name(self.name, "--name", "the run folder is --out/<name>")
+        if self.data_moved and not self.resume:
+            raise ValueError("--data-moved continues a run whose data is now elsewhere: give it with --resume (and the run's --name)")
         if not self.out.strip():  # (else the current folder, without a word)
             raise ValueError(f"--out {self.out!r} names no folder (an unset variable?): give one, or leave --out out for runs/")
         from mtl.storage import check_literal  # (as in `check_folder_name`)

@@ -37,7 +37,7 @@ from mtl.models.encoders import describe_pretrained
 from mtl.multitask import TASKS, load_baselines, task_metrics, trained_only
 from mtl.progress import RunLog, TrainProgress, class_iou_table
 from mtl.runs import (RunConflict, RunFolder, check_length, check_same_training, data_location, resolve_config, run_name, run_url,
-                      stored_config)
+                      same_kind, stored_config)
 from mtl.schedule import PolyLR
 from mtl.storage import same_location
 from mtl.strategy import DDPStrategy, PlainStrategy, Strategy
@@ -234,18 +234,20 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume:
     """A checkpoint may only continue the training it belongs to (fields listed otherwise), and
     only when asked to (``--resume``, or a `Runtime` that always resumes): never silently. Its
     data is where the run started (`TrainState.data_location`): the same relative --root given
-    in another folder names other data."""
+    in another folder names other data. With ``--data-moved`` any place holding data of the same
+    kind (folder or shards) is accepted; the split's size is still checked (`check_same_split`)."""
     if not (cfg.train.resume or always_resume):
         raise RunConflict(f"{state.get('url', 'a checkpoint')} exists: pass --resume to continue that run, or choose another "
                           f"--name/--out for a new run")
     train, url, stored = state["train_state"], state.get("url", "the checkpoint"), stored_config(state["config"])
     trained_on, here = train.get("data_location"), data_location(cfg.data)
-    same_kind = (bool(stored.data.shards), bool(stored.data.root)) == (bool(cfg.data.shards), bool(cfg.data.root))
-    located = trained_on is not None and here is not None and same_kind  # (the place decides, not its spelling)
-    if located and not same_location(trained_on, here):
+    # (the place decides, not its spelling; --data-moved: any place, of the same kind of data)
+    located = (trained_on is not None or cfg.train.data_moved) and here is not None and same_kind(stored.data, cfg.data)
+    if located and not cfg.train.data_moved and not same_location(trained_on, here):
         flag = "--shards" if cfg.data.shards else "--root"
         raise RunConflict(f"resume refused: {url} was trained on {trained_on}, and {flag} {cfg.data.shards or cfg.data.root} "
-                          f"names {here} here (a relative path given in another folder?): give the run's data")
+                          f"names {here} here (a relative path given in another folder?): give the run's data, or add "
+                          f"--data-moved if it was moved there")
     check_same_training(stored, cfg, f"checkpoint {url}", frozenset({"data.root", "data.shards"}) if located else frozenset())
     check_length(cfg.train.epochs, train.get("epoch", 0), train.get("epoch_step", 0) > 0, state.get("url", "the checkpoint"))
 
@@ -413,6 +415,7 @@ class Trainer:
             s.samples, s.epoch_samples, s.loader_workers = 0, 0, self._order_workers()
             return PolyLR(o.lr, s.total_steps, o.poly_power, o.warmup_steps)
         s.restarts += 1
+        self._record_data(s)
         if s.epochs != self.cfg.train.epochs:  # --resume --epochs N: the plan is recomputed for the new length
             s.epochs, s.total_steps = self.cfg.train.epochs, planned
         # else the same plan, perhaps with other steps per epoch now (shards dealt to another
@@ -430,6 +433,15 @@ class Trainer:
                  f"next LR {schedule(self.lr_step()):.3g}")
         self._continue_inside_epoch()
         return schedule
+
+    def _record_data(self, s: TrainState) -> None:
+        """The data this attempt trains on becomes the checkpoints' record (`check_resumable`
+        accepted it: the same place, or --data-moved; checkpoints of earlier versions had none)."""
+        here = data_location(self.cfg.data)
+        if self.cfg.train.data_moved and s.data_location != here:
+            self.log(f"--data-moved: the run goes on with its data at {here}" + (f" (it trained on {s.data_location})"
+                                                                                 if s.data_location else ""))
+        s.data_location, s.train_samples = here, self.data.num_train
 
     def _crop_note(self) -> tuple[str | None, ValueError | None]:
         """`crop_note`'s line, or its refusal of a crop no zoom fills (for new runs only)."""

@@ -100,10 +100,15 @@ def data_location(d: DataConfig) -> str | None:
     return location(d.shards) if d.shards else location(d.root) if d.root else None
 
 
+def same_kind(a: DataConfig, b: DataConfig) -> bool:
+    """Whether two configs read the same kind of data: a folder, shards, or the synthetic set."""
+    return (bool(a.shards), bool(a.root)) == (bool(b.shards), bool(b.root))
+
+
 def same_data(a: DataConfig, b: DataConfig) -> bool:
     """Whether two configs train and validate on one data set, as far as can be told here
     (`mtl.storage.same_place`; the synthetic set by its settings)."""
-    if bool(a.shards) != bool(b.shards) or bool(a.root) != bool(b.root):
+    if not same_kind(a, b):
         return False
     if a.shards or a.root:
         return same_place(a.shards or a.root, b.shards or b.root)
@@ -257,6 +262,9 @@ class RunFolder:
             raise ValueError(f"{self.url}/{CONFIG_FILE} is not a streetmtl config ({e})") from e
 
     def write_config(self, cfg: ExperimentConfig) -> None:
+        """``config.json``, synced. Without ``--data-moved``: the move it allowed is done, and the
+        saved config continues the run (--config) at the data's new place only."""
+        cfg = cfg.with_values({"train.data_moved": False})
         # (synced: --resume needs it, and a power loss must not leave it empty beside a whole checkpoint)
         write_bytes_atomic(f"{self.url}/{CONFIG_FILE}", (cfg.to_json() + "\n").encode(), sync=True)
 
@@ -301,17 +309,27 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
         if check_new:
             cfg.data.check_new()
         return cfg
+    moved = moved_data(stored, cfg)
     if stored is not None:
-        check_same_training(stored, cfg, f"run {folder.url}")
+        check_same_training(stored, cfg, f"run {folder.url}", moved)
     if not cfg.train.resume:
         raise RunConflict(f"run folder {folder.url} already holds a run with checkpoints: pass --resume to continue it, "
                           f"or choose another --name/--out for a new run")
     newest = max(t for t in (pointer, ray_ahead) if t is not None)
     check_length(cfg.train.epochs, tag_epoch(newest) or 0, inside_epoch(newest), f"{folder.url}/{CHECKPOINTS}/{newest}")
-    changed = config_diff(stored, cfg) if stored is not None else []
+    changed = config_diff(stored, cfg, moved) if stored is not None else []
     if changed:
         log(f"resuming with changed {', '.join(changed)}: the LR plan is recomputed for the new length")
     return cfg
+
+
+def moved_data(stored: ExperimentConfig | None, cfg: ExperimentConfig) -> frozenset[str]:
+    """The data fields a resume with ``--data-moved`` may change: the place of data of the kind
+    the run trained on (a folder stays a folder, shards stay shards); where its checkpoints say
+    it trained decides the rest (`mtl.engine.check_resumable`)."""
+    if not cfg.train.data_moved or stored is None or not same_kind(stored.data, cfg.data):
+        return frozenset()
+    return frozenset({"data.root", "data.shards"}) if cfg.data.shards or cfg.data.root else frozenset()
 
 
 def check_length(epochs: int, done: int, inside: bool, where: str) -> None:
@@ -338,7 +356,10 @@ def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, w
     (``also_ignore``: fields the caller has compared otherwise)."""
     differ = config_diff(stored, requested, ignore=RESUMABLE_CHANGES | also_ignore)
     if differ:
+        moved = (any(d.startswith(("data.root ", "data.shards ")) for d in differ) and same_kind(stored.data, requested.data)
+                 and not requested.train.data_moved)
         raise RunConflict(f"resume refused: {what} was trained with another configuration: {'; '.join(differ)}"
+                          + ("; if the run's data was moved there, add --data-moved" if moved else "")
                           + predates_hint(stored, requested))
 
 

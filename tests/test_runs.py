@@ -354,6 +354,30 @@ def test_cli_run_writes_config_and_log_and_follows_the_resume_rules(tiny_root, t
     assert json.loads((tmp_path / run / "config.json").read_text())["train"]["epochs"] == 2
 
 
+def test_a_run_whose_data_was_moved_resumes_with_data_moved_only(tiny_root, tmp_path):
+    """Checkpoints record where their data was: the same data at another place (a disk replaced,
+    a bucket copied) is other data until --data-moved says so. The run's record then follows the
+    data: its config.json and checkpoints name the new place, and later resumes need no flag."""
+    import shutil
+
+    old, new, runs = tmp_path / "old", tmp_path / "new", tmp_path / "runs"
+    shutil.copytree(tiny_root, old)
+    assert train_main(str(old), runs, "--name", "run").returncode == 0
+    shutil.move(old, new)
+    refused = train_main(str(new), runs, "--name", "run", "--resume", "--epochs", "2")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"data.root '{old}' -> '{new}'; if the run's data was moved there, add --data-moved" in refused.stderr
+    moved = train_main(str(new), runs, "--name", "run", "--resume", "--epochs", "2", "--data-moved")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert f"--data-moved: the run goes on with its data at {new} (it trained on {old})" in moved.stdout
+    saved = json.loads((runs / "run" / "config.json").read_text())
+    assert saved["data"]["root"] == str(new) and saved["train"]["data_moved"] is False
+    later = train_main(str(new), runs, "--name", "run", "--resume", "--epochs", "3")
+    assert later.returncode == 0 and "--data-moved" not in later.stdout, later.stdout + later.stderr
+    unasked = train_main(str(new), runs, "--name", "other", "--data-moved")
+    assert unasked.returncode == 2 and "--data-moved continues a run whose data is now elsewhere: give it with --resume" in unasked.stderr
+
+
 def test_print_config_shows_the_resolved_config_and_starts_nothing(tmp_path):
     r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "branched_vortex", "--out", str(tmp_path), "--print-config"],
                        cwd=REPO, capture_output=True, text=True)

@@ -298,7 +298,8 @@ def test_resume_refuses_another_architecture_other_data_and_a_training_split_of_
     shutil.copytree(tiny_root, tmp_path / "elsewhere" / "data")  # (other data: a copy is another place)
     monkeypatch.chdir(tmp_path / "elsewhere")
     with pytest.raises(RunConflict, match=rf"resume refused: {run_url(cfg)}/checkpoints/epoch-0001/state.pt was trained on "
-                                          rf"{root}, and --root data names {tmp_path}/elsewhere/data here"):
+                                          rf"{root}, and --root data names {tmp_path}/elsewhere/data here \(a relative path given in "
+                                          r"another folder\?\): give the run's data, or add --data-moved if it was moved there"):
         fit(again, local_runtime(again))
     from jobs import evaluate  # (evaluating it from there reads the data it trained on, as the checkpoint recorded)
 

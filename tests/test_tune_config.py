@@ -61,6 +61,7 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--sweep-name", "s*"], "error: --sweep-name 's*': '*' cannot be in the path of a run's files"),
     # each trial's run is named after the trial: a --name would be ignored
     (["--name", "x"], "error: --name: every trial's run is named after the trial (<out>/<sweep-name>/trials/<trial>): name the sweep with --sweep-name"),
+    (["--resume", "--data-moved"], "error: --data-moved continues one run (jobs/train.py --resume --name <run> --data-moved); a sweep cannot"),
 ])
 def test_bad_sweep_fails_before_any_trial(args, message, in_process):
     """jobs/tune.py's main in this process (the shell's exit code and Ray's absence: below)."""

@@ -560,7 +560,7 @@ def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> S
 
 def _check_flags(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> list[str]:
     """Flags a sweep would not follow: ValueError naming them. ``--name`` (every trial's run is
-    named after the trial); a scheduler interval that leaves --epochs no room: ASHA's grace
+    named after the trial), ``--data-moved``; a scheduler interval that leaves --epochs no room: ASHA's grace
     period must end before the last epoch (Ray refuses a longer one once it has started, and an
     equal one never stops a trial early), PBT's first perturbation must come before it (one at
     the last epoch has nothing left to train). A one-epoch sweep under ASHA (the defaults: grace
@@ -568,6 +568,9 @@ def _check_flags(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) ->
     if "train.name" in given:
         raise ValueError("--name: every trial's run is named after the trial (<out>/<sweep-name>/trials/<trial>): name the "
                          "sweep with --sweep-name")
+    if "train.data_moved" in given:  # (each trial would need it only for its own first attempt after the move)
+        raise ValueError("--data-moved continues one run (jobs/train.py --resume --name <run> --data-moved); a sweep cannot "
+                         "continue on moved data: resume it where its data was")
     epochs = base.train.epochs
     if sweep.scheduler == "asha" and epochs == sweep.grace_period == 1:
         return ["--epochs 1: ASHA stops no trial early (it judges trials after their first epoch); every trial trains it"]

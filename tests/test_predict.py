@@ -194,6 +194,19 @@ def test_which_data_a_config_means(s3_shards, tiny_root):
     assert resolve_source(ExperimentConfig(data=DataConfig(root=tiny_root))) == DataSource("folder", tiny_root)
 
 
+def test_a_folder_that_is_also_a_shard_set_is_refused_by_the_flag_that_cannot_tell_them_apart(tiny_root, tmp_path):
+    """Shards written into a Miniscapes folder leave two data sets under one name: --data (told
+    apart by a manifest) would read the shards while the user meant the folder, or the reverse."""
+    import shutil
+
+    both = shutil.copytree(tiny_root, tmp_path / "both")
+    (both / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"{both} holds both a shard set \(manifest.json\) and a Miniscapes folder "
+                                         rf"\(train/rgb/\): which one is meant cannot be told"):
+        resolve_source(ExperimentConfig(), str(both))
+    assert resolve_source(ExperimentConfig(data=DataConfig(root=str(both)))) == DataSource("folder", str(both))  # a flag that says
+
+
 # ------------------------------------------------------------------------------ prediction
 
 def _odd_images(folder) -> dict[str, tuple[int, int]]:

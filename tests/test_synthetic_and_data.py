@@ -329,6 +329,10 @@ def test_two_files_that_would_be_one_sample_are_refused_and_named_stems_keep_the
         shutil.copy(root / f"val/{mod}/1.{ext}", root / f"val/{mod}/01.{ext}")
     with pytest.raises(ValueError, match=r"val/rgb/01.jpg and .*val/rgb/1.jpg are both sample 1: rename one"):
         MiniscapesFolder(str(root), "val")
+    for mod, ext in (("rgb", "jpg"), ("semseg", "png"), ("depth", "png")):  # a number past int64: named like a word
+        os.rename(root / f"val/{mod}/01.{ext}", root / f"val/{mod}/{'9' * 20}.{ext}")
+    split = MiniscapesFolder(str(root), "val")
+    assert int(split[split.indices.index("9" * 20)]["index"]) == sample_index("9" * 20) < 2**31
 
 
 def test_a_macs_dot_files_beside_the_samples_are_not_samples(tiny_root, tmp_path):

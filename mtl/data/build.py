@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from mtl.config import DataConfig, ExperimentConfig
 from mtl.data.folder import MiniscapesFolder, split_modalities
 from mtl.data.loader import make_loader
-from mtl.data.miniscapes import LABEL_MODALITIES
+from mtl.data.miniscapes import LABEL_MODALITIES, SPLITS
 from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, manifest_url, num_samples, read_manifest
 from mtl.data.synthetic import GENERATOR_VERSION, synthesize
 from mtl.data.transforms import Augment
@@ -63,6 +63,17 @@ def is_shard_set(url: str) -> bool:
     return exists(manifest_url(url))
 
 
+def check_not_both(url: str) -> None:
+    """A shard set's prefix that is also a Miniscapes folder (shards written into one) holds two
+    data sets: which one a --root/--shards flag means cannot be told, so neither is read."""
+    if url.rstrip("/").endswith(".json"):
+        return
+    split = next((s for s in SPLITS if exists(f"{url.rstrip('/')}/{s}/rgb")), None)
+    if split is not None:
+        raise ValueError(f"{url} holds both a shard set (manifest.json) and a Miniscapes folder ({split}/rgb/): which one is "
+                         f"meant cannot be told; move the shards to a prefix of their own (python -m data_prep.shard --shards)")
+
+
 def resolve_source(cfg: ExperimentConfig, override: str | None = None) -> DataSource:
     """The data a config means: ``override`` (a ``--data`` flag: shard set or folder, told apart
     by `is_shard_set`), else ``data.shards``, else ``data.root``, else the cached synthetic set."""
@@ -71,6 +82,7 @@ def resolve_source(cfg: ExperimentConfig, override: str | None = None) -> DataSo
                          f"or leave it out for the data the checkpoint was trained on")
     if override:
         if is_shard_set(override):
+            check_not_both(override)
             return DataSource("shards", override)
         if not exists(override):  # (a mistyped path is neither: say so, not "Miniscapes folder missing: <it>/val/rgb")
             raise FileNotFoundError(f"{override} does not exist: neither a Miniscapes folder nor a shard set (a prefix "

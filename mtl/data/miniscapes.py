@@ -45,8 +45,11 @@ def check_splits(splits: tuple[str, ...]) -> None:
 def sample_index(stem: str) -> int:
     """A sample's number, from its file stem (a folder) or key (a shard): the stem itself when
     numeric (Miniscapes' ``<index>``), else a checksum of it, the same in every process. It
-    seeds the sample's augmentation and names its exported predictions."""
-    return int(stem) if stem.isdigit() else zlib.crc32(stem.encode()) & 0x7FFFFFFF
+    seeds the sample's augmentation and names its exported predictions. A number past int64
+    (which tensors hold) is checksummed too."""
+    if stem.isdigit() and int(stem) < 2**63:
+        return int(stem)
+    return zlib.crc32(stem.encode()) & 0x7FFFFFFF
 
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",

@@ -235,7 +235,8 @@ def test_mlflow_takes_a_trial_that_pbt_restarts_with_new_values(tmp_path, monkey
 def test_mlflow_continues_a_trials_run_when_the_sweep_is_resumed(tmp_path, monkeypatch):
     """`jobs/tune.py --resume` after the driver died: Tune restores the callback as it was pickled
     before any trial began, so it knows no runs. A trial it continues logs to the run the first
-    driver started for it (one run per trial, finished at the end), not to a second one."""
+    driver started for it (one run per trial, finished at the end), not to a second one. Swept
+    values that are no numbers are the run's tags."""
     pytest.importorskip("mlflow")
     import ray.cloudpickle as pickle
     from mlflow.tracking import MlflowClient
@@ -246,7 +247,7 @@ def test_mlflow_continues_a_trials_run_when_the_sweep_is_resumed(tmp_path, monke
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = f"file:{os.path.join(tmp_path, 'mlruns')}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    spec = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3"]))
+    spec = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3", "task_weighting=choice:fixed,dwa"]))
     first = mlflow_callback("resumed-sweep", spec)
     pickled = pickle.dumps(first)  # (tuner.pkl: written as the Tuner is made)
     config = {"lr": 1e-4, "base": ExperimentConfig().to_dict(), "trials_url": "/s/trials", "sweep": spec.to_dict()}
@@ -254,7 +255,7 @@ def test_mlflow_continues_a_trials_run_when_the_sweep_is_resumed(tmp_path, monke
     def log(callback, trial_id: str, epoch: int) -> Trial:
         trial = Trial("trial", config=dict(config), stub=True, trial_id=trial_id)
         callback.log_trial_start(trial)
-        result = trial_result({"epoch": epoch, "score": float(epoch)}, (), {"lr": 1e-4}, "t")
+        result = trial_result({"epoch": epoch, "score": float(epoch)}, (), {"lr": 1e-4, "task_weighting": "dwa"}, "t")
         callback.log_trial_result(1, trial, {**result, "training_iteration": 1})
         return trial
 
@@ -272,3 +273,5 @@ def test_mlflow_continues_a_trials_run_when_the_sweep_is_resumed(tmp_path, monke
     assert continued.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(continued.info.run_id, "score")] == [(1, 1.0), (2, 2.0)]
     assert by_trial["abcde_00001"].info.status == "RUNNING"  # (not continued yet)
+    # a swept value that is no number: a tag (MLflow's metrics are numbers), not a parameter
+    assert continued.data.tags["hp/task_weighting"] == "dwa" and "hp/task_weighting" not in continued.data.metrics

@@ -359,7 +359,9 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     once per trial. Tune calls ``log_trial_start`` again whenever a trial restarts (PBT's
     exploits and pauses, a retry), and MLflow refuses to change a parameter's value ("Changing
     param values is not allowed"), which PBT's perturbed values would: the swept values reach
-    MLflow with every result instead, as metrics ``hp/<name>``. Metrics are logged at the
+    MLflow with every result instead, as metrics ``hp/<name>``, and those that are no numbers
+    (a choice of words, a size) as tags ``hp/<name>`` (a tag may change; MLflow's metrics are
+    numbers, and Tune's callback drops other values without a word). Metrics are logged at the
     result's epoch: Tune's ``training_iteration`` starts at 1 again whenever a trial restarts
     without a Tune checkpoint."""
 
@@ -367,6 +369,7 @@ class SweepMLflowCallback(MLflowLoggerCallback):
         super().__init__(**kwargs)
         self.swept = {d.path for d in spec.space}
         self._params_logged: set[str] = set()
+        self._tagged: dict[str, dict[str, str]] = {}  # trial_id -> the hp tags its run has
 
     def log_trial_start(self, trial) -> None:  # noqa: ANN001 - a Tune Trial
         if trial not in self._trial_runs:
@@ -403,6 +406,29 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:  # noqa: ANN001
         step = int(result.get("epoch") or result[TRAINING_ITERATION])
         self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result, step=step)
+        self._tag_words(trial, result)
+
+    def _tag_words(self, trial, result: dict) -> None:  # noqa: ANN001 - a Tune Trial
+        """The swept values that are no numbers, as the trial's tags (set when they change)."""
+        words = {k: str(v) for k, v in result.items() if k.startswith(HP_PREFIX) and not _is_number(v)}
+        tagged = self._tagged.setdefault(trial.trial_id, {})
+        new = {k: v for k, v in words.items() if tagged.get(k) != v}
+        if new:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            for k, v in new.items():
+                client.set_tag(self._trial_runs[trial], k, v)
+            tagged.update(new)
+
+
+def _is_number(v: Any) -> bool:
+    """Whether MLflow takes ``v`` as a metric (Tune's callback logs what ``float`` accepts)."""
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _search_alg(sweep: SweepConfig, max_concurrent: int):

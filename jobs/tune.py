@@ -3,8 +3,9 @@ full Ray Train run.
 
     ray job submit --working-dir . -- python jobs/tune.py --arch branched --num-samples 32 --epochs 16 \
         --space lr=loguniform:1e-5:1e-3 --space task_weighting=choice:fixed,uncertainty,dwa,famo \
-        --out s3://bucket/sweeps --sweep-name branched-lr-tw
-    python jobs/tune.py ... --sweep-name branched-lr-tw --resume      # after the driver died, or to retry failed trials
+        --shards s3://bucket/miniscapes-shards --cpus-per-worker 10 --out s3://bucket/sweeps --sweep-name branched-lr-tw
+    ray job submit --working-dir . -- python jobs/tune.py ... --sweep-name branched-lr-tw --resume   # the same command plus
+        --resume: after the driver died, or to retry failed trials
 
 The search space: one --space per swept config field, FIELD=loguniform:LOW:HIGH,
 FIELD=uniform:LOW:HIGH or FIELD=choice:A,B,... (a field by its name or path: lr, optim.lr, or

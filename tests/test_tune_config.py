@@ -453,6 +453,14 @@ def test_a_resumed_sweep_must_ask_for_what_it_started_with(tmp_path):
                                          r"--dilated-convs all continues it\)"):
         check_resume(base, sweep, spec)
     check_resume(base.with_values({"model.dilated_convs": "all"}), sweep, spec)
+    # a resume whose Ray cluster would decide other devices (run without RAY_ADDRESS, say) is refused, not left waiting
+    from mtl.distributed.tune import check_same_devices
+
+    (tmp_path / "s" / SWEEP_FILE).write_text(json.dumps({"spec": spec.to_dict(), "base": base.with_values({"dist.use_gpu": True}).to_dict()}))
+    check_same_devices(str(tmp_path / "s"), True)
+    with pytest.raises(ValueError, match=r"--resume: the sweep at .*/s trains on GPUs, and this Ray cluster would give its trials "
+                                         r"CPUs: resume it on the cluster it started on \(ray job submit"):
+        check_same_devices(str(tmp_path / "s"), False)
     from mtl.distributed.tune import check_new
 
     with pytest.raises(FileExistsError, match=r"a sweep is already at .*/s: --resume continues it, or choose another --sweep-name"):

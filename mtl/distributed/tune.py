@@ -687,9 +687,11 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, resum
     from mtl.distributed.ray_train import connect, plan
     from mtl.storage import write_bytes_atomic
 
-    workers = plan(base, connect(base))  # the GPU decision, once for every trial; fails fast if never placeable
-    base = dataclasses.replace(base, dist=dataclasses.replace(base.dist, use_gpu=workers.use_gpu))
     url = sweep_url(base, sweep)
+    workers = plan(base, connect(base))  # the GPU decision, once for every trial; fails fast if never placeable
+    if resume:
+        check_same_devices(url, workers.use_gpu)
+    base = dataclasses.replace(base, dist=dataclasses.replace(base.dist, use_gpu=workers.use_gpu))
     trainable = tune.with_resources(_trial, trial_resources())  # the trial itself only waits; Train workers hold the resources
     if resume:
         if not tune.Tuner.can_restore(url):
@@ -699,6 +701,23 @@ def run_sweep(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, resum
     stored = {"spec": spec.to_dict(), "sweep": {k: getattr(sweep, k) for k in STORED_SWEEP_FLAGS}, "base": base.to_dict()}
     write_bytes_atomic(f"{url}/{SWEEP_FILE}", json.dumps(stored, indent=1).encode())
     return tuner.fit()
+
+
+def check_same_devices(url: str, use_gpu: bool) -> None:
+    """A resumed sweep's trials train on the devices the sweep started with (Tune restores them
+    with that decision): a resume that would decide otherwise, e.g. run without RAY_ADDRESS on a
+    machine without GPUs, so on a Ray instance of its own, is refused instead of leaving its
+    trials waiting for GPUs that never come."""
+    from mtl.runs import stored_config
+    from mtl.storage import read_bytes
+
+    raw = read_bytes(f"{url}/{SWEEP_FILE}")
+    stored = stored_config(json.loads(raw)["base"]).dist.use_gpu if raw is not None else None
+    if stored is not None and stored != use_gpu:
+        kind = lambda gpu: "GPUs" if gpu else "CPUs"  # noqa: E731
+        raise ValueError(f"--resume: the sweep at {url} trains on {kind(stored)}, and this Ray cluster would give its trials "
+                         f"{kind(use_gpu)}: resume it on the cluster it started on (ray job submit --working-dir . -- python "
+                         f"jobs/tune.py ... --resume), or give {'--use-gpu if GPUs will join this one' if stored else '--no-use-gpu'}")
 
 
 def _new_tuner(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, trainable, concurrent: int):  # noqa: ANN001

@@ -137,20 +137,51 @@ def check_before_ray(given: ExperimentConfig, base: ExperimentConfig, spec) -> N
     from mtl.multitask import load_baselines
 
     check_worker_paths(given)  # (the flags as given: base has --baselines made absolute)
+    check_sweep_out(base)
     for d in spec.space:  # (--space root=choice:/a,/b)
         for v in d.values:
             try:
                 check_worker_paths(given.with_values({d.path: v}))
             except ValueError as e:
                 raise ValueError(f"--space {d.text}: {e}") from None
+    places = data_places(base, spec.space)
+    check_data_here(places)
     if base.train.resume:  # (what started the sweep was checked then; its trials' runs hold their crops and baselines)
         return
     check_crops_here(base, spec.space)
     if spec.baselines:
-        data = ("data.root", "data.shards", "data.synthetic_size", "data.synthetic_counts")
-        places = [base.with_values({d.path: v}) for d in spec.space if d.path in data for v in d.values]
-        for cfg in places or [base]:
+        for cfg in places:
             load_baselines(spec.baselines, cfg.data)
+
+
+def data_places(base: ExperimentConfig, space) -> list[ExperimentConfig]:  # noqa: ANN001 - the sweep's dimensions
+    """The base with each data value a trial may draw (--space root=choice:/a,/b), or the base."""
+    data = ("data.root", "data.shards", "data.synthetic_size", "data.synthetic_counts")
+    return [base.with_values({d.path: v}) for d in space if d.path in data for v in d.values] or [base]
+
+
+def check_data_here(places: list[ExperimentConfig]) -> None:
+    """Each folder or shard set a trial may train on opens here (its training split found, its
+    files paired): else every trial would fail on it inside Tune, and be retried."""
+    from mtl.data.build import open_split, resolve_source
+
+    for cfg in places:
+        if cfg.data.root or cfg.data.shards:
+            open_split(resolve_source(cfg), "train")
+
+
+def check_sweep_out(base: ExperimentConfig) -> None:
+    """A trial's config.json given as --config carries its --out, the trials folder of its own
+    sweep: a sweep there would live among that sweep's trials (and its reports beside theirs)."""
+    from mtl.distributed.tune import SWEEP_FILE
+    from mtl.runs import out_root
+    from mtl.storage import exists
+
+    out = out_root(base.train.out).rstrip("/")
+    parent, _, leaf = out.rpartition("/")
+    if leaf == "trials" and parent and exists(f"{parent}/{SWEEP_FILE}"):
+        raise ValueError(f"--out {out} is the trials folder of the sweep at {parent} (a trial's config.json as --config "
+                         f"names it): give the new sweep's --out, e.g. --out {parent.rpartition('/')[0]}")
 
 
 def check_crops_here(base: ExperimentConfig, space) -> None:  # noqa: ANN001 - the sweep's dimensions

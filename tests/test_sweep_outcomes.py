@@ -156,16 +156,16 @@ class _Result:
 SPEC = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3"]))
 
 
-def _sweep(monkeypatch, tmp_path, results):
+def _sweep(monkeypatch, tmp_path, results, root):
     from jobs import tune as tune_cli
     from mtl.distributed import tune
 
     monkeypatch.setattr(tune, "run_sweep", lambda *a, **k: results)
-    return tune_cli.main(["--root", str(tmp_path), "--out", str(tmp_path), "--sweep-name", "s", "--epochs", "3",
+    return tune_cli.main(["--root", root, "--out", str(tmp_path), "--sweep-name", "s", "--epochs", "3",
                           "--space", "lr=loguniform:1e-5:1e-3"])
 
 
-def test_a_sweep_with_a_diverged_trial_reports_it_and_exits_0(tmp_path, monkeypatch, capsys):
+def test_a_sweep_with_a_diverged_trial_reports_it_and_exits_0(tmp_path, monkeypatch, capsys, tiny_root):
     """Values that make training diverge are a finding of the sweep, not a failure: the trial
     shows as diverged (ranked by the epochs it finished), the sweep exits 0."""
     nan = float("nan")
@@ -175,14 +175,14 @@ def test_a_sweep_with_a_diverged_trial_reports_it_and_exits_0(tmp_path, monkeypa
     rows = SweepReport(SPEC, ("semseg", "depth")).rows(results, max_epochs=3)
     assert [(r.name, r.status, r.epochs, r.best_epoch) for r in rows] == [("good", "completed", 3, 3), ("hot", "diverged", 1, 1),
                                                                            ("hotter", "diverged", 0, 0)]
-    rc = _sweep(monkeypatch, tmp_path, results)
+    rc = _sweep(monkeypatch, tmp_path, results, tiny_root)
     out, err = capsys.readouterr()
     assert rc == 0 and not err, err
     assert "2 of 3 trials diverged (hot, hotter)" in out and "best trial: good" in out
     assert (tmp_path / "s" / "results.csv").read_text().count(",diverged,") == 2
 
 
-def test_an_interrupted_sweep_lists_its_unfinished_trials_and_exits_1(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_sweep_lists_its_unfinished_trials_and_exits_1(tiny_root, tmp_path, monkeypatch, capsys):
     """Ctrl-C stops Tune's loop and its trials; Tune returns their results as if they had ended.
     Their last result is not 'done' (Tune never saw them end): they are unfinished, not stopped
     early by ASHA, and the sweep exits 1 pointing at --resume."""
@@ -191,7 +191,7 @@ def test_an_interrupted_sweep_lists_its_unfinished_trials_and_exits_1(tmp_path, 
                _Result("trained-all", [20.0, 25.0, 30.0], {"epoch": 3})]  # (restored by --resume: 'done' may be lost)
     rows = {r.name: r.status for r in SweepReport(SPEC, ("semseg", "depth")).rows(results, max_epochs=3)}
     assert rows == {"asha-stopped": "stopped early", "running": "unfinished", "pending": "unfinished", "trained-all": "completed"}
-    rc = _sweep(monkeypatch, tmp_path, results)
+    rc = _sweep(monkeypatch, tmp_path, results, tiny_root)
     _, err = capsys.readouterr()
     assert rc == 1
     assert ("error: the sweep was interrupted: 2 of 4 trials are unfinished (running, pending); the same command with --resume "

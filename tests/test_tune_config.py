@@ -61,6 +61,9 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--sweep-name", "s*"], "error: --sweep-name 's*': '*' cannot be in the path of a run's files"),
     # each trial's run is named after the trial: a --name would be ignored
     (["--name", "x"], "error: --name: every trial's run is named after the trial (<out>/<sweep-name>/trials/<trial>): name the sweep with --sweep-name"),
+    # data a trial would not find: every trial would fail on it inside Tune (and be retried)
+    (["--root", "/nonexistent/a"], "error: Miniscapes folder missing: /nonexistent/a/train/rgb"),
+    (["--space", "shards=choice:/nonexistent/s"], "error: no shard manifest at /nonexistent/s/manifest.json"),
     (["--resume", "--data-moved"], "error: --data-moved continues one run (jobs/train.py --resume --name <run> --data-moved); a sweep cannot"),
 ])
 def test_bad_sweep_fails_before_any_trial(args, message, in_process):
@@ -72,6 +75,27 @@ def test_bad_sweep_fails_before_any_trial(args, message, in_process):
     r = in_process(main, args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not ray.is_initialized()  # Ray was never started
+
+
+def test_a_sweep_from_a_trials_config_does_not_land_among_that_sweeps_trials(tmp_path, in_process):
+    """A trial's config.json as --config (refining around the best trial) carries that trial's
+    --out, the old sweep's trials folder: refused, naming a place for the new sweep."""
+    import ray
+
+    from jobs.tune import check_sweep_out, main
+    from mtl.distributed.tune import SWEEP_FILE
+
+    trials = tmp_path / "sweeps" / "old" / "trials"
+    os.makedirs(trials / "t1")
+    (tmp_path / "sweeps" / "old" / SWEEP_FILE).write_text("{}")
+    trial = ExperimentConfig().with_values({"train.out": str(trials), "train.name": "t1"})
+    (trials / "t1" / "config.json").write_text(trial.to_json())
+    r = in_process(main, ["--config", str(trials / "t1" / "config.json"), "--sweep-name", "refine"])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert (f"error: --out {trials} is the trials folder of the sweep at {tmp_path}/sweeps/old (a trial's config.json as "
+            f"--config names it): give the new sweep's --out, e.g. --out {tmp_path}/sweeps") in r.stderr
+    assert not ray.is_initialized() and sorted(os.listdir(tmp_path / "sweeps")) == ["old"]
+    check_sweep_out(trial.with_values({"train.out": str(tmp_path / "sweeps")}))  # --out given: the sweep goes there
 
 
 def test_a_bad_sweep_from_the_shell_exits_2_before_ray_starts():
@@ -330,7 +354,7 @@ def test_the_report_has_a_column_per_swept_field_and_the_best_trial_first(tmp_pa
     assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_sweep_with_a_failed_trial_reports_the_others_and_exits_1(tmp_path, monkeypatch, capsys):
+def test_a_sweep_with_a_failed_trial_reports_the_others_and_exits_1(tiny_root, tmp_path, monkeypatch, capsys):
     """A pipeline must not take a sweep that lost trials for a whole one: the report of the others,
     a line naming the failed ones, exit status 1."""
     from jobs import tune as tune_cli
@@ -339,7 +363,7 @@ def test_a_sweep_with_a_failed_trial_reports_the_others_and_exits_1(tmp_path, mo
     hp = {"lr": 3.2e-4}
     failure = RuntimeError("s3://bucket/shards: cannot reach it")  # (before training: no train.log says it)
     monkeypatch.setattr(tune, "run_sweep", lambda *a, **k: [_Result("strong", hp, [20.0, 30.0]), _Result("broken", hp, [], failure)])
-    rc = tune_cli.main(["--root", str(tmp_path), "--out", str(tmp_path), "--sweep-name", "s", "--epochs", "2",
+    rc = tune_cli.main(["--root", tiny_root, "--out", str(tmp_path), "--sweep-name", "s", "--epochs", "2",
                         "--space", "lr=loguniform:1e-5:1e-3"])
     out, err = capsys.readouterr()
     assert rc == 1 and "best trial: strong" in out and "error: 1 of 2 trials failed (broken)" in err, out + err

@@ -73,6 +73,9 @@ def run(a: EvaluateCommand) -> int:
     check_flags(a)
     device = resolve_device(a.device)
     m = load_model(model_url(a), device)
+    if a.as_submitted and "depth" not in m.cfg.optim.tasks:
+        raise ValueError(f"--as-submitted scores the depth as its PNGs would hold it, and {m.url} predicts "
+                         f"{', '.join(m.cfg.optim.tasks)} only: leave it out")
     source = resolve_source(trained_data(m), a.data)
     check_trained_data(m, source, a.data)
     inputs = (source.url, m.url, *a.baselines)  # what the exported folder must not replace
@@ -89,16 +92,21 @@ def run(a: EvaluateCommand) -> int:
     print(f"{m.url}: {m.cfg.model.arch}, {m.trained}, {data.num_samples} {a.split} samples from {data.where}", flush=True)
     if note := size_note(m, data):
         print(note, flush=True)
+    metrics = None
     if a.metrics and not data.has_labels:
         print(f"no metrics computed: {data.where} has no labels (rgb only)", flush=True)
     elif a.metrics:
-        report_metrics(a, m, baselines, data, device)
+        metrics = report_metrics(a, m, baselines, data, device)
     if a.export:
         viz = 8 if a.viz is None else a.viz
         tasks = m.cfg.optim.tasks
         n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, viz, a.overwrite,
                                inputs=inputs, tasks=tasks)
         print(f"exported {n} predictions to {a.export} ({listed_folders(tasks)}){single_task_note(tasks)}")
+    if a.json and metrics is not None:  # (after the export: a failed one leaves no result file that blocks the rerun)
+        from mtl.storage import json_bytes, write_bytes_atomic
+
+        write_bytes_atomic(a.json, json_bytes(metrics))  # whole or not at all, as every result file
     return 0
 
 
@@ -228,10 +236,9 @@ def split_metrics(loaded, data, a: EvaluateCommand, device, baselines: dict | No
     return task_metrics(state.compute(), loaded.cfg.optim.tasks, baselines)
 
 
-def report_metrics(a: EvaluateCommand, m, baselines: dict, data, device) -> None:
-    """Print (and with --json write) the split's metrics, with Δm against ``baselines`` if any."""
+def report_metrics(a: EvaluateCommand, m, baselines: dict, data, device) -> dict:
+    """Print the split's metrics, with Δm against ``baselines`` if any; returns them."""
     from mtl.progress import class_iou_table, metrics_table, wide_console
-    from mtl.storage import json_bytes, write_bytes_atomic
 
     base = {task: split_metrics(b, data, a, device) for task, b in baselines.items()}
     metrics = split_metrics(m, data, a, device, base)
@@ -245,8 +252,7 @@ def report_metrics(a: EvaluateCommand, m, baselines: dict, data, device) -> None
                            f"{base[t]['miou' if t == 'semseg' else 'si_log_rmse']:.2f})" for t, b in baselines.items())
         console.print(f"Δm {metrics['delta_m']:+.2f} % against the single-task baselines on the same {a.split} images: {scores} "
                       f"(lower is better)")
-    if a.json:  # whole or not at all, as every result file
-        write_bytes_atomic(a.json, json_bytes(metrics))
+    return metrics
 
 
 if __name__ == "__main__":

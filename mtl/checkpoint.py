@@ -143,11 +143,19 @@ def load_safely(data: bytes | io.IOBase, name: str, map_location: str | torch.de
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else type(e).__name__)
         if "GLOBAL" not in detail:  # not a forbidden class: bytes that are no pickle at all
-            raise ValueError(f"checkpoint {name} is unreadable or corrupt ({detail})") from None
+            raise ValueError(f"checkpoint {name} is unreadable or corrupt ({_why_corrupt(data, detail)})") from None
         raise ValueError(f"checkpoint {name} holds Python objects besides tensors and plain data; refused, since loading "
                          f"it could run code ({detail})") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise ValueError(f"checkpoint {name} is unreadable or corrupt ({e})") from e
+        raise ValueError(f"checkpoint {name} is unreadable or corrupt ({_why_corrupt(data, str(e))})") from e
+
+
+def _why_corrupt(data: bytes | io.IOBase, detail: str) -> str:
+    """torch's reason, or what the bytes show when it gives none (an empty file: EOFError(''))."""
+    if isinstance(data, bytes) and not data:
+        return "the file is empty (0 bytes)"
+    first = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "")
+    return first or "no reason given by torch.load"
 
 
 def rng_state() -> dict[str, Any]:
@@ -408,6 +416,15 @@ class FolderStorage:
         return next((t for t in older if exists(f"{self.index.url}/{t}/{STATE_FILE}")), None)
 
 
+def older_checkpoints(run_url: str, tag: str) -> str:
+    """What else of the run at ``run_url`` loads when its checkpoint ``tag`` does not: the
+    newest whole one its pointer lists before it, and ``best.pt`` (for an error's end)."""
+    whole = FolderStorage(run_url).before(tag)
+    usable = ([f"{run_url}/{CHECKPOINTS}/{whole}"] if whole else []) + ([f"{run_url}/{BEST_FILE}"]
+                                                                       if exists(f"{run_url}/{BEST_FILE}") else [])
+    return f"; these load: {', '.join(usable)}" if usable else ""
+
+
 def _missing(checkpoints_url: str, tag: str) -> str:
     return f"{checkpoints_url}/{POINTER} names checkpoint {tag}, but {checkpoints_url}/{tag}/{STATE_FILE} is missing"
 
@@ -642,7 +659,20 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {url}")
         data = fs.cat_file(path)
-    return _checked(load_safely(data, url, map_location), url)
+    try:
+        return _checked(load_safely(data, url, map_location), url)
+    except ValueError as e:  # (the run folder's latest, corrupt: name what else loads)
+        run, tag = _run_and_tag(url)
+        raise ValueError(f"{e}{older_checkpoints(run, tag) if run else ''}") from e
+
+
+def _run_and_tag(url: str) -> tuple[str | None, str]:
+    """``(<run>, <tag>)`` for ``<run>/checkpoints/<tag>/state.pt``, else ``(None, "")``."""
+    head, _, file = url.rpartition("/")
+    run, _, tag = head.rpartition("/")
+    if file != STATE_FILE or not run.endswith(f"/{CHECKPOINTS}"):
+        return None, ""
+    return run[: -len(CHECKPOINTS) - 1], tag
 
 
 def checkpoint_in_folder(url: str) -> str:
@@ -659,7 +689,7 @@ def checkpoint_in_folder(url: str) -> str:
         if tag:  # the run's pointer names its checkpoint: that one or an error, never an older file
             found = [n for n in (f"{CHECKPOINTS}/{tag}/{STATE_FILE}", f"{CHECKPOINTS}/{tag}.pt") if fs.exists(f"{path}/{n}")]
             if not found:
-                raise FileNotFoundError(_missing(f"{url}/{CHECKPOINTS}", tag))
+                raise FileNotFoundError(_missing(f"{url}/{CHECKPOINTS}", tag) + older_checkpoints(url, tag))
             yield found[0]
             return
         entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)

@@ -81,10 +81,14 @@ def load_model(checkpoint: str, device: torch.device | str = "cpu") -> LoadedMod
     state = load_checkpoint(checkpoint)
     url = state["url"]
     try:
+        if "model" not in state["config"]:  # (else the default architecture, and a misleading "does not fit")
+            raise KeyError("config.model")
         cfg = stored_config(state["config"])
         weights = state["model"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {url} lacks a usable config or model ({type(e).__name__}: {e})") from e
+    except ValueError as e:  # (its messages name flags; these values come from the file: say so)
+        raise ValueError(f"checkpoint {url}: its stored config cannot be used by this version of streetmtl ({e})") from e
     model = build_model(replace(cfg.model, pretrained=None))
     try:
         model.load_state_dict(weights)

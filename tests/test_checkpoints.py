@@ -737,7 +737,7 @@ def test_a_corrupt_latest_checkpoint_says_how_to_go_on_and_its_deletion_resumes_
     pointer lists before it, saying which it passed over. Nothing listed before it: start over."""
     from torch import nn
 
-    from mtl.checkpoint import Checkpointer, FolderStorage, TrainState
+    from mtl.checkpoint import Checkpointer, FolderStorage, TrainState, load_checkpoint
     from mtl.strategy import PlainStrategy
 
     run = str(tmp_path / "run")
@@ -760,11 +760,21 @@ def test_a_corrupt_latest_checkpoint_says_how_to_go_on_and_its_deletion_resumes_
     shutil.rmtree(tmp_path / "run/checkpoints/epoch-0002")  # (damaged too, and deleted first: the advice skips it)
     with pytest.raises(ValueError, match=r"; delete the folder .*/epoch-0003 and the resume goes on from epoch-0001, "):
         checkpointer(resumed).restore()
+    # evaluate.py and predict.py load the run folder's latest: refused too, naming what loads
+    with pytest.raises(ValueError, match=rf"epoch-0003/state.pt is unreadable or corrupt \(.*\); these load: "
+                                         rf"{run}/checkpoints/epoch-0001$"):
+        load_checkpoint(run)
     shutil.rmtree(tmp_path / "run/checkpoints/epoch-0003")
+    with pytest.raises(FileNotFoundError, match=rf"names checkpoint epoch-0003, but .* is missing; these load: "
+                                                rf"{run}/checkpoints/epoch-0001$"):  # (evaluation picks none by itself)
+        load_checkpoint(run)
     loaded = checkpointer(resumed).restore()
     assert resumed.epoch == 1 and loaded["skipped"] == ["epoch-0003", "epoch-0002"]
     assert loaded["url"] == f"{run}/checkpoints/epoch-0001/state.pt"
     state = tmp_path / "run/checkpoints/epoch-0001/state.pt"
+    state.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"epoch-0001/state.pt is unreadable or corrupt \(the file is empty \(0 bytes\)\)$"):
+        load_checkpoint(str(state))
     state.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=rf"; no checkpoint before it is listed: delete {run}/checkpoints to train the run from "
                                          rf"its start$"):

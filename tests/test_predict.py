@@ -254,6 +254,27 @@ def test_at_the_models_own_size_prediction_is_the_plain_forward_pass(tiny_root, 
         predict_images(model.model, [rgb], codec=DepthCodec("log"))
 
 
+def test_a_checkpoint_whose_stored_config_this_version_cannot_use_is_named(tiny_root, tmp_path, make_run):
+    """The config inside a checkpoint (edited, or written by a newer version) is the file's, not
+    flags the user gave: errors name the checkpoint; one without a model part never silently
+    builds the default architecture."""
+    from mtl.checkpoint import checkpoint_bytes, load_safely
+    from mtl.predict import load_model
+
+    run = make_run(DataConfig(root=tiny_root))
+    state = load_safely((tmp_path / "run/checkpoints/epoch-0001/state.pt").read_bytes(), "state.pt")
+    for change, message in [(lambda c: c["model"].update(arch="nosuch"),
+                             r"its stored config cannot be used by this version of streetmtl \(--arch must be one of"),
+                            (lambda c: c["model"].update(newfield=1), r"cannot be used by this version of streetmtl \(unknown config"),
+                            (lambda c: c.pop("model"), r"lacks a usable config or model \(KeyError: 'config.model'\)")]:
+        config = json.loads(json.dumps(state["config"]))
+        change(config)
+        file = tmp_path / "edited.pt"
+        file.write_bytes(checkpoint_bytes({k: v for k, v in state.items() if k != "format"} | {"config": config}))
+        with pytest.raises(ValueError, match=rf"checkpoint {file}(:|) .*{message}"):
+            load_model(str(file))
+
+
 def test_a_step_checkpoint_says_how_far_into_its_epoch_it_is(tiny_root, make_run, capsys):
     run = make_run(DataConfig(root=tiny_root), name="inside", epoch_step=3)
     rc, stdout, err = _evaluate(capsys, "--checkpoint", run, "--no-metrics")
@@ -277,6 +298,24 @@ def test_a_single_task_models_export_holds_its_own_task_only(tiny_root, tmp_path
     assert Image.open(next((tmp_path / "p-dep/viz").iterdir())).size == (2 * 128, 64)  # rgb | prediction
     [(labels, depth_m)] = predict_images(seg, [f"{tiny_root}/test/rgb/0.jpg"], device="cpu")
     assert labels.shape == (64, 128) and depth_m is None
+    rc, _, err = _evaluate(capsys, "--checkpoint", seg, "--as-submitted")  # (it quantises a depth there is none of)
+    assert rc == 2 and f"--as-submitted scores the depth as its PNGs would hold it, and {seg}/checkpoints/epoch-0001/state.pt " \
+                       f"predicts semseg only: leave it out" in err, err
+
+
+def test_a_failed_export_leaves_no_metrics_file_that_would_block_the_rerun(tiny_root, tmp_path, make_run, capsys, monkeypatch):
+    import mtl.export
+
+    def fails(*a, **k):
+        raise ValueError("the depth predicted for 0: depth is not a number at 8192 pixel(s)")
+
+    run = make_run(DataConfig(root=tiny_root))
+    monkeypatch.setattr(mtl.export, "export_predictions", fails)
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--json", tmp_path / "m.json", "--export", tmp_path / "e")
+    assert rc == 2 and "depth is not a number" in err and not (tmp_path / "m.json").exists()
+    monkeypatch.undo()
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--json", tmp_path / "m.json", "--export", tmp_path / "e", "--viz", "0")
+    assert rc == 0 and json.loads((tmp_path / "m.json").read_text())["miou"] >= 0, err
     # so do training's validation pictures (TensorBoard, MLflow)
     from mtl.engine import draw_predictions
 

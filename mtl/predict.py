@@ -32,6 +32,7 @@ from mtl.atomic import atomic_dir
 from mtl.checkpoint import TrainState, load_checkpoint
 from mtl.config import ExperimentConfig, parse_size
 from mtl.data.batch import normalize_rgb
+from mtl.data.miniscapes import why_not_an_image
 from mtl.engine import autocast, resolve_device
 from mtl.export import OUTPUT_FOLDERS, make_output_folders, write_prediction
 from mtl.losses import DepthCodec
@@ -169,7 +170,7 @@ def read_image(url: str) -> np.ndarray:
         if not img.mode.startswith(("I", "F")):
             return np.array(img.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise ValueError(f"{url}: cannot decode image ({e})") from e
+        raise ValueError(f"{url}: cannot decode image ({why_not_an_image(data, e)})") from e
     raise ValueError(f"{url}: a {fmt} image in mode {img.mode} (more than 8 bits per value): save it as an 8-bit image")
 
 

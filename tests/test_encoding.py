@@ -56,6 +56,8 @@ def test_invalid_depth_stays_invalid():
     with pytest.raises(ValueError, match="depth is not a number at 1 pixel"):
         metres_to_disparity_png(depth, np.ones(depth.shape, bool))
     assert metres_to_disparity_png(depth, np.isfinite(depth)).tolist() == [[codes[0, 0], 255, 0, 1, 255]]
+    far = np.array([[np.inf, 300.0]], np.float32)  # (an overflowed prediction is far, not "not a number")
+    assert metres_to_disparity_png(far, np.ones(far.shape, bool)).tolist() == [[1, 1]]
 
 
 def test_labels_keep_ignore_and_palette_indices():

@@ -355,6 +355,8 @@ def test_predict_cli_and_its_errors(tmp_path, make_run, capsys):
     assert "no images (.jpg, .jpeg, .png) in" in fails(run, tmp_path / "empty")
     (tmp_path / "imgs" / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     assert f"{tmp_path}/imgs/zz-broken.jpg: cannot decode image" in fails(run, tmp_path / "imgs", "--batch-size", "2")
+    (tmp_path / "imgs" / "zz-broken.jpg").write_bytes(b"")  # (PIL's words name a buffer: the file's are said instead)
+    assert f"{tmp_path}/imgs/zz-broken.jpg: cannot decode image (the file is empty (0 bytes))" in fails(run, tmp_path / "imgs")
     os.remove(tmp_path / "imgs" / "zz-broken.jpg")
     assert "does not record the input size it was trained at: pass --size HxW" in fails(old, tmp_path / "imgs")
     assert "--size must be HxW" in fails(old, tmp_path / "imgs", "--size", "64by128")

@@ -119,15 +119,15 @@ def disparity_png_to_metres(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def metres_to_disparity_png(depth: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """Depth in metres -> uint8 disparity codes (the inverse of `disparity_png_to_metres`).
 
-    Depth is clamped to 4..300 m; pixels outside ``valid`` become 0 (without ``valid``: those
-    with depth <= 0 or not a number). A ``valid`` pixel that is not a number is a ValueError:
-    no code stands for it, and 0 would say "no measurement" (a diverged model's output).
+    Depth is clamped to 4..300 m (+inf: 300 m); pixels outside ``valid`` become 0 (without
+    ``valid``: those with depth <= 0 or not finite). A ``valid`` pixel that is not a number is a
+    ValueError: no code stands for it, and 0 would say "no measurement" (a diverged model's output).
     """
     depth = np.asarray(depth, dtype=np.float64)
     if valid is None:
         valid = np.isfinite(depth) & (depth > 0)
     else:
-        nan = int((~np.isfinite(depth[valid])).sum())
+        nan = int(np.isnan(depth[valid]).sum())
         if nan:
             raise ValueError(f"depth is not a number at {nan} pixel(s)")
     return np.where(valid, metres_to_code(np.where(valid, depth, DEPTH_MAX_M)), 0).astype(np.uint8)
@@ -217,7 +217,7 @@ def _fast_png_raw(data: bytes) -> np.ndarray | None:
 _RGB_MODES = ("RGB", "L", "CMYK", "YCbCr")
 
 
-def _why_not_an_image(data: bytes, e: Exception) -> str:
+def why_not_an_image(data: bytes, e: Exception) -> str:
     """PIL's reason, in words about the file: "cannot identify image file <_io.BytesIO object at
     0x7f…>" names a buffer nobody sees."""
     if not data:
@@ -238,7 +238,7 @@ def decode_rgb(data: bytes, name: str = "rgb") -> np.ndarray:
         if mode in _RGB_MODES:
             return np.array(img.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise ValueError(f"{name}: cannot decode RGB JPEG ({_why_not_an_image(data, e)})") from e
+        raise ValueError(f"{name}: cannot decode RGB JPEG ({why_not_an_image(data, e)})") from e
     raise ValueError(f"{name}: expected an RGB or gray JPEG, got a {fmt} image in mode {mode} (its values would not survive "
                      f"conversion to 8-bit RGB)")
 
@@ -251,7 +251,7 @@ def _decode_png_raw(data: bytes, name: str) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{name}: cannot decode PNG ({_why_not_an_image(data, e)})") from e
+        raise ValueError(f"{name}: cannot decode PNG ({why_not_an_image(data, e)})") from e
     if img.format != "PNG":  # (a lossy JPEG's class ids and disparity codes are off by some)
         raise ValueError(f"{name}: expected a PNG, got a {img.format} image")
     if img.mode not in ("P", "L"):

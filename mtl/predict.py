@@ -188,10 +188,35 @@ def predict_arrays(loaded: LoadedModel, rgbs: Sequence[np.ndarray], size: tuple[
     results = []
     for j, rgb in enumerate(rgbs):
         hw = tuple(rgb.shape[:2])
-        labels = _resize(logits[j:j + 1].float(), hw).argmax(1)[0].to(torch.uint8) if "semseg" in tasks else None
+        labels = _labels(logits[j:j + 1].float(), hw) if "semseg" in tasks else None
         metres = loaded.codec.decode(_resize(depth[j:j + 1].float(), hw)[0, 0]) if "depth" in tasks else None
         results.append((None if labels is None else labels.cpu().numpy(), None if metres is None else metres.float().cpu().numpy()))
     return results
+
+
+#: class scores upscaled at once by `_labels` (64 MiB of float32): all 19 of a 48-megapixel
+#: photo's would take 3.6 GB, an out-of-memory error on a small GPU or a laptop
+_BAND_VALUES = 1 << 24
+
+
+def _labels(logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The classes (H x W uint8) of 1 x C x h x w ``logits`` upscaled bilinearly to ``hw`` (as
+    `F.interpolate` does, align_corners=False), a band of rows at a time: bilinear is separable,
+    so the columns are upscaled first, at the network's few rows, then each band of rows is
+    blended from the two source rows around it, as interpolate places them."""
+    if tuple(logits.shape[-2:]) == tuple(hw):
+        return logits.argmax(1)[0].to(torch.uint8)
+    (c, h), (height, width) = logits.shape[1:3], hw
+    wide = F.interpolate(logits, size=(h, width), mode="bilinear", align_corners=False)[0]  # C x h x W
+    out = torch.empty(hw, dtype=torch.uint8, device=logits.device)
+    step = max(1, _BAND_VALUES // (c * width))
+    for r0 in range(0, height, step):
+        rows = torch.arange(r0, min(height, r0 + step), device=logits.device, dtype=torch.float32)
+        src = ((rows + 0.5) * (h / height) - 0.5).clamp(min=0)
+        i0 = src.floor().long().clamp(max=h - 1)
+        i1, frac = (i0 + 1).clamp(max=h - 1), (src - i0)[:, None]
+        out[r0:r0 + len(rows)] = (wide[:, i0] * (1 - frac) + wide[:, i1] * frac).argmax(0).to(torch.uint8)
+    return out
 
 
 def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

@@ -303,6 +303,21 @@ def test_a_single_task_models_export_holds_its_own_task_only(tiny_root, tmp_path
                        f"predicts semseg only: leave it out" in err, err
 
 
+def test_labels_of_a_large_photo_are_upscaled_a_band_of_rows_at_a_time_as_interpolate_would(monkeypatch):
+    """All class scores of a 48-megapixel photo at once would take 3.6 GB; a band at a time
+    gives the labels that upscaling everything at once gives."""
+    import torch.nn.functional as F
+
+    import mtl.predict
+
+    torch.manual_seed(0)
+    for (h, w), (height, width) in [((8, 16), (37, 61)), ((64, 128), (300, 400)), ((16, 32), (16, 100)), ((64, 128), (32, 64))]:
+        logits = torch.randn(1, 19, h, w)
+        monkeypatch.setattr(mtl.predict, "_BAND_VALUES", 19 * width * 5)  # bands of 5 rows
+        whole = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False).argmax(1)[0]
+        assert torch.equal(mtl.predict._labels(logits, (height, width)), whole.to(torch.uint8))
+
+
 def test_a_failed_export_leaves_no_metrics_file_that_would_block_the_rerun(tiny_root, tmp_path, make_run, capsys, monkeypatch):
     import mtl.export
 

@@ -102,7 +102,7 @@ def run(a: EvaluateCommand) -> int:
         tasks = m.cfg.optim.tasks
         n = export_predictions(m.model, data.dataset, a.export, m.codec, device, m.amp(), a.batch_size, viz, a.overwrite,
                                inputs=inputs, tasks=tasks)
-        print(f"exported {n} predictions to {a.export} ({listed_folders(tasks)}){single_task_note(tasks)}")
+        print(f"exported {n} predictions to {a.export} ({listed_folders(tasks, min(n, viz))}){single_task_note(tasks)}")
     if a.json and metrics is not None:  # (after the export: a failed one leaves no result file that blocks the rerun)
         from mtl.storage import json_bytes, write_bytes_atomic
 

@@ -62,7 +62,7 @@ def run(a: PredictCommand) -> int:
     n = predict_to_folder(model, images, a.out, hw, a.batch_size, viz=a.viz, overwrite=a.overwrite)
     tasks = model.cfg.optim.tasks
     print(f"wrote {n} predictions of {model.url} ({model.cfg.model.arch}, input size {hw[0]}x{hw[1]}) to {a.out} "
-          f"({listed_folders(tasks)} for {min(n, max(a.viz, 0))}){single_task_note(tasks)}")
+          f"({listed_folders(tasks, min(n, a.viz))}){single_task_note(tasks)}")
     return 0
 
 

@@ -47,7 +47,7 @@ def export_predictions(model: nn.Module, dataset: Dataset | IterableDataset, out
     model.eval()
     n = 0
     with atomic_dir(out_dir, overwrite, inputs, OUTPUT_FOLDERS) as tmp:
-        make_output_folders(tmp, tasks)
+        make_output_folders(tmp, tasks, viz > 0)
         # (pack_collate, as the loaders: a batch of images of several sizes is an error naming them)
         for raw in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=pack_collate):
             batch = to_model_batch(raw, device, channels_last=False)
@@ -70,14 +70,16 @@ def stem_of(dataset: Dataset | IterableDataset, index: int) -> str:
     return stems[index] if stems else str(index)
 
 
-def output_folders(tasks: Sequence[str] = TASKS) -> tuple[str, ...]:
-    """The folders an export of a model trained on ``tasks`` writes."""
-    return (*(t for t in TASKS if t in tasks), "viz")
+def output_folders(tasks: Sequence[str] = TASKS, viz: bool = True) -> tuple[str, ...]:
+    """The folders an export of a model trained on ``tasks`` writes (``viz``: pictures too)."""
+    return (*(t for t in TASKS if t in tasks), *(("viz",) if viz else ()))
 
 
-def listed_folders(tasks: Sequence[str]) -> str:
-    """``output_folders`` as a command's closing line lists them: "semseg/, depth/, viz/"."""
-    return ", ".join(f"{f}/" for f in output_folders(tasks))
+def listed_folders(tasks: Sequence[str], viz: int) -> str:
+    """``output_folders`` as a command's closing line lists them: "semseg/, depth/; viz/ for the
+    first 8" (of ``viz`` samples drawn)."""
+    folders = ", ".join(f"{f}/" for f in output_folders(tasks, viz=False))
+    return f"{folders}; viz/ for the first {viz}" if viz > 0 else folders
 
 
 def single_task_note(tasks: Sequence[str]) -> str:
@@ -88,8 +90,8 @@ def single_task_note(tasks: Sequence[str]) -> str:
     return f"; no {other}/: the model was trained with --tasks {tasks[0]} only, its {other} head never learned"
 
 
-def make_output_folders(folder: str, tasks: Sequence[str] = TASKS) -> None:
-    for sub in output_folders(tasks):
+def make_output_folders(folder: str, tasks: Sequence[str] = TASKS, viz: bool = True) -> None:
+    for sub in output_folders(tasks, viz):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
 
 

@@ -109,7 +109,7 @@ def model_input_size(loaded: LoadedModel, size: tuple[int, int] | str | None = N
         return loaded.input_size
     if size is None:
         raise ValueError(f"checkpoint {loaded.url} does not record the input size it was trained at: "
-                         f"pass --size HxW (size= in Python), e.g. the training crop")
+                         f"pass --size HxW (size= in Python), e.g. the size of the images it was validated on")
     return parse_size(size) if isinstance(size, str) else parse_size(f"{size[0]}x{size[1]}")
 
 
@@ -302,7 +302,7 @@ def predict_to_folder(model_or_checkpoint: LoadedModel | nn.Module | str, images
     n = 0
     checkpoint = [] if isinstance(model_or_checkpoint, nn.Module) else [loaded.url]  # (a bare module's "url" is its class)
     with atomic_dir(out_dir, overwrite, [*urls, *checkpoint], OUTPUT_FOLDERS) as tmp:
-        make_output_folders(tmp, loaded.cfg.optim.tasks)
+        make_output_folders(tmp, loaded.cfg.optim.tasks, viz > 0)
         for chunk in _batches(urls, batch_size):
             rgbs = [read_image(u) for u in chunk]
             for url, rgb, (labels, depth_m) in zip(chunk, rgbs, predict_arrays(loaded, rgbs, hw)):

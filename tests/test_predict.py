@@ -289,7 +289,7 @@ def test_a_single_task_models_export_holds_its_own_task_only(tiny_root, tmp_path
     rc, stdout, err = _evaluate(capsys, "--checkpoint", seg, "--no-metrics", "--export", tmp_path / "e-seg", "--viz", "1")
     assert rc == 0, err
     assert sorted(os.listdir(tmp_path / "e-seg")) == ["semseg", "viz"]
-    assert "(semseg/, viz/); no depth/: the model was trained with --tasks semseg only, its depth head never learned" in stdout
+    assert "(semseg/; viz/ for the first 1); no depth/: the model was trained with --tasks semseg only, its depth head never learned" in stdout
     assert Image.open(next((tmp_path / "e-seg/viz").iterdir())).size == (3 * 128, 64)  # rgb | GT | prediction, one row
     rc, stdout, err = _predict(capsys, "--checkpoint", dep, "--images", f"{tiny_root}/test/rgb", "--out", tmp_path / "p-dep",
                                "--viz", "1", "--device", "cpu")

@@ -48,7 +48,8 @@ stores), samples with all their files are kept, the others are converted again (
 deterministic function of the input). A re-run of a complete conversion does nothing; a folder
 holding another conversion or other files is refused unless ``--overwrite``. An ``--out`` that is
 ``--root`` or a folder above it is refused whatever ``--overwrite`` says: replacing it would delete
-the Cityscapes source.
+the Cityscapes source. A local ``--out`` that is a link is followed (its target is replaced,
+``.partial`` beside it); one that is a file is refused before anything is converted.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ import numpy as np
 import tyro
 from PIL import Image
 
-from data_prep.pool import run_pooled
+from data_prep.pool import check_workers, run_pooled
 from mtl.atomic import check_not_above
 from mtl.cli import parse
 from mtl.config import Size
@@ -395,6 +396,24 @@ def check_out(root: str, out: str) -> None:
         check_not_above(partial, [root], _earlier_conversion(partial))
 
 
+def resolve_out(out: str) -> str:
+    """``out`` as the conversion writes it: a local link followed (as `mtl.atomic.output_dir`
+    does: its target is what gets replaced, with ``.partial`` beside it on its own disk; renaming
+    onto the link would fail after the whole conversion). FileExistsError, before anything is
+    read, for an ``out`` (or a local one's ``.partial``) that is a file, not a folder."""
+    if is_local(out):
+        out = os.path.realpath(out.removeprefix("file://"))
+        for path in (out, out + ".partial"):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise FileExistsError(f"--out {path} is a file, not a folder: give a folder (new, or an earlier conversion)")
+        return out
+    with storage_errors(out):
+        fs, base = url_to_fs(out)
+        if fs.exists(base) and not fs.isdir(base):
+            raise FileExistsError(f"--out {out} is a file, not a folder (prefix): give a folder (new, or an earlier conversion)")
+    return out
+
+
 def _earlier_conversion(folder: str) -> list[str]:
     """What ``folder`` holds when it is an earlier conversion (its plan, written first, is there:
     one kept inside the source is resumed or replaced), else nothing: Cityscapes' own gtFine/
@@ -407,10 +426,13 @@ def convert(root: str, out: str, size: tuple[int, int] = (256, 512), splits: tup
     """Convert the Cityscapes folder ``root`` into the Miniscapes folder ``out`` (both local or
     fsspec URLs). Returns a summary: ``counts`` per split, ``converted`` and ``kept`` samples,
     ``state`` ("converted", "resumed" or "up to date"). ValueError, before anything is read or
-    written, for bad ``splits`` (`check_splits`) or an ``out`` holding ``root`` (`check_out`)."""
+    written, for bad ``splits`` (`check_splits`) or ``workers`` or an ``out`` holding ``root``
+    (`check_out`), and FileExistsError for an ``out`` that is a file (`resolve_out`)."""
     if not 1 <= quality <= 100:
         raise ValueError(f"--jpeg-quality must be 1..100, got {quality}")
     check_splits(splits)
+    check_workers(workers)
+    out = resolve_out(out)
     check_out(root, out)
     samples = plan_samples(root, splits)
     plan = plan_record(samples, size, quality)
@@ -447,7 +469,7 @@ class CityscapesCommand:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(CityscapesCommand, argv, description=__doc__, check=lambda a: check_splits(tuple(a.splits)))
+    a = parse(CityscapesCommand, argv, description=__doc__, check=lambda a: (check_splits(tuple(a.splits)), check_workers(a.workers)))
     if a.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = a.endpoint_url  # inherited by the worker processes
     t0 = time.perf_counter()

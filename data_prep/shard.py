@@ -16,13 +16,20 @@ under the source. ``manifest.json`` is written
 last: readers trust only shards listed there, so an interrupted run never looks complete.
 Re-running resumes: a shard finished by an earlier run (the same samples, with the same file
 sizes and versions: ETag on S3, modification time on disk) is kept, not rewritten. A
-destination that holds a complete shard set is refused unless ``--overwrite``; then the old manifest goes before the first shard is rewritten
-(the set is unusable until the new one is out), and splits not in ``--splits`` keep their shards
-and their manifest entries (saved beside the shards first: a run that fails after the old manifest
-went keeps them too, and the next run publishes them with its own splits).
+destination that holds a complete shard set is refused unless ``--overwrite``; then the new
+shards are written under staging names in ``_progress/`` while the old set stays readable (a run
+that fails on a bad sample, an I/O error or a kill leaves it as it was, and a re-run resumes
+the staged shards); only once every shard is written does the old manifest go, the new shards
+move into place and the new manifest follow. Splits not in ``--splits`` keep their shards and
+their manifest entries (saved beside the shards before the old manifest goes: a run killed while
+moving keeps them too, and the next run publishes them with its own splits). A run whose
+``--splits`` leaves out a split an interrupted run began is refused, naming it: its shards
+would be left unlisted.
 Only this tool's shards (``<split>-NNNNNN.tar`` that one of its manifests or progress records
-lists) are ever deleted; other files at the destination stay. The destination's bucket must
-exist (it is never created).
+lists) are ever deleted or overwritten: a shard-named file that none lists (another pipeline's)
+is refused unless ``--overwrite``, and other files at the destination stay. A Miniscapes folder
+(``<split>/rgb/`` or ``conversion.json``) is refused as the destination. The destination's bucket
+must exist (it is never created).
 S3 endpoint and credentials come from the usual AWS environment (``AWS_ENDPOINT_URL``...) or
 ``--endpoint-url``.
 """
@@ -40,18 +47,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import tyro
 
-from data_prep.pool import run_pooled
+from data_prep.pool import check_workers, run_pooled
 from mtl import __version__
 from mtl.cli import parse
 from mtl.data.folder import scan_split, split_modalities, stems_by_index
-from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
+from mtl.data.miniscapes import CONVERSION_PLAN, MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
 from mtl.data.shards import FORMAT
 from mtl.machine import usable_cpus
-from mtl.storage import check_literal, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
+from mtl.storage import check_literal, is_local, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
@@ -68,8 +75,13 @@ SHARD_SIZE_HELP = (f"samples per shard (1000), bytes per shard (256MB), or auto:
                    f"of at least {AUTO_MIN_SAMPLES} samples and at most {AUTO_MAX_BYTES >> 20}MB each: enough for "
                    f"16 ranks x 12 loader workers (training deals whole shards to them)")
 # in SHARD_PROGRESS: the manifest entries of the splits an --overwrite run leaves alone, written
-# before it removes the old manifest, so that a failed run loses none of them (`_kept_entries`)
+# before it removes the old manifest (`_publish`), so that a run killed while it moves its shards
+# into place loses none of them (`_kept_entries`)
 KEPT = "kept.json"
+# in SHARD_PROGRESS: ``<shard>`` itself, the staging name under which an --overwrite run writes
+# a shard (`write_shard`) while the published set it replaces is still read; `_publish` moves it
+# into place once every shard is written
+
 # in SHARD_PROGRESS: the shards earlier manifests listed for the splits being sharded, which the
 # run deletes once its own manifest is out when that no longer lists them (`_clean_up`)
 REPLACED = "replaced.json"
@@ -99,6 +111,7 @@ class ShardJob:
     plan_hash: str  # this shard's source: its samples, their file sizes and versions, the flags (`_plan_jobs`)
     skip_bad: bool
     modalities: tuple[str, ...] = tuple(MODALITIES)  # ("rgb",) for a split without labels
+    stage: bool = False  # written under its staging name (a published set is being replaced)
 
 
 @dataclass
@@ -111,6 +124,7 @@ class ShardResult:
     image_sizes: list[list[int]] = field(default_factory=list)
     bad: list[dict[str, str]] = field(default_factory=list)
     reused: bool = False
+    staged: bool = False  # the shard is under its staging name (`_publish` moves it into place)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -183,53 +197,72 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def write_shard(job: ShardJob) -> ShardResult:
-    """Write one shard (validating each sample) and a small progress record beside it."""
+    """Write one shard (validating each sample) and a small progress record beside it. A shard
+    of a run that replaces a published set goes under its staging name (``job.stage``): the old
+    set stays readable until every new shard is written (`_publish`)."""
     with storage_errors(job.dst, watch=False):  # (reading and checking samples too: not one call to time)
         dst_fs, dst_base = url_to_fs(job.dst)
-        path = f"{dst_base.rstrip('/')}/{job.name}"
-        prev = _earlier_result(dst_fs, path, f"{dst_base.rstrip('/')}/{SHARD_PROGRESS}/{job.name}.json", job.plan_hash)
+        progress = f"{dst_base.rstrip('/')}/{SHARD_PROGRESS}"
+        record = f"{progress}/{job.name}.json"
+        prev = _earlier_result(dst_fs, f"{dst_base.rstrip('/')}/{job.name}", f"{progress}/{job.name}", record, job.plan_hash)
         if prev is not None:
             return prev
-        sizes, bad, n = set(), [], 0
-        src = url_to_fs(job.src)
+        if dst_fs.exists(record):  # (a record describes the last shard written whole, where it says)
+            dst_fs.rm(record)
+        where = f"{SHARD_PROGRESS}/{job.name}" if job.stage else job.name
+        path, url = f"{dst_base.rstrip('/')}/{where}", f"{job.dst.rstrip('/')}/{where}"
         # (a record before the shard: a worker killed while writing it leaves a file this tool knows as its own)
         write_bytes_atomic(f"{job.dst.rstrip('/')}/{SHARD_PROGRESS}/{job.name}{PENDING}", b"")
-        with dst_fs.open(path, "wb") as raw:
-            hw = _HashingWriter(raw)
-            with tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # (POSIX: names past 100 bytes too)
-                for stem in job.stems:
-                    files, shape, problem = _read_sample(job, src, stem)
-                    if problem:
-                        bad.append({"key": f"{job.split}/{stem}", "reason": problem})
-                        continue
-                    sizes.add(shape)
-                    for mod, data in files.items():
-                        tar.addfile(_tarinfo(f"{stem}.{MEMBERS[mod]}", len(data)), io.BytesIO(data))
-                    n += 1
-        result = ShardResult(job.name, n, hw.n, hw.sha.hexdigest(), job.plan_hash, sorted([list(s) for s in sizes]), bad)
-        if bad and not job.skip_bad:
+        result = _write_tar(job, dst_fs, path)
+        if result.bad and not job.skip_bad:
             dst_fs.rm(path)  # this run will fail: leave no shard with missing samples behind
             return result
         # (on a local disk the shard is synced first: a record survives a power loss only with its shard)
-        sync_local(f"{job.dst.rstrip('/')}/{job.name}")
+        sync_local(url)
         write_bytes_atomic(f"{job.dst.rstrip('/')}/{SHARD_PROGRESS}/{job.name}.json", json.dumps(asdict(result)).encode())
     return result
 
 
-def _earlier_result(dst_fs, path: str, record: str, plan_hash: str) -> ShardResult | None:
-    """The shard at ``path`` as an earlier run of the same plan finished it (its progress record,
-    with the shard still of the size recorded), else None: the shard is written again. A record
-    that cannot be read (cut short, edited) counts as none rather than block every resume."""
-    if not (dst_fs.exists(record) and dst_fs.exists(path)):
+def _write_tar(job: ShardJob, dst_fs, path: str) -> ShardResult:
+    """The shard's tar at ``path``, its samples checked on the way (`_read_sample`): the bad
+    ones are left out and listed in the result."""
+    sizes, bad, n = set(), [], 0
+    src = url_to_fs(job.src)
+    with dst_fs.open(path, "wb") as raw:
+        hw = _HashingWriter(raw)
+        with tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # (POSIX: names past 100 bytes too)
+            for stem in job.stems:
+                files, shape, problem = _read_sample(job, src, stem)
+                if problem:
+                    bad.append({"key": f"{job.split}/{stem}", "reason": problem})
+                    continue
+                sizes.add(shape)
+                for mod, data in files.items():
+                    tar.addfile(_tarinfo(f"{stem}.{MEMBERS[mod]}", len(data)), io.BytesIO(data))
+                n += 1
+    return ShardResult(job.name, n, hw.n, hw.sha.hexdigest(), job.plan_hash, sorted([list(s) for s in sizes]), bad,
+                       staged=job.stage)
+
+
+def _earlier_result(dst_fs, path: str, staged: str, record: str, plan_hash: str) -> ShardResult | None:
+    """The shard as an earlier run of the same plan finished it (its progress record, with the
+    shard still of the size recorded), else None: the shard is written again. A staged shard is
+    looked for under its staging name, then at ``path``, where `_publish` moves it (a run killed
+    while moving). A record that cannot be read (cut short, edited) counts as none rather than
+    block every resume."""
+    if not dst_fs.exists(record):
         return None
     try:
         prev = ShardResult(**json.loads(dst_fs.cat_file(record)))
     except (ValueError, TypeError):  # not JSON, or not a record's fields
         return None
-    if prev.plan_hash != plan_hash or dst_fs.size(path) != prev.num_bytes:
+    if prev.plan_hash != plan_hash:
         return None
-    prev.reused = True
-    return prev
+    for where, is_staged in ((staged, True), (path, False)) if prev.staged else ((path, False),):
+        if dst_fs.exists(where) and dst_fs.size(where) == prev.num_bytes:
+            prev.staged, prev.reused = is_staged, True
+            return prev
+    return None
 
 
 def _read_sample(job: ShardJob, src: tuple, stem: str) -> tuple[dict[str, bytes], tuple[int, int], str | None]:
@@ -247,10 +280,11 @@ def _read_sample(job: ShardJob, src: tuple, stem: str) -> tuple[dict[str, bytes]
                 return files, (0, 0), f"{name}: missing file"
             except IsADirectoryError:
                 return files, (0, 0), f"{name}: a folder, not a file"
+    key = f"{job.split}/{stem}"
     try:
-        sample = decode_sample(files["rgb"], files.get("semseg"), files.get("depth"), key=f"{job.split}/{stem}", names=rel)
-    except ValueError as e:
-        return files, (0, 0), str(e)
+        sample = decode_sample(files["rgb"], files.get("semseg"), files.get("depth"), key=key, names=rel)
+    except ValueError as e:  # (the bad-sample list shows the key: not twice, "train/3: train/3: image sizes ...")
+        return files, (0, 0), str(e).removeprefix(f"{key}: ")
     return files, tuple(sample["rgb"].shape[:2]), None
 
 
@@ -259,24 +293,39 @@ def shard_dataset(src: str, dst: str, shard_size: str = "auto", splits: tuple[st
     """Shard ``src`` into ``dst``; returns the manifest (also written to ``dst/manifest.json``).
 
     Raises ValueError listing bad samples (unless ``skip_bad``) or naming an empty split, a
-    bad ``splits`` or a ``dst`` that names a file (`check_destination`), and FileExistsError
-    when ``dst`` holds a complete shard set (unless ``overwrite``); no manifest is written then.
+    bad ``splits`` or ``workers``, a ``dst`` that names a file (`check_destination`) or is a
+    Miniscapes folder, or a split an interrupted run began that ``splits`` leaves out; and
+    FileExistsError when ``dst`` holds a complete shard set or shard-named files that no run of
+    this tool wrote (unless ``overwrite``). No manifest is written then, and a shard set published
+    at ``dst`` stays as it was, readable (the shards replacing it are staged: `_publish`).
     The source is listed and checked before anything at ``dst`` changes.
     """
     check_destination(dst)
     check_splits(splits)
+    check_workers(workers)
     kind, limit = parse_shard_size(shard_size)
     jobs, skipped, total_bytes, problems = _plan_jobs(src, dst, splits, kind, limit, skip_bad)
     if problems:
         raise ValueError(_problem_text(problems))
-    dst_fs, dst_base, kept = _open_destination(dst, splits, overwrite)
-
+    dst_fs, dst_base, kept, replacing = _open_destination(dst, splits, overwrite, [j.name for j in jobs])
+    for j in jobs:
+        j.stage = replacing
     results = _run(jobs, workers, progress, sum(len(j.stems) for j in jobs), total_bytes)
     for r in results.values():
         problems += [f"{b['key']}: {b['reason']}" for b in r.bad] if not skip_bad else []
     if problems:
         raise ValueError(_problem_text(problems))
+    manifest = _manifest(src, shard_size, splits, jobs, results, skipped, kept)
+    _publish(dst, dst_fs, dst_base, manifest, results, kept, replacing)
+    with storage_errors(dst):
+        _clean_up(dst_fs, dst_base, manifest, splits)
+    return manifest
 
+
+def _manifest(src: str, shard_size: str, splits: tuple[str, ...], jobs: list[ShardJob], results: dict[str, ShardResult],
+              skipped: dict[str, list[dict[str, str]]], kept: dict) -> dict:
+    """The new manifest: an entry per split sharded, and the ``kept`` entries of the others.
+    ValueError for a split whose every sample was bad (--skip-bad left none)."""
     manifest = {"format": FORMAT, "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": src, "shard_size": shard_size, "splits": {}}
     for split in [s for s in SPLITS if s in splits or s in kept]:
@@ -287,13 +336,40 @@ def shard_dataset(src: str, dst: str, shard_size: str = "auto", splits: tuple[st
         manifest["splits"][split] = _split_entry([results[j.name] for j in split_jobs], split_jobs[0].modalities, skipped[split])
         if not manifest["splits"][split]["num_samples"]:
             raise ValueError(f"{src}: every sample of the {split} split was bad (--skip-bad left none); nothing was published")
-    # last, whole or not at all: from here on the shard set is complete (on a local disk each
-    # shard and its name were synced before its record: after a power loss the manifest names no
-    # shard that is not there)
-    write_bytes_atomic(f"{dst.rstrip('/')}/manifest.json", json.dumps(manifest, indent=1).encode(), sync=True)
-    with storage_errors(dst):
-        _clean_up(dst_fs, dst_base, manifest, splits)
     return manifest
+
+
+def _publish(dst: str, dst_fs, dst_base: str, manifest: dict, results: dict[str, ShardResult], kept: dict,
+             replacing: bool) -> None:
+    """Put the new set in place: the staged shards move to their names, then the manifest is
+    written, last, whole or not at all. A manifest already there (``replacing``) goes before the
+    first move, since the shards it lists are about to change, after the entries of the splits
+    left alone are saved (`KEPT`): from then until the new one is out nothing is published, which
+    an error says, with what to do (a re-run finishes the moves; the shards are kept)."""
+    staged = sorted(r.name for r in results.values() if r.staged)
+    unpublished = bool(staged) and replacing
+    if unpublished:
+        write_bytes_atomic(f"{dst.rstrip('/')}/{SHARD_PROGRESS}/{KEPT}", json.dumps(kept, indent=1).encode())
+        with storage_errors(dst):
+            dst_fs.rm(f"{dst_base}/manifest.json")
+    try:
+        with storage_errors(dst):
+            for name in staged:
+                if is_local(dst):  # (os.replace: a folder in the way is an error, not a folder to move the shard into)
+                    os.replace(f"{dst_base}/{SHARD_PROGRESS}/{name}", f"{dst_base}/{name}")
+                else:
+                    dst_fs.mv(f"{dst_base}/{SHARD_PROGRESS}/{name}", f"{dst_base}/{name}")
+        if staged:
+            sync_local(dst, contents=False)  # (the moves on the disk before the manifest naming their shards)
+        # (on a local disk each shard and its name were synced before its record: after a power
+        # loss the manifest names no shard that is not there)
+        write_bytes_atomic(f"{dst.rstrip('/')}/manifest.json", json.dumps(manifest, indent=1).encode(), sync=True)
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
+        if not unpublished:
+            raise
+        raise OSError(f"{dst}: putting the new shards in place failed ({e}) after the old manifest.json was removed: no "
+                      f"shard set is published there now; run the same command again to finish (the shards written are "
+                      f"kept, and so are the entries of the splits not in --splits)") from e
 
 
 def check_destination(dst: str) -> None:
@@ -307,34 +383,70 @@ def check_destination(dst: str) -> None:
                          f"their manifest.json, e.g. {folder}")
 
 
-def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool):
-    """The destination's filesystem and path, and the manifest entries of the splits this run
-    leaves alone (`_kept_entries`), with the old manifest gone (the shards are about to change,
-    so it no longer holds). FileExistsError for a complete shard set without ``overwrite``;
-    FileNotFoundError naming a missing bucket; OSError naming ``dst`` when it cannot be written."""
+def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool, names: list[str]) -> tuple[Any, str, dict, bool]:
+    """The destination's filesystem and path, the manifest entries of the splits this run leaves
+    alone (`_kept_entries`), and whether a manifest is there (then the new shards are staged).
+    All is read and checked before the first write (`_check_destination_holds`). FileNotFoundError
+    naming a missing bucket; OSError naming ``dst`` when it cannot be read or written."""
     try:
         with storage_errors(dst):
             dst_fs, dst_base = url_to_fs(dst)
             dst_base = dst_base.rstrip("/")
             raw = read_bytes(f"{dst.rstrip('/')}/manifest.json")
+            have = _listing(dst_fs, dst_base)
+            marks = [f"{s}/rgb/" for s in SPLITS if s in have and dst_fs.isdir(f"{dst_base}/{s}/rgb")]
+            ours = _written_before(dst_fs, f"{dst_base}/{SHARD_PROGRESS}")
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
         raise OSError(f"cannot read destination {dst}: {e}") from e
+    marks += [CONVERSION_PLAN] if CONVERSION_PLAN in have else []
+    if marks:
+        raise ValueError(f"--shards {dst} is a Miniscapes folder (it holds {', '.join(marks)}): a shard set and its "
+                         f"manifest.json need a folder (or prefix) of their own, e.g. {dst.rstrip('/')}-shards")
     old = _old_manifest(dst, raw, splits, overwrite)
-    kept = _kept_entries(dst, dst_fs, dst_base, splits, old)
+    kept = _kept_entries(dst, {n: e.get("size") for n, e in have.items()}, splits, old)
+    _check_destination_holds(dst, splits, overwrite, names, have, ours, old or {}, kept)
     progress = f"{dst.rstrip('/')}/{SHARD_PROGRESS}"
     try:
         # the first write, before any worker starts: it makes a local folder, and a missing
         # bucket is a FileNotFoundError naming it (s3fs's makedirs would create the bucket)
         write_bytes_atomic(f"{progress}/{REPLACED}", json.dumps(_replaced(progress, splits, old)).encode())
-        if old is not None:  # the kept entries first: a run that fails from here on still has them
-            write_bytes_atomic(f"{progress}/{KEPT}", json.dumps(kept, indent=1).encode())
-            with storage_errors(dst):
-                dst_fs.rm(f"{dst_base}/manifest.json")
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001
         raise OSError(f"cannot write to destination {dst}: {e}") from e
-    return dst_fs, dst_base, kept
+    return dst_fs, dst_base, kept, old is not None
+
+
+def _listing(dst_fs, dst_base: str) -> dict[str, dict]:
+    """name -> fsspec's entry for what the destination holds ({} when it is not there yet)."""
+    dst_fs.invalidate_cache(dst_base)
+    try:
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in dst_fs.ls(dst_base, detail=True)}
+    except FileNotFoundError:
+        return {}
+
+
+def _check_destination_holds(dst: str, splits: tuple[str, ...], overwrite: bool, names: list[str], have: dict[str, dict],
+                             ours: set[str], old: dict, kept: dict) -> None:
+    """Refuse what the run would silently lose or replace. ValueError for a split whose shards
+    an interrupted run began (``ours``: `_written_before`) that ``splits`` leaves out and no
+    manifest entry kept lists: publishing without it would leave its shards unlisted, orphans.
+    FileExistsError (unless ``overwrite``) for files named as this run's shards (``names``)
+    that no manifest (``old``, ``kept``) or progress record of this tool lists: another set's,
+    not this tool's to replace."""
+    left = [s for s in SPLITS if s not in splits and s not in kept and any(n.split("-")[0] == s for n in ours)]
+    if left:
+        raise ValueError(f"{dst} holds shards of the {', '.join(left)} split(s) that an interrupted run began and no "
+                         f"manifest lists: add {' '.join(left)} to --splits to finish them (without, they would be left "
+                         f"unlisted)")
+    entries = [*old.get("splits", {}).values(), *kept.values()]
+    listed = ours | {s["name"] for e in entries for s in e.get("shards", [])}
+    foreign = [n for n in names if have.get(n, {}).get("type") == "file" and n not in listed]
+    if foreign and not overwrite:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise FileExistsError(f"{dst} holds {', '.join(foreign[:5])}{more}, named as this run's shards, which no manifest "
+                              f"or progress record of this tool lists (another set's?): pass --overwrite to replace "
+                              f"them, or choose another --shards")
 
 
 def _replaced(progress: str, splits: tuple[str, ...], old: dict | None) -> list[str]:
@@ -368,12 +480,13 @@ def _old_manifest(dst: str, raw: bytes | None, splits: tuple[str, ...], overwrit
     return old
 
 
-def _kept_entries(dst: str, dst_fs, dst_base: str, splits: tuple[str, ...], old: dict | None) -> dict:
+def _kept_entries(dst: str, have: dict[str, int | None], splits: tuple[str, ...], old: dict | None) -> dict:
     """The manifest entries of the splits not in ``splits``, which the new manifest lists as they
-    are: from the old manifest, or when there is none, from the `KEPT` file an earlier
-    ``--overwrite`` run that failed left (it removed that manifest), provided their shards are
-    still there. FileNotFoundError naming a kept split whose shards are gone: listing it would
-    publish shards that cannot be read; leaving it out would hide shards the user still has."""
+    are: from the old manifest, or when there is none, from the `KEPT` file a run killed while it
+    put its shards in place left (it had removed that manifest), provided their shards are still
+    there (``have``: name -> size at the destination). FileNotFoundError naming a kept split whose
+    shards are gone: listing it would publish shards that cannot be read; leaving it out would
+    hide shards the user still has."""
     if old is not None:
         return {k: v for k, v in old.get("splits", {}).items() if k not in splits}
     url = f"{dst.rstrip('/')}/{SHARD_PROGRESS}/{KEPT}"
@@ -386,11 +499,6 @@ def _kept_entries(dst: str, dst_fs, dst_base: str, splits: tuple[str, ...], old:
         raise ValueError(f"{url} cannot be read ({e}): it holds the manifest entries an earlier --overwrite run kept; "
                          f"delete it and shard those splits again") from None
     kept = {k: v for k, v in saved.items() if k not in splits}
-    have = {}
-    if kept:
-        with storage_errors(dst):
-            dst_fs.invalidate_cache(dst_base)
-            have = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p.get("size") for p in dst_fs.ls(dst_base, detail=True)}
     for split, entry in kept.items():
         lost = [s["name"] for s in entry["shards"] if have.get(s["name"]) != s["num_bytes"]]
         if lost:
@@ -426,12 +534,12 @@ def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: in
     for split in splits:
         mods = split_modalities(src, split)
         samples, missing = scan_split(src, split)
+        rel = [m[len(src.rstrip("/")) + 1:] for m in missing]  # train/rgb/7.jpg: a path under --src
         if not samples:
-            raise ValueError(f"{src.rstrip('/')}/{split}: no samples to shard")
+            raise ValueError(_no_samples_text(src, split, mods, rel))
         # 01.jpg beside 1.jpg: both sample 1, which the stream would yield twice (MiniscapesFolder's check)
         stems_by_index([stem for stem, _ in samples], f"{src.rstrip('/')}/{split}/rgb")
         check_keys([stem for stem, _ in samples], f"{src.rstrip('/')}/{split}/rgb")
-        rel = [m[len(src.rstrip("/")) + 1:] for m in missing]  # train/rgb/7.jpg: a path under --src
         skipped[split] = [{"key": f"{split}/{os.path.splitext(os.path.basename(r))[0]}", "reason": f"{r}: missing file"} for r in rel]
         if not skip_bad:
             problems += [f"missing file: {r}" for r in rel]
@@ -449,6 +557,22 @@ def _plan_jobs(src: str, dst: str, splits: tuple[str, ...], kind: str, limit: in
         jobs += [ShardJob(split, shard_name(split, i), src, dst, stems, shard_hash(stems), skip_bad, mods)
                  for i, stems in enumerate(plan)]
     return jobs, skipped, total_bytes, problems
+
+
+def _no_samples_text(src: str, split: str, mods: tuple[str, ...], rel: list[str]) -> str:
+    """Why a split has no sample to shard: none at all, or every one lacks a file (``rel``: the
+    missing files under ``src``), listed as the folder reader lists them; when no sample has
+    a label file at all, the hint that a split without labels has rgb/ only (its empty semseg/
+    and depth/ make every sample one that lacks its labels)."""
+    where = f"{src.rstrip('/')}/{split}"
+    if not rel:
+        return f"{where}: no samples to shard"
+    stems = {r.rsplit("/", 1)[-1].rsplit(".", 1)[0] for r in rel}
+    unlabelled = [m for m in mods if m != "rgb" and sum(r.split("/")[1] == m for r in rel) == len(stems)]
+    shown = ", ".join(rel[:10]) + (f" ... ({len(rel)} in all)" if len(rel) > 10 else "")
+    hint = (f" ({split}/{'/ and '.join(unlabelled)}/ hold no sample's file: a split without labels has rgb/ only; remove "
+            f"them)") if len(unlabelled) == 2 else ""
+    return f"{where}: no samples to shard: every sample lacks a file: {shown}{hint}"
 
 
 def check_keys(stems: list[str], where: str) -> None:
@@ -572,6 +696,7 @@ class ShardCommand:
 def _check_command(a: ShardCommand) -> None:
     parse_shard_size(a.shard_size)
     check_splits(tuple(a.splits))
+    check_workers(a.workers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from data_prep.pool import check_workers
 from mtl.cli import parse
 from mtl.config import Size
 from mtl.data.synthetic import render_scene, synthesize  # noqa: F401 - this tool's library, re-exported
@@ -24,12 +25,12 @@ class SynthesizeCommand:
     test: int = 40  # test samples
     size: Size = (256, 512)  # image size HxW
     seed: int = 0  # the same seed makes the same bytes
-    workers: int | None = None  # processes; default: the CPU count
+    workers: int | None = None  # processes; default (or 0): the CPU count, at most 8
     overwrite: bool = False  # replace a non-empty --out
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(SynthesizeCommand, argv, description=__doc__)
+    a = parse(SynthesizeCommand, argv, description=__doc__, check=lambda a: check_workers(a.workers))
     t0 = time.perf_counter()
     counts = {"train": a.train, "val": a.val, "test": a.test}
     try:

@@ -308,3 +308,32 @@ def test_a_killed_conversion_worker_is_one_error_line(tmp_path, monkeypatch, in_
                                      "--workers", "2"])
     assert r.returncode == 2 and r.stderr == "error: a conversion worker died (out of memory?): lower --workers (this run had 2)\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_and_a_link_is_followed_before_converting(tmp_path, in_process):
+    """A file as --out (or where its .partial goes) is refused before anything is converted
+    (no .partial made); a link is followed as the other commands' outputs are: the conversion
+    goes into its target, and the link reads it. (Both failed only after the whole conversion.)
+    A negative --workers is refused too, not taken as one worker."""
+    from data_prep import cityscapes
+
+    src = str(tmp_path / "cs")
+    make_tree(src)
+    for name in ("out", "mini.partial"):
+        (tmp_path / name).write_text("not a folder")
+        out = str(tmp_path / name).removesuffix(".partial")
+        r = in_process(cityscapes.main, ["--root", src, "--out", out, "--size", "16x32", "--workers", "1"])
+        assert r.returncode == 2, r.stderr
+        assert r.stderr == f"error: --out {tmp_path / name} is a file, not a folder: give a folder (new, or an earlier conversion)\n"
+    assert not (tmp_path / "out.partial").exists() and (tmp_path / "mini.partial").read_text() == "not a folder"
+    r = in_process(cityscapes.main, ["--root", src, "--out", str(tmp_path / "x"), "--workers", "-1"])
+    assert r.returncode == 2 and "error: --workers must be 0 (one per usable CPU) or more, got -1" in r.stderr
+    with pytest.raises(ValueError, match="--workers must be 0"):
+        convert(src, str(tmp_path / "x"), OUT_HW, workers=-1)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    assert convert(src, str(tmp_path / "link"), OUT_HW, workers=1)["state"] == "converted"
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target/index.csv").exists()
+    assert len(MiniscapesFolder(str(tmp_path / "link"), "train")) == 2
+    assert convert(src, str(tmp_path / "link"), OUT_HW, workers=1)["state"] == "up to date"

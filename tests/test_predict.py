@@ -262,7 +262,7 @@ def test_a_checkpoint_whose_stored_config_this_version_cannot_use_is_named(tiny_
     from mtl.predict import load_model
 
     run = make_run(DataConfig(root=tiny_root))
-    state = load_safely((tmp_path / "run/checkpoints/epoch-0001/state.pt").read_bytes(), "state.pt")
+    state = load_safely(open(f"{run}/checkpoints/epoch-0001/state.pt", "rb").read(), "state.pt")
     for change, message in [(lambda c: c["model"].update(arch="nosuch"),
                              r"its stored config cannot be used by this version of streetmtl \(--arch must be one of"),
                             (lambda c: c["model"].update(newfield=1), r"cannot be used by this version of streetmtl \(unknown config"),

@@ -451,30 +451,167 @@ def test_corrupt_jpeg_in_a_shard_is_named_by_url_and_member(s3_prefix):
         list(ShardStream(ShardSplit((url,), (2,)), None, shuffle=False))
 
 
-def test_splits_kept_by_a_failed_overwrite_are_published_by_the_next_run(tiny_root, tmp_path):
-    """--overwrite --splits train removes the old manifest before it rewrites train; when that
-    run fails, val's entry is not lost with it: the next run (no manifest left, so no
-    --overwrite) lists val's shards as they were, or names the ones that went since."""
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_failed_overwrite_leaves_the_published_set_readable_and_resumes(tiny_root, tmp_path):
+    """--overwrite --splits train over a published set, with a sample whose labels are bad (a
+    value of 40, found only while its shard is written) and one whose sizes disagree: the run
+    fails naming both (each key once), and the old set is as it was, every split readable. The
+    new shards were staged: once the samples are fixed, the re-run moves the ones written into
+    place instead of writing them again."""
     src, dst = tmp_path / "src", tmp_path / "shards"
     for split in ("train", "val"):
         shutil.copytree(f"{tiny_root}/{split}", src / split)
-    first = shard_dataset(str(src), str(dst), "24", splits=("train", "val"), workers=1)
-    good = (src / "train/depth/30.png").read_bytes()
-    for _ in range(2):
-        (src / "train/depth/30.png").write_bytes(b"not a png")
-        with pytest.raises(ValueError, match="train/depth/30.png: cannot decode PNG"):
-            shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1, overwrite=True)
-        assert not (dst / "manifest.json").exists()
-        (src / "train/depth/30.png").write_bytes(good)
-        if not (dst / "val-000000.tar").exists():
-            break
-        m = shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1)
-        assert read_manifest(str(dst))["splits"] == m["splits"] and m["splits"]["val"] == first["splits"]["val"]
-        assert m["splits"]["train"] == first["splits"]["train"] and not (dst / "_progress").exists()
-        os.remove(dst / "val-000000.tar")  # the second time round, val's shard goes while no manifest lists it
+    shard_dataset(str(src), str(dst), "24", splits=("train", "val"), workers=1)
+    before = _files(dst)
+    good = {n: (src / f"train/semseg/{n}.png").read_bytes() for n in (3, 7)}
+    (src / "train/semseg/7.png").write_bytes(encode_semseg_png(np.full((64, 128), 40, np.uint8)))
+    (src / "train/semseg/3.png").write_bytes(encode_semseg_png(np.zeros((32, 64), np.uint8)))
+    r = _shard_cli("--src", str(src), "--dst", str(dst), "--shard-size", "8", "--splits", "train", "--overwrite")
+    assert r.returncode == 2 and "2 bad sample(s); nothing was published" in r.stderr, r.stderr
+    assert "train/7: train/semseg/7.png: labels outside 0..18/255: [40]" in r.stderr
+    assert "train/3: image sizes (HxW) disagree: train/rgb/3.jpg 64x128, train/semseg/3.png 32x64" in r.stderr
+    assert "train/3: train/3" not in r.stderr
+    assert _files(dst) == before  # the manifest and every shard, byte for byte
+    m = read_manifest(str(dst))
+    for split, n in (("train", 96), ("val", 24)):
+        assert sorted(int(x["index"]) for x in ShardStream(ShardSplit.from_manifest(m, split), None, shuffle=False)) == list(range(n))
+    staged = (dst / "_progress/train-000005.tar").stat().st_mtime_ns  # (samples 40-47: written, staged)
+    for n, data in good.items():
+        (src / f"train/semseg/{n}.png").write_bytes(data)
+    m = shard_dataset(str(src), str(dst), "8", splits=("train",), workers=1, overwrite=True)
+    assert len(m["splits"]["train"]["shards"]) == 12 and read_manifest(str(dst))["splits"] == m["splits"]
+    assert (dst / "train-000005.tar").stat().st_mtime_ns == staged and not (dst / "_progress").exists()
+    train = ShardSplit.from_manifest(read_manifest(str(dst)), "train")
+    assert sorted(int(x["index"]) for x in ShardStream(train, None, shuffle=False)) == list(range(96))
+
+
+def test_a_run_stopped_while_it_puts_its_shards_in_place_says_so_and_is_finished_by_the_next(tiny_root, tmp_path, monkeypatch):
+    """Once every new shard is written the old manifest goes and the shards move into place: a
+    failure then (here the disk fails the second move) says that no set is published and what
+    to do. A next run that leaves train out is refused, naming it (publishing val alone would
+    leave train's shards unlisted); with train it finishes: the moved and the staged shards
+    are kept, val's entry is kept as it was, and the old train shards the new plan does not
+    name are deleted."""
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    for split in ("train", "val"):
+        shutil.copytree(f"{tiny_root}/{split}", src / split)
+    first = shard_dataset(str(src), str(dst), "8", splits=("train", "val"), workers=1)  # 12 train shards
+    replace, moves = os.replace, []
+
+    def failing(a, b, *args, **kw):
+        if "/_progress/" in str(a) and str(a).endswith(".tar"):
+            moves.append(b)
+            if len(moves) == 2:
+                raise OSError(5, "Input/output error")
+        return replace(a, b, *args, **kw)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match=f"{dst}: putting the new shards in place failed .*Input/output error.* after the old "
+                                      f"manifest.json was removed: no shard set is published there now; run the same command again"):
+        shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1, overwrite=True)  # 4 train shards
+    monkeypatch.setattr(os, "replace", replace)
+    assert not (dst / "manifest.json").exists()
+    left = _files(dst)
+    with pytest.raises(ValueError, match=f"{dst} holds shards of the train split.s. that an interrupted run began and no "
+                                         f"manifest lists: add train to --splits"):
+        shard_dataset(str(src), str(dst), "24", splits=("val",), workers=1)
+    assert _files(dst) == left
+    os.rename(dst / "val-000000.tar", tmp_path / "val-000000.tar")  # a kept split's shard gone meanwhile: named, not published
     with pytest.raises(FileNotFoundError, match="the val split, kept from .* lost or changed shard.s. val-000000.tar: add val to --splits"):
         shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1)
-    assert not (dst / "manifest.json").exists()
+    os.rename(tmp_path / "val-000000.tar", dst / "val-000000.tar")
+    moved = (dst / "train-000000.tar").stat().st_mtime_ns
+    m = shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1)
+    assert m["splits"]["val"] == first["splits"]["val"] and read_manifest(str(dst))["splits"] == m["splits"]
+    assert (dst / "train-000000.tar").stat().st_mtime_ns == moved  # (moved before the failure: kept)
+    assert sorted(p.name for p in dst.glob("train-*")) == [f"train-{i:06d}.tar" for i in range(4)]
+    assert not (dst / "_progress").exists()
+    for split, n in (("train", 96), ("val", 24)):
+        stream = ShardStream(ShardSplit.from_manifest(read_manifest(str(dst)), split), None, shuffle=False)
+        assert sorted(int(x["index"]) for x in stream) == list(range(n))
+
+
+def test_a_split_an_interrupted_run_began_is_not_left_unlisted(tiny_root, tmp_path):
+    """A first run of val and test fails on a bad val sample after writing test's shards: a run
+    of val alone is refused, naming test; val and test together finish it."""
+    src, dst = tmp_path / "src", tmp_path / "shards"
+    for split in ("val", "test"):
+        shutil.copytree(f"{tiny_root}/{split}", src / split)
+    good = (src / "val/depth/20.png").read_bytes()
+    (src / "val/depth/20.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="val/depth/20.png: cannot decode PNG"):
+        shard_dataset(str(src), str(dst), "8", splits=("val", "test"), workers=1)
+    (src / "val/depth/20.png").write_bytes(good)
+    with pytest.raises(ValueError, match="holds shards of the test split.s. that an interrupted run began .*add test to --splits"):
+        shard_dataset(str(src), str(dst), "8", splits=("val",), workers=1)
+    m = shard_dataset(str(src), str(dst), "8", splits=("val", "test"), workers=1)
+    assert [m["splits"][s]["num_samples"] for s in ("val", "test")] == [24, 16] and not (dst / "_progress").exists()
+
+
+def test_shard_named_files_no_run_wrote_are_replaced_only_when_asked(tiny_root, tmp_path):
+    """Another pipeline's val-000000.tar where this run would write its first shard: refused,
+    naming it, before anything is written; --overwrite replaces it."""
+    dst = tmp_path / "shards"
+    dst.mkdir()
+    (dst / "val-000000.tar").write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match=f"{dst} holds val-000000.tar, named as this run's shards, which no manifest or "
+                                              f"progress record of this tool lists .*: pass --overwrite"):
+        shard_dataset(tiny_root, str(dst), "8", splits=("val",), workers=1)
+    assert _files(dst) == {"val-000000.tar": b"someone else's"} and not (dst / "_progress").exists()
+    r = _shard_cli("--src", tiny_root, "--dst", str(dst), "--shard-size", "8", "--splits", "val")
+    assert r.returncode == 2 and "holds val-000000.tar, named as this run's shards" in r.stderr
+    m = shard_dataset(tiny_root, str(dst), "8", splits=("val",), workers=1, overwrite=True)
+    assert m["splits"]["val"]["num_samples"] == 24 and (dst / "val-000000.tar").read_bytes() != b"someone else's"
+
+
+def test_a_miniscapes_folder_is_refused_as_the_destination(tiny_root, tmp_path):
+    """Shards written into a Miniscapes folder would make it two data sets in one: refused,
+    naming it, with nothing written there (its <split>/rgb/, or a conversion's conversion.json)."""
+    other = tmp_path / "other"
+    shutil.copytree(f"{tiny_root}/test", other / "test")
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "conversion.json").write_text("{}")
+    for dst, mark in ((other, "test/rgb/"), (converted, "conversion.json")):
+        before = sorted(p.name for p in dst.iterdir())
+        with pytest.raises(ValueError, match=f"--shards {dst} is a Miniscapes folder .it holds {mark}.: .*e.g. {dst}-shards"):
+            shard_dataset(tiny_root, str(dst), "8", splits=("val",), workers=1, overwrite=True)
+        assert sorted(p.name for p in dst.iterdir()) == before
+
+
+def test_a_split_whose_samples_all_lack_a_file_names_them(tiny_root, tmp_path):
+    """Every sample without its depth file: the missing files are named, as the folder reader
+    names them. Empty semseg/ and depth/ beside rgb/: the hint that a split without labels has
+    rgb/ only."""
+    src = tmp_path / "src"
+    shutil.copytree(f"{tiny_root}/val", src / "val")
+    for p in (src / "val/depth").iterdir():
+        p.unlink()
+    with pytest.raises(ValueError, match=r"src/val: no samples to shard: every sample lacks a file: val/depth/0.png, "
+                                         r"val/depth/1.png, .* \.\.\. \(24 in all\)$"):
+        shard_dataset(str(src), str(tmp_path / "s"), "8", splits=("val",), workers=1)
+    for p in (src / "val/semseg").iterdir():
+        p.unlink()
+    with pytest.raises(ValueError, match=r"every sample lacks a file: val/semseg/0.png, val/depth/0.png, .*\(48 in all\) "
+                                         r"\(val/semseg/ and depth/ hold no sample's file: a split without labels has rgb/ only"):
+        shard_dataset(str(src), str(tmp_path / "s"), "8", splits=("val",), workers=1)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_negative_workers_count_is_refused(tiny_root, tmp_path, in_process):
+    """(It was taken as one worker, silently.) The sharder's and the synthesizer's flag."""
+    from data_prep import shard, synthesize
+
+    commands = ((shard.main, ["--root", tiny_root, "--shards", str(tmp_path / "s")]), (synthesize.main, ["--out", str(tmp_path / "x")]))
+    for main, args in commands:
+        r = in_process(main, [*args, "--workers", "-2"])
+        assert r.returncode == 2 and "error: --workers must be 0 (one per usable CPU) or more, got -2" in r.stderr, r.stderr
+    with pytest.raises(ValueError, match="--workers must be 0"):
+        shard_dataset(tiny_root, str(tmp_path / "s"), "8", splits=("val",), workers=-1)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()
 
 
 def test_an_unreadable_progress_record_counts_as_none(tiny_root, tmp_path):
@@ -608,8 +745,8 @@ def test_few_samples_per_rank_still_make_an_epoch():
 def test_sharding_deletes_only_the_shards_it_wrote(tiny_root, tmp_path):
     """Someone keeps a backup beside the shards (and a shard-named copy from elsewhere): sharding
     into that folder, and re-sharding it into fewer shards, deletes the shards this tool wrote
-    that the new manifest no longer lists (also when the --overwrite run that dropped the old
-    manifest failed and a later run finished its work), and nothing else."""
+    that the new manifest no longer lists (also those an earlier --overwrite run that failed
+    staged, and a shard a killed worker left half-written), and nothing else."""
     src, dst = tmp_path / "src", tmp_path / "shards"
     shutil.copytree(f"{tiny_root}/val", src / "val")
     dst.mkdir()
@@ -619,14 +756,14 @@ def test_sharding_deletes_only_the_shards_it_wrote(tiny_root, tmp_path):
     assert [s["name"] for s in first["splits"]["val"]["shards"]] == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
     good = (src / "val/depth/20.png").read_bytes()
     (src / "val/depth/20.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="val/depth/20.png"):  # one shard now; the old manifest is gone, the run fails
+    with pytest.raises(ValueError, match="val/depth/20.png"):  # one shard now; the run fails, the old set stays
         shard_dataset(str(src), str(dst), "24", splits=("val",), workers=1, overwrite=True)
     (src / "val/depth/20.png").write_bytes(good)
     from mtl.data.miniscapes import SHARD_PROGRESS
 
     (dst / "val-000005.tar").write_bytes(b"half a shard")  # a worker killed while writing it: its record says so
     (dst / SHARD_PROGRESS / "val-000005.tar.pending").write_bytes(b"")
-    shard_dataset(str(src), str(dst), "24", splits=("val",), workers=1)
+    shard_dataset(str(src), str(dst), "24", splits=("val",), workers=1, overwrite=True)
     assert sorted(p.name for p in dst.iterdir()) == ["manifest.json", "val-000000.tar", "val-000009.tar", "val-2023-backup.tar"]
     assert (dst / "val-2023-backup.tar").read_bytes() == b"precious"
 

@@ -216,6 +216,8 @@ def synthesize(out: str, counts: dict[str, int], size: tuple[int, int] = (256, 5
     for split, n in counts.items():
         if split not in SPLITS or n < 0:
             raise ValueError(f"bad sample count {split}={n}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers must be 0 (one per CPU, at most 8) or more, got {workers}")
     workers = workers or min(os.cpu_count() or 1, 8)
     with atomic_dir(out, overwrite) as tmp:
         for split in counts:

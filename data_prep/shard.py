@@ -346,9 +346,8 @@ def _publish(dst: str, dst_fs, dst_base: str, manifest: dict, results: dict[str,
     first move, since the shards it lists are about to change, after the entries of the splits
     left alone are saved (`KEPT`): from then until the new one is out nothing is published, which
     an error says, with what to do (a re-run finishes the moves; the shards are kept)."""
-    staged = sorted(r.name for r in results.values() if r.staged)
-    unpublished = bool(staged) and replacing
-    if unpublished:
+    staged = sorted(r.name for r in results.values() if r.staged)  # (also a killed run's, without a manifest now)
+    if staged and replacing:
         write_bytes_atomic(f"{dst.rstrip('/')}/{SHARD_PROGRESS}/{KEPT}", json.dumps(kept, indent=1).encode())
         with storage_errors(dst):
             dst_fs.rm(f"{dst_base}/manifest.json")
@@ -365,11 +364,11 @@ def _publish(dst: str, dst_fs, dst_base: str, manifest: dict, results: dict[str,
         # loss the manifest names no shard that is not there)
         write_bytes_atomic(f"{dst.rstrip('/')}/manifest.json", json.dumps(manifest, indent=1).encode(), sync=True)
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
-        if not unpublished:
+        if not staged:
             raise
-        raise OSError(f"{dst}: putting the new shards in place failed ({e}) after the old manifest.json was removed: no "
-                      f"shard set is published there now; run the same command again to finish (the shards written are "
-                      f"kept, and so are the entries of the splits not in --splits)") from e
+        raise OSError(f"{dst}: putting the new shards in place failed ({e}), the old manifest.json removed: no shard set "
+                      f"is published there now; run the same command again to finish (the shards written are kept, and so "
+                      f"are the entries of the splits not in --splits)") from e
 
 
 def check_destination(dst: str) -> None:
@@ -434,7 +433,8 @@ def _check_destination_holds(dst: str, splits: tuple[str, ...], overwrite: bool,
     FileExistsError (unless ``overwrite``) for files named as this run's shards (``names``)
     that no manifest (``old``, ``kept``) or progress record of this tool lists: another set's,
     not this tool's to replace."""
-    left = [s for s in SPLITS if s not in splits and s not in kept and any(n.split("-")[0] == s for n in ours)]
+    # (at the destination's top: shards staged in SHARD_PROGRESS go with it once a run publishes)
+    left = [s for s in SPLITS if s not in splits and s not in kept and any(n.split("-")[0] == s and n in have for n in ours)]
     if left:
         raise ValueError(f"{dst} holds shards of the {', '.join(left)} split(s) that an interrupted run began and no "
                          f"manifest lists: add {' '.join(left)} to --splits to finish them (without, they would be left "
@@ -689,7 +689,9 @@ class ShardCommand:
     splits: tuple[Split, ...] = SPLITS  # the splits to shard
     workers: int | None = None  # parallel processes; default: the CPUs this process may run on
     skip_bad: bool = False  # leave bad samples out (counted in the manifest) instead of failing
-    overwrite: bool = False  # replace the --splits shards of a complete shard set at --shards (the others stay)
+    #: replace the --splits shards of a complete shard set at --shards (the others stay), and
+    #: shard-named files there that no manifest of this tool lists
+    overwrite: bool = False
     endpoint_url: str | None = None  # S3 endpoint (MinIO, moto...); default: $AWS_ENDPOINT_URL
 
 

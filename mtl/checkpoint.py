@@ -417,12 +417,16 @@ class FolderStorage:
 
 
 def older_checkpoints(run_url: str, tag: str) -> str:
-    """What else of the run at ``run_url`` loads when its checkpoint ``tag`` does not: the
-    newest whole one its pointer lists before it, and ``best.pt`` (for an error's end)."""
-    whole = FolderStorage(run_url).before(tag)
-    usable = ([f"{run_url}/{CHECKPOINTS}/{whole}"] if whole else []) + ([f"{run_url}/{BEST_FILE}"]
-                                                                       if exists(f"{run_url}/{BEST_FILE}") else [])
-    return f"; these load: {', '.join(usable)}" if usable else ""
+    """What else the run at ``run_url`` holds when its checkpoint ``tag`` cannot be used: the
+    newest one its pointer lists before it that is there, and ``best.pt`` (for an error's end;
+    "" when there is none, or they cannot be looked up: the error stays what it was)."""
+    try:
+        whole = FolderStorage(run_url).before(tag)
+        other = ([f"{run_url}/{CHECKPOINTS}/{whole}"] if whole else []) + ([f"{run_url}/{BEST_FILE}"]
+                                                                          if exists(f"{run_url}/{BEST_FILE}") else [])
+    except Exception:  # noqa: BLE001 - a pointer or store that fails too: no hint
+        return ""
+    return f"; the run's other checkpoints: {', '.join(other)}" if other else ""
 
 
 def _missing(checkpoints_url: str, tag: str) -> str:

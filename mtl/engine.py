@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from time import monotonic
 from concurrent.futures import Future
@@ -244,10 +245,10 @@ def check_resumable(state: dict[str, Any], cfg: ExperimentConfig, always_resume:
     # (the place decides, not its spelling; --data-moved: any place, of the same kind of data)
     located = (trained_on is not None or cfg.train.data_moved) and here is not None and same_kind(stored.data, cfg.data)
     if located and not cfg.train.data_moved and not same_location(trained_on, here):
-        flag = "--shards" if cfg.data.shards else "--root"
-        raise RunConflict(f"resume refused: {url} was trained on {trained_on}, and {flag} {cfg.data.shards or cfg.data.root} "
-                          f"names {here} here (a relative path given in another folder?): give the run's data, or add "
-                          f"--data-moved if it was moved there")
+        flag, given = ("--shards", cfg.data.shards) if cfg.data.shards else ("--root", cfg.data.root)
+        relative = " (a relative path given in another folder?)" if "://" not in given and not os.path.isabs(given) else ""
+        raise RunConflict(f"resume refused: {url} was trained on {trained_on}, and {flag} {given} names {here} here{relative}: "
+                          f"give the run's data, or add --data-moved if it was moved there")
     check_same_training(stored, cfg, f"checkpoint {url}", frozenset({"data.root", "data.shards"}) if located else frozenset())
     check_length(cfg.train.epochs, train.get("epoch", 0), train.get("epoch_step", 0) > 0, state.get("url", "the checkpoint"))
 

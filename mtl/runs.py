@@ -358,8 +358,11 @@ def check_same_training(stored: ExperimentConfig, requested: ExperimentConfig, w
     if differ:
         moved = (any(d.startswith(("data.root ", "data.shards ")) for d in differ) and same_kind(stored.data, requested.data)
                  and not requested.train.data_moved)
+        kind = requested.train.data_moved and not same_kind(stored.data, requested.data)
         raise RunConflict(f"resume refused: {what} was trained with another configuration: {'; '.join(differ)}"
                           + ("; if the run's data was moved there, add --data-moved" if moved else "")
+                          + ("; --data-moved continues on data of the kind the run trained on (a folder as --root, shards "
+                             "as --shards)" if kind else "")
                           + predates_hint(stored, requested))
 
 

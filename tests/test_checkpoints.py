@@ -760,12 +760,12 @@ def test_a_corrupt_latest_checkpoint_says_how_to_go_on_and_its_deletion_resumes_
     shutil.rmtree(tmp_path / "run/checkpoints/epoch-0002")  # (damaged too, and deleted first: the advice skips it)
     with pytest.raises(ValueError, match=r"; delete the folder .*/epoch-0003 and the resume goes on from epoch-0001, "):
         checkpointer(resumed).restore()
-    # evaluate.py and predict.py load the run folder's latest: refused too, naming what loads
-    with pytest.raises(ValueError, match=rf"epoch-0003/state.pt is unreadable or corrupt \(.*\); these load: "
+    # evaluate.py and predict.py load the run folder's latest: refused too, naming the run's other checkpoints
+    with pytest.raises(ValueError, match=rf"epoch-0003/state.pt is unreadable or corrupt \(.*\); the run's other checkpoints: "
                                          rf"{run}/checkpoints/epoch-0001$"):
         load_checkpoint(run)
     shutil.rmtree(tmp_path / "run/checkpoints/epoch-0003")
-    with pytest.raises(FileNotFoundError, match=rf"names checkpoint epoch-0003, but .* is missing; these load: "
+    with pytest.raises(FileNotFoundError, match=rf"names checkpoint epoch-0003, but .* is missing; the run's other checkpoints: "
                                                 rf"{run}/checkpoints/epoch-0001$"):  # (evaluation picks none by itself)
         load_checkpoint(run)
     loaded = checkpointer(resumed).restore()

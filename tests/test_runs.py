@@ -376,6 +376,12 @@ def test_a_run_whose_data_was_moved_resumes_with_data_moved_only(tiny_root, tmp_
     assert later.returncode == 0 and "--data-moved" not in later.stdout, later.stdout + later.stderr
     unasked = train_main(str(new), runs, "--name", "other", "--data-moved")
     assert unasked.returncode == 2 and "--data-moved continues a run whose data is now elsewhere: give it with --resume" in unasked.stderr
+    from mtl.runs import RunConflict, check_same_training  # a folder made shards is other data (another order, other steps)
+
+    stored = ExperimentConfig().with_values({"data.root": str(new)})
+    sharded = stored.with_values({"data.root": None, "data.shards": str(tmp_path / "s"), "train.resume": True, "train.data_moved": True})
+    with pytest.raises(RunConflict, match=r"data.shards None -> '.*/s'; --data-moved continues on data of the kind the run trained on"):
+        check_same_training(stored, sharded, "run x")
 
 
 def test_print_config_shows_the_resolved_config_and_starts_nothing(tmp_path):

@@ -509,8 +509,8 @@ def test_a_run_stopped_while_it_puts_its_shards_in_place_says_so_and_is_finished
         return replace(a, b, *args, **kw)
 
     monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(OSError, match=f"{dst}: putting the new shards in place failed .*Input/output error.* after the old "
-                                      f"manifest.json was removed: no shard set is published there now; run the same command again"):
+    with pytest.raises(OSError, match=f"{dst}: putting the new shards in place failed .*Input/output error.*, the old "
+                                      f"manifest.json removed: no shard set is published there now; run the same command again"):
         shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1, overwrite=True)  # 4 train shards
     monkeypatch.setattr(os, "replace", replace)
     assert not (dst / "manifest.json").exists()
@@ -524,6 +524,11 @@ def test_a_run_stopped_while_it_puts_its_shards_in_place_says_so_and_is_finished
         shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1)
     os.rename(tmp_path / "val-000000.tar", dst / "val-000000.tar")
     moved = (dst / "train-000000.tar").stat().st_mtime_ns
+    moves.clear()  # the run that finishes the moves fails too: it says the same
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="no shard set is published there now; run the same command again to finish"):
+        shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1)
+    monkeypatch.setattr(os, "replace", replace)
     m = shard_dataset(str(src), str(dst), "24", splits=("train",), workers=1)
     assert m["splits"]["val"] == first["splits"]["val"] and read_manifest(str(dst))["splits"] == m["splits"]
     assert (dst / "train-000000.tar").stat().st_mtime_ns == moved  # (moved before the failure: kept)
@@ -549,6 +554,16 @@ def test_a_split_an_interrupted_run_began_is_not_left_unlisted(tiny_root, tmp_pa
         shard_dataset(str(src), str(dst), "8", splits=("val",), workers=1)
     m = shard_dataset(str(src), str(dst), "8", splits=("val", "test"), workers=1)
     assert [m["splits"][s]["num_samples"] for s in ("val", "test")] == [24, 16] and not (dst / "_progress").exists()
+
+    # a published val set, to which a run failing on a bad sample tried to add test: it only staged test's
+    # shards (the published set was never touched), so nothing of test is left to list: a run of val goes on
+    shutil.rmtree(dst)
+    shard_dataset(str(src), str(dst), "8", splits=("val",), workers=1)
+    (src / "test/rgb/0.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="test/rgb/0.jpg: cannot decode"):
+        shard_dataset(str(src), str(dst), "8", splits=("test",), workers=1, overwrite=True)
+    m = shard_dataset(str(src), str(dst), "8", splits=("val",), workers=1, overwrite=True)
+    assert list(m["splits"]) == ["val"] and not (dst / "_progress").exists()
 
 
 def test_shard_named_files_no_run_wrote_are_replaced_only_when_asked(tiny_root, tmp_path):

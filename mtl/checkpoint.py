@@ -466,14 +466,21 @@ class Checkpointer:
     the latest. One write is in flight at a time: the next save waits for it, so checkpoints
     commit in the order they were taken and host memory holds one copy of the state. A sharded
     strategy's ranks write their own files, which a background write cannot coordinate: it
-    always saves in the foreground."""
+    always saves in the foreground.
+
+    A background write that fails (a full disk, a store past its retries) costs that checkpoint
+    only: the next save, which finds it failed, is taken all the same and says so (``replaced``),
+    so a run that goes on loses no more than the steps since the one before; when it has the
+    run's last epoch, none. A second failure in a row is raised: the storage is not coming back."""
 
     def __init__(self, storage: CheckpointStorage, run_url: str, strategy: Strategy, states: dict[str, Stateful],
                  rank: int = 0, on_written: Callable[[str, float], None] | None = None) -> None:
         self.storage, self.run_url, self.strategy, self.states, self.rank = storage, run_url.rstrip("/"), strategy, states, rank
         self.on_written = on_written  # rank 0, after a background checkpoint's commit: (tag, seconds it took)
         self._pending: Future | None = None  # the background write in flight
+        self._pending_tag, self._replacing = "", False  # its tag; whether the last save replaced a failed one
         self.waited_s = 0.0  # how long the last save waited for the write before it
+        self.replaced: str | None = None  # the last save's: the failed write it was taken in place of, and why
 
     def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool = True,
              background: bool = False, after: Future | None = None) -> bool:
@@ -484,7 +491,7 @@ class Checkpointer:
         `mtl.tracking.Tracker.sync`); its failure is for its owner to raise, the checkpoint is
         committed all the same. Returns whether it is being written in the background."""
         t0 = time.perf_counter()
-        self.wait()  # (the one in flight first: checkpoints commit in order)
+        self._wait_or_replace(tag)  # (the one in flight first: checkpoints commit in order)
         self.waited_s = time.perf_counter() - t0
         if background and not self.strategy.sharded:
             self._save_later(tag, config, metrics, is_best, metrics_file, after)
@@ -528,6 +535,21 @@ class Checkpointer:
                 self.on_written(tag, time.perf_counter() - t0)
 
         self._pending = self.storage.publish_later(tag, metrics, lambda folder: _write_state(folder, held["state"]), then)
+
+    def _wait_or_replace(self, tag: str) -> None:
+        """`wait`; a failed write is replaced by checkpoint ``tag`` (said in ``replaced``), unless
+        the one before it failed too (then raised)."""
+        failed, self.replaced = self._pending_tag, None
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 - whatever the storage raised
+            if self._replacing:
+                raise
+            why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            self.replaced, self._replacing = f"checkpoint {failed} was not written ({why})", True
+        else:
+            self._replacing = False
+        self._pending_tag = tag
 
     def wait(self) -> None:
         """Until the background write in flight, if any, is committed; raises its error if it

@@ -782,6 +782,9 @@ class Trainer:
         if waited >= 0.1:  # (the write before was not done: checkpoints are due faster than they are written)
             how += (f"; {waited:.2f} s of it waiting for the previous one's write" +
                     (": a larger --checkpoint-every (or --checkpoint-every-min) lets training run on" if kind == "step" else ""))
+        if self.checkpointer.replaced:  # (a failed background write: this one is taken in its place)
+            self.log(f"{self.checkpointer.replaced}: {kind} checkpoint {tag} is written in its place (another failure in a "
+                     f"row stops the run)")
         self.log(f"{kind} checkpoint {tag} ({time.perf_counter() - t0:.2f} s of training stalled{how})")
 
     def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:

@@ -478,7 +478,7 @@ class HeldStorage:
     """A FolderStorage whose uploads wait until the test lets them go (or fail, when told to):
     a slow object store, made deterministic."""
 
-    def __new__(cls, run: str, fail: bool = False):
+    def __new__(cls, run: str, fail: bool | set[str] = False):
         import threading
 
         from mtl.checkpoint import FolderStorage
@@ -487,7 +487,7 @@ class HeldStorage:
             def publish(self, folder, tag, metrics):
                 self.started.append(tag)
                 assert self.go.wait(60), "never let go"
-                if fail:
+                if fail is True or (fail and tag in fail):
                     raise OSError(f"the store refused {tag}")
                 super().publish(folder, tag, metrics)
 
@@ -555,9 +555,11 @@ def test_a_background_checkpoint_holds_its_steps_state_and_becomes_the_latest_on
     assert last["train_state"]["step"] == 5 and torch.equal(last["model"]["0.weight"], strategy.module[0].weight)
 
 
-def test_a_background_checkpoint_that_fails_leaves_the_one_before_and_says_why(tmp_path):
+def test_a_background_checkpoint_that_fails_costs_itself_only_and_two_in_a_row_stop_the_run(tmp_path):
     """A write that fails in the background moves no pointer: the checkpoint before stays the
-    latest, and the error reaches training at its next checkpoint (or the run's end)."""
+    latest. The next save finds it failed and is taken all the same, saying which one it
+    replaces (when it is the run's last epoch's, that epoch is not lost too); a second failure
+    in a row is raised there: the storage is not coming back."""
     from mtl.checkpoint import Checkpointer, CheckpointIndex
 
     run = str(tmp_path / "run")
@@ -565,13 +567,19 @@ def test_a_background_checkpoint_that_fails_leaves_the_one_before_and_says_why(t
     ok = HeldStorage(run)
     ok.go.set()
     Checkpointer(ok, run, strategy, {"train_state": state}).save("epoch-0001", {}, {"score": 1.0}, is_best=False)
-    failing = HeldStorage(run, fail=True)
+    failing = HeldStorage(run, fail={"epoch-0001-step-00000009", "epoch-0002-step-00000012", "epoch-0002-step-00000015"})
     ckpt = Checkpointer(failing, run, strategy, {"train_state": state})
     ckpt.save("epoch-0001-step-00000009", {}, {}, is_best=False, metrics_file=False, background=True)
     failing.go.set()
-    with pytest.raises(OSError, match="the store refused epoch-0001-step-00000009"):
-        ckpt.save("epoch-0002", {}, {"score": 2.0}, is_best=False)
-    assert CheckpointIndex(run).latest_tag() == "epoch-0001"
+    ckpt.save("epoch-0002", {}, {"score": 2.0}, is_best=False)
+    assert ckpt.replaced == "checkpoint epoch-0001-step-00000009 was not written (the store refused epoch-0001-step-00000009)"
+    assert CheckpointIndex(run).latest_tag() == "epoch-0002"
+    ckpt.save("epoch-0002-step-00000012", {}, {}, is_best=False, metrics_file=False, background=True)
+    ckpt.save("epoch-0002-step-00000015", {}, {}, is_best=False, metrics_file=False, background=True)
+    assert ckpt.replaced.startswith("checkpoint epoch-0002-step-00000012 was not written")
+    with pytest.raises(OSError, match="the store refused epoch-0002-step-00000015"):
+        ckpt.save("epoch-0003", {}, {"score": 3.0}, is_best=False)
+    assert CheckpointIndex(run).latest_tag() == "epoch-0002"
     ckpt.wait()  # (the error was raised once)
 
 

@@ -774,8 +774,10 @@ class Trainer:
         last = self.state.epoch >= t.epochs  # (an epoch checkpoint of the run's last epoch)
         background = t.checkpoint_background and not self.preempted and not last
         t0 = time.perf_counter()
+        # (after a preemption notice the commit waits for no tracking server: the node may be gone
+        # first; a point it had not stored then is missing from the curves, no step is lost)
         background = self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best, metrics_file=metrics_file,
-                                            background=background, after=after)
+                                            background=background, after=None if self.preempted else after)
         self.last_checkpoint = monotonic()
         how = "; written in the background" if background else "; the run's last" if last else ""
         waited = self.checkpointer.waited_s

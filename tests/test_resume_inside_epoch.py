@@ -350,6 +350,22 @@ def test_preemption_polls_also_at_epoch_ends_and_a_notice_checkpoints_after_ever
     assert history == ["epoch-0000-step-00000002", "epoch-0000-step-00000003", "epoch-0000-step-00000004", "epoch-0001",
                        "epoch-0001-step-00000005", "epoch-0001-step-00000006", "epoch-0001-step-00000007",
                        "epoch-0001-step-00000008", "epoch-0002"]
+    # from the notice on, a commit waits for no tracking server (a slow MLflow would outlast the node)
+    from mtl.checkpoint import Checkpointer
+
+    waits, save = [], Checkpointer.save
+
+    def recording(self, tag, *args, after=None, **kw):
+        waits.append((tag, after is not None))
+        return save(self, tag, *args, after=after, **kw)
+
+    Checkpointer.save = recording
+    try:
+        run("tracked", poll_every=2, notice_from=3)  # (polls at steps 2, 4 and 6: the notice at 6)
+    finally:
+        Checkpointer.save = save
+    assert waits == [("epoch-0001", True), ("epoch-0001-step-00000006", False), ("epoch-0001-step-00000007", False),
+                     ("epoch-0001-step-00000008", False), ("epoch-0002", False)]
 
 
 def test_a_resume_at_an_epochs_end_reports_the_lr_its_last_step_had_and_logs_each_point_once(tiny_root, tmp_path, monkeypatch):

@@ -404,9 +404,13 @@ def bench_train(a: TrainBench, on_row=None) -> list[dict]:
     rows = []
     for arch in a.archs:
         for bs in a.batch_sizes:
-            rows.append(_bench_one(a, arch, bs, device, peak))
+            row = _bench_one(a, arch, bs, device, peak)
+            stop = row.pop("stop", False)
+            rows.append(row)
             if on_row:
                 on_row(rows)
+            if stop:
+                raise RuntimeError(f"{arch} batch {bs}: {row['graph_error']}: no more rows can be measured")
             if device.type == "cuda":  # the last config's model and workers are gone: free their memory
                 torch.cuda.empty_cache()
     if group:
@@ -445,12 +449,32 @@ def _bench_one(a: TrainBench, arch: str, bs: int, device, peak: float) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        pure = _pure_path(a, fwd, opt, bs, device, mode == "graph")
-        flops = pure["flops"] = pure["flops"] or flops  # counted on the eager step
-        full = _full_path(a, cfg, strategy, feed, device, mode == "graph")
-        row.update(_row_part("" if mode == "eager" else "graph_", bs, pure, full, peak, device))
+        try:
+            pure = _pure_path(a, fwd, opt, bs, device, mode == "graph")
+            flops = pure["flops"] = pure["flops"] or flops  # counted on the eager step
+            full = _full_path(a, cfg, strategy, feed, device, mode == "graph")
+        except Exception as e:  # noqa: BLE001 - a capture that fails is this row's finding, not the run's end
+            if mode != "graph":
+                raise
+            _graph_failed(row, e)
+        else:
+            row.update(_row_part("" if mode == "eager" else "graph_", bs, pure, full, peak, device))
         del model, opt, fwd, strategy
     return row
+
+
+def _graph_failed(row: dict, e: Exception) -> None:
+    """A failed capture, recorded in its row (``graph_error``); the rows after it are measured
+    too, unless the capture left the CUDA allocator capturing (torch without pytorch#180395):
+    then nothing more can be measured in this process (``stop``: `bench_train` saves the rows,
+    then raises)."""
+    from mtl.cuda_graph import allocator_left_capturing
+
+    row["graph_error"] = f"{type(e).__name__}: {next((ln for ln in str(e).splitlines() if ln.strip()), '')}"
+    stuck = allocator_left_capturing()
+    if stuck:
+        row["graph_error"] += f"; the allocator was left capturing ({stuck})"
+        row["stop"] = True
 
 
 def _row_part(prefix: str, bs: int, pure: dict, full: dict, peak: float, device) -> dict:
@@ -590,8 +614,8 @@ class TrainBench:
     strategy: Literal["ddp", "plain"] = "ddp"  # full path: a 1-rank DDP wrapper (as on Ray) or none
     cuda_graph: bool = True  # also measure both paths with the step captured as a CUDA graph (CUDA only)
     shards: str | None = None  # the full path reads these WebDataset shards (prefix or manifest URL) instead of a folder
-    # torch's CPU threads in this (the training) process; its pin-memory copies run on them, beside
-    # the loader's workers (default: torch's choice, as training has it)
+    # torch's CPU threads (intra-op pool) in this (the training) process, beside the loader's workers
+    # (the pin-memory thread copies on its own thread either way; default: torch's choice, as training has it)
     intra_op_threads: int | None = None
     peak_tflops: float | None = None  # for MFU; default: a measured bf16 matmul peak
     json: str | None = None  # also write the rows to this JSON file
@@ -731,6 +755,8 @@ def train_main(a: TrainBench, argv: list[str]) -> int:
             print(f"{r['arch']} batch {r['batch']} {'captured' if p else 'eager'}: pure {r[p + 'pure_img_s']:.1f} img/s, "
                   f"full {r[p + 'full_img_s']:.1f} img/s ({r[p + 'full_over_pure']:.1%}), host {r[p + 'full_host_ms']:.1f} ms/step "
                   f"(GPU {r[p + 'full_step_ms']:.1f}), MFU {r[p + 'mfu']:.1%}, {r[p + 'peak_mem_gib']:.1f} GiB", flush=True)
+        if "graph_error" in r:
+            print(f"{r['arch']} batch {r['batch']} captured: FAILED ({r['graph_error']})", flush=True)
         if a.json:
             write_json(a.json, {"mode": "train", "size": a.size, "argv": argv, "rows": rows})
 

@@ -26,12 +26,12 @@
 #   MANIFEST.txt               file sizes and sha256 sums
 #
 # Knobs (environment): PYVER (3.12: the GPU machine's Python), LIMIT_MIB (60), RAY_VERSION
-# (2.60.0), DEEPSPEED_VERSION (0.19.7, see below), PYTHON (python3: runs pip and builds the
-# DeepSpeed wheel, so it needs torch and setuptools: use the project's venv), XZ_LEVEL (6).
+# (2.60.0), DEEPSPEED_VERSION (0.19.7, see below), PYTHON (.venv/bin/python when there, else
+# python3: runs pip and builds the DeepSpeed wheel, so it needs torch and setuptools), XZ_LEVEL (6).
 # Re-running reuses what is there (Ray's archive, downloaded wheels) and removes what is stale.
 set -uo pipefail
 
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 PYVER=${PYVER:-3.12}
 LIMIT_MIB=${LIMIT_MIB:-60}
 RAY_VERSION=${RAY_VERSION:-2.60.0}

@@ -20,7 +20,7 @@
 #             TorchTrainer worker with the GPU): 2 epochs with checkpoints, then --resume to a
 #             third; checks the device and the resume                -> ray.json, ray.txt, ray/
 #   deepspeed the same with --strategy deepspeed --zero-stage 2     -> deepspeed.json, deepspeed.txt, deepspeed/
-#   eager     benchmark: branched, distillation x batch 16/32/64, 1-rank DDP; each row measures
+#   eager     benchmark: branched, distillation x BATCHES (16 64), 1-rank DDP; each row measures
 #             the eager step and the step captured as a CUDA graph (pure, full, host ms, memory)
 #                                                                   -> bench-eager.json/.txt
 #   plain     branched x COMPILE_BATCHES without the DDP wrapper (eager and captured)
@@ -106,6 +106,7 @@ PER_WORKER=${PER_WORKER:-128}
 # --start-timeout-s 60: a worker group that cannot be placed fails instead of waiting 900 s)
 RAY_FLAGS=${RAY_FLAGS:---arch branched --encoder resnet34 --synthetic-size 256x512 --synthetic-counts 1024 64 16 --batch-size 16 --max-steps-per-epoch 60 --cpus-per-worker 12 --max-failures 0 --start-timeout-s 60}
 EXPECT_DEVICE=${EXPECT_DEVICE:-cuda}
+BENCH_DEVICE=${BENCH_DEVICE:-$([ "$EXPECT_DEVICE" = cuda ] && echo cuda || echo auto)}  # (cuda: no CPU rows by mistake)
 TRAIN_WORKERS=${TRAIN_WORKERS:-1}
 RUNS=${RUNS:-$WORK/runs}
 BUNDLE=${BUNDLE-.gpu-bundle}
@@ -203,11 +204,12 @@ status=0
 phase() {  # phase NAME LIMIT_S LOG CMD...: run, keep the output, never stop the script
     local name=$1 limit=$2 log=$3
     shift 3
-    local left=$((DEADLINE - SECONDS - 15))  # 15 s: the grace between SIGINT and SIGKILL below
+    # 15 s: the grace between SIGINT and SIGKILL below; RESERVE: what runs after the phase (a train phase's checks)
+    local left=$((DEADLINE - SECONDS - 15 - ${RESERVE:-0}))
     if [ "$left" -lt 10 ]; then
         echo "== $name: skipped, ${left}s left before the deadline (${DEADLINE}s) ==" | tee -a "$OUT_DIR/phases.txt"
         status=1
-        return
+        return 1
     fi
     [ "$limit" -le "$left" ] || limit=$left
     echo "== $name (limit ${limit}s) =="
@@ -217,23 +219,24 @@ phase() {  # phase NAME LIMIT_S LOG CMD...: run, keep the output, never stop the
     echo "== $name: exit $rc after $((SECONDS - t0))s ==" | tee -a "$OUT_DIR/phases.txt"
     [ "$rc" -eq 0 ] || status=1
     pack
+    return 0  # (it ran: what comes after it, e.g. a train phase's checks, may read its results)
 }
 
 train_bench() {  # train_bench NAME LIMIT_S ARGS...: jobs/benchmark.py train with the shared knobs
     local name=$1 limit=$2
     shift 2
-    phase "$name" "$limit" "bench-$name.txt" "$PY" jobs/benchmark.py train --encoder "$ENCODER" --size "$SIZE" \
+    phase "$name" "$limit" "bench-$name.txt" "$PY" jobs/benchmark.py train --device "$BENCH_DEVICE" --encoder "$ENCODER" --size "$SIZE" \
         --steps "$STEPS" --warmup "$WARMUP" --samples "$SAMPLES" --workers "$WORKERS" --json "$OUT_DIR/bench-$name.json" "$@"
 }
 
-train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs through Ray Train, then --resume to 3; checks; results
+train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs through Ray Train, then --resume to 3; exit codes
     # (runs in a child bash under the phase's time limit: uses only exported variables)
     local phase=$1 name=$2 zero=$3 rc1 rc2 t cut=0
     shift 3
     # The phase's limit interrupts the whole process group: the run stops, this shell goes on
-    # (else bash dies of the SIGINT with it), the logs' tee -i keep the run's last words, and the
-    # checks below still write $phase.json (within the 15 s before the SIGKILL). Ray Train's
-    # driver may exit 0 on the SIGINT (its own handler): ``cut`` keeps the resume from starting
+    # (else bash dies of the SIGINT with it), the logs' tee -i keep the run's last words, and it
+    # records the exit codes for train_report, which runs after the phase, outside its limit. Ray
+    # Train's driver may exit 0 on the SIGINT (its own handler): ``cut`` keeps the resume from starting
     trap 'cut=1; echo "-- $phase: interrupted by the phase limit"' INT
     local runs=$RUNS/$phase dest=$OUT_DIR/$phase
     rm -rf "${RUNS:?}/$phase" "${OUT_DIR:?}/$phase" "$OUT_DIR/$phase.json" && mkdir -p "$runs" "$dest" || return 2
@@ -264,11 +267,24 @@ train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs thr
         echo 0 >"$dest/run2.seconds"
     fi
     [ "$cut" -eq 0 ] || rc2=cut
+    echo "$rc1" >"$dest/rc1"
+    echo "$rc2" >"$dest/rc2"
+}
+train_report() {  # train_report PHASE RUN_NAME ZERO_STAGE|-: after train_phase, outside its time limit (a SIGINT
+    # or SIGKILL there cannot cut the copies and the checks short): the run's small files, the checks, $phase.json
+    local phase=$1 name=$2 zero=$3 rc1 rc2 rc i
+    local runs=$RUNS/$phase dest=$OUT_DIR/$phase
+    rc1=$(cat "$dest/rc1" 2>/dev/null) || rc1=killed  # (killed after the grace: the phase's shell wrote nothing)
+    rc2=$(cat "$dest/rc2" 2>/dev/null) || rc2=cut
+    for i in 1 2; do
+        [ -f "$dest/run$i.seconds" ] || echo 0 >"$dest/run$i.seconds"
+        [ -f "$dest/run$i.log" ] || echo "(not run)" >"$dest/run$i.log"
+    done
     # the run's small files (no checkpoints): metrics per epoch, summary.json
     cp -r "$runs/$name/metrics" "$dest/" 2>/dev/null
     cp "$runs/$name/summary.json" "$runs/$name/train.log" "$dest/" 2>/dev/null
     ray_logs "$dest" "$rc1" "$rc2"
-    "$PY" - "$phase" "$dest" "$EXPECT_DEVICE" "$rc1" "$rc2" "$OUT_DIR/$phase.json" "$runs/$name" "$zero" <<'EOF'
+    timeout 25 "$PY" - "$phase" "$dest" "$EXPECT_DEVICE" "$rc1" "$rc2" "$OUT_DIR/$phase.json" "$runs/$name" "$zero" <<'EOF' 2>&1 | tee "$dest/checks.txt"
 """Checks of one train phase, and its result file (img/s per epoch)."""
 import glob
 import json
@@ -356,6 +372,10 @@ for kind, c in (("step", steps), ("epoch", epoch_ends)):
           f"in the background {c['background']}, written {c['written_s']} s after they were taken")
 sys.exit(0 if not problems else 1)
 EOF
+    rc=${PIPESTATUS[0]}
+    echo "== $phase checks: $([ "$rc" -eq 0 ] && echo ok || echo "FAILED (exit $rc; $phase.json)") ==" | tee -a "$OUT_DIR/phases.txt"
+    [ "$rc" -eq 0 ] || status=1
+    pack
 }
 ray_logs() {  # ray_logs DEST RC1 RC2: after a failed or cut run, the ends of Ray's own logs (controller, raylet...)
     [ "$2" = 0 ] && [ "$3" = 0 ] && return 0
@@ -374,9 +394,9 @@ export OUT_DIR RUNS RAY_FLAGS EXPECT_DEVICE TRAIN_WORKERS PY
 for p in $PHASES; do
     case $p in
     env)
-        { nvidia-smi || true; "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
+        { timeout 30 nvidia-smi || true; timeout 60 "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
 "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
-          nproc; free -g; "$PY" -m pip list --disable-pip-version-check 2>/dev/null
+          nproc; free -g; timeout 30 "$PY" -m pip list --disable-pip-version-check 2>/dev/null
           # what the later phases rely on, found out here: the loader's per-worker CPU (jobs/benchmark.py
           # reads the loader's processes there), DeepSpeed's distutils, the bundle's Ray and DeepSpeed
           ls /proc/self/task/*/children >/dev/null 2>&1 && echo "proc children: yes" || echo "proc children: NO (loader workers' CPU unmeasured)"
@@ -385,7 +405,12 @@ print("imports: ray", ray.__version__, "deepspeed", deepspeed.__version__)' || e
         cat "$OUT_DIR/env.txt"
         pack ;;
     tests)
-        phase tests "${T_TESTS:-70}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py ;;
+        # (-rA: a passing test's printed lines too, e.g. which way the failed-capture test went)
+        phase tests "${T_TESTS:-70}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_gpu.py &&
+            if [ "$EXPECT_DEVICE" = cuda ] && grep -q "SKIPPED" "$OUT_DIR/pytest-gpu.txt"; then
+                echo "== tests: GPU tests were SKIPPED (no CUDA device visible to torch?) ==" | tee -a "$OUT_DIR/phases.txt"
+                status=1
+            fi ;;
     data)
         # the train phases' synthetic set, made here: inside the Ray worker it would fork a process
         # that holds Ray's threads (and take the phase's time)
@@ -395,10 +420,11 @@ from jobs.train import parse
 from mtl.data.build import resolve_source
 print("train data:", resolve_source(parse(sys.argv[1:])[1]).url)' $RAY_FLAGS ;;
     ray)
-        phase ray "${T_RAY:-85}" ray.txt bash -c 'train_phase "$@"' train_phase ray ray-gpu - ;;
+        RESERVE=30 phase ray "${T_RAY:-85}" ray.txt bash -c 'train_phase "$@"' train_phase ray ray-gpu - &&
+            train_report ray ray-gpu - ;;
     deepspeed)
-        phase deepspeed "${T_DEEPSPEED:-95}" deepspeed.txt bash -c 'train_phase "$@"' train_phase deepspeed ds-gpu 2 \
-            --strategy deepspeed --zero-stage 2 ;;
+        RESERVE=30 phase deepspeed "${T_DEEPSPEED:-95}" deepspeed.txt bash -c 'train_phase "$@"' train_phase deepspeed ds-gpu 2 \
+            --strategy deepspeed --zero-stage 2 && train_report deepspeed ds-gpu 2 ;;
     eager)
         # shellcheck disable=SC2086
         train_bench eager "${T_EAGER:-130}" --archs $ARCHS --batch-sizes $BATCHES ;;

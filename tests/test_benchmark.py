@@ -64,6 +64,30 @@ def test_a_background_job_that_fails_is_a_row_that_says_so():
     assert row["error"] == "OSError: no space left" and row["steps"] >= 1 and math.isnan(row["job_s"])
 
 
+def test_a_capture_that_fails_is_its_rows_finding_and_stops_the_rows_only_when_the_allocator_is_stuck(monkeypatch, tmp_path):
+    """The one GPU run measures every row it can: a failed capture is recorded in its row; only
+    one that leaves the allocator capturing (torch without pytorch#180395) ends the rows, after
+    they are saved."""
+    import mtl.cuda_graph
+    from jobs import benchmark
+
+    row = {"arch": "distillation", "batch": 64}
+    benchmark._graph_failed(row, RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore"))
+    assert row == {"arch": "distillation", "batch": 64,
+                   "graph_error": "RuntimeError: CUDA error: operation not permitted when stream is capturing"}
+    monkeypatch.setattr(mtl.cuda_graph, "allocator_left_capturing", lambda: "captures_underway.empty()")
+    stuck = {"arch": "branched", "batch": 64}
+    benchmark._graph_failed(stuck, RuntimeError("x"))
+    assert stuck["stop"] and stuck["graph_error"] == "RuntimeError: x; the allocator was left capturing (captures_underway.empty())"
+    made = iter([{"arch": "branched", "batch": 16}, {"arch": "branched", "batch": 64, "graph_error": "x", "stop": True}])
+    monkeypatch.setattr(benchmark, "_bench_one", lambda *a: next(made))
+    saved = []
+    a = benchmark.TrainBench(archs=("branched",), batch_sizes=(16, 64, 128), device="cpu", strategy="plain", peak_tflops=1.0)
+    with pytest.raises(RuntimeError, match="branched batch 64: x: no more rows can be measured"):
+        benchmark.bench_train(a, lambda rows: saved.append([dict(r) for r in rows]))
+    assert saved[-1] == [{"arch": "branched", "batch": 16}, {"arch": "branched", "batch": 64, "graph_error": "x"}]
+
+
 def test_gpu_check_script_runs_its_phases(tmp_path):
     """`jobs/gpu_check.sh`, the one command a GPU session runs, at tiny sizes on the CPU: its
     phases run the benchmarks (`jobs/benchmark.py`) as a GPU session would, and their figures are
@@ -75,7 +99,7 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
            "THREADS_BATCHES": "2", "T_THREADS": "300", "BACKGROUND_FLAGS": "--state-mb 4 --repeats 1", "T_BACKGROUND": "300",
            "BUNDLE": "",  # this venv's packages, not a .gpu-bundle/ made for the GPU machine's Python
            # the default limits are the GPU machine's (one 600 s call); a shared 2-core CPU needs more
-           "T_TESTS": "300", "T_EAGER": "300", "T_PLAIN": "300", "DEADLINE": "1000"}
+           "T_TESTS": "300", "T_EAGER": "300", "T_PLAIN": "300", "DEADLINE": "1000", "EXPECT_DEVICE": "cpu"}
     env.pop("OUT", None)
     r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -101,9 +101,9 @@ class RayStorage:
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/" not in k}
 
     def commit(self, tag: str) -> None:
-        """The pointer's history lists what Ray keeps (CheckpointConfig's num_to_keep); Ray
-        deletes the older folders itself."""
-        self.folder.index.commit(tag, self.keep_last)
+        """The pointer's history lists what Ray keeps (`ray_keeps`, CheckpointConfig's
+        num_to_keep); Ray deletes the older folders itself."""
+        self.folder.index.commit(tag, ray_keeps(self.keep_last) or 0)
 
     @property
     def skipped(self) -> list[str]:
@@ -376,13 +376,19 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
             # dead and time out placing it (--start-timeout-s); it then retries with what is there
             failure_config=FailureConfig(max_failures=d.max_failures,
                                          controller_failure_limit=_controller_failures(d)),
-            # (0: all, None to Ray; at least 2: Ray deletes the one before as it registers a foreground
-            # checkpoint's report, while latest.json still names that one until rank 0 commits the new one)
-            checkpoint_config=CheckpointConfig(num_to_keep=max(2, cfg.train.keep_last) if cfg.train.keep_last else None),
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_keeps(cfg.train.keep_last)),
             worker_runtime_env={"env_vars": env},
             callbacks=callbacks,
         ),
     )
+
+
+def ray_keeps(keep_last: int) -> int | None:
+    """The checkpoints Ray keeps for --keep-last (0: all, None to Ray): at least 2, since Ray
+    deletes the one before as it registers a foreground checkpoint's report, while latest.json
+    still names that one until rank 0 commits the new one. The pointer's history lists as many
+    (`RayStorage.commit`): the way past a corrupt latest names the one Ray still has."""
+    return max(2, keep_last) if keep_last else None
 
 
 def _trainer_class():

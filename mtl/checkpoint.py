@@ -644,10 +644,17 @@ class Checkpointer:
                                f"{POINTER} changed while they read it; nothing was loaded, and a new attempt reads it again")
 
 
+#: how long a checkpoint's commit waits for the tracker's points up to it (`Checkpointer.save`'s
+#: ``after``): a tracking server that hangs (MLflow's client retries a request for minutes) must
+#: not hold the checkpoint back; past this the checkpoint commits, and a resume from it may miss
+#: or repeat a few points on the curves
+TRACKING_WAIT_S = 60.0
+
+
 def _wait_for(future: Future | None) -> None:
-    """Until ``future`` is done, whatever its outcome (`Checkpointer.save`'s ``after``)."""
+    """Until ``future`` is done, whatever its outcome, for `TRACKING_WAIT_S` at most."""
     if future is not None:
-        futures.wait([future])
+        futures.wait([future], timeout=TRACKING_WAIT_S)
 
 
 def _write_state(folder: str, state: dict[str, Any]) -> None:

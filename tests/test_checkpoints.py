@@ -592,7 +592,8 @@ def test_a_background_checkpoint_that_fails_costs_itself_only_and_two_in_a_row_s
 def test_a_checkpoint_is_committed_only_once_what_it_waits_for_is_done(background, tmp_path):
     """``after`` (the tracker's points up to the checkpoint, stored on the tracker's thread):
     the pointer moves only once it is done, in the background or the foreground, and a failure
-    there is its owner's to raise: the checkpoint is committed all the same."""
+    there is its owner's to raise: the checkpoint is committed all the same, as it is when the
+    tracker takes longer than `TRACKING_WAIT_S`."""
     import threading
     from concurrent.futures import Future
 
@@ -616,6 +617,15 @@ def test_a_checkpoint_is_committed_only_once_what_it_waits_for_is_done(backgroun
         saving.join(60)
         ckpt.wait()
         assert CheckpointIndex(run).latest_tag() == tag
+    import mtl.checkpoint  # a tracking server that never answers holds the commit back for TRACKING_WAIT_S only
+
+    mtl.checkpoint.TRACKING_WAIT_S, wait_s = 0.2, mtl.checkpoint.TRACKING_WAIT_S
+    try:
+        ckpt.save("epoch-0003", {}, {"score": 1.0}, False, background=background, after=Future())
+        ckpt.wait()
+    finally:
+        mtl.checkpoint.TRACKING_WAIT_S = wait_s
+    assert CheckpointIndex(run).latest_tag() == "epoch-0003"
 
 
 def test_host_copy_keeps_the_structure_and_owns_its_tensors():

@@ -315,7 +315,7 @@ def shard_dataset(src: str, dst: str, shard_size: str = "auto", splits: tuple[st
         problems += [f"{b['key']}: {b['reason']}" for b in r.bad] if not skip_bad else []
     if problems:
         where = (f"the shard set there is as it was, and the shards written wait in {dst.rstrip('/')}/{SHARD_PROGRESS}/ for "
-                 f"the rerun" if replacing else f"the shards written are kept for the rerun")
+                 f"the rerun" if replacing else "the shards written are kept for the rerun")
         raise ValueError(_problem_text(problems, where))
     manifest = _manifest(src, shard_size, splits, jobs, results, skipped, kept)
     _publish(dst, dst_fs, dst_base, manifest, results, kept, replacing)

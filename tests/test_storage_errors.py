@@ -35,7 +35,8 @@ def test_sharding_without_aws_credentials_names_the_url_and_what_to_set(no_aws_c
     for args, url in ((["--src", "s3://streetmtl/miniscapes", "--dst", str(tmp_path / "s")], "s3://streetmtl/miniscapes"),
                       (["--src", tiny_root, "--dst", "s3://streetmtl/shards", "--splits", "val"], "s3://streetmtl/shards")):
         r = in_process(_shard_main(), args)
-        lines = r.stderr.strip().splitlines()
+        # (a loaded machine may hold the call past the slow-call note's 30 s: that note is not the subject here)
+        lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("still waiting for ")]
         assert r.returncode == 2 and len(lines) == 1, r.stderr
         assert lines[0].startswith("error: ") and url in lines[0] and "Unable to locate credentials" in lines[0]
         assert "AWS_ACCESS_KEY_ID" in lines[0] and "AWS_PROFILE" in lines[0] and "instance role" in lines[0]

@@ -107,7 +107,8 @@ def test_deepspeed_zero2_trains_and_resumes(tmp_path, run_layout):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     phases = (out / "phases.txt").read_text().splitlines()
-    assert [p.split(":")[0] for p in phases] == ["== data", "== deepspeed"] and all("exit 0" in p for p in phases), phases
+    assert [p.split(":")[0] for p in phases] == ["== data", "== deepspeed", "== deepspeed checks"], phases
+    assert all("exit 0" in p for p in phases[:2]) and phases[2] == "== deepspeed checks: ok ==", phases  # (after the limit)
     assert "train data: " in (out / "data.txt").read_text()  # (made before Ray starts: the workers find it)
     res = json.loads((out / "deepspeed.json").read_text())
     assert res["ok"] and not res["problems"], res

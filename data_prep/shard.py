@@ -315,7 +315,7 @@ def shard_dataset(src: str, dst: str, shard_size: str = "auto", splits: tuple[st
         problems += [f"{b['key']}: {b['reason']}" for b in r.bad] if not skip_bad else []
     if problems:
         where = (f"the shard set there is as it was, and the shards written wait in {dst.rstrip('/')}/{SHARD_PROGRESS}/ for "
-                 f"the rerun" if replacing else "the shards written are kept for the rerun")
+                 f"the same command's rerun" if replacing else "the shards written are kept for the same command's rerun")
         raise ValueError(_problem_text(problems, where))
     manifest = _manifest(src, shard_size, splits, jobs, results, skipped, kept)
     _publish(dst, dst_fs, dst_base, manifest, results, kept, replacing)
@@ -636,8 +636,8 @@ def _problem_text(problems: list[str], left: str = "") -> str:
     """The bad samples, listed (``left``: what a failed run leaves at the destination)."""
     shown = "\n  ".join(problems[:20])
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-    return (f"{len(problems)} bad sample(s); nothing was published{f' ({left})' if left else ''} (rerun with --skip-bad to "
-            f"leave them out):\n  {shown}{more}")
+    return (f"{len(problems)} bad sample(s); nothing was published{f' ({left})' if left else ''} (mend them, or rerun with "
+            f"--skip-bad to leave them out, which writes every shard again):\n  {shown}{more}")
 
 
 def _run(jobs: list[ShardJob], workers: int | None, progress: bool, total_samples: int, total_bytes: int) -> dict[str, ShardResult]:

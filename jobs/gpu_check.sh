@@ -36,8 +36,9 @@
 #                                                                   -> bench-background.json/.txt
 # The default limits add up to 570 s and no phase runs past DEADLINE (585 s after the start,
 # the bundle's installation included: a phase's limit is cut to end 15 s before it, the grace
-# between SIGINT and SIGKILL; a phase left with under 10 s is recorded as skipped): one call of a
-# 600 s device command. The benchmark phases and the GPU tests need no Ray and no DeepSpeed: with
+# between SIGINT and SIGKILL, and a train phase's 45 s earlier still, for its checks, which run
+# after its limit, under 40 s of their own; a phase left with under 10 s is recorded as skipped):
+# one call of a 600 s device command. The benchmark phases and the GPU tests need no Ray and no DeepSpeed: with
 # a bundle of the seven wheels they need (`bash jobs/gpu_bundle.sh min .gpu-bundle .gpu-min`) they
 # run in a call of their own, with longer limits: PHASES="env tests eager plain loader compile"
 # BUNDLE=.gpu-min BATCHES="16 32 64" T_TESTS=100 T_EAGER=220 T_PLAIN=60 T_LOADER=100 T_COMPILE=100.
@@ -239,7 +240,8 @@ train_phase() {  # train_phase PHASE RUN_NAME ZERO_STAGE|- FLAG...: 2 epochs thr
     # Train's driver may exit 0 on the SIGINT (its own handler): ``cut`` keeps the resume from starting
     trap 'cut=1; echo "-- $phase: interrupted by the phase limit"' INT
     local runs=$RUNS/$phase dest=$OUT_DIR/$phase
-    rm -rf "${RUNS:?}/$phase" "${OUT_DIR:?}/$phase" "$OUT_DIR/$phase.json" && mkdir -p "$runs" "$dest" || return 2
+    rm -rf "${RUNS:?}/$phase" "${OUT_DIR:?}/$phase" "$OUT_DIR/$phase.json" && mkdir -p "$runs" "$dest" ||
+        { mkdir -p "$dest" && echo setup-failed >"$dest/rc1"; return 2; }
     # RAY_FLAGS first: the fixed flags after them win. No RAY_ADDRESS and a Ray temp folder of
     # its own: the run starts a Ray instance of this machine (GPUs auto-detected), never joins
     # one that some `ray start` left running.
@@ -284,7 +286,7 @@ train_report() {  # train_report PHASE RUN_NAME ZERO_STAGE|-: after train_phase,
     cp -r "$runs/$name/metrics" "$dest/" 2>/dev/null
     cp "$runs/$name/summary.json" "$runs/$name/train.log" "$dest/" 2>/dev/null
     ray_logs "$dest" "$rc1" "$rc2"
-    timeout 25 "$PY" - "$phase" "$dest" "$EXPECT_DEVICE" "$rc1" "$rc2" "$OUT_DIR/$phase.json" "$runs/$name" "$zero" <<'EOF' 2>&1 | tee "$dest/checks.txt"
+    timeout 40 "$PY" - "$phase" "$dest" "$EXPECT_DEVICE" "$rc1" "$rc2" "$OUT_DIR/$phase.json" "$runs/$name" "$zero" <<'EOF' 2>&1 | tee "$dest/checks.txt"
 """Checks of one train phase, and its result file (img/s per epoch)."""
 import glob
 import json
@@ -420,10 +422,10 @@ from jobs.train import parse
 from mtl.data.build import resolve_source
 print("train data:", resolve_source(parse(sys.argv[1:])[1]).url)' $RAY_FLAGS ;;
     ray)
-        RESERVE=30 phase ray "${T_RAY:-85}" ray.txt bash -c 'train_phase "$@"' train_phase ray ray-gpu - &&
+        RESERVE=45 phase ray "${T_RAY:-85}" ray.txt bash -c 'train_phase "$@"' train_phase ray ray-gpu - &&
             train_report ray ray-gpu - ;;
     deepspeed)
-        RESERVE=30 phase deepspeed "${T_DEEPSPEED:-95}" deepspeed.txt bash -c 'train_phase "$@"' train_phase deepspeed ds-gpu 2 \
+        RESERVE=45 phase deepspeed "${T_DEEPSPEED:-95}" deepspeed.txt bash -c 'train_phase "$@"' train_phase deepspeed ds-gpu 2 \
             --strategy deepspeed --zero-stage 2 && train_report deepspeed ds-gpu 2 ;;
     eager)
         # shellcheck disable=SC2086

@@ -479,6 +479,7 @@ class Checkpointer:
         self.on_written = on_written  # rank 0, after a background checkpoint's commit: (tag, seconds it took)
         self._pending: Future | None = None  # the background write in flight
         self._pending_tag, self._replacing = "", False  # its tag; whether the last save replaced a failed one
+        self._pending_best: dict[str, Any] | None = None  # rank 0: its host copy, when it is the best epoch's
         self.waited_s = 0.0  # how long the last save waited for the write before it
         self.replaced: str | None = None  # the last save's: the failed write it was taken in place of, and why
 
@@ -534,22 +535,45 @@ class Checkpointer:
             if self.on_written:
                 self.on_written(tag, time.perf_counter() - t0)
 
+        self._pending_best = held if is_best else None  # (a failed write's best epoch: `_wait_or_replace`)
         self._pending = self.storage.publish_later(tag, metrics, lambda folder: _write_state(folder, held["state"]), then)
 
     def _wait_or_replace(self, tag: str) -> None:
         """`wait`; a failed write is replaced by checkpoint ``tag`` (said in ``replaced``), unless
-        the one before it failed too (then raised)."""
-        failed, self.replaced = self._pending_tag, None
+        the one before it failed too (then raised). The failed one's best epoch still becomes
+        ``best.pt`` (from its host copy: the run goes on from that state, and no later epoch may
+        beat its score). A failure after the commit (``best.pt``, the log line) is said, not
+        counted: the checkpoint is the latest."""
+        failed, best, self.replaced = self._pending_tag, self._pending_best, None
+        self._pending_tag, self._pending_best = tag, None
         try:
             self.wait()
         except Exception as e:  # noqa: BLE001 - whatever the storage raised
-            if self._replacing:
-                raise
             why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-            self.replaced, self._replacing = f"checkpoint {failed} was not written ({why})", True
+            if self._committed(failed):
+                self.replaced, self._replacing = f"checkpoint {failed} was written, but what follows its commit failed ({why})", False
+            elif self._replacing:
+                raise
+            else:
+                self.replaced, self._replacing = f"checkpoint {failed} was not written ({why})", True
+            if best and best.get("state") is not None:  # (rank 0: its best.pt, not yet written)
+                self._write_best(best["state"])
+                best.clear()
         else:
             self._replacing = False
-        self._pending_tag = tag
+
+    @property
+    def replacing(self) -> bool:
+        """Whether the last save replaced a checkpoint whose write failed (a second such failure
+        in a row is raised)."""
+        return self._replacing
+
+    def _committed(self, tag: str) -> bool:
+        """Whether the pointer names ``tag`` (rank 0's commit of a background write happened)."""
+        try:
+            return self.rank == 0 and CheckpointIndex(self.run_url).latest_tag() == tag
+        except Exception:  # noqa: BLE001 - a store that fails here too: taken as not committed
+            return False
 
     def wait(self) -> None:
         """Until the background write in flight, if any, is committed; raises its error if it

@@ -776,17 +776,19 @@ class Trainer:
         t0 = time.perf_counter()
         # (after a preemption notice the commit waits for no tracking server: the node may be gone
         # first; a point it had not stored then is missing from the curves, no step is lost)
-        background = self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best, metrics_file=metrics_file,
-                                            background=background, after=None if self.preempted else after)
+        try:
+            background = self.checkpointer.save(tag, self.cfg.to_dict(), metrics, is_best, metrics_file=metrics_file,
+                                                background=background, after=None if self.preempted else after)
+        finally:  # (said also when this save fails in its turn: the run stops with both in train.log)
+            if self.checkpointer.replaced:  # (a failed background write: this one is taken in its place)
+                self.log(self.checkpointer.replaced + (f": {kind} checkpoint {tag} is written in its place (another failure "
+                                                       f"in a row stops the run)" if self.checkpointer.replacing else ""))
         self.last_checkpoint = monotonic()
         how = "; written in the background" if background else "; the run's last" if last else ""
         waited = self.checkpointer.waited_s
         if waited >= 0.1:  # (the write before was not done: checkpoints are due faster than they are written)
             how += (f"; {waited:.2f} s of it waiting for the previous one's write" +
                     (": a larger --checkpoint-every (or --checkpoint-every-min) lets training run on" if kind == "step" else ""))
-        if self.checkpointer.replaced:  # (a failed background write: this one is taken in its place)
-            self.log(f"{self.checkpointer.replaced}: {kind} checkpoint {tag} is written in its place (another failure in a "
-                     f"row stops the run)")
         self.log(f"{kind} checkpoint {tag} ({time.perf_counter() - t0:.2f} s of training stalled{how})")
 
     def end_epoch(self, loss: list[float], ips: float, epoch_lrs: list[float], bar: TrainProgress) -> dict[str, Any]:

@@ -560,8 +560,10 @@ class Tracker:
         with self._lock:
             failed, self._failed = self._failed, None
         if failed is not None:
-            if stored is not None:
-                futures.wait([stored])
+            if stored is not None:  # (bounded as a checkpoint's own wait is: a hung tracker holds nothing back)
+                from mtl.checkpoint import TRACKING_WAIT_S
+
+                futures.wait([stored], timeout=TRACKING_WAIT_S)
             raise failed
 
     def _draw_if_due(self, epoch: int, step: int, metrics: dict[str, Any], last: bool) -> None:

@@ -588,6 +588,37 @@ def test_a_background_checkpoint_that_fails_costs_itself_only_and_two_in_a_row_s
     ckpt.wait()  # (the error was raised once)
 
 
+def test_a_failed_background_write_of_the_best_epoch_still_makes_best_pt_and_one_after_its_commit_is_no_failure(tmp_path):
+    """The best epoch's write fails: the run goes on from that state and no later epoch may beat
+    its score, so its best.pt is written from the write's host copy. A failure after a commit
+    (the log line's callback here) leaves a committed checkpoint: said, and not counted as a
+    failed write."""
+    from mtl.checkpoint import BEST_FILE, Checkpointer, CheckpointIndex, load_checkpoint
+
+    run = str(tmp_path / "run")
+    strategy, state = _plain_run()
+    failing = HeldStorage(run, fail={"epoch-0002"})
+    failing.go.set()
+    ckpt = Checkpointer(failing, run, strategy, {"train_state": state})
+    ckpt.save("epoch-0001", {}, {"score": 1.0}, is_best=True)
+    ckpt.save("epoch-0002", {}, {"score": 2.0}, is_best=True, background=True)
+    ckpt.save("epoch-0003", {}, {"score": 1.5}, is_best=False)
+    assert ckpt.replaced == "checkpoint epoch-0002 was not written (the store refused epoch-0002)" and ckpt.replacing
+    assert load_checkpoint(f"{run}/{BEST_FILE}")["metrics"] == {"score": 2.0}
+    assert CheckpointIndex(run).read()["history"] == ["epoch-0001", "epoch-0003"]
+
+    def log_fails(tag, seconds):
+        raise OSError("train.log cannot be written")
+
+    ckpt.on_written = log_fails
+    ckpt.save("epoch-0004", {}, {"score": 1.0}, is_best=False, background=True)
+    ckpt.save("epoch-0005", {}, {"score": 1.0}, is_best=False, background=True)
+    assert ckpt.replaced == "checkpoint epoch-0004 was written, but what follows its commit failed (train.log cannot be written)"
+    assert not ckpt.replacing
+    ckpt.save("epoch-0006", {}, {"score": 1.0}, is_best=False)  # (epoch-0005's failure after its commit: not a second in a row)
+    assert ckpt.replaced.startswith("checkpoint epoch-0005 was written") and CheckpointIndex(run).latest_tag() == "epoch-0006"
+
+
 @pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
 def test_a_checkpoint_is_committed_only_once_what_it_waits_for_is_done(background, tmp_path):
     """``after`` (the tracker's points up to the checkpoint, stored on the tracker's thread):

@@ -471,7 +471,7 @@ def test_a_failed_overwrite_leaves_the_published_set_readable_and_resumes(tiny_r
     (src / "train/semseg/3.png").write_bytes(encode_semseg_png(np.zeros((32, 64), np.uint8)))
     r = _shard_cli("--src", str(src), "--dst", str(dst), "--shard-size", "8", "--splits", "train", "--overwrite")
     assert r.returncode == 2 and (f"2 bad sample(s); nothing was published (the shard set there is as it was, and the shards "
-                                  f"written wait in {dst}/_progress/ for the rerun)") in r.stderr, r.stderr
+                                  f"written wait in {dst}/_progress/ for the same command's rerun)") in r.stderr, r.stderr
     assert "train/7: train/semseg/7.png: labels outside 0..18/255: [40]" in r.stderr
     assert "train/3: image sizes (HxW) disagree: train/rgb/3.jpg 64x128, train/semseg/3.png 32x64" in r.stderr
     assert "train/3: train/3" not in r.stderr

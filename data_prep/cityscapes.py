@@ -71,13 +71,13 @@ import numpy as np
 import tyro
 from PIL import Image
 
-from data_prep.pool import check_workers, run_pooled
+from data_prep.pool import run_pooled
 from mtl.atomic import check_not_above
 from mtl.cli import parse
 from mtl.config import Size
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, check_splits, decode_sample,
                                  encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
-from mtl.machine import usable_cpus
+from mtl.machine import check_workers, usable_cpus
 from mtl.storage import check_literal, exists, folder_names, is_local, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-cityscapes-v1"

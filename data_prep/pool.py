@@ -1,5 +1,4 @@
-"""Jobs on a process pool, a few at a time, stopping at the first error (sharding, conversion),
-and the check of their --workers flag."""
+"""Jobs on a process pool, a few at a time, stopping at the first error (sharding, conversion)."""
 
 from __future__ import annotations
 
@@ -27,10 +26,3 @@ def run_pooled(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], jobs: Iterab
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)  # (then leaving the pool waits only for the jobs running)
         raise
-
-
-def check_workers(workers: int | None) -> None:
-    """ValueError for a negative ``--workers``: it was taken as one worker, silently (0 or
-    None: the default, one per usable CPU)."""
-    if workers is not None and workers < 0:
-        raise ValueError(f"--workers must be 0 (one per usable CPU) or more, got {workers}")

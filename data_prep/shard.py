@@ -51,13 +51,13 @@ from typing import Annotated, Any
 
 import tyro
 
-from data_prep.pool import check_workers, run_pooled
+from data_prep.pool import run_pooled
 from mtl import __version__
 from mtl.cli import parse
-from mtl.data.folder import scan_split, split_modalities, stems_by_index
-from mtl.data.miniscapes import CONVERSION_PLAN, MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
+from mtl.data.folder import folder_marks, scan_split, split_modalities, stems_by_index
+from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
 from mtl.data.shards import FORMAT
-from mtl.machine import usable_cpus
+from mtl.machine import check_workers, usable_cpus
 from mtl.storage import check_literal, is_local, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
@@ -78,10 +78,6 @@ SHARD_SIZE_HELP = (f"samples per shard (1000), bytes per shard (256MB), or auto:
 # before it removes the old manifest (`_publish`), so that a run killed while it moves its shards
 # into place loses none of them (`_kept_entries`)
 KEPT = "kept.json"
-# in SHARD_PROGRESS: ``<shard>`` itself, the staging name under which an --overwrite run writes
-# a shard (`write_shard`) while the published set it replaces is still read; `_publish` moves it
-# into place once every shard is written
-
 # in SHARD_PROGRESS: the shards earlier manifests listed for the splits being sharded, which the
 # run deletes once its own manifest is out when that no longer lists them (`_clean_up`)
 REPLACED = "replaced.json"
@@ -204,13 +200,13 @@ def write_shard(job: ShardJob) -> ShardResult:
         dst_fs, dst_base = url_to_fs(job.dst)
         progress = f"{dst_base.rstrip('/')}/{SHARD_PROGRESS}"
         record = f"{progress}/{job.name}.json"
-        prev = _earlier_result(dst_fs, f"{dst_base.rstrip('/')}/{job.name}", f"{progress}/{job.name}", record, job.plan_hash)
+        prev = _earlier_result(dst_fs, f"{dst_base.rstrip('/')}/{job.name}", _staged(dst_base, job.name), record, job.plan_hash)
         if prev is not None:
             return prev
         if dst_fs.exists(record):  # (a record describes the last shard written whole, where it says)
             dst_fs.rm(record)
-        where = f"{SHARD_PROGRESS}/{job.name}" if job.stage else job.name
-        path, url = f"{dst_base.rstrip('/')}/{where}", f"{job.dst.rstrip('/')}/{where}"
+        path, url = ((_staged(dst_base, job.name), _staged(job.dst, job.name)) if job.stage else
+                     (f"{dst_base.rstrip('/')}/{job.name}", f"{job.dst.rstrip('/')}/{job.name}"))
         # (a record before the shard: a worker killed while writing it leaves a file this tool knows as its own)
         write_bytes_atomic(f"{job.dst.rstrip('/')}/{SHARD_PROGRESS}/{job.name}{PENDING}", b"")
         result = _write_tar(job, dst_fs, path)
@@ -221,6 +217,13 @@ def write_shard(job: ShardJob) -> ShardResult:
         sync_local(url)
         write_bytes_atomic(f"{job.dst.rstrip('/')}/{SHARD_PROGRESS}/{job.name}.json", json.dumps(asdict(result)).encode())
     return result
+
+
+def _staged(base: str, name: str) -> str:
+    """Shard ``name``'s staging path under the destination ``base`` (a path or URL): in
+    SHARD_PROGRESS, where an --overwrite run writes it (`write_shard`) while the published set it
+    replaces is still read; `_publish` moves it into place once every shard is written."""
+    return f"{base.rstrip('/')}/{SHARD_PROGRESS}/{name}"
 
 
 def _write_tar(job: ShardJob, dst_fs, path: str) -> ShardResult:
@@ -357,9 +360,9 @@ def _publish(dst: str, dst_fs, dst_base: str, manifest: dict, results: dict[str,
         with storage_errors(dst):
             for name in staged:
                 if is_local(dst):  # (os.replace: a folder in the way is an error, not a folder to move the shard into)
-                    os.replace(f"{dst_base}/{SHARD_PROGRESS}/{name}", f"{dst_base}/{name}")
+                    os.replace(_staged(dst_base, name), f"{dst_base}/{name}")
                 else:
-                    dst_fs.mv(f"{dst_base}/{SHARD_PROGRESS}/{name}", f"{dst_base}/{name}")
+                    dst_fs.mv(_staged(dst_base, name), f"{dst_base}/{name}")
         if staged:
             sync_local(dst, contents=False)  # (the moves on the disk before the manifest naming their shards)
         # (on a local disk each shard and its name were synced before its record: after a power
@@ -395,11 +398,10 @@ def _open_destination(dst: str, splits: tuple[str, ...], overwrite: bool, names:
             dst_base = dst_base.rstrip("/")
             raw = read_bytes(f"{dst.rstrip('/')}/manifest.json")
             have = _listing(dst_fs, dst_base)
-            marks = [f"{s}/rgb/" for s in SPLITS if s in have and dst_fs.isdir(f"{dst_base}/{s}/rgb")]
             ours = _written_before(dst_fs, f"{dst_base}/{SHARD_PROGRESS}")
+            marks = folder_marks(dst) if have else []
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
         raise OSError(f"cannot read destination {dst}: {e}") from e
-    marks += [CONVERSION_PLAN] if CONVERSION_PLAN in have else []
     if marks:
         raise ValueError(f"--shards {dst} is a Miniscapes folder (it holds {', '.join(marks)}): a shard set and its "
                          f"manifest.json need a folder (or prefix) of their own, e.g. {dst.rstrip('/')}-shards")

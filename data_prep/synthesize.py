@@ -9,9 +9,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from data_prep.pool import check_workers
 from mtl.cli import parse
 from mtl.config import Size
+from mtl.machine import check_workers
 from mtl.data.synthetic import render_scene, synthesize  # noqa: F401 - this tool's library, re-exported
 
 __all__ = ["main", "render_scene", "synthesize"]

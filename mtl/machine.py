@@ -15,6 +15,13 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def check_workers(workers: int | None) -> None:
+    """ValueError for a negative ``--workers`` (a count of worker processes): it was taken as
+    one worker, silently (0 or None: the default, from the usable CPUs)."""
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers must be 0 (one per usable CPU) or more, got {workers}")
+
+
 def machine_id() -> str:
     """This machine's boot and process namespace: two containers may share a host name (host
     networking) but not their processes, and a rebooted host keeps its name but no process."""

@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, replace
 
 from mtl.config import DataConfig, ExperimentConfig
-from mtl.data.folder import MiniscapesFolder, split_modalities
+from mtl.data.folder import MiniscapesFolder, folder_marks, split_modalities
 from mtl.data.loader import make_loader
-from mtl.data.miniscapes import LABEL_MODALITIES, SPLITS
+from mtl.data.miniscapes import LABEL_MODALITIES
 from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, manifest_url, num_samples, read_manifest
 from mtl.data.synthetic import GENERATOR_VERSION, synthesize
 from mtl.data.transforms import Augment
@@ -68,9 +68,9 @@ def check_not_both(url: str) -> None:
     data sets: which one a --root/--shards flag means cannot be told, so neither is read."""
     if url.rstrip("/").endswith(".json"):
         return
-    split = next((s for s in SPLITS if exists(f"{url.rstrip('/')}/{s}/rgb")), None)
-    if split is not None:
-        raise ValueError(f"{url} holds both a shard set (manifest.json) and a Miniscapes folder ({split}/rgb/): which one is "
+    marks = folder_marks(url)
+    if marks:
+        raise ValueError(f"{url} holds both a shard set (manifest.json) and a Miniscapes folder ({marks[0]}): which one is "
                          f"meant cannot be told; move the shards to a prefix of their own (python -m data_prep.shard --shards)")
 
 

@@ -108,6 +108,16 @@ def _layout_hint(root: str) -> str:
     return " (it holds a shard set without manifest.json: sharding was interrupted; run data_prep.shard again)" if unfinished else ""
 
 
+def folder_marks(root: str) -> list[str]:
+    """What makes ``root`` a Miniscapes folder, as messages name it: its ``<split>/rgb/`` folders
+    and a conversion's plan (empty: none). Shards must not be written into one, and a prefix
+    holding both is two data sets under one name."""
+    with storage_errors(root):
+        fs, base = url_to_fs(root)
+        marks = [f"{s}/rgb/" for s in SPLITS if fs.isdir(_join(base, s, "rgb"))]
+        return marks + ([CONVERSION_PLAN] if fs.exists(_join(base, CONVERSION_PLAN)) else [])
+
+
 def stems_by_index(stems: list[str], where: str) -> dict[int, str]:
     """Each sample's number (`sample_index`) to its stem; ValueError naming two files that would
     share one (``01.jpg`` and ``1.jpg``): their predictions would overwrite each other."""

@@ -24,6 +24,7 @@ from mtl.atomic import atomic_dir
 from mtl.data.miniscapes import (
     DEPTH_MAX_M, DEPTH_MIN_M, IGNORE_INDEX, MODALITIES, SPLITS, encode_depth_png, encode_rgb_jpeg, encode_semseg_png,
 )
+from mtl.machine import check_workers
 
 #: what the generator renders, as a number: bump it when a change alters the scenes of a given
 #: seed, so that sets cached by an earlier version (`mtl.data.build.synthetic_root`) are not reused
@@ -216,8 +217,7 @@ def synthesize(out: str, counts: dict[str, int], size: tuple[int, int] = (256, 5
     for split, n in counts.items():
         if split not in SPLITS or n < 0:
             raise ValueError(f"bad sample count {split}={n}")
-    if workers is not None and workers < 0:
-        raise ValueError(f"--workers must be 0 (one per CPU, at most 8) or more, got {workers}")
+    check_workers(workers)
     workers = workers or min(os.cpu_count() or 1, 8)
     with atomic_dir(out, overwrite) as tmp:
         for split in counts:

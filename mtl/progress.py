@@ -25,6 +25,8 @@ from mtl.storage import is_local, read_bytes, url_to_fs, write_bytes_atomic
 MAIN_KEYS = {"miou": "mIoU", "si_log_rmse": "SI-log", "grader": "grader", "delta_m": "Δm %", "mae": "MAE m", "rmse": "RMSE m",
              "abs_rel": "absRel", "delta1": "δ1 %", "train_loss": "loss", "weights/semseg": "w seg",
              "train_images_per_s": "img/s"}
+#: decimals shown, where two would hide differences between runs (abs-rel is a fraction: 0.197 and 0.199)
+DECIMALS = {"abs_rel": 3}
 
 
 def wide_console(stderr: bool = False) -> Console:
@@ -40,7 +42,7 @@ def metrics_table(metrics: dict[str, float], title: str) -> Table:
     table = Table(title=title, show_header=True)
     for k in keys:
         table.add_column(MAIN_KEYS[k], justify="right")
-    table.add_row(*(f"{metrics[k]:.2f}" for k in keys))
+    table.add_row(*(f"{metrics[k]:.{DECIMALS.get(k, 2)}f}" for k in keys))
     return table
 
 

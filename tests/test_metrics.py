@@ -114,3 +114,15 @@ def test_states_sum_across_ranks():
     ra, rw = a.compute(), whole.compute()
     for k in ("miou", "si_log_rmse", "mae", "grader"):
         assert ra[k] == pytest.approx(rw[k])
+
+
+def test_the_metrics_table_shows_abs_rel_to_three_decimals():
+    """abs-rel is a fraction: two decimals would show 0.197 and 0.199 alike."""
+    from rich.console import Console
+
+    from mtl.progress import metrics_table
+
+    console = Console(width=200, record=True)
+    console.print(metrics_table({"miou": 49.291, "abs_rel": 0.1974, "rmse": 7.456}, "val"))
+    text = console.export_text()
+    assert "0.197" in text and "49.29" in text and "7.46" in text

@@ -99,7 +99,8 @@ def test_gpu_check_script_runs_its_phases(tmp_path):
            "THREADS_BATCHES": "2", "T_THREADS": "300", "BACKGROUND_FLAGS": "--state-mb 4 --repeats 1", "T_BACKGROUND": "300",
            "BUNDLE": "",  # this venv's packages, not a .gpu-bundle/ made for the GPU machine's Python
            # the default limits are the GPU machine's (one 600 s call); a shared 2-core CPU needs more
-           "T_TESTS": "300", "T_EAGER": "300", "T_PLAIN": "300", "DEADLINE": "1000", "EXPECT_DEVICE": "cpu"}
+           "T_TESTS": "300", "T_EAGER": "300", "T_PLAIN": "300", "DEADLINE": "1000", "EXPECT_DEVICE": "cpu",
+           "CUDA_VISIBLE_DEVICES": ""}  # (the CPU run on a GPU machine too: its figures and skips are checked as CPU ones)
     env.pop("OUT", None)
     r = subprocess.run(["bash", "jobs/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

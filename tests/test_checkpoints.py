@@ -274,29 +274,47 @@ from mtl.engine import build_optimizer
 from mtl.models import build_model
 cfg = ExperimentConfig(model=ModelConfig(arch="deeplabv3p", encoder="resnet18"), train=TrainConfig(batch_size=2),
                        dist=DistConfig(strategy="deepspeed", zero_stage=2))
-def strategy():
+def strategy(seed):
+    torch.manual_seed(seed)
     model = build_model(cfg.model).to(memory_format=torch.channels_last)
     return DeepSpeedStrategy(model, build_optimizer(model, cfg), cfg)
+def fingerprint(s):  # the weights and the optimizer's moments, as the engine holds them after a load
+    opt = s.optimizer.state_dict()  # (ZeRO's: its base optimizer's state over the flat fp32 partition)
+    moments = [v for st in opt["base_optimizer_state"]["state"].values() for k, v in sorted(st.items()) if torch.is_tensor(v) and v.numel() > 1]
+    return [p.detach().clone() for p in s.module.parameters()], moments
 if sys.argv[3] == "save":
-    s = strategy()
+    s = strategy(0)
     assert s.engine.checkpoint_engine.load is safe_deepspeed_load  # every file DeepSpeed reads goes through it
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    out = s.model(x)
+    s.backward(sum(t.float().mean() for t in torch.utils._pytree.tree_leaves(out)))
+    s.step(True)
     s.save_shards(sys.argv[1])
-s = strategy()
+    torch.save(fingerprint(s), sys.argv[1] + "/fingerprint")
+    assert s.engine.global_steps == 1 and fingerprint(s)[1], "one optimizer step, with moments"
+s = strategy(1)  # other initial weights: what the load restores shows
+saved, mine = torch.load(sys.argv[1] + "/fingerprint"), None
+assert any(not torch.equal(a, b) for a, b in zip(saved[0], fingerprint(s)[0]))
 s.load_shards(sys.argv[1])
+mine = fingerprint(s)
+assert all(torch.equal(a, b) for a, b in zip(saved[0], mine[0])), "weights differ after the load"
+assert len(saved[1]) == len(mine[1]) and all(torch.equal(a, b) for a, b in zip(saved[1], mine[1])), "optimizer moments differ"
 print("restored step", s.engine.global_steps)
 """
 
 
 @pytest.mark.slow
 def test_deepspeed_resumes_through_the_safe_reader_and_refuses_a_planted_file(tmp_path, free_port):
-    """The real DeepSpeed engine (ZeRO-2) saves, then loads through `safe_deepspeed_load`; a file
-    of its checkpoint replaced by one carrying code is refused, and the code never runs."""
+    """The real DeepSpeed engine (ZeRO-2) trains a step and saves; an engine built from other
+    weights loads it through `safe_deepspeed_load` and holds the same weights, optimizer moments
+    and step count; a file of its checkpoint replaced by one carrying code is refused, and the
+    code never runs."""
     ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
     ckpt.mkdir()
     run = lambda mode: subprocess.run([sys.executable, "-c", DEEPSPEED_RESUME, str(ckpt), str(free_port()), mode],  # noqa: E731
                                       cwd=REPO, capture_output=True, text=True, timeout=600)
     r = run("save")
-    assert r.returncode == 0 and "restored step 0" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode == 0 and "restored step 1" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     (optim,) = ckpt.glob("zero/*optim_states.pt")
     torch.save({"optimizer_state_dict": RunsCode(str(marker))}, optim)
     r = run("load")

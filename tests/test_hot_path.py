@@ -63,12 +63,52 @@ def test_train_steps_queue_without_host_syncs(arch, optimizer, grad_accum, weigh
     assert torch.isfinite(running).all()
 
 
-def test_recorder_catches_a_host_read():
-    """The check can fail: a per-step ``.item()`` (the classic logging mistake) is caught."""
+@pytest.mark.parametrize("read,seen", [
+    (lambda t: float(t.sum()), "aten._local_scalar_dense"),  # the classic logging mistake
+    (lambda t: t.tolist(), "Tensor.tolist"),
+    (lambda t: t.cpu(), "Tensor.cpu"),
+    (lambda t: t.numpy(), "Tensor.numpy"),
+    (lambda t: t[t > 0], "boolean-mask index"),  # (on the CPU its nonzero runs inside the index kernel)
+    (lambda t: t.__setitem__(t > 0, 0.0), "boolean-mask index"),
+    (lambda t: t.nonzero(), "aten.nonzero"),
+], ids=["float", "tolist", "cpu", "numpy", "mask-read", "mask-write", "nonzero"])
+def test_recorder_catches_each_kind_of_host_read(read, seen):
+    """The check can fail: every way a step could read a device value on the host is seen on
+    the CPU too, where several of them dispatch no reading op (`mtl.opcount`)."""
+    t = torch.tensor([1.0, -2.0, 3.0])
     with OpRecorder() as rec:
-        loss = torch.ones(3).sum()
-        float(loss)
-    assert rec.host_syncs() == {"aten._local_scalar_dense": 1}
+        read(t)
+    assert seen in rec.host_syncs(), rec.ops
+    with OpRecorder() as rec:
+        t.mul(2).sum()
+    assert rec.host_syncs() == {}
+
+
+def test_a_training_epoch_reads_the_device_only_at_its_log_steps(tiny_root, tmp_path):
+    """The loop around the step (`Trainer.train_epoch`: the LR, the running losses, the readout,
+    the checkpoint test) reads nothing more: the host reads once per ``--log-every`` steps and
+    at the epoch's end (12 steps, every 5th: steps 5, 10 and 12). The one other read is the
+    validation loader's seed, which ``iter(DataLoader)`` draws on the CPU (no device involved)."""
+    from mtl.config import DataConfig, TrainConfig
+    from mtl.engine import Trainer, fit, local_runtime
+
+    recorders = []
+    train_epoch = Trainer.train_epoch
+
+    def recorded(self, *args, **kwargs):
+        with OpRecorder() as rec:
+            out = train_epoch(self, *args, **kwargs)
+        recorders.append(rec)
+        return out
+
+    cfg = ExperimentConfig(data=DataConfig(root=tiny_root, workers=1), model=ModelConfig(arch="deeplabv3p", encoder="resnet18"),
+                           train=TrainConfig(epochs=1, batch_size=8, out=str(tmp_path), device="cpu", log_every=5)).validate()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_epoch", recorded)
+        fit(cfg, local_runtime(cfg))
+    (rec,) = recorders
+    assert rec.host_syncs() == {"Tensor.tolist": 3, "aten._local_scalar_dense": 1}, rec.host_syncs()
+    assert rec.total > 12 * 100  # the recorder saw the epoch's steps
 
 
 def test_validation_batches_queue_without_host_syncs():

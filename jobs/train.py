@@ -43,6 +43,10 @@ def _local_fits(cmd: TrainCommand) -> None:
     d = cmd.experiment.dist
     if cmd.local and (d.num_workers != 1 or d.strategy != "ddp"):
         raise ValueError("--local trains one process: --num-workers and --strategy deepspeed need Ray (drop --local)")
+    if not (cmd.local or cmd.print_config):
+        from mtl.machine import check_ray
+
+        check_ray("training without --local (add it to train in this process)")
 
 
 def parse(argv: list[str] | None = None) -> tuple[TrainCommand, ExperimentConfig]:

@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def check(cmd: TuneCommand) -> None:
         """A bad sweep stops before Ray or any trial starts."""
+        from mtl.machine import check_ray
         from mtl.runs import absolute_paths
 
+        check_ray("a sweep")
         planned["base"] = absolute_paths(cmd.experiment)  # (trials run in folders of their own)
         planned["spec"] = plan_sweep(cmd.sweep, planned["base"], explicit_fields(argv))
         if os.environ.get("MLFLOW_TRACKING_URI"):  # set, but mlflow is missing: an error now

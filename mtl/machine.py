@@ -22,6 +22,19 @@ def check_workers(workers: int | None) -> None:
         raise ValueError(f"--workers must be 0 (one per usable CPU) or more, got {workers}")
 
 
+#: what installs Ray (and the rest of the distributed layer) beside the core
+CLUSTER_INSTALL = "pip install -e '.[cluster]' -c constraints.txt"
+
+
+def check_ray(what: str) -> None:
+    """``what`` (training without --local, a sweep) runs on Ray, which the core install leaves
+    out: said at once, naming the install, instead of Ray's import traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError(f"{what} runs on Ray, which is not installed here: {CLUSTER_INSTALL} installs it")
+
+
 def machine_id() -> str:
     """This machine's boot and process namespace: two containers may share a host name (host
     networking) but not their processes, and a rebooted host keeps its name but no process."""

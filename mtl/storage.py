@@ -43,11 +43,32 @@ def check_literal(value: str, flag: str) -> None:
 
 class StorageError(OSError):
     """A storage endpoint could not be reached (after its client's retries), or its client found
-    no credentials or region to call it with."""
+    no credentials or region to call it with, or is not installed."""
 
 
 def url_to_fs(url: str) -> tuple[Any, str]:
-    return fsspec.core.url_to_fs(url)
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        if _client_missing(e):
+            raise _client_error(url, e) from None
+        raise
+
+
+def _client_missing(e: BaseException) -> bool:
+    """``e`` is fsspec's word that a protocol's client package is not installed ("Install s3fs
+    to access S3"), not an import failure of the code itself."""
+    from fsspec.registry import known_implementations
+
+    return isinstance(e, ImportError) and str(e) in {v.get("err") for v in known_implementations.values()}
+
+
+def _client_error(url: str, e: BaseException) -> StorageError:
+    scheme = url.partition("://")[0]
+    from mtl.machine import CLUSTER_INSTALL
+
+    extra = f" ({CLUSTER_INSTALL} installs s3fs)" if scheme in ("s3", "s3a") else ""
+    return StorageError(f"{url}: the storage client for {scheme}:// is not installed: {e}{extra}")
 
 
 def is_local(url: str) -> bool:
@@ -239,7 +260,9 @@ def storage_errors(url: str, watch: bool = True) -> Iterator[None]:
         yield
     except StorageError:
         raise
-    except Exception as e:  # noqa: BLE001 - only connection and credential failures are translated
+    except Exception as e:  # noqa: BLE001 - only connection, credential and missing-client failures are translated
+        if _client_missing(e):
+            raise _client_error(url, e) from None
         if is_connection_error(e):
             raise StorageError(unreachable_message(url, e, time.monotonic() - t0)) from None
         if is_credentials_error(e):

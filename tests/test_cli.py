@@ -189,3 +189,30 @@ def test_cli_from_a_shell(tmp_path):
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
         "synthesize.py: error: --size must be HxW with integers of at least 8 (e.g. 256x512), got '64'")
+
+
+CORE_ONLY = """
+import runpy, sys
+sys.modules.update(ray=None, s3fs=None)  # the core install: neither is there (an import of either fails)
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script,args,said", [
+    ("jobs/train.py", ["--quick"], "training without --local (add it to train in this process) runs on Ray, which is not "
+                                   "installed here: pip install -e '.[cluster]' -c constraints.txt installs it"),
+    ("jobs/tune.py", ["--epochs", "1"], "a sweep runs on Ray, which is not installed here"),
+    ("jobs/train.py", ["--local", "--quick", "--root", "s3://bucket/miniscapes"],
+     "s3://bucket/miniscapes: the storage client for s3:// is not installed: Install s3fs to access S3 "
+     "(pip install -e '.[cluster]' -c constraints.txt installs s3fs)"),
+    ("jobs/evaluate.py", ["--checkpoint", "s3://bucket/runs/a/best.pt"], "the storage client for s3:// is not installed"),
+], ids=["train-on-ray", "sweep", "train-s3-data", "evaluate-s3-checkpoint"])
+def test_on_the_core_install_what_needs_the_cluster_install_says_so(tmp_path, script, args, said):
+    """Without Ray and s3fs (`pip install -e .`), a command that needs them is one line naming
+    the install, not an import traceback; nothing is written."""
+    out = ["--out", str(tmp_path / "runs")] if script != "jobs/evaluate.py" else []
+    r = subprocess.run([sys.executable, "-c", CORE_ONLY, script, *args, *out], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # (no run folder in it)

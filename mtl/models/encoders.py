@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 from mtl.models.registry import ENCODERS
+from mtl.storage import StorageError, storage_errors
 
 # name -> (channels at stride 2, at stride 4, at the bottleneck)
 CHANNELS = {"resnet18": (64, 64, 512), "resnet34": (64, 64, 512), "resnet50": (64, 256, 2048)}
@@ -125,8 +126,10 @@ def load_pretrained(net: nn.Module, path: str) -> int:
     The classifier (fc.*) is ignored; anything else that does not fit is an error naming the file.
     """
     try:
-        with fsspec.open(path, "rb") as fh:
+        with storage_errors(path), fsspec.open(path, "rb") as fh:
             state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+    except StorageError:  # (unreachable, no credentials, no client: it says so, naming the URL)
+        raise
     except FileNotFoundError as e:
         raise FileNotFoundError(f"pretrained encoder weights not found: {path}") from e
     except Exception as e:  # noqa: BLE001

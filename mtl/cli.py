@@ -246,4 +246,22 @@ def parse_experiment(cls: type[T], argv: Sequence[str] | None = None, *, descrip
         if check is not None:
             check(cmd)
 
-    return parse(cls, argv, description=description, default=cls(experiment=base), check=validate)
+    cmd = parse(cls, argv, description=description, default=cls(experiment=base), check=validate)
+    renamed = _new_run_name(base, cmd.experiment, argv)  # type: ignore[attr-defined]
+    return cmd if renamed is None else dataclasses.replace(cmd, experiment=renamed)  # type: ignore[type-var]
+
+
+def _new_run_name(start: ExperimentConfig, cfg: ExperimentConfig, argv: Sequence[str]) -> ExperimentConfig | None:
+    """``cfg`` without the name it took from its starting point, when the flags train something
+    else and name no run: a run's config.json whose name is not derived (``--name``, or a run
+    trained longer with ``--resume --epochs``: `_unpin_derived` keeps it) with another ``--lr``
+    is a new run under a name of its own, not that folder's run refused. With ``--resume`` the
+    name stays: the resume then names what it refuses. None: as it is."""
+    from mtl.runs import RESUMABLE_CHANGES, config_diff
+
+    name = start.train.name
+    if not name or cfg.train.name != name or cfg.train.resume or _given(argv, "--name") is not None:
+        return None
+    if not config_diff(start, cfg, ignore=RESUMABLE_CHANGES):
+        return None
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=None))

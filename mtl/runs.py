@@ -310,11 +310,14 @@ def prepare_run(cfg: ExperimentConfig, log: Callable[[str], None] = print, local
             cfg.data.check_new()
         return cfg
     moved = moved_data(stored, cfg)
+    if not cfg.train.resume:
+        differ = config_diff(stored, cfg, ignore=RESUMABLE_CHANGES | moved) if stored is not None else []
+        raise RunConflict(f"run folder {folder.url} already holds a run with checkpoints"
+                          + (f", trained with another configuration ({'; '.join(differ)}): choose another --name/--out for "
+                             f"the new run" if differ else ": pass --resume to continue it, or choose another --name/--out "
+                                                            "for a new run"))
     if stored is not None:
         check_same_training(stored, cfg, f"run {folder.url}", moved)
-    if not cfg.train.resume:
-        raise RunConflict(f"run folder {folder.url} already holds a run with checkpoints: pass --resume to continue it, "
-                          f"or choose another --name/--out for a new run")
     newest = max(t for t in (pointer, ray_ahead) if t is not None)
     check_length(cfg.train.epochs, tag_epoch(newest) or 0, inside_epoch(newest), f"{folder.url}/{CHECKPOINTS}/{newest}")
     changed = config_diff(stored, cfg, moved) if stored is not None else []

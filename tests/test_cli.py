@@ -2,6 +2,7 @@
 registries, config files with flags on top, a run's config.json fed back, HxW sizes, and bad
 flags as one usage line naming the flag."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -160,7 +161,16 @@ def test_a_runs_config_json_fed_back_is_the_same_run(tmp_path):
     assert not started.train.resume and not parse(["--config", str(path)])[1].train.resume
     named = resolve_config(parse(["--name", "mine", "--out", str(tmp_path)])[1])
     path.write_text(named.to_json())
-    assert run_name(parse(["--config", str(path), "--lr", "1e-3"])[1]) == "mine"  # a chosen name stays
+    assert run_name(parse(["--config", str(path)])[1]) == "mine"  # a chosen name stays for the same run
+    assert run_name(parse(["--config", str(path), "--resume", "--lr", "1e-3"])[1]) == "mine"  # (refused there, naming --lr)
+    assert run_name(parse(["--config", str(path), "--name", "mine", "--lr", "1e-3"])[1]) == "mine"
+    # but another recipe from its file is a new run with a name of its own, as from a derived name's
+    # file: the old folder would refuse it (so would a run trained longer, whose name says fewer epochs)
+    assert "lr1e-3" in run_name(parse(["--config", str(path), "--lr", "1e-3"])[1])
+    longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=saved.train.epochs + 2))
+    path.write_text(longer.to_json())
+    assert run_name(parse(["--config", str(path), "--resume"])[1]) == saved.train.name
+    assert "lr1e-3" in run_name(parse(["--config", str(path), "--lr", "1e-3"])[1])
 
 
 def test_quick_preset_is_overridden_by_flags():

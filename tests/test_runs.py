@@ -262,6 +262,9 @@ def test_a_run_folder_is_reused_only_by_a_matching_resume(tmp_path):
     with pytest.raises(RunConflict, match=r"resume refused: run .*/r was trained with another configuration: "
                                           r"optim.lr 0.0004 -> 0.00044; train.seed 0 -> 3"):
         prepare_run(changed)
+    with pytest.raises(RunConflict, match=r"/r already holds a run with checkpoints, trained with another configuration "
+                                          r"\(optim.lr 0.0004 -> 0.00044; train.seed 0 -> 3\): choose another --name/--out"):
+        prepare_run(dataclasses.replace(changed, train=dataclasses.replace(changed.train, resume=False)))  # (no "resume refused")
 
 
 def test_a_resume_to_fewer_epochs_than_its_checkpoint_trained_is_refused():

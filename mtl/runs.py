@@ -25,7 +25,7 @@ from mtl.checkpoint import CHECKPOINTS, CheckpointIndex, inside_epoch, tag_epoch
 from mtl.config import DataConfig, ExperimentConfig, ModelConfig, flag
 from mtl.lease import LEASE_FILE
 from mtl.models import deep_supervised, resolve
-from mtl.storage import canonical, folder_names, location, same_place, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
+from mtl.storage import canonical, folder_names, is_local, location, same_place, read_bytes, storage_errors, url_to_fs, write_bytes_atomic
 
 CONFIG_FILE = "config.json"
 # Ray Train's record of the checkpoints it registered, in the run folder (`mtl.distributed.ray_train`)
@@ -262,9 +262,15 @@ class RunFolder:
             raise ValueError(f"{self.url}/{CONFIG_FILE} is not a streetmtl config ({e})") from e
 
     def write_config(self, cfg: ExperimentConfig) -> None:
-        """``config.json``, synced. Without ``--data-moved``: the move it allowed is done, and the
-        saved config continues the run (--config) at the data's new place only."""
-        cfg = cfg.with_values({"train.data_moved": False})
+        """``config.json``, synced, as ``--config`` feeds it back from any folder: local places
+        (``--root``, ``--shards``, ``--out``) absolute, as the checkpoints record the data
+        (`data_location`: a relative path meant where the run was started); without the
+        command's switches, ``--resume`` (the command's alone, `mtl.cli`) and ``--data-moved``
+        (the move it allowed is done: the saved config continues the run at the new place)."""
+        local = {f"data.{k}": location(getattr(cfg.data, k)) for k in ("root", "shards")
+                 if getattr(cfg.data, k) and is_local(getattr(cfg.data, k))}
+        out = {"train.out": out_root(cfg.train.out)} if is_local(cfg.train.out) else {}
+        cfg = cfg.with_values({"train.data_moved": False, "train.resume": False, **local, **out})
         # (synced: --resume needs it, and a power loss must not leave it empty beside a whole checkpoint)
         write_bytes_atomic(f"{self.url}/{CONFIG_FILE}", (cfg.to_json() + "\n").encode(), sync=True)
 

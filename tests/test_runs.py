@@ -387,6 +387,33 @@ def test_a_run_whose_data_was_moved_resumes_with_data_moved_only(tiny_root, tmp_
         check_same_training(stored, sharded, "run x")
 
 
+def test_a_runs_config_json_continues_it_from_any_folder(tiny_root, tmp_path, monkeypatch):
+    """config.json names the run's places absolute (a relative --root meant the folder the run
+    started in), without the command's switches: fed back with --config from another folder,
+    it continues the run, here after a --data-moved resume recorded the data's new place."""
+    import shutil
+
+    from conftest import run_main
+    from jobs.train import main
+
+    shutil.copytree(tiny_root, tmp_path / "old")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PWD", str(tmp_path))
+    assert train_main("old", "runs", "--name", "run").returncode == 0
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    moved = train_main("new", "runs", "--name", "run", "--resume", "--epochs", "2", "--data-moved")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    saved = json.loads((tmp_path / "runs/run/config.json").read_text())
+    assert (saved["data"]["root"], saved["train"]["out"]) == (str(tmp_path / "new"), str(tmp_path / "runs"))
+    assert saved["train"]["resume"] is False and saved["train"]["data_moved"] is False
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("PWD", str(tmp_path / "elsewhere"))
+    later = run_main(main, ["--local", "--config", str(tmp_path / "runs/run/config.json"), "--resume", "--epochs", "3"])
+    assert later.returncode == 0, later.stdout + later.stderr
+    assert "resumed from" in later.stdout and os.listdir(tmp_path / "elsewhere") == []
+
+
 def test_print_config_shows_the_resolved_config_and_starts_nothing(tmp_path):
     r = subprocess.run([sys.executable, "jobs/train.py", "--local", "--arch", "branched_vortex", "--out", str(tmp_path), "--print-config"],
                        cwd=REPO, capture_output=True, text=True)

@@ -360,6 +360,30 @@ def test_before_a_ray_run_starts_only_checkpoints_nothing_refers_to_are_deleted(
                        f"the run goes on from {run}/checkpoints/latest.json")
 
 
+def test_a_run_continued_on_ray_deletes_the_checkpoints_ray_never_registered_as_they_fall_out(tmp_path):
+    """A run begun in local mode (epoch-0001, epoch-0002 listed) and continued on Ray, whose record
+    names epoch-0002 only (it restored it, say): Ray deletes what it registered, never
+    epoch-0001, so a commit does once the pointer no longer lists it, as a local commit would."""
+    from mtl.checkpoint import CheckpointIndex
+    from mtl.distributed.ray_train import RAY_SNAPSHOT, RayStorage, prepare_run_folder
+
+    run = tmp_path / "run"
+    for tag in ("epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"):
+        (run / "checkpoints" / tag).mkdir(parents=True)
+        (run / "checkpoints" / tag / "state.pt").write_bytes(b"x")
+    (run / "checkpoints/latest.json").write_text(json.dumps({"latest": "epoch-0002", "history": ["epoch-0001", "epoch-0002"]}))
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoints/epoch-0002"}}))
+    outside = prepare_run_folder(str(run), print)
+    assert outside == ["epoch-0001"]
+    assert prepare_run_folder(str(tmp_path / "new-run")) == []
+    storage = RayStorage(str(run), keep_last=2, outside_ray=tuple(outside))
+    storage.commit("epoch-0003")  # (Ray keeps 2: the pointer lists epoch-0002 and epoch-0003)
+    assert sorted(os.listdir(run / "checkpoints")) == ["epoch-0002", "epoch-0003", "epoch-0004", "latest.json"]
+    storage.commit("epoch-0004")  # epoch-0002 is Ray's to delete: it stays here
+    assert sorted(os.listdir(run / "checkpoints")) == ["epoch-0002", "epoch-0003", "epoch-0004", "latest.json"]
+    assert CheckpointIndex(str(run)).read()["history"] == ["epoch-0003", "epoch-0004"]
+
+
 def test_a_ray_restart_moves_a_pointer_that_lags_rays_record(tmp_path, monkeypatch):
     """Ray took epoch-0002's report, but its rank 0 died before moving latest.json: the restart
     resumes from Ray's epoch-0002 and moves the pointer to it, which every other reader follows

@@ -59,8 +59,10 @@ class RayStorage:
     rank's files and keeps the last ``keep_last``), so Ray's restarts resume from them and
     every reader finds them through the same ``latest.json``."""
 
-    def __init__(self, run_url: str, keep_last: int) -> None:
-        self.folder, self.keep_last = FolderStorage(run_url, keep_last=0), keep_last
+    def __init__(self, run_url: str, keep_last: int, outside_ray: tuple[str, ...] = ()) -> None:
+        """``outside_ray``: the checkpoints the run folder held that Ray never registered (a run
+        begun in local mode: `checkpoints_outside_ray`); Ray would never delete them."""
+        self.folder, self.keep_last, self.outside_ray = FolderStorage(run_url, keep_last=0), keep_last, set(outside_ray)
 
     def publish(self, folder: str, tag: str, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -102,8 +104,14 @@ class RayStorage:
 
     def commit(self, tag: str) -> None:
         """The pointer's history lists what Ray keeps (`ray_keeps`, CheckpointConfig's
-        num_to_keep); Ray deletes the older folders itself."""
-        self.folder.index.commit(tag, ray_keeps(self.keep_last) or 0)
+        num_to_keep); Ray deletes the older folders it registered itself, and the ones it never
+        did (``outside_ray``) go here once the pointer no longer lists them, as a local run's
+        commit deletes its own."""
+        listed, _ = self.folder.index.commit(tag, ray_keeps(self.keep_last) or 0)
+        gone = sorted(t for t in self.outside_ray if t < tag and t not in listed)
+        if gone:
+            self.folder.delete(gone)
+            self.outside_ray -= set(gone)
 
     @property
     def skipped(self) -> list[str]:
@@ -204,18 +212,32 @@ def drop_unreferenced_checkpoints(url: str, log=print) -> list[str]:
     folders stay: the workers of an attempt Ray is still tearing down may be writing one (tags
     sort in the order they are written). A Ray snapshot that names a folder which is gone, or
     cannot be read, is deleted first (`_drop_stale_snapshot`). Returns the deleted tags."""
+    return _tidy(url, log)[0]
+
+
+def _tidy(url: str, log) -> tuple[list[str], list[str]]:
+    """`drop_unreferenced_checkpoints`' deleted tags, and the tags left that the pointer lists
+    and Ray's record does not (`prepare_run_folder`)."""
     storage = FolderStorage(url, keep_last=0)
     pointer = storage.index.read()
     folders = storage.folders()
     named = _drop_stale_snapshot(url, folders, log)  # (also without a pointer: Ray refuses such a snapshot as well)
     if pointer is None:
-        return []
-    keep = {pointer["latest"], *pointer.get("history", []), *named}
-    dropped = sorted(t for t in folders if t.startswith("epoch-") and t < pointer["latest"] and t not in keep)
+        return [], []
+    listed = {pointer["latest"], *pointer.get("history", [])}
+    dropped = sorted(t for t in folders if t.startswith("epoch-") and t < pointer["latest"] and t not in listed | named)
     storage.delete(dropped)
     if dropped:
         log(f"deleted checkpoint folder(s) {', '.join(dropped)} of {url}: neither its latest.json nor Ray's record lists them")
-    return dropped
+    return dropped, sorted(listed - named)
+
+
+def prepare_run_folder(url: str, log=print) -> list[str]:
+    """Before a run's Train controller starts: `drop_unreferenced_checkpoints`, then the
+    checkpoints left that the pointer lists and Ray's record does not (those of a run begun in
+    local mode, or continued there): Ray will never delete them, so the workers' commits do once
+    the pointer no longer lists them (`RayStorage.commit`)."""
+    return _tidy(url, log)[1]
 
 
 def _drop_stale_snapshot(url: str, folders: list[str], log) -> set[str]:
@@ -319,8 +341,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             return DDPStrategy(module, optimizer, device, c.train.grad_accum, c.optim.grad_clip, for_capture=may_capture(c))
         return PlainStrategy(module, optimizer, c.train.grad_accum, c.optim.grad_clip)
 
+    storage = RayStorage(run_url(cfg), cfg.train.keep_last, tuple(loop_config.get("outside_ray", ())))
     rt = Runtime(rank=rank, world=world, device=device, make_strategy=make_strategy,
-                 storage=RayStorage(run_url(cfg), cfg.train.keep_last), preemption=ray.train.get_preemption_info,
+                 storage=storage, preemption=ray.train.get_preemption_info,
                  always_resume=True, cpus=int(cfg.dist.cpus_per_worker), track_mlflow=loop_config.get("track_mlflow", True))
     return fit_outcome(cfg, rt)
 
@@ -350,11 +373,13 @@ def diverged(result) -> dict[str, Any] | None:  # noqa: ANN001 - a Ray Train Res
     return value if isinstance(value, dict) and DIVERGED in value else None
 
 
-def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: list | None = None, track_mlflow: bool = True):
+def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: list | None = None, track_mlflow: bool = True,
+                 outside_ray: list[str] | None = None):
     """The TorchTrainer for this (resolved) config: ``dist.num_workers`` workers of ``bundle``
     (`mtl.distributed.capacity.worker_bundle`; elastic between ``dist.min_workers`` and that),
     checkpoints in ``<train.out>/<run name>``, failures survived up to ``dist.max_failures``.
     ``track_mlflow``: rank 0 logs to MLflow itself (False: the caller does, a sweep's callback).
+    ``outside_ray``: the run folder's checkpoints Ray never registered (`prepare_run_folder`).
 
     Sets the worker-group start timeout (``dist.start_timeout``) in this process's environment:
     ``fit`` hands Ray Train's variables from the calling process's environment to its controller,
@@ -366,7 +391,7 @@ def make_trainer(cfg: ExperimentConfig, bundle: dict[str, float], callbacks: lis
     env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}  # (a trial actor's: `_job_env` gave it them)
     return _trainer_class()(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "track_mlflow": track_mlflow},
+        train_loop_config={"config": cfg.to_dict(), "track_mlflow": track_mlflow, "outside_ray": list(outside_ray or [])},
         scaling_config=ScalingConfig(num_workers=(d.min_workers, d.num_workers) if d.min_workers else d.num_workers,
                                      use_gpu="GPU" in bundle, resources_per_worker=bundle,
                                      elastic_resize_monitor_interval_s=d.resize_interval_s),
@@ -491,8 +516,7 @@ def run_ray(cfg: ExperimentConfig, log=print):
     dist = dataclasses.replace(cfg.dist, use_gpu=workers.use_gpu, start_timeout_s=cfg.dist.start_timeout)
     cfg = prepare_run(dataclasses.replace(cfg, dist=dist), log)
     log(JSON(cfg.to_json()))
-    drop_unreferenced_checkpoints(run_url(cfg), log)
-    trainer = make_trainer(cfg, workers.bundle)
+    trainer = make_trainer(cfg, workers.bundle, outside_ray=prepare_run_folder(run_url(cfg), log))
     try:
         result = _fit(trainer)
     except ray.train.ControllerError as e:

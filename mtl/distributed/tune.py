@@ -129,7 +129,7 @@ def _trial(config: dict[str, Any]) -> None:
     from ray.util.queue import Queue
 
     from mtl.distributed.capacity import worker_bundle
-    from mtl.distributed.ray_train import drop_unreferenced_checkpoints, make_trainer
+    from mtl.distributed.ray_train import make_trainer, prepare_run_folder
     from mtl.runs import run_name, run_url, stored_config
 
     spec = SweepSpec.from_dict(config["sweep"])
@@ -137,14 +137,14 @@ def _trial(config: dict[str, Any]) -> None:
     hp = hyperparameters(spec.space, config)
     name = ray.tune.get_context().get_trial_name()  # stable across Tuner.restore: the Train run resumes
     cfg = start_run(base, spec, hp, config["trials_url"], name, ray.tune.get_checkpoint())
-    drop_unreferenced_checkpoints(run_url(cfg))  # (before its Train controller starts)
+    outside_ray = prepare_run_folder(run_url(cfg))  # (before its Train controller starts)
     if finished(cfg):  # restarted after its last epoch (the sweep resumed; PBT paused it there): nothing to train
         report_last_epoch(cfg, hp)
         return
     bundle = worker_bundle(cfg.dist.cpus_per_worker, cfg.dist.gpus_per_worker, bool(cfg.dist.use_gpu))
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     # the trial's rank 0 does not log to MLflow: Tune's MLflow callback logs the trials
-    trainer = make_trainer(cfg, bundle, callbacks=[ForwardReports(reports)], track_mlflow=False)
+    trainer = make_trainer(cfg, bundle, callbacks=[ForwardReports(reports)], track_mlflow=False, outside_ray=outside_ray)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

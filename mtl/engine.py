@@ -553,7 +553,7 @@ class Trainer:
             if self.rt.is_main:
                 self.announce()
             it = self._batches(s_.epoch, s_.epoch_step, self.start) if s_.epoch < t.epochs else None
-            with TrainProgress(self.log, enabled=self.rt.is_main, interval_s=t.log_interval_s) as bar:
+            with TrainProgress(self.log, enabled=self.rt.is_main, interval_s=t.log_interval_s, tasks=self.cfg.optim.tasks) as bar:
                 while s_.epoch < t.epochs:
                     first_lr = len(lrs)
                     loss, ips = self.train_epoch(it, bar, lrs)
@@ -690,8 +690,8 @@ class Trainer:
 
     def _track_step(self, loss: list[float], weights: list[float], ips: float, lr: float) -> None:
         if self.tracker:
-            values = {"train/loss": loss[0], "train/loss_semseg": loss[1], "train/loss_depth": loss[2], "train/lr": lr,
-                      "train/images_per_s": ips, **{f"weights/{k}": w for k, w in zip(TASKS, weights)}}
+            values = {"train/loss": loss[0], **{f"train/loss_{k}": v for k, v in zip(TASKS, loss[1:]) if k in self.cfg.optim.tasks},
+                      "train/lr": lr, "train/images_per_s": ips, **{f"weights/{k}": w for k, w in zip(TASKS, weights)}}
             self.tracker.step(self.state.step, values)
 
     def _checkpoint_due(self, s: int) -> bool:

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from mtl.multitask import TASKS
 from mtl.storage import is_local, read_bytes, url_to_fs, write_bytes_atomic
 
 MAIN_KEYS = {"miou": "mIoU", "si_log_rmse": "SI-log", "grader": "grader", "delta_m": "Δm %", "mae": "MAE m", "rmse": "RMSE m",
@@ -142,8 +143,11 @@ class TrainProgress:
     """The progress display of the train loop: a live bar on a terminal, plain lines otherwise
     (and always into the run log)."""
 
-    def __init__(self, log: RunLog, enabled: bool = True, interval_s: float = 30.0) -> None:
-        self.log, self.enabled, self.interval_s = log, enabled, interval_s
+    def __init__(self, log: RunLog, enabled: bool = True, interval_s: float = 30.0,
+                 tasks: tuple[str, ...] = TASKS) -> None:
+        """``tasks``: the tasks trained, whose losses the lines show (a single-task run's other
+        head is weighted 0: its loss says nothing)."""
+        self.log, self.enabled, self.interval_s, self.tasks = log, enabled, interval_s, tuple(tasks)
         self.live = enabled and log.echo and log.console.is_terminal
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -180,8 +184,9 @@ class TrainProgress:
         self.last_line = now
         timed = done - self.first  # (steps this process trained and timed)
         per_step = (now - self.t0) / max(timed, 1)
+        parts = ", ".join(f"{task} {v:.4f}" for task, v in zip(TASKS, loss[1:]) if task in self.tasks)
         line = (f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps} ({100 * done / self.steps:.0f}%) | "
-                f"loss {loss[0]:.4f} (semseg {loss[1]:.4f}, depth {loss[2]:.4f}) | {ips:.1f} img/s | lr {lr:.3g} | "
+                f"loss {loss[0]:.4f} ({parts}) | {ips:.1f} img/s | lr {lr:.3g} | "
                 f"elapsed {_hms(now - self.t0)} | ETA epoch {_hms((self.steps - done) * per_step)}, "
                 f"run {_hms((self.run_left - timed) * per_step)}")
         if self.live:

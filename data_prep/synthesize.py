@@ -25,7 +25,7 @@ class SynthesizeCommand:
     test: int = 40  # test samples
     size: Size = (256, 512)  # image size HxW
     seed: int = 0  # the same seed makes the same bytes
-    workers: int | None = None  # processes; default (or 0): the CPU count, at most 8
+    workers: int | None = None  # processes; default (or 0): the CPUs this process may use, at most 8
     overwrite: bool = False  # replace a non-empty --out
 
 

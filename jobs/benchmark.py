@@ -240,17 +240,18 @@ def _shard_sources(a: LoaderBench, root: str) -> dict[str, str]:
     from mtl.data.build import cache_dir
     from mtl.data.shards import read_manifest
     from mtl.data.synthetic import GENERATOR_VERSION
+    from mtl.machine import usable_cpus
 
     # (the scenes' generator in the name, as the synthetic set's: `mtl.data.build.synthetic_root`)
     local = os.path.join(cache_dir(), f"bench-shards-{a.size[0]}x{a.size[1]}-{a.samples}-v{GENERATOR_VERSION}")
     if not os.path.exists(os.path.join(local, "manifest.json")):
-        shard_dataset(root, local, "64", splits=("train",), workers=os.cpu_count())
+        shard_dataset(root, local, "64", splits=("train",), workers=usable_cpus())
     sources = {"local shards": local}
     if a.s3:
         try:
             read_manifest(a.s3)
         except FileNotFoundError:
-            shard_dataset(root, a.s3, "64", splits=("train",), workers=os.cpu_count())
+            shard_dataset(root, a.s3, "64", splits=("train",), workers=usable_cpus())
         sources["S3 shards"] = a.s3
     return sources
 
@@ -602,7 +603,7 @@ class TrainBench:
     """train-step throughput: pure compute vs the full path"""
 
     archs: tuple[Arch, ...] = ("branched", "distillation")  # architectures to measure
-    encoder: Encoder = "resnet34"
+    encoder: Encoder = "resnet34"  # the encoder of every architecture measured
     batch_sizes: tuple[int, ...] = (16, 32, 64)  # batch sizes to measure, each with every architecture
     size: Size = (256, 512)  # image size HxW
     steps: int = 30  # timed steps per measurement

@@ -35,7 +35,7 @@ class EvaluateCommand:
     data: Annotated[str | None, tyro.conf.arg(aliases=("--root", "--shards"))] = None
     split: Split = "val"  # the split to evaluate or export
     export: str | None = None  # write submission PNGs + visualisations to this local folder
-    viz: int | None = None  # side-by-side PNGs with --export (default 8)
+    viz: int | None = None  # side-by-side PNGs with --export; when not given: 8
     metrics: bool = True  # compute metrics (a split without labels gets none anyway); --no-metrics without --export: only say what would be evaluated (model, data; the image size when it is not the training size)
     batch_size: int = 8  # images per forward pass
     workers: int = 0  # loader processes for the metrics pass

@@ -385,6 +385,11 @@ def predates_hint(stored: ExperimentConfig, requested: ExperimentConfig) -> str:
     return f". It predates today's default there: {' '.join(flags)} continues it" if flags else ""
 
 
+#: a similar run that trains the same: its name came otherwise (a data path spelt otherwise, e.g.
+#: a shard set's manifest.json or a relative --root given from another folder; a chosen --name)
+_SAME_TRAINING = "nothing that changes training: its name came from another spelling of a path or from --name"
+
+
 def _similar_runs_hint(cfg: ExperimentConfig, limit: int = 3, reads: int = 50) -> str:
     """Runs beside the requested one with the same architecture, and how they differ: a changed
     flag changes the run name, so "nothing to resume" usually means "you changed something".
@@ -405,7 +410,7 @@ def _similar_runs_hint(cfg: ExperimentConfig, limit: int = 3, reads: int = 50) -
             found.append((len(diff), name, diff, predates_hint(other, cfg)))
     if not found:
         return ""
-    lines = [f"{name} (differs in {'; '.join(d) or 'nothing but operational settings'}{hint})"
+    lines = [f"{name} (differs in {'; '.join(d) or _SAME_TRAINING}{hint})"
              for _, name, d, hint in sorted(found)[:limit]]
     return (". Runs of the same architecture there: " + " | ".join(lines)
             + ". To continue one of them, pass its --name with --resume (only --epochs may differ: that extends it)")

@@ -309,6 +309,12 @@ def test_nothing_to_resume_points_at_the_runs_that_differ(tmp_path):
     with pytest.raises(RunConflict, match=rf"nothing to resume at .*Runs of the same architecture there: {old.train.name} "
                                           r"\(differs in optim.lr 0.0004 -> 0.00044\)"):
         prepare_run(new)
+    shards = resolve_config(cfg_with(train={"out": str(tmp_path)}, data={"shards": str(tmp_path / "s")}))
+    RunFolder(f"{tmp_path}/{shards.train.name}").write_config(shards)
+    manifest = cfg_with(train={"out": str(tmp_path), "resume": True}, data={"shards": str(tmp_path / "s/manifest.json")})
+    with pytest.raises(RunConflict, match=rf"{shards.train.name} \(differs in nothing that changes training: its name came "
+                                          r"from another spelling of a path or from --name\)"):
+        prepare_run(manifest)  # (the same shard set: its name says --shards <prefix>)
 
 
 def train_args(tiny_root, out, *extra) -> list[str]:

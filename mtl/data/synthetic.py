@@ -24,7 +24,7 @@ from mtl.atomic import atomic_dir
 from mtl.data.miniscapes import (
     DEPTH_MAX_M, DEPTH_MIN_M, IGNORE_INDEX, MODALITIES, SPLITS, encode_depth_png, encode_rgb_jpeg, encode_semseg_png,
 )
-from mtl.machine import check_workers
+from mtl.machine import check_workers, usable_cpus
 
 #: what the generator renders, as a number: bump it when a change alters the scenes of a given
 #: seed, so that sets cached by an earlier version (`mtl.data.build.synthetic_root`) are not reused
@@ -218,7 +218,7 @@ def synthesize(out: str, counts: dict[str, int], size: tuple[int, int] = (256, 5
         if split not in SPLITS or n < 0:
             raise ValueError(f"bad sample count {split}={n}")
     check_workers(workers)
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or min(usable_cpus(), 8)
     with atomic_dir(out, overwrite) as tmp:
         for split in counts:
             for mod in MODALITIES:

@@ -75,8 +75,8 @@ from data_prep.pool import run_pooled
 from mtl.atomic import check_not_above
 from mtl.cli import parse
 from mtl.config import Size
-from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, MODALITIES, SPLITS, Split, check_splits, decode_sample,
-                                 encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
+from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, DEPTH_MAX_M, MODALITIES, SPLITS, Split, check_splits,
+                                 decode_sample, encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
 from mtl.machine import check_workers, usable_cpus
 from mtl.storage import check_literal, exists, folder_names, is_local, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
@@ -238,7 +238,7 @@ def convert_sample(src: tuple, root: str, s: Sample, size: tuple[int, int], qual
     if len(set(shapes.values())) > 1:
         raise ValueError(f"{s.stem}: image sizes (HxW) disagree: " + ", ".join(f"{n} {h}x{w}" for n, (h, w) in shapes.items()))
     depth = disparity_to_depth(disp, *read_camera(raw["camera"], names["camera"]))
-    depth = np.where(np.isinf(depth), 300.0, depth)  # disparity 0: farther than the codec's range
+    depth = np.where(np.isinf(depth), DEPTH_MAX_M, depth)  # disparity 0: farther than the codec's range
     out["semseg"] = encode_semseg_png(nearest(_LUT[ids], size))
     out["depth"] = encode_depth_png(nearest(depth, size))  # depth <= 0: invalid
     return out

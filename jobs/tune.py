@@ -175,13 +175,13 @@ def check_data_here(places: list[ExperimentConfig]) -> None:
 def check_sweep_out(base: ExperimentConfig) -> None:
     """A trial's config.json given as --config carries its --out, the trials folder of its own
     sweep: a sweep there would live among that sweep's trials (and its reports beside theirs)."""
-    from mtl.distributed.tune import SWEEP_FILE
+    from mtl.distributed.tune import SWEEP_FILE, TRIALS_DIR
     from mtl.runs import out_root
     from mtl.storage import exists
 
     out = out_root(base.train.out).rstrip("/")
     parent, _, leaf = out.rpartition("/")
-    if leaf == "trials" and parent and exists(f"{parent}/{SWEEP_FILE}"):
+    if leaf == TRIALS_DIR and parent and exists(f"{parent}/{SWEEP_FILE}"):
         raise ValueError(f"--out {out} is the trials folder of the sweep at {parent} (a trial's config.json as --config "
                          f"names it): give the new sweep's --out, e.g. --out {parent.rpartition('/')[0]}")
 

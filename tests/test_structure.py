@@ -109,3 +109,25 @@ def test_the_codec_and_config_import_without_the_io_stack():
             "print(sorted(m for m in ('fsspec', 'webdataset', 'ray', 'deepspeed') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_the_core_runs_without_the_distributed_layer(tmp_path):
+    """Every module outside ``mtl.distributed`` imports, and a local run trains and evaluates,
+    with Ray, DeepSpeed, s3fs, MLflow, matplotlib and TensorBoard absent (the core install):
+    an import of one of them at a module's top would fail here."""
+    import subprocess
+    import sys
+
+    graph = import_graph()
+    core = sorted(m for m in graph if m.split(".")[0] == "mtl" and not m.startswith("mtl.distributed"))
+    code = (f"import sys, importlib\n"
+            f"sys.modules.update(dict.fromkeys(('ray', 'deepspeed', 's3fs', 'mlflow', 'matplotlib', 'tensorboard')))\n"
+            f"for m in {core!r}: importlib.import_module(m)\n"
+            f"from jobs.train import main\n"
+            f"sys.exit(main(['--local', '--quick', '--encoder', 'resnet18', '--epochs', '1', '--max-steps-per-epoch', '2',\n"
+            f"               '--synthetic-counts', '8', '4', '0', '--device', 'cpu', '--workers', '0', '--name', 'core',\n"
+            f"               '--out', {str(tmp_path)!r}]))\n")
+    env = {**os.environ, "STREETMTL_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(core) > 40 and (tmp_path / "core" / "best.pt").exists()

@@ -86,6 +86,8 @@ ORIGIN_FILE = "origin.json"  # in a checkpoint handed to Tune: where it came fro
 TRIAL_RESOURCE = "streetmtl_trials"
 TUNE_CHECKPOINT = "checkpoint"  # the Train checkpoint's files inside a Tune checkpoint
 SWEEP_FILE = "sweep.json"  # in the sweep's folder: the sweep's spec and base config (a resume must match)
+#: the folder of a sweep that holds its trials' run folders (``<sweep>/trials/<trial name>/``)
+TRIALS_DIR = "trials"
 TUNER_FILE = "tuner.pkl"  # Tune's own state in the sweep's folder (written when the Tuner is made), what a resume restores
 #: what a trial's actor asks for on a cluster without `TRIAL_RESOURCE`: a nominal amount of memory,
 #: a resource every node has and no worker bundle asks for (see `trial_resources`)
@@ -739,7 +741,7 @@ def _new_tuner(base: ExperimentConfig, sweep: SweepConfig, spec: SweepSpec, trai
         name = lambda t: trial_name(arch, space, t.config, t.trial_id)  # noqa: E731
     return tune.Tuner(
         trainable,
-        param_space={**param_space(space), "base": base.to_dict(), "trials_url": f"{url}/trials", "sweep": spec.to_dict()},
+        param_space={**param_space(space), "base": base.to_dict(), "trials_url": f"{url}/{TRIALS_DIR}", "sweep": spec.to_dict()},
         tune_config=tune.TuneConfig(
             metric=spec.key, mode=spec.mode, num_samples=sweep.num_samples, search_alg=_search_alg(sweep, concurrent),
             scheduler=_scheduler(spec, base.train.epochs), max_concurrent_trials=None if sweep.search == "random" else concurrent,

@@ -17,11 +17,14 @@ and --resume continue that run).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Callable, Iterator
 
 import tyro
 
@@ -83,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerFailed as e:  # on Ray: a worker's error, its traceback printed by Ray above
         print(f"error: training failed on {e} (traceback above and in `ray job logs`)", file=sys.stderr)
         return 2 if e.user_error else 1
-    except KeyboardInterrupt:  # (a checkpoint being written was waited for: `mtl.engine.Trainer._end`)
+    except KeyboardInterrupt as e:  # (a checkpoint being written was waited for: `mtl.engine.Trainer._end`)
+        tag = getattr(e, "tag", False)  # (`mtl.engine.Stopped`: SIGTERM in local mode)
+        if tag is not False:
+            print(f"stopped by SIGTERM{f' after checkpoint {tag}' if tag else ''}; the same command with --resume continues "
+                  f"from the latest checkpoint", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("interrupted; the same command with --resume continues from the latest checkpoint", file=sys.stderr)
         return 130
 
@@ -109,14 +117,41 @@ def print_config(cfg: ExperimentConfig, local: bool, console) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def sigterm_ends_the_run() -> Iterator[Callable[[], bool]]:
+    """SIGTERM (``docker stop``, a Kubernetes pod's end, Slurm's preemption, ``kill``): the
+    local run checkpoints the step it is at and ends (`mtl.engine.Stopped`, exit 143), so it
+    loses no step; a second one ends it at once (a checkpoint being written is waited for, as
+    after Ctrl-C). Yields whether one came. Loader workers, forked with this handler, only note
+    it: a signal to the whole process group ends the run the same way."""
+    from mtl.engine import Stopped
+
+    came = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if came.is_set():
+            raise Stopped(None)
+        came.set()
+
+    if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield came.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_local(cfg: ExperimentConfig, console) -> int:
     from mtl.engine import Runtime, fit, local_runtime
     from mtl.runs import prepare_run, run_url
 
     cfg = prepare_run(cfg, console.print, local=True)
     console.print_json(cfg.to_json())  # the resolved configuration, as saved in the run folder
-    rt: Runtime = dataclasses.replace(local_runtime(cfg), console=console)
-    result = fit(cfg, rt)
+    with sigterm_ends_the_run() as stop_requested:
+        rt: Runtime = dataclasses.replace(local_runtime(cfg), console=console, stop_requested=stop_requested)
+        result = fit(cfg, rt)
     if not result.metrics:
         console.print(f"nothing to train: the run had already finished all {cfg.train.epochs} epochs (to train it longer: "
                       f"--resume --name {cfg.train.name} --epochs N)")

@@ -215,10 +215,23 @@ class Runtime:
     # rank 0 logs to MLflow when MLFLOW_TRACKING_URI is set (`mtl.tracking`); False where the caller
     # logs the run itself (a sweep's trials: Ray Tune's MLflow callback)
     track_mlflow: bool = True
+    # local mode: whether the process was asked to end (SIGTERM: `mtl.machine.TerminationSignal`);
+    # the run then checkpoints the step it is at and ends with `Stopped` (one process: no collective)
+    stop_requested: Callable[[], bool] | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class Stopped(KeyboardInterrupt):
+    """The run ended on a termination signal (SIGTERM: a container's stop, a scheduler's
+    preemption) after a checkpoint of the step it was at: ``--resume`` continues from ``tag``
+    (None: the signal came before the first step, or while the run was ending)."""
+
+    def __init__(self, tag: str | None) -> None:
+        super().__init__(tag)
+        self.tag = tag
 
 
 class TrainingDiverged(ValueError):
@@ -565,6 +578,8 @@ class Trainer:
                     history.append(metrics)
                     if on_epoch_end:
                         on_epoch_end(s_.epoch, metrics)
+                    if s_.epoch < t.epochs and self._stop_due():  # (during validation: its epoch checkpoint is the last)
+                        raise Stopped(epoch_tag(s_.epoch))
             classes = class_iou_table(history[-1], f"IoU per class after epoch {s_.epoch}") if history else None
             if classes and self.rt.is_main:
                 self.log(classes)
@@ -665,6 +680,9 @@ class Trainer:
                 bar.update(s + 1, loss, ips, lrs[-1])
                 if every_rank or self.rt.world == 1:  # (the curves hold one quantity: the ranks' mean, not rank 0's own)
                     self._track_step(loss, weights, ips, lrs[-1])
+            if self._stop_due():  # (SIGTERM: this step's checkpoint, in the foreground, then the run ends)
+                self._save_inside_epoch(running, lrs[-1])
+                raise Stopped(epoch_tag(s_.epoch, s_.step))
             if self._checkpoint_due(s):  # (after the readout: the checkpoint stores this step's points too)
                 self._save_inside_epoch(running, lrs[-1])
         if s_.input_size is None and n_img:  # validation images of varying size: the training crops'
@@ -709,6 +727,17 @@ class Trainer:
         if s + 1 >= self.steps_per_epoch:
             return preempted
         return bool(t.checkpoint_every) and s_.step % t.checkpoint_every == 0 or self._checkpoint_time_due(s) or preempted
+
+    def _stop_due(self) -> bool:
+        """Whether the process was asked to end (`Runtime.stop_requested`); said once, and from
+        then on checkpoints are written in the foreground and commit without the tracker, as
+        after a preemption notice (`_checkpoint`)."""
+        if not (self.checkpointer and self.rt.stop_requested and self.rt.stop_requested()):
+            return False
+        if not self.preempted:
+            self.preempted = True
+            self.log(f"termination signal (SIGTERM) at step {self.state.step}: a checkpoint of this step, then the run ends")
+        return True
 
     def _poll_preemption(self) -> bool:
         """Whether a notice says this run's nodes are being reclaimed: asked at every
@@ -837,6 +866,9 @@ def nan_if_none(v: float | None) -> float:
 
 def _why_it_ended(e: BaseException) -> str:
     """train.log's last line of a run that did not finish (escaped: it is printed as markup)."""
+    if isinstance(e, Stopped):
+        return (f"stopped by a termination signal (SIGTERM) after checkpoint {e.tag}" if e.tag else
+                "stopped by a termination signal (SIGTERM)") + "; the same command with --resume continues from the latest checkpoint"
     if isinstance(e, KeyboardInterrupt):
         return "interrupted (Ctrl-C or SIGINT); the same command with --resume continues from the latest checkpoint"
     return escape(f"the run failed: {type(e).__name__}: {one_line(e)}")

@@ -420,6 +420,38 @@ def test_an_interrupted_run_says_how_to_continue_in_its_log_and_on_the_terminal(
     assert last.endswith("interrupted (Ctrl-C or SIGINT); the same command with --resume continues from the latest checkpoint")
 
 
+def test_sigterm_checkpoints_the_step_it_came_at_and_ends_the_run(tiny_root, tmp_path):
+    """SIGTERM (docker stop, a pod's end, Slurm): the local run checkpoints the step it is at,
+    in the foreground, and ends with exit 143, its lease released; --resume continues from that
+    step, so the signal costs no step."""
+    import json
+    import signal
+
+    args = ["jobs/train.py", "--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18",
+            "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--log-every", "1", "--log-interval-s", "0"]
+    p = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in p.stdout:  # (a progress line per step: the signal comes inside the epoch)
+        seen.append(line)
+        if "epoch 1/1 step 3/24" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=300)
+    log = (tmp_path / "r/train.log").read_text()
+    assert p.returncode == 143, "".join(seen) + out + err
+    tag = json.loads((tmp_path / "r/checkpoints/latest.json").read_text())["latest"]
+    step = int(tag.rsplit("-", 1)[1])
+    assert tag.startswith("epoch-0000-step-") and 3 <= step < 24
+    assert f"termination signal (SIGTERM) at step {step}: a checkpoint of this step, then the run ends" in log
+    assert f"stopped by SIGTERM after checkpoint {tag}; the same command with --resume continues" in err
+    assert log.splitlines()[-1].endswith(f"stopped by a termination signal (SIGTERM) after checkpoint {tag}; the same command "
+                                         f"with --resume continues from the latest checkpoint")
+    assert not (tmp_path / "r/driver.lease").exists()
+    again = subprocess.run([sys.executable, *args, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resumed from {tmp_path}/r/checkpoints/{tag}/state.pt: epoch 0, step {step}/24 ({step} steps into epoch 1)" in again.stdout
+
+
 def test_weights_that_are_no_longer_numbers_never_become_a_checkpoint(tiny_root, tmp_path, monkeypatch):
     """An update can turn the weights to NaN while its step's loss was still finite, and the
     loss is read only every --log-every steps: a checkpoint made then would be the latest, which

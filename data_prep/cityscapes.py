@@ -62,7 +62,6 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Annotated
@@ -77,7 +76,7 @@ from mtl.cli import parse
 from mtl.config import Size
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, DEPTH_MAX_M, MODALITIES, SPLITS, Split, check_splits,
                                  decode_sample, encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
-from mtl.machine import check_workers, usable_cpus
+from mtl.machine import check_workers, usable_cpus, worker_pool
 from mtl.storage import check_literal, exists, folder_names, is_local, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-cityscapes-v1"
@@ -308,7 +307,7 @@ def _run_pool(jobs: list[Job], workers: int, advance) -> None:
     """The jobs on ``workers`` processes; the first error stops the run (no index.csv). A worker
     killed under the run (the kernel's OOM killer) is a BrokenProcessPool saying what to do."""
     try:
-        with ProcessPoolExecutor(workers) as pool:
+        with worker_pool(workers) as pool:
             run_pooled(pool, convert_chunk, jobs, 2 * workers, advance)
     except BrokenProcessPool:
         raise BrokenProcessPool(f"a conversion worker died (out of memory?): lower --workers (this run had {workers})") from None

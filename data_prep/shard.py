@@ -57,7 +57,7 @@ from mtl.cli import parse
 from mtl.data.folder import folder_marks, scan_split, split_modalities, stems_by_index
 from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
 from mtl.data.shards import FORMAT
-from mtl.machine import check_workers, usable_cpus
+from mtl.machine import check_workers, usable_cpus, worker_pool
 from mtl.storage import check_literal, is_local, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
@@ -650,7 +650,7 @@ def _run(jobs: list[ShardJob], workers: int | None, progress: bool, total_sample
     workers = max(1, min(workers or usable_cpus(), len(jobs) or 1))
     cols = (TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"), TimeRemainingColumn())
     try:
-        with Progress(*cols, disable=not progress) as bar, ProcessPoolExecutor(workers) as pool:
+        with Progress(*cols, disable=not progress) as bar, worker_pool(workers) as pool:
             return _collect(pool, jobs, 2 * workers, bar, bar.add_task("shard", total=total_samples, speed=""))
     except BrokenProcessPool:
         raise BrokenProcessPool(f"a sharding worker died (out of memory?): lower --workers (this run had {workers})") from None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 
@@ -33,6 +35,26 @@ def check_ray(what: str) -> None:
 
     if importlib.util.find_spec("ray") is None:
         raise ValueError(f"{what} runs on Ray, which is not installed here: {CLUSTER_INSTALL} installs it")
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers end with this process (data prep: sharding, conversion, the
+    synthetic set): a parent killed (SIGKILL, an out-of-memory kill) would otherwise leave them
+    writing on, beside a rerun that writes the same files."""
+    return ProcessPoolExecutor(workers, initializer=_end_with_parent, initargs=(os.getpid(),))
+
+
+def _end_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this process when its parent ends (``prctl(PR_SET_PDEATHSIG)``);
+    elsewhere nothing is done."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # (1: PR_SET_PDEATHSIG)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # (the parent ended before the call)
+        os._exit(1)
 
 
 def machine_id() -> str:

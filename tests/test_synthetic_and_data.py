@@ -562,3 +562,41 @@ def test_a_shard_stream_that_cannot_reach_s3_names_the_endpoint_not_a_corrupt_sh
         next(iter(loader))
     assert one_line(e.value).startswith(f"cannot reach s3://streetmtl/shards/train-000000.tar at endpoint {unreachable_s3}: "
                                         f"Could not connect to the endpoint URL")
+
+
+def test_data_prep_workers_end_with_their_killed_parent(tmp_path):
+    """A data-prep tool killed (SIGKILL: nothing of it runs any more) takes its pool's workers with
+    it (`mtl.machine.worker_pool`): they would otherwise write on beside a rerun."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "data_prep.synthesize", "--out", str(tmp_path / "d"), "--train", "4000", "--val", "0",
+                          "--test", "0", "--size", "64x128", "--workers", "2"], cwd=REPO, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = []
+        for task in os.listdir(f"/proc/{p.pid}/task"):
+            with open(f"/proc/{p.pid}/task/{task}/children") as fh:
+                found += [int(c) for c in fh.read().split()]
+        return found
+
+    deadline = time.monotonic() + 120
+    while len(workers := children()) < 2:
+        assert time.monotonic() < deadline and p.poll() is None, "the pool's workers did not start"
+        time.sleep(0.2)
+    time.sleep(1.0)  # (they write)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{w}") and "zombie" not in _state(w) for w in workers):
+        assert time.monotonic() < deadline, f"workers {workers} outlived their killed parent"
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((line for line in fh if line.startswith("State:")), "").lower()
+    except OSError:
+        return "zombie"  # (gone meanwhile)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,7 @@ from mtl.atomic import atomic_dir
 from mtl.data.miniscapes import (
     DEPTH_MAX_M, DEPTH_MIN_M, IGNORE_INDEX, MODALITIES, SPLITS, encode_depth_png, encode_rgb_jpeg, encode_semseg_png,
 )
-from mtl.machine import check_workers, usable_cpus
+from mtl.machine import check_workers, usable_cpus, worker_pool
 
 #: what the generator renders, as a number: bump it when a change alters the scenes of a given
 #: seed, so that sets cached by an earlier version (`mtl.data.build.synthetic_root`) are not reused
@@ -225,7 +224,7 @@ def synthesize(out: str, counts: dict[str, int], size: tuple[int, int] = (256, 5
                 os.makedirs(os.path.join(tmp, split, mod))
         jobs = [(tmp, split, s, min(s + 16, n), h, w, seed) for split, n in counts.items() for s in range(0, n, 16)]
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            with worker_pool(workers) as pool:
                 _track(pool.map(_write_chunk, jobs), sum(counts.values()), progress)
         else:
             _track(map(_write_chunk, jobs), sum(counts.values()), progress)

@@ -74,6 +74,7 @@ from data_prep.pool import run_pooled
 from mtl.atomic import check_not_above
 from mtl.cli import parse
 from mtl.config import Size
+from mtl.errors import no_space
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, DEPTH_MAX_M, MODALITIES, SPLITS, Split, check_splits,
                                  decode_sample, encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
 from mtl.machine import check_workers, usable_cpus, worker_pool
@@ -475,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = convert(a.root, a.out, a.size, tuple(a.splits), a.jpeg_quality, a.workers, a.overwrite, progress=True)
     except (ValueError, FileNotFoundError, FileExistsError, OSError, BrokenProcessPool) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {no_space(e) or e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{k} {v}" for k, v in s["counts"].items())
     print(f"{s['state']}: {a.out} ({counts}; {s['converted']} converted, {s['kept']} kept) "

@@ -57,6 +57,7 @@ from mtl.cli import parse
 from mtl.data.folder import folder_marks, scan_split, split_modalities, stems_by_index
 from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check_splits, decode_sample
 from mtl.data.shards import FORMAT
+from mtl.errors import no_space
 from mtl.machine import check_workers, usable_cpus, worker_pool
 from mtl.storage import check_literal, is_local, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
@@ -718,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = shard_dataset(a.root, a.shards, a.shard_size, tuple(a.splits), a.workers, a.skip_bad, progress=True,
                                  overwrite=a.overwrite)
     except (ValueError, FileNotFoundError, OSError, BrokenProcessPool) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {no_space(e) or e}", file=sys.stderr)
         return 2
     wide_console().print(summary_table(manifest, time.perf_counter() - t0))
     print(f"manifest: {a.shards.rstrip('/')}/manifest.json")

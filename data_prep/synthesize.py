@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from mtl.cli import parse
 from mtl.config import Size
+from mtl.errors import no_space
 from mtl.machine import check_workers
 from mtl.data.synthetic import render_scene, synthesize  # noqa: F401 - this tool's library, re-exported
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = synthesize(a.out, counts, a.size, a.seed, a.workers, a.overwrite, progress=sys.stderr.isatty())
     except (ValueError, OSError) as e:  # OSError: --out cannot be written (FileExistsError among them)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {no_space(e) or e}", file=sys.stderr)
         return 2
     n = sum(counts.values())
     dt = time.perf_counter() - t0

@@ -59,7 +59,7 @@ def parse(argv: list[str] | None = None) -> tuple[TrainCommand, ExperimentConfig
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(argv)
-    from mtl.errors import USER_ERRORS, WorkerFailed, one_line
+    from mtl.errors import USER_ERRORS, WorkerFailed, no_space, one_line
     from mtl.progress import wide_console
 
     console = wide_console()
@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_local(cfg, console) if args.local else run_on_ray(cfg, console)
     except USER_ERRORS as e:  # bad data, flags, checkpoints, storage, cluster: say which, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # (a full disk: said as a user error; any other keeps its traceback)
+        if not no_space(e):
+            raise
+        print(f"error: {no_space(e)}; the same command with --resume continues from the latest checkpoint", file=sys.stderr)
         return 2
     except WorkerFailed as e:  # on Ray: a worker's error, its traceback printed by Ray above
         print(f"error: training failed on {e} (traceback above and in `ray job logs`)", file=sys.stderr)

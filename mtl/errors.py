@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import tempfile
+
 from mtl.storage import StorageError, credentials_message, is_connection_error, is_credentials_error, unreachable_message
 
 
@@ -41,6 +44,8 @@ def one_line(e: BaseException) -> str:
     become "cannot reach <url> ...".
     """
     for err in _chain(e):
+        if no_space(err):
+            return no_space(err)
         if isinstance(err, StorageError):  # (from a loader worker: inside torch's traceback text)
             return _last_line(str(err))
         if is_connection_error(err):  # raised outside `storage_errors`: the client's URL is all there is
@@ -49,6 +54,18 @@ def one_line(e: BaseException) -> str:
         if is_credentials_error(err):
             return credentials_message("the storage", err)
     return _last_line(str(e)) or type(e).__name__
+
+
+def no_space(e: BaseException) -> str:
+    """What to say of a full disk or an exhausted quota (``""``: ``e`` is none). The OS seldom
+    names the file; files bound for a run folder or an object store (a checkpoint, whole) may be
+    written in the temporary folder first, which may be the full one."""
+    if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return ""
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"no space left on the device{where} ({e.strerror or e}): free space on it, or write elsewhere; files bound for "
+            f"the output (a checkpoint, whole) may first be written under the temporary folder {tempfile.gettempdir()} "
+            f"(TMPDIR moves it)")
 
 
 def _last_line(text: str) -> str:

@@ -452,6 +452,24 @@ def test_sigterm_checkpoints_the_step_it_came_at_and_ends_the_run(tiny_root, tmp
     assert f"resumed from {tmp_path}/r/checkpoints/{tag}/state.pt: epoch 0, step {step}/24 ({step} steps into epoch 1)" in again.stdout
 
 
+def test_a_full_disk_is_one_line_saying_so(tiny_root, tmp_path, capsys, monkeypatch):
+    """ENOSPC (the OS names no file) as a user error: no traceback, where checkpoints are staged."""
+    import errno
+
+    import mtl.checkpoint
+    from jobs.train import main
+
+    def full(folder, state):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mtl.checkpoint, "_write_state", full)
+    assert main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "1",
+                 "--max-steps-per-epoch", "1", "--no-use-gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on the device (No space left on device): free space on it") and "TMPDIR" in err
+    assert "Traceback" not in err
+
+
 def test_weights_that_are_no_longer_numbers_never_become_a_checkpoint(tiny_root, tmp_path, monkeypatch):
     """An update can turn the weights to NaN while its step's loss was still finite, and the
     loss is read only every --log-every steps: a checkpoint made then would be the latest, which

@@ -172,7 +172,7 @@ def result_line(m: dict) -> str:
 
 
 def run_on_ray(cfg: ExperimentConfig, console) -> int:
-    from mtl.checkpoint import BEST_FILE, CHECKPOINTS, CheckpointIndex, epoch_metrics
+    from mtl.checkpoint import BEST_FILE, CHECKPOINTS, CheckpointIndex, committed_metrics
     from mtl.distributed.ray_train import run_ray
     from mtl.runs import run_url
     from mtl.storage import json_bytes, write_bytes_atomic
@@ -181,7 +181,7 @@ def run_on_ray(cfg: ExperimentConfig, console) -> int:
     url = run_url(cfg)
     # from the run folder, not Ray's result: a restart from a checkpoint Ray never registered (one
     # local mode wrote) that had nothing left to train leaves Ray's result at an older one
-    epochs, tag = epoch_metrics(url), CheckpointIndex(url).latest_tag()
+    epochs, tag = committed_metrics(url), CheckpointIndex(url).latest_tag()
     final = epochs[max(epochs)] if epochs else {}
     summary = {"run": url, "final_metrics": final, "latest_checkpoint": f"{url}/{CHECKPOINTS}/{tag}" if tag else None,
                "best_model": f"{url}/{BEST_FILE}"}

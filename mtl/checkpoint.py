@@ -758,6 +758,16 @@ def checkpoint_in_folder(url: str) -> str:
     raise FileNotFoundError(f"no checkpoint in {url} (looked for {CHECKPOINTS}/{POINTER}, {STATE_FILE} and {BEST_FILE})")
 
 
+def committed_metrics(run_url: str) -> dict[int, dict[str, Any]]:
+    """`epoch_metrics` of the epochs up to the checkpoint ``latest.json`` names: an epoch's file
+    is written before its checkpoint commits, so an attempt that died in between (or one that
+    started over, with another configuration, since) left the numbers of a model no checkpoint
+    holds; {} before the first commit."""
+    latest = CheckpointIndex(run_url.rstrip("/")).latest_tag()
+    done = (tag_epoch(latest) or 0) if latest else 0
+    return {e: m for e, m in epoch_metrics(run_url).items() if e <= done}
+
+
 def epoch_metrics(run_url: str, cache: dict[str, dict[str, Any]] | None = None,
                   before: int | None = None) -> dict[int, dict[str, Any]]:
     """Every validated epoch's metrics (those before epoch ``before``, if given), by epoch number,

@@ -97,9 +97,9 @@ def delta_m(metrics: Mapping[str, float], baselines: Mapping[str, Mapping[str, f
 
 def best_metrics(run_url: str) -> tuple[ExperimentConfig, dict[str, float]]:
     """A finished (or running) run's configuration and the validation metrics of its best
-    epoch, read from its folder (``config.json``, ``metrics/epoch-*.json``). ValueError naming
-    what is missing."""
-    from mtl.checkpoint import epoch_metrics
+    epoch, read from its folder (``config.json``, ``metrics/epoch-*.json`` of the epochs its
+    checkpoints committed). ValueError naming what is missing."""
+    from mtl.checkpoint import committed_metrics
     from mtl.config import ExperimentConfig
     from mtl.runs import CONFIG_FILE
 
@@ -109,9 +109,10 @@ def best_metrics(run_url: str) -> tuple[ExperimentConfig, dict[str, float]]:
         raise ValueError(f"{run_url} is not a run folder (no {CONFIG_FILE})")
     cfg = ExperimentConfig.from_dict(json.loads(raw))
     tasks = tuple(cfg.optim.tasks)
-    epochs = list(epoch_metrics(run_url).values())
+    epochs = list(committed_metrics(run_url).values())
     if not epochs:
-        raise ValueError(f"{run_url} has no validation metrics yet (metrics/epoch-*.json): its first epoch has not ended")
+        raise ValueError(f"{run_url} has no validation metrics yet (metrics/epoch-*.json of an epoch whose checkpoint "
+                         f"checkpoints/latest.json names): its first epoch has not ended")
     scored = [m for m in epochs if math.isfinite(selection_score(m, tasks))]  # (max() would keep a NaN met first)
     if not scored:
         raise ValueError(f"{run_url}: no epoch's validation score is a number (every epoch's metrics/epoch-*.json)")

@@ -142,13 +142,16 @@ def test_sweep_resumes_after_the_driver_dies(local_cluster, tiny_root, tmp_path)
 
 
 def _baseline(root, name: str, tasks: list[str], metrics: dict, data: str) -> str:
-    """A finished single-task run's folder as training leaves it (config.json, metrics/): a run
+    """A finished single-task run's folder as training leaves it (config.json, metrics/, the
+    pointer to its checkpoint): a run
     on the Miniscapes folder ``data``."""
     from mtl.config import DataConfig, ExperimentConfig, OptimConfig
 
     os.makedirs(root / name / "metrics")
     (root / name / "config.json").write_text(ExperimentConfig(data=DataConfig(root=data), optim=OptimConfig(tasks=tuple(tasks))).to_json())
     (root / name / "metrics" / "epoch-0001.json").write_text(json.dumps(metrics))
+    os.makedirs(root / name / "checkpoints")
+    (root / name / "checkpoints" / "latest.json").write_text(json.dumps({"latest": "epoch-0001", "history": ["epoch-0001"]}))
     return str(root / name)
 
 

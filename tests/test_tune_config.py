@@ -276,12 +276,16 @@ def test_concurrent_trials_are_sized_from_the_clusters_gpus(monkeypatch):
 
 
 def _run_folder(root, name, tasks, epochs):
-    """A run folder as training leaves it: config.json and metrics/epoch-NNNN.json."""
+    """A run folder as training leaves it: config.json, metrics/epoch-NNNN.json and the pointer
+    to the last epoch's checkpoint."""
     cfg = ExperimentConfig(optim=OptimConfig(tasks=tasks))
     os.makedirs(root / name / "metrics")
     (root / name / "config.json").write_text(cfg.to_json())
     for i, m in enumerate(epochs, 1):
         (root / name / "metrics" / f"epoch-{i:04d}.json").write_text(json.dumps(m))
+    os.makedirs(root / name / "checkpoints")
+    last = f"epoch-{len(epochs):04d}"
+    (root / name / "checkpoints" / "latest.json").write_text(json.dumps({"latest": last, "history": [last]}))
     return str(root / name)
 
 

@@ -233,13 +233,16 @@ def test_a_single_task_run_reports_its_task_and_picks_its_best_by_it(tiny_root, 
 
 
 def write_run(folder, tasks, epochs: list[dict], exist_ok: bool = False, root: str | None = None) -> str:
-    """A hand-made run folder: config.json (of a run on ``root``, else the synthetic set) and
-    one metrics file per epoch."""
+    """A hand-made run folder: config.json (of a run on ``root``, else the synthetic set), one
+    metrics file per epoch and the pointer to the last epoch's checkpoint (committed)."""
     folder.mkdir(parents=True, exist_ok=exist_ok)
     (folder / "config.json").write_text(ExperimentConfig(data=DataConfig(root=root), optim=OptimConfig(tasks=tasks)).to_json())
     (folder / "metrics").mkdir(exist_ok=exist_ok)
     for i, m in enumerate(epochs, 1):
         (folder / "metrics" / f"epoch-{i:04d}.json").write_text(json.dumps(m))
+    (folder / "checkpoints").mkdir(exist_ok=exist_ok)
+    (folder / "checkpoints/latest.json").write_text(json.dumps({"latest": f"epoch-{len(epochs):04d}",
+                                                                 "history": [f"epoch-{len(epochs):04d}"]}))
     return str(folder)
 
 
@@ -260,6 +263,9 @@ def test_delta_m_against_hand_made_baselines_matches_a_hand_computation(tmp_path
         delta_m(mtl, {"semseg": baselines["semseg"]})
     with pytest.raises(ValueError, match="no config.json"):
         read_baselines([str(tmp_path / "nowhere")])
+    # an epoch whose checkpoint never committed (the attempt died in between): its numbers are no model's
+    (tmp_path / "seg/checkpoints/latest.json").write_text(json.dumps({"latest": "epoch-0001-step-00000009", "history": []}))
+    assert read_baselines([seg])["semseg"]["miou"] == 50.0
     with pytest.raises(ValueError, match="nan: no epoch's validation score is a number"):
         read_baselines([write_run(tmp_path / "nan", ("semseg",), [{"miou": float("nan")}])])
 

@@ -343,7 +343,7 @@ class FolderStorage:
 
         def job() -> None:
             if write is not None:
-                with tempfile.TemporaryDirectory(prefix="streetmtl-ckpt-") as d:
+                with tempfile.TemporaryDirectory(prefix=staging_prefix()) as d:
                     write(d)
                     self.publish(d, tag, metrics)
             if then is not None:
@@ -354,6 +354,11 @@ class FolderStorage:
         return self._writer.submit(job)
 
     def publish(self, folder: str, tag: str, metrics: dict[str, Any]) -> None:
+        """Copy ``folder`` into ``checkpoints/<tag>/`` (local mode: one process writes it). A
+        folder of that tag already there was never committed (the pointer would have resumed from
+        it): an attempt that died writing it, whose files (a killed write's temporary file of
+        hundreds of MB among them) would otherwise stay in the new checkpoint for good."""
+        self.delete([tag])
         for root, _, files in os.walk(folder):
             for name in files:
                 rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
@@ -416,6 +421,35 @@ class FolderStorage:
         return next((t for t in older if exists(f"{self.index.url}/{t}/{STATE_FILE}")), None)
 
 
+STAGING = "streetmtl-ckpt-"  # temporary folders a checkpoint is written or downloaded into (`staging_prefix`)
+
+
+def staging_prefix() -> str:
+    """A checkpoint's temporary folder's name: this machine's and process's, so that one left by
+    a process killed while it wrote (a whole checkpoint: hundreds of MB) is known for
+    `drop_stale_staging`."""
+    from mtl.machine import machine_token
+
+    return f"{STAGING}{machine_token()}-{os.getpid()}-"
+
+
+def drop_stale_staging() -> list[str]:
+    """Delete the checkpoint folders in the temporary folder that ended processes of this machine
+    left (killed while writing or reading one); returns their names. Nothing where processes
+    cannot be told apart (`mtl.machine.knows_its_processes`)."""
+    import shutil
+
+    from mtl.machine import knows_its_processes, machine_token, process_gone
+
+    if not knows_its_processes():
+        return []
+    mine, tmp = f"{STAGING}{machine_token()}-", tempfile.gettempdir()
+    stale = [n for n in os.listdir(tmp) if n.startswith(mine) and process_gone(n[len(mine):].split("-", 1)[0])]
+    for name in stale:
+        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+    return stale
+
+
 def older_checkpoints(run_url: str, tag: str) -> str:
     """What else the run at ``run_url`` holds when its checkpoint ``tag`` cannot be used: the
     newest one its pointer lists before it that is there, and ``best.pt`` (for an error's end;
@@ -439,7 +473,7 @@ def local_copy(url: str) -> Iterator[str]:
     if is_local(url):
         yield url_to_fs(url)[1]
         return
-    with tempfile.TemporaryDirectory(prefix="streetmtl-restore-") as d:
+    with tempfile.TemporaryDirectory(prefix=staging_prefix()) as d:
         with storage_errors(url):  # (the download only: what the caller does with the copy is not storage's)
             fs, path = url_to_fs(url)
             fs.get(path.rstrip("/") + "/", d, recursive=True)
@@ -482,6 +516,7 @@ class Checkpointer:
         self._pending_best: dict[str, Any] | None = None  # rank 0: its host copy, when it is the best epoch's
         self.waited_s = 0.0  # how long the last save waited for the write before it
         self.replaced: str | None = None  # the last save's: the failed write it was taken in place of, and why
+        drop_stale_staging()  # (a killed run's: a whole checkpoint each, in this machine's temporary folder)
 
     def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool = True,
              background: bool = False, after: Future | None = None) -> bool:
@@ -498,7 +533,7 @@ class Checkpointer:
             self._save_later(tag, config, metrics, is_best, metrics_file, after)
             return True
         state = None
-        with tempfile.TemporaryDirectory(prefix="streetmtl-ckpt-") as d:
+        with tempfile.TemporaryDirectory(prefix=staging_prefix()) as d:
             if self.strategy.sharded:
                 self.strategy.save_shards(os.path.join(d, SHARDS_DIR))
             if self.rank == 0:

@@ -153,6 +153,12 @@ def test_a_checkpoint_published_but_never_committed_is_deleted_by_the_next_commi
         keep_all.publish(str(src), tag, {})
     keep_all.commit("epoch-0002")
     assert sorted(os.listdir(tmp_path / "all/checkpoints")) == ["epoch-0001", "epoch-0002", "latest.json"]  # 0: all kept
+    # a write killed inside a folder left its temporary file; the same tag written again (the resumed
+    # run trained that step again) holds only its own files
+    (tmp_path / "all/checkpoints/epoch-0003").mkdir()
+    (tmp_path / "all/checkpoints/epoch-0003/state.pt.tmp-0123abcd").write_bytes(b"a killed write")
+    keep_all.publish(str(src), "epoch-0003", {})
+    assert os.listdir(tmp_path / "all/checkpoints/epoch-0003") == ["state.pt"]
 
 
 def test_two_writers_on_one_run_folder_never_leave_a_pointer_to_a_deleted_checkpoint(tmp_path):
@@ -875,3 +881,25 @@ def test_a_corrupt_latest_checkpoint_says_how_to_go_on_and_its_deletion_resumes_
     with pytest.raises(ValueError, match=rf"; no checkpoint before it is listed: delete {run}/checkpoints to train the run from "
                                          rf"its start$"):
         checkpointer(TrainState()).restore()
+
+
+def test_a_killed_writers_staging_folder_is_deleted_by_the_next_checkpointer(tmp_path, monkeypatch):
+    """A checkpoint is written whole into the temporary folder first: a process killed meanwhile
+    leaves hundreds of MB there. The next checkpointer of this machine deletes the folders of its
+    processes that have ended, never a live one's or another machine's."""
+    import tempfile
+
+    from mtl.checkpoint import STAGING, drop_stale_staging, staging_prefix
+    from mtl.machine import knows_its_processes
+
+    if not knows_its_processes():
+        pytest.skip("this machine's processes cannot be told apart")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    mine = staging_prefix()
+    dead = mine.replace(f"-{os.getpid()}-", f"-{ended}-") + "abc"
+    for name in (dead, mine + "live", f"{STAGING}0badf00d-{ended}-other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"x")
+    assert drop_stale_staging() == [dead]
+    assert sorted(os.listdir(tmp_path)) == sorted([mine + "live", f"{STAGING}0badf00d-{ended}-other"])

@@ -34,7 +34,7 @@ import torch
 from rich.json import JSON
 from torch import nn
 
-from mtl.checkpoint import CHECKPOINTS, POINTER, FolderStorage, finished
+from mtl.checkpoint import CHECKPOINTS, POINTER, FolderStorage, finished, staging_prefix
 from mtl.config import ExperimentConfig
 from mtl.cuda_graph import OTHER_RANK_FAILED
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
@@ -84,7 +84,7 @@ class RayStorage:
             ray.train.report(self._scalars(metrics), checkpoint=None, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
             return finished()
         done: Future = Future()
-        folder, reports = tempfile.mkdtemp(prefix="streetmtl-ckpt-"), _reports_made()
+        folder, reports = tempfile.mkdtemp(prefix=staging_prefix()), _reports_made()
         try:
             ray.train.report(self._scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=name, checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True,

@@ -716,16 +716,14 @@ class Trainer:
         """A step checkpoint after step ``s`` of the epoch: every ``--checkpoint-every`` steps,
         and, once a poll (every ``--preemption-poll-every`` steps, on Ray) has brought a
         preemption notice, after every step until the node goes: the teardown then costs at most
-        the step it interrupts. At an epoch's last step only after a notice: the epoch's
-        checkpoint follows, but after validation, which may outlast the notice (a resume from the
-        step checkpoint then validates the epoch). Every rank decides alike (same steps; rank 0's
-        notice)."""
+        the step it interrupts. At an epoch's last step too, though the epoch's checkpoint
+        follows: it follows the validation, which a failure or a notice may interrupt (a resume
+        from the step checkpoint then validates the epoch, training none of it again). Every rank
+        decides alike (same steps; rank 0's notice)."""
         t, s_ = self.cfg.train, self.state
         if not self.checkpointer:
             return False
         preempted = self._poll_preemption()  # (at an epoch's last step too: else a poll interval that the steps per epoch divide never polls)
-        if s + 1 >= self.steps_per_epoch:
-            return preempted
         return bool(t.checkpoint_every) and s_.step % t.checkpoint_every == 0 or self._checkpoint_time_due(s) or preempted
 
     def _stop_due(self) -> bool:

@@ -504,3 +504,26 @@ def test_a_shard_streams_order_is_recorded_with_the_workers_its_loader_runs():
 
     loader = ShardLoader(ShardStream(ShardSplit(("a.tar", "b.tar", "c.tar"), (10, 10, 10)), None), 4, 4, 2, True, False)
     assert Trainer._order_workers(SimpleNamespace(data=SimpleNamespace(workers=4, train=loader))) == loader.workers == 2
+
+
+def test_a_failure_during_validation_trains_none_of_the_epoch_again(tiny_root, tmp_path, monkeypatch):
+    """A step checkpoint due at an epoch's last step is taken, though the epoch's own follows the
+    validation: a failure during the validation then costs the validation only."""
+    import mtl.engine
+
+    cfg = ExperimentConfig(data=DataConfig(root=tiny_root, workers=0), model=ModelConfig(arch="deeplabv3p", encoder="resnet18"),
+                           train=TrainConfig(epochs=1, batch_size=4, max_steps_per_epoch=4, checkpoint_every=2, out=str(tmp_path),
+                                             name="run", device="cpu", log_every=100)).validate()
+    evaluate = mtl.engine.rt_evaluate
+
+    def lost(*args, **kwargs):
+        raise OSError("node lost during validation")
+
+    monkeypatch.setattr(mtl.engine, "rt_evaluate", lost)
+    with pytest.raises(OSError, match="node lost during validation"):
+        fit(cfg, local_runtime(cfg))
+    assert CheckpointIndex(run_url(cfg)).latest_tag() == "epoch-0000-step-00000004"
+    monkeypatch.setattr(mtl.engine, "rt_evaluate", evaluate)
+    again = cfg.with_values({"train.resume": True})
+    result = fit(again, local_runtime(again))
+    assert result.lrs == [] and [m["epoch"] for m in result.metrics] == [1]  # validated, no step trained again

@@ -522,10 +522,18 @@ class Trainer:
         if s.epoch_step and (s.world != world or other_stream):
             t = self.cfg.train
             if folder:
-                left = -(-max(0, self.data.num_train - s.epoch_samples) // world) // t.batch_size // t.grad_accum
-                steps = max(0, self.steps_per_epoch - left)
-                note = (f"goes on from sample {s.epoch_samples} of the epoch's order with {min(left, self.steps_per_epoch)} "
-                        f"steps per rank left: no sample twice, none skipped")
+                remaining = max(0, self.data.num_train - s.epoch_samples)
+                left = -(-remaining // world) // t.batch_size // t.grad_accum
+                if t.max_steps_per_epoch:  # (a capped epoch: done at its cap, else its cap's samples at the new size)
+                    cap = t.max_steps_per_epoch
+                    left = 0 if s.epoch_step >= cap else min(left, max(0, cap * self.global_batch - s.epoch_samples)
+                                                              // self.global_batch)
+                left = min(left, self.steps_per_epoch)
+                steps = self.steps_per_epoch - left
+                out = remaining - left * self.global_batch  # (fewer than a step of the new ranks, or past the cap)
+                note = (f"goes on from sample {s.epoch_samples} of the epoch's order with {left} steps per rank left: no "
+                        f"sample twice" + (f"; its last {out} samples, fewer than a step of {world} ranks or past "
+                                           f"--max-steps-per-epoch, are left out" if out > 0 else ", none left out"))
             else:
                 steps = min(s.epoch_samples // self.global_batch, self.steps_per_epoch)
                 note = (f"goes on after {steps} steps per rank (about the same number of samples in all); a shard stream's "

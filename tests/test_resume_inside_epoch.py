@@ -527,3 +527,35 @@ def test_a_failure_during_validation_trains_none_of_the_epoch_again(tiny_root, t
     again = cfg.with_values({"train.resume": True})
     result = fit(again, local_runtime(again))
     assert result.lrs == [] and [m["epoch"] for m in result.metrics] == [1]  # validated, no step trained again
+
+
+@pytest.mark.parametrize("world,epoch_step,cap,left,said", [
+    # 2 ranks of batch 4 x 2 took a step (16 samples); on 3 ranks the 21 left are under a step of 24
+    (3, 1, None, 0, "with 0 steps per rank left: no sample twice; its last 21 samples, fewer than a step of 3 ranks"),
+    (1, 1, None, 2, "with 2 steps per rank left: no sample twice; its last 5 samples"),
+    # an epoch capped at 1 step was done at its cap: none more on more ranks, or on fewer
+    (3, 1, 1, 0, "with 0 steps per rank left"),
+    (1, 1, 1, 0, "with 0 steps per rank left"),
+])
+def test_ranks_of_another_number_continue_an_epoch_saying_what_they_leave_out(world, epoch_step, cap, left, said):
+    """`Trainer._continue_inside_epoch` on a stand-in: a checkpoint of 2 ranks, 37 samples,
+    batch 4, 2 accumulation steps (16 samples a step), resumed on ``world`` ranks."""
+    from types import SimpleNamespace
+
+    from mtl.checkpoint import TrainState
+    from mtl.data.build import FolderLoader
+    from mtl.engine import Trainer
+
+    said_lines = []
+    batch, accum, n = 4, 2, 37
+    per_epoch = n // world // batch // accum if cap is None else min(cap, n // world // batch // accum)
+    stand_in = SimpleNamespace(
+        state=TrainState(epoch=0, step=epoch_step, epoch_step=epoch_step, epoch_samples=epoch_step * 2 * batch * accum, world=2,
+                         loader_workers=0, epoch_loss=[1.0, 0.5, 0.5]),
+        rt=SimpleNamespace(world=world), data=SimpleNamespace(train=FolderLoader.__new__(FolderLoader), num_train=n, workers=0),
+        cfg=SimpleNamespace(train=SimpleNamespace(batch_size=batch, grad_accum=accum, max_steps_per_epoch=cap)),
+        steps_per_epoch=max(per_epoch, 1), global_batch=batch * accum * world, log=said_lines.append, start=None,
+        _order_workers=lambda: 0)
+    Trainer._continue_inside_epoch(stand_in)
+    assert stand_in.steps_per_epoch - stand_in.state.epoch_step == left
+    assert said in said_lines[0], said_lines

@@ -435,19 +435,34 @@ def staging_prefix() -> str:
 
 def drop_stale_staging() -> list[str]:
     """Delete the checkpoint folders in the temporary folder that ended processes of this machine
-    left (killed while writing or reading one); returns their names. Nothing where processes
-    cannot be told apart (`mtl.machine.knows_its_processes`)."""
+    left (killed while writing or reading one); returns their names. Those of another process
+    namespace, or where processes cannot be told apart (`mtl.machine.knows_its_processes`), once
+    a day old (`STALE_STAGING_S`)."""
     import shutil
 
     from mtl.machine import knows_its_processes, machine_token, process_gone
 
-    if not knows_its_processes():
-        return []
     mine, tmp = f"{STAGING}{machine_token()}-", tempfile.gettempdir()
-    stale = [n for n in os.listdir(tmp) if n.startswith(mine) and process_gone(n[len(mine):].split("-", 1)[0])]
+    ours = knows_its_processes()
+    stale = [n for n in os.listdir(tmp) if n.startswith(STAGING) and (
+        ours and n.startswith(mine) and process_gone(n[len(mine):].split("-", 1)[0])
+        or not n.startswith(mine) and _age_s(os.path.join(tmp, n)) > STALE_STAGING_S)]
     for name in stale:
         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
     return stale
+
+
+#: a staging folder of another process namespace (a container restarted with its /tmp, a machine
+#: whose processes cannot be told apart) is left behind once this old: a checkpoint's write or
+#: download takes minutes, and the folder goes with it
+STALE_STAGING_S = 24 * 3600.0
+
+
+def _age_s(path: str) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def older_checkpoints(run_url: str, tag: str) -> str:
@@ -717,7 +732,11 @@ def _wait_for(future: Future | None) -> None:
 
 
 def _write_state(folder: str, state: dict[str, Any]) -> None:
-    torch.save({"format": FORMAT, **state}, os.path.join(folder, STATE_FILE))  # (the file: no second copy in memory)
+    """``state.pt``, streamed into the file (no second copy in memory) through a Python file
+    object: a full disk is then an ``OSError`` (ENOSPC, `mtl.errors.no_space`), where torch's own
+    writer of a path raises a RuntimeError that names nothing."""
+    with open(os.path.join(folder, STATE_FILE), "wb") as fh:
+        torch.save({"format": FORMAT, **state}, fh)
 
 
 # ---------------------------------------------------------------------------------- readers

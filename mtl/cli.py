@@ -166,10 +166,21 @@ def read_config(url: str) -> ExperimentConfig:
         if isinstance(tree, dict) and _is_run_config(url, tree):
             from mtl.runs import stored_config
 
-            return stored_config(tree).validate()
+            return _where_it_is(stored_config(tree).validate(), url)
         return ExperimentConfig.from_dict(tree or {}).validate()
     except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"--config {url}: not a valid streetmtl config: {e}") from None
+
+
+def _where_it_is(cfg: ExperimentConfig, url: str) -> ExperimentConfig:
+    """A run's config.json as read where its run folder is now: ``--out`` is the folder above it
+    (a run folder moved or copied elsewhere continues there), while that folder bears the run's
+    name; else the ``--out`` it names."""
+    folder = url.rstrip("/").rpartition("/")[0]
+    parent, _, name = folder.rpartition("/")
+    if name != cfg.train.name or not parent:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out=parent))
 
 
 def _is_run_config(url: str, tree: dict) -> bool:

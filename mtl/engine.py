@@ -530,10 +530,12 @@ class Trainer:
                                                               // self.global_batch)
                 left = min(left, self.steps_per_epoch)
                 steps = self.steps_per_epoch - left
-                out = remaining - left * self.global_batch  # (fewer than a step of the new ranks, or past the cap)
-                note = (f"goes on from sample {s.epoch_samples} of the epoch's order with {left} steps per rank left: no "
-                        f"sample twice" + (f"; its last {out} samples, fewer than a step of {world} ranks or past "
-                                           f"--max-steps-per-epoch, are left out" if out > 0 else ", none left out"))
+                out = remaining - left * self.global_batch  # (fewer than a step of the new ranks, or past the cap;
+                note = (f"goes on from sample {s.epoch_samples} of the epoch's order with {left} steps per rank left"  # < 0: padded
+                        + (f": no sample twice; its last {out} samples, fewer than a step of {world} ranks or past "
+                           f"--max-steps-per-epoch, are left out" if out > 0 else
+                           f"; its last step takes {-out} samples from the start of the order again, as an epoch whose samples "
+                           f"the ranks do not share evenly does" if out < 0 else ": no sample twice, none left out"))
             else:
                 steps = min(s.epoch_samples // self.global_batch, self.steps_per_epoch)
                 note = (f"goes on after {steps} steps per rank (about the same number of samples in all); a shard stream's "
@@ -573,6 +575,8 @@ class Trainer:
         try:  # (from the start: a loader that cannot start still ends the tracker's run as failed, and the log)
             if self.rt.is_main:
                 self.announce()
+            if self.rt.stop_requested and self.rt.stop_requested():  # (asked during the setup: nothing trained, nothing to keep)
+                raise Stopped(None)
             it = self._batches(s_.epoch, s_.epoch_step, self.start) if s_.epoch < t.epochs else None
             with TrainProgress(self.log, enabled=self.rt.is_main, interval_s=t.log_interval_s, tasks=self.cfg.optim.tasks) as bar:
                 while s_.epoch < t.epochs:
@@ -586,7 +590,8 @@ class Trainer:
                     history.append(metrics)
                     if on_epoch_end:
                         on_epoch_end(s_.epoch, metrics)
-                    if s_.epoch < t.epochs and self._stop_due():  # (during validation: its epoch checkpoint is the last)
+                    if s_.epoch < t.epochs and self._stop_due():  # (during validation: its epoch checkpoint is the last,
+                        self.checkpointer.wait()  # committed before the run says so: its write's failure is raised instead)
                         raise Stopped(epoch_tag(s_.epoch))
             classes = class_iou_table(history[-1], f"IoU per class after epoch {s_.epoch}") if history else None
             if classes and self.rt.is_main:

@@ -45,16 +45,18 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _end_with_parent(parent: int) -> None:
-    """Linux: the kernel kills this process when its parent ends (``prctl(PR_SET_PDEATHSIG)``);
-    elsewhere nothing is done."""
+    """Linux: the kernel kills this process when its parent ends (``prctl(PR_SET_PDEATHSIG)``),
+    where the pool's process is its parent (fork, spawn; a fork server's workers are the
+    server's children); elsewhere nothing is done. A parent that ended before this call left
+    the pool's queue closed: the worker ends on it."""
+    if os.getppid() != parent:
+        return
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # (1: PR_SET_PDEATHSIG)
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # (the parent ended before the call)
-        os._exit(1)
+        pass
 
 
 def machine_id() -> str:

@@ -51,7 +51,7 @@ def url_to_fs(url: str) -> tuple[Any, str]:
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
         if _client_missing(e):
-            raise _client_error(url, e) from None
+            raise _client_error(url, e) from e.__cause__
         raise
 
 
@@ -64,9 +64,19 @@ def _client_missing(e: BaseException) -> bool:
 
 
 def _client_error(url: str, e: BaseException) -> StorageError:
-    scheme = url.partition("://")[0]
+    """The client's package missing (the install that has it named), or installed and failing
+    to import (a version conflict: its own error said, and kept as the cause)."""
+    import importlib.util
+
+    from fsspec.registry import known_implementations
+
     from mtl.machine import CLUSTER_INSTALL
 
+    scheme = url.partition("://")[0]
+    package = known_implementations.get(scheme, {}).get("class", "").split(".", 1)[0]
+    if package and importlib.util.find_spec(package) is not None and e.__cause__ is not None:
+        return StorageError(f"{url}: the storage client for {scheme}:// ({package}) is installed but cannot be imported: "
+                            f"{type(e.__cause__).__name__}: {e.__cause__}")
     extra = f" ({CLUSTER_INSTALL} installs s3fs)" if scheme in ("s3", "s3a") else ""
     return StorageError(f"{url}: the storage client for {scheme}:// is not installed: {e}{extra}")
 
@@ -262,7 +272,7 @@ def storage_errors(url: str, watch: bool = True) -> Iterator[None]:
         raise
     except Exception as e:  # noqa: BLE001 - only connection, credential and missing-client failures are translated
         if _client_missing(e):
-            raise _client_error(url, e) from None
+            raise _client_error(url, e) from e.__cause__
         if is_connection_error(e):
             raise StorageError(unreachable_message(url, e, time.monotonic() - t0)) from None
         if is_credentials_error(e):

@@ -886,7 +886,7 @@ def test_a_corrupt_latest_checkpoint_says_how_to_go_on_and_its_deletion_resumes_
 def test_a_killed_writers_staging_folder_is_deleted_by_the_next_checkpointer(tmp_path, monkeypatch):
     """A checkpoint is written whole into the temporary folder first: a process killed meanwhile
     leaves hundreds of MB there. The next checkpointer of this machine deletes the folders of its
-    processes that have ended, never a live one's or another machine's."""
+    processes that have ended, never a live one's; another namespace's once a day old."""
     import tempfile
 
     from mtl.checkpoint import STAGING, drop_stale_staging, staging_prefix
@@ -903,3 +903,7 @@ def test_a_killed_writers_staging_folder_is_deleted_by_the_next_checkpointer(tmp
         (tmp_path / name / "state.pt").write_bytes(b"x")
     assert drop_stale_staging() == [dead]
     assert sorted(os.listdir(tmp_path)) == sorted([mine + "live", f"{STAGING}0badf00d-{ended}-other"])
+    # another namespace's (a container restarted with its /tmp): once a day old
+    two_days = time.time() - 2 * 86400
+    os.utime(tmp_path / f"{STAGING}0badf00d-{ended}-other", (two_days, two_days))
+    assert drop_stale_staging() == [f"{STAGING}0badf00d-{ended}-other"] and os.listdir(tmp_path) == [mine + "live"]

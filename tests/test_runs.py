@@ -396,7 +396,8 @@ def test_a_run_whose_data_was_moved_resumes_with_data_moved_only(tiny_root, tmp_
 def test_a_runs_config_json_continues_it_from_any_folder(tiny_root, tmp_path, monkeypatch):
     """config.json names the run's places absolute (a relative --root meant the folder the run
     started in), without the command's switches: fed back with --config from another folder,
-    it continues the run, here after a --data-moved resume recorded the data's new place."""
+    it continues the run, here after a --data-moved resume recorded the data's new place; from
+    where its run folder is now, once that was moved."""
     import shutil
 
     from conftest import run_main
@@ -418,6 +419,9 @@ def test_a_runs_config_json_continues_it_from_any_folder(tiny_root, tmp_path, mo
     later = run_main(main, ["--local", "--config", str(tmp_path / "runs/run/config.json"), "--resume", "--epochs", "3"])
     assert later.returncode == 0, later.stdout + later.stderr
     assert "resumed from" in later.stdout and os.listdir(tmp_path / "elsewhere") == []
+    shutil.move(tmp_path / "runs", tmp_path / "archive")  # the run folder moved: its config.json continues it there
+    moved = run_main(main, ["--local", "--config", str(tmp_path / "archive/run/config.json"), "--resume", "--epochs", "4"])
+    assert moved.returncode == 0 and f"resumed from {tmp_path}/archive/run/checkpoints/epoch-0003" in moved.stdout, moved.stderr
 
 
 def test_print_config_shows_the_resolved_config_and_starts_nothing(tmp_path):

@@ -172,3 +172,22 @@ def _raised(fn, *args) -> list[str]:
     except Exception as e:  # noqa: BLE001 - what a reader thread ended with
         return [f"{type(e).__name__}: {e}"]
     return []
+
+
+def test_a_storage_client_installed_but_failing_to_import_says_so(tmp_path):
+    """fsspec says "Install s3fs to access S3" for any import failure of s3fs; one that is there
+    but fails (a version conflict) is said as such, with its own error, not as missing."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "s3fs").mkdir()
+    (tmp_path / "s3fs" / "__init__.py").write_text("raise ImportError('aiobotocore 9 is not supported')\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from mtl.storage import StorageError, url_to_fs\n"
+            "try:\n    url_to_fs('s3://bucket/runs')\n"
+            "except StorageError as e:\n    print(e, '|', type(e.__cause__).__name__)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == ("s3://bucket/runs: the storage client for s3:// (s3fs) is installed but cannot be imported: "
+                                "ImportError: aiobotocore 9 is not supported | ImportError"), r.stdout + r.stderr

@@ -600,3 +600,15 @@ def _state(pid: int) -> str:
             return next((line for line in fh if line.startswith("State:")), "").lower()
     except OSError:
         return "zombie"  # (gone meanwhile)
+
+
+def test_data_prep_pools_work_under_every_start_method():
+    """`mtl.machine.worker_pool` ties a worker to its parent only where the pool's process is the
+    parent: a fork server's workers are the server's children, and must not end at their start."""
+    code = ("import multiprocessing as mp, sys; mp.set_start_method(sys.argv[1])\n"
+            "from mtl.machine import worker_pool\n"
+            "if __name__ == '__main__':\n"
+            "    with worker_pool(2) as pool: print(sorted(pool.map(abs, [-3, -1, 2])))\n")
+    for method in ("fork", "forkserver", "spawn"):
+        r = subprocess.run([sys.executable, "-c", code, method], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "[1, 2, 3]", (method, r.stderr[-2000:])

@@ -452,17 +452,41 @@ def test_sigterm_checkpoints_the_step_it_came_at_and_ends_the_run(tiny_root, tmp
     assert f"resumed from {tmp_path}/r/checkpoints/{tag}/state.pt: epoch 0, step {step}/24 ({step} steps into epoch 1)" in again.stdout
 
 
-def test_a_full_disk_is_one_line_saying_so(tiny_root, tmp_path, capsys, monkeypatch):
-    """ENOSPC (the OS names no file) as a user error: no traceback, where checkpoints are staged."""
-    import errno
+def test_a_sigterm_during_the_setup_ends_the_run_before_it_trains(tiny_root, tmp_path, capsys, monkeypatch):
+    """Asked to end while it builds its data and model: nothing trained, nothing checkpointed
+    (the same command starts it again), exit 143."""
+    import signal
 
+    import mtl.engine
+    from jobs.train import main
+
+    setup = mtl.engine.Trainer.__init__
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # (noted by the run's handler)
+        setup(self, *args, **kwargs)
+
+    monkeypatch.setattr(mtl.engine.Trainer, "__init__", signalled)
+    assert main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "1",
+                 "--no-use-gpu"]) == 143
+    assert capsys.readouterr().err.endswith("stopped by SIGTERM; the same command with --resume continues from the latest checkpoint\n")
+    assert not (tmp_path / "r/checkpoints").exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_full_disk_is_one_line_saying_so(tiny_root, tmp_path, capsys, monkeypatch):
+    """ENOSPC (the OS names no file) as a user error: no traceback, where checkpoints are staged.
+    The state is written into a full device for real (/dev/full): torch's writer of a path
+    would raise a RuntimeError naming nothing."""
     import mtl.checkpoint
     from jobs.train import main
 
-    def full(folder, state):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    write = mtl.checkpoint._write_state
 
-    monkeypatch.setattr(mtl.checkpoint, "_write_state", full)
+    def into_a_full_device(folder, state):
+        os.symlink("/dev/full", os.path.join(folder, "state.pt"))
+        write(folder, state)
+
+    monkeypatch.setattr(mtl.checkpoint, "_write_state", into_a_full_device)
     assert main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "1",
                  "--max-steps-per-epoch", "1", "--no-use-gpu"]) == 2
     err = capsys.readouterr().err

@@ -390,8 +390,11 @@ class Trainer:
         """Optimizer steps per epoch with the planned --num-workers ranks (the LR plan's unit)."""
         if self.planned_world == self.rt.world:
             return self.steps_per_epoch
-        t = self.cfg.train
-        steps = -(-self.data.num_train // self.planned_world) // t.batch_size // t.grad_accum
+        t, train = self.cfg.train, self.data.train
+        if isinstance(train, FolderLoader):
+            steps = -(-self.data.num_train // self.planned_world) // t.batch_size // t.grad_accum
+        else:  # (shards: each rank's loader workers drop what fills no batch of theirs, and ranks stop at the fewest)
+            steps = train.len_at(self.planned_world) // t.grad_accum
         return max(1, min(steps, t.max_steps_per_epoch or steps))
 
     def steps_left(self) -> int:

@@ -859,3 +859,16 @@ def test_a_killed_sharding_worker_is_one_error_line(tiny_root, tmp_path, monkeyp
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr == "error: a sharding worker died (out of memory?): lower --workers (this run had 2)\n"
     assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_loader_knows_its_epoch_at_another_number_of_ranks(workers):
+    """The LR plan's unit is an epoch of the planned ranks (`mtl.engine.Trainer`): an elastic run
+    started with fewer ranks plans with the shard loader's own count at the planned number (each
+    loader worker drops what fills no batch of its own), not with samples over ranks."""
+    split = ShardSplit(("a.tar", "b.tar", "c.tar", "d.tar", "e.tar"), (8, 8, 8, 8, 5))
+    two = ShardLoader(ShardStream(split, None, rank=0, world=2), 4, workers, 2, True, False)
+    for world in (1, 2, 3):
+        there = ShardLoader(ShardStream(split, None, rank=0, world=world), 4, workers, 2, True, False)
+        assert two.len_at(world) == len(there)
+    assert two.len_at(3) < 37 // 3 // 4  # (the samples-over-ranks count would plan more)

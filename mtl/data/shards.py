@@ -347,6 +347,13 @@ class ShardLoader:
     def __len__(self) -> int:
         return min(self.per_rank) if self.drop_last else self.per_rank[self.stream.rank]
 
+    def len_at(self, world: int) -> int:
+        """`len` of a training loader over ``world`` ranks with the loader workers asked for (the
+        LR plan's unit is an epoch of the planned ranks: an elastic run may start with fewer)."""
+        split = self.stream.split
+        workers = split.training_workers(world, self.asked_workers, self.batch_size)
+        return min(split.batches_per_rank(world, max(workers, 1), self.batch_size))
+
     def idle_workers(self) -> int:
         """This rank's loader workers that get no shard (fewer shards than ranks × workers)."""
         s = self.stream

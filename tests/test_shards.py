@@ -835,14 +835,13 @@ def test_default_workers_are_the_cpus_this_process_may_use(tiny_root, tmp_path, 
 
     started = []
 
-    class Pool(ProcessPoolExecutor):
-        def __init__(self, workers):
-            started.append(workers)
-            super().__init__(workers)
+    def pool(workers):
+        started.append(workers)
+        return ProcessPoolExecutor(workers)
 
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
-    monkeypatch.setattr(shard, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(shard, "worker_pool", pool)
     shard_dataset(tiny_root, str(tmp_path / "s"), "8", splits=("val",))  # 3 shards
     assert started == [1]
 

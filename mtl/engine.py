@@ -215,7 +215,7 @@ class Runtime:
     # rank 0 logs to MLflow when MLFLOW_TRACKING_URI is set (`mtl.tracking`); False where the caller
     # logs the run itself (a sweep's trials: Ray Tune's MLflow callback)
     track_mlflow: bool = True
-    # local mode: whether the process was asked to end (SIGTERM: `mtl.machine.TerminationSignal`);
+    # local mode: whether the process was asked to end (SIGTERM: jobs/train.py `sigterm_ends_the_run`);
     # the run then checkpoints the step it is at and ends with `Stopped` (one process: no collective)
     stop_requested: Callable[[], bool] | None = None
 

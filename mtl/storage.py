@@ -74,7 +74,11 @@ def _client_error(url: str, e: BaseException) -> StorageError:
 
     scheme = url.partition("://")[0]
     package = known_implementations.get(scheme, {}).get("class", "").split(".", 1)[0]
-    if package and importlib.util.find_spec(package) is not None and e.__cause__ is not None:
+    try:
+        there = bool(package) and importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # (a module without a spec in sys.modules)
+        there = False
+    if there and e.__cause__ is not None:
         return StorageError(f"{url}: the storage client for {scheme}:// ({package}) is installed but cannot be imported: "
                             f"{type(e.__cause__).__name__}: {e.__cause__}")
     extra = f" ({CLUSTER_INSTALL} installs s3fs)" if scheme in ("s3", "s3a") else ""

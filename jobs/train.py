@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # (a full disk: said as a user error; any other keeps its traceback)
-        if not no_space(e):
+        if not (said := no_space(e)):
             raise
-        print(f"error: {no_space(e)}; the same command with --resume continues from the latest checkpoint", file=sys.stderr)
+        print(f"error: {said}; the same command with --resume continues from the latest checkpoint", file=sys.stderr)
         return 2
     except WorkerFailed as e:  # on Ray: a worker's error, its traceback printed by Ray above
         print(f"error: training failed on {e} (traceback above and in `ray job logs`)", file=sys.stderr)

@@ -533,12 +533,8 @@ class Trainer:
                                                               // self.global_batch)
                 left = min(left, self.steps_per_epoch)
                 steps = self.steps_per_epoch - left
-                out = remaining - left * self.global_batch  # (fewer than a step of the new ranks, or past the cap;
-                note = (f"goes on from sample {s.epoch_samples} of the epoch's order with {left} steps per rank left"  # < 0: padded
-                        + (f": no sample twice; its last {out} samples, fewer than a step of {world} ranks or past "
-                           f"--max-steps-per-epoch, are left out" if out > 0 else
-                           f"; its last step takes {-out} samples from the start of the order again, as an epoch whose samples "
-                           f"the ranks do not share evenly does" if out < 0 else ": no sample twice, none left out"))
+                note = (f"goes on from sample {s.epoch_samples} of the epoch's order with {left} steps per rank left"
+                        + _left_out(remaining - left * self.global_batch, world))
             else:
                 steps = min(s.epoch_samples // self.global_batch, self.steps_per_epoch)
                 note = (f"goes on after {steps} steps per rank (about the same number of samples in all); a shard stream's "
@@ -876,6 +872,19 @@ class Trainer:
 
 def nan_if_none(v: float | None) -> float:
     return float("nan") if v is None else v
+
+
+def _left_out(out: int, world: int) -> str:
+    """What a resume on ``world`` ranks does with the ``out`` samples of the epoch's order that
+    its steps left do not take (fewer than a step of the ranks, or past the cap; below 0: the
+    ranks' shares were padded from the order's start)."""
+    if out > 0:
+        return (f": no sample twice; its last {out} samples, fewer than a step of {world} ranks or past "
+                f"--max-steps-per-epoch, are left out")
+    if out < 0:
+        return (f"; its last step takes {-out} samples from the start of the order again, as an epoch whose samples the "
+                f"ranks do not share evenly does")
+    return ": no sample twice, none left out"
 
 
 def _why_it_ended(e: BaseException) -> str:

@@ -44,8 +44,8 @@ def one_line(e: BaseException) -> str:
     become "cannot reach <url> ...".
     """
     for err in _chain(e):
-        if no_space(err):
-            return no_space(err)
+        if said := no_space(err):
+            return said
         if isinstance(err, StorageError):  # (from a loader worker: inside torch's traceback text)
             return _last_line(str(err))
         if is_connection_error(err):  # raised outside `storage_errors`: the client's URL is all there is

@@ -45,9 +45,12 @@ _DEPTH_KEYS = (*DEPTH_KEYS, "num_depth_images")
 def task_of(key: str) -> str | None:
     """The task a metric key belongs to (``iou/road`` and ``train_loss_semseg`` -> semseg), None
     for run-level keys."""
-    if key == "miou" or key.startswith("iou/") or key == "train_loss_semseg":
+    loss_of = key.removeprefix("train_loss_")
+    if loss_of != key and loss_of in TASKS:
+        return loss_of
+    if key == "miou" or key.startswith("iou/"):
         return "semseg"
-    return "depth" if key in _DEPTH_KEYS or key == "train_loss_depth" else None
+    return "depth" if key in _DEPTH_KEYS else None
 
 
 def selection_score(metrics: Mapping[str, float], tasks: Iterable[str]) -> float:

@@ -61,7 +61,7 @@ class RayStorage:
 
     def __init__(self, run_url: str, keep_last: int, outside_ray: tuple[str, ...] = ()) -> None:
         """``outside_ray``: the checkpoints the run folder held that Ray never registered (a run
-        begun in local mode: `checkpoints_outside_ray`); Ray would never delete them."""
+        begun in local mode: `prepare_run_folder`); Ray would never delete them."""
         self.folder, self.keep_last, self.outside_ray = FolderStorage(run_url, keep_last=0), keep_last, set(outside_ray)
 
     def publish(self, folder: str, tag: str, metrics: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ import pickle
 import random
 import re
 import tempfile
+import threading
 import time
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -531,6 +532,7 @@ class Checkpointer:
         self._pending_best: dict[str, Any] | None = None  # rank 0: its host copy, when it is the best epoch's
         self.waited_s = 0.0  # how long the last save waited for the write before it
         self.replaced: str | None = None  # the last save's: the failed write it was taken in place of, and why
+        self._abandoned = threading.Event()  # (`abandon`: the write in flight commits nothing)
         drop_stale_staging()  # (a killed run's: a whole checkpoint each, in this machine's temporary folder)
 
     def save(self, tag: str, config: dict[str, Any], metrics: dict[str, Any], is_best: bool, metrics_file: bool = True,
@@ -578,6 +580,8 @@ class Checkpointer:
 
         def then() -> None:
             _wait_for(after)
+            if self._abandoned.is_set():
+                raise Abandoned(f"checkpoint {tag} was abandoned before its commit")
             self._commit(tag, metrics_file)
             if is_best:
                 self._write_best(held["state"])
@@ -586,7 +590,7 @@ class Checkpointer:
                 self.on_written(tag, time.perf_counter() - t0)
 
         self._pending_best = held if is_best else None  # (a failed write's best epoch: `_wait_or_replace`)
-        self._pending = self.storage.publish_later(tag, metrics, lambda folder: _write_state(folder, held["state"]), then)
+        self._pending = self.storage.publish_later(tag, metrics, lambda folder: _write_state(folder, held["state"], self._abandoned), then)
 
     def _wait_or_replace(self, tag: str) -> None:
         """`wait`; a failed write is replaced by checkpoint ``tag`` (said in ``replaced``), unless
@@ -624,6 +628,19 @@ class Checkpointer:
             return self.rank == 0 and CheckpointIndex(self.run_url).latest_tag() == tag
         except Exception:  # noqa: BLE001 - a store that fails here too: taken as not committed
             return False
+
+    def abandon(self, wait_s: float = 10.0) -> str | None:
+        """Give up the background write in flight, if any (a second Ctrl-C or SIGTERM while the
+        run's end waits for it): it commits nothing, its state file stops at its next tensor, and
+        it is waited for up to ``wait_s`` seconds, so that the lease (released next) is not given
+        to another driver while this one still writes into the run. Returns its tag, or None."""
+        pending = self._pending
+        if pending is None or pending.done():
+            return None
+        self._abandoned.set()
+        with contextlib.suppress(BaseException):
+            pending.exception(timeout=wait_s)
+        return self._pending_tag
 
     def wait(self) -> None:
         """Until the background write in flight, if any, is committed; raises its error if it
@@ -731,12 +748,31 @@ def _wait_for(future: Future | None) -> None:
         futures.wait([future], timeout=TRACKING_WAIT_S)
 
 
-def _write_state(folder: str, state: dict[str, Any]) -> None:
+class Abandoned(Exception):
+    """A background checkpoint given up at the run's end (`Checkpointer.abandon`)."""
+
+
+class _AbandonableFile:
+    """A file torch.save writes into that raises `Abandoned` once ``abandoned`` is set."""
+
+    def __init__(self, fh, abandoned: threading.Event | None) -> None:
+        self.fh, self.abandoned = fh, abandoned
+
+    def write(self, data) -> int:
+        if self.abandoned is not None and self.abandoned.is_set():
+            raise Abandoned("the checkpoint's write was abandoned")
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _write_state(folder: str, state: dict[str, Any], abandoned: threading.Event | None = None) -> None:
     """``state.pt``, streamed into the file (no second copy in memory) through a Python file
     object: a full disk is then an ``OSError`` (ENOSPC, `mtl.errors.no_space`), where torch's own
-    writer of a path raises a RuntimeError that names nothing."""
+    writer of a path raises a RuntimeError that names nothing; it stops once ``abandoned`` is set."""
     with open(os.path.join(folder, STATE_FILE), "wb") as fh:
-        torch.save({"format": FORMAT, **state}, fh)
+        torch.save({"format": FORMAT, **state}, _AbandonableFile(fh, abandoned))
 
 
 # ---------------------------------------------------------------------------------- readers

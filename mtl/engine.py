@@ -638,7 +638,9 @@ class Trainer:
     def _finish_checkpoint(self, failed: bool) -> None:
         """The run ends: a background checkpoint still being written is waited for (after a
         failure too: it is the newest state a resume can continue from). Its own error is
-        raised, or, when the run already fails with another, logged."""
+        raised, or, when the run already fails with another, logged. Interrupted (a second
+        Ctrl-C or SIGTERM), the write is given up: it commits nothing, and the driver's lease is
+        released only once it has stopped writing."""
         if not self.checkpointer:
             return
         try:
@@ -647,6 +649,12 @@ class Trainer:
             if not failed:
                 raise
             self.log(f"the background checkpoint being written failed too: {type(e).__name__}: {escape(str(e))}")
+        except KeyboardInterrupt:
+            tag = self.checkpointer.abandon()
+            if tag:
+                self.log(f"checkpoint {tag}, being written, was abandoned: --resume goes on from the one before it")
+            if not failed:
+                raise
 
     def _batches(self, epoch: int, skip_steps: int = 0, start: int | None = None) -> DeviceBatches:
         """Epoch ``epoch``'s model batches, from optimizer step ``skip_steps`` of it on (or from

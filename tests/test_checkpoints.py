@@ -636,6 +636,54 @@ def test_a_background_checkpoint_that_fails_costs_itself_only_and_two_in_a_row_s
     ckpt.wait()  # (the error was raised once)
 
 
+def test_an_abandoned_background_checkpoint_commits_nothing_and_stops_writing(tmp_path, monkeypatch):
+    """A second Ctrl-C while the run's end waits for a background write gives it up
+    (`Checkpointer.abandon`): the lease is released next and another driver may take the run,
+    so the write must not go on into it. Given up during the state file's write, it stops there
+    and publishes nothing; given up during the upload, it is not committed."""
+    import threading
+
+    from mtl import checkpoint
+    from mtl.checkpoint import Checkpointer, CheckpointIndex
+
+    run = str(tmp_path / "run")
+    strategy, state = _plain_run()
+    storage = HeldStorage(run)
+    storage.go.set()
+    ckpt = Checkpointer(storage, run, strategy, {"train_state": state})
+    ckpt.save("epoch-0001", {}, {"score": 1.0}, is_best=False)
+    assert ckpt.abandon() is None  # (nothing in flight)
+
+    writing, chunks = threading.Event(), []
+    plain_write = checkpoint._AbandonableFile.write
+
+    def slow_write(self, data):  # (a state file of many tensors on a slow disk)
+        writing.set()
+        time.sleep(0.05)
+        chunks.append(len(data))
+        return plain_write(self, data)
+
+    monkeypatch.setattr(checkpoint._AbandonableFile, "write", slow_write)
+    ckpt.save("epoch-0001-step-00000009", {}, {}, is_best=False, metrics_file=False, background=True)
+    assert writing.wait(30)
+    assert ckpt.abandon(wait_s=30) == "epoch-0001-step-00000009"
+    assert ckpt._pending.done() and isinstance(ckpt._pending.exception(), checkpoint.Abandoned)
+    assert len(chunks) < 5 and storage.started == ["epoch-0001"]  # (stopped at its next tensor: never uploaded)
+    monkeypatch.setattr(checkpoint._AbandonableFile, "write", plain_write)
+
+    uploading = HeldStorage(run)  # (written, then held in the upload when it is given up)
+    ckpt = Checkpointer(uploading, run, strategy, {"train_state": state})
+    ckpt.save("epoch-0002", {}, {"score": 2.0}, is_best=True, background=True)
+    deadline = time.time() + 30
+    while not uploading.started and time.time() < deadline:
+        time.sleep(0.01)
+    assert ckpt.abandon(wait_s=0.2) == "epoch-0002"
+    uploading.go.set()
+    with pytest.raises(checkpoint.Abandoned):
+        ckpt._pending.result(timeout=30)
+    assert CheckpointIndex(run).latest_tag() == "epoch-0001" and not os.path.exists(f"{run}/best.pt")
+
+
 def test_a_failed_background_write_of_the_best_epoch_still_makes_best_pt_and_one_after_its_commit_is_no_failure(tmp_path):
     """The best epoch's write fails: the run goes on from that state and no later epoch may beat
     its score, so its best.pt is written from the write's host copy. A failure after a commit

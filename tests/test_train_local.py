@@ -452,6 +452,57 @@ def test_sigterm_checkpoints_the_step_it_came_at_and_ends_the_run(tiny_root, tmp
     assert f"resumed from {tmp_path}/r/checkpoints/{tag}/state.pt: epoch 0, step {step}/24 ({step} steps into epoch 1)" in again.stdout
 
 
+def test_a_second_interrupt_while_the_run_waits_for_its_checkpoint_abandons_it_before_the_lease_goes(tiny_root, tmp_path,
+                                                                                                    capsys, monkeypatch):
+    """Ctrl-C: the run's end waits for the background checkpoint being written. Ctrl-C again:
+    that write is given up, commits nothing and stops before the lease is released, since
+    another driver may take the run from then on (it used to go on writing, and commit into the
+    new driver's run)."""
+    import signal
+    import threading
+    import time
+
+    import mtl.checkpoint
+    import mtl.engine
+    import mtl.lease
+    from jobs.train import main
+
+    ending, signals, events = threading.Event(), [], []
+    finish, write, release = (mtl.engine.Trainer._finish_checkpoint, mtl.checkpoint._AbandonableFile.write,
+                              mtl.lease.RunLease.release)
+
+    def slow_write(self, data):  # (a slow store; the interrupts come while it writes)
+        if not signals:
+            signals.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # (the first Ctrl-C, while training goes on)
+        elif ending.is_set() and len(signals) == 1:
+            signals.append(2)
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)  # (the second, while the run's end waits for this write)
+        events.append("write")
+        time.sleep(0.05)
+        return write(self, data)
+
+    def finishing(self, failed):
+        ending.set()
+        return finish(self, failed)
+
+    def releasing(self):
+        events.append("release")
+        return release(self)
+
+    monkeypatch.setattr(mtl.checkpoint._AbandonableFile, "write", slow_write)
+    monkeypatch.setattr(mtl.engine.Trainer, "_finish_checkpoint", finishing)
+    monkeypatch.setattr(mtl.lease.RunLease, "release", releasing)
+    code = main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "2",
+                 "--batch-size", "4", "--max-steps-per-epoch", "6", "--checkpoint-every", "2", "--workers", "0", "--no-use-gpu"])
+    assert code == 130 and signals == [1, 2]
+    assert events[-1] == "release" and events.count("write") < 20  # (the write stopped, then the lease went)
+    out = capsys.readouterr().out
+    assert "checkpoint epoch-0000-step-00000002, being written, was abandoned: --resume goes on from the one before it" in out
+    assert not (tmp_path / "r/checkpoints/latest.json").exists() and not list((tmp_path / "r").glob("checkpoints/*/state.pt"))
+
+
 def test_a_sigterm_during_the_setup_ends_the_run_before_it_trains(tiny_root, tmp_path, capsys, monkeypatch):
     """Asked to end while it builds its data and model: nothing trained, nothing checkpointed
     (the same command starts it again), exit 143."""

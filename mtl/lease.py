@@ -30,9 +30,12 @@ holder also reads it back after a short settle and only the last writer goes on 
 write lands later than that is not caught there). The holder deletes the file when it ends (on
 S3 only if it is still the version it wrote).
 
-A holder that finds its lease taken (it could not renew for ``ttl``: storage unreachable, the
-process paused), or gone (taken by a driver that has ended since), ends its process at once
-(exit status `LOST_EXIT`), without a checkpoint or any other write beside the new holder.
+A holder that finds its lease taken (it could not renew for ``ttl``: the process paused), or
+gone (taken by a driver that has ended since), ends its process at once (exit status
+`LOST_EXIT`), without a checkpoint or any other write beside the new holder. So does one whose
+last renewal is ``HOLD_TTLS`` ttls old (storage unreachable, a request that hangs, the machine
+suspended): it ends before any watcher, who waits a whole ttl without a renewal, may take the
+lease, instead of training on beside the new holder until a renewal gets through.
 
 The times come from ``STREETMTL_LEASE_TTL_S`` (default 120 s; the tests use less).
 """
@@ -57,6 +60,8 @@ from mtl.storage import (WriteConflict, delete_if, has_conditional_writes, is_ob
 
 LEASE_FILE = "driver.lease"
 STALE_TTLS = 10  # (a lease older than this many ttls by this host's clock is taken without watching)
+HOLD_TTLS = 0.75  # (a holder whose last renewal began this many ttls ago ends: a watcher takes it after 1)
+TICK_S = 1.0  # (how often the holder looks at its clock, at the most: after a pause it ends within this)
 LOST_EXIT = 3  # (the exit status of a driver whose lease another driver took)
 TTL_ENV = "STREETMTL_LEASE_TTL_S"
 DEFAULT_TTL_S = 120.0
@@ -77,6 +82,10 @@ class LeaseTiming:
         return self.ttl_s / 4
 
     @property
+    def hold_s(self) -> float:
+        return self.ttl_s * HOLD_TTLS
+
+    @property
     def settle_s(self) -> float:
         return self.ttl_s / 120  # (1 s at the default: long against two writes racing, short against a start)
 
@@ -92,6 +101,12 @@ class LeaseTiming:
         if not 0 < ttl <= MAX_TTL_S:  # (a watcher waits no longer for any holder: a longer one would lose its lease)
             raise ValueError(f"{TTL_ENV}={raw!r}: give the lease's lifetime in seconds (> 0, at most {MAX_TTL_S:g})")
         return cls(ttl)
+
+
+def _clock() -> float:
+    """Seconds on a clock that goes on while the machine is suspended (the monotonic clock
+    stops then, while a watcher elsewhere counts the ttl)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
 
 
 def ray_job_id() -> str | None:
@@ -245,18 +260,49 @@ class RunLease:
                 f"{describe(now)} took it")
 
     def _renew_loop(self) -> None:
-        failing = False
-        while not self._stop.wait(self.timing.renew_s):
-            try:
-                lost = self._renew()
-                if lost is not None:
-                    self._lost(lost)
+        """A renewal every ``renew_s``, each on a thread of its own: one that hangs (a stalled
+        request and its retries) or keeps failing cannot keep this driver going past ``hold_s``
+        from the start of its last renewal, when it ends (`_lost`), before a watcher may take the
+        lease. Storage hiccups meanwhile are said once and renewed past."""
+        t, renewed, failing = self.timing, _clock(), None
+        due = renewed + t.renew_s
+        while not self._stop.wait(min(TICK_S, t.renew_s / 4)):
+            now = _clock()
+            if now >= due:
+                outcome = self._attempt(renewed + t.hold_s - now)
+                if isinstance(outcome, str):
+                    self._lost(outcome)
                     return
-                failing = False
-            except Exception as e:  # noqa: BLE001 - storage hiccups: go on renewing; `ttl` is the margin
-                if not failing:
-                    self.log(f"warning: could not renew the lease of {self.what} folder {self.folder}: {e}")
-                failing = True
+                if outcome is None:
+                    renewed, due, failing = now, now + t.renew_s, None
+                else:
+                    if failing is None and not isinstance(outcome, TimeoutError):  # (that one ends it, below)
+                        self.log(f"warning: could not renew the lease of {self.what} folder {self.folder}: {outcome}")
+                    failing, due = outcome, _clock() + t.renew_s / 4
+            if _clock() - renewed >= t.hold_s and not self._stop.is_set():  # (not while it is released)
+                self._lost(self._unrenewed(failing or TimeoutError("its clock jumped: the process or machine was paused")))
+                return
+
+    def _attempt(self, timeout: float) -> str | Exception | None:
+        """One `_renew`, waited for up to ``timeout`` s: None (renewed), why the lease is lost, or
+        its error (TimeoutError when it did not end in time: the loop then ends the process)."""
+        box: list[str | Exception | None] = []
+
+        def renew() -> None:
+            try:
+                box.append(self._renew())
+            except Exception as e:  # noqa: BLE001 - storage hiccups: renewed past until ``hold_s``
+                box.append(e)
+
+        worker = threading.Thread(target=renew, name="streetmtl-lease-renewal", daemon=True)
+        worker.start()
+        worker.join(max(timeout, 0.0))
+        return box[0] if box else TimeoutError(f"the storage did not answer for {max(timeout, 0.0):.0f} s")
+
+    def _unrenewed(self, why: Exception) -> str:
+        return (f"it could not renew its lease of {self.what} folder {self.folder} for {self.timing.hold_s:.0f} s ({why}); "
+                f"it ends before another driver may take the lease (after {self.timing.ttl_s:.0f} s without a renewal): "
+                f"the same command with --resume continues")
 
     def _lost(self, why: str) -> None:
         """The lease is lost (`_renew`): end this process now. Not an exception in the main

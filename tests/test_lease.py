@@ -205,6 +205,32 @@ def test_a_driver_whose_lease_was_taken_stops_at_once(tmp_path):
     assert json.loads(open(os.path.join(folder, LEASE_FILE)).read())["holder"] == "other"  # (not deleted: not its own)
 
 
+@pytest.mark.parametrize("storage", ["hangs", "fails"])
+def test_a_driver_that_cannot_renew_ends_before_another_may_take_its_lease(tmp_path, storage):
+    """Its storage stops answering (a request that hangs, with its retries) or keeps failing: the
+    driver ends once its last renewal is 3/4 of a ttl old, before a watcher (who waits a whole
+    ttl without a renewal) may take the lease. It used to train on, and commit beside the new
+    holder, until a renewal got through."""
+    folder = str(tmp_path / "run")
+    broken = "time.sleep(3600)" if storage == "hangs" else "raise OSError('connection refused')"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\nimport mtl.lease\nfrom mtl.lease import LeaseTiming, hold\n"
+         f"with hold({folder!r}, timing=LeaseTiming(2.0)):\n"
+         f"    def read(url):\n        {broken}\n"
+         "    mtl.lease.read_bytes = read\n    t0 = time.monotonic()\n    print('held', flush=True)\n"
+         "    try:\n        time.sleep(30)\n    finally:\n        print('cleanup ran', flush=True)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    assert holder.wait(timeout=20) == LOST_EXIT
+    assert time.monotonic() - t0 < 2.0  # (a watcher starting with the holder's last renewal takes it after 2 s)
+    out = holder.stdout.read()
+    assert f"error: this driver stopped: it could not renew its lease of run folder {folder} for 2 s (" in out
+    assert ("the storage did not answer for" if storage == "hangs" else "connection refused") in out
+    assert "cleanup ran" not in out
+    assert (storage == "hangs") == ("warning: could not renew" not in out)
+
+
 def test_a_driver_whose_lease_file_is_gone_stops(tmp_path):
     """Gone while it held it: taken while this driver could not renew (paused) by one that has
     ended since, or its folder deleted. Renewing it afresh could train beside another driver."""

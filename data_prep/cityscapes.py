@@ -71,14 +71,14 @@ import tyro
 from PIL import Image
 
 from data_prep.pool import run_pooled
-from mtl.atomic import check_not_above
+from mtl.atomic import check_not_above, check_not_here
 from mtl.cli import parse
 from mtl.config import Size
 from mtl.errors import no_space
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, DEPTH_MAX_M, MODALITIES, SPLITS, Split, check_splits,
                                  decode_sample, encode_depth_png, encode_rgb_jpeg, encode_semseg_png)
 from mtl.machine import check_workers, usable_cpus, worker_pool
-from mtl.storage import check_literal, exists, folder_names, is_local, storage_errors, sync_local, url_to_fs, write_bytes_atomic
+from mtl.storage import check_literal, check_named, exists, folder_names, is_local, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 FORMAT = "streetmtl-cityscapes-v1"
 INDEX, PLAN = CONVERSION_INDEX, CONVERSION_PLAN  # written last (the completion marker) and first
@@ -387,9 +387,11 @@ def check_out(root: str, out: str) -> None:
     """ValueError when ``out`` (or a local one's ``.partial`` working folder) is ``root``, a
     folder above it, or a folder of it that holds more than a conversion's output, whatever
     ``--overwrite`` says: the conversion replaces that folder whole, which would delete the
-    Cityscapes source it reads (`mtl.atomic.check_not_above`). Or when fsspec would not read
-    ``out`` literally (`mtl.storage.check_literal`)."""
+    Cityscapes source it reads (`mtl.atomic.check_not_above`), or the folder this command runs
+    in or one above it (`mtl.atomic.check_not_here`). Or when fsspec would not read ``out``
+    literally (`mtl.storage.check_literal`)."""
     check_literal(out, "--out")
+    check_not_here(out)
     check_not_above(out, [root], _earlier_conversion(out))
     if is_local(out):
         partial = out.removeprefix("file://").rstrip("/") + ".partial"
@@ -401,6 +403,7 @@ def resolve_out(out: str) -> str:
     does: its target is what gets replaced, with ``.partial`` beside it on its own disk; renaming
     onto the link would fail after the whole conversion). FileExistsError, before anything is
     read, for an ``out`` (or a local one's ``.partial``) that is a file, not a folder."""
+    check_named(out, "--out")
     if is_local(out):
         out = os.path.realpath(out.removeprefix("file://"))
         for path in (out, out + ".partial"):

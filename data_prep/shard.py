@@ -59,7 +59,7 @@ from mtl.data.miniscapes import MODALITIES, SHARD_PROGRESS, SPLITS, Split, check
 from mtl.data.shards import FORMAT
 from mtl.errors import no_space
 from mtl.machine import check_workers, usable_cpus, worker_pool
-from mtl.storage import check_literal, is_local, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
+from mtl.storage import check_literal, check_named, is_local, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
 
 MEMBERS = {mod: f"{mod}.{ext}" for mod, ext in MODALITIES.items()}  # tar member suffix per modality
 
@@ -381,6 +381,7 @@ def check_destination(dst: str) -> None:
     """ValueError for a ``dst`` ending in .json: training takes ``--shards .../manifest.json``,
     so that path gets copied here, where it would become a folder named manifest.json. Or for
     one fsspec would not read literally (`mtl.storage.check_literal`: its deletions match by pattern)."""
+    check_named(dst, "--shards")
     check_literal(dst, "--shards")
     if dst.rstrip("/").endswith(".json"):
         folder = dst.rstrip("/").rsplit("/", 1)[0] if "/" in dst.rstrip("/") else "."

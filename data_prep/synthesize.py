@@ -13,6 +13,7 @@ from mtl.cli import parse
 from mtl.config import Size
 from mtl.errors import no_space
 from mtl.machine import check_workers
+from mtl.storage import check_named
 from mtl.data.synthetic import render_scene, synthesize  # noqa: F401 - this tool's library, re-exported
 
 __all__ = ["main", "render_scene", "synthesize"]
@@ -31,7 +32,7 @@ class SynthesizeCommand:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(SynthesizeCommand, argv, description=__doc__, check=lambda a: check_workers(a.workers))
+    a = parse(SynthesizeCommand, argv, description=__doc__, check=lambda a: (check_named(a.out, "--out"), check_workers(a.workers)))
     t0 = time.perf_counter()
     counts = {"train": a.train, "val": a.val, "test": a.test}
     try:

@@ -154,6 +154,10 @@ def metric_outputs(a: EvaluateCommand) -> list[str]:
 
 def check_flags(a: EvaluateCommand) -> None:
     """Usage errors: flags that would otherwise be ignored without a word."""
+    from mtl.storage import check_named
+
+    check_named(a.export, "--export")  # (a blank one, an unset variable: not "no export" without a word)
+    check_named(a.json, "--json", "file")
     if not a.metrics:
         given = metric_outputs(a)
         if given:

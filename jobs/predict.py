@@ -51,6 +51,9 @@ def run(a: PredictCommand) -> int:
     from mtl.export import listed_folders, single_task_note
     from mtl.predict import find_images, load_model, model_input_size, predict_to_folder
 
+    from mtl.storage import check_named
+
+    check_named(a.out, "--out")
     if a.batch_size < 1 or a.viz < 0:
         raise ValueError(f"--batch-size must be at least 1 and --viz at least 0, got {a.batch_size} and {a.viz}")
     size = parse_size(a.size) if a.size else None  # read here: a bad one is a one-line error (rc 2) like the others

@@ -28,8 +28,8 @@ from typing import Annotated, Callable, Iterator
 
 import tyro
 
-from mtl.cli import CONFIG_HELP, FlatExperiment, parse_experiment, preset_help
-from mtl.config import PRESETS, ExperimentConfig
+from mtl.cli import CONFIG_HELP, FlatExperiment, given_fields, parse_experiment, preset_help, usage_error
+from mtl.config import PRESETS, DistConfig, ExperimentConfig, flag
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,20 @@ def _local_fits(cmd: TrainCommand) -> None:
         check_ray("training without --local (add it to train in this process)")
 
 
+# what only a run on Ray uses (--num-workers and --strategy: `_local_fits`)
+RAY_ONLY = (*(f"dist.{f.name}" for f in dataclasses.fields(DistConfig) if f.name not in ("num_workers", "strategy")),
+            "train.preemption_poll_every")
+
+
 def parse(argv: list[str] | None = None) -> tuple[TrainCommand, ExperimentConfig]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     cmd = parse_experiment(TrainCommand, argv, description=__doc__, presets={"quick": PRESETS["quick"]}, check=_local_fits)
+    ray_only = given_fields(argv, RAY_ONLY) if cmd.local else []
+    if ray_only:  # (a flag that would be ignored without a word: --address or --use-gpu expect a cluster or a GPU)
+        one = len(ray_only) == 1
+        usage_error(f"--local trains in this process, without Ray: {', '.join(flag(p.rpartition('.')[2]) for p in ray_only)} "
+                    f"{'is' if one else 'are'} for a run on Ray (drop --local, or {'it' if one else 'them'}"
+                    f"{'; in this process --device cpu or cuda chooses' if 'dist.use_gpu' in ray_only else ''})")
     return cmd, cmd.experiment
 
 

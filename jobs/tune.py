@@ -70,7 +70,7 @@ import tyro
 
 from mtl.cli import SWEEP_CONFIG_HELP, FlatExperiment, parse_experiment
 from mtl.config import ExperimentConfig
-from mtl.distributed.sweep_space import SweepConfig, explicit_fields, plan_sweep
+from mtl.distributed.sweep_space import SweepConfig, check_scheduler_flags, explicit_fields, plan_sweep
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         from mtl.runs import absolute_paths
 
         check_ray("a sweep")
+        check_scheduler_flags(cmd.sweep, argv)
         planned["base"] = absolute_paths(cmd.experiment)  # (trials run in folders of their own)
         planned["spec"] = plan_sweep(cmd.sweep, planned["base"], explicit_fields(argv))
         if os.environ.get("MLFLOW_TRACKING_URI"):  # set, but mlflow is missing: an error now

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Collection, Iterator, Sequence
 
 from mtl.machine import knows_its_processes, machine_token, process_gone
-from mtl.storage import exists, folder_names, is_local, is_object_store, storage_errors, url_to_fs
+from mtl.storage import check_named, exists, folder_names, is_local, is_object_store, storage_errors, url_to_fs
 
 
 def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), replaceable: Collection[str] = ()) -> str:
@@ -22,6 +22,7 @@ def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), re
     what is being read. Commands check it before their long work, not after; what a killed
     writer left beside it is cleaned up first (`clean_up_after_dead_writers`, said on stderr),
     so that the check sees what the next write will."""
+    check_named(out, "the output folder")
     if "://" in out and not out.startswith("file://"):
         raise ValueError(f"{out}: this output is written to a local folder (write it here, then copy it, e.g. with "
                          f"aws s3 cp --recursive)")
@@ -31,11 +32,24 @@ def output_dir(out: str, overwrite: bool = False, inputs: Sequence[str] = (), re
     for line in clean_up_after_dead_writers(out):
         print(line, file=sys.stderr)
     check_not_above(out, inputs, replaceable)
+    check_not_here(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out} is a file, not a folder")
     if os.path.exists(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     return out
+
+
+def check_not_here(out: str) -> None:
+    """ValueError when the local folder ``out`` (links resolved) is the folder this command runs
+    in or one above it (``--out .``, or a blank one: an unset variable): an output replaces its
+    folder whole, and that would delete the working folder (a checkout, a home folder)."""
+    if not is_local(out):
+        return
+    here, out = os.path.realpath(os.getcwd()), os.path.realpath(out.removeprefix("file://"))
+    if here == out or here.startswith(out.rstrip("/") + "/"):
+        raise ValueError(f"{out} holds the folder this command runs in ({here}): writing the output there would replace it; "
+                         f"choose another folder")
 
 
 def check_not_above(out: str, inputs: Sequence[str], replaceable: Collection[str] = ()) -> None:

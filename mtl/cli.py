@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import typing
-from typing import Annotated, Any, Callable, Sequence, TypeVar
+from typing import Annotated, Any, Callable, Iterable, Sequence, TypeVar
 
 import tyro
 from tyro import _errors as tyro_errors  # the parse-error hook: private, so pyproject pins tyro to 1.0.x
@@ -201,6 +201,15 @@ def _given(argv: Sequence[str], name: str) -> str | bool | None:
         if tok.startswith(name + "="):
             return tok.partition("=")[2]
     return None
+
+
+def given_fields(argv: Sequence[str], paths: Iterable[str]) -> list[str]:
+    """Those of the config fields ``paths`` (``optim.lr``) whose flags are on the command line
+    (``--lr 3e-4``, ``--lr=3e-4``, ``--no-hflip``; with underscores too, as the parser takes
+    them: ``--semseg_weight``)."""
+    flags = {tok.split("=", 1)[0].replace("_", "-") for tok in argv if tok.startswith("--")}
+    dashed = {path: path.rpartition(".")[2].replace("_", "-") for path in paths}
+    return [path for path, d in dashed.items() if {f"--{d}", f"--no-{d}"} & flags]
 
 
 def starting_point(argv: Sequence[str], presets: dict[str, ExperimentConfig]) -> ExperimentConfig:

@@ -94,6 +94,11 @@ class DataConfig(_Part):
             raise ValueError(f"--scale-min/--scale-max: need 0 < min <= max, got {self.scale_min}, {self.scale_max}")
         if self.crop is not None and min(self.crop) <= 0:
             raise ValueError(f"--crop must be positive, got {self.crop}")
+        from mtl.data.synthetic import MIN_SIDE  # (here: a config read from a file, and a sweep's plan, are checked too)
+
+        if min(self.synthetic_size) < MIN_SIDE:
+            h, w = self.synthetic_size
+            raise ValueError(f"--synthetic-size must be at least {MIN_SIDE}x{MIN_SIDE}, got {h}x{w}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
         if self.prefetch < 1 or self.shuffle_buffer < 0 or min(self.synthetic_counts[:2]) < 1 or self.synthetic_counts[2] < 0:

@@ -41,6 +41,13 @@ def check_literal(value: str, flag: str) -> None:
                          f"as a chain of URLs): choose one without them")
 
 
+def check_named(value: str | None, flag: str, what: str = "folder") -> None:
+    """ValueError naming ``flag`` when ``value`` is given but blank: an unset variable
+    (``--out "$OUT"``) would otherwise name the current folder, which an ``--overwrite`` replaces."""
+    if value is not None and not value.strip():
+        raise ValueError(f"{flag} {value!r} names no {what} (an unset variable?): give one")
+
+
 class StorageError(OSError):
     """A storage endpoint could not be reached (after its client's retries), or its client found
     no credentials or region to call it with, or is not installed."""

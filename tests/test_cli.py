@@ -81,6 +81,10 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--synthetic-size", "64", "128"], "unrecognized arguments: 128"),  # the old two-number form
     (["--semseg-weight", "1.5"], "--semseg-weight must lie in [0, 1], got 1.5"),  # ExperimentConfig.validate
     (["--local", "--num-workers", "2"], "--local trains one process"),
+    (["--local", "--address", "10.0.0.1:6379", "--max-failures=7"],
+     "--local trains in this process, without Ray: --address, --max-failures are for a run on Ray (drop --local, or them)"),
+    (["--local", "--no-use-gpu"], "--use-gpu is for a run on Ray (drop --local, or it; in this process --device cpu or cuda chooses)"),
+    (["--synthetic-size", "8x8"], "--synthetic-size must be at least 16x16, got 8x8"),
     (["--quick", "--config", "x.json"], "--config and --quick both give a starting configuration"),
     (["--epochs"], "--epochs expects a value"),
     (["--max-steps-per-epoch", "0"], "--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got 2 and 0"),

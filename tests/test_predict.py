@@ -347,7 +347,7 @@ def _predict(capsys, *args) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def test_predict_cli_and_its_errors(tmp_path, make_run, capsys):
+def test_predict_cli_and_its_errors(tmp_path, make_run, capsys, monkeypatch):
     _odd_images(tmp_path / "imgs")
     run, old = make_run(DataConfig(), name="new"), make_run(DataConfig(), input_size=None, name="old")
     out = tmp_path / "out"
@@ -383,6 +383,17 @@ def test_predict_cli_and_its_errors(tmp_path, make_run, capsys):
         assert sorted(os.listdir(tmp_path / "imgs")) == listed
     rc, _, err = _predict(capsys, "--checkpoint", run, "--images", tmp_path / "imgs", "--out", run, "--overwrite")
     assert rc == 2 and f"error: {run} holds the input {run}/" in err and os.listdir(run)  # ... nor the checkpoint
+    # ... nor the folder it runs in: `--out "$OUT" --overwrite` with OUT unset replaced it
+    work = tmp_path / "work"
+    (work / "precious").mkdir(parents=True)
+    monkeypatch.chdir(work / "precious")
+    for bad, said in (("", "--out '' names no folder (an unset variable?)"), (".", f"{work}/precious holds the folder this command"),
+                      ("..", f"{work} holds the folder this command runs in ({work}/precious)")):
+        rc, _, err = _predict(capsys, "--checkpoint", run, "--images", tmp_path / "imgs", "--out", bad, "--overwrite")
+        assert rc == 2 and f"error: {said}" in err, err
+    rc, _, err = _evaluate(capsys, "--checkpoint", run, "--export", "", "--no-metrics")
+    assert rc == 2 and "--export '' names no folder (an unset variable?)" in err, err
+    assert os.listdir(work) == ["precious"]
     rc, _, err = _predict(capsys, "--checkpoint", old, "--images", tmp_path / "imgs", "--out", tmp_path / "o2", "--size", "64x128")
     assert rc == 0, err
 

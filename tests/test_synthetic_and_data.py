@@ -45,6 +45,24 @@ def test_cli_refuses_to_clobber_and_bad_size(tmp_path):
     assert r.returncode == 2 and "HxW" in r.stderr
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--out", "", "--overwrite"], "--out '' names no folder (an unset variable?)"),  # ($OUT unset: it replaced the folder)
+    (["--out", ".", "--overwrite"], "holds the folder this command runs in"),
+    (["--out", "y", "--train", "0", "--val", "0", "--test", "0"], "nothing to write: --train, --val, --test are all 0"),
+    (["--out", "y", "--train", "-1"], "--train must be at least 0, got -1"),
+    (["--out", "y", "--seed", "-1"], "--seed must be at least 0, got -1"),
+])
+def test_the_synthesizer_refuses_what_would_replace_the_folder_it_runs_in_or_write_nothing(tmp_path, in_process, monkeypatch,
+                                                                                          args, said):
+    from data_prep import synthesize
+
+    (tmp_path / "precious").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    r = in_process(synthesize.main, [*args, "--size", "32x32", "--workers", "1"])
+    assert r.returncode == 2 and said in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == ["precious"]
+
+
 def test_deterministic_given_seed(tmp_path):
     a = synthesize(str(tmp_path / "a"), {"train": 3}, (32, 64), seed=7, workers=1)
     b = synthesize(str(tmp_path / "b"), {"train": 3}, (32, 64), seed=7, workers=2)

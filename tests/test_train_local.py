@@ -414,7 +414,7 @@ def test_an_interrupted_run_says_how_to_continue_in_its_log_and_on_the_terminal(
 
     monkeypatch.setattr(mtl.engine.Trainer, "train_epoch", interrupted)
     assert main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "1",
-                 "--no-use-gpu"]) == 130
+                 "--device", "cpu"]) == 130
     assert capsys.readouterr().err.endswith("interrupted; the same command with --resume continues from the latest checkpoint\n")
     last = open(tmp_path / "r/train.log").read().splitlines()[-1]
     assert last.endswith("interrupted (Ctrl-C or SIGINT); the same command with --resume continues from the latest checkpoint")
@@ -495,7 +495,7 @@ def test_a_second_interrupt_while_the_run_waits_for_its_checkpoint_abandons_it_b
     monkeypatch.setattr(mtl.engine.Trainer, "_finish_checkpoint", finishing)
     monkeypatch.setattr(mtl.lease.RunLease, "release", releasing)
     code = main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "2",
-                 "--batch-size", "4", "--max-steps-per-epoch", "6", "--checkpoint-every", "2", "--workers", "0", "--no-use-gpu"])
+                 "--batch-size", "4", "--max-steps-per-epoch", "6", "--checkpoint-every", "2", "--workers", "0", "--device", "cpu"])
     assert code == 130 and signals == [1, 2]
     assert events[-1] == "release" and events.count("write") < 20  # (the write stopped, then the lease went)
     out = capsys.readouterr().out
@@ -520,7 +520,7 @@ def test_a_sigterm_during_the_setup_ends_the_run_before_it_trains(tiny_root, tmp
     monkeypatch.setattr(mtl.engine.Trainer, "__init__", signalled)
     before = signal.getsignal(signal.SIGTERM)
     assert main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "1",
-                 "--no-use-gpu"]) == 143
+                 "--device", "cpu"]) == 143
     assert capsys.readouterr().err.endswith("stopped by SIGTERM; the same command with --resume continues from the latest checkpoint\n")
     assert not (tmp_path / "r/checkpoints").exists() and signal.getsignal(signal.SIGTERM) is before  # (the handler back)
 
@@ -540,7 +540,7 @@ def test_a_full_disk_is_one_line_saying_so(tiny_root, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(mtl.checkpoint, "_write_state", into_a_full_device)
     assert main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "1",
-                 "--max-steps-per-epoch", "1", "--no-use-gpu"]) == 2
+                 "--max-steps-per-epoch", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: no space left on the device (No space left on device): free space on it") and "TMPDIR" in last

@@ -42,6 +42,11 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
                                                                     "larger than the 128x256 images zoomed by at most --scale-max 1 (128x256)"),
     (["--space", "root=choice:/data/a,data/b"], "error: --space data.root=choice:/data/a,data/b: --root data/b is a relative path, which"),
     (["--reduction-factor", "1"], "--reduction-factor >= 2"),
+    (["--search-seed", "-1"], "--search-seed must be >= 0, got -1"),
+    # the other scheduler's flags would be ignored without a word
+    (["--scheduler", "pbt", "--grace-period", "3", "--num-samples", "4"],
+     "--grace-period is for --scheduler asha; this sweep runs --scheduler pbt: leave it out"),
+    (["--perturbation-interval=3", "--pbt-sync"], "--perturbation-interval, --pbt-sync are for --scheduler pbt; this sweep runs"),
     (["--space", "lr=loguniform:1e-5:inf"], "--space lr=loguniform:1e-5:inf: the bounds must be finite numbers"),
     (["--space", "grad_clip=uniform:-1:1"], "--grad-clip must be >= 0 and finite"),
     (["--space", "synthetic_counts=choice:100+20,400+80+80"], "--synthetic-counts takes 3 values joined with +, got '100+20'"),

@@ -203,6 +203,9 @@ def _write_chunk(args: tuple[str, str, int, int, int, int, int]) -> int:
     return stop - start
 
 
+MIN_SIDE = 16  # (a scene's road, cars and sky need that many pixels)
+
+
 def synthesize(out: str, counts: dict[str, int], size: tuple[int, int] = (256, 512), seed: int = 0,
                workers: int | None = None, overwrite: bool = False, progress: bool = False) -> str:
     """Write a synthetic Miniscapes dataset to the local folder ``out``.
@@ -211,11 +214,15 @@ def synthesize(out: str, counts: dict[str, int], size: tuple[int, int] = (256, 5
     interrupted run never leaves a folder that looks complete. Deterministic given ``seed``.
     """
     h, w = size
-    if h < 16 or w < 16:
-        raise ValueError(f"--size must be at least 16x16, got {h}x{w}")
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"--size must be at least {MIN_SIDE}x{MIN_SIDE}, got {h}x{w}")
     for split, n in counts.items():
         if split not in SPLITS or n < 0:
-            raise ValueError(f"bad sample count {split}={n}")
+            raise ValueError(f"--{split} must be at least 0, got {n}" if split in SPLITS else f"no split {split!r}: {SPLITS}")
+    if not sum(counts.values()):
+        raise ValueError(f"nothing to write: {', '.join(f'--{split}' for split in counts)} are all 0")
+    if seed < 0:
+        raise ValueError(f"--seed must be at least 0, got {seed}")
     check_workers(workers)
     workers = workers or min(usable_cpus(), 8)
     with atomic_dir(out, overwrite) as tmp:

@@ -39,6 +39,7 @@ from typing import Annotated, Any, Iterable, Literal, Sequence
 
 import tyro
 
+from mtl.cli import given_fields
 from mtl.config import ExperimentConfig, check_folder_name, choices, flag, parse_size
 
 Kind = Literal["loguniform", "uniform", "choice"]
@@ -271,13 +272,7 @@ def parse_space(texts: Iterable[str]) -> tuple[Dim, ...]:
 def explicit_fields(argv: Sequence[str]) -> set[str]:
     """The config fields whose flags are on the command line (``--lr 3e-4``, ``--lr=3e-4``,
     ``--no-hflip``; with underscores too, as the parser takes them: ``--semseg_weight``)."""
-    flags = {tok.split("=", 1)[0].replace("_", "-") for tok in argv if tok.startswith("--")}
-    given = set()
-    for path in _hints():
-        dashed = path.rpartition(".")[2].replace("_", "-")
-        if {f"--{dashed}", f"--no-{dashed}"} & flags:
-            given.add(path)
-    return given
+    return set(given_fields(argv, _hints()))
 
 
 def choose_space(texts: Sequence[str], given: set[str], tasks: Sequence[str] = ("semseg", "depth"),
@@ -431,6 +426,8 @@ class SweepConfig:
             raise ValueError(f"--max-concurrent must be >= 1 (or not given: as many as the cluster holds), got {self.max_concurrent}")
         if self.perturbation_interval < 1 or not 0 < self.quantile_fraction <= 0.5:
             raise ValueError("--perturbation-interval >= 1 and 0 < --quantile-fraction <= 0.5 are required")
+        if self.search_seed < 0:
+            raise ValueError(f"--search-seed must be >= 0, got {self.search_seed}")
         if self.scheduler == "pbt" and self.search != "random":
             raise ValueError(f"--scheduler pbt draws its first values at random and then perturbs them: leave out --search "
                              f"{self.search}")
@@ -440,6 +437,19 @@ class SweepConfig:
         check_search_package(self.search)
         check_folder_name(self.sweep_name, "--sweep-name", "the sweep's folder is --out/<sweep-name>")
         return self
+
+
+SCHEDULER_FIELDS = {"asha": ("grace_period", "reduction_factor"),
+                    "pbt": ("perturbation_interval", "quantile_fraction", "pbt_sync")}  # (each scheduler's own flags)
+
+
+def check_scheduler_flags(sweep: SweepConfig, argv: Sequence[str]) -> None:
+    """ValueError for a flag of the other scheduler on the command line: it would be ignored."""
+    other = "pbt" if sweep.scheduler == "asha" else "asha"
+    given = given_fields(argv, SCHEDULER_FIELDS[other])
+    if given:
+        raise ValueError(f"{', '.join(flag(f) for f in given)} {'is' if len(given) == 1 else 'are'} for --scheduler {other}; "
+                         f"this sweep runs --scheduler {sweep.scheduler}: leave {'it' if len(given) == 1 else 'them'} out")
 
 
 def check_search_package(search: str) -> None:

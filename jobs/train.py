@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             from mtl.multitask import load_baselines
 
             load_baselines(cfg.train.baselines, cfg.data)  # (a resume is judged by the values its checkpoint holds)
+        if not (cfg.data.root or cfg.data.shards or cfg.train.resume):  # (a crop the synthetic set's size cannot fill:
+            from mtl.data.build import crop_note  # refused before the set is generated; the trainer checks other data)
+
+            crop_note(cfg.data, cfg.data.synthetic_size)
         if os.environ.get("MLFLOW_TRACKING_URI"):  # set, but mlflow is missing: an error now, before the run folder
             from mtl.tracking import mlflow_tracking_uri
 

@@ -211,6 +211,7 @@ class TrainState:
     epoch_step: int = 0  # optimizer steps of epoch ``epoch`` done (its first batches, per rank)
     epoch_loss: list[float] | None = None  # their summed losses [total, semseg, depth]
     lr: float | None = None  # the LR of the last of them (the epoch's, when a resume finds none left to train)
+    epoch_lrs: list[float] | None = None  # the LRs of them all: a resumed epoch's LR curve is whole (curves.png)
     world: int = 1  # ranks that consumed them
     # loader worker processes per rank that dealt them: a shard stream's order depends on it
     # (None in checkpoints of earlier versions)

@@ -99,10 +99,11 @@ def _panels(epochs: dict[int, dict[str, Any]]) -> list[tuple[str, list[tuple[str
 
 
 def _resumed(epochs: dict[int, dict[str, Any]]) -> list[int]:
-    """The epochs during which the run was resumed: its ``restarts`` count went up."""
+    """The epochs during which the run was resumed: its ``restarts`` count went up (from 0
+    before the first: a resume inside epoch 1)."""
     order = sorted(epochs)
     count = {e: number(epochs[e].get("restarts")) or 0 for e in order}
-    return [e for before, e in zip(order, order[1:]) if count[e] > count[before]]
+    return [e for before, e in zip([None, *order], order) if count[e] > (count[before] if before is not None else 0)]
 
 
 def render(epochs: dict[int, dict[str, Any]], title: str) -> bytes | None:
@@ -116,7 +117,7 @@ def render(epochs: dict[int, dict[str, Any]], title: str) -> bytes | None:
     fig = Figure(figsize=(13, 7), dpi=80)  # fixed margins: a layout engine doubles the drawing time
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 3).ravel()
-    fig.subplots_adjust(left=0.05, right=0.98, top=0.9, bottom=0.08, wspace=0.25, hspace=0.4)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.08, wspace=0.25, hspace=0.4)
     resumed = _resumed(epochs)
     for ax, (name, lines) in zip(axes, panels):
         for label, xs, ys in lines:

@@ -579,13 +579,15 @@ class Trainer:
             it = self._batches(s_.epoch, s_.epoch_step, self.start) if s_.epoch < t.epochs else None
             with TrainProgress(self.log, enabled=self.rt.is_main, interval_s=t.log_interval_s, tasks=self.cfg.optim.tasks) as bar:
                 while s_.epoch < t.epochs:
-                    first_lr = len(lrs)
-                    loss, ips = self.train_epoch(it, bar, lrs)
-                    s_.epoch, s_.epoch_step, s_.epoch_loss, s_.epoch_samples = s_.epoch + 1, 0, None, 0
+                    epoch_lrs = list(s_.epoch_lrs or []) if s_.epoch_step else []  # (resumed inside it: the steps before)
+                    before = len(epoch_lrs)
+                    loss, ips = self.train_epoch(it, bar, epoch_lrs)
+                    lrs.extend(epoch_lrs[before:])  # (this attempt's)
+                    s_.epoch, s_.epoch_step, s_.epoch_loss, s_.epoch_samples, s_.epoch_lrs = s_.epoch + 1, 0, None, 0, None
                     # the next epoch's loader workers start (and fill their prefetch queues) during
                     # validation and checkpointing instead of stalling its first step
                     it = self._batches(s_.epoch) if s_.epoch < t.epochs else None
-                    metrics = self.end_epoch(loss, ips, lrs[first_lr:], bar)
+                    metrics = self.end_epoch(loss, ips, epoch_lrs, bar)
                     history.append(metrics)
                     if on_epoch_end:
                         on_epoch_end(s_.epoch, metrics)
@@ -663,7 +665,8 @@ class Trainer:
                            start)
 
     def train_epoch(self, it: DeviceBatches, bar: TrainProgress, lrs: list[float]) -> tuple[list[float], float]:
-        """The epoch's optimizer steps (those after ``epoch_step``, when resumed inside it);
+        """The epoch's optimizer steps (those after ``epoch_step``, when resumed inside it), each
+        step's LR appended to ``lrs`` (the epoch's, its steps before a resume included);
         returns the mean losses [total, semseg, depth] over the whole epoch and all ranks, and img/s. Losses
         stay on the device: the host reads them every ``log_every`` steps, or sooner when
         ``log_interval_s`` has passed (the time check itself reads nothing), and at step
@@ -701,10 +704,10 @@ class Trainer:
                 if every_rank or self.rt.world == 1:  # (the curves hold one quantity: the ranks' mean, not rank 0's own)
                     self._track_step(loss, weights, ips, lrs[-1])
             if self._stop_due():  # (SIGTERM: this step's checkpoint, in the foreground, then the run ends)
-                self._save_inside_epoch(running, lrs[-1])
+                self._save_inside_epoch(running, lrs)
                 raise Stopped(epoch_tag(s_.epoch, s_.step))
             if self._checkpoint_due(s):  # (after the readout: the checkpoint stores this step's points too)
-                self._save_inside_epoch(running, lrs[-1])
+                self._save_inside_epoch(running, lrs)
         if s_.input_size is None and n_img:  # validation images of varying size: the training crops'
             s_.input_size = list(batch["rgb"].shape[-2:])
         if not n_img and done:  # resumed at the epoch's end (more ranks share what was left): the stored sums
@@ -729,8 +732,13 @@ class Trainer:
     def _track_step(self, loss: list[float], weights: list[float], ips: float, lr: float) -> None:
         if self.tracker:
             values = {"train/loss": loss[0], **{f"train/loss_{k}": v for k, v in zip(TASKS, loss[1:]) if k in self.cfg.optim.tasks},
-                      "train/lr": lr, "train/images_per_s": ips, **{f"weights/{k}": w for k, w in zip(TASKS, weights)}}
+                      "train/lr": lr, "train/images_per_s": ips, **self._weight_values(weights)}
             self.tracker.step(self.state.step, values)
+
+    def _weight_values(self, weights: list[float]) -> dict[str, float]:
+        """``weights/<task>`` of a two-task run; none for one task (its weight is 1, the other
+        task's 0: a column and a curve of nothing)."""
+        return {f"weights/{k}": w for k, w in zip(TASKS, weights)} if len(self.cfg.optim.tasks) > 1 else {}
 
     def _checkpoint_due(self, s: int) -> bool:
         """A step checkpoint after step ``s`` of the epoch: every ``--checkpoint-every`` steps,
@@ -787,11 +795,12 @@ class Trainer:
             due = float(self.strategy.all_reduce_sum(flag)[0]) > 0  # (a host sync, every --log-every steps)
         return due
 
-    def _save_inside_epoch(self, running: torch.Tensor, lr: float) -> None:
-        """A step checkpoint (``--checkpoint-every``): the train state holds the data position
-        and the epoch's loss sums; no validation, no metrics file. Its tag sorts between the
+    def _save_inside_epoch(self, running: torch.Tensor, epoch_lrs: list[float]) -> None:
+        """A step checkpoint (``--checkpoint-every``): the train state holds the data position,
+        the epoch's loss sums and LRs; no validation, no metrics file. Its tag sorts between the
         epoch checkpoints around it."""
-        s_ = self.state
+        s_, lr = self.state, epoch_lrs[-1]
+        s_.epoch_lrs = list(epoch_lrs)
         # the ranks' mean: only rank 0's state.pt is kept and every rank restores it, so each adds
         # its own later steps to the same share of the earlier ones (DWA's epoch means stay exact)
         s_.epoch_loss = (self.strategy.all_reduce_sum(running) / self.rt.world).tolist()  # (a host sync: only here)
@@ -858,7 +867,7 @@ class Trainer:
         metrics.update({"epoch": s_.epoch, "step": s_.step, "lr": lr, "train_loss": loss[0],
                         "train_loss_semseg": loss[1], "train_loss_depth": loss[2], "train_images_per_s": ips, "val_s": val_s,
                         "restarts": s_.restarts, "epoch_lrs": epoch_lrs, "world": self.rt.world, "samples": s_.samples,
-                        **{f"weights/{k}": w for k, w in zip(TASKS, self.weighting.weights().tolist())}})
+                        **self._weight_values(self.weighting.weights().tolist())})
         metrics = task_metrics(metrics, self.cfg.optim.tasks, self.baselines)
         is_best = metrics["score"] > s_.best
         s_.best = max(s_.best, metrics["score"])

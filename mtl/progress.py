@@ -43,7 +43,7 @@ def metrics_table(metrics: dict[str, float], title: str) -> Table:
     table = Table(title=title, show_header=True)
     for k in keys:
         table.add_column(MAIN_KEYS[k], justify="right")
-    table.add_row(*(f"{metrics[k]:.{DECIMALS.get(k, 2)}f}" for k in keys))
+    table.add_row(*("-" if metrics[k] != metrics[k] else f"{metrics[k]:.{DECIMALS.get(k, 2)}f}" for k in keys))  # (NaN: none)
     return table
 
 

@@ -318,7 +318,8 @@ def test_an_elastic_runs_step_checkpoint_goes_on_from_its_position_and_may_leave
     read_0 = [i for e, i in trained if e == 0]
     assert read_0[: 5 * BATCH] == order(0)[12 : 12 + 5 * BATCH]
     metrics, sums = resumed(tmp_path / "b", epoch_step=STEPS, epoch_samples=STEPS * BATCH)
-    assert [i for e, i in trained if e == 0] == [] and [m["epoch"] for m in metrics] == [1] and metrics[0]["epoch_lrs"] == []
+    assert [i for e, i in trained if e == 0] == [] and [m["epoch"] for m in metrics] == [1]
+    assert len(metrics[0]["epoch_lrs"]) == 3  # (none trained since: the checkpoint's, of the 3 steps before it)
     assert metrics[0]["train_loss"] == pytest.approx(sums[0] / STEPS) and math.isfinite(metrics[0]["lr"])
 
 
@@ -398,7 +399,8 @@ def test_a_resume_at_an_epochs_end_reports_the_lr_its_last_step_had_and_logs_eac
     monkeypatch.setattr(mtl.engine.Trainer, "_checkpoint", checkpoint)
     again = cfg.with_values({"train.resume": True})
     metrics = fit(again, local_runtime(again)).metrics
-    assert metrics[0]["epoch_lrs"] == [] and metrics[0]["lr"] == last > 0 and math.isnan(metrics[0]["train_images_per_s"])
+    assert metrics[0]["lr"] == last > 0 and math.isnan(metrics[0]["train_images_per_s"])
+    assert len(metrics[0]["epoch_lrs"]) == 4 and metrics[0]["epoch_lrs"][-1] == last  # (the steps before the resume: its checkpoint's)
     events = _read(f"{run_url(cfg)}/tb")
     assert [step for step, _ in _points(events, "val/miou")] == [4]
     assert [step for step, _ in _points(events, "train/loss")] == [1, 2, 3, 4]
@@ -423,8 +425,9 @@ def test_a_step_checkpoint_of_several_ranks_keeps_their_mean_loss_sums():
     trainer = SimpleNamespace(state=state, strategy=TwoRanks(), rt=SimpleNamespace(world=2), tracker=None,
                               _check_finite_weights=lambda *a: None, _checkpoint=lambda kind, tag, metrics, **kw: saved.update(metrics))
     running = torch.tensor([2.0, 1.0, 1.0])
-    Trainer._save_inside_epoch(trainer, running, lr=0.1)
+    Trainer._save_inside_epoch(trainer, running, [0.2, 0.1])
     assert state.epoch_loss == [3.0, 1.5, 1.5] and saved["train_loss"] == 1.5  # (the mean per step: 3 / 2)
+    assert (state.lr, state.epoch_lrs, saved["lr"]) == (0.1, [0.2, 0.1], 0.1)
     assert running.tolist() == [2.0, 1.0, 1.0]  # this rank's own sums go on as they were
 
 

@@ -420,3 +420,17 @@ def test_names_and_values():
     assert epoch_scalars({"miou": 1, "iou/road": 2.0, "step": 3, "epoch_lrs": [1.0], "ok": True, "x": None}) == \
         {"val/miou": 1.0, "iou/road": 2.0}
     assert flatten({"a": {"b": 1, "c": [1, 2], "d": {}}, "e": None}) == {"a.b": "1", "a.c": "[1, 2]", "a.d": "{}", "e": "None"}
+
+
+def test_curves_shade_a_resume_inside_the_first_epoch_and_draw_its_whole_lr_curve():
+    """Resumed inside epoch 1 (its restarts count is 1 from the start): shaded like any other
+    resumed epoch; its LRs are the epoch's, those before the resume included (the checkpoint's)."""
+    from mtl.curves import _lr_curve, _resumed
+
+    epochs = {1: {"restarts": 1, "step": 3, "epoch_lrs": [3e-3, 2e-3, 1e-3], "lr": 1e-3},
+              2: {"restarts": 1, "step": 6, "epoch_lrs": [9e-4, 8e-4, 7e-4], "lr": 7e-4},
+              3: {"restarts": 2, "step": 9, "epoch_lrs": [6e-4, 5e-4, 4e-4], "lr": 4e-4}}
+    assert _resumed(epochs) == [1, 3]
+    assert _resumed({1: {"restarts": 0}, 2: {"restarts": 0}}) == []
+    xs, ys = _lr_curve(epochs)
+    assert xs == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2, 7 / 3, 8 / 3, 3]) and ys[0] == 3e-3

@@ -592,6 +592,11 @@ def test_cli_bad_inputs_are_named(tmp_path, in_process, tiny_root, monkeypatch):
     assert r.returncode == 2 and ("--crop 128x64 is larger than the 64x128 images zoomed by at most --scale-max 1.25 (80x160): "
                                   "every crop would be padded") in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+    # ... and on the synthetic set, before it is generated (its size is the flag's)
+    monkeypatch.setenv("STREETMTL_CACHE", str(tmp_path / "cache"))
+    r = in_process(train.main, ["--local", "--quick", "--out", str(tmp_path / "runs"), "--crop", "512x1024"])
+    assert r.returncode == 2 and "--crop 512x1024 is larger than the 64x128 images" in r.stderr, r.stderr
+    assert not (tmp_path / "cache").exists()
 
     r = in_process(train.main, ["--local", "--arch", "nope"])
     assert r.returncode == 2 and "--arch must be one of" in r.stderr

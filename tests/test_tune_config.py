@@ -773,3 +773,20 @@ def test_a_space_field_given_as_a_flag_goes_inside_the_same_argument():
     assert [d.path for d in parse_space(cmd.sweep.space)] == ["optim.lr", "optim.semseg_weight"]
     with pytest.raises(SystemExit):
         parse_experiment(TuneCommand, ["--space", "--lr=loguniform:1e-5:1e-3"])
+
+
+def test_a_trials_epochs_whose_checkpoint_never_committed_are_not_reported(tmp_path):
+    """An epoch's metrics are written before its checkpoint commits: a trial killed in between
+    (an interrupted sweep, a trial that errs there) holds numbers of a model no checkpoint or
+    best.pt holds. The report ranks by committed epochs only (it took the uncommitted one's)."""
+    from mtl.checkpoint import CheckpointIndex
+    from mtl.distributed.sweep_report import trial_history
+
+    trials = tmp_path / "trials"
+    (trials / "t/metrics").mkdir(parents=True)
+    for epoch, grader in ((1, 10.0), (2, 60.0)):
+        (trials / f"t/metrics/epoch-{epoch:04d}.json").write_text(json.dumps({"grader": grader, "miou": 50.0 + grader}))
+    assert trial_history(str(trials), "t") == []  # (no checkpoint committed yet)
+    (trials / "t/checkpoints/epoch-0001").mkdir(parents=True)
+    CheckpointIndex(str(trials / "t")).commit("epoch-0001")
+    assert [(h.epoch, h.run, h.values["grader"]) for h in trial_history(str(trials), "t")] == [(1, "t", 10.0)]

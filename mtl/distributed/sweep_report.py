@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from mtl.checkpoint import BEST_FILE, CheckpointIndex, epoch_metrics, epoch_tag, metrics_url, tag_epoch
+from mtl.checkpoint import BEST_FILE, CheckpointIndex, committed_metrics, epoch_tag, metrics_url, tag_epoch
 from mtl.distributed.sweep_space import SweepSpec
 from mtl.errors import one_line
 from mtl.storage import exists, read_bytes, write_bytes_atomic
@@ -96,8 +96,10 @@ def trial_folders(trials_url: str, name: str) -> list[str]:
 
 
 def _folders(trials_url: str, name: str) -> dict[str, dict[int, dict[str, Any]]]:
-    """Run folder -> its epochs' metrics, for trial ``name``'s folders in order."""
-    return {run: epoch_metrics(f"{trials_url}/{run}") for run in trial_folders(trials_url, name)}
+    """Run folder -> its committed epochs' metrics (`committed_metrics`: an epoch whose
+    checkpoint never committed is trained again by a resume, and no best.pt holds it), for trial
+    ``name``'s folders in order."""
+    return {run: committed_metrics(f"{trials_url}/{run}") for run in trial_folders(trials_url, name)}
 
 
 def _lineage(trials_url: str, folders: dict[str, dict[int, dict[str, Any]]]) -> dict[int, str]:

@@ -85,6 +85,8 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     for k in ("data.root", "data.shards"):  # (``--root data/`` trains what ``--root data`` does: one name)
         if isinstance(flat.get(k), str):
             flat[k] = canonical(flat[k])
+    for k in idle_fields(cfg) & set(flat):
+        flat[k] = field_value(ExperimentConfig(), k)
     for k, default in LATER_FIELDS.items():
         if flat.get(k) == default:
             del flat[k]
@@ -132,6 +134,29 @@ def unused_fields(cfg: ExperimentConfig) -> set[str]:
     unused |= {"optim.weight_decay_style"} if cfg.optim.optimizer == "sgd" else set()
     unused |= set() if deep_supervised(cfg.model.arch) else {"optim.deep_supervision"}
     return unused | ({"data.synthetic_size", "data.synthetic_counts"} if cfg.data.root or cfg.data.shards else set())
+
+
+def idle_fields(cfg: ExperimentConfig) -> set[str]:
+    """Fields of a method this config does not use: SGD's momentum under Adam, ZeRO's stage
+    under DDP, a learned or DWA weighting's settings under another weighting, the loss weight of
+    one task, the shard stream's buffer on a folder, the augmentation's settings without it.
+    `identity` holds them at their defaults (unlike `unused_fields`, which it leaves out): another
+    value trains the same, so it is the same run, and runs named before keep their names."""
+    return set(idle_reasons(cfg))
+
+
+def idle_reasons(cfg: ExperimentConfig) -> dict[str, str]:
+    """`idle_fields`, each with why (what would use it)."""
+    o, d = cfg.optim, cfg.data
+    idle = {"dist.zero_stage": "it is DeepSpeed's (--strategy deepspeed)"} if cfg.dist.strategy != "deepspeed" else {}
+    idle |= {"optim.momentum": "it is SGD's (--optimizer sgd)"} if o.optimizer != "sgd" else {}
+    idle |= {"optim.dwa_temperature": "it is DWA's (--task-weighting dwa)"} if o.task_weighting != "dwa" else {}
+    idle |= ({"optim.weighting_lr": "it is the learned weightings' (--task-weighting uncertainty or famo)"}
+             if o.task_weighting not in ("uncertainty", "famo") else {})
+    idle |= {"optim.semseg_weight": "it weighs two tasks' losses, and this run trains one"} if len(o.tasks) == 1 else {}
+    idle |= {"data.shuffle_buffer": "it is the shard stream's (--shards)"} if not d.shards else {}
+    augment = "it is the augmentation's, which --no-augment turns off"
+    return idle | (dict.fromkeys(["data.hflip", "data.scale_min", "data.scale_max"], augment) if not d.augment else {})
 
 
 def stored_config(d: dict[str, Any]) -> ExperimentConfig:

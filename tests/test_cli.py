@@ -85,6 +85,10 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
      "--local trains in this process, without Ray: --address, --max-failures are for a run on Ray (drop --local, or them)"),
     (["--local", "--no-use-gpu"], "--use-gpu is for a run on Ray (drop --local, or it; in this process --device cpu or cuda chooses)"),
     (["--synthetic-size", "8x8"], "--synthetic-size must be at least 16x16, got 8x8"),
+    # a setting of a method the run does not use would be ignored without a word
+    (["--momentum", "0.5"], "--momentum 0.5 changes nothing in this run: it is SGD's (--optimizer sgd); leave it out"),
+    (["--tasks", "depth", "--semseg-weight", "0.3"], "--semseg-weight 0.3 changes nothing in this run: it weighs two tasks' losses"),
+    (["--no-augment", "--no-hflip"], "--no-hflip changes nothing in this run: it is the augmentation's, which --no-augment turns"),
     (["--quick", "--config", "x.json"], "--config and --quick both give a starting configuration"),
     (["--epochs"], "--epochs expects a value"),
     (["--max-steps-per-epoch", "0"], "--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got 2 and 0"),
@@ -230,3 +234,21 @@ def test_on_the_core_install_what_needs_the_cluster_install_says_so(tmp_path, sc
                        timeout=300)
     assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # (no run folder in it)
+
+
+def test_a_setting_of_a_method_the_run_does_not_use_names_the_same_run():
+    """SGD's momentum under Adam, DWA's temperature under fixed weights, the loss weight of one
+    task...: another value trains the same, so it is the same run (one folder, and a resume that
+    leaves it out is no other configuration). Runs named before keep their names: the field is
+    held at its default, not left out."""
+    from mtl.runs import config_diff, idle_fields
+
+    base = ExperimentConfig()
+    same = base.with_values({"optim.momentum": 0.5, "optim.dwa_temperature": 3.0, "optim.weighting_lr": 0.1,
+                             "dist.zero_stage": 2, "data.shuffle_buffer": 0})
+    assert run_name(resolve_config(same)) == run_name(resolve_config(base)) and not config_diff(base, same)
+    one = base.with_values({"optim.tasks": ("depth",)})
+    assert run_name(resolve_config(one.with_values({"optim.semseg_weight": 0.3}))) == run_name(resolve_config(one))
+    sgd = base.with_values({"optim.optimizer": "sgd"})
+    assert run_name(resolve_config(sgd.with_values({"optim.momentum": 0.5}))) != run_name(resolve_config(sgd))
+    assert "optim.momentum" not in idle_fields(sgd) and "optim.dwa_temperature" in idle_fields(sgd)

@@ -736,6 +736,15 @@ def check_bench(a: LoaderBench | TrainBench | BackgroundBench) -> None:
         raise ValueError(f"--json {json_out}: its folder does not exist")  # (found after minutes of measuring, else)
     if isinstance(a, LoaderBench) and a.samples < 16:  # (the loader rows read batches of 16)
         raise ValueError(f"--samples must be at least 16 (one batch of the loader rows), got {a.samples}")
+    if isinstance(a, LoaderBench) and (min(a.scaling_batches, default=1) < 1 or min(a.scaling, default=0) < 0 or a.per_worker < 1):
+        raise ValueError(f"--scaling-batches and --per-worker must be >= 1 and --scaling >= 0, got {list(a.scaling_batches)}, "
+                         f"{a.per_worker} and {list(a.scaling)}")
+    if isinstance(a, LoaderBench) and a.s3 is not None and not a.s3.startswith("s3://"):  # (a local path: shards written there)
+        raise ValueError(f"--s3 {a.s3!r} must be an s3:// prefix (the local shards' row is measured anyway)")
+    if isinstance(a, TrainBench) and ((a.intra_op_threads is not None and a.intra_op_threads < 1)
+                                      or (a.peak_tflops is not None and not a.peak_tflops > 0)):
+        raise ValueError(f"--intra-op-threads must be >= 1 and --peak-tflops > 0 (or not given), got {a.intra_op_threads} "
+                         f"and {a.peak_tflops}")
     if isinstance(a, BackgroundBench) and (a.ops < 1 or a.gpu_ms < 0 or a.state_mb < 1 or a.repeats < 1):
         raise ValueError("--ops, --state-mb and --repeats must be >= 1 and --gpu-ms >= 0")
     if isinstance(a, TrainBench):

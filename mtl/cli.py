@@ -31,7 +31,7 @@ import tyro
 from tyro import _errors as tyro_errors  # the parse-error hook: private, so pyproject pins tyro to 1.0.x
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
-from mtl.config import ExperimentConfig, changed_fields, parse_size
+from mtl.config import ExperimentConfig, changed_fields, flag, parse_size
 
 T = TypeVar("T")
 
@@ -244,8 +244,13 @@ def _unpin_derived(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def preset_help(preset: ExperimentConfig) -> str:
-    """``train.epochs 4, ...``: how a preset differs from the defaults, for its flag's help."""
-    return ", ".join(f"{k} {v}" for k, v in changed_fields(preset).items())
+    """``--epochs 4, ...``: how a preset differs from the defaults, for its flag's help (sizes HxW)."""
+    def shown(v: Any) -> str:
+        if isinstance(v, (tuple, list)):
+            return "x".join(map(str, v)) if len(v) == 2 and all(isinstance(x, int) for x in v) else " ".join(map(str, v))
+        return str(v)
+
+    return ", ".join(f"{flag(k.rpartition('.')[2])} {shown(v)}" for k, v in changed_fields(preset).items())
 
 
 def parse_experiment(cls: type[T], argv: Sequence[str] | None = None, *, description: str | None = None,

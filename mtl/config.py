@@ -163,7 +163,7 @@ class OptimConfig(_Part):
     semseg_weight: float = 0.5  # loss = w * cross-entropy + (1 - w) * depth loss (--task-weighting fixed; the other methods start there)
     weighting_lr: float = 0.025  # Adam step size of learned task weights (uncertainty, famo); constant over the run
     dwa_temperature: float = 2.0  # DWA's softmax temperature (higher: weights closer to equal)
-    grad_clip: float | None = None  # clip the gradient norm to this; default: no clipping
+    grad_clip: float | None = None  # clip the gradient norm to this; 0 or not given: no clipping
     #: how a task's losses over an architecture's several outputs combine (distillation: its branch
     #: decoders' and its final ones'): mean = the course skeleton's, so the report's runs; sum = runs
     #: started before 2026-11-30, which continue with --deep-supervision sum, as the resume refusal says
@@ -271,9 +271,8 @@ class TrainConfig(_Part):
 
 @dataclass(frozen=True)
 class DistConfig(_Part):
-    """Ray Train settings (--local trains one process and refuses --num-workers > 1 and
-    --strategy deepspeed). Checkpoints go to ``train.out`` (use s3:// or another storage all
-    nodes share)."""
+    """Ray Train settings (--local trains in this process, without Ray, and refuses them).
+    Checkpoints go to ``train.out`` (use s3:// or another storage all nodes share)."""
 
     address: str | None = operational(None)  # Ray cluster address; default: $RAY_ADDRESS, or the cluster of a submitted job
     num_workers: int = 1  # training processes (one GPU each with GPUs)

@@ -33,7 +33,11 @@ def test_a_benchmark_refuses_what_it_would_fail_on_after_measuring(tmp_path, cap
     from jobs import benchmark
 
     for argv, message in ((["loader", "--json", str(tmp_path / "nope" / "x.json")], "--json .*/nope/x.json: its folder does not exist"),
-                          (["loader", "--samples", "8"], "--samples must be at least 16")):
+                          (["loader", "--samples", "8"], "--samples must be at least 16"),
+                          (["loader", "--scaling", "1", "--scaling-batches", "0"], "--scaling-batches and --per-worker must be >= 1"),
+                          (["loader", "--s3", str(tmp_path / "here")], "must be an s3:// prefix"),  # (it wrote shards there)
+                          (["train", "--intra-op-threads", "-1"], "--intra-op-threads must be >= 1"),
+                          (["train", "--peak-tflops", "-5"], "--peak-tflops > 0")):
         with pytest.raises(SystemExit) as e:
             benchmark.main(argv)
         assert e.value.code == 2

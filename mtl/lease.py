@@ -42,6 +42,7 @@ The times come from ``STREETMTL_LEASE_TTL_S`` (default 120 s; the tests use less
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mtl.machine import machine_id, process_gone, process_start
-from mtl.storage import (WriteConflict, delete_if, has_conditional_writes, is_object_store, json_bytes, read_bytes,
+from mtl.storage import (WriteConflict, delete_if, has_conditional_writes, is_local, is_object_store, json_bytes, read_bytes,
                          read_tagged, storage_errors, url_to_fs, write_bytes_atomic, write_if)
 
 LEASE_FILE = "driver.lease"
@@ -109,6 +110,18 @@ def _clock() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
 
 
+def _missing_folders(folder: str) -> list[str]:
+    """The local folders from ``folder`` up that do not exist yet, deepest first (none on an
+    object store, where folders are only prefixes)."""
+    if not is_local(folder):
+        return []
+    out, path = [], os.path.abspath(folder.removeprefix("file://"))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
 def ray_job_id() -> str | None:
     """The submission id of the Ray job this process is the driver of, else None."""
     try:
@@ -147,6 +160,7 @@ class RunLease:
         self._thread: threading.Thread | None = None
         self.conditional = has_conditional_writes(self.url)  # (writes are compare-and-swaps)
         self._etag: str | None = None  # the lease's version as last read or written (conditional stores)
+        self._made: list[str] = []  # the local folders the lease's write makes (`_missing_folders`)
 
     def read(self) -> dict[str, Any] | None:
         if self.conditional:
@@ -163,6 +177,7 @@ class RunLease:
 
     def acquire(self) -> None:
         """Take the lease (see the module docstring), or raise `LeaseHeld`."""
+        self._made = _missing_folders(self.folder)  # (the lease's write makes them: its release removes them, when empty)
         dead = None  # the holder judged dead after the read-back below: its lease is taken without watching again
         while True:
             held = self.read()
@@ -347,9 +362,12 @@ class RunLease:
         with storage_errors(self.url):
             fs, path = url_to_fs(self.url)
             fs.rm(path)
-            folder = path.rsplit("/", 1)[0]
-            if not is_object_store(fs) and not fs.ls(folder):
-                fs.rmdir(folder)  # (made for the lease by a run that stopped before writing anything)
+            if not is_object_store(fs):  # (made for the lease by a run that stopped before writing anything)
+                for folder in self._made:
+                    if fs.exists(folder) and fs.ls(folder):
+                        break
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rmdir(folder)
 
 
 @contextmanager

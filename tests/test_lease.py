@@ -40,6 +40,14 @@ def test_a_driver_holds_renews_and_releases_its_lease(tmp_path):
     assert json.loads((tmp_path / "run" / LEASE_FILE).read_text())["beat"] > first["beat"]
     lease.release()
     assert not (tmp_path / "run").exists()  # (released; the folder it made for the lease, empty, removed)
+    (tmp_path / "out").mkdir()  # ... and the folders above it that it made (a refused run's --out leaves none behind)
+    with hold(str(tmp_path / "out/new/deeper/run"), log=lambda m: None, timing=FAST):
+        assert (tmp_path / "out/new/deeper/run" / LEASE_FILE).exists()
+    assert os.listdir(tmp_path / "out") == []
+    (tmp_path / "out/kept").mkdir()
+    with hold(str(tmp_path / "out/kept/run"), log=lambda m: None, timing=FAST):
+        (tmp_path / "out/kept/run/config.json").write_text("{}")  # (a run that wrote something: its folder stays)
+    assert os.listdir(tmp_path / "out/kept/run") == ["config.json"]
 
 
 @pytest.mark.parametrize("raw", ["0", "abc", "inf", "nan", "3601"])

@@ -56,6 +56,13 @@ class _Part:
     def _rules(self) -> None:
         pass
 
+    def _at_least(self, low: float, *names: str, note: str = "") -> None:
+        """ValueError naming the first of the fields ``names`` that is below ``low``, and its value."""
+        for name in names:
+            value = getattr(self, name)
+            if value < low:
+                raise ValueError(f"{flag(name)} must be >= {low:g}{note}, got {value:g}")
+
 
 def check_folder_name(name: str | None, flag: str, why: str) -> None:
     """A name that becomes one folder of a run's paths (None: not given)."""
@@ -178,8 +185,7 @@ class OptimConfig(_Part):
             raise ValueError(f"--grad-clip must be >= 0 and finite (0 or not given: no clipping), got {self.grad_clip}")
         if not 0 <= self.poly_power < math.inf or not 0 <= self.momentum < 1:
             raise ValueError(f"--poly-power must be >= 0 and --momentum in [0, 1), got {self.poly_power} and {self.momentum}")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("--weight-decay and --warmup-steps must be >= 0")
+        self._at_least(0, "weight_decay", "warmup_steps")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"--tasks must name semseg and/or depth once each, got {' '.join(self.tasks) or 'nothing'}")
         if len(self.tasks) == 1 and self.task_weighting != "fixed":
@@ -248,12 +254,9 @@ class TrainConfig(_Part):
     baselines: tuple[str, ...] = ()
 
     def _rules(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("--epochs, --batch-size and --grad-accum must be >= 1")
-        if self.checkpoint_every < 0 or self.preemption_poll_every < 0 or self.checkpoint_every_min < 0:
-            raise ValueError("--checkpoint-every, --checkpoint-every-min and --preemption-poll-every must be >= 0 (0: never)")
-        if self.log_every < 1 or self.log_interval_s < 0:
-            raise ValueError("--log-every must be >= 1 and --log-interval-s >= 0")
+        self._at_least(1, "epochs", "batch_size", "grad_accum", "log_every")
+        self._at_least(0, "checkpoint_every", "checkpoint_every_min", "preemption_poll_every", note=" (0: never)")
+        self._at_least(0, "log_interval_s")
         if self.seed < 0:  # (numpy's generators take none: the first augmented sample would fail)
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         check_folder_name(self.name, "--name", "the run folder is --out/<name>")

@@ -100,6 +100,9 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--num-workers", "2", "--gpus-per-worker", "0.5"], "ranks of one run may land on one GPU, which NCCL refuses"),
     (["--gpus-per-worker", "2"], "a training process uses one GPU"),
     (["--prefetch", "0"], "--prefetch must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),  # (each flag on its own, with its value)
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+    (["--checkpoint-every-min", "-2"], "--checkpoint-every-min must be >= 0 (0: never), got -2"),
     (["--max-failures", "-2"], "--max-failures >= 0, or -1 for no limit"),
     (["--synthetic-counts", "8", "0", "2"], "--synthetic-counts at least 1 1 0, got 4, 256 and 8 0 2"),
     (["--name", "../elsewhere"], "--name '../elsewhere' must be a folder name"),

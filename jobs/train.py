@@ -28,7 +28,7 @@ from typing import Annotated, Callable, Iterator
 
 import tyro
 
-from mtl.cli import CONFIG_HELP, FlatExperiment, given_fields, parse_experiment, preset_help, usage_error
+from mtl.cli import CONFIG_HELP, FlatExperiment, given_fields, idle_flags_given, parse_experiment, preset_help, usage_error
 from mtl.config import PRESETS, DistConfig, ExperimentConfig, flag
 
 
@@ -57,25 +57,10 @@ RAY_ONLY = (*(f"dist.{f.name}" for f in dataclasses.fields(DistConfig) if f.name
             "train.preemption_poll_every")
 
 
-def _idle_flags(cfg: ExperimentConfig, argv: list[str]) -> str | None:
-    """What is wrong with a flag given with a value other than its default for a method this run
-    does not use (`mtl.runs.idle_fields`), else None."""
-    from mtl.runs import field_value, idle_reasons
-
-    reasons = idle_reasons(cfg)
-    given = [p for p in given_fields(argv, reasons) if field_value(cfg, p) != field_value(ExperimentConfig(), p)]
-    if not given:
-        return None
-    p, name = given[0], given[0].rpartition(".")[2]
-    value = field_value(cfg, p)
-    said = flag(name if value is not False else f"no_{name}") + ("" if isinstance(value, bool) else f" {value:g}")
-    return f"{said} changes nothing in this run: {reasons[p]}; leave it out"
-
-
 def parse(argv: list[str] | None = None) -> tuple[TrainCommand, ExperimentConfig]:
     argv = sys.argv[1:] if argv is None else list(argv)
     cmd = parse_experiment(TrainCommand, argv, description=__doc__, presets={"quick": PRESETS["quick"]}, check=_local_fits)
-    idle = _idle_flags(cmd.experiment, argv)
+    idle = idle_flags_given(cmd.experiment, argv)
     if idle:  # (another value trains the same: it would be ignored without a word)
         usage_error(idle)
     ray_only = given_fields(argv, RAY_ONLY) if cmd.local else []

@@ -212,6 +212,21 @@ def given_fields(argv: Sequence[str], paths: Iterable[str]) -> list[str]:
     return [path for path, d in dashed.items() if {f"--{d}", f"--no-{d}"} & flags]
 
 
+def idle_flags_given(cfg: ExperimentConfig, argv: Sequence[str]) -> str | None:
+    """What is wrong with a flag given with a value other than its default for a method this run
+    does not use (`mtl.runs.idle_fields`), else None."""
+    from mtl.runs import field_value, idle_reasons
+
+    reasons = idle_reasons(cfg)
+    given = [p for p in given_fields(argv, reasons) if field_value(cfg, p) != field_value(ExperimentConfig(), p)]
+    if not given:
+        return None
+    p, name = given[0], given[0].rpartition(".")[2]
+    value = field_value(cfg, p)
+    said = flag(name if value is not False else f"no_{name}") + ("" if isinstance(value, bool) else f" {value:g}")
+    return f"{said} changes nothing in this run: {reasons[p]}; leave it out"
+
+
 def starting_point(argv: Sequence[str], presets: dict[str, ExperimentConfig]) -> ExperimentConfig:
     """What the flags of a command override: ``--config FILE``, else a preset switched on
     (``--quick``), else the defaults. A file and a preset together are refused: which would win

@@ -43,6 +43,7 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--space", "root=choice:/data/a,data/b"], "error: --space data.root=choice:/data/a,data/b: --root data/b is a relative path, which"),
     (["--reduction-factor", "1"], "--reduction-factor >= 2"),
     (["--search-seed", "-1"], "--search-seed must be >= 0, got -1"),
+    (["--momentum", "0.5"], "--momentum 0.5 changes nothing in this run: it is SGD's (--optimizer sgd)"),  # (every trial: Adam)
     # the other scheduler's flags would be ignored without a word
     (["--scheduler", "pbt", "--grace-period", "3", "--num-samples", "4"],
      "--grace-period is for --scheduler asha; this sweep runs --scheduler pbt: leave it out"),

@@ -214,9 +214,12 @@ def given_fields(argv: Sequence[str], paths: Iterable[str]) -> list[str]:
 
 def idle_flags_given(cfg: ExperimentConfig, argv: Sequence[str]) -> str | None:
     """What is wrong with a flag given with a value other than its default for a method this run
-    does not use (`mtl.runs.idle_fields`), else None."""
+    does not use (`mtl.runs.idle_fields`), else None. Not for a resume: a run an earlier version
+    started with such a value is named by it, and continues with it."""
     from mtl.runs import field_value, idle_reasons
 
+    if cfg.train.resume:
+        return None
     reasons = idle_reasons(cfg)
     given = [p for p in given_fields(argv, reasons) if field_value(cfg, p) != field_value(ExperimentConfig(), p)]
     if not given:

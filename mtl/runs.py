@@ -85,8 +85,6 @@ def identity(cfg: ExperimentConfig) -> dict[str, Any]:
     for k in ("data.root", "data.shards"):  # (``--root data/`` trains what ``--root data`` does: one name)
         if isinstance(flat.get(k), str):
             flat[k] = canonical(flat[k])
-    for k in idle_fields(cfg) & set(flat):
-        flat[k] = field_value(ExperimentConfig(), k)
     for k, default in LATER_FIELDS.items():
         if flat.get(k) == default:
             del flat[k]
@@ -140,8 +138,9 @@ def idle_fields(cfg: ExperimentConfig) -> set[str]:
     """Fields of a method this config does not use: SGD's momentum under Adam, ZeRO's stage
     under DDP, a learned or DWA weighting's settings under another weighting, the loss weight of
     one task, the shard stream's buffer on a folder, the augmentation's settings without it.
-    `identity` holds them at their defaults (unlike `unused_fields`, which it leaves out): another
-    value trains the same, so it is the same run, and runs named before keep their names."""
+    Another value trains the same: `config_diff` does not count them, and a new run refuses them
+    (`mtl.cli.idle_flags_given`). They stay in `identity`, unlike `unused_fields`: a run named with
+    such a value by an earlier version keeps its name."""
     return set(idle_reasons(cfg))
 
 
@@ -214,6 +213,7 @@ def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[
     say (`mtl.engine.check_resumable`)."""
     a, b = identity(old), identity(new)
     skip = ignore | unused_fields(resolve_model(old)) | unused_fields(resolve_model(new))  # (meaningless on one side)
+    skip |= idle_fields(old) & idle_fields(new)  # (another value trains the same)
     for k in ("data.root", "data.shards"):
         if isinstance(a.get(k), str) and isinstance(b.get(k), str) and same_place(a[k], b[k]):
             skip |= {k}

@@ -239,19 +239,20 @@ def test_on_the_core_install_what_needs_the_cluster_install_says_so(tmp_path, sc
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # (no run folder in it)
 
 
-def test_a_setting_of_a_method_the_run_does_not_use_names_the_same_run():
+def test_a_setting_of_a_method_the_run_does_not_use_is_no_difference_and_keeps_old_runs_names():
     """SGD's momentum under Adam, DWA's temperature under fixed weights, the loss weight of one
-    task...: another value trains the same, so it is the same run (one folder, and a resume that
-    leaves it out is no other configuration). Runs named before keep their names: the field is
-    held at its default, not left out."""
+    task...: another value trains the same, so a resume is not refused over it; a new run refuses
+    it as a flag (`test_a_bad_flag_is_one_usage_line_naming_it`), a resume of a run an earlier
+    version named with it takes it (the name, a hash of the fields, is kept)."""
     from mtl.runs import config_diff, idle_fields
 
     base = ExperimentConfig()
     same = base.with_values({"optim.momentum": 0.5, "optim.dwa_temperature": 3.0, "optim.weighting_lr": 0.1,
                              "dist.zero_stage": 2, "data.shuffle_buffer": 0})
-    assert run_name(resolve_config(same)) == run_name(resolve_config(base)) and not config_diff(base, same)
+    assert not config_diff(base, same) and run_name(resolve_config(same)) != run_name(resolve_config(base))
     one = base.with_values({"optim.tasks": ("depth",)})
-    assert run_name(resolve_config(one.with_values({"optim.semseg_weight": 0.3}))) == run_name(resolve_config(one))
+    assert not config_diff(one, one.with_values({"optim.semseg_weight": 0.3}))
     sgd = base.with_values({"optim.optimizer": "sgd"})
-    assert run_name(resolve_config(sgd.with_values({"optim.momentum": 0.5}))) != run_name(resolve_config(sgd))
+    assert config_diff(sgd, sgd.with_values({"optim.momentum": 0.5})) == ["optim.momentum 0.9 -> 0.5"]
     assert "optim.momentum" not in idle_fields(sgd) and "optim.dwa_temperature" in idle_fields(sgd)
+    assert parse(["--resume", "--momentum", "0.5"])[1].optim.momentum == 0.5  # (an old run named with it)

@@ -182,8 +182,9 @@ def test_an_elastic_run_goes_on_without_the_lost_node_and_grows_back(ray_cluster
     pointer = json.loads((tmp_path / "elastic/checkpoints/latest.json").read_text())
     assert pointer["latest"] == f"epoch-{EPOCHS:04d}" and len(pointer["history"]) == 2  # what Ray keeps (--keep-last 2)
     expected = PolyLR(1e-3, EPOCHS * 3, 0.9)
-    for m in metrics:  # an epoch's last step at the plan's position in samples (its steps before a resume: another world's)
-        assert m["epoch_lrs"][-1] == pytest.approx(expected((m["samples"] - 4 * m["world"]) / 8))
+    for m in metrics:  # an epoch's last step at the plan's position in samples (taken by a world of 1 or 2 ranks: one
+        # that resumed at the epoch's end trained none of it, and its steps before a resume were another world's)
+        assert any(m["epoch_lrs"][-1] == pytest.approx(expected((m["samples"] - 4 * w) / 8)) for w in (1, 2)), m
     lrs = [lr for m in metrics for lr in m["epoch_lrs"]]
     assert len(lrs) >= EPOCHS * 3 and all(a > b for a, b in zip(lrs, lrs[1:]))  # (no warmup: down at every step)
     assert metrics[0]["samples"] == 3 * 8  # an epoch of 3 steps with the planned global batch

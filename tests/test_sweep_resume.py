@@ -19,14 +19,21 @@ from tune_fakes import Frame
 SPEC = SweepSpec(parse_space(["lr=loguniform:1e-5:1e-3"]), grace_period=1, reduction_factor=2)
 
 
-def _trained(trials, name, graders, start=1, config=None, seed=None):
+def _trained(trials, name, graders, start=1, config=None, seed=None, commit=True):
     """Run folder ``trials/name`` as training leaves it: each epoch's metrics (from epoch
-    ``start``), its config, and where a PBT exploit seeded it from (``seed``: a tag)."""
+    ``start``), the last one's checkpoint committed (unless not ``commit``), its config, and
+    where a PBT exploit seeded it from (``seed``: a tag)."""
+    from mtl.checkpoint import CheckpointIndex
+
     folder = trials / name
     os.makedirs(folder / "metrics", exist_ok=True)
     for epoch, g in enumerate(graders, start):
         (folder / "metrics" / f"epoch-{epoch:04d}.json").write_text(
             json.dumps({"epoch": epoch, "grader": g, "miou": g + 50, "si_log_rmse": 50.0, "score": g}))
+    if commit and graders:
+        tag = f"epoch-{start + len(graders) - 1:04d}"
+        os.makedirs(folder / "checkpoints" / tag, exist_ok=True)
+        CheckpointIndex(str(folder)).commit(tag)
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config))
     if seed is not None:
@@ -136,7 +143,7 @@ def test_a_trial_interrupted_before_its_last_checkpoint_is_unfinished(tmp_path, 
     from mtl.checkpoint import CheckpointIndex
 
     trials = tmp_path / "trials"
-    _trained(trials, "t", [10.0, 20.0, 30.0])
+    _trained(trials, "t", [10.0, 20.0, 30.0], commit=False)
     for tag in ("epoch-0002", "epoch-0003")[: 1 + (committed == "epoch-0003")]:
         os.makedirs(trials / "t" / "checkpoints" / tag)
         CheckpointIndex(str(trials / "t")).commit(tag)

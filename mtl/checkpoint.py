@@ -591,7 +591,7 @@ class Checkpointer:
                 self.on_written(tag, time.perf_counter() - t0)
 
         self._pending_best = held if is_best else None  # (a failed write's best epoch: `_wait_or_replace`)
-        self._pending = self.storage.publish_later(tag, metrics, lambda folder: _write_state(folder, held["state"], self._abandoned), then)
+        self._pending = self.storage.publish_later(tag, metrics, lambda folder: _write_state(folder, held["state"], self._abandoned), then)  # (abandoned: raises before the upload)
 
     def _wait_or_replace(self, tag: str) -> None:
         """`wait`; a failed write is replaced by checkpoint ``tag`` (said in ``replaced``), unless
@@ -630,18 +630,22 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - a store that fails here too: taken as not committed
             return False
 
-    def abandon(self, wait_s: float = 10.0) -> str | None:
+    def abandon(self, wait_s: float = 10.0) -> tuple[str, str] | None:
         """Give up the background write in flight, if any (a second Ctrl-C or SIGTERM while the
-        run's end waits for it): it commits nothing, its state file stops at its next tensor, and
-        it is waited for up to ``wait_s`` seconds, so that the lease (released next) is not given
-        to another driver while this one still writes into the run. Returns its tag, or None."""
+        run's end waits for it): it commits nothing, its state file stops at its next tensor and
+        is not uploaded; an upload under way goes on to its end (one file's write), uncommitted.
+        Waited for up to ``wait_s`` seconds: returns its tag and what became of it, "abandoned",
+        "committed" (before the abandon reached it), "failed", or "uploading" (still: the caller
+        must not let another driver take the run before it ends, `wait`). None: nothing in flight."""
         pending = self._pending
         if pending is None or pending.done():
             return None
         self._abandoned.set()
-        with contextlib.suppress(BaseException):
-            pending.exception(timeout=wait_s)
-        return self._pending_tag
+        try:
+            error = pending.exception(timeout=wait_s)
+        except futures.TimeoutError:
+            return self._pending_tag, "uploading"
+        return self._pending_tag, ("abandoned" if isinstance(error, Abandoned) else "failed" if error else "committed")
 
     def wait(self) -> None:
         """Until the background write in flight, if any, is committed; raises its error if it
@@ -774,6 +778,8 @@ def _write_state(folder: str, state: dict[str, Any], abandoned: threading.Event 
     writer of a path raises a RuntimeError that names nothing; it stops once ``abandoned`` is set."""
     with open(os.path.join(folder, STATE_FILE), "wb") as fh:
         torch.save({"format": FORMAT, **state}, _AbandonableFile(fh, abandoned))
+    if abandoned is not None and abandoned.is_set():  # (given up after its last tensor: not uploaded)
+        raise Abandoned("the checkpoint's write was abandoned")
 
 
 # ---------------------------------------------------------------------------------- readers

@@ -652,11 +652,30 @@ class Trainer:
                 raise
             self.log(f"the background checkpoint being written failed too: {type(e).__name__}: {escape(str(e))}")
         except KeyboardInterrupt:
-            tag = self.checkpointer.abandon()
-            if tag:
-                self.log(f"checkpoint {tag}, being written, was abandoned: --resume goes on from the one before it")
+            self._abandon_checkpoint()
             if not failed:
                 raise
+
+    def _abandon_checkpoint(self) -> None:
+        """Interrupted while waiting for the background checkpoint: it is given up, and said; one
+        still uploading (one file, uncommitted) is waited for, since the lease is released next;
+        interrupted again, the process ends at once, its lease left to expire."""
+        outcome = self.checkpointer.abandon()
+        if outcome is None:
+            return
+        tag, became = outcome
+        if became == "committed":
+            self.log(f"checkpoint {tag} was committed before it could be abandoned: --resume goes on from it")
+            return
+        self.log(f"checkpoint {tag}, being written, was abandoned: --resume goes on from the one before it")
+        if became != "uploading":
+            return
+        self.log("its upload ends first, uncommitted (interrupt again to end this process now, leaving its lease to expire)")
+        try:
+            with contextlib.suppress(Exception):
+                self.checkpointer.wait()
+        except KeyboardInterrupt:
+            os._exit(130)
 
     def _batches(self, epoch: int, skip_steps: int = 0, start: int | None = None) -> DeviceBatches:
         """Epoch ``epoch``'s model batches, from optimizer step ``skip_steps`` of it on (or from

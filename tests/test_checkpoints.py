@@ -666,7 +666,7 @@ def test_an_abandoned_background_checkpoint_commits_nothing_and_stops_writing(tm
     monkeypatch.setattr(checkpoint._AbandonableFile, "write", slow_write)
     ckpt.save("epoch-0001-step-00000009", {}, {}, is_best=False, metrics_file=False, background=True)
     assert writing.wait(30)
-    assert ckpt.abandon(wait_s=30) == "epoch-0001-step-00000009"
+    assert ckpt.abandon(wait_s=30) == ("epoch-0001-step-00000009", "abandoned")
     assert ckpt._pending.done() and isinstance(ckpt._pending.exception(), checkpoint.Abandoned)
     assert len(chunks) < 5 and storage.started == ["epoch-0001"]  # (stopped at its next tensor: never uploaded)
     monkeypatch.setattr(checkpoint._AbandonableFile, "write", plain_write)
@@ -677,11 +677,27 @@ def test_an_abandoned_background_checkpoint_commits_nothing_and_stops_writing(tm
     deadline = time.time() + 30
     while not uploading.started and time.time() < deadline:
         time.sleep(0.01)
-    assert ckpt.abandon(wait_s=0.2) == "epoch-0002"
+    assert ckpt.abandon(wait_s=0.2) == ("epoch-0002", "uploading")  # (its caller waits for it: `Trainer._abandon_checkpoint`)
     uploading.go.set()
     with pytest.raises(checkpoint.Abandoned):
         ckpt._pending.result(timeout=30)
     assert CheckpointIndex(run).latest_tag() == "epoch-0001" and not os.path.exists(f"{run}/best.pt")
+
+    # committed before the abandon reached it (best.pt being written): said so, not "abandoned"
+    best_written, write_best = threading.Event(), Checkpointer._write_best
+
+    def slow_best(self, state):
+        best_written.wait(30)
+        write_best(self, state)
+
+    monkeypatch.setattr(Checkpointer, "_write_best", slow_best)
+    ckpt = Checkpointer(storage, run, strategy, {"train_state": state})
+    ckpt.save("epoch-0003", {}, {"score": 3.0}, is_best=True, background=True)
+    deadline = time.time() + 30
+    while CheckpointIndex(run).latest_tag() != "epoch-0003" and time.time() < deadline:
+        time.sleep(0.01)
+    threading.Timer(0.3, best_written.set).start()
+    assert ckpt.abandon(wait_s=30) == ("epoch-0003", "committed") and os.path.exists(f"{run}/best.pt")
 
 
 def test_a_failed_background_write_of_the_best_epoch_still_makes_best_pt_and_one_after_its_commit_is_no_failure(tmp_path):
@@ -955,3 +971,32 @@ def test_a_killed_writers_staging_folder_is_deleted_by_the_next_checkpointer(tmp
     two_days = time.time() - 2 * 86400
     os.utime(tmp_path / f"{STAGING}0badf00d-{ended}-other", (two_days, two_days))
     assert drop_stale_staging() == [f"{STAGING}0badf00d-{ended}-other"] and os.listdir(tmp_path) == [mine + "live"]
+
+
+def test_the_runs_end_waits_for_an_abandoned_upload_and_another_interrupt_ends_the_process(monkeypatch):
+    """An abandoned checkpoint still uploading (one file, uncommitted) is waited for before the
+    lease is released; interrupted again, the process ends at once (exit 130), its lease left to
+    expire, instead of releasing it while the upload writes into the run."""
+    from types import SimpleNamespace
+
+    import mtl.engine as engine
+
+    logs, waits = [], []
+
+    class Uploading:
+        def abandon(self):
+            return "epoch-0002", "uploading"
+
+        def wait(self):
+            waits.append(1)
+            raise KeyboardInterrupt
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(engine.os, "_exit", exit_now)
+    with pytest.raises(SystemExit) as e:
+        engine.Trainer._abandon_checkpoint(SimpleNamespace(checkpointer=Uploading(), log=logs.append))
+    assert e.value.code == 130 and waits == [1]
+    assert logs == ["checkpoint epoch-0002, being written, was abandoned: --resume goes on from the one before it",
+                    "its upload ends first, uncommitted (interrupt again to end this process now, leaving its lease to expire)"]

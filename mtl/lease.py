@@ -262,6 +262,8 @@ class RunLease:
         renew) by a driver that has since ended, or the folder was deleted: either way, going
         on could train beside another driver."""
         now = self.read()
+        if self._stop.is_set():  # (a read that hung past the release: no write after it, which would put the lease back)
+            return None
         if now is not None and now.get("holder") == self.mine["holder"]:
             if self._write():
                 return None

@@ -70,12 +70,7 @@ import tyro
 
 from mtl.cli import SWEEP_CONFIG_HELP, FlatExperiment, idle_flags_given, parse_experiment
 from mtl.config import ExperimentConfig
-from mtl.distributed.sweep_space import SweepConfig, check_scheduler_flags, explicit_fields, plan_sweep
-
-
-# swept, these make a flag that the base configuration leaves idle (`mtl.runs.idle_fields`) count in some trials
-CHOOSES_METHOD = {"optim.optimizer", "optim.task_weighting", "optim.tasks", "data.root", "data.shards", "data.augment",
-                  "dist.strategy"}
+from mtl.distributed.sweep_space import CHOOSES_METHOD, SweepConfig, check_scheduler_flags, explicit_fields, plan_sweep
 
 
 @dataclass(frozen=True)
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         check_scheduler_flags(cmd.sweep, argv)
         planned["base"] = absolute_paths(cmd.experiment)  # (trials run in folders of their own)
         planned["spec"] = plan_sweep(cmd.sweep, planned["base"], explicit_fields(argv))
-        idle = None if {d.path for d in planned["spec"].space} & CHOOSES_METHOD else idle_flags_given(cmd.experiment, argv)
+        idle = None if {d.path for d in planned["spec"].space} & set(CHOOSES_METHOD) else idle_flags_given(cmd.experiment, argv)
         if idle:  # (every trial would ignore it)
             raise ValueError(idle)
         if os.environ.get("MLFLOW_TRACKING_URI"):  # set, but mlflow is missing: an error now

@@ -43,6 +43,8 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--space", "root=choice:/data/a,data/b"], "error: --space data.root=choice:/data/a,data/b: --root data/b is a relative path, which"),
     (["--reduction-factor", "1"], "--reduction-factor >= 2"),
     (["--search-seed", "-1"], "--search-seed must be >= 0, got -1"),
+    (["--space", "momentum=uniform:0.8:0.95"], "--space optim.momentum=uniform:0.8:0.95: momentum changes nothing in these trials: "
+                                               "it is SGD's (--optimizer sgd): sweep something else"),
     (["--momentum", "0.5"], "--momentum 0.5 changes nothing in this run: it is SGD's (--optimizer sgd)"),  # (every trial: Adam)
     # the other scheduler's flags would be ignored without a word
     (["--scheduler", "pbt", "--grace-period", "3", "--num-samples", "4"],
@@ -791,3 +793,15 @@ def test_a_trials_epochs_whose_checkpoint_never_committed_are_not_reported(tmp_p
     (trials / "t/checkpoints/epoch-0001").mkdir(parents=True)
     CheckpointIndex(str(trials / "t")).commit("epoch-0001")
     assert [(h.epoch, h.run, h.values["grader"]) for h in trial_history(str(trials), "t")] == [(1, "t", 10.0)]
+
+
+def test_a_setting_swept_beside_the_method_that_uses_it_counts():
+    """SGD's momentum swept while every trial trains with Adam changes nothing (refused), but
+    beside a swept optimizer it counts in the SGD trials."""
+    from mtl.distributed.sweep_space import choose_space
+
+    base = ExperimentConfig()
+    space, _ = choose_space(["optimizer=choice:adam,sgd", "momentum=uniform:0.8:0.95"], set(), base=base)
+    assert [d.name for d in space] == ["optimizer", "momentum"]
+    with pytest.raises(ValueError, match="momentum changes nothing in these trials: it is SGD's"):
+        choose_space(["optimizer=choice:adam", "momentum=uniform:0.8:0.95"], set(), base=base)

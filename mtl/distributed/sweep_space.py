@@ -276,7 +276,7 @@ def explicit_fields(argv: Sequence[str]) -> set[str]:
 
 
 def choose_space(texts: Sequence[str], given: set[str], tasks: Sequence[str] = ("semseg", "depth"),
-                 augment: bool = True) -> tuple[tuple[Dim, ...], list[str]]:
+                 augment: bool = True, base: ExperimentConfig | None = None) -> tuple[tuple[Dim, ...], list[str]]:
     """The space a sweep runs (see the module docstring) and notes for the log: ``--space`` as
     given, where a flag given for a swept field is an error naming both, and so is a field that
     does nothing in these trials (`_idle`: one that weighs two tasks when they train one of
@@ -289,7 +289,7 @@ def choose_space(texts: Sequence[str], given: set[str], tasks: Sequence[str] = (
             d = clash[0]
             raise ValueError(f"{d.flag} is given and --space {d.text} sweeps it: give one (the flag fixes {d.name} for "
                              f"every trial, --space varies it)")
-        idle = [(d, why) for d in space if (why := _idle(d, space, tasks, augment))]
+        idle = [(d, why) for d in space if (why := _idle(d, space, tasks, augment) or _unused_method(d, space, base))]
         if idle:
             d, why = idle[0]
             raise ValueError(f"--space {d.text}: {d.name} {why}: sweep something else")
@@ -305,6 +305,27 @@ def choose_space(texts: Sequence[str], given: set[str], tasks: Sequence[str] = (
         raise ValueError("every field of the default space is fixed by a flag: say what to sweep with --space "
                          "(e.g. --space lr=loguniform:1e-5:1e-3)")
     return space, notes
+
+
+# swept, these choose a method (an optimizer, a weighting...): a setting the base configuration leaves idle
+# (`mtl.runs.idle_fields`) may count in some trials
+CHOOSES_METHOD = ("optim.optimizer", "optim.task_weighting", "optim.tasks", "data.root", "data.shards", "data.augment",
+                  "dist.strategy")
+
+
+def _unused_method(d: Dim, space: Sequence[Dim], base: ExperimentConfig | None) -> str | None:
+    """Why sweeping ``d`` changes nothing: it is a setting of a method no trial uses (SGD's
+    momentum when every trial trains with Adam...: `mtl.runs.idle_reasons`), or None."""
+    if base is None:
+        return None
+    from mtl.runs import idle_reasons
+
+    variants = [base]
+    for o in space:
+        if o.path in CHOOSES_METHOD and not o.continuous:
+            variants = [v.with_values({o.path: x}) for v in variants for x in o.values]
+    reasons = [idle_reasons(v).get(d.path) for v in variants]
+    return f"changes nothing in these trials: {reasons[0]}" if all(reasons) else None
 
 
 def _idle(d: Dim, space: Sequence[Dim], tasks: Sequence[str], augment: bool) -> str | None:
@@ -549,7 +570,7 @@ def plan_sweep(sweep: SweepConfig, base: ExperimentConfig, given: set[str]) -> S
     sweep.validate()
     notes = _check_flags(sweep, base, given)
     tasks = tuple(base.optim.tasks)
-    space, space_notes = choose_space(sweep.space, given, tasks, base.data.augment)
+    space, space_notes = choose_space(sweep.space, given, tasks, base.data.augment, base)
     notes += space_notes
     if not base.train.resume and all(d.path != "data.augment" for d in space):  # (a resumed sweep's trials were new once)
         base.data.check_new()

@@ -70,7 +70,7 @@ import tyro
 
 from mtl.cli import SWEEP_CONFIG_HELP, FlatExperiment, idle_flags_given, parse_experiment
 from mtl.config import ExperimentConfig
-from mtl.distributed.sweep_space import CHOOSES_METHOD, SweepConfig, check_scheduler_flags, explicit_fields, plan_sweep
+from mtl.distributed.sweep_space import SweepConfig, check_scheduler_flags, explicit_fields, method_variants, plan_sweep
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         check_scheduler_flags(cmd.sweep, argv)
         planned["base"] = absolute_paths(cmd.experiment)  # (trials run in folders of their own)
         planned["spec"] = plan_sweep(cmd.sweep, planned["base"], explicit_fields(argv))
-        idle = None if {d.path for d in planned["spec"].space} & set(CHOOSES_METHOD) else idle_flags_given(cmd.experiment, argv)
-        if idle:  # (every trial would ignore it)
-            raise ValueError(idle)
+        idle = [idle_flags_given(v, argv, "any trial") for v in method_variants(planned["spec"].space, cmd.experiment)]
+        if all(idle):  # (every trial would ignore it)
+            raise ValueError(idle[0])
         if os.environ.get("MLFLOW_TRACKING_URI"):  # set, but mlflow is missing: an error now
             from mtl.tracking import mlflow_tracking_uri
 

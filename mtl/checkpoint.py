@@ -635,17 +635,20 @@ class Checkpointer:
         run's end waits for it): it commits nothing, its state file stops at its next tensor and
         is not uploaded; an upload under way goes on to its end (one file's write), uncommitted.
         Waited for up to ``wait_s`` seconds: returns its tag and what became of it, "abandoned",
-        "committed" (before the abandon reached it), "failed", or "uploading" (still: the caller
+        "committed" (before the abandon reached it), "failed" (its own error, `wait`), or "uploading" (still: the caller
         must not let another driver take the run before it ends, `wait`). None: nothing in flight."""
         pending = self._pending
         if pending is None or pending.done():
             return None
         self._abandoned.set()
+        tag = self._pending_tag
         try:
             error = pending.exception(timeout=wait_s)
         except futures.TimeoutError:
-            return self._pending_tag, "uploading"
-        return self._pending_tag, ("abandoned" if isinstance(error, Abandoned) else "failed" if error else "committed")
+            return tag, "uploading"
+        if isinstance(error, Abandoned):
+            return tag, "abandoned"
+        return tag, ("committed" if error is None or self._committed(tag) else "failed")  # (best.pt's write may fail after the commit)
 
     def wait(self) -> None:
         """Until the background write in flight, if any, is committed; raises its error if it

@@ -212,7 +212,7 @@ def given_fields(argv: Sequence[str], paths: Iterable[str]) -> list[str]:
     return [path for path, d in dashed.items() if {f"--{d}", f"--no-{d}"} & flags]
 
 
-def idle_flags_given(cfg: ExperimentConfig, argv: Sequence[str]) -> str | None:
+def idle_flags_given(cfg: ExperimentConfig, argv: Sequence[str], where: str = "this run") -> str | None:
     """What is wrong with a flag given with a value other than its default for a method this run
     does not use (`mtl.runs.idle_fields`), else None. Not for a resume: a run an earlier version
     started with such a value is named by it, and continues with it."""
@@ -227,7 +227,7 @@ def idle_flags_given(cfg: ExperimentConfig, argv: Sequence[str]) -> str | None:
     p, name = given[0], given[0].rpartition(".")[2]
     value = field_value(cfg, p)
     said = flag(name if value is not False else f"no_{name}") + ("" if isinstance(value, bool) else f" {value:g}")
-    return f"{said} changes nothing in this run: {reasons[p]}; leave it out"
+    return f"{said} changes nothing in {where}: {reasons[p]}; leave it out"
 
 
 def starting_point(argv: Sequence[str], presets: dict[str, ExperimentConfig]) -> ExperimentConfig:

@@ -60,7 +60,7 @@ class _Part:
         """ValueError naming the first of the fields ``names`` that is below ``low``, and its value."""
         for name in names:
             value = getattr(self, name)
-            if value < low:
+            if not value >= low:  # (NaN too)
                 raise ValueError(f"{flag(name)} must be >= {low:g}{note}, got {value:g}")
 
 

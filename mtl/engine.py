@@ -659,21 +659,21 @@ class Trainer:
     def _abandon_checkpoint(self) -> None:
         """Interrupted while waiting for the background checkpoint: it is given up, and said; one
         still uploading (one file, uncommitted) is waited for, since the lease is released next;
-        interrupted again, the process ends at once, its lease left to expire."""
-        outcome = self.checkpointer.abandon()
-        if outcome is None:
-            return
-        tag, became = outcome
-        if became == "committed":
-            self.log(f"checkpoint {tag} was committed before it could be abandoned: --resume goes on from it")
-            return
-        self.log(f"checkpoint {tag}, being written, was abandoned: --resume goes on from the one before it")
-        if became != "uploading":
-            return
-        self.log("its upload ends first, uncommitted (interrupt again to end this process now, leaving its lease to expire)")
+        interrupted again (here too), the process ends at once, its lease left to expire."""
         try:
-            with contextlib.suppress(Exception):
-                self.checkpointer.wait()
+            outcome = self.checkpointer.abandon()
+            if outcome is None:
+                return
+            tag, became = outcome
+            if became in ("committed", "failed"):
+                self.log(f"checkpoint {tag} was committed before it could be abandoned: --resume goes on from it" if became == "committed"
+                         else f"checkpoint {tag} failed: --resume goes on from the one before it")
+                return
+            self.log(f"checkpoint {tag}, being written, was abandoned: --resume goes on from the one before it")
+            if became == "uploading":
+                self.log("its upload ends first, uncommitted (interrupt again to end this process now, leaving its lease to expire)")
+                with contextlib.suppress(Exception):
+                    self.checkpointer.wait()
         except KeyboardInterrupt:
             os._exit(130)
 

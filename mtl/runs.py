@@ -206,14 +206,16 @@ def run_url(cfg: ExperimentConfig) -> str:
     return f"{out_root(cfg.train.out)}/{run_name(cfg)}"
 
 
-def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
-    """Identity fields that differ, as ``"optim.lr 0.0004 -> 0.00044"``. A data place spelt
+def config_diff(old: ExperimentConfig, new: ExperimentConfig, ignore: frozenset[str] = frozenset(),
+                idle: bool = False) -> list[str]:
+    """Identity fields that differ, as ``"optim.lr 0.0004 -> 0.00044"`` (the settings of methods
+    both leave unused, `idle_fields`, only when ``idle``: they train the same). A data place spelt
     otherwise is the same place (`mtl.storage.same_place`: ``data/x`` and its absolute path, a
     manifest's URL and its prefix); whether it is still where the run trained, its checkpoints
     say (`mtl.engine.check_resumable`)."""
     a, b = identity(old), identity(new)
     skip = ignore | unused_fields(resolve_model(old)) | unused_fields(resolve_model(new))  # (meaningless on one side)
-    skip |= idle_fields(old) & idle_fields(new)  # (another value trains the same)
+    skip |= set() if idle else idle_fields(old) & idle_fields(new)  # (another value trains the same; ``idle``: count them)
     for k in ("data.root", "data.shards"):
         if isinstance(a.get(k), str) and isinstance(b.get(k), str) and same_place(a[k], b[k]):
             skip |= {k}
@@ -431,7 +433,7 @@ def _similar_runs_hint(cfg: ExperimentConfig, limit: int = 3, reads: int = 50) -
         except (OSError, ValueError):
             continue
         if other is not None:
-            diff = config_diff(other, cfg)
+            diff = config_diff(other, cfg) or [f"{d} (unused by it, but part of its name)" for d in config_diff(other, cfg, idle=True)]
             found.append((len(diff), name, diff, predates_hint(other, cfg)))
     if not found:
         return ""

@@ -998,5 +998,13 @@ def test_the_runs_end_waits_for_an_abandoned_upload_and_another_interrupt_ends_t
     with pytest.raises(SystemExit) as e:
         engine.Trainer._abandon_checkpoint(SimpleNamespace(checkpointer=Uploading(), log=logs.append))
     assert e.value.code == 130 and waits == [1]
+
+    class InterruptedWhileAbandoning:  # (the interrupt during abandon's own wait: the same)
+        def abandon(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        engine.Trainer._abandon_checkpoint(SimpleNamespace(checkpointer=InterruptedWhileAbandoning(), log=print))
+    assert e.value.code == 130
     assert logs == ["checkpoint epoch-0002, being written, was abandoned: --resume goes on from the one before it",
                     "its upload ends first, uncommitted (interrupt again to end this process now, leaving its lease to expire)"]

@@ -102,6 +102,7 @@ def test_flags_keep_their_names_and_sizes_are_hxw():
     (["--prefetch", "0"], "--prefetch must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),  # (each flag on its own, with its value)
     (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+    (["--weight-decay", "nan"], "--weight-decay must be >= 0, got nan"),
     (["--checkpoint-every-min", "-2"], "--checkpoint-every-min must be >= 0 (0: never), got -2"),
     (["--max-failures", "-2"], "--max-failures >= 0, or -1 for no limit"),
     (["--synthetic-counts", "8", "0", "2"], "--synthetic-counts at least 1 1 0, got 4, 256 and 8 0 2"),

@@ -309,6 +309,11 @@ def test_nothing_to_resume_points_at_the_runs_that_differ(tmp_path):
     with pytest.raises(RunConflict, match=rf"nothing to resume at .*Runs of the same architecture there: {old.train.name} "
                                           r"\(differs in optim.lr 0.0004 -> 0.00044\)"):
         prepare_run(new)
+    # a setting the run does not use (Adam's run, SGD's momentum): no difference in training, but in the name
+    idle = cfg_with(train={"out": str(tmp_path), "resume": True}, optim={"momentum": 0.5})
+    with pytest.raises(RunConflict, match=rf"{old.train.name} \(differs in optim.momentum 0.9 -> 0.5 \(unused by it, but part "
+                                          r"of its name\)\)"):
+        prepare_run(idle)
     shards = resolve_config(cfg_with(train={"out": str(tmp_path)}, data={"shards": str(tmp_path / "s")}))
     RunFolder(f"{tmp_path}/{shards.train.name}").write_config(shards)
     manifest = cfg_with(train={"out": str(tmp_path), "resume": True}, data={"shards": str(tmp_path / "s/manifest.json")})

@@ -45,7 +45,8 @@ HP = {"lr": 3.2e-4, "semseg_weight": 0.58, "scale_max": 1.25, "hflip": True, "en
     (["--search-seed", "-1"], "--search-seed must be >= 0, got -1"),
     (["--space", "momentum=uniform:0.8:0.95"], "--space optim.momentum=uniform:0.8:0.95: momentum changes nothing in these trials: "
                                                "it is SGD's (--optimizer sgd): sweep something else"),
-    (["--momentum", "0.5"], "--momentum 0.5 changes nothing in this run: it is SGD's (--optimizer sgd)"),  # (every trial: Adam)
+    (["--momentum", "0.5"], "--momentum 0.5 changes nothing in any trial: it is SGD's (--optimizer sgd)"),  # (every trial: Adam)
+    (["--momentum", "0.5", "--space", "task_weighting=choice:fixed,dwa"], "--momentum 0.5 changes nothing in any trial"),
     # the other scheduler's flags would be ignored without a word
     (["--scheduler", "pbt", "--grace-period", "3", "--num-samples", "4"],
      "--grace-period is for --scheduler asha; this sweep runs --scheduler pbt: leave it out"),
@@ -805,3 +806,5 @@ def test_a_setting_swept_beside_the_method_that_uses_it_counts():
     assert [d.name for d in space] == ["optimizer", "momentum"]
     with pytest.raises(ValueError, match="momentum changes nothing in these trials: it is SGD's"):
         choose_space(["optimizer=choice:adam", "momentum=uniform:0.8:0.95"], set(), base=base)
+    resumed = base.with_values({"train.resume": True})  # (a sweep an earlier version started so still resumes)
+    assert [d.name for d in choose_space(["momentum=uniform:0.8:0.95"], set(), base=resumed)[0]] == ["momentum"]

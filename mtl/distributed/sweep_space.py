@@ -316,16 +316,21 @@ CHOOSES_METHOD = ("optim.optimizer", "optim.task_weighting", "optim.tasks", "dat
 def _unused_method(d: Dim, space: Sequence[Dim], base: ExperimentConfig | None) -> str | None:
     """Why sweeping ``d`` changes nothing: it is a setting of a method no trial uses (SGD's
     momentum when every trial trains with Adam...: `mtl.runs.idle_reasons`), or None."""
-    if base is None:
+    if base is None or base.train.resume:  # (a resumed sweep's space was new once: `check_resume` holds it to it)
         return None
     from mtl.runs import idle_reasons
 
+    reasons = [idle_reasons(v).get(d.path) for v in method_variants(space, base)]
+    return f"changes nothing in these trials: {reasons[0]}" if all(reasons) else None
+
+
+def method_variants(space: Sequence[Dim], base: ExperimentConfig) -> list[ExperimentConfig]:
+    """``base`` with every combination of the methods the space chooses among (`CHOOSES_METHOD`)."""
     variants = [base]
     for o in space:
         if o.path in CHOOSES_METHOD and not o.continuous:
             variants = [v.with_values({o.path: x}) for v in variants for x in o.values]
-    reasons = [idle_reasons(v).get(d.path) for v in variants]
-    return f"changes nothing in these trials: {reasons[0]}" if all(reasons) else None
+    return variants
 
 
 def _idle(d: Dim, space: Sequence[Dim], tasks: Sequence[str], augment: bool) -> str | None:

@@ -196,11 +196,11 @@ def test_an_epochs_checkpoint_is_written_while_the_next_epoch_trains(tiny_root, 
     epoch_two = _after_steps(monkeypatch, 3)  # (3 steps per epoch: epoch 2 has updated the weights)
     write_state, save, task_metrics = mtl.checkpoint._write_state, Checkpointer.save, mtl.engine.task_metrics
 
-    def held(folder, state):
+    def held(folder, state, *abandoned):
         if state["train_state"]["epoch"] == 1:
             assert epoch_two.wait(60), "epoch 2 never trained while epoch 1's checkpoint was being written"
             assert CheckpointIndex(run).latest_tag() is None and not os.path.exists(f"{run}/best.pt")
-        write_state(folder, state)
+        write_state(folder, state, *abandoned)
 
     def snapshot(self, tag, *args, **kwargs):  # the model as the epoch ended
         at_save[tag] = {k: v.clone() for k, v in self.strategy.module.state_dict().items()}
@@ -257,8 +257,8 @@ def test_the_trackers_epoch_work_runs_while_the_next_epoch_trains(tiny_root, tmp
             latest_then.append(CheckpointIndex(run).latest_tag())
         store(self, detached, images, step)
 
-    def state_written(folder, state):
-        write_state(folder, state)
+    def state_written(folder, state, *abandoned):
+        write_state(folder, state, *abandoned)
         written.set()
 
     monkeypatch.setattr(EventFiles, "store", held)
@@ -534,9 +534,9 @@ def test_a_full_disk_is_one_line_saying_so(tiny_root, tmp_path, capsys, monkeypa
 
     write = mtl.checkpoint._write_state
 
-    def into_a_full_device(folder, state):
+    def into_a_full_device(folder, state, *abandoned):
         os.symlink("/dev/full", os.path.join(folder, "state.pt"))
-        write(folder, state)
+        write(folder, state, *abandoned)
 
     monkeypatch.setattr(mtl.checkpoint, "_write_state", into_a_full_device)
     assert main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "1",

@@ -634,8 +634,8 @@ class Checkpointer:
         """Give up the background write in flight, if any (a second Ctrl-C or SIGTERM while the
         run's end waits for it): it commits nothing, its state file stops at its next tensor and
         is not uploaded; an upload under way goes on to its end (one file's write), uncommitted.
-        Waited for up to ``wait_s`` seconds: returns its tag and what became of it, "abandoned",
-        "committed" (before the abandon reached it), "failed" (its own error, `wait`), or "uploading" (still: the caller
+        Waited for up to ``wait_s`` seconds: returns its tag and what became of it, "abandoned"
+        (not committed), "committed" (before the abandon reached it), or "uploading" (still: the caller
         must not let another driver take the run before it ends, `wait`). None: nothing in flight."""
         pending = self._pending
         if pending is None or pending.done():
@@ -646,9 +646,8 @@ class Checkpointer:
             error = pending.exception(timeout=wait_s)
         except futures.TimeoutError:
             return tag, "uploading"
-        if isinstance(error, Abandoned):
-            return tag, "abandoned"
-        return tag, ("committed" if error is None or self._committed(tag) else "failed")  # (best.pt's write may fail after the commit)
+        # (torch's writer may wrap the `Abandoned` of a write in a RuntimeError; best.pt's write may fail after the commit)
+        return tag, ("committed" if error is None or self._committed(tag) else "abandoned")
 
     def wait(self) -> None:
         """Until the background write in flight, if any, is committed; raises its error if it

@@ -665,9 +665,8 @@ class Trainer:
             if outcome is None:
                 return
             tag, became = outcome
-            if became in ("committed", "failed"):
-                self.log(f"checkpoint {tag} was committed before it could be abandoned: --resume goes on from it" if became == "committed"
-                         else f"checkpoint {tag} failed: --resume goes on from the one before it")
+            if became == "committed":
+                self.log(f"checkpoint {tag} was committed before it could be abandoned: --resume goes on from it")
                 return
             self.log(f"checkpoint {tag}, being written, was abandoned: --resume goes on from the one before it")
             if became == "uploading":

@@ -17,9 +17,10 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["STREETMTL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     # (DeepSpeed's JIT-built ops: none on the CPU, `without_cpu_shm_op`; any other is kept for the session)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions"))
-    # (a driver's lease on its run folder, `mtl.lease`: 12 s instead of 120, so that a driver's
-    # start reads its lease back after 0.1 s instead of 1; test_lease times its own)
-    os.environ.setdefault("STREETMTL_LEASE_TTL_S", "12")
+    # (a driver's lease on its run folder, `mtl.lease`: 24 s instead of 120, so that a driver's
+    # start reads its lease back after 0.2 s instead of 1; test_lease times its own. Not less: a
+    # driver whose renewals stall for 3/4 of it ends its process, the test session when in it)
+    os.environ.setdefault("STREETMTL_LEASE_TTL_S", "24")
 
 
 @pytest.fixture(scope="session")

@@ -494,8 +494,13 @@ def test_a_second_interrupt_while_the_run_waits_for_its_checkpoint_abandons_it_b
     monkeypatch.setattr(mtl.checkpoint._AbandonableFile, "write", slow_write)
     monkeypatch.setattr(mtl.engine.Trainer, "_finish_checkpoint", finishing)
     monkeypatch.setattr(mtl.lease.RunLease, "release", releasing)
-    code = main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "2",
-                 "--batch-size", "4", "--max-steps-per-epoch", "6", "--checkpoint-every", "2", "--workers", "0", "--device", "cpu"])
+    # Ctrl-C as in a terminal (a Ray or Tune test before this one in the process may have left its own handler)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["--local", "--root", tiny_root, "--out", str(tmp_path), "--name", "r", "--encoder", "resnet18", "--epochs", "2",
+                     "--batch-size", "4", "--max-steps-per-epoch", "6", "--checkpoint-every", "2", "--workers", "0", "--device", "cpu"])
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert code == 130 and signals == [1, 2]
     assert events[-1] == "release" and events.count("write") < 20  # (the write stopped, then the lease went)
     out = capsys.readouterr().out

@@ -607,11 +607,11 @@ class Trainer:
         return FitResult(history, lrs, self.strategy.module, self.state.best, self.state.input_size)
 
     def _end(self, failed: bool) -> None:
-        """The run's end, whether it failed or not: the checkpoint in flight, the tracker, then
+        """The run's end, whether it failed or not: the checkpoint in flight, the loaders' workers, the tracker, then
         train.log, each told whether the run or a part before it failed (then a part shows its
         own error instead of raising it: the first error is the one raised)."""
         first: BaseException | None = None
-        for part in (self._finish_checkpoint, self._close_tracker, self._flush_log):
+        for part in (self._finish_checkpoint, self._close_loaders, self._close_tracker, self._flush_log):
             shown = failed or first is not None
             try:
                 part(shown)
@@ -621,6 +621,13 @@ class Trainer:
                 first = first or e
         if first is not None and not failed:
             raise first
+
+    def _close_loaders(self, failed: bool) -> None:
+        """End the loaders' worker processes now (`mtl.data.loader.StartedIterators`): a process
+        that runs more trainings (a sweep's, a notebook's) keeps none idle, and no later garbage
+        collection waits on them."""
+        self.val_ahead = None
+        self.data.close()
 
     def _close_tracker(self, failed: bool) -> None:
         if self.tracker:  # (a crashed attempt's MLflow run ends FAILED; so does one whose last write failed)

@@ -149,7 +149,8 @@ def test_a_local_shard_set_is_on_the_disk_before_its_manifest_names_it(tiny_root
 
 def test_a_shard_iterator_starts_its_workers_before_its_first_batch_is_read(s3_shards):
     """The trainer makes iterators ahead of their use (the next epoch's before validation): their
-    workers must start then, not when the first batch is asked for."""
+    workers must start then, not when the first batch is asked for. `close` ends the workers of an
+    iterator left unfinished (a run's end)."""
     import multiprocessing
 
     split = ShardSplit.from_manifest(read_manifest(s3_shards), "train")
@@ -158,6 +159,12 @@ def test_a_shard_iterator_starts_its_workers_before_its_first_batch_is_read(s3_s
     it = iter(loader)
     assert len(set(multiprocessing.active_children()) - before) == 2
     assert sum(b["rgb"].shape[0] for b in it) == 4 * len(loader)
+    it = iter(loader)
+    next(it)
+    started = set(multiprocessing.active_children()) - before
+    assert len(started) == 2
+    loader.close()
+    assert not started & set(multiprocessing.active_children())
 
 
 def test_epochs_reshuffle(s3_shards):

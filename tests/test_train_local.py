@@ -1,5 +1,6 @@
 """Local training as a user runs it: it learns, it resumes exactly, it exports."""
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -615,6 +616,28 @@ def test_cli_bad_inputs_are_named(tmp_path, in_process, tiny_root, monkeypatch):
     assert r.returncode == 2 and "bad.pt is unreadable or corrupt" in r.stderr
     r = in_process(evaluate.main, ["--checkpoint", str(tmp_path / "missing.pt")])
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def test_a_runs_end_ends_its_loader_workers_also_when_it_fails(tiny_root, tmp_path):
+    """Loader workers end with the run that started them, not at some later garbage collection
+    of the trainer: one that ran inside a later run's step cost it 5 s per worker (torch's join
+    timeout), 80 s in one test process. A failed run ends them too."""
+    import multiprocessing
+
+    def workers_started(run) -> set:
+        before = set(multiprocessing.active_children())
+        with contextlib.suppress(RuntimeError):
+            run()
+        return set(multiprocessing.active_children()) - before
+
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=2).with_values({"data.workers": 2})
+    assert workers_started(lambda: fit(cfg, local_runtime(cfg))) == set()
+
+    def fails(epoch, metrics):
+        raise RuntimeError("a failure after epoch 1")
+
+    cfg = cfg.with_values({"train.name": "fails"})
+    assert workers_started(lambda: fit(cfg, local_runtime(cfg), on_epoch_end=fails)) == set()
 
 
 def test_loaders_start_ahead_of_their_use(tiny_root, tmp_path, monkeypatch):

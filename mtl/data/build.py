@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from mtl.config import DataConfig, ExperimentConfig
 from mtl.data.folder import MiniscapesFolder, folder_marks, split_modalities
-from mtl.data.loader import make_loader
+from mtl.data.loader import StartedIterators, make_loader
 from mtl.data.miniscapes import LABEL_MODALITIES
 from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, manifest_url, num_samples, read_manifest
 from mtl.data.synthetic import GENERATOR_VERSION, synthesize
@@ -106,6 +106,7 @@ class FolderLoader:
 
     def __init__(self, loader) -> None:
         self.loader = loader
+        self.started = StartedIterators()
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, start: int | None = None) -> None:
         """The next iterator yields ``epoch``'s batches from batch ``skip_batches`` on, or from
@@ -119,7 +120,12 @@ class FolderLoader:
         return n // bs if self.loader.drop_last else -(-n // bs)
 
     def __iter__(self):
-        return iter(self.loader)
+        return self.started.add(iter(self.loader))
+
+    def close(self) -> None:
+        """End the worker processes (`StartedIterators`); the next iterator starts new ones."""
+        self.started.end()
+        self.loader._iterator = None  # (persistent workers: the ended iterator is not reused)
 
 
 @dataclass
@@ -134,6 +140,11 @@ class Loaders:
     # resizes photos to (recorded in checkpoints): a shard set's manifest's, None when they vary; a
     # folder's first image's (its sizes are not read ahead: one request per image on S3)
     image_size: tuple[int, int] | None = None
+
+    def close(self) -> None:
+        """End both loaders' worker processes (a run's end, `mtl.engine.Trainer`)."""
+        self.train.close()
+        self.val.close()
 
 
 def coverage_notes(loaders: Loaders, steps: int, global_batch: int, capped: bool = False) -> list[str]:

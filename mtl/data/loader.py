@@ -8,7 +8,8 @@ import multiprocessing.connection
 import os
 import sys
 import threading
-from typing import Iterator
+import weakref
+from typing import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -106,6 +107,30 @@ def _exit_with(sentinel: int) -> None:
 def from_fork_server() -> bool:
     """Whether loader workers start from a fork server here (`worker_start_kwargs`)."""
     return "ray" in sys.modules
+
+
+class StartedIterators:
+    """The DataLoader iterators a loader started, so that its owner can end their worker
+    processes when it is done (`end`), instead of leaving that to the garbage collector: an
+    iterator it frees inside a reference cycle (a finished trainer's) may find its queues already
+    finalized, its workers then never hear the end, and each costs a 5 s join
+    (``MP_STATUS_CHECK_INTERVAL``) at whatever later step the collection ran: 80 s measured, in
+    one process that had run four trainings of 2-4 loader workers each. Lightning ends its
+    loaders' workers the same way (torch has no public call for it)."""
+
+    def __init__(self) -> None:
+        self._live: weakref.WeakSet = weakref.WeakSet()
+
+    def add(self, it: Iterable) -> Iterable:
+        self._live.add(it)
+        return it
+
+    def end(self) -> None:
+        for it in list(self._live):
+            shutdown = getattr(it, "_shutdown_workers", None)  # (none for a loader without workers)
+            if shutdown is not None:
+                shutdown()
+        self._live = weakref.WeakSet()
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int, prefetch: int,

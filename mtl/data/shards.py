@@ -31,7 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, decode_sample, sample_index
-from mtl.data.loader import worker_start_kwargs
+from mtl.data.loader import StartedIterators, worker_start_kwargs
 from mtl.data.packed import pack_collate
 from mtl.data.transforms import Augment, prepare, sample_rng
 from mtl.storage import (StorageError, credentials_message, exists, is_connection_error, is_credentials_error, storage_errors,
@@ -336,6 +336,7 @@ class ShardLoader:
                                  collate_fn=pack_collate, **worker_start_kwargs(workers),
                                  prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False)
         self.epoch, self.skip = 0, 0
+        self.started = StartedIterators()
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """The next iterator yields ``epoch``'s batches from batch ``skip_batches`` on. The stream
@@ -363,7 +364,11 @@ class ShardLoader:
         """The epoch's batches. The loader's workers start here, not on the first ``next()``: an
         iterator made ahead of time (the next epoch's before validation, validation's before the
         last train steps) has its first batches ready when it is read."""
-        return self._batches(iter(self.loader), len(self) if self.drop_last else None, self.skip)
+        return self._batches(self.started.add(iter(self.loader)), len(self) if self.drop_last else None, self.skip)
+
+    def close(self) -> None:
+        """End the worker processes of the iterators still running (`StartedIterators`)."""
+        self.started.end()
 
     @staticmethod
     def _batches(it, n: int | None, skip: int):

@@ -79,13 +79,21 @@ def _message(event: Any) -> str | None:
         why = why.partition(": ")[2] if why.startswith("- ") else why
         return f"{name} {why}" if why.startswith("must") else f"{name}: {why}"
     if isinstance(event, tyro_errors.BadValue):
-        return f"{_flag(event.argument)} expects a value" if event.reason == "too_few_values" else \
+        return _too_few(event.argument) if event.reason == "too_few_values" else \
             f"{_flag(event.argument)} cannot be given {event.offending_value!r}"
     if isinstance(event, tyro_errors.UnrecognizedArgs):
         return f"unrecognized arguments: {' '.join(event.tokens)}"
     if isinstance(event, tyro_errors.MissingArgs):
         return "the following arguments are required: " + ", ".join(_flag(a.arg) for a in event.missing_arguments)
     return None
+
+
+def _too_few(argument: Any) -> str:
+    """``--synthetic-counts expects 3 values (INT INT INT)``: how many a flag of several takes."""
+    nargs, metavar = argument.lowered.nargs, argument.lowered.metavar
+    if isinstance(nargs, int) and nargs > 1:
+        return f"{_flag(argument)} expects {nargs} values ({metavar})"
+    return f"{_flag(argument)} expects a value"
 
 
 def _raise_usage_error(event: Any) -> None:

@@ -183,8 +183,10 @@ class OptimConfig(_Part):
             raise ValueError(f"--semseg-weight must lie in [0, 1], got {self.semseg_weight}")
         if self.grad_clip is not None and not 0 <= self.grad_clip < math.inf:  # (a negative norm would flip the gradient)
             raise ValueError(f"--grad-clip must be >= 0 and finite (0 or not given: no clipping), got {self.grad_clip}")
-        if not 0 <= self.poly_power < math.inf or not 0 <= self.momentum < 1:
-            raise ValueError(f"--poly-power must be >= 0 and --momentum in [0, 1), got {self.poly_power} and {self.momentum}")
+        if not 0 <= self.poly_power < math.inf:
+            raise ValueError(f"--poly-power must be >= 0 and finite, got {self.poly_power}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must lie in [0, 1), got {self.momentum}")
         self._at_least(0, "weight_decay", "warmup_steps")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"--tasks must name semseg and/or depth once each, got {' '.join(self.tasks) or 'nothing'}")
@@ -267,9 +269,9 @@ class TrainConfig(_Part):
         from mtl.storage import check_literal  # (as in `check_folder_name`)
 
         check_literal(self.out if "://" in self.out else os.path.abspath(self.out), "--out")  # (a relative one: where it is)
-        if self.keep_last < 0 or (self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1):
-            raise ValueError(f"--keep-last must be >= 0 (0: all) and --max-steps-per-epoch >= 1 (or not given), got "
-                             f"{self.keep_last} and {self.max_steps_per_epoch}")
+        self._at_least(0, "keep_last", note=" (0: all)")
+        if self.max_steps_per_epoch is not None:
+            self._at_least(1, "max_steps_per_epoch", note=" (or not given)")
 
 
 @dataclass(frozen=True)

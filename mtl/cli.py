@@ -221,21 +221,28 @@ def given_fields(argv: Sequence[str], paths: Iterable[str]) -> list[str]:
 
 
 def idle_flags_given(cfg: ExperimentConfig, argv: Sequence[str], where: str = "this run") -> str | None:
-    """What is wrong with a flag given with a value other than its default for a method this run
-    does not use (`mtl.runs.idle_fields`), else None. Not for a resume: a run an earlier version
-    started with such a value is named by it, and continues with it."""
+    """What is wrong with a setting given with a value other than its default for a method this
+    run does not use (`mtl.runs.idle_fields`), by a flag or by the ``--config`` file, else None: it
+    would be ignored, and name another run than the same training without it. Not for a resume: a
+    run an earlier version started with such a value is named by it, and continues with it."""
     from mtl.runs import field_value, idle_reasons
 
     if cfg.train.resume:
         return None
     reasons = idle_reasons(cfg)
-    given = [p for p in given_fields(argv, reasons) if field_value(cfg, p) != field_value(ExperimentConfig(), p)]
+    flags = given_fields(argv, reasons)
+    url = _given(argv, "--config")
+    from_file = [p for p in reasons if p not in flags] if isinstance(url, str) else []
+    given = [p for p in [*flags, *from_file] if field_value(cfg, p) != field_value(ExperimentConfig(), p)]
     if not given:
         return None
     p, name = given[0], given[0].rpartition(".")[2]
-    value = field_value(cfg, p)
+    value, default = field_value(cfg, p), field_value(ExperimentConfig(), p)
     said = flag(name if value is not False else f"no_{name}") + ("" if isinstance(value, bool) else f" {value:g}")
-    return f"{said} changes nothing in {where}: {reasons[p]}; leave it out"
+    if p in flags:
+        return f"{said} changes nothing in {where}: {reasons[p]}; leave it out"
+    fix = flag(name if default is not False else f"no_{name}") + ("" if isinstance(default, bool) else f" {default:g}")
+    return f"{said} (from --config {url}) changes nothing in {where}: {reasons[p]}; give {fix} (its default) or remove it from the file"
 
 
 def starting_point(argv: Sequence[str], presets: dict[str, ExperimentConfig]) -> ExperimentConfig:

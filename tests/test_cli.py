@@ -149,6 +149,16 @@ def test_a_config_file_is_the_starting_point_and_flags_override_it(tmp_path, cap
     assert (from_file.optim.lr, type(from_file.optim.weight_decay)) == (1e-3, float)
     assert run_name(from_file) == run_name(parse(["--lr", "1e-3", "--weight-decay", "0"])[1])
     assert "no such file" in _usage_error(capsys, ["--config", str(tmp_path / "none.json")])
+    # a file's setting of a method the run does not use is refused as its flag would be (it would be
+    # ignored, and name another run); the method's flag, its default, or a resume (an earlier
+    # version's run named by it) take it
+    f.write_text(json.dumps({"optim": {"momentum": 0.5}, "data": {"augment": False, "hflip": False}}))
+    assert (f"--momentum 0.5 (from --config {f}) changes nothing in this run: it is SGD's (--optimizer sgd); give --momentum 0.9 "
+            "(its default) or remove it from the file") in _usage_error(capsys, ["--config", str(f)])
+    assert "--no-hflip (from --config" in _usage_error(capsys, ["--config", str(f), "--optimizer", "sgd"])
+    assert parse(["--config", str(f), "--optimizer", "sgd", "--augment"])[1].optim.momentum == 0.5
+    assert parse(["--config", str(f), "--momentum", "0.9", "--hflip"])[1].optim.momentum == 0.9
+    assert parse(["--config", str(f), "--resume"])[1].optim.momentum == 0.5
 
 
 def test_a_runs_config_json_fed_back_is_the_same_run(tmp_path):

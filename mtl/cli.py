@@ -233,16 +233,22 @@ def idle_flags_given(cfg: ExperimentConfig, argv: Sequence[str], where: str = "t
     flags = given_fields(argv, reasons)
     url = _given(argv, "--config")
     from_file = [p for p in reasons if p not in flags] if isinstance(url, str) else []
-    given = [p for p in [*flags, *from_file] if field_value(cfg, p) != field_value(ExperimentConfig(), p)]
+    defaults = ExperimentConfig()
+    given = [p for p in [*flags, *from_file] if field_value(cfg, p) != field_value(defaults, p)]
     if not given:
         return None
-    p, name = given[0], given[0].rpartition(".")[2]
-    value, default = field_value(cfg, p), field_value(ExperimentConfig(), p)
-    said = flag(name if value is not False else f"no_{name}") + ("" if isinstance(value, bool) else f" {value:g}")
+    p = given[0]
+    said = _as_flag(p, field_value(cfg, p))
     if p in flags:
         return f"{said} changes nothing in {where}: {reasons[p]}; leave it out"
-    fix = flag(name if default is not False else f"no_{name}") + ("" if isinstance(default, bool) else f" {default:g}")
-    return f"{said} (from --config {url}) changes nothing in {where}: {reasons[p]}; give {fix} (its default) or remove it from the file"
+    return (f"{said} (from --config {url}) changes nothing in {where}: {reasons[p]}; give {_as_flag(p, field_value(defaults, p))} "
+            "(its default) or remove it from the file")
+
+
+def _as_flag(path: str, value: Any) -> str:
+    """How a command line gives field ``path`` the ``value``: ``--momentum 0.5``, ``--no-hflip``."""
+    name = path.rpartition(".")[2]
+    return flag(name if value is not False else f"no_{name}") + ("" if isinstance(value, bool) else f" {value:g}")
 
 
 def starting_point(argv: Sequence[str], presets: dict[str, ExperimentConfig]) -> ExperimentConfig:

@@ -607,9 +607,9 @@ class Trainer:
         return FitResult(history, lrs, self.strategy.module, self.state.best, self.state.input_size)
 
     def _end(self, failed: bool) -> None:
-        """The run's end, whether it failed or not: the checkpoint in flight, the loaders' workers, the tracker, then
-        train.log, each told whether the run or a part before it failed (then a part shows its
-        own error instead of raising it: the first error is the one raised)."""
+        """The run's end, whether it failed or not: the checkpoint in flight, the loaders' workers,
+        the tracker, then train.log, each told whether the run or a part before it failed (then a
+        part shows its own error instead of raising it: the first error is the one raised)."""
         first: BaseException | None = None
         for part in (self._finish_checkpoint, self._close_loaders, self._close_tracker, self._flush_log):
             shown = failed or first is not None

@@ -1,6 +1,5 @@
 """Local training as a user runs it: it learns, it resumes exactly, it exports."""
 
-import contextlib
 import dataclasses
 import os
 import subprocess
@@ -624,20 +623,17 @@ def test_a_runs_end_ends_its_loader_workers_also_when_it_fails(tiny_root, tmp_pa
     timeout), 80 s in one test process. A failed run ends them too."""
     import multiprocessing
 
-    def workers_started(run) -> set:
-        before = set(multiprocessing.active_children())
-        with contextlib.suppress(RuntimeError):
-            run()
-        return set(multiprocessing.active_children()) - before
-
-    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=2).with_values({"data.workers": 2})
-    assert workers_started(lambda: fit(cfg, local_runtime(cfg))) == set()
-
     def fails(epoch, metrics):
         raise RuntimeError("a failure after epoch 1")
 
+    before = set(multiprocessing.active_children())
+    cfg = tiny_cfg(tiny_root, str(tmp_path), epochs=2, batch_size=4, max_steps_per_epoch=2).with_values({"data.workers": 2})
+    fit(cfg, local_runtime(cfg))
+    assert set(multiprocessing.active_children()) - before == set()
     cfg = cfg.with_values({"train.name": "fails"})
-    assert workers_started(lambda: fit(cfg, local_runtime(cfg), on_epoch_end=fails)) == set()
+    with pytest.raises(RuntimeError, match="a failure after epoch 1"):
+        fit(cfg, local_runtime(cfg), on_epoch_end=fails)
+    assert set(multiprocessing.active_children()) - before == set()
 
 
 def test_loaders_start_ahead_of_their_use(tiny_root, tmp_path, monkeypatch):

@@ -130,7 +130,7 @@ class StartedIterators:
             shutdown = getattr(it, "_shutdown_workers", None)  # (none for a loader without workers)
             if shutdown is not None:
                 shutdown()
-        self._live = weakref.WeakSet()
+        self._live.clear()
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int, prefetch: int,

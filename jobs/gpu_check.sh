@@ -407,8 +407,9 @@ print("imports: ray", ray.__version__, "deepspeed", deepspeed.__version__)' || e
         cat "$OUT_DIR/env.txt"
         pack ;;
     tests)
-        # (-rA: a passing test's printed lines too, e.g. which way the failed-capture test went)
-        phase tests "${T_TESTS:-70}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -q -rA tests/test_gpu.py &&
+        # (-rA: a passing test's printed lines too, e.g. which way the failed-capture test went;
+        # -o addopts=: this process alone, as one GPU wants, and without pytest-xdist, which a GPU machine may lack)
+        phase tests "${T_TESTS:-70}" pytest-gpu.txt "$PY" -m pytest -m gpu -p no:cacheprovider -o addopts= -q -rA tests/test_gpu.py &&
             if [ "$EXPECT_DEVICE" = cuda ] && grep -q "SKIPPED" "$OUT_DIR/pytest-gpu.txt"; then
                 echo "== tests: GPU tests were SKIPPED (no CUDA device visible to torch?) ==" | tee -a "$OUT_DIR/phases.txt"
                 status=1

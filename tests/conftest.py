@@ -226,16 +226,61 @@ def run_layout():
     return check_run_layout
 
 
+def on_ray(nodeid: str) -> bool:
+    """Whether a test starts Ray processes on this machine: those live in ``test_*_on_ray.py``."""
+    return nodeid.split("::", 1)[0].endswith("_on_ray.py")
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # (before xdist's own; a GPU machine may lack xdist)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``-n``: the tests of the ``*_on_ray.py`` files one after another on one test process
+    (two Ray clusters on one machine share /tmp/ray, `ray stop` ends both, and each test checks
+    that its cluster left nothing behind), first, since they take the longest; every other test is
+    dealt on its own to whichever process is free. xdist's --dist loadgroup would do this from a
+    mark, but it renames the tests' nodeids in a way pytest 9.2 no longer takes."""
+    if config.getvalue("dist") != "load":  # (-n's default; another --dist given is kept)
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if on_ray(nodeid) else nodeid
+
+    return RayTestsTogether(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)  # (before -m deselects by the marks)
 def pytest_collection_modifyitems(config, items):
-    """GPU tests are skipped, visibly, where there is no CUDA device: never passed vacuously."""
+    """The tests of the ``*_on_ray.py`` files are marked `ray` (``-m "not ray"`` leaves them out).
+    GPU tests are skipped, visibly, where there is no CUDA device: never passed vacuously."""
     import torch
 
+    for item in items:
+        if on_ray(item.nodeid):
+            item.add_marker(pytest.mark.ray)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_on_ray(request):
+    """A test outside the ``*_on_ray.py`` files would run beside the Ray tests: one that asks
+    for `ray_cluster` fails before it starts any, one that leaves Ray started in this process
+    after it; both say where it belongs."""
+    import sys
+
+    if on_ray(request.node.nodeid):
+        yield
+        return
+    if "ray_cluster" in request.fixturenames:
+        pytest.fail("this test starts Ray (ray_cluster): move it into a tests/test_*_on_ray.py file")
+    yield
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        pytest.fail("this test started Ray in the test process: move it into a tests/test_*_on_ray.py file")
 
 
 @pytest.fixture

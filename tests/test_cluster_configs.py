@@ -205,7 +205,7 @@ def test_the_spot_watcher_asks_again_until_the_drain_is_sent_and_gives_up_at_the
     """The notice comes once: a drain the GCS did not take (an RPC failure) is sent again each
     second until it is taken, and the watcher fails with the RPC's error only once the node's
     deadline has passed. A drain Ray refuses is an error at once. (The drain itself, end to end:
-    test_ray_train's spot test.)"""
+    test_train_on_ray's spot test.)"""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("spot_watch", os.path.join(REPO, "cluster/spot_watch.py"))

@@ -764,14 +764,16 @@ def train_main(a: TrainBench, argv: list[str]) -> int:
         for p in ("", "graph_") if "graph_pure_img_s" in r else ("",):
             print(f"{r['arch']} batch {r['batch']} {'captured' if p else 'eager'}: pure {r[p + 'pure_img_s']:.1f} img/s, "
                   f"full {r[p + 'full_img_s']:.1f} img/s ({r[p + 'full_over_pure']:.1%}), host {r[p + 'full_host_ms']:.1f} ms/step "
-                  f"(GPU {r[p + 'full_step_ms']:.1f}), MFU {r[p + 'mfu']:.1%}, {r[p + 'peak_mem_gib']:.1f} GiB", flush=True)
+                  f"(step {r[p + 'full_step_ms']:.1f}), MFU {r[p + 'mfu']:.1%}, {r[p + 'peak_mem_gib']:.1f} GiB", flush=True)
         if "graph_error" in r:
             print(f"{r['arch']} batch {r['batch']} captured: FAILED ({r['graph_error']})", flush=True)
         if a.json:
             write_json(a.json, {"mode": "train", "size": a.size, "argv": argv, "rows": rows})
 
     rows = bench_train(a, save)
-    t = Table(title=f"training throughput at {a.size[0]}x{a.size[1]}, {a.encoder}, bf16 autocast (CUDA only)"
+    on_cuda = rows[0]["device"].startswith("cuda")
+    t = Table(title=f"training throughput at {a.size[0]}x{a.size[1]}, {a.encoder}, "
+                    f"{'bf16 autocast' if on_cuda else 'fp32'} on {rows[0]['device']}"
                     f"{', torch.compile' if a.compile else ''} (peak {rows[0]['peak_tflops']:.3g} TFLOP/s for MFU)")
     cols = [("step", "{}"), ("arch", "{}"), ("batch", "{}"), ("pure_img_s", "{:.1f}"), ("full_img_s", "{:.1f}"),
             ("full_over_pure", "{:.1%}"), ("full_step_ms", "{:.1f}"), ("host_ms", "{:.1f}"), ("full_host_ms", "{:.1f}"),

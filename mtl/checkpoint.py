@@ -44,7 +44,8 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from mtl.storage import exists, is_local, json_bytes, read_bytes, storage_errors, sync_local, url_to_fs, write_bytes_atomic
+from mtl.storage import (exists, is_local, json_bytes, missing_bucket, read_bytes, storage_errors, sync_local, url_to_fs,
+                         write_bytes_atomic)
 from mtl.strategy import Strategy
 
 FORMAT = "streetmtl-checkpoint-v2"
@@ -813,7 +814,7 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu") -> dict[
             url = checkpoint_in_folder(url)
             fs, path = url_to_fs(url)
         if not fs.exists(path):
-            raise FileNotFoundError(f"checkpoint not found: {url}")
+            raise FileNotFoundError(missing_bucket(url) or f"checkpoint not found: {url}")
         data = fs.cat_file(path)
     try:
         return _checked(load_safely(data, url, map_location), url)

@@ -38,7 +38,7 @@ from mtl.export import OUTPUT_FOLDERS, make_output_folders, write_prediction
 from mtl.losses import DepthCodec
 from mtl.models import build_model, resolve
 from mtl.runs import stored_config
-from mtl.storage import storage_errors, url_to_fs
+from mtl.storage import missing_bucket, storage_errors, url_to_fs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # labels HxW uint8, depth HxW float32 metres; None for a task the model was not trained on (--tasks)
@@ -127,7 +127,7 @@ def find_images(url: str) -> list[str]:
                 raise ValueError(f"{url} is not a {'/'.join(IMAGE_EXTENSIONS)} image")
             found = [url]
         else:
-            raise FileNotFoundError(f"no such image file or folder: {url}")
+            raise FileNotFoundError(missing_bucket(url) or f"no such image file or folder: {url}")
     if not found:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {url}")
     return sorted(check_unique_stems(found), key=lambda f: _natural_key(image_stem(f)))

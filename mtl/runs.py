@@ -119,7 +119,7 @@ def data_place(d: DataConfig) -> str:
     """The data a config trains and validates on, as messages name it (the path as given)."""
     if d.shards or d.root:
         return f"{'--shards' if d.shards else '--root'} {canonical(d.shards or d.root)}"
-    (h, w), counts = d.synthetic_size, "+".join(map(str, d.synthetic_counts))
+    (h, w), counts = d.synthetic_size, " ".join(map(str, d.synthetic_counts))
     return f"the synthetic set of --synthetic-size {h}x{w} --synthetic-counts {counts}"
 
 

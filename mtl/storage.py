@@ -313,10 +313,22 @@ def is_object_store(fs: Any) -> bool:
     return bool(_protocols(fs) & OBJECT_STORES)
 
 
-def _missing_bucket(url: str) -> str:
+def _missing_bucket(url: str, doing: str = "writing") -> str:
     scheme, _, rest = url.partition("://")
-    return (f"bucket {scheme}://{rest.split('/', 1)[0]} does not exist (writing {url}): check its name, or create it "
-            f"(no tool here creates buckets)")
+    return (f"bucket {scheme}://{rest.split('/', 1)[0]} does not exist ({doing} {url}): check its name"
+            f"{', or create it (no tool here creates buckets)' if doing == 'writing' else ''}")
+
+
+def missing_bucket(url: str) -> str | None:
+    """For ``url`` on an object store whose bucket is not there, the error to give instead of
+    "not found": a misspelt bucket in a URL to read (``--shards``, ``--root``, ``--checkpoint``)
+    would otherwise read as a missing manifest, folder or file inside it. None elsewhere. One
+    request; call it on the error path only."""
+    if is_local(url) or url.partition("://")[0] not in OBJECT_STORES - {"memory"}:  # (memory: no buckets)
+        return None
+    with storage_errors(url):
+        fs, path = url_to_fs(url)
+        return None if fs.exists(path.split("/", 1)[0]) else _missing_bucket(url, "reading")
 
 
 def write_bytes_atomic(url: str, data: bytes, sync: bool = False) -> None:

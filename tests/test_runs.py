@@ -509,6 +509,43 @@ def test_a_ray_runs_summary_goes_to_the_folder_it_trained_in(tmp_path, monkeypat
     assert json.loads(open(f"{run_url(resolved)}/summary.json").read())["run"] == run_url(resolved)
 
 
+def test_sigterm_ends_a_driver_on_ray_at_once_as_stopped():
+    """``ray job stop`` sends the driver SIGTERM, then SIGKILL 3 s later: the driver ends at once
+    with `Stopped` (`jobs/train.py`: exit 143, "--resume continues"), not with Ray's stack dump,
+    and the handler before the run is back after it, whether it was stopped or not. (Ray's
+    trainer stood in for: its ``fit`` waits on the controller.)"""
+    import signal
+
+    from mtl.distributed.ray_train import _fit
+    from mtl.engine import Stopped
+
+    class Stopping:
+        def fit(self) -> str:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            except KeyboardInterrupt:  # (as Ray's wait turns what a signal handler raised into)
+                raise KeyboardInterrupt() from None
+            return "not stopped"
+
+    class Finishing:
+        def fit(self) -> str:
+            return "result"
+
+    def mine(signum, frame) -> None:
+        raise AssertionError("the handler before the run was called")
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Stopped):
+            _fit(Stopping())
+        assert time.monotonic() - t0 < 10 and signal.getsignal(signal.SIGTERM) is mine
+        assert _fit(Finishing()) == "result" and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("flag", ["--root", "--shards", "--out"])
 def test_an_unreachable_storage_endpoint_is_one_line_naming_the_url(flag, tmp_path):
     env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "2", "AWS_ACCESS_KEY_ID": "x",

@@ -74,6 +74,34 @@ def test_a_misspelt_bucket_is_named_and_never_created(s3_endpoint, tiny_root, in
     assert boto3.client("s3").get_object(Bucket="streetmtl", Key="some/deep/prefix/x")["Body"].read() == b"1"
 
 
+def test_reading_from_a_misspelt_bucket_names_the_bucket(s3_endpoint, tmp_path, in_process):
+    """A typo in the bucket of a URL to read says that bucket does not exist, instead of naming a
+    manifest, folder, checkpoint or image missing inside it; in a bucket that exists those
+    messages stay as they were."""
+    import boto3
+
+    from jobs import train
+    from mtl.checkpoint import load_checkpoint
+    from mtl.data.folder import split_modalities
+    from mtl.data.shards import read_manifest
+    from mtl.predict import find_images
+
+    for read, what in ((read_manifest, "/manifest.json"), (lambda u: split_modalities(u, "train"), ""),
+                       (lambda u: load_checkpoint(u + "/best.pt"), "/best.pt"), (find_images, "")):
+        with pytest.raises(FileNotFoundError, match=rf"^bucket s3://streetmtl-typo does not exist \(reading "
+                                                    rf"s3://streetmtl-typo/x{what}\): check its name$"):
+            read("s3://streetmtl-typo/x")
+    with pytest.raises(FileNotFoundError, match="^no shard manifest at s3://streetmtl/x/manifest.json"):
+        read_manifest("s3://streetmtl/x")
+    with pytest.raises(FileNotFoundError, match="^Miniscapes folder missing: s3://streetmtl/x/train/rgb"):
+        split_modalities("s3://streetmtl/x", "train")
+    with pytest.raises(FileNotFoundError, match="^checkpoint not found: s3://streetmtl/x/best.pt"):
+        load_checkpoint("s3://streetmtl/x/best.pt")
+    r = in_process(train.main, ["--local", "--shards", "s3://streetmtl-typo/shards", "--out", str(tmp_path / "runs")])
+    assert r.returncode == 2 and r.stderr.startswith("error: bucket s3://streetmtl-typo does not exist (reading "), r.stderr
+    assert "streetmtl-typo" not in [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+
+
 def test_an_object_store_refusing_the_credentials_is_named():
     """A 403 (keys wrong, expired or another account's; a bucket policy) reaches s3fs as a bare
     PermissionError("Forbidden") raised from botocore's answer: it names the URL and what to

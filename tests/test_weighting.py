@@ -312,7 +312,7 @@ def test_a_run_given_baselines_is_judged_by_delta_m(tiny_root, tmp_path, monkeyp
     elsewhere = write_run(tmp_path / "dep-synthetic", ("depth",), [dep_metrics])  # (validated on the synthetic set)
     wrong = cfg.with_values({"train.baselines": (seg, elsewhere), "train.name": "wrong"})
     with pytest.raises(ValueError, match=rf"--baselines: {elsewhere} was validated on the synthetic set of --synthetic-size "
-                                         rf"128x256 --synthetic-counts 400\+80\+80, and this run is on --root {tiny_root}: Δm"):
+                                         rf"128x256 --synthetic-counts 400 80 80, and this run is on --root {tiny_root}: Δm"):
         fit(wrong, local_runtime(wrong))
     assert not (tmp_path / "runs" / "wrong").exists()
 

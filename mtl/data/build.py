@@ -18,7 +18,7 @@ from mtl.data.shards import ShardLoader, ShardSplit, ShardStream, manifest_url, 
 from mtl.data.synthetic import GENERATOR_VERSION, synthesize
 from mtl.data.transforms import Augment
 from mtl.machine import usable_cpus
-from mtl.storage import exists
+from mtl.storage import exists, missing_bucket
 
 
 def cache_dir() -> str:
@@ -85,8 +85,8 @@ def resolve_source(cfg: ExperimentConfig, override: str | None = None) -> DataSo
             check_not_both(override)
             return DataSource("shards", override)
         if not exists(override):  # (a mistyped path is neither: say so, not "Miniscapes folder missing: <it>/val/rgb")
-            raise FileNotFoundError(f"{override} does not exist: neither a Miniscapes folder nor a shard set (a prefix "
-                                    f"holding manifest.json)")
+            raise FileNotFoundError(missing_bucket(override) or f"{override} does not exist: neither a Miniscapes folder nor a "
+                                    f"shard set (a prefix holding manifest.json)")
         return DataSource("folder", override)
     d = cfg.data
     if d.shards:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from mtl.data.miniscapes import (CONVERSION_INDEX, CONVERSION_PLAN, LABEL_MODALITIES, MODALITIES, SHARD_PROGRESS, SPLITS,
                                  decode_sample, sample_index)
 from mtl.data.transforms import Augment, prepare, sample_rng
-from mtl.storage import storage_errors, url_to_fs
+from mtl.storage import missing_bucket, storage_errors, url_to_fs
 
 
 def split_modalities(root: str, split: str) -> tuple[str, ...]:
@@ -35,7 +35,8 @@ def split_modalities(root: str, split: str) -> tuple[str, ...]:
         raise ValueError(f"{root} is an unfinished conversion ({CONVERSION_PLAN} without {CONVERSION_INDEX}): run the "
                          f"conversion command again to finish it")
     if "rgb" not in present:
-        raise FileNotFoundError(f"Miniscapes folder missing: {_join(root, split, 'rgb')}{_layout_hint(root)}")
+        raise FileNotFoundError(missing_bucket(root) or f"Miniscapes folder missing: {_join(root, split, 'rgb')}"
+                                                        f"{_layout_hint(root)}")
     labels = present & set(LABEL_MODALITIES)
     if labels and labels != set(LABEL_MODALITIES):
         (missing,) = set(LABEL_MODALITIES) - labels

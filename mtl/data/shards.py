@@ -34,8 +34,8 @@ from mtl.data.miniscapes import LABEL_MODALITIES, MODALITIES, decode_sample, sam
 from mtl.data.loader import StartedIterators, worker_start_kwargs
 from mtl.data.packed import pack_collate
 from mtl.data.transforms import Augment, prepare, sample_rng
-from mtl.storage import (StorageError, credentials_message, exists, is_connection_error, is_credentials_error, storage_errors,
-                         url_to_fs)
+from mtl.storage import (StorageError, credentials_message, exists, is_connection_error, is_credentials_error,
+                         missing_bucket, storage_errors, url_to_fs)
 
 FORMAT = "streetmtl-shards-v1"
 RETRIES = 4
@@ -53,8 +53,8 @@ def read_manifest(url: str) -> dict[str, Any]:
             fs, path = url_to_fs(murl)
             m = json.loads(fs.cat_file(path))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no shard manifest at {murl} (sharding not run, or interrupted before it finished)"
-                                f"{_folder_hint(url)}") from None
+        raise FileNotFoundError(missing_bucket(murl) or f"no shard manifest at {murl} (sharding not run, or interrupted "
+                                f"before it finished){_folder_hint(url)}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"shard manifest {murl} is corrupt ({e})") from e
     if m.get("format") != FORMAT:

@@ -38,7 +38,7 @@ from mtl.checkpoint import CHECKPOINTS, POINTER, FolderStorage, finished, stagin
 from mtl.config import ExperimentConfig
 from mtl.cuda_graph import OTHER_RANK_FAILED
 from mtl.distributed.capacity import NO_CUDA_HINT, WorkerPlan, cluster_address, plan_workers, read_capacity
-from mtl.engine import Runtime, TrainingDiverged, fit, may_capture
+from mtl.engine import Runtime, Stopped, TrainingDiverged, fit, may_capture
 from mtl.errors import ClusterError, WorkerFailed
 from mtl.models.encoders import IMAGENET
 from mtl.runs import RAY_SNAPSHOT, out_root, prepare_run, run_name, run_url
@@ -441,18 +441,36 @@ def _trainer_class():
 
 
 def _fit(trainer):  # noqa: ANN001, ANN202 - a `_trainer_class` trainer; Ray's Result
-    """``trainer.fit()``; a Ctrl-C meanwhile (Ray aborted the run) raises KeyboardInterrupt."""
+    """``trainer.fit()``; a Ctrl-C meanwhile (Ray aborted the run) raises KeyboardInterrupt.
+
+    SIGTERM (``ray job stop``, which sends SIGKILL 3 s later; a pod's or container's end) raises
+    `Stopped`: the driver ends at once, its workers with it, and `jobs/train.py` says that
+    ``--resume`` continues from the latest checkpoint (exit 143), instead of Ray's handler dumping
+    the driver's stack. No checkpoint is taken: ``ray job stop`` leaves no time for one (a local
+    run's SIGTERM checkpoints the step it is at; on Ray a spot notice does). What the handler
+    raises inside a wait on Ray comes out as a bare KeyboardInterrupt, hence the flag."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
+    terminated = threading.Event()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        terminated.set()
+        raise Stopped(None)
+
+    before = signal.signal(signal.SIGTERM, on_sigterm) if main else None
     try:
         result = trainer.fit()
     except BaseException as e:  # (Ray's handler ends with SystemExit; the abort may surface as an actor error)
+        if terminated.is_set():
+            raise Stopped(None) from e
         if getattr(trainer, "interrupted", False):  # (a trainer of `_trainer_class`; a stand-in has none)
             raise KeyboardInterrupt("interrupted (Ctrl-C): Ray aborted the training run") from e
         raise
     finally:
         if main and previous is not None:  # (None: a handler not set from Python, which cannot be put back)
             signal.signal(signal.SIGINT, previous)
+        if main:  # (Ray's own, set from C++, cannot be put back: the default ends the process as it did)
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
     return result  # (a Ctrl-C once the run had ended: Ray's abort did nothing, the run is whole)
 
 

@@ -324,10 +324,12 @@ def missing_bucket(url: str) -> str | None:
     "not found": a misspelt bucket in a URL to read (``--shards``, ``--root``, ``--checkpoint``)
     would otherwise read as a missing manifest, folder or file inside it. None elsewhere. One
     request; call it on the error path only."""
-    if is_local(url) or url.partition("://")[0] not in OBJECT_STORES - {"memory"}:  # (memory: no buckets)
+    if is_local(url):
         return None
     with storage_errors(url):
         fs, path = url_to_fs(url)
+        if not is_object_store(fs) or "memory" in _protocols(fs):  # (memory: keys, no buckets)
+            return None
         return None if fs.exists(path.split("/", 1)[0]) else _missing_bucket(url, "reading")
 
 

@@ -276,11 +276,12 @@ def _ray_only_on_ray(request):
     if on_ray(request.node.nodeid):
         yield
         return
+    where = "move it into a tests/test_*_on_ray.py file"
     if "ray_cluster" in request.fixturenames:
-        pytest.fail("this test starts Ray (ray_cluster): move it into a tests/test_*_on_ray.py file")
+        pytest.fail(f"this test starts Ray (ray_cluster): {where}")
     yield
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        pytest.fail("this test started Ray in the test process: move it into a tests/test_*_on_ray.py file")
+        pytest.fail(f"this test started Ray in the test process: {where}")
 
 
 @pytest.fixture
